@@ -1,0 +1,132 @@
+"""MoEConfig: every routing and expert option of an upcycled MoE layer, validated on construction.
+
+The config is a plain dataclass so it can live inside YAML run configs and inside
+``GPT2MoEConfig`` (as a dict) alike. Validation never clamps: a bad value raises ``ValueError``
+naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+INIT_METHODS = ("copy", "noise", "drop")
+BACKENDS = ("auto", "eager")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"MoEConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class MoEConfig:
+    """Options of the MoE layers that replace GPT-2 MLP blocks.
+
+    Routing (see ``routing.Router``):
+        num_experts: E, experts per MoE layer (>= 1).
+        top_k: k, experts per token (1 <= k <= E).
+        layers: block indices to convert, or ``"all"``. Checked against the model by
+            ``resolve_layers(n_layer)``.
+        noise_std: std of Gaussian noise added to router logits in training (>= 0).
+        noise_anneal_steps: optimizer steps over which the noise std goes linearly to 0
+            (0 = constant noise).
+        straight_through: k=1 only: forward weight exactly 1.0, gradient through the selected
+            probability.
+        normalize_topk: renormalise the k selected probabilities to sum to 1.
+        router_init_std: std of the normal init of the router's gate (>= 0; 0 = zeros, uniform routing).
+
+    Expert init (see ``upcycle``):
+        init: ``"copy"`` (exact copies of the dense MLP), ``"noise"`` (copy plus
+            N(0, init_noise_std * std(param)) per expert), ``"drop"`` (Drop-Upcycling: re-initialise
+            ``drop_ratio`` of each expert's intermediate neurons).
+        init_noise_std: relative noise std for ``init="noise"`` (>= 0).
+        drop_ratio: fraction of intermediate neurons re-initialised per expert for ``"drop"``, in [0, 1].
+        seed: seed of the router init and the expert perturbations.
+
+    Losses (see ``losses``):
+        lb_coef: weight of the Switch load-balance loss (>= 0).
+        z_coef: weight of the router z-loss (>= 0).
+
+    Dispatch:
+        backend: expert computation by name (see ``experts.get_backend``); ``"eager"`` is the
+            reference every other backend is tested against, ``"auto"`` picks the fastest that runs.
+    """
+
+    num_experts: int = 8
+    top_k: int = 1
+    layers: list[int] | Literal["all"] = "all"
+    noise_std: float = 0.1
+    noise_anneal_steps: int = 1000
+    straight_through: bool = True
+    normalize_topk: bool = True
+    router_init_std: float = 0.02
+    init: str = "copy"
+    init_noise_std: float = 0.01
+    drop_ratio: float = 0.5
+    seed: int = 0
+    lb_coef: float = 0.01
+    z_coef: float = 0.001
+    backend: str = "eager"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not is_int(self.num_experts) or self.num_experts < 1:
+            _fail("num_experts", self.num_experts, "an integer >= 1")
+        if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
+            _fail("top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
+        if self.layers != "all":
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                _fail("layers", self.layers, '"all" or a non-empty list of block indices')
+            if not all(is_int(i) and i >= 0 for i in self.layers):
+                _fail("layers", self.layers, "block indices must be integers >= 0")
+            if len(set(self.layers)) != len(self.layers):
+                _fail("layers", self.layers, "block indices must be unique")
+            self.layers = sorted(self.layers)
+        for name in ("noise_std", "init_noise_std", "router_init_std", "lb_coef", "z_coef"):
+            value = getattr(self, name)
+            if not is_num(value) or value < 0 or value != value or value == float("inf"):
+                _fail(name, value, "a finite number >= 0")
+        if not is_int(self.noise_anneal_steps) or self.noise_anneal_steps < 0:
+            _fail("noise_anneal_steps", self.noise_anneal_steps, "an integer >= 0 (0 = no annealing)")
+        for name in ("straight_through", "normalize_topk"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "true or false")
+        if self.init not in INIT_METHODS:
+            _fail("init", self.init, f"one of {INIT_METHODS}")
+        if not is_num(self.drop_ratio) or not 0.0 <= self.drop_ratio <= 1.0:
+            _fail("drop_ratio", self.drop_ratio, "a number in [0, 1]")
+        if not is_int(self.seed):
+            _fail("seed", self.seed, "an integer")
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, f"one of {BACKENDS}")
+
+    def resolve_layers(self, n_layer: int) -> list[int]:
+        """Block indices to convert in a model of ``n_layer`` blocks; raises if one is outside it."""
+        if self.layers == "all":
+            return list(range(n_layer))
+        bad = [i for i in self.layers if i >= n_layer]
+        if bad:
+            _fail("layers", self.layers, f"indices {bad} are outside the model's blocks 0..{n_layer - 1}")
+        return list(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = self.layers if self.layers == "all" else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"MoEConfig got unknown keys {unknown}; allowed keys: {sorted(names)}")
+        return cls(**d)

@@ -1,0 +1,94 @@
+"""ExpertBank: E GPT-2 MLPs stored as stacked weights, and the dispatch backends that run them.
+
+Shapes: T tokens, D model width, F intermediate width, E experts, K experts per token.
+Weights follow GPT-2's Conv1D layout ``[in, out]``:
+    w1_EDF [E, D, F], b1_EF [E, F]  (c_fc),   w2_EFD [E, F, D], b2_ED [E, D]  (c_proj).
+Expert e computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; a token's output is
+``sum_k weights[t, k] * expert_{indices[t, k]}(x_t)``, combined in float32.
+
+Backends share one signature::
+
+    fn(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, indices_TK, weights_TK, activation) -> y_TD
+
+``eager`` (below) is the plain PyTorch reference; faster ones live in ``moe_emergence.kernels`` and
+are tested against it, gradients included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+ExpertsFn = Callable[..., torch.Tensor]
+
+
+def eager_experts(
+    x_TD: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    b1_EF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    b2_ED: torch.Tensor,
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Reference dispatch: sort the T*K assignments by expert, run each expert on its rows, scatter back.
+
+    One host sync (the per-expert row counts used to split the sorted rows); every expert's weights
+    take part in the graph even when it receives no token.
+    """
+    T, K = indices_TK.shape
+    E = w1_EDF.shape[0]
+    act = ACT2FN[activation]
+    flat_expert_A = indices_TK.reshape(-1)  # A = T * K assignments
+    order_A = flat_expert_A.argsort(stable=True)
+    token_A = order_A // K
+    counts = torch.bincount(flat_expert_A, minlength=E).tolist()
+    x_AD = x_TD[token_A]
+    outs = []
+    for e, x_eD in enumerate(x_AD.split(counts)):
+        h_eF = act(x_eD @ w1_EDF[e] + b1_EF[e])
+        outs.append(h_eF @ w2_EFD[e] + b2_ED[e])
+    y_AD = torch.cat(outs).float() * weights_TK.reshape(-1)[order_A, None].float()
+    y_TD = torch.zeros(T, x_TD.shape[-1], device=x_TD.device, dtype=torch.float32)
+    return y_TD.index_add_(0, token_A, y_AD).to(x_TD.dtype)
+
+
+def get_backend(name: str, device: torch.device) -> ExpertsFn:
+    """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device``."""
+    if name in ("auto", "eager"):
+        return eager_experts
+    raise ValueError(f"unknown experts backend {name!r}; allowed: auto, eager")
+
+
+class ExpertBank(nn.Module):
+    """E feed-forward experts with stacked weights; ``forward(x_TD, indices_TK, weights_TK) -> y_TD``."""
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu_new", backend: str = "eager"
+    ) -> None:
+        super().__init__()
+        if activation not in ACT2FN:
+            raise ValueError(f"unknown activation {activation!r}; allowed: {sorted(ACT2FN)}")
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = activation
+        self.backend = backend
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b1_EF = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b2_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"activation={self.activation}, backend={self.backend}"
+        )
+
+    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        fn = get_backend(self.backend, x_TD.device)
+        return fn(
+            x_TD, self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED, indices_TK, weights_TK, self.activation
+        )

@@ -1,0 +1,125 @@
+"""upcycle: turn a dense GPT-2 into a ``GPT2MoEForCausalLM`` whose experts start from its MLPs.
+
+Shapes: D model width, F intermediate width, E experts. GPT-2's Conv1D stores weights ``[in, out]``:
+``c_fc.weight [D, F]``, ``c_proj.weight [F, D]``, which is exactly one slice of the expert bank's
+``w1_EDF`` / ``w2_EFD``; every copy asserts its shape.
+
+Expert inits (per expert e, seeded by ``MoEConfig.seed``):
+    copy:  W_e = W.
+    noise: W_e = W + N(0, (init_noise_std * std(W))^2), for every weight and bias.
+    drop:  Drop-Upcycling (Nakamura et al., ICLR 2025): pick round(drop_ratio * F) intermediate neurons
+           at random; their columns of c_fc (weight and bias) and rows of c_proj are redrawn from
+           N(mean(W), std(W)^2) of the original matrix; c_proj's bias is kept.
+The router gate is drawn from N(0, router_init_std^2).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, GPT2LMHeadModel
+
+from moe_emergence.config import MoEConfig
+from moe_emergence.modeling import GPT2MoEConfig, GPT2MoEForCausalLM
+
+
+def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GPT2LMHeadModel:
+    """A ``GPT2LMHeadModel`` from a model, a local checkpoint folder or a hub id; anything else is refused."""
+    if isinstance(source, GPT2MoEForCausalLM):
+        raise ValueError("upcycle: the source is already a GPT2MoEForCausalLM; pass a dense GPT-2")
+    if isinstance(source, GPT2LMHeadModel):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"upcycle: source must be a GPT2LMHeadModel, a folder or a hub id, got {type(source)}"
+        )
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type != "gpt2":
+        raise ValueError(
+            f"upcycle: {os.fspath(source)!r} is a {config.model_type!r} checkpoint; "
+            "only GPT-2 checkpoints (model_type 'gpt2') can be upcycled"
+        )
+    return GPT2LMHeadModel.from_pretrained(source, **kwargs)
+
+
+def _perturb(w: torch.Tensor, rel_std: float, gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(w.shape, generator=gen, dtype=torch.float32) * (rel_std * w.float().std())
+    return w + noise.to(w.dtype)
+
+
+def _drop_neurons(
+    w1_DF: torch.Tensor, b1_F: torch.Tensor, w2_FD: torch.Tensor, ratio: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    F = w1_DF.shape[1]
+    idx = torch.randperm(F, generator=gen)[: round(ratio * F)]
+
+    def redraw(like: torch.Tensor, shape: tuple[int, ...], stats_of: torch.Tensor) -> torch.Tensor:
+        s = stats_of.float()
+        return (torch.randn(shape, generator=gen) * s.std() + s.mean()).to(like.dtype)
+
+    w1_DF, b1_F, w2_FD = w1_DF.clone(), b1_F.clone(), w2_FD.clone()
+    w1_DF[:, idx] = redraw(w1_DF, (w1_DF.shape[0], len(idx)), w1_DF)
+    b1_F[idx] = redraw(b1_F, (len(idx),), b1_F)
+    w2_FD[idx, :] = redraw(w2_FD, (len(idx), w2_FD.shape[1]), w2_FD)
+    return w1_DF, b1_F, w2_FD
+
+
+def upcycle(
+    source: str | os.PathLike | GPT2LMHeadModel, config: MoEConfig | None = None
+) -> GPT2MoEForCausalLM:
+    """Build a ``GPT2MoEForCausalLM`` from a dense GPT-2 (model, folder or hub id).
+
+    Every non-MLP weight is copied; each selected block's MLP becomes ``num_experts`` experts
+    initialised by ``config.init`` (module docstring). With ``init="copy"`` the result computes exactly
+    the dense function in eval mode (top-1 straight-through, or top-k with normalised weights).
+    """
+    config = config or MoEConfig()
+    dense = load_dense_gpt2(source)
+    cfg_dict = dense.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        cfg_dict.pop(key, None)
+    moe_config = GPT2MoEConfig(**cfg_dict, moe=config.to_dict())
+    model = GPT2MoEForCausalLM(moe_config).to(device=dense.device, dtype=dense.dtype)
+
+    src = dense.state_dict()
+    dst = model.state_dict()
+    new = {}
+    for key, value in dst.items():
+        if key in src:
+            assert src[key].shape == value.shape, (
+                f"{key}: dense {tuple(src[key].shape)} vs MoE {tuple(value.shape)}"
+            )
+            new[key] = src[key]
+    gen = torch.Generator().manual_seed(config.seed)
+    E = config.num_experts
+    for i in moe_config.moe_layers:
+        p = f"transformer.h.{i}.mlp."
+        w1_DF, b1_F = src[p + "c_fc.weight"], src[p + "c_fc.bias"]
+        w2_FD, b2_D = src[p + "c_proj.weight"], src[p + "c_proj.bias"]
+        D, F = w1_DF.shape
+        assert w2_FD.shape == (F, D) and b1_F.shape == (F,) and b2_D.shape == (D,), (
+            f"block {i}: odd MLP shapes"
+        )
+        assert dst[p + "experts.w1_EDF"].shape == (E, D, F), f"block {i}: expert bank shape mismatch"
+        experts = []
+        for _ in range(E):
+            w1, b1, w2, b2 = w1_DF, b1_F, w2_FD, b2_D
+            if config.init == "noise":
+                w1, b1, w2, b2 = (_perturb(t, config.init_noise_std, gen) for t in (w1, b1, w2, b2))
+            elif config.init == "drop":
+                w1, b1, w2 = _drop_neurons(w1, b1, w2, config.drop_ratio, gen)
+            experts.append((w1, b1, w2, b2))
+        new[p + "experts.w1_EDF"] = torch.stack([e[0] for e in experts])
+        new[p + "experts.b1_EF"] = torch.stack([e[1] for e in experts])
+        new[p + "experts.w2_EFD"] = torch.stack([e[2] for e in experts])
+        new[p + "experts.b2_ED"] = torch.stack([e[3] for e in experts])
+        router = torch.randn(dst[p + "router.weight"].shape, generator=gen) * config.router_init_std
+        new[p + "router.weight"] = router
+        new[p + "router.step"] = torch.zeros((), dtype=torch.long)
+    missing = sorted(set(dst) - set(new))
+    assert not missing, f"upcycle left weights unset: {missing}"
+    model.load_state_dict(new, strict=True)
+    model.generation_config = dense.generation_config
+    model.train(dense.training)
+    return model
