@@ -6,7 +6,7 @@ other unions (tried in order), ``list[X]``, ``dict[str, X]`` and nested dataclas
 
 YAML inheritance: a top-level ``base: parent.yaml`` (a path relative to the file) loads the parent first
 and deep-merges the child over it: mappings merge key by key, everything else (lists, scalars, null)
-replaces. Overrides are parsed as YAML scalars (``train.steps=10``, ``model.moe=null``,
+replaces; a child mapping with ``_replace: true`` replaces the parent's mapping instead of merging. Overrides are parsed as YAML scalars (``train.steps=10``, ``model.moe=null``,
 ``model.moe.layers=[8,9]``) and applied after inheritance.
 """
 
@@ -23,6 +23,7 @@ import yaml
 
 T = TypeVar("T")
 INHERIT_KEY = "base"
+REPLACE_KEY = "_replace"
 
 
 class ConfigError(ValueError):
@@ -182,10 +183,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def deep_merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """``child`` over ``parent``: mappings merge recursively, anything else replaces."""
+    """``child`` over ``parent``: mappings merge recursively (unless the child's has ``_replace: true``),
+    anything else replaces."""
     out = dict(parent)
     for k, v in child.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and v.get(REPLACE_KEY) is True:
+            out[k] = {kk: vv for kk, vv in v.items() if kk != REPLACE_KEY}
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
