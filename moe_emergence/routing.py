@@ -48,7 +48,7 @@ class Router(nn.Module):
     ``set_step`` once per optimizer step; forward calls never advance it.
 
     Weights: k > 1 with ``normalize_topk``: ``w = p_topk / sum(p_topk)``. k = 1 with
-    ``straight_through`` in training: ``w = 1 + p_sel - stopgrad(p_sel)`` (exactly 1.0 forward,
+    ``straight_through`` in training: ``w = (p_sel - stopgrad(p_sel)) + 1`` (exactly 1.0 forward,
     d w / d p_sel = 1 backward); in eval plain 1.0. Otherwise ``w = p_topk``.
     Selection and weights use the noisy probabilities in training, the clean ones in eval.
     """
@@ -107,7 +107,7 @@ class Router(nn.Module):
             topk_probs_TK, topk_indices_TK = probs_TE.topk(self.top_k, dim=-1)
             if self.top_k == 1 and self.straight_through:
                 if self.training:
-                    weights_TK = 1.0 + topk_probs_TK - topk_probs_TK.detach()
+                    weights_TK = (topk_probs_TK - topk_probs_TK.detach()) + 1.0  # exactly 1.0 forward
                 else:
                     weights_TK = torch.ones_like(topk_probs_TK)
             elif self.normalize_topk:
