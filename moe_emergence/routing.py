@@ -83,6 +83,14 @@ class Router(nn.Module):
             f"straight_through={self.straight_through}, normalize_topk={self.normalize_topk}"
         )
 
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.0) -> None:
+        """Gate init N(0, std^2); std 0 gives zeros (uniform routing)."""
+        if std > 0:
+            nn.init.normal_(self.weight, std=std)
+        else:
+            nn.init.zeros_(self.weight)
+
     def set_step(self, step: int) -> None:
         """Set the optimizer step that drives noise annealing (called by the trainer)."""
         self.step.fill_(int(step))

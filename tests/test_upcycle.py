@@ -145,7 +145,13 @@ def test_layer_outside_model_refused_by_upcycle(dense_model):
 
 def test_model_from_config_has_random_distinct_experts(dense_model):
     moe = upcycle(dense_model, MoEConfig(num_experts=2))
-    fresh = GPT2MoEForCausalLM(moe.config)
-    w1 = fresh.transformer.h[0].mlp.experts.w1_EDF
-    assert w1.std().item() == pytest.approx(moe.config.initializer_range, rel=0.2)
-    assert not torch.equal(w1[0], w1[1])
+    for _ in range(3):  # uninitialised memory must never pass for an init
+        fresh = GPT2MoEForCausalLM(moe.config)
+        mlp = fresh.transformer.h[0].mlp
+        w1, b1 = mlp.experts.w1_EDF, mlp.experts.b1_EF
+        assert w1.std().item() == pytest.approx(moe.config.initializer_range, rel=0.2)
+        assert w1.mean().abs().item() < 0.01 and torch.all(b1 == 0)
+        assert not torch.equal(w1[0], w1[1])
+        w2_std = moe.config.initializer_range / (2 * moe.config.n_layer) ** 0.5
+        assert mlp.experts.w2_EFD.std().item() == pytest.approx(w2_std, rel=0.2)
+        assert mlp.router.weight.std().item() == pytest.approx(moe.config.moe["router_init_std"], rel=0.3)
