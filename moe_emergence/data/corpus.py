@@ -150,7 +150,6 @@ def build_corpus(
     if tokenizer is not None:
         tokenizer = prepare_tokenizer(tokenizer)
     root = Path(cfg.root_dir).expanduser() if cfg.root_dir else Path.cwd()
-    domains = list(cfg.domains)
     splits = {}
     for name, src in cfg.domains.items():
         docs = load_documents(name, src, cfg.seed, root)
@@ -249,7 +248,7 @@ def collate_blocks(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, tor
     """Stack packed rows into LongTensors [B, L]: input_ids, attention_mask, labels (input_ids with -100
     on padding) and domain_ids (-1 on padding)."""
     if isinstance(rows, Mapping):  # a batched slice of a Dataset: column -> rows
-        rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+        rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
     batch = {c: torch.tensor([r[c] for r in rows], dtype=torch.long) for c in COLUMNS}
     pad_BL = batch["attention_mask"] == 0
     batch["labels"] = batch["input_ids"].masked_fill(pad_BL, -100)

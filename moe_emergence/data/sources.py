@@ -46,7 +46,7 @@ def split_text(text: str, mode: str, target_chars: int, chapter_pattern: str) ->
     if mode == "chapters":
         starts = [m.start() for m in re.finditer(chapter_pattern, text, flags=re.MULTILINE)]
         bounds = [0, *[s for s in starts if s > 0], len(text)]
-        pieces = [text[a:b].strip() for a, b in zip(bounds[:-1], bounds[1:])]
+        pieces = [text[a:b].strip() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         return [p for p in pieces if p]
     if mode == "paragraphs":
         docs, group, size = [], [], 0
