@@ -80,6 +80,15 @@ class ExpertBank(nn.Module):
         self.b1_EF = nn.Parameter(torch.zeros(num_experts, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b2_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Random init: weights N(0, std^2) (``w2`` N(0, out_std^2)), biases zero."""
+        nn.init.normal_(self.w1_EDF, std=std)
+        nn.init.normal_(self.w2_EFD, std=std if out_std is None else out_std)
+        nn.init.zeros_(self.b1_EF)
+        nn.init.zeros_(self.b2_ED)
 
     def extra_repr(self) -> str:
         return (

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from huggingface_hub.dataclasses import strict
-from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from moe_emergence.config import MoEConfig
@@ -76,27 +74,15 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         moe = config.moe_config
         d_ff = config.n_inner if config.n_inner is not None else 4 * config.n_embd
         for i in config.moe_layers:
-            self.transformer.h[i].mlp = MoEWrapper(
-                moe,
-                config.n_embd,
-                d_ff,
-                activation=config.activation_function,
-                dropout=config.resid_pdrop,
-            )
+            layer = MoEWrapper(moe, config.n_embd, d_ff, config.activation_function, config.resid_pdrop)
+            # GPT-2's init: N(0, initializer_range), output projection scaled by 1/sqrt(2 * n_layer).
+            # Done here, not in `_init_weights`: transformers dispatches the init of everything under
+            # `self.transformer` to GPT2Model's own `_init_weights`, which does not know these modules.
+            std = config.initializer_range
+            layer.experts.reset_parameters(std, std / math.sqrt(2 * config.n_layer))
+            layer.router.reset_parameters(moe.router_init_std)
+            self.transformer.h[i].mlp = layer
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """Random init for a model built from a config; ``upcycle`` overwrites it with the dense weights."""
-        super()._init_weights(module)
-        if isinstance(module, MoEWrapper):
-            std = self.config.initializer_range
-            init.normal_(module.router.weight, std=self.config.moe["router_init_std"])
-            experts = module.experts
-            init.normal_(experts.w1_EDF, std=std)
-            init.zeros_(experts.b1_EF)
-            init.normal_(experts.w2_EFD, std=std / math.sqrt(2 * self.config.n_layer))
-            init.zeros_(experts.b2_ED)
 
     def moe_layers(self) -> dict[int, MoEWrapper]:
         """``{block index: MoEWrapper}`` for every MoE block."""

@@ -48,7 +48,7 @@ class Router(nn.Module):
     ``set_step`` once per optimizer step; forward calls never advance it.
 
     Weights: k > 1 with ``normalize_topk``: ``w = p_topk / sum(p_topk)``. k = 1 with
-    ``straight_through`` in training: ``w = 1 + p_sel - stopgrad(p_sel)`` (exactly 1.0 forward,
+    ``straight_through`` in training: ``w = (p_sel - stopgrad(p_sel)) + 1`` (exactly 1.0 forward,
     d w / d p_sel = 1 backward); in eval plain 1.0. Otherwise ``w = p_topk``.
     Selection and weights use the noisy probabilities in training, the clean ones in eval.
     """
@@ -83,6 +83,14 @@ class Router(nn.Module):
             f"straight_through={self.straight_through}, normalize_topk={self.normalize_topk}"
         )
 
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.0) -> None:
+        """Gate init N(0, std^2); std 0 gives zeros (uniform routing)."""
+        if std > 0:
+            nn.init.normal_(self.weight, std=std)
+        else:
+            nn.init.zeros_(self.weight)
+
     def set_step(self, step: int) -> None:
         """Set the optimizer step that drives noise annealing (called by the trainer)."""
         self.step.fill_(int(step))
@@ -107,7 +115,7 @@ class Router(nn.Module):
             topk_probs_TK, topk_indices_TK = probs_TE.topk(self.top_k, dim=-1)
             if self.top_k == 1 and self.straight_through:
                 if self.training:
-                    weights_TK = 1.0 + topk_probs_TK - topk_probs_TK.detach()
+                    weights_TK = (topk_probs_TK - topk_probs_TK.detach()) + 1.0  # exactly 1.0 forward
                 else:
                     weights_TK = torch.ones_like(topk_probs_TK)
             elif self.normalize_topk:

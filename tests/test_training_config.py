@@ -13,7 +13,7 @@ from moe_emergence.training.loader import ConfigError, apply_overrides, read_yam
 from moe_emergence.training.rundir import config_differences
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BASE = {"data": {"seq_len": 32}}
+BASE = {"data": {"seq_len": 32, "domains": {"math": {"type": "mathgen"}, "prose": {"type": "pydoc"}}}}
 
 
 def test_overrides_are_yaml_scalars_and_nested():
@@ -83,7 +83,7 @@ def test_bad_override_syntax():
 def test_inheritance_merges_and_replace(tmp_path):
     (tmp_path / "parent.yaml").write_text(
         textwrap.dedent("""
-        data: {seq_len: 32, domains: {a: {type: x, num_docs: 3}, b: {type: y}}}
+        data: {seq_len: 32, domains: {a: {type: mathgen, num_problems: 3}, b: {type: pydoc}}}
         train: {steps: 10, batch_size: 4}
         """)
     )
@@ -91,7 +91,7 @@ def test_inheritance_merges_and_replace(tmp_path):
     (tmp_path / "repl.yaml").write_text("base: parent.yaml\ndata: {_replace: true, seq_len: 16}\n")
     child = read_yaml(tmp_path / "child.yaml")
     assert child["train"] == {"steps": 20, "batch_size": 4}
-    assert child["data"]["domains"]["a"]["num_docs"] == 3
+    assert child["data"]["domains"]["a"]["num_problems"] == 3
     assert read_yaml(tmp_path / "repl.yaml")["data"] == {"seq_len": 16}
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="circular"):
@@ -138,3 +138,10 @@ def test_run_name_defaults_to_file_stem(tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     assert load_config(path).log.run_name == "myrun"
     assert load_config(path, ["log.run_name=other"]).log.run_name == "other"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "gpt2-small", "dense", "no-balance", "top2", "local-study"])
+def test_shipped_configs_build(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.log.run_name == name and set(cfg.data.domains) == {"code", "math", "prose"}
+    assert (cfg.model.moe is None) == (name == "dense")

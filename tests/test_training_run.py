@@ -17,8 +17,19 @@ from moe_emergence.training.loader import ConfigError
 from moe_emergence.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE: Path | None = None
 TINY = {
-    "data": {"seq_len": 32},
+    "data": {
+        "seq_len": 32,
+        "vocab_size": 300,
+        "tokenizer_train_chars": 60_000,
+        "eval_fraction": 0.2,
+        "domains": {
+            "code": {"type": "stdlib", "paths": ["json/*.py", "textwrap.py", "bisect.py"], "min_chars": 100},
+            "math": {"type": "mathgen", "num_problems": 60},
+            "prose": {"type": "pydoc", "max_docs": 30, "min_chars": 200},
+        },
+    },
     "model": {
         "tiny_n_layer": 2,
         "tiny_n_embd": 32,
@@ -35,8 +46,17 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(tmp_path_factory):
+    """One corpus cache for the module: each tiny corpus is prepared once."""
+    global CACHE
+    CACHE = tmp_path_factory.mktemp("data_cache")
+    return CACHE
+
+
 def make_cfg(tmp_path: Path, name: str, *overrides: str):
-    return config_from_dict(TINY, [f"output_dir={tmp_path}", f"log.run_name={name}", *overrides])
+    base = [f"output_dir={tmp_path}", f"log.run_name={name}", f"data.cache_dir={CACHE}"]
+    return config_from_dict(TINY, [*base, *overrides])
 
 
 def train_records(records: list[dict]) -> dict[int, dict]:
@@ -119,7 +139,12 @@ def test_moe_run_telemetry_and_final_model(tmp_path):
         fr = [moe[f"{p}/expert{i}_frac"] for i in range(4)]
         assert sum(fr) == pytest.approx(1.0) and moe[f"{p}/max_frac"] == max(fr)
         assert 0.0 <= moe[f"{p}/domain_nmi"] <= 1.0 and moe[f"{p}/domain_mi"] >= 0.0
-        assert 0.0 <= moe[f"{p}/entropy"] <= moe[f"{p}/marginal_entropy"] + 1e-9 <= torch.log(torch.tensor(4.0)) + 1e-6
+        assert (
+            0.0
+            <= moe[f"{p}/entropy"]
+            <= moe[f"{p}/marginal_entropy"] + 1e-9
+            <= torch.log(torch.tensor(4.0)) + 1e-6
+        )
         assert moe[f"{p}/dead_experts"] in (0.0, 1.0, 2.0, 3.0) and moe[f"{p}/cv"] >= 0
         assert 0.0 < moe[f"{p}/expert_divergence"] < 2.0
     evals = [r for r in records if "eval/lm_loss" in r]
@@ -129,8 +154,9 @@ def test_moe_run_telemetry_and_final_model(tmp_path):
     assert "eval_router/layer1/domain_nmi" in evals[-1] and "eval_router/layer1/domain_nmi" not in evals[0]
     assert yaml.safe_load((res.run_dir / "config.yaml").read_text())["train"]["balance_scope"] == "global"
 
-    import moe_emergence  # noqa: F401  (registers gpt2_moe)
     from transformers import AutoModelForCausalLM
+
+    import moe_emergence  # noqa: F401  (registers gpt2_moe)
 
     model = AutoModelForCausalLM.from_pretrained(res.run_dir / "final")
     assert type(model).__name__ == "GPT2MoEForCausalLM" and model.config.moe["num_experts"] == 4
@@ -150,7 +176,11 @@ def test_dense_control_has_no_router_keys(tmp_path):
 
 
 def test_collapse_guard_stops(tmp_path):
-    res = train(make_cfg(tmp_path, "collapse", "collapse.max_frac=0.01", "collapse.patience=2", "collapse.action=stop"))
+    res = train(
+        make_cfg(
+            tmp_path, "collapse", "collapse.max_frac=0.01", "collapse.patience=2", "collapse.action=stop"
+        )
+    )
     assert res.stopped == "collapse" and res.step == 4  # MoE from step 3; second consecutive check
     assert (res.run_dir / "checkpoints" / "step_0000004").is_dir()
 
@@ -163,19 +193,21 @@ def test_occupied_run_folder_is_refused(tmp_path):
         train(cfg)
     assert (cfg.run_dir / "metrics.jsonl").read_text() == before
     with pytest.raises(ConfigError, match=r"differs from the saved config.yaml in \['optim.lr'\]"):
-        train(make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1", "optim.lr=0.1"), resume="auto")
+        train(
+            make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1", "optim.lr=0.1"), resume="auto"
+        )
 
 
 def test_accelerate_launch_end_to_end(tmp_path):
     """The real command line through `accelerate launch` on CPU, with wandb offline."""
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(TINY))
-    data_ready = (ROOT / "moe_emergence" / "data" / "__init__.py").exists()
-    script = ROOT / "scripts" / "train.py" if data_ready else ROOT / "tests" / "_train_with_contract.py"
+    script = ROOT / "scripts" / "train.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
-    cmd += ["--config", str(cfg_file), f"output_dir={tmp_path}", "log.wandb=auto", "train.steps=4"]
+    cmd += ["--config", str(cfg_file), f"output_dir={tmp_path}", f"data.cache_dir={CACHE}", "log.wandb=auto"]
+    cmd += ["train.steps=4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "tiny"

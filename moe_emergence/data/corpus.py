@@ -1,0 +1,256 @@
+"""build_corpus: sources -> document split -> tokenizer -> pack -> mix, cached by fingerprint; collate_blocks.
+
+Shapes: ``B`` rows of ``L = seq_len`` tokens. A prepared corpus is a folder ``train/`` and ``eval/``
+(``datasets.Dataset.save_to_disk``, columns ``input_ids``, ``attention_mask``, ``domain_ids``),
+``tokenizer/`` (``save_pretrained``) and ``stats.json``. The cache keeps one such folder per
+fingerprint (sources, documents, tokenizer, seq_len, seed, packing and mixing options), written to a
+temporary folder and renamed into place, so an interrupted or failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from moe_emergence.data.config import DataConfig
+from moe_emergence.data.pipeline import (
+    block_stats,
+    mix_targets,
+    pack_split,
+    split_documents,
+    truncate_to_budget,
+)
+from moe_emergence.data.sources import load_documents
+from moe_emergence.data.tokenizer import (
+    encode_documents,
+    prepare_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
+
+FORMAT_VERSION = "moe-emergence-data-v1"
+COLUMNS = ("input_ids", "attention_mask", "domain_ids")
+
+
+@dataclass
+class Corpus:
+    """A prepared corpus. Domain id ``i`` is ``domains[i]``; ``stats`` has documents/tokens/blocks per
+    domain for ``train`` and ``eval``. ``path`` is the folder it lives in (None if uncached)."""
+
+    train: Dataset
+    eval: Dataset
+    domains: list[str]
+    tokenizer: PreTrainedTokenizerBase
+    stats: dict[str, Any]
+    fingerprint: str
+    cache_hit: bool = False
+    path: Path | None = None
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write train/, eval/, tokenizer/ and stats.json to ``out_dir`` (via a temporary folder)."""
+        out = Path(out_dir)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"output folder {out} exists and is not empty; choose a new one")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, self.train, self.eval, self.tokenizer, self.stats)
+        return out
+
+
+def _write_atomic(
+    final: Path, train: Dataset, eval_: Dataset, tokenizer: PreTrainedTokenizerBase, stats: dict
+) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        eval_.save_to_disk(str(tmp / "eval"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        if final.exists():  # an empty folder (checked by the caller) or a concurrent build's result
+            final.rmdir()
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def corpus_fingerprint(
+    cfg: DataConfig, splits: Mapping[str, tuple[list[str], list[str]]], tok_key: str
+) -> str:
+    """Hash of everything the prepared blocks depend on: sources and their documents' text, the
+    tokenizer, seq_len, seed, split, packing and mixing options."""
+    h = hashlib.sha256()
+    opts = {k: v for k, v in cfg.to_dict().items() if k not in ("cache_dir", "root_dir")}
+    h.update(json.dumps([FORMAT_VERSION, opts, tok_key], sort_keys=True).encode())
+    for name, (train, eval_) in splits.items():
+        for split, docs in (("train", train), ("eval", eval_)):
+            h.update(f"\x01{name}\x01{split}\x01{len(docs)}".encode())
+            for doc in docs:
+                h.update(doc.encode())
+                h.update(b"\x00")
+    return h.hexdigest()[:20]
+
+
+def _bpe_training_texts(splits: Mapping[str, tuple[list[str], list[str]]], max_chars: int) -> list[str]:
+    """Train documents for the BPE, at most ``max_chars`` characters split equally over domains."""
+    per_domain = max_chars // len(splits)
+    texts = []
+    for train, _ in splits.values():
+        used = 0
+        for doc in train:
+            texts.append(doc[: per_domain - used])
+            used += len(texts[-1])
+            if used >= per_domain:
+                break
+    return texts
+
+
+def _to_dataset(ids_NL: np.ndarray, mask_NL: np.ndarray, dom_NL: np.ndarray) -> Dataset:
+    return Dataset.from_dict(
+        {"input_ids": ids_NL.tolist(), "attention_mask": mask_NL.tolist(), "domain_ids": dom_NL.tolist()}
+    )
+
+
+def _encode_split(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> list[np.ndarray]:
+    eos = tokenizer.eos_token_id
+    return [np.asarray([*ids, eos], dtype=np.int64) for ids in encode_documents(tokenizer, docs)]
+
+
+def build_corpus(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase | str | None = None,
+    max_positions: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Corpus:
+    """Prepare (or load from the cache) the packed, labelled, mixed corpus of ``cfg``.
+
+    tokenizer: a HF tokenizer or a name/folder for ``AutoTokenizer``; None trains a byte-level BPE of
+        ``cfg.vocab_size`` on the train split.
+    max_positions: the model's context length; ``cfg.seq_len`` may not exceed it.
+    tokenizer_dir: if given, the corpus tokenizer is saved there (``save_pretrained``), e.g. in the run folder.
+    """
+    if max_positions is not None and cfg.seq_len > max_positions:
+        raise ValueError(
+            f"DataConfig.seq_len={cfg.seq_len} is larger than the model's context n_positions={max_positions}; "
+            f"use seq_len <= {max_positions}"
+        )
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if tokenizer is not None:
+        tokenizer = prepare_tokenizer(tokenizer)
+    root = Path(cfg.root_dir).expanduser() if cfg.root_dir else Path.cwd()
+    splits = {}
+    for name, src in cfg.domains.items():
+        docs = load_documents(name, src, cfg.seed, root)
+        splits[name] = split_documents(docs, cfg.eval_fraction, cfg.min_eval_docs, cfg.seed, name)
+    tok_key = (
+        tokenizer_fingerprint(tokenizer)
+        if tokenizer is not None
+        else f"bpe-{cfg.vocab_size}-{cfg.tokenizer_train_chars}"
+    )
+    fp = corpus_fingerprint(cfg, splits, tok_key)
+
+    cache_path = Path(cfg.cache_dir).expanduser() / fp if cfg.cache_dir else None
+    if cache_path is not None and (cache_path / "stats.json").exists():
+        corpus = load_corpus(cache_path, tokenizer=tokenizer)
+        corpus.cache_hit = True
+    else:
+        corpus = _prepare(cfg, splits, tokenizer, fp)
+        if cache_path is not None:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            if not cache_path.exists():
+                _write_atomic(cache_path, corpus.train, corpus.eval, corpus.tokenizer, corpus.stats)
+            corpus.path = cache_path
+    if tokenizer_dir is not None:
+        corpus.tokenizer.save_pretrained(str(tokenizer_dir))
+    return corpus
+
+
+def _prepare(
+    cfg: DataConfig,
+    splits: Mapping[str, tuple[list[str], list[str]]],
+    tokenizer: PreTrainedTokenizerBase | None,
+    fp: str,
+) -> Corpus:
+    domains = list(splits)
+    if tokenizer is None:
+        tokenizer = train_bpe_tokenizer(
+            _bpe_training_texts(splits, cfg.tokenizer_train_chars),
+            cfg.vocab_size,
+            model_max_length=max(cfg.seq_len, 1024),
+        )
+    train_ids = [_encode_split(tokenizer, splits[d][0]) for d in domains]
+    eval_ids = [_encode_split(tokenizer, splits[d][1]) for d in domains]
+    available = {d: sum(len(x) for x in train_ids[i]) for i, d in enumerate(domains)}
+    targets = mix_targets(available, cfg.mixing, cfg.weights)
+    train_ids = [truncate_to_budget(train_ids[i], targets[d]) for i, d in enumerate(domains)]
+
+    pad = tokenizer.pad_token_id
+    opts = (cfg.seq_len, pad, cfg.cross_documents, cfg.cross_domains, cfg.seed)
+    tr_ids, tr_mask, tr_dom = pack_split(train_ids, *opts)
+    ev_ids, ev_mask, ev_dom = pack_split(eval_ids, *opts)
+    order = np.random.default_rng(cfg.seed).permutation(len(tr_ids))
+    tr_ids, tr_mask, tr_dom = tr_ids[order], tr_mask[order], tr_dom[order]
+
+    stats = {
+        "fingerprint": fp,
+        "domains": domains,
+        "seq_len": cfg.seq_len,
+        "mixing": cfg.mixing,
+        "tokenizer": {"name": tokenizer.name_or_path or "trained-bpe", "vocab_size": len(tokenizer)},
+        "available_train_tokens": available,
+        "train": block_stats(tr_mask, tr_dom, domains, [len(x) for x in train_ids]),
+        "eval": block_stats(ev_mask, ev_dom, domains, [len(x) for x in eval_ids]),
+        "total": {"train_blocks": len(tr_ids), "eval_blocks": len(ev_ids)},
+        "config": cfg.to_dict(),
+    }
+    return Corpus(
+        train=_to_dataset(tr_ids, tr_mask, tr_dom),
+        eval=_to_dataset(ev_ids, ev_mask, ev_dom),
+        domains=domains,
+        tokenizer=tokenizer,
+        stats=stats,
+        fingerprint=fp,
+    )
+
+
+def load_corpus(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Corpus:
+    """Load a prepared corpus folder (a cache entry or ``prepare_data.py --out``)."""
+    path = Path(path)
+    if not (path / "stats.json").exists():
+        raise ValueError(f"{path} is not a prepared corpus folder (no stats.json)")
+    stats = json.loads((path / "stats.json").read_text())
+    if tokenizer is None:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path / "tokenizer")))
+    return Corpus(
+        train=load_from_disk(str(path / "train")),
+        eval=load_from_disk(str(path / "eval")),
+        domains=list(stats["domains"]),
+        tokenizer=tokenizer,
+        stats=stats,
+        fingerprint=stats["fingerprint"],
+        path=path,
+    )
+
+
+def collate_blocks(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    """Stack packed rows into LongTensors [B, L]: input_ids, attention_mask, labels (input_ids with -100
+    on padding) and domain_ids (-1 on padding)."""
+    if isinstance(rows, Mapping):  # a batched slice of a Dataset: column -> rows
+        rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+    batch = {c: torch.tensor([r[c] for r in rows], dtype=torch.long) for c in COLUMNS}
+    pad_BL = batch["attention_mask"] == 0
+    batch["labels"] = batch["input_ids"].masked_fill(pad_BL, -100)
+    batch["domain_ids"] = batch["domain_ids"].masked_fill(pad_BL, -1)
+    return batch

@@ -1,0 +1,84 @@
+import pytest
+
+from moe_emergence.data import (
+    DataConfig,
+    SourceConfig,
+    apply_overrides,
+    default_offline_config,
+    local_study_config,
+)
+
+
+def test_round_trip_and_helpers():
+    cfg = default_offline_config()
+    assert list(cfg.domains) == ["code", "math", "prose"]
+    assert [s.type for s in cfg.domains.values()] == ["stdlib", "mathgen", "pydoc"]
+    again = DataConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    study = local_study_config()
+    assert study.domains["math"].paths == ["../shared/data/math/gsm8k_train.jsonl"]
+    assert study.domains["prose"].type == "files"
+
+
+def test_unknown_keys_name_key_and_suggest():
+    d = default_offline_config().to_dict()
+    d["seq_lne"] = 64
+    with pytest.raises(ValueError, match=r"'seq_lne'.*did you mean 'seq_len'"):
+        DataConfig.from_dict(d)
+    d = default_offline_config().to_dict()
+    d["domains"]["math"]["num_problem"] = 5
+    with pytest.raises(ValueError, match=r"data\.domains\.math.*'num_problem'.*'num_problems'"):
+        DataConfig.from_dict(d)
+
+
+def test_unknown_source_type_names_value():
+    with pytest.raises(ValueError, match=r"type='stdlb'.*did you mean 'stdlib'"):
+        SourceConfig(type="stdlb")
+    with pytest.raises(ValueError, match="unknown source type"):
+        DataConfig.from_dict({"domains": {"code": {"type": "github"}}})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seq_len": 1}, "seq_len"),
+        ({"eval_fraction": 1.0}, "eval_fraction"),
+        ({"mixing": "equal"}, "mixing"),
+        ({"mixing": "weighted", "weights": {"code": 1.0}}, "one weight per domain"),
+        ({"mixing": "weighted", "weights": {"code": 1.0, "math": 0.0, "prose": 1.0}}, "> 0"),
+        ({"weights": {"code": 1.0, "math": 1.0, "prose": 1.0}}, "only used with mixing=weighted"),
+        ({"domains": {}}, "non-empty"),
+    ],
+)
+def test_data_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        default_offline_config(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"type": "hub"}, "needs a dataset name"),
+        ({"type": "files"}, "at least one path"),
+        ({"type": "files", "paths": ["a.txt"], "split_mode": "lines"}, "split_mode"),
+        ({"type": "mathgen", "templates": ["calculus"]}, "calculus"),
+        ({"type": "stdlib", "min_chars": 10, "max_chars": 5}, "max_chars"),
+        ({"type": "stdlib", "max_docs": 0}, "max_docs"),
+    ],
+)
+def test_source_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SourceConfig(**kwargs)
+
+
+def test_apply_overrides_nested_and_typed():
+    d = default_offline_config().to_dict()
+    out = apply_overrides(
+        d, ["data.seq_len=64", "domains.math.num_problems=500", "cross_domains=true", "cache_dir=null"]
+    )
+    cfg = DataConfig.from_dict(out)
+    assert cfg.seq_len == 64 and cfg.domains["math"].num_problems == 500
+    assert cfg.cross_domains is True and cfg.cache_dir is None
+    assert d["seq_len"] == 128, "the input mapping is not modified"
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(d, ["seq_len"])

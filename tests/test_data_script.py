@@ -1,0 +1,61 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from _data_fixtures import write_prose_jsonl
+
+from moe_emergence.data import load_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_yaml_matches_default_config():
+    from moe_emergence.data import DataConfig, default_offline_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "data" / "offline.yaml").read_text())
+    assert DataConfig.from_dict(raw["data"]) == default_offline_config()
+
+
+def test_prepare_data_writes_splits_and_stats(tmp_path):
+    write_prose_jsonl(tmp_path / "prose.jsonl", 40)
+    config = {
+        "data": {
+            "seq_len": 64,
+            "vocab_size": 400,
+            "cache_dir": None,
+            "root_dir": str(tmp_path),
+            "domains": {
+                "code": {"type": "stdlib", "paths": ["json/*.py"]},
+                "math": {"type": "mathgen", "num_problems": 100},
+                "prose": {"type": "files", "paths": ["prose.jsonl"], "text_field": "body"},
+            },
+        }
+    }
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main = load_script().main
+    out = tmp_path / "out"
+    assert main(["--config", str(path), "--out", str(out), "seq_len=32", "domains.math.num_problems=60"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["seq_len"] == 32 and stats["config"]["domains"]["math"]["num_problems"] == 60
+    for split in ("train", "eval"):
+        assert set(stats[split]) == {"code", "math", "prose"}
+        assert all(
+            set(v) == {"documents", "tokens", "blocks"} and v["tokens"] > 0 for v in stats[split].values()
+        )
+    corpus = load_corpus(out)
+    assert len(corpus.train) == stats["total"]["train_blocks"] and len(corpus.train[0]["input_ids"]) == 32
+    assert corpus.tokenizer.eos_token_id is not None
+
+    with pytest.raises(ValueError, match=r"'seq_lenn'.*did you mean 'seq_len'"):
+        main(["--config", str(path), "--out", str(tmp_path / "o2"), "seq_lenn=32"])
+    assert not (tmp_path / "o2").exists()

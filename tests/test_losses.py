@@ -1,0 +1,81 @@
+import math
+
+import torch
+
+from moe_emergence.losses import expert_fractions, load_balance_loss, mean_router_probs, z_loss
+
+
+def test_uniform_routing_gives_one():
+    E, T = 4, 8
+    probs = torch.full((T, E), 1.0 / E)
+    indices = torch.arange(T).remainder(E)[:, None]  # each expert gets T/E tokens
+    assert torch.allclose(load_balance_loss(probs, indices, E), torch.tensor(1.0))
+
+
+def test_uniform_routing_top2_gives_one():
+    E, T = 4, 8
+    probs = torch.full((T, E), 1.0 / E)
+    indices = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], dim=1)
+    assert torch.allclose(load_balance_loss(probs, indices, E), torch.tensor(1.0))
+    assert torch.allclose(expert_fractions(indices, E), torch.full((E,), 0.25))
+
+
+def test_collapse_gives_num_experts():
+    E, T = 8, 5
+    probs = torch.zeros(T, E)
+    probs[:, 3] = 1.0
+    indices = torch.full((T, 1), 3)
+    assert torch.allclose(load_balance_loss(probs, indices, E), torch.tensor(float(E)))
+
+
+def test_hand_computed_case():
+    # f = [2/3, 1/3], P = [0.7, 0.3] -> 2 * (2/3*0.7 + 1/3*0.3) = 2 * 17/30
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    indices = torch.tensor([[0], [0], [1]])
+    assert torch.allclose(load_balance_loss(probs, indices, 2), torch.tensor(2 * 17 / 30))
+
+
+def test_zero_logits_z_loss_is_log_e_squared():
+    for E in (2, 8, 64):
+        assert torch.allclose(z_loss(torch.zeros(7, E)), torch.tensor(math.log(E) ** 2))
+
+
+def test_z_loss_closed_form():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]])
+    expected = (torch.logsumexp(logits, -1) ** 2).mean()
+    assert torch.allclose(z_loss(logits), expected)
+
+
+def test_masked_tokens_change_nothing():
+    g = torch.Generator().manual_seed(0)
+    E = 4
+    logits = torch.randn(6, E, generator=g)
+    probs = logits.softmax(-1)
+    indices = probs.topk(2, dim=-1).indices
+    mask = torch.tensor([1, 1, 0, 1, 0, 1])
+    keep = mask.bool()
+    # garbage in the padded positions must not matter
+    probs_pad, logits_pad, idx_pad = probs.clone(), logits.clone(), indices.clone()
+    probs_pad[~keep] = torch.tensor([1.0, 0, 0, 0])
+    logits_pad[~keep] = 1e30
+    idx_pad[~keep] = 0
+    assert torch.allclose(
+        load_balance_loss(probs_pad, idx_pad, E, mask), load_balance_loss(probs[keep], indices[keep], E)
+    )
+    assert torch.allclose(z_loss(logits_pad, mask), z_loss(logits[keep]))
+    assert torch.allclose(mean_router_probs(probs_pad, mask), probs[keep].mean(0))
+
+
+def test_all_masked_is_zero_not_nan():
+    probs = torch.full((3, 2), 0.5)
+    mask = torch.zeros(3)
+    assert load_balance_loss(probs, torch.zeros(3, 1, dtype=torch.long), 2, mask).item() == 0.0
+    assert z_loss(torch.zeros(3, 2), mask).item() == 0.0
+
+
+def test_load_balance_gradient_flows_only_through_probs():
+    logits = torch.randn(10, 4, requires_grad=True)
+    probs = logits.softmax(-1)
+    loss = load_balance_loss(probs, probs.argmax(-1, keepdim=True), 4)
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

@@ -1,0 +1,70 @@
+"""Property tests of the router and losses over shapes, k, masks, extreme logits and dtypes."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_emergence import Router
+from moe_emergence.losses import expert_fractions, load_balance_loss, z_loss
+
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+@st.composite
+def routing_case(draw):
+    E = draw(st.integers(1, 9))
+    k = draw(st.integers(1, E))
+    T = draw(st.integers(0, 17))
+    D = draw(st.integers(1, 6))
+    scale = draw(st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e3, 1e15]))
+    seed = draw(st.integers(0, 2**16))
+    return E, k, T, D, scale, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=routing_case(), dtype=DTYPES, training=st.booleans(), st_flag=st.booleans(), norm=st.booleans())
+def test_router_outputs_are_finite_and_documented_shapes(case, dtype, training, st_flag, norm):
+    E, k, T, D, scale, seed = case
+    g = torch.Generator().manual_seed(seed)
+    r = Router(D, E, top_k=k, noise_std=0.5, straight_through=st_flag, normalize_topk=norm).train(training)
+    with torch.no_grad():
+        r.weight.copy_(torch.randn(E, D, generator=g) * scale)
+    x = (torch.randn(T, D, generator=g)).to(dtype)
+    out = r(x)
+    assert out.topk_weights.shape == (T, k) and out.topk_indices.shape == (T, k)
+    for name in ("router_probs", "router_probs_clean", "router_logits"):
+        t = getattr(out, name)
+        assert t.shape == (T, E) and t.dtype == torch.float32
+        assert torch.isfinite(t).all(), name
+    assert torch.isfinite(out.topk_weights).all() and torch.isfinite(out.entropy).all()
+    assert ((out.topk_indices >= 0) & (out.topk_indices < E)).all()
+    assert (out.entropy >= -1e-6).all() and (out.entropy <= math.log(E) + 1e-5).all()
+    if T:
+        assert torch.allclose(out.router_probs.sum(-1), torch.ones(T), atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=routing_case(), dtype=DTYPES, mask_kind=st.sampled_from(["none", "random", "all_masked"]))
+def test_losses_finite_and_bounded(case, dtype, mask_kind):
+    E, k, T, _, scale, seed = case
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, E, generator=g) * scale).to(dtype)
+    probs = logits.float().softmax(-1)
+    indices = probs.topk(k, -1).indices
+    mask = {
+        "none": None,
+        "random": torch.randint(0, 2, (T,), generator=g),
+        "all_masked": torch.zeros(T),
+    }[mask_kind]
+    lb = load_balance_loss(probs, indices, E, mask)
+    z = z_loss(logits, mask)
+    assert lb.shape == () and z.shape == () and lb.dtype == torch.float32 and z.dtype == torch.float32
+    assert torch.isfinite(lb) and torch.isfinite(z)
+    # E * sum f_i P_i lies in [0, E]; it is 0 only when no token counts
+    assert 0.0 <= lb.item() <= E + 1e-4
+    assert z.item() >= 0.0
+    f = expert_fractions(indices, E, mask)
+    counted = T if mask is None else int(mask.sum())
+    assert torch.isclose(f.sum(), torch.tensor(1.0 if counted else 0.0), atol=1e-5)
