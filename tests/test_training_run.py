@@ -219,3 +219,25 @@ def test_accelerate_launch_end_to_end(tmp_path):
     bad_cmd = [sys.executable, str(script), "--config", str(cfg_file), "train.stpes=3"]
     bad = subprocess.run(bad_cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "did you mean 'steps'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _script(name: str):
+    import runpy
+
+    return runpy.run_path(str(ROOT / "scripts" / f"{name}.py"), run_name="not_main")["main"]
+
+
+def test_upcycle_and_generate_scripts(tmp_path, capsys):
+    res = train(make_cfg(tmp_path, "gen", "model.moe=null", "train.steps=1"))
+    out = tmp_path / "moe"
+    assert _script("upcycle")([str(res.run_dir / "final"), str(out), "num_experts=3", "layers=[1]"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "GPT2MoEForCausalLM" and model.config.moe_layers == [1]
+    assert _script("upcycle")([str(res.run_dir / "final"), str(tmp_path / "x"), "num_expert=3"]) == 2
+    assert "did you mean 'num_experts'" in capsys.readouterr().err
+    gen = ["--prompt", "def f(x):", "--max-new-tokens", "5", "--show-experts"]
+    assert _script("generate")([str(out), *gen]) == 0
+    assert "L1" in capsys.readouterr().out
+    assert _script("generate")([str(res.run_dir / "final"), *gen]) == 2  # dense: no experts to show
