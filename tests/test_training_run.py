@@ -85,6 +85,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     for step in range(5, 7):
         for key in ("train/loss", "train/lm_loss", "train/lb_loss", "train/z_loss", "train/grad_norm"):
             assert abs(a[step][key] - b[step][key]) <= 1e-6, (step, key)
+    assert a[6]["train/tokens"] == b[6]["train/tokens"]
     sa, sb = final_state(full.run_dir), final_state(resumed.run_dir)
     assert sa.keys() == sb.keys()
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 1e-6

@@ -300,6 +300,8 @@ class Trainer:
                 self.run_eval()
                 last_eval = st.step
             if stopped or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
+                st.tokens += int(tokens_dev.item())  # the token count is part of the checkpoint
+                tokens_dev.zero_()
                 self.save_checkpoint()
                 last_ckpt = st.step
             if stopped:
@@ -308,6 +310,7 @@ class Trainer:
                 stopped = "stop_after"
                 break
         bar.close()
+        st.tokens += int(tokens_dev.item())
         if stopped == "stop_after":  # a time slice of a longer run: checkpoint only
             if last_ckpt != st.step:
                 self.save_checkpoint()
