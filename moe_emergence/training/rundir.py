@@ -19,6 +19,9 @@ from moe_emergence.training.config import RunConfig
 from moe_emergence.training.loader import ConfigError
 
 RESUMABLE_CHANGES = ("train.stop_after", "log.", "eval.", "checkpoint.")
+# May change on resume when the global batch (batch_size x grad_accum x processes) stays the same, e.g.
+# a 2-process checkpoint resumed on 1 process with twice the per-process batch.
+WORLD_SIZE_KEYS = ("train.batch_size", "train.grad_accum")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,6 +51,27 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+def check_global_batch(meta: dict[str, Any], cfg: RunConfig, num_processes: int) -> None:
+    """Refuse a resume that would change the rows per optimizer step (the data order depends on it)."""
+    if "num_processes" not in meta:
+        return
+    old = meta["batch_size"] * meta["grad_accum"] * meta["num_processes"]
+    new = cfg.train.batch_size * cfg.train.grad_accum * num_processes
+    if old != new:
+        per_process = old // (cfg.train.grad_accum * num_processes)
+        hint = (
+            f"; e.g. train.batch_size={per_process}"
+            if per_process * cfg.train.grad_accum * num_processes == old
+            else ""
+        )
+        raise ConfigError(
+            f"cannot resume: the checkpoint took {old} blocks per optimizer step (train.batch_size="
+            f"{meta['batch_size']} x train.grad_accum={meta['grad_accum']} x {meta['num_processes']} "
+            f"processes), this run would take {new} ({cfg.train.batch_size} x {cfg.train.grad_accum} x "
+            f"{num_processes}); keep the global batch the same{hint}"
+        )
+
+
 def prepare_run_dir(acc: Accelerator, cfg: RunConfig, resume: str | None, overwrite: bool) -> Path | None:
     """Check and create the run folder, write config.yaml; returns the checkpoint to resume from."""
     run_dir = cfg.run_dir
@@ -61,7 +85,8 @@ def prepare_run_dir(acc: Accelerator, cfg: RunConfig, resume: str | None, overwr
             acc.print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
         elif saved.is_file():
             diff = config_differences(yaml.safe_load(saved.read_text()), cfg.to_dict())
-            bad = [k for k in diff if not k.startswith(RESUMABLE_CHANGES)]
+            bad = [k for k in diff if not k.startswith(RESUMABLE_CHANGES) and k not in WORLD_SIZE_KEYS]
+            check_global_batch(ckpt.read_meta(start_from), cfg, acc.num_processes)
             if bad:
                 raise ConfigError(
                     f"cannot resume {run_dir}: the config differs from the saved config.yaml in {bad} "
@@ -72,6 +97,7 @@ def prepare_run_dir(acc: Accelerator, cfg: RunConfig, resume: str | None, overwr
             f"run folder {str(run_dir)!r} already holds a run: pass --resume auto to continue it, "
             "--overwrite to replace it, or choose another log.run_name"
         )
+    acc.wait_for_everyone()  # every process checks the folder before the main process writes into it
     if acc.is_main_process:
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)

@@ -231,7 +231,14 @@ class Trainer:
         self._log(metrics, images)
 
     def save_checkpoint(self) -> None:
-        meta = {"phase": self.phase, "upcycle_at_step": self.cfg.model.upcycle_at_step}
+        t = self.cfg.train
+        meta = {
+            "phase": self.phase,
+            "upcycle_at_step": self.cfg.model.upcycle_at_step,
+            "num_processes": self.accelerator.num_processes,
+            "batch_size": t.batch_size,
+            "grad_accum": t.grad_accum,
+        }
         ckpt.save_checkpoint(
             self.accelerator, self.run_dir / "checkpoints", self.state.step, meta, self.cfg.checkpoint.keep
         )
