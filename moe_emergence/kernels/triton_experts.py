@@ -176,9 +176,12 @@ def _wgrad_kernel(
             bias_acc += tl.sum(g.to(tl.float32), 0)
     dw_ptrs = dw_ptr + e.to(tl.int64) * s_dw_e + cm[:, None] * s_dw_m + cn[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(cm[:, None] < M) & (cn[None, :] < N))
-    if HAS_BIAS:
-        if pid_m == 0:
-            tl.store(db_ptr + e * s_db_e + cn, bias_acc.to(db_ptr.dtype.element_ty), mask=cn < N)
+    if HAS_BIAS:  # one program per column block stores the bias gradient
+        tl.store(
+            db_ptr + e * s_db_e + cn,
+            bias_acc.to(db_ptr.dtype.element_ty),
+            mask=(cn < N) & (cn * 0 + pid_m == 0),
+        )
 
 
 def _precision(dtype: torch.dtype) -> str:
