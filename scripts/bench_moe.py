@@ -128,6 +128,57 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
     return rows
 
 
+def check_autotuned() -> None:
+    """Autotuned Triton kernels at benchmark shapes, bf16, vs eager in float32 (relative errors)."""
+    gen = torch.Generator().manual_seed(2)
+    T, E = 8192, 8
+    for K in (1, 2):
+        idx, wts = routing(T, E, K, "zipf", gen)
+        base = [
+            torch.randn(T, D),
+            torch.randn(E, D, FF) * 0.02,
+            torch.randn(E, FF),
+            torch.randn(E, FF, D) * 0.02,
+        ]
+        base = [t.cuda() for t in base + [torch.randn(E, D)]]
+        gy = torch.randn(T, D, device="cuda")
+        res = []
+        for name, dt in (("eager", torch.float32), ("triton", torch.bfloat16)):
+            leaves = [t.to(dt).requires_grad_() for t in base] + [wts.clone().requires_grad_()]
+            y = get_backend(name, torch.device("cuda"))(*leaves[:5], idx, leaves[5], ACT)
+            res.append([y.float()] + [g.float() for g in torch.autograd.grad(y.float(), leaves, gy)])
+        errs = [((b - a).norm() / a.norm()).item() for a, b in zip(*res, strict=True)]
+        names = ["y", "x", "w1", "b1", "w2", "b2", "weights"]
+        print(
+            f"autotuned triton bf16 vs eager fp32, K={K}: "
+            + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs, strict=True))
+        )
+
+
+def profile_e2e() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = gpt2_small(dict(num_experts=8, top_k=1, layers=[8, 9, 10, 11], backend="triton"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, 50257, (8, 512), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print("\n## profile: e2e MoE top-1 triton training step x3 (B=8, L=512)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
 def profile_layer(iters: int = 5) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -226,8 +277,9 @@ def check_compile() -> dict:
     explain = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
     reasons = [str(b.reason) for b in explain.break_reasons]
     print(f"\n## torch.compile: {explain.graph_count} graphs, {explain.graph_break_count} graph breaks")
-    for r in reasons:
-        print("  break:", r.splitlines()[0][:300])
+    for b in explain.break_reasons:
+        where = b.user_stack[-1] if b.user_stack else "?"
+        print("  break:", str(b.reason).splitlines()[0][:200], "| at", str(where).replace("\n", " ")[:200])
     torch._dynamo.reset()
     ref = model(input_ids=ids, labels=ids).loss
     ref.backward()
@@ -238,6 +290,7 @@ def check_compile() -> dict:
     loss.backward()
     g = model.transformer.h[1].mlp.experts.w1_EDF.grad
     rel = ((g - g_ref).norm() / g_ref.norm()).item()
+    print(f"w1 grad norms: eager {g_ref.norm().item():.4e}, compiled {g.norm().item():.4e}")
     print(f"compiled loss {loss.item():.6f} vs eager {ref.item():.6f}; w1 grad rel err {rel:.2e}")
     return dict(
         graph_breaks=explain.graph_break_count, reasons=reasons, loss_diff=abs(loss.item() - ref.item())
@@ -260,8 +313,10 @@ def main() -> None:
     out = {}
     if not args.skip_layer:
         out["layer"] = bench_layer(args.quick, args.iters)
+    check_autotuned()
     if not args.skip_profile:
         profile_layer()
+        profile_e2e()
     if not args.skip_e2e:
         out["e2e"] = bench_e2e()
     if not args.skip_compile:

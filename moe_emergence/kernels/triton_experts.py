@@ -33,6 +33,8 @@ from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# MOE_TRITON_AUTOTUNE=0: one fixed config on the GPU too (tests: many small shapes, no tuning time)
+AUTOTUNE = os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
 
 EPI_NONE, EPI_GELU, EPI_GELU_BWD = 0, 1, 2
 
@@ -40,6 +42,8 @@ EPI_NONE, EPI_GELU, EPI_GELU_BWD = 0, 1, 2
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     if INTERPRET:
         shapes = [(16, 16, 16, 1, 1)]
+    elif not AUTOTUNE:
+        shapes = [(64, 64, 32, 4, 3)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes
@@ -161,9 +165,9 @@ def _wgrad_kernel(
         rows = r + rk
         rmask = rows < row_end
         x_rows = tl.load(x_idx_ptr + rows, mask=rmask, other=0) if GATHER else rows
-        xt = tl.load(
-            x_ptr + x_rows[None, :].to(tl.int64) * s_x_m + cm[:, None],
-            mask=rmask[None, :] & (cm[:, None] < M),
+        x = tl.load(  # [BLOCK_K rows, BLOCK_M cols]: coalesced along the columns, transposed for the dot
+            x_ptr + x_rows[:, None].to(tl.int64) * s_x_m + cm[None, :],
+            mask=rmask[:, None] & (cm[None, :] < M),
             other=0.0,
         )
         g = tl.load(
@@ -171,7 +175,7 @@ def _wgrad_kernel(
             mask=rmask[:, None] & (cn[None, :] < N),
             other=0.0,
         )
-        acc = tl.dot(xt, g, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(x), g, acc, input_precision=PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), 0)
     dw_ptrs = dw_ptr + e.to(tl.int64) * s_dw_e + cm[:, None] * s_dw_m + cn[None, :]
