@@ -68,8 +68,24 @@ def timed(fn, iters, warmup=3):
     return statistics.median(times)
 
 
-def measure(fwd, inputs, iters):
-    """(fwd ms, fwd+bwd ms, peak activation MiB of fwd+bwd)."""
+def graph_time(fn, iters):
+    """Median ms of replaying ``fn`` captured in a CUDA graph: device time without host launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    t = timed(graph.replay, iters)
+    del graph
+    return t
+
+
+def measure(fwd, inputs, iters, graph=False):
+    """(fwd ms, fwd+bwd ms, peak activation MiB of fwd+bwd, fwd+bwd ms as a CUDA graph or None)."""
     gy = torch.randn_like(fwd())
     t_f = timed(lambda: fwd(), iters)
 
@@ -82,7 +98,8 @@ def measure(fwd, inputs, iters):
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    return t_f, t_fb, (torch.cuda.max_memory_allocated() - base) / 2**20
+    mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return t_f, t_fb, mem, graph_time(step, iters) if graph else None
 
 
 def bench_layer(quick: bool, iters: int) -> list[dict]:
@@ -96,10 +113,10 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
             x = torch.randn(K * T, D, device="cuda", dtype=dt, requires_grad=True)
             w = [torch.randn(D, FF), torch.randn(FF) * 0.1, torch.randn(FF, D), torch.randn(D) * 0.1]
             w = [(t * (0.02 if t.dim() == 2 else 1)).to("cuda", dt).requires_grad_() for t in w]
-            f, fb, mem = measure(lambda x=x, w=w: dense_mlp(x, *w), [x, *w], iters)
-            dense = dict(K=K, T=T, fwd=f, fwdbwd=fb, mem=mem)
+            f, fb, mem, gr = measure(lambda x=x, w=w: dense_mlp(x, *w), [x, *w], iters, graph=True)
+            dense = dict(K=K, T=T, fwd=f, fwdbwd=fb, mem=mem, graph=gr)
             rows.append(dict(dense, E=0, routing="-", impl="dense(K*T)"))
-            print(f"dense K={K} T={T}: fwd {f:.3f} ms fwd+bwd {fb:.3f} ms mem {mem:.0f} MiB", flush=True)
+            print(f"dense K={K} T={T}: fwd {f:.3f} ms fwd+bwd {fb:.3f} ms (graph {gr:.3f}) mem {mem:.0f} MiB")
             for E in (8,) if quick else (4, 8, 16):
                 for kind in ("balanced", "zipf"):
                     idx, wts = routing(T, E, K, kind, gen)
@@ -114,15 +131,18 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
                         def fwd(fn=fn, x=x, p=p, idx=idx, wts=wts):
                             return fn(x, *p, idx, wts, ACT)
 
-                        f, fb, mem = measure(fwd, [x, *p, wts], iters)
-                        r = dict(K=K, T=T, E=E, routing=kind, impl=name, fwd=f, fwdbwd=fb, mem=mem)
+                        sync_free = name in ("grouped_mm", "triton")  # naive/eager sync: no graph
+                        f, fb, mem, gr = measure(fwd, [x, *p, wts], iters, graph=sync_free)
+                        r = dict(K=K, T=T, E=E, routing=kind, impl=name, fwd=f, fwdbwd=fb, mem=mem, graph=gr)
                         r |= dict(
                             fwd_x=f / dense["fwd"], fwdbwd_x=fb / dense["fwdbwd"], mem_x=mem / dense["mem"]
                         )
+                        r["graph_x"] = gr / dense["graph"] if gr is not None else None
                         rows.append(r)
+                        gtxt = f"graph {gr:7.3f} ({r['graph_x']:5.2f}x)" if gr is not None else "graph n/a"
                         print(
                             f"K={K} T={T} E={E} {kind:8s} {name:10s} fwd {f:7.3f} ({r['fwd_x']:5.2f}x) "
-                            f"fwd+bwd {fb:7.3f} ({r['fwdbwd_x']:5.2f}x) mem {mem:6.0f} MiB ({r['mem_x']:.2f}x)",
+                            f"fwd+bwd {fb:7.3f} ({r['fwdbwd_x']:5.2f}x) {gtxt} mem {mem:6.0f} MiB ({r['mem_x']:.2f}x)",
                             flush=True,
                         )
     return rows
@@ -325,19 +345,20 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     if "layer" in out:
-        print(
-            "\n| K | T | E | routing | impl | fwd ms | x dense | fwd+bwd ms | x dense | peak MiB | x dense |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        cols = ["fwd", "fwd_x", "fwdbwd", "fwdbwd_x", "graph", "graph_x", "mem", "mem_x"]
+        print("\n| K | T | E | routing | impl | fwd ms | x dense | fwd+bwd ms | x dense | graph fwd+bwd ms | x dense |"
+              " peak MiB | x dense |")  # fmt: skip
+        print("|---" * 13 + "|")
         for r in out["layer"]:
-            if r["impl"].startswith("dense"):
-                print(f"| {r['K']} | {r['T']} | - | - | dense on K*T | {r['fwd']:.3f} | 1 | {r['fwdbwd']:.3f} | 1 "
-                      f"| {r['mem']:.0f} | 1 |")  # fmt: skip
-            else:
-                print(
-                    f"| {r['K']} | {r['T']} | {r['E']} | {r['routing']} | {r['impl']} | {r['fwd']:.3f} | "
-                    f"{r['fwd_x']:.2f} | {r['fwdbwd']:.3f} | {r['fwdbwd_x']:.2f} | {r['mem']:.0f} | {r['mem_x']:.2f} |"
-                )
+            r = dict(r, fwd_x=r.get("fwd_x", 1), fwdbwd_x=r.get("fwdbwd_x", 1), mem_x=r.get("mem_x", 1))
+            r["graph_x"] = r.get("graph_x", 1 if r["graph"] is not None else None)
+            vals = ["-" if r[c] is None else f"{r[c]:.0f}" if c == "mem" else f"{r[c]:.3f}" if c in
+                    ("fwd", "fwdbwd", "graph") else f"{r[c]:.2f}" for c in cols]  # fmt: skip
+            print(
+                f"| {r['K']} | {r['T']} | {r['E'] or '-'} | {r['routing']} | {r['impl']} | "
+                + " | ".join(vals)
+                + " |"
+            )
 
 
 if __name__ == "__main__":
