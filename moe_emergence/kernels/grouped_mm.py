@@ -93,6 +93,9 @@ class _GroupedMMExperts(torch.autograd.Function):
         return dx_TD, dw1_EDF, db1_EF, dw2_EFD, db2_ED, dweights_TK, None, None
 
 
+# torch.compile runs this function eagerly (a graph break): traced through by dynamo, the Triton
+# Function gave zero weight gradients (torch 2.11, seen on the H100); see docs/benchmarks.md
+@torch.compiler.disable
 def grouped_mm_experts(
     x_TD: torch.Tensor,
     w1_EDF: torch.Tensor,

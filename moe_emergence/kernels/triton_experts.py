@@ -304,6 +304,9 @@ def is_supported(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+# torch.compile runs this function eagerly (a graph break): traced through by dynamo, the Triton
+# Function gave zero weight gradients (torch 2.11, seen on the H100); see docs/benchmarks.md
+@torch.compiler.disable
 def triton_experts(
     x_TD: torch.Tensor,
     w1_EDF: torch.Tensor,
