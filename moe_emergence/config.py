@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 INIT_METHODS = ("copy", "noise", "drop")
-BACKENDS = ("auto", "eager")
+BACKENDS = ("auto", "eager", "grouped_mm", "triton")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
