@@ -14,8 +14,9 @@ Padding tokens (``mask_T == 0``) take no capacity and are never dropped (their o
 the residual with zero MoE output). ``next_best``: ranks r = 0 .. E-1 are processed in turn; at rank r
 every token that still has free slots proposes its r-th preferred expert, which accepts proposals in
 token order while it has room. A token so gets its k highest-preferred experts that still had room
-when it asked, never the same expert twice. With capacity_factor >= 1 the total capacity E * C >= T * k,
-so next_best drops nothing unless experts are excluded (expert dropout).
+when it asked, never the same expert twice. An assignment is still dropped when every expert with room
+is one the token already holds (or one excluded by expert dropout); for k = 1 with capacity_factor >= 1
+(total capacity E * C >= T) nothing is dropped unless experts are excluded.
 
 Dropped assignments are still computed by the expert backends, with weight 0: the semantics are exact,
 the compute is not saved.
