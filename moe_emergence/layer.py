@@ -9,23 +9,37 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.pytorch_utils import Conv1D
 
 from moe_emergence.config import MoEConfig
 from moe_emergence.experts import ExpertBank
 from moe_emergence.routing import Router, RouterOutput
 
 
+class Affine(nn.Module):
+    """``x @ weight + bias`` with GPT-2's Conv1D layout (weight ``[in, out]``), zero-initialised.
+
+    Not a ``Conv1D`` / ``nn.Linear`` on purpose: transformers' ``_init_weights`` re-draws those after
+    the model's own init; the model inits these explicitly (``GPT2MoEForCausalLM.__init__``).
+    """
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
 class SharedExpert(nn.Module):
-    """One dense GPT-2 MLP (``c_fc``, ``c_proj`` Conv1D, same keys as ``GPT2MLP``), always on."""
+    """One dense GPT-2 MLP (``c_fc``, ``c_proj``; the same keys and layout as ``GPT2MLP``), always on."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
         super().__init__()
-        self.c_fc = Conv1D(d_ff, d_model)
-        self.c_proj = Conv1D(d_model, d_ff)
+        self.c_fc = Affine(d_model, d_ff)
+        self.c_proj = Affine(d_ff, d_model)
         self.act = ACT2FN[activation]
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -80,7 +94,7 @@ class MoEWrapper(nn.Module):
             self.shared_gate_kind = config.shared_expert_gate
             self.shared_expert_weight = float(config.shared_expert_weight)
             if self.shared_gate_kind == "learned":
-                self.shared_gate = nn.Linear(d_model, 1, dtype=torch.float32)
+                self.shared_gate = Affine(d_model, 1)  # weight [D, 1], bias [1], float32 maths
                 self.reset_shared_gate()
         self.dropout = nn.Dropout(dropout)
         self.last_router_output: RouterOutput | None = None
@@ -126,7 +140,7 @@ class MoEWrapper(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             if self.shared_gate_kind == "learned":
                 g_T1 = torch.sigmoid(
-                    F.linear(x_TD.float(), self.shared_gate.weight.float(), self.shared_gate.bias.float())
+                    x_TD.float() @ self.shared_gate.weight.float() + self.shared_gate.bias.float()
                 )
             else:
                 g_T1 = torch.full((1, 1), self.shared_expert_weight, device=x_TD.device)
