@@ -64,3 +64,27 @@ def test_variant_is_backend_agnostic(dense_model, input_ids, variant, monkeypatc
     assert grads_a.keys() == grads_b.keys() and any("router" in n for n in grads_a)
     for n in grads_a:
         assert torch.allclose(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:], ids=lambda v: ",".join(v))
+def test_variants_under_gradient_checkpointing_and_bf16_autocast(dense_model, input_ids, variant):
+    cfg = MoEConfig(num_experts=4, top_k=2, init="noise", noise_std=0.3, **variant)
+    mask = torch.ones_like(input_ids)
+    mask[0, 6:] = 0
+    base = upcycle(dense_model, cfg).train()
+    grads = []
+    for checkpointing in (False, True):
+        model = upcycle(dense_model, cfg).train()
+        model.load_state_dict(base.state_dict())
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(5)
+        model(input_ids, attention_mask=mask, labels=input_ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = base(input_ids, attention_mask=mask, labels=input_ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
