@@ -157,6 +157,23 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             out[i] = expert_counts(r.topk_indices, E, token_mask_T, assignment_mask_TK=kept_TK)
         return out
 
+    def variant_stats(self, token_mask_T: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Telemetry of the routing variants for the last forward, on-device float32 scalars (no sync):
+        ``router/layer{L}/dropped_frac`` (capacity: fraction of real assignments dropped),
+        ``router/layer{L}/unrouted_frac`` (expert choice: fraction of real tokens no expert took),
+        ``router/layer{L}/selection_bias_e{i}`` (aux-loss-free balancing). Empty with every variant off."""
+        out = {}
+        for i, r in self.router_outputs().items():
+            if r.dropped is not None:
+                out[f"router/layer{i}/dropped_frac"] = masked_mean(r.dropped.float().mean(-1), token_mask_T)
+            if r.unrouted is not None:
+                out[f"router/layer{i}/unrouted_frac"] = masked_mean(r.unrouted.float(), token_mask_T)
+            router = self.transformer.h[i].mlp.router
+            if router.bias_update_rate > 0:
+                for e, b in enumerate(router.selection_bias.detach().unbind()):
+                    out[f"router/layer{i}/selection_bias_e{e}"] = b
+        return out
+
     def update_selection_bias(self, counts_by_layer: dict[int, torch.Tensor]) -> None:
         """Aux-loss-free balancing: ``Router.update_selection_bias`` for each MoE block, with that block's
         per-expert load of the optimizer step (e.g. summed ``expert_load`` of its micro-batches)."""

@@ -180,3 +180,27 @@ def test_perturbed_variants_train_with_gradients(dense_model, input_ids, variant
     assert torch.isfinite(out.loss)
     assert moe.transformer.h[2].mlp.router.weight.grad.abs().sum() > 0
     assert moe.transformer.h[2].mlp.experts.w1_EDF.grad.abs().sum() > 0
+
+
+def test_variant_stats_for_telemetry(dense_model, input_ids):
+    mask = torch.ones_like(input_ids)
+    mask[1, 3:] = 0
+    m = mask.reshape(-1)
+    moe = upcycle(dense_model, MoEConfig(num_experts=4)).eval()
+    moe(input_ids, attention_mask=mask)
+    assert moe.variant_stats(m) == {}
+    cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, router_init_std=2.0, bias_update_rate=0.1)
+    moe = upcycle(dense_model, cfg).eval()
+    moe.update_selection_bias({i: torch.tensor([3.0, 1.0, 1.0, 1.0]) for i in moe.moe_layers()})
+    moe(input_ids, attention_mask=mask)
+    stats = moe.variant_stats(m)
+    r = moe.router_outputs()[2]
+    dropped = (r.dropped.float().mean(-1) * m).sum() / m.sum()
+    assert torch.equal(stats["router/layer2/dropped_frac"], dropped)
+    assert stats["router/layer2/selection_bias_e0"].item() == pytest.approx(-0.1)
+    ec = upcycle(dense_model, MoEConfig(num_experts=4, routing="expert_choice")).eval()
+    ec(input_ids, attention_mask=mask)
+    r = ec.router_outputs()[0]
+    assert torch.equal(
+        ec.variant_stats(m)["router/layer0/unrouted_frac"], (r.unrouted.float() * m).sum() / m.sum()
+    )
