@@ -25,7 +25,9 @@ class RouterOutput:
     """What one router forward produced (all float32 except the indices).
 
     topk_weights: ``[T, K]`` combine weights of the selected experts.
-    topk_indices: ``[T, K]`` selected experts (int64), ordered by decreasing probability.
+    topk_indices: ``[T, K]`` selected experts (int64), ordered by decreasing probability (by decreasing
+        biased score with a selection bias; in preference order of the final choice after random
+        routing or ``next_best`` overflow).
     router_probs: ``[T, E]`` softmax of the (noisy, in training) logits; the load-balance loss uses it.
     router_probs_clean: ``[T, E]`` softmax of the logits before noise.
     router_logits: ``[T, E]`` raw gate logits, before noise (the z-loss uses them).
@@ -118,6 +120,14 @@ class Router(nn.Module):
             raise ValueError(f"Router routing={routing!r} must be 'token_choice' or 'expert_choice'")
         if overflow not in ("drop", "next_best"):
             raise ValueError(f"Router overflow={overflow!r} must be 'drop' or 'next_best'")
+        if capacity_factor is not None and not capacity_factor >= 1.0:
+            raise ValueError(f"Router capacity_factor={capacity_factor!r} must be None or >= 1.0")
+        if not 0.0 <= random_routing_prob <= 1.0:
+            raise ValueError(f"Router random_routing_prob={random_routing_prob!r} must be in [0, 1]")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"Router expert_dropout={expert_dropout!r} must be in [0, 1)")
+        if not bias_update_rate >= 0:
+            raise ValueError(f"Router bias_update_rate={bias_update_rate!r} must be >= 0")
         self.routing = routing
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.overflow = overflow

@@ -188,3 +188,16 @@ def test_model_loss_uses_scheduled_coefficients(dense_model, input_ids):
     assert torch.allclose(out.loss, out.lm_loss + 0.0002 * out.z_loss)
     with pytest.raises(ValueError, match="z=-1"):
         moe.set_loss_coefs(z=-1)
+
+
+def test_router_refuses_bad_variant_arguments():
+    for kw, msg in [
+        (dict(capacity_factor=0.5), "capacity_factor=0.5"),
+        (dict(expert_dropout=1.0), r"expert_dropout=1.0 must be in \[0, 1\)"),
+        (dict(random_routing_prob=-0.1), "random_routing_prob=-0.1"),
+        (dict(bias_update_rate=-1.0), "bias_update_rate=-1.0"),
+        (dict(routing="hash"), "routing='hash'"),
+        (dict(overflow="spill"), "overflow='spill'"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            Router(4, 4, **kw)
