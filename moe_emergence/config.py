@@ -109,8 +109,8 @@ class MoEConfig:
     entropy_coef: float = 0.0
     random_routing_prob: float = 0.0
     expert_dropout: float = 0.0
-    lb_schedule: dict | None = None
-    z_schedule: dict | None = None
+    lb_schedule: dict[str, Any] | None = None
+    z_schedule: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -201,3 +201,19 @@ def test_router_refuses_bad_variant_arguments():
     ]:
         with pytest.raises(ValueError, match=msg):
             Router(4, 4, **kw)
+
+
+def test_variant_fields_load_through_the_typed_yaml_loader():
+    from moe_emergence.training.loader import ConfigError, build
+
+    data = {
+        "capacity_factor": 1.25,
+        "overflow": "next_best",
+        "shared_expert": True,
+        "lb_schedule": {"kind": "linear_warmup", "warmup_steps": 50},
+        "z_schedule": None,
+    }
+    cfg = build(MoEConfig, data)
+    assert cfg.capacity_factor == 1.25 and cfg.lb_schedule == {"kind": "linear_warmup", "warmup_steps": 50}
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        build(MoEConfig, {"lb_schedule": {"kind": "linear_warmup"}})
