@@ -254,15 +254,16 @@ class Router(nn.Module):
         if self.training and self.expert_dropout > 0:
             allowed_E = expert_dropout_keep(E, self.top_k, self.expert_dropout, probs_TE.device)
             sel_TE = sel_TE.masked_fill(~allowed_E, -math.inf)
-            kept_TE = probs_TE * allowed_E
-            wprobs_TE = kept_TE / kept_TE.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+            # = p * keep / sum(p * keep), computed stably (no 0/0 when the survivors' p underflow)
+            wprobs_TE = noisy_logits_TE.masked_fill(~allowed_E, -math.inf).softmax(dim=-1)
         indices_TK = sel_TE.topk(self.top_k, dim=-1).indices
         if self.training and self.random_routing_prob > 0:
             allowed = (
                 allowed_E if allowed_E is not None else torch.ones(E, dtype=torch.bool, device=sel_TE.device)
             )
             indices_TK = random_reroute(indices_TK, self.random_routing_prob, allowed)
-        weights_TK = self._combine_weights(wprobs_TE.gather(1, indices_TK))
+        # eps: with a bias (or random routing) every selected p may underflow to 0 -> weights 0, not NaN
+        weights_TK = self._combine_weights(wprobs_TE.gather(1, indices_TK), eps=1e-30)
         return weights_TK, indices_TK, sel_TE, wprobs_TE, allowed_E
 
     def _apply_capacity(self, weights_TK, indices_TK, sel_TE, wprobs_TE, allowed_E, mask_T) -> tuple:

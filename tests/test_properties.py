@@ -77,15 +77,26 @@ def test_losses_finite_and_bounded(case, dtype, mask_kind):
     cf=st.sampled_from([1.0, 1.3, 2.0]),
     masked=st.booleans(),
     dropout=st.sampled_from([0.0, 0.5]),
+    bias=st.booleans(),
 )
-def test_capacity_invariants(case, overflow, cf, masked, dropout):
+def test_capacity_invariants(case, overflow, cf, masked, dropout, bias):
     """Per expert at most C real assignments; no expert twice per token; dropped weights are 0;
     padding never dropped; k=1 next_best without expert dropout drops nothing."""
     E, k, T, D, scale, seed = case
     g = torch.Generator().manual_seed(seed)
-    r = Router(D, E, top_k=k, capacity_factor=cf, overflow=overflow, expert_dropout=dropout).train()
+    r = Router(
+        D,
+        E,
+        top_k=k,
+        capacity_factor=cf,
+        overflow=overflow,
+        expert_dropout=dropout,
+        bias_update_rate=float(bias),
+    ).train()
     with torch.no_grad():
         r.weight.copy_(torch.randn(E, D, generator=g) * scale)
+        if bias:
+            r.selection_bias.copy_(torch.randn(E, generator=g) * scale)
     mask = torch.randint(0, 2, (T,), generator=g) if masked else torch.ones(T, dtype=torch.long)
     torch.manual_seed(seed)
     out = r(torch.randn(T, D, generator=g), mask if masked else None)
