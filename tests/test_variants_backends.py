@@ -88,3 +88,35 @@ def test_variants_under_gradient_checkpointing_and_bf16_autocast(dense_model, in
         out = base(input_ids, attention_mask=mask, labels=input_ids)
     assert torch.isfinite(out.loss)
     out.loss.backward()
+
+
+def _cpu_fast_backends() -> list[str]:
+    try:
+        from moe_emergence import kernels
+    except ImportError:  # the fast backends (moe_emergence.kernels) are not on this branch yet
+        return []
+    return kernels.available_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", _cpu_fast_backends() or [pytest.param("none", marks=pytest.mark.skip)])
+def test_every_variant_with_every_cpu_backend_matches_eager(dense_model, input_ids, backend):
+    mask = torch.ones_like(input_ids)
+    mask[2, 5:] = 0
+    for variant in VARIANTS:
+        kw = dict(num_experts=4, top_k=2, straight_through=False, init="noise", init_noise_std=0.5, **variant)
+        ref = upcycle(dense_model, MoEConfig(**kw)).train()
+        fast = upcycle(dense_model, MoEConfig(**kw, backend=backend)).train()
+        fast.load_state_dict(ref.state_dict())
+        outs = []
+        for model in (ref, fast):
+            torch.manual_seed(3)
+            out = model(input_ids, attention_mask=mask, labels=input_ids)
+            out.loss.backward()
+            outs.append(
+                (out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+            )
+        (la, ga), (lb, gb) = outs
+        assert torch.allclose(la, lb, atol=1e-5), (backend, variant)
+        assert ga.keys() == gb.keys()
+        for n in ga:
+            assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4), (backend, variant, n)
