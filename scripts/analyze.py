@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_blocks < 0 or args.bootstrap < 0 or args.batch_size < 1:
         p.error("--max-blocks and --bootstrap must be >= 0, --batch-size >= 1")
 
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:  # fail fast, before the heavy imports
+        print(f"analyze.py: error: run folder {missing[0]!r} does not exist or is not a folder", file=sys.stderr)
+        return 2
+
     from moe_emergence.analysis import analyze_runs
 
     try:

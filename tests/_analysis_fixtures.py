@@ -7,6 +7,7 @@ The model is a tiny GPT-2 trained for a few steps on the corpus (so routing is n
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -129,3 +130,17 @@ def make_run(
     )
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run
+
+
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """``{"moe": top-2 MoE run, "dense": dense control}``, built once per test session (shared by the
+    analysis test modules through a folder under the session's base temp dir)."""
+    root = tmp_path_factory.getbasetemp() / "analysis-runs"
+    runs = {"moe": root / "moe", "dense": root / "dense"}
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        make_run(root, "moe", moe=True, top_k=2)
+        make_run(root, "dense", moe=False)
+        (root / "done").write_text("ok")
+    return runs
