@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     missing = [r for r in args.runs if not Path(r).is_dir()]
     if missing:  # fail fast, before the heavy imports
-        print(f"analyze.py: error: run folder {missing[0]!r} does not exist or is not a folder", file=sys.stderr)
+        print(
+            f"analyze.py: error: run folder {missing[0]!r} does not exist or is not a folder", file=sys.stderr
+        )
         return 2
 
     from moe_emergence.analysis import analyze_runs

@@ -26,7 +26,11 @@ def _script():
 def report(tmp_path_factory):
     runs = tiny_runs(tmp_path_factory)
     out = tmp_path_factory.mktemp("report") / "rep"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     cmd = [sys.executable, str(ROOT / "scripts" / "analyze.py"), str(runs["moe"]), str(runs["dense"])]
     cmd += ["--out", str(out), "--max-blocks", "12", "--bootstrap", "100", "--seed", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -41,7 +45,11 @@ def test_script_writes_every_file(report):
     images = [line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
     expected = {"loss_by_domain.png", "nmi_per_layer.png", "moe/training_router.png", "moe/collapse.png"}
     for L in (0, 1):
-        expected |= {f"moe/domain_expert_layer{L}.png", f"moe/token_types_layer{L}.png", f"moe/ablation_layer{L}.png"}
+        expected |= {
+            f"moe/domain_expert_layer{L}.png",
+            f"moe/token_types_layer{L}.png",
+            f"moe/ablation_layer{L}.png",
+        }
     expected |= {f"moe/example_{d}.png" for d in ("code", "math", "prose")}
     assert expected <= set(images)
     for img in images:
@@ -57,7 +65,11 @@ def test_metrics_json_numbers(report):
     m = json.loads((out / "metrics.json").read_text())
     assert m["eval_set"]["blocks"] == 12 and m["bootstrap"]["n_boot"] == 100
     moe, dense = m["runs"]["moe"], m["runs"]["dense"]
-    assert dense["is_moe"] is False and "layers" not in dense and set(dense["loss"]) == {"code", "math", "prose", "all"}
+    assert (
+        dense["is_moe"] is False
+        and "layers" not in dense
+        and set(dense["loss"]) == {"code", "math", "prose", "all"}
+    )
     for run in (moe, dense):
         for c in run["loss"].values():
             assert c["ci_low"] <= c["value"] <= c["ci_high"] and 0 < c["value"] < 10
@@ -110,14 +122,23 @@ def test_errors_are_clear_without_traceback(tmp_path, tiny_runs_paths, capsys):
     cfg = yaml.safe_load((diff / "config.yaml").read_text())
     cfg["data"]["seq_len"] = 16
     (diff / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert main([str(tiny_runs_paths["dense"]), str(diff), "--out", str(tmp_path / "o2"), "--max-blocks", "3"]) == 2
+    assert (
+        main([str(tiny_runs_paths["dense"]), str(diff), "--out", str(tmp_path / "o2"), "--max-blocks", "3"])
+        == 2
+    )
     assert "different eval blocks" in capsys.readouterr().err
 
 
 def test_missing_folder_subprocess_has_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "analyze.py"), str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "analyze.py"),
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
         capture_output=True,
         text=True,
         env=env,
