@@ -151,6 +151,17 @@ def _ablation_line(per_e: list[dict], domains: list[str]) -> str:
     return f"Largest loss increase: removing expert {best[0]} costs {_ci(c, '+.4f')} nats on {best[1]}."
 
 
+def _docs_line(docs: dict[str, int]) -> str:
+    line = "Documents per domain: " + ", ".join(f"{d} {n}" for d, n in docs.items()) + "."
+    few = [d for d, n in docs.items() if n < 10]
+    if few:
+        line += (
+            f" Fewer than 10 documents in {', '.join(few)}: bootstrap CIs there understate the uncertainty "
+            "(one document gives no spread at all); use more eval blocks."
+        )
+    return line
+
+
 def write_report(out: Path, result: dict, analyses) -> None:
     """report.md: eval set, loss comparison, then per run each figure with one line computed from metrics."""
     ev = result["eval_set"]
@@ -161,6 +172,8 @@ def write_report(out: Path, result: dict, analyses) -> None:
         f"Eval set: {ev['blocks']} blocks of {ev['seq_len']} tokens (fingerprint `{ev['fingerprint']}`), domains "
         f"{', '.join(domains)}; the same blocks for every run. CIs: 95% percentile bootstrap over documents "
         f"({result['bootstrap']['n_boot']} replicates, seed {result['bootstrap']['seed']}). All numbers: `metrics.json`.",
+        "",
+        _docs_line(analyses[0].metrics["documents"]),
         "",
         "## Eval loss per domain",
         "",
