@@ -1,0 +1,230 @@
+"""Routing and evaluation statistics: one formula per function, and device-side accumulators.
+
+Shapes: T tokens, E experts, K experts per token, D domains, N flattened parameters of one expert.
+Every formula uses natural logarithms (nats) and treats 0 * log 0 as 0.
+
+Accumulators keep running sums on the model's device; ``add`` never synchronises with the host, so
+they can be fed every micro-batch. ``metrics`` moves the sums to the host once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moe_emergence.routing import RouterOutput
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def fractions(counts_E: torch.Tensor) -> torch.Tensor:
+    """f_i = c_i / sum_j c_j: share of the routing assignments that went to expert i (0 if none)."""
+    counts_E = counts_E.double()
+    return counts_E / counts_E.sum().clamp_min(1e-300)
+
+
+def entropy(p_E: torch.Tensor) -> float:
+    """H(p) = -sum_i p_i ln p_i (nats) of a probability vector."""
+    p_E = p_E.double()
+    return float(-(p_E * torch.log(p_E.clamp_min(1e-300))).sum())
+
+
+def coefficient_of_variation(f_E: torch.Tensor) -> float:
+    """cv = std(f) / mean(f) with the population std; 0 for perfectly balanced routing,
+    sqrt(E - 1) when one expert takes everything."""
+    f_E = f_E.double()
+    mean = f_E.mean()
+    return float(f_E.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+def mutual_information(joint_counts_DE: torch.Tensor) -> float:
+    """I(domain; expert) = sum_{d,e} p(d,e) ln[p(d,e) / (p(d) p(e))] in nats, from a count table."""
+    c = joint_counts_DE.double()
+    total = c.sum()
+    if total <= 0:
+        return 0.0
+    p_de = c / total
+    p_d = p_de.sum(1, keepdim=True)
+    p_e = p_de.sum(0, keepdim=True)
+    ratio = p_de / (p_d * p_e).clamp_min(1e-300)
+    return float(torch.where(p_de > 0, p_de * torch.log(ratio.clamp_min(1e-300)), 0.0).sum())
+
+
+def normalized_mutual_information(joint_counts_DE: torch.Tensor) -> float:
+    """NMI = I(domain; expert) / H(domain), in [0, 1]; 0 when there is a single domain."""
+    h_d = entropy(fractions(joint_counts_DE.double().sum(1)))
+    return mutual_information(joint_counts_DE) / h_d if h_d > 0 else 0.0
+
+
+def expert_divergence(weights_EN: torch.Tensor) -> float:
+    """Mean over expert pairs i < j of the cosine distance 1 - cos(w_i, w_j) between flattened expert
+    weights; 0 for identical copies (right after ``init: copy`` upcycling), 0 for a single expert."""
+    E = weights_EN.shape[0]
+    if E < 2:
+        return 0.0
+    w = torch.nn.functional.normalize(weights_EN.double(), dim=1)
+    cos_EE = w @ w.T
+    i, j = torch.triu_indices(E, E, offset=1)
+    return float((1.0 - cos_EE[i, j]).mean())
+
+
+def flat_expert_weights(experts: torch.nn.Module) -> torch.Tensor:
+    """``[E, N]``: every parameter of each expert (w1, b1, w2, b2) flattened and concatenated."""
+    E = experts.w1_EDF.shape[0]
+    parts = [experts.w1_EDF, experts.b1_EF, experts.w2_EFD, experts.b2_ED]
+    return torch.cat([p.detach().reshape(E, -1).float() for p in parts], dim=1)
+
+
+# ----------------------------------------------------------------------------- accumulators
+
+
+class RoutingStats:
+    """Routing sums of one MoE layer over any number of micro-batches (and, after ``all_reduce``,
+    processes). Layout of the flat buffer: ``counts_E | prob_sum_E | joint_DE | entropy_sum | tokens``.
+
+    counts_E: routing assignments per expert (all k of every real token).
+    prob_sum_E: sum over real tokens of the clean router probabilities.
+    joint_DE: top-1 expert of real tokens per domain (tokens with domain id < 0 are left out).
+    entropy_sum: sum over real tokens of the per-token entropy of the clean probabilities.
+    tokens: number of real tokens.
+    """
+
+    def __init__(self, num_experts: int, num_domains: int, device: torch.device | str) -> None:
+        self.E, self.D = num_experts, max(num_domains, 1)
+        self.buf = torch.zeros(2 * self.E + self.D * self.E + 2, dtype=torch.float64, device=device)
+
+    def add(self, r: RouterOutput, mask_T: torch.Tensor, domain_T: torch.Tensor | None = None) -> None:
+        """Add one micro-batch (no host sync). ``mask_T`` 1 for real tokens; ``domain_T`` domain ids."""
+        E, D = self.E, self.D
+        w_T = mask_T.reshape(-1).to(self.buf.device, torch.float64)
+        idx_TK = r.topk_indices.detach()
+        K = idx_TK.shape[1]
+        counts_E = torch.zeros(E, dtype=torch.float64, device=self.buf.device)
+        counts_E.index_add_(0, idx_TK.reshape(-1), w_T.repeat_interleave(K))
+        probs_TE = r.router_probs_clean.detach().double()
+        if domain_T is None:
+            domain_T = torch.zeros_like(w_T, dtype=torch.long)
+        domain_T = domain_T.reshape(-1).to(self.buf.device)
+        valid_T = w_T * (domain_T >= 0)
+        joint = torch.zeros(D * E, dtype=torch.float64, device=self.buf.device)
+        joint.index_add_(0, domain_T.clamp_min(0) * E + idx_TK[:, 0], valid_T)
+        self.buf += torch.cat(
+            [
+                counts_E,
+                (probs_TE * w_T[:, None]).sum(0),
+                joint,
+                (r.entropy.detach().double() * w_T).sum()[None],
+                w_T.sum()[None],
+            ]
+        )
+
+    def reset(self) -> None:
+        self.buf.zero_()
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        return self.buf[: self.E]
+
+    @property
+    def joint_DE(self) -> torch.Tensor:
+        return self.buf[2 * self.E : 2 * self.E + self.D * self.E].reshape(self.D, self.E)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """``{prefix}/expert{i}_frac, entropy, marginal_entropy, max_frac, cv, dead_experts, domain_mi,
+        domain_nmi`` from the sums (one host transfer)."""
+        buf = self.buf.cpu()
+        E, D = self.E, self.D
+        counts_E, prob_sum_E = buf[:E], buf[E : 2 * E]
+        joint_DE = buf[2 * E : 2 * E + D * E].reshape(D, E)
+        entropy_sum, tokens = float(buf[-2]), float(buf[-1])
+        f_E = fractions(counts_E)
+        out = {f"{prefix}/expert{i}_frac": float(f_E[i]) for i in range(E)}
+        out[f"{prefix}/entropy"] = entropy_sum / tokens if tokens > 0 else 0.0
+        out[f"{prefix}/marginal_entropy"] = entropy(prob_sum_E / tokens) if tokens > 0 else 0.0
+        out[f"{prefix}/max_frac"] = float(f_E.max())
+        out[f"{prefix}/cv"] = coefficient_of_variation(f_E)
+        out[f"{prefix}/dead_experts"] = float((counts_E == 0).sum())
+        out[f"{prefix}/domain_mi"] = mutual_information(joint_DE)
+        out[f"{prefix}/domain_nmi"] = normalized_mutual_information(joint_DE)
+        return out
+
+
+class LayerRoutingStats:
+    """``RoutingStats`` for every MoE layer: ``{block index: RoutingStats}`` plus one all-reduce."""
+
+    def __init__(self, layers: list[int], num_experts: int, num_domains: int, device) -> None:
+        self.layers = {i: RoutingStats(num_experts, num_domains, device) for i in layers}
+
+    def add(self, router_outputs: dict[int, RouterOutput], mask_T, domain_T=None) -> None:
+        for i, r in router_outputs.items():
+            self.layers[i].add(r, mask_T, domain_T)
+
+    def all_reduce(self, reduce_fn) -> None:
+        """Sum the buffers across processes with ``reduce_fn(tensor) -> summed tensor`` (one call)."""
+        if not self.layers:
+            return
+        flat = reduce_fn(torch.cat([s.buf for s in self.layers.values()]))
+        for s, part in zip(
+            self.layers.values(), flat.split([s.buf.numel() for s in self.layers.values()]), strict=True
+        ):
+            s.buf.copy_(part)
+
+    def reset(self) -> None:
+        for s in self.layers.values():
+            s.reset()
+
+    def metrics(self, prefix: str = "router") -> dict[str, float]:
+        out = {}
+        for i, s in self.layers.items():
+            out.update(s.metrics(f"{prefix}/layer{i}"))
+        return out
+
+    def joint_counts(self) -> dict[int, torch.Tensor]:
+        """``{layer: [D, E] top-1 counts}`` on the host (for heatmaps)."""
+        return {i: s.joint_DE.cpu().clone() for i, s in self.layers.items()}
+
+
+class DomainLossStats:
+    """Token-weighted next-token loss per domain: sums of per-token cross entropy and token counts."""
+
+    def __init__(self, num_domains: int, device) -> None:
+        self.D = num_domains
+        self.buf = torch.zeros(2 * num_domains, dtype=torch.float64, device=device)
+
+    def add(self, token_loss_T: torch.Tensor, domain_T: torch.Tensor, mask_T: torch.Tensor) -> None:
+        """``token_loss_T`` cross entropy of each predicted token, ``domain_T`` its domain id,
+        ``mask_T`` 1 where the token counts (no host sync)."""
+        w_T = (mask_T.reshape(-1) > 0) & (domain_T.reshape(-1) >= 0)
+        d_T = domain_T.reshape(-1).clamp_min(0)
+        loss_T = torch.where(w_T, token_loss_T.reshape(-1).double(), 0.0)
+        self.buf[: self.D].index_add_(0, d_T, loss_T)
+        self.buf[self.D :].index_add_(0, d_T, w_T.double())
+
+    def metrics(self, domains: list[str], prefix: str = "eval") -> dict[str, float]:
+        """``{prefix}/lm_loss`` (all tokens) and ``{prefix}/loss_{domain}``, ``{prefix}/ppl_{domain}``."""
+        buf = self.buf.cpu()
+        loss_D, n_D = buf[: self.D], buf[self.D :]
+        out = {f"{prefix}/lm_loss": float(loss_D.sum() / n_D.sum().clamp_min(1))}
+        for d, name in enumerate(domains):
+            if n_D[d] > 0:
+                mean = float(loss_D[d] / n_D[d])
+                out[f"{prefix}/loss_{name}"] = mean
+                out[f"{prefix}/ppl_{name}"] = math.exp(min(mean, 80.0))
+        return out
+
+
+def routing_metrics(
+    micro_batches: list[tuple[dict[int, RouterOutput], torch.Tensor, torch.Tensor | None]],
+    num_experts: int,
+    num_domains: int,
+    prefix: str = "router",
+) -> dict[str, float]:
+    """Flat routing metrics over ALL micro-batches of one step: each item is
+    ``(router_outputs {layer: RouterOutput}, mask_T, domain_T)``."""
+    layers = sorted({i for outs, _, _ in micro_batches for i in outs})
+    device = next(iter(micro_batches[0][0].values())).topk_indices.device if layers else "cpu"
+    stats = LayerRoutingStats(layers, num_experts, num_domains, device)
+    for outs, mask_T, domain_T in micro_batches:
+        stats.add(outs, mask_T, domain_T)
+    return stats.metrics(prefix)

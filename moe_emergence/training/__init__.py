@@ -1,0 +1,1 @@
+"""Training: typed run config, the accelerate loop, optimizer groups, schedules and checkpoints."""

@@ -1,0 +1,240 @@
+"""Typed run configuration: one dataclass per component, loaded from YAML with dotted overrides.
+
+``load_config(path, overrides)`` reads a YAML file (with ``base:`` inheritance, see ``loader``), applies
+``key=value`` overrides and builds a ``RunConfig``; every dataclass validates its own values in
+``__post_init__`` and raises ``ValueError`` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from moe_emergence.config import MoEConfig
+from moe_emergence.data import DataConfig
+from moe_emergence.training.loader import ConfigError, apply_overrides, build, read_yaml, to_dict
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model is trained.
+
+    base: ``"tiny"`` (a small GPT-2 built from the ``tiny_*`` sizes, tokenizer trained by the data
+        pipeline), a hub id (e.g. ``"gpt2"``) or a local checkpoint folder (tokenizer from it).
+    upcycle_at_step: optimizer steps of dense training before ``upcycle(model, moe)`` (0 = MoE from
+        the first step). Ignored when ``moe`` is null.
+    moe: the MoE layers' options, or null for the dense control (no upcycling at all).
+    """
+
+    base: str = "tiny"
+    tiny_n_layer: int = 2
+    tiny_n_embd: int = 64
+    tiny_n_head: int = 2
+    tiny_n_positions: int = 256
+    dropout: float = 0.0
+    upcycle_at_step: int = 0
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("tiny_n_layer", "tiny_n_embd", "tiny_n_head", "tiny_n_positions"):
+            _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
+        _check(
+            self.tiny_n_embd % self.tiny_n_head == 0,
+            "model.tiny_n_embd",
+            self.tiny_n_embd,
+            f"a multiple of tiny_n_head={self.tiny_n_head}",
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+        _check(self.upcycle_at_step >= 0, "model.upcycle_at_step", self.upcycle_at_step, "an integer >= 0")
+        _check(bool(self.base), "model.base", self.base, '"tiny", a hub id or a checkpoint folder')
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with three parameter groups (decayed weights, no-decay biases/LayerNorms, routers) and a
+    linear-warmup cosine schedule down to ``min_lr_ratio * lr``; the router group follows the same
+    shape from ``router_lr`` (null = ``lr``) and never decays."""
+
+    lr: float = 3e-4
+    router_lr: float | None = None
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        _check(self.router_lr is None or self.router_lr > 0, "optim.router_lr", self.router_lr, "> 0 or null")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+        )
+        _check(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0 or null")
+
+
+@dataclass
+class TrainConfig:
+    """The loop. ``batch_size`` is per process and micro-batch: one optimizer step sees
+    ``batch_size * grad_accum * num_processes`` blocks.
+
+    balance_scope: ``micro`` computes the load-balance fractions f_i per micro-batch and process;
+        ``global`` all-reduces them across data-parallel processes before the dot product with P_i.
+    mixed_precision: ``auto`` = bf16 on a GPU that supports it, else no.
+    cpu: force the CPU even when a GPU is present.
+    stop_after: end this invocation (with a checkpoint) after this many optimizer steps without changing
+        the schedule, which still runs to ``steps``; continue with ``--resume auto`` (time-sliced jobs).
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    balance_scope: Literal["micro", "global"] = "micro"
+    cpu: bool = False
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+        _check(
+            self.stop_after is None or self.stop_after >= 1,
+            "train.stop_after",
+            self.stop_after,
+            ">= 1 or null",
+        )
+
+
+@dataclass
+class CollapseConfig:
+    """Collapse guard: one expert above ``max_frac`` of a layer's tokens for ``patience`` consecutive
+    router checks (every ``log.router_every`` steps) -> warn, or save a checkpoint and stop."""
+
+    max_frac: float = 0.9
+    patience: int = 5
+    action: Literal["warn", "stop"] = "warn"
+
+    def __post_init__(self) -> None:
+        _check(0 < self.max_frac <= 1, "collapse.max_frac", self.max_frac, "a number in (0, 1]")
+        _check(self.patience >= 1, "collapse.patience", self.patience, "an integer >= 1")
+
+
+@dataclass
+class LogConfig:
+    """Logging. ``wandb: auto`` = online when an API key is configured, else offline (``WANDB_MODE`` in
+    the environment wins); ``disabled`` never imports wandb. ``run_name`` null = the config file's stem."""
+
+    every: int = 10
+    router_every: int = 10
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "moe-emergence"
+    run_name: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "log.every", self.every, "an integer >= 1")
+        _check(self.router_every >= 1, "log.router_every", self.router_every, "an integer >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation at step 0, every ``every`` steps (0 = only at 0 and the end) and at the end."""
+
+    every: int = 50
+    max_batches: int = 20
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "eval.every", self.every, "an integer >= 0")
+        _check(self.max_batches >= 1, "eval.max_batches", self.max_batches, "an integer >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """``accelerator.save_state`` every ``every`` steps (0 = only at the end); keep the last ``keep``."""
+
+    every: int = 50
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", self.every, "an integer >= 0")
+        _check(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+
+
+@dataclass
+class RunConfig:
+    """One training run; its folder is ``output_dir / log.run_name``."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs"
+
+    @property
+    def run_dir(self) -> Path:
+        if self.log.run_name is None:
+            raise ValueError("log.run_name is not set")
+        return Path(self.output_dir) / self.log.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """``RunConfig`` from a YAML file (default ``configs/quickstart.yaml``) plus ``key=value`` overrides.
+
+    ``log.run_name`` defaults to the file's stem. Raises ``ConfigError`` (a ``ValueError``) naming the
+    offending dotted key.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    cfg = build(RunConfig, data)
+    if cfg.log.run_name is None:
+        cfg.log.run_name = path.stem
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """``RunConfig`` from a mapping (e.g. a saved ``config.yaml``) plus overrides."""
+    return build(RunConfig, apply_overrides(data, list(overrides or [])))
+
+
+__all__ = [
+    "CheckpointConfig",
+    "CollapseConfig",
+    "ConfigError",
+    "EvalConfig",
+    "LogConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+]

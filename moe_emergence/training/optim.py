@@ -1,0 +1,67 @@
+"""AdamW parameter groups and the learning-rate schedule.
+
+Groups: ``decay`` (matrices), ``no_decay`` (biases, LayerNorm weights, any 1-d parameter) and
+``router`` (router gates: own learning rate ``optim.router_lr``, never decayed). Expert weights are
+3-d stacked matrices and decay like the dense MLP they came from; expert biases ``b1_EF``/``b2_ED`` are
+2-d but are biases, so they are matched by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe_emergence.training.config import OptimConfig
+
+EXPERT_BIASES = ("b1_EF", "b2_ED")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Three AdamW groups (see module docstring); each carries ``base_lr`` for the schedule."""
+    router, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".router." in name:
+            router.append(p)
+        elif p.ndim < 2 or name.endswith(EXPERT_BIASES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    router_lr = cfg.router_lr if cfg.router_lr is not None else cfg.lr
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
+        {"name": "router", "params": router, "weight_decay": 0.0, "base_lr": router_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; learning rates are set every step by ``set_lr``."""
+    groups = param_groups(model, cfg)
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup then cosine decay: ``(step + 1) / warmup`` for the first ``warmup`` steps, then
+    ``min + (1 - min) * (1 + cos(pi * progress)) / 2`` with progress going 0 -> 1 over the rest.
+    ``step`` counts optimizer steps from 0 (the step about to be taken)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> dict[str, float]:
+    """Set every group's lr to ``base_lr * multiplier``; returns ``{group name: lr}``."""
+    out = {}
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * multiplier
+        out[g["name"]] = g["lr"]
+    return out

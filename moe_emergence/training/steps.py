@@ -1,0 +1,86 @@
+"""One optimizer step's loss terms, and evaluation.
+
+Shapes: B blocks, L sequence length, T = B * L tokens, E experts, V vocabulary.
+
+Loss of one optimizer step over G micro-batches and P processes (what the gradient is taken of):
+    lm = sum over all predicted tokens of the step of CE / number of those tokens (token-weighted, so
+         G x B, 1 x G*B and P processes x B give the same value),
+    z  = the same token weighting of the per-token router z-loss, mean over MoE layers,
+    lb = mean over micro-batches (and processes) of the Switch loss E * sum_i f_i P_i, mean over layers;
+         ``balance_scope: global`` all-reduces the counts behind f_i across processes first,
+    loss = lm + lb_coef * lb + z_coef * z.
+``accelerator.backward`` divides by G and DDP averages over P, so micro-batch terms are scaled by G * P.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_emergence.losses import expert_counts, load_balance_loss, z_loss
+from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats
+
+
+def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[predicted tokens (labels[:, 1:] != -100), real input tokens (attention_mask)] as float64 ``[2]``."""
+    return torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).double()
+
+
+def aux_losses(
+    router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balance, z) means over MoE layers. ``global_counts_fn(counts_LE) -> summed counts_LE``
+    (an all-reduce) makes f_i global across processes; None keeps it per micro-batch."""
+    layers = list(router_outputs.values())
+    fractions_LE = [None] * len(layers)
+    if global_counts_fn is not None:
+        counts_LE = torch.stack([expert_counts(r.topk_indices, num_experts, mask_T) for r in layers])
+        counts_LE = global_counts_fn(counts_LE)
+        fractions_LE = list(counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1.0))
+    lb = [
+        load_balance_loss(r.router_probs, r.topk_indices, num_experts, mask_T, fractions_E=f)
+        for r, f in zip(layers, fractions_LE, strict=True)
+    ]
+    z = [z_loss(r.router_logits, mask_T) for r in layers]
+    return torch.stack(lb).mean(), torch.stack(z).mean()
+
+
+def token_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token CE ``[B * (L - 1)]`` in float32 (0 where the label is -100)."""
+    V = logits_BLV.shape[-1]
+    return F.cross_entropy(
+        logits_BLV[:, :-1].reshape(-1, V).float(),
+        labels_BL[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
+
+
+@torch.no_grad()
+def evaluate(model, unwrapped, batches, domains: list[str], moe: bool, reduce_fn) -> tuple[dict, dict]:
+    """Eval metrics over ``batches`` (this process's share): ``eval/lm_loss``, ``eval/loss_{domain}``,
+    ``eval/ppl_{domain}`` and, for MoE models, ``eval_router/...``. Returns (metrics, joint counts)."""
+    was_training = model.training
+    model.eval()
+    device = next(unwrapped.parameters()).device
+    losses = DomainLossStats(len(domains), device)
+    routing = None
+    if moe:
+        E = unwrapped.config.moe["num_experts"]
+        routing = LayerRoutingStats(unwrapped.config.moe_layers, E, len(domains), device)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ce_T = token_cross_entropy(out.logits, batch["labels"])
+        losses.add(ce_T, batch["domain_ids"][:, 1:], batch["labels"][:, 1:] != -100)
+        if routing is not None:
+            routing.add(unwrapped.router_outputs(), batch["attention_mask"].reshape(-1), batch["domain_ids"])
+    losses.buf.copy_(reduce_fn(losses.buf))
+    metrics = losses.metrics(domains, "eval")
+    joint = {}
+    if routing is not None:
+        routing.all_reduce(reduce_fn)
+        metrics.update(routing.metrics("eval_router"))
+        joint = routing.joint_counts()
+    model.train(was_training)
+    return metrics, joint

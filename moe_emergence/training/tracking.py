@@ -1,0 +1,61 @@
+"""wandb through accelerate: mode resolution, run id kept in the run folder for resumes, heatmaps.
+
+``log.wandb: disabled`` never imports wandb. Only the main process talks to wandb (accelerate's rule).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from moe_emergence.telemetry.sinks import heatmap_images, resolve_wandb_mode
+from moe_emergence.training.config import RunConfig
+
+
+class Tracking:
+    """Resolve the wandb mode before the ``Accelerator`` exists (``log_with``), then ``start`` it."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.mode, self.notice = resolve_wandb_mode(cfg.log.wandb)
+        self.enabled = self.mode != "disabled"
+        self.log_with = "wandb" if self.enabled else None
+        self.acc: Accelerator | None = None
+
+    def start(self, acc: Accelerator, cfg: RunConfig, run_dir: Path) -> None:
+        self.acc = acc
+        if not self.enabled:
+            return
+        if self.notice:
+            acc.print(self.notice)
+        id_file = run_dir / "wandb_id.txt"
+        if acc.is_main_process and not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        acc.wait_for_everyone()
+        acc.init_trackers(
+            cfg.log.project,
+            config=cfg.to_dict(),
+            init_kwargs={
+                "wandb": {
+                    "name": cfg.log.run_name,
+                    "mode": self.mode,
+                    "dir": str(run_dir),
+                    "id": id_file.read_text().strip(),
+                    "resume": "allow",
+                }
+            },
+        )
+
+    def log(self, metrics: dict[str, float], step: int, images: dict | None = None) -> None:
+        if self.enabled:
+            self.acc.log({**metrics, **(images or {})}, step=step)
+
+    def heatmaps(self, joint_counts: dict, domains: list[str], prefix: str) -> dict | None:
+        if not self.enabled or not self.acc.is_main_process:
+            return None
+        return heatmap_images(joint_counts, domains, prefix)
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.acc.end_training()

@@ -1,0 +1,59 @@
+"""Sample text from a trained checkpoint, optionally showing which expert each token went to.
+
+python scripts/generate.py runs/quickstart/final --prompt "def add(a, b):" [--show-experts]
+"""
+
+import argparse
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import moe_emergence  # noqa: F401  (registers gpt2_moe with AutoModelForCausalLM)
+from moe_emergence import GPT2MoEForCausalLM
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a final/ folder (or any save_pretrained GPT-2 / GPT-2 MoE folder)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--show-experts", action="store_true", help="print each token's top-1 expert per MoE layer"
+    )
+    args = p.parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+    torch.manual_seed(args.seed)
+    ids = tokenizer(args.prompt, return_tensors="pt")
+    sample = args.temperature > 0
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sample,
+            temperature=args.temperature if sample else None,
+            top_k=args.top_k if sample else None,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    if args.show_experts:
+        if not isinstance(model, GPT2MoEForCausalLM):
+            print("error: --show-experts needs an MoE checkpoint (this one is dense)", file=sys.stderr)
+            return 2
+        with torch.no_grad():
+            model(out)
+        routes = {i: r.topk_indices[:, 0].tolist() for i, r in model.router_outputs().items()}
+        layers = sorted(routes)
+        print("\n" + "token".ljust(20) + " ".join(f"L{i}".rjust(4) for i in layers))
+        for t, tok in enumerate(out[0].tolist()):
+            text = repr(tokenizer.decode([tok]))[:18]
+            print(text.ljust(20) + " ".join(str(routes[i][t]).rjust(4) for i in layers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Typed run config: YAML + overrides, errors naming the dotted key, inheritance, controls."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_emergence.training.config import RunConfig, config_from_dict, load_config
+from moe_emergence.training.loader import ConfigError, apply_overrides, read_yaml
+from moe_emergence.training.rundir import config_differences
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BASE = {"data": {"seq_len": 32, "domains": {"math": {"type": "mathgen"}, "prose": {"type": "pydoc"}}}}
+
+
+def test_overrides_are_yaml_scalars_and_nested():
+    cfg = config_from_dict(
+        BASE, ["train.steps=7", "optim.lr=1e-3", "model.moe.layers=[0, 1]", "log.run_name=x"]
+    )
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3
+    assert cfg.model.moe.layers == [0, 1]
+    assert config_from_dict(BASE, ["model.moe=null"]).model.moe is None
+
+
+def test_unknown_key_names_full_key_and_suggests():
+    with pytest.raises(ConfigError, match=r"'train\.stpes'.*did you mean 'steps'"):
+        config_from_dict(BASE, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"'model\.moe\.num_expert'.*did you mean 'num_experts'"):
+        config_from_dict(BASE, ["model.moe.num_expert=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer'.*did you mean 'optim'"):
+        config_from_dict({**BASE, "optimizer": {"lr": 1.0}})
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("train.steps=abc", r"train\.steps: expected int, got str"),
+        ("train.steps=1.5", r"train\.steps: expected int"),
+        ("log.progress=3", r"log\.progress: expected bool"),
+        ("optim.betas=0.9", r"optim\.betas: expected a list"),
+        (
+            "train.balance_scope=globl",
+            r"train\.balance_scope: 'globl' is not allowed; choose one of 'micro', 'global'",
+        ),
+        ("log.wandb=maybe", r"log\.wandb"),
+    ],
+)
+def test_wrong_types_name_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(BASE, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("optim.lr=-1", r"optim\.lr=-1\.0 is invalid"),
+        ("train.grad_accum=0", r"train\.grad_accum=0 is invalid"),
+        ("collapse.max_frac=1.5", r"collapse\.max_frac"),
+        ("model.moe.top_k=9", r"model\.moe: .*top_k=9"),
+        ("model.tiny_n_embd=65", r"tiny_n_embd=65 is invalid: a multiple of tiny_n_head"),
+    ],
+)
+def test_bad_values_name_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(BASE, [override])
+
+
+def test_malformed_yaml_gives_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1, 2\nlog: {}\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+, column \d+"):
+        read_yaml(bad)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["train.steps"])
+
+
+def test_inheritance_merges_and_replace(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        textwrap.dedent("""
+        data: {seq_len: 32, domains: {a: {type: mathgen, num_problems: 3}, b: {type: pydoc}}}
+        train: {steps: 10, batch_size: 4}
+        """)
+    )
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain: {steps: 20}\n")
+    (tmp_path / "repl.yaml").write_text("base: parent.yaml\ndata: {_replace: true, seq_len: 16}\n")
+    child = read_yaml(tmp_path / "child.yaml")
+    assert child["train"] == {"steps": 20, "batch_size": 4}
+    assert child["data"]["domains"]["a"]["num_problems"] == 3
+    assert read_yaml(tmp_path / "repl.yaml")["data"] == {"seq_len": 16}
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        read_yaml(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("no-balance", {"model.moe.lb_coef", "model.moe.noise_std"}),
+        ("top2", {"model.moe.top_k"}),
+    ],
+)
+def test_controls_differ_only_in_named_keys(name, expected):
+    treatment = read_yaml(CONFIGS / "gpt2-small.yaml")
+    control = read_yaml(CONFIGS / f"{name}.yaml")
+    assert set(config_differences(treatment, control)) == expected
+
+
+def test_dense_control_differs_only_in_moe():
+    treatment = read_yaml(CONFIGS / "gpt2-small.yaml")
+    dense = read_yaml(CONFIGS / "dense.yaml")
+    diff = config_differences(treatment, dense)
+    assert diff and all(k.startswith("model.moe") for k in diff)
+    assert dense["model"]["moe"] is None
+    assert {k: v for k, v in dense.items() if k != "model"} == {
+        k: v for k, v in treatment.items() if k != "model"
+    }
+
+
+def test_local_study_only_changes_data():
+    diff = config_differences(read_yaml(CONFIGS / "gpt2-small.yaml"), read_yaml(CONFIGS / "local-study.yaml"))
+    assert diff and all(k.startswith("data.") for k in diff)
+
+
+def test_resolved_config_round_trips():
+    cfg = config_from_dict(BASE, ["train.steps=3", "log.run_name=r", "model.moe.layers=[1]"])
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg and isinstance(again, RunConfig)
+
+
+def test_run_name_defaults_to_file_stem(tmp_path):
+    path = tmp_path / "myrun.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert load_config(path).log.run_name == "myrun"
+    assert load_config(path, ["log.run_name=other"]).log.run_name == "other"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "gpt2-small", "dense", "no-balance", "top2", "local-study"])
+def test_shipped_configs_build(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.log.run_name == name and set(cfg.data.domains) == {"code", "math", "prose"}
+    assert (cfg.model.moe is None) == (name == "dense")

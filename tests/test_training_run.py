@@ -1,0 +1,244 @@
+"""Training runs on CPU: resume equality, gradient accumulation, dense control, telemetry, run folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe_emergence.telemetry import read_metrics
+from moe_emergence.training.config import config_from_dict
+from moe_emergence.training.loader import ConfigError
+from moe_emergence.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE: Path | None = None
+TINY = {
+    "data": {
+        "seq_len": 32,
+        "vocab_size": 300,
+        "tokenizer_train_chars": 60_000,
+        "eval_fraction": 0.2,
+        "domains": {
+            "code": {"type": "stdlib", "paths": ["json/*.py", "textwrap.py", "bisect.py"], "min_chars": 100},
+            "math": {"type": "mathgen", "num_problems": 60},
+            "prose": {"type": "pydoc", "max_docs": 30, "min_chars": 200},
+        },
+    },
+    "model": {
+        "tiny_n_layer": 2,
+        "tiny_n_embd": 32,
+        "tiny_n_head": 2,
+        "tiny_n_positions": 64,
+        "upcycle_at_step": 2,
+        "moe": {"num_experts": 4, "top_k": 1, "layers": [0, 1], "noise_std": 0.5, "noise_anneal_steps": 10},
+    },
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "train": {"steps": 6, "batch_size": 4},
+    "log": {"every": 1, "router_every": 1, "wandb": "disabled", "progress": False},
+    "eval": {"every": 3, "max_batches": 10},
+    "checkpoint": {"every": 3, "keep": 1},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(tmp_path_factory):
+    """One corpus cache for the module: each tiny corpus is prepared once."""
+    global CACHE
+    CACHE = tmp_path_factory.mktemp("data_cache")
+    return CACHE
+
+
+def make_cfg(tmp_path: Path, name: str, *overrides: str):
+    base = [f"output_dir={tmp_path}", f"log.run_name={name}", f"data.cache_dir={CACHE}"]
+    return config_from_dict(TINY, [*base, *overrides])
+
+
+def train_records(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if "train/loss" in r}
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    # dropout and router noise both draw random numbers, so RNG state must be restored exactly
+    extra = ("model.dropout=0.1",)
+    full = train(make_cfg(tmp_path, "full", *extra))
+    part = train(make_cfg(tmp_path, "part", *extra, "train.stop_after=4"))
+    assert part.stopped == "stop_after" and part.step == 4
+    ckpts = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000004"]  # keep=1: only the latest
+    resumed = train(make_cfg(tmp_path, "part", *extra), resume="auto")
+    assert resumed.step == 6 and resumed.stopped is None
+    a = train_records(read_metrics(full.run_dir / "metrics.jsonl"))
+    b = train_records(read_metrics(resumed.run_dir / "metrics.jsonl"))
+    assert sorted(a) == sorted(b) == list(range(1, 7))  # no duplicated records after the resume
+    for step in range(5, 7):
+        for key in ("train/loss", "train/lm_loss", "train/lb_loss", "train/z_loss", "train/grad_norm"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-6, (step, key)
+    assert a[6]["train/tokens"] == b[6]["train/tokens"]
+    sa, sb = final_state(full.run_dir), final_state(resumed.run_dir)
+    assert sa.keys() == sb.keys()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 1e-6
+
+
+def test_resume_from_dense_phase_checkpoint(tmp_path):
+    # the checkpoint at step 1 is dense; the resumed run upcycles at step 2 like the uninterrupted one
+    ov = ("checkpoint.every=1", "train.steps=4", "model.moe.noise_std=0.0")
+    full = train(make_cfg(tmp_path, "full", *ov))
+    train(make_cfg(tmp_path, "part", *ov, "train.stop_after=1"))
+    resumed = train(make_cfg(tmp_path, "part", *ov), resume="auto")
+    a = train_records(read_metrics(full.run_dir / "metrics.jsonl"))
+    b = train_records(read_metrics(resumed.run_dir / "metrics.jsonl"))
+    assert [abs(a[s]["train/loss"] - b[s]["train/loss"]) <= 1e-6 for s in (2, 3, 4)] == [True] * 3
+
+
+def test_gradient_accumulation_matches_big_batch(tmp_path):
+    # k = E makes the balance fractions batch-independent, so 2 x B and 1 x 2B see the same loss,
+    # aux losses included; noise is off so both draw no random numbers
+    ov = (
+        "model.upcycle_at_step=0",
+        "model.moe.num_experts=2",
+        "model.moe.top_k=2",
+        "model.moe.noise_std=0.0",
+        "model.moe.lb_coef=0.1",
+        "model.moe.z_coef=0.01",
+        "train.steps=3",
+    )
+    big = train(make_cfg(tmp_path, "big", *ov, "train.batch_size=4", "train.grad_accum=1"))
+    acc = train(make_cfg(tmp_path, "acc", *ov, "train.batch_size=2", "train.grad_accum=2"))
+    a = train_records(read_metrics(big.run_dir / "metrics.jsonl"))
+    b = train_records(read_metrics(acc.run_dir / "metrics.jsonl"))
+    for step in (1, 2, 3):
+        for key in ("train/loss", "train/lm_loss", "train/lb_loss", "train/z_loss", "train/grad_norm"):
+            assert a[step][key] == pytest.approx(b[step][key], rel=1e-5, abs=1e-6), (step, key)
+    sa, sb = final_state(big.run_dir), final_state(acc.run_dir)
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 1e-5
+
+
+def test_moe_run_telemetry_and_final_model(tmp_path):
+    res = train(make_cfg(tmp_path, "moe", "train.balance_scope=global"))
+    records = read_metrics(res.run_dir / "metrics.jsonl")
+    steps = train_records(records)
+    for key in ("train/loss", "train/lm_loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec"):
+        assert all(key in r for r in steps.values()), key
+    assert "train/lb_loss" not in steps[2] and "train/lb_loss" in steps[3]  # dense until the upcycle
+    moe = steps[4]
+    for key in ("train/lb_loss", "train/z_loss", "train/router_lr", "router/noise_std"):
+        assert key in moe
+    for layer in (0, 1):
+        p = f"router/layer{layer}"
+        fr = [moe[f"{p}/expert{i}_frac"] for i in range(4)]
+        assert sum(fr) == pytest.approx(1.0) and moe[f"{p}/max_frac"] == max(fr)
+        assert 0.0 <= moe[f"{p}/domain_nmi"] <= 1.0 and moe[f"{p}/domain_mi"] >= 0.0
+        assert (
+            0.0
+            <= moe[f"{p}/entropy"]
+            <= moe[f"{p}/marginal_entropy"] + 1e-9
+            <= torch.log(torch.tensor(4.0)) + 1e-6
+        )
+        assert moe[f"{p}/dead_experts"] in (0.0, 1.0, 2.0, 3.0) and moe[f"{p}/cv"] >= 0
+        assert 0.0 < moe[f"{p}/expert_divergence"] < 2.0
+    evals = [r for r in records if "eval/lm_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    domains = ("code", "math", "prose")
+    assert all(f"eval/loss_{d}" in evals[-1] and f"eval/ppl_{d}" in evals[-1] for d in domains)
+    assert "eval_router/layer1/domain_nmi" in evals[-1] and "eval_router/layer1/domain_nmi" not in evals[0]
+    assert yaml.safe_load((res.run_dir / "config.yaml").read_text())["train"]["balance_scope"] == "global"
+
+    from transformers import AutoModelForCausalLM
+
+    import moe_emergence  # noqa: F401  (registers gpt2_moe)
+
+    model = AutoModelForCausalLM.from_pretrained(res.run_dir / "final")
+    assert type(model).__name__ == "GPT2MoEForCausalLM" and model.config.moe["num_experts"] == 4
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_dense_control_has_no_router_keys(tmp_path):
+    res = train(make_cfg(tmp_path, "dense", "model.moe=null", "train.steps=3"))
+    records = read_metrics(res.run_dir / "metrics.jsonl")
+    keys = {k for r in records for k in r}
+    assert "train/lm_loss" in keys and "eval/lm_loss" in keys
+    assert not [k for k in keys if "router" in k or k in ("train/lb_loss", "train/z_loss")]
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(res.run_dir / "final")).__name__ == "GPT2LMHeadModel"
+
+
+def test_collapse_guard_stops(tmp_path):
+    res = train(
+        make_cfg(
+            tmp_path, "collapse", "collapse.max_frac=0.01", "collapse.patience=2", "collapse.action=stop"
+        )
+    )
+    assert res.stopped == "collapse" and res.step == 4  # MoE from step 3; second consecutive check
+    assert (res.run_dir / "checkpoints" / "step_0000004").is_dir()
+
+
+def test_occupied_run_folder_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1")
+    train(cfg)
+    before = (cfg.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+    assert (cfg.run_dir / "metrics.jsonl").read_text() == before
+    with pytest.raises(ConfigError, match=r"differs from the saved config.yaml in \['optim.lr'\]"):
+        train(
+            make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1", "optim.lr=0.1"), resume="auto"
+        )
+
+
+def test_accelerate_launch_end_to_end(tmp_path):
+    """The real command line through `accelerate launch` on CPU, with wandb offline."""
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    script = ROOT / "scripts" / "train.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    cmd += ["--config", str(cfg_file), f"output_dir={tmp_path}", f"data.cache_dir={CACHE}", "log.wandb=auto"]
+    cmd += ["train.steps=4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "tiny"
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "final"} <= {p.name for p in run.iterdir()}
+    assert (run / "wandb").is_dir()  # offline wandb run written into the run folder
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 4
+    # a user mistake: one error line and exit status 2, no traceback (plain python; accelerate's launcher
+    # adds its own traceback when a child fails)
+    bad_cmd = [sys.executable, str(script), "--config", str(cfg_file), "train.stpes=3"]
+    bad = subprocess.run(bad_cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "did you mean 'steps'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _script(name: str):
+    import runpy
+
+    return runpy.run_path(str(ROOT / "scripts" / f"{name}.py"), run_name="not_main")["main"]
+
+
+def test_upcycle_and_generate_scripts(tmp_path, capsys):
+    res = train(make_cfg(tmp_path, "gen", "model.moe=null", "train.steps=1"))
+    out = tmp_path / "moe"
+    assert _script("upcycle")([str(res.run_dir / "final"), str(out), "num_experts=3", "layers=[1]"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "GPT2MoEForCausalLM" and model.config.moe_layers == [1]
+    assert _script("upcycle")([str(res.run_dir / "final"), str(tmp_path / "x"), "num_expert=3"]) == 2
+    assert "did you mean 'num_experts'" in capsys.readouterr().err
+    gen = ["--prompt", "def f(x):", "--max-new-tokens", "5", "--show-experts"]
+    assert _script("generate")([str(out), *gen]) == 0
+    assert "L1" in capsys.readouterr().out
+    assert _script("generate")([str(res.run_dir / "final"), *gen]) == 2  # dense: no experts to show
