@@ -57,7 +57,7 @@ def test_script_writes_every_file(report):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, img
     assert not (out / "dense").exists()  # the dense control has no metrics.jsonl router keys nor routing
     assert "Dense model: loss metrics only" in md
-    assert "NMI =" in md and "Largest loss increase" in md and "No layer's largest expert share" in md
+    assert "NMI =" in md and "Largest loss increase" in md and "largest expert share" in md
 
 
 def test_metrics_json_numbers(report):
@@ -84,7 +84,9 @@ def test_metrics_json_numbers(report):
         assert 0.5 <= lm["vocab_specialization"]["value"] <= 1
         assert len(lm["coactivation"]) == 4 and len(lm["token_type_fractions"]) == 7
     assert set(moe["cross_layer_nmi"]) == {"0-1"}
-    sat = moe["saturation"]["9"]["0"]
+    assert set(moe["saturation"]) == {"4", "6", "8"}  # the MoE-phase checkpoints
+    assert moe["saturation"]["8"]["1"] == {"same_set": 1.0, "overlap": 1.0}  # the final step
+    sat = moe["saturation"]["4"]["0"]
     assert 0 <= sat["same_set"] <= sat["overlap"] <= 1
     assert moe["parent_known"] and len(moe["weights"]["0"]["distance_from_parent"]) == 4
     assert moe["weights"]["0"]["mean_pairwise_cosine_distance"] > 0  # noise-upcycled experts differ
