@@ -32,7 +32,7 @@ TINY = {
     "optim": {"lr": 3e-3, "warmup_steps": 2},
     "train": {"steps": 8, "batch_size": 4},
     "log": {"every": 1, "router_every": 1, "wandb": "disabled", "progress": False},
-    "eval": {"every": 4, "max_batches": 4},
+    "eval": {"every": 4, "max_batches": 100},  # covers every eval block: losses are cross-checked
     "checkpoint": {"every": 2, "keep": 10},
 }
 

@@ -151,3 +151,19 @@ def test_missing_folder_subprocess_has_no_traceback(tmp_path):
 @pytest.fixture
 def tiny_runs_paths(tmp_path_factory):
     return tiny_runs(tmp_path_factory)
+
+
+def test_losses_match_the_trainers_eval(tiny_runs_paths):
+    # on all eval blocks, the analysis' per-domain loss equals the trainer's final eval/loss_{domain}
+    from moe_emergence.analysis import collect_routing, load_eval_set, load_model, load_run, load_tokenizer
+    from moe_emergence.analysis.summarize import loss_by_domain
+
+    run = load_run(tiny_runs_paths["moe"])
+    ev = load_eval_set(run, max_blocks=None)
+    r = collect_routing(load_model(run.final_dir), ev, load_tokenizer(run), batch_size=32, progress=False)
+    loss = loss_by_domain(r, n_boot=0, seed=0)
+    last = [rec for rec in run.metrics if "eval/loss_code" in rec][-1]
+    assert last["step"] == 8
+    for d in r.domains:
+        assert loss[d]["value"] == pytest.approx(last[f"eval/loss_{d}"], rel=1e-5)
+    assert loss["all"]["value"] == pytest.approx(last["eval/lm_loss"], rel=1e-5)
