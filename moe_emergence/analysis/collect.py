@@ -260,9 +260,10 @@ def collect_routing(
     doc = doc_BL[mask_BL]
     token_type = np.full(len(token_ids), -1, dtype=np.int64)
     if "code" in eval_set.domains:
-        code = eval_set.domains.index("code")
-        for d in np.unique(doc[domain == code]):
-            sel = np.flatnonzero(doc == d)
+        idx = np.flatnonzero(domain == eval_set.domains.index("code"))
+        idx = idx[np.argsort(doc[idx], kind="stable")]  # code tokens grouped by document, in order
+        cuts = np.flatnonzero(np.diff(doc[idx])) + 1
+        for sel in np.split(idx, cuts) if len(idx) else []:
             token_type[sel] = code_token_types(tokenizer, token_ids[sel].tolist())
     routing = Routing(
         domains=list(eval_set.domains),
