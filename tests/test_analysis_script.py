@@ -129,6 +129,7 @@ def test_errors_are_clear_without_traceback(tmp_path, tiny_runs_paths, capsys):
         == 2
     )
     assert "different eval blocks" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # nothing is created for refused input
 
 
 def test_missing_folder_subprocess_has_no_traceback(tmp_path):

@@ -95,7 +95,10 @@ def _layer_line(L: str, lm: dict, domains: list[str]) -> str:
     best = max(domains, key=lambda d: lm["max_specialization"][d])
     spec = ", ".join(f"{d} → e{lm['top_expert'][d]} ({lm['max_specialization'][d]:.2f})" for d in domains)
     lo = lm["domain_nmi"].get("ci_low")
-    sig = "its CI excludes 0" if lo is not None and lo > 0 else "its CI does not exclude 0"
+    if not lm["domain_nmi"].get("n_boot"):
+        sig = "no CI: --bootstrap 0"
+    else:
+        sig = "its CI excludes 0" if lo > 0 else "its CI does not exclude 0"
     return (
         f"Layer {L}: NMI = {_ci(lm['domain_nmi'])} ({sig}); top expert per domain: {spec}; uniform = {base:.2f}. "
         f"Most concentrated domain: {best} ({lm['max_specialization'][best] / base:.1f}x uniform)."

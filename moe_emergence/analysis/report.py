@@ -106,16 +106,14 @@ def analyze_run(
     return RunAnalysis(run=run, routing=routing, metrics=out)
 
 
-def prepare_out_dir(out: str | Path) -> Path:
-    """The report folder: created if missing; an existing one must be empty or hold an earlier report
-    (whose files are replaced); anything else is refused so nothing unrelated is overwritten."""
+def check_out_dir(out: str | Path) -> None:
+    """The report folder may be missing, empty, or hold an earlier report (whose files are replaced);
+    anything else is refused so nothing unrelated is overwritten."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
         raise ValueError(f"--out {str(out)!r} is not empty and holds no earlier report; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def analyze_runs(
@@ -141,7 +139,7 @@ def analyze_runs(
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"run folders must have distinct names, got {names}")
-    out = prepare_out_dir(out_dir)
+    check_out_dir(out_dir)
     eval_set = load_eval_set(runs[0], load_tokenizer(runs[0]), max_blocks)
     for r in runs[1:]:
         other = load_eval_set(r, load_tokenizer(r), max_blocks)
@@ -150,6 +148,8 @@ def analyze_runs(
                 f"run {r.name!r} rebuilds different eval blocks than {runs[0].name!r} (data config or tokenizer "
                 "differ); compare only runs trained on the same data with the same tokenizer"
             )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only after every check that can refuse the input
     analyses = [
         analyze_run(r, eval_set, n_boot, seed, batch_size, ablation, saturation, device, progress)
         for r in runs
