@@ -8,7 +8,8 @@ Loss of one optimizer step over G micro-batches and P processes (what the gradie
     z  = the same token weighting of the per-token router z-loss, mean over MoE layers,
     lb = mean over micro-batches (and processes) of the Switch loss E * sum_i f_i P_i, mean over layers;
          ``balance_scope: global`` all-reduces the counts behind f_i across processes first,
-    loss = lm + lb_coef * lb + z_coef * z.
+    ent = the same token weighting of the per-token router entropy, mean over MoE layers,
+    loss = lm + lb_coef * lb + z_coef * z + entropy_coef * ent (coefficients in force this step).
 ``accelerator.backward`` divides by G and DDP averages over P, so micro-batch terms are scaled by G * P.
 """
 

@@ -139,10 +139,19 @@ class Trainer:
         counts = self._reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
         n_lab, n_tok = counts[0].clamp_min(1), counts[1].clamp_min(1)
         moe_cfg = self.unwrapped.config.moe if self.moe else None
+        coefs = {"lb": 0.0, "z": 0.0}
+        bias_loads: dict[int, torch.Tensor] | None = None
         if self.moe:
-            self.unwrapped.set_router_step(self.state.step - self.cfg.model.upcycle_at_step)
+            moe_step = self.state.step - self.cfg.model.upcycle_at_step
+            self.unwrapped.set_router_step(moe_step)
+            self.unwrapped.schedule_loss_coefs(moe_step)
+            coefs = self.unwrapped.loss_coefs
+            if moe_cfg["bias_update_rate"] > 0:
+                bias_loads = {}
+        ent_coef = moe_cfg["entropy_coef"] if self.moe else 0.0
         global_fn = self._reduce_sum if (self.moe and cfg.train.balance_scope == "global") else None
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # lm, lb, z of this step
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # lm, lb, z, entropy of this step
+        variant_sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             c = shifted_token_counts(batch)
@@ -154,24 +163,43 @@ class Trainer:
                 )
                 lm = (out.lm_loss if self.moe else out.loss).float() * (c[0] / n_lab)
                 loss = lm * (G * P)
-                lb = z = torch.zeros((), device=device)
+                lb = z = ent = torch.zeros((), device=device)
                 if self.moe:
                     mask_T = batch["attention_mask"].reshape(-1)
                     outs = self.unwrapped.router_outputs()
                     lb, z = aux_losses(outs, mask_T, moe_cfg["num_experts"], global_fn)
                     z = z * (c[1] / n_tok)
-                    loss = loss + moe_cfg["lb_coef"] * lb + moe_cfg["z_coef"] * z * (G * P)
+                    ent = out.entropy_loss * (c[1] / n_tok)
+                    loss = loss + coefs["lb"] * lb + coefs["z"] * z * (G * P)
+                    if ent_coef != 0:
+                        loss = loss + ent_coef * ent * (G * P)
                     if routing is not None:
                         routing.add(outs, mask_T, batch["domain_ids"])
+                        for k, v in self.unwrapped.variant_stats(mask_T).items():
+                            variant_sums[k] = variant_sums.get(k, 0.0) + v.detach() / (G * P)
+                    if bias_loads is not None:
+                        for i, load_E in self.unwrapped.expert_load(mask_T).items():
+                            bias_loads[i] = bias_loads.get(i, 0.0) + load_E
                 acc.backward(loss)
-                totals += torch.stack([lm.detach(), lb.detach() / (G * P), z.detach()]).double()
+                parts = [lm.detach(), lb.detach() / (G * P), z.detach(), ent.detach()]
+                totals += torch.stack(parts).double()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if bias_loads is not None:  # aux-loss-free balancing: once per optimizer step, global loads
+            self.unwrapped.update_selection_bias({i: self._reduce_sum(v) for i, v in bias_loads.items()})
         self.state.step += 1
-        return {"totals": totals, "tokens": counts[1], "grad_norm": grad_norm, "lrs": lrs}
+        if variant_sums:
+            variant_sums = {k: self._reduce_sum(v) for k, v in variant_sums.items()}
+        return {
+            "totals": totals,
+            "tokens": counts[1],
+            "grad_norm": grad_norm,
+            "lrs": lrs,
+            "variants": variant_sums,
+        }
 
     def _lr_mult(self, step: int) -> float:
         o = self.cfg.optim
@@ -274,14 +302,14 @@ class Trainer:
             bar.update(1)
             record: dict[str, float] = {}
             if st.step % cfg.log.every == 0 or st.step == steps:
-                lm, lb, z = self._reduce_sum(out["totals"]).tolist()
+                lm, lb, z, ent = self._reduce_sum(out["totals"]).tolist()
                 st.tokens += int(tokens_dev.item())
                 tokens_dev.zero_()
                 dt = time.perf_counter() - t0
                 tps = (st.tokens - tok0) / dt if dt > 0 else 0.0
                 t0, tok0 = time.perf_counter(), st.tokens
                 record = {
-                    "train/loss": lm + (self._coef("lb") * lb + self._coef("z") * z if self.moe else 0.0),
+                    "train/loss": lm + (self._aux_total(lb, z, ent) if self.moe else 0.0),
                     "train/lm_loss": lm,
                     "train/lr": out["lrs"]["decay"] if "decay" in out["lrs"] else out["lrs"]["no_decay"],
                     "train/grad_norm": float(out["grad_norm"]),
@@ -289,8 +317,16 @@ class Trainer:
                     "perf/tokens_per_sec": tps,
                 }
                 if self.moe:
+                    coefs = self.unwrapped.loss_coefs
                     record.update(
-                        {"train/lb_loss": lb, "train/z_loss": z, "train/router_lr": out["lrs"]["router"]}
+                        {
+                            "train/lb_loss": lb,
+                            "train/z_loss": z,
+                            "train/entropy_loss": ent,
+                            "train/lb_coef": coefs["lb"],
+                            "train/z_coef": coefs["z"],
+                            "train/router_lr": out["lrs"]["router"],
+                        }
                     )
                     record["router/noise_std"] = float(
                         next(iter(self.unwrapped.moe_layers().values())).router.noise_std_now()
@@ -298,6 +334,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{tps:,.0f}")
             if routing is not None:
                 router = self._router_metrics(routing)
+                router.update({k: float(v) for k, v in out["variants"].items()})
                 record.update(router)
                 if self._check_collapse(router):
                     stopped = "collapse"
@@ -331,8 +368,10 @@ class Trainer:
         self.tracking.finish()
         return TrainResult(self.run_dir, st.step, stopped)
 
-    def _coef(self, name: str) -> float:
-        return self.unwrapped.config.moe[f"{name}_coef"]
+    def _aux_total(self, lb: float, z: float, ent: float) -> float:
+        """The aux part of the logged loss, with the coefficients in force this step."""
+        coefs = self.unwrapped.loss_coefs
+        return coefs["lb"] * lb + coefs["z"] * z + self.unwrapped.config.moe["entropy_coef"] * ent
 
     def save_final(self) -> None:
         acc = self.accelerator
