@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+import test_training_run
 import torch
 from test_training_run import TINY, final_state, make_cfg, train_records
 
 from moe_emergence.telemetry import read_metrics
 from moe_emergence.training.trainer import train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(tmp_path_factory):
+    """``make_cfg`` reads its module's corpus cache folder, which that module's own fixture sets."""
+    test_training_run.CACHE = tmp_path_factory.mktemp("data_cache")
+
 
 VARIANTS = (
     "model.moe.capacity_factor=1.0",
