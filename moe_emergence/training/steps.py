@@ -26,11 +26,12 @@ def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).double()
 
 
-def aux_losses(
+def aux_losses_per_layer(
     router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balance, z) means over MoE layers. ``global_counts_fn(counts_LE) -> summed counts_LE``
-    (an all-reduce) makes f_i global across processes; None keeps it per micro-batch."""
+    """(load-balance ``[L]``, z ``[L]``), one value per MoE layer in ``router_outputs`` order.
+    ``global_counts_fn(counts_LE) -> summed counts_LE`` (an all-reduce) makes f_i global across
+    processes; None keeps it per micro-batch."""
     layers = list(router_outputs.values())
     fractions_LE = [None] * len(layers)
     if global_counts_fn is not None:
@@ -42,7 +43,21 @@ def aux_losses(
         for r, f in zip(layers, fractions_LE, strict=True)
     ]
     z = [z_loss(r.router_logits, mask_T) for r in layers]
-    return torch.stack(lb).mean(), torch.stack(z).mean()
+    return torch.stack(lb), torch.stack(z)
+
+
+def aux_losses(
+    router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balance, z) means over MoE layers (``aux_losses_per_layer``)."""
+    lb_L, z_L = aux_losses_per_layer(router_outputs, mask_T, num_experts, global_counts_fn)
+    return lb_L.mean(), z_L.mean()
+
+
+def nonfinite_flags(router_outputs: dict, lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
+    """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, aux loss non-finite (no sync)."""
+    logits_L = torch.stack([~torch.isfinite(r.router_logits).all() for r in router_outputs.values()])
+    return torch.stack([logits_L, ~(torch.isfinite(lb_L) & torch.isfinite(z_L))], dim=-1)
 
 
 def token_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:

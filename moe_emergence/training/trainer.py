@@ -14,6 +14,8 @@ See ``steps`` for how the loss of one optimizer step is weighted.
 
 from __future__ import annotations
 
+import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,14 +26,22 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.telemetry import JsonlSink, LayerRoutingStats, expert_divergence, flat_expert_weights
 from moe_emergence.training import checkpoint as ckpt
-from moe_emergence.training import model_setup
+from moe_emergence.training import guard, model_setup
 from moe_emergence.training.config import RunConfig
+from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, set_lr
-from moe_emergence.training.rundir import prepare_run_dir, resolve_resume
+from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler
-from moe_emergence.training.steps import aux_losses, evaluate, shifted_token_counts
+from moe_emergence.training.signals import StopSignals
+from moe_emergence.training.steps import (
+    aux_losses_per_layer,
+    evaluate,
+    nonfinite_flags,
+    shifted_token_counts,
+)
 from moe_emergence.training.tracking import Tracking
 
 
@@ -39,7 +49,11 @@ from moe_emergence.training.tracking import Tracking
 class TrainResult:
     run_dir: Path
     step: int
-    stopped: str | None = None  # None = finished; "collapse" (collapse guard) or "stop_after" (time slice)
+    # None = finished; "collapse" (collapse guard), "stop_after" (time slice), "nonfinite" (non-finite
+    # guard), "signal" (SIGINT/SIGTERM: ``signal`` holds its number)
+    stopped: str | None = None
+    signal: int | None = None
+    message: str | None = None
 
 
 def _mixed_precision(setting: str, cpu: bool) -> str:
@@ -58,9 +72,7 @@ class Trainer:
     """Builds everything from a ``RunConfig`` and runs it; ``train()`` is the public entry point."""
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, overwrite: bool = False, corpus=None):
-        from moe_emergence.data import build_corpus, collate_blocks
-
-        self.cfg, self.collate = cfg, collate_blocks
+        self.cfg = cfg
         self.run_dir = cfg.run_dir
         t = cfg.train
         self.tracking = Tracking(cfg)
@@ -71,16 +83,34 @@ class Trainer:
             log_with=self.tracking.log_with,
             step_scheduler_with_optimizer=False,
         )
+        base = model_setup.check_base(cfg)  # before anything is written
+        folder = RunFolder(self.accelerator, cfg, resume, overwrite)
+        self.resume_from = folder.resume_from
+        folder.open()
+        try:
+            self._setup(base, folder.resume_meta, corpus)
+            folder.commit()
+        except BaseException:
+            folder.abort()
+            raise
         acc = self.accelerator
-        self.resume_from = prepare_run_dir(acc, cfg, resume, overwrite)
+        self.metrics = JsonlSink(self.run_dir / "metrics.jsonl")
+        if acc.is_main_process and resume is not None:  # drop records written after the checkpoint
+            self.metrics.truncate_after(self.state.step if self.resume_from is not None else -1)
+        self.tracking.start(acc, cfg, self.run_dir)
+
+    def _setup(self, base: model_setup.BaseInfo, resume_meta: dict | None, corpus) -> None:
+        from moe_emergence.data import build_corpus, collate_blocks
+
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        self.collate = collate_blocks
         set_seed(t.seed)
-        tokenizer = model_setup.load_tokenizer(cfg.model)
         if corpus is None:
-            with acc.main_process_first():
+            with acc.main_process_first(), as_user_error("data"):
                 corpus = build_corpus(
                     cfg.data,
-                    tokenizer=tokenizer,
-                    max_positions=model_setup.max_positions(cfg.model),
+                    tokenizer=base.tokenizer,
+                    max_positions=base.max_positions,
                     tokenizer_dir=self.run_dir / "tokenizer",
                 )
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
@@ -88,23 +118,26 @@ class Trainer:
         set_seed(t.seed)
         model = model_setup.build_model(cfg, self.tokenizer)
         self.state = ckpt.TrainState()
-        self.sampler = BlockSampler(
-            len(corpus.train), t.batch_size, t.grad_accum, acc.num_processes, acc.process_index, t.seed
-        )
+        with as_user_error("data", ValueError):
+            self.sampler = BlockSampler(
+                len(corpus.train), t.batch_size, t.grad_accum, acc.num_processes, acc.process_index, t.seed
+            )
         acc.register_for_checkpointing(self.state, self.sampler)
-        if self.resume_from is not None:
-            meta = ckpt.read_meta(self.resume_from)
-            if meta["phase"] == "moe" and not model_setup.is_moe(model):
+        if resume_meta is not None:
+            if resume_meta["phase"] == "moe" and not model_setup.is_moe(model):
                 model = model_setup.to_moe(model, cfg)
+            check_model_dims(self.resume_from, resume_meta, model_setup.model_dims(model))
+            rows = resume_meta.get("train_rows")
+            if rows is not None and rows != len(corpus.train):
+                raise ConfigError(
+                    f"cannot resume from {self.resume_from}: its training split had {rows} blocks, this one "
+                    f"has {len(corpus.train)}; the data or data config changed since the checkpoint"
+                )
         self._prepare(model)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._eval_rows: list[int] | None = None
-        self.metrics = JsonlSink(self.run_dir / "metrics.jsonl")
-        if acc.is_main_process and self.resume_from is not None:
-            self.metrics.truncate_after(self.state.step)
-        self.tracking.start(acc, cfg, self.run_dir)
 
     # ------------------------------------------------------------------ model plumbing
 
@@ -129,9 +162,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def train_step(self, routing: LayerRoutingStats | None) -> dict[str, torch.Tensor]:
-        """Forward/backward all micro-batches of one step and take the optimizer step.
-        Returns on-device tensors (no host sync): lm, lb, z, tokens, grad_norm."""
+    def train_step(self, routing: LayerRoutingStats | None, stop_signal: bool = False) -> dict:
+        """Forward/backward all micro-batches of one step and take the optimizer step, unless the loss or
+        gradients are non-finite (then the step is skipped, see ``guard``). Returns on-device tensors
+        (lm, lb, z totals, tokens, grad_norm) and the decoded ``StepCheck``: the step's one host sync."""
         acc, cfg = self.accelerator, self.cfg
         device = acc.device
         G, P = cfg.train.grad_accum, acc.num_processes
@@ -139,10 +173,12 @@ class Trainer:
         counts = self._reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
         n_lab, n_tok = counts[0].clamp_min(1), counts[1].clamp_min(1)
         moe_cfg = self.unwrapped.config.moe if self.moe else None
+        layers = self.unwrapped.config.moe_layers if self.moe else []
         if self.moe:
             self.unwrapped.set_router_step(self.state.step - self.cfg.model.upcycle_at_step)
         global_fn = self._reduce_sum if (self.moe and cfg.train.balance_scope == "global") else None
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # lm, lb, z of this step
+        bad_L2 = torch.zeros(len(layers), 2, dtype=torch.bool, device=device)
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             c = shifted_token_counts(batch)
@@ -158,8 +194,10 @@ class Trainer:
                 if self.moe:
                     mask_T = batch["attention_mask"].reshape(-1)
                     outs = self.unwrapped.router_outputs()
-                    lb, z = aux_losses(outs, mask_T, moe_cfg["num_experts"], global_fn)
-                    z = z * (c[1] / n_tok)
+                    outs = {i: outs[i] for i in layers}
+                    lb_L, z_L = aux_losses_per_layer(outs, mask_T, moe_cfg["num_experts"], global_fn)
+                    bad_L2 |= nonfinite_flags(outs, lb_L, z_L)
+                    lb, z = lb_L.mean(), z_L.mean() * (c[1] / n_tok)
                     loss = loss + moe_cfg["lb_coef"] * lb + moe_cfg["z_coef"] * z * (G * P)
                     if routing is not None:
                         routing.add(outs, mask_T, batch["domain_ids"])
@@ -167,11 +205,23 @@ class Trainer:
                 totals += torch.stack([lm.detach(), lb.detach() / (G * P), z.detach()]).double()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        flags = torch.cat(
+            [
+                (~torch.isfinite(totals).all()).reshape(1),
+                (~torch.isfinite(grad_norm)).reshape(1),
+                torch.tensor([stop_signal], device=device),
+                bad_L2.reshape(-1),
+            ]
+        ).float()
+        check = StepCheck.decode(self._reduce_sum(flags).tolist(), layers)  # the step's one host sync
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
-        self.optimizer.step()
+        # fp16: accelerate's GradScaler must see every step (it skips non-finite ones and lowers its scale)
+        if check.finite or acc.scaler is not None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return {"totals": totals, "tokens": counts[1], "grad_norm": grad_norm, "lrs": lrs}
+        guard.update(self.state, check, self.state.step)
+        return {"totals": totals, "tokens": counts[1], "grad_norm": grad_norm, "lrs": lrs, "check": check}
 
     def _lr_mult(self, step: int) -> float:
         o = self.cfg.optim
@@ -231,7 +281,13 @@ class Trainer:
         self._log(metrics, images)
 
     def save_checkpoint(self) -> None:
-        meta = {"phase": self.phase, "upcycle_at_step": self.cfg.model.upcycle_at_step}
+        meta = {
+            "phase": self.phase,
+            "upcycle_at_step": self.cfg.model.upcycle_at_step,
+            "dims": model_setup.model_dims(self.unwrapped),
+            "train_rows": len(self.corpus.train),
+            "config": self.cfg.to_dict(),
+        }
         ckpt.save_checkpoint(
             self.accelerator, self.run_dir / "checkpoints", self.state.step, meta, self.cfg.checkpoint.keep
         )
@@ -239,6 +295,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
+        with StopSignals() as signals:
+            return self._loop(signals)
+
+    def _loop(self, signals: StopSignals) -> TrainResult:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         steps, U = cfg.train.steps, cfg.model.upcycle_at_step
         t_stop = cfg.train.stop_after
@@ -252,7 +312,7 @@ class Trainer:
         )
         t0, tok0 = time.perf_counter(), st.tokens
         tokens_dev = torch.zeros((), dtype=torch.float64, device=acc.device)
-        stopped, last_eval, last_ckpt = None, 0 if st.step == 0 else -1, st.step
+        stopped, last_eval, last_ckpt, message = None, 0 if st.step == 0 else -1, st.step, None
         while st.step < steps:
             if cfg.model.moe is not None and not self.moe and st.step >= U:
                 self._prepare(model_setup.to_moe(self.unwrapped, cfg))
@@ -262,11 +322,15 @@ class Trainer:
             if router_step:
                 m = self.unwrapped.config
                 routing = LayerRoutingStats(m.moe_layers, m.moe["num_experts"], len(self.domains), acc.device)
-            out = self.train_step(routing)
+            out = self.train_step(routing, stop_signal=signals.received is not None)
             tokens_dev += out["tokens"]
             bar.update(1)
+            if st.consecutive_skips >= cfg.guard.max_consecutive_skips:
+                stopped, message = "nonfinite", guard.stop_message(st, cfg.guard.max_consecutive_skips)
+            elif out["check"].signal:
+                stopped = "signal"
             record: dict[str, float] = {}
-            if st.step % cfg.log.every == 0 or st.step == steps:
+            if st.step % cfg.log.every == 0 or st.step == steps or stopped == "nonfinite":
                 lm, lb, z = self._reduce_sum(out["totals"]).tolist()
                 st.tokens += int(tokens_dev.item())
                 tokens_dev.zero_()
@@ -279,6 +343,7 @@ class Trainer:
                     "train/lr": out["lrs"]["decay"] if "decay" in out["lrs"] else out["lrs"]["no_decay"],
                     "train/grad_norm": float(out["grad_norm"]),
                     "train/tokens": float(st.tokens),
+                    "train/skipped_steps": float(st.skipped_steps),
                     "perf/tokens_per_sec": tps,
                 }
                 if self.moe:
@@ -292,11 +357,11 @@ class Trainer:
             if routing is not None:
                 router = self._router_metrics(routing)
                 record.update(router)
-                if self._check_collapse(router):
+                if self._check_collapse(router) and stopped is None:
                     stopped = "collapse"
             if record:
                 self._log(record)
-            if stopped or (cfg.eval.every and st.step % cfg.eval.every == 0):
+            if stopped == "collapse" or (cfg.eval.every and st.step % cfg.eval.every == 0):
                 self.run_eval()
                 last_eval = st.step
             if stopped or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
@@ -311,11 +376,16 @@ class Trainer:
                 break
         bar.close()
         st.tokens += int(tokens_dev.item())
-        if stopped == "stop_after":  # a time slice of a longer run: checkpoint only
+        sig = signals.received if stopped == "signal" else None
+        if stopped in ("stop_after", "signal", "nonfinite"):  # checkpoint only, no final/
             if last_ckpt != st.step:
                 self.save_checkpoint()
+            if stopped == "signal":
+                message = f"stopped by {signal.Signals(sig).name} at step {st.step}; checkpoint saved"
+            if message:
+                acc.print(message)
             self.tracking.finish()
-            return TrainResult(self.run_dir, st.step, stopped)
+            return TrainResult(self.run_dir, st.step, stopped, sig, message)
         if last_eval != st.step:
             self.run_eval()
         if last_ckpt != st.step:
@@ -331,8 +401,12 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)
-        if acc.is_main_process:
-            model_setup.save_final(self.unwrapped, self.tokenizer, self.run_dir / "final", state_dict)
+        if acc.is_main_process:  # written aside and renamed into place: final/ is whole or absent
+            final, tmp = self.run_dir / "final", self.run_dir / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model_setup.save_final(self.unwrapped, self.tokenizer, tmp, state_dict)
+            ckpt.discard(final)
+            tmp.rename(final)
         acc.wait_for_everyone()
 
 
