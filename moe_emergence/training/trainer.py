@@ -162,7 +162,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def train_step(self, routing: LayerRoutingStats | None, stop_signal: bool = False) -> dict:
+    def train_step(self, routing: LayerRoutingStats | None, signals: StopSignals | None = None) -> dict:
         """Forward/backward all micro-batches of one step and take the optimizer step, unless the loss or
         gradients are non-finite (then the step is skipped, see ``guard``). Returns on-device tensors
         (lm, lb, z totals, tokens, grad_norm) and the decoded ``StepCheck``: the step's one host sync."""
@@ -209,7 +209,7 @@ class Trainer:
             [
                 (~torch.isfinite(totals).all()).reshape(1),
                 (~torch.isfinite(grad_norm)).reshape(1),
-                torch.tensor([stop_signal], device=device),
+                torch.tensor([signals is not None and signals.received is not None], device=device),
                 bad_L2.reshape(-1),
             ]
         ).float()
@@ -312,7 +312,9 @@ class Trainer:
         )
         t0, tok0 = time.perf_counter(), st.tokens
         tokens_dev = torch.zeros((), dtype=torch.float64, device=acc.device)
-        stopped, last_eval, last_ckpt, message = None, 0 if st.step == 0 else -1, st.step, None
+        # a checkpoint at step N was saved after the eval of step N, if that step had one
+        evaluated = st.step == 0 or st.step >= steps or (cfg.eval.every and st.step % cfg.eval.every == 0)
+        stopped, last_eval, last_ckpt, message = None, st.step if evaluated else -1, st.step, None
         while st.step < steps:
             if cfg.model.moe is not None and not self.moe and st.step >= U:
                 self._prepare(model_setup.to_moe(self.unwrapped, cfg))
@@ -322,7 +324,7 @@ class Trainer:
             if router_step:
                 m = self.unwrapped.config
                 routing = LayerRoutingStats(m.moe_layers, m.moe["num_experts"], len(self.domains), acc.device)
-            out = self.train_step(routing, stop_signal=signals.received is not None)
+            out = self.train_step(routing, signals)
             tokens_dev += out["tokens"]
             bar.update(1)
             if st.consecutive_skips >= cfg.guard.max_consecutive_skips:
