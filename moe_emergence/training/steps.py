@@ -26,6 +26,13 @@ def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).double()
 
 
+def lm_share(lm_mean: torch.Tensor, n_predicted: torch.Tensor, n_step: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's token-weighted share of the step's LM loss, ``lm_mean * n_predicted / n_step``.
+    A micro-batch with no predicted token (all padding) contributes 0, not the NaN of an empty mean
+    (no host sync; the masked branch's gradient is 0)."""
+    return torch.where(n_predicted > 0, lm_mean.float(), 0.0) * (n_predicted / n_step)
+
+
 def aux_losses_per_layer(
     router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
 ) -> tuple[torch.Tensor, torch.Tensor]:

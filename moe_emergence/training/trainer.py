@@ -39,6 +39,7 @@ from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
     aux_losses_per_layer,
     evaluate,
+    lm_share,
     nonfinite_flags,
     shifted_token_counts,
 )
@@ -188,7 +189,7 @@ class Trainer:
                     attention_mask=batch["attention_mask"],
                     labels=batch["labels"],
                 )
-                lm = (out.lm_loss if self.moe else out.loss).float() * (c[0] / n_lab)
+                lm = lm_share(out.lm_loss if self.moe else out.loss, c[0], n_lab)
                 loss = lm * (G * P)
                 lb = z = torch.zeros((), device=device)
                 if self.moe:
