@@ -112,7 +112,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path_factory, tmp_path):
     proc = launch(cfg_file, log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     resumed = [ln for ln in log.read_text().splitlines() if ln.startswith("resumed from")]
-    assert len(resumed) >= 4, resumed  # the first launch may be killed before its first checkpoint
+    assert len(resumed) >= 3, resumed  # the first two launches may end before a checkpoint is whole
 
     a = read_metrics(reference.run_dir / "metrics.jsonl")
     b = read_metrics(run / "metrics.jsonl")
