@@ -269,3 +269,43 @@ def test_sigint_saves_checkpoint_and_stops(tmp_path, cache, monkeypatch, capsys)
     monkeypatch.setattr(Trainer, "train_step", orig)
     assert run_cli(capsys, "--config", path, "--resume", "auto")[0] == 0
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def _script(name: str):
+    import runpy
+
+    root = Path(__file__).resolve().parents[1]
+    return runpy.run_path(str(root / "scripts" / f"{name}.py"), run_name="not_main")["main"]
+
+
+def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkpoint):
+    from transformers import GPTNeoXConfig
+
+    neox = tmp_path / "neox"
+    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(neox)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data:\n  seq_len: a: b\n")
+    cases = [
+        ("upcycle", [dense_checkpoint, occupied], r"'.*occupied' exists and is not an empty folder"),
+        ("upcycle", [neox, tmp_path / "out"], r"source '.*neox': .*'gpt_neox' checkpoint"),
+        ("upcycle", [dense_checkpoint, tmp_path / "out", "top_k=9"], r"top_k=9"),
+        ("generate", [tmp_path / "missing", "--prompt", "x"], r"checkpoint '.*missing'"),
+        ("generate", [dense_checkpoint, "--prompt", "x", "--show-experts"], r"needs an MoE checkpoint"),
+        (
+            "prepare_data",
+            ["--config", bad_yaml, "--out", tmp_path / "d"],
+            r"bad\.yaml: malformed YAML at line 2, column 13: mapping values",
+        ),
+        ("prepare_data", ["--out", occupied], r"exists and is not an empty folder"),
+    ]
+    for name, args, pattern in cases:
+        capsys.readouterr()
+        assert _script(name)([str(a) for a in args]) == 2, (name, args)
+        assert_one_error_line(capsys.readouterr().err, pattern)
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
+    assert _script("upcycle")([str(dense_checkpoint), str(tmp_path / "out"), "num_experts=2"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out.tmp").exists()

@@ -1,4 +1,4 @@
-"""Non-finite guard: skip optimizer steps whose loss or gradients hold a NaN/Inf, stop after a streak.
+"""The trainer's guards: non-finite values (skip a step, stop after a streak) and expert collapse.
 
 Per step the trainer accumulates, on device and without a host sync, one flag vector
 ``[loss non-finite, grad norm non-finite, stop signal, per MoE layer (router logits, aux loss) ...]``
@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 from moe_emergence.training.checkpoint import TrainState
+from moe_emergence.training.config import CollapseConfig
 
 
 @dataclass
@@ -74,3 +75,27 @@ def stop_message(state: TrainState, limit: int) -> str:
         f"(guard.max_consecutive_skips={limit}); the first non-finite values were at {state.first_bad}. "
         "Saved a checkpoint of the last good weights; lower optim.lr, raise model.moe.z_coef or check the data"
     )
+
+
+def check_collapse(
+    state: TrainState, c: CollapseConfig, metrics: dict[str, float], layers: list[int], print_fn=print
+) -> bool:
+    """Collapse guard: update the per-layer streaks of ``max_frac > c.max_frac`` from a routing check's
+    ``router/layer{i}/max_frac``; warn once at ``patience``, or return True (stop) for ``action: stop``."""
+    stop = False
+    for i in layers:
+        key = f"layer{i}"
+        frac = metrics[f"router/{key}/max_frac"]
+        streak = state.collapse_streak.get(key, 0) + 1 if frac > c.max_frac else 0
+        state.collapse_streak[key] = streak
+        if streak >= c.patience:
+            msg = (
+                f"collapse guard: layer {i} sent {frac:.1%} of its tokens to one expert for {streak} "
+                f"consecutive checks (collapse.max_frac={c.max_frac}, patience={c.patience})"
+            )
+            if c.action == "stop":
+                print_fn(msg + "; stopping (collapse.action=stop)")
+                stop = True
+            elif streak == c.patience:
+                warnings.warn(msg, stacklevel=2)
+    return stop

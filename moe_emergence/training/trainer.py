@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,26 +241,6 @@ class Trainer:
             out[f"router/layer{i}/expert_divergence"] = expert_divergence(flat_expert_weights(layer.experts))
         return out
 
-    def _check_collapse(self, metrics: dict[str, float]) -> bool:
-        """Update the per-layer streaks; True when the run must stop."""
-        c, stop = self.cfg.collapse, False
-        for i in self.unwrapped.config.moe_layers:
-            key = f"layer{i}"
-            frac = metrics[f"router/{key}/max_frac"]
-            streak = self.state.collapse_streak.get(key, 0) + 1 if frac > c.max_frac else 0
-            self.state.collapse_streak[key] = streak
-            if streak >= c.patience:
-                msg = (
-                    f"collapse guard: layer {i} sent {frac:.1%} of its tokens to one expert for {streak} "
-                    f"consecutive checks (collapse.max_frac={c.max_frac}, patience={c.patience})"
-                )
-                if c.action == "stop":
-                    self.accelerator.print(msg + "; stopping (collapse.action=stop)")
-                    stop = True
-                elif streak == c.patience:
-                    warnings.warn(msg, stacklevel=2)
-        return stop
-
     def run_eval(self) -> None:
         e = self.cfg.eval
         bs = e.batch_size or self.cfg.train.batch_size
@@ -360,7 +339,8 @@ class Trainer:
             if routing is not None:
                 router = self._router_metrics(routing)
                 record.update(router)
-                if self._check_collapse(router) and stopped is None:
+                layers = self.unwrapped.config.moe_layers
+                if guard.check_collapse(st, cfg.collapse, router, layers, acc.print) and stopped is None:
                     stopped = "collapse"
             if record:
                 self._log(record)
