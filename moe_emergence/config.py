@@ -11,8 +11,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moe_emergence.schedules import validate_schedule
+
 INIT_METHODS = ("copy", "noise", "drop")
-BACKENDS = ("auto", "eager")
+BACKENDS = ("auto", "eager", "grouped_mm", "triton")
+ROUTING_MODES = ("token_choice", "expert_choice")
+OVERFLOW_MODES = ("drop", "next_best")
+SHARED_GATES = ("fixed", "learned")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -51,6 +56,32 @@ class MoEConfig:
     Dispatch:
         backend: expert computation by name (see ``experts.get_backend``); ``"eager"`` is the
             reference every other backend is tested against, ``"auto"`` picks the fastest that runs.
+
+    Routing variants for ablations (all off by default; off = bit-identical to plain top-k; formulas in
+    ``docs/architecture.md`` and the docstrings of ``routing``, ``capacity`` and ``selection``):
+        routing: ``"token_choice"`` (each token picks k experts) or ``"expert_choice"`` (Zhou et al.
+            2022: each expert picks its top-C tokens; NOT causal, for analysis; ``generate`` refuses it).
+        capacity_factor: None = dropless; else >= 1.0 and each expert takes at most
+            ``C = ceil(T * k / E * capacity_factor)`` assignments per forward (T tokens in the forward).
+            For expert choice it sets C (None counts as 1.0).
+        overflow: what happens to an assignment past capacity: ``"drop"`` (weight 0) or ``"next_best"``
+            (the token's next-ranked expert with room).
+        shared_expert: add one always-on dense expert (the upcycled dense MLP):
+            ``y = (1 - g) * routed + g * shared``.
+        shared_expert_gate: ``"fixed"`` (g = shared_expert_weight) or ``"learned"`` (per-token
+            ``g = sigmoid(x . w_g + b_g)``, w_g = 0 and b_g = logit(shared_expert_weight) at init).
+        shared_expert_weight: g in [0, 1] (in (0, 1) for the learned gate).
+        bias_update_rate: aux-loss-free balancing (DeepSeek-V3) when > 0: a per-expert selection bias,
+            ``b_e += rate * sign(mean_load - load_e)`` once per optimizer step (``update_selection_bias``).
+        entropy_coef: ``loss += entropy_coef * entropy_loss`` (mean per-token router entropy); positive
+            sharpens, negative spreads; any finite number.
+        random_routing_prob: training only; with this probability a token's top-1 expert is replaced
+            by a uniformly random one; in [0, 1].
+        expert_dropout: training only; each expert is dropped from selection for the forward with this
+            probability (the k with the highest draws always survive); in [0, 1).
+        lb_schedule, z_schedule: None (constant) or a schedule dict for lb_coef / z_coef over
+            optimizer steps (``schedules`` module); the trainer applies it with
+            ``model.schedule_loss_coefs(step)``.
     """
 
     num_experts: int = 8
@@ -68,6 +99,18 @@ class MoEConfig:
     lb_coef: float = 0.01
     z_coef: float = 0.001
     backend: str = "eager"
+    routing: str = "token_choice"
+    capacity_factor: float | None = None
+    overflow: str = "drop"
+    shared_expert: bool = False
+    shared_expert_gate: str = "fixed"
+    shared_expert_weight: float = 0.5
+    bias_update_rate: float = 0.0
+    entropy_coef: float = 0.0
+    random_routing_prob: float = 0.0
+    expert_dropout: float = 0.0
+    lb_schedule: dict[str, Any] | None = None
+    z_schedule: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +151,46 @@ class MoEConfig:
             _fail("seed", self.seed, "an integer")
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, f"one of {BACKENDS}")
+        self._validate_variants(is_num)
+
+    def _validate_variants(self, is_num) -> None:
+        def finite(v: Any) -> bool:
+            return is_num(v) and v == v and abs(v) != float("inf")
+
+        if self.routing not in ROUTING_MODES:
+            _fail("routing", self.routing, f"one of {ROUTING_MODES}")
+        if self.capacity_factor is not None and (
+            not finite(self.capacity_factor) or self.capacity_factor < 1.0
+        ):
+            _fail("capacity_factor", self.capacity_factor, "None (dropless) or a finite number >= 1.0")
+        if self.overflow not in OVERFLOW_MODES:
+            _fail("overflow", self.overflow, f"one of {OVERFLOW_MODES}")
+        if not isinstance(self.shared_expert, bool):
+            _fail("shared_expert", self.shared_expert, "true or false")
+        if self.shared_expert_gate not in SHARED_GATES:
+            _fail("shared_expert_gate", self.shared_expert_gate, f"one of {SHARED_GATES}")
+        w = self.shared_expert_weight
+        if self.shared_expert_gate == "learned":
+            if not finite(w) or not 0.0 < w < 1.0:
+                _fail(
+                    "shared_expert_weight", w, "a number in (0, 1) for the learned gate (its initial value)"
+                )
+        elif not finite(w) or not 0.0 <= w <= 1.0:
+            _fail("shared_expert_weight", w, "a number in [0, 1]")
+        if not finite(self.bias_update_rate) or self.bias_update_rate < 0:
+            _fail("bias_update_rate", self.bias_update_rate, "a finite number >= 0 (0 = off)")
+        if not finite(self.entropy_coef):
+            _fail("entropy_coef", self.entropy_coef, "a finite number (negative spreads, positive sharpens)")
+        if not finite(self.random_routing_prob) or not 0.0 <= self.random_routing_prob <= 1.0:
+            _fail("random_routing_prob", self.random_routing_prob, "a number in [0, 1]")
+        if not finite(self.expert_dropout) or not 0.0 <= self.expert_dropout < 1.0:
+            _fail("expert_dropout", self.expert_dropout, "a number in [0, 1)")
+        validate_schedule("lb_schedule", self.lb_schedule)
+        validate_schedule("z_schedule", self.z_schedule)
+        if self.routing == "expert_choice":
+            for name in ("bias_update_rate", "random_routing_prob", "expert_dropout"):
+                if getattr(self, name) != 0:
+                    _fail(name, getattr(self, name), "0 with routing='expert_choice' (token-choice only)")
 
     def resolve_layers(self, n_layer: int) -> list[int]:
         """Block indices to convert in a model of ``n_layer`` blocks; raises if one is outside it."""

@@ -59,9 +59,16 @@ def eager_experts(
 
 def get_backend(name: str, device: torch.device) -> ExpertsFn:
     """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device``."""
-    if name in ("auto", "eager"):
+    from moe_emergence import kernels  # lazy: keeps triton out of the model package's import
+
+    if name == "eager":
         return eager_experts
-    raise ValueError(f"unknown experts backend {name!r}; allowed: auto, eager")
+    if name == "auto":
+        fast = kernels.available_backends(device) if device.type == "cuda" else []
+        return kernels.load_backend(fast[0], device) if fast else eager_experts
+    if name in kernels.BACKENDS:
+        return kernels.load_backend(name, device)
+    raise ValueError(f"unknown experts backend {name!r}; allowed: auto, eager, {', '.join(kernels.BACKENDS)}")
 
 
 class ExpertBank(nn.Module):

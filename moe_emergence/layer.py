@@ -1,16 +1,49 @@
-"""MoEWrapper: Router + ExpertBank, a drop-in replacement for ``GPT2MLP``.
+"""MoEWrapper: Router + ExpertBank (+ optional shared expert), a drop-in replacement for ``GPT2MLP``.
 
-Shapes: B batch, L sequence length, T = B * L tokens, D model width, K experts per token.
+Shapes: B batch, L sequence length, T = B * L tokens, D model width, F intermediate width, E experts,
+K experts per token, C tokens per expert (expert choice), A routing assignments.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from moe_emergence.config import MoEConfig
 from moe_emergence.experts import ExpertBank
 from moe_emergence.routing import Router, RouterOutput
+
+
+class Affine(nn.Module):
+    """``x @ weight + bias`` with GPT-2's Conv1D layout (weight ``[in, out]``), zero-initialised.
+
+    Not a ``Conv1D`` / ``nn.Linear`` on purpose: transformers' ``_init_weights`` re-draws those after
+    the model's own init; the model inits these explicitly (``GPT2MoEForCausalLM.__init__``).
+    """
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+class SharedExpert(nn.Module):
+    """One dense GPT-2 MLP (``c_fc``, ``c_proj``; the same keys and layout as ``GPT2MLP``), always on."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+        super().__init__()
+        self.c_fc = Affine(d_model, d_ff)
+        self.c_proj = Affine(d_ff, d_model)
+        self.act = ACT2FN[activation]
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x_TD)))
 
 
 class MoEWrapper(nn.Module):
@@ -19,6 +52,18 @@ class MoEWrapper(nn.Module):
     ``y_t = dropout(sum_k w_tk * expert_{i_tk}(x_t))`` with the router's weights w and indices i.
     The router output of the last forward is kept in ``last_router_output`` for the model's losses
     and for telemetry (it is overwritten by every forward, gradient-checkpoint recomputation included).
+
+    Expert choice dispatches the E * C (token, expert) pairs through the same expert backend by
+    gathering rows: ``y_AD = experts(x_TD[token_A], expert_A, weight_A)``, then
+    ``y_TD = sum over pairs of y_AD`` in float32 (any backend works unchanged).
+
+    Shared expert: ``y_t = (1 - g_t) * routed_t + g_t * shared_t`` in float32, with ``g_t`` the fixed
+    ``shared_expert_weight`` or the learned ``sigmoid(x_t . w_g + b_g)``. With copy-init experts and a
+    shared expert copied from the same dense MLP, this is the dense MLP at init for any g.
+
+    ``token_mask_T`` (1 = real token) is set by ``GPT2MoEForCausalLM.forward`` before each forward (None
+    without an attention mask) so padding takes no expert capacity; it stays set until the next model
+    forward so gradient-checkpoint recomputation sees the same mask.
     """
 
     def __init__(
@@ -33,16 +78,71 @@ class MoEWrapper(nn.Module):
             noise_anneal_steps=config.noise_anneal_steps,
             straight_through=config.straight_through,
             normalize_topk=config.normalize_topk,
+            routing=config.routing,
+            capacity_factor=config.capacity_factor,
+            overflow=config.overflow,
+            bias_update_rate=config.bias_update_rate,
+            random_routing_prob=config.random_routing_prob,
+            expert_dropout=config.expert_dropout,
         )
         self.experts = ExpertBank(
             config.num_experts, d_model, d_ff, activation=activation, backend=config.backend
         )
+        self.shared_gate_kind: str | None = None
+        if config.shared_expert:
+            self.shared_expert = SharedExpert(d_model, d_ff, activation)
+            self.shared_gate_kind = config.shared_expert_gate
+            self.shared_expert_weight = float(config.shared_expert_weight)
+            if self.shared_gate_kind == "learned":
+                self.shared_gate = Affine(d_model, 1)  # weight [D, 1], bias [1], float32 maths
+                self.reset_shared_gate()
         self.dropout = nn.Dropout(dropout)
         self.last_router_output: RouterOutput | None = None
+        self.token_mask_T: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def reset_shared_gate(self) -> None:
+        """Learned gate init: ``w_g = 0``, ``b_g = logit(shared_expert_weight)``."""
+        w = self.shared_expert_weight
+        nn.init.zeros_(self.shared_gate.weight)
+        self.shared_gate.bias.fill_(math.log(w / (1.0 - w)))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
-        routing = self.router(x_TD)
+        mask_T = self.token_mask_T
+        if mask_T is not None and mask_T.shape != (x_TD.shape[0],):
+            raise ValueError(
+                f"MoEWrapper.token_mask_T has shape {tuple(mask_T.shape)} but the input has "
+                f"{x_TD.shape[0]} tokens; set it to None (or the right mask) before calling the layer directly"
+            )
+        routing = self.router(x_TD, mask_T)
         self.last_router_output = routing
-        y_TD = self.experts(x_TD, routing.topk_indices, routing.topk_weights)
+        if routing.ec_tokens is None:
+            y_TD = self.experts(x_TD, routing.topk_indices, routing.topk_weights)
+        else:
+            y_TD = self._expert_choice_dispatch(x_TD, routing.ec_tokens, routing.ec_weights)
+        if self.shared_gate_kind is not None:
+            y_TD = self._mix_shared(x_TD, y_TD)
         return self.dropout(y_TD.reshape(hidden_states.shape))
+
+    def _expert_choice_dispatch(
+        self, x_TD: torch.Tensor, tokens_EC: torch.Tensor, weights_EC: torch.Tensor
+    ) -> torch.Tensor:
+        E, C = tokens_EC.shape
+        token_A = tokens_EC.reshape(-1)
+        expert_A = torch.arange(E, device=x_TD.device).repeat_interleave(C)
+        y_AD = self.experts(x_TD[token_A], expert_A[:, None], weights_EC.reshape(-1, 1))
+        y_TD = torch.zeros(x_TD.shape, device=x_TD.device, dtype=torch.float32)
+        return y_TD.index_add_(0, token_A, y_AD.float()).to(x_TD.dtype)
+
+    def _mix_shared(self, x_TD: torch.Tensor, routed_TD: torch.Tensor) -> torch.Tensor:
+        shared_TD = self.shared_expert(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            if self.shared_gate_kind == "learned":
+                g_T1 = torch.sigmoid(
+                    x_TD.float() @ self.shared_gate.weight.float() + self.shared_gate.bias.float()
+                )
+            else:
+                g_T1 = torch.full((1, 1), self.shared_expert_weight, device=x_TD.device)
+            y_TD = (1.0 - g_T1) * routed_TD.float() + g_T1 * shared_TD.float()
+        return y_TD.to(x_TD.dtype)

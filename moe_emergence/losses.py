@@ -21,13 +21,39 @@ def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.d
 
 
 def expert_counts(
-    topk_indices_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None
+    topk_indices_TK: torch.Tensor,
+    num_experts: int,
+    mask_T: torch.Tensor | None = None,
+    assignment_mask_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Number of routing assignments per expert, float32 ``[E]`` (each token contributes k)."""
+    """Number of routing assignments per expert, float32 ``[E]`` (each token contributes k).
+
+    ``assignment_mask_TK`` (optional, bool or 0/1) counts only some assignments, e.g.
+    ``~RouterOutput.dropped`` to leave out those past capacity.
+    """
     T, K = topk_indices_TK.shape
     w_T = _token_weights(T, mask_T, topk_indices_TK.device)
+    w_A = w_T.repeat_interleave(K)
+    if assignment_mask_TK is not None:
+        if assignment_mask_TK.shape != (T, K):
+            raise ValueError(
+                f"assignment mask has shape {tuple(assignment_mask_TK.shape)}, expected ({T}, {K})"
+            )
+        w_A = w_A * assignment_mask_TK.reshape(-1).to(w_A)
     counts_E = torch.zeros(num_experts, device=topk_indices_TK.device, dtype=torch.float32)
-    return counts_E.index_add_(0, topk_indices_TK.reshape(-1), w_T.repeat_interleave(K))
+    return counts_E.index_add_(0, topk_indices_TK.reshape(-1), w_A)
+
+
+def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values_T`` over the real tokens (float32 scalar; 0 when there are none).
+
+    Used for the entropy loss (``RouterOutput.entropy``) and for telemetry fractions, e.g.
+    ``masked_mean(dropped.float().mean(-1), mask)`` = dropped_frac and ``masked_mean(unrouted.float(),
+    mask)`` = unrouted_frac.
+    """
+    w_T = _token_weights(values_T.shape[0], mask_T, values_T.device)
+    v_T = torch.where(w_T > 0, values_T.float(), torch.zeros_like(values_T, dtype=torch.float32))
+    return (v_T * w_T).sum() / w_T.sum().clamp_min(1.0)
 
 
 def expert_fractions(

@@ -4,8 +4,10 @@ Shapes: B batch, L sequence length, T = B * L tokens, E experts, K experts per t
 
 The model is a ``GPT2LMHeadModel`` whose ``transformer.h[i].mlp`` is an ``MoEWrapper`` for every i in
 ``config.moe["layers"]``. Its forward returns the usual causal-LM output plus ``lm_loss``,
-``aux_loss`` (Switch load balance, mean over MoE layers) and ``z_loss`` (mean over MoE layers); with
-``labels``, ``loss = lm_loss + lb_coef * aux_loss + z_coef * z_loss``.
+``aux_loss`` (Switch load balance, mean over MoE layers), ``z_loss`` and ``entropy_loss`` (means over
+MoE layers); with ``labels``, ``loss = lm_loss + lb_coef * aux_loss + z_coef * z_loss`` (plus
+``entropy_coef * entropy_loss`` when ``entropy_coef != 0``). ``lb_coef`` / ``z_coef`` are the config's
+values until the trainer sets others (``set_loss_coefs`` / ``schedule_loss_coefs``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from moe_emergence.config import MoEConfig
 from moe_emergence.layer import MoEWrapper
-from moe_emergence.losses import load_balance_loss, z_loss
+from moe_emergence.losses import expert_counts, load_balance_loss, masked_mean, z_loss
 from moe_emergence.routing import RouterOutput
+from moe_emergence.schedules import coef_at
 
 
 @strict
@@ -56,11 +59,14 @@ class MoECausalLMOutput(CausalLMOutputWithCrossAttentions):
     lm_loss: next-token cross entropy (only with ``labels``).
     aux_loss: load-balance loss, mean over MoE layers.
     z_loss: router z-loss, mean over MoE layers.
+    entropy_loss: mean over MoE layers of the (padding-masked) mean per-token entropy of the clean
+        router probabilities.
     """
 
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    entropy_loss: torch.Tensor | None = None
 
 
 class GPT2MoEForCausalLM(GPT2LMHeadModel):
@@ -81,7 +87,16 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             std = config.initializer_range
             layer.experts.reset_parameters(std, std / math.sqrt(2 * config.n_layer))
             layer.router.reset_parameters(moe.router_init_std)
+            if moe.shared_expert:
+                with torch.no_grad():
+                    layer.shared_expert.c_fc.weight.normal_(std=std)
+                    layer.shared_expert.c_proj.weight.normal_(std=std / math.sqrt(2 * config.n_layer))
+                    layer.shared_expert.c_fc.bias.zero_()
+                    layer.shared_expert.c_proj.bias.zero_()
+                if moe.shared_expert_gate == "learned":
+                    layer.reset_shared_gate()
             self.transformer.h[i].mlp = layer
+        self.loss_coefs = {"lb": float(moe.lb_coef), "z": float(moe.z_coef)}
         self.post_init()
 
     def moe_layers(self) -> dict[int, MoEWrapper]:
@@ -102,6 +117,91 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         for layer in self.moe_layers().values():
             layer.router.set_step(step)
 
+    def set_loss_coefs(self, lb: float | None = None, z: float | None = None) -> None:
+        """Set the load-balance / z-loss coefficients used by ``forward`` (plain floats; None keeps one)."""
+        for name, value in (("lb", lb), ("z", z)):
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"set_loss_coefs: {name}={value!r} is invalid: a finite number >= 0")
+            self.loss_coefs[name] = float(value)
+
+    def schedule_loss_coefs(self, step: int) -> dict[str, float]:
+        """Set the coefficients from ``lb_schedule`` / ``z_schedule`` at optimizer step ``step``
+        (``schedules`` module) and return them (``{"lb_coef": ..., "z_coef": ...}``, for logging)."""
+        moe = self.config.moe_config
+        lb = coef_at(moe.lb_coef, moe.lb_schedule, step)
+        z = coef_at(moe.z_coef, moe.z_schedule, step)
+        self.set_loss_coefs(lb=lb, z=z)
+        return {"lb_coef": lb, "z_coef": z}
+
+    def expert_load(self, token_mask_T: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Assignments each expert computed in the last forward, ``{block: float32 [E]}``: padding and
+        capacity-dropped assignments excluded; with expert choice, the real tokens each expert took.
+        Sum it over a step's micro-batches for ``update_selection_bias``."""
+        E = self.config.moe["num_experts"]
+        out = {}
+        for i, r in self.router_outputs().items():
+            if r.ec_tokens is not None:
+                real_T = torch.ones(r.router_probs.shape[0], device=r.ec_tokens.device)
+                if token_mask_T is not None:
+                    real_T = token_mask_T.to(real_T)
+                out[i] = real_T[r.ec_tokens].sum(1)
+                continue
+            kept_TK = None if r.dropped is None else ~r.dropped
+            out[i] = expert_counts(r.topk_indices, E, token_mask_T, assignment_mask_TK=kept_TK)
+        return out
+
+    def variant_stats(self, token_mask_T: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Telemetry of the routing variants for the last forward, on-device float32 scalars (no sync):
+        ``router/layer{L}/dropped_frac`` (capacity: fraction of real assignments dropped),
+        ``router/layer{L}/unrouted_frac`` (expert choice: fraction of real tokens no expert took),
+        ``router/layer{L}/selection_bias_e{i}`` (aux-loss-free balancing). Empty with every variant off."""
+        out = {}
+        for i, r in self.router_outputs().items():
+            if r.dropped is not None:
+                out[f"router/layer{i}/dropped_frac"] = masked_mean(r.dropped.float().mean(-1), token_mask_T)
+            if r.unrouted is not None:
+                out[f"router/layer{i}/unrouted_frac"] = masked_mean(r.unrouted.float(), token_mask_T)
+            router = self.transformer.h[i].mlp.router
+            if router.bias_update_rate > 0:
+                for e, b in enumerate(router.selection_bias.detach().unbind()):
+                    out[f"router/layer{i}/selection_bias_e{e}"] = b
+        return out
+
+    def update_selection_bias(self, counts_by_layer: dict[int, torch.Tensor]) -> None:
+        """Aux-loss-free balancing: ``Router.update_selection_bias`` for each MoE block, with that block's
+        per-expert load of the optimizer step (e.g. summed ``expert_load`` of its micro-batches)."""
+        if self.config.moe["bias_update_rate"] == 0:
+            raise ValueError("update_selection_bias: MoEConfig.bias_update_rate is 0 (no selection bias)")
+        layers = self.moe_layers()
+        if sorted(counts_by_layer) != sorted(layers):
+            raise ValueError(
+                f"update_selection_bias: got loads for blocks {sorted(counts_by_layer)}, "
+                f"expected exactly the MoE blocks {sorted(layers)}"
+            )
+        for i, load_E in counts_by_layer.items():
+            layers[i].router.update_selection_bias(load_E)
+
+    def generate(self, *args, **kwargs):
+        if self.config.moe["routing"] == "expert_choice":
+            raise ValueError(
+                "generate: routing='expert_choice' is not causal (each expert ranks all tokens of the "
+                "forward, future ones included), so it cannot generate; use it for analysis only"
+            )
+        return super().generate(*args, **kwargs)
+
+    def entropy_loss(self, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over MoE layers of the masked mean per-token entropy of the clean router probabilities."""
+        return torch.stack(
+            [masked_mean(r.entropy, token_mask_T) for r in self.router_outputs().values()]
+        ).mean()
+
     def aux_losses(self, token_mask_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balance loss, z-loss) of the last forward, each the mean over MoE layers."""
         E = self.config.moe["num_experts"]
@@ -118,16 +218,20 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoECausalLMOutput:
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         token_mask_T = None
         if attention_mask is not None:
             L = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             token_mask_T = attention_mask[:, -L:].reshape(-1)  # with a KV cache the mask covers the past too
+        for layer in self.moe_layers().values():
+            layer.token_mask_T = token_mask_T
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         aux, z = self.aux_losses(token_mask_T)
+        entropy = self.entropy_loss(token_mask_T)
         loss = None
         if labels is not None:
-            moe = self.config.moe
-            loss = out.loss + moe["lb_coef"] * aux + moe["z_coef"] * z
+            loss = out.loss + self.loss_coefs["lb"] * aux + self.loss_coefs["z"] * z
+            if self.config.moe["entropy_coef"] != 0:
+                loss = loss + self.config.moe["entropy_coef"] * entropy
         return MoECausalLMOutput(
             loss=loss,
             logits=out.logits,
@@ -138,4 +242,5 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             lm_loss=out.loss,
             aux_loss=aux,
             z_loss=z,
+            entropy_loss=entropy,
         )

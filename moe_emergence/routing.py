@@ -1,17 +1,23 @@
-"""Token-choice top-k router with annealed logit noise and a straight-through estimator for top-1.
+"""Token-choice top-k router with annealed logit noise and a straight-through estimator for top-1,
+plus the routing variants for ablations (capacity, selection bias, random routing, expert dropout,
+expert choice), all off by default.
 
-Shapes: T tokens, D model width, E experts, K experts per token. Inputs may be ``[T, D]`` or
-``[B, L, D]`` (flattened to T = B * L). All routing maths runs in float32, whatever the activation
-dtype or autocast state.
+Shapes: T tokens, D model width, E experts, K experts per token, C tokens per expert (expert choice).
+Inputs may be ``[T, D]`` or ``[B, L, D]`` (flattened to T = B * L). All routing maths runs in float32,
+whatever the activation dtype or autocast state.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_emergence.capacity import assign_with_capacity, compact_accepted, expert_capacity, preference_order
+from moe_emergence.selection import expert_choice, expert_dropout_keep, random_reroute
 
 
 @dataclass
@@ -19,11 +25,21 @@ class RouterOutput:
     """What one router forward produced (all float32 except the indices).
 
     topk_weights: ``[T, K]`` combine weights of the selected experts.
-    topk_indices: ``[T, K]`` selected experts (int64), ordered by decreasing probability.
+    topk_indices: ``[T, K]`` selected experts (int64), ordered by decreasing probability (by decreasing
+        biased score with a selection bias; in preference order of the final choice after random
+        routing or ``next_best`` overflow).
     router_probs: ``[T, E]`` softmax of the (noisy, in training) logits; the load-balance loss uses it.
     router_probs_clean: ``[T, E]`` softmax of the logits before noise.
     router_logits: ``[T, E]`` raw gate logits, before noise (the z-loss uses them).
     entropy: ``[T]`` entropy of the clean probabilities, natural log.
+
+    Variant fields (None when the variant is off):
+    dropped: ``[T, K]`` bool, the assignment overflowed its expert's capacity and has weight 0
+        (``capacity_factor`` set; padding is never dropped).
+    ec_tokens, ec_weights: ``[E, C]`` expert-choice assignment: the tokens each expert took and their
+        combine weights. With expert choice, ``topk_indices`` / ``topk_weights`` are only the token's
+        own top-k preference (used by the load-balance loss and telemetry), not what was computed.
+    unrouted: ``[T]`` bool, expert choice: no expert took the token (its MoE output is zero).
     """
 
     topk_weights: torch.Tensor
@@ -32,6 +48,10 @@ class RouterOutput:
     router_probs_clean: torch.Tensor
     router_logits: torch.Tensor
     entropy: torch.Tensor
+    dropped: torch.Tensor | None = None
+    ec_tokens: torch.Tensor | None = None
+    ec_weights: torch.Tensor | None = None
+    unrouted: torch.Tensor | None = None
 
 
 def entropy_from_probs(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -51,6 +71,20 @@ class Router(nn.Module):
     ``straight_through`` in training: ``w = (p_sel - stopgrad(p_sel)) + 1`` (exactly 1.0 forward,
     d w / d p_sel = 1 backward); in eval plain 1.0. Otherwise ``w = p_topk``.
     Selection and weights use the noisy probabilities in training, the clean ones in eval.
+
+    Variants (``MoEConfig`` fields, all off by default; off = exactly the computation above):
+      - selection bias (``bias_update_rate > 0``): experts are ranked by ``noisy_logits + b`` (buffer
+        ``selection_bias [E]``, in the state dict) but weighted by the unbiased probabilities;
+        ``update_selection_bias(load_E)`` does ``b += rate * sign(mean(load) - load_e)``.
+      - expert dropout (training): experts outside ``keep_E`` (``selection.expert_dropout_keep``) cannot
+        be selected and the weights use ``p_e * keep_e / sum_j p_j keep_j``.
+      - random routing (training): ``selection.random_reroute`` on the selected indices; weights are
+        then computed from the probabilities of the final choice (indices are no longer sorted).
+      - capacity (``capacity_factor``): ``capacity`` module; ``drop`` zeroes overflowed weights,
+        ``next_best`` re-assigns them and recomputes the weights of the final choice.
+      - expert choice: ``selection.expert_choice`` over the (noisy in training) probabilities with
+        ``C = ceil(T * k / E * (capacity_factor or 1))``; fills ``ec_tokens`` / ``ec_weights``.
+    ``mask_T`` (1 = real token) keeps padding from taking capacity or being chosen by experts.
     """
 
     def __init__(
@@ -62,6 +96,13 @@ class Router(nn.Module):
         noise_anneal_steps: int = 0,
         straight_through: bool = True,
         normalize_topk: bool = True,
+        *,
+        routing: str = "token_choice",
+        capacity_factor: float | None = None,
+        overflow: str = "drop",
+        bias_update_rate: float = 0.0,
+        random_routing_prob: float = 0.0,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -75,13 +116,41 @@ class Router(nn.Module):
         self.normalize_topk = normalize_topk
         self.weight = nn.Parameter(torch.zeros(num_experts, d_model, dtype=torch.float32))  # [E, D]
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if routing not in ("token_choice", "expert_choice"):
+            raise ValueError(f"Router routing={routing!r} must be 'token_choice' or 'expert_choice'")
+        if overflow not in ("drop", "next_best"):
+            raise ValueError(f"Router overflow={overflow!r} must be 'drop' or 'next_best'")
+        if capacity_factor is not None and not capacity_factor >= 1.0:
+            raise ValueError(f"Router capacity_factor={capacity_factor!r} must be None or >= 1.0")
+        if not 0.0 <= random_routing_prob <= 1.0:
+            raise ValueError(f"Router random_routing_prob={random_routing_prob!r} must be in [0, 1]")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"Router expert_dropout={expert_dropout!r} must be in [0, 1)")
+        if not bias_update_rate >= 0:
+            raise ValueError(f"Router bias_update_rate={bias_update_rate!r} must be >= 0")
+        self.routing = routing
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.overflow = overflow
+        self.bias_update_rate = float(bias_update_rate)
+        self.random_routing_prob = float(random_routing_prob)
+        self.expert_dropout = float(expert_dropout)
+        if self.bias_update_rate > 0:  # only then, so default checkpoints keep their keys
+            self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
 
     def extra_repr(self) -> str:
-        return (
+        s = (
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"noise_std={self.noise_std}, noise_anneal_steps={self.noise_anneal_steps}, "
             f"straight_through={self.straight_through}, normalize_topk={self.normalize_topk}"
         )
+        if self.routing != "token_choice":
+            s += f", routing={self.routing}"
+        if self.capacity_factor is not None:
+            s += f", capacity_factor={self.capacity_factor}, overflow={self.overflow}"
+        for name in ("bias_update_rate", "random_routing_prob", "expert_dropout"):
+            if getattr(self, name):
+                s += f", {name}={getattr(self, name)}"
+        return s
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.0) -> None:
@@ -102,26 +171,70 @@ class Router(nn.Module):
         remaining = (1.0 - self.step.float() / self.noise_anneal_steps).clamp_min(0.0)
         return self.noise_std * remaining
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
+    @torch.no_grad()
+    def update_selection_bias(self, load_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: ``b_e += bias_update_rate * sign(mean(load) - load_e)``.
+
+        ``load_E``: the step's assignment counts per expert (e.g. ``losses.expert_counts`` summed over
+        the step's micro-batches). Call once per optimizer step.
+        """
+        if self.bias_update_rate == 0:
+            raise ValueError("update_selection_bias: this router has bias_update_rate=0 (no selection bias)")
+        if load_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"update_selection_bias: load has shape {tuple(load_E.shape)}, expected ({self.num_experts},)"
+            )
+        load_E = load_E.to(device=self.selection_bias.device, dtype=torch.float32)
+        self.selection_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+    def _combine_weights(self, topk_probs_TK: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        if self.top_k == 1 and self.straight_through:
+            if self.training:
+                return (topk_probs_TK - topk_probs_TK.detach()) + 1.0  # exactly 1.0 forward
+            return torch.ones_like(topk_probs_TK)
+        if self.normalize_topk:
+            total_T1 = topk_probs_TK.sum(dim=-1, keepdim=True)
+            return topk_probs_TK / (total_T1 if eps is None else total_T1.clamp_min(eps))
+        return topk_probs_TK
+
+    def _perturbs_selection(self) -> bool:
+        return self.bias_update_rate > 0 or (
+            self.training and (self.random_routing_prob > 0 or self.expert_dropout > 0)
+        )
+
+    def forward(self, x: torch.Tensor, mask_T: torch.Tensor | None = None) -> RouterOutput:
         x_TD = x.reshape(-1, x.shape[-1])
+        if mask_T is not None and mask_T.shape != (x_TD.shape[0],):
+            raise ValueError(f"Router mask has shape {tuple(mask_T.shape)}, expected ({x_TD.shape[0]},)")
+        extra = {}
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
             probs_clean_TE = logits_TE.softmax(dim=-1)
+            noisy_logits_TE = logits_TE
             if self.training and self.noise_std > 0:
                 noise_TE = self.noise_std_now() * torch.randn_like(logits_TE)
-                probs_TE = (logits_TE + noise_TE).softmax(dim=-1)
+                noisy_logits_TE = logits_TE + noise_TE
+                probs_TE = noisy_logits_TE.softmax(dim=-1)
             else:
                 probs_TE = probs_clean_TE
-            topk_probs_TK, topk_indices_TK = probs_TE.topk(self.top_k, dim=-1)
-            if self.top_k == 1 and self.straight_through:
-                if self.training:
-                    weights_TK = (topk_probs_TK - topk_probs_TK.detach()) + 1.0  # exactly 1.0 forward
-                else:
-                    weights_TK = torch.ones_like(topk_probs_TK)
-            elif self.normalize_topk:
-                weights_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
+            if self.routing == "token_choice" and self._perturbs_selection():
+                weights_TK, topk_indices_TK, sel_TE, wprobs_TE, allowed_E = self._perturbed_topk(
+                    noisy_logits_TE, probs_TE
+                )
             else:
-                weights_TK = topk_probs_TK
+                topk_probs_TK, topk_indices_TK = probs_TE.topk(self.top_k, dim=-1)
+                weights_TK = self._combine_weights(topk_probs_TK)
+                sel_TE, wprobs_TE, allowed_E = probs_TE, probs_TE, None
+            T = x_TD.shape[0]
+            if self.routing == "expert_choice":
+                C = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor or 1.0)
+                tokens, weights, unrouted = expert_choice(probs_TE, C, mask_T)
+                extra = dict(ec_tokens=tokens, ec_weights=weights, unrouted=unrouted)
+            elif self.capacity_factor is not None:
+                weights_TK, topk_indices_TK, dropped_TK = self._apply_capacity(
+                    weights_TK, topk_indices_TK, sel_TE, wprobs_TE, allowed_E, mask_T
+                )
+                extra = dict(dropped=dropped_TK)
         return RouterOutput(
             topk_weights=weights_TK,
             topk_indices=topk_indices_TK,
@@ -129,4 +242,50 @@ class Router(nn.Module):
             router_probs_clean=probs_clean_TE,
             router_logits=logits_TE,
             entropy=entropy_from_probs(probs_clean_TE),
+            **extra,
         )
+
+    def _perturbed_topk(self, noisy_logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> tuple:
+        """Selection with bias / expert dropout / random routing: (weights, indices, selection scores,
+        probabilities the weights use, allowed experts or None)."""
+        E = self.num_experts
+        sel_TE = noisy_logits_TE + self.selection_bias if self.bias_update_rate > 0 else probs_TE
+        wprobs_TE, allowed_E = probs_TE, None
+        if self.training and self.expert_dropout > 0:
+            allowed_E = expert_dropout_keep(E, self.top_k, self.expert_dropout, probs_TE.device)
+            sel_TE = sel_TE.masked_fill(~allowed_E, -math.inf)
+            # = p * keep / sum(p * keep), computed stably (no 0/0 when the survivors' p underflow)
+            wprobs_TE = noisy_logits_TE.masked_fill(~allowed_E, -math.inf).softmax(dim=-1)
+        indices_TK = sel_TE.topk(self.top_k, dim=-1).indices
+        if self.training and self.random_routing_prob > 0:
+            allowed = (
+                allowed_E if allowed_E is not None else torch.ones(E, dtype=torch.bool, device=sel_TE.device)
+            )
+            indices_TK = random_reroute(indices_TK, self.random_routing_prob, allowed)
+        # eps: with a bias (or random routing) every selected p may underflow to 0 -> weights 0, not NaN
+        weights_TK = self._combine_weights(wprobs_TE.gather(1, indices_TK), eps=1e-30)
+        return weights_TK, indices_TK, sel_TE, wprobs_TE, allowed_E
+
+    def _apply_capacity(self, weights_TK, indices_TK, sel_TE, wprobs_TE, allowed_E, mask_T) -> tuple:
+        """(weights, indices, dropped) after capacity (``capacity`` module docstring)."""
+        T, K = indices_TK.shape
+        E = self.num_experts
+        C = expert_capacity(T, K, E, self.capacity_factor)
+        real_T = (
+            torch.ones(T, dtype=torch.bool, device=indices_TK.device) if mask_T is None else mask_T.bool()
+        )
+        if self.overflow == "drop":
+            accepted_TK = assign_with_capacity(
+                indices_TK, torch.ones_like(real_T)[:, None].expand(T, K), K, C, E, mask_T
+            )
+            dropped_TK = ~accepted_TK & real_T[:, None]
+            return weights_TK.masked_fill(dropped_TK, 0.0), indices_TK, dropped_TK
+        pref_TE = preference_order(indices_TK, sel_TE)
+        valid_TE = torch.ones_like(pref_TE, dtype=torch.bool) if allowed_E is None else allowed_E[pref_TE]
+        accepted_TE = assign_with_capacity(pref_TE, valid_TE, K, C, E, mask_T)
+        new_TK, filled_TK = compact_accepted(pref_TE, accepted_TE, K)
+        indices_TK = torch.where(real_T[:, None], new_TK, indices_TK)
+        filled_TK = filled_TK | ~real_T[:, None]
+        probs_TK = wprobs_TE.gather(1, indices_TK) * filled_TK
+        weights_TK = self._combine_weights(probs_TK, eps=1e-30) * filled_TK
+        return weights_TK, indices_TK, ~filled_TK

@@ -11,6 +11,9 @@ Expert inits (per expert e, seeded by ``MoEConfig.seed``):
            at random; their columns of c_fc (weight and bias) and rows of c_proj are redrawn from
            N(mean(W), std(W)^2) of the original matrix; c_proj's bias is kept.
 The router gate is drawn from N(0, router_init_std^2).
+Variants: a shared expert (``shared_expert``) is an exact copy of the dense MLP, whatever ``init``;
+its learned gate starts at ``w_g = 0``, ``b_g = logit(shared_expert_weight)``; a selection bias
+(``bias_update_rate > 0``) starts at 0.
 """
 
 from __future__ import annotations
@@ -117,6 +120,15 @@ def upcycle(
         router = torch.randn(dst[p + "router.weight"].shape, generator=gen) * config.router_init_std
         new[p + "router.weight"] = router
         new[p + "router.step"] = torch.zeros((), dtype=torch.long)
+        if config.bias_update_rate > 0:
+            new[p + "router.selection_bias"] = torch.zeros(E, dtype=torch.float32)
+        if config.shared_expert:
+            for key in ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"):
+                assert dst[p + "shared_expert." + key].shape == src[p + key].shape, f"block {i}: shared {key}"
+                new[p + "shared_expert." + key] = src[p + key]
+            if config.shared_expert_gate == "learned":
+                new[p + "shared_gate.weight"] = dst[p + "shared_gate.weight"]  # init'd by the model: w_g = 0
+                new[p + "shared_gate.bias"] = dst[p + "shared_gate.bias"]  # b_g = logit(weight)
     missing = sorted(set(dst) - set(new))
     assert not missing, f"upcycle left weights unset: {missing}"
     model.load_state_dict(new, strict=True)

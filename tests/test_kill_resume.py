@@ -26,7 +26,7 @@ from moe_emergence.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
-    "train.steps=12",
+    "train.steps=16",
     "model.dropout=0.1",  # dropout and router noise draw random numbers: RNG state must resume exactly
     "checkpoint.every=2",
     "checkpoint.keep=2",
@@ -47,9 +47,13 @@ def last_step(run: Path) -> int:
     return max(steps, default=-1)
 
 
-def saving(run: Path) -> bool:
+def saving(run: Path, after: int = -1) -> bool:
+    """A checkpoint save of a step > ``after`` is under way (``step_N.tmp``; older ones are leftovers)."""
     root = run / "checkpoints"
-    return root.is_dir() and any(p.name.endswith(".tmp") for p in root.iterdir())
+    if not root.is_dir():
+        return False
+    names = [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+    return any(int(n.removeprefix("step_").removesuffix(".tmp")) > after for n in names)
 
 
 def launch(cfg_file: Path, log: Path) -> subprocess.Popen:
@@ -85,19 +89,19 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path_factory, tmp_path):
         (("save", None), signal.SIGKILL),  # inside a checkpoint save: leaves step_N.tmp behind
         (("step", rng.randint(6, 8)), signal.SIGKILL),
         (("save", None), signal.SIGKILL),
-        (("step", rng.randint(9, 10)), signal.SIGTERM),  # clean stop: checkpoint, exit 143
+        (("step", rng.randint(9, 11)), signal.SIGTERM),  # clean stop: checkpoint, exit 143
     ]
     seen_tmp = False
     for (event, arg), sig in plan:
-        start = last_step(run)
+        start = last_step(run)  # records past the resume point are stale until the new process drops them
         proc = launch(cfg_file, log)
         if event == "step":
             reached = wait_for(proc, lambda a=arg, s=start: last_step(run) >= max(a, s + 1))
         else:
-            reached = wait_for(proc, lambda s=start: last_step(run) > s and saving(run))
+            reached = wait_for(proc, lambda s=start: saving(run, after=s))
         assert reached, f"ended before {event} {arg}: {log.read_text()[-3000:]}"
         time.sleep(rng.uniform(0.0, 0.15))
-        seen_tmp |= saving(run)
+        seen_tmp |= saving(run, after=start)
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
         if sig == signal.SIGKILL:

@@ -146,3 +146,45 @@ def test_model_and_trainer_losses_finite_on_padding(B, L, k, scale, mask_kind):
         assert lm.item() == 0.0
     (lm + 0.01 * lb_L.mean() + 0.001 * z_L.mean()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=routing_case(),
+    overflow=st.sampled_from(["drop", "next_best"]),
+    cf=st.sampled_from([1.0, 1.3, 2.0]),
+    masked=st.booleans(),
+    dropout=st.sampled_from([0.0, 0.5]),
+    bias=st.booleans(),
+)
+def test_capacity_invariants(case, overflow, cf, masked, dropout, bias):
+    """Per expert at most C real assignments; no expert twice per token; dropped weights are 0;
+    padding never dropped; k=1 next_best without expert dropout drops nothing."""
+    E, k, T, D, scale, seed = case
+    g = torch.Generator().manual_seed(seed)
+    r = Router(
+        D,
+        E,
+        top_k=k,
+        capacity_factor=cf,
+        overflow=overflow,
+        expert_dropout=dropout,
+        bias_update_rate=float(bias),
+    ).train()
+    with torch.no_grad():
+        r.weight.copy_(torch.randn(E, D, generator=g) * scale)
+        if bias:
+            r.selection_bias.copy_(torch.randn(E, generator=g) * scale)
+    mask = torch.randint(0, 2, (T,), generator=g) if masked else torch.ones(T, dtype=torch.long)
+    torch.manual_seed(seed)
+    out = r(torch.randn(T, D, generator=g), mask if masked else None)
+    C = math.ceil(T * k / E * cf)
+    kept = (~out.dropped) & mask.bool()[:, None]
+    load = torch.zeros(E).index_add_(0, out.topk_indices[kept], torch.ones(int(kept.sum())))
+    assert (load <= C).all()
+    assert all(len(set(row)) == k for row in out.topk_indices.tolist())
+    assert torch.equal(out.topk_weights[out.dropped], torch.zeros(int(out.dropped.sum())))
+    assert not out.dropped[mask == 0].any()
+    assert torch.isfinite(out.topk_weights).all()
+    if overflow == "next_best" and k == 1 and dropout == 0.0:
+        assert not out.dropped.any()

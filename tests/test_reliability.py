@@ -195,13 +195,13 @@ def poison_router(monkeypatch, layer: int, router_steps: set[int] | None, num_la
     (None = always). Training forwards call the routers in block order, one forward per micro-batch."""
     orig, calls = Router.forward, [0]
 
-    def forward(self, x):
+    def forward(self, x, *args, **kwargs):
         if not self.training:
-            return orig(self, x)
+            return orig(self, x, *args, **kwargs)
         i, calls[0] = calls[0] % num_layers, calls[0] + 1
         if i == layer and (router_steps is None or int(self.step) in router_steps):
             x = x + float("nan")
-        return orig(self, x)
+        return orig(self, x, *args, **kwargs)
 
     monkeypatch.setattr(Router, "forward", forward)
 

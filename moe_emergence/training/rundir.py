@@ -26,6 +26,9 @@ from moe_emergence.training.config import RunConfig
 
 RESUMABLE_CHANGES = ("train.stop_after", "log.", "eval.", "checkpoint.")
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
+# May change on resume when the global batch (batch_size x grad_accum x processes) stays the same, e.g.
+# a 2-process checkpoint resumed on 1 process with twice the per-process batch.
+WORLD_SIZE_KEYS = ("train.batch_size", "train.grad_accum")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,6 +71,27 @@ def check_checkpoint_fits(path: Path, meta: dict[str, Any], cfg: RunConfig) -> N
         raise ConfigError(
             f"cannot resume from {path}: it was saved with another model shape or MoE settings "
             f"(checkpoint -> config: {shown}); use the config the checkpoint was trained with"
+        )
+
+
+def check_global_batch(meta: dict[str, Any], cfg: RunConfig, num_processes: int) -> None:
+    """Refuse a resume that would change the rows per optimizer step (the data order depends on it)."""
+    if "num_processes" not in meta:
+        return
+    old = meta["batch_size"] * meta["grad_accum"] * meta["num_processes"]
+    new = cfg.train.batch_size * cfg.train.grad_accum * num_processes
+    if old != new:
+        per_process = old // (cfg.train.grad_accum * num_processes)
+        hint = (
+            f"; e.g. train.batch_size={per_process}"
+            if per_process * cfg.train.grad_accum * num_processes == old
+            else ""
+        )
+        raise ConfigError(
+            f"cannot resume: the checkpoint took {old} blocks per optimizer step (train.batch_size="
+            f"{meta['batch_size']} x train.grad_accum={meta['grad_accum']} x {meta['num_processes']} "
+            f"processes), this run would take {new} ({cfg.train.batch_size} x {cfg.train.grad_accum} x "
+            f"{num_processes}); keep the global batch the same{hint}"
         )
 
 
@@ -124,9 +148,10 @@ class RunFolder:
             else:
                 self.resume_meta = ckpt.read_meta(self.resume_from)
                 check_checkpoint_fits(self.resume_from, self.resume_meta, cfg)
+                check_global_batch(self.resume_meta, cfg, acc.num_processes)
             if saved.is_file():
                 diff = config_differences(yaml.safe_load(saved.read_text()), cfg.to_dict())
-                bad = [k for k in diff if not k.startswith(RESUMABLE_CHANGES)]
+                bad = [k for k in diff if not k.startswith(RESUMABLE_CHANGES) and k not in WORLD_SIZE_KEYS]
                 if bad:
                     raise ConfigError(
                         f"cannot resume {run_dir}: the config differs from the saved config.yaml in {bad} "
@@ -146,6 +171,7 @@ class RunFolder:
 
     def open(self) -> None:
         """Create the folder (moving a replaced run aside first)."""
+        self.acc.wait_for_everyone()  # every process checked the folder before the main process writes
         if self.acc.is_main_process:
             if self.overwrite and self.run_dir.exists():
                 self.run_dir.rename(self.replaced)

@@ -261,11 +261,15 @@ class Trainer:
         self._log(metrics, images)
 
     def save_checkpoint(self) -> None:
+        t = self.cfg.train
         meta = {
             "phase": self.phase,
             "upcycle_at_step": self.cfg.model.upcycle_at_step,
             "dims": model_setup.model_dims(self.unwrapped),
             "train_rows": len(self.corpus.train),
+            "num_processes": self.accelerator.num_processes,
+            "batch_size": t.batch_size,
+            "grad_accum": t.grad_accum,
             "config": self.cfg.to_dict(),
         }
         ckpt.save_checkpoint(

@@ -1,0 +1,269 @@
+"""Specialisation metrics: one small function per formula, numpy only.
+
+Shapes: N tokens, K experts per token, E experts, D domains, T token types, P flattened parameters of one
+expert, M documents. ``topk_NK`` holds expert indices ordered by decreasing router probability, so
+``topk_NK[:, 0]`` is the top-1 expert. Logarithms are natural (nats); ``0 * log 0 = 0``.
+
+Counting convention: "assignments" count every (token, chosen expert) pair, so with top-k each token
+contributes k assignments; a table of assignments divided by the number of tokens sums to k per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- counts and fractions
+
+
+def expert_counts(topk_NK: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[E]`` c_e = number of (token, slot) assignments to expert e."""
+    return np.bincount(np.asarray(topk_NK).reshape(-1), minlength=num_experts).astype(np.float64)
+
+
+def expert_usage(topk_NK: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[E]`` u_e = c_e / sum_j c_j: share of all routing assignments that went to expert e (sums to 1)."""
+    c = expert_counts(topk_NK, num_experts)
+    return c / max(c.sum(), 1.0)
+
+
+def joint_counts(
+    labels_N: np.ndarray, experts_N: np.ndarray, num_labels: int, num_experts: int
+) -> np.ndarray:
+    """``[D, E]`` n[d, e] = number of tokens with label d (domain, token type, ...) routed to expert e.
+
+    ``experts_N`` may be ``[N]`` (one choice per token) or ``[N, K]`` (every top-k assignment counted).
+    """
+    labels_N = np.asarray(labels_N)
+    experts = np.asarray(experts_N)
+    if experts.ndim == 2:
+        labels_N = np.repeat(labels_N, experts.shape[1])
+        experts = experts.reshape(-1)
+    flat = labels_N.astype(np.int64) * num_experts + experts.astype(np.int64)
+    return (
+        np.bincount(flat, minlength=num_labels * num_experts).reshape(num_labels, num_experts).astype(float)
+    )
+
+
+def row_fractions(counts_DE: np.ndarray) -> np.ndarray:
+    """``[D, E]`` f[d, e] = n[d, e] / sum_e' n[d, e']: where label d's assignments go (rows sum to 1; 0 rows stay 0)."""
+    counts_DE = np.asarray(counts_DE, dtype=np.float64)
+    return counts_DE / np.maximum(counts_DE.sum(1, keepdims=True), 1e-300)
+
+
+# ----------------------------------------------------------------------------- information
+
+
+def entropy(p: np.ndarray) -> float:
+    """H(p) = -sum_i p_i ln p_i (nats) of a probability vector (normalised here if it is a count vector)."""
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    total = p.sum()
+    if total <= 0:
+        return 0.0
+    p = p[p > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def mutual_information(counts_DE: np.ndarray) -> float:
+    """I(D; E) = sum_{d,e} p(d,e) ln[p(d,e) / (p(d) p(e))] (nats) from a joint count table ``[D, E]``."""
+    c = np.asarray(counts_DE, dtype=np.float64)
+    total = c.sum()
+    if total <= 0:
+        return 0.0
+    p_de = c / total
+    p_d = p_de.sum(1, keepdims=True)
+    p_e = p_de.sum(0, keepdims=True)
+    nz = p_de > 0
+    return float(max((p_de[nz] * np.log(p_de[nz] / (p_d * p_e)[nz])).sum(), 0.0))
+
+
+def normalized_mutual_information(counts_DE: np.ndarray) -> float:
+    """NMI = I(D; E) / H(D) in [0, 1]: the share of the domain's uncertainty that the expert choice removes.
+
+    1 when the expert determines the domain (e.g. a one-to-one map), 0 when they are independent;
+    0 when there is a single domain (H(D) = 0).
+    """
+    h_d = entropy(np.asarray(counts_DE).sum(1))
+    return mutual_information(counts_DE) / h_d if h_d > 0 else 0.0
+
+
+def symmetric_nmi(counts_AB: np.ndarray) -> float:
+    """NMI_sym = 2 I(A; B) / (H(A) + H(B)) in [0, 1] (for two variables of the same kind, e.g. two layers'
+    expert choices); 0 when both entropies are 0."""
+    c = np.asarray(counts_AB, dtype=np.float64)
+    h = entropy(c.sum(1)) + entropy(c.sum(0))
+    return 2.0 * mutual_information(c) / h if h > 0 else 0.0
+
+
+def cross_layer_nmi(top1_by_layer: dict[int, np.ndarray], num_experts: int) -> dict[tuple[int, int], float]:
+    """For every pair of MoE layers (a < b): ``symmetric_nmi`` of the joint table of their top-1 choices.
+
+    High: tokens that share an expert in layer a also share one in layer b (routing is consistent across
+    depth); 0: the layers' choices are independent.
+    """
+    layers = sorted(top1_by_layer)
+    out = {}
+    for i, a in enumerate(layers):
+        for b in layers[i + 1 :]:
+            out[(a, b)] = symmetric_nmi(
+                joint_counts(top1_by_layer[a], top1_by_layer[b], num_experts, num_experts)
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------- OLMoE specialisation
+
+
+def domain_specialization(counts_DE: np.ndarray, tokens_D: np.ndarray) -> np.ndarray:
+    """``[D, E]`` spec(e, D) = N_D(e) / N_D (OLMoE, Muennighoff et al. 2024).
+
+    N_D(e): tokens of domain D that have e among their top-k experts (``counts_DE`` with every top-k
+    assignment counted); N_D: tokens of domain D. Each row sums to k; uniform routing gives k / E
+    everywhere (``uniform_baseline``), an expert that takes all of a domain's tokens gives 1.
+    """
+    return np.asarray(counts_DE, dtype=np.float64) / np.maximum(np.asarray(tokens_D, float)[:, None], 1e-300)
+
+
+def uniform_baseline(top_k: int, num_experts: int) -> float:
+    """k / E: the specialisation (and the assignment fraction times k) of every expert under uniform routing."""
+    return top_k / num_experts
+
+
+def vocabulary_specialization(
+    token_ids_N: np.ndarray, topk_NK: np.ndarray, num_experts: int, min_count: int = 10
+) -> tuple[float, int]:
+    """(mean over token ids x with N_x >= min_count of max_e N_x(e) / N_x, number of such ids).
+
+    N_x: occurrences of token id x; N_x(e): those that have e among their top-k. In [k/E, 1]: 1 when every
+    occurrence of each frequent id goes to one expert (routing is a function of the token), k / E for
+    uniform routing. NaN when no id is frequent enough.
+    """
+    ids = np.asarray(token_ids_N, dtype=np.int64)
+    uniq, inv, n_x = np.unique(ids, return_inverse=True, return_counts=True)
+    counts_XE = joint_counts(inv, topk_NK, len(uniq), num_experts)
+    keep = n_x >= min_count
+    if not keep.any():
+        return float("nan"), 0
+    return float((counts_XE[keep].max(1) / n_x[keep]).mean()), int(keep.sum())
+
+
+# ----------------------------------------------------------------------------- dynamics and structure
+
+
+def router_saturation(topk_a_NK: np.ndarray, topk_b_NK: np.ndarray) -> dict[str, float]:
+    """How much routing changed between two checkpoints on the same tokens.
+
+    ``same_set``: share of tokens whose top-k SET is identical (order ignored);
+    ``overlap``: mean |S_a(t) ∩ S_b(t)| / k (OLMoE's router saturation when b is the final checkpoint).
+    """
+    a = np.sort(np.asarray(topk_a_NK), axis=1)
+    b = np.sort(np.asarray(topk_b_NK), axis=1)
+    if a.shape != b.shape:
+        raise ValueError(f"router_saturation: top-k shapes differ, {a.shape} vs {b.shape}")
+    same = (a == b).all(1).mean()
+    overlap = (a[:, :, None] == b[:, None, :]).any(2).mean()
+    return {"same_set": float(same), "overlap": float(overlap)}
+
+
+def coactivation(topk_NK: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[E, E]`` C[i, j] = P(j in top-k | i in top-k) = n(i and j) / n(i) for i != j, diagonal 0.
+
+    Rows of experts that were never chosen are 0. With k = 1 the matrix is all zeros.
+    """
+    topk = np.asarray(topk_NK)
+    onehot_NE = np.zeros((topk.shape[0], num_experts))
+    np.put_along_axis(onehot_NE, topk, 1.0, axis=1)
+    both_EE = onehot_NE.T @ onehot_NE
+    n_E = np.diag(both_EE).copy()
+    c = both_EE / np.maximum(n_E[:, None], 1e-300)
+    np.fill_diagonal(c, 0.0)
+    return c
+
+
+def cosine_distance_matrix(weights_EP: np.ndarray) -> np.ndarray:
+    """``[E, E]`` d[i, j] = 1 - cos(w_i, w_j) between flattened expert weights (0 for identical copies)."""
+    w = np.asarray(weights_EP, dtype=np.float64)
+    w = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-300)
+    return 1.0 - w @ w.T
+
+
+def mean_pairwise(d_EE: np.ndarray) -> float:
+    """Mean of the strictly upper triangle of a pairwise matrix (0 for a single expert)."""
+    i, j = np.triu_indices(d_EE.shape[0], k=1)
+    return float(d_EE[i, j].mean()) if len(i) else 0.0
+
+
+def distance_from_parent(weights_EP: np.ndarray, parent_P: np.ndarray) -> np.ndarray:
+    """``[E]`` 1 - cos(w_e, w_parent): how far each expert moved from the dense MLP it was copied from."""
+    w = np.asarray(weights_EP, dtype=np.float64)
+    p = np.asarray(parent_P, dtype=np.float64)
+    cos = (w @ p) / np.maximum(np.linalg.norm(w, axis=1) * np.linalg.norm(p), 1e-300)
+    return 1.0 - cos
+
+
+# ----------------------------------------------------------------------------- bootstrap over documents
+
+
+def per_document_tables(
+    doc_N: np.ndarray, labels_N: np.ndarray, values_N: np.ndarray, shape: tuple[int, int]
+):
+    """``[M, A, B]`` per-document count tables n_m[a, b] (``labels_N`` indexes a, ``values_N`` b) and the
+    ``[M]`` document ids in row order. Any table-valued statistic is a function of their sum, so a
+    bootstrap over documents only needs to re-weight these rows."""
+    docs, doc_row = np.unique(np.asarray(doc_N), return_inverse=True)
+    A, B = shape
+    flat = (doc_row * A + np.asarray(labels_N, np.int64)) * B + np.asarray(values_N, np.int64)
+    tables = np.bincount(flat, minlength=len(docs) * A * B).reshape(len(docs), A, B).astype(np.float64)
+    return tables, docs
+
+
+def per_document_sums(doc_N: np.ndarray, labels_N: np.ndarray, values_NC: np.ndarray, num_labels: int):
+    """``[M, A, C]`` per-document sums s_m[a, c] = sum of ``values_NC[t, c]`` over tokens t of document m with
+    label a (e.g. C = [1, nll] gives token counts and loss sums per domain), and the ``[M]`` document ids."""
+    docs, doc_row = np.unique(np.asarray(doc_N), return_inverse=True)
+    values_NC = np.asarray(values_NC, dtype=np.float64)
+    out = np.zeros((len(docs), num_labels, values_NC.shape[1]))
+    np.add.at(out, (doc_row, np.asarray(labels_N, np.int64)), values_NC)
+    return out, docs
+
+
+def bootstrap_ci(
+    tables_M: np.ndarray,
+    statistic: Callable[[np.ndarray], float | np.ndarray],
+    n_boot: int = 1000,
+    seed: int = 0,
+    strata_M: np.ndarray | None = None,
+    level: float = 0.95,
+) -> dict[str, float | list]:
+    """Point estimate and percentile bootstrap CI of ``statistic(sum_m tables_M[m])`` over DOCUMENTS.
+
+    Each replicate draws M documents with replacement (within each stratum when ``strata_M`` is given, so
+    the number of documents per domain is kept) and evaluates the statistic on the re-weighted sum of
+    their tables. CI = the (1-level)/2 and (1+level)/2 percentiles of the replicates. Tokens of one
+    document are correlated, so resampling documents, not tokens, gives honest intervals. Seeded.
+    """
+    tables_M = np.asarray(tables_M, dtype=np.float64)
+    M = tables_M.shape[0]
+    point = np.asarray(statistic(tables_M.sum(0)), dtype=np.float64)
+    if n_boot <= 0 or M == 0:
+        nan = np.full_like(point, np.nan)
+        return _ci_dict(point, nan, nan, 0)
+    rng = np.random.default_rng(seed)
+    strata = np.zeros(M, np.int64) if strata_M is None else np.asarray(strata_M)
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    flat = tables_M.reshape(M, -1)
+    reps = []
+    for _ in range(n_boot):
+        w_M = np.zeros(M)
+        for g in groups:
+            w_M[g] = np.bincount(rng.integers(0, len(g), len(g)), minlength=len(g))
+        reps.append(np.asarray(statistic((w_M @ flat).reshape(tables_M.shape[1:])), dtype=np.float64))
+    reps = np.stack(reps)
+    lo, hi = np.percentile(reps, [100 * (1 - level) / 2, 100 * (1 + level) / 2], axis=0)
+    return _ci_dict(point, lo, hi, n_boot)
+
+
+def _ci_dict(point: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_boot: int) -> dict:
+    conv = (lambda a: float(a)) if point.ndim == 0 else (lambda a: a.tolist())
+    return {"value": conv(point), "ci_low": conv(lo), "ci_high": conv(hi), "n_boot": n_boot}

@@ -1,0 +1,204 @@
+"""Analyse one or more runs on the SAME eval blocks: metrics.json, figures (PNG) and report.md.
+
+``analyze_runs`` is what ``scripts/analyze.py`` and the notebook call. A dense control gets loss metrics
+only; MoE runs also get routing metrics, weight divergence, router saturation against their checkpoints
+and causal expert ablation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_emergence.analysis.ablation import expert_ablation
+from moe_emergence.analysis.collect import Routing, collect_routing, token_bytes
+from moe_emergence.analysis.metrics import router_saturation
+from moe_emergence.analysis.runs import (
+    EvalSet,
+    Run,
+    list_checkpoints,
+    load_checkpoint_model,
+    load_eval_set,
+    load_model,
+    load_run,
+    load_tokenizer,
+)
+from moe_emergence.analysis.summarize import ablation_summary, routing_summary, weight_summary
+
+REPORT_FILES = ("metrics.json", "report.md")
+
+
+@dataclass
+class RunAnalysis:
+    """One analysed run: its folder, routing on the eval set, and the metrics.json section."""
+
+    run: Run
+    routing: Routing
+    metrics: dict
+    figures: dict[str, str] = field(default_factory=dict)
+
+
+def find_parent(run: Run, device) -> torch.nn.Module | None:
+    """The dense model the run was upcycled from, when it can still be found: a dense-phase checkpoint
+    at ``model.upcycle_at_step``, or ``model.base`` when it is a local dense checkpoint folder and the run
+    upcycled at step 0. None otherwise (then distance from the parent is reported as unknown)."""
+    model_cfg = run.config.get("model") or {}
+    at = int(model_cfg.get("upcycle_at_step") or 0)
+    for step, folder, meta in list_checkpoints(run):
+        if step == at and meta.get("phase") == "dense":
+            return load_checkpoint_model(run, folder, device)
+    base = model_cfg.get("base")
+    if at == 0 and isinstance(base, str) and (Path(base) / "config.json").is_file():
+        return load_model(base, device)
+    return None
+
+
+def saturation_vs_checkpoints(
+    run: Run, routing: Routing, eval_set: EvalSet, tokenizer, batch_size, device, progress
+) -> dict:
+    """Router saturation of every MoE-phase checkpoint against the final model, per layer (OLMoE)."""
+    out = {}
+    for step, folder, meta in list_checkpoints(run):
+        if meta.get("phase", "moe") != "moe":
+            continue
+        model = load_checkpoint_model(run, folder, device)
+        if not hasattr(model, "moe_layers"):
+            continue
+        r = collect_routing(model, eval_set, tokenizer, batch_size, progress, desc=f"routing step {step}")
+        out[str(step)] = {str(L): router_saturation(r.topk[L], routing.topk[L]) for L in routing.layers}
+    return out
+
+
+def analyze_run(
+    run: Run,
+    eval_set: EvalSet,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 8,
+    ablation: bool = True,
+    saturation: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+) -> RunAnalysis:
+    """Collect routing on ``eval_set`` and compute every metric of one run."""
+    tokenizer = load_tokenizer(run)
+    model = load_model(run.final_dir, device)
+    routing = collect_routing(model, eval_set, tokenizer, batch_size, progress, desc=f"routing {run.name}")
+    out = {"run_dir": str(run.path), "model_type": run.model_type, **routing_summary(routing, n_boot, seed)}
+    if routing.topk:
+        parent = find_parent(run, device)
+        out["weights"] = weight_summary(model, parent)
+        out["parent_known"] = parent is not None
+        if saturation:
+            out["saturation"] = saturation_vs_checkpoints(
+                run, routing, eval_set, tokenizer, batch_size, device, progress
+            )
+        if ablation:
+            base_BL = np.full(eval_set.input_ids.shape, np.nan)
+            base_BL[routing.block, routing.pos] = routing.nll
+            abl = expert_ablation(model, eval_set, batch_size, progress, base_nll_BL=base_BL)
+            out["ablation"] = ablation_summary(abl, routing, n_boot, seed)
+    return RunAnalysis(run=run, routing=routing, metrics=out)
+
+
+def check_out_dir(out: str | Path) -> None:
+    """The report folder may be missing, empty, or hold an earlier report (whose files are replaced);
+    anything else is refused so nothing unrelated is overwritten."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise ValueError(f"--out {str(out)!r} is not empty and holds no earlier report; choose a new folder")
+
+
+def analyze_runs(
+    run_dirs: list[str | Path],
+    out_dir: str | Path,
+    max_blocks: int | None = 64,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 8,
+    ablation: bool = True,
+    saturation: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[dict, list[RunAnalysis]]:
+    """Analyse runs on the eval blocks of the first run and write metrics.json, figures and report.md.
+
+    Every run must rebuild exactly the same eval blocks (same data config and tokenizer); otherwise a
+    ``ValueError`` names the run, since numbers on different blocks are not comparable.
+    """
+    if not run_dirs:
+        raise ValueError("no run folder given")
+    runs = [load_run(p) for p in run_dirs]  # checks every folder before any work
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run folders must have distinct names, got {names}")
+    check_out_dir(out_dir)
+    eval_set = load_eval_set(runs[0], load_tokenizer(runs[0]), max_blocks)
+    for r in runs[1:]:
+        other = load_eval_set(r, load_tokenizer(r), max_blocks)
+        if other.fingerprint != eval_set.fingerprint or other.domains != eval_set.domains:
+            raise ValueError(
+                f"run {r.name!r} rebuilds different eval blocks than {runs[0].name!r} (data config or tokenizer "
+                "differ); compare only runs trained on the same data with the same tokenizer"
+            )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only after every check that can refuse the input
+    analyses = [
+        analyze_run(r, eval_set, n_boot, seed, batch_size, ablation, saturation, device, progress)
+        for r in runs
+    ]
+    result = {
+        "eval_set": {
+            "fingerprint": eval_set.fingerprint,
+            "blocks": int(eval_set.input_ids.shape[0]),
+            "seq_len": int(eval_set.input_ids.shape[1]),
+            "domains": eval_set.domains,
+            "max_blocks": max_blocks,
+        },
+        "bootstrap": {
+            "n_boot": n_boot,
+            "seed": seed,
+            "level": 0.95,
+            "unit": "document, stratified by domain",
+        },
+        "runs": {a.run.name: a.metrics for a in analyses},
+    }
+    from moe_emergence.analysis.markdown import write_figures, write_report
+
+    write_figures(out, analyses, eval_set)
+    (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=True) + "\n")
+    write_report(out, result, analyses)
+    return result, analyses
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def example_pieces(
+    routing: Routing, tokenizer, domain: int, layer: int, max_tokens: int = 160
+) -> tuple[list[str], list[int]]:
+    """Text pieces and top-1 experts of the first ``max_tokens`` tokens of the first document of a domain."""
+    docs = np.flatnonzero(routing.domain == domain)
+    if len(docs) == 0:
+        return [], []
+    sel = np.flatnonzero(routing.doc == routing.doc[docs[0]])[:max_tokens]
+    pieces = [
+        b.decode("utf-8", errors="replace") for b in token_bytes(tokenizer, routing.token_ids[sel].tolist())
+    ]
+    return pieces, routing.topk[layer][sel, 0].tolist()

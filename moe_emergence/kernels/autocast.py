@@ -1,0 +1,31 @@
+"""Autocast policy shared by the fused backends (their autograd Functions run with autocast off).
+
+Under ``torch.autocast`` the matmul inputs are cast to the autocast dtype, as autocast would do for
+the eager reference's ``@``; the routing weights stay as they are (float32 from the router).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def cast_for_autocast(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors cast to the autocast dtype if autocast is on for ``device_type``, else unchanged."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type, enabled=False)
+
+
+def check_dtypes(name: str, *tensors: torch.Tensor) -> torch.dtype:
+    """The common dtype of ``tensors``; ValueError naming the backend if they differ."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1:
+        raise ValueError(f"{name} experts need x and all expert parameters in one dtype, got {dtypes}")
+    return tensors[0].dtype

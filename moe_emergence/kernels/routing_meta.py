@@ -1,0 +1,47 @@
+"""Routing metadata: the T*K (token, expert) assignments sorted by expert, without host syncs.
+
+Shapes: T tokens, K experts per token, A = T * K assignments, E experts.
+An assignment ``a = t * K + k`` sends token ``t`` to expert ``indices_TK[t, k]``. Sorting the A
+assignments by expert (stably) gives "sorted order": position ``r`` holds assignment ``order_A[r]``,
+whose token is ``token_A[r]`` and expert ``expert_A[r]``. Expert ``e`` owns the sorted rows
+``offsets_E1[e] : offsets_E1[e + 1]`` (possibly empty).
+
+Everything is computed on the device with one sort and a ``searchsorted`` of the sorted ids (a
+histogram by bisection); no ``.item()``, ``.tolist()``, ``nonzero`` or other host synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RoutingMeta(NamedTuple):
+    """Sorted-order view of the assignments (all int64 except ``offsets_E1``'s dtype, see below)."""
+
+    order_A: torch.Tensor  # [A] assignment id t*K+k at sorted position r
+    token_A: torch.Tensor  # [A] token id at sorted position r
+    expert_A: torch.Tensor  # [A] expert id at sorted position r (non-decreasing)
+    offsets_E1: torch.Tensor  # [E+1] start of each expert's rows; offsets_E1[E] == A
+    num_experts: int
+    top_k: int
+
+
+def routing_meta(indices_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
+    """Sort the assignments of ``indices_TK`` [T, K] (expert ids in [0, E)) by expert."""
+    if indices_TK.dim() != 2:
+        raise ValueError(f"indices_TK must be [T, K], got shape {tuple(indices_TK.shape)}")
+    K = indices_TK.shape[1]
+    flat_A = indices_TK.reshape(-1)
+    expert_A, order_A = torch.sort(flat_A, stable=True)
+    bounds_E1 = torch.arange(num_experts + 1, device=flat_A.device, dtype=expert_A.dtype)
+    offsets_E1 = torch.searchsorted(expert_A, bounds_E1)
+    return RoutingMeta(
+        order_A=order_A,
+        token_A=order_A // K,
+        expert_A=expert_A,
+        offsets_E1=offsets_E1,
+        num_experts=num_experts,
+        top_k=K,
+    )

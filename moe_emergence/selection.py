@@ -1,0 +1,60 @@
+"""Selection perturbations and expert-choice selection: pure functions used by ``routing.Router``.
+
+Shapes: T tokens, E experts, K experts per token, C tokens per expert (expert choice). Random draws use
+the global torch RNG on the tensors' device (so gradient checkpointing, which preserves the RNG state,
+replays them); no host syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expert_dropout_keep(num_experts: int, top_k: int, p: float, device: torch.device) -> torch.Tensor:
+    """``keep_E`` (bool) for one forward: expert e is dropped when its draw ``u_e ~ U(0, 1)`` is < p,
+    except that the k experts with the highest draws always survive (so every token keeps k choices)."""
+    u_E = torch.rand(num_experts, device=device)
+    keep_E = u_E >= p
+    return keep_E.scatter(0, u_E.topk(top_k).indices, True)
+
+
+def random_reroute(indices_TK: torch.Tensor, p: float, allowed_E: torch.Tensor) -> torch.Tensor:
+    """With probability p per token, replace its slot-0 (top-1) expert by one drawn uniformly from the
+    allowed experts (``allowed_E`` bool ``[E]``); if the drawn expert already sits in another slot, the
+    two slots swap, so a token never holds an expert twice."""
+    T = indices_TK.shape[0]
+    E = allowed_E.shape[0]
+    device = indices_TK.device
+    flip_T = torch.rand(T, device=device) < p
+    draws_TE = torch.rand(T, E, device=device).masked_fill(~allowed_E, -1.0)
+    new_T = draws_TE.argmax(dim=-1)  # uniform over the allowed experts
+    old_T = indices_TK[:, 0]
+    top_T = torch.where(flip_T, new_T, old_T)
+    rest_TK = indices_TK[:, 1:]
+    clash_TK = flip_T[:, None] & (rest_TK == new_T[:, None])
+    rest_TK = torch.where(clash_TK, old_T[:, None], rest_TK)
+    return torch.cat([top_T[:, None], rest_TK], dim=1)
+
+
+def expert_choice(
+    probs_TE: torch.Tensor, capacity: int, mask_T: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes the C tokens with the highest
+    probability for it.
+
+    Returns ``tokens_EC`` (int64 token indices), ``weights_EC`` (that token's probability for the expert,
+    with gradient; 0 for padding tokens, which are only taken once every real token has been ranked) and
+    ``unrouted_T`` (bool: no expert took the token; its MoE output is zero).
+    """
+    T, E = probs_TE.shape
+    scores_ET = probs_TE.detach().t()
+    if mask_T is not None:
+        scores_ET = scores_ET.masked_fill(~mask_T.bool()[None, :], -1.0)
+    tokens_EC = scores_ET.topk(capacity, dim=-1).indices
+    weights_EC = probs_TE.t().gather(1, tokens_EC)
+    if mask_T is not None:
+        weights_EC = weights_EC * mask_T.to(weights_EC.dtype)[tokens_EC]
+    taken_T = torch.zeros(T, device=probs_TE.device).index_add_(
+        0, tokens_EC.reshape(-1), torch.ones(E * capacity, device=probs_TE.device)
+    )
+    return tokens_EC, weights_EC, taken_T == 0

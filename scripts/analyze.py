@@ -1,0 +1,80 @@
+"""Analyse finished runs: routing on the shared eval blocks, specialisation metrics with CIs, figures, report.
+
+    python scripts/analyze.py RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--max-blocks N] [--bootstrap N] [--seed S]
+
+Writes REPORT_DIR/metrics.json, REPORT_DIR/report.md and PNG figures (see docs/analysis.md). A thin wrapper
+over ``moe_emergence.analysis.analyze_runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders (the first one's eval blocks are used for all)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="REPORT_DIR", help="report folder (new, empty, or an earlier report)"
+    )
+    p.add_argument(
+        "--max-blocks",
+        type=int,
+        default=64,
+        help="eval blocks, split evenly over domains (0 = all; default 64)",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap replicates over documents (default 1000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--no-ablation", action="store_true", help="skip causal expert ablation (one eval pass per expert)"
+    )
+    p.add_argument("--no-saturation", action="store_true", help="skip router saturation against checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.max_blocks < 0 or args.bootstrap < 0 or args.batch_size < 1:
+        p.error("--max-blocks and --bootstrap must be >= 0, --batch-size >= 1")
+
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:  # fail fast, before the heavy imports
+        print(
+            f"analyze.py: error: run folder {missing[0]!r} does not exist or is not a folder", file=sys.stderr
+        )
+        return 2
+
+    from moe_emergence.analysis import analyze_runs
+
+    try:
+        analyze_runs(
+            args.runs,
+            args.out,
+            max_blocks=args.max_blocks or None,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            ablation=not args.no_ablation,
+            saturation=not args.no_saturation,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        print(f"analyze.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

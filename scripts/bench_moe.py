@@ -1,0 +1,365 @@
+"""Benchmark the experts backends against the dense GPT-2 MLP on one CUDA device (bf16).
+
+Shapes: T tokens, D = 768, F = 3072, E experts, K experts per token.
+
+Layer: dense MLP on K*T tokens (the physical reference: same active FLOPs), each experts backend and a
+naive per-expert mask loop; forward and forward+backward median times (CUDA events), peak activation
+memory of forward+backward (peak allocated minus allocated before the forward); top-1/top-2,
+E in {4, 8, 16}, T in {4096, 8192, 16384}, balanced and Zipf(1.0)-skewed routing.
+End to end: training tokens/s of a GPT-2-small-shaped model (random init) with MoE in blocks 8-11
+(E=8) vs the same dense model, bf16 autocast, AdamW, same batch and sequence length.
+Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile check (graph breaks).
+
+    python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--skip-compile] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from moe_emergence.experts import eager_experts, get_backend
+
+D, FF = 768, 3072
+ACT = "gelu_pytorch_tanh"  # same maths as GPT-2's gelu_new, one fused kernel in eager PyTorch
+
+
+def naive_experts(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, indices_TK, weights_TK, activation):
+    """Per-expert mask loop, as common MoE code does (host syncs in torch.where)."""
+    y_TD = torch.zeros(x_TD.shape, device=x_TD.device, dtype=torch.float32)
+    for e in range(w1_EDF.shape[0]):
+        tok, slot = torch.where(indices_TK == e)
+        h = F.gelu(x_TD[tok] @ w1_EDF[e] + b1_EF[e], approximate="tanh")
+        o = h @ w2_EFD[e] + b2_ED[e]
+        y_TD.index_add_(0, tok, o.float() * weights_TK[tok, slot, None])
+    return y_TD.to(x_TD.dtype)
+
+
+def dense_mlp(x, w1, b1, w2, b2):
+    return torch.addmm(b2, F.gelu(torch.addmm(b1, x, w1), approximate="tanh"), w2)
+
+
+def routing(T, E, K, kind, gen):
+    if kind == "balanced":  # exactly T*K/E assignments per expert, distinct experts per token
+        base = torch.randperm(T, generator=gen) % E
+        idx = torch.stack([(base + j * max(1, E // K)) % E for j in range(K)], 1)
+    else:  # Zipf(1.0) over experts, K distinct experts per token
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)
+        idx = torch.multinomial(p.expand(T, E), K, replacement=False, generator=gen)
+    w = torch.rand(T, K, generator=gen)
+    return idx.cuda(), (w / w.sum(1, keepdim=True)).cuda()
+
+
+def timed(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def graph_time(fn, iters):
+    """Median ms of replaying ``fn`` captured in a CUDA graph: device time without host launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    t = timed(graph.replay, iters)
+    del graph
+    return t
+
+
+def measure(fwd, inputs, iters, graph=False):
+    """(fwd ms, fwd+bwd ms, peak activation MiB of fwd+bwd, fwd+bwd ms as a CUDA graph or None)."""
+    gy = torch.randn_like(fwd())
+    t_f = timed(lambda: fwd(), iters)
+
+    def step():
+        torch.autograd.grad(fwd(), inputs, gy)
+
+    t_fb = timed(step, iters)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return t_f, t_fb, mem, graph_time(step, iters) if graph else None
+
+
+def bench_layer(quick: bool, iters: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16
+    backends = {"naive": naive_experts, "eager": eager_experts}
+    backends |= {n: get_backend(n, torch.device("cuda")) for n in ("grouped_mm", "triton")}
+    rows = []
+    for K in (1, 2):
+        for T in (8192,) if quick else (4096, 8192, 16384):
+            x = torch.randn(K * T, D, device="cuda", dtype=dt, requires_grad=True)
+            w = [torch.randn(D, FF), torch.randn(FF) * 0.1, torch.randn(FF, D), torch.randn(D) * 0.1]
+            w = [(t * (0.02 if t.dim() == 2 else 1)).to("cuda", dt).requires_grad_() for t in w]
+            f, fb, mem, gr = measure(lambda x=x, w=w: dense_mlp(x, *w), [x, *w], iters, graph=True)
+            dense = dict(K=K, T=T, fwd=f, fwdbwd=fb, mem=mem, graph=gr)
+            rows.append(dict(dense, E=0, routing="-", impl="dense(K*T)"))
+            print(f"dense K={K} T={T}: fwd {f:.3f} ms fwd+bwd {fb:.3f} ms (graph {gr:.3f}) mem {mem:.0f} MiB")
+            for E in (8,) if quick else (4, 8, 16):
+                for kind in ("balanced", "zipf"):
+                    idx, wts = routing(T, E, K, kind, gen)
+                    wts.requires_grad_()
+                    x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+                    p = [torch.randn(E, D, FF) * 0.02, torch.randn(E, FF) * 0.1, torch.randn(E, FF, D) * 0.02]
+                    p = [t.to("cuda", dt).requires_grad_() for t in p + [torch.randn(E, D) * 0.1]]
+                    for name, fn in backends.items():
+                        if name == "naive" and T > 8192:
+                            continue
+
+                        def fwd(fn=fn, x=x, p=p, idx=idx, wts=wts):
+                            return fn(x, *p, idx, wts, ACT)
+
+                        sync_free = name in ("grouped_mm", "triton")  # naive/eager sync: no graph
+                        f, fb, mem, gr = measure(fwd, [x, *p, wts], iters, graph=sync_free)
+                        r = dict(K=K, T=T, E=E, routing=kind, impl=name, fwd=f, fwdbwd=fb, mem=mem, graph=gr)
+                        r |= dict(
+                            fwd_x=f / dense["fwd"], fwdbwd_x=fb / dense["fwdbwd"], mem_x=mem / dense["mem"]
+                        )
+                        r["graph_x"] = gr / dense["graph"] if gr is not None else None
+                        rows.append(r)
+                        gtxt = f"graph {gr:7.3f} ({r['graph_x']:5.2f}x)" if gr is not None else "graph n/a"
+                        print(
+                            f"K={K} T={T} E={E} {kind:8s} {name:10s} fwd {f:7.3f} ({r['fwd_x']:5.2f}x) "
+                            f"fwd+bwd {fb:7.3f} ({r['fwdbwd_x']:5.2f}x) {gtxt} mem {mem:6.0f} MiB ({r['mem_x']:.2f}x)",
+                            flush=True,
+                        )
+    return rows
+
+
+def check_autotuned() -> None:
+    """Autotuned Triton kernels at benchmark shapes, bf16, vs eager in float32 (relative errors)."""
+    gen = torch.Generator().manual_seed(2)
+    T, E = 8192, 8
+    for K in (1, 2):
+        idx, wts = routing(T, E, K, "zipf", gen)
+        base = [
+            torch.randn(T, D),
+            torch.randn(E, D, FF) * 0.02,
+            torch.randn(E, FF),
+            torch.randn(E, FF, D) * 0.02,
+        ]
+        base = [t.cuda() for t in base + [torch.randn(E, D)]]
+        gy = torch.randn(T, D, device="cuda")
+        res = []
+        for name, dt in (("eager", torch.float32), ("triton", torch.bfloat16)):
+            leaves = [t.to(dt).requires_grad_() for t in base] + [wts.clone().requires_grad_()]
+            y = get_backend(name, torch.device("cuda"))(*leaves[:5], idx, leaves[5], ACT)
+            res.append([y.float()] + [g.float() for g in torch.autograd.grad(y.float(), leaves, gy)])
+        errs = [((b - a).norm() / a.norm()).item() for a, b in zip(*res, strict=True)]
+        names = ["y", "x", "w1", "b1", "w2", "b2", "weights"]
+        print(
+            f"autotuned triton bf16 vs eager fp32, K={K}: "
+            + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs, strict=True))
+        )
+
+
+def profile_e2e() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = gpt2_small(dict(num_experts=8, top_k=1, layers=[8, 9, 10, 11], backend="triton"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, 50257, (8, 512), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print("\n## profile: e2e MoE top-1 triton training step x3 (B=8, L=512)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def profile_layer(iters: int = 5) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(1)
+    T, E, dt = 8192, 8, torch.bfloat16
+    for K in (1, 2):
+        idx, wts = routing(T, E, K, "balanced", gen)
+        x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+        p = [
+            torch.randn(E, D, FF) * 0.02,
+            torch.randn(E, FF),
+            torch.randn(E, FF, D) * 0.02,
+            torch.randn(E, D),
+        ]
+        p = [t.to("cuda", dt).requires_grad_() for t in p]
+        fn = get_backend("triton", torch.device("cuda"))
+        gy = torch.randn(T, D, device="cuda", dtype=dt)
+        for _ in range(3):
+            torch.autograd.grad(fn(x, *p, idx, wts, ACT), [x, *p], gy)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                torch.autograd.grad(fn(x, *p, idx, wts, ACT), [x, *p], gy)
+            torch.cuda.synchronize()
+        print(f"\n## profile: triton K={K} T={T} E={E} fwd+bwd, {iters} iterations")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def gpt2_small(moe: dict | None):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
+
+    kw = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257, activation_function=ACT)
+    torch.manual_seed(0)
+    if moe is None:
+        return GPT2LMHeadModel(GPT2Config(**kw)).cuda()
+    model = GPT2MoEForCausalLM(GPT2MoEConfig(**kw, moe=moe))
+    with torch.no_grad():  # the stacked expert weights are not initialised by from-config construction
+        for layer in model.moe_layers().values():
+            for p in layer.experts.parameters():
+                p.normal_(std=0.02)
+    return model.cuda()
+
+
+def train_tokens_per_s(model, B=8, L=512, steps=20, warmup=5) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50257, (B, L), generator=gen).cuda()
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms = timed(step, steps, warmup)
+    return B * L / ms * 1e3
+
+
+def bench_e2e() -> list[dict]:
+    rows = []
+    variants = [("dense", None)]
+    for K in (1, 2):
+        for backend in ("triton", "grouped_mm", "eager"):
+            if K == 2 and backend == "eager":
+                continue
+            moe = dict(num_experts=8, top_k=K, layers=[8, 9, 10, 11], backend=backend)
+            variants.append((f"moe top-{K} {backend}", moe))
+    dense = None
+    for name, moe in variants:
+        model = gpt2_small(moe)
+        tps = train_tokens_per_s(model)
+        dense = dense or tps
+        rows.append(dict(model=name, tokens_per_s=tps, ratio=tps / dense))
+        print(f"e2e {name:24s} {tps:9.0f} tokens/s ({tps / dense:.2f}x dense)", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def check_compile() -> dict:
+    from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
+
+    moe = dict(num_experts=4, top_k=2, layers=[1], backend="triton", noise_std=0.0)
+    cfg = GPT2MoEConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=512, n_positions=128, moe=moe)
+    torch.manual_seed(0)
+    model = GPT2MoEForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.transformer.h[1].mlp.experts.parameters():
+            p.normal_(std=0.05)
+    model = model.cuda().train()
+    ids = torch.randint(0, 512, (4, 64), device="cuda")
+    explain = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    reasons = [str(b.reason) for b in explain.break_reasons]
+    print(f"\n## torch.compile: {explain.graph_count} graphs, {explain.graph_break_count} graph breaks")
+    for b in explain.break_reasons:
+        where = b.user_stack[-1] if b.user_stack else "?"
+        print("  break:", str(b.reason).splitlines()[0][:200], "| at", str(where).replace("\n", " ")[:200])
+    torch._dynamo.reset()
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    g_ref = model.transformer.h[1].mlp.experts.w1_EDF.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    g = model.transformer.h[1].mlp.experts.w1_EDF.grad
+    rel = ((g - g_ref).norm() / g_ref.norm()).item()
+    print(f"w1 grad norms: eager {g_ref.norm().item():.4e}, compiled {g.norm().item():.4e}")
+    print(f"compiled loss {loss.item():.6f} vs eager {ref.item():.6f}; w1 grad rel err {rel:.2e}")
+    return dict(
+        graph_breaks=explain.graph_break_count, reasons=reasons, loss_diff=abs(loss.item() - ref.item())
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only E=8, T=8192")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--skip-layer", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument("--json", default=None, help="write all results to this JSON file")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_moe.py needs a CUDA device")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    out = {}
+    if not args.skip_layer:
+        out["layer"] = bench_layer(args.quick, args.iters)
+    check_autotuned()
+    if not args.skip_profile:
+        profile_layer()
+        profile_e2e()
+    if not args.skip_e2e:
+        out["e2e"] = bench_e2e()
+    if not args.skip_compile:
+        out["compile"] = check_compile()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if "layer" in out:
+        cols = ["fwd", "fwd_x", "fwdbwd", "fwdbwd_x", "graph", "graph_x", "mem", "mem_x"]
+        print("\n| K | T | E | routing | impl | fwd ms | x dense | fwd+bwd ms | x dense | graph fwd+bwd ms | x dense |"
+              " peak MiB | x dense |")  # fmt: skip
+        print("|---" * 13 + "|")
+        for r in out["layer"]:
+            r = dict(r, fwd_x=r.get("fwd_x", 1), fwdbwd_x=r.get("fwdbwd_x", 1), mem_x=r.get("mem_x", 1))
+            r["graph_x"] = r.get("graph_x", 1 if r["graph"] is not None else None)
+            vals = ["-" if r[c] is None else f"{r[c]:.0f}" if c == "mem" else f"{r[c]:.3f}" if c in
+                    ("fwd", "fwdbwd", "graph") else f"{r[c]:.2f}" for c in cols]  # fmt: skip
+            print(
+                f"| {r['K']} | {r['T']} | {r['E'] or '-'} | {r['routing']} | {r['impl']} | "
+                + " | ".join(vals)
+                + " |"
+            )
+
+
+if __name__ == "__main__":
+    main()

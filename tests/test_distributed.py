@@ -1,0 +1,114 @@
+"""Data parallelism on the CPU: 2 gloo processes (torchrun) against 1 process with the same global batch.
+
+`accelerate launch --cpu --num_processes 2` starts one process on our 2-core machines; torchrun with
+ACCELERATE_USE_CPU=1 starts two and Accelerator() picks up gloo (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_training_run import TINY
+
+from moe_emergence.telemetry import read_metrics
+from moe_emergence.training.config import config_from_dict
+from moe_emergence.training.loader import ConfigError
+from moe_emergence.training.sampler import BlockSampler
+from moe_emergence.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Router noise and dropout draw per-process random numbers, so they are off for the equivalence;
+# global balance scope makes the load-balance loss independent of how the batch is split.
+COMMON = [
+    "model.moe.noise_std=0",
+    "train.balance_scope=global",
+    "train.steps=10",
+    "optim.lr=1e-3",
+    "log.router_every=5",
+    "log.run_name=tiny",
+]
+
+
+def _losses(run_dir: Path) -> dict[int, list[float]]:
+    out = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if "train/loss" in r:
+            out[r["step"]] = [r["train/lm_loss"], r.get("train/lb_loss", 0.0), r.get("train/z_loss", 0.0)]
+    return out
+
+
+def _torchrun(tmp_path: Path, cache: Path, *overrides: str, resume: bool = False) -> None:
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "scripts" / "train.py"), "--config", str(cfg_file), f"output_dir={tmp_path}"]
+    cmd += [f"data.cache_dir={cache}", *COMMON, *overrides] + (["--resume", "auto"] if resume else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _assert_close(a: dict[int, list[float]], b: dict[int, list[float]], steps, rel=1e-4) -> None:
+    for s in steps:
+        for x, y in zip(a[s], b[s], strict=True):
+            assert abs(x - y) <= rel * abs(x), (s, a[s], b[s])
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """1 process, batch 8: the reference run."""
+    tmp = tmp_path_factory.mktemp("single")
+    cache = tmp / "cache"
+    res = train(
+        config_from_dict(
+            TINY, [f"output_dir={tmp}", f"data.cache_dir={cache}", *COMMON, "train.batch_size=8"]
+        )
+    )
+    return tmp, cache, _losses(res.run_dir)
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(single, tmp_path):
+    _, cache, ref = single
+    _torchrun(tmp_path, cache, "train.batch_size=4")
+    run = tmp_path / "tiny"
+    got = _losses(run)
+    assert sorted(got) == list(range(1, 11)) == sorted(ref)  # only the main process writes metrics
+    assert any(v[1] > 0 for v in got.values())  # MoE steps (aux losses) are part of the comparison
+    _assert_close(ref, got, range(1, 11))
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_resume_two_process_checkpoint_on_one_process(single, tmp_path):
+    _, cache, ref = single
+    _torchrun(tmp_path, cache, "train.batch_size=4", "train.stop_after=5")
+    base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", *COMMON]
+    with pytest.raises(ConfigError, match=r"keep the global batch the same; e.g. train.batch_size=8"):
+        train(config_from_dict(TINY, [*base, "train.batch_size=4"]), resume="auto")
+    res = train(config_from_dict(TINY, [*base, "train.batch_size=8"]), resume="auto")
+    assert res.step == 10
+    _assert_close(ref, _losses(res.run_dir), range(6, 11))
+
+
+def test_resume_one_process_checkpoint_on_two_processes(single, tmp_path):
+    _, cache, ref = single
+    base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", *COMMON]
+    train(config_from_dict(TINY, [*base, "train.batch_size=8", "train.stop_after=5"]))
+    _torchrun(tmp_path, cache, "train.batch_size=4", resume=True)
+    _assert_close(ref, _losses(tmp_path / "tiny"), range(6, 11))
+
+
+def test_sampler_shards_disjoint_rows_that_cover_the_global_batch():
+    one = BlockSampler(100, batch_size=6, grad_accum=2, num_processes=1)
+    two = [BlockSampler(100, batch_size=3, grad_accum=2, num_processes=2, process_index=r) for r in (0, 1)]
+    for _ in range(20):  # several epochs
+        ref = one.next_step()
+        parts = [s.next_step() for s in two]
+        for m in range(2):
+            a, b = parts[0][m], parts[1][m]
+            assert not set(a) & set(b)
+            assert sorted(a + b) == sorted(ref[m])
