@@ -16,6 +16,7 @@ are tested against it, gradients included.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -57,8 +58,11 @@ def eager_experts(
     return y_TD.index_add_(0, token_A, y_AD).to(x_TD.dtype)
 
 
+@functools.cache
 def get_backend(name: str, device: torch.device) -> ExpertsFn:
-    """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device``."""
+    """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device``.
+
+    Resolved once per (name, device) and cached: the forward pass does no lookup work."""
     from moe_emergence import kernels  # lazy: keeps triton out of the model package's import
 
     if name == "eager":

@@ -72,8 +72,15 @@ def expert_divergence(weights_EN: torch.Tensor) -> float:
 def flat_expert_weights(experts: torch.nn.Module) -> torch.Tensor:
     """``[E, N]``: every parameter of each expert (w1, b1, w2, b2) flattened and concatenated."""
     E = experts.w1_EDF.shape[0]
-    parts = [experts.w1_EDF, experts.b1_EF, experts.w2_EFD, experts.b2_ED]
-    return torch.cat([p.detach().reshape(E, -1).float() for p in parts], dim=1)
+    parts = [_full(p) for p in (experts.w1_EDF, experts.b1_EF, experts.w2_EFD, experts.b2_ED)]
+    return torch.cat([p.reshape(E, -1).float() for p in parts], dim=1)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter: FSDP2 shards parameters as DTensors, gathered here (a collective, so every
+    process calls it, as the trainer does for all telemetry)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 # ----------------------------------------------------------------------------- accumulators

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from moe_emergence.errors import ConfigError, as_user_error
@@ -44,6 +45,14 @@ class BaseInfo:
 
     tokenizer: PreTrainedTokenizerBase | None
     max_positions: int
+
+
+def mixed_precision(setting: str, cpu: bool) -> str:
+    """``train.mixed_precision`` for accelerate: ``auto`` = bf16 on a GPU that has it, else no."""
+    if setting != "auto":
+        return setting
+    gpu = torch.cuda.is_available() and not cpu
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
 
 
 def check_base(cfg: RunConfig) -> BaseInfo:

@@ -8,7 +8,8 @@ Loss of one optimizer step over G micro-batches and P processes (what the gradie
     z  = the same token weighting of the per-token router z-loss, mean over MoE layers,
     lb = mean over micro-batches (and processes) of the Switch loss E * sum_i f_i P_i, mean over layers;
          ``balance_scope: global`` all-reduces the counts behind f_i across processes first,
-    loss = lm + lb_coef * lb + z_coef * z.
+    ent = the same token weighting of the per-token router entropy, mean over MoE layers,
+    loss = lm + lb_coef * lb + z_coef * z + entropy_coef * ent (coefficients in force this step).
 ``accelerator.backward`` divides by G and DDP averages over P, so micro-batch terms are scaled by G * P.
 """
 
@@ -65,6 +66,28 @@ def nonfinite_flags(router_outputs: dict, lb_L: torch.Tensor, z_L: torch.Tensor)
     """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, aux loss non-finite (no sync)."""
     logits_L = torch.stack([~torch.isfinite(r.router_logits).all() for r in router_outputs.values()])
     return torch.stack([logits_L, ~(torch.isfinite(lb_L) & torch.isfinite(z_L))], dim=-1)
+
+
+def train_record(moe_model, lm: float, lb: float, z: float, ent: float, lrs: dict[str, float]) -> dict:
+    """The loss and learning-rate part of a ``train/`` record; ``moe_model`` None for a dense model.
+    ``train/loss`` uses the coefficients in force this step."""
+    record = {"train/lm_loss": lm, "train/lr": lrs["decay"] if "decay" in lrs else lrs["no_decay"]}
+    if moe_model is None:
+        return {"train/loss": lm, **record}
+    coefs = moe_model.loss_coefs
+    ent_coef = moe_model.config.moe["entropy_coef"]
+    noise = next(iter(moe_model.moe_layers().values())).router.noise_std_now()
+    return {
+        "train/loss": lm + coefs["lb"] * lb + coefs["z"] * z + ent_coef * ent,
+        **record,
+        "train/lb_loss": lb,
+        "train/z_loss": z,
+        "train/entropy_loss": ent,
+        "train/lb_coef": coefs["lb"],
+        "train/z_coef": coefs["z"],
+        "train/router_lr": lrs["router"],
+        "router/noise_std": float(noise),
+    }
 
 
 def token_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from moe_emergence.training.config import RunConfig
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, set_lr
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
-from moe_emergence.training.sampler import BlockSampler
+from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
     aux_losses_per_layer,
@@ -41,6 +41,7 @@ from moe_emergence.training.steps import (
     lm_share,
     nonfinite_flags,
     shifted_token_counts,
+    train_record,
 )
 from moe_emergence.training.tracking import Tracking
 
@@ -56,18 +57,6 @@ class TrainResult:
     message: str | None = None
 
 
-def _mixed_precision(setting: str, cpu: bool) -> str:
-    if setting != "auto":
-        return setting
-    gpu = torch.cuda.is_available() and not cpu
-    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-
-
-def _rows(dataset, indices: list[int]) -> list[dict]:
-    cols = dataset[indices]
-    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=False)]
-
-
 class Trainer:
     """Builds everything from a ``RunConfig`` and runs it; ``train()`` is the public entry point."""
 
@@ -77,7 +66,7 @@ class Trainer:
         t = cfg.train
         self.tracking = Tracking(cfg)
         self.accelerator = Accelerator(
-            mixed_precision=_mixed_precision(t.mixed_precision, t.cpu),
+            mixed_precision=model_setup.mixed_precision(t.mixed_precision, t.cpu),
             gradient_accumulation_steps=t.grad_accum,
             cpu=t.cpu,
             log_with=self.tracking.log_with,
@@ -169,16 +158,25 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         device = acc.device
         G, P = cfg.train.grad_accum, acc.num_processes
-        batches = [self.collate(_rows(self.corpus.train, rows)) for rows in self.sampler.next_step()]
+        batches = [self.collate(rows_of(self.corpus.train, rows)) for rows in self.sampler.next_step()]
         counts = self._reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
         n_lab, n_tok = counts[0].clamp_min(1), counts[1].clamp_min(1)
         moe_cfg = self.unwrapped.config.moe if self.moe else None
         layers = self.unwrapped.config.moe_layers if self.moe else []
+        coefs = {"lb": 0.0, "z": 0.0}
+        bias_loads: dict[int, torch.Tensor] | None = None
         if self.moe:
-            self.unwrapped.set_router_step(self.state.step - self.cfg.model.upcycle_at_step)
+            moe_step = self.state.step - self.cfg.model.upcycle_at_step
+            self.unwrapped.set_router_step(moe_step)
+            self.unwrapped.schedule_loss_coefs(moe_step)
+            coefs = self.unwrapped.loss_coefs
+            if moe_cfg["bias_update_rate"] > 0:
+                bias_loads = {}
+        ent_coef = moe_cfg["entropy_coef"] if self.moe else 0.0
         global_fn = self._reduce_sum if (self.moe and cfg.train.balance_scope == "global") else None
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # lm, lb, z of this step
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # lm, lb, z, entropy of this step
         bad_L2 = torch.zeros(len(layers), 2, dtype=torch.bool, device=device)
+        variant_sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             c = shifted_token_counts(batch)
@@ -190,7 +188,7 @@ class Trainer:
                 )
                 lm = lm_share(out.lm_loss if self.moe else out.loss, c[0], n_lab)
                 loss = lm * (G * P)
-                lb = z = torch.zeros((), device=device)
+                lb = z = ent = torch.zeros((), device=device)
                 if self.moe:
                     mask_T = batch["attention_mask"].reshape(-1)
                     outs = self.unwrapped.router_outputs()
@@ -198,11 +196,20 @@ class Trainer:
                     lb_L, z_L = aux_losses_per_layer(outs, mask_T, moe_cfg["num_experts"], global_fn)
                     bad_L2 |= nonfinite_flags(outs, lb_L, z_L)
                     lb, z = lb_L.mean(), z_L.mean() * (c[1] / n_tok)
-                    loss = loss + moe_cfg["lb_coef"] * lb + moe_cfg["z_coef"] * z * (G * P)
+                    ent = out.entropy_loss * (c[1] / n_tok)
+                    loss = loss + coefs["lb"] * lb + coefs["z"] * z * (G * P)
+                    if ent_coef != 0:
+                        loss = loss + ent_coef * ent * (G * P)
                     if routing is not None:
                         routing.add(outs, mask_T, batch["domain_ids"])
+                        for k, v in self.unwrapped.variant_stats(mask_T).items():
+                            variant_sums[k] = variant_sums.get(k, 0.0) + v.detach() / (G * P)
+                    if bias_loads is not None:
+                        for i, load_E in self.unwrapped.expert_load(mask_T).items():
+                            bias_loads[i] = bias_loads.get(i, 0.0) + load_E
                 acc.backward(loss)
-                totals += torch.stack([lm.detach(), lb.detach() / (G * P), z.detach()]).double()
+                parts = [lm.detach(), lb.detach() / (G * P), z.detach(), ent.detach()]
+                totals += torch.stack(parts).double()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
         flags = torch.cat(
@@ -219,9 +226,20 @@ class Trainer:
         if check.finite or acc.scaler is not None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if bias_loads is not None and check.finite:  # aux-loss-free balancing: once per taken step
+            self.unwrapped.update_selection_bias({i: self._reduce_sum(v) for i, v in bias_loads.items()})
         self.state.step += 1
         guard.update(self.state, check, self.state.step)
-        return {"totals": totals, "tokens": counts[1], "grad_norm": grad_norm, "lrs": lrs, "check": check}
+        if variant_sums:
+            variant_sums = {k: self._reduce_sum(v) for k, v in variant_sums.items()}
+        return {
+            "totals": totals,
+            "tokens": counts[1],
+            "grad_norm": grad_norm,
+            "lrs": lrs,
+            "variants": variant_sums,
+            "check": check,
+        }
 
     def _lr_mult(self, step: int) -> float:
         o = self.cfg.optim
@@ -253,7 +271,7 @@ class Trainer:
             self._eval_rows = torch.randperm(len(self.corpus.eval), generator=gen)[:n].tolist()
         rows = self._eval_rows
         starts = list(range(0, len(rows), bs))[acc.process_index :: acc.num_processes]
-        batches = (self.collate(_rows(self.corpus.eval, rows[s : s + bs])) for s in starts)
+        batches = (self.collate(rows_of(self.corpus.eval, rows[s : s + bs])) for s in starts)
         metrics, joint = evaluate(
             self.model, self.unwrapped, batches, self.domains, self.moe, self._reduce_sum
         )
@@ -317,31 +335,25 @@ class Trainer:
                 stopped = "signal"
             record: dict[str, float] = {}
             if st.step % cfg.log.every == 0 or st.step == steps or stopped == "nonfinite":
-                lm, lb, z = self._reduce_sum(out["totals"]).tolist()
+                lm, lb, z, ent = self._reduce_sum(out["totals"]).tolist()
                 st.tokens += int(tokens_dev.item())
                 tokens_dev.zero_()
                 dt = time.perf_counter() - t0
                 tps = (st.tokens - tok0) / dt if dt > 0 else 0.0
                 t0, tok0 = time.perf_counter(), st.tokens
-                record = {
-                    "train/loss": lm + (self._coef("lb") * lb + self._coef("z") * z if self.moe else 0.0),
-                    "train/lm_loss": lm,
-                    "train/lr": out["lrs"]["decay"] if "decay" in out["lrs"] else out["lrs"]["no_decay"],
-                    "train/grad_norm": float(out["grad_norm"]),
-                    "train/tokens": float(st.tokens),
-                    "train/skipped_steps": float(st.skipped_steps),
-                    "perf/tokens_per_sec": tps,
-                }
-                if self.moe:
-                    record.update(
-                        {"train/lb_loss": lb, "train/z_loss": z, "train/router_lr": out["lrs"]["router"]}
-                    )
-                    record["router/noise_std"] = float(
-                        next(iter(self.unwrapped.moe_layers().values())).router.noise_std_now()
-                    )
+                record = train_record(self.unwrapped if self.moe else None, lm, lb, z, ent, out["lrs"])
+                record.update(
+                    {
+                        "train/grad_norm": float(out["grad_norm"]),
+                        "train/tokens": float(st.tokens),
+                        "train/skipped_steps": float(st.skipped_steps),
+                        "perf/tokens_per_sec": tps,
+                    }
+                )
                 bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{tps:,.0f}")
             if routing is not None:
                 router = self._router_metrics(routing)
+                router.update({k: float(v) for k, v in out["variants"].items()})
                 record.update(router)
                 layers = self.unwrapped.config.moe_layers
                 if guard.check_collapse(st, cfg.collapse, router, layers, acc.print) and stopped is None:
@@ -380,9 +392,6 @@ class Trainer:
         self.save_final()
         self.tracking.finish()
         return TrainResult(self.run_dir, st.step, stopped)
-
-    def _coef(self, name: str) -> float:
-        return self.unwrapped.config.moe[f"{name}_coef"]
 
     def save_final(self) -> None:
         acc = self.accelerator
