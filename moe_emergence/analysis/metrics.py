@@ -1,4 +1,4 @@
-"""Specialisation metrics: one small function per formula, numpy only.
+"""Specialisation metrics: one small function per formula, on numpy arrays.
 
 Shapes: N tokens, K experts per token, E experts, D domains, T token types, P flattened parameters of one
 expert, M documents. ``topk_NK`` holds expert indices ordered by decreasing router probability, so
@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
+
+from moe_emergence.telemetry import stats
 
 # ----------------------------------------------------------------------------- counts and fractions
 
@@ -56,26 +59,17 @@ def row_fractions(counts_DE: np.ndarray) -> np.ndarray:
 
 
 def entropy(p: np.ndarray) -> float:
-    """H(p) = -sum_i p_i ln p_i (nats) of a probability vector (normalised here if it is a count vector)."""
-    p = np.asarray(p, dtype=np.float64).reshape(-1)
-    total = p.sum()
-    if total <= 0:
-        return 0.0
-    p = p[p > 0] / total
-    return float(-(p * np.log(p)).sum())
+    """H(p) = -sum_i p_i ln p_i (nats) of a probability vector (normalised here if it is a count vector).
+    The formula lives once, in ``moe_emergence.telemetry.stats.entropy``."""
+    p = torch.as_tensor(np.asarray(p, dtype=np.float64).reshape(-1))
+    total = float(p.sum())
+    return stats.entropy(p / total) if total > 0 else 0.0
 
 
 def mutual_information(counts_DE: np.ndarray) -> float:
-    """I(D; E) = sum_{d,e} p(d,e) ln[p(d,e) / (p(d) p(e))] (nats) from a joint count table ``[D, E]``."""
-    c = np.asarray(counts_DE, dtype=np.float64)
-    total = c.sum()
-    if total <= 0:
-        return 0.0
-    p_de = c / total
-    p_d = p_de.sum(1, keepdims=True)
-    p_e = p_de.sum(0, keepdims=True)
-    nz = p_de > 0
-    return float(max((p_de[nz] * np.log(p_de[nz] / (p_d * p_e)[nz])).sum(), 0.0))
+    """I(D; E) = sum_{d,e} p(d,e) ln[p(d,e) / (p(d) p(e))] (nats) from a joint count table ``[D, E]``
+    (``moe_emergence.telemetry.stats.mutual_information``; clipped at 0 against rounding)."""
+    return max(stats.mutual_information(torch.as_tensor(np.asarray(counts_DE, dtype=np.float64))), 0.0)
 
 
 def normalized_mutual_information(counts_DE: np.ndarray) -> float:
