@@ -1,6 +1,9 @@
 """Sample text from a trained checkpoint, optionally showing which expert each token went to.
 
 python scripts/generate.py runs/quickstart/final --prompt "def add(a, b):" [--show-experts]
+
+User mistakes (a missing or unloadable checkpoint, --show-experts on a dense one) print one ``error:``
+line and exit with status 2.
 """
 
 import argparse
@@ -11,9 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_emergence  # noqa: F401  (registers gpt2_moe with AutoModelForCausalLM)
 from moe_emergence import GPT2MoEForCausalLM
+from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a final/ folder (or any save_pretrained GPT-2 / GPT-2 MoE folder)")
     p.add_argument("--prompt", required=True)
@@ -25,8 +29,11 @@ def main(argv=None) -> int:
         "--show-experts", action="store_true", help="print each token's top-1 expert per MoE layer"
     )
     args = p.parse_args(argv)
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+    with as_user_error(f"checkpoint {args.checkpoint!r}"):
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+    if args.show_experts and not isinstance(model, GPT2MoEForCausalLM):
+        raise ConfigError(f"--show-experts needs an MoE checkpoint; {args.checkpoint!r} is dense")
     torch.manual_seed(args.seed)
     ids = tokenizer(args.prompt, return_tensors="pt")
     sample = args.temperature > 0
@@ -41,9 +48,6 @@ def main(argv=None) -> int:
         )
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     if args.show_experts:
-        if not isinstance(model, GPT2MoEForCausalLM):
-            print("error: --show-experts needs an MoE checkpoint (this one is dense)", file=sys.stderr)
-            return 2
         with torch.no_grad():
             model(out)
         routes = {i: r.topk_indices[:, 0].tolist() for i, r in model.router_outputs().items()}
@@ -53,6 +57,10 @@ def main(argv=None) -> int:
             text = repr(tokenizer.decode([tok]))[:18]
             print(text.ljust(20) + " ".join(str(routes[i][t]).rjust(4) for i in layers))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from moe_emergence.data import DataConfig, apply_overrides, build_corpus, default_offline_config
+from moe_emergence.errors import ConfigError, as_user_error, run_cli
+from moe_emergence.training.loader import read_yaml
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -35,23 +35,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the data block")
     args = parser.parse_args(argv)
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder; choose a new one")
     if args.config:
-        raw = yaml.safe_load(Path(args.config).read_text())
-        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
-            raise ValueError(f"--config {args.config}: expected a mapping with a 'data:' block")
+        raw = read_yaml(args.config)  # line and column of malformed YAML, base: inheritance
+        if not isinstance(raw.get("data"), dict):
+            raise ConfigError(f"--config {args.config}: expected a mapping with a 'data:' block")
         data = raw["data"]
     else:
         data = default_offline_config().to_dict()
-    cfg = DataConfig.from_dict(apply_overrides(data, args.overrides))
+    with as_user_error("data config", ValueError):
+        cfg = DataConfig.from_dict(apply_overrides(data, args.overrides))
 
     start = time.perf_counter()
-    corpus = build_corpus(cfg, tokenizer=args.tokenizer, max_positions=args.max_positions)
-    out = corpus.save(args.out)
+    with as_user_error("data"):
+        corpus = build_corpus(cfg, tokenizer=args.tokenizer, max_positions=args.max_positions)
+    out = corpus.save(out)
     took = time.perf_counter() - start
     summary = {split: corpus.stats[split] for split in ("train", "eval")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} in {took:.1f}s (fingerprint {corpus.fingerprint}, cache hit: {corpus.cache_hit})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """User mistakes: one ``error:`` line and exit status 2; nothing is written to ``--out``."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

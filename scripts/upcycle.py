@@ -3,46 +3,62 @@
     python scripts/upcycle.py SOURCE OUT [key=value ...]
 
 SOURCE is a hub id or a local GPT-2 folder; the overrides set ``MoEConfig`` fields, e.g.
-``num_experts=8 top_k=1 layers=[8,9,10,11] init=noise``. OUT gets ``save_pretrained`` files (and the
-source's tokenizer when it has one), loadable with ``AutoModelForCausalLM`` after ``import moe_emergence``.
+``num_experts=8 top_k=1 layers=[8,9,10,11] init=noise``. OUT (new or empty) gets ``save_pretrained``
+files (and the source's tokenizer when it has one), loadable with ``AutoModelForCausalLM`` after
+``import moe_emergence``; they are written to ``OUT.tmp`` and renamed, so OUT is whole or absent.
+User mistakes print one ``error:`` line and exit with status 2.
 """
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 from moe_emergence import MoEConfig, upcycle
-from moe_emergence.training.loader import ConfigError, apply_overrides, build
+from moe_emergence.errors import ConfigError, as_user_error, run_cli
+from moe_emergence.training.loader import apply_overrides, build
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="hub id or local GPT-2 checkpoint folder")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder (new or empty)")
     p.add_argument("overrides", nargs="*", help="MoEConfig fields as key=value")
     args = p.parse_args(argv)
-    try:
-        cfg = build(MoEConfig, apply_overrides({}, args.overrides))
-        model = upcycle(args.source, cfg)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     out = Path(args.out)
-    model.save_pretrained(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output {str(out)!r} exists and is not an empty folder; choose a new one")
+    cfg = build(MoEConfig, apply_overrides({}, args.overrides))
+    with as_user_error(f"source {args.source!r}"):
+        model = upcycle(args.source, cfg)
     src = Path(args.source)
+    tokenizer = None
     if src.is_dir() and not any((src / f).exists() for f in TOKENIZER_FILES):
         print(f"note: {src} has no tokenizer files; saved the model only")
     else:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(args.source).save_pretrained(out)
+        with as_user_error(f"source {args.source!r}: cannot load its tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(args.source)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    tmp.rename(out)
     E, layers = cfg.num_experts, model.config.moe_layers
     print(
         f"upcycled {args.source} -> {out}: {E} experts (top-{cfg.top_k}, init={cfg.init}) in blocks {layers}"
     )
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 import importlib.util
 import json
+import re
 from pathlib import Path
 
-import pytest
 import yaml
 from _data_fixtures import write_prose_jsonl
 
@@ -25,7 +25,7 @@ def test_offline_yaml_matches_default_config():
     assert DataConfig.from_dict(raw["data"]) == default_offline_config()
 
 
-def test_prepare_data_writes_splits_and_stats(tmp_path):
+def test_prepare_data_writes_splits_and_stats(tmp_path, capsys):
     write_prose_jsonl(tmp_path / "prose.jsonl", 40)
     config = {
         "data": {
@@ -56,6 +56,8 @@ def test_prepare_data_writes_splits_and_stats(tmp_path):
     assert len(corpus.train) == stats["total"]["train_blocks"] and len(corpus.train[0]["input_ids"]) == 32
     assert corpus.tokenizer.eos_token_id is not None
 
-    with pytest.raises(ValueError, match=r"'seq_lenn'.*did you mean 'seq_len'"):
-        main(["--config", str(path), "--out", str(tmp_path / "o2"), "seq_lenn=32"])
+    capsys.readouterr()
+    assert main(["--config", str(path), "--out", str(tmp_path / "o2"), "seq_lenn=32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(r"'seq_lenn'.*did you mean 'seq_len'", err)
     assert not (tmp_path / "o2").exists()

@@ -70,6 +70,84 @@ def test_losses_finite_and_bounded(case, dtype, mask_kind):
     assert torch.isclose(f.sum(), torch.tensor(1.0 if counted else 0.0), atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- layer, model, trainer losses
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    E=st.integers(1, 5),
+    data=st.data(),
+    B=st.integers(0, 3),
+    L=st.integers(0, 5),
+    dtype=DTYPES,
+    training=st.booleans(),
+)
+def test_moe_layer_any_batch_including_empty(E, data, B, L, dtype, training):
+    from moe_emergence import MoEConfig, MoEWrapper
+
+    k = data.draw(st.integers(1, E))
+    torch.manual_seed(0)
+    layer = MoEWrapper(MoEConfig(num_experts=E, top_k=k, noise_std=0.5), 8, 12).to(dtype).train(training)
+    x = torch.randn(B, L, 8).to(dtype).requires_grad_()
+    y = layer(x)
+    assert y.shape == (B, L, 8) and y.dtype == dtype and torch.isfinite(y.float()).all()
+    r = layer.last_router_output
+    assert r.router_logits.shape == (B * L, E) and r.topk_indices.shape == (B * L, k)
+    y.float().sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g.float()).all() for g in grads)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    L=st.integers(2, 6),
+    k=st.integers(1, 3),
+    scale=st.sampled_from([1.0, 1e4]),
+    mask_kind=st.sampled_from(["all_padding", "one_token", "random"]),
+)
+def test_model_and_trainer_losses_finite_on_padding(B, L, k, scale, mask_kind):
+    """The full MoE model and the trainer's loss terms on batches with no (or one) real token per row:
+    logits, aux and z losses and every gradient stay finite; an all-padding micro-batch adds 0."""
+    from conftest import tiny_gpt2_config
+    from transformers import GPT2LMHeadModel
+
+    from moe_emergence import MoEConfig, upcycle
+    from moe_emergence.training.steps import (
+        aux_losses_per_layer,
+        lm_share,
+        nonfinite_flags,
+        shifted_token_counts,
+    )
+
+    torch.manual_seed(0)
+    model = upcycle(GPT2LMHeadModel(tiny_gpt2_config()), MoEConfig(num_experts=3, top_k=k, layers=[0, 2]))
+    with torch.no_grad():
+        for layer in model.moe_layers().values():
+            layer.router.weight.mul_(scale)  # huge logits: the z-loss must stay finite
+    model.train()
+    g = torch.Generator().manual_seed(B * 10 + L)
+    ids = torch.randint(0, 97, (B, L), generator=g)
+    mask = {
+        "all_padding": torch.zeros(B, L, dtype=torch.long),
+        "one_token": torch.nn.functional.one_hot(torch.zeros(B, dtype=torch.long), L),
+        "random": torch.randint(0, 2, (B, L), generator=g),
+    }[mask_kind]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    out = model(**batch)
+    assert out.logits.shape == (B, L, 97) and torch.isfinite(out.logits).all()
+    c = shifted_token_counts(batch)
+    lm = lm_share(out.lm_loss, c[0], c[0].clamp_min(1))
+    outs = model.router_outputs()
+    lb_L, z_L = aux_losses_per_layer(outs, mask.reshape(-1), 3)
+    assert lb_L.shape == z_L.shape == (2,) and torch.isfinite(lb_L).all() and torch.isfinite(z_L).all()
+    assert not nonfinite_flags(outs, lb_L, z_L).any()
+    if int(c[0]) == 0:
+        assert lm.item() == 0.0
+    (lm + 0.01 * lb_L.mean() + 0.001 * z_L.mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     case=routing_case(),

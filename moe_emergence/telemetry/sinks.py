@@ -28,13 +28,21 @@ class JsonlSink:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> int:
-        """Drop records with ``step > step`` (written after the checkpoint a run resumes from).
-        Returns how many were dropped."""
+        """Drop records with ``step > step`` (written after the checkpoint a run resumes from), and a torn
+        last line left by a process killed mid-write. Rewritten through a temporary file and renamed, so a
+        kill here loses nothing. Returns how many lines were dropped."""
         if not self.path.exists():
             return 0
-        lines = self.path.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()  # only the last line can be torn: every write is one appended line
+        keep = [ln for ln in lines if json.loads(ln)["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
         return len(lines) - len(keep)
 
 

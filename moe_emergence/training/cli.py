@@ -1,7 +1,13 @@
 """Command line of ``scripts/train.py``: ``[--config FILE] [--resume auto|PATH] [--overwrite] [key=value ...]``.
 
-User mistakes (bad config, occupied run folder, bad resume path) print one ``error:`` line and exit with
-status 2; anything else is a bug and keeps its traceback.
+Exit status:
+  0    finished (``final/`` written) or ended a ``train.stop_after`` time slice (checkpoint written)
+  2    a user mistake (bad config, base checkpoint, data, run folder, resume checkpoint): one ``error:``
+       line on stderr, no traceback, nothing written
+  3    the collapse guard stopped the run (``collapse.action: stop``; checkpoint and final/ written)
+  4    the non-finite guard stopped the run (``guard.max_consecutive_skips``; checkpoint written)
+  130, 143  SIGINT / SIGTERM: the current step finished and a checkpoint was written (``--resume auto``)
+Anything else is a bug and keeps its traceback (exit status 1).
 """
 
 from __future__ import annotations
@@ -9,7 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_emergence.training.loader import ConfigError
+from moe_emergence.errors import run_cli
+
+EXIT_COLLAPSE = 3
+EXIT_NONFINITE = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,27 +28,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", default=None, help="YAML run config (default: configs/quickstart.yaml)")
     p.add_argument(
-        "--resume", default=None, help="'auto' (latest checkpoint of the run folder) or a checkpoint"
+        "--resume",
+        default=None,
+        help="'auto' (newest intact checkpoint of the run folder, or from scratch) or a checkpoint folder",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.moe.top_k=2")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from moe_emergence.training.config import load_config
     from moe_emergence.training.trainer import Trainer
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     result = trainer.train()
     if trainer.accelerator.is_main_process:
-        print(
-            f"run folder: {result.run_dir} (step {result.step}{', stopped: ' + result.stopped if result.stopped else ''})"
-        )
-    return 3 if result.stopped == "collapse" else 0
+        end = f", stopped: {result.stopped}" if result.stopped else ""
+        print(f"run folder: {result.run_dir} (step {result.step}{end})")
+    if result.stopped == "nonfinite":
+        print(f"error: {result.message}", file=sys.stderr)
+        return EXIT_NONFINITE
+    if result.stopped == "signal":
+        return 128 + result.signal
+    return EXIT_COLLAPSE if result.stopped == "collapse" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)

@@ -138,6 +138,24 @@ class CollapseConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Non-finite guard: a step whose loss or gradients hold a NaN/Inf is skipped (no parameter or
+    optimizer-state update; the data and the schedule move on) and counted in ``train/skipped_steps``.
+    After ``max_consecutive_skips`` skipped steps in a row the run saves a checkpoint and stops, naming
+    the MoE layer whose router logits or aux losses went non-finite first."""
+
+    max_consecutive_skips: int = 5
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_consecutive_skips >= 1,
+            "guard.max_consecutive_skips",
+            self.max_consecutive_skips,
+            "an integer >= 1",
+        )
+
+
+@dataclass
 class LogConfig:
     """Logging. ``wandb: auto`` = online when an API key is configured, else offline (``WANDB_MODE`` in
     the environment wins); ``disabled`` never imports wandb. ``run_name`` null = the config file's stem."""
@@ -188,6 +206,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -230,6 +249,7 @@ __all__ = [
     "CollapseConfig",
     "ConfigError",
     "EvalConfig",
+    "GuardConfig",
     "LogConfig",
     "ModelConfig",
     "OptimConfig",

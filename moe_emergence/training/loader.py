@@ -21,13 +21,11 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from moe_emergence.errors import ConfigError  # re-exported: the user-error type
+
 T = TypeVar("T")
 INHERIT_KEY = "base"
 REPLACE_KEY = "_replace"
-
-
-class ConfigError(ValueError):
-    """A config file or override is malformed, unknown, mistyped or out of range."""
 
 
 def _join(prefix: str, key: str) -> str:

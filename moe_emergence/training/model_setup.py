@@ -7,10 +7,13 @@ with ``from_pretrained`` (only GPT-2 checkpoints) and ``AutoTokenizer``; the dat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+import torch
+from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.modeling import GPT2MoEForCausalLM
 from moe_emergence.training.config import ModelConfig, RunConfig
 from moe_emergence.upcycle import load_dense_gpt2, upcycle
@@ -35,20 +38,61 @@ def build_tiny_gpt2(
     return GPT2LMHeadModel(config)
 
 
-def load_tokenizer(cfg: ModelConfig):
-    """The base checkpoint's tokenizer, or None for ``tiny`` (the data pipeline trains one)."""
-    if cfg.base == "tiny":
-        return None
-    return AutoTokenizer.from_pretrained(cfg.base)
+@dataclass
+class BaseInfo:
+    """What the run needs to know about its base before building anything: the tokenizer (None for
+    ``tiny``: the data pipeline trains one) and the context length that ``data.seq_len`` must fit in."""
+
+    tokenizer: PreTrainedTokenizerBase | None
+    max_positions: int
 
 
-def max_positions(cfg: ModelConfig) -> int:
-    """Context length of the model the run will train (checked against ``data.seq_len``)."""
-    if cfg.base == "tiny":
-        return cfg.tiny_n_positions
-    from transformers import AutoConfig
+def mixed_precision(setting: str, cpu: bool) -> str:
+    """``train.mixed_precision`` for accelerate: ``auto`` = bf16 on a GPU that has it, else no."""
+    if setting != "auto":
+        return setting
+    gpu = torch.cuda.is_available() and not cpu
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
 
-    return AutoConfig.from_pretrained(cfg.base).n_positions
+
+def check_base(cfg: RunConfig) -> BaseInfo:
+    """Check ``model.base`` and ``data.seq_len`` before anything is written; ``ConfigError`` (one line,
+    naming the key) for a missing or non-GPT-2 base, a tokenizer that does not fit the checkpoint's
+    embeddings, or a ``seq_len`` beyond the model's positions."""
+    m = cfg.model
+    if m.base == "tiny":
+        info = BaseInfo(None, m.tiny_n_positions)
+    else:
+        where = f"model.base={m.base!r}"
+        with as_user_error(f"{where}: cannot load its config (not a GPT-2 folder, or hub id unreachable)"):
+            config = AutoConfig.from_pretrained(m.base)
+        if config.model_type != "gpt2":
+            raise ConfigError(
+                f"{where} is a {config.model_type!r} checkpoint; model.base must be a dense GPT-2 "
+                "(model_type 'gpt2'): 'tiny', a hub id such as 'gpt2' or a local GPT-2 folder"
+            )
+        with as_user_error(f"{where}: cannot load its tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(m.base)
+        if len(tokenizer) > config.vocab_size:
+            raise ConfigError(
+                f"{where}: its tokenizer has {len(tokenizer)} tokens but the checkpoint only "
+                f"{config.vocab_size} embeddings; the tokenizer does not match the checkpoint"
+            )
+        info = BaseInfo(tokenizer, config.n_positions)
+    if cfg.data.seq_len > info.max_positions:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is beyond the model's {info.max_positions} positions "
+            f"({'model.tiny_n_positions' if m.base == 'tiny' else 'n_positions of ' + repr(m.base)}); "
+            f"use data.seq_len <= {info.max_positions}"
+        )
+    return info
+
+
+def model_dims(model) -> dict[str, int | None]:
+    """The dimensions that fix a model's parameter shapes (stored in checkpoints, checked on resume)."""
+    c = model.config
+    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+    return {k: getattr(c, k, None) for k in keys}
 
 
 def build_model(cfg: RunConfig, tokenizer) -> GPT2LMHeadModel:
@@ -59,7 +103,7 @@ def build_model(cfg: RunConfig, tokenizer) -> GPT2LMHeadModel:
     else:
         model = load_dense_gpt2(m.base)
         if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model.base={m.base!r}: its tokenizer has {len(tokenizer)} tokens but the model only "
                 f"{model.config.vocab_size} embeddings; the tokenizer does not match the checkpoint"
             )

@@ -63,3 +63,9 @@ class BlockSampler:
                 f"{self.num_rows}: the data config or data changed since the checkpoint"
             )
         self.epoch, self.offset, self.seed = state["epoch"], state["offset"], state["seed"]
+
+
+def rows_of(dataset, indices: list[int]) -> list[dict]:
+    """Rows ``indices`` of a ``datasets.Dataset`` as a list of dicts (for ``collate_blocks``)."""
+    cols = dataset[indices]
+    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=False)]

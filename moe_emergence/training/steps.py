@@ -27,11 +27,19 @@ def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).double()
 
 
-def aux_losses(
+def lm_share(lm_mean: torch.Tensor, n_predicted: torch.Tensor, n_step: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's token-weighted share of the step's LM loss, ``lm_mean * n_predicted / n_step``.
+    A micro-batch with no predicted token (all padding) contributes 0, not the NaN of an empty mean
+    (no host sync; the masked branch's gradient is 0)."""
+    return torch.where(n_predicted > 0, lm_mean.float(), 0.0) * (n_predicted / n_step)
+
+
+def aux_losses_per_layer(
     router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balance, z) means over MoE layers. ``global_counts_fn(counts_LE) -> summed counts_LE``
-    (an all-reduce) makes f_i global across processes; None keeps it per micro-batch."""
+    """(load-balance ``[L]``, z ``[L]``), one value per MoE layer in ``router_outputs`` order.
+    ``global_counts_fn(counts_LE) -> summed counts_LE`` (an all-reduce) makes f_i global across
+    processes; None keeps it per micro-batch."""
     layers = list(router_outputs.values())
     fractions_LE = [None] * len(layers)
     if global_counts_fn is not None:
@@ -43,7 +51,43 @@ def aux_losses(
         for r, f in zip(layers, fractions_LE, strict=True)
     ]
     z = [z_loss(r.router_logits, mask_T) for r in layers]
-    return torch.stack(lb).mean(), torch.stack(z).mean()
+    return torch.stack(lb), torch.stack(z)
+
+
+def aux_losses(
+    router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balance, z) means over MoE layers (``aux_losses_per_layer``)."""
+    lb_L, z_L = aux_losses_per_layer(router_outputs, mask_T, num_experts, global_counts_fn)
+    return lb_L.mean(), z_L.mean()
+
+
+def nonfinite_flags(router_outputs: dict, lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
+    """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, aux loss non-finite (no sync)."""
+    logits_L = torch.stack([~torch.isfinite(r.router_logits).all() for r in router_outputs.values()])
+    return torch.stack([logits_L, ~(torch.isfinite(lb_L) & torch.isfinite(z_L))], dim=-1)
+
+
+def train_record(moe_model, lm: float, lb: float, z: float, ent: float, lrs: dict[str, float]) -> dict:
+    """The loss and learning-rate part of a ``train/`` record; ``moe_model`` None for a dense model.
+    ``train/loss`` uses the coefficients in force this step."""
+    record = {"train/lm_loss": lm, "train/lr": lrs["decay"] if "decay" in lrs else lrs["no_decay"]}
+    if moe_model is None:
+        return {"train/loss": lm, **record}
+    coefs = moe_model.loss_coefs
+    ent_coef = moe_model.config.moe["entropy_coef"]
+    noise = next(iter(moe_model.moe_layers().values())).router.noise_std_now()
+    return {
+        "train/loss": lm + coefs["lb"] * lb + coefs["z"] * z + ent_coef * ent,
+        **record,
+        "train/lb_loss": lb,
+        "train/z_loss": z,
+        "train/entropy_loss": ent,
+        "train/lb_coef": coefs["lb"],
+        "train/z_coef": coefs["z"],
+        "train/router_lr": lrs["router"],
+        "router/noise_std": float(noise),
+    }
 
 
 def token_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@ See ``steps`` for how the loss of one optimizer step is weighted.
 
 from __future__ import annotations
 
+import shutil
+import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +25,24 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.telemetry import JsonlSink, LayerRoutingStats, expert_divergence, flat_expert_weights
 from moe_emergence.training import checkpoint as ckpt
-from moe_emergence.training import model_setup
+from moe_emergence.training import guard, model_setup
 from moe_emergence.training.config import RunConfig
+from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, set_lr
-from moe_emergence.training.rundir import prepare_run_dir, resolve_resume
-from moe_emergence.training.sampler import BlockSampler
-from moe_emergence.training.steps import aux_losses, evaluate, shifted_token_counts
+from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
+from moe_emergence.training.sampler import BlockSampler, rows_of
+from moe_emergence.training.signals import StopSignals
+from moe_emergence.training.steps import (
+    aux_losses_per_layer,
+    evaluate,
+    lm_share,
+    nonfinite_flags,
+    shifted_token_counts,
+    train_record,
+)
 from moe_emergence.training.tracking import Tracking
 
 
@@ -39,48 +50,56 @@ from moe_emergence.training.tracking import Tracking
 class TrainResult:
     run_dir: Path
     step: int
-    stopped: str | None = None  # None = finished; "collapse" (collapse guard) or "stop_after" (time slice)
-
-
-def _mixed_precision(setting: str, cpu: bool) -> str:
-    if setting != "auto":
-        return setting
-    gpu = torch.cuda.is_available() and not cpu
-    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-
-
-def _rows(dataset, indices: list[int]) -> list[dict]:
-    cols = dataset[indices]
-    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=False)]
+    # None = finished; "collapse" (collapse guard), "stop_after" (time slice), "nonfinite" (non-finite
+    # guard), "signal" (SIGINT/SIGTERM: ``signal`` holds its number)
+    stopped: str | None = None
+    signal: int | None = None
+    message: str | None = None
 
 
 class Trainer:
     """Builds everything from a ``RunConfig`` and runs it; ``train()`` is the public entry point."""
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, overwrite: bool = False, corpus=None):
-        from moe_emergence.data import build_corpus, collate_blocks
-
-        self.cfg, self.collate = cfg, collate_blocks
+        self.cfg = cfg
         self.run_dir = cfg.run_dir
         t = cfg.train
         self.tracking = Tracking(cfg)
         self.accelerator = Accelerator(
-            mixed_precision=_mixed_precision(t.mixed_precision, t.cpu),
+            mixed_precision=model_setup.mixed_precision(t.mixed_precision, t.cpu),
             gradient_accumulation_steps=t.grad_accum,
             cpu=t.cpu,
             log_with=self.tracking.log_with,
             step_scheduler_with_optimizer=False,
         )
+        base = model_setup.check_base(cfg)  # before anything is written
+        folder = RunFolder(self.accelerator, cfg, resume, overwrite)
+        self.resume_from = folder.resume_from
+        folder.open()
+        try:
+            self._setup(base, folder.resume_meta, corpus)
+            folder.commit()
+        except BaseException:
+            folder.abort()
+            raise
         acc = self.accelerator
-        self.resume_from = prepare_run_dir(acc, cfg, resume, overwrite)
+        self.metrics = JsonlSink(self.run_dir / "metrics.jsonl")
+        if acc.is_main_process and resume is not None:  # drop records written after the checkpoint
+            self.metrics.truncate_after(self.state.step if self.resume_from is not None else -1)
+        self.tracking.start(acc, cfg, self.run_dir)
+
+    def _setup(self, base: model_setup.BaseInfo, resume_meta: dict | None, corpus) -> None:
+        from moe_emergence.data import build_corpus, collate_blocks
+
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        self.collate = collate_blocks
         set_seed(t.seed)
-        tokenizer = model_setup.load_tokenizer(cfg.model)
         if corpus is None:
-            with acc.main_process_first():
+            with acc.main_process_first(), as_user_error("data"):
                 corpus = build_corpus(
                     cfg.data,
-                    tokenizer=tokenizer,
-                    max_positions=model_setup.max_positions(cfg.model),
+                    tokenizer=base.tokenizer,
+                    max_positions=base.max_positions,
                     tokenizer_dir=self.run_dir / "tokenizer",
                 )
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
@@ -88,23 +107,26 @@ class Trainer:
         set_seed(t.seed)
         model = model_setup.build_model(cfg, self.tokenizer)
         self.state = ckpt.TrainState()
-        self.sampler = BlockSampler(
-            len(corpus.train), t.batch_size, t.grad_accum, acc.num_processes, acc.process_index, t.seed
-        )
+        with as_user_error("data", ValueError):
+            self.sampler = BlockSampler(
+                len(corpus.train), t.batch_size, t.grad_accum, acc.num_processes, acc.process_index, t.seed
+            )
         acc.register_for_checkpointing(self.state, self.sampler)
-        if self.resume_from is not None:
-            meta = ckpt.read_meta(self.resume_from)
-            if meta["phase"] == "moe" and not model_setup.is_moe(model):
+        if resume_meta is not None:
+            if resume_meta["phase"] == "moe" and not model_setup.is_moe(model):
                 model = model_setup.to_moe(model, cfg)
+            check_model_dims(self.resume_from, resume_meta, model_setup.model_dims(model))
+            rows = resume_meta.get("train_rows")
+            if rows is not None and rows != len(corpus.train):
+                raise ConfigError(
+                    f"cannot resume from {self.resume_from}: its training split had {rows} blocks, this one "
+                    f"has {len(corpus.train)}; the data or data config changed since the checkpoint"
+                )
         self._prepare(model)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._eval_rows: list[int] | None = None
-        self.metrics = JsonlSink(self.run_dir / "metrics.jsonl")
-        if acc.is_main_process and self.resume_from is not None:
-            self.metrics.truncate_after(self.state.step)
-        self.tracking.start(acc, cfg, self.run_dir)
 
     # ------------------------------------------------------------------ model plumbing
 
@@ -129,16 +151,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def train_step(self, routing: LayerRoutingStats | None) -> dict[str, torch.Tensor]:
-        """Forward/backward all micro-batches of one step and take the optimizer step.
-        Returns on-device tensors (no host sync): lm, lb, z, tokens, grad_norm."""
+    def train_step(self, routing: LayerRoutingStats | None, signals: StopSignals | None = None) -> dict:
+        """Forward/backward all micro-batches of one step and take the optimizer step, unless the loss or
+        gradients are non-finite (then the step is skipped, see ``guard``). Returns on-device tensors
+        (lm, lb, z totals, tokens, grad_norm) and the decoded ``StepCheck``: the step's one host sync."""
         acc, cfg = self.accelerator, self.cfg
         device = acc.device
         G, P = cfg.train.grad_accum, acc.num_processes
-        batches = [self.collate(_rows(self.corpus.train, rows)) for rows in self.sampler.next_step()]
+        batches = [self.collate(rows_of(self.corpus.train, rows)) for rows in self.sampler.next_step()]
         counts = self._reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
         n_lab, n_tok = counts[0].clamp_min(1), counts[1].clamp_min(1)
         moe_cfg = self.unwrapped.config.moe if self.moe else None
+        layers = self.unwrapped.config.moe_layers if self.moe else []
         coefs = {"lb": 0.0, "z": 0.0}
         bias_loads: dict[int, torch.Tensor] | None = None
         if self.moe:
@@ -151,6 +175,7 @@ class Trainer:
         ent_coef = moe_cfg["entropy_coef"] if self.moe else 0.0
         global_fn = self._reduce_sum if (self.moe and cfg.train.balance_scope == "global") else None
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # lm, lb, z, entropy of this step
+        bad_L2 = torch.zeros(len(layers), 2, dtype=torch.bool, device=device)
         variant_sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -161,14 +186,16 @@ class Trainer:
                     attention_mask=batch["attention_mask"],
                     labels=batch["labels"],
                 )
-                lm = (out.lm_loss if self.moe else out.loss).float() * (c[0] / n_lab)
+                lm = lm_share(out.lm_loss if self.moe else out.loss, c[0], n_lab)
                 loss = lm * (G * P)
                 lb = z = ent = torch.zeros((), device=device)
                 if self.moe:
                     mask_T = batch["attention_mask"].reshape(-1)
                     outs = self.unwrapped.router_outputs()
-                    lb, z = aux_losses(outs, mask_T, moe_cfg["num_experts"], global_fn)
-                    z = z * (c[1] / n_tok)
+                    outs = {i: outs[i] for i in layers}
+                    lb_L, z_L = aux_losses_per_layer(outs, mask_T, moe_cfg["num_experts"], global_fn)
+                    bad_L2 |= nonfinite_flags(outs, lb_L, z_L)
+                    lb, z = lb_L.mean(), z_L.mean() * (c[1] / n_tok)
                     ent = out.entropy_loss * (c[1] / n_tok)
                     loss = loss + coefs["lb"] * lb + coefs["z"] * z * (G * P)
                     if ent_coef != 0:
@@ -185,12 +212,24 @@ class Trainer:
                 totals += torch.stack(parts).double()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        flags = torch.cat(
+            [
+                (~torch.isfinite(totals).all()).reshape(1),
+                (~torch.isfinite(grad_norm)).reshape(1),
+                torch.tensor([signals is not None and signals.received is not None], device=device),
+                bad_L2.reshape(-1),
+            ]
+        ).float()
+        check = StepCheck.decode(self._reduce_sum(flags).tolist(), layers)  # the step's one host sync
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
-        self.optimizer.step()
+        # fp16: accelerate's GradScaler must see every step (it skips non-finite ones and lowers its scale)
+        if check.finite or acc.scaler is not None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if bias_loads is not None:  # aux-loss-free balancing: once per optimizer step, global loads
+        if bias_loads is not None and check.finite:  # aux-loss-free balancing: once per taken step
             self.unwrapped.update_selection_bias({i: self._reduce_sum(v) for i, v in bias_loads.items()})
         self.state.step += 1
+        guard.update(self.state, check, self.state.step)
         if variant_sums:
             variant_sums = {k: self._reduce_sum(v) for k, v in variant_sums.items()}
         return {
@@ -199,6 +238,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "lrs": lrs,
             "variants": variant_sums,
+            "check": check,
         }
 
     def _lr_mult(self, step: int) -> float:
@@ -219,26 +259,6 @@ class Trainer:
             out[f"router/layer{i}/expert_divergence"] = expert_divergence(flat_expert_weights(layer.experts))
         return out
 
-    def _check_collapse(self, metrics: dict[str, float]) -> bool:
-        """Update the per-layer streaks; True when the run must stop."""
-        c, stop = self.cfg.collapse, False
-        for i in self.unwrapped.config.moe_layers:
-            key = f"layer{i}"
-            frac = metrics[f"router/{key}/max_frac"]
-            streak = self.state.collapse_streak.get(key, 0) + 1 if frac > c.max_frac else 0
-            self.state.collapse_streak[key] = streak
-            if streak >= c.patience:
-                msg = (
-                    f"collapse guard: layer {i} sent {frac:.1%} of its tokens to one expert for {streak} "
-                    f"consecutive checks (collapse.max_frac={c.max_frac}, patience={c.patience})"
-                )
-                if c.action == "stop":
-                    self.accelerator.print(msg + "; stopping (collapse.action=stop)")
-                    stop = True
-                elif streak == c.patience:
-                    warnings.warn(msg, stacklevel=2)
-        return stop
-
     def run_eval(self) -> None:
         e = self.cfg.eval
         bs = e.batch_size or self.cfg.train.batch_size
@@ -251,7 +271,7 @@ class Trainer:
             self._eval_rows = torch.randperm(len(self.corpus.eval), generator=gen)[:n].tolist()
         rows = self._eval_rows
         starts = list(range(0, len(rows), bs))[acc.process_index :: acc.num_processes]
-        batches = (self.collate(_rows(self.corpus.eval, rows[s : s + bs])) for s in starts)
+        batches = (self.collate(rows_of(self.corpus.eval, rows[s : s + bs])) for s in starts)
         metrics, joint = evaluate(
             self.model, self.unwrapped, batches, self.domains, self.moe, self._reduce_sum
         )
@@ -263,9 +283,12 @@ class Trainer:
         meta = {
             "phase": self.phase,
             "upcycle_at_step": self.cfg.model.upcycle_at_step,
+            "dims": model_setup.model_dims(self.unwrapped),
+            "train_rows": len(self.corpus.train),
             "num_processes": self.accelerator.num_processes,
             "batch_size": t.batch_size,
             "grad_accum": t.grad_accum,
+            "config": self.cfg.to_dict(),
         }
         ckpt.save_checkpoint(
             self.accelerator, self.run_dir / "checkpoints", self.state.step, meta, self.cfg.checkpoint.keep
@@ -274,6 +297,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
+        with StopSignals() as signals:
+            return self._loop(signals)
+
+    def _loop(self, signals: StopSignals) -> TrainResult:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         steps, U = cfg.train.steps, cfg.model.upcycle_at_step
         t_stop = cfg.train.stop_after
@@ -287,7 +314,9 @@ class Trainer:
         )
         t0, tok0 = time.perf_counter(), st.tokens
         tokens_dev = torch.zeros((), dtype=torch.float64, device=acc.device)
-        stopped, last_eval, last_ckpt = None, 0 if st.step == 0 else -1, st.step
+        # a checkpoint at step N was saved after the eval of step N, if that step had one
+        evaluated = st.step == 0 or st.step >= steps or (cfg.eval.every and st.step % cfg.eval.every == 0)
+        stopped, last_eval, last_ckpt, message = None, st.step if evaluated else -1, st.step, None
         while st.step < steps:
             if cfg.model.moe is not None and not self.moe and st.step >= U:
                 self._prepare(model_setup.to_moe(self.unwrapped, cfg))
@@ -297,50 +326,41 @@ class Trainer:
             if router_step:
                 m = self.unwrapped.config
                 routing = LayerRoutingStats(m.moe_layers, m.moe["num_experts"], len(self.domains), acc.device)
-            out = self.train_step(routing)
+            out = self.train_step(routing, signals)
             tokens_dev += out["tokens"]
             bar.update(1)
+            if st.consecutive_skips >= cfg.guard.max_consecutive_skips:
+                stopped, message = "nonfinite", guard.stop_message(st, cfg.guard.max_consecutive_skips)
+            elif out["check"].signal:
+                stopped = "signal"
             record: dict[str, float] = {}
-            if st.step % cfg.log.every == 0 or st.step == steps:
+            if st.step % cfg.log.every == 0 or st.step == steps or stopped == "nonfinite":
                 lm, lb, z, ent = self._reduce_sum(out["totals"]).tolist()
                 st.tokens += int(tokens_dev.item())
                 tokens_dev.zero_()
                 dt = time.perf_counter() - t0
                 tps = (st.tokens - tok0) / dt if dt > 0 else 0.0
                 t0, tok0 = time.perf_counter(), st.tokens
-                record = {
-                    "train/loss": lm + (self._aux_total(lb, z, ent) if self.moe else 0.0),
-                    "train/lm_loss": lm,
-                    "train/lr": out["lrs"]["decay"] if "decay" in out["lrs"] else out["lrs"]["no_decay"],
-                    "train/grad_norm": float(out["grad_norm"]),
-                    "train/tokens": float(st.tokens),
-                    "perf/tokens_per_sec": tps,
-                }
-                if self.moe:
-                    coefs = self.unwrapped.loss_coefs
-                    record.update(
-                        {
-                            "train/lb_loss": lb,
-                            "train/z_loss": z,
-                            "train/entropy_loss": ent,
-                            "train/lb_coef": coefs["lb"],
-                            "train/z_coef": coefs["z"],
-                            "train/router_lr": out["lrs"]["router"],
-                        }
-                    )
-                    record["router/noise_std"] = float(
-                        next(iter(self.unwrapped.moe_layers().values())).router.noise_std_now()
-                    )
+                record = train_record(self.unwrapped if self.moe else None, lm, lb, z, ent, out["lrs"])
+                record.update(
+                    {
+                        "train/grad_norm": float(out["grad_norm"]),
+                        "train/tokens": float(st.tokens),
+                        "train/skipped_steps": float(st.skipped_steps),
+                        "perf/tokens_per_sec": tps,
+                    }
+                )
                 bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{tps:,.0f}")
             if routing is not None:
                 router = self._router_metrics(routing)
                 router.update({k: float(v) for k, v in out["variants"].items()})
                 record.update(router)
-                if self._check_collapse(router):
+                layers = self.unwrapped.config.moe_layers
+                if guard.check_collapse(st, cfg.collapse, router, layers, acc.print) and stopped is None:
                     stopped = "collapse"
             if record:
                 self._log(record)
-            if stopped or (cfg.eval.every and st.step % cfg.eval.every == 0):
+            if stopped == "collapse" or (cfg.eval.every and st.step % cfg.eval.every == 0):
                 self.run_eval()
                 last_eval = st.step
             if stopped or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
@@ -355,11 +375,16 @@ class Trainer:
                 break
         bar.close()
         st.tokens += int(tokens_dev.item())
-        if stopped == "stop_after":  # a time slice of a longer run: checkpoint only
+        sig = signals.received if stopped == "signal" else None
+        if stopped in ("stop_after", "signal", "nonfinite"):  # checkpoint only, no final/
             if last_ckpt != st.step:
                 self.save_checkpoint()
+            if stopped == "signal":
+                message = f"stopped by {signal.Signals(sig).name} at step {st.step}; checkpoint saved"
+            if message:
+                acc.print(message)
             self.tracking.finish()
-            return TrainResult(self.run_dir, st.step, stopped)
+            return TrainResult(self.run_dir, st.step, stopped, sig, message)
         if last_eval != st.step:
             self.run_eval()
         if last_ckpt != st.step:
@@ -368,17 +393,16 @@ class Trainer:
         self.tracking.finish()
         return TrainResult(self.run_dir, st.step, stopped)
 
-    def _aux_total(self, lb: float, z: float, ent: float) -> float:
-        """The aux part of the logged loss, with the coefficients in force this step."""
-        coefs = self.unwrapped.loss_coefs
-        return coefs["lb"] * lb + coefs["z"] * z + self.unwrapped.config.moe["entropy_coef"] * ent
-
     def save_final(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)
-        if acc.is_main_process:
-            model_setup.save_final(self.unwrapped, self.tokenizer, self.run_dir / "final", state_dict)
+        if acc.is_main_process:  # written aside and renamed into place: final/ is whole or absent
+            final, tmp = self.run_dir / "final", self.run_dir / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model_setup.save_final(self.unwrapped, self.tokenizer, tmp, state_dict)
+            ckpt.discard(final)
+            tmp.rename(final)
         acc.wait_for_everyone()
 
 

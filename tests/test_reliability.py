@@ -1,0 +1,311 @@
+"""Reliability: one clear error line for user mistakes (nothing written), the non-finite guard,
+damaged-checkpoint fallback, SIGINT handling. Kill-and-resume lives in test_kill_resume.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_training_run import TINY
+
+from moe_emergence.routing import Router
+from moe_emergence.telemetry import read_metrics
+from moe_emergence.training import checkpoint as ckpt
+from moe_emergence.training.cli import main as train_main
+from moe_emergence.training.config import config_from_dict
+from moe_emergence.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "tiny_data_cache"  # shared with test_kill_resume
+
+
+def cfg_file(tmp_path: Path, cache: Path, **changes) -> Path:
+    data = json.loads(json.dumps(TINY))
+    data["eval"]["max_batches"] = 2
+    data["data"]["cache_dir"] = str(cache)
+    data["output_dir"] = str(tmp_path / "runs")
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = train_main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def assert_one_error_line(err: str, pattern: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("train:\n  steps: [1, 2\nlog: {}\n", r"tiny\.yaml: malformed YAML at line \d+, column \d+"),
+        ("train:\n  stpes: 3\n", r"unknown key 'train\.stpes'; did you mean 'steps'"),
+        ("train:\n  steps: many\n", r"train\.steps: expected int, got str 'many'"),
+        ("optim:\n  lr: -1\n", r"optim\.lr=-1\.0 is invalid: a number > 0"),
+        ("guard:\n  max_consecutive_skips: 0\n", r"guard\.max_consecutive_skips=0 is invalid"),
+    ],
+)
+def test_config_mistakes_give_one_line(tmp_path, capsys, text, pattern):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("data: {seq_len: 32, domains: {math: {type: mathgen}}}\n" + text)
+    rc, err = run_cli(capsys, "--config", path)
+    assert rc == 2
+    assert_one_error_line(err, pattern)
+
+
+def test_model_and_data_mistakes_write_nothing(tmp_path, capsys, cache):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig
+
+    from moe_emergence.data.tokenizer import train_bpe_tokenizer
+
+    path = cfg_file(tmp_path, cache)
+    neox = tmp_path / "neox"
+    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(neox)
+    small = tmp_path / "small-vocab"  # a GPT-2 with 50 embeddings and a 300-token tokenizer
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    ).save_pretrained(small)
+    words = [f"w{i} x{i * 7} {'ab' * (i % 5)}" for i in range(2000)]
+    train_bpe_tokenizer(words, 300, model_max_length=64).save_pretrained(small)
+    (tmp_path / "empty.txt").write_text("")
+    empty_src = '{"type": "files", "paths": ["' + str(tmp_path / "empty.txt") + '"]}'
+    cases = [
+        (["model.base=" + str(tmp_path / "nope")], r"model\.base=.*nope.*cannot load its config"),
+        (["model.base=" + str(neox)], r"is a 'gpt_neox' checkpoint; model\.base must be a dense GPT-2"),
+        (["model.base=" + str(small)], r"tokenizer has 30\d tokens but the checkpoint only 50 embeddings"),
+        (["data.seq_len=128"], r"data\.seq_len=128 is beyond the model's 64 positions"),
+        (["data.domains.math.type=files", "data.domains.math.paths=[missing.jsonl]"], r"^error: data: .*"),
+        (["data.domains.prose=" + empty_src], r"^error: data: .*prose"),
+        (["train.batch_size=100000"], r"training split has \d+ blocks, fewer than one optimizer step"),
+    ]
+    for overrides, pattern in cases:
+        rc, err = run_cli(capsys, "--config", path, *overrides)
+        assert rc == 2, (overrides, err)
+        assert_one_error_line(err, pattern)
+        assert not (tmp_path / "runs" / "tiny").exists(), overrides  # no partial run folder
+
+
+def test_occupied_folder_overwrite_and_resume_mistakes(tmp_path, capsys, cache):
+    path = cfg_file(tmp_path, cache, train__steps=2, checkpoint__every=1, checkpoint__keep=2)
+    run = tmp_path / "runs" / "tiny"
+    assert run_cli(capsys, "--config", path)[0] == 0
+    before = sorted(p.name for p in run.rglob("*"))
+    rc, err = run_cli(capsys, "--config", path)
+    assert rc == 2
+    assert_one_error_line(err, r"already holds a run: pass --resume auto to continue it, --overwrite")
+    # a failing --overwrite (bad data) puts the old run back untouched
+    rc, err = run_cli(capsys, "--config", path, "--overwrite", "train.batch_size=100000")
+    assert rc == 2 and sorted(p.name for p in run.rglob("*")) == before
+    assert not run.with_name("tiny.replaced").exists()
+    # a checkpoint of another model shape / MoE settings, into a fresh run folder
+    step2 = run / "checkpoints" / "step_0000002"
+    for override, pattern in [
+        ("model.moe.num_experts=2", r"model\.moe\.num_experts: 4 -> 2"),
+        ("model.tiny_n_embd=16", r"model\.tiny_n_embd: 32 -> 16"),
+    ]:
+        rc, err = run_cli(capsys, "--config", path, "log.run_name=other", override, "--resume", step2)
+        assert rc == 2
+        assert_one_error_line(err, r"cannot resume from .*another model shape or MoE settings.*" + pattern)
+        assert not (tmp_path / "runs" / "other").exists()
+    rc, err = run_cli(capsys, "--config", path, "--resume", tmp_path / "nowhere")
+    assert rc == 2 and "no such checkpoint folder" in err
+    # an explicitly named damaged checkpoint is refused (no silent fallback)
+    with (step2 / "model.safetensors").open("r+b") as f:
+        f.truncate(10)
+    rc, err = run_cli(capsys, "--config", path, "log.run_name=other", "--resume", step2)
+    assert rc == 2
+    assert_one_error_line(err, r"damaged or partial: model\.safetensors has 10 bytes")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_manifest_and_fallback(tmp_path, cache):
+    base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "checkpoint.every=2", "checkpoint.keep=2"]
+    base += ["eval.max_batches=2"]
+    full = train(config_from_dict(TINY, [*base, "log.run_name=full"]))
+    cfg = config_from_dict(TINY, [*base, "log.run_name=part", "train.stop_after=4"])
+    train(cfg)
+    root = cfg.run_dir / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_0000002", "step_0000004"]
+    latest = root / "step_0000004"
+    manifest = json.loads((latest / "manifest.json").read_text())["files"]
+    assert {"meta.json", "model.safetensors", "optimizer.bin"} <= set(manifest)
+    assert all(ckpt.verify_checkpoint(p) == [] for p in ckpt.list_checkpoints(root))
+    # damage the latest: one flipped byte, same size
+    opt = latest / "optimizer.bin"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    assert ckpt.verify_checkpoint(latest) == ["optimizer.bin does not match its sha256"]
+    with pytest.warns(UserWarning, match=r"step_0000004 \(optimizer\.bin does not match.*step_0000002"):
+        resumed = train(config_from_dict(TINY, [*base, "log.run_name=part"]), resume="auto")
+    assert resumed.step == 6 and (root / "step_0000004.damaged").is_dir()  # kept for inspection
+    a = {r["step"]: r for r in read_metrics(full.run_dir / "metrics.jsonl") if "train/loss" in r}
+    b = {r["step"]: r for r in read_metrics(resumed.run_dir / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(b) == list(range(1, 7))
+    assert all(abs(a[s]["train/loss"] - b[s]["train/loss"]) <= 1e-6 for s in range(1, 7))
+    # every checkpoint damaged -> a clear error, not a silent restart
+    for p in ckpt.list_checkpoints(root):
+        (p / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="no intact checkpoint.*no manifest.json"):
+        train(config_from_dict(TINY, [*base, "log.run_name=part"]), resume="auto")
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path, cache):
+    base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=torn", "model.moe=null"]
+    base += ["eval.max_batches=2"]
+    train(config_from_dict(TINY, [*base, "train.stop_after=3", "checkpoint.every=3"]))
+    metrics = tmp_path / "torn" / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 4, "train/lo')  # killed mid-write
+    train(config_from_dict(TINY, base), resume="auto")
+    steps = [r["step"] for r in read_metrics(metrics) if "train/loss" in r]
+    assert steps == list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def poison_router(monkeypatch, layer: int, router_steps: set[int] | None, num_layers: int = 2) -> None:
+    """Make MoE block ``layer``'s router see NaN inputs in training forwards at the given router steps
+    (None = always). Training forwards call the routers in block order, one forward per micro-batch."""
+    orig, calls = Router.forward, [0]
+
+    def forward(self, x, *args, **kwargs):
+        if not self.training:
+            return orig(self, x, *args, **kwargs)
+        i, calls[0] = calls[0] % num_layers, calls[0] + 1
+        if i == layer and (router_steps is None or int(self.step) in router_steps):
+            x = x + float("nan")
+        return orig(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Router, "forward", forward)
+
+
+def test_nonfinite_step_is_skipped(tmp_path, cache, monkeypatch):
+    poison_router(monkeypatch, layer=1, router_steps={1})  # MoE from step 3: router step 1 = step 4
+    cfg = config_from_dict(
+        TINY, [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=g", "eval.max_batches=2"]
+    )
+    with pytest.warns(UserWarning, match=r"non-finite values at step 4 in MoE layer 1 \(router logits\)"):
+        res = train(cfg)
+    assert res.stopped is None and res.step == 6
+    rec = {r["step"]: r for r in read_metrics(res.run_dir / "metrics.jsonl") if "train/loss" in r}
+    assert [rec[s]["train/skipped_steps"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert rec[4]["train/lm_loss"] == "nan" and isinstance(rec[5]["train/lm_loss"], float)
+    from safetensors.torch import load_file
+
+    assert all(
+        torch.isfinite(t).all() for t in load_file(res.run_dir / "final" / "model.safetensors").values()
+    )
+    # Adam took 3 of the 4 MoE-phase steps (3..6): the skipped one never reached the optimizer
+    opt = torch.load(res.run_dir / "checkpoints" / "step_0000006" / "optimizer.bin", weights_only=False)
+    assert {int(s["step"]) for s in opt["state"].values()} == {3}
+
+
+def test_nonfinite_streak_stops_and_names_the_layer(tmp_path, cache, monkeypatch, capsys):
+    poison_router(monkeypatch, layer=1, router_steps=None)
+    path = cfg_file(tmp_path, cache, guard={"max_consecutive_skips": 2})
+    with pytest.warns(UserWarning, match="non-finite values"):
+        rc, err = run_cli(capsys, "--config", path)
+    assert rc == 4
+    assert_one_error_line(
+        err,
+        r"2 consecutive optimizer steps skipped \(guard\.max_consecutive_skips=2\).*at step 3: MoE layer 1",
+    )
+    run = tmp_path / "runs" / "tiny"
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000004") == []
+    assert not (run / "final").exists()
+    rec = [r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert rec[-1]["step"] == 4 and rec[-1]["train/skipped_steps"] == 2
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_sigint_saves_checkpoint_and_stops(tmp_path, cache, monkeypatch, capsys):
+    from moe_emergence.training.trainer import Trainer
+
+    orig = Trainer.train_step
+
+    def train_step(self, routing, signals=None):
+        if self.state.step == 2:  # during step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(self, routing, signals)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    path = cfg_file(tmp_path, cache)
+    rc, err = run_cli(capsys, "--config", path)
+    assert rc == 130 and "SIGINT: saving a checkpoint at the end of this step" in err
+    run = tmp_path / "runs" / "tiny"
+    # the signal arrived inside step 3; step 3 finished (a step also checks it) -> checkpoint at step 3
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_0000003"]
+    assert not (run / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(Trainer, "train_step", orig)
+    assert run_cli(capsys, "--config", path, "--resume", "auto")[0] == 0
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def _script(name: str):
+    import runpy
+
+    root = Path(__file__).resolve().parents[1]
+    return runpy.run_path(str(root / "scripts" / f"{name}.py"), run_name="not_main")["main"]
+
+
+def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkpoint):
+    from transformers import GPTNeoXConfig
+
+    neox = tmp_path / "neox"
+    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(neox)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data:\n  seq_len: a: b\n")
+    cases = [
+        ("upcycle", [dense_checkpoint, occupied], r"'.*occupied' exists and is not an empty folder"),
+        ("upcycle", [neox, tmp_path / "out"], r"source '.*neox': .*'gpt_neox' checkpoint"),
+        ("upcycle", [dense_checkpoint, tmp_path / "out", "top_k=9"], r"top_k=9"),
+        ("generate", [tmp_path / "missing", "--prompt", "x"], r"checkpoint '.*missing'"),
+        ("generate", [dense_checkpoint, "--prompt", "x", "--show-experts"], r"needs an MoE checkpoint"),
+        (
+            "prepare_data",
+            ["--config", bad_yaml, "--out", tmp_path / "d"],
+            r"bad\.yaml: malformed YAML at line 2, column 13: mapping values",
+        ),
+        ("prepare_data", ["--out", occupied], r"exists and is not an empty folder"),
+    ]
+    for name, args, pattern in cases:
+        capsys.readouterr()
+        assert _script(name)([str(a) for a in args]) == 2, (name, args)
+        assert_one_error_line(capsys.readouterr().err, pattern)
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
+    assert _script("upcycle")([str(dense_checkpoint), str(tmp_path / "out"), "num_experts=2"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out.tmp").exists()
