@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The specialisation study (issue 10), in steps that each fit one GPU command:
+#   bash scripts/study.sh parent                 # pretrain runs/study-parent (dense, local corpus)
+#   bash scripts/study.sh runs SEED [CONFIG...]  # fine-tune the study configs from the parent with a seed
+#   bash scripts/study.sh analyze REPORT RUN...  # analyze.py over runs on the same eval blocks
+# Configs live in configs/study/; every run differs from moe-top1.yaml only in the keys its file names.
+# Extra key=value overrides for every run can be given in STUDY_OVERRIDES (e.g. a CPU smoke test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ALL=(moe-top1 dense no-balance moe-top2 drop-init micro)
+read -r -a EXTRA <<< "${STUDY_OVERRIDES:-}"
+train() { accelerate launch scripts/train.py "$@" "${EXTRA[@]}"; }
+case "${1:?usage: study.sh parent | runs SEED [CONFIG...] | analyze REPORT RUN...}" in
+  parent)
+    train --config configs/study/parent.yaml ;;
+  runs)
+    seed=${2:?seed}; shift 2
+    configs=("$@"); [ ${#configs[@]} -gt 0 ] || configs=("${ALL[@]}")
+    for c in "${configs[@]}"; do
+      file="configs/study/$c.yaml"
+      name=$(python -c "import yaml; print(yaml.safe_load(open('$file'))['log']['run_name'])")
+      seeds=("train.seed=$seed")
+      grep -q "^  moe: null" "$file" || seeds+=("model.moe.seed=$seed")  # expert init and router seed
+      train --config "$file" "${seeds[@]}" "log.run_name=${name}-s$seed"
+    done ;;
+  analyze)
+    report=${2:?report folder}; shift 2
+    python scripts/analyze.py "$@" --out "$report" --max-blocks 0 --bootstrap 1000 ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac
