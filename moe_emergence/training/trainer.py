@@ -263,9 +263,7 @@ class Trainer:
         e = self.cfg.eval
         bs = e.batch_size or self.cfg.train.batch_size
         acc = self.accelerator
-        if (
-            self._eval_rows is None
-        ):  # a fixed seeded sample, so every eval sees the same blocks of every domain
+        if self._eval_rows is None:  # a fixed seeded sample: every eval sees the same blocks
             gen = torch.Generator().manual_seed(self.cfg.train.seed)
             n = min(len(self.corpus.eval), bs * e.max_batches)
             self._eval_rows = torch.randperm(len(self.corpus.eval), generator=gen)[:n].tolist()
