@@ -103,3 +103,24 @@ def z_loss(router_logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
     z_T = torch.logsumexp(router_logits_TE.float(), dim=-1) ** 2
     z_T = torch.where(w_T > 0, z_T, torch.zeros_like(z_T))  # padding never counts, even if non-finite
     return (z_T * w_T).sum() / w_T.sum().clamp_min(1.0)
+
+
+def aux_losses_per_layer(
+    router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balance ``[L]``, z ``[L]``), one value per MoE layer in ``router_outputs`` order
+    (``{block: RouterOutput}``); the model reports their means, the trainer also checks each layer.
+    ``global_counts_fn(counts_LE) -> summed counts_LE`` (an all-reduce) makes f_i global across
+    processes; None keeps it per micro-batch."""
+    layers = list(router_outputs.values())
+    fractions_LE = [None] * len(layers)
+    if global_counts_fn is not None:
+        counts_LE = torch.stack([expert_counts(r.topk_indices, num_experts, mask_T) for r in layers])
+        counts_LE = global_counts_fn(counts_LE)
+        fractions_LE = list(counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1.0))
+    lb = [
+        load_balance_loss(r.router_probs, r.topk_indices, num_experts, mask_T, fractions_E=f)
+        for r, f in zip(layers, fractions_LE, strict=True)
+    ]
+    z = [z_loss(r.router_logits, mask_T) for r in layers]
+    return torch.stack(lb), torch.stack(z)

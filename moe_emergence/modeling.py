@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from moe_emergence.config import MoEConfig
 from moe_emergence.layer import MoEWrapper
-from moe_emergence.losses import expert_counts, load_balance_loss, masked_mean, z_loss
+from moe_emergence.losses import aux_losses_per_layer, expert_counts, masked_mean
 from moe_emergence.routing import RouterOutput
 from moe_emergence.schedules import coef_at
 
@@ -204,12 +204,8 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
 
     def aux_losses(self, token_mask_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balance loss, z-loss) of the last forward, each the mean over MoE layers."""
-        E = self.config.moe["num_experts"]
-        lb, z = [], []
-        for r in self.router_outputs().values():
-            lb.append(load_balance_loss(r.router_probs, r.topk_indices, E, token_mask_T))
-            z.append(z_loss(r.router_logits, token_mask_T))
-        return torch.stack(lb).mean(), torch.stack(z).mean()
+        lb_L, z_L = aux_losses_per_layer(self.router_outputs(), token_mask_T, self.config.moe["num_experts"])
+        return lb_L.mean(), z_L.mean()
 
     def forward(
         self,

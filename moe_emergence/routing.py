@@ -187,7 +187,9 @@ class Router(nn.Module):
         load_E = load_E.to(device=self.selection_bias.device, dtype=torch.float32)
         self.selection_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
 
-    def _combine_weights(self, topk_probs_TK: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    def combine_weights(self, topk_probs_TK: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        """Combine weights of the selected probabilities ``[T, K]``: straight-through 1.0 for top-1 (gradient
+        of p in training), ``p / sum(p_topk)`` with ``normalize_topk``, else ``p``."""
         if self.top_k == 1 and self.straight_through:
             if self.training:
                 return (topk_probs_TK - topk_probs_TK.detach()) + 1.0  # exactly 1.0 forward
@@ -223,7 +225,7 @@ class Router(nn.Module):
                 )
             else:
                 topk_probs_TK, topk_indices_TK = probs_TE.topk(self.top_k, dim=-1)
-                weights_TK = self._combine_weights(topk_probs_TK)
+                weights_TK = self.combine_weights(topk_probs_TK)
                 sel_TE, wprobs_TE, allowed_E = probs_TE, probs_TE, None
             T = x_TD.shape[0]
             if self.routing == "expert_choice":
@@ -263,7 +265,7 @@ class Router(nn.Module):
             )
             indices_TK = random_reroute(indices_TK, self.random_routing_prob, allowed)
         # eps: with a bias (or random routing) every selected p may underflow to 0 -> weights 0, not NaN
-        weights_TK = self._combine_weights(wprobs_TE.gather(1, indices_TK), eps=1e-30)
+        weights_TK = self.combine_weights(wprobs_TE.gather(1, indices_TK), eps=1e-30)
         return weights_TK, indices_TK, sel_TE, wprobs_TE, allowed_E
 
     def _apply_capacity(self, weights_TK, indices_TK, sel_TE, wprobs_TE, allowed_E, mask_T) -> tuple:
@@ -287,5 +289,5 @@ class Router(nn.Module):
         indices_TK = torch.where(real_T[:, None], new_TK, indices_TK)
         filled_TK = filled_TK | ~real_T[:, None]
         probs_TK = wprobs_TE.gather(1, indices_TK) * filled_TK
-        weights_TK = self._combine_weights(probs_TK, eps=1e-30) * filled_TK
+        weights_TK = self.combine_weights(probs_TK, eps=1e-30) * filled_TK
         return weights_TK, indices_TK, ~filled_TK

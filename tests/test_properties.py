@@ -113,8 +113,8 @@ def test_model_and_trainer_losses_finite_on_padding(B, L, k, scale, mask_kind):
     from transformers import GPT2LMHeadModel
 
     from moe_emergence import MoEConfig, upcycle
+    from moe_emergence.losses import aux_losses_per_layer
     from moe_emergence.training.steps import (
-        aux_losses_per_layer,
         lm_share,
         nonfinite_flags,
         shifted_token_counts,

@@ -19,16 +19,11 @@ from moe_emergence.routing import Router, RouterOutput, entropy_from_probs
 
 
 def reroute(router: Router, logits_TE: torch.Tensor) -> RouterOutput:
-    """Eval-mode routing from given logits, with ``Router.forward``'s rules (no noise): top-k of the
-    softmax; weights 1.0 for top-1 straight-through, p / sum(p_topk) with ``normalize_topk``, else p."""
+    """Eval-mode routing from given logits (no noise): top-k of the softmax, combined with the router's
+    own weight rule (``Router.combine_weights``)."""
     probs_TE = logits_TE.softmax(dim=-1)
     topk_probs_TK, topk_indices_TK = probs_TE.topk(router.top_k, dim=-1)
-    if router.top_k == 1 and router.straight_through:
-        weights_TK = torch.ones_like(topk_probs_TK)
-    elif router.normalize_topk:
-        weights_TK = topk_probs_TK / topk_probs_TK.sum(dim=-1, keepdim=True)
-    else:
-        weights_TK = topk_probs_TK
+    weights_TK = router.combine_weights(topk_probs_TK)
     return RouterOutput(
         topk_weights=weights_TK,
         topk_indices=topk_indices_TK,

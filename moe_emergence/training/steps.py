@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_emergence.losses import expert_counts, load_balance_loss, z_loss
 from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats
 
 
@@ -32,34 +31,6 @@ def lm_share(lm_mean: torch.Tensor, n_predicted: torch.Tensor, n_step: torch.Ten
     A micro-batch with no predicted token (all padding) contributes 0, not the NaN of an empty mean
     (no host sync; the masked branch's gradient is 0)."""
     return torch.where(n_predicted > 0, lm_mean.float(), 0.0) * (n_predicted / n_step)
-
-
-def aux_losses_per_layer(
-    router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balance ``[L]``, z ``[L]``), one value per MoE layer in ``router_outputs`` order.
-    ``global_counts_fn(counts_LE) -> summed counts_LE`` (an all-reduce) makes f_i global across
-    processes; None keeps it per micro-batch."""
-    layers = list(router_outputs.values())
-    fractions_LE = [None] * len(layers)
-    if global_counts_fn is not None:
-        counts_LE = torch.stack([expert_counts(r.topk_indices, num_experts, mask_T) for r in layers])
-        counts_LE = global_counts_fn(counts_LE)
-        fractions_LE = list(counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1.0))
-    lb = [
-        load_balance_loss(r.router_probs, r.topk_indices, num_experts, mask_T, fractions_E=f)
-        for r, f in zip(layers, fractions_LE, strict=True)
-    ]
-    z = [z_loss(r.router_logits, mask_T) for r in layers]
-    return torch.stack(lb), torch.stack(z)
-
-
-def aux_losses(
-    router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balance, z) means over MoE layers (``aux_losses_per_layer``)."""
-    lb_L, z_L = aux_losses_per_layer(router_outputs, mask_T, num_experts, global_counts_fn)
-    return lb_L.mean(), z_L.mean()
 
 
 def nonfinite_flags(router_outputs: dict, lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:

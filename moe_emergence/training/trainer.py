@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from moe_emergence.errors import ConfigError, as_user_error
+from moe_emergence.losses import aux_losses_per_layer
 from moe_emergence.telemetry import JsonlSink, LayerRoutingStats, expert_divergence, flat_expert_weights
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training import guard, model_setup
@@ -36,7 +37,6 @@ from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_r
 from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
-    aux_losses_per_layer,
     evaluate,
     lm_share,
     nonfinite_flags,
