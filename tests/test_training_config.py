@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from moe_emergence.training.config import RunConfig, config_from_dict, load_config
@@ -145,3 +146,26 @@ def test_shipped_configs_build(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.log.run_name == name and set(cfg.data.domains) == {"code", "math", "prose"}
     assert (cfg.model.moe is None) == (name == "dense")
+
+
+@pytest.mark.parametrize("dropout, expected", [(None, 0.1), (0.0, 0.0), (0.25, 0.25)])
+def test_dropout_overrides_a_loaded_checkpoint_or_keeps_it(tmp_path, dropout, expected):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moe_emergence.training.model_setup import build_model
+
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    ).save_pretrained(tmp_path / "base")
+    cfg = config_from_dict(
+        BASE,
+        [
+            f"model.base={tmp_path / 'base'}",
+            "model.moe=null",
+            "model.dropout=" + ("null" if dropout is None else str(dropout)),
+        ],
+    )
+    model = build_model(cfg, tokenizer=[0] * 64)
+    ps = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert ps == {expected}
+    assert model.config.resid_pdrop == model.config.attn_pdrop == model.config.embd_pdrop == expected

@@ -33,6 +33,8 @@ class ModelConfig:
         pipeline), a hub id (e.g. ``"gpt2"``) or a local checkpoint folder (tokenizer from it).
     upcycle_at_step: optimizer steps of dense training before ``upcycle(model, moe)`` (0 = MoE from
         the first step). Ignored when ``moe`` is null.
+    dropout: GPT-2's resid/embd/attn dropout. ``null`` keeps the checkpoint's values (0.0 for ``tiny``);
+        a number overrides them for a loaded checkpoint too (the hub ``gpt2`` ships 0.1).
     moe: the MoE layers' options, or null for the dense control (no upcycling at all).
     """
 
@@ -41,7 +43,7 @@ class ModelConfig:
     tiny_n_embd: int = 64
     tiny_n_head: int = 2
     tiny_n_positions: int = 256
-    dropout: float = 0.0
+    dropout: float | None = None
     upcycle_at_step: int = 0
     moe: MoEConfig | None = field(default_factory=MoEConfig)
 
@@ -54,7 +56,12 @@ class ModelConfig:
             self.tiny_n_embd,
             f"a multiple of tiny_n_head={self.tiny_n_head}",
         )
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+        _check(
+            self.dropout is None or 0.0 <= self.dropout < 1.0,
+            "model.dropout",
+            self.dropout,
+            "null or in [0, 1)",
+        )
         _check(self.upcycle_at_step >= 0, "model.upcycle_at_step", self.upcycle_at_step, "an integer >= 0")
         _check(bool(self.base), "model.base", self.base, '"tiny", a hub id or a checkpoint folder')
 

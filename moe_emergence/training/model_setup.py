@@ -19,6 +19,11 @@ from moe_emergence.training.config import ModelConfig, RunConfig
 from moe_emergence.upcycle import load_dense_gpt2, upcycle
 
 
+def dropout_overrides(p: float) -> dict[str, float]:
+    """GPT2Config keys of the three dropouts (residual, embedding, attention), all set to ``p``."""
+    return {"resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p}
+
+
 def build_tiny_gpt2(
     cfg: ModelConfig, vocab_size: int, bos_id: int | None, eos_id: int | None
 ) -> GPT2LMHeadModel:
@@ -29,9 +34,7 @@ def build_tiny_gpt2(
         n_embd=cfg.tiny_n_embd,
         n_layer=cfg.tiny_n_layer,
         n_head=cfg.tiny_n_head,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
+        **dropout_overrides(cfg.dropout or 0.0),
         bos_token_id=bos_id,
         eos_token_id=eos_id,
     )
@@ -101,7 +104,7 @@ def build_model(cfg: RunConfig, tokenizer) -> GPT2LMHeadModel:
     if m.base == "tiny":
         model = build_tiny_gpt2(m, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     else:
-        model = load_dense_gpt2(m.base)
+        model = load_dense_gpt2(m.base, **({} if m.dropout is None else dropout_overrides(m.dropout)))
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(
                 f"model.base={m.base!r}: its tokenizer has {len(tokenizer)} tokens but the model only "
