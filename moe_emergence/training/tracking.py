@@ -57,5 +57,5 @@ class Tracking:
         return heatmap_images(joint_counts, domains, prefix)
 
     def finish(self) -> None:
-        if self.enabled:
-            self.acc.end_training()
+        """Close the trackers (if any) and the distributed process group (accelerate's end_training)."""
+        self.acc.end_training()
