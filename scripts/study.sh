@@ -4,12 +4,15 @@
 #   bash scripts/study.sh runs SEED [CONFIG...]  # fine-tune the study configs from the parent with a seed
 #   bash scripts/study.sh analyze REPORT RUN...  # analyze.py over runs on the same eval blocks
 # Configs live in configs/study/; every run differs from moe-top1.yaml only in the keys its file names.
-# Extra key=value overrides for every run can be given in STUDY_OVERRIDES (e.g. a CPU smoke test).
+# Extra key=value overrides for every run can be given in STUDY_OVERRIDES (e.g. a CPU smoke test),
+# accelerate launch options in STUDY_LAUNCH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ALL=(moe-top1 dense no-balance moe-top2 drop-init micro)
 read -r -a EXTRA <<< "${STUDY_OVERRIDES:-}"
-train() { accelerate launch scripts/train.py "$@" "${EXTRA[@]}"; }
+read -r -a LAUNCH <<< "${STUDY_LAUNCH:-}"     # accelerate launch options (e.g. --config_file ...)
+read -r -a RUN_EXTRA <<< "${STUDY_EXTRA_RUN:-}"  # overrides applied after the run's own (e.g. its name)
+train() { accelerate launch "${LAUNCH[@]}" scripts/train.py "$@" "${EXTRA[@]}"; }
 case "${1:?usage: study.sh parent | runs SEED [CONFIG...] | analyze REPORT RUN...}" in
   parent)
     train --config configs/study/parent.yaml ;;
@@ -21,7 +24,7 @@ case "${1:?usage: study.sh parent | runs SEED [CONFIG...] | analyze REPORT RUN..
       name=$(python -c "import yaml; print(yaml.safe_load(open('$file'))['log']['run_name'])")
       seeds=("train.seed=$seed")
       grep -q "^  moe: null" "$file" || seeds+=("model.moe.seed=$seed")  # expert init and router seed
-      train --config "$file" "${seeds[@]}" "log.run_name=${name}-s$seed"
+      train --config "$file" "${seeds[@]}" "log.run_name=${name}-s$seed" "${RUN_EXTRA[@]}"
     done ;;
   analyze)
     report=${2:?report folder}; shift 2

@@ -137,3 +137,23 @@ def test_bootstrap_vector_statistic_and_per_document_sums():
     assert 2.0 <= ci["ci_low"][0] < 16 / 5 < ci["ci_high"][0] <= 4.0  # doc means 2 and 4
     none = m.bootstrap_ci(sums, lambda t: t[:, 1] / np.maximum(t[:, 0], 1), 0)
     assert math.isnan(none["ci_low"][0]) and none["n_boot"] == 0
+
+
+def test_seed_mean_ci_closed_form_and_coverage():
+    from moe_emergence.analysis.seeds import mean_ci, paired_diff_ci, t975
+
+    # closed form: values 1, 2, 3 -> mean 2, s = 1, half width t_{0.975,2} / sqrt(3)
+    ci = mean_ci([1.0, 2.0, 3.0])
+    assert ci["n"] == 3 and ci["value"] == 2.0
+    assert abs(ci["ci_high"] - 2.0 - 4.303 / np.sqrt(3)) < 1e-12
+    assert np.isnan(mean_ci([5.0])["ci_low"])
+    assert paired_diff_ci({0: 3.0, 1: 5.0, 2: 9.0}, {0: 1.0, 1: 2.0})["value"] == 2.5
+    with pytest.raises(ValueError, match="no common seed"):
+        paired_diff_ci({0: 1.0}, {1: 1.0})
+    # the tabulated quantiles give ~95% coverage of the true mean for normal samples of size 2, 3 and 8
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 8):
+        x = rng.normal(1.0, 2.0, size=(20000, n))
+        half = t975(n - 1) * x.std(axis=1, ddof=1) / np.sqrt(n)
+        covered = np.abs(x.mean(axis=1) - 1.0) <= half
+        assert abs(covered.mean() - 0.95) < 0.006, (n, covered.mean())

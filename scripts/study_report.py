@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Tables and figures of docs/results.md from the study's outputs (issue 10).
+
+    python scripts/study_report.py --runs RUNS --reports REPORTS [--walls driver.log ...] --out docs
+
+RUNS holds ``<run>/metrics.jsonl`` of every run, REPORTS ``<run>/metrics.json`` of analyze.py on each run
+(scripts/study_gpu.sh packs both). Run names are ``study-<config>-s<seed>[-ddp]``. Writes:
+  docs/study/tables.md               the markdown tables quoted in docs/results.md
+  docs/study/metrics/<run>.json      analyze.py's metrics.json of each run (raw, every number traceable)
+  docs/study/trajectories/<run>.json the eval records and every 50th train record, selected keys
+  docs/figures/study_*.png           small figures
+Per-domain eval losses are the trainer's final evaluation (all eval blocks, the same in every run); the CI
+over seeds is Student-t (moe_emergence.analysis.seeds); routing numbers come from analyze.py (CIs over
+documents by bootstrap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from moe_emergence.analysis import figures
+from moe_emergence.analysis.seeds import mean_ci, paired_diff_ci
+
+NAME = re.compile(r"^study-(?P<config>.+)-s(?P<seed>\d+)(?P<ddp>-ddp)?$")
+ORDER = ["dense", "moe-top1", "moe-top2", "no-balance", "drop-init", "moe-top1 (ddp)", "micro (ddp)"]
+DOMAINS = ["code", "math", "prose"]
+KEEP = re.compile(r"^(step|eval/loss_.*|eval/lm_loss|(eval_)?router/layer\d+/(entropy|max_frac|domain_nmi)|router/layer\d+/expert\d+_frac|"
+                  r"router/noise_std|train/(lm_loss|lb_loss|z_loss)|perf/tokens_per_sec)$")  # fmt: skip
+
+
+def load(runs: Path, reports: Path) -> dict:
+    out = {}
+    for d in sorted(runs.iterdir()):
+        mt = NAME.match(d.name)
+        if not mt or not (d / "metrics.jsonl").exists():
+            continue
+        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rep = reports / d.name / "metrics.json"
+        config = mt["config"] + (" (ddp)" if mt["ddp"] else "")
+        out[d.name] = {
+            "config": config,
+            "seed": int(mt["seed"]),
+            "records": recs,
+            "analysis": json.loads(rep.read_text())["runs"][d.name] if rep.exists() else None,
+            "report_path": rep if rep.exists() else None,
+        }
+    return out
+
+
+def final_eval(recs: list[dict]) -> dict:
+    ev = [r for r in recs if "eval/loss_code" in r]
+    if not ev:
+        raise ValueError("no eval record")
+    return max(ev, key=lambda r: r["step"])
+
+
+def fmt(ci: dict, f: str = ".3f") -> str:
+    if ci["n"] == 1 or np.isnan(ci["ci_low"]):
+        return f"{ci['value']:{f}}"
+    return f"{ci['value']:{f}} [{ci['ci_low']:{f}}, {ci['ci_high']:{f}}]"
+
+
+def by_config(runs: dict) -> dict[str, dict[int, str]]:
+    g = defaultdict(dict)
+    for name, r in runs.items():
+        g[r["config"]][r["seed"]] = name
+    return {c: g[c] for c in ORDER if c in g}
+
+
+def loss_table(runs: dict, groups: dict) -> str:
+    rows = [
+        "| run | seeds | code | math | prose | all | ppl code / math / prose |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, seeds in groups.items():
+        ev = [final_eval(runs[n]["records"]) for n in seeds.values()]
+        cis = {d: mean_ci(e[f"eval/loss_{d}"] for e in ev) for d in DOMAINS}
+        cis["all"] = mean_ci(e["eval/lm_loss"] for e in ev)
+        ppl = " / ".join(f"{np.exp(cis[d]['value']):.1f}" for d in DOMAINS)
+        rows.append(
+            f"| {c} | {len(ev)} | " + " | ".join(fmt(cis[d]) for d in [*DOMAINS, "all"]) + f" | {ppl} |"
+        )
+    return "\n".join(rows)
+
+
+def paired_table(runs: dict, groups: dict) -> str:
+    rows = [
+        "| run minus dense control (same seed) | seeds | code | math | prose | all |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = groups.get("dense", {})
+    for c, seeds in groups.items():
+        if c == "dense" or c.endswith("(ddp)"):
+            continue
+        cells = []
+        for d in [*DOMAINS, "all"]:
+            key = "eval/lm_loss" if d == "all" else f"eval/loss_{d}"
+            a = {s: final_eval(runs[n]["records"])[key] for s, n in seeds.items()}
+            b = {s: final_eval(runs[n]["records"])[key] for s, n in base.items()}
+            cells.append(paired_diff_ci(a, b))
+        rows.append(f"| {c} | {cells[0]['n']} | " + " | ".join(fmt(x, "+.4f") for x in cells) + " |")
+    return "\n".join(rows)
+
+
+def nmi_table(runs: dict, groups: dict) -> str:
+    layers = None
+    rows = []
+    for c, seeds in groups.items():
+        for s, n in seeds.items():
+            a = runs[n]["analysis"]
+            if not a or not a.get("layers"):
+                continue
+            layers = layers or sorted(a["layers"], key=int)
+            cells = []
+            for L in layers:
+                lm = a["layers"][L]
+                ci = lm["domain_nmi"]
+                cells.append(f"{ci['value']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]")
+            maxf = " / ".join(f"{a['layers'][L]['max_frac']:.2f}" for L in layers)
+            tt = " / ".join(f"{a['layers'][L]['token_type_nmi']['value']:.3f}" for L in layers)
+            rows.append(f"| {c} | {s} | " + " | ".join(cells) + f" | {maxf} | {tt} |")
+    head = (
+        "| run | seed | "
+        + " | ".join(f"NMI layer {L}" for L in layers)
+        + " | max share per layer | code token-type NMI per layer |"
+    )
+    return "\n".join([head, "|" + "---|" * (len(layers) + 4), *rows])
+
+
+def nmi_seed_table(runs: dict, groups: dict) -> str:
+    rows = ["| run | seeds | NMI per layer, mean [95% CI over seeds] |", "|---|---|---|"]
+    for c, seeds in groups.items():
+        an = [runs[n]["analysis"] for n in seeds.values() if (runs[n]["analysis"] or {}).get("layers")]
+        if len(an) < 2:
+            continue
+        layers = sorted(an[0]["layers"], key=int)
+        cells = [f"L{L}: " + fmt(mean_ci(a["layers"][L]["domain_nmi"]["value"] for a in an)) for L in layers]
+        rows.append(f"| {c} | {len(an)} | " + "; ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def speed_table(runs: dict, groups: dict, walls: dict[str, float]) -> str:
+    rows = ["| run | seed | tokens/s (median of logged steps) | wall s |", "|---|---|---|---|"]
+    for c, seeds in groups.items():
+        for s, n in seeds.items():
+            tps = [
+                r["perf/tokens_per_sec"]
+                for r in runs[n]["records"]
+                if "perf/tokens_per_sec" in r and r["step"] > 50
+            ]
+            rows.append(f"| {c} | {s} | {np.median(tps):,.0f} | {walls.get(n, float('nan')):.0f} |")
+    return "\n".join(rows)
+
+
+def series(recs: list[dict], key: str):
+    pts = [(r["step"], r[key]) for r in recs if key in r]
+    return (
+        (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.zeros(0), np.zeros(0))
+    )
+
+
+def fig_loss(runs: dict, groups: dict, path: Path) -> None:
+    plt = figures._plt()
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    w = 0.8 / len(groups)
+    for i, (c, seeds) in enumerate(groups.items()):
+        ev = [final_eval(runs[n]["records"]) for n in seeds.values()]
+        cis = [mean_ci(e[f"eval/loss_{d}"] for e in ev) for d in DOMAINS]
+        xs = np.arange(len(DOMAINS)) + (i - (len(groups) - 1) / 2) * w
+        err = [[0 if np.isnan(x["ci_low"]) else x["value"] - x["ci_low"] for x in cis],
+               [0 if np.isnan(x["ci_high"]) else x["ci_high"] - x["value"] for x in cis]]  # fmt: skip
+        ax.bar(xs, [x["value"] for x in cis], w, yerr=err, capsize=2, label=f"{c} (n={len(ev)})")
+    ax.set_xticks(range(len(DOMAINS)), DOMAINS)
+    ax.set_ylim(3.0, 4.6)
+    ax.set_ylabel("eval loss (nats/token)")
+    ax.set_title("final eval loss per domain (mean, 95% CI over seeds where n > 1)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    figures._save(fig, path)
+
+
+def fig_nmi(runs: dict, groups: dict, path: Path) -> None:
+    plt = figures._plt()
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    moe = {c: s for c, s in groups.items() if c != "dense"}
+    w = 0.8 / max(len(moe), 1)
+    for i, (c, seeds) in enumerate(moe.items()):
+        for j, n in enumerate(seeds.values()):
+            a = runs[n]["analysis"]
+            layers = sorted(a["layers"], key=int)
+            xs = np.arange(len(layers)) + (i - (len(moe) - 1) / 2) * w + (j - 1) * w / 5
+            cis = [a["layers"][L]["domain_nmi"] for L in layers]
+            ax.errorbar(xs, [x["value"] for x in cis], fmt="o", ms=3, color=f"C{i}", capsize=2,
+                        yerr=[[x["value"] - x["ci_low"] for x in cis], [x["ci_high"] - x["value"] for x in cis]],
+                        label=c if j == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(layers)), [f"layer {L}" for L in layers])
+    ax.set_ylabel("NMI(domain; top-1 expert)")
+    ax.set_title(
+        "domain-expert NMI per layer, one point per seed (95% bootstrap CI over documents)", fontsize=9
+    )
+    ax.legend(fontsize=6, ncol=3)
+    figures._save(fig, path)
+
+
+def fig_trajectories(runs: dict, groups: dict, path: Path, configs=("moe-top1", "no-balance")) -> None:
+    """Rows: per-token router entropy, largest expert share, domain NMI (train routing); columns: configs."""
+    plt = figures._plt()
+    keys = [
+        ("entropy", "router entropy (nats)"),
+        ("max_frac", "largest expert share"),
+        ("domain_nmi", "domain NMI"),
+    ]
+    fig, axes = plt.subplots(
+        len(keys), len(configs), figsize=(3.4 * len(configs), 5.6), sharex=True, sharey="row"
+    )
+    for j, c in enumerate(configs):
+        for s, n in groups.get(c, {}).items():
+            recs = runs[n]["records"]
+            for i, (k, label) in enumerate(keys):
+                for li, L in enumerate(figures.router_layers(recs)):
+                    x, y = series(recs, f"router/layer{L}/{k}")
+                    axes[i, j].plot(x, y, color=f"C{li}", lw=0.9, alpha=0.5 + 0.25 * (s == 0),
+                                    label=f"layer {L}" if s == 0 else None)  # fmt: skip
+                axes[i, 0].set_ylabel(label, fontsize=8)
+        axes[0, j].set_title(f"{c} (lines: 3 layers x seeds)", fontsize=9)
+        axes[0, j].axhline(np.log(8), color="gray", ls=":", lw=1)
+        axes[1, j].axhline(1 / 8, color="gray", ls=":", lw=1)
+        axes[-1, j].set_xlabel("optimizer step")
+    axes[0, 0].legend(fontsize=6)
+    figures._save(fig, path)
+
+
+def trajectory(recs: list[dict]) -> list[dict]:
+    keep = [r for r in recs if any(k.startswith("eval") for k in r) or r.get("step", 0) % 50 == 0]
+    return [{k: float(f"{v:.5g}") for k, v in r.items() if KEEP.match(k)} for r in keep]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, required=True)
+    ap.add_argument("--reports", type=Path, required=True)
+    ap.add_argument("--walls", type=Path, nargs="*", default=[], help="study_gpu.sh driver logs (wall times)")
+    ap.add_argument("--out", type=Path, default=Path("docs"))
+    args = ap.parse_args()
+    runs = load(args.runs, args.reports)
+    if not runs:
+        raise SystemExit(f"no study-<config>-s<seed> runs with metrics.jsonl under {args.runs}")
+    groups = by_config(runs)
+    walls = {}
+    for f in args.walls:
+        for mt in re.finditer(r"^(\S+): rc 0, (\d+) s wall$", f.read_text(), re.M):
+            walls[mt[1]] = float(mt[2])
+    study, figs = args.out / "study", args.out / "figures"
+    for sub in ("metrics", "trajectories"):
+        (study / sub).mkdir(parents=True, exist_ok=True)
+    for n, r in runs.items():
+        if r["report_path"]:
+            shutil.copyfile(r["report_path"], study / "metrics" / f"{n}.json")
+        (study / "trajectories" / f"{n}.json").write_text(
+            json.dumps(trajectory(r["records"]), separators=(",", ":"))
+        )
+    fig_loss(runs, groups, figs / "study_loss.png")
+    fig_nmi(runs, groups, figs / "study_nmi.png")
+    fig_trajectories(runs, groups, figs / "study_trajectories.png")
+    main_s0 = groups["moe-top1"][min(groups["moe-top1"])]
+    a = runs[main_s0]["analysis"]
+    L = max(a["layers"], key=lambda k: a["layers"][k]["token_type_nmi"]["value"])
+    figures.heatmap(np.asarray(a["layers"][L]["token_type_fractions"]), a["token_types"],
+                    f"{main_s0}, layer {L}: code token type -> top-1 expert (row fractions)", 1 / 8,
+                    figs / "study_token_types.png")  # fmt: skip
+    L = max(a["layers"], key=lambda k: a["layers"][k]["domain_nmi"]["value"])
+    figures.heatmap(np.asarray(a["layers"][L]["domain_expert_fractions"]), DOMAINS,
+                    f"{main_s0}, layer {L}: domain -> top-1 expert (row fractions)", 1 / 8,
+                    figs / "study_domain_expert.png")  # fmt: skip
+    nb = groups["no-balance"][min(groups["no-balance"])]
+    figures.collapse_trajectory(runs[nb]["records"], figs / "study_collapse.png")
+    tables = [
+        "## Final eval loss (mean [95% CI over seeds])", loss_table(runs, groups),
+        "## Paired difference to the dense control", paired_table(runs, groups),
+        "## Domain-expert NMI per run (95% bootstrap CI over documents)", nmi_table(runs, groups),
+        "## NMI over seeds", nmi_seed_table(runs, groups),
+        "## Throughput", speed_table(runs, groups, walls),
+    ]  # fmt: skip
+    (study / "tables.md").write_text("\n\n".join(tables) + "\n")
+    print((study / "tables.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
