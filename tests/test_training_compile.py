@@ -1,7 +1,9 @@
 """``train.compile``: the trainer compiles the model in place; losses equal an uncompiled run, a compiled run
-resumes from its checkpoint, and checkpoints and ``final/`` carry the plain parameter names."""
+resumes from its checkpoint (compiled or not), and checkpoints and ``final/`` carry the plain parameter names."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import test_training_run
@@ -38,7 +40,9 @@ def test_compiled_run_matches_uncompiled_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
     assert not [k for k in load_file(ckpt) if "_orig_mod" in k]  # loadable by uncompiled runs and analysis
+    shutil.copytree(tmp_path / "comp", tmp_path / "toggled")
     resumed = train(make_cfg(tmp_path, "comp", *ov, *compiled), resume="auto")
+    toggled = train(make_cfg(tmp_path, "toggled", *ov), resume="auto")  # the same checkpoint, uncompiled
     assert resumed.step == 3 and resumed.stopped is None
     a = train_records(read_metrics(plain.run_dir / "metrics.jsonl"))
     b = train_records(read_metrics(resumed.run_dir / "metrics.jsonl"))
@@ -50,9 +54,13 @@ def test_compiled_run_matches_uncompiled_and_resumes(tmp_path):
             if key not in a[step]:
                 continue
             assert abs(a[step][key] - b[step][key]) <= 1e-4, (step, key, a[step][key], b[step][key])
-    sa, sb = final_state(plain.run_dir), final_state(resumed.run_dir)
-    assert sa.keys() == sb.keys() and not [k for k in sb if "_orig_mod" in k]
-    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 1e-4
+    c = train_records(read_metrics(toggled.run_dir / "metrics.jsonl"))
+    assert abs(c[3]["train/loss"] - a[3]["train/loss"]) <= 1e-4
+    sa = final_state(plain.run_dir)
+    for run in (resumed, toggled):
+        sb = final_state(run.run_dir)
+        assert sa.keys() == sb.keys() and not [k for k in sb if "_orig_mod" in k]
+        assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 1e-4
     model = GPT2MoEForCausalLM.from_pretrained(resumed.run_dir / "final")
     assert set(model.moe_layers()) == {0, 1}
     torch._dynamo.reset()
