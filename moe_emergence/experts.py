@@ -58,11 +58,10 @@ def eager_experts(
     return y_TD.index_add_(0, token_A, y_AD).to(x_TD.dtype)
 
 
-@functools.cache
-def get_backend(name: str, device: torch.device) -> ExpertsFn:
+def resolve_backend(name: str, device: torch.device) -> ExpertsFn:
     """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device``.
 
-    Resolved once per (name, device) and cached: the forward pass does no lookup work."""
+    Uncached (``get_backend`` is the cached form); traceable by ``torch.compile`` without graph breaks."""
     from moe_emergence import kernels  # lazy: keeps triton out of the model package's import
 
     if name == "eager":
@@ -73,6 +72,10 @@ def get_backend(name: str, device: torch.device) -> ExpertsFn:
     if name in kernels.BACKENDS:
         return kernels.load_backend(name, device)
     raise ValueError(f"unknown experts backend {name!r}; allowed: auto, eager, {', '.join(kernels.BACKENDS)}")
+
+
+# resolved once per (name, device): the eager forward pass does no lookup work
+get_backend = functools.cache(resolve_backend)
 
 
 class ExpertBank(nn.Module):
@@ -108,7 +111,9 @@ class ExpertBank(nn.Module):
         )
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        fn = get_backend(self.backend, x_TD.device)
+        # compiled: dynamo traces through a cache wrapper anyway (and warns); it resolves at trace time
+        lookup = resolve_backend if torch.compiler.is_compiling() else get_backend
+        fn = lookup(self.backend, x_TD.device)
         return fn(
             x_TD, self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED, indices_TK, weights_TK, self.activation
         )

@@ -100,8 +100,11 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         self.post_init()
 
     def moe_layers(self) -> dict[int, MoEWrapper]:
-        """``{block index: MoEWrapper}`` for every MoE block."""
-        return {i: self.transformer.h[i].mlp for i in self.config.moe_layers}
+        """``{block index: MoEWrapper}`` for every MoE block (``config.moe_layers``, in block order), read
+        from the modules: called in ``forward``, it stays traceable by ``torch.compile``."""
+        return {
+            i: block.mlp for i, block in enumerate(self.transformer.h) if isinstance(block.mlp, MoEWrapper)
+        }
 
     def router_outputs(self) -> dict[int, RouterOutput]:
         """Router outputs of the last forward, ``{block index: RouterOutput}`` (for losses and telemetry)."""

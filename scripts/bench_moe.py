@@ -7,10 +7,12 @@ naive per-expert mask loop; forward and forward+backward median times (CUDA even
 memory of forward+backward (peak allocated minus allocated before the forward); top-1/top-2,
 E in {4, 8, 16}, T in {4096, 8192, 16384}, balanced and Zipf(1.0)-skewed routing.
 End to end: training tokens/s of a GPT-2-small-shaped model (random init) with MoE in blocks 8-11
-(E=8) vs the same dense model, bf16 autocast, AdamW, same batch and sequence length.
+(E=8) vs the same dense model, bf16 autocast, AdamW, same batch and sequence length; with ``--compile``
+also every model compiled (dense and MoE alike), against the compiled dense model.
 Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile check (graph breaks).
 
-    python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--skip-compile] [--json PATH]
+    python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--compile [MODE]] [--skip-compile]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -261,7 +263,10 @@ def train_tokens_per_s(model, B=8, L=512, steps=20, warmup=5) -> float:
     return B * L / ms * 1e3
 
 
-def bench_e2e() -> list[dict]:
+def bench_e2e(compile_mode: str | None = None) -> list[dict]:
+    """Training tokens/s of each variant; with ``compile_mode`` (``--compile``) each variant is measured again
+    compiled (``nn.Module.compile`` in place, as ``train.compile`` does; warm-up steps include compilation),
+    against the compiled dense model."""
     rows = []
     variants = [("dense", None)]
     for K in (1, 2):
@@ -270,19 +275,27 @@ def bench_e2e() -> list[dict]:
                 continue
             moe = dict(num_experts=8, top_k=K, layers=[8, 9, 10, 11], backend=backend)
             variants.append((f"moe top-{K} {backend}", moe))
-    dense = None
-    for name, moe in variants:
-        model = gpt2_small(moe)
-        tps = train_tokens_per_s(model)
-        dense = dense or tps
-        rows.append(dict(model=name, tokens_per_s=tps, ratio=tps / dense))
-        print(f"e2e {name:24s} {tps:9.0f} tokens/s ({tps / dense:.2f}x dense)", flush=True)
-        del model
-        torch.cuda.empty_cache()
+    for compiled in (False, True) if compile_mode else (False,):
+        dense = None
+        for name, moe in variants:
+            model = gpt2_small(moe)
+            if compiled:
+                torch._dynamo.reset()
+                model.compile(mode=compile_mode)
+            tps = train_tokens_per_s(model)
+            dense = dense or tps
+            tag = f"{name} (compiled)" if compiled else name
+            rows.append(dict(model=name, compiled=compiled, tokens_per_s=tps, ratio=tps / dense))
+            ref = "compiled dense" if compiled else "dense"
+            print(f"e2e {tag:35s} {tps:9.0f} tokens/s ({tps / dense:.2f}x {ref})", flush=True)
+            del model
+            torch.cuda.empty_cache()
     return rows
 
 
 def check_compile() -> dict:
+    """Graphs and graph breaks of a compiled 2-block MoE model (triton backend: custom ops), and its loss and
+    w1 gradient against eager (compiled with ``fullgraph=True`` when explain found no break)."""
     from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
 
     moe = dict(num_experts=4, top_k=2, layers=[1], backend="triton", noise_std=0.0)
@@ -305,15 +318,21 @@ def check_compile() -> dict:
     ref.backward()
     g_ref = model.transformer.h[1].mlp.experts.w1_EDF.grad.clone()
     model.zero_grad()
-    compiled = torch.compile(model)
+    fullgraph = explain.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=fullgraph)
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     g = model.transformer.h[1].mlp.experts.w1_EDF.grad
     rel = ((g - g_ref).norm() / g_ref.norm()).item()
+    print(f"compiled with fullgraph={fullgraph}")
     print(f"w1 grad norms: eager {g_ref.norm().item():.4e}, compiled {g.norm().item():.4e}")
     print(f"compiled loss {loss.item():.6f} vs eager {ref.item():.6f}; w1 grad rel err {rel:.2e}")
     return dict(
-        graph_breaks=explain.graph_break_count, reasons=reasons, loss_diff=abs(loss.item() - ref.item())
+        graphs=explain.graph_count,
+        graph_breaks=explain.graph_break_count,
+        reasons=reasons,
+        loss_diff=abs(loss.item() - ref.item()),
+        w1_grad_rel_err=rel,
     )
 
 
@@ -324,6 +343,14 @@ def main() -> None:
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="e2e: also measure every model compiled (torch.compile mode MODE, default 'default')",
+    )
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = ap.parse_args()
@@ -338,7 +365,7 @@ def main() -> None:
         profile_layer()
         profile_e2e()
     if not args.skip_e2e:
-        out["e2e"] = bench_e2e()
+        out["e2e"] = bench_e2e(args.compile)
     if not args.skip_compile:
         out["compile"] = check_compile()
     if args.json:

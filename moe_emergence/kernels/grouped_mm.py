@@ -9,6 +9,10 @@ then each row is scaled by its routing weight (float32) and written to its assig
 slots of a token are summed in float32 (no atomics, deterministic).
 Backward is explicit (the grouped GEMMs of dX and dW, bias gradients as one-hot GEMMs summed in
 float32 by the GEMM), so it does not depend on autograd support of ``_grouped_mm``.
+Forward and backward are ``torch.library`` custom ops (``moe_emergence::grouped_mm_experts_fwd`` -> ``(y,
+x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE)``, ``..._bwd`` -> the six gradients), tied by ``register_autograd``,
+so ``torch.compile`` keeps them in its graph; the routing metadata is computed outside and passed as its four
+tensors; both ops run with autocast off (inputs cast before, ``kernels/autocast.py``).
 ``torch._grouped_mm`` needs 16-byte aligned strides: D and F times the element size must be
 multiples of 16; other shapes raise ``ValueError``.
 """
@@ -23,6 +27,7 @@ from moe_emergence.kernels.autocast import autocast_off, cast_for_autocast, chec
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+Tensor = torch.Tensor
 
 
 def is_supported(device: torch.device) -> tuple[bool, str]:
@@ -41,10 +46,8 @@ def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
 def _act_backward(da: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation in TANH_GELUS:
         return torch.ops.aten.gelu_backward(da, z, approximate="tanh")
-    with torch.enable_grad():
-        zz = z.detach().requires_grad_()
-        (dz,) = torch.autograd.grad(ACT2FN[activation](zz), zz, da)
-    return dz
+    _, vjp = torch.func.vjp(ACT2FN[activation], z)  # autograd is off inside a custom op; torch.func works
+    return vjp(da)[0]
 
 
 def _combine(rows_AD: torch.Tensor, meta: RoutingMeta, T: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,47 +58,97 @@ def _combine(rows_AD: torch.Tensor, meta: RoutingMeta, T: int, dtype: torch.dtyp
     return slots_AD.view(T, meta.top_k, -1).sum(1, dtype=torch.float32).to(dtype)
 
 
-class _GroupedMMExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, meta: RoutingMeta, activation: str):
-        T = x_TD.shape[0]
-        E = w1_EDF.shape[0]
-        offs_E = meta.offsets_E1[1:].to(torch.int32)
-        onehot_AE = F.one_hot(meta.expert_A, E).to(x_TD.dtype)
-        x_AD = x_TD.index_select(0, meta.token_A)
+@torch.library.custom_op("moe_emergence::grouped_mm_experts_fwd", mutates_args=())
+def grouped_mm_experts_fwd(
+    x_TD: Tensor, w1_EDF: Tensor, b1_EF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, weights_TK: Tensor,
+    order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor, activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    meta = RoutingMeta(order_A, token_A, expert_A, offsets_E1, w1_EDF.shape[0], weights_TK.shape[1])
+    T, E = x_TD.shape[0], w1_EDF.shape[0]
+    with autocast_off(x_TD.device.type):
+        offs_E = offsets_E1[1:].to(torch.int32)
+        onehot_AE = F.one_hot(expert_A, E).to(x_TD.dtype)
+        x_AD = x_TD.index_select(0, token_A)
         z_AF = torch._grouped_mm(x_AD, w1_EDF, offs=offs_E).addmm_(onehot_AE, b1_EF)
         a_AF = _act(z_AF, activation)
         o_AD = torch._grouped_mm(a_AF, w2_EFD, offs=offs_E).addmm_(onehot_AE, b2_ED)
-        w_A = weights_TK.reshape(-1).index_select(0, meta.order_A).float()
+        w_A = weights_TK.reshape(-1).index_select(0, order_A).float()
         y_TD = _combine(o_AD.float() * w_A[:, None], meta, T, x_TD.dtype)
-        ctx.save_for_backward(x_AD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, onehot_AE, offs_E)
-        ctx.meta, ctx.activation, ctx.T = meta, activation, T
-        ctx.weights_dtype = weights_TK.dtype
-        return y_TD
+    return y_TD, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE
 
-    @staticmethod
-    def backward(ctx, dy_TD):
-        x_AD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, onehot_AE, offs_E = ctx.saved_tensors
-        meta: RoutingMeta = ctx.meta
-        dy_AD = dy_TD.index_select(0, meta.token_A)
+
+@grouped_mm_experts_fwd.register_fake
+def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A, offsets_E1, activation):
+    (T, D), (E, _, F_), A = x_TD.shape, w1_EDF.shape, order_A.shape[0]
+    new = x_TD.new_empty
+    return new(T, D), new(A, D), new(A, F_), new(A, F_), new(A, D), new(A, dtype=torch.float32), new(A, E)
+
+
+@torch.library.custom_op("moe_emergence::grouped_mm_experts_bwd", mutates_args=())
+def grouped_mm_experts_bwd(
+    dy_TD: Tensor, x_AD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, z_AF: Tensor, a_AF: Tensor, o_AD: Tensor,
+    w_A: Tensor, onehot_AE: Tensor, weights_TK: Tensor, order_A: Tensor, token_A: Tensor, expert_A: Tensor,
+    offsets_E1: Tensor, activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    meta = RoutingMeta(order_A, token_A, expert_A, offsets_E1, w1_EDF.shape[0], weights_TK.shape[1])
+    T = weights_TK.shape[0]
+    with autocast_off(dy_TD.device.type):
+        offs_E = offsets_E1[1:].to(torch.int32)
+        dy_AD = dy_TD.index_select(0, token_A)
         dw_A = (dy_AD.float() * o_AD.float()).sum(-1)
-        dweights_TK = torch.empty_like(dw_A).index_copy_(0, meta.order_A, dw_A)
-        dweights_TK = dweights_TK.view(ctx.T, meta.top_k).to(ctx.weights_dtype)
+        dweights_TK = torch.empty_like(dw_A).index_copy_(0, order_A, dw_A)
+        dweights_TK = dweights_TK.view(T, meta.top_k).to(weights_TK.dtype)
         do_AD = (dy_AD.float() * w_A[:, None]).to(a_AF.dtype)
         dw2_EFD = torch._grouped_mm(a_AF.t(), do_AD, offs=offs_E)
         db2_ED = (onehot_AE.t() @ do_AD).to(w2_EFD.dtype)
         da_AF = torch._grouped_mm(do_AD, w2_EFD.transpose(1, 2), offs=offs_E)
-        dz_AF = _act_backward(da_AF, z_AF, ctx.activation)
+        dz_AF = _act_backward(da_AF, z_AF, activation)
         dw1_EDF = torch._grouped_mm(x_AD.t(), dz_AF, offs=offs_E)
         db1_EF = onehot_AE.t() @ dz_AF
         dx_AD = torch._grouped_mm(dz_AF, w1_EDF.transpose(1, 2), offs=offs_E)
-        dx_TD = _combine(dx_AD, meta, ctx.T, dx_AD.dtype)
-        return dx_TD, dw1_EDF, db1_EF, dw2_EFD, db2_ED, dweights_TK, None, None
+        dx_TD = _combine(dx_AD, meta, T, dx_AD.dtype)
+    return dx_TD, dw1_EDF, db1_EF, dw2_EFD, db2_ED, dweights_TK
 
 
-# torch.compile runs this function eagerly (a graph break): traced through by dynamo, the Triton
-# Function gave zero weight gradients (torch 2.11, seen on the H100); see docs/benchmarks.md
-@torch.compiler.disable
+@grouped_mm_experts_bwd.register_fake
+def _(dy_TD, x_AD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, onehot_AE, weights_TK, order_A, token_A, expert_A,
+      offsets_E1, activation):  # fmt: skip
+    (E, D, F_), new = w1_EDF.shape, x_AD.new_empty
+    return (
+        new(weights_TK.shape[0], D), new(E, D, F_), new(E, F_), new(E, F_, D), new(E, D),
+        torch.empty_like(weights_TK),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _x, w1_EDF, _b1, w2_EFD, _b2, weights_TK, order_A, token_A, expert_A, offsets_E1, activation = inputs
+    _y, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE = output
+    ctx.save_for_backward(
+        x_AD,
+        w1_EDF,
+        w2_EFD,
+        z_AF,
+        a_AF,
+        o_AD,
+        w_A,
+        onehot_AE,
+        weights_TK,
+        order_A,
+        token_A,
+        expert_A,
+        offsets_E1,
+    )
+    ctx.activation = activation
+
+
+def _backward(ctx, dy_TD, *_unused_intermediate_grads):
+    grads = grouped_mm_experts_bwd(dy_TD, *ctx.saved_tensors, ctx.activation)
+    return *grads, None, None, None, None, None
+
+
+grouped_mm_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
 def grouped_mm_experts(
     x_TD: torch.Tensor,
     w1_EDF: torch.Tensor,
@@ -121,6 +174,7 @@ def grouped_mm_experts(
             f"bytes are multiples of 16 ({dtype}); got D={D}, F={F_}: use backend 'eager' or 'triton'"
         )
     meta = routing_meta(indices_TK, w1_EDF.shape[0])
-    with autocast_off(dev):
-        y_TD = _GroupedMMExperts.apply(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, meta, activation)
+    y_TD = grouped_mm_experts_fwd(
+        x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors(), activation
+    )[0]
     return y_TD.to(out_dtype)

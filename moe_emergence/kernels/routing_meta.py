@@ -27,6 +27,11 @@ class RoutingMeta(NamedTuple):
     num_experts: int
     top_k: int
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(order_A, token_A, expert_A, offsets_E1)``: how the backends' custom ops take the metadata
+        (ops accept tensors, ints and strings, not this tuple); rebuild it with ``RoutingMeta(*tensors, E, K)``."""
+        return self.order_A, self.token_A, self.expert_A, self.offsets_E1
+
 
 def routing_meta(indices_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
     """Sort the assignments of ``indices_TK`` [T, K] (expert ids in [0, E)) by expert."""

@@ -20,6 +20,9 @@ from moe_emergence.training.loader import ConfigError, apply_overrides, build, r
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
@@ -108,6 +111,13 @@ class TrainConfig:
     cpu: force the CPU even when a GPU is present.
     stop_after: end this invocation (with a checkpoint) after this many optimizer steps without changing
         the schedule, which still runs to ``steps``; continue with ``--resume auto`` (time-sliced jobs).
+    compile: ``torch.compile`` the model (dense and, after the upcycle, MoE) with ``compile_backend``, in place
+        (``nn.Module.compile``: the parameters, state-dict keys, checkpoints and ``final/`` are those of an
+        uncompiled run, so a run may be resumed with compile switched on or off). The first steps (and the
+        first eval) include the compilation time.
+    compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), ``aot_eager`` (graph
+        capture and AOT autograd, no code generation: a quick check), ``eager`` (graph capture only) or
+        ``cudagraphs``.
     """
 
     steps: int = 100
@@ -118,8 +128,17 @@ class TrainConfig:
     balance_scope: Literal["micro", "global"] = "micro"
     cpu: bool = False
     stop_after: int | None = None
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.compile, bool), "train.compile", self.compile, "true or false")
+        _check(
+            self.compile_backend in COMPILE_BACKENDS,
+            "train.compile_backend",
+            self.compile_backend,
+            f"one of {list(COMPILE_BACKENDS)}",
+        )
         for name in ("steps", "batch_size", "grad_accum"):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
         _check(

@@ -2,7 +2,7 @@
 
 A folder that already holds a run is never silently reused: pass ``--resume`` to continue it or
 ``--overwrite`` to replace it. On resume, the saved config must match the new one except for the keys in
-``RESUMABLE_CHANGES`` (how long to train, logging, eval and checkpoint cadence), and the checkpoint's own
+``RESUMABLE_CHANGES`` (how long to train, compilation, logging, eval and checkpoint cadence), and the checkpoint's own
 model dimensions and MoE settings must match the config.
 
 Nothing already written is lost when setup fails (``RunFolder.open`` / ``commit`` / ``abort``): a folder
@@ -24,7 +24,8 @@ from moe_emergence.errors import ConfigError
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training.config import RunConfig
 
-RESUMABLE_CHANGES = ("train.stop_after", "log.", "eval.", "checkpoint.")
+# train.compile*: compiling in place leaves the checkpoint format unchanged
+RESUMABLE_CHANGES = ("train.stop_after", "train.compile", "log.", "eval.", "checkpoint.")
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 # May change on resume when the global batch (batch_size x grad_accum x processes) stays the same, e.g.
 # a 2-process checkpoint resumed on 1 process with twice the per-process batch.

@@ -137,6 +137,8 @@ class Trainer:
             self.model = self.optimizer = None
             acc.free_memory()
         model.train()
+        if self.cfg.train.compile:
+            model_setup.compile_in_place(model, self.cfg.train.compile_backend)
         optimizer = build_optimizer(model, self.cfg.optim)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
