@@ -263,7 +263,7 @@ def train_tokens_per_s(model, B=8, L=512, steps=20, warmup=5) -> float:
     return B * L / ms * 1e3
 
 
-def bench_e2e(compile_mode: str | None = None) -> list[dict]:
+def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) -> list[dict]:
     """Training tokens/s of each variant; with ``compile_mode`` (``--compile``) each variant is measured again
     compiled (``nn.Module.compile`` in place, as ``train.compile`` does; warm-up steps include compilation),
     against the compiled dense model."""
@@ -275,6 +275,11 @@ def bench_e2e(compile_mode: str | None = None) -> list[dict]:
                 continue
             moe = dict(num_experts=8, top_k=K, layers=[8, 9, 10, 11], backend=backend)
             variants.append((f"moe top-{K} {backend}", moe))
+    if only:
+        unknown = sorted(set(only) - {n for n, _ in variants})
+        if unknown:
+            raise SystemExit(f"--e2e-models: unknown {unknown}; choose from {[n for n, _ in variants]}")
+        variants = [v for v in variants if v[0] == "dense" or v[0] in only]
     for compiled in (False, True) if compile_mode else (False,):
         dense = None
         for name, moe in variants:
@@ -352,6 +357,12 @@ def main() -> None:
         help="e2e: also measure every model compiled (torch.compile mode MODE, default 'default')",
     )
     ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument(
+        "--e2e-models",
+        nargs="+",
+        default=None,
+        help='end-to-end variants besides dense, e.g. "moe top-1 triton"',
+    )
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -365,7 +376,7 @@ def main() -> None:
         profile_layer()
         profile_e2e()
     if not args.skip_e2e:
-        out["e2e"] = bench_e2e(args.compile)
+        out["e2e"] = bench_e2e(args.compile, args.e2e_models)
     if not args.skip_compile:
         out["compile"] = check_compile()
     if args.json:
