@@ -58,8 +58,11 @@ def eager_experts(
     return y_TD.index_add_(0, token_A, y_AD).to(x_TD.dtype)
 
 
-def resolve_backend(name: str, device: torch.device) -> ExpertsFn:
-    """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device``.
+def resolve_backend(
+    name: str, device: torch.device, d_model: int | None = None, d_ff: int | None = None
+) -> ExpertsFn:
+    """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device`` for experts of
+    size ``d_model`` x ``d_ff`` (eager on the CPU: the fast backends only pay off on a GPU).
 
     Uncached (``get_backend`` is the cached form); traceable by ``torch.compile`` without graph breaks."""
     from moe_emergence import kernels  # lazy: keeps triton out of the model package's import
@@ -67,7 +70,7 @@ def resolve_backend(name: str, device: torch.device) -> ExpertsFn:
     if name == "eager":
         return eager_experts
     if name == "auto":
-        fast = kernels.available_backends(device) if device.type == "cuda" else []
+        fast = kernels.available_backends(device, d_model, d_ff) if device.type == "cuda" else []
         return kernels.load_backend(fast[0], device) if fast else eager_experts
     if name in kernels.BACKENDS:
         return kernels.load_backend(name, device)
@@ -113,7 +116,7 @@ class ExpertBank(nn.Module):
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         # compiled: dynamo traces through a cache wrapper anyway (and warns); it resolves at trace time
         lookup = resolve_backend if torch.compiler.is_compiling() else get_backend
-        fn = lookup(self.backend, x_TD.device)
+        fn = lookup(self.backend, x_TD.device, self.d_model, self.d_ff)
         return fn(
             x_TD, self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED, indices_TK, weights_TK, self.activation
         )

@@ -144,9 +144,19 @@ def test_triton_refuses_cpu_without_interpreter():
         load_backend("triton", "cpu")
 
 
+def test_grouped_mm_fits_only_aligned_sizes():
+    from moe_emergence.kernels import grouped_mm
+
+    assert grouped_mm.fits(768, 3072) and grouped_mm.fits(8, 16)
+    assert not grouped_mm.fits(12, 3072) and not grouped_mm.fits(768, 36)
+    assert available_backends("cpu", 12, 36) == [n for n in available_backends("cpu") if n != "grouped_mm"]
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_auto_picks_triton_on_cuda():
-    assert get_backend("auto", torch.device("cuda")) is load_backend("triton", "cuda")
+def test_auto_picks_grouped_mm_on_cuda_where_it_fits_else_triton():
+    cuda = torch.device("cuda")
+    assert get_backend("auto", cuda, 768, 3072) is load_backend("grouped_mm", "cuda")
+    assert get_backend("auto", cuda, 12, 36) is load_backend("triton", "cuda")
 
 
 def test_routing_meta_sorts_and_counts():

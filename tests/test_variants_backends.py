@@ -51,7 +51,7 @@ def test_variant_is_backend_agnostic(dense_model, input_ids, variant, monkeypatc
             return wrapped
 
         base = experts_module.eager_experts if backend is None else backend
-        monkeypatch.setattr(experts_module, "get_backend", lambda name, device, f=base: recording(f))
+        monkeypatch.setattr(experts_module, "get_backend", lambda name, device, *dims, f=base: recording(f))
         model.zero_grad()
         torch.manual_seed(11)
         out = model(input_ids, labels=input_ids)

@@ -1,6 +1,7 @@
 """Registry of the fast experts backends (see ``moe_emergence.experts`` for the shared signature).
 
-``available_backends(device)`` lists the names that run on ``device``, fastest first;
+``available_backends(device, d_model, d_ff)`` lists the names that run on ``device`` (for those expert sizes),
+fastest first;
 ``load_backend(name, device)`` returns the experts function or raises ``RuntimeError`` saying why it
 cannot run there. Backend modules are imported lazily: ``triton`` is only imported when asked for.
 The lookup is traceable by ``torch.compile`` (import statements and constants only, no ``importlib``
@@ -15,8 +16,9 @@ from types import ModuleType
 
 import torch
 
-# name -> experts function in that backend's module; order = preference of "auto" (fastest first)
-BACKENDS: dict[str, str] = {"triton": "triton_experts", "grouped_mm": "grouped_mm_experts"}
+# name -> experts function in that backend's module; order = preference of "auto" (fastest first: grouped_mm
+# measured faster than triton on the H100 end to end, compiled or not; docs/benchmarks.md)
+BACKENDS: dict[str, str] = {"grouped_mm": "grouped_mm_experts", "triton": "triton_experts"}
 # whether the triton package is installed, checked once at import (without importing triton)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -35,9 +37,15 @@ def _support(name: str, device: torch.device) -> tuple[bool, str]:
     return _module(name).is_supported(device)
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """Fast backends that run on ``device``, fastest first (``eager`` always runs and is not listed)."""
-    return [name for name in BACKENDS if _support(name, torch.device(device))[0]]
+def available_backends(
+    device: torch.device | str, d_model: int | None = None, d_ff: int | None = None
+) -> list[str]:
+    """Fast backends that run on ``device``, fastest first (``eager`` always runs and is not listed); with the
+    expert sizes given, only those that take them (grouped_mm needs multiples of 8, see ``grouped_mm.fits``)."""
+    names = [name for name in BACKENDS if _support(name, torch.device(device))[0]]
+    if d_model is not None and d_ff is not None:
+        names = [n for n in names if n != "grouped_mm" or _module(n).fits(d_model, d_ff)]
+    return names
 
 
 def load_backend(name: str, device: torch.device | str) -> Callable[..., torch.Tensor]:

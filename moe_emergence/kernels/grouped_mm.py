@@ -30,6 +30,11 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 Tensor = torch.Tensor
 
 
+def fits(d_model: int, d_ff: int) -> bool:
+    """Whether D and F meet the 16-byte alignment in every dtype the backend takes (multiples of 8)."""
+    return d_model % 8 == 0 and d_ff % 8 == 0
+
+
 def is_supported(device: torch.device) -> tuple[bool, str]:
     """Whether this backend runs on ``device``, and why not."""
     if not hasattr(torch, "_grouped_mm"):
