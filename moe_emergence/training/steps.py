@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_emergence.losses import aux_losses_per_layer
 from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats
 
 
@@ -37,6 +38,30 @@ def nonfinite_flags(router_outputs: dict, lb_L: torch.Tensor, z_L: torch.Tensor)
     """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, aux loss non-finite (no sync)."""
     logits_L = torch.stack([~torch.isfinite(r.router_logits).all() for r in router_outputs.values()])
     return torch.stack([logits_L, ~(torch.isfinite(lb_L) & torch.isfinite(z_L))], dim=-1)
+
+
+def moe_terms(moe_model, layers: list[int], mask_T: torch.Tensor, token_share: torch.Tensor, global_fn):
+    """One micro-batch's MoE loss terms after its forward: the router outputs of ``layers``, ``lb`` (mean
+    over layers of the Switch loss of this micro-batch, counts all-reduced by ``global_fn`` if given), ``z``
+    (mean over layers, weighted by ``token_share`` = its real tokens / the step's) and the ``[L, 2]``
+    non-finite flags."""
+    outs = moe_model.router_outputs()
+    outs = {i: outs[i] for i in layers}
+    lb_L, z_L = aux_losses_per_layer(outs, mask_T, moe_model.config.moe["num_experts"], global_fn)
+    return outs, lb_L.mean(), z_L.mean() * token_share, nonfinite_flags(outs, lb_L, z_L)
+
+
+def step_flags(totals: torch.Tensor, grad_norm: torch.Tensor, signalled: bool, bad_L2: torch.Tensor):
+    """The step's failure flags as one float vector (summed over processes, then ``StepCheck.decode``):
+    non-finite loss totals, non-finite gradient norm, a stop signal, then the per-layer flags."""
+    return torch.cat(
+        [
+            (~torch.isfinite(totals).all()).reshape(1),
+            (~torch.isfinite(grad_norm)).reshape(1),
+            torch.tensor([signalled], device=totals.device),
+            bad_L2.reshape(-1),
+        ]
+    ).float()
 
 
 def train_record(moe_model, lm: float, lb: float, z: float, ent: float, lrs: dict[str, float]) -> dict:

@@ -26,7 +26,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from moe_emergence.errors import ConfigError, as_user_error
-from moe_emergence.losses import aux_losses_per_layer
 from moe_emergence.telemetry import JsonlSink, LayerRoutingStats, expert_divergence, flat_expert_weights
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training import guard, model_setup
@@ -39,8 +38,9 @@ from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
     evaluate,
     lm_share,
-    nonfinite_flags,
+    moe_terms,
     shifted_token_counts,
+    step_flags,
     train_record,
 )
 from moe_emergence.training.tracking import Tracking
@@ -157,24 +157,21 @@ class Trainer:
         """Forward/backward all micro-batches of one step and take the optimizer step, unless the loss or
         gradients are non-finite (then the step is skipped, see ``guard``). Returns on-device tensors
         (lm, lb, z totals, tokens, grad_norm) and the decoded ``StepCheck``: the step's one host sync."""
-        acc, cfg = self.accelerator, self.cfg
-        device = acc.device
+        acc, cfg, device = self.accelerator, self.cfg, self.accelerator.device
         G, P = cfg.train.grad_accum, acc.num_processes
         batches = [self.collate(rows_of(self.corpus.train, rows)) for rows in self.sampler.next_step()]
         counts = self._reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
         n_lab, n_tok = counts[0].clamp_min(1), counts[1].clamp_min(1)
         moe_cfg = self.unwrapped.config.moe if self.moe else None
         layers = self.unwrapped.config.moe_layers if self.moe else []
-        coefs = {"lb": 0.0, "z": 0.0}
-        bias_loads: dict[int, torch.Tensor] | None = None
+        coefs, ent_coef = {"lb": 0.0, "z": 0.0}, 0.0
+        bias_loads: dict[int, torch.Tensor] | None = None  # aux-loss-free balancing: this step's expert loads
         if self.moe:
             moe_step = self.state.step - self.cfg.model.upcycle_at_step
             self.unwrapped.set_router_step(moe_step)
             self.unwrapped.schedule_loss_coefs(moe_step)
-            coefs = self.unwrapped.loss_coefs
-            if moe_cfg["bias_update_rate"] > 0:
-                bias_loads = {}
-        ent_coef = moe_cfg["entropy_coef"] if self.moe else 0.0
+            coefs, ent_coef = self.unwrapped.loss_coefs, moe_cfg["entropy_coef"]
+            bias_loads = {} if moe_cfg["bias_update_rate"] > 0 else None
         global_fn = self._reduce_sum if (self.moe and cfg.train.balance_scope == "global") else None
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # lm, lb, z, entropy of this step
         bad_L2 = torch.zeros(len(layers), 2, dtype=torch.bool, device=device)
@@ -193,11 +190,8 @@ class Trainer:
                 lb = z = ent = torch.zeros((), device=device)
                 if self.moe:
                     mask_T = batch["attention_mask"].reshape(-1)
-                    outs = self.unwrapped.router_outputs()
-                    outs = {i: outs[i] for i in layers}
-                    lb_L, z_L = aux_losses_per_layer(outs, mask_T, moe_cfg["num_experts"], global_fn)
-                    bad_L2 |= nonfinite_flags(outs, lb_L, z_L)
-                    lb, z = lb_L.mean(), z_L.mean() * (c[1] / n_tok)
+                    outs, lb, z, bad = moe_terms(self.unwrapped, layers, mask_T, c[1] / n_tok, global_fn)
+                    bad_L2 |= bad
                     ent = out.entropy_loss * (c[1] / n_tok)
                     loss = loss + coefs["lb"] * lb + coefs["z"] * z * (G * P)
                     if ent_coef != 0:
@@ -214,14 +208,7 @@ class Trainer:
                 totals += torch.stack(parts).double()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
-        flags = torch.cat(
-            [
-                (~torch.isfinite(totals).all()).reshape(1),
-                (~torch.isfinite(grad_norm)).reshape(1),
-                torch.tensor([signals is not None and signals.received is not None], device=device),
-                bad_L2.reshape(-1),
-            ]
-        ).float()
+        flags = step_flags(totals, grad_norm, signals is not None and signals.received is not None, bad_L2)
         check = StepCheck.decode(self._reduce_sum(flags).tolist(), layers)  # the step's one host sync
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
         # fp16: accelerate's GradScaler must see every step (it skips non-finite ones and lowers its scale)
