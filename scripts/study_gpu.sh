@@ -33,7 +33,7 @@ case "$step" in
     names=()
     for spec in "$@"; do
       seed=${spec%%:*} config=${spec#*:}
-      name="$(python -c "import yaml; print(yaml.safe_load(open('configs/study/$config.yaml'))['log']['run_name'])")-s$seed"
+      name=$(bash scripts/study.sh name "$seed" "$config")
       if [ "$step" = ddp ]; then
         name="$name-ddp"
         launch="--config_file configs/accelerate/ddp.yaml --main_process_port $((29500 + ${#names[@]}))"
@@ -55,7 +55,7 @@ case "$step" in
     apids=()
     for r in "${done_runs[@]}"; do  # one analysis per run, concurrently (same eval blocks in each)
       n=$(basename "$r")
-      python scripts/analyze.py "$r" --out "$reports/$n" --max-blocks 0 --bootstrap 1000 --device "${ANALYZE_DEVICE:-cuda}" ${ANALYZE_EXTRA:-} \
+      bash scripts/study.sh analyze "$reports/$n" "$r" --device "${ANALYZE_DEVICE:-cuda}" ${ANALYZE_EXTRA:-} \
         > "$logs/analyze-$n.log" 2>&1 &
       apids+=($!)
     done

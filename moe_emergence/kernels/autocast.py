@@ -1,4 +1,4 @@
-"""Autocast policy shared by the fused backends (their autograd Functions run with autocast off).
+"""Autocast policy and entry checks shared by the fused backends (their ops run with autocast off).
 
 Under ``torch.autocast`` the matmul inputs are cast to the autocast dtype, as autocast would do for
 the eager reference's ``@``; the routing weights stay as they are (float32 from the router).
@@ -29,3 +29,16 @@ def check_dtypes(name: str, *tensors: torch.Tensor) -> torch.dtype:
     if len(dtypes) != 1:
         raise ValueError(f"{name} experts need x and all expert parameters in one dtype, got {dtypes}")
     return tensors[0].dtype
+
+
+def backend_inputs(
+    name: str, supported: tuple[bool, str], x_TD: torch.Tensor, *params: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """A fast backend's entry: RuntimeError if it cannot run here (``supported`` = its ``is_supported``
+    answer), else ``x_TD`` and the expert parameters cast for autocast and checked to share one dtype."""
+    ok, why = supported
+    if not ok:
+        raise RuntimeError(f"{name} experts cannot run: {why}")
+    tensors = cast_for_autocast(x_TD.device.type, x_TD, *params)
+    check_dtypes(name, *tensors)
+    return tensors

@@ -23,16 +23,17 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from moe_emergence.kernels.autocast import autocast_off, cast_for_autocast, check_dtypes
+from moe_emergence.kernels.autocast import autocast_off, backend_inputs
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 Tensor = torch.Tensor
 
 
-def fits(d_model: int, d_ff: int) -> bool:
-    """Whether D and F meet the 16-byte alignment in every dtype the backend takes (multiples of 8)."""
-    return d_model % 8 == 0 and d_ff % 8 == 0
+def fits(d_model: int, d_ff: int, element_size: int = 2) -> bool:
+    """Whether rows of D and of F elements are 16-byte aligned, as ``torch._grouped_mm`` needs; the default
+    element size (2: bf16 / fp16, the strictest dtype the backend takes) answers for every dtype."""
+    return (d_model * element_size) % 16 == 0 and (d_ff * element_size) % 16 == 0
 
 
 def is_supported(device: torch.device) -> tuple[bool, str]:
@@ -165,18 +166,15 @@ def grouped_mm_experts(
     activation: str,
 ) -> torch.Tensor:
     """Experts function (see ``moe_emergence.experts``) on ``torch._grouped_mm``."""
-    ok, why = is_supported(x_TD.device)
-    if not ok:
-        raise RuntimeError(f"grouped_mm experts cannot run: {why}")
-    dev = x_TD.device.type
     out_dtype = x_TD.dtype
-    x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED = cast_for_autocast(dev, x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED)
-    dtype = check_dtypes("grouped_mm", x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED)
+    x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED = backend_inputs(
+        "grouped_mm", is_supported(x_TD.device), x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED
+    )
     D, F_ = w1_EDF.shape[1:]
-    if (D * x_TD.element_size()) % 16 or (F_ * x_TD.element_size()) % 16:
+    if not fits(D, F_, x_TD.element_size()):
         raise ValueError(
             f"grouped_mm experts need D and F such that D*{x_TD.element_size()} and F*{x_TD.element_size()} "
-            f"bytes are multiples of 16 ({dtype}); got D={D}, F={F_}: use backend 'eager' or 'triton'"
+            f"bytes are multiples of 16 ({x_TD.dtype}); got D={D}, F={F_}: use backend 'eager' or 'triton'"
         )
     meta = routing_meta(indices_TK, w1_EDF.shape[0])
     y_TD = grouped_mm_experts_fwd(

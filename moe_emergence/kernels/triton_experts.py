@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_emergence.kernels.autocast import autocast_off, cast_for_autocast, check_dtypes
+from moe_emergence.kernels.autocast import autocast_off, backend_inputs
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 from moe_emergence.kernels.triton_kernels import (
     EPI_GELU,
@@ -174,16 +174,12 @@ def triton_experts(
     activation: str,
 ) -> torch.Tensor:
     """Experts function (see ``moe_emergence.experts``) on the Triton kernels (custom ops above)."""
-    ok, why = is_supported(x_TD.device)
-    if not ok:
-        raise RuntimeError(f"triton experts cannot run: {why}")
+    out_dtype = x_TD.dtype
+    x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED = backend_inputs(
+        "triton", is_supported(x_TD.device), x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED
+    )
     if activation not in ACTIVATIONS:
         raise ValueError(f"triton experts support activations {ACTIVATIONS}, got {activation!r}")
-    out_dtype = x_TD.dtype
-    x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED = cast_for_autocast(
-        x_TD.device.type, x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED
-    )
-    check_dtypes("triton", x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED)
     meta = routing_meta(indices_TK, w1_EDF.shape[0])
     y_TD = triton_experts_fwd(x_TD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors())[0]
     return y_TD.to(out_dtype)
