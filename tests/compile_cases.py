@@ -40,6 +40,12 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
     results = {}
     report = torch.library.opcheck(fwd, (x, w1, b1, w2, b2, weights, *meta, *extra), test_utils=ALL_CHECKS)
     results[fwd._name] = sorted(k for k, v in report.items() if v == "SUCCESS")
+    out = fwd(x, w1, b1, w2, b2, weights, *meta, *extra)  # only y is differentiable: autograd would otherwise
+    differentiable = [
+        t.requires_grad for t in out
+    ]  # materialise zero grads as large as the saved activations
+    if differentiable != [True] + [False] * (len(out) - 1):
+        raise AssertionError(f"{fwd._name}: requires_grad of the outputs {differentiable}, want y's only")
     with torch.no_grad():
         out = fwd(x, w1, b1, w2, b2, weights, *meta, *extra)
     if backend == "triton":  # saved: x, w1, w2, z, a, o, w_A, weights, meta; and which gradients to compute

@@ -1,4 +1,4 @@
-"""Autocast policy and entry checks shared by the fused backends (their ops run with autocast off).
+"""Autocast policy, entry checks and autograd set-up shared by the fused backends (their ops run with autocast off).
 
 Under ``torch.autocast`` the matmul inputs are cast to the autocast dtype, as autocast would do for
 the eager reference's ``@``; the routing weights stay as they are (float32 from the router).
@@ -42,3 +42,12 @@ def backend_inputs(
     tensors = cast_for_autocast(x_TD.device.type, x_TD, *params)
     check_dtypes(name, *tensors)
     return tensors
+
+
+def saved_activations_only(ctx, *outputs: torch.Tensor) -> None:
+    """In a forward op's ``setup_context``: its ``outputs`` beyond y are activations saved for the backward,
+    not results. No gradient flows into them, and autograd must not materialise zero gradients for them (as
+    large as the activations themselves) before calling the backward; the backward then gets None for
+    every gradient that is not there (y's included, if y took no part in the loss)."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)

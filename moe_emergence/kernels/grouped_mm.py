@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from moe_emergence.kernels.autocast import autocast_off, backend_inputs
+from moe_emergence.kernels.autocast import autocast_off, backend_inputs, saved_activations_only
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -129,6 +129,7 @@ def _(dy_TD, x_AD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, onehot_AE, weights_TK,
 def _setup_context(ctx, inputs, output) -> None:
     _x, w1_EDF, _b1, w2_EFD, _b2, weights_TK, order_A, token_A, expert_A, offsets_E1, activation = inputs
     _y, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE = output
+    saved_activations_only(ctx, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE)
     ctx.save_for_backward(
         x_AD,
         w1_EDF,
@@ -148,6 +149,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, dy_TD, *_unused_intermediate_grads):
+    if dy_TD is None:  # y took no part in the loss (grads are not materialised as zeros)
+        return (None,) * 11  # one per input of grouped_mm_experts_fwd
     grads = grouped_mm_experts_bwd(dy_TD, *ctx.saved_tensors, ctx.activation)
     return *grads, None, None, None, None, None
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_emergence.kernels.autocast import autocast_off, backend_inputs
+from moe_emergence.kernels.autocast import autocast_off, backend_inputs, saved_activations_only
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 from moe_emergence.kernels.triton_kernels import (
     EPI_GELU,
@@ -137,12 +137,15 @@ def _(
 def _setup_context(ctx, inputs, output) -> None:
     x_TD, w1_EDF, _b1, w2_EFD, _b2, weights_TK, order_A, token_A, expert_A, offsets_E1 = inputs
     _y, z_AF, a_AF, o_AD, w_A = output
+    saved_activations_only(ctx, z_AF, a_AF, o_AD, w_A)
     ctx.save_for_backward(
         x_TD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, weights_TK, order_A, token_A, expert_A, offsets_E1
     )
 
 
 def _backward(ctx, dy_TD, *_unused_intermediate_grads):
+    if dy_TD is None:  # y took no part in the loss (grads are not materialised as zeros)
+        return (None,) * 10  # one per input of triton_experts_fwd
     needs = list(ctx.needs_input_grad[:6])  # x, w1, b1, w2, b2, weights
     grads = triton_experts_bwd(dy_TD, *ctx.saved_tensors, needs)
     return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None
