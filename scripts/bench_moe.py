@@ -201,8 +201,24 @@ def profile_e2e() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
-def profile_layer(iters: int = 5) -> None:
+def _profile(title: str, fwd, leaves, iters: int) -> None:
     from torch.profiler import ProfilerActivity, profile
+
+    gy = torch.randn_like(fwd())
+    for _ in range(3):
+        torch.autograd.grad(fwd(), leaves, gy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            torch.autograd.grad(fwd(), leaves, gy)
+        torch.cuda.synchronize()
+    print(f"\n## profile: {title} T=8192 E=8 fwd+bwd, {iters} iterations")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def profile_layer(iters: int = 5) -> None:
+    """Device-time profiles of the E=8, T=8192 layer fwd+bwd: dense MLP on K*T tokens and both fast backends;
+    then the tile configs the autotuner chose for each Triton kernel call."""
 
     gen = torch.Generator().manual_seed(1)
     T, E, dt = 8192, 8, torch.bfloat16
@@ -216,17 +232,17 @@ def profile_layer(iters: int = 5) -> None:
             torch.randn(E, D),
         ]
         p = [t.to("cuda", dt).requires_grad_() for t in p]
-        fn = get_backend("triton", torch.device("cuda"))
-        gy = torch.randn(T, D, device="cuda", dtype=dt)
-        for _ in range(3):
-            torch.autograd.grad(fn(x, *p, idx, wts, ACT), [x, *p], gy)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                torch.autograd.grad(fn(x, *p, idx, wts, ACT), [x, *p], gy)
-            torch.cuda.synchronize()
-        print(f"\n## profile: triton K={K} T={T} E={E} fwd+bwd, {iters} iterations")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        xd = torch.randn(K * T, D, device="cuda", dtype=dt, requires_grad=True)
+        pd = [t[0].detach().clone().requires_grad_() for t in p]
+        _profile(f"dense K={K}", lambda: dense_mlp(xd, *pd), [xd, *pd], iters)  # noqa: B023 (called here)
+        for name in ("triton", "grouped_mm"):
+            fn = get_backend(name, torch.device("cuda"))
+            _profile(f"{name} K={K}", lambda: fn(x, *p, idx, wts, ACT), [x, *p], iters)  # noqa: B023
+    from moe_emergence.kernels import triton_kernels as tk
+
+    for kernel in (tk._rows_kernel, tk._wgrad_kernel):
+        for key, cfg in getattr(kernel, "cache", {}).items():
+            print(f"autotuned {kernel.fn.__name__} {key}: {cfg}")
 
 
 def gpt2_small(moe: dict | None):
@@ -253,6 +269,7 @@ def train_tokens_per_s(model, B=8, L=512, steps=20, warmup=5) -> float:
     model.train()
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # for mode="reduce-overhead" (CUDA graphs); no-op otherwise
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
