@@ -63,6 +63,22 @@ def compare(backend: str, device: str, dtype: torch.dtype, case: str) -> dict[st
     }
 
 
+def compare_frozen(backend: str, device: str, case: str = "top2") -> dict[str, float]:
+    """float32 errors of the gradients of x, b1 and b2 when w1, w2 and the routing weights are frozen (the
+    backward then skips the weight GEMMs but still sums the bias gradients)."""
+    params, indices, dy = make_case(case, device)
+    grads = []
+    for name in ("eager", backend):
+        leaves = [p.detach().clone().requires_grad_(i in (0, 2, 4)) for i, p in enumerate(params)]
+        y = get_backend(name, torch.device(device))(*leaves[:5], indices, leaves[5], "gelu_new")
+        (y * dy).sum().backward()
+        grads.append([leaves[i].grad for i in (0, 2, 4)] + [leaves[i].grad for i in (1, 3, 5)])
+    (ref, got), names = grads, ("x", "b1", "b2")
+    if any(g is not None for g in got[3:]):
+        raise AssertionError(f"{backend}: frozen tensors got gradients")
+    return {n: ((o - r).norm() / r.norm()).item() for n, o, r in zip(names, got[:3], ref[:3], strict=True)}
+
+
 def eager_errors(device: str, dtype: torch.dtype, case: str) -> dict[str, float]:
     """Errors of eager itself in ``dtype``: the scale of rounding a backend is compared with."""
     return compare("eager", device, dtype, case)
@@ -110,6 +126,7 @@ def main(argv: list[str]) -> None:
     dtype = getattr(torch, dtype_name)
     result = {case: compare(backend, device, dtype, case) for case in CASES}
     if dtype == torch.float32:
+        result["top2_frozen_weights"] = compare_frozen(backend, device)
         for k in (1, 2):
             for ckpt in (False, True):
                 result[f"model_top{k}_ckpt{int(ckpt)}"] = compare_model(backend, device, k, ckpt)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import ALIGNED, CASES, compare, compare_model, eager_errors
+from kernel_cases import ALIGNED, CASES, compare, compare_frozen, compare_model, eager_errors
 
 from moe_emergence import MoEConfig, MoEWrapper
 from moe_emergence.experts import eager_experts, get_backend
@@ -63,6 +63,15 @@ def test_triton_interpreted_matches_eager(interpreted_triton, case, dtype):
 @pytest.mark.parametrize("case", [f"model_top{k}_ckpt{c}" for k in (1, 2) for c in (0, 1)])
 def test_triton_interpreted_model_matches_eager(interpreted_triton, case):
     assert_close(interpreted_triton["float32"][case], 1e-5, f"triton {case}")
+
+
+def test_triton_interpreted_frozen_weights_match_eager(interpreted_triton):
+    assert_close(interpreted_triton["float32"]["top2_frozen_weights"], 1e-5, "triton, w1 w2 weights frozen")
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm"] + (["triton"] if CUDA else []))
+def test_frozen_weights_match_eager(backend):
+    assert_close(compare_frozen(backend, DEVICE), 1e-5, f"{backend}, w1 w2 weights frozen")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -168,9 +177,20 @@ def test_routing_meta_sorts_and_counts():
     flat = idx.reshape(-1)
     assert torch.equal(meta.offsets_E1.cpu(), torch.cat([torch.zeros(1, dtype=torch.long),
                                                          torch.bincount(flat, minlength=9).cumsum(0)]))  # fmt: skip
-    assert torch.equal(flat[meta.order_A.cpu()], meta.expert_A.cpu())
+    assert torch.equal(flat[meta.order_A.cpu()], meta.expert_A.cpu().long())
     assert torch.equal(meta.token_A.cpu(), meta.order_A.cpu() // 3)
     assert (meta.expert_A.diff() >= 0).all()
+    same = meta.expert_A[1:] == meta.expert_A[:-1]  # stable: assignments of one expert stay in id order
+    assert (meta.order_A.diff()[same] > 0).all()
+    assert meta.expert_A.dtype == torch.int16  # 2 radix passes instead of 8
+
+
+def test_routing_meta_many_experts_sorts_as_int32():
+    idx = torch.tensor([[40000], [3], [40000], [0]])
+    meta = routing_meta(idx.to(DEVICE), 40001)
+    assert meta.expert_A.dtype == torch.int32
+    assert meta.order_A.tolist() == [3, 1, 0, 2]
+    assert meta.offsets_E1[[0, 1, 3, 4, 40000, 40001]].tolist() == [0, 1, 1, 2, 2, 4]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -73,7 +73,7 @@ def grouped_mm_experts_fwd(
     T, E = x_TD.shape[0], w1_EDF.shape[0]
     with autocast_off(x_TD.device.type):
         offs_E = offsets_E1[1:].to(torch.int32)
-        onehot_AE = F.one_hot(expert_A, E).to(x_TD.dtype)
+        onehot_AE = F.one_hot(expert_A.long(), E).to(x_TD.dtype)
         x_AD = x_TD.index_select(0, token_A)
         z_AF = torch._grouped_mm(x_AD, w1_EDF, offs=offs_E).addmm_(onehot_AE, b1_EF)
         a_AF = _act(z_AF, activation)

@@ -31,6 +31,7 @@ from moe_emergence.kernels.triton_kernels import (
     EPI_GELU,
     EPI_GELU_BWD,
     INTERPRET,
+    launch_bwd_prep,
     launch_rows,
     launch_wgrad,
     to_tokens,
@@ -85,18 +86,15 @@ def triton_experts_bwd(
     T, D = x_TD.shape
     dx_TD = dw1 = db1 = dw2 = db2 = dweights_TK = None
     with autocast_off(x_TD.device.type):
-        dy_AD = dy_TD.index_select(0, token_A)
+        do_AD, dw_A = launch_bwd_prep(dy_TD, o_AD, w_A, meta, want_dweights=need_weights)
         if need_weights:
-            dw_A = (dy_AD.float() * o_AD.float()).sum(-1)
-            dweights_TK = torch.empty_like(dw_A).index_copy_(0, order_A, dw_A)
-            dweights_TK = dweights_TK.view(T, meta.top_k).to(weights_TK.dtype)
-        do_AD = (dy_AD.float() * w_A[:, None]).to(x_TD.dtype)
+            dweights_TK = dw_A.view(T, meta.top_k).to(weights_TK.dtype)
         dz_AF = torch.empty_like(z_AF)
         launch_rows(do_AD, w2_EFD.transpose(1, 2), dz_AF, meta, aux=z_AF, epilogue=EPI_GELU_BWD)
         if need_w2 or need_b2:
-            dw2, db2 = launch_wgrad(a_AF, do_AD, meta, gather=False, want_bias=need_b2)
+            dw2, db2 = launch_wgrad(a_AF, do_AD, meta, gather=False, want_w=need_w2, want_bias=need_b2)
         if need_w1 or need_b1:
-            dw1, db1 = launch_wgrad(x_TD, dz_AF, meta, gather=True, want_bias=need_b1)
+            dw1, db1 = launch_wgrad(x_TD, dz_AF, meta, gather=True, want_w=need_w1, want_bias=need_b1)
         if need_x:
             dx_TD = to_tokens(
                 lambda out: launch_rows(dz_AF, w1_EDF.transpose(1, 2), out, meta, scatter=True),
@@ -105,7 +103,7 @@ def triton_experts_bwd(
                 D,
                 x_TD,
             )
-    grads = (dx_TD, dw1, db1, dw2, db2, dweights_TK)  # dW is computed for db alone: drop what is not asked
+    grads = (dx_TD, dw1, db1, dw2, db2, dweights_TK)
     # not asked for: an empty tensor each (outputs may not alias one another)
     return tuple(g if need else x_TD.new_empty(0) for g, need in zip(grads, needs, strict=True))
 
