@@ -46,8 +46,14 @@ def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GP
     return GPT2LMHeadModel.from_pretrained(source, **kwargs)
 
 
+def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """float32 normal draws from the CPU generator ``gen``, moved to ``like``'s device: the same seed gives the
+    same experts whether the dense model sits on the CPU or a GPU."""
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(like.device)
+
+
 def _perturb(w: torch.Tensor, rel_std: float, gen: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(w.shape, generator=gen, dtype=torch.float32) * (rel_std * w.float().std())
+    noise = _randn(w.shape, gen, w) * (rel_std * w.float().std())
     return w + noise.to(w.dtype)
 
 
@@ -59,7 +65,7 @@ def _drop_neurons(
 
     def redraw(like: torch.Tensor, shape: tuple[int, ...], stats_of: torch.Tensor) -> torch.Tensor:
         s = stats_of.float()
-        return (torch.randn(shape, generator=gen) * s.std() + s.mean()).to(like.dtype)
+        return (_randn(shape, gen, like) * s.std() + s.mean()).to(like.dtype)
 
     w1_DF, b1_F, w2_FD = w1_DF.clone(), b1_F.clone(), w2_FD.clone()
     w1_DF[:, idx] = redraw(w1_DF, (w1_DF.shape[0], len(idx)), w1_DF)

@@ -1,5 +1,7 @@
 """Upcycling: function preservation, init methods, refusal of non-GPT-2 sources."""
 
+import copy
+
 import pytest
 import torch
 from transformers import BertConfig
@@ -112,6 +114,16 @@ def test_same_seed_same_weights_other_seed_other_weights(dense_model, init):
     assert all(torch.equal(a[k], b[k]) for k in a)
     key = "transformer.h.0.mlp.experts.w1_EDF" if init != "copy" else "transformer.h.0.mlp.router.weight"
     assert not torch.equal(a[key], c[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("init", ["noise", "drop"])
+def test_upcycle_on_gpu_gives_the_cpu_experts(dense_model, init):
+    cfg = MoEConfig(num_experts=2, init=init, seed=3)
+    cpu = upcycle(dense_model, cfg).state_dict()
+    gpu = upcycle(copy.deepcopy(dense_model).cuda(), cfg).state_dict()
+    for key, value in cpu.items():
+        assert gpu[key].is_cuda and torch.allclose(gpu[key].cpu(), value, rtol=1e-5, atol=1e-7), key
 
 
 def test_router_init_std(dense_model):
