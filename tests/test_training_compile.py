@@ -72,3 +72,9 @@ def test_compile_options_are_validated():
         TrainConfig(compile=True, compile_backend="tvm")
     with pytest.raises(ValueError, match="train.compile='yes' is invalid"):
         TrainConfig(compile="yes")
+    assert TrainConfig().compile_mode == "default"
+    TrainConfig(compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="train.compile_mode='fast' is invalid.*reduce-overhead"):
+        TrainConfig(compile=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="train.compile_mode='reduce-overhead' is invalid.*aot_eager"):
+        TrainConfig(compile=True, compile_backend="aot_eager", compile_mode="reduce-overhead")

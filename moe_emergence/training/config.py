@@ -21,6 +21,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.y
 
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -118,6 +119,11 @@ class TrainConfig:
     compile_backend: the ``torch.compile`` backend: ``inductor`` (generated kernels), ``aot_eager`` (graph
         capture and AOT autograd, no code generation: a quick check), ``eager`` (graph capture only) or
         ``cudagraphs``.
+    compile_mode: inductor's mode: ``default``; ``reduce-overhead`` replays each compiled forward and backward
+        as a CUDA graph (no per-kernel launch cost: the fast MoE backends have no host syncs, so the MoE model
+        is captured whole; +0.1-0.2x tokens/s on the H100, docs/benchmarks.md); ``max-autotune`` (CUDA
+        graphs and GEMM autotuning; long compiles) or ``max-autotune-no-cudagraphs``. Other backends take
+        only ``default``.
     """
 
     steps: int = 100
@@ -130,6 +136,9 @@ class TrainConfig:
     stop_after: int | None = None
     compile: bool = False
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
 
     def __post_init__(self) -> None:
         _check(isinstance(self.compile, bool), "train.compile", self.compile, "true or false")
@@ -138,6 +147,18 @@ class TrainConfig:
             "train.compile_backend",
             self.compile_backend,
             f"one of {list(COMPILE_BACKENDS)}",
+        )
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            "train.compile_mode",
+            self.compile_mode,
+            f"one of {list(COMPILE_MODES)}",
+        )
+        _check(
+            self.compile_mode == "default" or self.compile_backend == "inductor",
+            "train.compile_mode",
+            self.compile_mode,
+            f"'default' with train.compile_backend={self.compile_backend!r} (modes are inductor's)",
         )
         for name in ("steps", "batch_size", "grad_accum"):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")

@@ -124,13 +124,13 @@ def to_moe(dense: GPT2LMHeadModel, cfg: RunConfig) -> GPT2MoEForCausalLM:
     return model
 
 
-def compile_in_place(model: torch.nn.Module, backend: str) -> None:
+def compile_in_place(model: torch.nn.Module, backend: str, mode: str = "default") -> None:
     """``train.compile``: ``torch.compile`` the model's forward in place (``nn.Module.compile``), before
     ``accelerator.prepare``. Not accelerate's ``TorchDynamoPlugin``: it wraps the model in an
     ``OptimizedModule`` whose state-dict keys carry an ``_orig_mod.`` prefix, and ``save_state`` stores them as
     they are, so checkpoints of compiled runs would not load into uncompiled ones or into the analysis tools.
     In place, the model, its state dict, checkpoints and ``save_pretrained`` are unchanged."""
-    model.compile(backend=backend)
+    model.compile(backend=backend, mode=None if backend != "inductor" else mode)
 
 
 def is_moe(model) -> bool:

@@ -111,6 +111,7 @@ def evaluate(model, unwrapped, batches, domains: list[str], moe: bool, reduce_fn
         routing = LayerRoutingStats(unwrapped.config.moe_layers, E, len(domains), device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: outputs are used before the next
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ce_T = token_cross_entropy(out.logits, batch["labels"])
         losses.add(ce_T, batch["domain_ids"][:, 1:], batch["labels"][:, 1:] != -100)

@@ -138,7 +138,7 @@ class Trainer:
             acc.free_memory()
         model.train()
         if self.cfg.train.compile:
-            model_setup.compile_in_place(model, self.cfg.train.compile_backend)
+            model_setup.compile_in_place(model, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
         optimizer = build_optimizer(model, self.cfg.optim)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
@@ -180,6 +180,7 @@ class Trainer:
             batch = {k: v.to(device) for k, v in batch.items()}
             c = shifted_token_counts(batch)
             with acc.accumulate(self.model):
+                torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: a new CUDA-graph step
                 out = self.model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
