@@ -162,10 +162,15 @@ def test_grouped_mm_fits_only_aligned_sizes():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_auto_picks_grouped_mm_on_cuda_where_it_fits_else_triton():
+def test_auto_picks_triton_on_cuda():
     cuda = torch.device("cuda")
-    assert get_backend("auto", cuda, 768, 3072) is load_backend("grouped_mm", "cuda")
-    assert get_backend("auto", cuda, 12, 36) is load_backend("triton", "cuda")
+    assert available_backends(cuda, 768, 3072) == ["triton", "grouped_mm"]
+    assert available_backends(cuda, 12, 36) == ["triton"]
+    assert (
+        get_backend("auto", cuda, 768, 3072)
+        is get_backend("auto", cuda, 12, 36)
+        is load_backend("triton", cuda)
+    )
 
 
 def test_routing_meta_sorts_and_counts():

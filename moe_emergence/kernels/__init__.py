@@ -16,9 +16,9 @@ from types import ModuleType
 
 import torch
 
-# name -> experts function in that backend's module; order = preference of "auto" (fastest first: grouped_mm
-# measured faster than triton on the H100 end to end, compiled or not; docs/benchmarks.md)
-BACKENDS: dict[str, str] = {"grouped_mm": "grouped_mm_experts", "triton": "triton_experts"}
+# name -> experts function in that backend's module; order = preference of "auto" (fastest first: on the H100
+# triton takes less device time and memory than grouped_mm and trains as fast or faster; docs/benchmarks.md)
+BACKENDS: dict[str, str] = {"triton": "triton_experts", "grouped_mm": "grouped_mm_experts"}
 # whether the triton package is installed, checked once at import (without importing triton)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
