@@ -33,8 +33,10 @@ def test_compiled_run_matches_uncompiled_and_resumes(tmp_path):
     n0 = graphs["unique_graphs"]
     plain = train(make_cfg(tmp_path, "plain", *ov))
     assert graphs["unique_graphs"] == n0  # compile is off by default
+    breaks0 = sum(counters["graph_break"].values())
     part = train(make_cfg(tmp_path, "comp", *ov, *compiled, "train.stop_after=2"))
     assert graphs["unique_graphs"] >= n0 + 2  # dense and MoE forward (training) at least
+    assert sum(counters["graph_break"].values()) == breaks0, dict(counters["graph_break"])  # dense and MoE
     assert part.stopped == "stop_after" and part.step == 2
     ckpt = tmp_path / "comp" / "checkpoints" / "step_0000002" / "model.safetensors"
     from safetensors.torch import load_file

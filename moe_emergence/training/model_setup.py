@@ -110,6 +110,9 @@ def build_model(cfg: RunConfig, tokenizer) -> GPT2LMHeadModel:
                 f"model.base={m.base!r}: its tokenizer has {len(tokenizer)} tokens but the model only "
                 f"{model.config.vocab_size} embeddings; the tokenizer does not match the checkpoint"
             )
+    # transformers finds no loss type in the class name GPT2LMHeadModel and warns at every loss call: logged once,
+    # but under torch.compile each call is a graph break. It is a causal LM (GPT2MoEForCausalLM's name says so).
+    model.loss_type = "ForCausalLM"
     if m.moe is not None and m.upcycle_at_step == 0:
         model = upcycle(model, m.moe)
     return model
