@@ -82,6 +82,28 @@ def test_grouped_mm_compiled_fullgraph_matches_eager(top_k):
     check_compiled(compare_compiled("grouped_mm", DEVICE, top_k), f"grouped_mm top-{top_k}")
 
 
+def test_compiled_graph_calls_the_custom_op_eager_calls_the_function():
+    """Traced by dynamo, the backend calls its custom op (opaque to the compiler); eagerly, the op's body under
+    a plain autograd.Function (no custom-op dispatch cost)."""
+    from kernel_cases import _tiny_model
+
+    torch._dynamo.reset()
+    model = _tiny_model("grouped_mm", DEVICE, 1)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    explain = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    code = "\n".join(g.code for g in explain.graphs)
+    assert explain.graph_break_count == 0 and "grouped_mm_experts_fwd" in code
+    loss = model(input_ids=ids, labels=ids).loss
+    names, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:  # every node of the autograd graph
+        fn = stack.pop()
+        if fn is not None and id(fn) not in seen:
+            seen.add(id(fn))
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert "EagerBackward" in names and not any("grouped_mm_experts_fwd" in n for n in names), names
+
+
 def test_backend_lookup_is_cached_outside_compile():
     from moe_emergence.experts import get_backend, resolve_backend
 

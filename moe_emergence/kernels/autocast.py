@@ -7,6 +7,7 @@ the eager reference's ``@``; the routing weights stay as they are (float32 from 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -51,3 +52,22 @@ def saved_activations_only(ctx, *outputs: torch.Tensor) -> None:
     every gradient that is not there (y's included, if y took no part in the loss)."""
     ctx.mark_non_differentiable(*outputs)
     ctx.set_materialize_grads(False)
+
+
+def eager_autograd(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """A forward op's body under a plain ``torch.autograd.Function`` with the op's own ``setup_context`` and
+    ``backward``: the same computation and gradients without the custom-op dispatch. The backends call it outside
+    ``torch.compile`` (eager training is bound by Python on the host); compiled graphs call the op."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return Eager.apply

@@ -11,8 +11,9 @@ Backward is explicit (the grouped GEMMs of dX and dW, bias gradients as one-hot 
 float32 by the GEMM), so it does not depend on autograd support of ``_grouped_mm``.
 Forward and backward are ``torch.library`` custom ops (``moe_emergence::grouped_mm_experts_fwd`` -> ``(y,
 x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE)``, ``..._bwd`` -> the six gradients), tied by ``register_autograd``,
-so ``torch.compile`` keeps them in its graph; the routing metadata is computed outside and passed as its four
-tensors; both ops run with autocast off (inputs cast before, ``kernels/autocast.py``).
+so ``torch.compile`` keeps them in its graph; eagerly, the same bodies run under a plain ``autograd.Function``.
+The routing metadata is computed outside and passed as its four tensors; both ops run with autocast off (inputs
+cast before, ``kernels/autocast.py``).
 ``torch._grouped_mm`` needs 16-byte aligned strides: D and F times the element size must be
 multiples of 16; other shapes raise ``ValueError``.
 """
@@ -23,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from moe_emergence.kernels.autocast import autocast_off, backend_inputs, saved_activations_only
+from moe_emergence.kernels.autocast import (
+    autocast_off,
+    backend_inputs,
+    eager_autograd,
+    saved_activations_only,
+)
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -64,8 +70,7 @@ def _combine(rows_AD: torch.Tensor, meta: RoutingMeta, T: int, dtype: torch.dtyp
     return slots_AD.view(T, meta.top_k, -1).sum(1, dtype=torch.float32).to(dtype)
 
 
-@torch.library.custom_op("moe_emergence::grouped_mm_experts_fwd", mutates_args=())
-def grouped_mm_experts_fwd(
+def _fwd_impl(
     x_TD: Tensor, w1_EDF: Tensor, b1_EF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, weights_TK: Tensor,
     order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor, activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -83,6 +88,11 @@ def grouped_mm_experts_fwd(
     return y_TD, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE
 
 
+grouped_mm_experts_fwd = torch.library.custom_op("moe_emergence::grouped_mm_experts_fwd", mutates_args=())(
+    _fwd_impl
+)
+
+
 @grouped_mm_experts_fwd.register_fake
 def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A, offsets_E1, activation):
     (T, D), (E, _, F_), A = x_TD.shape, w1_EDF.shape, order_A.shape[0]
@@ -90,8 +100,7 @@ def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A
     return new(T, D), new(A, D), new(A, F_), new(A, F_), new(A, D), new(A, dtype=torch.float32), new(A, E)
 
 
-@torch.library.custom_op("moe_emergence::grouped_mm_experts_bwd", mutates_args=())
-def grouped_mm_experts_bwd(
+def _bwd_impl(
     dy_TD: Tensor, x_AD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, z_AF: Tensor, a_AF: Tensor, o_AD: Tensor,
     w_A: Tensor, onehot_AE: Tensor, weights_TK: Tensor, order_A: Tensor, token_A: Tensor, expert_A: Tensor,
     offsets_E1: Tensor, activation: str,
@@ -114,6 +123,11 @@ def grouped_mm_experts_bwd(
         dx_AD = torch._grouped_mm(dz_AF, w1_EDF.transpose(1, 2), offs=offs_E)
         dx_TD = _combine(dx_AD, meta, T, dx_AD.dtype)
     return dx_TD, dw1_EDF, db1_EF, dw2_EFD, db2_ED, dweights_TK
+
+
+grouped_mm_experts_bwd = torch.library.custom_op("moe_emergence::grouped_mm_experts_bwd", mutates_args=())(
+    _bwd_impl
+)
 
 
 @grouped_mm_experts_bwd.register_fake
@@ -148,14 +162,22 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.activation = activation
 
 
-def _backward(ctx, dy_TD, *_unused_intermediate_grads):
-    if dy_TD is None:  # y took no part in the loss (grads are not materialised as zeros)
-        return (None,) * 11  # one per input of grouped_mm_experts_fwd
-    grads = grouped_mm_experts_bwd(dy_TD, *ctx.saved_tensors, ctx.activation)
-    return *grads, None, None, None, None, None
+def _backward_with(bwd):
+    """The forward's backward, computing the gradients with ``bwd`` (the backward op, or its body)."""
+
+    def backward(ctx, dy_TD, *_unused_intermediate_grads):
+        if dy_TD is None:  # y took no part in the loss (grads are not materialised as zeros)
+            return (None,) * 11  # one per input of grouped_mm_experts_fwd
+        grads = bwd(dy_TD, *ctx.saved_tensors, ctx.activation)
+        return *grads, None, None, None, None, None
+
+    return backward
 
 
-grouped_mm_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+grouped_mm_experts_fwd.register_autograd(_backward_with(grouped_mm_experts_bwd), setup_context=_setup_context)
+# outside torch.compile: the same forward, setup and backward bodies under a plain autograd.Function (no custom-op
+# dispatch, which costs ~150 us of Python per call with autograd on a 2-core CPU)
+_eager_fwd = eager_autograd(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def grouped_mm_experts(
@@ -180,7 +202,6 @@ def grouped_mm_experts(
             f"bytes are multiples of 16 ({x_TD.dtype}); got D={D}, F={F_}: use backend 'eager' or 'triton'"
         )
     meta = routing_meta(indices_TK, w1_EDF.shape[0])
-    y_TD = grouped_mm_experts_fwd(
-        x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors(), activation
-    )[0]
+    fwd = grouped_mm_experts_fwd if torch.compiler.is_compiling() else _eager_fwd
+    y_TD = fwd(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors(), activation)[0]
     return y_TD.to(out_dtype)

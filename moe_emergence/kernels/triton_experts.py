@@ -16,7 +16,8 @@ Ops (opaque to dynamo and inductor; their fake implementations give shapes and d
   ``moe_emergence::triton_experts_bwd(dy, x, w1, w2, z, a, o, w_A, weights, order, token, expert, offsets,
       needs)`` -> ``(dx, dw1, db1, dw2, db2, dweights)``; a gradient whose ``needs`` flag is False is not
       computed and comes back as an empty tensor (None to autograd).
-``register_autograd`` ties them together. The routing metadata is computed outside the ops (plain torch,
+``register_autograd`` ties them together; outside ``torch.compile`` the same bodies run under a plain
+``autograd.Function`` (``autocast.eager_autograd``: no custom-op dispatch cost). The routing metadata is computed outside the ops (plain torch,
 no host sync) and passed as its four tensors. Both ops run with autocast off; ``triton_experts`` casts the
 inputs for autocast before calling them (``kernels/autocast.py``), as before.
 """
@@ -25,7 +26,12 @@ from __future__ import annotations
 
 import torch
 
-from moe_emergence.kernels.autocast import autocast_off, backend_inputs, saved_activations_only
+from moe_emergence.kernels.autocast import (
+    autocast_off,
+    backend_inputs,
+    eager_autograd,
+    saved_activations_only,
+)
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
 from moe_emergence.kernels.triton_kernels import (
     EPI_GELU,
@@ -41,8 +47,7 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5 x (1 + tanh(sqrt
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("moe_emergence::triton_experts_fwd", mutates_args=())
-def triton_experts_fwd(
+def _fwd_impl(
     x_TD: Tensor, w1_EDF: Tensor, b1_EF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, weights_TK: Tensor,
     order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -62,6 +67,9 @@ def triton_experts_fwd(
     return y_TD, z_AF, a_AF, o_AD, w_A
 
 
+triton_experts_fwd = torch.library.custom_op("moe_emergence::triton_experts_fwd", mutates_args=())(_fwd_impl)
+
+
 @triton_experts_fwd.register_fake
 def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A, offsets_E1):
     (T, D), A, F = x_TD.shape, order_A.shape[0], w1_EDF.shape[2]
@@ -75,8 +83,7 @@ def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A
     )
 
 
-@torch.library.custom_op("moe_emergence::triton_experts_bwd", mutates_args=())
-def triton_experts_bwd(
+def _bwd_impl(
     dy_TD: Tensor, x_TD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, z_AF: Tensor, a_AF: Tensor, o_AD: Tensor,
     w_A: Tensor, weights_TK: Tensor, order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
     needs: list[bool],
@@ -106,6 +113,9 @@ def triton_experts_bwd(
     grads = (dx_TD, dw1, db1, dw2, db2, dweights_TK)
     # not asked for: an empty tensor each (outputs may not alias one another)
     return tuple(g if need else x_TD.new_empty(0) for g, need in zip(grads, needs, strict=True))
+
+
+triton_experts_bwd = torch.library.custom_op("moe_emergence::triton_experts_bwd", mutates_args=())(_bwd_impl)
 
 
 @triton_experts_bwd.register_fake
@@ -141,15 +151,23 @@ def _setup_context(ctx, inputs, output) -> None:
     )
 
 
-def _backward(ctx, dy_TD, *_unused_intermediate_grads):
-    if dy_TD is None:  # y took no part in the loss (grads are not materialised as zeros)
-        return (None,) * 10  # one per input of triton_experts_fwd
-    needs = list(ctx.needs_input_grad[:6])  # x, w1, b1, w2, b2, weights
-    grads = triton_experts_bwd(dy_TD, *ctx.saved_tensors, needs)
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None
+def _backward_with(bwd):
+    """The forward's backward, computing the gradients with ``bwd`` (the backward op, or its body)."""
+
+    def backward(ctx, dy_TD, *_unused_intermediate_grads):
+        if dy_TD is None:  # y took no part in the loss (grads are not materialised as zeros)
+            return (None,) * 10  # one per input of triton_experts_fwd
+        needs = list(ctx.needs_input_grad[:6])  # x, w1, b1, w2, b2, weights
+        grads = bwd(dy_TD, *ctx.saved_tensors, needs)
+        return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None
+
+    return backward
 
 
-triton_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+triton_experts_fwd.register_autograd(_backward_with(triton_experts_bwd), setup_context=_setup_context)
+# outside torch.compile: the same forward, setup and backward bodies under a plain autograd.Function (no custom-op
+# dispatch, which costs ~150 us of Python per call with autograd on a 2-core CPU)
+_eager_fwd = eager_autograd(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def is_supported(device: torch.device) -> tuple[bool, str]:
@@ -182,5 +200,6 @@ def triton_experts(
     if activation not in ACTIVATIONS:
         raise ValueError(f"triton experts support activations {ACTIVATIONS}, got {activation!r}")
     meta = routing_meta(indices_TK, w1_EDF.shape[0])
-    y_TD = triton_experts_fwd(x_TD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors())[0]
+    fwd = triton_experts_fwd if torch.compiler.is_compiling() else _eager_fwd
+    y_TD = fwd(x_TD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors())[0]
     return y_TD.to(out_dtype)
