@@ -253,7 +253,11 @@ def gpt2_small(moe: dict | None):
     kw = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257, activation_function=ACT)
     torch.manual_seed(0)
     if moe is None:
-        return GPT2LMHeadModel(GPT2Config(**kw)).cuda()
+        dense = GPT2LMHeadModel(GPT2Config(**kw))
+        dense.loss_type = (
+            "ForCausalLM"  # as the trainer does: else transformers' warning breaks the compiled graph
+        )
+        return dense.cuda()
     model = GPT2MoEForCausalLM(GPT2MoEConfig(**kw, moe=moe))
     with torch.no_grad():  # the stacked expert weights are not initialised by from-config construction
         for layer in model.moe_layers().values():
