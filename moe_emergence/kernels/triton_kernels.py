@@ -4,7 +4,7 @@ Shapes: T tokens, D model width, F intermediate width, E experts, K experts per 
 Rows ``*_A?`` are in the expert-sorted order of ``routing_meta`` (expert e owns rows
 offsets[e]:offsets[e+1]); token-order tensors are ``*_T?``.
 
-Two kernels:
+Kernels:
   ``_rows_kernel``  out[row'] = epilogue(in[row] @ W[e]) for the sorted rows of every expert. The input
                     rows may be gathered (``in_idx``: token rows read inside the GEMM, no padded copy of X)
                     and the output rows scattered (``out_idx``: written in token/assignment order).
