@@ -23,7 +23,6 @@ from moe_emergence.kernels.routing_meta import routing_meta
 from moe_emergence.kernels.triton_kernels import (
     EPI_GELU,
     EPI_GELU_BWD,
-    _colsum_kernel,
     launch_rows,
     launch_wgrad,
 )
@@ -55,13 +54,12 @@ def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
     offs = meta.offsets_E1[1:].to(torch.int32)
     onehot = F.one_hot(meta.expert_A.long(), E).to(torch.bfloat16)
     N = g.shape[1]
-    db = torch.empty(E, N, device="cuda", dtype=torch.bfloat16)
     x_rows = x.index_select(0, meta.token_A) if gather else x
     variants = {
         "triton GEMM + colsum": lambda: launch_wgrad(x, g, meta, gather=gather, want_bias=True),
         "triton GEMM only": lambda: launch_wgrad(x, g, meta, gather=gather, want_bias=False),
-        "colsum only": lambda: _colsum_kernel[(E, -(-N // 64))](
-            g, db, meta.offsets_E1, N, g.stride(0), db.stride(0), BLOCK_R=64, BLOCK_N=64
+        "colsum only (bias gradient)": lambda: launch_wgrad(
+            x, g, meta, gather=gather, want_w=False, want_bias=True
         ),
         "grouped_mm GEMM only (rows pre-gathered)": lambda: torch._grouped_mm(x_rows.t(), g, offs=offs),
         "grouped_mm + gather + one-hot bias": lambda: (

@@ -11,8 +11,9 @@ Kernels:
                     Epilogues: + bias; GELU-tanh forward (storing the pre-activation too); scale by the
                     routing weight (storing the unscaled rows too); GELU-tanh backward (times gelu'(z)).
   ``_wgrad_kernel`` dW[e] = X[rows_e]^T @ G[rows_e]; X rows may be gathered.
-  ``_colsum_kernel`` db[e] = sum_r G[r] over expert e's rows, in float32 (the bias gradient: summed in the
-                    GEMM loop it pulled G through registers and made dW ~1.5x slower on the H100).
+  ``_colsum_kernel`` db[e] = sum_r G[r] over expert e's rows, in float32, over S slices of each expert's rows
+                    (the bias gradient: summed in the GEMM loop it pulled G through registers and made dW
+                    ~1.5x slower on the H100).
   ``_bwd_prep_kernel`` for each sorted row r: dO[r] = w[r] * dy[token[r]] and d(weight)[slot r] =
                     <dy[token[r]], o[r]> in float32 (the backward's row-wise work in one pass).
 Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used.
@@ -187,23 +188,27 @@ def _wgrad_kernel(
 
 @triton.jit
 def _colsum_kernel(
-    g_ptr, db_ptr, offsets_ptr, N, s_g_m, s_db_e, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    g_ptr, part_ptr, offsets_ptr, N, E, s_g_m, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """db[e] = sum of G's rows of expert e, in float32: the bias gradient outside the GEMM loop."""
-    e, pid_n = tl.program_id(0), tl.program_id(1)
+    """part[s, e] = float32 sum of G's rows in the s-th of S equal slices of expert e's rows (S = grid axis 2:
+    a hot expert's rows are summed by S programs); the bias gradient is part.sum(0)."""
+    e, pid_n, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row0 = tl.load(offsets_ptr + e)
     row_end = tl.load(offsets_ptr + e + 1)
+    per_slice = tl.cdiv(row_end - row0, tl.num_programs(2))
+    start = row0 + s * per_slice
+    stop = tl.minimum(start + per_slice, row_end)
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r in range(row0, row_end, BLOCK_R):
+    for r in range(start, stop, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)
         g = tl.load(
             g_ptr + rows[:, None].to(tl.int64) * s_g_m + cn[None, :],
-            mask=(rows[:, None] < row_end) & (cn[None, :] < N),
+            mask=(rows[:, None] < stop) & (cn[None, :] < N),
             other=0.0,
         )
         acc += tl.sum(g.to(tl.float32), 0)
-    tl.store(db_ptr + e * s_db_e + cn, acc.to(db_ptr.dtype.element_ty), mask=cn < N)
+    tl.store(part_ptr + (s * E + e) * N + cn, acc, mask=cn < N)
 
 
 @triton.jit
@@ -269,12 +274,13 @@ def launch_wgrad(x, g, meta: RoutingMeta, *, gather: bool, want_w: bool = True, 
     """(dW [E, x cols, g cols] or None, db [E, g cols] or None) summed over each expert's sorted rows."""
     E, M, N = meta.num_experts, x.shape[1], g.shape[1]
     dw = db = None
-    if want_bias:
-        db = torch.empty(E, N, device=x.device, dtype=x.dtype)
-        block_n = 16 if INTERPRET else 64
-        _colsum_kernel[(E, triton.cdiv(N, block_n))](
-            g, db, meta.offsets_E1, N, g.stride(0), db.stride(0), BLOCK_R=16 if INTERPRET else 64, BLOCK_N=block_n,
-        )  # fmt: skip
+    if want_bias:  # S slices per expert, summed in a fixed order: deterministic
+        S, block_n = (2, 16) if INTERPRET else (8, 64)
+        part = torch.empty(S, E, N, device=x.device, dtype=torch.float32)
+        _colsum_kernel[(E, triton.cdiv(N, block_n), S)](
+            g, part, meta.offsets_E1, N, E, g.stride(0), BLOCK_R=16 if INTERPRET else 64, BLOCK_N=block_n
+        )
+        db = part.sum(0).to(x.dtype)
     if not want_w:
         return dw, db
     dw = torch.empty(E, M, N, device=x.device, dtype=x.dtype)
