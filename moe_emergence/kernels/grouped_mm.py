@@ -13,7 +13,7 @@ Forward and backward are ``torch.library`` custom ops (``moe_emergence::grouped_
 x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE)``, ``..._bwd`` -> the six gradients), tied by ``register_autograd``,
 so ``torch.compile`` keeps them in its graph; eagerly, the same bodies run under a plain ``autograd.Function``.
 The routing metadata is computed outside and passed as its four tensors; both ops run with autocast off (inputs
-cast before, ``kernels/autocast.py``).
+cast before, ``kernels/op_common.py``).
 ``torch._grouped_mm`` needs 16-byte aligned strides: D and F times the element size must be
 multiples of 16; other shapes raise ``ValueError``.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from moe_emergence.kernels.autocast import (
+from moe_emergence.kernels.op_common import (
     autocast_off,
     backend_inputs,
     eager_autograd,

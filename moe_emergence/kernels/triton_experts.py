@@ -17,16 +17,16 @@ Ops (opaque to dynamo and inductor; their fake implementations give shapes and d
       needs)`` -> ``(dx, dw1, db1, dw2, db2, dweights)``; a gradient whose ``needs`` flag is False is not
       computed and comes back as an empty tensor (None to autograd).
 ``register_autograd`` ties them together; outside ``torch.compile`` the same bodies run under a plain
-``autograd.Function`` (``autocast.eager_autograd``: no custom-op dispatch cost). The routing metadata is computed outside the ops (plain torch,
+``autograd.Function`` (``op_common.eager_autograd``: no custom-op dispatch cost). The routing metadata is computed outside the ops (plain torch,
 no host sync) and passed as its four tensors. Both ops run with autocast off; ``triton_experts`` casts the
-inputs for autocast before calling them (``kernels/autocast.py``), as before.
+inputs for autocast before calling them (``kernels/op_common.py``), as before.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_emergence.kernels.autocast import (
+from moe_emergence.kernels.op_common import (
     autocast_off,
     backend_inputs,
     eager_autograd,

@@ -1,4 +1,4 @@
-"""Autocast policy, entry checks and autograd set-up shared by the fused backends (their ops run with autocast off).
+"""What the fused backends' ops share: autocast policy, entry checks, autograd set-up (the ops run with autocast off).
 
 Under ``torch.autocast`` the matmul inputs are cast to the autocast dtype, as autocast would do for
 the eager reference's ``@``; the routing weights stay as they are (float32 from the router).
