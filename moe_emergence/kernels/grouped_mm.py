@@ -27,7 +27,7 @@ from transformers.activations import ACT2FN
 from moe_emergence.kernels.op_common import (
     autocast_off,
     backend_inputs,
-    eager_autograd,
+    op_or_eager,
     saved_activations_only,
 )
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
@@ -175,9 +175,7 @@ def _backward_with(bwd):
 
 
 grouped_mm_experts_fwd.register_autograd(_backward_with(grouped_mm_experts_bwd), setup_context=_setup_context)
-# outside torch.compile: the same forward, setup and backward bodies under a plain autograd.Function (no custom-op
-# dispatch, which costs ~150 us of Python per call with autograd on a 2-core CPU)
-_eager_fwd = eager_autograd(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
+_forward = op_or_eager(grouped_mm_experts_fwd, _fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def grouped_mm_experts(
@@ -202,6 +200,5 @@ def grouped_mm_experts(
             f"bytes are multiples of 16 ({x_TD.dtype}); got D={D}, F={F_}: use backend 'eager' or 'triton'"
         )
     meta = routing_meta(indices_TK, w1_EDF.shape[0])
-    fwd = grouped_mm_experts_fwd if torch.compiler.is_compiling() else _eager_fwd
-    y_TD = fwd(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors(), activation)[0]
+    y_TD = _forward(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors(), activation)[0]
     return y_TD.to(out_dtype)

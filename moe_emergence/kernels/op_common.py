@@ -54,10 +54,11 @@ def saved_activations_only(ctx, *outputs: torch.Tensor) -> None:
     ctx.set_materialize_grads(False)
 
 
-def eager_autograd(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """A forward op's body under a plain ``torch.autograd.Function`` with the op's own ``setup_context`` and
-    ``backward``: the same computation and gradients without the custom-op dispatch. The backends call it outside
-    ``torch.compile`` (eager training is bound by Python on the host); compiled graphs call the op."""
+def op_or_eager(op: Callable, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """The forward call of a fused backend: ``op`` (its custom op, opaque to the compiler) while dynamo traces;
+    otherwise ``forward`` (the op's body) under a plain ``torch.autograd.Function`` with the op's own
+    ``setup_context`` and ``backward``: the same computation and gradients without the custom-op dispatch
+    (~150 us of Python per call with autograd on a 2-core CPU; eager training is bound by the host)."""
 
     class Eager(torch.autograd.Function):
         @staticmethod
@@ -70,4 +71,7 @@ def eager_autograd(forward: Callable, setup_context: Callable, backward: Callabl
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
-    return Eager.apply
+    def call(*inputs):
+        return op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+
+    return call

@@ -24,9 +24,7 @@ class RoutingMeta(NamedTuple):
 
     order_A: torch.Tensor  # [A] assignment id t*K+k at sorted position r
     token_A: torch.Tensor  # [A] token id at sorted position r
-    expert_A: (
-        torch.Tensor
-    )  # [A] expert id at sorted position r (non-decreasing; int16, or int32 past 32767 experts)
+    expert_A: torch.Tensor  # [A] expert id at sorted position r (non-decreasing; int16 / int32, see above)
     offsets_E1: torch.Tensor  # [E+1] start of each expert's rows; offsets_E1[E] == A
     num_experts: int
     top_k: int

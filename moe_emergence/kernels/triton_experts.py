@@ -17,7 +17,7 @@ Ops (opaque to dynamo and inductor; their fake implementations give shapes and d
       needs)`` -> ``(dx, dw1, db1, dw2, db2, dweights)``; a gradient whose ``needs`` flag is False is not
       computed and comes back as an empty tensor (None to autograd).
 ``register_autograd`` ties them together; outside ``torch.compile`` the same bodies run under a plain
-``autograd.Function`` (``op_common.eager_autograd``: no custom-op dispatch cost). The routing metadata is computed outside the ops (plain torch,
+``autograd.Function`` (``op_common.op_or_eager``: no custom-op dispatch cost). The routing metadata is computed outside the ops (plain torch,
 no host sync) and passed as its four tensors. Both ops run with autocast off; ``triton_experts`` casts the
 inputs for autocast before calling them (``kernels/op_common.py``), as before.
 """
@@ -29,7 +29,7 @@ import torch
 from moe_emergence.kernels.op_common import (
     autocast_off,
     backend_inputs,
-    eager_autograd,
+    op_or_eager,
     saved_activations_only,
 )
 from moe_emergence.kernels.routing_meta import RoutingMeta, routing_meta
@@ -119,22 +119,8 @@ triton_experts_bwd = torch.library.custom_op("moe_emergence::triton_experts_bwd"
 
 
 @triton_experts_bwd.register_fake
-def _(
-    dy_TD,
-    x_TD,
-    w1_EDF,
-    w2_EFD,
-    z_AF,
-    a_AF,
-    o_AD,
-    w_A,
-    weights_TK,
-    order_A,
-    token_A,
-    expert_A,
-    offsets_E1,
-    needs,
-):
+def _(dy_TD, x_TD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, weights_TK, order_A, token_A, expert_A, offsets_E1,
+      needs):  # fmt: skip
     E, D, F = w1_EDF.shape
     shapes = [x_TD.shape, w1_EDF.shape, (E, F), w2_EFD.shape, (E, D)]
     out = [x_TD.new_empty(s if need else (0,)) for s, need in zip(shapes, needs[:5], strict=True)]
@@ -165,9 +151,7 @@ def _backward_with(bwd):
 
 
 triton_experts_fwd.register_autograd(_backward_with(triton_experts_bwd), setup_context=_setup_context)
-# outside torch.compile: the same forward, setup and backward bodies under a plain autograd.Function (no custom-op
-# dispatch, which costs ~150 us of Python per call with autograd on a 2-core CPU)
-_eager_fwd = eager_autograd(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
+_forward = op_or_eager(triton_experts_fwd, _fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def is_supported(device: torch.device) -> tuple[bool, str]:
@@ -200,6 +184,5 @@ def triton_experts(
     if activation not in ACTIVATIONS:
         raise ValueError(f"triton experts support activations {ACTIVATIONS}, got {activation!r}")
     meta = routing_meta(indices_TK, w1_EDF.shape[0])
-    fwd = triton_experts_fwd if torch.compiler.is_compiling() else _eager_fwd
-    y_TD = fwd(x_TD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors())[0]
+    y_TD = _forward(x_TD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors())[0]
     return y_TD.to(out_dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -20,8 +20,9 @@ from moe_emergence.training.loader import ConfigError, apply_overrides, build, r
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileBackend = Literal["inductor", "aot_eager", "eager", "cudagraphs"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_BACKENDS, COMPILE_MODES = get_args(CompileBackend), get_args(CompileMode)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -135,10 +136,8 @@ class TrainConfig:
     cpu: bool = False
     stop_after: int | None = None
     compile: bool = False
-    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
-        "default"
-    )
+    compile_backend: CompileBackend = "inductor"
+    compile_mode: CompileMode = "default"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.compile, bool), "train.compile", self.compile, "true or false")

@@ -132,8 +132,9 @@ def compile_in_place(model: torch.nn.Module, backend: str, mode: str = "default"
     ``accelerator.prepare``. Not accelerate's ``TorchDynamoPlugin``: it wraps the model in an
     ``OptimizedModule`` whose state-dict keys carry an ``_orig_mod.`` prefix, and ``save_state`` stores them as
     they are, so checkpoints of compiled runs would not load into uncompiled ones or into the analysis tools.
-    In place, the model, its state dict, checkpoints and ``save_pretrained`` are unchanged."""
-    model.compile(backend=backend, mode=None if backend != "inductor" else mode)
+    In place, the model, its state dict, checkpoints and ``save_pretrained`` are unchanged. ``mode`` is
+    inductor's; torch passes ``"default"`` to no other backend (``TrainConfig`` allows no other with them)."""
+    model.compile(backend=backend, mode=mode)
 
 
 def is_moe(model) -> bool:
