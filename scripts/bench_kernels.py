@@ -4,10 +4,11 @@ E=8 experts, T=8192 tokens, top-1, D=768, F=3072: where the layer's time goes, k
 Row GEMMs: each of the four ``_rows_kernel`` calls of a forward+backward (up: gathered x rows, bias, GELU;
 down: bias, routing-weight scale, scattered rows; dZ: GELU'; dX: scattered rows), the same GEMM with no
 gather and no epilogue, and ``torch._grouped_mm`` on the same (pre-gathered) rows without epilogue.
-Weight gradients: dW1 = x[token]^T @ dZ (rows gathered) and dW2 = a^T @ dO, each with its bias gradient:
-the Triton wgrad kernel plus the column-sum kernel (as the backend runs them), each alone, and ``torch._grouped_mm``
-(CUTLASS) on pre-gathered rows, alone and with the gather and the bias gradient as a one-hot GEMM (the grouped_mm
-backend's way). Times are device times: each call is captured in a CUDA graph and replayed (median of ``--iters``).
+Each row GEMM is also timed with plain pointer loads instead of TMA. Weight gradients: dW1 = x[token]^T @ dZ
+and dW2 = a^T @ dO: the Triton wgrad kernel after an index_select of the x rows (the backend copies them in
+its dO pass instead), on rows sorted beforehand, and ``torch._grouped_mm`` (CUTLASS) on pre-gathered rows, alone and with the gather
+and the bias gradient as a one-hot GEMM (the grouped_mm backend's way). The triton backend sums the bias gradients in the epilogues of dZ and of the
+row-prep kernel (timed with and without them). Times are device times: each call is captured in a CUDA graph and replayed (median of ``--iters``).
 
     python scripts/bench_kernels.py [--iters 50]
 """
@@ -20,12 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_emergence.kernels.routing_meta import routing_meta
-from moe_emergence.kernels.triton_kernels import (
-    EPI_GELU,
-    EPI_GELU_BWD,
-    launch_rows,
-    launch_wgrad,
-)
+from moe_emergence.kernels.triton_kernels import EPI_GELU, EPI_GELU_BWD, launch_rows, launch_wgrad
+from moe_emergence.kernels.triton_rowwise import launch_bwd_prep
 
 T, D, FF, E = 8192, 768, 3072, 8
 
@@ -50,17 +47,17 @@ def timed(fn, iters: int, warmup: int = 5) -> float:
 
 
 def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
-    """Time every variant of dW = x[rows]^T @ G (+ db = column sums of G) for one routing and shape."""
+    """Time every variant of dW = x[rows]^T @ G for one routing and shape (the bias gradient is summed in the
+    epilogues of the kernels that produce G; the one-hot GEMM is the grouped_mm backend's way)."""
     offs = meta.offsets_E1[1:].to(torch.int32)
     onehot = F.one_hot(meta.expert_A.long(), E).to(torch.bfloat16)
     N = g.shape[1]
     x_rows = x.index_select(0, meta.token_A) if gather else x
     variants = {
-        "triton GEMM + colsum": lambda: launch_wgrad(x, g, meta, gather=gather, want_bias=True),
-        "triton GEMM only": lambda: launch_wgrad(x, g, meta, gather=gather, want_bias=False),
-        "colsum only (bias gradient)": lambda: launch_wgrad(
-            x, g, meta, gather=gather, want_w=False, want_bias=True
+        "triton GEMM after an index_select of the rows": lambda: launch_wgrad(
+            x.index_select(0, meta.token_A) if gather else x, g, meta
         ),
+        "triton GEMM (rows sorted beforehand)": lambda: launch_wgrad(x_rows, g, meta),
         "grouped_mm GEMM only (rows pre-gathered)": lambda: torch._grouped_mm(x_rows.t(), g, offs=offs),
         "grouped_mm + gather + one-hot bias": lambda: (
             torch._grouped_mm((x.index_select(0, meta.token_A) if gather else x).t(), g, offs=offs),
@@ -68,19 +65,18 @@ def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
         ),
     }
     ref = torch._grouped_mm(x_rows.t(), g, offs=offs).float()
-    dw, db_split = launch_wgrad(x, g, meta, gather=gather, want_bias=True)
-    db_ref = onehot.t().float() @ g.float()
+    dw = launch_wgrad(x_rows, g, meta)
     err = ((dw.float() - ref).norm() / ref.norm()).item()
-    berr = ((db_split.float() - db_ref).norm() / db_ref.norm()).item()
     flop = 2 * T * x.shape[1] * N
-    print(f"\n{title}: triton vs grouped_mm dW rel err {err:.1e}, db vs float32 {berr:.1e}")
+    print(f"\n{title}: triton vs grouped_mm dW rel err {err:.1e}")
     for name, fn in variants.items():
         ms = timed(fn, iters)
         print(f"  {name:45s} {ms * 1e3:8.1f} us  ({flop / ms / 1e9:6.0f} TFLOP/s of the GEMM)", flush=True)
 
 
 def bench_rows(meta, iters: int) -> None:
-    """The four row-GEMM calls of a forward+backward, each against the bare kernel and torch._grouped_mm."""
+    """The four row-GEMM calls of a forward+backward as the backend makes them (TMA loads where possible),
+    with plain pointer loads, as a bare GEMM, and ``torch._grouped_mm``; then the backward's row-prep kernel."""
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     offs = meta.offsets_E1[1:].to(torch.int32)
     x_TD, dz_AF, do_AD = torch.randn(T, D, **bf16), torch.randn(T, FF, **bf16), torch.randn(T, D, **bf16)
@@ -94,37 +90,57 @@ def bench_rows(meta, iters: int) -> None:
     )
     w_A = torch.rand(T, device="cuda")
     x_AD = x_TD.index_select(0, meta.token_A)
-    cases = {
+    w2t, w1t = w2.transpose(1, 2), w1.transpose(1, 2)
+    cases = {  # name: (launch with the backend's keywords, bare GEMM inputs, grouped_mm)
         "up (gather, bias, GELU)": (
-            lambda: launch_rows(x_TD, w1, a, meta, bias=b1, aux=z, gather=True, epilogue=EPI_GELU),
+            lambda tma: launch_rows(
+                x_TD, w1, a, meta, bias=b1, aux=z, gather=True, epilogue=EPI_GELU, tma=tma
+            ),
             lambda: launch_rows(x_AD, w1, a, meta),
             lambda: torch._grouped_mm(x_AD, w1, offs=offs),
         ),
         "down (bias, scale, scatter)": (
-            lambda: launch_rows(a, w2, out, meta, bias=b2, aux=o, scale=w_A, scatter=True),
+            lambda tma: launch_rows(a, w2, out, meta, bias=b2, aux=o, scale=w_A, scatter=True, tma=tma),
             lambda: launch_rows(a, w2, out, meta),
             lambda: torch._grouped_mm(a, w2, offs=offs),
         ),
-        "dZ (w2^T, GELU')": (
-            lambda: launch_rows(do_AD, w2.transpose(1, 2), dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD),
-            lambda: launch_rows(do_AD, w2.transpose(1, 2), dz_AF, meta),
-            lambda: torch._grouped_mm(do_AD, w2.transpose(1, 2), offs=offs),
+        "dZ (w2^T, GELU', db1)": (
+            lambda tma: launch_rows(
+                do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD, bias_grad=True, tma=tma
+            ),
+            lambda: launch_rows(do_AD, w2t, dz_AF, meta),
+            lambda: torch._grouped_mm(do_AD, w2t, offs=offs),
         ),
         "dX (w1^T, scatter)": (
-            lambda: launch_rows(dz_AF, w1.transpose(1, 2), out, meta, scatter=True),
-            lambda: launch_rows(dz_AF, w1.transpose(1, 2), out, meta),
-            lambda: torch._grouped_mm(dz_AF, w1.transpose(1, 2), offs=offs),
+            lambda tma: launch_rows(dz_AF, w1t, out, meta, scatter=True, tma=tma),
+            lambda: launch_rows(dz_AF, w1t, out, meta),
+            lambda: torch._grouped_mm(dz_AF, w1t, offs=offs),
         ),
     }
     flop = 2 * T * D * FF
     for name, (fused, bare, cutlass) in cases.items():
-        t = [timed(fn, iters) for fn in (fused, bare, cutlass)]
+        t = [timed(fn, iters) for fn in (lambda: fused(True), lambda: fused(False), bare, cutlass)]  # noqa: B023
         tf = [flop / ms / 1e9 for ms in t]
         print(
-            f"  rows {name:28s} triton {t[0] * 1e3:6.1f} us ({tf[0]:4.0f} TFLOP/s), bare GEMM {t[1] * 1e3:6.1f} us "
-            f"({tf[1]:4.0f}), grouped_mm {t[2] * 1e3:6.1f} us ({tf[2]:4.0f})",
+            f"  rows {name:28s} triton {t[0] * 1e3:6.1f} us ({tf[0]:4.0f} TFLOP/s), pointer loads "
+            f"{t[1] * 1e3:6.1f} us, bare GEMM {t[2] * 1e3:6.1f} us ({tf[2]:4.0f}), grouped_mm {t[3] * 1e3:6.1f} us "
+            f"({tf[3]:4.0f})",
             flush=True,
         )
+    variants = {  # one feature of the backend's call left out: what it costs
+        "dZ without db1 column sums": lambda: launch_rows(
+            do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD
+        ),
+        "dZ loading z after the main loop": lambda: launch_rows(
+            do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD, bias_grad=True, prefetch=False
+        ),
+    }
+    for name, fn in variants.items():
+        print(f"  rows {name:45s} {timed(fn, iters) * 1e3:6.1f} us", flush=True)
+    dy = torch.randn(T, D, **bf16)
+    for want in (False, True):
+        ms = timed(lambda: launch_bwd_prep(dy, o, w_A, meta, want_dweights=True, bias_grad=want), iters)  # noqa: B023
+        print(f"  row prep (dO, d(weights){', db2' if want else ''}): {ms * 1e3:6.1f} us", flush=True)
 
 
 def main() -> None:

@@ -38,6 +38,11 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
     x, w1, b1, w2, b2, weights = (p.requires_grad_() for p in params)
     meta = routing_meta(indices, w1.shape[0]).tensors()
     results = {}
+    if backend == "triton":  # the routing metadata op the backend calls before its forward op
+        from moe_emergence.kernels.triton_routing import _routing_op
+
+        report = torch.library.opcheck(_routing_op, (indices, w1.shape[0]), test_utils=ALL_CHECKS)
+        results[_routing_op._name] = sorted(k for k, v in report.items() if v == "SUCCESS")
     report = torch.library.opcheck(fwd, (x, w1, b1, w2, b2, weights, *meta, *extra), test_utils=ALL_CHECKS)
     results[fwd._name] = sorted(k for k, v in report.items() if v == "SUCCESS")
     out = fwd(x, w1, b1, w2, b2, weights, *meta, *extra)  # only y is differentiable: autograd would otherwise
@@ -48,7 +53,7 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
         raise AssertionError(f"{fwd._name}: requires_grad of the outputs {differentiable}, want y's only")
     with torch.no_grad():
         out = fwd(x, w1, b1, w2, b2, weights, *meta, *extra)
-    if backend == "triton":  # saved: x, w1, w2, z, a, o, w_A, weights, meta; and which gradients to compute
+    if backend == "triton":  # saved: x, w1, w2, z, a, o, weights, meta; and which gradients to compute
         saved = (x, w1, w2, *out[1:], weights, *meta)
         cases = [(*saved, [True] * 6), (*saved, [True, False, True, True, False, False])]
     else:  # saved: x_AD, w1, w2, z, a, o, w_A, onehot, weights, meta

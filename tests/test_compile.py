@@ -38,6 +38,8 @@ def check_compiled(errors: dict[str, float], what: str) -> None:
 def check_opcheck(results: dict[str, list[str]], backend: str) -> None:
     assert results[f"{backend}_experts_fwd"] == sorted(ALL_CHECKS), results
     assert results[f"{backend}_experts_bwd"] == sorted(ALL_CHECKS), results
+    if backend == "triton":
+        assert results["triton_routing"] == sorted(ALL_CHECKS), results
 
 
 @pytest.fixture(scope="module")

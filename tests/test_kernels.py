@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import ALIGNED, CASES, compare, compare_frozen, compare_model, eager_errors
+from kernel_cases import (
+    ALIGNED,
+    CASES,
+    compare,
+    compare_frozen,
+    compare_model,
+    compare_routing,
+    compare_tma,
+    eager_errors,
+)
 
 from moe_emergence import MoEConfig, MoEWrapper
 from moe_emergence.experts import eager_experts, get_backend
@@ -65,6 +74,17 @@ def test_triton_interpreted_model_matches_eager(interpreted_triton, case):
     assert_close(interpreted_triton["float32"][case], 1e-5, f"triton {case}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_triton_interpreted_tma_loads_match_pointer_loads(interpreted_triton, dtype):
+    assert_close(interpreted_triton[dtype]["tma_vs_pointer"], 1e-6, f"triton TMA vs pointer loads {dtype}")
+
+
+def test_triton_interpreted_routing_matches_torch_routing(interpreted_triton):
+    assert_close(
+        interpreted_triton["float32"]["routing"], 0.0, "triton routing metadata vs torch (1 = differs)"
+    )
+
+
 def test_triton_interpreted_frozen_weights_match_eager(interpreted_triton):
     assert_close(interpreted_triton["float32"]["top2_frozen_weights"], 1e-5, "triton, w1 w2 weights frozen")
 
@@ -79,6 +99,43 @@ def test_frozen_weights_match_eager(backend):
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_gpu_matches_eager(case, dtype):
     assert_close(compare("triton", DEVICE, dtype, case), TOL[dtype], f"triton {case} {dtype}")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
+def test_triton_gpu_tma_loads_match_pointer_loads(dtype):
+    assert_close(compare_tma(DEVICE, dtype), TOL[dtype] / 10, f"triton TMA vs pointer loads {dtype}")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_triton_gpu_routing_matches_torch_routing():
+    assert_close(compare_routing(DEVICE), 0.0, "triton routing metadata vs torch (1 = differs)")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["rows", "wgrad"])
+def test_triton_gpu_every_hopper_tile_matches_eager(kernel):
+    """Each tile config the autotuner may pick on Hopper, forced in turn (the other GPU tests run one fixed config,
+    MOE_TRITON_AUTOTUNE=0), on a case whose main loops run 8-16 iterations (software-pipelining faults show only
+    then), bf16 against eager float32; the bound is twice eager's own bf16 error (plus 1e-3): a fault that
+    misplaces a few tiles must not hide under the general bf16 tolerance."""
+    from moe_emergence.kernels import triton_kernels as tk
+
+    case = (1024, 512, 1024, 4, 2, "random")
+    jit, shapes, hook = {
+        "rows": (tk._rows_kernel, tk.ROWS_SHAPES, tk.ROWS_PRE_HOOK),
+        "wgrad": (tk._wgrad_kernel, tk.WGRAD_SHAPES, None),
+    }[kernel]
+    bound = {n: 2 * e + 1e-3 for n, e in eager_errors(DEVICE, torch.bfloat16, case).items()}
+    saved = jit.configs, jit.cache
+    try:
+        for config in tk.tile_configs(shapes, hook):
+            jit.configs, jit.cache = [config], {}
+            errors = compare("triton", DEVICE, torch.bfloat16, case)
+            bad = {n: (e, bound[n]) for n, e in errors.items() if not e <= bound[n]}
+            assert not bad, f"triton {kernel} kernel with {config}: (error, bound) {bad}"
+    finally:
+        jit.configs, jit.cache = saved
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
@@ -204,5 +261,9 @@ def test_routing_meta_has_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         routing_meta(idx, 8)
+        if "triton" in available_backends(torch.device("cuda")):
+            from moe_emergence.kernels.triton_routing import triton_routing_meta
+
+            triton_routing_meta(idx, 8)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -35,13 +35,17 @@ class RoutingMeta(NamedTuple):
         return self.order_A, self.token_A, self.expert_A, self.offsets_E1
 
 
+def expert_id_dtype(num_experts: int) -> torch.dtype:
+    """The dtype of ``expert_A``: int16 (the sort key, see above), int32 past 32767 experts."""
+    return torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
+
+
 def routing_meta(indices_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
     """Sort the assignments of ``indices_TK`` [T, K] (expert ids in [0, E)) by expert."""
     if indices_TK.dim() != 2:
         raise ValueError(f"indices_TK must be [T, K], got shape {tuple(indices_TK.shape)}")
     K = indices_TK.shape[1]
-    key_dtype = torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
-    flat_A = indices_TK.reshape(-1).to(key_dtype)
+    flat_A = indices_TK.reshape(-1).to(expert_id_dtype(num_experts))
     expert_A, order_A = torch.sort(flat_A, stable=True)
     bounds_E1 = torch.arange(num_experts + 1, device=flat_A.device, dtype=expert_A.dtype)
     offsets_E1 = torch.searchsorted(expert_A, bounds_E1)

@@ -1,0 +1,118 @@
+"""The ``triton`` backend's routing metadata: ``routing_meta``'s sorted order by a stable counting sort in two
+Triton kernels, instead of torch's radix sort, ``searchsorted`` and index arithmetic (~8 small kernels).
+
+Shapes: A = T * K assignments (``a = t * K + k``), E experts, C chunks of BLOCK consecutive assignments.
+  ``_count_kernel``  counts[c, e] = how many assignments of chunk c go to expert e.
+  ``_place_kernel``  the sorted position of assignment a (expert e, chunk c) = offsets[e] + (assignments to e
+                     in chunks before c) + (assignments to e before a in chunk c): assignments keep their order
+                     within an expert, as ``torch.sort(stable=True)`` keeps it. Writes order, token and expert
+                     at that position; chunk 0 also writes offsets.
+The result is ``RoutingMeta``, identical to ``routing_meta.routing_meta`` (the torch reference the tests
+compare with); no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_emergence.kernels.routing_meta import RoutingMeta, expert_id_dtype, routing_meta
+
+_TILE = 16384  # entries of a chunk's one-hot tile [BLOCK, E_POW2]
+
+
+@triton.jit
+def _count_kernel(idx_ptr, counts_ptr, A, BLOCK: tl.constexpr, E_POW2: tl.constexpr):
+    c = tl.program_id(0)
+    a = c * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(idx_ptr + a, mask=a < A, other=-1)
+    e_idx = tl.arange(0, E_POW2)
+    onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)
+    tl.store(counts_ptr + c * E_POW2 + e_idx, tl.sum(onehot, 0))
+
+
+@triton.jit
+def _place_kernel(
+    idx_ptr, counts_ptr, order_ptr, token_ptr, expert_ptr, offsets_ptr, A, E, C, K,
+    BLOCK: tl.constexpr, E_POW2: tl.constexpr, C_POW2: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    e_idx = tl.arange(0, E_POW2)
+    chunks = tl.arange(0, C_POW2)
+    counts = tl.load(
+        counts_ptr + chunks[:, None] * E_POW2 + e_idx[None, :], mask=chunks[:, None] < C, other=0
+    )  # [C_POW2, E_POW2]
+    total_E = tl.sum(counts, 0)
+    offsets_E = tl.cumsum(total_E, 0) - total_E  # exclusive: start of each expert's rows (A past the last)
+    base_E = offsets_E + tl.sum(tl.where(chunks[:, None] < c, counts, 0), 0)
+    a = c * BLOCK + tl.arange(0, BLOCK)
+    in_range = a < A
+    ids = tl.load(idx_ptr + a, mask=in_range, other=-1)
+    onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)  # [BLOCK, E_POW2]
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # same-expert assignments before a in this chunk
+    pos = tl.sum(onehot * base_E[None, :], 1) + rank
+    tl.store(order_ptr + pos, a.to(tl.int64), mask=in_range)
+    tl.store(token_ptr + pos, (a // K).to(tl.int64), mask=in_range)
+    tl.store(expert_ptr + pos, ids, mask=in_range)
+    if c == 0:
+        tl.store(offsets_ptr + e_idx, offsets_E.to(tl.int64), mask=e_idx <= E)
+
+
+def _layout(A: int, E: int) -> tuple[int, int, int] | None:
+    """(E_POW2, BLOCK, chunks) of the kernels for A assignments to E experts, or None where their tiles would
+    not fit: the one-hot [BLOCK, E_POW2] and the count table [chunks, E_POW2] of at most 16384 / 65536 entries."""
+    e_pow2 = triton.next_power_of_2(E + 1)  # room for offsets[E] = A
+    block = max(16, min(1024, _TILE // e_pow2))
+    chunks = max(1, triton.cdiv(A, block))
+    if block * e_pow2 > _TILE or chunks * e_pow2 > 4 * _TILE:
+        return None
+    return e_pow2, block, chunks
+
+
+def _routing(
+    indices_TK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, K = indices_TK.shape
+    A, E, device = T * K, num_experts, indices_TK.device
+    layout = _layout(A, E)
+    if layout is None:
+        return routing_meta(indices_TK, E).tensors()
+    e_pow2, block, chunks = layout
+    flat_A = indices_TK.reshape(-1)
+    counts = torch.empty(chunks, e_pow2, device=device, dtype=torch.int32)
+    order_A = torch.empty(A, device=device, dtype=torch.int64)
+    token_A = torch.empty_like(order_A)
+    expert_A = torch.empty(A, device=device, dtype=expert_id_dtype(E))
+    offsets_E1 = torch.empty(E + 1, device=device, dtype=torch.int64)
+    _count_kernel[(chunks,)](flat_A, counts, A, BLOCK=block, E_POW2=e_pow2)
+    _place_kernel[(chunks,)](
+        flat_A, counts, order_A, token_A, expert_A, offsets_E1, A, E, chunks, K,
+        BLOCK=block, E_POW2=e_pow2, C_POW2=triton.next_power_of_2(chunks),
+    )  # fmt: skip
+    return order_A, token_A, expert_A, offsets_E1
+
+
+# opaque to torch.compile like the expert ops (dynamo would otherwise trace the launches)
+_routing_op = torch.library.custom_op("moe_emergence::triton_routing", mutates_args=())(_routing)
+
+
+@_routing_op.register_fake
+def _(indices_TK, num_experts):
+    A = indices_TK.numel()
+    order_A = indices_TK.new_empty(A, dtype=torch.int64)
+    return (
+        order_A,
+        torch.empty_like(order_A),
+        indices_TK.new_empty(A, dtype=expert_id_dtype(num_experts)),
+        (indices_TK.new_empty(num_experts + 1, dtype=torch.int64)),
+    )
+
+
+def triton_routing_meta(indices_TK: torch.Tensor, num_experts: int) -> RoutingMeta:
+    """``routing_meta(indices_TK, num_experts)`` by the two kernels above; where their tiles would not fit (past
+    ~1000 experts, or millions of assignments in one call) by ``routing_meta`` itself (the same result)."""
+    if indices_TK.dim() != 2:
+        raise ValueError(f"indices_TK must be [T, K], got shape {tuple(indices_TK.shape)}")
+    run = _routing_op if torch.compiler.is_compiling() else _routing
+    return RoutingMeta(*run(indices_TK, num_experts), num_experts, indices_TK.shape[1])

@@ -1,0 +1,161 @@
+"""The ``triton`` backend's row-wise Triton kernels, and the expert-block layout its GEMMs share.
+
+Shapes: T tokens, D model width, E experts, K experts per token, A = T * K; rows ``*_A?`` in the expert-sorted
+order of ``routing_meta`` (expert e owns rows offsets[e]:offsets[e+1]).
+
+  ``block_layout`` / ``expert_block``  row blocks of BLOCK_M rows laid out expert after expert: which expert
+                    and rows a block covers (no block mixes two experts' rows).
+  ``_bwd_prep_kernel`` for each sorted row r: dO[r] = w[slot r] * dy[token[r]] and d(weight)[slot r] =
+                    <dy[token[r]], o[r]> in float32 (the backward's row-wise work in one pass), the float32
+                    column sums of dO per row block (db2 partials), and x[token[r]] (sorted x rows for dW1).
+  ``_segsum_kernel`` db[e] = the sum of expert e's row-block partials, in block order: the bias gradients
+                    in float32 and deterministic, from values the kernels already held in registers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_emergence.kernels.routing_meta import RoutingMeta
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def block_layout(offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Per expert (padded to E_POW2): first row, end row, first row block, number of row blocks."""
+    e_idx = tl.arange(0, E_POW2)
+    start_E = tl.load(offsets_ptr + e_idx, mask=e_idx < E, other=0)
+    end_E = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < E, other=0)
+    nblk_E = (end_E - start_E + BLOCK_M - 1) // BLOCK_M
+    return start_E, end_E, tl.cumsum(nblk_E, 0) - nblk_E, nblk_E
+
+
+@triton.jit
+def expert_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Row block ``pid_m`` of the expert-after-expert layout: (valid, expert e, first row, end of e's rows)."""
+    start_E, end_E, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
+    e = tl.sum((first_E + nblk_E <= pid_m).to(tl.int32), 0)
+    sel = tl.arange(0, E_POW2) == e
+    row0 = tl.sum(tl.where(sel, start_E, 0), 0) + (pid_m - tl.sum(tl.where(sel, first_E, 0), 0)) * BLOCK_M
+    row_end = tl.sum(tl.where(sel, end_E, 0), 0)
+    return pid_m < tl.sum(nblk_E, 0), e, row0, row_end
+
+
+@triton.jit
+def _bwd_prep_kernel(
+    dy_ptr, o_ptr, w_ptr, do_ptr, dwts_ptr, part_ptr, x_ptr, xs_ptr, token_ptr, order_ptr, offsets_ptr,
+    D, E, s_dy_m, s_dy_d, s_o_m, s_do_m, s_x_m,
+    WANT_DWTS: tl.constexpr, COL_SUMS: tl.constexpr, X_ROWS: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    valid, e, row0, row_end = expert_block(pid, offsets_ptr, E, BLOCK_R, E_POW2)
+    if not valid:
+        return
+    rows = row0 + tl.arange(0, BLOCK_R)
+    rmask = rows < row_end
+    tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    slots = tl.load(order_ptr + rows, mask=rmask, other=0)
+    w = tl.load(w_ptr + slots, mask=rmask, other=0.0).to(tl.float32)
+    dots = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (cols[None, :] < D)
+        dy = tl.load(dy_ptr + tok[:, None] * s_dy_m + cols[None, :] * s_dy_d, mask=mask, other=0.0).to(
+            tl.float32
+        )
+        do = dy * w[:, None]
+        tl.store(
+            do_ptr + rows[:, None].to(tl.int64) * s_do_m + cols[None, :],
+            do.to(do_ptr.dtype.element_ty),
+            mask=mask,
+        )
+        if COL_SUMS:
+            tl.store(part_ptr + pid.to(tl.int64) * D + cols, tl.sum(do, 0), mask=cols < D)
+        if WANT_DWTS:
+            o = tl.load(o_ptr + rows[:, None].to(tl.int64) * s_o_m + cols[None, :], mask=mask, other=0.0)
+            dots += tl.sum(dy * o.to(tl.float32), 1)
+        if X_ROWS:  # x[token] in sorted order, for dW1
+            x = tl.load(x_ptr + tok[:, None] * s_x_m + cols[None, :], mask=mask, other=0.0)
+            tl.store(xs_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x, mask=mask)
+    if WANT_DWTS:
+        tl.store(dwts_ptr + slots, dots, mask=rmask)
+
+
+@triton.jit
+def _segsum_kernel(
+    part_ptr, out_ptr, offsets_ptr, N, E,
+    BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """out[e] = the sum of expert e's row-block partials (blocks of BLOCK_M rows, expert after expert), in
+    float32 and in block order (deterministic)."""
+    e, pid_n = tl.program_id(0), tl.program_id(1)
+    _start, _end, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
+    sel = tl.arange(0, E_POW2) == e
+    first = tl.sum(tl.where(sel, first_E, 0), 0)
+    stop = first + tl.sum(tl.where(sel, nblk_E, 0), 0)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for b0 in range(first, stop, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        mask = (b[:, None] < stop) & (cn[None, :] < N)
+        acc += tl.sum(tl.load(part_ptr + b[:, None].to(tl.int64) * N + cn[None, :], mask=mask, other=0.0), 0)
+    tl.store(out_ptr + e * N + cn, acc.to(out_ptr.dtype.element_ty), mask=cn < N)
+
+
+def e_pow2(E: int) -> int:
+    return max(16, triton.next_power_of_2(E))
+
+
+def segment_sums(part: torch.Tensor, meta: RoutingMeta, block_m: int, dtype: torch.dtype) -> torch.Tensor:
+    """[E, N] per-expert sums of the row-block partials ``part`` [blocks, N] (blocks of ``block_m`` rows)."""
+    E, N = meta.num_experts, part.shape[1]
+    out = torch.empty(E, N, device=part.device, dtype=dtype)
+    block_n = 16 if INTERPRET else 32
+    _segsum_kernel[(E, triton.cdiv(N, block_n))](
+        part, out, meta.offsets_E1, N, E, BLOCK_M=block_m, E_POW2=e_pow2(E), BLOCK_B=16, BLOCK_N=block_n
+    )
+    return out
+
+
+def launch_bwd_prep(
+    dy_TD, o_AD, weights_TK, meta: RoutingMeta, *, want_dweights: bool, bias_grad: bool, x_TD=None
+):  # fmt: skip
+    """(dO_AD = w * dy[token] in dy's dtype, d(weights) [A] float32 in assignment order or None,
+    db2 [E, D] = per-expert column sums of dO (float32 sums, dy's dtype) or None, x[token] [A, D] in sorted
+    order if ``x_TD`` is given or None); w = the routing weight of each row's assignment."""
+    A, D = o_AD.shape
+    E = meta.num_experts
+    w_A = weights_TK.contiguous().view(-1)
+    do_AD = torch.empty(A, D, device=dy_TD.device, dtype=dy_TD.dtype)
+    x_AD = None if x_TD is None else torch.empty(A, D, device=x_TD.device, dtype=x_TD.dtype)
+    dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else w_A
+    block_r = 16 if INTERPRET else 32
+    blocks = triton.cdiv(A, block_r) + E
+    part = torch.empty(blocks if bias_grad else 0, D, device=dy_TD.device, dtype=torch.float32)
+    _bwd_prep_kernel[(blocks,)](
+        dy_TD, o_AD, w_A, do_AD, dwts_A, part, do_AD if x_TD is None else x_TD, do_AD if x_AD is None else x_AD,
+        meta.token_A, meta.order_A, meta.offsets_E1, D, E,
+        *dy_TD.stride(), o_AD.stride(0), do_AD.stride(0),  # dy may be any view (autograd can pass expanded grads)
+        D if x_TD is None else x_TD.stride(0),
+        WANT_DWTS=want_dweights, COL_SUMS=bias_grad, X_ROWS=x_TD is not None, E_POW2=e_pow2(E),
+        BLOCK_R=block_r, BLOCK_D=16 if INTERPRET else 128,
+    )  # fmt: skip
+    db = segment_sums(part, meta, block_r, dy_TD.dtype) if bias_grad else None
+    return do_AD, (dwts_A if want_dweights else None), db, x_AD
+
+
+def to_tokens(rows_fn, meta: RoutingMeta, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """Run ``rows_fn(out)`` writing each sorted row to its assignment slot; sum the K slots (float32)."""
+    if meta.top_k == 1:
+        out = torch.empty(T, D, device=like.device, dtype=like.dtype)
+        rows_fn(out)
+        return out
+    slots = torch.empty(T * meta.top_k, D, device=like.device, dtype=torch.float32)
+    rows_fn(slots)
+    return slots.view(T, meta.top_k, D).sum(1).to(like.dtype)
