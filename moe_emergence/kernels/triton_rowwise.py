@@ -131,15 +131,16 @@ def launch_bwd_prep(
     order if ``x_TD`` is given or None); w = the routing weight of each row's assignment."""
     A, D = o_AD.shape
     E = meta.num_experts
-    w_A = weights_TK.contiguous().view(-1)
+    weights_flat = weights_TK.contiguous().view(-1)  # assignment order: read at order[row] in the kernel
     do_AD = torch.empty(A, D, device=dy_TD.device, dtype=dy_TD.dtype)
     x_AD = None if x_TD is None else torch.empty(A, D, device=x_TD.device, dtype=x_TD.dtype)
-    dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else w_A
+    dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else weights_flat
     block_r = 16 if INTERPRET else 32
     blocks = triton.cdiv(A, block_r) + E
     part = torch.empty(blocks if bias_grad else 0, D, device=dy_TD.device, dtype=torch.float32)
     _bwd_prep_kernel[(blocks,)](
-        dy_TD, o_AD, w_A, do_AD, dwts_A, part, do_AD if x_TD is None else x_TD, do_AD if x_AD is None else x_AD,
+        dy_TD, o_AD, weights_flat, do_AD, dwts_A, part,
+        do_AD if x_TD is None else x_TD, do_AD if x_AD is None else x_AD,  # (placeholders without X_ROWS)
         meta.token_A, meta.order_A, meta.offsets_E1, D, E,
         *dy_TD.stride(), o_AD.stride(0), do_AD.stride(0),  # dy may be any view (autograd can pass expanded grads)
         D if x_TD is None else x_TD.stride(0),
