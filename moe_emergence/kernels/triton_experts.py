@@ -18,9 +18,9 @@ Ops (opaque to dynamo and inductor; their fake implementations give shapes and d
       needs)`` -> ``(dx, dw1, db1, dw2, db2, dweights)``; a gradient whose ``needs`` flag is False is not
       computed and comes back as an empty tensor (None to autograd).
 ``register_autograd`` ties them together; outside ``torch.compile`` the same bodies run under a plain
-``autograd.Function`` (``op_common.op_or_eager``: no custom-op dispatch cost). The routing metadata is computed outside the ops (``triton_routing``, no host sync)
-and passed as its four tensors. Both ops run with autocast off; ``triton_experts`` casts the
-inputs for autocast before calling them (``kernels/op_common.py``), as before.
+``autograd.Function`` (``op_common.op_or_eager``: no custom-op dispatch cost). The routing metadata is computed
+before the ops (``triton_routing``: its own op, no host sync) and passed as its four tensors. Both ops run with
+autocast off; ``triton_experts`` casts the inputs for autocast before calling them (``kernels/op_common.py``).
 """
 
 from __future__ import annotations
