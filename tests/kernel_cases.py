@@ -163,6 +163,7 @@ def compare_routing(device: str) -> dict[str, float]:
 
     g = torch.Generator().manual_seed(3)
     out = {}
+    # the last: past the kernels' tiles, so torch's sort
     for T, K, E in [
         (37, 2, 5),
         (700, 2, 8),
@@ -172,7 +173,7 @@ def compare_routing(device: str) -> dict[str, float]:
         (5, 1, 1),
         (0, 2, 4),
         (20, 1, 3000),
-    ]:  # fmt: skip  (the last: past the kernels' tiles, torch's sort)
+    ]:
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.empty(0, K)
         idx = idx.long().to(device)
         if E > 4:

@@ -253,8 +253,10 @@ def launch_rows(
     w_base = w_EKN.transpose(1, 2) if w_trans else w_EKN
     w_desc = _descriptor(w_base) if tma and _tma_ok(w_base) else None
     in_desc = _descriptor(inp) if tma and not gather and _tma_ok(inp) else None
-    max_blocks = triton.cdiv(A, min(c.kwargs["BLOCK_M"] for c in ROWS_CONFIGS)) + E
-    part = torch.empty(max_blocks if bias_grad else 0, N, device=out.device, dtype=torch.float32)
+    part = out  # placeholder without bias_grad
+    if bias_grad:  # one row of partial sums per row block, for the smallest BLOCK_M the autotuner may pick
+        max_blocks = triton.cdiv(A, min(c.kwargs["BLOCK_M"] for c in ROWS_CONFIGS)) + E
+        part = torch.empty(max_blocks, N, device=out.device, dtype=torch.float32)
 
     def grid(meta_):
         return ((triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(N, meta_["BLOCK_N"]),)

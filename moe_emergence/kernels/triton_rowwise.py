@@ -137,7 +137,9 @@ def launch_bwd_prep(
     dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else weights_flat
     block_r = 16 if INTERPRET else 32
     blocks = triton.cdiv(A, block_r) + E
-    part = torch.empty(blocks if bias_grad else 0, D, device=dy_TD.device, dtype=torch.float32)
+    part = do_AD  # placeholder without bias_grad
+    if bias_grad:  # one row of partial sums per row block
+        part = torch.empty(blocks, D, device=dy_TD.device, dtype=torch.float32)
     _bwd_prep_kernel[(blocks,)](
         dy_TD, o_AD, weights_flat, do_AD, dwts_A, part,
         do_AD if x_TD is None else x_TD, do_AD if x_AD is None else x_AD,  # (placeholders without X_ROWS)
