@@ -163,6 +163,11 @@ def main() -> None:
         bench_case(f"{routing} dW1 (x gathered, G=dZ [A,F])", x_TD, dz_AF, meta, True, args.iters)
         a_AF, do_AD = torch.randn(T, FF, **bf16), torch.randn(T, D, **bf16)
         bench_case(f"{routing} dW2 (a [A,F], G=dO [A,D])", a_AF, do_AD, meta, False, args.iters)
+    from moe_emergence.kernels import triton_kernels as tk
+
+    for kernel in (tk._rows_kernel, tk._wgrad_kernel):
+        for key, cfg in kernel.cache.items():
+            print(f"autotuned {kernel.fn.__name__} {key}: {cfg}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile ch
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 
@@ -95,6 +96,7 @@ def measure(fwd, inputs, iters, graph=False):
         torch.autograd.grad(fwd(), inputs, gy)
 
     t_fb = timed(step, iters)
+    gc.collect()  # garbage of earlier rows freed now, not inside the measured step (it would lower the peak)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -179,28 +181,43 @@ def check_autotuned() -> None:
             raise SystemExit(f"autotuned triton kernels disagree with eager (K={K}): {report}")
 
 
-def profile_e2e() -> None:
+def profile_e2e(compile_mode: str | None = None) -> None:
+    """Device-time profiles of 3 training steps (B=8, L=512) of the dense model and of MoE top-1 triton,
+    compiled with ``compile_mode`` if given (``--profile-e2e-compile``; "default" shows each kernel, CUDA graphs
+    would hide them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = gpt2_small(dict(num_experts=8, top_k=1, layers=[8, 9, 10, 11], backend="triton"))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, 50257, (8, 512), device="cuda")
+    for name, moe in (
+        ("dense", None),
+        ("moe top-1 triton", dict(num_experts=8, top_k=1, layers=[8, 9, 10, 11])),
+    ):
+        model = gpt2_small(moe and dict(moe, backend="triton"))
+        if compile_mode:
+            torch._dynamo.reset()
+            model.compile(mode=compile_mode)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(0, 50257, (8, 512), device="cuda")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def step(model=model, opt=opt, ids=ids):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print("\n## profile: e2e MoE top-1 triton training step x3 (B=8, L=512)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total_ms = sum(e.self_device_time_total for e in events) / 3e3
+        print(f"\n## profile: e2e {name} training step x3 (B=8, L=512), compile={compile_mode}: "
+              f"{total_ms:.2f} ms device time per step")  # fmt: skip
+        print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+        del model, opt
+        torch.cuda.empty_cache()
 
 
 def _profile(title: str, fwd, leaves, iters: int) -> None:
@@ -381,6 +398,12 @@ def main() -> None:
     )
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument(
+        "--profile-e2e-compile",
+        default=None,
+        metavar="MODE",
+        help="profile the e2e training steps compiled with this torch.compile mode (with the layer profiles)",
+    )
+    ap.add_argument(
         "--e2e-models",
         nargs="+",
         default=None,
@@ -397,7 +420,7 @@ def main() -> None:
         out["layer"] = bench_layer(args.quick, args.iters)
     if not args.skip_profile:
         profile_layer()
-        profile_e2e()
+        profile_e2e(args.profile_e2e_compile)
     if not args.skip_e2e:
         out["e2e"] = bench_e2e(args.compile, args.e2e_models)
     if not args.skip_compile:

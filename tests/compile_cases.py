@@ -53,9 +53,13 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
         raise AssertionError(f"{fwd._name}: requires_grad of the outputs {differentiable}, want y's only")
     with torch.no_grad():
         out = fwd(x, w1, b1, w2, b2, weights, *meta, *extra)
-    if backend == "triton":  # saved: x, w1, w2, z, a, o, weights, meta; and which gradients to compute
-        saved = (x, w1, w2, *out[1:], weights, *meta)
+    if backend == "triton":  # saved: x, w1, w2, z, a, o, weights, meta; the parameters' dtype; which gradients
+        saved = (x, w1, w2, *out[1:4], weights, *meta, w1.dtype)
         cases = [(*saved, [True] * 6), (*saved, [True, False, True, True, False, False])]
+        # float32 parameters, half-precision x (autocast): the forward casts the weights (two more outputs)
+        half = (x.detach().half(), w1, b1, w2, b2, weights, *meta)
+        report = torch.library.opcheck(fwd, half, test_utils=ALL_CHECKS[:2])
+        results[fwd._name + "/float32 params"] = sorted(k for k, v in report.items() if v == "SUCCESS")
     else:  # saved: x_AD, w1, w2, z, a, o, w_A, onehot, weights, meta
         cases = [(out[1], w1, w2, *out[2:], weights, *meta, *extra)]
     for i, args in enumerate(cases):  # the partial-gradient case: schema and fake tensors only (time)

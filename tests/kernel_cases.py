@@ -8,6 +8,7 @@ Relative error = ||backend - reference|| / ||reference|| over the output and eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -62,6 +63,22 @@ def compare(backend: str, device: str, dtype: torch.dtype, case: str | tuple) ->
         n: ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
         for n, o, r in zip(NAMES, out, ref, strict=True)
     }
+
+
+def compare_autocast(backend: str, device: str, dtype: torch.dtype, case: str = "top2") -> dict[str, float]:
+    """float32 parameters (and x) under ``torch.autocast(dtype)``, as mixed-precision training runs the layer:
+    ``backend``'s output and gradients against eager float32 without autocast; a gradient not in its
+    parameter's dtype (float32) counts as error 1.0."""
+    params, indices, dy = make_case(case, device)
+    ref = run_fn(eager_experts, params, indices, dy, torch.float32)
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    with torch.autocast(device, dtype=dtype):
+        y = get_backend(backend, torch.device(device))(*leaves[:5], indices, leaves[5], "gelu_new")
+    (y.float() * dy).sum().backward()
+    errors = {"y": ((y.float() - ref[0]).norm() / ref[0].norm()).item()}
+    for n, p, r in zip(NAMES[1:], leaves, ref[1:], strict=True):
+        errors[n] = ((p.grad.float() - r).norm() / r.norm()).item() if p.grad.dtype == p.dtype else 1.0
+    return errors
 
 
 def compare_frozen(backend: str, device: str, case: str = "top2") -> dict[str, float]:
@@ -155,6 +172,28 @@ def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str
     return errors
 
 
+@contextlib.contextmanager
+def forced_configs(jit, configs: list):
+    """The autotuned Triton kernel ``jit`` restricted to ``configs`` (its tuning cache emptied) inside the block."""
+    saved = jit.configs, jit.cache
+    jit.configs, jit.cache = configs, {}
+    try:
+        yield
+    finally:
+        jit.configs, jit.cache = saved
+
+
+def compare_persistent(device: str, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """The triton backend with its row GEMMs run persistent (a few programs looping over all tiles) against
+    eager float32, on every case: {case: {tensor: error}}."""
+    from moe_emergence.kernels import triton_kernels as tk
+
+    shapes = [(*shape[:5], True) for shape in tk._tuned(tk.ROWS_SHAPES, (False,))]
+    configs = tk.tile_configs(shapes, tk.ROWS_PRE_HOOK, tk.ROWS_FLAGS)
+    with forced_configs(tk._rows_kernel, configs):
+        return {case: compare("triton", device, dtype, case) for case in CASES}
+
+
 def compare_routing(device: str) -> dict[str, float]:
     """``triton_routing_meta`` against the torch ``routing_meta``: 1.0 for each (T, K, E) whose four tensors or
     expert-id dtype differ, else 0.0; several chunks, empty experts, E = 2^n - 1 and 2^n, one expert, T = 0."""
@@ -193,6 +232,10 @@ def main(argv: list[str]) -> None:
     if backend == "triton":
         result["tma_vs_pointer"] = compare_tma(device, dtype)
         result["routing"] = compare_routing(device)
+        for case, errors in compare_persistent(device, dtype).items():
+            result[f"persistent_{case}"] = errors
+    if dtype != torch.float32:  # float32 parameters under autocast in this dtype
+        result["top2_autocast"] = compare_autocast(backend, device, dtype)
     if dtype == torch.float32:
         result["top2_frozen_weights"] = compare_frozen(backend, device)
         for k in (1, 2):

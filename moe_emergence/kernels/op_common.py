@@ -33,16 +33,26 @@ def check_dtypes(name: str, *tensors: torch.Tensor) -> torch.dtype:
 
 
 def backend_inputs(
-    name: str, supported: tuple[bool, str], x_TD: torch.Tensor, *params: torch.Tensor
+    name: str,
+    supported: tuple[bool, str],
+    x_TD: torch.Tensor,
+    *params: torch.Tensor,
+    cast_params: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """A fast backend's entry: RuntimeError if it cannot run here (``supported`` = its ``is_supported``
-    answer), else ``x_TD`` and the expert parameters cast for autocast and checked to share one dtype."""
+    answer), else ``x_TD`` and the expert parameters cast for autocast and checked to share one dtype.
+    ``cast_params=False``: the parameters stay in their own (common) dtype, x is cast for autocast; the backend
+    casts the parameters itself and returns their gradients in their dtype (no cast kernels in the backward)."""
     ok, why = supported
     if not ok:
         raise RuntimeError(f"{name} experts cannot run: {why}")
-    tensors = cast_for_autocast(x_TD.device.type, x_TD, *params)
-    check_dtypes(name, *tensors)
-    return tensors
+    device_type = x_TD.device.type
+    if cast_params or not torch.is_autocast_enabled(device_type):
+        tensors = cast_for_autocast(device_type, x_TD, *params)
+        check_dtypes(name, *tensors)
+        return tensors
+    check_dtypes(name, *params)
+    return (*cast_for_autocast(device_type, x_TD), *params)
 
 
 def saved_activations_only(ctx, *outputs: torch.Tensor) -> None:

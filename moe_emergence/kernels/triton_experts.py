@@ -13,10 +13,13 @@ Backward: dO = w * dy[token] and db2 (column sums of dO per expert) in one pass;
 
 Ops (opaque to dynamo and inductor; their fake implementations give shapes and dtypes only):
   ``moe_emergence::triton_experts_fwd(x, w1, b1, w2, b2, weights, order, token, expert, offsets)``
-      -> ``(y_TD, z_AF, a_AF, o_AD)``; the last three are what the backward needs.
+      -> ``(y_TD, z_AF, a_AF, o_AD, w1c, w2c)``; the rest after y is what the backward needs: w1c, w2c are the
+      weights cast to x's dtype (empty where they are in it already). The parameters may be in another dtype
+      than x (float32 masters under autocast): the op casts the weights itself and reads the biases as they are.
   ``moe_emergence::triton_experts_bwd(dy, x, w1, w2, z, a, o, weights, order, token, expert, offsets,
-      needs)`` -> ``(dx, dw1, db1, dw2, db2, dweights)``; a gradient whose ``needs`` flag is False is not
-      computed and comes back as an empty tensor (None to autograd).
+      param_dtype, needs)`` -> ``(dx, dw1, db1, dw2, db2, dweights)``; the parameter gradients in
+      ``param_dtype``, written so by the kernels (their float32 sums; no cast kernels), a gradient whose
+      ``needs`` flag is False is not computed and comes back as an empty tensor (None to autograd).
 ``register_autograd`` ties them together; outside ``torch.compile`` the same bodies run under a plain
 ``autograd.Function`` (``op_common.op_or_eager``: no custom-op dispatch cost). The routing metadata is computed
 before the ops (``triton_routing``: its own op, no host sync) and passed as its four tensors. Both ops run with
@@ -42,23 +45,31 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5 x (1 + tanh(sqrt
 Tensor = torch.Tensor
 
 
+def _compute_copy(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """``w`` cast to the compute dtype, saved for the backward; empty if ``w`` is in it already (an op's output
+    may not alias its input: the backward then takes ``w`` itself)."""
+    return w.new_empty(0, dtype=dtype) if w.dtype == dtype else w.to(dtype)
+
+
 def _fwd_impl(
     x_TD: Tensor, w1_EDF: Tensor, b1_EF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, weights_TK: Tensor,
     order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     meta = RoutingMeta(order_A, token_A, expert_A, offsets_E1, w1_EDF.shape[0], weights_TK.shape[1])
     T, D = x_TD.shape
     A, F = order_A.numel(), w1_EDF.shape[2]
     with autocast_off(x_TD.device.type):
+        w1c, w2c = _compute_copy(w1_EDF, x_TD.dtype), _compute_copy(w2_EFD, x_TD.dtype)
+        w1k, w2k = w1c if w1c.numel() else w1_EDF, w2c if w2c.numel() else w2_EFD
         z_AF = torch.empty(A, F, device=x_TD.device, dtype=x_TD.dtype)
         a_AF = torch.empty_like(z_AF)
-        launch_rows(x_TD, w1_EDF, a_AF, meta, bias=b1_EF, aux=z_AF, gather=True, epilogue=EPI_GELU)
+        launch_rows(x_TD, w1k, a_AF, meta, bias=b1_EF, aux=z_AF, gather=True, epilogue=EPI_GELU)
         o_AD = torch.empty(A, D, device=x_TD.device, dtype=x_TD.dtype)
         y_TD = to_tokens(
-            lambda out: launch_rows(a_AF, w2_EFD, out, meta, bias=b2_ED, aux=o_AD, scale=weights_TK, scatter=True),
+            lambda out: launch_rows(a_AF, w2k, out, meta, bias=b2_ED, aux=o_AD, scale=weights_TK, scatter=True),
             meta, T, D, x_TD,
         )  # fmt: skip
-    return y_TD, z_AF, a_AF, o_AD
+    return y_TD, z_AF, a_AF, o_AD, w1c, w2c
 
 
 triton_experts_fwd = torch.library.custom_op("moe_emergence::triton_experts_fwd", mutates_args=())(_fwd_impl)
@@ -73,13 +84,15 @@ def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A
         z_AF,
         torch.empty_like(z_AF),
         x_TD.new_empty(A, D),
+        x_TD.new_empty(w1_EDF.shape if w1_EDF.dtype != x_TD.dtype else (0,)),
+        x_TD.new_empty(w2_EFD.shape if w2_EFD.dtype != x_TD.dtype else (0,)),
     )
 
 
 def _bwd_impl(
     dy_TD: Tensor, x_TD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, z_AF: Tensor, a_AF: Tensor, o_AD: Tensor,
     weights_TK: Tensor, order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
-    needs: list[bool],
+    param_dtype: torch.dtype, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     meta = RoutingMeta(order_A, token_A, expert_A, offsets_E1, w1_EDF.shape[0], weights_TK.shape[1])
     need_x, need_w1, need_b1, need_w2, need_b2, need_weights = needs
@@ -87,7 +100,7 @@ def _bwd_impl(
     dx_TD = dw1 = db1 = dw2 = db2 = dweights_TK = None
     with autocast_off(x_TD.device.type):
         do_AD, dw_A, db2, x_AD = launch_bwd_prep(
-            dy_TD, o_AD, weights_TK, meta, want_dweights=need_weights, bias_grad=need_b2,
+            dy_TD, o_AD, weights_TK, meta, want_dweights=need_weights, bias_grad=need_b2, grad_dtype=param_dtype,
             x_TD=x_TD if need_w1 else None,  # x rows in sorted order (ScatterMoE's grouping) for dW1
         )  # fmt: skip
         if need_weights:
@@ -95,13 +108,14 @@ def _bwd_impl(
         if need_x or need_w1 or need_b1:
             dz_AF = torch.empty_like(z_AF)
             db1 = launch_rows(
-                do_AD, w2_EFD.transpose(1, 2), dz_AF, meta, aux=z_AF, epilogue=EPI_GELU_BWD, bias_grad=need_b1
-            )
+                do_AD, w2_EFD.transpose(1, 2), dz_AF, meta, aux=z_AF, epilogue=EPI_GELU_BWD, bias_grad=need_b1,
+                grad_dtype=param_dtype,
+            )  # fmt: skip
         if need_w2:
-            dw2 = launch_wgrad(a_AF, do_AD, meta)
+            dw2 = launch_wgrad(a_AF, do_AD, meta, param_dtype)
         del do_AD  # freed before dW1 and dX are allocated: the backward's peak
         if need_w1:  # on sorted x rows: ~30 us faster on the H100 than gathering them inside the GEMM
-            dw1 = launch_wgrad(x_AD, dz_AF, meta)
+            dw1 = launch_wgrad(x_AD, dz_AF, meta, param_dtype)
             del x_AD
         if need_x:
             dx_TD = to_tokens(
@@ -121,21 +135,27 @@ triton_experts_bwd = torch.library.custom_op("moe_emergence::triton_experts_bwd"
 
 @triton_experts_bwd.register_fake
 def _(dy_TD, x_TD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, weights_TK, order_A, token_A, expert_A, offsets_E1,
-      needs):  # fmt: skip
+      param_dtype, needs):  # fmt: skip
     E, D, F = w1_EDF.shape
     shapes = [x_TD.shape, w1_EDF.shape, (E, F), w2_EFD.shape, (E, D)]
-    out = [x_TD.new_empty(s if need else (0,)) for s, need in zip(shapes, needs[:5], strict=True)]
+    dtypes = [x_TD.dtype] + [param_dtype] * 4
+    out = [
+        x_TD.new_empty(s if need else (0,), dtype=dt if need else x_TD.dtype)
+        for s, dt, need in zip(shapes, dtypes, needs[:5], strict=True)
+    ]
     out.append(torch.empty_like(weights_TK) if needs[5] else x_TD.new_empty(0))
     return tuple(out)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x_TD, w1_EDF, _b1, w2_EFD, _b2, weights_TK, order_A, token_A, expert_A, offsets_E1 = inputs
-    _y, z_AF, a_AF, o_AD = output
-    saved_activations_only(ctx, z_AF, a_AF, o_AD)
+    _y, z_AF, a_AF, o_AD, w1c, w2c = output
+    saved_activations_only(ctx, z_AF, a_AF, o_AD, w1c, w2c)
+    ctx.param_dtype = w1_EDF.dtype  # the parameters' gradients come back in their own dtype
     ctx.save_for_backward(
-        x_TD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, weights_TK, order_A, token_A, expert_A, offsets_E1
-    )
+        x_TD, w1c if w1c.numel() else w1_EDF, w2c if w2c.numel() else w2_EFD, z_AF, a_AF, o_AD, weights_TK,
+        order_A, token_A, expert_A, offsets_E1,
+    )  # fmt: skip
 
 
 def _backward_with(bwd):
@@ -145,7 +165,7 @@ def _backward_with(bwd):
         if dy_TD is None:  # y took no part in the loss (grads are not materialised as zeros)
             return (None,) * 10  # one per input of triton_experts_fwd
         needs = list(ctx.needs_input_grad[:6])  # x, w1, b1, w2, b2, weights
-        grads = bwd(dy_TD, *ctx.saved_tensors, needs)
+        grads = bwd(dy_TD, *ctx.saved_tensors, ctx.param_dtype, needs)
         return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None
 
     return backward
@@ -179,8 +199,10 @@ def triton_experts(
 ) -> torch.Tensor:
     """Experts function (see ``moe_emergence.experts``) on the Triton kernels (custom ops above)."""
     out_dtype = x_TD.dtype
-    x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED = backend_inputs(
-        "triton", is_supported(x_TD.device), x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED
+    x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED = (
+        backend_inputs(  # parameters cast inside the op (grads in their dtype)
+            "triton", is_supported(x_TD.device), x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, cast_params=False
+        )
     )
     if activation not in ACTIVATIONS:
         raise ValueError(f"triton experts support activations {ACTIVATIONS}, got {activation!r}")

@@ -20,6 +20,7 @@ Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixe
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,7 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_emergence.kernels.routing_meta import RoutingMeta
-from moe_emergence.kernels.triton_rowwise import INTERPRET, e_pow2, expert_block, segment_sums
+from moe_emergence.kernels.triton_rowwise import INTERPRET, block_at, block_layout, e_pow2, segment_sums
 
 # MOE_TRITON_AUTOTUNE=0: one fixed config on the GPU too (tests: many small shapes, no tuning time)
 AUTOTUNE = os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
@@ -45,35 +46,44 @@ def _tma_block_shapes(nargs: dict) -> None:
         nargs["w_desc"].block_shape = [1, bn, bk] if nargs["W_TRANS"] else [1, bk, bn]
 
 
-TileShape = tuple[int, int, int, int, int]  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+# BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, then the values of the kernel's ``flags`` constexprs (if any)
+TileShape = tuple
 
 
-def tile_configs(shapes: list[TileShape], pre_hook=None) -> list[triton.Config]:
+def tile_configs(shapes: list[TileShape], pre_hook=None, flags: tuple[str, ...] = ()) -> list[triton.Config]:
     return [
         triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s, pre_hook=pre_hook
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, **dict(zip(flags, rest, strict=True))},
+            num_warps=w,
+            num_stages=s,
+            pre_hook=pre_hook,
         )
-        for m, n, k, w, s in shapes
+        for m, n, k, w, s, *rest in shapes
     ]
 
 
-def _tuned(shapes: list[TileShape]) -> list[TileShape]:
-    """The shapes to autotune over: the Hopper list, or one small fixed shape (interpreter, MOE_TRITON_AUTOTUNE=0)."""
+def _tuned(shapes: list[TileShape], flag_values: tuple = ()) -> list[TileShape]:
+    """The shapes to autotune over: the Hopper list, or one small fixed shape (interpreter, MOE_TRITON_AUTOTUNE=0)
+    with ``flag_values``."""
     if INTERPRET:
-        return [(16, 16, 16, 1, 1)]
-    return shapes if AUTOTUNE else [(64, 64, 32, 4, 3)]
+        return [(16, 16, 16, 1, 1, *flag_values)]
+    return shapes if AUTOTUNE else [(64, 64, 32, 4, 3, *flag_values)]
 
 
+# PERSISTENT: one program per SM looping over the tiles, the loop flattened (the next tile's loads are issued
+# before this tile's epilogue). 128 x 128 tiles with 4 warps and 3 stages fit two programs per SM (one's epilogue
+# overlaps the other's main loop). The list: the winners among 28 configs on the H100 (docs/benchmarks.md).
+ROWS_FLAGS = ("PERSISTENT",)
 ROWS_SHAPES: list[TileShape] = [
-    (128, 128, 64, 4, 4),
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (128, 256, 64, 8, 4),
-    (256, 128, 64, 8, 3),
-    (128, 128, 128, 8, 3),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 256, 64, 8, 3),
+    (128, 128, 64, 4, 3, False),  # up and dZ (the fused GELU epilogues), E=8 T=8192
+    (128, 128, 64, 4, 4, False),
+    (128, 256, 64, 8, 3, False),
+    (128, 256, 64, 8, 4, False),
+    (128, 256, 64, 8, 4, True),
+    (128, 128, 128, 8, 3, False),
+    (128, 128, 128, 8, 3, True),  # down and dX (N = 768), E=8 T=8192
+    (256, 128, 64, 8, 3, False),
+    (64, 128, 64, 4, 3, False),
 ]
 WGRAD_SHAPES: list[TileShape] = [
     (128, 128, 64, 8, 3),
@@ -86,7 +96,7 @@ WGRAD_SHAPES: list[TileShape] = [
     (128, 64, 64, 4, 4),
 ]
 ROWS_PRE_HOOK = _tma_block_shapes
-ROWS_CONFIGS = tile_configs(_tuned(ROWS_SHAPES), ROWS_PRE_HOOK)
+ROWS_CONFIGS = tile_configs(_tuned(ROWS_SHAPES, (False,)), ROWS_PRE_HOOK, ROWS_FLAGS)
 WGRAD_CONFIGS = tile_configs(_tuned(WGRAD_SHAPES))
 
 
@@ -99,29 +109,33 @@ def _tanh(u, APPROX: tl.constexpr):
     return 2.0 * tl.sigmoid(2.0 * u) - 1.0
 
 
-_ROWS_KEY = ["N", "K", "E", "EPILOGUE", "GATHER", "SCATTER", "HAS_BIAS", "COL_SUMS", "IN_TMA", "W_TMA"]
+# ROWS: the number of rows rounded up to a power of two (the best tile depends on it, e.g. persistent or not)
+_ROWS_KEY = [
+    "ROWS",
+    "N",
+    "K",
+    "E",
+    "EPILOGUE",
+    "GATHER",
+    "SCATTER",
+    "HAS_BIAS",
+    "COL_SUMS",
+    "IN_TMA",
+    "W_TMA",
+]
 
 
-@triton.autotune(configs=ROWS_CONFIGS, key=_ROWS_KEY)
 @triton.jit
-def _rows_kernel(
-    in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr,
-    in_idx_ptr, out_idx_ptr, offsets_ptr,
-    N, K, E,
-    s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
+def _rows_tile(
+    pid_m, pid_n, e, row0, row_end,
+    in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, in_idx_ptr, out_idx_ptr,
+    N, K, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
     EPILOGUE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
     SCALE: tl.constexpr, COL_SUMS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
-    IN_TMA: tl.constexpr, W_TMA: tl.constexpr,
-    W_TRANS: tl.constexpr, E_POW2: tl.constexpr, PRECISION: tl.constexpr, APPROX_TANH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IN_TMA: tl.constexpr, W_TMA: tl.constexpr, W_TRANS: tl.constexpr, PRECISION: tl.constexpr,
+    APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // num_n, pid % num_n
-    valid, e, row0, row_end = expert_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-    if not valid:
-        return
-
+    """One [BLOCK_M, BLOCK_N] output tile: rows row0.. of expert e (up to row_end), columns of block pid_n."""
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     in_rows = tl.load(in_idx_ptr + rows, mask=row_mask, other=0) if GATHER else rows
@@ -173,6 +187,39 @@ def _rows_kernel(
         tl.store(part_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(tl.where(mask, acc, 0.0), 0), mask=col_mask)
     out_ptrs = out_ptr + (slots if SCATTER else rows)[:, None].to(tl.int64) * s_out_m + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=ROWS_CONFIGS, key=_ROWS_KEY)
+@triton.jit
+def _rows_kernel(
+    in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr,
+    in_idx_ptr, out_idx_ptr, offsets_ptr,
+    ROWS, N, K, E,
+    s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
+    EPILOGUE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE: tl.constexpr, COL_SUMS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
+    IN_TMA: tl.constexpr, W_TMA: tl.constexpr,
+    W_TRANS: tl.constexpr, E_POW2: tl.constexpr, PRECISION: tl.constexpr, APPROX_TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """One tile per program, or (PERSISTENT) one program per SM looping over the tiles: the loop is flattened
+    so that the next tile's loads are issued before this tile's epilogue."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    start_E, end_E, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
+    tiles = (tl.sum(nblk_E, 0) * num_n).to(tl.int32)  # int32 tile ids: TMA offsets are 32-bit
+    if not PERSISTENT:  # this program's tile only (none past the last block)
+        tiles = tl.minimum(tiles, pid + 1)
+    for tile in tl.range(pid, tiles, tl.num_programs(0), flatten=PERSISTENT):
+        pid_m = tile // num_n
+        e, row0, row_end = block_at(pid_m, start_E, end_E, first_E, nblk_E, BLOCK_M, E_POW2)
+        _rows_tile(
+            pid_m, tile % num_n, e, row0, row_end,
+            in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, in_idx_ptr,
+            out_idx_ptr, N, K, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
+            EPILOGUE, GATHER, SCATTER, HAS_BIAS, SCALE, COL_SUMS, PREFETCH_AUX, IN_TMA, W_TMA, W_TRANS, PRECISION,
+            APPROX_TANH, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
 
 
 @triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "E"])
@@ -237,13 +284,20 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, [1] * (t.dim() - 2) + [16, 16])
 
 
+@functools.cache
+def _programs_per_device(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (3 under the interpreter: several tiles each)."""
+    return 3 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch_rows(
     inp, w_EKN, out, meta: RoutingMeta, *, bias=None, aux=None, scale=None, gather=False, scatter=False,
-    epilogue=EPI_NONE, bias_grad=False, tma=True, prefetch=True,
+    epilogue=EPI_NONE, bias_grad=False, grad_dtype=None, tma=True, prefetch=True,
 ):  # fmt: skip
     """out[out rows] = epilogue(inp[in rows] @ w_EKN[e]); ``w_EKN`` may be a transposed view; ``scale`` holds
     one routing weight per assignment (assignment order: [T, K] or flat). With ``bias_grad``
-    returns the per-expert column sums of the result [E, N] (float32 sums, out's dtype), else None.
+    returns the per-expert column sums of the result [E, N] (float32 sums, in ``grad_dtype``, default out's
+    dtype), else None.
     ``tma=False`` forces plain pointer loads, ``prefetch=False`` loads z after the main loop (benchmarks)."""
     A, E = meta.order_A.numel(), meta.num_experts
     K, N = w_EKN.shape[1:]
@@ -259,12 +313,13 @@ def launch_rows(
         part = torch.empty(max_blocks, N, device=out.device, dtype=torch.float32)
 
     def grid(meta_):
-        return ((triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(N, meta_["BLOCK_N"]),)
+        tiles = (triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(N, meta_["BLOCK_N"])  # an upper bound
+        return (min(tiles, _programs_per_device(out.device)) if meta_["PERSISTENT"] else tiles,)
 
     _rows_kernel[grid](
         inp, in_desc, w_EKN, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
         meta.token_A if gather else meta.order_A, meta.order_A, meta.offsets_E1,
-        N, K, E,
+        triton.next_power_of_2(A), N, K, E,
         inp.stride(0), inp.stride(1), *w_EKN.stride(), bias.stride(0), out.stride(0), aux.stride(0),
         EPILOGUE=epilogue, GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not out,
         SCALE=scale is not None, COL_SUMS=bias_grad, PREFETCH_AUX=prefetch,
@@ -275,13 +330,14 @@ def launch_rows(
     if not bias_grad:
         return None
     block_m = _rows_kernel.best_config.kwargs["BLOCK_M"]  # of the config the launch above ran
-    return segment_sums(part, meta, block_m, out.dtype)
+    return segment_sums(part, meta, block_m, grad_dtype or out.dtype)
 
 
-def launch_wgrad(x, g, meta: RoutingMeta) -> torch.Tensor:
-    """dW [E, x cols, g cols] = sum over each expert's sorted rows r of x[r]^T g[r]."""
+def launch_wgrad(x, g, meta: RoutingMeta, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dW [E, x cols, g cols] = sum over each expert's sorted rows r of x[r]^T g[r] (float32 sums, stored in
+    ``dtype``, default x's)."""
     E, M, N = meta.num_experts, x.shape[1], g.shape[1]
-    dw = torch.empty(E, M, N, device=x.device, dtype=x.dtype)
+    dw = torch.empty(E, M, N, device=x.device, dtype=dtype or x.dtype)
 
     def grid(meta_):
         return (E * triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)

@@ -3,8 +3,8 @@
 Shapes: T tokens, D model width, E experts, K experts per token, A = T * K; rows ``*_A?`` in the expert-sorted
 order of ``routing_meta`` (expert e owns rows offsets[e]:offsets[e+1]).
 
-  ``block_layout`` / ``expert_block``  row blocks of BLOCK_M rows laid out expert after expert: which expert
-                    and rows a block covers (no block mixes two experts' rows).
+  ``block_layout`` / ``block_at`` / ``expert_block``  row blocks of BLOCK_M rows laid out expert after
+                    expert: which expert and rows a block covers (no block mixes two experts' rows).
   ``_bwd_prep_kernel`` for each sorted row r: dO[r] = w[slot r] * dy[token[r]] and d(weight)[slot r] =
                     <dy[token[r]], o[r]> in float32 (the backward's row-wise work in one pass), the float32
                     column sums of dO per row block (db2 partials), and x[token[r]] (sorted x rows for dW1).
@@ -36,13 +36,19 @@ def block_layout(offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def expert_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """Row block ``pid_m`` of the expert-after-expert layout: (valid, expert e, first row, end of e's rows)."""
-    start_E, end_E, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
+def block_at(pid_m, start_E, end_E, first_E, nblk_E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Row block ``pid_m`` of a ``block_layout``: (expert e, first row, end of e's rows)."""
     e = tl.sum((first_E + nblk_E <= pid_m).to(tl.int32), 0)
     sel = tl.arange(0, E_POW2) == e
     row0 = tl.sum(tl.where(sel, start_E, 0), 0) + (pid_m - tl.sum(tl.where(sel, first_E, 0), 0)) * BLOCK_M
-    row_end = tl.sum(tl.where(sel, end_E, 0), 0)
+    return e, row0, tl.sum(tl.where(sel, end_E, 0), 0)
+
+
+@triton.jit
+def expert_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Row block ``pid_m`` of the expert-after-expert layout: (valid, expert e, first row, end of e's rows)."""
+    start_E, end_E, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
+    e, row0, row_end = block_at(pid_m, start_E, end_E, first_E, nblk_E, BLOCK_M, E_POW2)
     return pid_m < tl.sum(nblk_E, 0), e, row0, row_end
 
 
@@ -124,10 +130,12 @@ def segment_sums(part: torch.Tensor, meta: RoutingMeta, block_m: int, dtype: tor
 
 
 def launch_bwd_prep(
-    dy_TD, o_AD, weights_TK, meta: RoutingMeta, *, want_dweights: bool, bias_grad: bool, x_TD=None
+    dy_TD, o_AD, weights_TK, meta: RoutingMeta, *, want_dweights: bool, bias_grad: bool, grad_dtype=None,
+    x_TD=None,
 ):  # fmt: skip
     """(dO_AD = w * dy[token] in dy's dtype, d(weights) [A] float32 in assignment order or None,
-    db2 [E, D] = per-expert column sums of dO (float32 sums, dy's dtype) or None, x[token] [A, D] in sorted
+    db2 [E, D] = per-expert column sums of dO (float32 sums, in ``grad_dtype``, default dy's) or None,
+    x[token] [A, D] in sorted
     order if ``x_TD`` is given or None); w = the routing weight of each row's assignment."""
     A, D = o_AD.shape
     E = meta.num_experts
@@ -149,7 +157,7 @@ def launch_bwd_prep(
         WANT_DWTS=want_dweights, COL_SUMS=bias_grad, X_ROWS=x_TD is not None, E_POW2=e_pow2(E),
         BLOCK_R=block_r, BLOCK_D=16 if INTERPRET else 128,
     )  # fmt: skip
-    db = segment_sums(part, meta, block_r, dy_TD.dtype) if bias_grad else None
+    db = segment_sums(part, meta, block_r, grad_dtype or dy_TD.dtype) if bias_grad else None
     return do_AD, (dwts_A if want_dweights else None), db, x_AD
 
 
