@@ -1,7 +1,9 @@
 """What the fused backends' ops share: autocast policy, entry checks, autograd set-up (the ops run with autocast off).
 
 Under ``torch.autocast`` the matmul inputs are cast to the autocast dtype, as autocast would do for
-the eager reference's ``@``; the routing weights stay as they are (float32 from the router).
+the eager reference's ``@``; the routing weights stay as they are (float32 from the router). The triton backend
+takes the parameters uncast instead (``cast_params=False``): it casts them inside its op and writes their gradients
+in their own dtype.
 """
 
 from __future__ import annotations
