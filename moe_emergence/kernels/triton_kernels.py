@@ -14,6 +14,7 @@ Kernels:
                     routing weight (storing the unscaled rows too); GELU-tanh backward (times gelu'(z)).
                     Optionally the float32 column sums of each row block's result (bias-gradient partials).
                     W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper).
+                    One tile per program, or persistent (one program per SM looping over the tiles).
   ``_wgrad_kernel`` dW[e] = X[rows_e]^T @ G[rows_e] over expert e's sorted rows (TMA loads measured no faster).
 Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used.
 """
@@ -110,19 +111,8 @@ def _tanh(u, APPROX: tl.constexpr):
 
 
 # ROWS: the number of rows rounded up to a power of two (the best tile depends on it, e.g. persistent or not)
-_ROWS_KEY = [
-    "ROWS",
-    "N",
-    "K",
-    "E",
-    "EPILOGUE",
-    "GATHER",
-    "SCATTER",
-    "HAS_BIAS",
-    "COL_SUMS",
-    "IN_TMA",
-    "W_TMA",
-]
+_ROWS_SIZES = ["ROWS", "N", "K", "E"]
+_ROWS_KEY = _ROWS_SIZES + ["EPILOGUE", "GATHER", "SCATTER", "HAS_BIAS", "COL_SUMS", "IN_TMA", "W_TMA"]
 
 
 @triton.jit
