@@ -199,11 +199,10 @@ def triton_experts(
 ) -> torch.Tensor:
     """Experts function (see ``moe_emergence.experts``) on the Triton kernels (custom ops above)."""
     out_dtype = x_TD.dtype
-    x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED = (
-        backend_inputs(  # parameters cast inside the op (grads in their dtype)
-            "triton", is_supported(x_TD.device), x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, cast_params=False
-        )
-    )
+    # the parameters are cast inside the op, which returns their gradients in their own dtype
+    supported = is_supported(x_TD.device)
+    x_TD, *params = backend_inputs("triton", supported, x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, cast_params=False)
+    w1_EDF, b1_EF, w2_EFD, b2_ED = params
     if activation not in ACTIVATIONS:
         raise ValueError(f"triton experts support activations {ACTIVATIONS}, got {activation!r}")
     meta = triton_routing_meta(indices_TK, w1_EDF.shape[0])
