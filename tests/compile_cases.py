@@ -53,9 +53,8 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
         raise AssertionError(f"{fwd._name}: requires_grad of the outputs {differentiable}, want y's only")
     with torch.no_grad():
         out = fwd(x, w1, b1, w2, b2, weights, *meta, *extra)
-    if (
-        backend == "triton"
-    ):  # saved: x, w1, w2, z, a, o, weights, meta; the parameters' dtype; which gradients
+    if backend == "triton":
+        # saved: x, w1, w2, z, a, o, weights, meta; the parameters' dtype; which gradients to compute
         saved = (x, w1, w2, *out[1:4], weights, *meta, w1.dtype)
         cases = [(*saved, [True] * 6), (*saved, [True, False, True, True, False, False])]
         # float32 parameters, half-precision x (autocast): the forward casts the weights (two more outputs)
