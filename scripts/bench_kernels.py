@@ -19,31 +19,13 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from bench_moe import graph_time  # device time of fn captured in a CUDA graph (scripts/ is on sys.path)
 
 from moe_emergence.kernels.routing_meta import routing_meta
 from moe_emergence.kernels.triton_kernels import EPI_GELU, EPI_GELU_BWD, launch_rows, launch_wgrad
 from moe_emergence.kernels.triton_rowwise import launch_bwd_prep
 
 T, D, FF, E = 8192, 768, 3072, 8
-
-
-def timed(fn, iters: int, warmup: int = 5) -> float:
-    """Median device ms of one ``fn()``: ``fn`` captured in a CUDA graph and replayed (no host launch cost)."""
-    for _ in range(warmup):  # autotunes outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
 
 
 def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
@@ -70,7 +52,7 @@ def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
     flop = 2 * T * x.shape[1] * N
     print(f"\n{title}: triton vs grouped_mm dW rel err {err:.1e}")
     for name, fn in variants.items():
-        ms = timed(fn, iters)
+        ms = graph_time(fn, iters)
         print(f"  {name:45s} {ms * 1e3:8.1f} us  ({flop / ms / 1e9:6.0f} TFLOP/s of the GEMM)", flush=True)
 
 
@@ -119,7 +101,7 @@ def bench_rows(meta, iters: int) -> None:
     }
     flop = 2 * T * D * FF
     for name, (fused, bare, cutlass) in cases.items():
-        t = [timed(fn, iters) for fn in (lambda: fused(True), lambda: fused(False), bare, cutlass)]  # noqa: B023
+        t = [graph_time(fn, iters) for fn in (lambda: fused(True), lambda: fused(False), bare, cutlass)]  # noqa: B023
         tf = [flop / ms / 1e9 for ms in t]
         print(
             f"  rows {name:28s} triton {t[0] * 1e3:6.1f} us ({tf[0]:4.0f} TFLOP/s), pointer loads "
@@ -136,10 +118,10 @@ def bench_rows(meta, iters: int) -> None:
         ),
     }
     for name, fn in variants.items():
-        print(f"  rows {name:45s} {timed(fn, iters) * 1e3:6.1f} us", flush=True)
+        print(f"  rows {name:45s} {graph_time(fn, iters) * 1e3:6.1f} us", flush=True)
     dy = torch.randn(T, D, **bf16)
     for want in (False, True):
-        ms = timed(lambda: launch_bwd_prep(dy, o, w_A, meta, want_dweights=True, bias_grad=want), iters)  # noqa: B023
+        ms = graph_time(lambda: launch_bwd_prep(dy, o, w_A, meta, want_dweights=True, bias_grad=want), iters)  # noqa: B023
         print(f"  row prep (dO, d(weights){', db2' if want else ''}): {ms * 1e3:6.1f} us", flush=True)
 
 

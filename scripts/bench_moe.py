@@ -187,29 +187,19 @@ def profile_e2e(compile_mode: str | None = None) -> None:
     would hide them)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for name, moe in (
-        ("dense", None),
-        ("moe top-1 triton", dict(num_experts=8, top_k=1, layers=[8, 9, 10, 11])),
-    ):
-        model = gpt2_small(moe and dict(moe, backend="triton"))
+    for name, moe in (("dense", None), ("moe top-1 triton", e2e_moe(1, "triton"))):
+        model = gpt2_small(moe)
         if compile_mode:
             torch._dynamo.reset()
             model.compile(mode=compile_mode)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, 50257, (8, 512), device="cuda")
-
-        def step(model=model, opt=opt, ids=ids):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         for _ in range(3):
-            step()
+            train_step(model, opt, ids)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                step()
+                train_step(model, opt, ids)
             torch.cuda.synchronize()
         events = prof.key_averages()
         total_ms = sum(e.self_device_time_total for e in events) / 3e3
@@ -285,21 +275,27 @@ def gpt2_small(moe: dict | None):
     return model.cuda()
 
 
+def e2e_moe(top_k: int, backend: str) -> dict:
+    """The MoE part of the end-to-end model: E=8 experts in blocks 8-11."""
+    return dict(num_experts=8, top_k=top_k, layers=[8, 9, 10, 11], backend=backend)
+
+
+def train_step(model, opt, ids) -> None:
+    """One bf16-autocast training step of the end-to-end benchmarks and profiles."""
+    torch.compiler.cudagraph_mark_step_begin()  # for mode="reduce-overhead" (CUDA graphs); no-op otherwise
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_tokens_per_s(model, B=8, L=512, steps=20, warmup=5) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50257, (B, L), generator=gen).cuda()
     model.train()
-
-    def step():
-        torch.compiler.cudagraph_mark_step_begin()  # for mode="reduce-overhead" (CUDA graphs); no-op otherwise
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    ms = timed(step, steps, warmup)
+    ms = timed(lambda: train_step(model, opt, ids), steps, warmup)
     return B * L / ms * 1e3
 
 
@@ -313,8 +309,7 @@ def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) ->
         for backend in ("triton", "grouped_mm", "eager"):
             if K == 2 and backend == "eager":
                 continue
-            moe = dict(num_experts=8, top_k=K, layers=[8, 9, 10, 11], backend=backend)
-            variants.append((f"moe top-{K} {backend}", moe))
+            variants.append((f"moe top-{K} {backend}", e2e_moe(K, backend)))
     if only:
         unknown = sorted(set(only) - {n for n, _ in variants})
         if unknown:

@@ -51,6 +51,11 @@ def _compute_copy(w: Tensor, dtype: torch.dtype) -> Tensor:
     return w.new_empty(0, dtype=dtype) if w.dtype == dtype else w.to(dtype)
 
 
+def _for_kernels(w: Tensor, copy: Tensor) -> Tensor:
+    """The weight the kernels read: its ``_compute_copy``, or ``w`` itself where that is empty."""
+    return copy if copy.numel() else w
+
+
 def _fwd_impl(
     x_TD: Tensor, w1_EDF: Tensor, b1_EF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, weights_TK: Tensor,
     order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
@@ -60,7 +65,7 @@ def _fwd_impl(
     A, F = order_A.numel(), w1_EDF.shape[2]
     with autocast_off(x_TD.device.type):
         w1c, w2c = _compute_copy(w1_EDF, x_TD.dtype), _compute_copy(w2_EFD, x_TD.dtype)
-        w1k, w2k = w1c if w1c.numel() else w1_EDF, w2c if w2c.numel() else w2_EFD
+        w1k, w2k = _for_kernels(w1_EDF, w1c), _for_kernels(w2_EFD, w2c)
         z_AF = torch.empty(A, F, device=x_TD.device, dtype=x_TD.dtype)
         a_AF = torch.empty_like(z_AF)
         launch_rows(x_TD, w1k, a_AF, meta, bias=b1_EF, aux=z_AF, gather=True, epilogue=EPI_GELU)
@@ -153,7 +158,7 @@ def _setup_context(ctx, inputs, output) -> None:
     saved_activations_only(ctx, z_AF, a_AF, o_AD, w1c, w2c)
     ctx.param_dtype = w1_EDF.dtype  # the parameters' gradients come back in their own dtype
     ctx.save_for_backward(
-        x_TD, w1c if w1c.numel() else w1_EDF, w2c if w2c.numel() else w2_EFD, z_AF, a_AF, o_AD, weights_TK,
+        x_TD, _for_kernels(w1_EDF, w1c), _for_kernels(w2_EFD, w2c), z_AF, a_AF, o_AD, weights_TK,
         order_A, token_A, expert_A, offsets_E1,
     )  # fmt: skip
 

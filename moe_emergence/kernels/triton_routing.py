@@ -68,10 +68,10 @@ def _layout(A: int, E: int) -> tuple[int, int, int] | None:
     """(E_POW2, BLOCK, chunks) of the kernels for A assignments to E experts, or None where their tiles would
     not fit: the one-hot [BLOCK, E_POW2] and the count table [chunks, E_POW2] of at most 16384 / 65536 entries."""
     e_pow2 = triton.next_power_of_2(E + 1)  # room for offsets[E] = A
-    # _MAX_BLOCK, or larger chunks where the count table would not fit otherwise
-    block = max(
-        16, min(max(_MAX_BLOCK, triton.next_power_of_2(triton.cdiv(A * e_pow2, 4 * _TILE))), _TILE // e_pow2)
-    )
+    fitting = triton.next_power_of_2(
+        triton.cdiv(A * e_pow2, 4 * _TILE)
+    )  # smallest chunk whose count table fits
+    block = max(16, min(max(_MAX_BLOCK, fitting), _TILE // e_pow2))
     chunks = max(1, triton.cdiv(A, block))
     if block * e_pow2 > _TILE or chunks * e_pow2 > 4 * _TILE:
         return None
