@@ -1,7 +1,8 @@
 """Command line of ``scripts/train.py``: ``[--config FILE] [--resume auto|PATH] [--overwrite] [key=value ...]``.
 
 Exit status:
-  0    finished (``final/`` written) or ended a ``train.stop_after`` time slice (checkpoint written)
+  0    finished (``final/`` written) or ended a ``train.stop_after`` time slice (checkpoint written), or
+       the run folder already holds this finished run (nothing to do: it says where the results are)
   2    a user mistake (bad config, base checkpoint, data, run folder, resume checkpoint): one ``error:``
        line on stderr, no traceback, nothing written
   3    the collapse guard stopped the run (``collapse.action: stop``; checkpoint and final/ written)
@@ -15,14 +16,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_emergence.errors import run_cli
+from moe_emergence.errors import ConfigError, run_cli
 
 EXIT_COLLAPSE = 3
 EXIT_NONFINITE = 4
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line ``error:`` (exit 2) instead of usage + ``prog: error:``."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py",
         description="Train GPT-2 -> MoE with routing telemetry (default config: configs/quickstart.yaml).",
     )
@@ -34,16 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.moe.top_k=2")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from moe_emergence.training.config import load_config
+    from moe_emergence.training.rundir import RunFinished
     from moe_emergence.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except RunFinished as done:  # the same command again: say where the results are
+        print(done)
+        return 0
     result = trainer.train()
     if trainer.accelerator.is_main_process:
         end = f", stopped: {result.stopped}" if result.stopped else ""

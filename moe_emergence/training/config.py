@@ -25,6 +25,18 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 COMPILE_BACKENDS, COMPILE_MODES = get_args(CompileBackend), get_args(CompileMode)
 
 
+def is_plain_name(name: str) -> bool:
+    """One path component that names a child of its folder: not empty, ``.``/``..``, absolute or hidden, no
+    separator or control character."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\")
+        and all(c.isprintable() for c in name)
+        and name.strip() == name
+    )
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
@@ -216,6 +228,13 @@ class LogConfig:
     def __post_init__(self) -> None:
         _check(self.every >= 1, "log.every", self.every, "an integer >= 1")
         _check(self.router_every >= 1, "log.router_every", self.router_every, "an integer >= 1")
+        _check(
+            self.run_name is None or is_plain_name(self.run_name),
+            "log.run_name",
+            self.run_name,
+            "one plain folder name (not empty, '.', '..' or absolute, no '/' or '\\', no leading '.' and "
+            "no control characters): the run folder is always output_dir/run_name",
+        )
 
 
 @dataclass
@@ -260,9 +279,14 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        if self.log.run_name is None:
+        name = self.log.run_name
+        if name is None:
             raise ValueError("log.run_name is not set")
-        return Path(self.output_dir) / self.log.run_name
+        if not is_plain_name(name):  # e.g. a config file's stem that starts with '.'
+            raise ConfigError(
+                f"log.run_name={name!r} is invalid: one plain folder name, e.g. log.run_name=main"
+            )
+        return Path(self.output_dir) / name
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -1,32 +1,51 @@
 """The run folder ``<output_dir>/<run_name>/``: config.yaml, metrics.jsonl, checkpoints/, final/, tokenizer/.
 
-A folder that already holds a run is never silently reused: pass ``--resume`` to continue it or
-``--overwrite`` to replace it. On resume, the saved config must match the new one except for the keys in
-``RESUMABLE_CHANGES`` (how long to train, compilation, logging, eval and checkpoint cadence), and the checkpoint's own
-model dimensions and MoE settings must match the config.
+Nothing a user wrote is ever deleted or overwritten:
+- ``log.run_name`` is one plain path component (checked by ``LogConfig``), so a run folder is always a child
+  of ``output_dir``.
+- The main process holds an exclusive lock on the run folder from the first check to the end of the run
+  (``runlock``): a second launch on the same folder, ``--resume`` included, gets one ``error:`` line.
+- A run writes the marker ``.moe_emergence_run`` when it creates its folder. ``--overwrite`` replaces only
+  a folder that holds that marker and nothing but the files a run writes (``RUN_ENTRIES``); otherwise it
+  refuses, naming the other files. A new run goes into a missing or empty folder only.
+- A folder that holds a run is never silently reused: ``--resume`` continues it, ``--overwrite`` replaces
+  it; running the same finished config again only says where its results are (``RunFinished``).
+On resume, the saved config must match the new one except for the keys in ``RESUMABLE_CHANGES`` (how long
+to train, compilation, logging, eval and checkpoint cadence), and the checkpoint's own model dimensions and
+MoE settings must match the config.
 
 Nothing already written is lost when setup fails (``RunFolder.open`` / ``commit`` / ``abort``): a folder
 this run created is removed again, a folder replaced with ``--overwrite`` is only moved aside
-(``<run>.replaced``) until setup succeeded and is moved back otherwise, and ``config.yaml`` (what marks a
-folder as holding a run) is written only once the model, data and checkpoint all loaded.
+(``<run>.replaced``) until setup succeeded and is moved back otherwise, and ``config.yaml`` is written only
+once the model, data and checkpoint all loaded.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from moe_emergence.errors import ConfigError
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training.config import RunConfig
+from moe_emergence.training.runlock import RunLock
 
 # train.compile*: compiling in place leaves the checkpoint format unchanged
 RESUMABLE_CHANGES = ("train.stop_after", "train.compile", "log.", "eval.", "checkpoint.")
+MARKER = ".moe_emergence_run"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
+# Everything a run writes into its folder (--overwrite replaces a folder holding only these).
+RUN_ENTRIES = frozenset(
+    {MARKER, *RUN_MARKERS, "final.tmp", "final.trash", "tokenizer", "wandb", "wandb_id.txt"}
+)
 # May change on resume when the global batch (batch_size x grad_accum x processes) stays the same, e.g.
 # a 2-process checkpoint resumed on 1 process with twice the per-process batch.
 WORLD_SIZE_KEYS = ("train.batch_size", "train.grad_accum")
@@ -126,59 +145,178 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[Path]]
 
 
 def holds_run(run_dir: Path) -> bool:
-    return any((run_dir / m).exists() for m in RUN_MARKERS)
+    return any((run_dir / m).exists() for m in (MARKER, *RUN_MARKERS))
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """Names in ``run_dir`` that a run never writes (sorted)."""
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def check_overwritable(run_dir: Path) -> None:
+    """``--overwrite`` replaces only a folder this project created (``MARKER``) holding only run files."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"{str(run_dir)!r} is a file, not a run folder; --overwrite replaces only run folders"
+        )
+    names = sorted(p.name for p in run_dir.iterdir())
+    if not names:
+        return
+    if not (run_dir / MARKER).is_file():
+        raise ConfigError(
+            f"--overwrite refused: {str(run_dir)!r} was not created by a training run (no {MARKER} marker) "
+            f"and holds {_shown(names)}; move those files away or choose another log.run_name"
+        )
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        raise ConfigError(
+            f"--overwrite refused: run folder {str(run_dir)!r} also holds files a run does not write: "
+            f"{_shown(foreign)}; move them out first (only these are replaced: {', '.join(sorted(RUN_ENTRIES))})"
+        )
+
+
+def check_new_run(run_dir: Path, cfg: RunConfig) -> None:
+    """A new run (no ``--resume``/``--overwrite``) goes into a missing or empty folder only. A finished run
+    with the same config raises ``RunFinished`` (nothing to do), any other run ``ConfigError``."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {str(run_dir)!r} is a file; choose another log.run_name or output_dir")
+    if holds_run(run_dir):
+        saved = run_dir / "config.yaml"
+        if (run_dir / "final").is_dir() and saved.is_file():
+            diff = config_differences(read_saved_config(saved), cfg.to_dict())
+            if not [k for k in diff if not k.startswith(RESUMABLE_CHANGES)]:
+                raise RunFinished(run_dir)
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} already holds a run: pass --resume auto to continue it, "
+            "--overwrite to replace it, or choose another log.run_name"
+        )
+    names = sorted(p.name for p in run_dir.iterdir())
+    if names:
+        raise ConfigError(
+            f"{str(run_dir)!r} exists and holds {_shown(names)}, not a run; a new run needs a missing or empty "
+            "folder: choose another log.run_name or output_dir"
+        )
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """A run's saved ``config.yaml`` as a mapping; ``ConfigError`` naming the file when it is not one."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable run config ({' '.join(str(e).split())[:200]})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the run config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+class RunFinished(Exception):
+    """Not an error: the run folder already holds this finished run (``final/``), so there is nothing to do."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(
+            f"run folder {str(run_dir)!r} already holds this run, finished: the model is in "
+            f"{run_dir / 'final'}, the metrics in {run_dir / 'metrics.jsonl'}. Nothing to do "
+            "(--overwrite trains it again; another log.run_name starts a new run)"
+        )
+        self.run_dir = run_dir
+
+
+def _on_main(acc: Accelerator, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process; a ``ConfigError`` there is raised on every process."""
+    err = None
+    if acc.is_main_process:
+        try:
+            result = fn()
+        except ConfigError as e:
+            err, result = str(e), None
+    else:
+        result = None
+    if acc.num_processes > 1:
+        box = [err]
+        broadcast_object_list(box)
+        err = box[0]
+    if err is not None:
+        raise ConfigError(err)
+    return result
 
 
 class RunFolder:
-    """Checks (constructor), then ``open`` before setup, ``commit`` after it or ``abort`` on failure."""
+    """Lock and checks (constructor), then ``open`` before setup, ``commit`` after it or ``abort`` on
+    failure, ``release`` at the end of the run (the lock is held from the constructor until then)."""
 
     def __init__(self, acc: Accelerator, cfg: RunConfig, resume: str | None, overwrite: bool) -> None:
         self.acc, self.cfg, self.resume, self.overwrite = acc, cfg, resume, overwrite
-        self.run_dir = run_dir = cfg.run_dir
-        self.replaced = run_dir.with_name(run_dir.name + ".replaced")
+        self.run_dir = cfg.run_dir
+        self.replaced = self.run_dir.with_name(self.run_dir.name + ".replaced")
         self.resume_from: Path | None = None
         self.resume_meta: dict[str, Any] | None = None
         self.damaged: list[Path] = []
-        saved = run_dir / "config.yaml"
+        self.created = self.wrote_marker = False
         if resume is not None and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        if resume is not None:
-            self.resume_from, self.damaged = resolve_resume(resume, run_dir)
+        self.lock: RunLock | None = _on_main(acc, lambda: RunLock(self.run_dir))
+        try:
+            self._check()
+        except BaseException:
+            self.release(remove_created_dirs=True)
+            raise
+
+    def _check(self) -> None:
+        run_dir, cfg, acc = self.run_dir, self.cfg, self.acc
+        if self.resume is not None:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ConfigError(f"run folder {str(run_dir)!r} is a file; --resume needs a run folder")
+            self.resume_from, self.damaged = resolve_resume(self.resume, run_dir)
             if self.resume_from is None:
                 acc.print(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch")
             else:
                 self.resume_meta = ckpt.read_meta(self.resume_from)
                 check_checkpoint_fits(self.resume_from, self.resume_meta, cfg)
                 check_global_batch(self.resume_meta, cfg, acc.num_processes)
+            saved = run_dir / "config.yaml"
             if saved.is_file():
-                diff = config_differences(yaml.safe_load(saved.read_text()), cfg.to_dict())
+                diff = config_differences(read_saved_config(saved), cfg.to_dict())
                 bad = [k for k in diff if not k.startswith(RESUMABLE_CHANGES) and k not in WORLD_SIZE_KEYS]
                 if bad:
                     raise ConfigError(
                         f"cannot resume {run_dir}: the config differs from the saved config.yaml in {bad} "
                         f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)"
                     )
-        elif holds_run(run_dir) and not overwrite:
-            raise ConfigError(
-                f"run folder {str(run_dir)!r} already holds a run: pass --resume auto to continue it, "
-                "--overwrite to replace it, or choose another log.run_name"
-            )
+        elif self.overwrite:
+            check_overwritable(run_dir)
+        else:
+            check_new_run(run_dir, cfg)
         if self.replaced.exists():
             raise ConfigError(
                 f"{self.replaced} exists: a run replaced with --overwrite whose setup was killed; "
                 f"move it back to {run_dir.name} or delete it"
             )
-        self.created = not run_dir.exists()
 
     def open(self) -> None:
-        """Create the folder (moving a replaced run aside first)."""
+        """Create the folder and its marker (moving a replaced run aside first)."""
         self.acc.wait_for_everyone()  # every process checked the folder before the main process writes
-        if self.acc.is_main_process:
-            if self.overwrite and self.run_dir.exists():
-                self.run_dir.rename(self.replaced)
-                self.created = True
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.acc.wait_for_everyone()
+        _on_main(self.acc, self._open_main)
+
+    def _open_main(self) -> None:
+        run_dir = self.run_dir
+        try:
+            if self.overwrite and run_dir.exists() and any(run_dir.iterdir()):
+                run_dir.rename(self.replaced)
+            self.created = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (run_dir / MARKER).is_file():
+                write_marker(run_dir)
+                self.wrote_marker = True
+        except OSError as e:
+            raise ConfigError(f"run folder {str(run_dir)!r}: cannot write it ({e.strerror})") from e
 
     def commit(self) -> None:
         """Setup succeeded: write config.yaml, drop a replaced run, set damaged checkpoints aside."""
@@ -191,10 +329,26 @@ class RunFolder:
         self.acc.wait_for_everyone()
 
     def abort(self) -> None:
-        """Setup failed: remove what this run created, put a replaced run back."""
-        if not self.acc.is_main_process:
-            return
-        if self.created and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        if self.replaced.exists() and not self.run_dir.exists():
-            self.replaced.rename(self.run_dir)
+        """Setup failed: remove what this run created (never anything else), put a replaced run back,
+        release the lock."""
+        if self.acc.is_main_process:
+            if self.created and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            elif self.wrote_marker:
+                (self.run_dir / MARKER).unlink(missing_ok=True)
+            if self.replaced.exists() and not self.run_dir.exists():
+                self.replaced.rename(self.run_dir)
+        self.release(remove_created_dirs=True)
+
+    def release(self, remove_created_dirs: bool = False) -> None:
+        if self.lock is not None:
+            self.lock.release(remove_created_dirs)
+            self.lock = None
+
+
+def write_marker(run_dir: Path) -> None:
+    """The file that says "a training run created this folder" (``--overwrite`` replaces only such folders)."""
+    from moe_emergence import __version__
+
+    info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "moe_emergence": __version__}
+    (run_dir / MARKER).write_text(json.dumps(info) + "\n")

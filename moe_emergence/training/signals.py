@@ -5,24 +5,52 @@ with its non-finite check, and all-reduces it so every process stops at the same
 signal of the same kind gets the previous handler back, so pressing Ctrl-C twice aborts at once.
 ``scripts/train.py`` then exits with ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), the
 shell's convention for "ended by this signal"; the checkpoint is in place and ``--resume auto`` continues.
+
+Launcher death: under ``accelerate launch`` or ``torchrun`` the training processes are children of the
+launcher, and a launcher killed with ``kill -9`` cannot tell them to stop. With ``watch_parent`` (when a
+launcher started this process: ``LAUNCHER_ENV``), a daemon thread checks every ``PARENT_POLL_S`` seconds
+whether the parent process changed (the child was re-parented because its launcher died) and then sends
+this process SIGTERM: the run finishes its step, saves a checkpoint and exits 143, releasing the run
+folder's lock. A process started directly (``python scripts/train.py``, ``nohup``) is not watched: its
+parent is a shell, which may end while the run goes on by design.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Set by `accelerate launch` (every launcher path) and by torchrun in the processes they start.
+LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
+PARENT_POLL_S = 0.5
+
+
+def launched_by_launcher() -> bool:
+    return any(k in os.environ for k in LAUNCHER_ENV)
+
+
+def _watch_parent(parent: int, stop: threading.Event) -> None:
+    while not stop.wait(PARENT_POLL_S):
+        if os.getppid() != parent:
+            print(f"the launcher (process {parent}) is gone: stopping", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 class StopSignals:
     """Context manager; ``received`` is the first signal number caught (None until one arrives)."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent_pid: int | None = None) -> None:
+        """``parent_pid``: the launcher's PID as seen when the process started (watched when a launcher
+        started it; None: not watched)."""
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._parent = parent_pid if launched_by_launcher() else None
+        self._stop_watch = threading.Event()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
@@ -40,9 +68,13 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+            if self._parent is not None:
+                args = (self._parent, self._stop_watch)
+                threading.Thread(target=_watch_parent, args=args, name="parent-watch", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop_watch.set()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()

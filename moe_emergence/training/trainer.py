@@ -14,6 +14,7 @@ See ``steps`` for how the loss of one optimizer step is weighted.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -61,6 +62,7 @@ class Trainer:
     """Builds everything from a ``RunConfig`` and runs it; ``train()`` is the public entry point."""
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, overwrite: bool = False, corpus=None):
+        self.parent_pid = os.getppid()  # the launcher, if any (StopSignals watches it)
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         t = cfg.train
@@ -73,10 +75,10 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         base = model_setup.check_base(cfg)  # before anything is written
-        folder = RunFolder(self.accelerator, cfg, resume, overwrite)
+        self.folder = folder = RunFolder(self.accelerator, cfg, resume, overwrite)  # locks the run folder
         self.resume_from = folder.resume_from
-        folder.open()
         try:
+            folder.open()
             self._setup(base, folder.resume_meta, corpus)
             folder.commit()
         except BaseException:
@@ -285,8 +287,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        with StopSignals() as signals:
-            return self._loop(signals)
+        """Run to the end (or a stop); the run folder's lock is released when this returns or raises."""
+        try:
+            with StopSignals(self.parent_pid) as signals:
+                return self._loop(signals)
+        finally:
+            self.folder.release()
 
     def _loop(self, signals: StopSignals) -> TrainResult:
         cfg, acc, st = self.cfg, self.accelerator, self.state
