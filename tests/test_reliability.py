@@ -113,9 +113,14 @@ def test_occupied_folder_overwrite_and_resume_mistakes(tmp_path, capsys, cache):
     run = tmp_path / "runs" / "tiny"
     assert run_cli(capsys, "--config", path)[0] == 0
     before = sorted(p.name for p in run.rglob("*"))
-    rc, err = run_cli(capsys, "--config", path)
+    capsys.readouterr()
+    assert train_main(["--config", str(path)]) == 0  # the same finished run again: nothing to do
+    out = capsys.readouterr()
+    assert "already holds this run, finished: the model is in" in out.out and "Traceback" not in out.err
+    rc, err = run_cli(capsys, "--config", path, "train.steps=3")  # another config, same folder
     assert rc == 2
     assert_one_error_line(err, r"already holds a run: pass --resume auto to continue it, --overwrite")
+    assert sorted(p.name for p in run.rglob("*")) == before
     # a failing --overwrite (bad data) puts the old run back untouched
     rc, err = run_cli(capsys, "--config", path, "--overwrite", "train.batch_size=100000")
     assert rc == 2 and sorted(p.name for p in run.rglob("*")) == before
@@ -223,7 +228,7 @@ def test_nonfinite_step_is_skipped(tmp_path, cache, monkeypatch):
         torch.isfinite(t).all() for t in load_file(res.run_dir / "final" / "model.safetensors").values()
     )
     # Adam took 3 of the 4 MoE-phase steps (3..6): the skipped one never reached the optimizer
-    opt = torch.load(res.run_dir / "checkpoints" / "step_0000006" / "optimizer.bin", weights_only=False)
+    opt = torch.load(res.run_dir / "checkpoints" / "step_0000006" / "optimizer.bin", weights_only=True)
     assert {int(s["step"]) for s in opt["state"].values()} == {3}
 
 

@@ -190,7 +190,7 @@ def test_occupied_run_folder_is_refused(tmp_path):
     cfg = make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1")
     train(cfg)
     before = (cfg.run_dir / "metrics.jsonl").read_text()
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds this run, finished"):
         train(cfg)
     assert (cfg.run_dir / "metrics.jsonl").read_text() == before
     with pytest.raises(ConfigError, match=r"differs from the saved config.yaml in \['optim.lr'\]"):

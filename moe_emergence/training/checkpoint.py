@@ -1,14 +1,26 @@
 """Crash-safe checkpoints: ``accelerator.save_state`` folders ``checkpoints/step_{N:07d}``.
 
 Writing one (``save_checkpoint``):
-  1. ``accelerator.save_state`` into ``step_N.tmp`` (a leftover ``*.tmp`` of a killed save is removed first),
-  2. ``meta.json`` (step, phase, the model's dimensions and MoE settings, the resolved config),
+  1. ``accelerator.save_state`` into ``step_N.tmp`` (a leftover ``*.tmp`` of a killed save is removed first):
+     model (safetensors, or DCP shards under FSDP), optimizer, RNG states,
+  2. ``meta.json`` (step, phase, the model's dimensions and MoE settings, the resolved config) and
+     ``trainer_state.json`` (``TrainState`` and the data sampler's position: JSON, never a pickle),
   3. every file fsync'ed, then ``manifest.json`` (each file's size and sha256) written LAST,
   4. ``step_N.tmp`` renamed to ``step_N`` (atomic), the folder fsync'ed,
   5. checkpoints beyond the last ``keep`` renamed to ``*.trash`` and then deleted.
 A crash at any point leaves either no ``step_N`` or a whole one; a ``step_N`` damaged later (a file
 truncated or edited, a disk error) fails ``verify_checkpoint``, and ``latest_good_checkpoint`` falls back
 to the previous intact one with a warning.
+
+Nothing in a checkpoint is ever unpickled in a way that can run code: the trainer's own state is JSON;
+accelerate loads optimizer and RNG files with ``torch.load(weights_only=True)``; and before any of that,
+``verify_checkpoint`` scans every pickle-format file (``unsafe_pickles``): torch zip files are loaded with
+``weights_only=True`` (memory-mapped, nothing executed), plain pickles (the DCP ``.metadata`` of FSDP
+checkpoints, which torch itself reads with ``pickle.load``) with an unpickler that admits only DCP's
+metadata classes. A file that fails is reported like a damaged one: ``--resume PATH`` refuses with one
+line, ``--resume auto`` falls back to the previous intact checkpoint. A write that fails (disk full, a
+read-only folder) removes its ``step_N.tmp`` and raises ``ConfigError`` naming the path; the previous
+checkpoints are untouched.
 
 Test hook: the environment variable ``MOE_EMERGENCE_TEST_SAVE_DELAY`` (seconds) sleeps between step 2
 and step 3, so the kill test can SIGKILL a process in the middle of a save. Nothing else reads it.
@@ -19,10 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +46,8 @@ from moe_emergence.errors import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 META = "meta.json"
+TRAINER_STATE = "trainer_state.json"
+LEGACY_STATE = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")  # TrainState, sampler (before JSON)
 MANIFEST = "manifest.json"
 SAVE_DELAY_ENV = "MOE_EMERGENCE_TEST_SAVE_DELAY"
 
@@ -91,26 +107,127 @@ def _files(folder: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: str | Path) -> list[str]:
-    """Problems of checkpoint folder ``path`` against its manifest (empty list = intact)."""
+    """Problems of checkpoint folder ``path`` (empty list = intact): files against the manifest, the parts
+    a resume needs, and every pickle-format file scanned without executing anything (``unsafe_pickles``)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         return [f"no {MANIFEST} (a partial or pre-manifest checkpoint)"]
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        sizes = {rel: int(want["size"]) for rel, want in files.items()}
+        hashes = {rel: str(want["sha256"]) for rel, want in files.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"unreadable {MANIFEST}: {e}"]
     problems = []
-    for rel, want in files.items():
+    for rel in files:
         f = path / rel
         if not f.is_file():
             problems.append(f"{rel} is missing")
-        elif f.stat().st_size != want["size"]:
-            problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {want['size']}")
-        elif _sha256(f) != want["sha256"]:
+        elif f.stat().st_size != sizes[rel]:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {sizes[rel]}")
+        elif _sha256(f) != hashes[rel]:
             problems.append(f"{rel} does not match its sha256")
     extra = {str(p.relative_to(path)) for p in _files(path)} - set(files)
     problems += [f"{rel} is not in the manifest" for rel in sorted(extra)]
+    if problems:
+        return problems
+    return missing_parts(path) + unsafe_pickles(path)
+
+
+def missing_parts(path: Path) -> list[str]:
+    """What a resume needs and ``path`` lacks: meta, trainer state, model weights, optimizer, RNG states."""
+    try:
+        meta = read_meta(path)
+    except ConfigError as e:
+        return [str(e)]
+    names = {p.name for p in path.iterdir()}
+    missing = []
+    if TRAINER_STATE not in names and not set(LEGACY_STATE) <= names:
+        missing.append(f"{TRAINER_STATE} is missing")
+    if not any(n.startswith(("model", "pytorch_model")) for n in names):
+        missing.append("the model weights (model.safetensors or pytorch_model_fsdp_0/) are missing")
+    if not any(n.startswith("optimizer") and n != "optimizer.bin.part" for n in names):
+        missing.append("the optimizer state (optimizer.bin or optimizer_0/) is missing")
+    processes = meta.get("num_processes", 1)
+    for i in range(processes if isinstance(processes, int) else 1):
+        if f"random_states_{i}.pkl" not in names:
+            missing.append(f"random_states_{i}.pkl is missing")
+    return missing
+
+
+# Pickle-format files accelerate or torch may read from a checkpoint (safetensors, JSON and DCP shard files
+# are never unpickled).
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+# What unpickling a foreign or damaged file raises (torch wraps its weights-only refusal in UnpicklingError).
+UNPICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    ImportError,
+    OSError,
+)
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Admits only the classes of a ``torch.distributed.checkpoint`` ``.metadata`` file."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        ok = (
+            module in _DCP_MODULES
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch._utils" and name == "_get_layout")
+            or (
+                module == "pathlib"
+                and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+            )
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not ok:
+            raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _safe_load(f: Path) -> None:
+    """Unpickle ``f`` the safe way (torch zip: ``weights_only``, memory-mapped; plain pickle: DCP classes
+    only); raises what the unpickler raises."""
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy RNG state types, as accelerate loads them
+
+    if zipfile.is_zipfile(f):
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    else:
+        with f.open("rb") as fh:
+            _DcpMetadataUnpickler(fh).load()
+
+
+def unsafe_pickles(folder: Path) -> list[str]:
+    """Every pickle-format file of ``folder`` that holds more than tensors and plain data (a payload, a
+    foreign object) or is not a readable pickle, each named with why (nothing is executed)."""
+    problems = []
+    for f in _files(folder):
+        if not (f.suffix in PICKLE_SUFFIXES or f.name == ".metadata"):
+            continue
+        try:
+            _safe_load(f)
+        except UNPICKLE_ERRORS as e:  # whatever the unpickler raised, the file is refused
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = next(
+                (ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(e).__name__
+            )
+            problems.append(
+                f"{f.relative_to(folder)} is not a plain tensor/state pickle ({why[:160]}); refused unread, "
+                "nothing in it was executed"
+            )
     return problems
 
 
@@ -149,10 +266,50 @@ def set_aside(path: Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """``meta.json`` of checkpoint ``path``; ``ConfigError`` naming the file when it is missing or malformed."""
     path = Path(path)
-    if not (path / META).is_file():
+    f = path / META
+    if not f.is_file():
         raise ConfigError(f"{str(path)!r} is not a checkpoint folder (no {META})")
-    return json.loads((path / META).read_text())
+    meta = _read_json(f, "checkpoint metadata")
+    if not (isinstance(meta.get("step"), int) and meta.get("phase") in ("dense", "moe")):
+        raise ConfigError(
+            f"{f}: not a checkpoint's metadata (needs an integer 'step' and 'phase' dense or moe)"
+        )
+    return meta
+
+
+def _read_json(f: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{f}: unreadable {what} ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{f}: unreadable {what} (expected a JSON object, got {type(data).__name__})")
+    return data
+
+
+def read_trainer_state(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``{"train_state": ..., "sampler": ...}`` of checkpoint ``path``: ``trainer_state.json``, or, in
+    checkpoints written before it, accelerate's two ``custom_checkpoint_*.pkl`` read with
+    ``weights_only=True``. ``ConfigError`` naming the file when missing or malformed."""
+    path = Path(path)
+    f = path / TRAINER_STATE
+    if f.is_file():
+        state = _read_json(f, "trainer state")
+    elif all((path / n).is_file() for n in LEGACY_STATE):
+        import torch
+
+        try:
+            parts = [torch.load(path / n, map_location="cpu", weights_only=True) for n in LEGACY_STATE]
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+            raise ConfigError(f"{path / LEGACY_STATE[0]}: unreadable trainer state ({str(e)[:160]})") from e
+        state = {"train_state": parts[0], "sampler": parts[1]}
+    else:
+        raise ConfigError(f"{str(path)!r}: no {TRAINER_STATE}; the checkpoint is partial")
+    if not all(isinstance(state.get(k), dict) for k in ("train_state", "sampler")):
+        raise ConfigError(f"{f}: the trainer state needs 'train_state' and 'sampler' objects")
+    return state
 
 
 # ----------------------------------------------------------------------------- writing
@@ -197,26 +354,42 @@ def _clean_leftovers(root: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, root: str | Path, step: int, meta: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    root: str | Path,
+    step: int,
+    meta: dict[str, Any],
+    keep: int,
+    trainer_state: dict[str, dict[str, Any]],
 ) -> Path:
-    """Save the accelerator state (model, optimizer, RNG, registered objects) as ``root/step_N``
-    (module docstring for the crash-safe sequence)."""
+    """Save the accelerator state (model, optimizer, RNG) and ``trainer_state`` (JSON) as ``root/step_N``
+    (module docstring for the crash-safe sequence); ``ConfigError`` naming the path when writing fails."""
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            _clean_leftovers(root)
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+            if delay > 0:
+                time.sleep(delay)
+            write_manifest(tmp)
+    except (OSError, RuntimeError) as e:  # disk full, read-only, quota: torch reports some as RuntimeError
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # our own partial save; earlier checkpoints stay
+        first = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            f"cannot write checkpoint {tmp}: {first}; the earlier checkpoints are intact "
+            "(free space or fix the folder, then --resume auto)"
+        ) from e
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(root)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
-        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
-        write_manifest(tmp)
         discard(final)
         tmp.rename(final)
         _fsync(root)

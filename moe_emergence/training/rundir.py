@@ -217,8 +217,9 @@ def read_saved_config(path: Path) -> dict[str, Any]:
     return data
 
 
-class RunFinished(Exception):
-    """Not an error: the run folder already holds this finished run (``final/``), so there is nothing to do."""
+class RunFinished(ConfigError):
+    """The run folder already holds this finished run (``final/``): nothing to do. The command line reports it
+    and exits 0; for the library it is a ``ConfigError``."""
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__(

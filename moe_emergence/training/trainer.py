@@ -113,7 +113,6 @@ class Trainer:
             self.sampler = BlockSampler(
                 len(corpus.train), t.batch_size, t.grad_accum, acc.num_processes, acc.process_index, t.seed
             )
-        acc.register_for_checkpointing(self.state, self.sampler)
         if resume_meta is not None:
             if resume_meta["phase"] == "moe" and not model_setup.is_moe(model):
                 model = model_setup.to_moe(model, cfg)
@@ -126,9 +125,21 @@ class Trainer:
                 )
         self._prepare(model)
         if self.resume_from is not None:
-            acc.load_state(str(self.resume_from))
+            self._load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._eval_rows: list[int] | None = None
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Model, optimizer and RNG through accelerate (tensors only: ``weights_only``), then the trainer's
+        own state from JSON. Anything unreadable is a ``ConfigError`` naming the checkpoint."""
+        state = ckpt.read_trainer_state(path)
+        try:
+            self.accelerator.load_state(str(path))
+            self.state.load_state_dict(state["train_state"])
+            self.sampler.load_state_dict(state["sampler"])
+        except (*ckpt.UNPICKLE_ERRORS, ConfigError) as e:
+            first = " ".join(str(e).split())[:240]
+            raise ConfigError(f"cannot resume from {path}: {first}") from e
 
     # ------------------------------------------------------------------ model plumbing
 
@@ -280,8 +291,14 @@ class Trainer:
             "grad_accum": t.grad_accum,
             "config": self.cfg.to_dict(),
         }
+        trainer_state = {"train_state": self.state.state_dict(), "sampler": self.sampler.state_dict()}
         ckpt.save_checkpoint(
-            self.accelerator, self.run_dir / "checkpoints", self.state.step, meta, self.cfg.checkpoint.keep
+            self.accelerator,
+            self.run_dir / "checkpoints",
+            self.state.step,
+            meta,
+            self.cfg.checkpoint.keep,
+            trainer_state,
         )
 
     # ------------------------------------------------------------------ the loop
