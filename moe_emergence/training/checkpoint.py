@@ -63,6 +63,10 @@ class TrainState:
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in total
         self.consecutive_skips = 0
         self.first_bad: str | None = None  # where the current run of skipped steps started
+        self.loss_history: list[
+            float
+        ] = []  # LM losses of the last guard.spike_window good steps (this phase)
+        self.last_applied = False  # did the last step apply an update (not yet verified by a later loss)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +76,8 @@ class TrainState:
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
             "first_bad": self.first_bad,
+            "loss_history": list(self.loss_history),
+            "last_applied": self.last_applied,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -80,6 +86,8 @@ class TrainState:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.first_bad = state.get("first_bad")
+        self.loss_history = [float(v) for v in state.get("loss_history", [])]
+        self.last_applied = bool(state.get("last_applied", False))
 
 
 # ----------------------------------------------------------------------------- finding and verifying

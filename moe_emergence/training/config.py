@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -197,12 +198,19 @@ class CollapseConfig:
 
 @dataclass
 class GuardConfig:
-    """Non-finite guard: a step whose loss or gradients hold a NaN/Inf is skipped (no parameter or
-    optimizer-state update; the data and the schedule move on) and counted in ``train/skipped_steps``.
-    After ``max_consecutive_skips`` skipped steps in a row the run saves a checkpoint and stops, naming
-    the MoE layer whose router logits or aux losses went non-finite first."""
+    """Bad-step guard (``training/guard.py``): a step whose loss, gradients, router logits, aux losses or
+    starting weights hold a NaN/Inf, or whose LM loss exceeds ``spike_factor`` x the median of the last
+    ``spike_window`` good steps' LM losses, is skipped (no parameter or optimizer-state update; the data and
+    the schedule move on) and counted in ``train/skipped_steps``; with ``snapshot_every`` > 0 the model and
+    optimizer are also rolled back to the last verified-good state (kept in memory: one extra copy of the
+    weights and optimizer moments, refreshed every ``snapshot_every`` good steps). After
+    ``max_consecutive_skips`` bad steps in a row the run saves a checkpoint of the verified-good state and
+    stops (exit 4), naming the first layer or parameter that went bad."""
 
     max_consecutive_skips: int = 5
+    spike_factor: float | None = 3.0
+    spike_window: int = 20
+    snapshot_every: int = 1
 
     def __post_init__(self) -> None:
         _check(
@@ -210,6 +218,19 @@ class GuardConfig:
             "guard.max_consecutive_skips",
             self.max_consecutive_skips,
             "an integer >= 1",
+        )
+        _check(
+            self.spike_factor is None or (math.isfinite(self.spike_factor) and self.spike_factor > 1),
+            "guard.spike_factor",
+            self.spike_factor,
+            "a finite number > 1, or null (no spike rule)",
+        )
+        _check(self.spike_window >= 1, "guard.spike_window", self.spike_window, "an integer >= 1")
+        _check(
+            self.snapshot_every >= 0,
+            "guard.snapshot_every",
+            self.snapshot_every,
+            "an integer >= 0 (0: no rollback)",
         )
 
 

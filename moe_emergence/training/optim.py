@@ -65,3 +65,11 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> dict[str, flo
         g["lr"] = g["base_lr"] * multiplier
         out[g["name"]] = g["lr"]
     return out
+
+
+def reset_base_lrs(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set each group's ``base_lr`` from ``cfg`` (after loading a checkpoint, whose optimizer state carries
+    the old ones): ``optim.lr`` and ``optim.router_lr`` may change on resume."""
+    router_lr = cfg.router_lr if cfg.router_lr is not None else cfg.lr
+    for g in optimizer.param_groups:
+        g["base_lr"] = router_lr if g["name"] == "router" else cfg.lr

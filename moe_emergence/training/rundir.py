@@ -38,8 +38,19 @@ from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training.config import RunConfig
 from moe_emergence.training.runlock import RunLock
 
-# train.compile*: compiling in place leaves the checkpoint format unchanged
-RESUMABLE_CHANGES = ("train.stop_after", "train.compile", "log.", "eval.", "checkpoint.")
+# train.compile*: compiling in place leaves the checkpoint format unchanged; optim.lr / router_lr / grad_clip and
+# guard.*: the remedies the bad-step guard names when it stops a run
+RESUMABLE_CHANGES = (
+    "train.stop_after",
+    "train.compile",
+    "log.",
+    "eval.",
+    "checkpoint.",
+    "guard.",
+    "optim.lr",
+    "optim.router_lr",
+    "optim.grad_clip",
+)
 MARKER = ".moe_emergence_run"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 # Everything a run writes into its folder (--overwrite replaces a folder holding only these).
@@ -192,7 +203,7 @@ def check_new_run(run_dir: Path, cfg: RunConfig) -> None:
         saved = run_dir / "config.yaml"
         if (run_dir / "final").is_dir() and saved.is_file():
             diff = config_differences(read_saved_config(saved), cfg.to_dict())
-            if not [k for k in diff if not k.startswith(RESUMABLE_CHANGES)]:
+            if all(k.startswith("log.") for k in diff):  # the same run (logging aside)
                 raise RunFinished(run_dir)
         raise ConfigError(
             f"run folder {str(run_dir)!r} already holds a run: pass --resume auto to continue it, "

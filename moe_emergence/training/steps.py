@@ -51,17 +51,28 @@ def moe_terms(moe_model, layers: list[int], mask_T: torch.Tensor, token_share: t
     return outs, lb_L.mean(), z_L.mean() * token_share, nonfinite_flags(outs, lb_L, z_L)
 
 
-def step_flags(totals: torch.Tensor, grad_norm: torch.Tensor, signalled: bool, bad_L2: torch.Tensor):
-    """The step's failure flags as one float vector (summed over processes, then ``StepCheck.decode``):
-    non-finite loss totals, non-finite gradient norm, a stop signal, then the per-layer flags."""
+def step_flags(
+    totals: torch.Tensor,
+    grad_norm: torch.Tensor,
+    signalled: bool,
+    params_bad: torch.Tensor,
+    bad_L2: torch.Tensor,
+) -> torch.Tensor:
+    """The step's guard vector (summed over processes, then ``StepCheck.decode``): non-finite loss totals,
+    non-finite gradient norm, a stop signal, non-finite parameters, the per-layer flags, then this process's
+    share of the LM loss (summed: the step's LM loss). DTensor inputs (FSDP2) are made plain tensors first."""
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    device = totals.device
     return torch.cat(
         [
-            (~torch.isfinite(totals).all()).reshape(1),
-            (~torch.isfinite(grad_norm)).reshape(1),
-            torch.tensor([signalled], device=totals.device),
-            bad_L2.reshape(-1),
+            (~torch.isfinite(totals).all()).reshape(1).float(),
+            (~torch.isfinite(grad_norm.to(device))).reshape(1).float(),
+            torch.tensor([float(signalled)], device=device),
+            params_bad.to(device).reshape(1).float(),
+            bad_L2.reshape(-1).float(),
+            totals[:1].float(),
         ]
-    ).float()
+    )
 
 
 def train_record(moe_model, lm: float, lb: float, z: float, ent: float, lrs: dict[str, float]) -> dict:

@@ -32,7 +32,8 @@ from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training import guard, model_setup
 from moe_emergence.training.config import RunConfig
 from moe_emergence.training.guard import StepCheck
-from moe_emergence.training.optim import build_optimizer, lr_multiplier, set_lr
+from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
+from moe_emergence.training.rollback import Snapshot, any_nonfinite, first_nonfinite, named_state
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
@@ -126,6 +127,7 @@ class Trainer:
         self._prepare(model)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
+            self._unverified = int(self.state.last_applied)  # the checkpoint's last update awaits its check
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._eval_rows: list[int] | None = None
 
@@ -135,6 +137,7 @@ class Trainer:
         state = ckpt.read_trainer_state(path)
         try:
             self.accelerator.load_state(str(path))
+            reset_base_lrs(self.optimizer, self.cfg.optim)
             self.state.load_state_dict(state["train_state"])
             self.sampler.load_state_dict(state["sampler"])
         except (*ckpt.UNPICKLE_ERRORS, ConfigError) as e:
@@ -156,6 +159,8 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
         self.moe = model_setup.is_moe(self.unwrapped)
+        self.snapshot = Snapshot(self.model, self.optimizer)  # guard: the last verified-good state
+        self._unverified = 0  # optimizer updates applied since the state was last verified
 
     @property
     def phase(self) -> str:
@@ -222,17 +227,19 @@ class Trainer:
                 totals += torch.stack(parts).double()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
-        flags = step_flags(totals, grad_norm, signals is not None and signals.received is not None, bad_L2)
+        signalled = signals is not None and signals.received is not None
+        params_bad = any_nonfinite(list(self.model.parameters()))
+        flags = step_flags(totals, grad_norm, signalled, params_bad, bad_L2)
         check = StepCheck.decode(self._reduce_sum(flags).tolist(), layers)  # the step's one host sync
+        guard.judge(check, self.state, cfg.guard)
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
-        # fp16: accelerate's GradScaler must see every step (it skips non-finite ones and lowers its scale)
-        if check.finite or acc.scaler is not None:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if bias_loads is not None and check.finite:  # aux-loss-free balancing: once per taken step
+        verified = check.good and self._unverified > 0  # this loss verifies the updates since the last check
+        self._apply_or_roll_back(check)
+        if bias_loads is not None and check.good:  # aux-loss-free balancing: once per taken step
             self.unwrapped.update_selection_bias({i: self._reduce_sum(v) for i, v in bias_loads.items()})
         self.state.step += 1
-        guard.update(self.state, check, self.state.step)
+        guard.update(self.state, check, self.state.step, cfg.guard, verified)
+        self.state.last_applied = check.good
         if variant_sums:
             variant_sums = {k: self._reduce_sum(v) for k, v in variant_sums.items()}
         return {
@@ -243,6 +250,52 @@ class Trainer:
             "variants": variant_sums,
             "check": check,
         }
+
+    def _apply_or_roll_back(self, check: StepCheck) -> None:
+        """A good step: snapshot the state its loss verified (every ``guard.snapshot_every`` updates), then
+        take the optimizer step. A bad step: no update, and the state goes back to the snapshot."""
+        every = self.cfg.guard.snapshot_every
+        if check.good:
+            if every and (not self.snapshot.taken or self._unverified >= every):
+                self.snapshot.take()
+                self._unverified = 0
+            self.optimizer.step()
+            self._unverified += 1
+        else:
+            if check.params_bad:
+                check.detail = first_nonfinite(self.unwrapped, self.optimizer)
+            elif self.snapshot.taken and self._unverified and check.spike is not None:
+                name, ratio = self.snapshot.largest_change()
+                check.detail = f"{name} moved most since the last good state (|dw|/|w| = {ratio:.3g})"
+            # fp16: accelerate's GradScaler must see non-finite gradients (it skips the step, lowers its scale)
+            if self.accelerator.scaler is not None and check.grad_bad:
+                self.optimizer.step()
+            self._roll_back()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _roll_back(self) -> None:
+        if self.snapshot.taken and self._unverified:
+            self.snapshot.restore()
+            self._unverified = 0
+
+    def _state_is_good_for_saving(self) -> bool:
+        """Before a checkpoint or ``final/``: parameters and optimizer state finite (rolled back to the
+        snapshot when not, and that can be done). False: the state is known bad, do not write it."""
+        if not self._any_nonfinite_state():
+            return True
+        bad = first_nonfinite(self.unwrapped, self.optimizer) or "another process's shard"
+        self._roll_back()
+        ok = not self._any_nonfinite_state()
+        self.accelerator.print(
+            f"guard: {bad} at step {self.state.step}; "
+            + ("rolled back to the last verified-good state before saving" if ok else "not saved")
+        )
+        return ok
+
+    def _any_nonfinite_state(self) -> bool:
+        tensors = list(named_state(self.unwrapped, self.optimizer).values())
+        flag = any_nonfinite(tensors).float().to(self.accelerator.device)
+        return bool(self._reduce_sum(flag).item() > 0)
 
     def _lr_mult(self, step: int) -> float:
         o = self.cfg.optim
@@ -280,6 +333,9 @@ class Trainer:
         self._log(metrics, images)
 
     def save_checkpoint(self) -> None:
+        """Write ``checkpoints/step_N`` unless the state is known bad (see ``_state_is_good_for_saving``)."""
+        if not self._state_is_good_for_saving():
+            return
         t = self.cfg.train
         meta = {
             "phase": self.phase,
@@ -331,6 +387,7 @@ class Trainer:
         while st.step < steps:
             if cfg.model.moe is not None and not self.moe and st.step >= U:
                 self._prepare(model_setup.to_moe(self.unwrapped, cfg))
+                st.loss_history, st.last_applied = [], False  # the guard's spike rule restarts per phase
                 acc.print(f"step {st.step}: upcycled to {cfg.model.moe.num_experts} experts")
             router_step = self.moe and (st.step + 1) % cfg.log.router_every == 0
             routing = None
@@ -340,8 +397,10 @@ class Trainer:
             out = self.train_step(routing, signals)
             tokens_dev += out["tokens"]
             bar.update(1)
-            if st.consecutive_skips >= cfg.guard.max_consecutive_skips:
-                stopped, message = "nonfinite", guard.stop_message(st, cfg.guard.max_consecutive_skips)
+            if not out["check"].good and st.consecutive_skips >= cfg.guard.max_consecutive_skips:
+                saveable = self._unverified == 0
+                stopped = "nonfinite"
+                message = guard.stop_message(st, cfg.guard.max_consecutive_skips, saveable)
             elif out["check"].signal:
                 stopped = "signal"
             record: dict[str, float] = {}
@@ -377,7 +436,8 @@ class Trainer:
             if stopped or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
                 st.tokens += int(tokens_dev.item())  # the token count is part of the checkpoint
                 tokens_dev.zero_()
-                self.save_checkpoint()
+                if stopped != "nonfinite" or self._unverified == 0:  # never the weights a bad step left
+                    self.save_checkpoint()
                 last_ckpt = st.step
             if stopped:
                 break
@@ -406,6 +466,10 @@ class Trainer:
 
     def save_final(self) -> None:
         acc = self.accelerator
+        if not self._state_is_good_for_saving():
+            raise RuntimeError(
+                f"the final weights hold non-finite values and no good state is kept: {self.run_dir}"
+            )
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)
         if acc.is_main_process:  # written aside and renamed into place: final/ is whole or absent

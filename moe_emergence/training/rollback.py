@@ -1,0 +1,115 @@
+"""The last verified-good training state, kept in memory so that a bad step can be undone.
+
+The loss of step t is computed with the weights that step t-1 produced, so step t is what *verifies* step
+t-1's update. When step t passes the guard (``guard``), the trainer calls ``Snapshot.take()`` before its
+optimizer step: the snapshot then holds the weights and optimizer state that a finite, spike-free loss was
+just computed with. When a step fails, ``restore()`` puts them back, undoing every update since (the data
+position and the learning-rate schedule move on: the undone steps count as skipped).
+
+What is copied: every floating-point parameter and buffer of the model (router selection biases included)
+and every tensor of the optimizer state. The copies live on the parameters' device (one extra copy of the
+model and its AdamW moments; on an FSDP2 model, of this process's shards). The first ``take`` allocates
+them, later ones copy in place with one ``torch._foreach_copy_``. ``guard.snapshot_every`` takes it every
+N good steps (0 = never: a bad step is only skipped, and the stop checkpoint is not written when the
+weights are known to be bad).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself, or this process's shard of a DTensor (FSDP2), which aliases it."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
+    """Every floating tensor of the model and the optimizer state, under a stable key (local shards)."""
+    out: dict[tuple, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point():
+            out[("model", name)] = _local(t.detach())
+    opt = inner_optimizer(optimizer)
+    index = {p: i for i, group in enumerate(opt.param_groups) for p in group["params"]}
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                out[("optim", index[p], id(p), k)] = _local(v)
+    return out
+
+
+class Snapshot:
+    """``take()`` copies the live state; ``restore()`` writes the copy back (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.saved: dict[tuple, torch.Tensor] | None = None
+
+    @property
+    def taken(self) -> bool:
+        return self.saved is not None
+
+    @torch.no_grad()
+    def take(self) -> None:
+        live = named_state(self.model, self.optimizer)
+        if self.saved is None or self.saved.keys() != live.keys():  # first take, or new optimizer state
+            self.saved = {k: t.clone() for k, t in live.items()}
+            return
+        keys = list(live)
+        torch._foreach_copy_([self.saved[k] for k in keys], [live[k] for k in keys])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.saved is None:
+            raise RuntimeError("Snapshot.restore before any take()")
+        live = named_state(self.model, self.optimizer)
+        keys = [k for k in live if k in self.saved]
+        torch._foreach_copy_([live[k] for k in keys], [self.saved[k] for k in keys])
+        # optimizer state created after the snapshot (AdamW creates it at its first step): drop it
+        saved_params = {k[2] for k in self.saved if k[0] == "optim"}
+        state = inner_optimizer(self.optimizer).state
+        for p in [p for p in state if id(p) not in saved_params]:
+            del state[p]
+
+    @torch.no_grad()
+    def largest_change(self) -> tuple[str, float] | None:
+        """(parameter name, |w - w_snapshot| / |w_snapshot|) of the parameter that moved most since the
+        snapshot, for the guard's message; None before any take()."""
+        if self.saved is None:
+            return None
+        live = named_state(self.model, self.optimizer)
+        best: tuple[str, float] | None = None
+        for k, t in live.items():
+            if k[0] != "model" or k not in self.saved:
+                continue
+            ref = self.saved[k].float()
+            ratio = float((t.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+            if best is None or not ratio <= best[1]:  # NaN counts as the largest
+                best = (k[1], ratio)
+        return best
+
+
+def first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
+    """The first parameter (module order) or optimizer-state tensor holding a NaN/Inf, described; None
+    when all are finite. One host sync per tensor: only for messages and checks before a save."""
+    for k, t in named_state(model, optimizer).items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            what = f"parameter {k[1]}" if k[0] == "model" else f"optimizer state {k[3]!r} of param #{k[1]}"
+            return f"{what} ({bad} non-finite of {t.numel()})"
+    return None
+
+
+def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor on device: does any of ``tensors`` (local shards) hold a NaN/Inf (no host sync)."""
+    local = [_local(t.detach()) for t in tensors]
+    if not local:
+        return torch.zeros((), dtype=torch.bool)
+    peaks = torch._foreach_norm(local, float("inf"))  # max |x|: inf and NaN propagate, large values do not
+    return ~torch.isfinite(torch.stack([n.float() for n in peaks]).max())
