@@ -109,7 +109,10 @@ def test_model_and_data_mistakes_write_nothing(tmp_path, capsys, cache):
 
 
 def test_occupied_folder_overwrite_and_resume_mistakes(tmp_path, capsys, cache):
-    path = cfg_file(tmp_path, cache, train__steps=2, checkpoint__every=1, checkpoint__keep=2)
+    # upcycle at step 1 (< train.steps: a run that never upcycles is refused), so step 2 is an MoE checkpoint
+    path = cfg_file(
+        tmp_path, cache, train__steps=2, model__upcycle_at_step=1, checkpoint__every=1, checkpoint__keep=2
+    )
     run = tmp_path / "runs" / "tiny"
     assert run_cli(capsys, "--config", path)[0] == 0
     before = sorted(p.name for p in run.rglob("*"))
