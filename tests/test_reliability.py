@@ -93,7 +93,7 @@ def test_model_and_data_mistakes_write_nothing(tmp_path, capsys, cache):
     (tmp_path / "empty.txt").write_text("")
     empty_src = '{"type": "files", "paths": ["' + str(tmp_path / "empty.txt") + '"]}'
     cases = [
-        (["model.base=" + str(tmp_path / "nope")], r"model\.base=.*nope.*cannot load its config"),
+        (["model.base=" + str(tmp_path / "nope")], r"model\.base=.*nope.: no such folder"),
         (["model.base=" + str(neox)], r"is a 'gpt_neox' checkpoint; model\.base must be a dense GPT-2"),
         (["model.base=" + str(small)], r"tokenizer has 30\d tokens but the checkpoint only 50 embeddings"),
         (["data.seq_len=128"], r"data\.seq_len=128 is beyond the model's 64 positions"),

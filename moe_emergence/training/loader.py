@@ -234,6 +234,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: empty key component in {key!r}")
     try:
         value = strict_load(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {text!r}: duplicate key {e.key!r} in the value") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
     return parts, value

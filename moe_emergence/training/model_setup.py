@@ -95,6 +95,9 @@ def check_base(cfg: RunConfig) -> BaseInfo:
 
 def _base_config(base: str) -> GPT2Config:
     where = f"model.base={base!r}"
+    path = Path(base).expanduser()
+    if not path.exists() and (path.is_absolute() or base.startswith((".", "~"))):
+        raise ConfigError(f"{where}: no such folder; use 'tiny', a hub id such as 'gpt2' or a GPT-2 folder")
     with as_user_error(f"{where}: cannot load its config (not a GPT-2 folder, or hub id unreachable)"):
         config = AutoConfig.from_pretrained(base)
     if config.model_type != "gpt2":
