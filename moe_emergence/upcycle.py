@@ -24,11 +24,17 @@ import torch
 from transformers import AutoConfig, GPT2LMHeadModel
 
 from moe_emergence.config import MoEConfig
+from moe_emergence.dense_checkpoint import check_loading_info, check_weight_files
+from moe_emergence.errors import ConfigError
 from moe_emergence.modeling import GPT2MoEConfig, GPT2MoEForCausalLM
 
 
 def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GPT2LMHeadModel:
-    """A ``GPT2LMHeadModel`` from a model, a local checkpoint folder or a hub id; anything else is refused."""
+    """A ``GPT2LMHeadModel`` from a model, a local checkpoint folder or a hub id; anything else is refused.
+
+    A checkpoint whose weights file is missing, truncated, incomplete (transformers would initialise the
+    missing weights randomly and only warn) or of other shapes than its config is a ``ConfigError`` naming
+    the file (``dense_checkpoint``); ``kwargs`` go to ``from_pretrained`` (e.g. dropout overrides)."""
     if isinstance(source, GPT2MoEForCausalLM):
         raise ValueError("upcycle: the source is already a GPT2MoEForCausalLM; pass a dense GPT-2")
     if isinstance(source, GPT2LMHeadModel):
@@ -43,7 +49,17 @@ def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GP
             f"upcycle: {os.fspath(source)!r} is a {config.model_type!r} checkpoint; "
             "only GPT-2 checkpoints (model_type 'gpt2') can be upcycled"
         )
-    return GPT2LMHeadModel.from_pretrained(source, **kwargs)
+    check_weight_files(source, config)
+    from safetensors import SafetensorError
+
+    try:
+        model, info = GPT2LMHeadModel.from_pretrained(
+            source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except SafetensorError as e:
+        raise ConfigError(f"{os.fspath(source)}: unreadable or truncated weights file ({e})") from e
+    check_loading_info(source, info)
+    return model
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:

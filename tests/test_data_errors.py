@@ -87,7 +87,9 @@ def test_failed_write_leaves_nothing_in_cache(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(corpus_mod.Dataset, "save_to_disk", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(
+        ValueError, match=r"data\.cache_dir=.*cannot write the prepared corpus to .*: disk full"
+    ):
         build_corpus(small_config(tmp_path))
     assert_cache_empty(tmp_path)
 

@@ -93,7 +93,7 @@ def test_model_and_data_mistakes_write_nothing(tmp_path, capsys, cache):
     (tmp_path / "empty.txt").write_text("")
     empty_src = '{"type": "files", "paths": ["' + str(tmp_path / "empty.txt") + '"]}'
     cases = [
-        (["model.base=" + str(tmp_path / "nope")], r"model\.base=.*nope.*cannot load its config"),
+        (["model.base=" + str(tmp_path / "nope")], r"model\.base=.*nope.: no such folder"),
         (["model.base=" + str(neox)], r"is a 'gpt_neox' checkpoint; model\.base must be a dense GPT-2"),
         (["model.base=" + str(small)], r"tokenizer has 30\d tokens but the checkpoint only 50 embeddings"),
         (["data.seq_len=128"], r"data\.seq_len=128 is beyond the model's 64 positions"),
@@ -109,7 +109,10 @@ def test_model_and_data_mistakes_write_nothing(tmp_path, capsys, cache):
 
 
 def test_occupied_folder_overwrite_and_resume_mistakes(tmp_path, capsys, cache):
-    path = cfg_file(tmp_path, cache, train__steps=2, checkpoint__every=1, checkpoint__keep=2)
+    # upcycle at step 1 (< train.steps: a run that never upcycles is refused), so step 2 is an MoE checkpoint
+    path = cfg_file(
+        tmp_path, cache, train__steps=2, model__upcycle_at_step=1, checkpoint__every=1, checkpoint__keep=2
+    )
     run = tmp_path / "runs" / "tiny"
     assert run_cli(capsys, "--config", path)[0] == 0
     before = sorted(p.name for p in run.rglob("*"))

@@ -195,7 +195,8 @@ def test_occupied_run_folder_is_refused(tmp_path):
     assert (cfg.run_dir / "metrics.jsonl").read_text() == before
     with pytest.raises(ConfigError, match=r"differs from the saved config.yaml in \['optim.weight_decay'\]"):
         train(
-            make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1", "optim.weight_decay=0.5"), resume="auto"
+            make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1", "optim.weight_decay=0.5"),
+            resume="auto",
         )
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +28,23 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite real number (NaN and infinities are never meaningful settings here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range (the block order uses numpy)
+
+
+def _template_problem(template: str) -> str | None:
+    """Why ``template`` cannot be ``str.format_map``-ed with a record's fields, or None when it can."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return f"not a valid format string ({e})"
+    bad = [f for f in fields if not f or not f.isidentifier()]
+    if bad:
+        return f"fields must be record field names such as {{question}}, got {bad}"
+    return None
 
 
 def _unknown_keys(where: str, d: dict[str, Any], cls: type) -> None:
@@ -112,6 +131,7 @@ class SourceConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 self._fail(name, "null (no limit) or an integer >= 1")
+        self._validate_text_options()
         if self.max_chars is not None and self.max_chars < self.min_chars:
             self._fail("max_chars", f"must be >= min_chars={self.min_chars}")
         for name in ("streaming", "strip_annotations"):
@@ -123,6 +143,16 @@ class SourceConfig:
             bad = [t for t in self.templates if t not in TEMPLATES]
             if bad:
                 self._fail("templates", f"unknown templates {bad}; allowed: {sorted(TEMPLATES)}")
+
+    def _validate_text_options(self) -> None:
+        if self.template is not None:
+            problem = _template_problem(self.template) if isinstance(self.template, str) else "a string"
+            if problem:
+                self._fail("template", problem)
+        try:
+            re.compile(self.chapter_pattern)
+        except (re.error, TypeError) as e:
+            self._fail("chapter_pattern", f"a regular expression ({e})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,8 +225,8 @@ class DataConfig:
         ):
             if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 self._fail(name, f"an integer >= {low}")
-        if not _is_int(self.seed):
-            self._fail("seed", "an integer")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            self._fail("seed", f"an integer in [0, {MAX_SEED}]")
         if not _is_num(self.eval_fraction) or not 0.0 <= self.eval_fraction < 1.0:
             self._fail("eval_fraction", "a number in [0, 1)")
         if self.mixing not in MIXING_MODES:
@@ -207,7 +237,7 @@ class DataConfig:
             if set(self.weights) != set(self.domains):
                 self._fail("weights", f"mixing=weighted needs one weight per domain {list(self.domains)}")
             if not all(_is_num(w) and w > 0 for w in self.weights.values()):
-                self._fail("weights", "every weight must be a number > 0")
+                self._fail("weights", "every weight must be a finite number > 0")
         elif self.weights:
             self._fail("weights", f"weights are only used with mixing=weighted (mixing={self.mixing!r})")
         for name in ("cross_documents", "cross_domains"):
@@ -238,6 +268,8 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """
     import yaml
 
+    from moe_emergence.yamlio import strict_load
+
     out = copy.deepcopy(d)
     for item in overrides:
         if "=" not in item:
@@ -252,7 +284,12 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             if not isinstance(nxt, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a mapping (it is {nxt!r})")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = strict_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"override {item!r}: the value is not valid YAML: {' '.join(str(e).split())}"
+            ) from e
     return out
 
 

@@ -85,6 +85,26 @@ def _write_atomic(
         raise
 
 
+def _write_cache(cache_path: Path, corpus: Corpus, cache_dir: str) -> None:
+    """Write a prepared corpus into the cache. A failure (disk full, no permission) is a ``ValueError``
+    naming the folder; it leaves no partial entry and removes the folders it created."""
+    created = [p for p in (cache_path.parent, *cache_path.parent.parents) if not p.exists()]
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        if not cache_path.exists():
+            _write_atomic(cache_path, corpus.train, corpus.eval, corpus.tokenizer, corpus.stats)
+    except OSError as e:
+        for folder in created:  # innermost first; only folders still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise ValueError(
+            f"data.cache_dir={cache_dir!r}: cannot write the prepared corpus to {cache_path}: "
+            f"{e.strerror or e} (free some space, fix the permissions, or set data.cache_dir=null)"
+        ) from e
+
+
 def corpus_fingerprint(
     cfg: DataConfig, splits: Mapping[str, tuple[list[str], list[str]]], tok_key: str
 ) -> str:
@@ -168,9 +188,7 @@ def build_corpus(
     else:
         corpus = _prepare(cfg, splits, tokenizer, fp)
         if cache_path is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            if not cache_path.exists():
-                _write_atomic(cache_path, corpus.train, corpus.eval, corpus.tokenizer, corpus.stats)
+            _write_cache(cache_path, corpus, cfg.cache_dir)
             corpus.path = cache_path
     if tokenizer_dir is not None:
         corpus.tokenizer.save_pretrained(str(tokenizer_dir))

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from moe_emergence.data.config import SourceConfig
+from moe_emergence.data.config import DataConfig, SourceConfig
 
 STDLIB_EXCLUDE = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -75,6 +75,8 @@ def render_record(record: dict[str, Any], src: SourceConfig, where: str) -> str:
                 f"{where}: template {src.template!r} needs field {e.args[0]!r}, missing from the record "
                 f"(fields: {sorted(record)})"
             ) from None
+        except (ValueError, TypeError) as e:  # a format spec that does not fit the field's value
+            raise ValueError(f"{where}: template {src.template!r} does not fit the record: {e}") from e
     else:
         if src.text_field not in record:
             raise ValueError(
@@ -86,7 +88,9 @@ def render_record(record: dict[str, Any], src: SourceConfig, where: str) -> str:
     return ANNOTATION_RE.sub("", text) if src.strip_annotations else text
 
 
-def _files_docs(domain: str, src: SourceConfig, root: Path) -> Iterator[str]:
+def source_files(domain: str, src: SourceConfig, root: Path) -> list[Path]:
+    """The files a ``files`` source reads, in order; ``ValueError`` when a ``paths`` entry matches none or
+    a file has an unsupported suffix."""
     where = _where(domain, src)
     files: list[Path] = []
     for pattern in src.paths:
@@ -102,21 +106,71 @@ def _files_docs(domain: str, src: SourceConfig, root: Path) -> Iterator[str]:
                 )
             if m not in files:
                 files.append(m)
-    for path in files:
+    return files
+
+
+def check_source_files(cfg: DataConfig) -> None:
+    """Before anything is prepared or written: every ``files`` source's paths match files of a supported
+    suffix, and every ``stdlib`` source's paths match modules (their contents are checked when read)."""
+    root = Path(cfg.root_dir).expanduser() if cfg.root_dir else Path.cwd()
+    for name, src in cfg.domains.items():
+        if src.type == "files":
+            source_files(name, src, root)
+        elif src.type == "stdlib" and src.paths and not stdlib_files(src.paths):
+            raise ValueError(f"{_where(name, src)}: paths={src.paths!r} match no standard-library .py file")
+
+
+def _files_docs(domain: str, src: SourceConfig, root: Path) -> Iterator[str]:
+    where = _where(domain, src)
+    for path in source_files(domain, src, root):
         if path.suffix == ".txt":
             yield from split_text(
-                path.read_text(encoding="utf-8"), src.split_mode, src.target_chars, src.chapter_pattern
+                _read_text(path, where), src.split_mode, src.target_chars, src.chapter_pattern
             )
         elif path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        yield render_record(json.loads(line), src, f"{where} {path} line {i}")
+            yield from _jsonl_docs(path, src, where)
         else:
-            import pyarrow.parquet as pq
+            yield from _parquet_docs(path, src, where)
 
-            for i, record in enumerate(pq.read_table(path).to_pylist()):
-                yield render_record(record, src, f"{where} {path} row {i}")
+
+def _read_text(path: Path, where: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {path}: {e.strerror or e}") from e
+
+
+def _jsonl_docs(path: Path, src: SourceConfig, where: str) -> Iterator[str]:
+    """One record per non-blank line; a line that is not a JSON object is an error naming file and line."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                at = f"{where} {path} line {i}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{at}: not valid JSON ({e.msg} at column {e.colno})") from e
+                if not isinstance(record, dict):
+                    raise ValueError(f"{at}: expected a JSON object (a record), got {type(record).__name__}")
+                yield render_record(record, src, at)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+
+
+def _parquet_docs(path: Path, src: SourceConfig, where: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{where}: {path} is not a readable parquet file ({e})") from e
+    for i, record in enumerate(records):
+        yield render_record(record, src, f"{where} {path} row {i}")
 
 
 def _hub_docs(domain: str, src: SourceConfig, root: Path) -> Iterator[str]:

@@ -48,6 +48,12 @@ def available_backends(
     return names
 
 
+def unsupported_reason(name: str, device: torch.device | str) -> str | None:
+    """Why fast backend ``name`` cannot run on ``device``, or None when it can (checked before a run starts)."""
+    ok, why = _support(name, torch.device(device))
+    return None if ok else why
+
+
 def load_backend(name: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
     """The experts function of backend ``name``; RuntimeError if it cannot run on ``device``."""
     if name not in BACKENDS:

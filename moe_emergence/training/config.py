@@ -38,9 +38,22 @@ def is_plain_name(name: str) -> bool:
     )
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too)
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """``ConfigError`` (a ``ValueError``) ``name=value is invalid: allowed`` unless ``ok``."""
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+        raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is not NaN or infinite (the loader already refuses those; Python callers may not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _finite(value) and value > 0
 
 
 @dataclass
@@ -75,7 +88,7 @@ class ModelConfig:
             f"a multiple of tiny_n_head={self.tiny_n_head}",
         )
         _check(
-            self.dropout is None or 0.0 <= self.dropout < 1.0,
+            self.dropout is None or (_finite(self.dropout) and 0.0 <= self.dropout < 1.0),
             "model.dropout",
             self.dropout,
             "null or in [0, 1)",
@@ -100,19 +113,39 @@ class OptimConfig:
     grad_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
-        _check(self.router_lr is None or self.router_lr > 0, "optim.router_lr", self.router_lr, "> 0 or null")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _check(_positive(self.lr), "optim.lr", self.lr, "a number > 0")
         _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            self.router_lr is None or _positive(self.router_lr),
+            "optim.router_lr",
+            self.router_lr,
+            "> 0 or null",
+        )
+        _check(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            "optim.weight_decay",
+            self.weight_decay,
+            "a number >= 0",
+        )
+        _check(
+            len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas),
             "optim.betas",
             self.betas,
             "two numbers in [0, 1)",
         )
-        _check(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        _check(_positive(self.eps), "optim.eps", self.eps, "a number > 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0 or null")
+        _check(
+            _finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+            "optim.min_lr_ratio",
+            self.min_lr_ratio,
+            "a number in [0, 1]",
+        )
+        _check(
+            self.grad_clip is None or _positive(self.grad_clip),
+            "optim.grad_clip",
+            self.grad_clip,
+            "> 0 or null",
+        )
 
 
 @dataclass
@@ -174,6 +207,7 @@ class TrainConfig:
         )
         for name in ("steps", "batch_size", "grad_accum"):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer in [0, {MAX_SEED}]")
         _check(
             self.stop_after is None or self.stop_after >= 1,
             "train.stop_after",
@@ -192,7 +226,12 @@ class CollapseConfig:
     action: Literal["warn", "stop"] = "warn"
 
     def __post_init__(self) -> None:
-        _check(0 < self.max_frac <= 1, "collapse.max_frac", self.max_frac, "a number in (0, 1]")
+        _check(
+            _finite(self.max_frac) and 0 < self.max_frac <= 1,
+            "collapse.max_frac",
+            self.max_frac,
+            "a number in (0, 1]",
+        )
         _check(self.patience >= 1, "collapse.patience", self.patience, "an integer >= 1")
 
 
@@ -269,6 +308,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", self.every, "an integer >= 0")
         _check(self.max_batches >= 1, "eval.max_batches", self.max_batches, "an integer >= 1")
+        _check(
+            self.batch_size is None or self.batch_size >= 1,
+            "eval.batch_size",
+            self.batch_size,
+            "null (= train.batch_size) or an integer >= 1",
+        )
 
 
 @dataclass
@@ -297,6 +342,17 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        m = self.model
+        _check(
+            m.moe is None or m.upcycle_at_step < self.train.steps,
+            "model.upcycle_at_step",
+            m.upcycle_at_step,
+            f"an integer < train.steps={self.train.steps} when model.moe is set (the run would never be "
+            "upcycled and final/ would be dense); for a dense run set model.moe=null",
+        )
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "a folder name")
 
     @property
     def run_dir(self) -> Path:

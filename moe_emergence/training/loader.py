@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from moe_emergence.errors import ConfigError  # re-exported: the user-error type
+from moe_emergence.yamlio import DuplicateKeyError, strict_load
 
 T = TypeVar("T")
 INHERIT_KEY = "base"
@@ -76,7 +78,16 @@ def _build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+        raise ConfigError(_dotted_message(cls, str(e), prefix)) from e
+
+
+def _dotted_message(cls: type, message: str, prefix: str) -> str:
+    """A dataclass's own validation message with its class name (``MoEConfig.top_k=9 is invalid``) replaced by
+    the dotted key it was loaded from (``model.moe.top_k=9 is invalid``); other messages get the key prefixed."""
+    own = f"{cls.__name__}."
+    if prefix and message.startswith(own):
+        return f"{prefix}.{message[len(own) :]}"
+    return f"{prefix or 'config'}: {message}"
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -130,13 +141,11 @@ def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _as_float(value)
+        if number is not None:
+            if not math.isfinite(number):  # .inf, .nan, "1e999": never a meaningful setting
+                raise ConfigError(f"{key}={value!r} is invalid: expected a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -146,6 +155,18 @@ def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
     else:
         raise TypeError(f"{key}: the config loader does not support field type {tp!r}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float when it is a number, or a string PyYAML left unparsed ("1e-3" has no dot)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 # ----------------------------------------------------------------------------- YAML files and overrides
@@ -163,7 +184,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from e
+    try:
+        data = strict_load(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(
+            f"{path}: duplicate key {e.key!r} at line {e.problem_mark.line + 1} (first at line "
+            f"{e.first_line}); each key may appear once per mapping"
+        ) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -203,7 +233,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key component in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = strict_load(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {text!r}: duplicate key {e.key!r} in the value") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
     return parts, value

@@ -13,10 +13,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from moe_emergence.data.sources import check_source_files
+from moe_emergence.dense_checkpoint import check_weight_files
 from moe_emergence.errors import ConfigError, as_user_error
+from moe_emergence.kernels import BACKENDS, unsupported_reason
 from moe_emergence.modeling import GPT2MoEForCausalLM
 from moe_emergence.training.config import ModelConfig, RunConfig
 from moe_emergence.upcycle import load_dense_gpt2, upcycle
+
+TOKENIZER_PROBE = "def add(a, b): return a + b  # The 3 cats sat."  # any usable tokenizer encodes this
 
 
 def dropout_overrides(p: float) -> dict[str, float]:
@@ -59,36 +64,98 @@ def mixed_precision(setting: str, cpu: bool) -> str:
 
 
 def check_base(cfg: RunConfig) -> BaseInfo:
-    """Check ``model.base`` and ``data.seq_len`` before anything is written; ``ConfigError`` (one line,
-    naming the key) for a missing or non-GPT-2 base, a tokenizer that does not fit the checkpoint's
-    embeddings, or a ``seq_len`` beyond the model's positions."""
+    """Check everything that depends on the model before anything is written; ``ConfigError`` (one line,
+    naming the key or file) for a missing or non-GPT-2 base, a weights file that is missing, truncated,
+    incomplete or of other shapes than its config, a missing or unusable tokenizer (or one that does not fit
+    the embeddings), MoE layers outside the model's blocks, an experts backend that cannot run here, a
+    ``seq_len`` beyond the model's positions, and data files that do not exist."""
     m = cfg.model
     if m.base == "tiny":
         info = BaseInfo(None, m.tiny_n_positions)
+        dims = (m.tiny_n_layer, m.tiny_n_embd, 4 * m.tiny_n_embd)
+        blocks_from = f"model.tiny_n_layer={m.tiny_n_layer}"
     else:
-        where = f"model.base={m.base!r}"
-        with as_user_error(f"{where}: cannot load its config (not a GPT-2 folder, or hub id unreachable)"):
-            config = AutoConfig.from_pretrained(m.base)
-        if config.model_type != "gpt2":
-            raise ConfigError(
-                f"{where} is a {config.model_type!r} checkpoint; model.base must be a dense GPT-2 "
-                "(model_type 'gpt2'): 'tiny', a hub id such as 'gpt2' or a local GPT-2 folder"
-            )
-        with as_user_error(f"{where}: cannot load its tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(m.base)
-        if len(tokenizer) > config.vocab_size:
-            raise ConfigError(
-                f"{where}: its tokenizer has {len(tokenizer)} tokens but the checkpoint only "
-                f"{config.vocab_size} embeddings; the tokenizer does not match the checkpoint"
-            )
-        info = BaseInfo(tokenizer, config.n_positions)
+        config = _base_config(m.base)
+        check_weight_files(m.base, config)
+        info = BaseInfo(_base_tokenizer(m.base, config), config.n_positions)
+        dims = (config.n_layer, config.n_embd, config.n_inner or 4 * config.n_embd)
+        blocks_from = f"n_layer={config.n_layer} of model.base={m.base!r}"
+    if m.moe is not None:
+        _check_moe_fits(cfg, *dims, blocks_from)
     if cfg.data.seq_len > info.max_positions:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is beyond the model's {info.max_positions} positions "
             f"({'model.tiny_n_positions' if m.base == 'tiny' else 'n_positions of ' + repr(m.base)}); "
             f"use data.seq_len <= {info.max_positions}"
         )
+    with as_user_error("data", ValueError):
+        check_source_files(cfg.data)
     return info
+
+
+def _base_config(base: str) -> GPT2Config:
+    where = f"model.base={base!r}"
+    path = Path(base).expanduser()
+    if not path.exists() and (path.is_absolute() or base.startswith((".", "~"))):
+        raise ConfigError(f"{where}: no such folder; use 'tiny', a hub id such as 'gpt2' or a GPT-2 folder")
+    with as_user_error(f"{where}: cannot load its config (not a GPT-2 folder, or hub id unreachable)"):
+        config = AutoConfig.from_pretrained(base)
+    if config.model_type != "gpt2":
+        raise ConfigError(
+            f"{where} is a {config.model_type!r} checkpoint; model.base must be a dense GPT-2 "
+            "(model_type 'gpt2'): 'tiny', a hub id such as 'gpt2' or a local GPT-2 folder"
+        )
+    return config
+
+
+def _base_tokenizer(base: str, config: GPT2Config) -> PreTrainedTokenizerBase:
+    """The base's tokenizer, refused when it cannot be loaded, encodes text to nothing (a folder without
+    tokenizer files gets an empty one), has no EOS token or more tokens than the checkpoint has embeddings."""
+    where = f"model.base={base!r}"
+    with as_user_error(f"{where}: cannot load its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
+        raise ConfigError(
+            f"{where}: it has no usable tokenizer (it has {len(tokenizer)} tokens and encodes text to nothing); "
+            "a GPT-2 folder needs tokenizer.json or vocab.json + merges.txt (tokenizer.save_pretrained)"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"{where}: its tokenizer has no eos_token; documents are joined with EOS, so one is required"
+        )
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(
+            f"{where}: its tokenizer has {len(tokenizer)} tokens but the checkpoint only "
+            f"{config.vocab_size} embeddings; the tokenizer does not match the checkpoint"
+        )
+    return tokenizer
+
+
+def _grouped_mm_fits(d_model: int, d_ff: int) -> bool:
+    from moe_emergence.kernels.grouped_mm import fits  # lazy: backend modules load only when asked for
+
+    return fits(d_model, d_ff)
+
+
+def _check_moe_fits(cfg: RunConfig, n_layer: int, d_model: int, d_ff: int, blocks_from: str) -> None:
+    """``model.moe.layers`` within the model's blocks; ``model.moe.backend`` able to run on this device."""
+    moe = cfg.model.moe
+    if moe.layers != "all" and max(moe.layers) >= n_layer:
+        bad = [i for i in moe.layers if i >= n_layer]
+        raise ConfigError(
+            f"model.moe.layers={moe.layers} is invalid: blocks {bad} do not exist; the model has {n_layer} "
+            f'blocks ({blocks_from}), so indices 0..{n_layer - 1} or "all"'
+        )
+    if moe.backend in BACKENDS:
+        gpu = torch.cuda.is_available() and not cfg.train.cpu
+        device = torch.device("cuda" if gpu else "cpu")
+        why = unsupported_reason(moe.backend, device)
+        if why is None and moe.backend == "grouped_mm" and not _grouped_mm_fits(d_model, d_ff):
+            why = f"it needs the widths (here {d_model} and {d_ff}) to be multiples of 8"
+        if why is not None:
+            raise ConfigError(
+                f"model.moe.backend={moe.backend!r} cannot run here: {why}; use 'auto' or 'eager'"
+            )
 
 
 def model_dims(model) -> dict[str, int | None]:
