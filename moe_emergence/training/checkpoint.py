@@ -34,9 +34,12 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +321,22 @@ def read_trainer_state(path: str | Path) -> dict[str, dict[str, Any]]:
     if not all(isinstance(state.get(k), dict) for k in ("train_state", "sampler")):
         raise ConfigError(f"{f}: the trainer state needs 'train_state' and 'sampler' objects")
     return state
+
+
+@contextmanager
+def accelerate_view(path: str | Path) -> Iterator[Path]:
+    """The checkpoint folder as accelerate may load it: ``path`` itself, or, for a checkpoint written before
+    ``trainer_state.json``, a temporary folder of symlinks to everything but its ``custom_checkpoint_*.pkl``
+    (accelerate would unpickle those with ``weights_only=False``; ``read_trainer_state`` reads them safely)."""
+    path = Path(path)
+    if not any((path / n).exists() for n in LEGACY_STATE):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="moe-ckpt-") as tmp:
+        for entry in path.iterdir():
+            if entry.name not in LEGACY_STATE:
+                (Path(tmp) / entry.name).symlink_to(entry.resolve())
+        yield Path(tmp)
 
 
 # ----------------------------------------------------------------------------- writing

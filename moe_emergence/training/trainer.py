@@ -136,7 +136,8 @@ class Trainer:
         own state from JSON. Anything unreadable is a ``ConfigError`` naming the checkpoint."""
         state = ckpt.read_trainer_state(path)
         try:
-            self.accelerator.load_state(str(path))
+            with ckpt.accelerate_view(path) as view:
+                self.accelerator.load_state(str(view))
             reset_base_lrs(self.optimizer, self.cfg.optim)
             self.state.load_state_dict(state["train_state"])
             self.sampler.load_state_dict(state["sampler"])
@@ -460,16 +461,17 @@ class Trainer:
             self.run_eval()
         if last_ckpt != st.step:
             self.save_checkpoint()
+        if not self._state_is_good_for_saving():  # no good state kept (guard.snapshot_every: 0)
+            message = f"non-finite guard: the final weights hold non-finite values; no final/ written in {self.run_dir}"
+            acc.print(message)
+            self.tracking.finish()
+            return TrainResult(self.run_dir, st.step, "nonfinite", message=message)
         self.save_final()
         self.tracking.finish()
         return TrainResult(self.run_dir, st.step, stopped)
 
     def save_final(self) -> None:
         acc = self.accelerator
-        if not self._state_is_good_for_saving():
-            raise RuntimeError(
-                f"the final weights hold non-finite values and no good state is kept: {self.run_dir}"
-            )
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(self.model)
         if acc.is_main_process:  # written aside and renamed into place: final/ is whole or absent

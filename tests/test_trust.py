@@ -1,0 +1,382 @@
+"""Trust: run folders never lose data (marker, one plain run name, an exclusive lock, launcher death),
+nothing in a checkpoint executes (planted pickle payloads), the guard never saves exploded weights, and
+filesystem or checkpoint damage is one error line. Each test names the guarantee of docs/training.md
+("What is guaranteed") it backs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_reliability import assert_one_error_line, cfg_file, run_cli
+from test_training_run import TINY
+
+from moe_emergence.telemetry import read_metrics
+from moe_emergence.training import checkpoint as ckpt
+from moe_emergence.training.config import GuardConfig, config_from_dict
+from moe_emergence.training.guard import StepCheck, judge
+from moe_emergence.training.rollback import Snapshot
+from moe_emergence.training.runlock import lock_path
+from moe_emergence.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "tiny_data_cache"  # shared with test_reliability
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- A1: run folders
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../escaped", "/abs", "a/b", "a\\b", ".hidden", "x/"])
+def test_run_name_is_one_plain_component(tmp_path, capsys, cache, name):
+    path = cfg_file(tmp_path, cache)
+    rc, err = run_cli(capsys, "--config", path, f"log.run_name={name}")
+    assert rc == 2
+    assert_one_error_line(err, r"log\.run_name=.* is invalid: one plain folder name")
+    assert listing(tmp_path) == ["tiny.yaml"]  # nothing written anywhere, outside output_dir neither
+
+
+def test_overwrite_replaces_only_marked_run_folders(tmp_path, capsys, cache):
+    """Guarantee: --overwrite deletes only a folder a run created, holding only what a run writes."""
+    path = cfg_file(tmp_path, cache, train__steps=1, model__upcycle_at_step=0)
+    runs = tmp_path / "runs"
+    foreign = runs / "tiny"
+    foreign.mkdir(parents=True)
+    (foreign / "precious.txt").write_text("mine")
+    rc, err = run_cli(capsys, "--config", path, "--overwrite")
+    assert rc == 2
+    assert_one_error_line(
+        err, r"--overwrite refused: .*tiny' was not created by a training run .*precious\.txt"
+    )
+    rc, err = run_cli(capsys, "--config", path)  # a new run into a non-empty foreign folder
+    assert rc == 2
+    assert_one_error_line(err, r"exists and holds precious\.txt, not a run")
+    assert listing(runs) == ["tiny", "tiny/precious.txt"]
+
+    (foreign / "precious.txt").unlink()  # an empty folder is fine for a new run
+    assert run_cli(capsys, "--config", path)[0] == 0
+    assert (foreign / ".moe_emergence_run").is_file()
+    (foreign / "notes.txt").write_text("my notes")  # the user's file inside a run folder
+    (runs / "sibling.txt").write_text("next to it")
+    rc, err = run_cli(capsys, "--config", path, "--overwrite")
+    assert rc == 2
+    assert_one_error_line(err, r"also holds files a run does not write: notes\.txt")
+    assert (foreign / "notes.txt").read_text() == "my notes"
+    (foreign / "notes.txt").unlink()
+    before = (foreign / "metrics.jsonl").read_text()
+    assert run_cli(capsys, "--config", path, "--overwrite")[0] == 0  # a pure run folder is replaced
+    assert (foreign / "metrics.jsonl").read_text() != "" and (
+        runs / "sibling.txt"
+    ).read_text() == "next to it"
+    assert before.count("\n") == (foreign / "metrics.jsonl").read_text().count("\n")
+    assert sorted(p.name for p in runs.iterdir()) == ["sibling.txt", "tiny"]  # no lock file left behind
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys, cache):
+    path = cfg_file(tmp_path, cache)
+    (tmp_path / "runs").write_text("not a folder")
+    rc, err = run_cli(capsys, "--config", path)
+    assert rc == 2
+    assert_one_error_line(err, r"output_dir '.*runs' is a file, not a folder")
+    assert (tmp_path / "runs").read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------- A2, A3: lock, launcher death
+
+
+def _launch(cmd: list[str], log: Path, **env) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.Popen(cmd, env=full_env, stdout=log.open("a"), stderr=subprocess.STDOUT, cwd=log.parent)
+
+
+def _wait(cond, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < end, f"timed out: {log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def _steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count('"train/loss"') if path.exists() else 0
+
+
+def test_second_writer_is_refused_and_the_lock_dies_with_its_process(tmp_path, capsys, cache):
+    """Guarantee: one writer per run folder; a second launch (new run, --resume auto or --overwrite) gets
+    one error line naming the PID; kill -9 of the holder frees the folder for --resume auto."""
+    path = cfg_file(tmp_path, cache, train__steps=400, checkpoint__every=2, log__every=1)
+    run, log = tmp_path / "runs" / "tiny", tmp_path / "live.log"
+    proc = _launch([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(path)], log)
+    try:
+        _wait(lambda: _steps(run) >= 3, proc, log)
+        assert json.loads(lock_path(run).read_text())["pid"] == proc.pid
+        for extra in ([], ["--resume", "auto"], ["--overwrite"]):
+            rc, err = run_cli(capsys, "--config", path, *extra)
+            assert rc == 2, extra
+            assert_one_error_line(err, rf"run folder '.*tiny' is in use by process {proc.pid} on ")
+        assert proc.poll() is None  # the live run was not disturbed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert lock_path(run).exists()  # left behind by kill -9, but its flock died with the process
+    rc, err = run_cli(capsys, "--config", path, "train.steps=400", "train.stop_after=1", "--resume", "auto")
+    assert rc == 0, err
+    records = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert records == sorted(set(records))  # no duplicated or out-of-order steps
+    assert not lock_path(run).exists()
+
+
+def test_killing_the_launcher_stops_the_training_process(tmp_path, cache):
+    """Guarantee: kill -9 of `accelerate launch` stops its training child within seconds, after a
+    checkpoint (exit 143 by SIGTERM), and the lock is free again."""
+    path = cfg_file(tmp_path, cache, train__steps=2000, checkpoint__every=1000, log__every=1)
+    run, log = tmp_path / "runs" / "tiny", tmp_path / "launch.log"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [str(ROOT / "scripts" / "train.py"), "--config", str(path)]
+    launcher = _launch(cmd, log)
+    try:
+        _wait(lambda: _steps(run) >= 2 and lock_path(run).exists(), launcher, log)
+        child = json.loads(lock_path(run).read_text())["pid"]
+        assert child != launcher.pid
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and Path(f"/proc/{child}").exists():
+            if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+                break
+            time.sleep(0.1)
+        assert (
+            not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+        )
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    assert "the launcher (process" in text and "SIGTERM: saving a checkpoint" in text, text[-3000:]
+    steps_then = _steps(run)
+    time.sleep(1.0)
+    assert _steps(run) == steps_then  # nothing writes any more
+    assert ckpt.list_checkpoints(run / "checkpoints")  # it saved before stopping
+    assert not lock_path(run).exists()
+
+
+# ----------------------------------------------------------------------------- B4: nothing executes
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(folder: Path, marker: Path) -> list[str]:
+    """Replace every pickle-format file of a checkpoint with a payload (torch zip files by a torch.save of
+    it, plain pickles by pickle.dumps), add a legacy custom_checkpoint pickle, recompute the manifest."""
+    planted = []
+    (folder / "custom_checkpoint_0.pkl").write_bytes(b"")
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and (f.suffix in ckpt.PICKLE_SUFFIXES or f.name == ".metadata"):
+            if f.suffix == ".pkl" and f.name.startswith("custom"):
+                f.write_bytes(pickle.dumps(_Payload(marker)))
+            else:
+                torch.save({"state": _Payload(marker)}, f)
+            planted.append(f.name)
+    ckpt.write_manifest(folder)  # a sha256 list is no proof of origin
+    return planted
+
+
+def test_planted_pickle_payloads_never_run(tmp_path, capsys, cache):
+    """Guarantee: no file of a checkpoint is unpickled with weights_only=False; a tampered checkpoint is one
+    error line (--resume PATH) or skipped for the previous intact one (--resume auto)."""
+    path = cfg_file(tmp_path, cache, train__steps=4, checkpoint__every=2, checkpoint__keep=2)
+    assert run_cli(capsys, "--config", path)[0] == 0
+    run = tmp_path / "runs" / "tiny"
+    step4, marker = run / "checkpoints" / "step_0000004", tmp_path / "PWNED"
+    names = set(os.listdir(step4))
+    assert "trainer_state.json" in names and not any(n.startswith("custom_checkpoint") for n in names)
+    planted = _plant(step4, marker)
+    assert {"optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"} <= set(planted)
+    rc, err = run_cli(capsys, "--config", path, "log.run_name=other", "--resume", step4)
+    assert rc == 2
+    assert_one_error_line(
+        err, r"damaged or partial: .* is not a plain tensor/state pickle .*nothing in it was executed"
+    )
+    assert not marker.exists() and not (tmp_path / "runs" / "other").exists()
+    with pytest.warns(
+        UserWarning, match=r"step_0000004 \(.*not a plain tensor.*resuming from the previous good"
+    ):
+        rc, err = run_cli(capsys, "--config", path, "--resume", "auto")
+    assert rc == 0, err
+    assert not marker.exists() and (run / "checkpoints" / "step_0000004.damaged").is_dir()
+
+
+def test_legacy_pickled_trainer_state_still_resumes(tmp_path, cache):
+    """Checkpoints written before trainer_state.json (accelerate's custom_checkpoint_*.pkl) load, with
+    weights_only=True."""
+    base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=old", "eval.max_batches=2"]
+    train(config_from_dict(TINY, [*base, "train.stop_after=3", "checkpoint.every=3"]))
+    step3 = tmp_path / "old" / "checkpoints" / "step_0000003"
+    state = json.loads((step3 / "trainer_state.json").read_text())
+    torch.save(state["train_state"], step3 / "custom_checkpoint_0.pkl")
+    torch.save(state["sampler"], step3 / "custom_checkpoint_1.pkl")
+    (step3 / "trainer_state.json").unlink()
+    ckpt.write_manifest(step3)
+    assert ckpt.verify_checkpoint(step3) == []
+    assert train(config_from_dict(TINY, base), resume="auto").step == 6
+
+
+# ----------------------------------------------------------------------------- checkpoint damage, disk full
+
+
+def test_damaged_checkpoints_are_one_error_line(tmp_path, capsys, cache):
+    path = cfg_file(tmp_path, cache, train__steps=4, checkpoint__every=2, checkpoint__keep=2)
+    assert run_cli(capsys, "--config", path)[0] == 0
+    run = tmp_path / "runs" / "tiny"
+    step2, step4 = run / "checkpoints" / "step_0000002", run / "checkpoints" / "step_0000004"
+    cases = [
+        ("optimizer.bin", r"the optimizer state \(optimizer\.bin or optimizer_0/\) is missing"),
+        ("random_states_0.pkl", r"random_states_0\.pkl is missing"),
+        ("trainer_state.json", r"trainer_state\.json is missing"),
+    ]
+    for name, pattern in cases:
+        backup = (step4 / name).read_bytes()
+        (step4 / name).unlink()
+        ckpt.write_manifest(step4)  # the manifest rewritten to match
+        rc, err = run_cli(capsys, "--config", path, "log.run_name=other", "--resume", step4)
+        assert rc == 2, name
+        assert_one_error_line(err, pattern)
+        (step4 / name).write_bytes(backup)
+    (step4 / "meta.json").write_text("{garbage")
+    ckpt.write_manifest(step4)
+    rc, err = run_cli(capsys, "--config", path, "log.run_name=other", "--resume", step4)
+    assert rc == 2
+    assert_one_error_line(err, r"meta\.json: unreadable checkpoint metadata")
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    rc, err = run_cli(capsys, "--config", path, "--resume", "auto")
+    assert rc == 2
+    assert_one_error_line(err, r"config\.yaml: unreadable run config")
+    assert not (tmp_path / "runs" / "other").exists() and ckpt.verify_checkpoint(step2) == []
+
+
+def test_disk_full_during_a_checkpoint(tmp_path, capsys, cache, monkeypatch):
+    """Guarantee: a failed checkpoint write is one error line naming the path; its partial step_N.tmp is
+    removed, the earlier checkpoints stay intact and --resume auto continues."""
+    path = cfg_file(tmp_path, cache, train__steps=6, checkpoint__every=2, checkpoint__keep=3)
+    run = tmp_path / "runs" / "tiny"
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "step_0000004.tmp" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4608 vs 4502")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    rc, err = run_cli(capsys, "--config", path)
+    assert rc == 2
+    assert_one_error_line(err, r"cannot write checkpoint .*step_0000004\.tmp: \[enforce fail.*--resume auto")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000002"]
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000002") == []
+    monkeypatch.setattr(torch, "save", real_save)
+    assert run_cli(capsys, "--config", path, "--resume", "auto")[0] == 0
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- C5: bad steps
+
+
+def test_spike_rule_closed_form():
+    cfg = GuardConfig(spike_factor=3.0, spike_window=3)
+    from moe_emergence.training.checkpoint import TrainState
+
+    st = TrainState()
+    st.loss_history = [1.0, 2.0, 3.0]  # median 2
+    for lm, spike in [(6.01, True), (5.99, False)]:
+        check = StepCheck(False, False, False, [], lm=lm)
+        judge(check, st, cfg)
+        assert (check.spike is not None) == spike and check.good != spike
+    off = StepCheck(False, False, False, [], lm=1e9)
+    judge(off, st, GuardConfig(spike_factor=None))
+    assert off.good
+
+
+def test_snapshot_restores_weights_and_optimizer_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    snap = Snapshot(model, opt)
+    snap.take()  # before the first step: no optimizer state yet
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):
+        model(torch.randn(3, 5)).pow(2).sum().backward()
+        opt.step()
+    snap.restore()
+    assert all(torch.equal(model.state_dict()[k], w0[k]) for k in w0) and not opt.state
+    model(torch.randn(3, 5)).pow(2).sum().backward()
+    opt.step()
+    snap.take()
+    w1 = {k: v.clone() for k, v in model.state_dict().items()}
+    m1 = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    opt.state[model[0].weight]["exp_avg"].fill_(1e30)
+    snap.restore()
+    assert all(torch.equal(model.state_dict()[k], w1[k]) for k in w1)
+    assert all(torch.equal(opt.state[p][k], m1[id(p)][k]) for p in opt.state for k in opt.state[p])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("optim.lr=1e10", "optim.grad_clip=null"),
+        ("model.upcycle_at_step=0", "optim.lr=1e4"),
+    ],
+    ids=["lr-1e10", "upcycled-lr-1e4"],
+)
+def test_guard_never_saves_exploded_weights(tmp_path, capsys, cache, overrides):
+    """Guarantee: the guard's stop checkpoint holds the last verified-good weights (never non-finite or
+    exploded ones), names where the values went bad, and a resume with a lower optim.lr continues past the
+    bad steps without applying them again."""
+    path = cfg_file(tmp_path, cache, train__steps=12, guard__max_consecutive_skips=2, checkpoint__every=0)
+    with pytest.warns(UserWarning, match="at step"):
+        rc, err = run_cli(capsys, "--config", path, *overrides)
+    assert rc == 4
+    assert_one_error_line(
+        err, r"2 consecutive optimizer steps skipped .*the first bad values were at step \d+: "
+    )
+    assert "verified-good weights" in err
+    run = tmp_path / "runs" / "tiny"
+    (stop,) = ckpt.list_checkpoints(run / "checkpoints")
+    weights = load_file(stop / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert max(float(t.abs().max()) for t in weights.values()) < 10.0  # GPT-2 init scale, not 1e4..5e9
+    stopped_at = int(stop.name.removeprefix("step_"))
+    rc, err = run_cli(capsys, "--config", path, *overrides, "optim.lr=1e-3", "--resume", "auto")
+    assert rc == 0, err
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 13))  # continued after the stop step: the bad steps are not replayed
+    after = [r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r and r["step"] > stopped_at]
+    assert all(isinstance(r["train/lm_loss"], float) for r in after[1:])
+    final = load_file(run / "final" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values())
