@@ -216,6 +216,13 @@ def test_accelerate_launch_end_to_end(tmp_path):
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "final"} <= {p.name for p in run.iterdir()}
     assert (run / "wandb").is_dir()  # offline wandb run written into the run folder
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 4
+    # the same command again: the run is finished, so it says where the results are and exits 0 (accelerate's
+    # launcher prints a traceback for any non-zero exit, so "nothing to do" must not be an error)
+    before = (run / "metrics.jsonl").read_text()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert "already holds this run, finished: the model is in" in again.stdout
+    assert (run / "metrics.jsonl").read_text() == before
     # a user mistake: one error line and exit status 2, no traceback (plain python; accelerate's launcher
     # adds its own traceback when a child fails)
     bad_cmd = [sys.executable, str(script), "--config", str(cfg_file), "train.stpes=3"]
