@@ -6,6 +6,8 @@ ACCELERATE_USE_CPU=1 starts two and Accelerator() picks up gloo (docs/scaling.md
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -81,6 +83,28 @@ def test_two_processes_match_one_process_with_twice_the_batch(single, tmp_path):
     assert any(v[1] > 0 for v in got.values())  # MoE steps (aux losses) are part of the comparison
     _assert_close(ref, got, range(1, 11))
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_fsdp2_sharded_steps_match_one_process(single, tmp_path):
+    """The trainer's step on FSDP2-sharded parameters (DTensors) on 2 gloo processes: gradient norm, guard
+    flags and rollback snapshot, telemetry (expert divergence gathers DTensors), optimizer groups and the
+    mid-run upcycle of a sharded dense model, against the 1-process run (tests/fsdp_cpu_worker.py)."""
+    _, cache, ref = single
+    cfg_file, out = tmp_path / "tiny.yaml", tmp_path / "fsdp.json"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "tests" / "fsdp_cpu_worker.py"), str(cfg_file), str(out), f"output_dir={tmp_path}"]
+    cmd += [f"data.cache_dir={cache}", *COMMON, "train.batch_size=4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert summary["step"] == 10 and summary["stopped"] is None and summary["sharded"] > 0
+    got = _losses(tmp_path / "tiny")
+    assert sorted(got) == list(range(1, 11))
+    _assert_close(ref, got, range(1, 11))
+    router = [r for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "router/layer0/max_frac" in r]
+    assert router and all(math.isfinite(r["router/layer1/expert_divergence"]) for r in router)
 
 
 def test_resume_two_process_checkpoint_on_one_process(single, tmp_path):

@@ -186,12 +186,31 @@ def build_model(cfg: RunConfig, tokenizer) -> GPT2LMHeadModel:
 
 
 def to_moe(dense: GPT2LMHeadModel, cfg: RunConfig) -> GPT2MoEForCausalLM:
-    """Upcycle the current dense weights (``init`` from ``model.moe``), in train mode."""
+    """Upcycle the current dense weights (``init`` from ``model.moe``), in train mode. A model sharded by
+    FSDP2 (DTensor parameters) is gathered into a plain copy first (``unsharded``)."""
     if cfg.model.moe is None:
         raise ValueError("model.moe is null: a dense run is never upcycled")
-    model = upcycle(dense, cfg.model.moe)
+    model = upcycle(unsharded(dense), cfg.model.moe)
     model.train()
     return model
+
+
+def unsharded(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """``model`` itself, or, when FSDP2 sharded it (DTensor parameters), a new plain model of the same
+    config holding the gathered full weights on this process's device (a collective: every process calls
+    it)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    device = next(iter(full.values())).device
+    copy = type(model)(model.config).to(device)
+    copy.load_state_dict(full)
+    copy.loss_type = getattr(model, "loss_type", None)
+    return copy
 
 
 def compile_in_place(model: torch.nn.Module, backend: str, mode: str = "default") -> None:

@@ -157,11 +157,17 @@ class Trainer:
         if self.cfg.train.compile:
             model_setup.compile_in_place(model, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
         optimizer = build_optimizer(model, self.cfg.optim)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
         self.moe = model_setup.is_moe(self.unwrapped)
         self.snapshot = Snapshot(self.model, self.optimizer)  # guard: the last verified-good state
         self._unverified = 0  # optimizer updates applied since the state was last verified
+
+    def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """Distributed wrapping: accelerate's ``prepare`` (DDP, FSDP2, device placement, mixed precision).
+        The one seam where a test may shard the model itself (FSDP2 on CPU, where accelerate never applies
+        FSDP: tests/fsdp_cpu_worker.py)."""
+        return self.accelerator.prepare(model, optimizer)
 
     @property
     def phase(self) -> str:
