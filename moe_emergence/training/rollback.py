@@ -39,7 +39,7 @@ def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
     index = {p: i for i, group in enumerate(opt.param_groups) for p in group["params"]}
     for p, state in opt.state.items():
         for k, v in state.items():
-            if torch.is_tensor(v):
+            if torch.is_tensor(v) and v.is_floating_point():
                 out[("optim", index[p], id(p), k)] = _local(v)
     return out
 
@@ -112,4 +112,5 @@ def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not local:
         return torch.zeros((), dtype=torch.bool)
     peaks = torch._foreach_norm(local, float("inf"))  # max |x|: inf and NaN propagate, large values do not
-    return ~torch.isfinite(torch.stack([n.float() for n in peaks]).max())
+    device = local[0].device  # AdamW keeps its step counts on the CPU beside CUDA moments
+    return ~torch.isfinite(torch.stack([n.float().to(device, non_blocking=True) for n in peaks]).max())
