@@ -9,6 +9,8 @@
 # Every run's whole log stays in REPORT_DIR/<name>.log; a run that fails prints the end of its log and stops the
 # script with exit status 1 (nothing is filtered or hidden).
 # Launchers can be replaced for a dry run elsewhere (ONE, DDP, FSDP: command prefixes; EXTRA_ALL: overrides).
+# A sitting split in two: RUN_FROM=K starts the repetitions at K and SKIP_EQ=1 skips step 1, with the earlier
+# sitting's eq*.jsonl and *_1..K-1.jsonl copied into REPORT_DIR first.
 set -euo pipefail
 REPORT=${1:?usage: gpu_scaling.sh REPORT_DIR [SUMMARY_JSON]}
 SUMMARY=${2:-docs/benchmarks/h200x2.json}
@@ -41,9 +43,11 @@ run() {
   cp "$ROOT/$name/metrics.jsonl" "$REPORT/$log.jsonl"
 }
 
-run eq1 eq1 "${one[@]}" -- "${EQ[@]}" train.batch_size=16 --overwrite
-run eq2 eq2 "${ddp[@]}" -- "${EQ[@]}" train.batch_size=8 --overwrite
-for i in $(seq 1 "$RUNS"); do
+if [ "${SKIP_EQ:-0}" != 1 ]; then
+  run eq1 eq1 "${one[@]}" -- "${EQ[@]}" train.batch_size=16 --overwrite
+  run eq2 eq2 "${ddp[@]}" -- "${EQ[@]}" train.batch_size=8 --overwrite
+fi
+for i in $(seq "${RUN_FROM:-1}" "$RUNS"); do
   run "tp1_$i" "tp1_$i" "${one[@]}" -- "${TP[@]}" --overwrite
   run "ddp_$i" "ddp_$i" "${ddp[@]}" -- "${TP[@]}" --overwrite
   run "fsdp_$i" "fsdp_$i" "${fsdp[@]}" -- "${TP[@]}" --overwrite
