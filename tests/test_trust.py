@@ -232,6 +232,31 @@ def test_planted_pickle_payloads_never_run(tmp_path, capsys, cache):
     assert not marker.exists() and (run / "checkpoints" / "step_0000004.damaged").is_dir()
 
 
+def test_dcp_metadata_is_admitted_and_a_payload_in_it_is_not(tmp_path):
+    """FSDP2 checkpoints hold torch.distributed.checkpoint ``.metadata`` files, which torch reads with plain
+    ``pickle.load``: the scan admits a real one and refuses a planted one."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    folder = tmp_path / "pytorch_model_fsdp_0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... a single process"
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    assert (folder / ".metadata").is_file() and ckpt.unsafe_pickles(tmp_path) == []
+    marker = tmp_path / "PWNED"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    (problem,) = ckpt.unsafe_pickles(tmp_path)
+    assert "pytorch_model_fsdp_0/.metadata is not a plain tensor/state pickle" in problem
+    assert not marker.exists()
+
+
 def test_legacy_pickled_trainer_state_still_resumes(tmp_path, cache):
     """Checkpoints written before trainer_state.json (accelerate's custom_checkpoint_*.pkl) load, with
     weights_only=True."""

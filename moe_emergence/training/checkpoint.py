@@ -195,7 +195,7 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
         ok = (
             module in _DCP_MODULES
             or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module == "torch._utils" and name == "_get_layout")
+            or (module in ("torch._utils", "torch.serialization") and name == "_get_layout")
             or (
                 module == "pathlib"
                 and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
