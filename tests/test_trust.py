@@ -5,6 +5,7 @@ filesystem or checkpoint damage is one error line. Each test names the guarantee
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -405,3 +406,182 @@ def test_guard_never_saves_exploded_weights(tmp_path, capsys, cache, overrides):
     assert all(isinstance(r["train/lm_loss"], float) for r in after[1:])
     final = load_file(run / "final" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+# ----------------------------------------------------------------------------- found by a fresh review
+
+
+@pytest.mark.parametrize("name", ["x" * 129, "run.replaced"])
+def test_run_name_length_and_reserved_suffix(tmp_path, capsys, cache, name):
+    rc, err = run_cli(capsys, "--config", cfg_file(tmp_path, cache), f"log.run_name={name}")
+    assert rc == 2
+    assert_one_error_line(err, r"log\.run_name=.* is invalid: one plain folder name of at most 128")
+
+
+def test_a_symlinked_name_shares_the_lock_and_overwrite_refuses_links(tmp_path, capsys, cache):
+    path = cfg_file(tmp_path, cache, train__steps=400, checkpoint__every=2, log__every=1)
+    runs, log = tmp_path / "runs", tmp_path / "live.log"
+    proc = _launch([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(path)], log)
+    try:
+        _wait(lambda: _steps(runs / "tiny") >= 2, proc, log)
+        (runs / "alias").symlink_to(runs / "tiny")
+        rc, err = run_cli(capsys, "--config", path, "log.run_name=alias", "--resume", "auto")
+        assert rc == 2
+        assert_one_error_line(err, rf"run folder '.*alias' is in use by process {proc.pid}")
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    rc, err = run_cli(capsys, "--config", path, "log.run_name=alias", "--overwrite")
+    assert rc == 2
+    assert_one_error_line(err, r"alias' is a symbolic link, not a run folder")
+    assert (runs / "tiny" / "metrics.jsonl").is_file()
+
+
+def test_overwrite_looks_inside_checkpoints_final_and_tokenizer(tmp_path, capsys, cache):
+    path = cfg_file(tmp_path, cache, train__steps=1, model__upcycle_at_step=0)
+    assert run_cli(capsys, "--config", path)[0] == 0
+    run = tmp_path / "runs" / "tiny"
+    for rel in (
+        "checkpoints/mynotes.txt",
+        "final/notes.md",
+        "tokenizer/mine.txt",
+        "checkpoints/step_0000001/x.txt",
+    ):
+        (run / rel).write_text("mine")
+        rc, err = run_cli(capsys, "--config", path, "--overwrite")
+        assert rc == 2, rel
+        assert_one_error_line(err, rf"also holds files a run does not write: {rel}")
+        assert (run / rel).read_text() == "mine"
+        (run / rel).unlink()
+
+
+def _rewrite(folder: Path, name: str, edit) -> None:
+    data = json.loads((folder / name).read_text())
+    edit(data)
+    (folder / name).write_text(json.dumps(data))
+    if name != ckpt.MANIFEST:
+        ckpt.write_manifest(folder)
+
+
+def test_tampered_checkpoint_values_are_one_error_line(tmp_path, capsys, cache):
+    """Manifest paths outside the folder, special files, wrong types and ranges in the trainer state and
+    metadata, garbage weights, NaN weights: one error line each, never a hang, a traceback or a wrong run."""
+    path = cfg_file(tmp_path, cache, train__steps=6, checkpoint__every=3, checkpoint__keep=2)
+    assert run_cli(capsys, "--config", path)[0] == 0
+    run = tmp_path / "runs" / "tiny"
+    step6 = run / "checkpoints" / "step_0000006"
+    pristine = {f.name: f.read_bytes() for f in step6.iterdir()}
+    tokenizer_before = listing(run / "tokenizer"), (run / "tokenizer" / "tokenizer_config.json").read_text()
+
+    def restore():
+        for f in step6.iterdir():
+            if f.name not in pristine:
+                f.unlink()
+        for name, data in pristine.items():
+            (step6 / name).write_bytes(data)
+
+    def manifest_entry(rel):
+        return lambda m: m["files"].update({rel: {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()}})
+
+    state, meta = "trainer_state.json", "meta.json"
+    cases = [
+        (
+            lambda: _rewrite(step6, state, lambda d: d["train_state"].update(step=-5)),
+            r"train_state\.step=-5 is invalid",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["sampler"].update(offset=-1)),
+            r"sampler\.offset=-1 is invalid",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["sampler"].update(seed="a")),
+            r"sampler\.seed='a' is invalid",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["train_state"].update(step=10**30)),
+            r"at step 10+, its meta\.json at step 6",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["train_state"].update(loss_history=["x"])),
+            r"loss_history must be",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["train_state"].update(collapse_streak=None)),
+            r"collapse_streak must",
+        ),
+        (
+            lambda: _rewrite(step6, meta, lambda d: d.update(num_processes="x")),
+            r"num_processes='x' is invalid",
+        ),
+        (
+            lambda: _rewrite(step6, meta, lambda d: d.update(num_processes=10**6)),
+            r"num_processes=1000000 is invalid",
+        ),
+        (
+            lambda: _rewrite(step6, meta, lambda d: d.update(step=3)),
+            r"trainer_state\.json is at step 6, its meta\.json at step 3",
+        ),
+        (
+            lambda: _rewrite(step6, "manifest.json", manifest_entry("../../../../etc/hostname")),
+            r"not a path inside the checkpoint",
+        ),
+        (
+            lambda: (os.mkfifo(step6 / "pipe"), _rewrite(step6, "manifest.json", manifest_entry("pipe"))),
+            r"pipe is not a regular file",
+        ),
+        (
+            lambda: ((step6 / "link").symlink_to("/etc/hostname"), ckpt.write_manifest(step6)),
+            r"link is a symbolic link",
+        ),
+        (
+            lambda: ((step6 / "model.safetensors").write_bytes(b"\xff" * 64), ckpt.write_manifest(step6)),
+            r"model\.safetensors is not a readable safetensors file",
+        ),
+    ]
+    for tamper, pattern in cases:
+        tamper()
+        argv = ["--config", str(path), "log.run_name=other", "--resume", str(step6)]
+        if "pipe" in pattern or "inside" in pattern:  # a hang here must time out, not block the suite
+            cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *argv]
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            rc, err = proc.returncode, proc.stderr
+        else:
+            rc, err = run_cli(capsys, *argv)
+        assert rc == 2, (pattern, err[-2000:])
+        assert_one_error_line(err, pattern)
+        assert not (tmp_path / "runs" / "other").exists()
+        restore()
+    from safetensors.torch import save_file
+
+    weights = load_file(step6 / "model.safetensors")
+    name = next(k for k in weights if "router" in k and weights[k].is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, step6 / "model.safetensors")
+    ckpt.write_manifest(step6)
+    rc, err = run_cli(capsys, "--config", path, "log.run_name=other", "--resume", step6)
+    assert rc == 2
+    assert_one_error_line(err, r"holds non-finite values \(parameter .*router.*\)")
+    # a failed resume of the run itself leaves its tokenizer/ alone
+    rc, err = run_cli(capsys, "--config", path, "train.steps=9", "--resume", step6)
+    assert rc == 2
+    assert (
+        listing(run / "tokenizer"),
+        (run / "tokenizer" / "tokenizer_config.json").read_text(),
+    ) == tokenizer_before
+
+
+def test_no_rollback_never_claims_verified_weights(tmp_path, capsys, cache):
+    """guard.snapshot_every=0: a bad step cannot be undone, so the exploded weights are never written and
+    the message says so."""
+    path = cfg_file(tmp_path, cache, train__steps=12, guard__max_consecutive_skips=2, checkpoint__every=3)
+    overrides = ("guard.snapshot_every=0", "optim.lr=1e10", "optim.grad_clip=null")
+    with pytest.warns(UserWarning, match="at step"):
+        rc, err = run_cli(capsys, "--config", path, *overrides)
+    assert rc == 4
+    assert_one_error_line(err, r"The weights are not known to be good, so no checkpoint was written")
+    run = tmp_path / "runs" / "tiny"
+    for step in ckpt.list_checkpoints(run / "checkpoints"):
+        w = load_file(step / "model.safetensors")
+        assert max(float(t.abs().max()) for t in w.values()) < 10.0, step.name
+    assert not (run / "final").exists()

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -114,36 +116,80 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Every entry under ``folder`` that is not a directory (symlinks and special files included), but the
+    manifest."""
+    return sorted(p for p in folder.rglob("*") if not p.is_dir() and p.name != MANIFEST)
+
+
+def manifest_files(folder: Path) -> list[str]:
+    """The relative paths ``folder``'s manifest lists ([] when it is unreadable)."""
+    try:
+        return [str(rel) for rel in json.loads((folder / MANIFEST).read_text())["files"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _entry_problem(folder: Path, rel: str) -> str | None:
+    """Why manifest entry ``rel`` cannot be a file of checkpoint ``folder``, or None: it must be a relative
+    path inside the folder naming a regular file (no ``..``, no symlink, no device or pipe)."""
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or not parts:
+        return f"{rel!r} in the manifest is not a path inside the checkpoint"
+    f = folder / rel
+    if f.is_symlink():
+        return f"{rel} is a symbolic link"
+    if not f.exists():
+        return f"{rel} is missing"
+    if not stat.S_ISREG(f.stat().st_mode):
+        return f"{rel} is not a regular file"
+    return None
 
 
 def verify_checkpoint(path: str | Path) -> list[str]:
-    """Problems of checkpoint folder ``path`` (empty list = intact): files against the manifest, the parts
-    a resume needs, and every pickle-format file scanned without executing anything (``unsafe_pickles``)."""
+    """Problems of checkpoint folder ``path`` (empty list = intact): files against the manifest (paths inside
+    the folder, regular files only, sizes, sha256), the parts a resume needs, safetensors headers, and every
+    pickle-format file scanned without executing anything (``unsafe_pickles``)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         return [f"no {MANIFEST} (a partial or pre-manifest checkpoint)"]
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-        sizes = {rel: int(want["size"]) for rel, want in files.items()}
-        hashes = {rel: str(want["sha256"]) for rel, want in files.items()}
+        sizes = {str(rel): int(want["size"]) for rel, want in files.items()}
+        hashes = {str(rel): str(want["sha256"]) for rel, want in files.items()}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return [f"unreadable {MANIFEST}: {e}"]
+        return [f"unreadable {MANIFEST}: {str(e)[:160]}"]
     problems = []
-    for rel in files:
+    for rel in sizes:
         f = path / rel
-        if not f.is_file():
-            problems.append(f"{rel} is missing")
+        why = _entry_problem(path, rel)
+        if why is not None:
+            problems.append(why)
         elif f.stat().st_size != sizes[rel]:
             problems.append(f"{rel} has {f.stat().st_size} bytes, the manifest says {sizes[rel]}")
         elif _sha256(f) != hashes[rel]:
             problems.append(f"{rel} does not match its sha256")
-    extra = {str(p.relative_to(path)) for p in _files(path)} - set(files)
+    extra = {str(p.relative_to(path)) for p in _files(path)} - set(sizes)
     problems += [f"{rel} is not in the manifest" for rel in sorted(extra)]
     if problems:
-        return problems
-    return missing_parts(path) + unsafe_pickles(path)
+        return problems[:8] + ([f"and {len(problems) - 8} more"] if len(problems) > 8 else [])
+    return missing_parts(path) + unreadable_safetensors(path) + unsafe_pickles(path)
+
+
+def unreadable_safetensors(folder: Path) -> list[str]:
+    """``*.safetensors`` files of ``folder`` whose header cannot be read (garbage, truncated, foreign)."""
+    from safetensors import SafetensorError, safe_open
+
+    problems = []
+    for f in _files(folder):
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), "pt") as st:
+                list(st.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            problems.append(f"{f.relative_to(folder)} is not a readable safetensors file ({str(e)[:120]})")
+    return problems
 
 
 def missing_parts(path: Path) -> list[str]:
@@ -160,10 +206,11 @@ def missing_parts(path: Path) -> list[str]:
         missing.append("the model weights (model.safetensors or pytorch_model_fsdp_0/) are missing")
     if not any(n.startswith("optimizer") and n != "optimizer.bin.part" for n in names):
         missing.append("the optimizer state (optimizer.bin or optimizer_0/) is missing")
-    processes = meta.get("num_processes", 1)
-    for i in range(processes if isinstance(processes, int) else 1):
-        if f"random_states_{i}.pkl" not in names:
-            missing.append(f"random_states_{i}.pkl is missing")
+    rng = [f"random_states_{i}.pkl" for i in range(meta.get("num_processes", 1))]
+    gone = [n for n in rng if n not in names]
+    if gone:
+        more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+        missing.append(f"{', '.join(gone[:3])}{more} {'is' if len(gone) == 1 else 'are'} missing")
     return missing
 
 
@@ -283,11 +330,34 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise ConfigError(f"{str(path)!r} is not a checkpoint folder (no {META})")
     meta = _read_json(f, "checkpoint metadata")
-    if not (isinstance(meta.get("step"), int) and meta.get("phase") in ("dense", "moe")):
-        raise ConfigError(
-            f"{f}: not a checkpoint's metadata (needs an integer 'step' and 'phase' dense or moe)"
-        )
+    if meta.get("phase") not in ("dense", "moe"):
+        raise ConfigError(f"{f}: 'phase' must be 'dense' or 'moe', got {meta.get('phase')!r}")
+    _check_ints(f, meta, {"step": 0, "upcycle_at_step": 0, "train_rows": 0}, required=("step",))
+    _check_ints(f, meta, {"num_processes": 1, "batch_size": 1, "grad_accum": 1}, maximum=MAX_COUNT)
     return meta
+
+
+MAX_COUNT = 1 << 16  # a sanity bound for process and batch counts read from a checkpoint
+
+
+def _check_ints(
+    f: Path,
+    data: dict[str, Any],
+    minimum: dict[str, int],
+    required: tuple[str, ...] = (),
+    maximum: int | None = None,
+    where: str = "",
+) -> None:
+    """``ConfigError`` naming ``f`` and the key unless each key of ``minimum`` that is present (or
+    ``required``) holds an integer >= its minimum (and <= ``maximum``)."""
+    for key, low in minimum.items():
+        if key not in data and key not in required:
+            continue
+        v = data.get(key)
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low and (maximum is None or v <= maximum)
+        if not ok:
+            bound = f" and <= {maximum}" if maximum is not None else ""
+            raise ConfigError(f"{f}: {where}{key}={v!r} is invalid: an integer >= {low}{bound}")
 
 
 def _read_json(f: Path, what: str) -> dict[str, Any]:
@@ -320,7 +390,34 @@ def read_trainer_state(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{str(path)!r}: no {TRAINER_STATE}; the checkpoint is partial")
     if not all(isinstance(state.get(k), dict) for k in ("train_state", "sampler")):
         raise ConfigError(f"{f}: the trainer state needs 'train_state' and 'sampler' objects")
+    _check_trainer_state(f, state)
     return state
+
+
+def _check_trainer_state(f: Path, state: dict[str, dict[str, Any]]) -> None:
+    """Types and ranges of every value a resume reads (``ConfigError`` naming ``f`` and the key)."""
+    ts, sampler = state["train_state"], state["sampler"]
+    counts = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_skips": 0}
+    _check_ints(f, ts, counts, required=("step", "tokens"), where="train_state.")
+    pos = {"epoch": 0, "offset": 0, "num_rows": 1, "seed": 0}
+    _check_ints(f, sampler, pos, required=tuple(pos), where="sampler.")
+    streak = ts.get("collapse_streak", {})
+    if not (isinstance(streak, dict) and all(isinstance(v, int) and v >= 0 for v in streak.values())):
+        raise ConfigError(f"{f}: train_state.collapse_streak must map layers to integers >= 0")
+    hist = ts.get("loss_history", [])
+    finite = (
+        all(isinstance(v, (int, float)) and math.isfinite(v) for v in hist)
+        if isinstance(hist, list)
+        else False
+    )
+    if not finite:
+        raise ConfigError(f"{f}: train_state.loss_history must be a list of finite numbers")
+    if not isinstance(ts.get("last_applied", False), bool) or not isinstance(
+        ts.get("first_bad"), (str, type(None))
+    ):
+        raise ConfigError(
+            f"{f}: train_state.last_applied must be true or false and first_bad a string or null"
+        )
 
 
 @contextmanager

@@ -23,6 +23,7 @@ once the model, data and checkpoint all loaded.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -159,9 +160,55 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / m).exists() for m in (MARKER, *RUN_MARKERS))
 
 
+# What save_pretrained writes into final/ and tokenizer/ (model, generation and tokenizer files).
+HF_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "README.md",
+    }
+)
+SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+CHECKPOINT_ENTRY = re.compile(r"^step_\d+(\.tmp|\.trash|\.damaged)?$")
+
+
 def foreign_entries(run_dir: Path) -> list[str]:
-    """Names in ``run_dir`` that a run never writes (sorted)."""
-    return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+    """Paths in ``run_dir`` (relative, sorted) that a run never writes: unknown top-level names, anything
+    in ``checkpoints/`` but checkpoint folders and the files their manifests list, anything in ``final/`` or
+    ``tokenizer/`` but what ``save_pretrained`` writes, and symbolic links (``wandb/`` is wandb's)."""
+    out = []
+    for p in run_dir.iterdir():
+        if p.name not in RUN_ENTRIES or (p.is_symlink() and p.name != "wandb"):
+            out.append(p.name)
+        elif p.name in ("final", "final.tmp", "final.trash", "tokenizer") and p.is_dir():
+            out += [
+                f"{p.name}/{q.name}" for q in p.iterdir() if not (q.name in HF_FILES or SHARD.match(q.name))
+            ]
+        elif p.name == "checkpoints" and p.is_dir():
+            out += _foreign_in_checkpoints(p)
+    return sorted(out)
+
+
+def _foreign_in_checkpoints(root: Path) -> list[str]:
+    out = []
+    for step in root.iterdir():
+        rel = f"checkpoints/{step.name}"
+        if step.is_symlink() or not step.is_dir() or not CHECKPOINT_ENTRY.match(step.name):
+            out.append(rel)
+        elif (step / ckpt.MANIFEST).is_file():
+            listed = {*ckpt.manifest_files(step), ckpt.MANIFEST}
+            files = [str(f.relative_to(step)) for f in step.rglob("*") if not f.is_dir()]
+            out += [f"{rel}/{f}" for f in files if f not in listed]
+    return out
 
 
 def _shown(names: list[str]) -> str:
@@ -170,11 +217,12 @@ def _shown(names: list[str]) -> str:
 
 def check_overwritable(run_dir: Path) -> None:
     """``--overwrite`` replaces only a folder this project created (``MARKER``) holding only run files."""
-    if not run_dir.exists():
+    if not run_dir.exists() and not run_dir.is_symlink():
         return
-    if not run_dir.is_dir():
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        what = "a symbolic link" if run_dir.is_symlink() else "a file"
         raise ConfigError(
-            f"{str(run_dir)!r} is a file, not a run folder; --overwrite replaces only run folders"
+            f"{str(run_dir)!r} is {what}, not a run folder; --overwrite replaces only run folders"
         )
     names = sorted(p.name for p in run_dir.iterdir())
     if not names:

@@ -21,7 +21,10 @@ from moe_emergence.errors import ConfigError
 
 
 def lock_path(run_dir: Path) -> Path:
-    return run_dir.with_name(f".{run_dir.name}.lock")
+    """``.<name>.lock`` beside the run folder, after resolving symlinks (of ``output_dir`` or the run folder
+    itself): two names of one folder share one lock."""
+    real = run_dir.resolve()
+    return real.with_name(f".{real.name}.lock")
 
 
 def _owner(path: Path) -> str:

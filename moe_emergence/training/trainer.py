@@ -97,13 +97,14 @@ class Trainer:
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
         self.collate = collate_blocks
         set_seed(t.seed)
+        tok_dir = self.run_dir / "tokenizer"
         if corpus is None:
             with acc.main_process_first(), as_user_error("data"):
                 corpus = build_corpus(
                     cfg.data,
                     tokenizer=base.tokenizer,
                     max_positions=base.max_positions,
-                    tokenizer_dir=self.run_dir / "tokenizer",
+                    tokenizer_dir=None if tok_dir.exists() else tok_dir,  # a resumed run keeps its own
                 )
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
         self.domains = list(corpus.domains)
@@ -135,6 +136,12 @@ class Trainer:
         """Model, optimizer and RNG through accelerate (tensors only: ``weights_only``), then the trainer's
         own state from JSON. Anything unreadable is a ``ConfigError`` naming the checkpoint."""
         state = ckpt.read_trainer_state(path)
+        step, meta_step = state["train_state"]["step"], ckpt.read_meta(path)["step"]
+        if step != meta_step or step > self.cfg.train.steps:
+            raise ConfigError(
+                f"cannot resume from {path}: its trainer_state.json is at step {step}, its meta.json at step "
+                f"{meta_step}, and train.steps={self.cfg.train.steps}; they must agree and not exceed train.steps"
+            )
         try:
             with ckpt.accelerate_view(path) as view:
                 self.accelerator.load_state(str(view))
@@ -144,6 +151,11 @@ class Trainer:
         except (*ckpt.UNPICKLE_ERRORS, ConfigError) as e:
             first = " ".join(str(e).split())[:240]
             raise ConfigError(f"cannot resume from {path}: {first}") from e
+        if self._any_nonfinite_state():
+            bad = first_nonfinite(self.unwrapped, self.optimizer) or "a tensor of another process"
+            raise ConfigError(
+                f"cannot resume from {path}: it holds non-finite values ({bad}); resume an earlier one"
+            )
 
     # ------------------------------------------------------------------ model plumbing
 
@@ -161,7 +173,10 @@ class Trainer:
         self.unwrapped = acc.unwrap_model(self.model)
         self.moe = model_setup.is_moe(self.unwrapped)
         self.snapshot = Snapshot(self.model, self.optimizer)  # guard: the last verified-good state
-        self._unverified = 0  # optimizer updates applied since the state was last verified
+        # optimizer updates applied since the state was last verified (an upcycled model inherits whether
+        # its dense weights were verified), and whether a bad step found it bad and could not roll it back
+        self._unverified = min(getattr(self, "_unverified", 0), 1)
+        self._known_bad = getattr(self, "_known_bad", False)
 
     def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Distributed wrapping: accelerate's ``prepare`` (DDP, FSDP2, device placement, mixed precision).
@@ -241,6 +256,8 @@ class Trainer:
         guard.judge(check, self.state, cfg.guard)
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
         verified = check.good and self._unverified > 0  # this loss verifies the updates since the last check
+        if verified:
+            self._known_bad = False
         self._apply_or_roll_back(check)
         if bias_loads is not None and check.good:  # aux-loss-free balancing: once per taken step
             self.unwrapped.update_selection_bias({i: self._reduce_sum(v) for i, v in bias_loads.items()})
@@ -281,9 +298,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _roll_back(self) -> None:
+        """Restore the snapshot if updates were applied since; if they cannot be undone (no snapshot:
+        ``guard.snapshot_every: 0``, or a resume), the state is known bad until a good step verifies it."""
         if self.snapshot.taken and self._unverified:
             self.snapshot.restore()
             self._unverified = 0
+        elif self._unverified:
+            self._known_bad = True
 
     def _state_is_good_for_saving(self) -> bool:
         """Before a checkpoint or ``final/``: parameters and optimizer state finite (rolled back to the
@@ -341,6 +362,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/step_N`` unless the state is known bad (see ``_state_is_good_for_saving``)."""
+        if self._known_bad:
+            self.accelerator.print(
+                f"guard: no checkpoint at step {self.state.step}: the weights are known bad"
+            )
+            return
         if not self._state_is_good_for_saving():
             return
         t = self.cfg.train
@@ -405,7 +431,7 @@ class Trainer:
             tokens_dev += out["tokens"]
             bar.update(1)
             if not out["check"].good and st.consecutive_skips >= cfg.guard.max_consecutive_skips:
-                saveable = self._unverified == 0
+                saveable = not self._known_bad
                 stopped = "nonfinite"
                 message = guard.stop_message(st, cfg.guard.max_consecutive_skips, saveable)
             elif out["check"].signal:
@@ -443,8 +469,7 @@ class Trainer:
             if stopped or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
                 st.tokens += int(tokens_dev.item())  # the token count is part of the checkpoint
                 tokens_dev.zero_()
-                if stopped != "nonfinite" or self._unverified == 0:  # never the weights a bad step left
-                    self.save_checkpoint()
+                self.save_checkpoint()  # never the weights a bad step left (save_checkpoint checks)
                 last_ckpt = st.step
             if stopped:
                 break
@@ -467,9 +492,10 @@ class Trainer:
             self.run_eval()
         if last_ckpt != st.step:
             self.save_checkpoint()
-        if not self._state_is_good_for_saving():  # no good state kept (guard.snapshot_every: 0)
-            message = f"non-finite guard: the final weights hold non-finite values; no final/ written in {self.run_dir}"
-            acc.print(message)
+        if self._known_bad or not self._state_is_good_for_saving():  # no good state kept (snapshot_every: 0)
+            message = (
+                f"non-finite guard: the final weights are known bad; no final/ written in {self.run_dir}"
+            )
             self.tracking.finish()
             return TrainResult(self.run_dir, st.step, "nonfinite", message=message)
         self.save_final()
