@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
 from accelerate import Accelerator
 
 from moe_emergence.errors import ConfigError
@@ -329,7 +330,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     f = path / META
     if not f.is_file():
         raise ConfigError(f"{str(path)!r} is not a checkpoint folder (no {META})")
-    meta = _read_json(f, "checkpoint metadata")
+    meta = read_mapping(f, "checkpoint metadata")
     if meta.get("phase") not in ("dense", "moe"):
         raise ConfigError(f"{f}: 'phase' must be 'dense' or 'moe', got {meta.get('phase')!r}")
     _check_ints(f, meta, {"step": 0, "upcycle_at_step": 0, "train_rows": 0}, required=("step",))
@@ -360,13 +361,15 @@ def _check_ints(
             raise ConfigError(f"{f}: {where}{key}={v!r} is invalid: an integer >= {low}{bound}")
 
 
-def _read_json(f: Path, what: str) -> dict[str, Any]:
+def read_mapping(f: Path, what: str, loads=json.loads) -> dict[str, Any]:
+    """The mapping in file ``f`` (JSON, or what ``loads`` parses); ``ConfigError`` naming ``f`` when it is
+    unreadable or not a mapping."""
     try:
-        data = json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{f}: unreadable {what} ({e})") from e
+        data = loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{f}: unreadable {what} ({' '.join(str(e).split())[:200]})") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{f}: unreadable {what} (expected a JSON object, got {type(data).__name__})")
+        raise ConfigError(f"{f}: unreadable {what} (expected a mapping, got {type(data).__name__})")
     return data
 
 
@@ -377,7 +380,7 @@ def read_trainer_state(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     f = path / TRAINER_STATE
     if f.is_file():
-        state = _read_json(f, "trainer state")
+        state = read_mapping(f, "trainer state")
     elif all((path / n).is_file() for n in LEGACY_STATE):
         import torch
 

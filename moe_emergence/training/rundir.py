@@ -30,7 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -38,6 +37,7 @@ from moe_emergence.errors import ConfigError
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training.config import RunConfig
 from moe_emergence.training.runlock import RunLock
+from moe_emergence.yamlio import strict_load
 
 # train.compile*: compiling in place leaves the checkpoint format unchanged; optim.lr / router_lr / grad_clip and
 # guard.*: the remedies the bad-step guard names when it stops a run
@@ -266,14 +266,8 @@ def check_new_run(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
-    """A run's saved ``config.yaml`` as a mapping; ``ConfigError`` naming the file when it is not one."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: unreadable run config ({' '.join(str(e).split())[:200]})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the run config must be a mapping, got {type(data).__name__}")
-    return data
+    """A run's saved ``config.yaml`` as a mapping (the strict YAML reader); ``ConfigError`` naming the file."""
+    return ckpt.read_mapping(path, "run config", strict_load)
 
 
 class RunFinished(ConfigError):
