@@ -411,11 +411,11 @@ def test_guard_never_saves_exploded_weights(tmp_path, capsys, cache, overrides):
 # ----------------------------------------------------------------------------- found by a fresh review
 
 
-@pytest.mark.parametrize("name", ["x" * 129, "run.replaced"])
+@pytest.mark.parametrize("name", ["x" * 129, "é" * 65, "run.replaced"])
 def test_run_name_length_and_reserved_suffix(tmp_path, capsys, cache, name):
     rc, err = run_cli(capsys, "--config", cfg_file(tmp_path, cache), f"log.run_name={name}")
     assert rc == 2
-    assert_one_error_line(err, r"log\.run_name=.* is invalid: one plain folder name of at most 128")
+    assert_one_error_line(err, r"log\.run_name=.* is invalid: one plain folder name of at most 128 bytes")
 
 
 def test_a_symlinked_name_shares_the_lock_and_overwrite_refuses_links(tmp_path, capsys, cache):
@@ -441,12 +441,15 @@ def test_overwrite_looks_inside_checkpoints_final_and_tokenizer(tmp_path, capsys
     path = cfg_file(tmp_path, cache, train__steps=1, model__upcycle_at_step=0)
     assert run_cli(capsys, "--config", path)[0] == 0
     run = tmp_path / "runs" / "tiny"
-    for rel in (
-        "checkpoints/mynotes.txt",
-        "final/notes.md",
-        "tokenizer/mine.txt",
+    (run / "checkpoints" / "step_0000009.tmp").mkdir()
+    (run / "wandb").mkdir()
+    user_files = ["checkpoints/mynotes.txt", "final/notes.md", "tokenizer/mine.txt", "final/README.md"]
+    user_files += [
         "checkpoints/step_0000001/x.txt",
-    ):
+        "checkpoints/step_0000009.tmp/notes.txt",
+        "wandb/notes.txt",
+    ]
+    for rel in user_files:
         (run / rel).write_text("mine")
         rc, err = run_cli(capsys, "--config", path, "--overwrite")
         assert rc == 2, rel
@@ -499,8 +502,29 @@ def test_tampered_checkpoint_values_are_one_error_line(tmp_path, capsys, cache):
         ),
         (
             lambda: _rewrite(step6, state, lambda d: d["train_state"].update(step=10**30)),
-            r"at step 10+, its meta\.json at step 6",
+            r"train_state\.step=10+ is invalid: an integer in",
         ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["sampler"].update(offset=10**5)),
+            r"sampler\.offset=100000 is beyond",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["sampler"].update(seed=5)),
+            r"sampler\.seed=5 is not train\.seed=0",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["sampler"].update(epoch=10**21)),
+            r"sampler\.epoch=10+ is invalid",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["train_state"].update(loss_history=[10**400])),
+            r"loss_history must be",
+        ),
+        (
+            lambda: _rewrite(step6, state, lambda d: d["train_state"].update(consecutive_skips=99)),
+            r"consecutive_skips <= skipped_steps",
+        ),
+        (lambda: (step6 / "sub").symlink_to("/etc"), r"sub is a symbolic link"),
         (
             lambda: _rewrite(step6, state, lambda d: d["train_state"].update(loss_history=["x"])),
             r"loss_history must be",
@@ -585,3 +609,29 @@ def test_no_rollback_never_claims_verified_weights(tmp_path, capsys, cache):
         w = load_file(step / "model.safetensors")
         assert max(float(t.abs().max()) for t in w.values()) < 10.0, step.name
     assert not (run / "final").exists()
+
+
+def test_planted_lock_files_and_run_entries_are_refused(tmp_path, capsys, cache):
+    """A symlink or FIFO where the lock file goes is never written through; a FIFO config.yaml never blocks."""
+    path = cfg_file(tmp_path, cache, train__steps=3, checkpoint__every=1)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (runs / ".tiny.lock").symlink_to(victim)
+    rc, err = run_cli(capsys, "--config", path)
+    assert rc == 2
+    assert_one_error_line(err, r"cannot use the lock file .*\.tiny\.lock \(it is a symbolic link\)")
+    assert victim.read_text() == "precious"
+    (runs / ".tiny.lock").unlink()
+    os.mkfifo(runs / ".tiny.lock")
+    rc, err = run_cli(capsys, "--config", path)
+    assert rc == 2
+    assert_one_error_line(err, r"the lock file .*\.tiny\.lock is not a regular file")
+    (runs / ".tiny.lock").unlink()
+    assert run_cli(capsys, "--config", path, "train.stop_after=1")[0] == 0
+    (runs / "tiny" / "config.yaml").unlink()
+    os.mkfifo(runs / "tiny" / "config.yaml")
+    rc, err = run_cli(capsys, "--config", path, "--resume", "auto")
+    assert rc == 2
+    assert_one_error_line(err, r"config\.yaml is not a regular file")

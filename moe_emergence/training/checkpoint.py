@@ -117,9 +117,19 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    """Every entry under ``folder`` that is not a directory (symlinks and special files included), but the
-    manifest."""
-    return sorted(p for p in folder.rglob("*") if not p.is_dir() and p.name != MANIFEST)
+    """Every entry under ``folder`` that is not a real directory (files, symlinks to anything, special files),
+    but the manifest; symlinked directories are listed, never entered."""
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        out += [Path(root) / d for d in dirs if os.path.islink(os.path.join(root, d))]
+        out += [Path(root) / f for f in files]
+    return sorted(p for p in out if p != folder / MANIFEST)
+
+
+def symlinks(folder: Path) -> list[str]:
+    """Relative paths of the symbolic links anywhere in ``folder`` (the manifest included)."""
+    links = [p for p in [*_files(folder), folder / MANIFEST] if p.is_symlink()]
+    return sorted(str(p.relative_to(folder)) for p in links)
 
 
 def manifest_files(folder: Path) -> list[str]:
@@ -151,6 +161,9 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     the folder, regular files only, sizes, sha256), the parts a resume needs, safetensors headers, and every
     pickle-format file scanned without executing anything (``unsafe_pickles``)."""
     path = Path(path)
+    links = symlinks(path)
+    if links:
+        return [f"{rel} is a symbolic link (a checkpoint holds only its own files)" for rel in links[:8]]
     if not (path / MANIFEST).is_file():
         return [f"no {MANIFEST} (a partial or pre-manifest checkpoint)"]
     try:
@@ -280,9 +293,8 @@ def unsafe_pickles(folder: Path) -> list[str]:
             _safe_load(f)
         except UNPICKLE_ERRORS as e:  # whatever the unpickler raised, the file is refused
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            why = next(
-                (ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(e).__name__
-            )
+            keys = ("Unsupported global", "WeightsUnpickler error", "GLOBAL")
+            why = next((ln for k in keys for ln in lines if k in ln), lines[0] if lines else type(e).__name__)
             problems.append(
                 f"{f.relative_to(folder)} is not a plain tensor/state pickle ({why[:160]}); refused unread, "
                 "nothing in it was executed"
@@ -339,6 +351,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 MAX_COUNT = 1 << 16  # a sanity bound for process and batch counts read from a checkpoint
+MAX_INT = 1 << 62  # and for every other integer (steps, tokens, positions)
 
 
 def _check_ints(
@@ -355,10 +368,11 @@ def _check_ints(
         if key not in data and key not in required:
             continue
         v = data.get(key)
-        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low and (maximum is None or v <= maximum)
+        high = MAX_INT if maximum is None else maximum
+        ok = isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
         if not ok:
-            bound = f" and <= {maximum}" if maximum is not None else ""
-            raise ConfigError(f"{f}: {where}{key}={v!r} is invalid: an integer >= {low}{bound}")
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+            raise ConfigError(f"{f}: {where}{key}={shown} is invalid: an integer in [{low}, {high}]")
 
 
 def read_mapping(f: Path, what: str, loads=json.loads) -> dict[str, Any]:
@@ -397,6 +411,13 @@ def read_trainer_state(path: str | Path) -> dict[str, dict[str, Any]]:
     return state
 
 
+def _positive_float(v: Any) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and v > 0
+    except OverflowError:
+        return False
+
+
 def _check_trainer_state(f: Path, state: dict[str, dict[str, Any]]) -> None:
     """Types and ranges of every value a resume reads (``ConfigError`` naming ``f`` and the key)."""
     ts, sampler = state["train_state"], state["sampler"]
@@ -405,16 +426,24 @@ def _check_trainer_state(f: Path, state: dict[str, dict[str, Any]]) -> None:
     pos = {"epoch": 0, "offset": 0, "num_rows": 1, "seed": 0}
     _check_ints(f, sampler, pos, required=tuple(pos), where="sampler.")
     streak = ts.get("collapse_streak", {})
-    if not (isinstance(streak, dict) and all(isinstance(v, int) and v >= 0 for v in streak.values())):
-        raise ConfigError(f"{f}: train_state.collapse_streak must map layers to integers >= 0")
-    hist = ts.get("loss_history", [])
-    finite = (
-        all(isinstance(v, (int, float)) and math.isfinite(v) for v in hist)
-        if isinstance(hist, list)
-        else False
+    ok = isinstance(streak, dict) and all(
+        re.fullmatch(r"layer\d+", str(k))
+        and isinstance(v, int)
+        and not isinstance(v, bool)
+        and 0 <= v <= MAX_INT
+        for k, v in streak.items()
     )
-    if not finite:
-        raise ConfigError(f"{f}: train_state.loss_history must be a list of finite numbers")
+    if not ok:
+        raise ConfigError(f"{f}: train_state.collapse_streak must map 'layer<i>' to integers >= 0")
+    hist = ts.get("loss_history", [])
+    if not (isinstance(hist, list) and all(_positive_float(v) for v in hist)):
+        raise ConfigError(f"{f}: train_state.loss_history must be a list of finite losses > 0")
+    if not ts.get("consecutive_skips", 0) <= ts.get("skipped_steps", 0) <= ts["step"]:
+        raise ConfigError(f"{f}: train_state needs consecutive_skips <= skipped_steps <= step")
+    if sampler["offset"] > sampler["num_rows"]:
+        raise ConfigError(
+            f"{f}: sampler.offset={sampler['offset']} is beyond its num_rows={sampler['num_rows']}"
+        )
     if not isinstance(ts.get("last_applied", False), bool) or not isinstance(
         ts.get("first_bad"), (str, type(None))
     ):

@@ -26,14 +26,14 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 COMPILE_BACKENDS, COMPILE_MODES = get_args(CompileBackend), get_args(CompileMode)
 
 
-MAX_RUN_NAME = 128
+MAX_RUN_NAME = 128  # bytes of UTF-8: the lock and .replaced names add to it within the 255-byte limit
 
 
 def is_plain_name(name: str) -> bool:
     """One path component that names a child of its folder: not empty, ``.``/``..``, absolute or hidden, no
     separator or control character."""
     return (
-        0 < len(name) <= MAX_RUN_NAME
+        0 < len(name.encode("utf-8", "surrogatepass")) <= MAX_RUN_NAME
         and not name.startswith(".")
         and not name.endswith(".replaced")  # the suffix --overwrite uses while it replaces a run
         and not any(c in name for c in "/\\")
@@ -296,7 +296,7 @@ class LogConfig:
             self.run_name is None or is_plain_name(self.run_name),
             "log.run_name",
             self.run_name,
-            f"one plain folder name of at most {MAX_RUN_NAME} characters (not empty, '.', '..' or absolute, "
+            f"one plain folder name of at most {MAX_RUN_NAME} bytes (not empty, '.', '..' or absolute, "
             "no '/' or '\\', no leading '.', no '.replaced' ending, no control characters): the run folder "
             "is always output_dir/run_name",
         )

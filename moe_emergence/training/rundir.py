@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -174,28 +175,39 @@ HF_FILES = frozenset(
         "merges.txt",
         "added_tokens.json",
         "chat_template.jinja",
-        "README.md",
     }
 )
 SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 CHECKPOINT_ENTRY = re.compile(r"^step_\d+(\.tmp|\.trash|\.damaged)?$")
+# What accelerate's save_state and save_checkpoint write into a checkpoint folder (files, then DCP folders).
+CHECKPOINT_FILE = re.compile(
+    r"^(model.*\.safetensors|pytorch_model.*\.bin|optimizer.*\.bin|random_states_\d+\.pkl|scaler\.pt"
+    r"|scheduler.*\.bin|custom_checkpoint_\d+\.pkl|meta\.json|trainer_state\.json|manifest\.json(\.part)?)$"
+)
+CHECKPOINT_SUBDIR = re.compile(r"^(pytorch_model_fsdp_\d+|optimizer_\d+)$")
+DCP_FILE = re.compile(r"^(__\d+_\d+\.distcp|\.metadata)$")
+WANDB_ENTRY = re.compile(r"^(latest-run|debug\.log|debug-internal\.log|(offline-)?run-\d{8}_\d{6}-\w+)$")
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
-    """Paths in ``run_dir`` (relative, sorted) that a run never writes: unknown top-level names, anything
-    in ``checkpoints/`` but checkpoint folders and the files their manifests list, anything in ``final/`` or
-    ``tokenizer/`` but what ``save_pretrained`` writes, and symbolic links (``wandb/`` is wandb's)."""
+    """Paths in ``run_dir`` (relative, sorted) that a run never writes: unknown names at the top, in
+    ``checkpoints/`` (checkpoint folders holding only what a save writes), ``final/`` and ``tokenizer/`` (what
+    ``save_pretrained`` writes, as files) and at the top of ``wandb/``; symbolic links anywhere but wandb's."""
     out = []
     for p in run_dir.iterdir():
         if p.name not in RUN_ENTRIES or (p.is_symlink() and p.name != "wandb"):
             out.append(p.name)
         elif p.name in ("final", "final.tmp", "final.trash", "tokenizer") and p.is_dir():
-            out += [
-                f"{p.name}/{q.name}" for q in p.iterdir() if not (q.name in HF_FILES or SHARD.match(q.name))
-            ]
+            out += [f"{p.name}/{q.name}" for q in p.iterdir() if not _hf_file(q)]
         elif p.name == "checkpoints" and p.is_dir():
             out += _foreign_in_checkpoints(p)
+        elif p.name == "wandb" and p.is_dir():
+            out += [f"wandb/{q.name}" for q in p.iterdir() if not WANDB_ENTRY.match(q.name)]
     return sorted(out)
+
+
+def _hf_file(p: Path) -> bool:
+    return (p.name in HF_FILES or bool(SHARD.match(p.name))) and p.is_file() and not p.is_symlink()
 
 
 def _foreign_in_checkpoints(root: Path) -> list[str]:
@@ -204,10 +216,23 @@ def _foreign_in_checkpoints(root: Path) -> list[str]:
         rel = f"checkpoints/{step.name}"
         if step.is_symlink() or not step.is_dir() or not CHECKPOINT_ENTRY.match(step.name):
             out.append(rel)
-        elif (step / ckpt.MANIFEST).is_file():
-            listed = {*ckpt.manifest_files(step), ckpt.MANIFEST}
-            files = [str(f.relative_to(step)) for f in step.rglob("*") if not f.is_dir()]
-            out += [f"{rel}/{f}" for f in files if f not in listed]
+            continue
+        for q in step.iterdir():
+            if q.is_symlink():
+                out.append(f"{rel}/{q.name}")
+            elif q.is_dir():
+                bad = not CHECKPOINT_SUBDIR.match(q.name)
+                out += (
+                    [f"{rel}/{q.name}"]
+                    if bad
+                    else [
+                        f"{rel}/{q.name}/{r.name}"
+                        for r in q.iterdir()
+                        if not (DCP_FILE.match(r.name) and r.is_file() and not r.is_symlink())
+                    ]
+                )
+            elif not CHECKPOINT_FILE.match(q.name):
+                out.append(f"{rel}/{q.name}")
     return out
 
 
@@ -238,6 +263,27 @@ def check_overwritable(run_dir: Path) -> None:
             f"--overwrite refused: run folder {str(run_dir)!r} also holds files a run does not write: "
             f"{_shown(foreign)}; move them out first (only these are replaced: {', '.join(sorted(RUN_ENTRIES))})"
         )
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "wandb_id.txt", MARKER)
+RUN_DIRS = ("checkpoints", "final", "tokenizer")
+
+
+def check_entry_types(run_dir: Path) -> None:
+    """``ConfigError`` when a run file is not a regular file or a run folder not a folder (a FIFO
+    ``config.yaml`` would block a read forever; a symlink would send writes elsewhere)."""
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        return
+    for name in RUN_FILES:
+        p = run_dir / name
+        if (p.exists() or p.is_symlink()) and (p.is_symlink() or not stat.S_ISREG(p.stat().st_mode)):
+            raise ConfigError(
+                f"{p} is not a regular file (a symlink, folder, pipe or device); a run writes it"
+            )
+    for name in RUN_DIRS:
+        p = run_dir / name
+        if (p.exists() or p.is_symlink()) and (p.is_symlink() or not p.is_dir()):
+            raise ConfigError(f"{p} is not a folder (a symlink or a file); a run writes it")
 
 
 def check_new_run(run_dir: Path, cfg: RunConfig) -> None:
@@ -325,6 +371,7 @@ class RunFolder:
 
     def _check(self) -> None:
         run_dir, cfg, acc = self.run_dir, self.cfg, self.acc
+        check_entry_types(run_dir)
         if self.resume is not None:
             if run_dir.exists() and not run_dir.is_dir():
                 raise ConfigError(f"run folder {str(run_dir)!r} is a file; --resume needs a run folder")

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 
 from moe_emergence.errors import ConfigError
@@ -85,14 +86,18 @@ class RunLock:
         self.created_dirs = missing
 
     def _open(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink, never a FIFO or device someone put there
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
             self._remove_created_dirs()
+            why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
             raise ConfigError(
-                f"output_dir {str(self.path.parent)!r} is not writable: cannot create {self.path.name} "
-                f"({e.strerror})"
+                f"cannot use the lock file {self.path} ({why}); remove it if no run uses it"
             ) from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(f"the lock file {self.path} is not a regular file; remove it if no run uses it")
+        return fd
 
     def _still_ours(self, fd: int) -> bool:
         try:

@@ -136,6 +136,11 @@ class Trainer:
         """Model, optimizer and RNG through accelerate (tensors only: ``weights_only``), then the trainer's
         own state from JSON. Anything unreadable is a ``ConfigError`` naming the checkpoint."""
         state = ckpt.read_trainer_state(path)
+        if state["sampler"]["seed"] != self.cfg.train.seed:
+            raise ConfigError(
+                f"cannot resume from {path}: its sampler.seed={state['sampler']['seed']} is not "
+                f"train.seed={self.cfg.train.seed}"
+            )
         step, meta_step = state["train_state"]["step"], ckpt.read_meta(path)["step"]
         if step != meta_step or step > self.cfg.train.steps:
             raise ConfigError(
@@ -173,9 +178,10 @@ class Trainer:
         self.unwrapped = acc.unwrap_model(self.model)
         self.moe = model_setup.is_moe(self.unwrapped)
         self.snapshot = Snapshot(self.model, self.optimizer)  # guard: the last verified-good state
-        # optimizer updates applied since the state was last verified (an upcycled model inherits whether
-        # its dense weights were verified), and whether a bad step found it bad and could not roll it back
-        self._unverified = min(getattr(self, "_unverified", 0), 1)
+        # optimizer updates applied since the state was last verified (a phase starts from its initial or
+        # upcycled weights, as a run starts from its initial ones), and whether a bad step found the state
+        # bad and could not roll it back (carried into the upcycled model, which is built from it)
+        self._unverified = 0
         self._known_bad = getattr(self, "_known_bad", False)
 
     def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
