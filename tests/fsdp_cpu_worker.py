@@ -35,7 +35,9 @@ def _wrap(self, model, optimizer):
 
 
 def _save_checkpoint(self):
-    assert self._state_is_good_for_saving()  # the guard's all-reduced check over DTensor shards
+    assert self.verified.good_for_saving(
+        self.accelerator.device, print, self.state.step
+    )  # all-reduced, DTensors
 
 
 def main(argv: list[str]) -> None:

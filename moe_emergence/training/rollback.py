@@ -114,3 +114,75 @@ def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     peaks = torch._foreach_norm(local, float("inf"))  # max |x|: inf and NaN propagate, large values do not
     device = local[0].device  # AdamW keeps its step counts on the CPU beside CUDA moments
     return ~torch.isfinite(torch.stack([n.float().to(device, non_blocking=True) for n in peaks]).max())
+
+
+class VerifiedState:
+    """The trainer's record of which training state is verified good (see the module docstring).
+
+    ``unverified``: optimizer updates applied since the state was last verified (a phase starts from its
+    initial or upcycled weights, as a run starts from its initial ones); ``known_bad``: a bad step found the
+    state bad and could not roll it back (no snapshot: ``guard.snapshot_every: 0``, or right after a resume);
+    it stays so until a good step verifies a later update. ``reduce_sum`` all-reduces a flag across processes.
+    """
+
+    def __init__(self, model, optimizer, snapshot_every: int, reduce_sum, known_bad: bool = False) -> None:
+        self.model, self.optimizer, self.every, self.reduce_sum = model, optimizer, snapshot_every, reduce_sum
+        self.snapshot = Snapshot(model, optimizer)
+        self.unverified = 0
+        self.known_bad = known_bad
+
+    def verifies(self, good: bool) -> bool:
+        """Does a step with this outcome verify the updates since the last verification (and clear
+        ``known_bad``)?"""
+        verified = good and self.unverified > 0
+        if verified:
+            self.known_bad = False
+        return verified
+
+    def before_update(self) -> None:
+        """A good step is about to update: snapshot the state its loss verified, when one is due."""
+        if self.every and (not self.snapshot.taken or self.unverified >= self.every):
+            self.snapshot.take()
+            self.unverified = 0
+
+    def after_update(self) -> None:
+        self.unverified += 1
+
+    def describe(self, params_bad: bool, spike: bool) -> str | None:
+        """The guard message's detail for a bad step: the first non-finite parameter, or the parameter that
+        moved most since the snapshot (a spike)."""
+        if params_bad:
+            return first_nonfinite(self.model, self.optimizer)
+        if spike and self.snapshot.taken and self.unverified:
+            name, ratio = self.snapshot.largest_change()
+            return f"{name} moved most since the last good state (|dw|/|w| = {ratio:.3g})"
+        return None
+
+    def roll_back(self) -> None:
+        """Restore the snapshot if updates were applied since; if they cannot be undone, mark the state
+        known bad."""
+        if self.snapshot.taken and self.unverified:
+            self.snapshot.restore()
+            self.unverified = 0
+        elif self.unverified:
+            self.known_bad = True
+
+    def any_nonfinite(self, device) -> bool:
+        """Any NaN/Inf in the parameters, buffers or optimizer state of any process (one collective)."""
+        flag = any_nonfinite(list(named_state(self.model, self.optimizer).values())).float().to(device)
+        return bool(self.reduce_sum(flag).item() > 0)
+
+    def good_for_saving(self, device, print_fn, step: int) -> bool:
+        """Before a checkpoint or ``final/``: never known bad, and finite (rolled back to the snapshot
+        first when not, where that can be done)."""
+        if self.known_bad:
+            print_fn(f"guard: nothing saved at step {step}: the weights are known bad")
+            return False
+        if not self.any_nonfinite(device):
+            return True
+        bad = first_nonfinite(self.model, self.optimizer) or "another process's shard"
+        self.roll_back()
+        ok = not self.any_nonfinite(device)
+        how = "rolled back to the last verified-good state before saving" if ok else "nothing saved"
+        print_fn(f"guard: {bad} at step {step}; {how}")
+        return ok

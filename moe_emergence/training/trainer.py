@@ -33,7 +33,7 @@ from moe_emergence.training import guard, model_setup
 from moe_emergence.training.config import RunConfig
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
-from moe_emergence.training.rollback import Snapshot, any_nonfinite, first_nonfinite, named_state
+from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
@@ -128,7 +128,7 @@ class Trainer:
         self._prepare(model)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
-            self._unverified = int(self.state.last_applied)  # the checkpoint's last update awaits its check
+            self.verified.unverified = int(self.state.last_applied)  # its last update awaits its check
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._eval_rows: list[int] | None = None
 
@@ -156,7 +156,7 @@ class Trainer:
         except (*ckpt.UNPICKLE_ERRORS, ConfigError) as e:
             first = " ".join(str(e).split())[:240]
             raise ConfigError(f"cannot resume from {path}: {first}") from e
-        if self._any_nonfinite_state():
+        if self.verified.any_nonfinite(self.accelerator.device):
             bad = first_nonfinite(self.unwrapped, self.optimizer) or "a tensor of another process"
             raise ConfigError(
                 f"cannot resume from {path}: it holds non-finite values ({bad}); resume an earlier one"
@@ -167,8 +167,10 @@ class Trainer:
     def _prepare(self, model) -> None:
         """(Re-)prepare model and a new optimizer with accelerate (drops earlier references)."""
         acc = self.accelerator
+        known_bad = False  # the guard's "known bad" carries into the upcycled model, which is built from it
         if getattr(self, "model", None) is not None:
-            self.model = self.optimizer = None
+            known_bad = self.verified.known_bad
+            self.model = self.optimizer = self.verified = None  # the old snapshot too
             acc.free_memory()
         model.train()
         if self.cfg.train.compile:
@@ -177,12 +179,9 @@ class Trainer:
         self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
         self.moe = model_setup.is_moe(self.unwrapped)
-        self.snapshot = Snapshot(self.model, self.optimizer)  # guard: the last verified-good state
-        # optimizer updates applied since the state was last verified (a phase starts from its initial or
-        # upcycled weights, as a run starts from its initial ones), and whether a bad step found the state
-        # bad and could not roll it back (carried into the upcycled model, which is built from it)
-        self._unverified = 0
-        self._known_bad = getattr(self, "_known_bad", False)
+        self.verified = VerifiedState(
+            self.model, self.optimizer, self.cfg.guard.snapshot_every, self._reduce_sum, known_bad
+        )
 
     def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Distributed wrapping: accelerate's ``prepare`` (DDP, FSDP2, device placement, mixed precision).
@@ -261,9 +260,7 @@ class Trainer:
         check = StepCheck.decode(self._reduce_sum(flags).tolist(), layers)  # the step's one host sync
         guard.judge(check, self.state, cfg.guard)
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
-        verified = check.good and self._unverified > 0  # this loss verifies the updates since the last check
-        if verified:
-            self._known_bad = False
+        verified = self.verified.verifies(check.good)  # this loss verifies the updates since the last check
         self._apply_or_roll_back(check)
         if bias_loads is not None and check.good:  # aux-loss-free balancing: once per taken step
             self.unwrapped.update_selection_bias({i: self._reduce_sum(v) for i, v in bias_loads.items()})
@@ -282,54 +279,19 @@ class Trainer:
         }
 
     def _apply_or_roll_back(self, check: StepCheck) -> None:
-        """A good step: snapshot the state its loss verified (every ``guard.snapshot_every`` updates), then
-        take the optimizer step. A bad step: no update, and the state goes back to the snapshot."""
-        every = self.cfg.guard.snapshot_every
+        """A good step: snapshot the state its loss verified (when due), then take the optimizer step. A bad
+        step: no update, and the state goes back to the snapshot (``rollback.VerifiedState``)."""
         if check.good:
-            if every and (not self.snapshot.taken or self._unverified >= every):
-                self.snapshot.take()
-                self._unverified = 0
+            self.verified.before_update()
             self.optimizer.step()
-            self._unverified += 1
+            self.verified.after_update()
         else:
-            if check.params_bad:
-                check.detail = first_nonfinite(self.unwrapped, self.optimizer)
-            elif self.snapshot.taken and self._unverified and check.spike is not None:
-                name, ratio = self.snapshot.largest_change()
-                check.detail = f"{name} moved most since the last good state (|dw|/|w| = {ratio:.3g})"
+            check.detail = self.verified.describe(check.params_bad, check.spike is not None)
             # fp16: accelerate's GradScaler must see non-finite gradients (it skips the step, lowers its scale)
             if self.accelerator.scaler is not None and check.grad_bad:
                 self.optimizer.step()
-            self._roll_back()
+            self.verified.roll_back()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _roll_back(self) -> None:
-        """Restore the snapshot if updates were applied since; if they cannot be undone (no snapshot:
-        ``guard.snapshot_every: 0``, or a resume), the state is known bad until a good step verifies it."""
-        if self.snapshot.taken and self._unverified:
-            self.snapshot.restore()
-            self._unverified = 0
-        elif self._unverified:
-            self._known_bad = True
-
-    def _state_is_good_for_saving(self) -> bool:
-        """Before a checkpoint or ``final/``: parameters and optimizer state finite (rolled back to the
-        snapshot when not, and that can be done). False: the state is known bad, do not write it."""
-        if not self._any_nonfinite_state():
-            return True
-        bad = first_nonfinite(self.unwrapped, self.optimizer) or "another process's shard"
-        self._roll_back()
-        ok = not self._any_nonfinite_state()
-        self.accelerator.print(
-            f"guard: {bad} at step {self.state.step}; "
-            + ("rolled back to the last verified-good state before saving" if ok else "not saved")
-        )
-        return ok
-
-    def _any_nonfinite_state(self) -> bool:
-        tensors = list(named_state(self.unwrapped, self.optimizer).values())
-        flag = any_nonfinite(tensors).float().to(self.accelerator.device)
-        return bool(self._reduce_sum(flag).item() > 0)
 
     def _lr_mult(self, step: int) -> float:
         o = self.cfg.optim
@@ -367,13 +329,10 @@ class Trainer:
         self._log(metrics, images)
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoints/step_N`` unless the state is known bad (see ``_state_is_good_for_saving``)."""
-        if self._known_bad:
-            self.accelerator.print(
-                f"guard: no checkpoint at step {self.state.step}: the weights are known bad"
-            )
-            return
-        if not self._state_is_good_for_saving():
+        """Write ``checkpoints/step_N`` unless the state is known bad (``VerifiedState.good_for_saving``)."""
+        if not self.verified.good_for_saving(
+            self.accelerator.device, self.accelerator.print, self.state.step
+        ):
             return
         t = self.cfg.train
         meta = {
@@ -437,7 +396,7 @@ class Trainer:
             tokens_dev += out["tokens"]
             bar.update(1)
             if not out["check"].good and st.consecutive_skips >= cfg.guard.max_consecutive_skips:
-                saveable = not self._known_bad
+                saveable = not self.verified.known_bad
                 stopped = "nonfinite"
                 message = guard.stop_message(st, cfg.guard.max_consecutive_skips, saveable)
             elif out["check"].signal:
@@ -498,7 +457,7 @@ class Trainer:
             self.run_eval()
         if last_ckpt != st.step:
             self.save_checkpoint()
-        if self._known_bad or not self._state_is_good_for_saving():  # no good state kept (snapshot_every: 0)
+        if not self.verified.good_for_saving(acc.device, acc.print, st.step):  # e.g. snapshot_every: 0
             message = (
                 f"non-finite guard: the final weights are known bad; no final/ written in {self.run_dir}"
             )
