@@ -66,7 +66,7 @@ SAVE_DELAY_ENV = "MOE_EMERGENCE_TEST_SAVE_DELAY"
 
 class TrainState:
     """Counters that are not in the model or optimizer: optimizer steps taken, tokens seen, the
-    collapse guard's per-layer streaks and the non-finite guard's counts."""
+    collapse guard's per-layer streaks and the bad-step guard's counts and loss history."""
 
     def __init__(self) -> None:
         self.step = 0

@@ -6,7 +6,7 @@ Exit status:
   2    a user mistake (bad config, base checkpoint, data, run folder, resume checkpoint): one ``error:``
        line on stderr, no traceback, nothing written
   3    the collapse guard stopped the run (``collapse.action: stop``; checkpoint and final/ written)
-  4    the non-finite guard stopped the run (``guard.max_consecutive_skips``; checkpoint written)
+  4    the bad-step guard stopped the run (``guard.max_consecutive_skips``; checkpoint of the verified state)
   130, 143  SIGINT / SIGTERM: the current step finished and a checkpoint was written (``--resume auto``)
 Anything else is a bug and keeps its traceback (exit status 1).
 """

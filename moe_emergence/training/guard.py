@@ -122,7 +122,7 @@ def stop_message(state: TrainState, limit: int, rolled_back: bool) -> str:
         else "The weights are not known to be good, so no checkpoint was written for this step"
     )
     return (
-        f"non-finite guard: {state.consecutive_skips} consecutive optimizer steps skipped "
+        f"bad-step guard: {state.consecutive_skips} consecutive optimizer steps skipped "
         f"(guard.max_consecutive_skips={limit}); the first bad values were at {state.first_bad}. "
         f"{saved}; lower optim.lr (it may change on --resume), raise model.moe.z_coef or check the data"
     )

@@ -458,9 +458,7 @@ class Trainer:
         if last_ckpt != st.step:
             self.save_checkpoint()
         if not self.verified.good_for_saving(acc.device, acc.print, st.step):  # e.g. snapshot_every: 0
-            message = (
-                f"non-finite guard: the final weights are known bad; no final/ written in {self.run_dir}"
-            )
+            message = f"bad-step guard: the final weights are known bad; no final/ written in {self.run_dir}"
             self.tracking.finish()
             return TrainResult(self.run_dir, st.step, "nonfinite", message=message)
         self.save_final()
