@@ -212,6 +212,8 @@ def test_accelerate_launch_end_to_end(tmp_path):
     cmd += ["train.steps=4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("Removed shared tensor", "Writing model shards", "Loading weights"):  # no library chatter
+        assert noise not in proc.stdout + proc.stderr, noise
     run = tmp_path / "tiny"
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "final"} <= {p.name for p in run.iterdir()}
     assert (run / "wandb").is_dir()  # offline wandb run written into the run folder

@@ -14,6 +14,7 @@ Anything else is a bug and keeps its traceback (exit status 1).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from moe_emergence.errors import ConfigError, run_cli
@@ -45,8 +46,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
+class _DropTiedWeightNotice(logging.Filter):
+    """accelerate warns ``Removed shared tensor {'lm_head.weight'}`` at every save: GPT-2's output layer is
+    tied to its embedding, so the tensor is expected to be stored once. Nothing a user has to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """The command line prints its own progress bar and summary: no per-file progress bars of transformers
+    (``Loading weights``, ``Writing model shards``) and no notice about the tied output layer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     from moe_emergence.training.config import load_config
     from moe_emergence.training.rundir import RunFinished
     from moe_emergence.training.trainer import Trainer
