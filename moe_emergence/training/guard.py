@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from moe_emergence.training.checkpoint import TrainState
 from moe_emergence.training.config import CollapseConfig, GuardConfig
 
-FIXED_FLAGS = 4  # loss, grad norm, signal, parameters
-
 
 @dataclass
 class StepCheck:

@@ -127,12 +127,12 @@ class Trainer:
                 )
         self._prepare(model)
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
+            self._load_checkpoint(self.resume_from, resume_meta)
             self.verified.unverified = int(self.state.last_applied)  # its last update awaits its check
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._eval_rows: list[int] | None = None
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, path: Path, meta: dict) -> None:
         """Model, optimizer and RNG through accelerate (tensors only: ``weights_only``), then the trainer's
         own state from JSON. Anything unreadable is a ``ConfigError`` naming the checkpoint."""
         state = ckpt.read_trainer_state(path)
@@ -141,7 +141,7 @@ class Trainer:
                 f"cannot resume from {path}: its sampler.seed={state['sampler']['seed']} is not "
                 f"train.seed={self.cfg.train.seed}"
             )
-        step, meta_step = state["train_state"]["step"], ckpt.read_meta(path)["step"]
+        step, meta_step = state["train_state"]["step"], meta["step"]  # meta: read by RunFolder already
         if step != meta_step or step > self.cfg.train.steps:
             raise ConfigError(
                 f"cannot resume from {path}: its trainer_state.json is at step {step}, its meta.json at step "
