@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moe_emergence.schedules import validate_schedule
+from moe_emergence.losses import LossCoefs
+from moe_emergence.schedules import coef_at, validate_schedule
 
 INIT_METHODS = ("copy", "noise", "drop")
 BACKENDS = ("auto", "eager", "grouped_mm", "triton")
@@ -80,8 +81,7 @@ class MoEConfig:
         expert_dropout: training only; each expert is dropped from selection for the forward with this
             probability (the k with the highest draws always survive); in [0, 1).
         lb_schedule, z_schedule: None (constant) or a schedule dict for lb_coef / z_coef over
-            optimizer steps (``schedules`` module); the trainer applies it with
-            ``model.schedule_loss_coefs(step)``.
+            optimizer steps (``schedules`` module); ``loss_coefs(step)`` gives the coefficients in force.
     """
 
     num_experts: int = 8
@@ -200,6 +200,18 @@ class MoEConfig:
         if bad:
             _fail("layers", self.layers, f"indices {bad} are outside the model's blocks 0..{n_layer - 1}")
         return list(self.layers)
+
+    def loss_coefs(self, step: int | None = None) -> LossCoefs:
+        """The objective's coefficients at optimizer step ``step`` (since the upcycle): ``lb_coef`` and
+        ``z_coef`` through ``lb_schedule`` / ``z_schedule`` (``schedules.coef_at``), and ``entropy_coef``;
+        ``step=None`` gives the base values, no schedule applied. Raises ``ValueError`` for a step < 0."""
+        if step is None:
+            return LossCoefs(float(self.lb_coef), float(self.z_coef), float(self.entropy_coef))
+        return LossCoefs(
+            lb_coef=coef_at(self.lb_coef, self.lb_schedule, step),
+            z_coef=coef_at(self.z_coef, self.z_schedule, step),
+            entropy_coef=float(self.entropy_coef),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

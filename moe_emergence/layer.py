@@ -47,11 +47,10 @@ class SharedExpert(nn.Module):
 
 
 class MoEWrapper(nn.Module):
-    """``forward(hidden_BLD) -> hidden_BLD``, exactly like ``GPT2MLP``.
+    """``forward(hidden_BSD, token_mask_T=None) -> (hidden_BSD, RouterOutput)``: ``GPT2MLP``'s function
+    plus what the router decided (for the objective and telemetry; ``GPT2MoEBlock`` passes both on).
 
     ``y_t = dropout(sum_k w_tk * expert_{i_tk}(x_t))`` with the router's weights w and indices i.
-    The router output of the last forward is kept in ``last_router_output`` for the model's losses
-    and for telemetry (it is overwritten by every forward, gradient-checkpoint recomputation included).
 
     Expert choice dispatches the E * C (token, expert) pairs through the same expert backend by
     gathering rows: ``y_AD = experts(x_TD[token_A], expert_A, weight_A)``, then
@@ -61,9 +60,9 @@ class MoEWrapper(nn.Module):
     ``shared_expert_weight`` or the learned ``sigmoid(x_t . w_g + b_g)``. With copy-init experts and a
     shared expert copied from the same dense MLP, this is the dense MLP at init for any g.
 
-    ``token_mask_T`` (1 = real token) is set by ``GPT2MoEForCausalLM.forward`` before each forward (None
-    without an attention mask) so padding takes no expert capacity; it stays set until the next model
-    forward so gradient-checkpoint recomputation sees the same mask.
+    ``token_mask_T`` (``[T]``, 1 = real token; None = all real) keeps padding from taking expert
+    capacity and from being chosen by experts; ``expert_mask_E`` (bool ``[E]``, False = removed) is
+    passed to the router (ablations).
     """
 
     def __init__(
@@ -97,8 +96,6 @@ class MoEWrapper(nn.Module):
                 self.shared_gate = Affine(d_model, 1)  # weight [D, 1], bias [1], float32 maths
                 self.reset_shared_gate()
         self.dropout = nn.Dropout(dropout)
-        self.last_router_output: RouterOutput | None = None
-        self.token_mask_T: torch.Tensor | None = None
 
     @torch.no_grad()
     def reset_shared_gate(self) -> None:
@@ -107,23 +104,21 @@ class MoEWrapper(nn.Module):
         nn.init.zeros_(self.shared_gate.weight)
         self.shared_gate.bias.fill_(math.log(w / (1.0 - w)))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask_T: torch.Tensor | None = None,
+        expert_mask_E: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
-        mask_T = self.token_mask_T
-        if mask_T is not None and mask_T.shape != (x_TD.shape[0],):
-            raise ValueError(
-                f"MoEWrapper.token_mask_T has shape {tuple(mask_T.shape)} but the input has "
-                f"{x_TD.shape[0]} tokens; set it to None (or the right mask) before calling the layer directly"
-            )
-        routing = self.router(x_TD, mask_T)
-        self.last_router_output = routing
+        routing = self.router(x_TD, token_mask_T, expert_mask_E)  # checks the masks' shapes
         if routing.ec_tokens is None:
             y_TD = self.experts(x_TD, routing.topk_indices, routing.topk_weights)
         else:
             y_TD = self._expert_choice_dispatch(x_TD, routing.ec_tokens, routing.ec_weights)
         if self.shared_gate_kind is not None:
             y_TD = self._mix_shared(x_TD, y_TD)
-        return self.dropout(y_TD.reshape(hidden_states.shape))
+        return self.dropout(y_TD.reshape(hidden_states.shape)), routing
 
     def _expert_choice_dispatch(
         self, x_TD: torch.Tensor, tokens_EC: torch.Tensor, weights_EC: torch.Tensor

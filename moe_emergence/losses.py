@@ -1,15 +1,27 @@
-"""Router auxiliary losses, one formula each, computed in float32.
+"""The MoE objective: router losses (one formula each, float32) and how they join the LM loss.
 
-Shapes: T tokens, E experts, K experts per token. ``mask_T`` is 1 for real tokens and 0 for padding;
-masked tokens never count. A batch with no real token gives 0 (not NaN).
+Shapes (legend: docs/architecture.md): T tokens, E experts, K experts per token, L MoE layers.
+``mask_T`` is 1 for real tokens and 0 for padding; masked tokens never count. A batch with no real
+token gives 0 (not NaN).
 
-How the model combines layers: ``GPT2MoEForCausalLM`` reports the MEAN of each loss over its MoE
-layers, and ``loss = lm_loss + lb_coef * aux_loss + z_coef * z_loss``.
+The objective, written once (``moe_objective``) and used by the model's forward and by the trainer::
+
+    loss = w_lm * lm_loss + w_batch * lb_coef * lb_loss + w_tok * (z_coef * z_loss + entropy_coef * entropy_loss)
+
+with ``lb_loss``, ``z_loss``, ``entropy_loss`` the means over MoE layers of the per-layer terms below, and
+the weights ``Shares`` all 1 for one forward on its own. The trainer sums one such objective per
+micro-batch with the micro-batch's shares of the optimizer step (``Shares``), so the step's loss is
+token-weighted for the LM, z and entropy terms and a micro-batch mean for the load-balance term.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+from moe_emergence.routing import RouterOutput
 
 
 def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -20,16 +32,17 @@ def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.d
     return mask_T.to(device=device, dtype=torch.float32)
 
 
-def expert_counts(
+def tokens_per_expert(
     topk_indices_TK: torch.Tensor,
     num_experts: int,
     mask_T: torch.Tensor | None = None,
     assignment_mask_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Number of routing assignments per expert, float32 ``[E]`` (each token contributes k).
+    """Number of routing assignments per expert, float32 ``[E]`` (each real token contributes K).
 
     ``assignment_mask_TK`` (optional, bool or 0/1) counts only some assignments, e.g.
-    ``~RouterOutput.dropped`` to leave out those past capacity.
+    ``~RouterOutput.dropped`` to leave out those past capacity. Raises ``ValueError`` on a mask of the
+    wrong shape.
     """
     T, K = topk_indices_TK.shape
     w_T = _token_weights(T, mask_T, topk_indices_TK.device)
@@ -40,8 +53,8 @@ def expert_counts(
                 f"assignment mask has shape {tuple(assignment_mask_TK.shape)}, expected ({T}, {K})"
             )
         w_A = w_A * assignment_mask_TK.reshape(-1).to(w_A)
-    counts_E = torch.zeros(num_experts, device=topk_indices_TK.device, dtype=torch.float32)
-    return counts_E.index_add_(0, topk_indices_TK.reshape(-1), w_A)
+    tokens_per_expert_E = torch.zeros(num_experts, device=topk_indices_TK.device, dtype=torch.float32)
+    return tokens_per_expert_E.index_add_(0, topk_indices_TK.reshape(-1), w_A)
 
 
 def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,8 +73,8 @@ def expert_fractions(
     topk_indices_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None
 ) -> torch.Tensor:
     """f_i: fraction of routing assignments that go to expert i, ``[E]``, sums to 1 (0 if no tokens)."""
-    counts_E = expert_counts(topk_indices_TK, num_experts, mask_T)
-    return counts_E / counts_E.sum().clamp_min(1.0)
+    tokens_per_expert_E = tokens_per_expert(topk_indices_TK, num_experts, mask_T)
+    return tokens_per_expert_E / tokens_per_expert_E.sum().clamp_min(1.0)
 
 
 def mean_router_probs(router_probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,7 +91,8 @@ def load_balance_loss(
     mask_T: torch.Tensor | None = None,
     fractions_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Switch Transformer load-balance loss ``E * sum_i f_i * P_i`` (scalar, float32).
+    """Switch Transformer load-balance loss ``E * sum_i f_i * P_i`` (scalar, float32; Fedus et al. 2021,
+    "Switch Transformers", eq. 4).
 
     f_i = fraction of the T*k routing assignments sent to expert i (no gradient: it comes from argmax),
     P_i = mean over tokens of the router probability of expert i (carries the gradient).
@@ -94,7 +108,8 @@ def load_balance_loss(
 
 
 def z_loss(router_logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """Router z-loss (ST-MoE) ``mean_t logsumexp(logits_t)^2`` (scalar, float32).
+    """Router z-loss ``mean_t logsumexp(logits_t)^2`` over real tokens (scalar, float32; Zoph et al. 2022,
+    "ST-MoE", eq. 5).
 
     Zero logits give (ln E)^2.
     """
@@ -105,22 +120,115 @@ def z_loss(router_logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
     return (z_T * w_T).sum() / w_T.sum().clamp_min(1.0)
 
 
-def aux_losses_per_layer(
-    router_outputs: dict, mask_T: torch.Tensor, num_experts: int, global_counts_fn=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balance ``[L]``, z ``[L]``), one value per MoE layer in ``router_outputs`` order
-    (``{block: RouterOutput}``); the model reports their means, the trainer also checks each layer.
-    ``global_counts_fn(counts_LE) -> summed counts_LE`` (an all-reduce) makes f_i global across
-    processes; None keeps it per micro-batch."""
-    layers = list(router_outputs.values())
-    fractions_LE = [None] * len(layers)
-    if global_counts_fn is not None:
-        counts_LE = torch.stack([expert_counts(r.topk_indices, num_experts, mask_T) for r in layers])
-        counts_LE = global_counts_fn(counts_LE)
-        fractions_LE = list(counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1.0))
-    lb = [
-        load_balance_loss(r.router_probs, r.topk_indices, num_experts, mask_T, fractions_E=f)
-        for r, f in zip(layers, fractions_LE, strict=True)
-    ]
-    z = [z_loss(r.router_logits, mask_T) for r in layers]
-    return torch.stack(lb), torch.stack(z)
+def routed_tokens_per_expert(
+    r: RouterOutput, num_experts: int, mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Assignments each expert actually computed, float32 ``[E]``: padding and capacity-dropped
+    assignments excluded; with expert choice, the real tokens each expert took. The load that
+    aux-loss-free balancing (``Router.update_selection_bias``) evens out."""
+    if r.ec_tokens is not None:
+        real_T = torch.ones(r.router_probs.shape[0], device=r.ec_tokens.device)
+        if mask_T is not None:
+            real_T = mask_T.to(real_T)
+        return real_T[r.ec_tokens].sum(1)
+    kept_TK = None if r.dropped is None else ~r.dropped
+    return tokens_per_expert(r.topk_indices, num_experts, mask_T, assignment_mask_TK=kept_TK)
+
+
+@dataclass(frozen=True)
+class LossCoefs:
+    """Coefficients of the router losses in the objective (plain floats; ``schedules.loss_coefs_at``
+    gives the ones in force at an optimizer step)."""
+
+    lb_coef: float
+    z_coef: float
+    entropy_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class Shares:
+    """Weights of one forward's terms in the loss being differentiated (module docstring): ``lm`` its
+    predicted tokens / the step's, ``tokens`` its real tokens / the step's, ``batch`` 1 / the number of
+    micro-batches (times processes). All 1 (the default) for a forward on its own. Floats or 0-d tensors."""
+
+    lm: float | torch.Tensor = 1.0
+    tokens: float | torch.Tensor = 1.0
+    batch: float | torch.Tensor = 1.0
+
+
+@dataclass
+class MoEObjective:
+    """What ``moe_objective`` computed for one forward: the weighted ``loss`` and each term, float32.
+
+    ``lb_loss_L``, ``z_loss_L``, ``entropy_loss_L``: ``[L]`` per MoE layer (block order), unweighted;
+    ``lb_loss``, ``z_loss``, ``entropy_loss``: their means over layers, unweighted.
+    """
+
+    loss: torch.Tensor
+    lb_loss_L: torch.Tensor
+    z_loss_L: torch.Tensor
+    entropy_loss_L: torch.Tensor
+
+    @property
+    def lb_loss(self) -> torch.Tensor:
+        return self.lb_loss_L.mean()
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self.z_loss_L.mean()
+
+    @property
+    def entropy_loss(self) -> torch.Tensor:
+        return self.entropy_loss_L.mean()
+
+
+def layer_tokens_per_expert(
+    router_outputs: Sequence[RouterOutput], num_experts: int, mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[L, E]`` assignments per expert of each MoE layer (``tokens_per_expert``); summed across
+    processes, it gives ``moe_objective`` the global f_i of ``balance_scope: global``."""
+    return torch.stack([tokens_per_expert(r.topk_indices, num_experts, mask_T) for r in router_outputs])
+
+
+def moe_objective(
+    lm_loss: torch.Tensor,
+    router_outputs: Sequence[RouterOutput],
+    mask_T: torch.Tensor | None,
+    num_experts: int,
+    coefs: LossCoefs,
+    *,
+    tokens_per_expert_LE: torch.Tensor | None = None,
+    shares: Shares = Shares(),
+) -> MoEObjective:
+    """The objective of one forward (module docstring), each router term computed once per layer.
+
+    lm_loss: scalar mean next-token cross entropy of the forward.
+    router_outputs: the forward's ``RouterOutput`` of each MoE layer, in block order (L >= 1).
+    mask_T: ``[T]`` 1 for real tokens, or None (all real).
+    tokens_per_expert_LE: ``[L, E]`` counts behind f_i (e.g. summed over processes); None = this
+        forward's own (``layer_tokens_per_expert``).
+    The entropy term joins the loss only when ``entropy_coef != 0`` (so a non-finite entropy cannot
+    reach a loss that does not use it). Raises ``ValueError`` for a mask or counts of the wrong shape.
+    """
+    L = len(router_outputs)
+    if tokens_per_expert_LE is not None and tokens_per_expert_LE.shape != (L, num_experts):
+        raise ValueError(
+            f"tokens_per_expert_LE has shape {tuple(tokens_per_expert_LE.shape)}, expected ({L}, {num_experts})"
+        )
+    lb, z, ent = [], [], []
+    for layer, r in enumerate(router_outputs):
+        f_E = None
+        if tokens_per_expert_LE is not None:
+            tokens_per_expert_E = tokens_per_expert_LE[layer].float()
+            f_E = tokens_per_expert_E / tokens_per_expert_E.sum().clamp_min(1.0)
+        lb.append(load_balance_loss(r.router_probs, r.topk_indices, num_experts, mask_T, fractions_E=f_E))
+        z.append(z_loss(r.router_logits, mask_T))
+        ent.append(masked_mean(r.entropy, mask_T))
+    lb_L, z_L, ent_L = torch.stack(lb), torch.stack(z), torch.stack(ent)
+    token_terms = coefs.z_coef * z_L.mean()
+    if coefs.entropy_coef != 0:
+        token_terms = token_terms + coefs.entropy_coef * ent_L.mean()
+    loss = (
+        shares.lm * lm_loss.float() + shares.batch * coefs.lb_coef * lb_L.mean() + shares.tokens * token_terms
+    )
+    return MoEObjective(loss, lb_L, z_L, ent_L)

@@ -1,13 +1,18 @@
 """GPT2MoEConfig and GPT2MoEForCausalLM: GPT-2 with selected MLP blocks replaced by ``MoEWrapper``.
 
-Shapes: B batch, L sequence length, T = B * L tokens, E experts, K experts per token.
+Shapes (legend: docs/architecture.md): B rows, S positions, T = B * S tokens, E experts, K experts per
+token, L MoE layers.
 
-The model is a ``GPT2LMHeadModel`` whose ``transformer.h[i].mlp`` is an ``MoEWrapper`` for every i in
-``config.moe["layers"]``. Its forward returns the usual causal-LM output plus ``lm_loss``,
-``aux_loss`` (Switch load balance, mean over MoE layers), ``z_loss`` and ``entropy_loss`` (means over
-MoE layers); with ``labels``, ``loss = lm_loss + lb_coef * aux_loss + z_coef * z_loss`` (plus
-``entropy_coef * entropy_loss`` when ``entropy_coef != 0``). ``lb_coef`` / ``z_coef`` are the config's
-values until the trainer sets others (``set_loss_coefs`` / ``schedule_loss_coefs``).
+The model is a ``GPT2LMHeadModel`` whose blocks are ``GPT2MoEBlock`` and whose ``transformer.h[i].mlp``
+is an ``MoEWrapper`` for every i in ``config.moe.layers``. Per-forward routing data travels as arguments
+and return values: the forward derives the token mask from ``attention_mask`` and hands it, with a
+``RouterRecord`` that each MoE block fills, down through GPT-2's blocks as keyword arguments. The output
+is the usual causal-LM output plus ``router_outputs`` (``{block: RouterOutput}``) and, with
+``output_router_logits`` (the config's default: true), the router terms of ``losses.moe_objective``:
+``aux_loss`` (the load-balance loss, named as in HF's MoE models), ``z_loss``, ``entropy_loss`` (means
+over MoE layers) and ``router_logits``; with ``labels`` also ``lm_loss`` and
+``loss = lm_loss + lb_coef * aux_loss + z_coef * z_loss (+ entropy_coef * entropy_loss)``, the
+coefficients being ``config.moe.loss_coefs()`` unless ``loss_coefs`` is passed.
 """
 
 from __future__ import annotations
@@ -19,54 +24,125 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from moe_emergence.config import MoEConfig
 from moe_emergence.layer import MoEWrapper
-from moe_emergence.losses import aux_losses_per_layer, expert_counts, masked_mean
+from moe_emergence.losses import LossCoefs, moe_objective
 from moe_emergence.routing import RouterOutput
-from moe_emergence.schedules import coef_at
 
 
 @strict
 class GPT2MoEConfig(GPT2Config):
-    """A ``GPT2Config`` plus ``moe``: the ``MoEConfig`` fields as a dict (``moe_config`` gives the dataclass)."""
+    """A ``GPT2Config`` plus ``moe`` (a ``MoEConfig``; a dict is accepted and converted, and saved
+    ``config.json`` files hold it as a dict) and ``output_router_logits`` (default true: the forward
+    computes the router losses and returns the router logits; false: LM loss only, as HF's MoE models)."""
 
     model_type = "gpt2_moe"
 
-    moe: dict | None = None
+    moe: MoEConfig | dict | None = None
+    output_router_logits: bool = True
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.moe, MoEConfig):
-            self.moe = self.moe.to_dict()
-        moe = MoEConfig.from_dict(self.moe or {})
-        self.moe = moe.to_dict()
-        moe.resolve_layers(self.n_layer)
+        if not isinstance(self.moe, MoEConfig):
+            self.moe = MoEConfig.from_dict(self.moe or {})
+        self.moe.resolve_layers(self.n_layer)
         super().__post_init__(**kwargs)
 
     @property
-    def moe_config(self) -> MoEConfig:
-        return MoEConfig.from_dict(self.moe)
-
-    @property
     def moe_layers(self) -> list[int]:
-        return self.moe_config.resolve_layers(self.n_layer)
+        """Block indices that are MoE layers, in block order."""
+        return self.moe.resolve_layers(self.n_layer)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["moe"] = self.moe.to_dict()
+        return out
+
+
+class RouterRecord:
+    """Collects each MoE block's ``RouterOutput`` during one model forward, ``{block: RouterOutput}``.
+
+    A plain object (not a dict) on purpose: wrappers that copy containers among a module's arguments
+    (FSDP2's input casting) pass it through unchanged. Gradient-checkpoint recomputation records a block
+    again, with the same values (the RNG state is replayed)."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, RouterOutput] = {}
+
+
+class GPT2MoEBlock(GPT2Block):
+    """``GPT2Block`` (same submodules and weights) whose MLP may be an ``MoEWrapper``: the forward takes
+    the token mask and a ``RouterRecord`` as keyword arguments and passes them to the MoE layer.
+
+    The computation is GPT-2's block written out (``ln_1 -> attn -> residual -> ln_2 -> mlp -> residual``)
+    because ``GPT2Block`` calls its MLP with the hidden states only; a test checks it equals
+    ``GPT2Block`` with a dense MLP. Cross-attention is not supported (``__init__`` refuses it)."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        if config.add_cross_attention:
+            raise ValueError("GPT2MoEForCausalLM: add_cross_attention=True is not supported")
+        super().__init__(config, layer_idx=layer_idx)
+        self.block_index = layer_idx
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = False,
+        *,
+        token_mask_T: torch.Tensor | None = None,
+        router_record: RouterRecord | None = None,
+        expert_masks: dict[int, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("GPT2MoEBlock: encoder_hidden_states (cross-attention) is not supported")
+        # the cache positionally: transformers 5 renamed the keyword (past_key_values -> cache)
+        attn_out, _ = self.attn(
+            self.ln_1(hidden_states), cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs
+        )
+        hidden_states = hidden_states + attn_out
+        x = self.ln_2(hidden_states)
+        if not isinstance(self.mlp, MoEWrapper):
+            return hidden_states + self.mlp(x)
+        expert_mask_E = None if expert_masks is None else expert_masks.get(self.block_index)
+        y, routing = self.mlp(x, token_mask_T, expert_mask_E)
+        if router_record is not None:
+            router_record.outputs[self.block_index] = routing
+        return hidden_states + y
 
 
 @dataclass
 class MoECausalLMOutput(CausalLMOutputWithCrossAttentions):
-    """``CausalLMOutputWithCrossAttentions`` plus the three loss terms, each a float32 scalar.
+    """``CausalLMOutputWithCrossAttentions`` plus the MoE parts (module docstring); losses float32 scalars.
 
-    lm_loss: next-token cross entropy (only with ``labels``).
-    aux_loss: load-balance loss, mean over MoE layers.
-    z_loss: router z-loss, mean over MoE layers.
-    entropy_loss: mean over MoE layers of the (padding-masked) mean per-token entropy of the clean
-        router probabilities.
+    lm_loss: next-token cross entropy (with ``labels``).
+    aux_loss: load-balance loss, mean over MoE layers (``output_router_logits``).
+    z_loss: router z-loss, mean over MoE layers (``output_router_logits``).
+    entropy_loss: mean over MoE layers of the masked mean per-token entropy of the clean router
+        probabilities (``output_router_logits``).
+    router_logits: ``[T, E]`` float32 gate logits of each MoE layer, in block order (``output_router_logits``).
+    router_outputs: ``{block: RouterOutput}`` of every MoE layer (always).
     """
 
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     entropy_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    router_outputs: dict[int, RouterOutput] | None = None
+
+
+def token_mask(attention_mask: torch.Tensor | None, num_positions: int) -> torch.Tensor | None:
+    """``[T]`` mask of the tokens in this forward (1 = real) from the attention mask; with a KV cache the
+    attention mask covers past positions too, so only its last ``num_positions`` columns count."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -num_positions:].reshape(-1)
 
 
 class GPT2MoEForCausalLM(GPT2LMHeadModel):
@@ -74,10 +150,12 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
 
     config_class = GPT2MoEConfig
     config: GPT2MoEConfig
+    _no_split_modules = ["GPT2MoEBlock"]
 
     def __init__(self, config: GPT2MoEConfig) -> None:
         super().__init__(config)
-        moe = config.moe_config
+        self.transformer.h = torch.nn.ModuleList(GPT2MoEBlock(config, i) for i in range(config.n_layer))
+        moe = config.moe
         d_ff = config.n_inner if config.n_inner is not None else 4 * config.n_embd
         for i in config.moe_layers:
             layer = MoEWrapper(moe, config.n_embd, d_ff, config.activation_function, config.resid_pdrop)
@@ -96,7 +174,6 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
                 if moe.shared_expert_gate == "learned":
                     layer.reset_shared_gate()
             self.transformer.h[i].mlp = layer
-        self.loss_coefs = {"lb": float(moe.lb_coef), "z": float(moe.z_coef)}
         self.post_init()
 
     def moe_layers(self) -> dict[int, MoEWrapper]:
@@ -106,140 +183,78 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             i: block.mlp for i, block in enumerate(self.transformer.h) if isinstance(block.mlp, MoEWrapper)
         }
 
-    def router_outputs(self) -> dict[int, RouterOutput]:
-        """Router outputs of the last forward, ``{block index: RouterOutput}`` (for losses and telemetry)."""
-        out = {}
-        for i, layer in self.moe_layers().items():
-            if layer.last_router_output is None:
-                raise RuntimeError(f"MoE block {i} has no router output yet: run a forward first")
-            out[i] = layer.last_router_output
-        return out
-
     def set_router_step(self, step: int) -> None:
         """Set the optimizer step of every router (drives noise annealing)."""
         for layer in self.moe_layers().values():
             layer.router.set_step(step)
 
-    def set_loss_coefs(self, lb: float | None = None, z: float | None = None) -> None:
-        """Set the load-balance / z-loss coefficients used by ``forward`` (plain floats; None keeps one)."""
-        for name, value in (("lb", lb), ("z", z)):
-            if value is None:
-                continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ValueError(f"set_loss_coefs: {name}={value!r} is invalid: a finite number >= 0")
-            self.loss_coefs[name] = float(value)
-
-    def schedule_loss_coefs(self, step: int) -> dict[str, float]:
-        """Set the coefficients from ``lb_schedule`` / ``z_schedule`` at optimizer step ``step``
-        (``schedules`` module) and return them (``{"lb_coef": ..., "z_coef": ...}``, for logging)."""
-        moe = self.config.moe_config
-        lb = coef_at(moe.lb_coef, moe.lb_schedule, step)
-        z = coef_at(moe.z_coef, moe.z_schedule, step)
-        self.set_loss_coefs(lb=lb, z=z)
-        return {"lb_coef": lb, "z_coef": z}
-
-    def expert_load(self, token_mask_T: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Assignments each expert computed in the last forward, ``{block: float32 [E]}``: padding and
-        capacity-dropped assignments excluded; with expert choice, the real tokens each expert took.
-        Sum it over a step's micro-batches for ``update_selection_bias``."""
-        E = self.config.moe["num_experts"]
-        out = {}
-        for i, r in self.router_outputs().items():
-            if r.ec_tokens is not None:
-                real_T = torch.ones(r.router_probs.shape[0], device=r.ec_tokens.device)
-                if token_mask_T is not None:
-                    real_T = token_mask_T.to(real_T)
-                out[i] = real_T[r.ec_tokens].sum(1)
-                continue
-            kept_TK = None if r.dropped is None else ~r.dropped
-            out[i] = expert_counts(r.topk_indices, E, token_mask_T, assignment_mask_TK=kept_TK)
-        return out
-
-    def variant_stats(self, token_mask_T: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Telemetry of the routing variants for the last forward, on-device float32 scalars (no sync):
-        ``router/layer{L}/dropped_frac`` (capacity: fraction of real assignments dropped),
-        ``router/layer{L}/unrouted_frac`` (expert choice: fraction of real tokens no expert took),
-        ``router/layer{L}/selection_bias_e{i}`` (aux-loss-free balancing). Empty with every variant off."""
-        out = {}
-        for i, r in self.router_outputs().items():
-            if r.dropped is not None:
-                out[f"router/layer{i}/dropped_frac"] = masked_mean(r.dropped.float().mean(-1), token_mask_T)
-            if r.unrouted is not None:
-                out[f"router/layer{i}/unrouted_frac"] = masked_mean(r.unrouted.float(), token_mask_T)
-            router = self.transformer.h[i].mlp.router
-            if router.bias_update_rate > 0:
-                for e, b in enumerate(router.selection_bias.detach().unbind()):
-                    out[f"router/layer{i}/selection_bias_e{e}"] = b
-        return out
-
-    def update_selection_bias(self, counts_by_layer: dict[int, torch.Tensor]) -> None:
+    def update_selection_bias(self, tokens_per_expert_by_layer: dict[int, torch.Tensor]) -> None:
         """Aux-loss-free balancing: ``Router.update_selection_bias`` for each MoE block, with that block's
-        per-expert load of the optimizer step (e.g. summed ``expert_load`` of its micro-batches)."""
-        if self.config.moe["bias_update_rate"] == 0:
+        ``[E]`` load of the optimizer step (``losses.routed_tokens_per_expert`` summed over its
+        micro-batches). Raises ``ValueError`` without a selection bias or for the wrong blocks."""
+        if self.config.moe.bias_update_rate == 0:
             raise ValueError("update_selection_bias: MoEConfig.bias_update_rate is 0 (no selection bias)")
         layers = self.moe_layers()
-        if sorted(counts_by_layer) != sorted(layers):
+        if sorted(tokens_per_expert_by_layer) != sorted(layers):
             raise ValueError(
-                f"update_selection_bias: got loads for blocks {sorted(counts_by_layer)}, "
+                f"update_selection_bias: got loads for blocks {sorted(tokens_per_expert_by_layer)}, "
                 f"expected exactly the MoE blocks {sorted(layers)}"
             )
-        for i, load_E in counts_by_layer.items():
-            layers[i].router.update_selection_bias(load_E)
+        for i, tokens_per_expert_E in tokens_per_expert_by_layer.items():
+            layers[i].router.update_selection_bias(tokens_per_expert_E)
 
     def generate(self, *args, **kwargs):
-        if self.config.moe["routing"] == "expert_choice":
+        if self.config.moe.routing == "expert_choice":
             raise ValueError(
                 "generate: routing='expert_choice' is not causal (each expert ranks all tokens of the "
                 "forward, future ones included), so it cannot generate; use it for analysis only"
             )
         return super().generate(*args, **kwargs)
 
-    def entropy_loss(self, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean over MoE layers of the masked mean per-token entropy of the clean router probabilities."""
-        return torch.stack(
-            [masked_mean(r.entropy, token_mask_T) for r in self.router_outputs().values()]
-        ).mean()
-
-    def aux_losses(self, token_mask_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(load-balance loss, z-loss) of the last forward, each the mean over MoE layers."""
-        lb_L, z_L = aux_losses_per_layer(self.router_outputs(), token_mask_T, self.config.moe["num_experts"])
-        return lb_L.mean(), z_L.mean()
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        loss_coefs: LossCoefs | None = None,
+        expert_masks: dict[int, torch.Tensor] | None = None,
         **kwargs,
     ) -> MoECausalLMOutput:
-        token_mask_T = None
-        if attention_mask is not None:
-            L = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-            token_mask_T = attention_mask[:, -L:].reshape(-1)  # with a KV cache the mask covers the past too
-        for layer in self.moe_layers().values():
-            layer.token_mask_T = token_mask_T
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        aux, z = self.aux_losses(token_mask_T)
-        entropy = self.entropy_loss(token_mask_T)
-        loss = None
-        if labels is not None:
-            loss = out.loss + self.loss_coefs["lb"] * aux + self.loss_coefs["z"] * z
-            if self.config.moe["entropy_coef"] != 0:
-                loss = loss + self.config.moe["entropy_coef"] * entropy
-        return MoECausalLMOutput(
-            loss=loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            cross_attentions=out.cross_attentions,
-            lm_loss=out.loss,
-            aux_loss=aux,
-            z_loss=z,
-            entropy_loss=entropy,
+        """GPT-2's forward plus the MoE outputs (module docstring). ``loss_coefs`` overrides
+        ``config.moe.loss_coefs()`` for this forward (e.g. a schedule's value at the current step);
+        ``expert_masks`` ``{block: bool [E]}`` removes experts (False) from those MoE blocks' routing
+        (``Router``; ablations). Raises ``ValueError`` for a mask of a block that is not an MoE layer."""
+        if expert_masks is not None and not set(expert_masks) <= set(self.config.moe_layers):
+            raise ValueError(
+                f"expert_masks: blocks {sorted(set(expert_masks) - set(self.config.moe_layers))} are not "
+                f"MoE layers (those are {self.config.moe_layers})"
+            )
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        S = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+        mask_T = token_mask(attention_mask, S)
+        record = RouterRecord()
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            token_mask_T=mask_T,
+            router_record=record,
+            expert_masks=expert_masks,
+            **kwargs,
         )
+        routers = {i: record.outputs[i] for i in sorted(record.outputs)}
+        # every field GPT-2 set, by its own names (the cache's field was renamed within transformers 5)
+        result = MoECausalLMOutput(**dict(out.items()), lm_loss=out.loss, router_outputs=routers)
+        if output_router_logits:
+            coefs = self.config.moe.loss_coefs() if loss_coefs is None else loss_coefs
+            lm = out.loss if labels is not None else torch.zeros((), device=out.logits.device)
+            objective = moe_objective(lm, list(routers.values()), mask_T, self.config.moe.num_experts, coefs)
+            result.aux_loss = objective.lb_loss
+            result.z_loss = objective.z_loss
+            result.entropy_loss = objective.entropy_loss
+            result.router_logits = tuple(r.router_logits for r in routers.values())
+            if labels is not None:
+                result.loss = objective.loss
+        return result

@@ -75,7 +75,7 @@ class Router(nn.Module):
     Variants (``MoEConfig`` fields, all off by default; off = exactly the computation above):
       - selection bias (``bias_update_rate > 0``): experts are ranked by ``noisy_logits + b`` (buffer
         ``selection_bias [E]``, in the state dict) but weighted by the unbiased probabilities;
-        ``update_selection_bias(load_E)`` does ``b += rate * sign(mean(load) - load_e)``.
+        ``update_selection_bias(tokens_per_expert_E)`` does ``b += rate * sign(mean(tokens_per_expert) - tokens_per_expert_e)``.
       - expert dropout (training): experts outside ``keep_E`` (``selection.expert_dropout_keep``) cannot
         be selected and the weights use ``p_e * keep_e / sum_j p_j keep_j``.
       - random routing (training): ``selection.random_reroute`` on the selected indices; weights are
@@ -85,6 +85,12 @@ class Router(nn.Module):
       - expert choice: ``selection.expert_choice`` over the (noisy in training) probabilities with
         ``C = ceil(T * k / E * (capacity_factor or 1))``; fills ``ec_tokens`` / ``ec_weights``.
     ``mask_T`` (1 = real token) keeps padding from taking capacity or being chosen by experts.
+
+    ``expert_mask_E`` (bool ``[E]``, False = removed; for ablations) removes experts from this forward
+    through the same path as expert dropout: a removed expert is never selected, the weights use
+    ``p_e * keep_e / sum_j p_j keep_j``, and with expert choice a removed expert takes no token (its
+    column gets weight 0). All True computes what no mask computes. Raises ``ValueError`` for a mask of
+    the wrong shape or one that leaves fewer than K experts.
     """
 
     def __init__(
@@ -172,20 +178,22 @@ class Router(nn.Module):
         return self.noise_std * remaining
 
     @torch.no_grad()
-    def update_selection_bias(self, load_E: torch.Tensor) -> None:
-        """Aux-loss-free balancing step: ``b_e += bias_update_rate * sign(mean(load) - load_e)``.
+    def update_selection_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: ``b_e += bias_update_rate * sign(mean(tokens_per_expert) - tokens_per_expert_e)``.
 
-        ``load_E``: the step's assignment counts per expert (e.g. ``losses.expert_counts`` summed over
+        ``tokens_per_expert_E``: the step's assignment counts per expert (e.g. ``losses.routed_tokens_per_expert`` summed over
         the step's micro-batches). Call once per optimizer step.
         """
         if self.bias_update_rate == 0:
             raise ValueError("update_selection_bias: this router has bias_update_rate=0 (no selection bias)")
-        if load_E.shape != (self.num_experts,):
+        if tokens_per_expert_E.shape != (self.num_experts,):
             raise ValueError(
-                f"update_selection_bias: load has shape {tuple(load_E.shape)}, expected ({self.num_experts},)"
+                f"update_selection_bias: tokens_per_expert_E has shape {tuple(tokens_per_expert_E.shape)}, expected ({self.num_experts},)"
             )
-        load_E = load_E.to(device=self.selection_bias.device, dtype=torch.float32)
-        self.selection_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        tokens_per_expert_E = tokens_per_expert_E.to(device=self.selection_bias.device, dtype=torch.float32)
+        self.selection_bias += self.bias_update_rate * torch.sign(
+            tokens_per_expert_E.mean() - tokens_per_expert_E
+        )
 
     def combine_weights(self, topk_probs_TK: torch.Tensor, eps: float | None = None) -> torch.Tensor:
         """Combine weights of the selected probabilities ``[T, K]``: straight-through 1.0 for top-1 (gradient
@@ -199,15 +207,31 @@ class Router(nn.Module):
             return topk_probs_TK / (total_T1 if eps is None else total_T1.clamp_min(eps))
         return topk_probs_TK
 
-    def _perturbs_selection(self) -> bool:
-        return self.bias_update_rate > 0 or (
-            self.training and (self.random_routing_prob > 0 or self.expert_dropout > 0)
+    def _perturbs_selection(self, expert_mask_E: torch.Tensor | None) -> bool:
+        return (
+            self.bias_update_rate > 0
+            or expert_mask_E is not None
+            or (self.training and (self.random_routing_prob > 0 or self.expert_dropout > 0))
         )
 
-    def forward(self, x: torch.Tensor, mask_T: torch.Tensor | None = None) -> RouterOutput:
+    def _check_expert_mask(self, expert_mask_E: torch.Tensor | None) -> None:
+        if expert_mask_E is None:
+            return
+        if expert_mask_E.shape != (self.num_experts,) or expert_mask_E.dtype != torch.bool:
+            raise ValueError(
+                f"Router expert_mask_E must be a bool tensor of shape ({self.num_experts},), got "
+                f"{expert_mask_E.dtype} {tuple(expert_mask_E.shape)}"
+            )
+        if int(expert_mask_E.sum()) < self.top_k:
+            raise ValueError(f"Router expert_mask_E leaves fewer than top_k={self.top_k} experts")
+
+    def forward(
+        self, x: torch.Tensor, mask_T: torch.Tensor | None = None, expert_mask_E: torch.Tensor | None = None
+    ) -> RouterOutput:
         x_TD = x.reshape(-1, x.shape[-1])
         if mask_T is not None and mask_T.shape != (x_TD.shape[0],):
             raise ValueError(f"Router mask has shape {tuple(mask_T.shape)}, expected ({x_TD.shape[0]},)")
+        self._check_expert_mask(expert_mask_E)
         extra = {}
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -219,9 +243,9 @@ class Router(nn.Module):
                 probs_TE = noisy_logits_TE.softmax(dim=-1)
             else:
                 probs_TE = probs_clean_TE
-            if self.routing == "token_choice" and self._perturbs_selection():
+            if self.routing == "token_choice" and self._perturbs_selection(expert_mask_E):
                 weights_TK, topk_indices_TK, sel_TE, wprobs_TE, allowed_E = self._perturbed_topk(
-                    noisy_logits_TE, probs_TE
+                    noisy_logits_TE, probs_TE, expert_mask_E
                 )
             else:
                 topk_probs_TK, topk_indices_TK = probs_TE.topk(self.top_k, dim=-1)
@@ -230,7 +254,10 @@ class Router(nn.Module):
             T = x_TD.shape[0]
             if self.routing == "expert_choice":
                 C = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor or 1.0)
-                tokens, weights, unrouted = expert_choice(probs_TE, C, mask_T)
+                ec_probs_TE = probs_TE
+                if expert_mask_E is not None:  # the survivors' probabilities, renormalised
+                    ec_probs_TE = noisy_logits_TE.masked_fill(~expert_mask_E, -math.inf).softmax(dim=-1)
+                tokens, weights, unrouted = expert_choice(ec_probs_TE, C, mask_T, expert_mask_E)
                 extra = dict(ec_tokens=tokens, ec_weights=weights, unrouted=unrouted)
             elif self.capacity_factor is not None:
                 weights_TK, topk_indices_TK, dropped_TK = self._apply_capacity(
@@ -247,14 +274,19 @@ class Router(nn.Module):
             **extra,
         )
 
-    def _perturbed_topk(self, noisy_logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> tuple:
-        """Selection with bias / expert dropout / random routing: (weights, indices, selection scores,
-        probabilities the weights use, allowed experts or None)."""
+    def _perturbed_topk(
+        self, noisy_logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_mask_E: torch.Tensor | None
+    ) -> tuple:
+        """Selection with bias / expert dropout / removed experts / random routing: (weights, indices,
+        selection scores, probabilities the weights use, allowed experts or None)."""
         E = self.num_experts
         sel_TE = noisy_logits_TE + self.selection_bias if self.bias_update_rate > 0 else probs_TE
-        wprobs_TE, allowed_E = probs_TE, None
+        wprobs_TE, allowed_E = probs_TE, expert_mask_E
         if self.training and self.expert_dropout > 0:
-            allowed_E = expert_dropout_keep(E, self.top_k, self.expert_dropout, probs_TE.device)
+            allowed_E = expert_dropout_keep(
+                E, self.top_k, self.expert_dropout, probs_TE.device, expert_mask_E
+            )
+        if allowed_E is not None:
             sel_TE = sel_TE.masked_fill(~allowed_E, -math.inf)
             # = p * keep / sum(p * keep), computed stably (no 0/0 when the survivors' p underflow)
             wprobs_TE = noisy_logits_TE.masked_fill(~allowed_E, -math.inf).softmax(dim=-1)

@@ -10,12 +10,18 @@ from __future__ import annotations
 import torch
 
 
-def expert_dropout_keep(num_experts: int, top_k: int, p: float, device: torch.device) -> torch.Tensor:
+def expert_dropout_keep(
+    num_experts: int, top_k: int, p: float, device: torch.device, allowed_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """``keep_E`` (bool) for one forward: expert e is dropped when its draw ``u_e ~ U(0, 1)`` is < p,
-    except that the k experts with the highest draws always survive (so every token keeps k choices)."""
+    except that the k experts with the highest draws always survive (so every token keeps k choices).
+    ``allowed_E`` (bool, e.g. an ablation's expert mask): only those can be kept, the k survivors among
+    them (the draws are the same with or without it)."""
     u_E = torch.rand(num_experts, device=device)
-    keep_E = u_E >= p
-    return keep_E.scatter(0, u_E.topk(top_k).indices, True)
+    if allowed_E is None:
+        return (u_E >= p).scatter(0, u_E.topk(top_k).indices, True)
+    u_E = u_E.masked_fill(~allowed_E, -1.0)
+    return ((u_E >= p) & allowed_E).scatter(0, u_E.topk(top_k).indices, True)
 
 
 def random_reroute(indices_TK: torch.Tensor, p: float, allowed_E: torch.Tensor) -> torch.Tensor:
@@ -37,14 +43,18 @@ def random_reroute(indices_TK: torch.Tensor, p: float, allowed_E: torch.Tensor) 
 
 
 def expert_choice(
-    probs_TE: torch.Tensor, capacity: int, mask_T: torch.Tensor | None = None
+    probs_TE: torch.Tensor,
+    capacity: int,
+    mask_T: torch.Tensor | None = None,
+    expert_mask_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Expert-choice routing (Zhou et al. 2022): each expert takes the C tokens with the highest
     probability for it.
 
     Returns ``tokens_EC`` (int64 token indices), ``weights_EC`` (that token's probability for the expert,
     with gradient; 0 for padding tokens, which are only taken once every real token has been ranked) and
-    ``unrouted_T`` (bool: no expert took the token; its MoE output is zero).
+    ``unrouted_T`` (bool: no expert took the token; its MoE output is zero). ``expert_mask_E`` (bool,
+    False = removed): a removed expert's picks get weight 0 and count as not taken.
     """
     T, E = probs_TE.shape
     scores_ET = probs_TE.detach().t()
@@ -54,7 +64,9 @@ def expert_choice(
     weights_EC = probs_TE.t().gather(1, tokens_EC)
     if mask_T is not None:
         weights_EC = weights_EC * mask_T.to(weights_EC.dtype)[tokens_EC]
-    taken_T = torch.zeros(T, device=probs_TE.device).index_add_(
-        0, tokens_EC.reshape(-1), torch.ones(E * capacity, device=probs_TE.device)
-    )
+    took_EC = torch.ones(E, capacity, device=probs_TE.device)
+    if expert_mask_E is not None:
+        took_EC = took_EC * expert_mask_E[:, None].to(took_EC)
+        weights_EC = weights_EC * took_EC.to(weights_EC.dtype)
+    taken_T = torch.zeros(T, device=probs_TE.device).index_add_(0, tokens_EC.reshape(-1), took_EC.reshape(-1))
     return tokens_EC, weights_EC, taken_T == 0

@@ -98,13 +98,14 @@ def upcycle(
     Every non-MLP weight is copied; each selected block's MLP becomes ``num_experts`` experts
     initialised by ``config.init`` (module docstring). With ``init="copy"`` the result computes exactly
     the dense function in eval mode (top-1 straight-through, or top-k with normalised weights).
+    Raises ``ConfigError`` for an unreadable source, ``ValueError`` for a config that does not fit it.
     """
     config = config or MoEConfig()
     dense = load_dense_gpt2(source)
     cfg_dict = dense.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
+    for key in ("model_type", "architectures", "transformers_version", "moe", "output_router_logits"):
         cfg_dict.pop(key, None)
-    moe_config = GPT2MoEConfig(**cfg_dict, moe=config.to_dict())
+    moe_config = GPT2MoEConfig(**cfg_dict, moe=config)
     model = GPT2MoEForCausalLM(moe_config).to(device=dense.device, dtype=dense.dtype)
 
     src = dense.state_dict()
@@ -117,43 +118,50 @@ def upcycle(
             )
             new[key] = src[key]
     gen = torch.Generator().manual_seed(config.seed)
-    E = config.num_experts
     for i in moe_config.moe_layers:
-        p = f"transformer.h.{i}.mlp."
-        w1_DF, b1_F = src[p + "c_fc.weight"], src[p + "c_fc.bias"]
-        w2_FD, b2_D = src[p + "c_proj.weight"], src[p + "c_proj.bias"]
-        D, F = w1_DF.shape
-        assert w2_FD.shape == (F, D) and b1_F.shape == (F,) and b2_D.shape == (D,), (
-            f"block {i}: odd MLP shapes"
-        )
-        assert dst[p + "experts.w1_EDF"].shape == (E, D, F), f"block {i}: expert bank shape mismatch"
-        experts = []
-        for _ in range(E):
-            w1, b1, w2, b2 = w1_DF, b1_F, w2_FD, b2_D
-            if config.init == "noise":
-                w1, b1, w2, b2 = (_perturb(t, config.init_noise_std, gen) for t in (w1, b1, w2, b2))
-            elif config.init == "drop":
-                w1, b1, w2 = _drop_neurons(w1, b1, w2, config.drop_ratio, gen)
-            experts.append((w1, b1, w2, b2))
-        new[p + "experts.w1_EDF"] = torch.stack([e[0] for e in experts])
-        new[p + "experts.b1_EF"] = torch.stack([e[1] for e in experts])
-        new[p + "experts.w2_EFD"] = torch.stack([e[2] for e in experts])
-        new[p + "experts.b2_ED"] = torch.stack([e[3] for e in experts])
-        router = torch.randn(dst[p + "router.weight"].shape, generator=gen) * config.router_init_std
-        new[p + "router.weight"] = router
-        new[p + "router.step"] = torch.zeros((), dtype=torch.long)
-        if config.bias_update_rate > 0:
-            new[p + "router.selection_bias"] = torch.zeros(E, dtype=torch.float32)
-        if config.shared_expert:
-            for key in ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"):
-                assert dst[p + "shared_expert." + key].shape == src[p + key].shape, f"block {i}: shared {key}"
-                new[p + "shared_expert." + key] = src[p + key]
-            if config.shared_expert_gate == "learned":
-                new[p + "shared_gate.weight"] = dst[p + "shared_gate.weight"]  # init'd by the model: w_g = 0
-                new[p + "shared_gate.bias"] = dst[p + "shared_gate.bias"]  # b_g = logit(weight)
+        new.update(_moe_block_weights(f"transformer.h.{i}.mlp.", src, dst, config, gen))
     missing = sorted(set(dst) - set(new))
     assert not missing, f"upcycle left weights unset: {missing}"
     model.load_state_dict(new, strict=True)
     model.generation_config = dense.generation_config
     model.train(dense.training)
     return model
+
+
+def _moe_block_weights(
+    p: str, src: dict, dst: dict, config: MoEConfig, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The MoE layer's weights under prefix ``p`` from the dense MLP's (GPT-2 Conv1D: ``[in, out]``):
+    the expert bank, the router (N(0, router_init_std^2) from ``gen``), its step, and the variants'."""
+    w1_DF, b1_F = src[p + "c_fc.weight"], src[p + "c_fc.bias"]
+    w2_FD, b2_D = src[p + "c_proj.weight"], src[p + "c_proj.bias"]
+    D, F = w1_DF.shape
+    E = config.num_experts
+    assert w2_FD.shape == (F, D) and b1_F.shape == (F,) and b2_D.shape == (D,), f"{p}: odd MLP shapes"
+    assert dst[p + "experts.w1_EDF"].shape == (E, D, F), f"{p}: expert bank shape mismatch"
+    experts = []
+    for _ in range(E):
+        w1, b1, w2, b2 = w1_DF, b1_F, w2_FD, b2_D
+        if config.init == "noise":
+            w1, b1, w2, b2 = (_perturb(t, config.init_noise_std, gen) for t in (w1, b1, w2, b2))
+        elif config.init == "drop":
+            w1, b1, w2 = _drop_neurons(w1, b1, w2, config.drop_ratio, gen)
+        experts.append((w1, b1, w2, b2))
+    new = {
+        p + "experts." + name: torch.stack([e[j] for e in experts])
+        for j, name in enumerate(("w1_EDF", "b1_EF", "w2_EFD", "b2_ED"))
+    }
+    new[p + "router.weight"] = (
+        torch.randn(dst[p + "router.weight"].shape, generator=gen) * config.router_init_std
+    )
+    new[p + "router.step"] = torch.zeros((), dtype=torch.long)
+    if config.bias_update_rate > 0:
+        new[p + "router.selection_bias"] = torch.zeros(E, dtype=torch.float32)
+    if config.shared_expert:
+        for key in ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"):
+            assert dst[p + "shared_expert." + key].shape == src[p + key].shape, f"{p}: shared {key}"
+            new[p + "shared_expert." + key] = src[p + key]
+        if config.shared_expert_gate == "learned":
+            new[p + "shared_gate.weight"] = dst[p + "shared_gate.weight"]  # init'd by the model: w_g = 0
+            new[p + "shared_gate.bias"] = dst[p + "shared_gate.bias"]  # b_g = logit(weight)
+    return new

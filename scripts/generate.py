@@ -49,8 +49,8 @@ def _main(argv=None) -> int:
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     if args.show_experts:
         with torch.no_grad():
-            model(out)
-        routes = {i: r.topk_indices[:, 0].tolist() for i, r in model.router_outputs().items()}
+            routers = model(out).router_outputs
+        routes = {i: r.topk_indices[:, 0].tolist() for i, r in routers.items()}
         layers = sorted(routes)
         print("\n" + "token".ljust(20) + " ".join(f"L{i}".rjust(4) for i in layers))
         for t, tok in enumerate(out[0].tolist()):

@@ -14,13 +14,20 @@ def test_loss_is_weighted_sum_and_aux_losses_are_layer_means(dense_model, input_
     out = moe(input_ids, labels=input_ids)
     dense_loss = dense_model(input_ids, labels=input_ids).loss
     assert torch.allclose(out.lm_loss, dense_loss, atol=1e-5)
-    routers = moe.router_outputs()
+    routers = out.router_outputs
     assert sorted(routers) == [0, 2]
+    assert [t.data_ptr() for t in out.router_logits] == [r.router_logits.data_ptr() for r in routers.values()]
     lb = torch.stack([load_balance_loss(r.router_probs, r.topk_indices, 4) for r in routers.values()]).mean()
     z = torch.stack([z_loss(r.router_logits) for r in routers.values()]).mean()
     assert torch.allclose(out.aux_loss, lb) and torch.allclose(out.z_loss, z)
     assert torch.allclose(out.loss, out.lm_loss + 0.3 * lb + 0.05 * z)
     assert moe(input_ids).loss is None
+    lm_only = moe(input_ids, labels=input_ids, output_router_logits=False)  # as HF's MoE models
+    assert (
+        torch.equal(lm_only.loss, lm_only.lm_loss)
+        and lm_only.aux_loss is None
+        and lm_only.router_logits is None
+    )
 
 
 def test_padding_does_not_count_in_aux_losses(dense_model):
@@ -138,10 +145,26 @@ def test_set_router_step_reaches_every_router(dense_model):
     )
 
 
-def test_router_outputs_before_forward_raise(dense_model):
-    moe = upcycle(dense_model, MoEConfig(num_experts=2))
-    with pytest.raises(RuntimeError, match="no router output yet"):
-        moe.router_outputs()
+def test_routing_travels_as_arguments_not_module_state(dense_model, input_ids):
+    """The mask goes in as an argument and router outputs come back with the forward's output; no module
+    keeps a tensor of a forward (a second forward cannot change the first one's outputs)."""
+    moe = upcycle(dense_model, MoEConfig(num_experts=2, router_init_std=0.5)).eval()
+    first = moe(input_ids).router_outputs
+    second = moe(input_ids[:, :3]).router_outputs
+    assert first[0].router_logits.shape[0] == input_ids.numel() and second[0].router_logits.shape[
+        0
+    ] == 3 * len(input_ids)
+    for module in moe.modules():
+        for name, value in vars(module).items():
+            if name.startswith("_"):
+                continue
+            assert not isinstance(value, torch.Tensor), f"{type(module).__name__}.{name} holds a tensor"
+    layer = moe.moe_layers()[0]
+    x = torch.randn(2, 5, layer.router.d_model)
+    y, r = layer(x, torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 1, 1]))
+    assert y.shape == x.shape and r.topk_indices.shape == (10, 1)
+    with pytest.raises(ValueError, match="mask has shape"):
+        layer(x, torch.ones(3))
 
 
 def test_bf16_autocast_forward_keeps_routing_in_float32(dense_model, input_ids):
@@ -149,5 +172,5 @@ def test_bf16_autocast_forward_keeps_routing_in_float32(dense_model, input_ids):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = moe(input_ids, labels=input_ids)
     assert torch.isfinite(out.loss)
-    for r in moe.router_outputs().values():
+    for r in out.router_outputs.values():
         assert r.router_logits.dtype == torch.float32 and r.topk_weights.dtype == torch.float32

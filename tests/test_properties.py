@@ -89,9 +89,8 @@ def test_moe_layer_any_batch_including_empty(E, data, B, L, dtype, training):
     torch.manual_seed(0)
     layer = MoEWrapper(MoEConfig(num_experts=E, top_k=k, noise_std=0.5), 8, 12).to(dtype).train(training)
     x = torch.randn(B, L, 8).to(dtype).requires_grad_()
-    y = layer(x)
+    y, r = layer(x)
     assert y.shape == (B, L, 8) and y.dtype == dtype and torch.isfinite(y.float()).all()
-    r = layer.last_router_output
     assert r.router_logits.shape == (B * L, E) and r.topk_indices.shape == (B * L, k)
     y.float().sum().backward()
     grads = [p.grad for p in layer.parameters() if p.grad is not None]
@@ -113,12 +112,8 @@ def test_model_and_trainer_losses_finite_on_padding(B, L, k, scale, mask_kind):
     from transformers import GPT2LMHeadModel
 
     from moe_emergence import MoEConfig, upcycle
-    from moe_emergence.losses import aux_losses_per_layer
-    from moe_emergence.training.steps import (
-        lm_share,
-        nonfinite_flags,
-        shifted_token_counts,
-    )
+    from moe_emergence.losses import LossCoefs
+    from moe_emergence.training.steps import MoEStep, StepSums, micro_batch_loss, shifted_token_counts
 
     torch.manual_seed(0)
     model = upcycle(GPT2LMHeadModel(tiny_gpt2_config()), MoEConfig(num_experts=3, top_k=k, layers=[0, 2]))
@@ -136,15 +131,17 @@ def test_model_and_trainer_losses_finite_on_padding(B, L, k, scale, mask_kind):
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     out = model(**batch)
     assert out.logits.shape == (B, L, 97) and torch.isfinite(out.logits).all()
+    assert torch.isfinite(out.aux_loss) and torch.isfinite(out.z_loss)
     c = shifted_token_counts(batch)
-    lm = lm_share(out.lm_loss, c[0], c[0].clamp_min(1))
-    outs = model.router_outputs()
-    lb_L, z_L = aux_losses_per_layer(outs, mask.reshape(-1), 3)
-    assert lb_L.shape == z_L.shape == (2,) and torch.isfinite(lb_L).all() and torch.isfinite(z_L).all()
-    assert not nonfinite_flags(outs, lb_L, z_L).any()
+    moe = MoEStep([0, 2], 3, LossCoefs(0.01, 0.001), None, False)
+    sums = StepSums(2, torch.device("cpu"))
+    lm_only = model(**batch, output_router_logits=False)
+    loss = micro_batch_loss(lm_only, batch, c.clamp_min(1), 1.0, moe, sums)
+    assert torch.isfinite(loss) and torch.isfinite(sums.totals).all()
+    assert not sums.bad_L2.any()
     if int(c[0]) == 0:
-        assert lm.item() == 0.0
-    (lm + 0.01 * lb_L.mean() + 0.001 * z_L.mean()).backward()
+        assert sums.totals[0].item() == 0.0
+    loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 

@@ -99,7 +99,7 @@ def test_all_reduce_sums_buffers():
         torch.ones(1),
     )
     stats.all_reduce(lambda t: 2 * t)  # a fake 2-process sum of equal buffers
-    assert float(stats.layers[0].counts_E.sum()) == 2.0 and float(stats.layers[2].counts_E[1]) == 2.0
+    assert float(stats.layers[0].tokens_per_expert_E.sum()) == 2.0 and float(stats.layers[2].tokens_per_expert_E[1]) == 2.0
 
 
 def test_domain_loss_stats_token_weighted():

@@ -160,7 +160,7 @@ def test_moe_run_telemetry_and_final_model(tmp_path):
     import moe_emergence  # noqa: F401  (registers gpt2_moe)
 
     model = AutoModelForCausalLM.from_pretrained(res.run_dir / "final")
-    assert type(model).__name__ == "GPT2MoEForCausalLM" and model.config.moe["num_experts"] == 4
+    assert type(model).__name__ == "GPT2MoEForCausalLM" and model.config.moe.num_experts == 4
     out = model(torch.tensor([[1, 2, 3]]))
     assert torch.isfinite(out.logits).all()
 

@@ -166,4 +166,4 @@ def test_model_from_config_has_random_distinct_experts(dense_model):
         assert not torch.equal(w1[0], w1[1])
         w2_std = moe.config.initializer_range / (2 * moe.config.n_layer) ** 0.5
         assert mlp.experts.w2_EFD.std().item() == pytest.approx(w2_std, rel=0.2)
-        assert mlp.router.weight.std().item() == pytest.approx(moe.config.moe["router_init_std"], rel=0.3)
+        assert mlp.router.weight.std().item() == pytest.approx(moe.config.moe.router_init_std, rel=0.3)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from moe_emergence import GPT2MoEForCausalLM, MoEConfig, Router, upcycle
-from moe_emergence.losses import masked_mean
+from moe_emergence.losses import masked_mean, routed_tokens_per_expert
 from moe_emergence.selection import expert_dropout_keep, random_reroute
+from moe_emergence.telemetry import variant_metrics
 
 
 def logit_router(E, k=1, **kw) -> Router:
@@ -42,8 +43,8 @@ def test_selection_bias_update_formula():
 def test_selection_bias_survives_state_dict_and_save_pretrained(dense_model, input_ids, tmp_path):
     cfg = MoEConfig(num_experts=4, top_k=2, bias_update_rate=0.05, router_init_std=0.5)
     moe = upcycle(dense_model, cfg).train()
-    moe(input_ids)
-    loads = moe.expert_load()
+    out = moe(input_ids)
+    loads = {i: routed_tokens_per_expert(r, 4) for i, r in out.router_outputs.items()}
     assert all(load.sum() == 2 * input_ids.numel() for load in loads.values())
     moe.update_selection_bias(loads)
     moe.update_selection_bias({i: torch.tensor([9.0, 0.0, 0.0, 3.0]) for i in loads})
@@ -87,7 +88,7 @@ def test_entropy_loss_value_and_gradient(dense_model, input_ids):
         moe = upcycle(dense_model, MoEConfig(**cfg, entropy_coef=coef)).train()
         out = moe(input_ids, attention_mask=mask, labels=input_ids)
         m = mask.reshape(-1)
-        expected = torch.stack([masked_mean(r.entropy, m) for r in moe.router_outputs().values()]).mean()
+        expected = torch.stack([masked_mean(r.entropy, m) for r in out.router_outputs.values()]).mean()
         assert torch.equal(out.entropy_loss, expected)
         assert torch.allclose(out.loss, out.lm_loss + coef * expected)
         out.loss.backward()
@@ -182,25 +183,25 @@ def test_perturbed_variants_train_with_gradients(dense_model, input_ids, variant
     assert moe.transformer.h[2].mlp.experts.w1_EDF.grad.abs().sum() > 0
 
 
-def test_variant_stats_for_telemetry(dense_model, input_ids):
+def test_variant_metrics_for_telemetry(dense_model, input_ids):
     mask = torch.ones_like(input_ids)
     mask[1, 3:] = 0
     m = mask.reshape(-1)
     moe = upcycle(dense_model, MoEConfig(num_experts=4)).eval()
-    moe(input_ids, attention_mask=mask)
-    assert moe.variant_stats(m) == {}
+    assert variant_metrics(moe(input_ids, attention_mask=mask).router_outputs, m, {}) == {}
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, router_init_std=2.0, bias_update_rate=0.1)
     moe = upcycle(dense_model, cfg).eval()
     moe.update_selection_bias({i: torch.tensor([3.0, 1.0, 1.0, 1.0]) for i in moe.moe_layers()})
-    moe(input_ids, attention_mask=mask)
-    stats = moe.variant_stats(m)
-    r = moe.router_outputs()[2]
+    out = moe(input_ids, attention_mask=mask)
+    bias = {i: layer.router.selection_bias for i, layer in moe.moe_layers().items()}
+    stats = variant_metrics(out.router_outputs, m, bias)
+    r = out.router_outputs[2]
     dropped = (r.dropped.float().mean(-1) * m).sum() / m.sum()
     assert torch.equal(stats["router/layer2/dropped_frac"], dropped)
     assert stats["router/layer2/selection_bias_e0"].item() == pytest.approx(-0.1)
     ec = upcycle(dense_model, MoEConfig(num_experts=4, routing="expert_choice")).eval()
-    ec(input_ids, attention_mask=mask)
-    r = ec.router_outputs()[0]
+    outs = ec(input_ids, attention_mask=mask).router_outputs
+    r = outs[0]
     assert torch.equal(
-        ec.variant_stats(m)["router/layer0/unrouted_frac"], (r.unrouted.float() * m).sum() / m.sum()
+        variant_metrics(outs, m, {})["router/layer0/unrouted_frac"], (r.unrouted.float() * m).sum() / m.sum()
     )

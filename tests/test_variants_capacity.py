@@ -7,7 +7,7 @@ import torch
 
 from moe_emergence import MoEConfig, Router, upcycle
 from moe_emergence.capacity import assign_with_capacity, compact_accepted, expert_capacity, preference_order
-from moe_emergence.losses import masked_mean
+from moe_emergence.losses import masked_mean, routed_tokens_per_expert
 
 
 def logit_router(E, k=1, **kw) -> Router:
@@ -122,11 +122,11 @@ def test_model_with_capacity_runs_and_reports_dropped(dense_model, input_ids, ov
     out = moe(input_ids, attention_mask=mask, labels=input_ids)
     out.loss.backward()
     assert torch.isfinite(out.loss)
-    for i, r in moe.router_outputs().items():
+    for _i, r in out.router_outputs.items():
         assert r.dropped.shape == r.topk_indices.shape
         assert not r.dropped[mask.reshape(-1) == 0].any()
         C = expert_capacity(input_ids.numel(), 2, 4, 1.0)
-        load = moe.expert_load(mask.reshape(-1))[i]
+        load = routed_tokens_per_expert(r, 4, mask.reshape(-1))
         assert (load <= C).all() and load.sum() == (2 * mask.sum() - r.dropped.sum())
     assert moe.transformer.h[0].mlp.router.weight.grad.abs().sum() > 0
 
@@ -135,8 +135,8 @@ def test_drop_k1_dropped_token_gets_zero_moe_output(dense_model):
     cfg = MoEConfig(num_experts=2, top_k=1, capacity_factor=1.0, layers=[0], router_init_std=3.0)
     layer = upcycle(dense_model, cfg).eval().transformer.h[0].mlp
     x = torch.randn(16, 24, generator=torch.Generator().manual_seed(0))
-    y = layer(x)
-    dropped = layer.last_router_output.dropped[:, 0]
+    y, r = layer(x)
+    dropped = r.dropped[:, 0]
     assert dropped.any(), "the case must overflow"
     assert torch.equal(y[dropped], torch.zeros_like(y[dropped]))
     assert (y[~dropped].abs().sum(-1) > 0).all()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_emergence import GPT2MoEConfig, MoEConfig, Router, upcycle
+from moe_emergence.losses import LossCoefs
 from moe_emergence.schedules import coef_at
 
 
@@ -57,10 +58,10 @@ INACTIVE = dict(
 )
 
 
-def _run(model, input_ids, mask, seed=7):
+def _run(model, input_ids, mask, seed=7, loss_coefs=None):
     model.zero_grad()
     torch.manual_seed(seed)
-    out = model(input_ids, attention_mask=mask, labels=input_ids)
+    out = model(input_ids, attention_mask=mask, labels=input_ids, loss_coefs=loss_coefs)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -81,8 +82,7 @@ def test_model_with_inactive_variant_settings_is_bit_identical(dense_model, inpu
     for variant in variants:
         model = upcycle(dense_model, MoEConfig(**base_cfg, **variant)).train()
         assert model.state_dict().keys() == ref.state_dict().keys()
-        model.schedule_loss_coefs(123)
-        out, grads = _run(model, input_ids, mask)
+        out, grads = _run(model, input_ids, mask, loss_coefs=model.config.moe.loss_coefs(123))
         for name in ("loss", "logits", "lm_loss", "aux_loss", "z_loss"):
             assert torch.equal(getattr(out, name), getattr(ref_out, name)), (variant, name)
         assert grads.keys() == ref_grads.keys()
@@ -144,7 +144,8 @@ def test_config_round_trip_and_old_dicts_get_defaults(dense_model):
     }
     assert MoEConfig.from_dict(old) == MoEConfig()
     hf = GPT2MoEConfig(n_layer=2, moe=cfg.to_dict())
-    assert hf.moe_config == cfg
+    assert hf.moe == cfg and isinstance(hf.moe, MoEConfig)
+    assert hf.to_dict()["moe"] == cfg.to_dict()  # saved as a dict: config.json stays JSON
 
 
 def test_schedule_formulas():
@@ -177,17 +178,16 @@ def test_model_loss_uses_scheduled_coefficients(dense_model, input_ids):
         z_schedule={"kind": "step", "step_size": 5, "gamma": 0.1},
     )
     moe = upcycle(dense_model, cfg).eval()
-    assert moe.schedule_loss_coefs(4) == {"lb_coef": pytest.approx(0.2), "z_coef": pytest.approx(0.02)}
-    out = moe(input_ids, labels=input_ids)
+    coefs = cfg.loss_coefs(4)
+    assert (coefs.lb_coef, coefs.z_coef) == (pytest.approx(0.2), pytest.approx(0.02))
+    out = moe(input_ids, labels=input_ids, loss_coefs=coefs)
     assert torch.allclose(out.loss, out.lm_loss + 0.2 * out.aux_loss + 0.02 * out.z_loss)
-    moe.schedule_loss_coefs(12)
-    out = moe(input_ids, labels=input_ids)
+    out = moe(input_ids, labels=input_ids, loss_coefs=cfg.loss_coefs(12))
     assert torch.allclose(out.loss, out.lm_loss + 0.5 * out.aux_loss + 0.0002 * out.z_loss)
-    moe.set_loss_coefs(lb=0.0)
-    out = moe(input_ids, labels=input_ids)
+    out = moe(input_ids, labels=input_ids)  # no coefficients given: the config's base values
+    assert torch.allclose(out.loss, out.lm_loss + 0.5 * out.aux_loss + 0.02 * out.z_loss)
+    out = moe(input_ids, labels=input_ids, loss_coefs=LossCoefs(lb_coef=0.0, z_coef=0.0002))
     assert torch.allclose(out.loss, out.lm_loss + 0.0002 * out.z_loss)
-    with pytest.raises(ValueError, match="z=-1"):
-        moe.set_loss_coefs(z=-1)
 
 
 def test_router_refuses_bad_variant_arguments():

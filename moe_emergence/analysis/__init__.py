@@ -5,7 +5,7 @@ CIs, causal expert ablation, figures and a report. Not imported by ``moe_emergen
     result, analyses = analyze_runs(["runs/a", "runs/b"], "reports/ab", max_blocks=64, n_boot=1000)
 """
 
-from moe_emergence.analysis.ablation import expert_ablation, masked_expert
+from moe_emergence.analysis.ablation import expert_ablation, keep_all_but
 from moe_emergence.analysis.collect import (
     TOKEN_TYPES,
     Routing,
@@ -33,6 +33,6 @@ __all__ = [
     "load_model",
     "load_run",
     "load_tokenizer",
-    "masked_expert",
+    "keep_all_but",
     "routing_summary",
 ]

@@ -1,60 +1,30 @@
 """Causal expert ablation: remove expert e of MoE layer L at inference and measure the eval loss per domain.
 
-The expert is removed by a forward hook on that layer's ``Router`` (no change to model code): the hook takes
-the router's own clean logits, sets expert e's logit to -inf and recomputes the eval-mode selection and
-combine weights exactly as ``Router.forward`` does, so every token that chose e is re-routed to its next
-choice and the other tokens are unchanged. Shapes: T tokens, E experts, K experts per token.
+The expert is removed through the real router: the model's forward takes ``expert_masks={L: keep_E}`` and
+layer L's ``Router`` routes with ``keep_E[e] = False`` (``Router`` docstring: the expert is never selected,
+the weights use the survivors' renormalised probabilities, capacity and selection bias act as in the
+model's own forward, and with expert choice the expert takes no token). With nothing removed this is the
+model's own eval output, for every routing variant (tested). Shapes: E experts; nll arrays ``[B, S]``.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from moe_emergence.analysis.collect import eval_nll
 from moe_emergence.analysis.runs import EvalSet
-from moe_emergence.routing import Router, RouterOutput, entropy_from_probs
 
 
-def reroute(router: Router, logits_TE: torch.Tensor) -> RouterOutput:
-    """Eval-mode routing from given logits (no noise): top-k of the softmax, combined with the router's
-    own weight rule (``Router.combine_weights``)."""
-    probs_TE = logits_TE.softmax(dim=-1)
-    topk_probs_TK, topk_indices_TK = probs_TE.topk(router.top_k, dim=-1)
-    weights_TK = router.combine_weights(topk_probs_TK)
-    return RouterOutput(
-        topk_weights=weights_TK,
-        topk_indices=topk_indices_TK,
-        router_probs=probs_TE,
-        router_probs_clean=probs_TE,
-        router_logits=logits_TE,
-        entropy=entropy_from_probs(probs_TE),
-    )
-
-
-@contextmanager
-def masked_expert(router: Router, expert: int | None):
-    """Within the block, ``router`` never selects ``expert`` (its logit is -inf); None masks nothing
-    (the hook then reproduces the router's eval output, which the tests check). Eval mode only."""
-    if expert is not None and not 0 <= expert < router.num_experts:
-        raise ValueError(f"expert={expert} out of range for a router with {router.num_experts} experts")
-
-    def hook(module: Router, args, output: RouterOutput) -> RouterOutput:
-        if module.training:
-            raise RuntimeError("masked_expert is an eval-mode intervention; call model.eval() first")
-        logits_TE = output.router_logits
-        if expert is not None:
-            logits_TE = logits_TE.clone()
-            logits_TE[:, expert] = float("-inf")
-        return reroute(module, logits_TE)
-
-    handle = router.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+def keep_all_but(num_experts: int, expert: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``[E]`` expert mask with ``expert`` removed (None removes nothing). Raises ``ValueError`` for an
+    expert outside ``0 .. E-1``."""
+    if expert is not None and not 0 <= expert < num_experts:
+        raise ValueError(f"expert={expert} out of range for a router with {num_experts} experts")
+    keep_E = torch.ones(num_experts, dtype=torch.bool, device=device)
+    if expert is not None:
+        keep_E[expert] = False
+    return keep_E
 
 
 def domain_loss_sums(
@@ -87,11 +57,12 @@ def expert_ablation(
     s, n = domain_loss_sums(base_nll_BL, eval_set.domain_ids, D)
     base = s / np.maximum(n, 1)
     out = {"base": dict(zip(eval_set.domains, base.tolist(), strict=True)), "layers": {}}
+    device = next(model.parameters()).device
     for layer, wrapper in model.moe_layers().items():
         losses, deltas, nlls = [], [], {}
         for e in range(wrapper.router.num_experts):
-            with masked_expert(wrapper.router, e):
-                nll = eval_nll(model, eval_set, batch_size, f"ablate L{layer} e{e}", progress)
+            masks = {layer: keep_all_but(wrapper.router.num_experts, e, device)}
+            nll = eval_nll(model, eval_set, batch_size, f"ablate L{layer} e{e}", progress, masks)
             s_e, _ = domain_loss_sums(nll, eval_set.domain_ids, D)
             loss = s_e / np.maximum(n, 1)
             losses.append(loss.tolist())

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moe_emergence.analysis.runs import EvalSet
+from moe_emergence.config import MoEConfig
 
 TOKEN_TYPES = ("keyword", "name", "number", "string", "operator", "comment", "other")
 _TYPE_ID = {t: i for i, t in enumerate(TOKEN_TYPES)}
@@ -216,14 +217,25 @@ def token_nll(logits_BLV: torch.Tensor, ids_BL: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_nll(
-    model, eval_set: EvalSet, batch_size: int = 8, desc: str | None = None, progress: bool = True
+    model,
+    eval_set: EvalSet,
+    batch_size: int = 8,
+    desc: str | None = None,
+    progress: bool = True,
+    expert_masks: dict[int, torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """``[B, L]`` per-token next-token loss of ``model`` on the eval set (NaN at position 0 and padding)."""
+    """``[B, L]`` per-token next-token loss of ``model`` on the eval set (NaN at position 0 and padding).
+    ``expert_masks`` (MoE models): ``{block: bool [E]}`` experts removed from routing (ablation)."""
     device = next(model.parameters()).device
     model.eval()
+    kw = {}
+    if isinstance(getattr(model.config, "moe", None), MoEConfig):
+        kw = {"output_router_logits": False, "expert_masks": expert_masks}
+    elif expert_masks is not None:
+        raise ValueError("eval_nll: expert_masks given for a model without MoE layers")
     out = np.full(eval_set.input_ids.shape, np.nan)
     for sl, ids, mask in iter_batches(eval_set, batch_size, desc, progress):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw).logits
         nll = token_nll(logits, ids.to(device)).cpu().numpy()
         out[sl] = np.where(mask.numpy() > 0, nll, np.nan)
     return out
@@ -239,16 +251,17 @@ def collect_routing(
     """
     device = next(model.parameters()).device
     model.eval()
-    is_moe = hasattr(model, "router_outputs")
+    is_moe = isinstance(getattr(model.config, "moe", None), MoEConfig)
     mask_BL = eval_set.attention_mask > 0
     nll_BL = np.full(mask_BL.shape, np.nan)
     topk, weights, probs = {}, {}, {}
     for sl, ids, mask in iter_batches(eval_set, batch_size, desc, progress):
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        kw = {"output_router_logits": False} if is_moe else {}  # the routing, not the router losses
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
         nll_BL[sl] = token_nll(out.logits, ids.to(device)).cpu().numpy()
         if is_moe:
             keep = mask.reshape(-1).numpy() > 0
-            for layer, r in model.router_outputs().items():
+            for layer, r in out.router_outputs.items():
                 topk.setdefault(layer, []).append(r.topk_indices.cpu().numpy()[keep])
                 weights.setdefault(layer, []).append(r.topk_weights.float().cpu().numpy()[keep])
                 probs.setdefault(layer, []).append(r.router_probs_clean.float().cpu().numpy()[keep])
@@ -277,7 +290,7 @@ def collect_routing(
     )
     if is_moe:
         moe = model.config.moe
-        routing.num_experts, routing.top_k = int(moe["num_experts"]), int(moe["top_k"])
+        routing.num_experts, routing.top_k = moe.num_experts, moe.top_k
         routing.topk = {k: np.concatenate(v) for k, v in topk.items()}
         routing.weights = {k: np.concatenate(v) for k, v in weights.items()}
         routing.probs = {k: np.concatenate(v) for k, v in probs.items()}

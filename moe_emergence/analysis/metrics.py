@@ -20,14 +20,14 @@ from moe_emergence.telemetry import stats
 # ----------------------------------------------------------------------------- counts and fractions
 
 
-def expert_counts(topk_NK: np.ndarray, num_experts: int) -> np.ndarray:
+def tokens_per_expert(topk_NK: np.ndarray, num_experts: int) -> np.ndarray:
     """``[E]`` c_e = number of (token, slot) assignments to expert e."""
     return np.bincount(np.asarray(topk_NK).reshape(-1), minlength=num_experts).astype(np.float64)
 
 
 def expert_usage(topk_NK: np.ndarray, num_experts: int) -> np.ndarray:
     """``[E]`` u_e = c_e / sum_j c_j: share of all routing assignments that went to expert e (sums to 1)."""
-    c = expert_counts(topk_NK, num_experts)
+    c = tokens_per_expert(topk_NK, num_experts)
     return c / max(c.sum(), 1.0)
 
 

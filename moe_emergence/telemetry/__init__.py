@@ -12,6 +12,7 @@ from moe_emergence.telemetry.stats import (
     fractions,
     mutual_information,
     normalized_mutual_information,
+    variant_metrics,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "normalized_mutual_information",
     "read_metrics",
     "resolve_wandb_mode",
+    "variant_metrics",
 ]

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moe_emergence.telemetry import names as keys
+
 WANDB_HOST = "api.wandb.ai"
 
 
@@ -111,6 +113,6 @@ def heatmap_images(joint_counts: dict[int, Any], domains: list[str], prefix: str
         ax.set_title(f"layer {layer}: P(expert | domain)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        out[f"{prefix}/layer{layer}/domain_expert"] = wandb.Image(fig)
+        out[keys.layer_key(prefix, layer, "domain_expert")] = wandb.Image(fig)
         plt.close(fig)
     return out

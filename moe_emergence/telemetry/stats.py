@@ -13,15 +13,17 @@ import math
 
 import torch
 
+from moe_emergence.losses import masked_mean
 from moe_emergence.routing import RouterOutput
+from moe_emergence.telemetry import names as keys
 
 # ----------------------------------------------------------------------------- formulas
 
 
-def fractions(counts_E: torch.Tensor) -> torch.Tensor:
+def fractions(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """f_i = c_i / sum_j c_j: share of the routing assignments that went to expert i (0 if none)."""
-    counts_E = counts_E.double()
-    return counts_E / counts_E.sum().clamp_min(1e-300)
+    tokens_per_expert_E = tokens_per_expert_E.double()
+    return tokens_per_expert_E / tokens_per_expert_E.sum().clamp_min(1e-300)
 
 
 def entropy(p_E: torch.Tensor) -> float:
@@ -83,14 +85,34 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
+def variant_metrics(
+    router_outputs: dict[int, RouterOutput], mask_T: torch.Tensor, selection_bias: dict[int, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Telemetry of the routing variants for one forward, on-device float32 scalars (no sync):
+    ``dropped_frac`` (capacity: fraction of real assignments dropped), ``unrouted_frac`` (expert choice:
+    fraction of real tokens no expert took), ``selection_bias_e<e>``. Empty with every variant off."""
+    out = {}
+    for i, r in router_outputs.items():
+        if r.dropped is not None:
+            out[keys.layer_key(keys.ROUTER, i, "dropped_frac")] = masked_mean(
+                r.dropped.float().mean(-1), mask_T
+            )
+        if r.unrouted is not None:
+            out[keys.layer_key(keys.ROUTER, i, "unrouted_frac")] = masked_mean(r.unrouted.float(), mask_T)
+        if i in selection_bias:
+            for e, b in enumerate(selection_bias[i].detach().unbind()):
+                out[keys.layer_key(keys.ROUTER, i, keys.selection_bias(e))] = b
+    return out
+
+
 # ----------------------------------------------------------------------------- accumulators
 
 
 class RoutingStats:
     """Routing sums of one MoE layer over any number of micro-batches (and, after ``all_reduce``,
-    processes). Layout of the flat buffer: ``counts_E | prob_sum_E | joint_DE | entropy_sum | tokens``.
+    processes). Layout of the flat buffer: ``tokens_per_expert_E | prob_sum_E | joint_DE | entropy_sum | tokens``.
 
-    counts_E: routing assignments per expert (all k of every real token).
+    tokens_per_expert_E: routing assignments per expert (all k of every real token).
     prob_sum_E: sum over real tokens of the clean router probabilities.
     joint_DE: top-1 expert of real tokens per domain (tokens with domain id < 0 are left out).
     entropy_sum: sum over real tokens of the per-token entropy of the clean probabilities.
@@ -107,8 +129,8 @@ class RoutingStats:
         w_T = mask_T.reshape(-1).to(self.buf.device, torch.float64)
         idx_TK = r.topk_indices.detach()
         K = idx_TK.shape[1]
-        counts_E = torch.zeros(E, dtype=torch.float64, device=self.buf.device)
-        counts_E.index_add_(0, idx_TK.reshape(-1), w_T.repeat_interleave(K))
+        tokens_per_expert_E = torch.zeros(E, dtype=torch.float64, device=self.buf.device)
+        tokens_per_expert_E.index_add_(0, idx_TK.reshape(-1), w_T.repeat_interleave(K))
         probs_TE = r.router_probs_clean.detach().double()
         if domain_T is None:
             domain_T = torch.zeros_like(w_T, dtype=torch.long)
@@ -118,7 +140,7 @@ class RoutingStats:
         joint.index_add_(0, domain_T.clamp_min(0) * E + idx_TK[:, 0], valid_T)
         self.buf += torch.cat(
             [
-                counts_E,
+                tokens_per_expert_E,
                 (probs_TE * w_T[:, None]).sum(0),
                 joint,
                 (r.entropy.detach().double() * w_T).sum()[None],
@@ -130,7 +152,7 @@ class RoutingStats:
         self.buf.zero_()
 
     @property
-    def counts_E(self) -> torch.Tensor:
+    def tokens_per_expert_E(self) -> torch.Tensor:
         return self.buf[: self.E]
 
     @property
@@ -142,16 +164,16 @@ class RoutingStats:
         domain_nmi`` from the sums (one host transfer)."""
         buf = self.buf.cpu()
         E, D = self.E, self.D
-        counts_E, prob_sum_E = buf[:E], buf[E : 2 * E]
+        tokens_per_expert_E, prob_sum_E = buf[:E], buf[E : 2 * E]
         joint_DE = buf[2 * E : 2 * E + D * E].reshape(D, E)
         entropy_sum, tokens = float(buf[-2]), float(buf[-1])
-        f_E = fractions(counts_E)
-        out = {f"{prefix}/expert{i}_frac": float(f_E[i]) for i in range(E)}
+        f_E = fractions(tokens_per_expert_E)
+        out = {f"{prefix}/{keys.expert_frac(i)}": float(f_E[i]) for i in range(E)}
         out[f"{prefix}/entropy"] = entropy_sum / tokens if tokens > 0 else 0.0
         out[f"{prefix}/marginal_entropy"] = entropy(prob_sum_E / tokens) if tokens > 0 else 0.0
         out[f"{prefix}/max_frac"] = float(f_E.max())
         out[f"{prefix}/cv"] = coefficient_of_variation(f_E)
-        out[f"{prefix}/dead_experts"] = float((counts_E == 0).sum())
+        out[f"{prefix}/dead_experts"] = float((tokens_per_expert_E == 0).sum())
         out[f"{prefix}/domain_mi"] = mutual_information(joint_DE)
         out[f"{prefix}/domain_nmi"] = normalized_mutual_information(joint_DE)
         return out
@@ -181,10 +203,10 @@ class LayerRoutingStats:
         for s in self.layers.values():
             s.reset()
 
-    def metrics(self, prefix: str = "router") -> dict[str, float]:
+    def metrics(self, prefix: str = keys.ROUTER) -> dict[str, float]:
         out = {}
         for i, s in self.layers.items():
-            out.update(s.metrics(f"{prefix}/layer{i}"))
+            out.update(s.metrics(keys.layer_prefix(prefix, i)))
         return out
 
     def joint_counts(self) -> dict[int, torch.Tensor]:
@@ -208,16 +230,16 @@ class DomainLossStats:
         self.buf[: self.D].index_add_(0, d_T, loss_T)
         self.buf[self.D :].index_add_(0, d_T, w_T.double())
 
-    def metrics(self, domains: list[str], prefix: str = "eval") -> dict[str, float]:
+    def metrics(self, domains: list[str], prefix: str = keys.EVAL) -> dict[str, float]:
         """``{prefix}/lm_loss`` (all tokens) and ``{prefix}/loss_{domain}``, ``{prefix}/ppl_{domain}``."""
         buf = self.buf.cpu()
         loss_D, n_D = buf[: self.D], buf[self.D :]
-        out = {f"{prefix}/lm_loss": float(loss_D.sum() / n_D.sum().clamp_min(1))}
+        out = {keys.lm_loss(prefix): float(loss_D.sum() / n_D.sum().clamp_min(1))}
         for d, name in enumerate(domains):
             if n_D[d] > 0:
                 mean = float(loss_D[d] / n_D[d])
-                out[f"{prefix}/loss_{name}"] = mean
-                out[f"{prefix}/ppl_{name}"] = math.exp(min(mean, 80.0))
+                out[keys.domain_loss(name, prefix)] = mean
+                out[keys.domain_ppl(name, prefix)] = math.exp(min(mean, 80.0))
         return out
 
 
@@ -225,7 +247,7 @@ def routing_metrics(
     micro_batches: list[tuple[dict[int, RouterOutput], torch.Tensor, torch.Tensor | None]],
     num_experts: int,
     num_domains: int,
-    prefix: str = "router",
+    prefix: str = keys.ROUTER,
 ) -> dict[str, float]:
     """Flat routing metrics over ALL micro-batches of one step: each item is
     ``(router_outputs {layer: RouterOutput}, mask_T, domain_T)``."""

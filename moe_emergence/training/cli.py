@@ -68,7 +68,7 @@ def _main(argv: list[str] | None) -> int:
     quiet_libraries()
     from moe_emergence.training.config import load_config
     from moe_emergence.training.rundir import RunFinished
-    from moe_emergence.training.trainer import Trainer
+    from moe_emergence.training.trainer import Stop, Trainer
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -78,14 +78,14 @@ def _main(argv: list[str] | None) -> int:
         return 0
     result = trainer.train()
     if trainer.accelerator.is_main_process:
-        end = f", stopped: {result.stopped}" if result.stopped else ""
+        end = f", stopped: {result.stopped.value}" if result.stopped else ""
         print(f"run folder: {result.run_dir} (step {result.step}{end})")
-    if result.stopped == "nonfinite":
+    if result.stopped is Stop.NONFINITE:
         print(f"error: {result.message}", file=sys.stderr)
         return EXIT_NONFINITE
-    if result.stopped == "signal":
+    if result.stopped is Stop.SIGNAL:
         return 128 + result.signal
-    return EXIT_COLLAPSE if result.stopped == "collapse" else 0
+    return EXIT_COLLAPSE if result.stopped is Stop.COLLAPSE else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import statistics
 import warnings
 from dataclasses import dataclass
 
+from moe_emergence.telemetry import names as keys
 from moe_emergence.training.checkpoint import TrainState
 from moe_emergence.training.config import CollapseConfig, GuardConfig
 
@@ -133,8 +134,8 @@ def check_collapse(
     ``router/layer{i}/max_frac``; warn once at ``patience``, or return True (stop) for ``action: stop``."""
     stop = False
     for i in layers:
-        key = f"layer{i}"
-        frac = metrics[f"router/{key}/max_frac"]
+        key = f"layer{i}"  # the streak's key in trainer_state.json
+        frac = metrics[keys.layer_key(keys.ROUTER, i, "max_frac")]
         streak = state.collapse_streak.get(key, 0) + 1 if frac > c.max_frac else 0
         state.collapse_streak[key] = streak
         if streak >= c.patience:

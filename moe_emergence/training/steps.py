@@ -1,25 +1,39 @@
-"""One optimizer step's loss terms, and evaluation.
+"""One optimizer step's objective over its micro-batches, the step's record, and evaluation.
 
-Shapes: B blocks, L sequence length, T = B * L tokens, E experts, V vocabulary.
+Shapes (legend: docs/architecture.md): B rows, S positions, T = B * S tokens, E experts, L MoE layers,
+V vocabulary.
 
-Loss of one optimizer step over G micro-batches and P processes (what the gradient is taken of):
+The loss of one optimizer step over ``grad_accum`` micro-batches and P processes is the sum of one
+``losses.moe_objective`` per micro-batch, each with its ``Shares`` of the step:
     lm = sum over all predicted tokens of the step of CE / number of those tokens (token-weighted, so
          G x B, 1 x G*B and P processes x B give the same value),
-    z  = the same token weighting of the per-token router z-loss, mean over MoE layers,
-    lb = mean over micro-batches (and processes) of the Switch loss E * sum_i f_i P_i, mean over layers;
-         ``balance_scope: global`` all-reduces the counts behind f_i across processes first,
-    ent = the same token weighting of the per-token router entropy, mean over MoE layers,
-    loss = lm + lb_coef * lb + z_coef * z + entropy_coef * ent (coefficients in force this step).
-``accelerator.backward`` divides by G and DDP averages over P, so micro-batch terms are scaled by G * P.
+    z, entropy = the same token weighting (by real input tokens) of the per-token router terms,
+    lb = mean over micro-batches (and processes) of the Switch loss; ``balance_scope: global``
+         all-reduces the counts behind f_i across processes first,
+    loss = lm + lb_coef * lb + z_coef * z + entropy_coef * entropy (coefficients in force this step).
+``accelerator.backward`` divides by ``grad_accum`` and DDP averages over P, so each micro-batch's
+objective is scaled by ``grad_accum * P`` before its backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
-from moe_emergence.losses import aux_losses_per_layer
-from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats
+from moe_emergence.losses import (
+    LossCoefs,
+    Shares,
+    layer_tokens_per_expert,
+    moe_objective,
+    routed_tokens_per_expert,
+)
+from moe_emergence.routing import RouterOutput
+from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats, variant_metrics
+from moe_emergence.telemetry import names as keys
+from moe_emergence.training.guard import StepCheck
 
 
 def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -27,28 +41,101 @@ def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).double()
 
 
-def lm_share(lm_mean: torch.Tensor, n_predicted: torch.Tensor, n_step: torch.Tensor) -> torch.Tensor:
-    """A micro-batch's token-weighted share of the step's LM loss, ``lm_mean * n_predicted / n_step``.
-    A micro-batch with no predicted token (all padding) contributes 0, not the NaN of an empty mean
-    (no host sync; the masked branch's gradient is 0)."""
-    return torch.where(n_predicted > 0, lm_mean.float(), 0.0) * (n_predicted / n_step)
+@dataclass
+class MoEStep:
+    """What the step's micro-batches need to know about the MoE model (None for a dense model).
+
+    layers: MoE block indices; coefs: the loss coefficients in force this step; global_counts: sums
+    ``[L, E]`` counts across processes (``balance_scope: global``) or None; collect_tokens_per_expert: gather
+    ``routed_tokens_per_expert`` for aux-loss-free balancing; selection_bias: ``{block: [E] buffer}``
+    of routers with a selection bias (logged)."""
+
+    layers: list[int]
+    num_experts: int
+    coefs: LossCoefs
+    global_counts: Callable[[torch.Tensor], torch.Tensor] | None
+    collect_tokens_per_expert: bool
+    selection_bias: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def nonfinite_flags(router_outputs: dict, lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
-    """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, aux loss non-finite (no sync)."""
-    logits_L = torch.stack([~torch.isfinite(r.router_logits).all() for r in router_outputs.values()])
+@dataclass
+class StepResult:
+    """One optimizer step, on device except ``lrs`` and ``check``: the summed terms (lm, lb, z, entropy:
+    this process's shares), real tokens, gradient norm, learning rates, variant telemetry (summed over
+    processes), the guard's ``StepCheck`` and the step's ``MoEStep`` (None for a dense model)."""
+
+    totals: torch.Tensor
+    tokens: torch.Tensor
+    grad_norm: torch.Tensor
+    lrs: dict[str, float]
+    variants: dict[str, torch.Tensor]
+    check: StepCheck
+    moe: MoEStep | None
+
+
+class StepSums:
+    """Device-side sums over one step's micro-batches (never a host sync).
+
+    totals: ``[4]`` float64: the step's lm, lb, z and entropy terms (each micro-batch's share added);
+    bad_L2: per MoE layer, router logits non-finite / a router loss non-finite; variants: telemetry of the
+    routing variants (``variant_metrics``), already divided by the micro-batch count; tokens_per_expert:
+    ``{block: [E]}`` routed tokens per expert (aux-loss-free balancing)."""
+
+    def __init__(self, num_layers: int, device: torch.device) -> None:
+        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+        self.bad_L2 = torch.zeros(num_layers, 2, dtype=torch.bool, device=device)
+        self.variants: dict[str, torch.Tensor] = {}
+        self.tokens_per_expert: dict[int, torch.Tensor] = {}
+
+
+def nonfinite_flags(routers: list[RouterOutput], lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
+    """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, a router loss non-finite."""
+    logits_L = torch.stack([~torch.isfinite(r.router_logits).all() for r in routers])
     return torch.stack([logits_L, ~(torch.isfinite(lb_L) & torch.isfinite(z_L))], dim=-1)
 
 
-def moe_terms(moe_model, layers: list[int], mask_T: torch.Tensor, token_share: torch.Tensor, global_fn):
-    """One micro-batch's MoE loss terms after its forward: the router outputs of ``layers``, ``lb`` (mean
-    over layers of the Switch loss of this micro-batch, counts all-reduced by ``global_fn`` if given), ``z``
-    (mean over layers, weighted by ``token_share`` = its real tokens / the step's) and the ``[L, 2]``
-    non-finite flags."""
-    outs = moe_model.router_outputs()
-    outs = {i: outs[i] for i in layers}
-    lb_L, z_L = aux_losses_per_layer(outs, mask_T, moe_model.config.moe["num_experts"], global_fn)
-    return outs, lb_L.mean(), z_L.mean() * token_share, nonfinite_flags(outs, lb_L, z_L)
+def micro_batch_loss(
+    out, batch: dict, n_step: torch.Tensor, scale: float, moe: MoEStep | None, sums: StepSums, routing=None
+) -> torch.Tensor:
+    """The loss to back-propagate for one micro-batch after its forward ``out`` (module docstring): its
+    objective with its ``Shares`` of the step (``n_step``: the step's [predicted, real] token counts),
+    times ``scale`` = micro-batches * processes. Adds its terms, flags, telemetry and tokens_per_expert to ``sums``
+    (and ``routing``, a ``LayerRoutingStats``, when given)."""
+    c = shifted_token_counts(batch)
+    lm = torch.where(c[0] > 0, out.loss.float(), 0.0)  # an all-padding micro-batch: 0, not NaN
+    share_lm = (c[0] / n_step[0]).float()
+    if moe is None:
+        sums.totals[0] += (lm * share_lm).detach().double()
+        return lm * share_lm * scale
+    mask_T = batch["attention_mask"].reshape(-1)
+    outs = {i: out.router_outputs[i] for i in moe.layers}
+    routers = list(outs.values())
+    tokens_per_expert_LE = None
+    if moe.global_counts is not None:
+        tokens_per_expert_LE = moe.global_counts(layer_tokens_per_expert(routers, moe.num_experts, mask_T))
+    shares = Shares(lm=share_lm, tokens=(c[1] / n_step[1]).float(), batch=1.0 / scale)
+    obj = moe_objective(
+        lm,
+        routers,
+        mask_T,
+        moe.num_experts,
+        moe.coefs,
+        tokens_per_expert_LE=tokens_per_expert_LE,
+        shares=shares,
+    )
+    terms = [lm * share_lm, obj.lb_loss / scale, obj.z_loss * shares.tokens, obj.entropy_loss * shares.tokens]
+    sums.totals += torch.stack(terms).detach().double()
+    sums.bad_L2 |= nonfinite_flags(routers, obj.lb_loss_L, obj.z_loss_L)
+    if routing is not None:
+        routing.add(outs, mask_T, batch["domain_ids"])
+        for k, v in variant_metrics(outs, mask_T, moe.selection_bias).items():
+            sums.variants[k] = sums.variants.get(k, 0.0) + v.detach() / scale
+    if moe.collect_tokens_per_expert:
+        for i, r in outs.items():
+            sums.tokens_per_expert[i] = sums.tokens_per_expert.get(i, 0.0) + routed_tokens_per_expert(
+                r, moe.num_experts, mask_T
+            )
+    return obj.loss * scale
 
 
 def step_flags(
@@ -75,25 +162,24 @@ def step_flags(
     )
 
 
-def train_record(moe_model, lm: float, lb: float, z: float, ent: float, lrs: dict[str, float]) -> dict:
-    """The loss and learning-rate part of a ``train/`` record; ``moe_model`` None for a dense model.
-    ``train/loss`` uses the coefficients in force this step."""
-    record = {"train/lm_loss": lm, "train/lr": lrs["decay"] if "decay" in lrs else lrs["no_decay"]}
-    if moe_model is None:
-        return {"train/loss": lm, **record}
-    coefs = moe_model.loss_coefs
-    ent_coef = moe_model.config.moe["entropy_coef"]
-    noise = next(iter(moe_model.moe_layers().values())).router.noise_std_now()
+def train_record(totals: list[float], lrs: dict[str, float], moe: MoEStep | None, noise_std: float) -> dict:
+    """The loss and learning-rate part of a ``train/`` record from the step's summed ``totals`` (lm, lb,
+    z, entropy); ``train/loss`` is the objective with the coefficients in force this step."""
+    lm, lb, z, ent = totals
+    record = {keys.TRAIN_LM_LOSS: lm, keys.TRAIN_LR: lrs["decay"] if "decay" in lrs else lrs["no_decay"]}
+    if moe is None:
+        return {keys.TRAIN_LOSS: lm, **record}
+    c = moe.coefs
     return {
-        "train/loss": lm + coefs["lb"] * lb + coefs["z"] * z + ent_coef * ent,
+        keys.TRAIN_LOSS: lm + c.lb_coef * lb + c.z_coef * z + c.entropy_coef * ent,
         **record,
-        "train/lb_loss": lb,
-        "train/z_loss": z,
-        "train/entropy_loss": ent,
-        "train/lb_coef": coefs["lb"],
-        "train/z_coef": coefs["z"],
-        "train/router_lr": lrs["router"],
-        "router/noise_std": float(noise),
+        keys.TRAIN_LB_LOSS: lb,
+        keys.TRAIN_Z_LOSS: z,
+        keys.TRAIN_ENTROPY_LOSS: ent,
+        keys.TRAIN_LB_COEF: c.lb_coef,
+        keys.TRAIN_Z_COEF: c.z_coef,
+        keys.TRAIN_ROUTER_LR: lrs["router"],
+        keys.NOISE_STD: noise_std,
     }
 
 
@@ -118,22 +204,23 @@ def evaluate(model, unwrapped, batches, domains: list[str], moe: bool, reduce_fn
     losses = DomainLossStats(len(domains), device)
     routing = None
     if moe:
-        E = unwrapped.config.moe["num_experts"]
+        E = unwrapped.config.moe.num_experts
         routing = LayerRoutingStats(unwrapped.config.moe_layers, E, len(domains), device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: outputs are used before the next
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        kw = {"output_router_logits": False} if moe else {}  # no router losses needed here
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
         ce_T = token_cross_entropy(out.logits, batch["labels"])
         losses.add(ce_T, batch["domain_ids"][:, 1:], batch["labels"][:, 1:] != -100)
         if routing is not None:
-            routing.add(unwrapped.router_outputs(), batch["attention_mask"].reshape(-1), batch["domain_ids"])
+            routing.add(out.router_outputs, batch["attention_mask"].reshape(-1), batch["domain_ids"])
     losses.buf.copy_(reduce_fn(losses.buf))
-    metrics = losses.metrics(domains, "eval")
+    metrics = losses.metrics(domains, keys.EVAL)
     joint = {}
     if routing is not None:
         routing.all_reduce(reduce_fn)
-        metrics.update(routing.metrics("eval_router"))
+        metrics.update(routing.metrics(keys.EVAL_ROUTER))
         joint = routing.joint_counts()
     model.train(was_training)
     return metrics, joint

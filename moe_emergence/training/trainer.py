@@ -16,47 +16,35 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.telemetry import JsonlSink, LayerRoutingStats, expert_divergence, flat_expert_weights
+from moe_emergence.telemetry import names as keys
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training import guard, model_setup
 from moe_emergence.training.config import RunConfig
 from moe_emergence.training.guard import StepCheck
+from moe_emergence.training.loop import RunLoop, Stop, TrainResult
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
 from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
+    MoEStep,
+    StepResult,
+    StepSums,
     evaluate,
-    lm_share,
-    moe_terms,
+    micro_batch_loss,
     shifted_token_counts,
     step_flags,
-    train_record,
 )
 from moe_emergence.training.tracking import Tracking
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    # None = finished; "collapse" (collapse guard), "stop_after" (time slice), "nonfinite" (non-finite
-    # guard), "signal" (SIGINT/SIGTERM: ``signal`` holds its number)
-    stopped: str | None = None
-    signal: int | None = None
-    message: str | None = None
 
 
 class Trainer:
@@ -180,7 +168,7 @@ class Trainer:
         self.unwrapped = acc.unwrap_model(self.model)
         self.moe = model_setup.is_moe(self.unwrapped)
         self.verified = VerifiedState(
-            self.model, self.optimizer, self.cfg.guard.snapshot_every, self._reduce_sum, known_bad
+            self.model, self.optimizer, self.cfg.guard.snapshot_every, self.reduce_sum, known_bad
         )
 
     def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
@@ -193,90 +181,80 @@ class Trainer:
     def phase(self) -> str:
         return "moe" if self.moe else "dense"
 
-    def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+    def reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def train_step(self, routing: LayerRoutingStats | None, signals: StopSignals | None = None) -> dict:
-        """Forward/backward all micro-batches of one step and take the optimizer step, unless the loss or
-        gradients are non-finite (then the step is skipped, see ``guard``). Returns on-device tensors
-        (lm, lb, z totals, tokens, grad_norm) and the decoded ``StepCheck``: the step's one host sync."""
-        acc, cfg, device = self.accelerator, self.cfg, self.accelerator.device
-        G, P = cfg.train.grad_accum, acc.num_processes
+    def train_step(self, routing: LayerRoutingStats | None, signals: StopSignals | None = None) -> StepResult:
+        """Forward/backward all micro-batches of one step and take the optimizer step, unless the guard
+        rejects it (then the step is skipped, see ``guard``). The decoded ``StepCheck`` is the step's one
+        host sync."""
+        acc, device = self.accelerator, self.accelerator.device
+        scale = self.cfg.train.grad_accum * acc.num_processes
         batches = [self.collate(rows_of(self.corpus.train, rows)) for rows in self.sampler.next_step()]
-        counts = self._reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
-        n_lab, n_tok = counts[0].clamp_min(1), counts[1].clamp_min(1)
-        moe_cfg = self.unwrapped.config.moe if self.moe else None
-        layers = self.unwrapped.config.moe_layers if self.moe else []
-        coefs, ent_coef = {"lb": 0.0, "z": 0.0}, 0.0
-        bias_loads: dict[int, torch.Tensor] | None = None  # aux-loss-free balancing: this step's expert loads
-        if self.moe:
-            moe_step = self.state.step - self.cfg.model.upcycle_at_step
-            self.unwrapped.set_router_step(moe_step)
-            self.unwrapped.schedule_loss_coefs(moe_step)
-            coefs, ent_coef = self.unwrapped.loss_coefs, moe_cfg["entropy_coef"]
-            bias_loads = {} if moe_cfg["bias_update_rate"] > 0 else None
-        global_fn = self._reduce_sum if (self.moe and cfg.train.balance_scope == "global") else None
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # lm, lb, z, entropy of this step
-        bad_L2 = torch.zeros(len(layers), 2, dtype=torch.bool, device=device)
-        variant_sums: dict[str, torch.Tensor] = {}
+        counts = self.reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
+        n_step = counts.clamp_min(1)
+        moe = self._moe_step() if self.moe else None
+        sums = StepSums(len(moe.layers) if moe else 0, device)
+        kw = {"output_router_logits": False} if moe else {}  # the objective is computed below, once
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            c = shifted_token_counts(batch)
             with acc.accumulate(self.model):
                 torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: a new CUDA-graph step
                 out = self.model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     labels=batch["labels"],
+                    **kw,
                 )
-                lm = lm_share(out.lm_loss if self.moe else out.loss, c[0], n_lab)
-                loss = lm * (G * P)
-                lb = z = ent = torch.zeros((), device=device)
-                if self.moe:
-                    mask_T = batch["attention_mask"].reshape(-1)
-                    outs, lb, z, bad = moe_terms(self.unwrapped, layers, mask_T, c[1] / n_tok, global_fn)
-                    bad_L2 |= bad
-                    ent = out.entropy_loss * (c[1] / n_tok)
-                    loss = loss + coefs["lb"] * lb + coefs["z"] * z * (G * P)
-                    if ent_coef != 0:
-                        loss = loss + ent_coef * ent * (G * P)
-                    if routing is not None:
-                        routing.add(outs, mask_T, batch["domain_ids"])
-                        for k, v in self.unwrapped.variant_stats(mask_T).items():
-                            variant_sums[k] = variant_sums.get(k, 0.0) + v.detach() / (G * P)
-                    if bias_loads is not None:
-                        for i, load_E in self.unwrapped.expert_load(mask_T).items():
-                            bias_loads[i] = bias_loads.get(i, 0.0) + load_E
-                acc.backward(loss)
-                parts = [lm.detach(), lb.detach() / (G * P), z.detach(), ent.detach()]
-                totals += torch.stack(parts).double()
+                acc.backward(micro_batch_loss(out, batch, n_step, scale, moe, sums, routing))
+        return self._finish_step(moe, sums, counts[1], signals)
+
+    def _moe_step(self) -> MoEStep:
+        """This step's ``MoEStep``: router step and loss coefficients from the steps since the upcycle."""
+        model = self.unwrapped
+        moe_cfg = model.config.moe
+        moe_step = self.state.step - self.cfg.model.upcycle_at_step
+        model.set_router_step(moe_step)
+        scope_global = self.cfg.train.balance_scope == "global"
+        return MoEStep(
+            layers=model.config.moe_layers,
+            num_experts=moe_cfg.num_experts,
+            coefs=moe_cfg.loss_coefs(moe_step),
+            global_counts=self.reduce_sum if scope_global else None,
+            collect_tokens_per_expert=moe_cfg.bias_update_rate > 0,
+            selection_bias={
+                i: layer.router.selection_bias
+                for i, layer in model.moe_layers().items()
+                if layer.router.bias_update_rate > 0
+            },
+        )
+
+    def _finish_step(
+        self, moe: MoEStep | None, sums: StepSums, tokens: torch.Tensor, signals: StopSignals | None
+    ) -> StepResult:
+        """Clip, judge the step (``guard``), then take it or roll back; aux-loss-free balancing."""
+        cfg = self.cfg
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
         signalled = signals is not None and signals.received is not None
         params_bad = any_nonfinite(list(self.model.parameters()))
-        flags = step_flags(totals, grad_norm, signalled, params_bad, bad_L2)
-        check = StepCheck.decode(self._reduce_sum(flags).tolist(), layers)  # the step's one host sync
+        flags = step_flags(sums.totals, grad_norm, signalled, params_bad, sums.bad_L2)
+        check = StepCheck.decode(self.reduce_sum(flags).tolist(), moe.layers if moe else [])  # host sync
         guard.judge(check, self.state, cfg.guard)
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
         verified = self.verified.verifies(check.good)  # this loss verifies the updates since the last check
         self._apply_or_roll_back(check)
-        if bias_loads is not None and check.good:  # aux-loss-free balancing: once per taken step
-            self.unwrapped.update_selection_bias({i: self._reduce_sum(v) for i, v in bias_loads.items()})
+        if sums.tokens_per_expert and check.good:  # aux-loss-free balancing: once per taken step
+            self.unwrapped.update_selection_bias(
+                {i: self.reduce_sum(v) for i, v in sums.tokens_per_expert.items()}
+            )
         self.state.step += 1
         guard.update(self.state, check, self.state.step, cfg.guard, verified)
         self.state.last_applied = check.good
-        if variant_sums:
-            variant_sums = {k: self._reduce_sum(v) for k, v in variant_sums.items()}
-        return {
-            "totals": totals,
-            "tokens": counts[1],
-            "grad_norm": grad_norm,
-            "lrs": lrs,
-            "variants": variant_sums,
-            "check": check,
-        }
+        variants = {k: self.reduce_sum(v) for k, v in sums.variants.items()}
+        return StepResult(sums.totals, tokens, grad_norm, lrs, variants, check, moe)
 
     def _apply_or_roll_back(self, check: StepCheck) -> None:
         """A good step: snapshot the state its loss verified (when due), then take the optimizer step. A bad
@@ -299,16 +277,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ telemetry
 
-    def _log(self, metrics: dict[str, float], images: dict | None = None) -> None:
+    def log(self, metrics: dict[str, float], images: dict | None = None) -> None:
         if self.accelerator.is_main_process:
             self.metrics.write(self.state.step, metrics)
         self.tracking.log(metrics, self.state.step, images)
 
-    def _router_metrics(self, routing: LayerRoutingStats) -> dict[str, float]:
-        routing.all_reduce(self._reduce_sum)
-        out = routing.metrics("router")
+    def router_metrics(self, routing: LayerRoutingStats) -> dict[str, float]:
+        routing.all_reduce(self.reduce_sum)
+        out = routing.metrics(keys.ROUTER)
         for i, layer in self.unwrapped.moe_layers().items():
-            out[f"router/layer{i}/expert_divergence"] = expert_divergence(flat_expert_weights(layer.experts))
+            divergence = expert_divergence(flat_expert_weights(layer.experts))
+            out[keys.layer_key(keys.ROUTER, i, "expert_divergence")] = divergence
         return out
 
     def run_eval(self) -> None:
@@ -323,10 +302,10 @@ class Trainer:
         starts = list(range(0, len(rows), bs))[acc.process_index :: acc.num_processes]
         batches = (self.collate(rows_of(self.corpus.eval, rows[s : s + bs])) for s in starts)
         metrics, joint = evaluate(
-            self.model, self.unwrapped, batches, self.domains, self.moe, self._reduce_sum
+            self.model, self.unwrapped, batches, self.domains, self.moe, self.reduce_sum
         )
-        images = self.tracking.heatmaps(joint, self.domains, "eval_router") if joint else None
-        self._log(metrics, images)
+        images = self.tracking.heatmaps(joint, self.domains, keys.EVAL_ROUTER) if joint else None
+        self.log(metrics, images)
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/step_N`` unless the state is known bad (``VerifiedState.good_for_saving``)."""
@@ -358,112 +337,26 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
-        """Run to the end (or a stop); the run folder's lock is released when this returns or raises."""
+        """Run to the end (or a stop, ``loop.Stop``); the run folder's lock is released when this
+        returns or raises."""
         try:
             with StopSignals(self.parent_pid) as signals:
-                return self._loop(signals)
+                return RunLoop(self, signals).run()
         finally:
             self.folder.release()
 
-    def _loop(self, signals: StopSignals) -> TrainResult:
-        cfg, acc, st = self.cfg, self.accelerator, self.state
-        steps, U = cfg.train.steps, cfg.model.upcycle_at_step
-        t_stop = cfg.train.stop_after
-        if st.step == 0:
-            self.run_eval()
-        bar = tqdm(
-            total=steps,
-            initial=st.step,
-            desc=cfg.log.run_name,
-            disable=not (acc.is_main_process and cfg.log.progress),
-        )
-        t0, tok0 = time.perf_counter(), st.tokens
-        tokens_dev = torch.zeros((), dtype=torch.float64, device=acc.device)
-        # a checkpoint at step N was saved after the eval of step N, if that step had one
-        evaluated = st.step == 0 or st.step >= steps or (cfg.eval.every and st.step % cfg.eval.every == 0)
-        stopped, last_eval, last_ckpt, message = None, st.step if evaluated else -1, st.step, None
-        while st.step < steps:
-            if cfg.model.moe is not None and not self.moe and st.step >= U:
-                self._prepare(model_setup.to_moe(self.unwrapped, cfg))
-                st.loss_history, st.last_applied = [], False  # the guard's spike rule restarts per phase
-                acc.print(f"step {st.step}: upcycled to {cfg.model.moe.num_experts} experts")
-            router_step = self.moe and (st.step + 1) % cfg.log.router_every == 0
-            routing = None
-            if router_step:
-                m = self.unwrapped.config
-                routing = LayerRoutingStats(m.moe_layers, m.moe["num_experts"], len(self.domains), acc.device)
-            out = self.train_step(routing, signals)
-            tokens_dev += out["tokens"]
-            bar.update(1)
-            if not out["check"].good and st.consecutive_skips >= cfg.guard.max_consecutive_skips:
-                saveable = not self.verified.known_bad
-                stopped = "nonfinite"
-                message = guard.stop_message(st, cfg.guard.max_consecutive_skips, saveable)
-            elif out["check"].signal:
-                stopped = "signal"
-            record: dict[str, float] = {}
-            if st.step % cfg.log.every == 0 or st.step == steps or stopped == "nonfinite":
-                lm, lb, z, ent = self._reduce_sum(out["totals"]).tolist()
-                st.tokens += int(tokens_dev.item())
-                tokens_dev.zero_()
-                dt = time.perf_counter() - t0
-                tps = (st.tokens - tok0) / dt if dt > 0 else 0.0
-                t0, tok0 = time.perf_counter(), st.tokens
-                record = train_record(self.unwrapped if self.moe else None, lm, lb, z, ent, out["lrs"])
-                record.update(
-                    {
-                        "train/grad_norm": float(out["grad_norm"]),
-                        "train/tokens": float(st.tokens),
-                        "train/skipped_steps": float(st.skipped_steps),
-                        "perf/tokens_per_sec": tps,
-                    }
-                )
-                bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{tps:,.0f}")
-            if routing is not None:
-                router = self._router_metrics(routing)
-                router.update({k: float(v) for k, v in out["variants"].items()})
-                record.update(router)
-                layers = self.unwrapped.config.moe_layers
-                if guard.check_collapse(st, cfg.collapse, router, layers, acc.print) and stopped is None:
-                    stopped = "collapse"
-            if record:
-                self._log(record)
-            if stopped == "collapse" or (cfg.eval.every and st.step % cfg.eval.every == 0):
-                self.run_eval()
-                last_eval = st.step
-            if stopped or (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
-                st.tokens += int(tokens_dev.item())  # the token count is part of the checkpoint
-                tokens_dev.zero_()
-                self.save_checkpoint()  # never the weights a bad step left (save_checkpoint checks)
-                last_ckpt = st.step
-            if stopped:
-                break
-            if t_stop is not None and st.step >= t_stop:
-                stopped = "stop_after"
-                break
-        bar.close()
-        st.tokens += int(tokens_dev.item())
-        sig = signals.received if stopped == "signal" else None
-        if stopped in ("stop_after", "signal", "nonfinite"):  # checkpoint only, no final/
-            if last_ckpt != st.step:
-                self.save_checkpoint()
-            if stopped == "signal":
-                message = f"stopped by {signal.Signals(sig).name} at step {st.step}; checkpoint saved"
-            if message:
-                acc.print(message)
-            self.tracking.finish()
-            return TrainResult(self.run_dir, st.step, stopped, sig, message)
-        if last_eval != st.step:
-            self.run_eval()
-        if last_ckpt != st.step:
-            self.save_checkpoint()
-        if not self.verified.good_for_saving(acc.device, acc.print, st.step):  # e.g. snapshot_every: 0
-            message = f"bad-step guard: the final weights are known bad; no final/ written in {self.run_dir}"
-            self.tracking.finish()
-            return TrainResult(self.run_dir, st.step, "nonfinite", message=message)
-        self.save_final()
-        self.tracking.finish()
-        return TrainResult(self.run_dir, st.step, stopped)
+    def upcycle_if_due(self) -> None:
+        """At ``model.upcycle_at_step``: upcycle the dense model and prepare it (and a new optimizer)."""
+        cfg, st = self.cfg, self.state
+        if cfg.model.moe is not None and not self.moe and st.step >= cfg.model.upcycle_at_step:
+            self._prepare(model_setup.to_moe(self.unwrapped, cfg))
+            st.loss_history, st.last_applied = [], False  # the guard's spike rule restarts per phase
+            self.accelerator.print(f"step {st.step}: upcycled to {cfg.model.moe.num_experts} experts")
+
+    def routing_stats(self) -> LayerRoutingStats:
+        """Empty per-layer routing accumulators for the MoE model."""
+        m = self.unwrapped.config
+        return LayerRoutingStats(m.moe_layers, m.moe.num_experts, len(self.domains), self.accelerator.device)
 
     def save_final(self) -> None:
         acc = self.accelerator
@@ -483,4 +376,4 @@ def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False, co
     return Trainer(cfg, resume=resume, overwrite=overwrite, corpus=corpus).train()
 
 
-__all__ = ["TrainResult", "Trainer", "resolve_resume", "train"]
+__all__ = ["Stop", "TrainResult", "Trainer", "resolve_resume", "train"]

@@ -1,0 +1,93 @@
+"""Metric keys: every ``train/``, ``eval/``, ``router/``, ``eval_router/`` and ``perf/`` name is built here.
+
+The rest of the package (trainer, guard, telemetry, analysis, scripts) imports these; a key's text is
+part of the run folder's format (``metrics.jsonl``, wandb), so changing one here changes it everywhere.
+
+Layout::
+
+    train/{loss, lm_loss, lb_loss, z_loss, entropy_loss, lb_coef, z_coef, lr, router_lr, grad_norm,
+           tokens, skipped_steps}
+    perf/tokens_per_sec
+    eval/{lm_loss, loss_<domain>, ppl_<domain>}
+    router/noise_std
+    router/layer<i>/{expert<e>_frac, entropy, marginal_entropy, max_frac, cv, dead_experts, domain_mi,
+                     domain_nmi, expert_divergence, dropped_frac, unrouted_frac, selection_bias_e<e>}
+    eval_router/layer<i>/...   (the routing statistics above, on the eval set)
+    <router prefix>/layer<i>/domain_expert   (wandb heatmap image)
+"""
+
+from __future__ import annotations
+
+import re
+
+TRAIN, EVAL, PERF = "train", "eval", "perf"
+ROUTER, EVAL_ROUTER = "router", "eval_router"
+
+TRAIN_LOSS = "train/loss"
+TRAIN_LM_LOSS = "train/lm_loss"
+TRAIN_LB_LOSS = "train/lb_loss"
+TRAIN_Z_LOSS = "train/z_loss"
+TRAIN_ENTROPY_LOSS = "train/entropy_loss"
+TRAIN_LB_COEF = "train/lb_coef"
+TRAIN_Z_COEF = "train/z_coef"
+TRAIN_LR = "train/lr"
+TRAIN_ROUTER_LR = "train/router_lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_TOKENS = "train/tokens"
+TRAIN_SKIPPED_STEPS = "train/skipped_steps"
+TOKENS_PER_SEC = "perf/tokens_per_sec"
+NOISE_STD = "router/noise_std"
+
+# per-layer routing statistics (``RoutingStats.metrics``), in the order they are written
+ROUTING_STATS = (
+    "entropy",
+    "marginal_entropy",
+    "max_frac",
+    "cv",
+    "dead_experts",
+    "domain_mi",
+    "domain_nmi",
+)
+EVAL_LM_LOSS = "eval/lm_loss"
+_LAYER_RE = re.compile(r"^(?P<prefix>[a-z_]+)/layer(?P<layer>\d+)/(?P<name>.+)$")
+
+
+def lm_loss(prefix: str = EVAL) -> str:
+    """``eval/lm_loss``: mean next-token loss over all domains' tokens."""
+    return f"{prefix}/lm_loss"
+
+
+def domain_loss(domain: str, prefix: str = EVAL) -> str:
+    """``eval/loss_<domain>``: mean next-token loss of one domain."""
+    return f"{prefix}/loss_{domain}"
+
+
+def domain_ppl(domain: str, prefix: str = EVAL) -> str:
+    """``eval/ppl_<domain>``: exp of ``domain_loss``."""
+    return f"{prefix}/ppl_{domain}"
+
+
+def layer_prefix(prefix: str, layer: int | str) -> str:
+    """``<prefix>/layer<i>``: the prefix of one MoE layer's keys (``prefix`` ``router`` or ``eval_router``)."""
+    return f"{prefix}/layer{layer}"
+
+
+def layer_key(prefix: str, layer: int | str, name: str) -> str:
+    """``<prefix>/layer<i>/<name>``, e.g. ``layer_key(ROUTER, 3, "max_frac")``."""
+    return f"{layer_prefix(prefix, layer)}/{name}"
+
+
+def expert_frac(expert: int) -> str:
+    """Per-layer name of expert e's share of the routing assignments: ``expert<e>_frac``."""
+    return f"expert{expert}_frac"
+
+
+def selection_bias(expert: int) -> str:
+    """Per-layer name of expert e's aux-loss-free selection bias: ``selection_bias_e<e>``."""
+    return f"selection_bias_e{expert}"
+
+
+def parse_layer_key(key: str) -> tuple[str, int, str] | None:
+    """``(prefix, layer, name)`` of a per-layer key, or None for any other key."""
+    m = _LAYER_RE.match(key)
+    return None if m is None else (m["prefix"], int(m["layer"]), m["name"])

@@ -1,0 +1,125 @@
+"""The MoE objective has one owner (``losses.moe_objective``): the model's forward and the trainer use it,
+each router term is computed once per forward, and the block that passes routing data as arguments
+computes exactly GPT-2's block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_training_run import TINY
+
+from moe_emergence import MoEConfig, losses, upcycle
+from moe_emergence.losses import LossCoefs, Shares, moe_objective
+from moe_emergence.modeling import GPT2MoEBlock
+from moe_emergence.training.steps import MoEStep, StepSums, micro_batch_loss, shifted_token_counts
+
+
+def _count_calls(monkeypatch) -> dict[str, int]:
+    """Wrap the router-term formulas in ``losses`` to count their calls."""
+    calls = {"load_balance_loss": 0, "z_loss": 0, "masked_mean": 0}
+    for name in calls:
+        original = getattr(losses, name)
+
+        def counted(*args, _name=name, _f=original, **kwargs):
+            calls[_name] += 1
+            return _f(*args, **kwargs)
+
+        monkeypatch.setattr(losses, name, counted)
+    return calls
+
+
+def test_closed_form_objective_and_shares(dense_model, input_ids):
+    """loss = w_lm * lm + w_batch * lb_coef * lb + w_tok * (z_coef * z + entropy_coef * entropy)."""
+    moe = upcycle(dense_model, MoEConfig(num_experts=4, top_k=2, layers=[0, 2], router_init_std=0.5)).eval()
+    out = moe(input_ids, labels=input_ids)
+    routers = list(out.router_outputs.values())
+    coefs = LossCoefs(lb_coef=0.3, z_coef=0.05, entropy_coef=-0.2)
+    shares = Shares(lm=0.25, tokens=0.5, batch=0.125)
+    obj = moe_objective(out.lm_loss, routers, None, 4, coefs, shares=shares)
+    lb = torch.stack([losses.load_balance_loss(r.router_probs, r.topk_indices, 4) for r in routers]).mean()
+    z = torch.stack([losses.z_loss(r.router_logits) for r in routers]).mean()
+    ent = torch.stack([r.entropy.mean() for r in routers]).mean()
+    expected = 0.25 * out.lm_loss + 0.125 * 0.3 * lb + 0.5 * (0.05 * z - 0.2 * ent)
+    assert torch.allclose(obj.loss, expected) and obj.lb_loss_L.shape == (2,)
+    # global counts replace f_i: all assignments on expert 0 gives E * P_0
+    counts_LE = torch.tensor([[8.0, 0, 0, 0], [8.0, 0, 0, 0]])
+    glob = moe_objective(out.lm_loss, routers, None, 4, coefs, tokens_per_expert_LE=counts_LE)
+    assert torch.allclose(glob.lb_loss_L, torch.stack([4 * r.router_probs[:, 0].mean() for r in routers]))
+    with pytest.raises(ValueError, match=r"expected \(2, 4\)"):
+        moe_objective(out.lm_loss, routers, None, 4, coefs, tokens_per_expert_LE=torch.ones(3, 4))
+
+
+def test_model_computes_each_term_once_per_forward(dense_model, input_ids, monkeypatch):
+    moe = upcycle(dense_model, MoEConfig(num_experts=4, top_k=2, layers=[0, 2])).train()
+    calls = _count_calls(monkeypatch)
+    moe(input_ids, labels=input_ids)
+    assert calls == {"load_balance_loss": 2, "z_loss": 2, "masked_mean": 2}  # one per MoE layer
+    calls.update(dict.fromkeys(calls, 0))
+    moe(input_ids, labels=input_ids, output_router_logits=False)  # the trainer's call: LM loss only
+    assert calls == {"load_balance_loss": 0, "z_loss": 0, "masked_mean": 0}
+
+
+def test_trainer_micro_batch_equals_model_objective(dense_model, input_ids):
+    """One micro-batch on one process: the trainer's loss is the model's own loss (one formula)."""
+    cfg = MoEConfig(num_experts=4, top_k=2, layers=[1], entropy_coef=0.1, router_init_std=0.5)
+    moe = upcycle(dense_model, cfg).eval()
+    mask = torch.ones_like(input_ids)
+    mask[1, 5:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+    model_loss = moe(**batch).loss
+    out = moe(**batch, output_router_logits=False)
+    step = MoEStep([1], 4, cfg.loss_coefs(), None, False)
+    sums = StepSums(1, torch.device("cpu"))
+    loss = micro_batch_loss(out, batch, shifted_token_counts(batch), 1.0, step, sums)
+    assert torch.allclose(loss, model_loss)
+
+
+def test_trainer_step_computes_each_term_once_per_micro_batch(tmp_path, monkeypatch):
+    from moe_emergence.training.config import config_from_dict
+    from moe_emergence.training.trainer import Trainer
+
+    overrides = [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "log.run_name=once"]
+    overrides += ["train.steps=4", "train.grad_accum=2", "model.upcycle_at_step=0"]
+    trainer = Trainer(config_from_dict(TINY, overrides))
+    try:
+        trainer.upcycle_if_due()
+        assert trainer.moe
+        calls = _count_calls(monkeypatch)
+        trainer.train_step(None)
+    finally:
+        trainer.folder.release()
+    # 2 micro-batches x 2 MoE layers; eval and telemetry compute none of them
+    assert calls == {"load_balance_loss": 4, "z_loss": 4, "masked_mean": 4}
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_block_equals_gpt2_block(dense_model, moe):
+    """GPT2MoEBlock writes GPT-2's block out (to pass the mask to its MLP): with the same weights and a
+    dense MLP (or a copy-upcycled MoE layer) it computes GPT2Block's function, cache included."""
+    torch.manual_seed(0)
+    ref = dense_model.transformer.h[1]
+    block = GPT2MoEBlock(dense_model.config, layer_idx=1).eval()
+    block.load_state_dict(ref.state_dict())
+    if moe:
+        block.mlp = upcycle(dense_model, MoEConfig(num_experts=2, layers=[1])).transformer.h[1].mlp.eval()
+    x = torch.randn(2, 5, dense_model.config.n_embd)
+    assert torch.allclose(block(x), ref(x), atol=1e-6)
+    with pytest.raises(ValueError, match="cross-attention"):
+        block(x, encoder_hidden_states=x)
+
+
+def test_gradient_checkpointing_returns_the_same_router_outputs(dense_model, input_ids):
+    cfg = MoEConfig(num_experts=4, top_k=2, noise_std=0.5, init="noise")
+    outs = []
+    for checkpointing in (False, True):
+        model = upcycle(dense_model, cfg).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(5)
+        out = model(input_ids, labels=input_ids)
+        out.loss.backward()  # recomputation records each block again: the same values
+        outs.append(out)
+    for i in outs[0].router_outputs:
+        a, b = outs[0].router_outputs[i], outs[1].router_outputs[i]
+        assert torch.equal(a.topk_indices, b.topk_indices) and torch.allclose(a.router_probs, b.router_probs)
+    assert torch.allclose(outs[0].aux_loss, outs[1].aux_loss)
