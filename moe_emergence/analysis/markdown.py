@@ -1,5 +1,5 @@
-"""Write the figures of an analysis and report.md (each figure with one line of interpretation computed
-from the numbers). Called by ``report.analyze_runs``."""
+"""Write report.md: the figures of an analysis (``report_figures.write_figures``), each with one line of
+interpretation computed from the numbers. Called by ``report.analyze_runs``."""
 
 from __future__ import annotations
 
@@ -15,75 +15,6 @@ def _ci(c: dict, fmt: str = ".3f") -> str:
     if c.get("ci_low") is None or not c.get("n_boot"):
         return f"{c['value']:{fmt}}"
     return f"{c['value']:{fmt}} [{c['ci_low']:{fmt}}, {c['ci_high']:{fmt}}]"
-
-
-def _collapse_threshold(analysis) -> float | None:
-    c = analysis.run.config.get("collapse") or {}
-    return c.get("max_frac")
-
-
-def write_figures(out: Path, analyses, eval_set) -> None:
-    """Every figure, recorded in ``analysis.figures`` (name -> path relative to ``out``)."""
-    from moe_emergence.analysis.report import example_pieces
-    from moe_emergence.analysis.runs import load_tokenizer
-
-    domains = eval_set.domains
-    for a in analyses:
-        m, name, fig = a.metrics, a.run.name, a.figures
-        d = out / name
-        records = a.run.metrics
-        thr = _collapse_threshold(a)
-        if figures.router_layers(records, "router"):
-            fig["training"] = figures.training_curves(records, d / "training_router.png", "router", thr)
-            fig["collapse"] = figures.collapse_trajectory(records, d / "collapse.png", "router", thr)
-        if not m["is_moe"]:
-            continue
-        tok = load_tokenizer(a.run)
-        for L, lm in m["layers"].items():
-            fig[f"heatmap_{L}"] = figures.heatmap(
-                np.array(lm["domain_specialization"]),
-                domains,
-                f"{name} layer {L}: spec(e, D) = N_D(e) / N_D",
-                lm["uniform_baseline"],
-                d / f"domain_expert_layer{L}.png",
-            )
-            if "token_type_fractions" in lm:
-                fig[f"types_{L}"] = figures.heatmap(
-                    np.array(lm["token_type_fractions"]),
-                    list(TOKEN_TYPES),
-                    f"{name} layer {L}: code token type -> expert",
-                    1 / lm["num_experts"],
-                    d / f"token_types_layer{L}.png",
-                )
-            if "ablation" in m:
-                delta = np.array(
-                    [[e["delta"][dom]["value"] for dom in domains] for e in m["ablation"]["layers"][L]]
-                )
-                fig[f"ablation_{L}"] = figures.ablation_heatmap(
-                    delta, domains, int(L), d / f"ablation_layer{L}.png"
-                )
-        last = a.routing.layers[-1]
-        for i, dom in enumerate(domains):
-            pieces, experts = example_pieces(a.routing, tok, i, last)
-            if pieces:
-                fig[f"example_{dom}"] = figures.example_text(
-                    pieces,
-                    experts,
-                    a.routing.num_experts,
-                    d / f"example_{dom}.png",
-                    f"{name}: {dom} text coloured by top-1 expert of layer {last}",
-                )
-    moe = {a.run.name: a.metrics["layers"] for a in analyses if a.metrics["is_moe"]}
-    shared = {}
-    if moe:
-        shared["nmi"] = figures.nmi_per_layer(
-            {r: {L: v["domain_nmi"] for L, v in ls.items()} for r, ls in moe.items()},
-            out / "nmi_per_layer.png",
-        )
-    shared["loss"] = figures.loss_comparison(
-        {a.run.name: a.metrics["loss"] for a in analyses}, domains, out / "loss_by_domain.png"
-    )
-    analyses[0].figures.update({f"shared_{k}": v for k, v in shared.items()})
 
 
 def _img(out: Path, path, alt: str) -> str:
@@ -218,11 +149,11 @@ def write_report(out: Path, result: dict, analyses) -> None:
             lines += [
                 _img(out, fig["training"], "router entropy and max share"),
                 "",
-                _training_line(a.run.metrics, _collapse_threshold(a)),
+                _training_line(a.run.metrics, a.run.collapse_threshold),
                 "",
                 _img(out, fig["collapse"], "collapse trajectory"),
                 "",
-                _collapse_line(a.run.metrics, _collapse_threshold(a)),
+                _collapse_line(a.run.metrics, a.run.collapse_threshold),
                 "",
             ]
         elif not a.run.metrics:
