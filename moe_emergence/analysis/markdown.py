@@ -1,5 +1,9 @@
-"""Write the figures of an analysis and report.md (each figure with one line of interpretation computed
-from the numbers). Called by ``report.analyze_runs``."""
+"""Write report.md: the figures of an analysis (``report_figures.write_figures``), each with one line of
+interpretation computed from the numbers. Called by ``report.analyze_runs``.
+
+Top to bottom: formatting helpers, the one-line readings of the numbers, then one function per report
+section in the order they appear in report.md, and ``write_report`` joining them.
+"""
 
 from __future__ import annotations
 
@@ -12,85 +16,61 @@ from moe_emergence.analysis.collect import TOKEN_TYPES
 
 
 def _ci(c: dict, fmt: str = ".3f") -> str:
+    """``value [ci_low, ci_high]`` of a metric dict in format ``fmt``; the value alone without a bootstrap."""
     if c.get("ci_low") is None or not c.get("n_boot"):
         return f"{c['value']:{fmt}}"
     return f"{c['value']:{fmt}} [{c['ci_low']:{fmt}}, {c['ci_high']:{fmt}}]"
 
 
-def _collapse_threshold(analysis) -> float | None:
-    c = analysis.run.config.get("collapse") or {}
-    return c.get("max_frac")
-
-
-def write_figures(out: Path, analyses, eval_set) -> None:
-    """Every figure, recorded in ``analysis.figures`` (name -> path relative to ``out``)."""
-    from moe_emergence.analysis.report import example_pieces
-    from moe_emergence.analysis.runs import load_tokenizer
-
-    domains = eval_set.domains
-    for a in analyses:
-        m, name, fig = a.metrics, a.run.name, a.figures
-        d = out / name
-        records = a.run.metrics
-        thr = _collapse_threshold(a)
-        if figures.router_layers(records, "router"):
-            fig["training"] = figures.training_curves(records, d / "training_router.png", "router", thr)
-            fig["collapse"] = figures.collapse_trajectory(records, d / "collapse.png", "router", thr)
-        if not m["is_moe"]:
-            continue
-        tok = load_tokenizer(a.run)
-        for L, lm in m["layers"].items():
-            fig[f"heatmap_{L}"] = figures.heatmap(
-                np.array(lm["domain_specialization"]),
-                domains,
-                f"{name} layer {L}: spec(e, D) = N_D(e) / N_D",
-                lm["uniform_baseline"],
-                d / f"domain_expert_layer{L}.png",
-            )
-            if "token_type_fractions" in lm:
-                fig[f"types_{L}"] = figures.heatmap(
-                    np.array(lm["token_type_fractions"]),
-                    list(TOKEN_TYPES),
-                    f"{name} layer {L}: code token type -> expert",
-                    1 / lm["num_experts"],
-                    d / f"token_types_layer{L}.png",
-                )
-            if "ablation" in m:
-                delta = np.array(
-                    [[e["delta"][dom]["value"] for dom in domains] for e in m["ablation"]["layers"][L]]
-                )
-                fig[f"ablation_{L}"] = figures.ablation_heatmap(
-                    delta, domains, int(L), d / f"ablation_layer{L}.png"
-                )
-        last = a.routing.layers[-1]
-        for i, dom in enumerate(domains):
-            pieces, experts = example_pieces(a.routing, tok, i, last)
-            if pieces:
-                fig[f"example_{dom}"] = figures.example_text(
-                    pieces,
-                    experts,
-                    a.routing.num_experts,
-                    d / f"example_{dom}.png",
-                    f"{name}: {dom} text coloured by top-1 expert of layer {last}",
-                )
-    moe = {a.run.name: a.metrics["layers"] for a in analyses if a.metrics["is_moe"]}
-    shared = {}
-    if moe:
-        shared["nmi"] = figures.nmi_per_layer(
-            {r: {L: v["domain_nmi"] for L, v in ls.items()} for r, ls in moe.items()},
-            out / "nmi_per_layer.png",
-        )
-    shared["loss"] = figures.loss_comparison(
-        {a.run.name: a.metrics["loss"] for a in analyses}, domains, out / "loss_by_domain.png"
-    )
-    analyses[0].figures.update({f"shared_{k}": v for k, v in shared.items()})
-
-
 def _img(out: Path, path, alt: str) -> str:
+    """A markdown image of the PNG at ``path`` (under ``out``), linked relative to report.md."""
     return f"![{alt}]({Path(path).relative_to(out).as_posix()})"
 
 
+def _docs_line(docs: dict[str, int]) -> str:
+    """Documents per domain, with a warning for domains of fewer than 10 (their CIs are too narrow)."""
+    line = "Documents per domain: " + ", ".join(f"{d} {n}" for d, n in docs.items()) + "."
+    few = [d for d, n in docs.items() if n < 10]
+    if few:
+        line += (
+            f" Fewer than 10 documents in {', '.join(few)}: bootstrap CIs there understate the uncertainty "
+            "(one document gives no spread at all); use more eval blocks."
+        )
+    return line
+
+
+def _training_line(records: list[dict]) -> str:
+    """Router entropy (nats) and largest expert share per layer, first vs last logged step, with the
+    uniform reference."""
+    layers = figures.router_layers(records, "router")
+    parts = []
+    for L in layers:
+        s, h = figures._series(records, f"router/layer{L}/entropy")
+        _, mf = figures._series(records, f"router/layer{L}/max_frac")
+        if len(s):
+            parts.append(f"layer {L}: entropy {h[0]:.2f} → {h[-1]:.2f}, max share {mf[0]:.2f} → {mf[-1]:.2f}")
+    E = figures.num_experts_in(records, "router")
+    ref = f" (uniform: entropy ln E = {np.log(E):.2f}, share 1/E = {1 / E:.2f})" if E else ""
+    return "From the first to the last logged step, " + "; ".join(parts) + ref + "."
+
+
+def _collapse_line(records: list[dict], thr: float | None) -> str:
+    """First step and count of router checks where a layer's largest expert share exceeded ``thr``
+    (0.9 when the run config sets none)."""
+    thr = 0.9 if thr is None else thr
+    hits = []
+    for L in figures.router_layers(records, "router"):
+        s, mf = figures._series(records, f"router/layer{L}/max_frac")
+        over = np.flatnonzero(mf > thr)
+        if len(over):
+            hits.append(f"layer {L} first at step {int(s[over[0]])} ({len(over)} of {len(s)} checks)")
+    if not hits:
+        return f"No layer's largest expert share ever exceeded {thr} (no collapse)."
+    return f"Largest expert share above {thr}: " + "; ".join(hits) + "."
+
+
 def _layer_line(L: str, lm: dict, domains: list[str]) -> str:
+    """Domain NMI of layer ``L`` with its CI, each domain's top expert and its share, against uniform."""
     base = lm["uniform_baseline"]
     best = max(domains, key=lambda d: lm["max_specialization"][d])
     spec = ", ".join(f"{d} → e{lm['top_expert'][d]} ({lm['max_specialization'][d]:.2f})" for d in domains)
@@ -105,33 +85,18 @@ def _layer_line(L: str, lm: dict, domains: list[str]) -> str:
     )
 
 
-def _training_line(records: list[dict], thr: float | None) -> str:
-    layers = figures.router_layers(records, "router")
-    parts = []
-    for L in layers:
-        s, h = figures._series(records, f"router/layer{L}/entropy")
-        _, mf = figures._series(records, f"router/layer{L}/max_frac")
-        if len(s):
-            parts.append(f"layer {L}: entropy {h[0]:.2f} → {h[-1]:.2f}, max share {mf[0]:.2f} → {mf[-1]:.2f}")
-    E = figures.num_experts_in(records, "router")
-    ref = f" (uniform: entropy ln E = {np.log(E):.2f}, share 1/E = {1 / E:.2f})" if E else ""
-    return "From the first to the last logged step, " + "; ".join(parts) + ref + "."
-
-
-def _collapse_line(records: list[dict], thr: float | None) -> str:
-    thr = 0.9 if thr is None else thr
-    hits = []
-    for L in figures.router_layers(records, "router"):
-        s, mf = figures._series(records, f"router/layer{L}/max_frac")
-        over = np.flatnonzero(mf > thr)
-        if len(over):
-            hits.append(f"layer {L} first at step {int(s[over[0]])} ({len(over)} of {len(s)} checks)")
-    if not hits:
-        return f"No layer's largest expert share ever exceeded {thr} (no collapse)."
-    return f"Largest expert share above {thr}: " + "; ".join(hits) + "."
+def _vocab_line(lm: dict, weights: dict) -> str:
+    """Vocabulary specialisation of one layer and the mean pairwise cosine distance of its expert weights."""
+    vs = lm["vocab_specialization"]
+    return (
+        f"Vocabulary specialisation {vs['value']:.2f} over {vs['num_token_ids']} "
+        f"token ids seen ≥ {vs['min_count']} times (uniform {lm['uniform_baseline']:.2f}, 1 = each id always to one expert); "
+        f"expert weights: mean pairwise cosine distance {weights['mean_pairwise_cosine_distance']:.2e}."
+    )
 
 
 def _types_line(lm: dict) -> str:
+    """The code token type routed most to one expert (types with < 10 tokens ignored) and NMI(type; expert)."""
     fr = np.array(lm["token_type_fractions"])
     n = np.array(lm["token_type_counts"]).sum(1)
     ok = n >= 10
@@ -146,6 +111,8 @@ def _types_line(lm: dict) -> str:
 
 
 def _ablation_line(per_e: list[dict], domains: list[str]) -> str:
+    """The (expert, domain) whose ablation raised the eval loss most (nats per token), from the per-expert
+    ``delta`` dicts of one layer."""
     best = max(
         ((e, d) for e in range(len(per_e)) for d in domains),
         key=lambda t: per_e[t[0]]["delta"][t[1]]["value"],
@@ -154,30 +121,24 @@ def _ablation_line(per_e: list[dict], domains: list[str]) -> str:
     return f"Largest loss increase: removing expert {best[0]} costs {_ci(c, '+.4f')} nats on {best[1]}."
 
 
-def _docs_line(docs: dict[str, int]) -> str:
-    line = "Documents per domain: " + ", ".join(f"{d} {n}" for d, n in docs.items()) + "."
-    few = [d for d, n in docs.items() if n < 10]
-    if few:
-        line += (
-            f" Fewer than 10 documents in {', '.join(few)}: bootstrap CIs there understate the uncertainty "
-            "(one document gives no spread at all); use more eval blocks."
-        )
-    return line
-
-
-def write_report(out: Path, result: dict, analyses) -> None:
-    """report.md: eval set, loss comparison, then per run each figure with one line computed from metrics."""
-    ev = result["eval_set"]
-    domains = ev["domains"]
-    lines = [
+def _header(result: dict, analyses) -> list[str]:
+    """Title, the eval set and bootstrap used, and the documents per domain."""
+    ev, boot = result["eval_set"], result["bootstrap"]
+    return [
         "# Specialisation report",
         "",
         f"Eval set: {ev['blocks']} blocks of {ev['seq_len']} tokens (fingerprint `{ev['fingerprint']}`), domains "
-        f"{', '.join(domains)}; the same blocks for every run. CIs: 95% percentile bootstrap over documents "
-        f"({result['bootstrap']['n_boot']} replicates, seed {result['bootstrap']['seed']}). All numbers: `metrics.json`.",
+        f"{', '.join(ev['domains'])}; the same blocks for every run. CIs: 95% percentile bootstrap over documents "
+        f"({boot['n_boot']} replicates, seed {boot['seed']}). All numbers: `metrics.json`.",
         "",
         _docs_line(analyses[0].metrics["documents"]),
         "",
+    ]
+
+
+def _loss_section(out: Path, analyses, domains: list[str]) -> list[str]:
+    """Eval loss per domain of every run (table with CIs), its figure, and the best run per domain."""
+    lines = [
         "## Eval loss per domain",
         "",
         "| run | " + " | ".join(domains) + " | all |",
@@ -187,91 +148,141 @@ def write_report(out: Path, result: dict, analyses) -> None:
         lines.append(
             f"| {a.run.name} | " + " | ".join(_ci(a.metrics["loss"][d]) for d in [*domains, "all"]) + " |"
         )
-    shared = analyses[0].figures
     best = {d: min(analyses, key=lambda a: a.metrics["loss"][d]["value"]).run.name for d in domains}
-    lines += [
+    return lines + [
         "",
-        _img(out, shared["shared_loss"], "loss by domain"),
+        _img(out, analyses[0].figures["shared_loss"], "loss by domain"),
         "",
         "Lowest loss per domain: " + ", ".join(f"{d}: {r}" for d, r in best.items()) + ".",
         "",
     ]
-    if "shared_nmi" in shared:
-        moe = [a for a in analyses if a.metrics["is_moe"]]
-        top = max(
-            ((a, L) for a in moe for L in a.metrics["layers"]),
-            key=lambda t: t[0].metrics["layers"][t[1]]["domain_nmi"]["value"],
-        )
-        c = top[0].metrics["layers"][top[1]]["domain_nmi"]
-        lines += [
-            "## Domain–expert NMI per layer",
+
+
+def _nmi_section(out: Path, analyses) -> list[str]:
+    """Domain-expert NMI per layer of every MoE run and the highest one; empty when no run is MoE."""
+    shared = analyses[0].figures
+    if "shared_nmi" not in shared:
+        return []
+    moe = [a for a in analyses if a.metrics["is_moe"]]
+    top = max(
+        ((a, L) for a in moe for L in a.metrics["layers"]),
+        key=lambda t: t[0].metrics["layers"][t[1]]["domain_nmi"]["value"],
+    )
+    c = top[0].metrics["layers"][top[1]]["domain_nmi"]
+    return [
+        "## Domain–expert NMI per layer",
+        "",
+        _img(out, shared["shared_nmi"], "NMI per layer"),
+        "",
+        f"Highest NMI: {top[0].run.name} layer {top[1]}, {_ci(c)} (0 = routing ignores the domain, 1 = the expert identifies it).",
+        "",
+    ]
+
+
+def _training_section(out: Path, analysis) -> list[str]:
+    """Router entropy / max share and collapse trajectory over training, or a note that the run folder has
+    no metrics.jsonl; empty when metrics.jsonl has no router curves."""
+    fig, records = analysis.figures, analysis.run.metrics
+    thr = analysis.run.collapse_threshold
+    if "training" in fig:
+        return [
+            _img(out, fig["training"], "router entropy and max share"),
             "",
-            _img(out, shared["shared_nmi"], "NMI per layer"),
+            _training_line(records),
             "",
-            f"Highest NMI: {top[0].run.name} layer {top[1]}, {_ci(c)} (0 = routing ignores the domain, 1 = the expert identifies it).",
+            _img(out, fig["collapse"], "collapse trajectory"),
+            "",
+            _collapse_line(records, thr),
             "",
         ]
-    for a in analyses:
-        m, fig = a.metrics, a.figures
-        lines += [f"## Run `{a.run.name}` ({m['model_type']})", ""]
-        if "training" in fig:
-            lines += [
-                _img(out, fig["training"], "router entropy and max share"),
-                "",
-                _training_line(a.run.metrics, _collapse_threshold(a)),
-                "",
-                _img(out, fig["collapse"], "collapse trajectory"),
-                "",
-                _collapse_line(a.run.metrics, _collapse_threshold(a)),
-                "",
-            ]
-        elif not a.run.metrics:
-            lines += ["No metrics.jsonl in the run folder: no training curves.", ""]
-        if not m["is_moe"]:
-            lines += ["Dense model: loss metrics only (no routing).", ""]
-            continue
-        for L, lm in m["layers"].items():
-            lines += [
-                f"### Layer {L}",
-                "",
-                _img(out, fig[f"heatmap_{L}"], f"domain x expert layer {L}"),
-                "",
-                _layer_line(L, lm, domains),
-                f"Vocabulary specialisation {lm['vocab_specialization']['value']:.2f} over {lm['vocab_specialization']['num_token_ids']} "
-                f"token ids seen ≥ {lm['vocab_specialization']['min_count']} times (uniform {lm['uniform_baseline']:.2f}, 1 = each id always to one expert); "
-                f"expert weights: mean pairwise cosine distance {m['weights'][L]['mean_pairwise_cosine_distance']:.2e}.",
-                "",
-            ]
-            if f"types_{L}" in fig:
-                lines += [_img(out, fig[f"types_{L}"], f"token types layer {L}"), "", _types_line(lm), ""]
-            if f"ablation_{L}" in fig:
-                lines += [
-                    _img(out, fig[f"ablation_{L}"], f"ablation layer {L}"),
-                    "",
-                    _ablation_line(m["ablation"]["layers"][L], domains),
-                    "",
-                ]
-        if m.get("cross_layer_nmi"):
-            lines += [
-                "Cross-layer consistency (symmetric NMI of top-1 choices): "
-                + ", ".join(f"layers {k}: {v:.3f}" for k, v in m["cross_layer_nmi"].items())
-                + ".",
-                "",
-            ]
-        if m.get("saturation"):
-            sat = "; ".join(
-                f"step {s}: " + ", ".join(f"L{L} {v['overlap']:.2f}" for L, v in per.items())
-                for s, per in m["saturation"].items()
-            )
-            lines += [f"Router saturation (top-k overlap with the final model): {sat}.", ""]
-        for dom in domains:
-            if f"example_{dom}" in fig:
-                lines += [_img(out, fig[f"example_{dom}"], f"{dom} example"), ""]
-        L = str(a.routing.layers[-1])
+    if not records:
+        return ["No metrics.jsonl in the run folder: no training curves.", ""]
+    return []
+
+
+def _layer_section(out: Path, L: str, metrics: dict, fig: dict, domains: list[str]) -> list[str]:
+    """One MoE layer ``L`` of a run: domain x expert heatmap with its reading, vocabulary specialisation and
+    weight distance, then the token type and ablation figures when they exist."""
+    lm = metrics["layers"][L]
+    lines = [
+        f"### Layer {L}",
+        "",
+        _img(out, fig[f"heatmap_{L}"], f"domain x expert layer {L}"),
+        "",
+        _layer_line(L, lm, domains),
+        _vocab_line(lm, metrics["weights"][L]),
+        "",
+    ]
+    if f"types_{L}" in fig:
+        lines += [_img(out, fig[f"types_{L}"], f"token types layer {L}"), "", _types_line(lm), ""]
+    if f"ablation_{L}" in fig:
         lines += [
-            f"Examples: colours are layer {L}'s top-1 expert; its usage over all eval tokens is "
-            + ", ".join(f"e{e} {u:.2f}" for e, u in enumerate(m["layers"][L]["expert_usage"]))
+            _img(out, fig[f"ablation_{L}"], f"ablation layer {L}"),
+            "",
+            _ablation_line(metrics["ablation"]["layers"][L], domains),
+            "",
+        ]
+    return lines
+
+
+def _across_layers_section(metrics: dict) -> list[str]:
+    """Cross-layer consistency and router saturation against earlier checkpoints, when measured."""
+    lines = []
+    if metrics.get("cross_layer_nmi"):
+        lines += [
+            "Cross-layer consistency (symmetric NMI of top-1 choices): "
+            + ", ".join(f"layers {k}: {v:.3f}" for k, v in metrics["cross_layer_nmi"].items())
             + ".",
             "",
         ]
+    if metrics.get("saturation"):
+        sat = "; ".join(
+            f"step {s}: " + ", ".join(f"L{L} {v['overlap']:.2f}" for L, v in per.items())
+            for s, per in metrics["saturation"].items()
+        )
+        lines += [f"Router saturation (top-k overlap with the final model): {sat}.", ""]
+    return lines
+
+
+def _examples_section(out: Path, analysis, domains: list[str]) -> list[str]:
+    """The text example of each domain and the last MoE layer's expert usage over all eval tokens."""
+    fig = analysis.figures
+    lines = []
+    for dom in domains:
+        if f"example_{dom}" in fig:
+            lines += [_img(out, fig[f"example_{dom}"], f"{dom} example"), ""]
+    L = str(analysis.routing.layers[-1])
+    usage = analysis.metrics["layers"][L]["expert_usage"]
+    return lines + [
+        f"Examples: colours are layer {L}'s top-1 expert; its usage over all eval tokens is "
+        + ", ".join(f"e{e} {u:.2f}" for e, u in enumerate(usage))
+        + ".",
+        "",
+    ]
+
+
+def _run_section(out: Path, analysis, domains: list[str]) -> list[str]:
+    """Everything about one run: training curves, then for an MoE run each layer, the across-layer
+    measures and the text examples (a dense run gets a one-line note instead)."""
+    m = analysis.metrics
+    lines = [f"## Run `{analysis.run.name}` ({m['model_type']})", ""]
+    lines += _training_section(out, analysis)
+    if not m["is_moe"]:
+        return lines + ["Dense model: loss metrics only (no routing).", ""]
+    for L in m["layers"]:
+        lines += _layer_section(out, L, m, analysis.figures, domains)
+    return lines + _across_layers_section(m) + _examples_section(out, analysis, domains)
+
+
+def write_report(out: Path, result: dict, analyses) -> None:
+    """Write ``out/report.md``: header, loss per domain, NMI per layer, then one section per run.
+
+    ``result`` is the metrics.json dict of ``report.analyze_runs``; ``analyses`` its ``RunAnalysis`` list
+    (at least one), whose ``figures`` ``report_figures.write_figures`` has already filled (a missing
+    figure key raises KeyError).
+    """
+    domains = result["eval_set"]["domains"]
+    lines = _header(result, analyses) + _loss_section(out, analyses, domains) + _nmi_section(out, analyses)
+    for a in analyses:
+        lines += _run_section(out, a, domains)
     (out / "report.md").write_text("\n".join(lines))

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from moe_emergence.analysis.ablation import expert_ablation
-from moe_emergence.analysis.collect import Routing, collect_routing, token_bytes
+from moe_emergence.analysis.collect import Routing, collect_routing
+from moe_emergence.analysis.markdown import write_report
 from moe_emergence.analysis.metrics import router_saturation
+from moe_emergence.analysis.report_figures import write_figures
 from moe_emergence.analysis.runs import (
     EvalSet,
     Run,
@@ -170,8 +172,6 @@ def analyze_runs(
         },
         "runs": {a.run.name: a.metrics for a in analyses},
     }
-    from moe_emergence.analysis.markdown import write_figures, write_report
-
     write_figures(out, analyses, eval_set)
     (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=True) + "\n")
     write_report(out, result, analyses)
@@ -188,17 +188,3 @@ def _jsonable(x):
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-def example_pieces(
-    routing: Routing, tokenizer, domain: int, layer: int, max_tokens: int = 160
-) -> tuple[list[str], list[int]]:
-    """Text pieces and top-1 experts of the first ``max_tokens`` tokens of the first document of a domain."""
-    docs = np.flatnonzero(routing.domain == domain)
-    if len(docs) == 0:
-        return [], []
-    sel = np.flatnonzero(routing.doc == routing.doc[docs[0]])[:max_tokens]
-    pieces = [
-        b.decode("utf-8", errors="replace") for b in token_bytes(tokenizer, routing.token_ids[sel].tolist())
-    ]
-    return pieces, routing.topk[layer][sel, 0].tolist()

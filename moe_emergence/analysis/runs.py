@@ -52,6 +52,12 @@ class Run:
     def data_config(self) -> DataConfig:
         return DataConfig.from_dict(self.config["data"])
 
+    @property
+    def collapse_threshold(self) -> float | None:
+        """``collapse.max_frac`` of the run config: the largest expert share (0..1) that counts as collapse;
+        None when the config sets none."""
+        return (self.config.get("collapse") or {}).get("max_frac")
+
 
 def _bad(path: Path, why: str) -> ValueError:
     return ValueError(
