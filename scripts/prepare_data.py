@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from moe_emergence.config_loader import read_yaml
 from moe_emergence.data import DataConfig, apply_overrides, build_corpus, default_offline_config
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
-from moe_emergence.training.loader import read_yaml
 
 
 def _main(argv: list[str] | None = None) -> int:

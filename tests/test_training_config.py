@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
+from moe_emergence.config_loader import ConfigError, apply_overrides, read_yaml
 from moe_emergence.training.config import RunConfig, config_from_dict, load_config
-from moe_emergence.training.loader import ConfigError, apply_overrides, read_yaml
 from moe_emergence.training.rundir import config_differences
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
