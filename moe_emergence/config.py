@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moe_emergence.config_loader import build
 from moe_emergence.losses import LossCoefs
 from moe_emergence.schedules import coef_at, validate_schedule
 
@@ -220,8 +221,6 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"MoEConfig got unknown keys {unknown}; allowed keys: {sorted(names)}")
-        return cls(**d)
+        """Build from a plain mapping through the package's config loader; raises ``ConfigError`` (a
+        ``ValueError``) for an unknown key (with the closest valid one), a wrong type or an invalid value."""
+        return build(cls, d)

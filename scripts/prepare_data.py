@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from moe_emergence.data import DataConfig, apply_overrides, build_corpus, default_offline_config
+from moe_emergence.config_loader import load
+from moe_emergence.data import DataConfig, build_corpus, default_offline_config
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
-from moe_emergence.training.loader import read_yaml
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -38,15 +38,9 @@ def _main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {str(out)!r} exists and is not an empty folder; choose a new one")
-    if args.config:
-        raw = read_yaml(args.config)  # line and column of malformed YAML, base: inheritance
-        if not isinstance(raw.get("data"), dict):
-            raise ConfigError(f"--config {args.config}: expected a mapping with a 'data:' block")
-        data = raw["data"]
-    else:
-        data = default_offline_config().to_dict()
-    with as_user_error("data config", ValueError):
-        cfg = DataConfig.from_dict(apply_overrides(data, args.overrides))
+    # the config loader: base: inheritance, file and line of a bad key, overrides relative to the data: block
+    default = None if args.config else {"data": default_offline_config().to_dict()}
+    cfg = load(DataConfig, args.config, data=default, overrides=args.overrides, section="data")
 
     start = time.perf_counter()
     with as_user_error("data"):

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from moe_emergence import MoEConfig, upcycle
+from moe_emergence.config_loader import load
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
-from moe_emergence.training.loader import apply_overrides, build
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
@@ -30,7 +30,7 @@ def _main(argv=None) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {str(out)!r} exists and is not an empty folder; choose a new one")
-    cfg = build(MoEConfig, apply_overrides({}, args.overrides))
+    cfg = load(MoEConfig, overrides=args.overrides)
     with as_user_error(f"source {args.source!r}"):
         model = upcycle(args.source, cfg)
     src = Path(args.source)

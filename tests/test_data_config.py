@@ -1,9 +1,9 @@
 import pytest
 
+from moe_emergence.config_loader import apply_overrides
 from moe_emergence.data import (
     DataConfig,
     SourceConfig,
-    apply_overrides,
     default_offline_config,
     local_study_config,
 )
@@ -23,11 +23,13 @@ def test_round_trip_and_helpers():
 def test_unknown_keys_name_key_and_suggest():
     d = default_offline_config().to_dict()
     d["seq_lne"] = 64
-    with pytest.raises(ValueError, match=r"'seq_lne'.*did you mean 'seq_len'"):
+    with pytest.raises(ValueError, match=r"unknown key 'data\.seq_lne'; did you mean 'seq_len'"):
         DataConfig.from_dict(d)
     d = default_offline_config().to_dict()
     d["domains"]["math"]["num_problem"] = 5
-    with pytest.raises(ValueError, match=r"data\.domains\.math.*'num_problem'.*'num_problems'"):
+    with pytest.raises(
+        ValueError, match=r"unknown key 'data\.domains\.math\.num_problem'; did you mean 'num_problems'"
+    ):
         DataConfig.from_dict(d)
 
 
@@ -74,11 +76,13 @@ def test_source_config_validation(kwargs, match):
 def test_apply_overrides_nested_and_typed():
     d = default_offline_config().to_dict()
     out = apply_overrides(
-        d, ["data.seq_len=64", "domains.math.num_problems=500", "cross_domains=true", "cache_dir=null"]
+        d,
+        ["data.seq_len=64", "domains.math.num_problems=500", "cross_domains=true", "cache_dir=null"],
+        section="data",
     )
     cfg = DataConfig.from_dict(out)
     assert cfg.seq_len == 64 and cfg.domains["math"].num_problems == 500
     assert cfg.cross_domains is True and cfg.cache_dir is None
     assert d["seq_len"] == 128, "the input mapping is not modified"
     with pytest.raises(ValueError, match="key=value"):
-        apply_overrides(d, ["seq_len"])
+        apply_overrides(d, ["seq_len"], section="data")

@@ -59,5 +59,7 @@ def test_prepare_data_writes_splits_and_stats(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--config", str(path), "--out", str(tmp_path / "o2"), "seq_lenn=32"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and re.search(r"'seq_lenn'.*did you mean 'seq_len'", err)
+    assert err.startswith("error: ") and re.search(
+        r"unknown key 'data\.seq_lenn'; did you mean 'seq_len'", err
+    )
     assert not (tmp_path / "o2").exists()

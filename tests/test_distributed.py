@@ -17,9 +17,9 @@ import pytest
 import yaml
 from test_training_run import TINY
 
+from moe_emergence.errors import ConfigError
 from moe_emergence.telemetry import read_metrics
 from moe_emergence.training.config import config_from_dict
-from moe_emergence.training.loader import ConfigError
 from moe_emergence.training.sampler import BlockSampler
 from moe_emergence.training.trainer import train
 

@@ -99,7 +99,10 @@ def test_all_reduce_sums_buffers():
         torch.ones(1),
     )
     stats.all_reduce(lambda t: 2 * t)  # a fake 2-process sum of equal buffers
-    assert float(stats.layers[0].tokens_per_expert_E.sum()) == 2.0 and float(stats.layers[2].tokens_per_expert_E[1]) == 2.0
+    assert (
+        float(stats.layers[0].tokens_per_expert_E.sum()) == 2.0
+        and float(stats.layers[2].tokens_per_expert_E[1]) == 2.0
+    )
 
 
 def test_domain_loss_stats_token_weighted():
@@ -131,7 +134,7 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
 
 def test_telemetry_libraries_not_imported_eagerly():
     code = (
-        "import sys, moe_emergence, moe_emergence.telemetry, moe_emergence.training.loader;"
+        "import sys, moe_emergence, moe_emergence.telemetry, moe_emergence.config_loader;"
         "bad = [m for m in ('wandb', 'matplotlib') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

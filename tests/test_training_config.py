@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from moe_emergence.config_loader import ConfigError, read_yaml
 from moe_emergence.training.config import RunConfig, config_from_dict, load_config
-from moe_emergence.training.loader import ConfigError, apply_overrides, read_yaml
 from moe_emergence.training.rundir import config_differences
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,36 +66,6 @@ def test_wrong_types_name_the_key(override, pattern):
 def test_bad_values_name_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         config_from_dict(BASE, [override])
-
-
-def test_malformed_yaml_gives_line_and_column(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  steps: [1, 2\nlog: {}\n")
-    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+, column \d+"):
-        read_yaml(bad)
-
-
-def test_bad_override_syntax():
-    with pytest.raises(ConfigError, match="key.path=value"):
-        apply_overrides({}, ["train.steps"])
-
-
-def test_inheritance_merges_and_replace(tmp_path):
-    (tmp_path / "parent.yaml").write_text(
-        textwrap.dedent("""
-        data: {seq_len: 32, domains: {a: {type: mathgen, num_problems: 3}, b: {type: pydoc}}}
-        train: {steps: 10, batch_size: 4}
-        """)
-    )
-    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain: {steps: 20}\n")
-    (tmp_path / "repl.yaml").write_text("base: parent.yaml\ndata: {_replace: true, seq_len: 16}\n")
-    child = read_yaml(tmp_path / "child.yaml")
-    assert child["train"] == {"steps": 20, "batch_size": 4}
-    assert child["data"]["domains"]["a"]["num_problems"] == 3
-    assert read_yaml(tmp_path / "repl.yaml")["data"] == {"seq_len": 16}
-    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
-    with pytest.raises(ConfigError, match="circular"):
-        read_yaml(tmp_path / "loop.yaml")
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from moe_emergence.errors import ConfigError
 from moe_emergence.telemetry import read_metrics
 from moe_emergence.training.config import config_from_dict
-from moe_emergence.training.loader import ConfigError
 from moe_emergence.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

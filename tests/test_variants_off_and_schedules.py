@@ -204,7 +204,7 @@ def test_router_refuses_bad_variant_arguments():
 
 
 def test_variant_fields_load_through_the_typed_yaml_loader():
-    from moe_emergence.training.loader import ConfigError, build
+    from moe_emergence.config_loader import ConfigError, build
 
     data = {
         "capacity_factor": 1.25,

@@ -22,6 +22,7 @@ import yaml
 import moe_emergence  # noqa: F401  (registers gpt2_moe with the Auto classes)
 from moe_emergence.data import DataConfig, build_corpus
 from moe_emergence.modeling import GPT2MoEForCausalLM
+from moe_emergence.yamlio import strict_load
 
 
 @dataclass
@@ -95,7 +96,7 @@ def load_run(path: str | Path) -> Run:
     if not cfg_file.is_file():
         raise _bad(path, "no config.yaml")
     try:
-        config = yaml.safe_load(cfg_file.read_text())
+        config = strict_load(cfg_file.read_text())
     except yaml.YAMLError as e:
         raise _bad(path, f"config.yaml is not valid YAML ({e})") from e
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):

@@ -7,7 +7,6 @@
 from moe_emergence.data.config import (
     DataConfig,
     SourceConfig,
-    apply_overrides,
     default_offline_config,
     local_study_config,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "DataConfig",
     "MathProblem",
     "SourceConfig",
-    "apply_overrides",
     "build_corpus",
     "collate_blocks",
     "default_offline_config",

@@ -1,21 +1,22 @@
 """DataConfig and SourceConfig: what goes into the three-domain corpus, validated on construction.
 
 Both are plain dataclasses whose fields are only str, int, float, bool, None-unions, list[str],
-dict[str, float] and dict[str, SourceConfig], so a generic typed YAML loader with dotted overrides
-can build them. ``DataConfig.from_dict`` is the small loader of this package: unknown keys raise a
-``ValueError`` naming the key and the closest valid one.
+dict[str, float] and dict[str, SourceConfig]; ``from_dict``, YAML files and ``key=value`` overrides go
+through the package's one loader (``moe_emergence.config_loader``: unknown keys with the closest valid key,
+types). The classes check only their own values (ranges, allowed strings) and raise ``ValueError`` naming
+the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import math
 import re
 import string
 from dataclasses import dataclass, field
 from typing import Any
+
+from moe_emergence.config_loader import build, closest
 
 SOURCE_TYPES = ("hub", "files", "stdlib", "mathgen", "pydoc")
 SPLIT_MODES = ("none", "paragraphs", "chapters")
@@ -45,15 +46,6 @@ def _template_problem(template: str) -> str | None:
     if bad:
         return f"fields must be record field names such as {{question}}, got {bad}"
     return None
-
-
-def _unknown_keys(where: str, d: dict[str, Any], cls: type) -> None:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where}: unknown key {key!r}{hint} Valid keys: {names}")
 
 
 @dataclass
@@ -109,8 +101,8 @@ class SourceConfig:
 
     def validate(self) -> None:
         if self.type not in SOURCE_TYPES:
-            close = difflib.get_close_matches(str(self.type), SOURCE_TYPES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            near = closest(self.type, SOURCE_TYPES)
+            hint = f" (did you mean {near!r}?)" if near else ""
             self._fail("type", f"unknown source type{hint}; allowed: {SOURCE_TYPES}")
         if self.type == "hub" and not self.name:
             self._fail("name", "a hub source needs a dataset name, local folder or builder")
@@ -158,11 +150,11 @@ class SourceConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "SourceConfig") -> SourceConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a mapping of source options, got {d!r}")
-        _unknown_keys(where, d, cls)
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> SourceConfig:
+        """Build from a plain mapping found at the dotted key ``where`` (e.g. ``data.domains.math``); raises
+        ``ConfigError`` (a ``ValueError``) naming the key: unknown (with the closest valid one), wrong type
+        or invalid value."""
+        return build(cls, d, where)
 
 
 @dataclass
@@ -249,48 +241,10 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from a plain mapping (the ``data:`` block of a YAML config)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"data: expected a mapping of data options, got {d!r}")
-        _unknown_keys("data", d, cls)
-        d = dict(d)
-        domains = d.get("domains", {})
-        if not isinstance(domains, dict):
-            raise ValueError(f"data.domains: expected a mapping of domain name -> source, got {domains!r}")
-        d["domains"] = {k: SourceConfig.from_dict(v, where=f"data.domains.{k}") for k, v in domains.items()}
-        return cls(**d)
-
-
-def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key=value`` overrides (values parsed as YAML) to a copy of the mapping ``d``.
-
-    ``seq_len=64`` and ``domains.math.num_problems=500`` set nested keys; a leading ``data.`` is accepted.
-    """
-    import yaml
-
-    from moe_emergence.yamlio import strict_load
-
-    out = copy.deepcopy(d)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. seq_len=64)")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] == "data" and len(parts) > 1:
-            parts = parts[1:]
-        node = out
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a mapping (it is {nxt!r})")
-            node = nxt
-        try:
-            node[parts[-1]] = strict_load(raw)
-        except yaml.YAMLError as e:
-            raise ValueError(
-                f"override {item!r}: the value is not valid YAML: {' '.join(str(e).split())}"
-            ) from e
-    return out
+        """Build from a plain mapping (the ``data:`` block of a YAML config); raises ``ConfigError`` (a
+        ``ValueError``) naming the dotted key (``data.domains.math.num_problems``): unknown (with the closest
+        valid one), wrong type or invalid value."""
+        return build(cls, d, "data")
 
 
 def default_offline_config(**overrides: Any) -> DataConfig:

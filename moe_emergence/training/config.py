@@ -1,8 +1,9 @@
 """Typed run configuration: one dataclass per component, loaded from YAML with dotted overrides.
 
-``load_config(path, overrides)`` reads a YAML file (with ``base:`` inheritance, see ``loader``), applies
-``key=value`` overrides and builds a ``RunConfig``; every dataclass validates its own values in
-``__post_init__`` and raises ``ValueError`` naming the field and what is allowed.
+``load_config(path, overrides)`` reads a YAML file (with ``base:`` inheritance), applies ``key=value``
+overrides and builds a ``RunConfig``, all through the package's one loader (``moe_emergence.config_loader``:
+unknown keys, types, hints); every dataclass checks only its own values in ``__post_init__`` and raises
+``ConfigError`` naming the dotted key and what is allowed.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any, Literal, get_args
 import yaml
 
 from moe_emergence.config import MoEConfig
+from moe_emergence.config_loader import ConfigError, load, to_dict
 from moe_emergence.data import DataConfig
-from moe_emergence.training.loader import ConfigError, apply_overrides, build, read_yaml, to_dict
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -381,19 +382,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """``RunConfig`` from a YAML file (default ``configs/quickstart.yaml``) plus ``key=value`` overrides.
 
     ``log.run_name`` defaults to the file's stem. Raises ``ConfigError`` (a ``ValueError``) naming the
-    offending dotted key.
+    offending dotted key (and the file and line where the key was written).
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    data = apply_overrides(read_yaml(path), list(overrides or []))
-    cfg = build(RunConfig, data)
+    cfg = load(RunConfig, path, overrides=overrides or ())
     if cfg.log.run_name is None:
         cfg.log.run_name = path.stem
     return cfg
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    """``RunConfig`` from a mapping (e.g. a saved ``config.yaml``) plus overrides."""
-    return build(RunConfig, apply_overrides(data, list(overrides or [])))
+    """``RunConfig`` from a mapping (e.g. a saved ``config.yaml``) plus overrides; ``ConfigError`` naming the
+    offending dotted key."""
+    return load(RunConfig, data=data, overrides=overrides or ())
 
 
 __all__ = [
