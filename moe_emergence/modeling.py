@@ -175,6 +175,9 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
                     layer.reset_shared_gate()
             self.transformer.h[i].mlp = layer
         self.post_init()
+        # post_init unions the children's lists (GPT2Model's names GPT2Block, which this model no longer has);
+        # accelerate's FSDP wraps every class named here and refuses a name it cannot find
+        self._no_split_modules = self.transformer._no_split_modules = {"GPT2MoEBlock"}
 
     def moe_layers(self) -> dict[int, MoEWrapper]:
         """``{block index: MoEWrapper}`` for every MoE block (``config.moe_layers``, in block order), read

@@ -92,6 +92,15 @@ def test_trainer_step_computes_each_term_once_per_micro_batch(tmp_path, monkeypa
     assert calls == {"load_balance_loss": 4, "z_loss": 4, "masked_mean": 4}
 
 
+def test_no_split_modules_name_only_classes_the_model_has(dense_model):
+    """accelerate's FSDP wraps every class named in ``_no_split_modules`` and refuses a name it cannot find."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    moe = upcycle(dense_model, MoEConfig(num_experts=2, layers=[1]))
+    assert set(moe._no_split_modules) == {"GPT2MoEBlock"}
+    assert all(get_module_class_from_name(moe, name) is not None for name in moe._no_split_modules)
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_block_equals_gpt2_block(dense_model, moe):
     """GPT2MoEBlock writes GPT-2's block out (to pass the mask to its MLP): with the same weights and a

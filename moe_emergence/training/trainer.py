@@ -174,7 +174,14 @@ class Trainer:
     def _wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Distributed wrapping: accelerate's ``prepare`` (DDP, FSDP2, device placement, mixed precision).
         The one seam where a test may shard the model itself (FSDP2 on CPU, where accelerate never applies
-        FSDP: tests/fsdp_cpu_worker.py)."""
+        FSDP: tests/fsdp_cpu_worker.py).
+
+        FSDP: one unit per block class of this model (``_no_split_modules``: ``GPT2Block`` dense,
+        ``GPT2MoEBlock`` after the upcycle). Set on every prepare: accelerate fills the plugin's class names
+        from the first model it wraps and would look for the dense block in the MoE model."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and getattr(model, "_no_split_modules", None):
+            plugin.transformer_cls_names_to_wrap = list(model._no_split_modules)
         return self.accelerator.prepare(model, optimizer)
 
     @property
