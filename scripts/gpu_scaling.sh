@@ -5,7 +5,8 @@
 # 1. bf16 equivalence: 1 GPU x batch 16 vs DDP 2 GPUs x batch 8, 10 steps (no router noise, global balance).
 # 2. weak scaling, batch 8 per GPU (GPT-2-small shape, MoE in blocks 8-11, triton backend): 1 GPU, DDP and FSDP2
 #    on 2 GPUs, RUNS runs each (default 3) of 40 steps: tokens/s over steps 11-40 (the first 10 are warm-up).
-# 3. FSDP2: stop at step 5 with a sharded checkpoint, resume to 10, gather final/ (loaded and checked).
+# 3. FSDP2: dense steps 0-2, upcycle (the MoE model wrapped again), stop at step 5 with a sharded checkpoint,
+#    resume to 10, gather final/ (loaded and checked).
 # Every run's whole log stays in REPORT_DIR/<name>.log; a run that fails prints the end of its log and stops the
 # script with exit status 1 (nothing is filtered or hidden).
 # Launchers can be replaced for a dry run elsewhere (ONE, DDP, FSDP: command prefixes; EXTRA_ALL: overrides).
@@ -52,6 +53,6 @@ for i in $(seq "${RUN_FROM:-1}" "$RUNS"); do
   run "ddp_$i" "ddp_$i" "${ddp[@]}" -- "${TP[@]}" --overwrite
   run "fsdp_$i" "fsdp_$i" "${fsdp[@]}" -- "${TP[@]}" --overwrite
 done
-run fsdp_stop fsdp_ckpt "${fsdp[@]}" -- train.steps=10 log.every=1 train.batch_size=8 train.stop_after=5 checkpoint.every=5 --overwrite
-run fsdp_resume fsdp_ckpt "${fsdp[@]}" -- train.steps=10 log.every=1 train.batch_size=8 checkpoint.every=5 --resume auto
+run fsdp_stop fsdp_ckpt "${fsdp[@]}" -- train.steps=10 log.every=1 train.batch_size=8 train.stop_after=5 checkpoint.every=5 model.upcycle_at_step=3 --overwrite
+run fsdp_resume fsdp_ckpt "${fsdp[@]}" -- train.steps=10 log.every=1 train.batch_size=8 checkpoint.every=5 model.upcycle_at_step=3 --resume auto
 "${PYTHON:-python3}" scripts/scaling_report.py "$REPORT" --runs "$RUNS" --fsdp-final "$ROOT/fsdp_ckpt/final" --out "$SUMMARY"
