@@ -1,0 +1,106 @@
+"""Where one optimizer step's time goes, per process: ``[accelerate launch ...] scripts/profile_step.py OUT.json
+[--config FILE] [--warmup N] [--steps M] [key=value ...]``.
+
+Builds the run's ``Trainer`` (the run folder is ``output_dir/log.run_name``, as for training; use a scratch
+``output_dir``), upcycles when the config says so at step 0, runs ``--warmup`` steps, then profiles ``--steps``
+optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean per step (ms):
+
+    wall        the step as the host sees it (CUDA synchronised at both ends)
+    compute     device time of the kernels that are not collectives
+    collective  device time of NCCL kernels (all-gather, reduce-scatter, all-reduce), by kind
+    exposed     wall - compute: time the GPU's compute stream waited (host overhead, collectives not
+                hidden behind compute)
+
+OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. GPU only: on a machine without CUDA
+it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from moe_emergence.errors import ConfigError, run_cli
+
+
+def _kernel_times(prof) -> dict[str, float]:
+    """Device time (ms) summed over the profiled steps: ``compute`` and one key per NCCL collective kind."""
+    out: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        t = (
+            evt.device_time_total / 1000.0
+            if hasattr(evt, "device_time_total")
+            else evt.cuda_time_total / 1000.0
+        )
+        if t <= 0 or evt.key.startswith("ProfilerStep"):
+            continue
+        name = evt.key.lower()
+        if "nccl" in name:
+            kind = next(
+                (k for k in ("allgather", "reducescatter", "allreduce", "broadcast") if k in name), "other"
+            )
+            out[f"collective_{kind}"] += t
+        elif evt.device_type.name == "CUDA" and not name.startswith(("cuda", "memcpy", "memset")):
+            out["compute"] += t
+    return out
+
+
+def _main(argv: list[str] | None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", help="JSON lines file to append this process's summary to")
+    p.add_argument("--config", default=None)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_intermixed_args(argv)
+    if not torch.cuda.is_available():
+        raise ConfigError("profile_step.py profiles CUDA kernels: no GPU here")
+    from moe_emergence.training.config import load_config
+    from moe_emergence.training.trainer import Trainer
+
+    steps = args.warmup + args.steps
+    cfg = load_config(args.config, [*args.overrides, f"train.steps={steps}"])
+    trainer = Trainer(cfg, overwrite=True)
+    try:
+        trainer.upcycle_if_due()
+        for _ in range(args.warmup):
+            trainer.train_step(None)
+        torch.cuda.synchronize()
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step(None)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1000.0
+    finally:
+        trainer.folder.release()
+    per_step = {k: v / args.steps for k, v in _kernel_times(prof).items()}
+    acc = trainer.accelerator
+    record = {
+        "rank": acc.process_index,
+        "world": acc.num_processes,
+        "distributed_type": str(acc.distributed_type),
+        "moe": trainer.moe,
+        "wall_ms": wall / args.steps,
+        **{f"{k}_ms": v for k, v in sorted(per_step.items())},
+    }
+    record["exposed_ms"] = record["wall_ms"] - record.get("compute_ms", 0.0)
+    with Path(args.out).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
