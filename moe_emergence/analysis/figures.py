@@ -1,7 +1,9 @@
 """Figures of the specialisation report, each a function that writes one PNG and returns its path.
 
 matplotlib is imported inside the functions with the Agg backend (no display needed; never imported at
-import time of the package). Shapes: D domains, E experts, T token types.
+import time of the package).
+
+Shapes (legend: docs/architecture.md): E experts, M domains.
 """
 
 from __future__ import annotations
@@ -30,23 +32,24 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def heatmap(
-    values_RE: np.ndarray, row_labels: list[str], title: str, baseline: float, path, xlabel: str = "expert"
+    values: np.ndarray, row_labels: list[str], title: str, baseline: float, path, xlabel: str = "expert"
 ) -> Path:
-    """Rows x experts heatmap of fractions, coloured red above / blue below the uniform ``baseline``
-    (white = uniform), each cell annotated, the baseline stated in the colour bar."""
+    """Rows x experts heatmap of fractions ``values`` (``[len(row_labels), E]``: rows are domains, token
+    types, ...), coloured red above / blue below the uniform ``baseline`` (white = uniform), each cell
+    annotated, the baseline stated in the colour bar."""
     plt = _plt()
     from matplotlib.colors import TwoSlopeNorm
 
-    v = np.asarray(values_RE, dtype=float)
-    R, E = v.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * E, 0.9 + 0.45 * R))
+    v = np.asarray(values, dtype=float)
+    n_rows, E = v.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * E, 0.9 + 0.45 * n_rows))
     vmax = max(float(np.nanmax(v)) if v.size else 1.0, baseline * 1.01, 1e-9)
     im = ax.imshow(v, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=baseline, vmin=0.0, vmax=vmax), aspect="auto")
-    for r in range(R):
+    for r in range(n_rows):
         for e in range(E):
             ax.text(e, r, f"{v[r, e]:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(E), [str(e) for e in range(E)])
-    ax.set_yticks(range(R), row_labels)
+    ax.set_yticks(range(n_rows), row_labels)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     cb = fig.colorbar(im, ax=ax, fraction=0.05)
@@ -175,12 +178,12 @@ def loss_comparison(loss_by_run: dict[str, dict[str, dict]], domains: list[str],
     return _save(fig, path)
 
 
-def ablation_heatmap(delta_ED: np.ndarray, domains: list[str], layer: int, path) -> Path:
-    """Experts x domains: increase of the eval loss when that expert is removed (red = needed)."""
+def ablation_heatmap(delta_EM: np.ndarray, domains: list[str], layer: int, path) -> Path:
+    """Experts x domains (``delta_EM``): the eval loss increase when that expert is removed (red = needed)."""
     plt = _plt()
     from matplotlib.colors import TwoSlopeNorm
 
-    d = np.asarray(delta_ED, float)
+    d = np.asarray(delta_EM, float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * d.shape[1], 0.9 + 0.4 * d.shape[0]))
     lim = max(float(np.abs(d).max()), 1e-6)
     im = ax.imshow(d, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")

@@ -56,11 +56,11 @@ def _layer_figures(d: Path, name: str, L: str, metrics: dict, domains: list[str]
             d / f"token_types_layer{L}.png",
         )
     if "ablation" in metrics:
-        delta_ED = np.array(
+        delta_EM = np.array(
             [[e["delta"][dom]["value"] for dom in domains] for e in metrics["ablation"]["layers"][L]]
         )
         fig[f"ablation_{L}"] = figures.ablation_heatmap(
-            delta_ED, domains, int(L), d / f"ablation_layer{L}.png"
+            delta_EM, domains, int(L), d / f"ablation_layer{L}.png"
         )
     return fig
 
