@@ -8,10 +8,11 @@ Shapes (legend: docs/architecture.md): E experts, M domains.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
+
+from moe_emergence.telemetry import names as keys
 
 
 def _plt():
@@ -94,14 +95,19 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(s, float), np.asarray(v, float)
 
 
-def router_layers(records: list[dict], prefix: str = "router") -> list[int]:
-    """MoE layers that appear in ``{prefix}/layer{L}/...`` keys of the metrics records."""
-    pat = re.compile(rf"^{re.escape(prefix)}/layer(\d+)/")
-    return sorted({int(mt.group(1)) for r in records for k in r if (mt := pat.match(k))})
+def _layer_names(records: list[dict], prefix: str) -> set[tuple[int, str]]:
+    """``(layer, name)`` of every per-layer key ``<prefix>/layer<i>/<name>`` (``names.layer_key``) of the
+    metrics records."""
+    return {(p[1], p[2]) for r in records for k in r if (p := keys.parse_layer_key(k)) and p[0] == prefix}
+
+
+def router_layers(records: list[dict], prefix: str = keys.ROUTER) -> list[int]:
+    """MoE layers that appear in ``<prefix>/layer<i>/...`` keys of the metrics records."""
+    return sorted({layer for layer, _ in _layer_names(records, prefix)})
 
 
 def training_curves(
-    records: list[dict], path, prefix: str = "router", collapse_max_frac: float | None = None
+    records: list[dict], path, prefix: str = keys.ROUTER, collapse_max_frac: float | None = None
 ) -> Path:
     """Mean token entropy (left) and max expert fraction (right) per MoE layer over training steps,
     with ln(E) / 1/E reference levels when the number of experts is known from the keys."""
@@ -109,7 +115,7 @@ def training_curves(
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     for L in router_layers(records, prefix):
         for ax, name in zip(axes, ("entropy", "max_frac"), strict=True):
-            s, v = _series(records, f"{prefix}/layer{L}/{name}")
+            s, v = _series(records, keys.layer_key(prefix, L, name))
             ax.plot(s, v, label=f"layer {L}")
     E = num_experts_in(records, prefix)
     if E:
@@ -125,14 +131,16 @@ def training_curves(
     return _save(fig, path)
 
 
-def num_experts_in(records: list[dict], prefix: str = "router") -> int:
-    pat = re.compile(rf"^{re.escape(prefix)}/layer\d+/expert(\d+)_frac$")
-    found = {int(mt.group(1)) for r in records for k in r if (mt := pat.match(k))}
+def num_experts_in(records: list[dict], prefix: str = keys.ROUTER) -> int:
+    """Number of experts: one more than the highest e of the records' ``<prefix>/layer<i>/expert<e>_frac``
+    keys (0 without any)."""
+    experts = (keys.parse_expert_frac(name) for _, name in _layer_names(records, prefix))
+    found = {e for e in experts if e is not None}
     return max(found) + 1 if found else 0
 
 
 def collapse_trajectory(
-    records: list[dict], path, prefix: str = "router", collapse_max_frac: float | None = None
+    records: list[dict], path, prefix: str = keys.ROUTER, collapse_max_frac: float | None = None
 ) -> Path:
     """Per MoE layer, every expert's share of tokens over training as stacked areas: balanced routing is
     even bands, collapse is one band swallowing the plot."""
@@ -144,7 +152,7 @@ def collapse_trajectory(
         steps = None
         fr = []
         for e in range(E):
-            s, v = _series(records, f"{prefix}/layer{L}/expert{e}_frac")
+            s, v = _series(records, keys.layer_key(prefix, L, keys.expert_frac(e)))
             steps = s if steps is None or len(s) > len(steps) else steps
             fr.append(v)
         n = min(len(x) for x in fr) if fr else 0

@@ -15,6 +15,7 @@ import numpy as np
 from moe_emergence.analysis import figures
 from moe_emergence.analysis.collect import TOKEN_TYPES, Routing, token_bytes
 from moe_emergence.analysis.runs import load_tokenizer
+from moe_emergence.telemetry import names as keys
 
 
 def example_pieces(
@@ -92,9 +93,9 @@ def _run_figures(out: Path, analysis, domains: list[str]) -> None:
     m, name, fig = analysis.metrics, analysis.run.name, analysis.figures
     d = out / name
     records, thr = analysis.run.metrics, analysis.run.collapse_threshold
-    if figures.router_layers(records, "router"):
-        fig["training"] = figures.training_curves(records, d / "training_router.png", "router", thr)
-        fig["collapse"] = figures.collapse_trajectory(records, d / "collapse.png", "router", thr)
+    if figures.router_layers(records, keys.ROUTER):
+        fig["training"] = figures.training_curves(records, d / "training_router.png", keys.ROUTER, thr)
+        fig["collapse"] = figures.collapse_trajectory(records, d / "collapse.png", keys.ROUTER, thr)
     if not m["is_moe"]:
         return
     for L in m["layers"]:

@@ -169,15 +169,15 @@ class RoutingStats:
         joint_ME = buf[2 * E : 2 * E + M * E].reshape(M, E)
         entropy_sum, tokens = float(buf[-2]), float(buf[-1])
         f_E = fractions(tokens_per_expert_E)
-        out = {f"{prefix}/{keys.expert_frac(i)}": float(f_E[i]) for i in range(E)}
-        out[f"{prefix}/entropy"] = entropy_sum / tokens if tokens > 0 else 0.0
-        out[f"{prefix}/marginal_entropy"] = entropy(prob_sum_E / tokens) if tokens > 0 else 0.0
-        out[f"{prefix}/max_frac"] = float(f_E.max())
-        out[f"{prefix}/cv"] = coefficient_of_variation(f_E)
-        out[f"{prefix}/dead_experts"] = float((tokens_per_expert_E == 0).sum())
-        out[f"{prefix}/domain_mi"] = mutual_information(joint_ME)
-        out[f"{prefix}/domain_nmi"] = normalized_mutual_information(joint_ME)
-        return out
+        by_name = {keys.expert_frac(i): float(f_E[i]) for i in range(E)}
+        by_name["entropy"] = entropy_sum / tokens if tokens > 0 else 0.0
+        by_name["marginal_entropy"] = entropy(prob_sum_E / tokens) if tokens > 0 else 0.0
+        by_name["max_frac"] = float(f_E.max())
+        by_name["cv"] = coefficient_of_variation(f_E)
+        by_name["dead_experts"] = float((tokens_per_expert_E == 0).sum())
+        by_name["domain_mi"] = mutual_information(joint_ME)
+        by_name["domain_nmi"] = normalized_mutual_information(joint_ME)
+        return {keys.join(prefix, name): v for name, v in by_name.items()}
 
 
 class LayerRoutingStats:
