@@ -1,7 +1,9 @@
 """Expert capacity: how many routing assignments each expert takes per forward, and what overflows.
 
-Shapes: T tokens, E experts, K experts per token, R preference ranks (R = K for ``drop``, E for
-``next_best``). Pure functions, no host syncs (capacity is a Python int from static shapes).
+Shapes (legend: docs/architecture.md): T tokens, E experts, K experts per token, C expert capacity,
+R preference ranks (R = K for ``drop``, E for ``next_best``).
+
+Pure functions, no host syncs (capacity is a Python int from static shapes).
 
 Capacity per expert (Switch / GShard), T = all tokens in the forward::
 
@@ -36,12 +38,12 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 
 def preference_order(selected_TK: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
-    """``[T, E]``: each token's experts in preference order: its k selected experts in slot order, then the
-    others by decreasing ``scores_TE`` (ties by expert index)."""
+    """``[T, R]`` with R = E: each token's experts in preference order: its k selected experts in slot order,
+    then the others by decreasing ``scores_TE`` (ties by expert index)."""
     T, K = selected_TK.shape
     rank_TE = (-scores_TE).argsort(dim=-1, stable=True).argsort(dim=-1)  # rank of each expert
-    slot_K = torch.arange(K, device=scores_TE.device).expand(T, K) - K  # negative: before any rank
-    rank_TE = rank_TE.scatter(1, selected_TK, slot_K)
+    slot_TK = torch.arange(K, device=scores_TE.device).expand(T, K) - K  # negative: before any rank
+    rank_TE = rank_TE.scatter(1, selected_TK, slot_TK)
     return rank_TE.argsort(dim=-1)
 
 

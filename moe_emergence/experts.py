@@ -1,7 +1,7 @@
 """ExpertBank: E GPT-2 MLPs stored as stacked weights, and the dispatch backends that run them.
 
-Shapes: T tokens, D model width, F intermediate width, E experts, K experts per token.
-Weights follow GPT-2's Conv1D layout ``[in, out]``:
+Shapes (legend: docs/architecture.md): T tokens, D model width, F expert intermediate width, E experts,
+K experts per token, A = T * K assignments. Weights follow GPT-2's Conv1D layout ``[in, out]``:
     w1_EDF [E, D, F], b1_EF [E, F]  (c_fc),   w2_EFD [E, F, D], b2_ED [E, D]  (c_proj).
 Expert e computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; a token's output is
 ``sum_k weights[t, k] * expert_{indices[t, k]}(x_t)``, combined in float32.

@@ -1,7 +1,7 @@
 """MoEWrapper: Router + ExpertBank (+ optional shared expert), a drop-in replacement for ``GPT2MLP``.
 
-Shapes: B batch, L sequence length, T = B * L tokens, D model width, F intermediate width, E experts,
-K experts per token, C tokens per expert (expert choice), A routing assignments.
+Shapes (legend: docs/architecture.md): B rows, S positions, T = B * S tokens, D model width, F expert
+intermediate width, E experts, K experts per token, C expert capacity (expert choice), A assignments.
 """
 
 from __future__ import annotations

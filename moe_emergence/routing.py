@@ -2,8 +2,9 @@
 plus the routing variants for ablations (capacity, selection bias, random routing, expert dropout,
 expert choice), all off by default.
 
-Shapes: T tokens, D model width, E experts, K experts per token, C tokens per expert (expert choice).
-Inputs may be ``[T, D]`` or ``[B, L, D]`` (flattened to T = B * L). All routing maths runs in float32,
+Shapes (legend: docs/architecture.md): B rows, S positions, T = B * S tokens, D model width, E experts,
+K experts per token, C expert capacity (expert choice), R preference ranks (capacity).
+Inputs may be ``[T, D]`` or ``[B, S, D]`` (flattened to T = B * S). All routing maths runs in float32,
 whatever the activation dtype or autocast state.
 """
 
@@ -314,10 +315,10 @@ class Router(nn.Module):
             )
             dropped_TK = ~accepted_TK & real_T[:, None]
             return weights_TK.masked_fill(dropped_TK, 0.0), indices_TK, dropped_TK
-        pref_TE = preference_order(indices_TK, sel_TE)
-        valid_TE = torch.ones_like(pref_TE, dtype=torch.bool) if allowed_E is None else allowed_E[pref_TE]
-        accepted_TE = assign_with_capacity(pref_TE, valid_TE, K, C, E, mask_T)
-        new_TK, filled_TK = compact_accepted(pref_TE, accepted_TE, K)
+        pref_TR = preference_order(indices_TK, sel_TE)
+        valid_TR = torch.ones_like(pref_TR, dtype=torch.bool) if allowed_E is None else allowed_E[pref_TR]
+        accepted_TR = assign_with_capacity(pref_TR, valid_TR, K, C, E, mask_T)
+        new_TK, filled_TK = compact_accepted(pref_TR, accepted_TR, K)
         indices_TK = torch.where(real_T[:, None], new_TK, indices_TK)
         filled_TK = filled_TK | ~real_T[:, None]
         probs_TK = wprobs_TE.gather(1, indices_TK) * filled_TK

@@ -1,8 +1,10 @@
 """Selection perturbations and expert-choice selection: pure functions used by ``routing.Router``.
 
-Shapes: T tokens, E experts, K experts per token, C tokens per expert (expert choice). Random draws use
-the global torch RNG on the tensors' device (so gradient checkpointing, which preserves the RNG state,
-replays them); no host syncs.
+Shapes (legend: docs/architecture.md): T tokens, E experts, K experts per token, C expert capacity
+(expert choice: the tokens each expert takes).
+
+Random draws use the global torch RNG on the tensors' device (so gradient checkpointing, which preserves
+the RNG state, replays them); no host syncs.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """upcycle: turn a dense GPT-2 into a ``GPT2MoEForCausalLM`` whose experts start from its MLPs.
 
-Shapes: D model width, F intermediate width, E experts. GPT-2's Conv1D stores weights ``[in, out]``:
-``c_fc.weight [D, F]``, ``c_proj.weight [F, D]``, which is exactly one slice of the expert bank's
-``w1_EDF`` / ``w2_EFD``; every copy asserts its shape.
+Shapes (legend: docs/architecture.md): D model width, F expert intermediate width, E experts.
+GPT-2's Conv1D stores weights ``[in, out]``: ``c_fc.weight [D, F]``, ``c_proj.weight [F, D]``, which is
+exactly one slice of the expert bank's ``w1_EDF`` / ``w2_EFD``; every copy asserts its shape.
 
 Expert inits (per expert e, seeded by ``MoEConfig.seed``):
     copy:  W_e = W.

@@ -29,11 +29,11 @@ T, D, FF, E = 8192, 768, 3072, 8
 
 
 def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
-    """Time every variant of dW = x[rows]^T @ G for one routing and shape (the bias gradient is summed in the
-    epilogues of the kernels that produce G; the one-hot GEMM is the grouped_mm backend's way)."""
+    """Time every variant of dW = x[rows]^T @ g for one routing and shape (the bias gradient is summed in the
+    epilogues of the kernels that produce g; the one-hot GEMM is the grouped_mm backend's way)."""
     offs = meta.offsets_E1[1:].to(torch.int32)
     onehot = F.one_hot(meta.expert_A.long(), E).to(torch.bfloat16)
-    N = g.shape[1]
+    O_ = g.shape[1]  # the GEMM's output width O
     x_rows = x.index_select(0, meta.token_A) if gather else x
     variants = {
         "triton GEMM after an index_select of the rows": lambda: launch_wgrad(
@@ -49,7 +49,7 @@ def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
     ref = torch._grouped_mm(x_rows.t(), g, offs=offs).float()
     dw = launch_wgrad(x_rows, g, meta)
     err = ((dw.float() - ref).norm() / ref.norm()).item()
-    flop = 2 * T * x.shape[1] * N
+    flop = 2 * T * x.shape[1] * O_
     print(f"\n{title}: triton vs grouped_mm dW rel err {err:.1e}")
     for name, fn in variants.items():
         ms = graph_time(fn, iters)

@@ -1,6 +1,6 @@
 """Benchmark the experts backends against the dense GPT-2 MLP on one CUDA device (bf16).
 
-Shapes: T tokens, D = 768, F = 3072, E experts, K experts per token.
+Shapes (legend: docs/architecture.md): T tokens, D = 768, F = 3072, E experts, K experts per token.
 
 Layer: dense MLP on K*T tokens (the physical reference: same active FLOPs), each experts backend and a
 naive per-expert mask loop; forward and forward+backward median times (CUDA events), peak activation

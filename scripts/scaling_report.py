@@ -27,23 +27,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from moe_emergence.telemetry import names as keys  # noqa: E402
 from moe_emergence.telemetry import read_metrics  # noqa: E402
 
 
 def tokens_per_s(path: Path, warmup: int) -> float:
     """Harmonic mean of the ``perf/tokens_per_sec`` records after step ``warmup``."""
     rates = [
-        r["perf/tokens_per_sec"]
-        for r in read_metrics(path)
-        if "perf/tokens_per_sec" in r and r["step"] > warmup
+        r[keys.TOKENS_PER_SEC] for r in read_metrics(path) if keys.TOKENS_PER_SEC in r and r["step"] > warmup
     ]
     if not rates:
-        raise SystemExit(f"error: {path}: no perf/tokens_per_sec record after step {warmup}")
+        raise SystemExit(f"error: {path}: no {keys.TOKENS_PER_SEC} record after step {warmup}")
     return statistics.harmonic_mean(rates)
 
 
 def losses(path: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_metrics(path) if "train/loss" in r}
+    return {r["step"]: r[keys.TRAIN_LOSS] for r in read_metrics(path) if keys.TRAIN_LOSS in r}
 
 
 def eq_loss_diff(report: Path) -> float:
@@ -54,7 +53,7 @@ def eq_loss_diff(report: Path) -> float:
 
 
 def fsdp_resume_ok(report: Path) -> bool:
-    steps = [r["step"] for r in read_metrics(report / "fsdp_resume.jsonl") if "train/loss" in r]
+    steps = [r["step"] for r in read_metrics(report / "fsdp_resume.jsonl") if keys.TRAIN_LOSS in r]
     resumed = "resumed from" in (report / "fsdp_resume.log").read_text()
     return resumed and steps == list(range(1, 11))
 

@@ -27,12 +27,23 @@ import numpy as np
 
 from moe_emergence.analysis import figures
 from moe_emergence.analysis.seeds import mean_ci, paired_diff_ci
+from moe_emergence.telemetry import names as keys
 
 NAME = re.compile(r"^study-(?P<config>.+)-s(?P<seed>\d+)(?P<ddp>-ddp)?$")
 ORDER = ["dense", "moe-top1", "moe-top2", "no-balance", "drop-init", "moe-top1 (ddp)", "micro (ddp)"]
 DOMAINS = ["code", "math", "prose"]
-KEEP = re.compile(r"^(step|eval/loss_.*|eval/lm_loss|(eval_)?router/layer\d+/(entropy|max_frac|domain_nmi)|router/layer\d+/expert\d+_frac|"
-                  r"router/noise_std|train/(lm_loss|lb_loss|z_loss)|perf/tokens_per_sec)$")  # fmt: skip
+# the metrics keys a trajectory keeps (``kept``): these, every domain's eval loss, the per-layer statistics
+# KEEP_LAYER_STATS of train and eval routing, and train routing's expert shares
+KEEP_KEYS = {
+    "step",
+    keys.EVAL_LM_LOSS,
+    keys.NOISE_STD,
+    keys.TRAIN_LM_LOSS,
+    keys.TRAIN_LB_LOSS,
+    keys.TRAIN_Z_LOSS,
+    keys.TOKENS_PER_SEC,
+}
+KEEP_LAYER_STATS = ("entropy", "max_frac", "domain_nmi")
 
 
 def load(runs: Path, reports: Path) -> dict:
@@ -55,7 +66,7 @@ def load(runs: Path, reports: Path) -> dict:
 
 
 def final_eval(recs: list[dict]) -> dict:
-    ev = [r for r in recs if "eval/loss_code" in r]
+    ev = [r for r in recs if keys.domain_loss("code") in r]
     if not ev:
         raise ValueError("no eval record")
     return max(ev, key=lambda r: r["step"])
@@ -81,8 +92,8 @@ def loss_table(runs: dict, groups: dict) -> str:
     ]
     for c, seeds in groups.items():
         ev = [final_eval(runs[n]["records"]) for n in seeds.values()]
-        cis = {d: mean_ci(e[f"eval/loss_{d}"] for e in ev) for d in DOMAINS}
-        cis["all"] = mean_ci(e["eval/lm_loss"] for e in ev)
+        cis = {d: mean_ci(e[keys.domain_loss(d)] for e in ev) for d in DOMAINS}
+        cis["all"] = mean_ci(e[keys.EVAL_LM_LOSS] for e in ev)
         ppl = " / ".join(f"{np.exp(cis[d]['value']):.1f}" for d in DOMAINS)
         rows.append(
             f"| {c} | {len(ev)} | " + " | ".join(fmt(cis[d]) for d in [*DOMAINS, "all"]) + f" | {ppl} |"
@@ -101,7 +112,7 @@ def paired_table(runs: dict, groups: dict) -> str:
             continue
         cells = []
         for d in [*DOMAINS, "all"]:
-            key = "eval/lm_loss" if d == "all" else f"eval/loss_{d}"
+            key = keys.EVAL_LM_LOSS if d == "all" else keys.domain_loss(d)
             a = {s: final_eval(runs[n]["records"])[key] for s, n in seeds.items()}
             b = {s: final_eval(runs[n]["records"])[key] for s, n in base.items()}
             cells.append(paired_diff_ci(a, b))
@@ -151,9 +162,9 @@ def speed_table(runs: dict, groups: dict, walls: dict[str, float]) -> str:
     for c, seeds in groups.items():
         for s, n in seeds.items():
             tps = [
-                r["perf/tokens_per_sec"]
+                r[keys.TOKENS_PER_SEC]
                 for r in runs[n]["records"]
-                if "perf/tokens_per_sec" in r and r["step"] > 50
+                if keys.TOKENS_PER_SEC in r and r["step"] > 50
             ]
             rows.append(f"| {c} | {s} | {np.median(tps):,.0f} | {walls.get(n, float('nan')):.0f} |")
     return "\n".join(rows)
@@ -172,7 +183,7 @@ def fig_loss(runs: dict, groups: dict, path: Path) -> None:
     w = 0.8 / len(groups)
     for i, (c, seeds) in enumerate(groups.items()):
         ev = [final_eval(runs[n]["records"]) for n in seeds.values()]
-        cis = [mean_ci(e[f"eval/loss_{d}"] for e in ev) for d in DOMAINS]
+        cis = [mean_ci(e[keys.domain_loss(d)] for e in ev) for d in DOMAINS]
         xs = np.arange(len(DOMAINS)) + (i - (len(groups) - 1) / 2) * w
         err = [[0 if np.isnan(x["ci_low"]) else x["value"] - x["ci_low"] for x in cis],
                [0 if np.isnan(x["ci_high"]) else x["ci_high"] - x["value"] for x in cis]]  # fmt: skip
@@ -211,20 +222,20 @@ def fig_nmi(runs: dict, groups: dict, path: Path) -> None:
 def fig_trajectories(runs: dict, groups: dict, path: Path, configs=("moe-top1", "no-balance")) -> None:
     """Rows: per-token router entropy, largest expert share, domain NMI (train routing); columns: configs."""
     plt = figures._plt()
-    keys = [
+    panels = [
         ("entropy", "router entropy (nats)"),
         ("max_frac", "largest expert share"),
         ("domain_nmi", "domain NMI"),
     ]
     fig, axes = plt.subplots(
-        len(keys), len(configs), figsize=(3.4 * len(configs), 5.6), sharex=True, sharey="row"
+        len(panels), len(configs), figsize=(3.4 * len(configs), 5.6), sharex=True, sharey="row"
     )
     for j, c in enumerate(configs):
         for s, n in groups.get(c, {}).items():
             recs = runs[n]["records"]
-            for i, (k, label) in enumerate(keys):
+            for i, (k, label) in enumerate(panels):
                 for li, L in enumerate(figures.router_layers(recs)):
-                    x, y = series(recs, f"router/layer{L}/{k}")
+                    x, y = series(recs, keys.layer_key(keys.ROUTER, L, k))
                     axes[i, j].plot(x, y, color=f"C{li}", lw=0.9, alpha=0.5 + 0.25 * (s == 0),
                                     label=f"layer {L}" if s == 0 else None)  # fmt: skip
                 axes[i, 0].set_ylabel(label, fontsize=8)
@@ -236,9 +247,22 @@ def fig_trajectories(runs: dict, groups: dict, path: Path, configs=("moe-top1", 
     figures._save(fig, path)
 
 
+def kept(key: str) -> bool:
+    """Whether a trajectory keeps the metrics key ``key`` (``KEEP_KEYS``, ``KEEP_LAYER_STATS``)."""
+    if key in KEEP_KEYS or keys.parse_domain_loss(key) is not None:
+        return True
+    layer = keys.parse_layer_key(key)
+    if layer is None:
+        return False
+    prefix, _, name = layer
+    if prefix == keys.ROUTER and keys.parse_expert_frac(name) is not None:
+        return True
+    return prefix in (keys.ROUTER, keys.EVAL_ROUTER) and name in KEEP_LAYER_STATS
+
+
 def trajectory(recs: list[dict]) -> list[dict]:
-    keep = [r for r in recs if any(k.startswith("eval") for k in r) or r.get("step", 0) % 50 == 0]
-    return [{k: float(f"{v:.5g}") for k, v in r.items() if KEEP.match(k)} for r in keep]
+    keep = [r for r in recs if any(k.startswith(keys.EVAL) for k in r) or r.get("step", 0) % 50 == 0]
+    return [{k: float(f"{v:.5g}") for k, v in r.items() if kept(k)} for r in keep]
 
 
 def main() -> None:

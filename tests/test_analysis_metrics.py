@@ -114,13 +114,13 @@ def test_bootstrap_ci_contains_point_and_narrows_with_more_documents():
         tables, docs = m.per_document_tables(doc, dom, exp, (3, 4))
         assert tables.sum() == len(doc)
         np.testing.assert_array_equal(docs, np.arange(n_docs))
-        ci = m.bootstrap_ci(tables, m.normalized_mutual_information, 300, seed=0, strata_M=doc_dom)
+        ci = m.bootstrap_ci(tables, m.normalized_mutual_information, 300, seed=0, strata_Z=doc_dom)
         assert ci["value"] == pytest.approx(m.normalized_mutual_information(m.joint_counts(dom, exp, 3, 4)))
         assert ci["ci_low"] <= ci["value"] <= ci["ci_high"]
         assert ci["ci_low"] > 0
         widths.append(ci["ci_high"] - ci["ci_low"])
     assert widths[1] < widths[0] / 2
-    again = m.bootstrap_ci(tables, m.normalized_mutual_information, 300, seed=0, strata_M=doc_dom)
+    again = m.bootstrap_ci(tables, m.normalized_mutual_information, 300, seed=0, strata_Z=doc_dom)
     assert again == ci  # seeded
 
 
@@ -131,7 +131,7 @@ def test_bootstrap_vector_statistic_and_per_document_sums():
     sums, docs = m.per_document_sums(doc, dom, vals, 2)
     np.testing.assert_allclose(sums[0], [[2, 4], [0, 0]])
     np.testing.assert_allclose(sums[1], [[0, 0], [1, 5]])
-    ci = m.bootstrap_ci(sums, lambda t: t[:, 1] / t[:, 0], 200, seed=3, strata_M=np.array([0, 1, 0]))
+    ci = m.bootstrap_ci(sums, lambda t: t[:, 1] / t[:, 0], 200, seed=3, strata_Z=np.array([0, 1, 0]))
     assert ci["value"] == pytest.approx([16 / 5, 5.0])
     assert ci["ci_low"][1] == ci["ci_high"][1] == pytest.approx(5.0)  # one document: no spread
     assert 2.0 <= ci["ci_low"][0] < 16 / 5 < ci["ci_high"][0] <= 4.0  # doc means 2 and 4

@@ -21,6 +21,7 @@ from moe_emergence.telemetry import (
     normalized_mutual_information,
     resolve_wandb_mode,
 )
+from moe_emergence.telemetry import names as keys
 from moe_emergence.telemetry.stats import routing_metrics
 
 
@@ -102,6 +103,22 @@ def test_all_reduce_sums_buffers():
     assert (
         float(stats.layers[0].tokens_per_expert_E.sum()) == 2.0
         and float(stats.layers[2].tokens_per_expert_E[1]) == 2.0
+    )
+
+
+def test_metric_keys_are_built_and_parsed_in_names():
+    assert keys.join(keys.TRAIN, "loss") == keys.TRAIN_LOSS == "train/loss"
+    assert keys.layer_key(keys.EVAL_ROUTER, 3, keys.expert_frac(12)) == "eval_router/layer3/expert12_frac"
+    assert keys.parse_layer_key("eval_router/layer3/expert12_frac") == ("eval_router", 3, "expert12_frac")
+    assert keys.parse_layer_key("router/noise_std") is None
+    assert keys.parse_expert_frac("expert12_frac") == 12
+    assert keys.parse_expert_frac("expert_frac") is None and keys.parse_expert_frac("max_frac") is None
+    assert (
+        keys.parse_domain_loss(keys.domain_loss("code")) == "code"
+        and keys.domain_loss("code") == "eval/loss_code"
+    )
+    assert (
+        keys.parse_domain_loss("eval/lm_loss") is None and keys.parse_domain_loss("train/loss_code") is None
     )
 
 

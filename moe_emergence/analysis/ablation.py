@@ -4,7 +4,9 @@ The expert is removed through the real router: the model's forward takes ``exper
 layer L's ``Router`` routes with ``keep_E[e] = False`` (``Router`` docstring: the expert is never selected,
 the weights use the survivors' renormalised probabilities, capacity and selection bias act as in the
 model's own forward, and with expert choice the expert takes no token). With nothing removed this is the
-model's own eval output, for every routing variant (tested). Shapes: E experts; nll arrays ``[B, S]``.
+model's own eval output, for every routing variant (tested).
+
+Shapes (legend: docs/architecture.md): B rows (eval blocks), S positions, E experts, M domains.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ def keep_all_but(num_experts: int, expert: int | None, device: torch.device | st
 
 
 def domain_loss_sums(
-    nll_BL: np.ndarray, domain_ids_BL: np.ndarray, num_domains: int
+    nll_BS: np.ndarray, domain_ids_BS: np.ndarray, num_domains: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(``[D]`` sum of the per-token loss, ``[D]`` token count) over tokens with a defined loss."""
-    ok = ~np.isnan(nll_BL) & (domain_ids_BL >= 0)
-    d = domain_ids_BL[ok]
-    return np.bincount(d, weights=nll_BL[ok], minlength=num_domains), np.bincount(
+    """(``[M]`` sum of the per-token loss, ``[M]`` token count) over tokens with a defined loss."""
+    ok = ~np.isnan(nll_BS) & (domain_ids_BS >= 0)
+    d = domain_ids_BS[ok]
+    return np.bincount(d, weights=nll_BS[ok], minlength=num_domains), np.bincount(
         d, minlength=num_domains
     ).astype(float)
 
@@ -43,18 +45,18 @@ def expert_ablation(
     eval_set: EvalSet,
     batch_size: int = 8,
     progress: bool = True,
-    base_nll_BL: np.ndarray | None = None,
+    base_nll_BS: np.ndarray | None = None,
 ) -> dict:
     """Per-domain eval loss with each expert of each MoE layer removed, one at a time.
 
     Returns ``{"base": {domain: loss}, "layers": {L: {"loss": [E][domain], "delta": [E][domain],
-    "nll": {e: [B, L] per-token loss}}}}``; delta = ablated loss - base loss (token-weighted means).
-    A large positive delta for domain D means the model relies on expert e for D.
+    "nll": {e: [B, S] per-token loss}}}}``; delta = ablated loss - base loss (token-weighted means).
+    A large positive delta for domain m means the model relies on expert e for m.
     """
-    D = len(eval_set.domains)
-    if base_nll_BL is None:
-        base_nll_BL = eval_nll(model, eval_set, batch_size, "ablation base", progress)
-    s, n = domain_loss_sums(base_nll_BL, eval_set.domain_ids, D)
+    M = len(eval_set.domains)
+    if base_nll_BS is None:
+        base_nll_BS = eval_nll(model, eval_set, batch_size, "ablation base", progress)
+    s, n = domain_loss_sums(base_nll_BS, eval_set.domain_ids, M)
     base = s / np.maximum(n, 1)
     out = {"base": dict(zip(eval_set.domains, base.tolist(), strict=True)), "layers": {}}
     device = next(model.parameters()).device
@@ -63,7 +65,7 @@ def expert_ablation(
         for e in range(wrapper.router.num_experts):
             masks = {layer: keep_all_but(wrapper.router.num_experts, e, device)}
             nll = eval_nll(model, eval_set, batch_size, f"ablate L{layer} e{e}", progress, masks)
-            s_e, _ = domain_loss_sums(nll, eval_set.domain_ids, D)
+            s_e, _ = domain_loss_sums(nll, eval_set.domain_ids, M)
             loss = s_e / np.maximum(n, 1)
             losses.append(loss.tolist())
             deltas.append((loss - base).tolist())

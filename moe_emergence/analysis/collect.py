@@ -1,7 +1,8 @@
 """Route an eval set through a model and keep, per token and MoE layer, what the router decided.
 
-Shapes: B blocks, L tokens per block, N = real (non-padding) tokens of the eval set, flattened block by
-block; K experts per token, E experts. Every per-token array of ``Routing`` has N rows in that order.
+Shapes (legend: docs/architecture.md): B rows (eval blocks), S positions, V vocabulary, N real
+(non-padding) tokens of the eval set, flattened block by block, K experts per token, E experts, Z documents.
+Every per-token array of ``Routing`` has N rows in that order.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Routing:
 
     @property
     def doc_domain(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted document ids ``[M]``, domain of each ``[M]``)."""
+        """(sorted document ids ``[Z]``, domain of each ``[Z]``)."""
         docs, first = np.unique(self.doc, return_index=True)
         return docs, self.domain[first]
 
@@ -70,7 +71,7 @@ class Routing:
 
 
 def document_ids(eval_set: EvalSet) -> np.ndarray:
-    """``[B, L]`` document id per token (-1 on padding), derived from the packing.
+    """``[B, S]`` document id per token (-1 on padding), derived from the packing.
 
     The data package packs each domain's documents in order, each followed by EOS; eval blocks are not
     shuffled. So walking the selected blocks in order, a new document starts after every EOS, when the
@@ -198,7 +199,7 @@ def code_token_types(tokenizer, ids: list[int]) -> np.ndarray:
 
 
 def iter_batches(eval_set: EvalSet, batch_size: int, desc: str | None = None, progress: bool = True):
-    """Yield (block slice, input_ids [b, L], attention_mask [b, L]) LongTensors, with a tqdm bar."""
+    """Yield (block slice, input_ids [b, S], attention_mask [b, S]) LongTensors, with a tqdm bar."""
     from tqdm.auto import tqdm
 
     B = eval_set.input_ids.shape[0]
@@ -208,10 +209,10 @@ def iter_batches(eval_set: EvalSet, batch_size: int, desc: str | None = None, pr
         yield sl, torch.from_numpy(eval_set.input_ids[sl]), torch.from_numpy(eval_set.attention_mask[sl])
 
 
-def token_nll(logits_BLV: torch.Tensor, ids_BL: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` -log p(x_t | x_<t) in float32; position 0 is NaN (nothing predicts it)."""
-    logp = torch.log_softmax(logits_BLV[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids_BL[:, 1:, None]).squeeze(-1)
+def token_nll(logits_BSV: torch.Tensor, ids_BS: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` -log p(x_t | x_<t) in float32; position 0 is NaN (nothing predicts it)."""
+    logp = torch.log_softmax(logits_BSV[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids_BS[:, 1:, None]).squeeze(-1)
     return torch.cat([torch.full_like(nll[:, :1], float("nan")), nll], dim=1)
 
 
@@ -224,7 +225,7 @@ def eval_nll(
     progress: bool = True,
     expert_masks: dict[int, torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """``[B, L]`` per-token next-token loss of ``model`` on the eval set (NaN at position 0 and padding).
+    """``[B, S]`` per-token next-token loss of ``model`` on the eval set (NaN at position 0 and padding).
     ``expert_masks`` (MoE models): ``{block: bool [E]}`` experts removed from routing (ablation)."""
     device = next(model.parameters()).device
     model.eval()
@@ -252,25 +253,25 @@ def collect_routing(
     device = next(model.parameters()).device
     model.eval()
     is_moe = isinstance(getattr(model.config, "moe", None), MoEConfig)
-    mask_BL = eval_set.attention_mask > 0
-    nll_BL = np.full(mask_BL.shape, np.nan)
+    mask_BS = eval_set.attention_mask > 0
+    nll_BS = np.full(mask_BS.shape, np.nan)
     topk, weights, probs = {}, {}, {}
     for sl, ids, mask in iter_batches(eval_set, batch_size, desc, progress):
         kw = {"output_router_logits": False} if is_moe else {}  # the routing, not the router losses
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-        nll_BL[sl] = token_nll(out.logits, ids.to(device)).cpu().numpy()
+        nll_BS[sl] = token_nll(out.logits, ids.to(device)).cpu().numpy()
         if is_moe:
             keep = mask.reshape(-1).numpy() > 0
             for layer, r in out.router_outputs.items():
                 topk.setdefault(layer, []).append(r.topk_indices.cpu().numpy()[keep])
                 weights.setdefault(layer, []).append(r.topk_weights.float().cpu().numpy()[keep])
                 probs.setdefault(layer, []).append(r.router_probs_clean.float().cpu().numpy()[keep])
-    doc_BL = document_ids(eval_set)
-    block_BL = np.broadcast_to(np.arange(mask_BL.shape[0])[:, None], mask_BL.shape)
-    pos_BL = np.broadcast_to(np.arange(mask_BL.shape[1])[None, :], mask_BL.shape)
-    token_ids = eval_set.input_ids[mask_BL]
-    domain = eval_set.domain_ids[mask_BL]
-    doc = doc_BL[mask_BL]
+    doc_BS = document_ids(eval_set)
+    block_BS = np.broadcast_to(np.arange(mask_BS.shape[0])[:, None], mask_BS.shape)
+    pos_BS = np.broadcast_to(np.arange(mask_BS.shape[1])[None, :], mask_BS.shape)
+    token_ids = eval_set.input_ids[mask_BS]
+    domain = eval_set.domain_ids[mask_BS]
+    doc = doc_BS[mask_BS]
     token_type = np.full(len(token_ids), -1, dtype=np.int64)
     if "code" in eval_set.domains:
         idx = np.flatnonzero(domain == eval_set.domains.index("code"))
@@ -283,10 +284,10 @@ def collect_routing(
         token_ids=token_ids,
         domain=domain,
         doc=doc,
-        block=block_BL[mask_BL],
-        pos=pos_BL[mask_BL],
+        block=block_BS[mask_BS],
+        pos=pos_BS[mask_BS],
         token_type=token_type,
-        nll=nll_BL[mask_BL],
+        nll=nll_BS[mask_BS],
     )
     if is_moe:
         moe = model.config.moe

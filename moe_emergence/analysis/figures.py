@@ -1,15 +1,18 @@
 """Figures of the specialisation report, each a function that writes one PNG and returns its path.
 
 matplotlib is imported inside the functions with the Agg backend (no display needed; never imported at
-import time of the package). Shapes: D domains, E experts, T token types.
+import time of the package).
+
+Shapes (legend: docs/architecture.md): E experts, M domains.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
+
+from moe_emergence.telemetry import names as keys
 
 
 def _plt():
@@ -30,23 +33,24 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def heatmap(
-    values_RE: np.ndarray, row_labels: list[str], title: str, baseline: float, path, xlabel: str = "expert"
+    values: np.ndarray, row_labels: list[str], title: str, baseline: float, path, xlabel: str = "expert"
 ) -> Path:
-    """Rows x experts heatmap of fractions, coloured red above / blue below the uniform ``baseline``
-    (white = uniform), each cell annotated, the baseline stated in the colour bar."""
+    """Rows x experts heatmap of fractions ``values`` (``[len(row_labels), E]``: rows are domains, token
+    types, ...), coloured red above / blue below the uniform ``baseline`` (white = uniform), each cell
+    annotated, the baseline stated in the colour bar."""
     plt = _plt()
     from matplotlib.colors import TwoSlopeNorm
 
-    v = np.asarray(values_RE, dtype=float)
-    R, E = v.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * E, 0.9 + 0.45 * R))
+    v = np.asarray(values, dtype=float)
+    n_rows, E = v.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * E, 0.9 + 0.45 * n_rows))
     vmax = max(float(np.nanmax(v)) if v.size else 1.0, baseline * 1.01, 1e-9)
     im = ax.imshow(v, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=baseline, vmin=0.0, vmax=vmax), aspect="auto")
-    for r in range(R):
+    for r in range(n_rows):
         for e in range(E):
             ax.text(e, r, f"{v[r, e]:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(E), [str(e) for e in range(E)])
-    ax.set_yticks(range(R), row_labels)
+    ax.set_yticks(range(n_rows), row_labels)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     cb = fig.colorbar(im, ax=ax, fraction=0.05)
@@ -91,14 +95,19 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(s, float), np.asarray(v, float)
 
 
-def router_layers(records: list[dict], prefix: str = "router") -> list[int]:
-    """MoE layers that appear in ``{prefix}/layer{L}/...`` keys of the metrics records."""
-    pat = re.compile(rf"^{re.escape(prefix)}/layer(\d+)/")
-    return sorted({int(mt.group(1)) for r in records for k in r if (mt := pat.match(k))})
+def _layer_names(records: list[dict], prefix: str) -> set[tuple[int, str]]:
+    """``(layer, name)`` of every per-layer key ``<prefix>/layer<i>/<name>`` (``names.layer_key``) of the
+    metrics records."""
+    return {(p[1], p[2]) for r in records for k in r if (p := keys.parse_layer_key(k)) and p[0] == prefix}
+
+
+def router_layers(records: list[dict], prefix: str = keys.ROUTER) -> list[int]:
+    """MoE layers that appear in ``<prefix>/layer<i>/...`` keys of the metrics records."""
+    return sorted({layer for layer, _ in _layer_names(records, prefix)})
 
 
 def training_curves(
-    records: list[dict], path, prefix: str = "router", collapse_max_frac: float | None = None
+    records: list[dict], path, prefix: str = keys.ROUTER, collapse_max_frac: float | None = None
 ) -> Path:
     """Mean token entropy (left) and max expert fraction (right) per MoE layer over training steps,
     with ln(E) / 1/E reference levels when the number of experts is known from the keys."""
@@ -106,7 +115,7 @@ def training_curves(
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     for L in router_layers(records, prefix):
         for ax, name in zip(axes, ("entropy", "max_frac"), strict=True):
-            s, v = _series(records, f"{prefix}/layer{L}/{name}")
+            s, v = _series(records, keys.layer_key(prefix, L, name))
             ax.plot(s, v, label=f"layer {L}")
     E = num_experts_in(records, prefix)
     if E:
@@ -122,14 +131,16 @@ def training_curves(
     return _save(fig, path)
 
 
-def num_experts_in(records: list[dict], prefix: str = "router") -> int:
-    pat = re.compile(rf"^{re.escape(prefix)}/layer\d+/expert(\d+)_frac$")
-    found = {int(mt.group(1)) for r in records for k in r if (mt := pat.match(k))}
+def num_experts_in(records: list[dict], prefix: str = keys.ROUTER) -> int:
+    """Number of experts: one more than the highest e of the records' ``<prefix>/layer<i>/expert<e>_frac``
+    keys (0 without any)."""
+    experts = (keys.parse_expert_frac(name) for _, name in _layer_names(records, prefix))
+    found = {e for e in experts if e is not None}
     return max(found) + 1 if found else 0
 
 
 def collapse_trajectory(
-    records: list[dict], path, prefix: str = "router", collapse_max_frac: float | None = None
+    records: list[dict], path, prefix: str = keys.ROUTER, collapse_max_frac: float | None = None
 ) -> Path:
     """Per MoE layer, every expert's share of tokens over training as stacked areas: balanced routing is
     even bands, collapse is one band swallowing the plot."""
@@ -141,7 +152,7 @@ def collapse_trajectory(
         steps = None
         fr = []
         for e in range(E):
-            s, v = _series(records, f"{prefix}/layer{L}/expert{e}_frac")
+            s, v = _series(records, keys.layer_key(prefix, L, keys.expert_frac(e)))
             steps = s if steps is None or len(s) > len(steps) else steps
             fr.append(v)
         n = min(len(x) for x in fr) if fr else 0
@@ -175,12 +186,12 @@ def loss_comparison(loss_by_run: dict[str, dict[str, dict]], domains: list[str],
     return _save(fig, path)
 
 
-def ablation_heatmap(delta_ED: np.ndarray, domains: list[str], layer: int, path) -> Path:
-    """Experts x domains: increase of the eval loss when that expert is removed (red = needed)."""
+def ablation_heatmap(delta_EM: np.ndarray, domains: list[str], layer: int, path) -> Path:
+    """Experts x domains (``delta_EM``): the eval loss increase when that expert is removed (red = needed)."""
     plt = _plt()
     from matplotlib.colors import TwoSlopeNorm
 
-    d = np.asarray(delta_ED, float)
+    d = np.asarray(delta_EM, float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * d.shape[1], 0.9 + 0.4 * d.shape[0]))
     lim = max(float(np.abs(d).max()), 1e-6)
     im = ax.imshow(d, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")

@@ -13,6 +13,7 @@ import numpy as np
 
 from moe_emergence.analysis import figures
 from moe_emergence.analysis.collect import TOKEN_TYPES
+from moe_emergence.telemetry import names as keys
 
 
 def _ci(c: dict, fmt: str = ".3f") -> str:
@@ -42,14 +43,14 @@ def _docs_line(docs: dict[str, int]) -> str:
 def _training_line(records: list[dict]) -> str:
     """Router entropy (nats) and largest expert share per layer, first vs last logged step, with the
     uniform reference."""
-    layers = figures.router_layers(records, "router")
+    layers = figures.router_layers(records, keys.ROUTER)
     parts = []
     for L in layers:
-        s, h = figures._series(records, f"router/layer{L}/entropy")
-        _, mf = figures._series(records, f"router/layer{L}/max_frac")
+        s, h = figures._series(records, keys.layer_key(keys.ROUTER, L, "entropy"))
+        _, mf = figures._series(records, keys.layer_key(keys.ROUTER, L, "max_frac"))
         if len(s):
             parts.append(f"layer {L}: entropy {h[0]:.2f} → {h[-1]:.2f}, max share {mf[0]:.2f} → {mf[-1]:.2f}")
-    E = figures.num_experts_in(records, "router")
+    E = figures.num_experts_in(records, keys.ROUTER)
     ref = f" (uniform: entropy ln E = {np.log(E):.2f}, share 1/E = {1 / E:.2f})" if E else ""
     return "From the first to the last logged step, " + "; ".join(parts) + ref + "."
 
@@ -59,8 +60,8 @@ def _collapse_line(records: list[dict], thr: float | None) -> str:
     (0.9 when the run config sets none)."""
     thr = 0.9 if thr is None else thr
     hits = []
-    for L in figures.router_layers(records, "router"):
-        s, mf = figures._series(records, f"router/layer{L}/max_frac")
+    for L in figures.router_layers(records, keys.ROUTER):
+        s, mf = figures._series(records, keys.layer_key(keys.ROUTER, L, "max_frac"))
         over = np.flatnonzero(mf > thr)
         if len(over):
             hits.append(f"layer {L} first at step {int(s[over[0]])} ({len(over)} of {len(s)} checks)")

@@ -1,8 +1,9 @@
 """Specialisation metrics: one small function per formula, on numpy arrays.
 
-Shapes: N tokens, K experts per token, E experts, D domains, T token types, P flattened parameters of one
-expert, M documents. ``topk_NK`` holds expert indices ordered by decreasing router probability, so
-``topk_NK[:, 0]`` is the top-1 expert. Logarithms are natural (nats); ``0 * log 0 = 0``.
+Shapes (legend: docs/architecture.md): N tokens, K experts per token, E experts, M domains, Y token types,
+V vocabulary (token ids), P flattened parameters of one expert, Z documents, Q bootstrap resamples.
+``topk_NK`` holds expert indices ordered by decreasing router probability, so ``topk_NK[:, 0]`` is the top-1
+expert. Logarithms are natural (nats); ``0 * log 0 = 0``.
 
 Counting convention: "assignments" count every (token, chosen expert) pair, so with top-k each token
 contributes k assignments; a table of assignments divided by the number of tokens sums to k per row.
@@ -34,7 +35,8 @@ def expert_usage(topk_NK: np.ndarray, num_experts: int) -> np.ndarray:
 def joint_counts(
     labels_N: np.ndarray, experts_N: np.ndarray, num_labels: int, num_experts: int
 ) -> np.ndarray:
-    """``[D, E]`` n[d, e] = number of tokens with label d (domain, token type, ...) routed to expert e.
+    """``[num_labels, E]`` n[l, e] = number of tokens with label l routed to expert e (labels: domains give
+    ``[M, E]``, token types ``[Y, E]``, ...).
 
     ``experts_N`` may be ``[N]`` (one choice per token) or ``[N, K]`` (every top-k assignment counted).
     """
@@ -49,10 +51,11 @@ def joint_counts(
     )
 
 
-def row_fractions(counts_DE: np.ndarray) -> np.ndarray:
-    """``[D, E]`` f[d, e] = n[d, e] / sum_e' n[d, e']: where label d's assignments go (rows sum to 1; 0 rows stay 0)."""
-    counts_DE = np.asarray(counts_DE, dtype=np.float64)
-    return counts_DE / np.maximum(counts_DE.sum(1, keepdims=True), 1e-300)
+def row_fractions(counts_ME: np.ndarray) -> np.ndarray:
+    """``[M, E]`` f[m, e] = n[m, e] / sum_e' n[m, e']: where domain m's assignments go (rows sum to 1; 0 rows
+    stay 0). Any label x expert table works the same (token types: ``[Y, E]``)."""
+    counts_ME = np.asarray(counts_ME, dtype=np.float64)
+    return counts_ME / np.maximum(counts_ME.sum(1, keepdims=True), 1e-300)
 
 
 # ----------------------------------------------------------------------------- information
@@ -66,26 +69,27 @@ def entropy(p: np.ndarray) -> float:
     return stats.entropy(p / total) if total > 0 else 0.0
 
 
-def mutual_information(counts_DE: np.ndarray) -> float:
-    """I(D; E) = sum_{d,e} p(d,e) ln[p(d,e) / (p(d) p(e))] (nats) from a joint count table ``[D, E]``
-    (``moe_emergence.telemetry.stats.mutual_information``; clipped at 0 against rounding)."""
-    return max(stats.mutual_information(torch.as_tensor(np.asarray(counts_DE, dtype=np.float64))), 0.0)
+def mutual_information(counts_ME: np.ndarray) -> float:
+    """I(domain; expert) = sum_{m,e} p(m,e) ln[p(m,e) / (p(m) p(e))] (nats) from a joint count table
+    ``[M, E]`` (``moe_emergence.telemetry.stats.mutual_information``; clipped at 0 against rounding)."""
+    return max(stats.mutual_information(torch.as_tensor(np.asarray(counts_ME, dtype=np.float64))), 0.0)
 
 
-def normalized_mutual_information(counts_DE: np.ndarray) -> float:
-    """NMI = I(D; E) / H(D) in [0, 1]: the share of the domain's uncertainty that the expert choice removes.
+def normalized_mutual_information(counts_ME: np.ndarray) -> float:
+    """NMI = I(domain; expert) / H(domain) in [0, 1]: the share of the domain's uncertainty that the expert
+    choice removes.
 
     1 when the expert determines the domain (e.g. a one-to-one map), 0 when they are independent;
-    0 when there is a single domain (H(D) = 0).
+    0 when there is a single domain (H(domain) = 0).
     """
-    h_d = entropy(np.asarray(counts_DE).sum(1))
-    return mutual_information(counts_DE) / h_d if h_d > 0 else 0.0
+    h_d = entropy(np.asarray(counts_ME).sum(1))
+    return mutual_information(counts_ME) / h_d if h_d > 0 else 0.0
 
 
-def symmetric_nmi(counts_AB: np.ndarray) -> float:
-    """NMI_sym = 2 I(A; B) / (H(A) + H(B)) in [0, 1] (for two variables of the same kind, e.g. two layers'
-    expert choices); 0 when both entropies are 0."""
-    c = np.asarray(counts_AB, dtype=np.float64)
+def symmetric_nmi(counts_EE: np.ndarray) -> float:
+    """NMI_sym = 2 I(a; b) / (H(a) + H(b)) in [0, 1] from the joint count table ``[E, E]`` of two variables of
+    the same kind (two layers' expert choices a, b); 0 when both entropies are 0."""
+    c = np.asarray(counts_EE, dtype=np.float64)
     h = entropy(c.sum(1)) + entropy(c.sum(0))
     return 2.0 * mutual_information(c) / h if h > 0 else 0.0
 
@@ -109,14 +113,14 @@ def cross_layer_nmi(top1_by_layer: dict[int, np.ndarray], num_experts: int) -> d
 # ----------------------------------------------------------------------------- OLMoE specialisation
 
 
-def domain_specialization(counts_DE: np.ndarray, tokens_D: np.ndarray) -> np.ndarray:
-    """``[D, E]`` spec(e, D) = N_D(e) / N_D (OLMoE, Muennighoff et al. 2024).
+def domain_specialization(counts_ME: np.ndarray, tokens_M: np.ndarray) -> np.ndarray:
+    """``[M, E]`` spec(e, D) = N_D(e) / N_D for each domain D (OLMoE's notation, Muennighoff et al. 2024).
 
-    N_D(e): tokens of domain D that have e among their top-k experts (``counts_DE`` with every top-k
+    N_D(e): tokens of domain D that have e among their top-k experts (``counts_ME`` with every top-k
     assignment counted); N_D: tokens of domain D. Each row sums to k; uniform routing gives k / E
     everywhere (``uniform_baseline``), an expert that takes all of a domain's tokens gives 1.
     """
-    return np.asarray(counts_DE, dtype=np.float64) / np.maximum(np.asarray(tokens_D, float)[:, None], 1e-300)
+    return np.asarray(counts_ME, dtype=np.float64) / np.maximum(np.asarray(tokens_M, float)[:, None], 1e-300)
 
 
 def uniform_baseline(top_k: int, num_experts: int) -> float:
@@ -127,7 +131,8 @@ def uniform_baseline(top_k: int, num_experts: int) -> float:
 def vocabulary_specialization(
     token_ids_N: np.ndarray, topk_NK: np.ndarray, num_experts: int, min_count: int = 10
 ) -> tuple[float, int]:
-    """(mean over token ids x with N_x >= min_count of max_e N_x(e) / N_x, number of such ids).
+    """(mean over token ids x with N_x >= min_count of max_e N_x(e) / N_x, number of such ids); the table
+    ``counts_VE`` has a row per token id that occurs.
 
     N_x: occurrences of token id x; N_x(e): those that have e among their top-k. In [k/E, 1]: 1 when every
     occurrence of each frequent id goes to one expert (routing is a function of the token), k / E for
@@ -135,11 +140,11 @@ def vocabulary_specialization(
     """
     ids = np.asarray(token_ids_N, dtype=np.int64)
     uniq, inv, n_x = np.unique(ids, return_inverse=True, return_counts=True)
-    counts_XE = joint_counts(inv, topk_NK, len(uniq), num_experts)
+    counts_VE = joint_counts(inv, topk_NK, len(uniq), num_experts)
     keep = n_x >= min_count
     if not keep.any():
         return float("nan"), 0
-    return float((counts_XE[keep].max(1) / n_x[keep]).mean()), int(keep.sum())
+    return float((counts_VE[keep].max(1) / n_x[keep]).mean()), int(keep.sum())
 
 
 # ----------------------------------------------------------------------------- dynamics and structure
@@ -202,59 +207,61 @@ def distance_from_parent(weights_EP: np.ndarray, parent_P: np.ndarray) -> np.nda
 def per_document_tables(
     doc_N: np.ndarray, labels_N: np.ndarray, values_N: np.ndarray, shape: tuple[int, int]
 ):
-    """``[M, A, B]`` per-document count tables n_m[a, b] (``labels_N`` indexes a, ``values_N`` b) and the
-    ``[M]`` document ids in row order. Any table-valued statistic is a function of their sum, so a
+    """``[Z, *shape]`` per-document count tables n_z[a, b] (``labels_N`` indexes a, ``values_N`` b) and the
+    ``[Z]`` document ids in row order. Any table-valued statistic is a function of their sum, so a
     bootstrap over documents only needs to re-weight these rows."""
     docs, doc_row = np.unique(np.asarray(doc_N), return_inverse=True)
-    A, B = shape
-    flat = (doc_row * A + np.asarray(labels_N, np.int64)) * B + np.asarray(values_N, np.int64)
-    tables = np.bincount(flat, minlength=len(docs) * A * B).reshape(len(docs), A, B).astype(np.float64)
-    return tables, docs
+    rows, cols = shape
+    flat = (doc_row * rows + np.asarray(labels_N, np.int64)) * cols + np.asarray(values_N, np.int64)
+    tables = np.bincount(flat, minlength=len(docs) * rows * cols).reshape(len(docs), rows, cols)
+    return tables.astype(np.float64), docs
 
 
-def per_document_sums(doc_N: np.ndarray, labels_N: np.ndarray, values_NC: np.ndarray, num_labels: int):
-    """``[M, A, C]`` per-document sums s_m[a, c] = sum of ``values_NC[t, c]`` over tokens t of document m with
-    label a (e.g. C = [1, nll] gives token counts and loss sums per domain), and the ``[M]`` document ids."""
+def per_document_sums(doc_N: np.ndarray, labels_N: np.ndarray, values: np.ndarray, num_labels: int):
+    """``[Z, num_labels, columns]`` per-document sums s_z[a, c] = sum of ``values[t, c]`` (``[N, columns]``)
+    over tokens t of document z with label a (e.g. columns [1, nll] give token counts and loss sums per
+    domain), and the ``[Z]`` document ids."""
     docs, doc_row = np.unique(np.asarray(doc_N), return_inverse=True)
-    values_NC = np.asarray(values_NC, dtype=np.float64)
-    out = np.zeros((len(docs), num_labels, values_NC.shape[1]))
-    np.add.at(out, (doc_row, np.asarray(labels_N, np.int64)), values_NC)
+    values = np.asarray(values, dtype=np.float64)
+    out = np.zeros((len(docs), num_labels, values.shape[1]))
+    np.add.at(out, (doc_row, np.asarray(labels_N, np.int64)), values)
     return out, docs
 
 
 def bootstrap_ci(
-    tables_M: np.ndarray,
+    tables_Z: np.ndarray,
     statistic: Callable[[np.ndarray], float | np.ndarray],
     n_boot: int = 1000,
     seed: int = 0,
-    strata_M: np.ndarray | None = None,
+    strata_Z: np.ndarray | None = None,
     level: float = 0.95,
 ) -> dict[str, float | list]:
-    """Point estimate and percentile bootstrap CI of ``statistic(sum_m tables_M[m])`` over DOCUMENTS.
+    """Point estimate and percentile bootstrap CI of ``statistic(sum_z tables_Z[z])`` over DOCUMENTS.
 
-    Each replicate draws M documents with replacement (within each stratum when ``strata_M`` is given, so
-    the number of documents per domain is kept) and evaluates the statistic on the re-weighted sum of
-    their tables. CI = the (1-level)/2 and (1+level)/2 percentiles of the replicates. Tokens of one
-    document are correlated, so resampling documents, not tokens, gives honest intervals. Seeded.
+    Each of the Q = ``n_boot`` replicates draws Z documents with replacement (within each stratum when
+    ``strata_Z`` is given, so the number of documents per domain is kept) and evaluates the statistic on
+    the re-weighted sum of their tables. CI = the (1-level)/2 and (1+level)/2 percentiles of the Q
+    replicates. Tokens of one document are correlated, so resampling documents, not tokens, gives honest
+    intervals. Seeded.
     """
-    tables_M = np.asarray(tables_M, dtype=np.float64)
-    M = tables_M.shape[0]
-    point = np.asarray(statistic(tables_M.sum(0)), dtype=np.float64)
-    if n_boot <= 0 or M == 0:
+    tables_Z = np.asarray(tables_Z, dtype=np.float64)
+    Z = tables_Z.shape[0]
+    point = np.asarray(statistic(tables_Z.sum(0)), dtype=np.float64)
+    if n_boot <= 0 or Z == 0:
         nan = np.full_like(point, np.nan)
         return _ci_dict(point, nan, nan, 0)
     rng = np.random.default_rng(seed)
-    strata = np.zeros(M, np.int64) if strata_M is None else np.asarray(strata_M)
+    strata = np.zeros(Z, np.int64) if strata_Z is None else np.asarray(strata_Z)
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    flat = tables_M.reshape(M, -1)
+    flat = tables_Z.reshape(Z, -1)
     reps = []
     for _ in range(n_boot):
-        w_M = np.zeros(M)
+        w_Z = np.zeros(Z)
         for g in groups:
-            w_M[g] = np.bincount(rng.integers(0, len(g), len(g)), minlength=len(g))
-        reps.append(np.asarray(statistic((w_M @ flat).reshape(tables_M.shape[1:])), dtype=np.float64))
-    reps = np.stack(reps)
-    lo, hi = np.percentile(reps, [100 * (1 - level) / 2, 100 * (1 + level) / 2], axis=0)
+            w_Z[g] = np.bincount(rng.integers(0, len(g), len(g)), minlength=len(g))
+        reps.append(np.asarray(statistic((w_Z @ flat).reshape(tables_Z.shape[1:])), dtype=np.float64))
+    reps_Q = np.stack(reps)
+    lo, hi = np.percentile(reps_Q, [100 * (1 - level) / 2, 100 * (1 + level) / 2], axis=0)
     return _ci_dict(point, lo, hi, n_boot)
 
 

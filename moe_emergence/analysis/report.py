@@ -101,9 +101,9 @@ def analyze_run(
                 run, routing, eval_set, tokenizer, batch_size, device, progress
             )
         if ablation:
-            base_BL = np.full(eval_set.input_ids.shape, np.nan)
-            base_BL[routing.block, routing.pos] = routing.nll
-            abl = expert_ablation(model, eval_set, batch_size, progress, base_nll_BL=base_BL)
+            base_nll_BS = np.full(eval_set.input_ids.shape, np.nan)
+            base_nll_BS[routing.block, routing.pos] = routing.nll
+            abl = expert_ablation(model, eval_set, batch_size, progress, base_nll_BS=base_nll_BS)
             out["ablation"] = ablation_summary(abl, routing, n_boot, seed)
     return RunAnalysis(run=run, routing=routing, metrics=out)
 

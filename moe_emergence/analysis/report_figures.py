@@ -15,6 +15,7 @@ import numpy as np
 from moe_emergence.analysis import figures
 from moe_emergence.analysis.collect import TOKEN_TYPES, Routing, token_bytes
 from moe_emergence.analysis.runs import load_tokenizer
+from moe_emergence.telemetry import names as keys
 
 
 def example_pieces(
@@ -56,11 +57,11 @@ def _layer_figures(d: Path, name: str, L: str, metrics: dict, domains: list[str]
             d / f"token_types_layer{L}.png",
         )
     if "ablation" in metrics:
-        delta_ED = np.array(
+        delta_EM = np.array(
             [[e["delta"][dom]["value"] for dom in domains] for e in metrics["ablation"]["layers"][L]]
         )
         fig[f"ablation_{L}"] = figures.ablation_heatmap(
-            delta_ED, domains, int(L), d / f"ablation_layer{L}.png"
+            delta_EM, domains, int(L), d / f"ablation_layer{L}.png"
         )
     return fig
 
@@ -92,9 +93,9 @@ def _run_figures(out: Path, analysis, domains: list[str]) -> None:
     m, name, fig = analysis.metrics, analysis.run.name, analysis.figures
     d = out / name
     records, thr = analysis.run.metrics, analysis.run.collapse_threshold
-    if figures.router_layers(records, "router"):
-        fig["training"] = figures.training_curves(records, d / "training_router.png", "router", thr)
-        fig["collapse"] = figures.collapse_trajectory(records, d / "collapse.png", "router", thr)
+    if figures.router_layers(records, keys.ROUTER):
+        fig["training"] = figures.training_curves(records, d / "training_router.png", keys.ROUTER, thr)
+        fig["collapse"] = figures.collapse_trajectory(records, d / "collapse.png", keys.ROUTER, thr)
     if not m["is_moe"]:
         return
     for L in m["layers"]:

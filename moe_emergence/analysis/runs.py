@@ -3,7 +3,7 @@
 A run folder (written by ``scripts/train.py``) holds ``config.yaml`` (resolved run config with ``data:`` and
 ``model:`` blocks), ``metrics.jsonl`` (one JSON record per logged step), ``checkpoints/step_N/``
 (``accelerator.save_state`` + ``meta.json``) and ``final/`` (``save_pretrained`` model + tokenizer).
-Shapes: B blocks, L = seq_len tokens per block.
+Shapes (legend: docs/architecture.md): B rows (eval blocks), S = ``seq_len`` positions, M domains.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def load_checkpoint_model(run: Run, folder: Path, device: str | torch.device = "
 
 @dataclass
 class EvalSet:
-    """Eval blocks, numpy ``[B, L]``: input_ids, attention_mask, domain_ids (-1 on padding);
+    """Eval blocks, numpy ``[B, S]``: input_ids, attention_mask, domain_ids (-1 on padding);
     ``rows`` are the blocks' indices in the corpus eval split, ``fingerprint`` a hash of the token ids."""
 
     input_ids: np.ndarray
@@ -208,26 +208,26 @@ class EvalSet:
         return h.hexdigest()[:16]
 
 
-def block_domains(domain_ids_BL: np.ndarray) -> np.ndarray:
+def block_domains(domain_ids_BS: np.ndarray) -> np.ndarray:
     """``[B]`` the most frequent domain id of each block's real tokens (-1 for an empty block)."""
-    out = np.full(domain_ids_BL.shape[0], -1)
-    for b, row in enumerate(domain_ids_BL):
+    out = np.full(domain_ids_BS.shape[0], -1)
+    for b, row in enumerate(domain_ids_BS):
         row = row[row >= 0]
         if len(row):
             out[b] = np.bincount(row).argmax()
     return out
 
 
-def select_blocks(domain_ids_BL: np.ndarray, num_domains: int, max_blocks: int | None) -> np.ndarray:
-    """Indices of at most ``max_blocks`` blocks: the FIRST ceil(max_blocks / D) blocks of each domain, in
+def select_blocks(domain_ids_BS: np.ndarray, num_domains: int, max_blocks: int | None) -> np.ndarray:
+    """Indices of at most ``max_blocks`` blocks: the FIRST ceil(max_blocks / M) blocks of each domain, in
     corpus order (so documents stay whole where they fit). None = every block."""
-    all_rows = np.arange(domain_ids_BL.shape[0])
+    all_rows = np.arange(domain_ids_BS.shape[0])
     if max_blocks is None:
         return all_rows
     if max_blocks < 1:
         raise ValueError(f"max_blocks={max_blocks} must be >= 1 (or None for all eval blocks)")
     per = math.ceil(max_blocks / num_domains)
-    dom = block_domains(domain_ids_BL)
+    dom = block_domains(domain_ids_BS)
     keep = np.concatenate([all_rows[dom == d][:per] for d in range(num_domains)])
     return np.sort(keep)
 

@@ -1,6 +1,7 @@
 """Turn collected routing (and a model's weights) into the numbers of metrics.json, with bootstrap CIs.
 
-Shapes: N tokens, K experts per token, E experts, D domains, T token types, M documents, P parameters.
+Shapes (legend: docs/architecture.md): N tokens, K experts per token, E experts, M domains, Y token types,
+Z documents, P flattened parameters of one expert, B rows (eval blocks), S positions.
 Everything returned is plain JSON (floats, lists, dicts with string keys).
 """
 
@@ -21,15 +22,15 @@ def _doc_strata(routing: Routing, docs: np.ndarray) -> np.ndarray:
 def loss_by_domain(routing: Routing, n_boot: int, seed: int) -> dict:
     """Token-weighted mean next-token loss per domain (and ``all``) with document-bootstrap CIs; also ppl."""
     ok = ~np.isnan(routing.nll)
-    D = len(routing.domains)
+    M = len(routing.domains)
     vals = np.stack([np.ones(ok.sum()), routing.nll[ok]], 1)
-    tables, docs = m.per_document_sums(routing.doc[ok], routing.domain[ok], vals, D)
+    tables, docs = m.per_document_sums(routing.doc[ok], routing.domain[ok], vals, M)
 
-    def stat(t_D2: np.ndarray) -> np.ndarray:
-        per = t_D2[:, 1] / np.maximum(t_D2[:, 0], 1e-300)
-        return np.append(per, t_D2[:, 1].sum() / max(t_D2[:, 0].sum(), 1e-300))
+    def stat(t_M2: np.ndarray) -> np.ndarray:
+        per = t_M2[:, 1] / np.maximum(t_M2[:, 0], 1e-300)
+        return np.append(per, t_M2[:, 1].sum() / max(t_M2[:, 0].sum(), 1e-300))
 
-    ci = m.bootstrap_ci(tables, stat, n_boot, seed, strata_M=_doc_strata(routing, docs))
+    ci = m.bootstrap_ci(tables, stat, n_boot, seed, strata_Z=_doc_strata(routing, docs))
     out = {}
     for i, name in enumerate([*routing.domains, "all"]):
         out[name] = {k: (v[i] if isinstance(v, list) else v) for k, v in ci.items()}
@@ -39,19 +40,19 @@ def loss_by_domain(routing: Routing, n_boot: int, seed: int) -> dict:
 
 def layer_summary(routing: Routing, layer: int, n_boot: int, seed: int, min_count: int = 10) -> dict:
     """Every routing metric of one MoE layer (see ``metrics`` for the formulas)."""
-    E, K, D = routing.num_experts, routing.top_k, len(routing.domains)
+    E, K, M = routing.num_experts, routing.top_k, len(routing.domains)
     topk_NK = routing.topk[layer]
     top1_N = topk_NK[:, 0]
     probs_NE = routing.probs[layer]
-    counts_DE = m.joint_counts(routing.domain, topk_NK, D, E)
-    tokens_D = np.bincount(routing.domain, minlength=D).astype(float)
+    counts_ME = m.joint_counts(routing.domain, topk_NK, M, E)
+    tokens_M = np.bincount(routing.domain, minlength=M).astype(float)
     usage = m.expert_usage(topk_NK, E)
 
-    tables, docs = m.per_document_tables(routing.doc, routing.domain, top1_N, (D, E))
+    tables, docs = m.per_document_tables(routing.doc, routing.domain, top1_N, (M, E))
     strata = _doc_strata(routing, docs)
     mi = m.bootstrap_ci(tables, m.mutual_information, n_boot, seed, strata)
     nmi = m.bootstrap_ci(tables, m.normalized_mutual_information, n_boot, seed, strata)
-    spec = m.domain_specialization(counts_DE, tokens_D)
+    spec = m.domain_specialization(counts_ME, tokens_M)
     vocab, n_ids = m.vocabulary_specialization(routing.token_ids, topk_NK, E, min_count)
     out = {
         "num_experts": E,
@@ -62,8 +63,8 @@ def layer_summary(routing: Routing, layer: int, n_boot: int, seed: int, min_coun
         "dead_experts": int((usage == 0).sum()),
         "mean_token_entropy": float(-(probs_NE * np.log(np.clip(probs_NE, 1e-30, None))).sum(1).mean()),
         "marginal_entropy": m.entropy(probs_NE.mean(0)),
-        "domain_expert_counts": counts_DE.tolist(),
-        "domain_expert_fractions": m.row_fractions(counts_DE).tolist(),
+        "domain_expert_counts": counts_ME.tolist(),
+        "domain_expert_fractions": m.row_fractions(counts_ME).tolist(),
         "domain_mi": mi,
         "domain_nmi": nmi,
         "domain_specialization": spec.tolist(),
@@ -74,9 +75,9 @@ def layer_summary(routing: Routing, layer: int, n_boot: int, seed: int, min_coun
     }
     code = routing.token_type >= 0
     if code.any():
-        t_counts = m.joint_counts(routing.token_type[code], topk_NK[code], len(TOKEN_TYPES), E)
-        out["token_type_counts"] = t_counts.tolist()
-        out["token_type_fractions"] = m.row_fractions(t_counts).tolist()
+        counts_YE = m.joint_counts(routing.token_type[code], topk_NK[code], len(TOKEN_TYPES), E)
+        out["token_type_counts"] = counts_YE.tolist()
+        out["token_type_fractions"] = m.row_fractions(counts_YE).tolist()
         t_tables, t_docs = m.per_document_tables(
             routing.doc[code], routing.token_type[code], topk_NK[code][:, 0], (len(TOKEN_TYPES), E)
         )
@@ -87,11 +88,11 @@ def layer_summary(routing: Routing, layer: int, n_boot: int, seed: int, min_coun
 def routing_summary(routing: Routing, n_boot: int = 1000, seed: int = 0) -> dict:
     """metrics.json section of one model on one eval set."""
     docs, doc_dom = routing.doc_domain
-    D = len(routing.domains)
+    M = len(routing.domains)
     out = {
         "domains": routing.domains,
-        "tokens": dict(zip(routing.domains, np.bincount(routing.domain, minlength=D).tolist(), strict=True)),
-        "documents": dict(zip(routing.domains, np.bincount(doc_dom, minlength=D).tolist(), strict=True)),
+        "tokens": dict(zip(routing.domains, np.bincount(routing.domain, minlength=M).tolist(), strict=True)),
+        "documents": dict(zip(routing.domains, np.bincount(doc_dom, minlength=M).tolist(), strict=True)),
         "loss": loss_by_domain(routing, n_boot, seed),
         "is_moe": bool(routing.topk),
     }
@@ -115,16 +116,16 @@ def routing_summary(routing: Routing, n_boot: int = 1000, seed: int = 0) -> dict
 
 def ablation_summary(ablation: dict, routing: Routing, n_boot: int, seed: int) -> dict:
     """Per layer, expert and domain: ablated loss, delta vs base, and a document-bootstrap CI of the delta."""
-    D = len(routing.domains)
+    M = len(routing.domains)
     base_ok = ~np.isnan(routing.nll)
     out = {"base": ablation["base"], "layers": {}}
     for layer, res in ablation["layers"].items():
         per_e = []
-        for e, nll_BL in res["nll"].items():
-            abl_N = _flat_like(nll_BL, routing)
+        for e, nll_BS in res["nll"].items():
+            abl_N = _flat_like(nll_BS, routing)
             ok = base_ok & ~np.isnan(abl_N)
             vals = np.stack([np.ones(ok.sum()), abl_N[ok] - routing.nll[ok]], 1)
-            tables, docs = m.per_document_sums(routing.doc[ok], routing.domain[ok], vals, D)
+            tables, docs = m.per_document_sums(routing.doc[ok], routing.domain[ok], vals, M)
             ci = m.bootstrap_ci(
                 tables,
                 lambda t: t[:, 1] / np.maximum(t[:, 0], 1e-300),
@@ -145,8 +146,8 @@ def ablation_summary(ablation: dict, routing: Routing, n_boot: int, seed: int) -
     return out
 
 
-def _flat_like(x_BL: np.ndarray, routing: Routing) -> np.ndarray:
-    return x_BL[routing.block, routing.pos]
+def _flat_like(x_BS: np.ndarray, routing: Routing) -> np.ndarray:
+    return x_BS[routing.block, routing.pos]
 
 
 def expert_weights(model) -> dict[int, np.ndarray]:

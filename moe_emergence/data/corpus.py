@@ -1,10 +1,12 @@
 """build_corpus: sources -> document split -> tokenizer -> pack -> mix, cached by fingerprint; collate_blocks.
 
-Shapes: ``B`` rows of ``L = seq_len`` tokens. A prepared corpus is a folder ``train/`` and ``eval/``
-(``datasets.Dataset.save_to_disk``, columns ``input_ids``, ``attention_mask``, ``domain_ids``),
-``tokenizer/`` (``save_pretrained``) and ``stats.json``. The cache keeps one such folder per
-fingerprint (sources, documents, tokenizer, seq_len, seed, packing and mixing options), written to a
-temporary folder and renamed into place, so an interrupted or failed build leaves nothing behind.
+Shapes (legend: docs/architecture.md): B rows of S = ``seq_len`` positions.
+
+A prepared corpus is a folder ``train/`` and ``eval/`` (``datasets.Dataset.save_to_disk``, columns
+``input_ids``, ``attention_mask``, ``domain_ids``), ``tokenizer/`` (``save_pretrained``) and ``stats.json``.
+The cache keeps one such folder per fingerprint (sources, documents, tokenizer, seq_len, seed, packing and
+mixing options), written to a temporary folder and renamed into place, so an interrupted or failed build
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -136,9 +138,9 @@ def _bpe_training_texts(splits: Mapping[str, tuple[list[str], list[str]]], max_c
     return texts
 
 
-def _to_dataset(ids_NL: np.ndarray, mask_NL: np.ndarray, dom_NL: np.ndarray) -> Dataset:
+def _to_dataset(ids_BS: np.ndarray, mask_BS: np.ndarray, dom_BS: np.ndarray) -> Dataset:
     return Dataset.from_dict(
-        {"input_ids": ids_NL.tolist(), "attention_mask": mask_NL.tolist(), "domain_ids": dom_NL.tolist()}
+        {"input_ids": ids_BS.tolist(), "attention_mask": mask_BS.tolist(), "domain_ids": dom_BS.tolist()}
     )
 
 
@@ -263,12 +265,12 @@ def load_corpus(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = No
 
 
 def collate_blocks(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
-    """Stack packed rows into LongTensors [B, L]: input_ids, attention_mask, labels (input_ids with -100
+    """Stack packed rows into LongTensors [B, S]: input_ids, attention_mask, labels (input_ids with -100
     on padding) and domain_ids (-1 on padding)."""
     if isinstance(rows, Mapping):  # a batched slice of a Dataset: column -> rows
         rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
     batch = {c: torch.tensor([r[c] for r in rows], dtype=torch.long) for c in COLUMNS}
-    pad_BL = batch["attention_mask"] == 0
-    batch["labels"] = batch["input_ids"].masked_fill(pad_BL, -100)
-    batch["domain_ids"] = batch["domain_ids"].masked_fill(pad_BL, -1)
+    pad_BS = batch["attention_mask"] == 0
+    batch["labels"] = batch["input_ids"].masked_fill(pad_BS, -100)
+    batch["domain_ids"] = batch["domain_ids"].masked_fill(pad_BS, -1)
     return batch

@@ -1,7 +1,8 @@
 """Pipeline steps: document-level split, token budgets for mixing, and packing with per-token domain ids.
 
-Shapes: ``N`` blocks of ``L = seq_len`` tokens; packed arrays are ``ids_NL`` (token ids), ``mask_NL``
-(1 = real token, 0 = padding) and ``dom_NL`` (domain id per token, -1 on padding).
+Shapes (legend: docs/architecture.md): B packed rows (blocks) of S = ``seq_len`` positions; packed arrays
+are ``ids_BS`` (token ids), ``mask_BS`` (1 = real token, 0 = padding) and ``dom_BS`` (domain id per token,
+-1 on padding).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def truncate_to_budget(docs_ids: Sequence[np.ndarray], budget: int) -> list[np.n
 def pack_documents(
     docs: Sequence[tuple[np.ndarray, int]], seq_len: int, pad_id: int, cross_documents: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pack (token ids, domain id) documents into blocks; returns (ids_NL, mask_NL, dom_NL).
+    """Pack (token ids, domain id) documents into blocks; returns (ids_BS, mask_BS, dom_BS).
 
     With ``cross_documents`` the documents are concatenated in order and cut every ``seq_len`` tokens;
     otherwise every document starts a new block. The last block of a stream or document is padded.
@@ -78,15 +79,17 @@ def pack_documents(
     else:
         streams = [(ids, np.full(len(ids), d, np.int64)) for ids, d in docs]
     ids_blocks, dom_blocks, mask_blocks = [], [], []
-    for ids_S, dom_S in streams:
-        n_blocks = -(-len(ids_S) // seq_len)
+    for stream_ids, stream_dom in streams:
+        n_blocks = -(-len(stream_ids) // seq_len)
         if n_blocks == 0:
             continue
-        pad = n_blocks * seq_len - len(ids_S)
-        ids_blocks.append(np.concatenate([ids_S, np.full(pad, pad_id, np.int64)]).reshape(n_blocks, seq_len))
-        dom_blocks.append(np.concatenate([dom_S, np.full(pad, -1, np.int64)]).reshape(n_blocks, seq_len))
+        pad = n_blocks * seq_len - len(stream_ids)
+        ids_blocks.append(
+            np.concatenate([stream_ids, np.full(pad, pad_id, np.int64)]).reshape(n_blocks, seq_len)
+        )
+        dom_blocks.append(np.concatenate([stream_dom, np.full(pad, -1, np.int64)]).reshape(n_blocks, seq_len))
         mask = np.ones(n_blocks * seq_len, np.int64)
-        mask[len(ids_S) :] = 0
+        mask[len(stream_ids) :] = 0
         mask_blocks.append(mask.reshape(n_blocks, seq_len))
     if not ids_blocks:
         empty = np.zeros((0, seq_len), np.int64)
@@ -119,12 +122,12 @@ def pack_split(
 
 
 def block_stats(
-    mask_NL: np.ndarray, dom_NL: np.ndarray, domains: Sequence[str], documents: Sequence[int]
+    mask_BS: np.ndarray, dom_BS: np.ndarray, domains: Sequence[str], documents: Sequence[int]
 ) -> dict[str, dict[str, int]]:
     """Per domain: documents, real tokens and blocks holding at least one of its tokens."""
     out = {}
     for d, name in enumerate(domains):
-        is_d = (dom_NL == d) & (mask_NL == 1)
+        is_d = (dom_BS == d) & (mask_BS == 1)
         out[name] = {
             "documents": int(documents[d]),
             "tokens": int(is_d.sum()),

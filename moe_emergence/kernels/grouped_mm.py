@@ -1,6 +1,7 @@
 """``grouped_mm`` backend: the expert MLPs as ``torch._grouped_mm`` calls over expert-sorted rows.
 
-Shapes: T tokens, D model width, F intermediate width, E experts, K experts per token, A = T * K.
+Shapes (legend: docs/architecture.md): T tokens, D model width, F expert intermediate width, E experts,
+K experts per token, A = T * K assignments.
 Rows ``*_A?`` are in the sorted order of ``routing_meta`` (expert e owns rows offsets[e]:offsets[e+1]).
 
 Forward: gather x rows (x_AD), z_AF = x_AD @ w1[e] (+ b1[e] added in place by ``addmm_`` with a

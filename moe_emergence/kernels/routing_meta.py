@@ -1,6 +1,6 @@
 """Routing metadata: the T*K (token, expert) assignments sorted by expert, without host syncs.
 
-Shapes: T tokens, K experts per token, A = T * K assignments, E experts.
+Shapes (legend: docs/architecture.md): T tokens, K experts per token, A = T * K assignments, E experts.
 An assignment ``a = t * K + k`` sends token ``t`` to expert ``indices_TK[t, k]``. Sorting the A
 assignments by expert (stably) gives "sorted order": position ``r`` holds assignment ``order_A[r]``,
 whose token is ``token_A[r]`` and expert ``expert_A[r]``. Expert ``e`` owns the sorted rows

@@ -1,7 +1,8 @@
 """``triton`` backend: ScatterMoE-style expert MLPs on the Triton kernels of ``triton_kernels``, registered as
 ``torch.library`` custom ops so that ``torch.compile`` keeps them in its graph (no graph break).
 
-Shapes: T tokens, D model width, F intermediate width, E experts, K experts per token, A = T * K.
+Shapes (legend: docs/architecture.md): T tokens, D model width, F expert intermediate width, E experts,
+K experts per token, A = T * K assignments.
 Rows ``*_A?`` are in the expert-sorted order of ``routing_meta``; token-order tensors are ``*_T?``.
 
 Forward:  z, a = gelu(x[token] @ w1 + b1) (sorted);  y[slot] = w[slot] * (a @ w2 + b2), slot = assignment

@@ -1,7 +1,10 @@
 """The Triton GEMM kernels of the ``triton`` backend and their launchers (``triton_experts`` registers the ops;
 the row-wise kernels and the expert-block layout are in ``triton_rowwise``).
 
-Shapes: T tokens, D model width, F intermediate width, E experts, K experts per token, A = T * K.
+Shapes (legend: docs/architecture.md): T tokens, D model width, F expert intermediate width, E experts,
+K experts per token, A = T * K assignments, I and O a GEMM's input and output width (``w_EIO``; ``I_``,
+``O_`` as Python names). Inside the kernels, ``M``, ``N``, ``K`` and the tiles ``BLOCK_M``, ``BLOCK_N``,
+``BLOCK_K`` keep the usual GEMM naming (rows, output columns, reduction), not the legend's.
 Rows ``*_A?`` are in the expert-sorted order of ``routing_meta`` (expert e owns rows
 offsets[e]:offsets[e+1]); token-order tensors are ``*_T?``. Row blocks are laid out expert after expert
 (``triton_rowwise.expert_block``), so no block mixes two experts' rows.
@@ -15,7 +18,7 @@ Kernels:
                     Optionally the float32 column sums of each row block's result (bias-gradient partials).
                     W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper).
                     One tile per program, or persistent (one program per SM looping over the tiles).
-  ``_wgrad_kernel`` dW[e] = X[rows_e]^T @ G[rows_e] over expert e's sorted rows (TMA loads measured no faster).
+  ``_wgrad_kernel`` dW[e] = x[rows_e]^T @ g[rows_e] over expert e's sorted rows (TMA loads measured no faster).
 Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used.
 """
 
@@ -82,7 +85,7 @@ ROWS_SHAPES: list[TileShape] = [
     (128, 256, 64, 8, 4, False),
     (128, 256, 64, 8, 4, True),
     (128, 128, 128, 8, 3, False),
-    (128, 128, 128, 8, 3, True),  # down and dX (N = 768), E=8 T=8192
+    (128, 128, 128, 8, 3, True),  # down and dX (O = 768), E=8 T=8192
     (256, 128, 64, 8, 3, False),
     (64, 128, 64, 4, 3, False),
 ]
@@ -281,36 +284,36 @@ def _programs_per_device(device: torch.device) -> int:
 
 
 def launch_rows(
-    inp, w_EKN, out, meta: RoutingMeta, *, bias=None, aux=None, scale=None, gather=False, scatter=False,
+    inp, w_EIO, out, meta: RoutingMeta, *, bias=None, aux=None, scale=None, gather=False, scatter=False,
     epilogue=EPI_NONE, bias_grad=False, grad_dtype=None, tma=True, prefetch=True,
 ):  # fmt: skip
-    """out[out rows] = epilogue(inp[in rows] @ w_EKN[e]); ``w_EKN`` may be a transposed view; ``scale`` holds
+    """out[out rows] = epilogue(inp[in rows] @ w_EIO[e]); ``w_EIO`` may be a transposed view; ``scale`` holds
     one routing weight per assignment (assignment order: [T, K] or flat). With ``bias_grad``
-    returns the per-expert column sums of the result [E, N] (float32 sums, in ``grad_dtype``, default out's
+    returns the per-expert column sums of the result [E, O] (float32 sums, in ``grad_dtype``, default out's
     dtype), else None.
     ``tma=False`` forces plain pointer loads, ``prefetch=False`` loads z after the main loop (benchmarks)."""
     A, E = meta.order_A.numel(), meta.num_experts
-    K, N = w_EKN.shape[1:]
+    I_, O_ = w_EIO.shape[1:]
     aux = out if aux is None else aux
     bias = out if bias is None else bias
-    w_trans = w_EKN.stride(1) == 1 and w_EKN.stride(2) != 1  # a transposed view of an [E, N, K] weight
-    w_base = w_EKN.transpose(1, 2) if w_trans else w_EKN
+    w_trans = w_EIO.stride(1) == 1 and w_EIO.stride(2) != 1  # a transposed view of an [E, O, I] weight
+    w_base = w_EIO.transpose(1, 2) if w_trans else w_EIO
     w_desc = _descriptor(w_base) if tma and _tma_ok(w_base) else None
     in_desc = _descriptor(inp) if tma and not gather and _tma_ok(inp) else None
     part = out  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block, for the smallest BLOCK_M the autotuner may pick
         max_blocks = triton.cdiv(A, min(c.kwargs["BLOCK_M"] for c in ROWS_CONFIGS)) + E
-        part = torch.empty(max_blocks, N, device=out.device, dtype=torch.float32)
+        part = torch.empty(max_blocks, O_, device=out.device, dtype=torch.float32)
 
     def grid(meta_):
-        tiles = (triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(N, meta_["BLOCK_N"])  # an upper bound
+        tiles = (triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(O_, meta_["BLOCK_N"])  # an upper bound
         return (min(tiles, _programs_per_device(out.device)) if meta_["PERSISTENT"] else tiles,)
 
     _rows_kernel[grid](
-        inp, in_desc, w_EKN, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
+        inp, in_desc, w_EIO, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
         meta.token_A if gather else meta.order_A, meta.order_A, meta.offsets_E1,
-        triton.next_power_of_2(A), N, K, E,
-        inp.stride(0), inp.stride(1), *w_EKN.stride(), bias.stride(0), out.stride(0), aux.stride(0),
+        triton.next_power_of_2(A), O_, I_, E,
+        inp.stride(0), inp.stride(1), *w_EIO.stride(), bias.stride(0), out.stride(0), aux.stride(0),
         EPILOGUE=epilogue, GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not out,
         SCALE=scale is not None, COL_SUMS=bias_grad, PREFETCH_AUX=prefetch,
         IN_TMA=in_desc is not None, W_TMA=w_desc is not None,
@@ -324,16 +327,16 @@ def launch_rows(
 
 
 def launch_wgrad(x, g, meta: RoutingMeta, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """dW [E, x cols, g cols] = sum over each expert's sorted rows r of x[r]^T g[r] (float32 sums, stored in
-    ``dtype``, default x's)."""
-    E, M, N = meta.num_experts, x.shape[1], g.shape[1]
-    dw = torch.empty(E, M, N, device=x.device, dtype=dtype or x.dtype)
+    """dW ``[E, I, O]`` = sum over each expert's sorted rows r of x[r]^T g[r] (x ``[A, I]``, g ``[A, O]``;
+    float32 sums, stored in ``dtype``, default x's)."""
+    E, I_, O_ = meta.num_experts, x.shape[1], g.shape[1]
+    dw = torch.empty(E, I_, O_, device=x.device, dtype=dtype or x.dtype)
 
     def grid(meta_):
-        return (E * triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)
+        return (E * triton.cdiv(I_, meta_["BLOCK_M"]) * triton.cdiv(O_, meta_["BLOCK_N"]),)
 
     _wgrad_kernel[grid](
-        x, g, dw, meta.offsets_E1, M, N, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
+        x, g, dw, meta.offsets_E1, I_, O_, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
         PRECISION=_precision(x.dtype),
     )  # fmt: skip
     return dw

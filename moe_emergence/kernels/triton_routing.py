@@ -1,10 +1,11 @@
 """The ``triton`` backend's routing metadata: ``routing_meta``'s sorted order by a stable counting sort in two
 Triton kernels, instead of torch's radix sort, ``searchsorted`` and index arithmetic (~8 small kernels).
 
-Shapes: A = T * K assignments (``a = t * K + k``), E experts, C chunks of BLOCK consecutive assignments.
-  ``_count_kernel``  counts[c, e] = how many assignments of chunk c go to expert e.
-  ``_place_kernel``  the sorted position of assignment a (expert e, chunk c) = offsets[e] + (assignments to e
-                     in chunks before c) + (assignments to e before a in chunk c): assignments keep their order
+Shapes (legend: docs/architecture.md): T tokens, K experts per token, A = T * K assignments
+(``a = t * K + k``), E experts, G chunks of BLOCK consecutive assignments.
+  ``_count_kernel``  counts[g, e] = how many assignments of chunk g go to expert e.
+  ``_place_kernel``  the sorted position of assignment a (expert e, chunk g) = offsets[e] + (assignments to e
+                     in chunks before g) + (assignments to e before a in chunk g): assignments keep their order
                      within an expert, as ``torch.sort(stable=True)`` keeps it. Writes order, token and expert
                      at that position; chunk 0 also writes offsets.
 The result is ``RoutingMeta``, identical to ``routing_meta.routing_meta`` (the torch reference the tests
@@ -24,29 +25,29 @@ _TILE = 16384  # entries of a chunk's one-hot tile [BLOCK, E_POW2]
 
 @triton.jit
 def _count_kernel(idx_ptr, counts_ptr, A, BLOCK: tl.constexpr, E_POW2: tl.constexpr):
-    c = tl.program_id(0)
-    a = c * BLOCK + tl.arange(0, BLOCK)
+    g = tl.program_id(0)
+    a = g * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(idx_ptr + a, mask=a < A, other=-1)
     e_idx = tl.arange(0, E_POW2)
     onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)
-    tl.store(counts_ptr + c * E_POW2 + e_idx, tl.sum(onehot, 0))
+    tl.store(counts_ptr + g * E_POW2 + e_idx, tl.sum(onehot, 0))
 
 
 @triton.jit
 def _place_kernel(
-    idx_ptr, counts_ptr, order_ptr, token_ptr, expert_ptr, offsets_ptr, A, E, C, K,
-    BLOCK: tl.constexpr, E_POW2: tl.constexpr, C_POW2: tl.constexpr,
+    idx_ptr, counts_ptr, order_ptr, token_ptr, expert_ptr, offsets_ptr, A, E, G, K,
+    BLOCK: tl.constexpr, E_POW2: tl.constexpr, G_POW2: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
+    g = tl.program_id(0)
     e_idx = tl.arange(0, E_POW2)
-    chunks = tl.arange(0, C_POW2)
+    chunks = tl.arange(0, G_POW2)
     counts = tl.load(
-        counts_ptr + chunks[:, None] * E_POW2 + e_idx[None, :], mask=chunks[:, None] < C, other=0
-    )  # [C_POW2, E_POW2]
+        counts_ptr + chunks[:, None] * E_POW2 + e_idx[None, :], mask=chunks[:, None] < G, other=0
+    )  # [G_POW2, E_POW2]
     total_E = tl.sum(counts, 0)
     offsets_E = tl.cumsum(total_E, 0) - total_E  # exclusive: start of each expert's rows (A past the last)
-    base_E = offsets_E + tl.sum(tl.where(chunks[:, None] < c, counts, 0), 0)
-    a = c * BLOCK + tl.arange(0, BLOCK)
+    base_E = offsets_E + tl.sum(tl.where(chunks[:, None] < g, counts, 0), 0)
+    a = g * BLOCK + tl.arange(0, BLOCK)
     in_range = a < A
     ids = tl.load(idx_ptr + a, mask=in_range, other=-1)
     onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)  # [BLOCK, E_POW2]
@@ -55,7 +56,7 @@ def _place_kernel(
     tl.store(order_ptr + pos, a.to(tl.int64), mask=in_range)
     tl.store(token_ptr + pos, (a // K).to(tl.int64), mask=in_range)
     tl.store(expert_ptr + pos, ids, mask=in_range)
-    if c == 0:
+    if g == 0:
         tl.store(offsets_ptr + e_idx, offsets_E.to(tl.int64), mask=e_idx <= E)
 
 
@@ -96,7 +97,7 @@ def _routing(
     _count_kernel[(chunks,)](flat_A, counts, A, BLOCK=block, E_POW2=e_pow2)
     _place_kernel[(chunks,)](
         flat_A, counts, order_A, token_A, expert_A, offsets_E1, A, E, chunks, K,
-        BLOCK=block, E_POW2=e_pow2, C_POW2=triton.next_power_of_2(chunks),
+        BLOCK=block, E_POW2=e_pow2, G_POW2=triton.next_power_of_2(chunks),
     )  # fmt: skip
     return order_A, token_A, expert_A, offsets_E1
 

@@ -1,7 +1,8 @@
 """The ``triton`` backend's row-wise Triton kernels, and the expert-block layout its GEMMs share.
 
-Shapes: T tokens, D model width, E experts, K experts per token, A = T * K; rows ``*_A?`` in the expert-sorted
-order of ``routing_meta`` (expert e owns rows offsets[e]:offsets[e+1]).
+Shapes (legend: docs/architecture.md): T tokens, D model width, E experts, K experts per token, A = T * K
+assignments, O a GEMM's output width; rows ``*_A?`` in the expert-sorted order of ``routing_meta``
+(expert e owns rows offsets[e]:offsets[e+1]).
 
   ``block_layout`` / ``block_at`` / ``expert_block``  row blocks of BLOCK_M rows laid out expert after
                     expert: which expert and rows a block covers (no block mixes two experts' rows).
@@ -119,12 +120,13 @@ def e_pow2(E: int) -> int:
 
 
 def segment_sums(part: torch.Tensor, meta: RoutingMeta, block_m: int, dtype: torch.dtype) -> torch.Tensor:
-    """[E, N] per-expert sums of the row-block partials ``part`` [blocks, N] (blocks of ``block_m`` rows)."""
-    E, N = meta.num_experts, part.shape[1]
-    out = torch.empty(E, N, device=part.device, dtype=dtype)
+    """``[E, O]`` per-expert sums of the row-block partials ``part`` ``[blocks, O]`` (blocks of ``block_m``
+    rows; O the width of the summed rows)."""
+    E, O_ = meta.num_experts, part.shape[1]
+    out = torch.empty(E, O_, device=part.device, dtype=dtype)
     block_n = 16 if INTERPRET else 32
-    _segsum_kernel[(E, triton.cdiv(N, block_n))](
-        part, out, meta.offsets_E1, N, E, BLOCK_M=block_m, E_POW2=e_pow2(E), BLOCK_B=16, BLOCK_N=block_n
+    _segsum_kernel[(E, triton.cdiv(O_, block_n))](
+        part, out, meta.offsets_E1, O_, E, BLOCK_M=block_m, E_POW2=e_pow2(E), BLOCK_B=16, BLOCK_N=block_n
     )
     return out
 

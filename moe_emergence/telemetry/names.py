@@ -2,6 +2,8 @@
 
 The rest of the package (trainer, guard, telemetry, analysis, scripts) imports these; a key's text is
 part of the run folder's format (``metrics.jsonl``, wandb), so changing one here changes it everywhere.
+Readers of ``metrics.jsonl`` take keys apart here too: ``parse_layer_key``, ``parse_expert_frac``,
+``parse_domain_loss``.
 
 Layout::
 
@@ -50,31 +52,37 @@ ROUTING_STATS = (
 )
 EVAL_LM_LOSS = "eval/lm_loss"
 _LAYER_RE = re.compile(r"^(?P<prefix>[a-z_]+)/layer(?P<layer>\d+)/(?P<name>.+)$")
+_EXPERT_FRAC_RE = re.compile(r"^expert(?P<expert>\d+)_frac$")
+
+
+def join(prefix: str, name: str) -> str:
+    """``<prefix>/<name>``: the one way a key joins its prefix and name, e.g. ``join(TRAIN, "loss")``."""
+    return f"{prefix}/{name}"
 
 
 def lm_loss(prefix: str = EVAL) -> str:
     """``eval/lm_loss``: mean next-token loss over all domains' tokens."""
-    return f"{prefix}/lm_loss"
+    return join(prefix, "lm_loss")
 
 
 def domain_loss(domain: str, prefix: str = EVAL) -> str:
     """``eval/loss_<domain>``: mean next-token loss of one domain."""
-    return f"{prefix}/loss_{domain}"
+    return join(prefix, f"loss_{domain}")
 
 
 def domain_ppl(domain: str, prefix: str = EVAL) -> str:
     """``eval/ppl_<domain>``: exp of ``domain_loss``."""
-    return f"{prefix}/ppl_{domain}"
+    return join(prefix, f"ppl_{domain}")
 
 
 def layer_prefix(prefix: str, layer: int | str) -> str:
     """``<prefix>/layer<i>``: the prefix of one MoE layer's keys (``prefix`` ``router`` or ``eval_router``)."""
-    return f"{prefix}/layer{layer}"
+    return join(prefix, f"layer{layer}")
 
 
 def layer_key(prefix: str, layer: int | str, name: str) -> str:
     """``<prefix>/layer<i>/<name>``, e.g. ``layer_key(ROUTER, 3, "max_frac")``."""
-    return f"{layer_prefix(prefix, layer)}/{name}"
+    return join(layer_prefix(prefix, layer), name)
 
 
 def expert_frac(expert: int) -> str:
@@ -91,3 +99,15 @@ def parse_layer_key(key: str) -> tuple[str, int, str] | None:
     """``(prefix, layer, name)`` of a per-layer key, or None for any other key."""
     m = _LAYER_RE.match(key)
     return None if m is None else (m["prefix"], int(m["layer"]), m["name"])
+
+
+def parse_expert_frac(name: str) -> int | None:
+    """Expert e of a per-layer name ``expert<e>_frac`` (``expert_frac``), or None for any other name."""
+    m = _EXPERT_FRAC_RE.match(name)
+    return None if m is None else int(m["expert"])
+
+
+def parse_domain_loss(key: str, prefix: str = EVAL) -> str | None:
+    """The domain of a ``<prefix>/loss_<domain>`` key (``domain_loss``), or None for any other key."""
+    head = domain_loss("", prefix)
+    return key[len(head) :] if key.startswith(head) else None

@@ -102,9 +102,9 @@ def heatmap_images(joint_counts: dict[int, Any], domains: list[str], prefix: str
     import wandb
 
     out = {}
-    for layer, joint_DE in joint_counts.items():
-        joint_DE = joint_DE.double()
-        p = (joint_DE / joint_DE.sum(1, keepdim=True).clamp_min(1)).numpy()
+    for layer, joint_ME in joint_counts.items():
+        joint_ME = joint_ME.double()
+        p = (joint_ME / joint_ME.sum(1, keepdim=True).clamp_min(1)).numpy()
         fig, ax = plt.subplots(figsize=(1 + 0.5 * p.shape[1], 1 + 0.4 * p.shape[0]))
         im = ax.imshow(p, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(domains)), domains[: p.shape[0]])

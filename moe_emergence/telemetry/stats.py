@@ -1,6 +1,7 @@
 """Routing and evaluation statistics: one formula per function, and device-side accumulators.
 
-Shapes: T tokens, E experts, K experts per token, D domains, N flattened parameters of one expert.
+Shapes (legend: docs/architecture.md): T tokens, E experts, K experts per token, M domains, P flattened
+parameters of one expert.
 Every formula uses natural logarithms (nats) and treats 0 * log 0 as 0.
 
 Accumulators keep running sums on the model's device; ``add`` never synchronises with the host, so
@@ -40,9 +41,9 @@ def coefficient_of_variation(f_E: torch.Tensor) -> float:
     return float(f_E.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
-def mutual_information(joint_counts_DE: torch.Tensor) -> float:
+def mutual_information(joint_counts_ME: torch.Tensor) -> float:
     """I(domain; expert) = sum_{d,e} p(d,e) ln[p(d,e) / (p(d) p(e))] in nats, from a count table."""
-    c = joint_counts_DE.double()
+    c = joint_counts_ME.double()
     total = c.sum()
     if total <= 0:
         return 0.0
@@ -53,26 +54,26 @@ def mutual_information(joint_counts_DE: torch.Tensor) -> float:
     return float(torch.where(p_de > 0, p_de * torch.log(ratio.clamp_min(1e-300)), 0.0).sum())
 
 
-def normalized_mutual_information(joint_counts_DE: torch.Tensor) -> float:
+def normalized_mutual_information(joint_counts_ME: torch.Tensor) -> float:
     """NMI = I(domain; expert) / H(domain), in [0, 1]; 0 when there is a single domain."""
-    h_d = entropy(fractions(joint_counts_DE.double().sum(1)))
-    return mutual_information(joint_counts_DE) / h_d if h_d > 0 else 0.0
+    h_d = entropy(fractions(joint_counts_ME.double().sum(1)))
+    return mutual_information(joint_counts_ME) / h_d if h_d > 0 else 0.0
 
 
-def expert_divergence(weights_EN: torch.Tensor) -> float:
+def expert_divergence(weights_EP: torch.Tensor) -> float:
     """Mean over expert pairs i < j of the cosine distance 1 - cos(w_i, w_j) between flattened expert
     weights; 0 for identical copies (right after ``init: copy`` upcycling), 0 for a single expert."""
-    E = weights_EN.shape[0]
+    E = weights_EP.shape[0]
     if E < 2:
         return 0.0
-    w = torch.nn.functional.normalize(weights_EN.double(), dim=1)
+    w = torch.nn.functional.normalize(weights_EP.double(), dim=1)
     cos_EE = w @ w.T
     i, j = torch.triu_indices(E, E, offset=1)
     return float((1.0 - cos_EE[i, j]).mean())
 
 
 def flat_expert_weights(experts: torch.nn.Module) -> torch.Tensor:
-    """``[E, N]``: every parameter of each expert (w1, b1, w2, b2) flattened and concatenated."""
+    """``[E, P]``: every parameter of each expert (w1, b1, w2, b2) flattened and concatenated."""
     E = experts.w1_EDF.shape[0]
     parts = [_full(p) for p in (experts.w1_EDF, experts.b1_EF, experts.w2_EFD, experts.b2_ED)]
     return torch.cat([p.reshape(E, -1).float() for p in parts], dim=1)
@@ -110,22 +111,22 @@ def variant_metrics(
 
 class RoutingStats:
     """Routing sums of one MoE layer over any number of micro-batches (and, after ``all_reduce``,
-    processes). Layout of the flat buffer: ``tokens_per_expert_E | prob_sum_E | joint_DE | entropy_sum | tokens``.
+    processes). Layout of the flat buffer: ``tokens_per_expert_E | prob_sum_E | joint_ME | entropy_sum | tokens``.
 
     tokens_per_expert_E: routing assignments per expert (all k of every real token).
     prob_sum_E: sum over real tokens of the clean router probabilities.
-    joint_DE: top-1 expert of real tokens per domain (tokens with domain id < 0 are left out).
+    joint_ME: top-1 expert of real tokens per domain (tokens with domain id < 0 are left out).
     entropy_sum: sum over real tokens of the per-token entropy of the clean probabilities.
     tokens: number of real tokens.
     """
 
     def __init__(self, num_experts: int, num_domains: int, device: torch.device | str) -> None:
-        self.E, self.D = num_experts, max(num_domains, 1)
-        self.buf = torch.zeros(2 * self.E + self.D * self.E + 2, dtype=torch.float64, device=device)
+        self.E, self.M = num_experts, max(num_domains, 1)
+        self.buf = torch.zeros(2 * self.E + self.M * self.E + 2, dtype=torch.float64, device=device)
 
     def add(self, r: RouterOutput, mask_T: torch.Tensor, domain_T: torch.Tensor | None = None) -> None:
         """Add one micro-batch (no host sync). ``mask_T`` 1 for real tokens; ``domain_T`` domain ids."""
-        E, D = self.E, self.D
+        E, M = self.E, self.M
         w_T = mask_T.reshape(-1).to(self.buf.device, torch.float64)
         idx_TK = r.topk_indices.detach()
         K = idx_TK.shape[1]
@@ -136,7 +137,7 @@ class RoutingStats:
             domain_T = torch.zeros_like(w_T, dtype=torch.long)
         domain_T = domain_T.reshape(-1).to(self.buf.device)
         valid_T = w_T * (domain_T >= 0)
-        joint = torch.zeros(D * E, dtype=torch.float64, device=self.buf.device)
+        joint = torch.zeros(M * E, dtype=torch.float64, device=self.buf.device)
         joint.index_add_(0, domain_T.clamp_min(0) * E + idx_TK[:, 0], valid_T)
         self.buf += torch.cat(
             [
@@ -156,27 +157,27 @@ class RoutingStats:
         return self.buf[: self.E]
 
     @property
-    def joint_DE(self) -> torch.Tensor:
-        return self.buf[2 * self.E : 2 * self.E + self.D * self.E].reshape(self.D, self.E)
+    def joint_ME(self) -> torch.Tensor:
+        return self.buf[2 * self.E : 2 * self.E + self.M * self.E].reshape(self.M, self.E)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """``{prefix}/expert{i}_frac, entropy, marginal_entropy, max_frac, cv, dead_experts, domain_mi,
         domain_nmi`` from the sums (one host transfer)."""
         buf = self.buf.cpu()
-        E, D = self.E, self.D
+        E, M = self.E, self.M
         tokens_per_expert_E, prob_sum_E = buf[:E], buf[E : 2 * E]
-        joint_DE = buf[2 * E : 2 * E + D * E].reshape(D, E)
+        joint_ME = buf[2 * E : 2 * E + M * E].reshape(M, E)
         entropy_sum, tokens = float(buf[-2]), float(buf[-1])
         f_E = fractions(tokens_per_expert_E)
-        out = {f"{prefix}/{keys.expert_frac(i)}": float(f_E[i]) for i in range(E)}
-        out[f"{prefix}/entropy"] = entropy_sum / tokens if tokens > 0 else 0.0
-        out[f"{prefix}/marginal_entropy"] = entropy(prob_sum_E / tokens) if tokens > 0 else 0.0
-        out[f"{prefix}/max_frac"] = float(f_E.max())
-        out[f"{prefix}/cv"] = coefficient_of_variation(f_E)
-        out[f"{prefix}/dead_experts"] = float((tokens_per_expert_E == 0).sum())
-        out[f"{prefix}/domain_mi"] = mutual_information(joint_DE)
-        out[f"{prefix}/domain_nmi"] = normalized_mutual_information(joint_DE)
-        return out
+        by_name = {keys.expert_frac(i): float(f_E[i]) for i in range(E)}
+        by_name["entropy"] = entropy_sum / tokens if tokens > 0 else 0.0
+        by_name["marginal_entropy"] = entropy(prob_sum_E / tokens) if tokens > 0 else 0.0
+        by_name["max_frac"] = float(f_E.max())
+        by_name["cv"] = coefficient_of_variation(f_E)
+        by_name["dead_experts"] = float((tokens_per_expert_E == 0).sum())
+        by_name["domain_mi"] = mutual_information(joint_ME)
+        by_name["domain_nmi"] = normalized_mutual_information(joint_ME)
+        return {keys.join(prefix, name): v for name, v in by_name.items()}
 
 
 class LayerRoutingStats:
@@ -210,34 +211,34 @@ class LayerRoutingStats:
         return out
 
     def joint_counts(self) -> dict[int, torch.Tensor]:
-        """``{layer: [D, E] top-1 counts}`` on the host (for heatmaps)."""
-        return {i: s.joint_DE.cpu().clone() for i, s in self.layers.items()}
+        """``{layer: [M, E] top-1 counts}`` on the host (for heatmaps)."""
+        return {i: s.joint_ME.cpu().clone() for i, s in self.layers.items()}
 
 
 class DomainLossStats:
     """Token-weighted next-token loss per domain: sums of per-token cross entropy and token counts."""
 
     def __init__(self, num_domains: int, device) -> None:
-        self.D = num_domains
+        self.M = num_domains
         self.buf = torch.zeros(2 * num_domains, dtype=torch.float64, device=device)
 
     def add(self, token_loss_T: torch.Tensor, domain_T: torch.Tensor, mask_T: torch.Tensor) -> None:
         """``token_loss_T`` cross entropy of each predicted token, ``domain_T`` its domain id,
         ``mask_T`` 1 where the token counts (no host sync)."""
         w_T = (mask_T.reshape(-1) > 0) & (domain_T.reshape(-1) >= 0)
-        d_T = domain_T.reshape(-1).clamp_min(0)
+        m_T = domain_T.reshape(-1).clamp_min(0)
         loss_T = torch.where(w_T, token_loss_T.reshape(-1).double(), 0.0)
-        self.buf[: self.D].index_add_(0, d_T, loss_T)
-        self.buf[self.D :].index_add_(0, d_T, w_T.double())
+        self.buf[: self.M].index_add_(0, m_T, loss_T)
+        self.buf[self.M :].index_add_(0, m_T, w_T.double())
 
     def metrics(self, domains: list[str], prefix: str = keys.EVAL) -> dict[str, float]:
         """``{prefix}/lm_loss`` (all tokens) and ``{prefix}/loss_{domain}``, ``{prefix}/ppl_{domain}``."""
         buf = self.buf.cpu()
-        loss_D, n_D = buf[: self.D], buf[self.D :]
-        out = {keys.lm_loss(prefix): float(loss_D.sum() / n_D.sum().clamp_min(1))}
+        loss_M, n_M = buf[: self.M], buf[self.M :]
+        out = {keys.lm_loss(prefix): float(loss_M.sum() / n_M.sum().clamp_min(1))}
         for d, name in enumerate(domains):
-            if n_D[d] > 0:
-                mean = float(loss_D[d] / n_D[d])
+            if n_M[d] > 0:
+                mean = float(loss_M[d] / n_M[d])
                 out[keys.domain_loss(name, prefix)] = mean
                 out[keys.domain_ppl(name, prefix)] = math.exp(min(mean, 80.0))
         return out

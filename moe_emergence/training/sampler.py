@@ -1,6 +1,6 @@
 """Deterministic, resumable order of training blocks, sharded over data-parallel processes.
 
-Epoch e visits the rows in the order ``randperm(N, seed + e)``; every optimizer step takes the next
+Epoch e visits the rows in the order ``randperm(num_rows, seed + e)``; every optimizer step takes the next
 ``batch_size * grad_accum * num_processes`` rows (the tail of an epoch that does not fill a step is
 skipped). Row r of the step's slice goes to micro-batch ``r // (batch_size * num_processes)`` and
 process ``(r // batch_size) % num_processes``, so the same step sees the same rows whether it runs as
@@ -46,10 +46,10 @@ class BlockSampler:
             self.epoch, self.offset = self.epoch + 1, 0
         rows = self._order()[self.offset : self.offset + self.step_rows]
         self.offset += self.step_rows
-        B, P = self.batch_size, self.num_processes
+        B, n_proc = self.batch_size, self.num_processes
         micro = []
         for m in range(self.grad_accum):
-            start = m * B * P + self.process_index * B
+            start = m * B * n_proc + self.process_index * B
             micro.append(rows[start : start + B])
         return micro
 

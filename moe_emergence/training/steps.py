@@ -3,16 +3,16 @@
 Shapes (legend: docs/architecture.md): B rows, S positions, T = B * S tokens, E experts, L MoE layers,
 V vocabulary.
 
-The loss of one optimizer step over ``grad_accum`` micro-batches and P processes is the sum of one
-``losses.moe_objective`` per micro-batch, each with its ``Shares`` of the step:
+The loss of one optimizer step over ``grad_accum`` micro-batches and ``num_processes`` processes is the
+sum of one ``losses.moe_objective`` per micro-batch, each with its ``Shares`` of the step:
     lm = sum over all predicted tokens of the step of CE / number of those tokens (token-weighted, so
-         G x B, 1 x G*B and P processes x B give the same value),
+         grad_accum x B rows, 1 x grad_accum*B rows and num_processes x B rows give the same value),
     z, entropy = the same token weighting (by real input tokens) of the per-token router terms,
     lb = mean over micro-batches (and processes) of the Switch loss; ``balance_scope: global``
          all-reduces the counts behind f_i across processes first,
     loss = lm + lb_coef * lb + z_coef * z + entropy_coef * entropy (coefficients in force this step).
-``accelerator.backward`` divides by ``grad_accum`` and DDP averages over P, so each micro-batch's
-objective is scaled by ``grad_accum * P`` before its backward.
+``accelerator.backward`` divides by ``grad_accum`` and DDP averages over the processes, so each
+micro-batch's objective is scaled by ``grad_accum * num_processes`` before its backward.
 """
 
 from __future__ import annotations
@@ -183,12 +183,12 @@ def train_record(totals: list[float], lrs: dict[str, float], moe: MoEStep | None
     }
 
 
-def token_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token CE ``[B * (L - 1)]`` in float32 (0 where the label is -100)."""
-    V = logits_BLV.shape[-1]
+def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token CE ``[B * (S - 1)]`` in float32 (0 where the label is -100)."""
+    V = logits_BSV.shape[-1]
     return F.cross_entropy(
-        logits_BLV[:, :-1].reshape(-1, V).float(),
-        labels_BL[:, 1:].reshape(-1),
+        logits_BSV[:, :-1].reshape(-1, V).float(),
+        labels_BS[:, 1:].reshape(-1),
         ignore_index=-100,
         reduction="none",
     )

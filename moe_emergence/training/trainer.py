@@ -1,6 +1,6 @@
 """The accelerate training loop: dense phase -> upcycle -> MoE fine-tuning, telemetry, checkpoints, resume.
 
-Shapes: B blocks per micro-batch, L sequence length, T = B * L tokens, E experts.
+Shapes (legend: docs/architecture.md): B rows of a micro-batch, S positions, T = B * S tokens, E experts.
 
 Phases: with ``model.moe`` set, steps ``0 .. upcycle_at_step - 1`` train the dense model; at the start of
 step ``upcycle_at_step`` the dense weights are upcycled (``upcycle(model, model.moe)``), and the model and a
