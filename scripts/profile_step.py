@@ -30,23 +30,18 @@ from moe_emergence.errors import ConfigError, run_cli
 
 
 def _kernel_times(prof) -> dict[str, float]:
-    """Device time (ms) summed over the profiled steps: ``compute`` and one key per NCCL collective kind."""
+    """Device time (ms) of the kernels summed over the profiled steps: ``compute`` and one key per NCCL
+    collective kind (CPU-side ops are left out: they would count their kernels a second time)."""
     out: dict[str, float] = defaultdict(float)
+    kinds = ("allgather", "reducescatter", "allreduce", "broadcast")
     for evt in prof.key_averages():
-        t = (
-            evt.device_time_total / 1000.0
-            if hasattr(evt, "device_time_total")
-            else evt.cuda_time_total / 1000.0
-        )
-        if t <= 0 or evt.key.startswith("ProfilerStep"):
+        if evt.device_type.name != "CUDA":
             continue
+        t = getattr(evt, "device_time_total", 0.0) / 1000.0
         name = evt.key.lower()
         if "nccl" in name:
-            kind = next(
-                (k for k in ("allgather", "reducescatter", "allreduce", "broadcast") if k in name), "other"
-            )
-            out[f"collective_{kind}"] += t
-        elif evt.device_type.name == "CUDA" and not name.startswith(("cuda", "memcpy", "memset")):
+            out["collective_" + next((k for k in kinds if k in name), "other")] += t
+        elif not name.startswith(("memcpy", "memset")):
             out["compute"] += t
     return out
 
