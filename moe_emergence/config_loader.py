@@ -301,6 +301,12 @@ def _apply(
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if child is None and part in node:  # an explicit null: the section is switched off
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"override {text!r}: {where!r} is null in this config (switched off), so a key inside it "
+                    f"cannot be set; give the whole section, e.g. {where}={{...}}, or start from a config that sets it"
+                )
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):

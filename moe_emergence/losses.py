@@ -16,6 +16,7 @@ token-weighted for the LM, z and entropy terms and a micro-batch mean for the lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,15 +74,23 @@ def expert_fractions(
     topk_indices_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None
 ) -> torch.Tensor:
     """f_i: fraction of routing assignments that go to expert i, ``[E]``, sums to 1 (0 if no tokens)."""
-    tokens_per_expert_E = tokens_per_expert(topk_indices_TK, num_experts, mask_T)
-    return tokens_per_expert_E / tokens_per_expert_E.sum().clamp_min(1.0)
+    return fractions_of(tokens_per_expert(topk_indices_TK, num_experts, mask_T))
+
+
+def fractions_of(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """f_i = c_i / sum_j c_j from assignment counts ``[E]`` (float32; 0 when nothing was routed)."""
+    c_E = tokens_per_expert_E.float()
+    return c_E / c_E.sum().clamp_min(1.0)
 
 
 def mean_router_probs(router_probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """P_i: mean router probability of expert i over the (unmasked) tokens, ``[E]``."""
     T = router_probs_TE.shape[0]
     w_T = _token_weights(T, mask_T, router_probs_TE.device)
-    return (router_probs_TE.float() * w_T[:, None]).sum(0) / w_T.sum().clamp_min(1.0)
+    probs_TE = torch.where(
+        w_T[:, None] > 0, router_probs_TE.float(), 0.0
+    )  # padding never counts, even if non-finite
+    return (probs_TE * w_T[:, None]).sum(0) / w_T.sum().clamp_min(1.0)
 
 
 def load_balance_loss(
@@ -143,6 +152,16 @@ class LossCoefs:
     lb_coef: float
     z_coef: float
     entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Raises ``ValueError`` unless lb_coef and z_coef are finite numbers >= 0 and entropy_coef is finite
+        (as ``MoEConfig`` requires)."""
+        for name in ("lb_coef", "z_coef", "entropy_coef"):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or (name != "entropy_coef" and v < 0):
+                allowed = "a finite number" if name == "entropy_coef" else "a finite number >= 0"
+                raise ValueError(f"LossCoefs.{name}={v!r} is invalid: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -217,10 +236,7 @@ def moe_objective(
         )
     lb, z, ent = [], [], []
     for layer, r in enumerate(router_outputs):
-        f_E = None
-        if tokens_per_expert_LE is not None:
-            tokens_per_expert_E = tokens_per_expert_LE[layer].float()
-            f_E = tokens_per_expert_E / tokens_per_expert_E.sum().clamp_min(1.0)
+        f_E = None if tokens_per_expert_LE is None else fractions_of(tokens_per_expert_LE[layer])
         lb.append(load_balance_loss(r.router_probs, r.topk_indices, num_experts, mask_T, fractions_E=f_E))
         z.append(z_loss(r.router_logits, mask_T))
         ent.append(masked_mean(r.entropy, mask_T))

@@ -179,6 +179,19 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         # accelerate's FSDP wraps every class named here and refuses a name it cannot find
         self._no_split_modules = self.transformer._no_split_modules = {"GPT2MoEBlock"}
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """HF's gradient checkpointing, non-reentrant only. Raises ``ValueError`` for ``use_reentrant=True``:
+        the router losses reach the loss through the router outputs the checkpointed blocks return, and a
+        reentrant checkpoint runs its first forward without autograd, which would cut them off silently."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", False):
+            raise ValueError(
+                "gradient_checkpointing_enable: use_reentrant=True would drop the router losses' gradients "
+                "(router outputs of a reentrant checkpoint carry no graph); use the default (non-reentrant)"
+            )
+        kwargs["use_reentrant"] = False
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def moe_layers(self) -> dict[int, MoEWrapper]:
         """``{block index: MoEWrapper}`` for every MoE block (``config.moe_layers``, in block order), read
         from the modules: called in ``forward``, it stays traceable by ``torch.compile``."""
@@ -206,12 +219,16 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         for i, tokens_per_expert_E in tokens_per_expert_by_layer.items():
             layers[i].router.update_selection_bias(tokens_per_expert_E)
 
-    def generate(self, *args, **kwargs):
+    def check_can_generate(self) -> None:
+        """Raises ``ValueError`` when the routing is not causal (``routing='expert_choice'``)."""
         if self.config.moe.routing == "expert_choice":
             raise ValueError(
                 "generate: routing='expert_choice' is not causal (each expert ranks all tokens of the "
                 "forward, future ones included), so it cannot generate; use it for analysis only"
             )
+
+    def generate(self, *args, **kwargs):
+        self.check_can_generate()
         return super().generate(*args, **kwargs)
 
     def forward(

@@ -18,6 +18,7 @@ its learned gate starts at ``w_g = 0``, ``b_g = logit(shared_expert_weight)``; a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -105,7 +106,7 @@ def upcycle(
     cfg_dict = dense.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "moe", "output_router_logits"):
         cfg_dict.pop(key, None)
-    moe_config = GPT2MoEConfig(**cfg_dict, moe=config)
+    moe_config = GPT2MoEConfig(**cfg_dict, moe=dataclasses.replace(config))  # the model's own copy
     model = GPT2MoEForCausalLM(moe_config).to(device=dense.device, dtype=dense.dtype)
 
     src = dense.state_dict()

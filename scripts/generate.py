@@ -34,6 +34,9 @@ def _main(argv=None) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     if args.show_experts and not isinstance(model, GPT2MoEForCausalLM):
         raise ConfigError(f"--show-experts needs an MoE checkpoint; {args.checkpoint!r} is dense")
+    if isinstance(model, GPT2MoEForCausalLM):
+        with as_user_error(f"checkpoint {args.checkpoint!r}", ValueError):
+            model.check_can_generate()
     torch.manual_seed(args.seed)
     ids = tokenizer(args.prompt, return_tensors="pt")
     sample = args.temperature > 0
@@ -44,7 +47,7 @@ def _main(argv=None) -> int:
             do_sample=sample,
             temperature=args.temperature if sample else None,
             top_k=args.top_k if sample else None,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
         )
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     if args.show_experts:

@@ -130,6 +130,14 @@ def test_errors_are_clear_without_traceback(tmp_path, tiny_runs_paths, capsys):
     )
     assert "different eval blocks" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()  # nothing is created for refused input
+    # top_k == num_experts: no expert can be removed; refused before any work, unless --no-ablation
+    full = tmp_path / "full"
+    shutil.copytree(tiny_runs_paths["moe"], full)
+    cfg_json = json.loads((full / "final" / "config.json").read_text())
+    cfg_json["moe"]["top_k"] = cfg_json["moe"]["num_experts"]
+    (full / "final" / "config.json").write_text(json.dumps(cfg_json))
+    assert main([str(full), "--out", str(tmp_path / "o3"), "--max-blocks", "3"]) == 2
+    assert "--no-ablation" in capsys.readouterr().err and not (tmp_path / "o3").exists()
 
 
 def test_missing_folder_subprocess_has_no_traceback(tmp_path):

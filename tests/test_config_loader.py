@@ -227,3 +227,12 @@ def test_closest_and_key_lines():
     data, lines = strict_load_lines("a: 1\nb:\n  c: [1, {d: 2}]\n  e: 3\n")
     assert data == {"a": 1, "b": {"c": [1, {"d": 2}], "e": 3}}
     assert lines == {("a",): 1, ("b",): 2, ("b", "c"): 3, ("b", "e"): 4}
+
+
+def test_override_inside_a_null_section_is_refused():
+    """configs/dense.yaml switches the MoE off (model.moe: null); setting a key inside it must not build a
+    default MoE silently."""
+    with pytest.raises(ConfigError, match="'model.moe' is null"):
+        load_config("configs/dense.yaml", ["model.moe.top_k=2"])
+    cfg = load_config("configs/dense.yaml", ["model.moe={top_k: 2, num_experts: 4}"])
+    assert cfg.model.moe.top_k == 2 and cfg.model.moe.num_experts == 4

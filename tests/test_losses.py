@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from moe_emergence.losses import expert_fractions, load_balance_loss, mean_router_probs, z_loss
@@ -79,3 +80,10 @@ def test_load_balance_gradient_flows_only_through_probs():
     loss = load_balance_loss(probs, probs.argmax(-1, keepdim=True), 4)
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_padding_never_counts_in_the_load_balance_loss_even_if_non_finite():
+    probs_TE = torch.tensor([[0.7, 0.3], [float("nan"), float("inf")]])
+    idx_TK = torch.tensor([[0], [1]])
+    lb = load_balance_loss(probs_TE, idx_TK, 2, torch.tensor([1, 0]))
+    assert torch.isfinite(lb) and lb.item() == pytest.approx(2 * 0.7)

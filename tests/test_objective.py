@@ -72,6 +72,30 @@ def test_trainer_micro_batch_equals_model_objective(dense_model, input_ids):
     sums = StepSums(1, torch.device("cpu"))
     loss = micro_batch_loss(out, batch, shifted_token_counts(batch), 1.0, step, sums)
     assert torch.allclose(loss, model_loss)
+    assert sums.totals[4].item() == pytest.approx(model_loss.item())  # train/loss is this objective
+
+
+def test_loss_coefs_are_validated_like_the_config():
+    assert LossCoefs(0.0, 0.0, -0.5).entropy_coef == -0.5
+    for bad in (
+        dict(lb_coef=-1.0, z_coef=0.0),
+        dict(lb_coef=0.0, z_coef=float("nan")),
+        dict(lb_coef=True, z_coef=0.0),
+    ):
+        with pytest.raises(ValueError, match="LossCoefs"):
+            LossCoefs(**bad)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        LossCoefs(0.0, 0.0, float("inf"))
+
+
+def test_reentrant_checkpointing_is_refused(dense_model):
+    """A reentrant checkpoint runs its first forward without autograd: the router losses would lose their
+    gradient silently."""
+    moe = upcycle(dense_model, MoEConfig(num_experts=2))
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        moe.gradient_checkpointing_enable({"use_reentrant": True})
+    moe.gradient_checkpointing_enable()
+    assert moe.is_gradient_checkpointing
 
 
 def test_trainer_step_computes_each_term_once_per_micro_batch(tmp_path, monkeypatch):
@@ -127,8 +151,11 @@ def test_gradient_checkpointing_returns_the_same_router_outputs(dense_model, inp
         torch.manual_seed(5)
         out = model(input_ids, labels=input_ids)
         out.loss.backward()  # recomputation records each block again: the same values
-        outs.append(out)
-    for i in outs[0].router_outputs:
-        a, b = outs[0].router_outputs[i], outs[1].router_outputs[i]
+        outs.append((out, {n: p.grad for n, p in model.named_parameters() if "router" in n}))
+    (plain, grads), (ckpt, ckpt_grads) = outs
+    for i in plain.router_outputs:
+        a, b = plain.router_outputs[i], ckpt.router_outputs[i]
         assert torch.equal(a.topk_indices, b.topk_indices) and torch.allclose(a.router_probs, b.router_probs)
-    assert torch.allclose(outs[0].aux_loss, outs[1].aux_loss)
+    assert torch.allclose(plain.aux_loss, ckpt.aux_loss) and ckpt.aux_loss.requires_grad
+    for n in grads:  # the router losses' gradient reaches the routers through the checkpointed blocks
+        assert torch.allclose(grads[n], ckpt_grads[n], atol=1e-6), n

@@ -252,3 +252,9 @@ def test_upcycle_and_generate_scripts(tmp_path, capsys):
     assert _script("generate")([str(out), *gen]) == 0
     assert "L1" in capsys.readouterr().out
     assert _script("generate")([str(res.run_dir / "final"), *gen]) == 2  # dense: no experts to show
+    cfg = out / "config.json"  # a checkpoint whose routing is not causal: one error line, before generating
+    cfg.write_text(cfg.read_text().replace('"routing": "token_choice"', '"routing": "expert_choice"'))
+    capsys.readouterr()
+    assert _script("generate")([str(out), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not causal" in err and "Traceback" not in err

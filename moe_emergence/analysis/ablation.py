@@ -11,6 +11,8 @@ Shapes (legend: docs/architecture.md): B rows (eval blocks), S positions, E expe
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -27,6 +29,19 @@ def keep_all_but(num_experts: int, expert: int | None, device: torch.device | st
     if expert is not None:
         keep_E[expert] = False
     return keep_E
+
+
+def check_ablation(run) -> None:
+    """Raises ``ValueError`` for an MoE run whose experts cannot be removed one at a time: with
+    ``top_k == num_experts`` a token would be left fewer than top_k experts (run without the ablation)."""
+    if not run.is_moe:
+        return
+    moe = json.loads((run.final_dir / "config.json").read_text())["moe"]
+    if moe["top_k"] >= moe["num_experts"]:
+        raise ValueError(
+            f"run {run.name!r}: top_k={moe['top_k']} equals num_experts={moe['num_experts']}, so removing one "
+            "expert leaves fewer than top_k; the causal ablation cannot run (pass --no-ablation)"
+        )
 
 
 def domain_loss_sums(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_emergence.analysis.ablation import expert_ablation
+from moe_emergence.analysis.ablation import check_ablation, expert_ablation
 from moe_emergence.analysis.collect import Routing, collect_routing
 from moe_emergence.analysis.markdown import write_report
 from moe_emergence.analysis.metrics import router_saturation
@@ -142,6 +142,9 @@ def analyze_runs(
     if len(set(names)) != len(names):
         raise ValueError(f"run folders must have distinct names, got {names}")
     check_out_dir(out_dir)
+    if ablation:
+        for r in runs:
+            check_ablation(r)
     eval_set = load_eval_set(runs[0], load_tokenizer(runs[0]), max_blocks)
     for r in runs[1:]:
         other = load_eval_set(r, load_tokenizer(r), max_blocks)

@@ -40,16 +40,6 @@ TRAIN_SKIPPED_STEPS = "train/skipped_steps"
 TOKENS_PER_SEC = "perf/tokens_per_sec"
 NOISE_STD = "router/noise_std"
 
-# per-layer routing statistics (``RoutingStats.metrics``), in the order they are written
-ROUTING_STATS = (
-    "entropy",
-    "marginal_entropy",
-    "max_frac",
-    "cv",
-    "dead_experts",
-    "domain_mi",
-    "domain_nmi",
-)
 EVAL_LM_LOSS = "eval/lm_loss"
 _LAYER_RE = re.compile(r"^(?P<prefix>[a-z_]+)/layer(?P<layer>\d+)/(?P<name>.+)$")
 _EXPERT_FRAC_RE = re.compile(r"^expert(?P<expert>\d+)_frac$")

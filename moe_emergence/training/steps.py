@@ -76,13 +76,14 @@ class StepResult:
 class StepSums:
     """Device-side sums over one step's micro-batches (never a host sync).
 
-    totals: ``[4]`` float64: the step's lm, lb, z and entropy terms (each micro-batch's share added);
+    totals: ``[5]`` float64: the step's lm, lb, z and entropy terms and its objective (the loss whose
+    gradient is taken: each micro-batch's ``moe_objective(...).loss`` with its shares, summed);
     bad_L2: per MoE layer, router logits non-finite / a router loss non-finite; variants: telemetry of the
     routing variants (``variant_metrics``), already divided by the micro-batch count; tokens_per_expert:
     ``{block: [E]}`` routed tokens per expert (aux-loss-free balancing)."""
 
     def __init__(self, num_layers: int, device: torch.device) -> None:
-        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(5, dtype=torch.float64, device=device)
         self.bad_L2 = torch.zeros(num_layers, 2, dtype=torch.bool, device=device)
         self.variants: dict[str, torch.Tensor] = {}
         self.tokens_per_expert: dict[int, torch.Tensor] = {}
@@ -106,6 +107,7 @@ def micro_batch_loss(
     share_lm = (c[0] / n_step[0]).float()
     if moe is None:
         sums.totals[0] += (lm * share_lm).detach().double()
+        sums.totals[4] += (lm * share_lm).detach().double()
         return lm * share_lm * scale
     mask_T = batch["attention_mask"].reshape(-1)
     outs = {i: out.router_outputs[i] for i in moe.layers}
@@ -123,7 +125,13 @@ def micro_batch_loss(
         tokens_per_expert_LE=tokens_per_expert_LE,
         shares=shares,
     )
-    terms = [lm * share_lm, obj.lb_loss / scale, obj.z_loss * shares.tokens, obj.entropy_loss * shares.tokens]
+    terms = [
+        lm * share_lm,
+        obj.lb_loss / scale,
+        obj.z_loss * shares.tokens,
+        obj.entropy_loss * shares.tokens,
+        obj.loss,
+    ]
     sums.totals += torch.stack(terms).detach().double()
     sums.bad_L2 |= nonfinite_flags(routers, obj.lb_loss_L, obj.z_loss_L)
     if routing is not None:
@@ -145,14 +153,15 @@ def step_flags(
     params_bad: torch.Tensor,
     bad_L2: torch.Tensor,
 ) -> torch.Tensor:
-    """The step's guard vector (summed over processes, then ``StepCheck.decode``): non-finite loss totals,
+    """The step's guard vector (summed over processes, then ``StepCheck.decode``): a non-finite objective
+    (``totals[4]``: a term whose coefficient is 0 and that is left out, e.g. the entropy, does not count),
     non-finite gradient norm, a stop signal, non-finite parameters, the per-layer flags, then this process's
     share of the LM loss (summed: the step's LM loss). DTensor inputs (FSDP2) are made plain tensors first."""
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     device = totals.device
     return torch.cat(
         [
-            (~torch.isfinite(totals).all()).reshape(1).float(),
+            (~torch.isfinite(totals[4])).reshape(1).float(),
             (~torch.isfinite(grad_norm.to(device))).reshape(1).float(),
             torch.tensor([float(signalled)], device=device),
             params_bad.to(device).reshape(1).float(),
@@ -164,14 +173,14 @@ def step_flags(
 
 def train_record(totals: list[float], lrs: dict[str, float], moe: MoEStep | None, noise_std: float) -> dict:
     """The loss and learning-rate part of a ``train/`` record from the step's summed ``totals`` (lm, lb,
-    z, entropy); ``train/loss`` is the objective with the coefficients in force this step."""
-    lm, lb, z, ent = totals
+    z, entropy, objective); ``train/loss`` is the objective the gradient was taken of."""
+    lm, lb, z, ent, loss = totals
     record = {keys.TRAIN_LM_LOSS: lm, keys.TRAIN_LR: lrs["decay"] if "decay" in lrs else lrs["no_decay"]}
     if moe is None:
         return {keys.TRAIN_LOSS: lm, **record}
     c = moe.coefs
     return {
-        keys.TRAIN_LOSS: lm + c.lb_coef * lb + c.z_coef * z + c.entropy_coef * ent,
+        keys.TRAIN_LOSS: loss,
         **record,
         keys.TRAIN_LB_LOSS: lb,
         keys.TRAIN_Z_LOSS: z,
