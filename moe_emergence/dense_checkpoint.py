@@ -142,3 +142,23 @@ def check_loading_info(source: str | os.PathLike, info: dict) -> None:
 
 
 __all__ = ["check_loading_info", "check_weight_files", "expected_shapes"]
+
+
+def hub_access(source: str | os.PathLike, timeout_s: float = 3.0) -> dict[str, bool]:
+    """Keyword arguments for ``from_pretrained(source, ...)``: ``{"local_files_only": True}`` when ``source``
+    names a hub id (no such local path) and the hub's endpoint cannot be reached (one TCP connection,
+    ``timeout_s``), so loading uses the local cache or fails at once with transformers' own offline message
+    instead of retrying for ~30 s; ``{}`` otherwise (a local folder, offline mode already on, or a reachable hub)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if Path(source).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return {}
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return {"local_files_only": True}
+    return {}

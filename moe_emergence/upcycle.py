@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig, GPT2LMHeadModel
 
 from moe_emergence.config import MoEConfig
-from moe_emergence.dense_checkpoint import check_loading_info, check_weight_files
+from moe_emergence.dense_checkpoint import check_loading_info, check_weight_files, hub_access
 from moe_emergence.errors import ConfigError
 from moe_emergence.modeling import GPT2MoEConfig, GPT2MoEForCausalLM
 
@@ -44,7 +44,8 @@ def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GP
         raise TypeError(
             f"upcycle: source must be a GPT2LMHeadModel, a folder or a hub id, got {type(source)}"
         )
-    config = AutoConfig.from_pretrained(source)
+    hub = hub_access(source)  # an unreachable hub: the local cache, or one quick error
+    config = AutoConfig.from_pretrained(source, **hub)
     if config.model_type != "gpt2":
         raise ValueError(
             f"upcycle: {os.fspath(source)!r} is a {config.model_type!r} checkpoint; "
@@ -55,7 +56,7 @@ def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GP
 
     try:
         model, info = GPT2LMHeadModel.from_pretrained(
-            source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            source, output_loading_info=True, ignore_mismatched_sizes=True, **hub, **kwargs
         )
     except SafetensorError as e:
         raise ConfigError(f"{os.fspath(source)}: unreadable or truncated weights file ({e})") from e

@@ -167,3 +167,20 @@ def test_model_from_config_has_random_distinct_experts(dense_model):
         w2_std = moe.config.initializer_range / (2 * moe.config.n_layer) ** 0.5
         assert mlp.experts.w2_EFD.std().item() == pytest.approx(w2_std, rel=0.2)
         assert mlp.router.weight.std().item() == pytest.approx(moe.config.moe.router_init_std, rel=0.3)
+
+
+def test_unreachable_hub_uses_the_local_cache_at_once(monkeypatch, tmp_path):
+    """No network: hub ids load from the local cache or fail at once (transformers' offline message)
+    instead of retrying for ~30 s; local folders are untouched."""
+    import socket
+
+    from moe_emergence.dense_checkpoint import hub_access
+
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert hub_access("gpt2") == {"local_files_only": True}
+    assert hub_access(tmp_path) == {}
+    with pytest.raises(OSError, match="couldn't connect|cached files|offline"):
+        upcycle("moe-emergence-test/no-such-model")

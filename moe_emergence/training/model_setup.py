@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from moe_emergence.data.sources import check_source_files
-from moe_emergence.dense_checkpoint import check_weight_files
+from moe_emergence.dense_checkpoint import check_weight_files, hub_access
 from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.kernels import BACKENDS, unsupported_reason
 from moe_emergence.modeling import GPT2MoEForCausalLM
@@ -99,7 +99,7 @@ def _base_config(base: str) -> GPT2Config:
     if not path.exists() and (path.is_absolute() or base.startswith((".", "~"))):
         raise ConfigError(f"{where}: no such folder; use 'tiny', a hub id such as 'gpt2' or a GPT-2 folder")
     with as_user_error(f"{where}: cannot load its config (not a GPT-2 folder, or hub id unreachable)"):
-        config = AutoConfig.from_pretrained(base)
+        config = AutoConfig.from_pretrained(base, **hub_access(base))
     if config.model_type != "gpt2":
         raise ConfigError(
             f"{where} is a {config.model_type!r} checkpoint; model.base must be a dense GPT-2 "
@@ -113,7 +113,7 @@ def _base_tokenizer(base: str, config: GPT2Config) -> PreTrainedTokenizerBase:
     tokenizer files gets an empty one), has no EOS token or more tokens than the checkpoint has embeddings."""
     where = f"model.base={base!r}"
     with as_user_error(f"{where}: cannot load its tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base, **hub_access(base))
     if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
         raise ConfigError(
             f"{where}: it has no usable tokenizer (it has {len(tokenizer)} tokens and encodes text to nothing); "
