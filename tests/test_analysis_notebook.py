@@ -45,4 +45,9 @@ def test_notebook_executes(tmp_path_factory, tmp_path):
     assert len(images) >= 8  # loss, training, collapse, 2 heatmaps, NMI, 2 token types, examples
     text = "".join(o.get("text", "") for o in outputs)
     assert "moe: gpt2_moe" in text and "report written to" in text
+    streams = [o for o in outputs if o.output_type == "stream"]
+    assert not [o for o in streams if o.name == "stderr"], (
+        "warnings or progress bars in the executed notebook"
+    )
+    assert "Warning" not in text and "it/s" not in text
     assert (tmp_path / "report" / "report.md").is_file()

@@ -199,12 +199,15 @@ def code_token_types(tokenizer, ids: list[int]) -> np.ndarray:
 
 
 def iter_batches(eval_set: EvalSet, batch_size: int, desc: str | None = None, progress: bool = True):
-    """Yield (block slice, input_ids [b, S], attention_mask [b, S]) LongTensors, with a tqdm bar."""
-    from tqdm.auto import tqdm
-
+    """Yield (block slice, input_ids [b, S], attention_mask [b, S]) LongTensors, with a tqdm bar when
+    ``progress`` (tqdm is not even imported without: in a notebook its import warns without ipywidgets)."""
     B = eval_set.input_ids.shape[0]
     starts = range(0, B, batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False, unit="batch")
+    for s in starts:
         sl = slice(s, min(s + batch_size, B))
         yield sl, torch.from_numpy(eval_set.input_ids[sl]), torch.from_numpy(eval_set.attention_mask[sl])
 

@@ -114,10 +114,18 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(folder)`` in eval mode, float32 (MoE or dense GPT-2)."""
+    """``AutoModelForCausalLM.from_pretrained(folder)`` in eval mode, float32 (MoE or dense GPT-2), without
+    transformers' per-file "Loading weights" bar (restored after)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,13 +71,28 @@ class Corpus:
         return out
 
 
+@contextmanager
+def _no_progress_bars():
+    """datasets' progress bars off inside the block, restored after (they are a global switch there)."""
+    import datasets
+
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+
+
 def _write_atomic(
     final: Path, train: Dataset, eval_: Dataset, tokenizer: PreTrainedTokenizerBase, stats: dict
 ) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        train.save_to_disk(str(tmp / "train"))
-        eval_.save_to_disk(str(tmp / "eval"))
+        with _no_progress_bars():  # datasets' "Saving the dataset" bars say nothing a user needs
+            train.save_to_disk(str(tmp / "train"))
+            eval_.save_to_disk(str(tmp / "eval"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if final.exists():  # an empty folder (checked by the caller) or a concurrent build's result
