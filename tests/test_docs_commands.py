@@ -41,5 +41,5 @@ def test_documented_commands_call_the_project_environment():
 
 def test_readme_main_commands_are_the_documented_ones():
     readme = (ROOT / "README.md").read_text()
-    assert "bash scripts/setup.sh && .venv/bin/accelerate launch scripts/train.py\n" in readme
+    assert "bash scripts/setup.sh && .venv/bin/python scripts/train.py\n" in readme
     assert "bash scripts/setup.sh && bash scripts/test.sh\n" in readme
