@@ -27,6 +27,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from moe_emergence.data.cache import mark_used
 from moe_emergence.data.config import DataConfig
 from moe_emergence.data.pipeline import (
     block_stats,
@@ -203,6 +204,7 @@ def build_corpus(
     if cache_path is not None and (cache_path / "stats.json").exists():
         corpus = load_corpus(cache_path, tokenizer=tokenizer)
         corpus.cache_hit = True
+        mark_used(cache_path)  # for scripts/data_cache.py prune
     else:
         corpus = _prepare(cfg, splits, tokenizer, fp)
         if cache_path is not None:
