@@ -26,7 +26,7 @@ SHARE = (0.0, 1.0)  # y range of shares and NMI
 @dataclass(frozen=True)
 class Panel:
     """One chart: ``line`` (a line per key and run), ``stacked`` (stacked areas of one run's keys, e.g. the
-    expert shares of a layer, which sum to 1) or ``media`` (wandb images of ``keys``, with a step slider)."""
+    expert shares of a layer, which sum to 1) or ``media`` (the wandb images logged under ``keys``)."""
 
     title: str
     keys: tuple[str, ...]
