@@ -15,7 +15,7 @@ fi
 # pyproject.toml (dependencies) does. A stamp named after its hash skips the ~15 s pip run otherwise.
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  pip install -q -e ".[dev]"
+  pip install -q -e ".[dev,dashboard]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -152,6 +152,7 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
 def test_telemetry_libraries_not_imported_eagerly():
     code = (
         "import sys, moe_emergence, moe_emergence.telemetry, moe_emergence.config_loader;"
-        "bad = [m for m in ('wandb', 'matplotlib') if m in sys.modules]; assert not bad, bad"
+        "import moe_emergence.telemetry.dashboard, moe_emergence.training.tracking;"
+        "bad = [m for m in ('wandb', 'wandb_workspaces', 'matplotlib') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

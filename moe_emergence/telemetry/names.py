@@ -3,7 +3,7 @@
 The rest of the package (trainer, guard, telemetry, analysis, scripts) imports these; a key's text is
 part of the run folder's format (``metrics.jsonl``, wandb), so changing one here changes it everywhere.
 Readers of ``metrics.jsonl`` take keys apart here too: ``parse_layer_key``, ``parse_expert_frac``,
-``parse_domain_loss``.
+``parse_domain_loss``, ``logged_layers``.
 
 Layout::
 
@@ -21,6 +21,7 @@ Layout::
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 TRAIN, EVAL, PERF = "train", "eval", "perf"
 ROUTER, EVAL_ROUTER = "router", "eval_router"
@@ -41,6 +42,7 @@ TOKENS_PER_SEC = "perf/tokens_per_sec"
 NOISE_STD = "router/noise_std"
 
 EVAL_LM_LOSS = "eval/lm_loss"
+DOMAIN_EXPERT = "domain_expert"  # per-layer name of the P(expert | domain) heatmap (wandb image only)
 _LAYER_RE = re.compile(r"^(?P<prefix>[a-z_]+)/layer(?P<layer>\d+)/(?P<name>.+)$")
 _EXPERT_FRAC_RE = re.compile(r"^expert(?P<expert>\d+)_frac$")
 
@@ -101,3 +103,13 @@ def parse_domain_loss(key: str, prefix: str = EVAL) -> str | None:
     """The domain of a ``<prefix>/loss_<domain>`` key (``domain_loss``), or None for any other key."""
     head = domain_loss("", prefix)
     return key[len(head) :] if key.startswith(head) else None
+
+
+def logged_layers(logged: Iterable[str], prefix: str) -> dict[int, set[str]]:
+    """Layer -> the per-layer names logged under ``<prefix>/layer<i>/`` among the keys ``logged``."""
+    out: dict[int, set[str]] = {}
+    for key in logged:
+        p = parse_layer_key(key)
+        if p is not None and p[0] == prefix:
+            out.setdefault(p[1], set()).add(p[2])
+    return out

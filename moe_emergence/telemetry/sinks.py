@@ -113,6 +113,6 @@ def heatmap_images(joint_counts: dict[int, Any], domains: list[str], prefix: str
         ax.set_title(f"layer {layer}: P(expert | domain)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        out[keys.layer_key(prefix, layer, "domain_expert")] = wandb.Image(fig)
+        out[keys.layer_key(prefix, layer, keys.DOMAIN_EXPERT)] = wandb.Image(fig)
         plt.close(fig)
     return out

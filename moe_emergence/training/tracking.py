@@ -1,4 +1,5 @@
-"""wandb through accelerate: mode resolution, run id kept in the run folder for resumes, heatmaps.
+"""wandb through accelerate: mode resolution, run id kept in the run folder for resumes, metric
+definitions (summaries), heatmaps.
 
 ``log.wandb: disabled`` never imports wandb. Only the main process talks to wandb (accelerate's rule).
 """
@@ -10,8 +11,35 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from moe_emergence.telemetry import names as keys
 from moe_emergence.telemetry.sinks import heatmap_images, resolve_wandb_mode
 from moe_emergence.training.config import RunConfig
+
+BEST_AND_LAST = "min,last"
+
+
+def metric_definitions() -> list[tuple[str, str]]:
+    """``(key or glob, summary)`` for wandb's ``define_metric``, covering every key family of ``names``.
+
+    The language-model losses keep their minimum and last value in the run summary (the runs table);
+    throughput its mean and last; everything else (coefficients, shares, routing statistics, heatmaps) its
+    last value. wandb globs match a name's prefix only, an exact name wins over a glob, and two globs that
+    both match a key give an unpredictable summary (tried on wandb 0.31), so the globs here never overlap:
+    there is no ``eval/*``, whose three kinds of key are named one by one. The x-axis stays wandb's step,
+    which is the optimizer step (``Tracking.log`` passes it).
+    """
+    star = "*"
+    return [
+        (keys.TRAIN_LOSS, BEST_AND_LAST),
+        (keys.TRAIN_LM_LOSS, BEST_AND_LAST),
+        (keys.EVAL_LM_LOSS, BEST_AND_LAST),
+        (keys.domain_loss(star), BEST_AND_LAST),
+        (keys.domain_ppl(star), BEST_AND_LAST),
+        (keys.join(keys.TRAIN, star), "last"),
+        (keys.join(keys.PERF, star), "mean,last"),
+        (keys.join(keys.ROUTER, star), "last"),
+        (keys.join(keys.EVAL_ROUTER, star), "last"),
+    ]
 
 
 class Tracking:
@@ -46,6 +74,10 @@ class Tracking:
                 }
             },
         )
+        if acc.is_main_process:
+            run = acc.get_tracker("wandb", unwrap=True)
+            for name, summary in metric_definitions():
+                run.define_metric(name, summary=summary)
 
     def log(self, metrics: dict[str, float], step: int, images: dict | None = None) -> None:
         if self.enabled:
