@@ -71,6 +71,9 @@ class Tracking:
                     "dir": str(run_dir),
                     "id": id_file.read_text().strip(),
                     "resume": "allow",
+                    # no banner, run history or summary tables on the console: the trainer prints its own
+                    # progress and summary, and the notice above says where the offline run is
+                    "settings": {"quiet": True},
                 }
             },
         )
