@@ -221,9 +221,13 @@ def _as_float(value: Any) -> float | None:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-Python (YAML-safe) form of a config dataclass tree."""
+    """Plain-Python (YAML-safe) form of a config dataclass tree; a dataclass with ``serialized_fields()``
+    contributes only those fields (e.g. a data source: the fields its type reads)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        names = [f.name for f in dataclasses.fields(obj)]
+        if hasattr(obj, "serialized_fields"):
+            names = [n for n in names if n in obj.serialized_fields()]
+        return {n: to_dict(getattr(obj, n)) for n in names}
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from moe_emergence.config_loader import apply_overrides
@@ -86,3 +88,29 @@ def test_apply_overrides_nested_and_typed():
     assert d["seq_len"] == 128, "the input mapping is not modified"
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(d, ["seq_len"], section="data")
+
+
+def test_source_fields_that_do_not_apply_are_refused_and_not_saved():
+    """A stdlib source does not read num_problems: setting it is an error naming the types that do, and the
+    saved config lists only the fields each source reads (configs saved with every field still compare)."""
+    from moe_emergence.data.config import SourceConfig, without_inapplicable
+
+    with pytest.raises(
+        ValueError, match=r"num_problems=5 .* does not apply to a 'stdlib' source \(only to \['mathgen'\]\)"
+    ):
+        SourceConfig(type="stdlib", num_problems=5)
+    src = SourceConfig(type="mathgen", num_problems=5)
+    assert set(src.to_dict()) == {
+        "type",
+        "min_chars",
+        "max_chars",
+        "max_docs",
+        "max_total_chars",
+        "num_problems",
+        "templates",
+    }
+    full = dataclasses.asdict(SourceConfig(type="stdlib"))
+    assert (
+        without_inapplicable({"domains": {"code": full}})["domains"]["code"]
+        == SourceConfig(type="stdlib").to_dict()
+    )

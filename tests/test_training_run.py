@@ -258,3 +258,21 @@ def test_upcycle_and_generate_scripts(tmp_path, capsys):
     assert _script("generate")([str(out), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not causal" in err and "Traceback" not in err
+
+
+def test_run_saved_with_every_source_field_still_resumes(tmp_path):
+    """Run folders written before config.yaml left out the source fields a type does not read hold them all
+    (with their defaults): --resume auto must still accept them as the same config."""
+    import dataclasses
+
+    from moe_emergence.data.config import SourceConfig
+
+    part = train(make_cfg(tmp_path, "old", "train.stop_after=2", "model.upcycle_at_step=1"))
+    saved = yaml.safe_load((part.run_dir / "config.yaml").read_text())
+    for name, src in saved["data"]["domains"].items():
+        full = dataclasses.asdict(SourceConfig(type=src["type"]))
+        saved["data"]["domains"][name] = {**full, **src}
+        assert set(saved["data"]["domains"][name]) > set(src)
+    (part.run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    resumed = train(make_cfg(tmp_path, "old", "model.upcycle_at_step=1"), resume="auto")
+    assert resumed.stopped is None and resumed.step == 6

@@ -16,10 +16,45 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_emergence.config_loader import build, closest
+from moe_emergence.config_loader import build, closest, to_dict
 
 SOURCE_TYPES = ("hub", "files", "stdlib", "mathgen", "pydoc")
 SPLIT_MODES = ("none", "paragraphs", "chapters")
+# the SourceConfig fields each source type reads (beside SOURCE_COMMON); the others do not apply to it
+SOURCE_COMMON = ("type", "min_chars", "max_chars", "max_docs", "max_total_chars")
+_RECORDS = ("text_field", "template", "strip_annotations")
+_LONG_TEXT = ("split_mode", "target_chars", "chapter_pattern")
+SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
+    "hub": ("name", "subset", "split", "revision", "streaming", "paths", *_RECORDS),
+    "files": ("paths", *_RECORDS, *_LONG_TEXT),
+    "stdlib": ("paths",),
+    "mathgen": ("num_problems", "templates"),
+    "pydoc": _LONG_TEXT,
+}
+
+
+def source_fields(source_type: str) -> tuple[str, ...]:
+    """The ``SourceConfig`` fields a source of this type reads (all of them for an unknown type)."""
+    if source_type not in SOURCE_FIELDS:
+        return tuple(f.name for f in dataclasses.fields(SourceConfig))
+    return SOURCE_COMMON + SOURCE_FIELDS[source_type]
+
+
+def without_inapplicable(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``data:`` mapping with each domain's keys limited to those its source type reads (how a config
+    saved with every field compares with one saved with only the applicable ones)."""
+    domains = data.get("domains")
+    if not isinstance(domains, dict):
+        return data
+    kept = {
+        name: {k: v for k, v in src.items() if k in source_fields(src.get("type"))}
+        if isinstance(src, dict)
+        else src
+        for name, src in domains.items()
+    }
+    return {**data, "domains": kept}
+
+
 MIXING_MODES = ("balanced", "weighted", "natural")
 DEFAULT_CACHE_DIR = "~/.cache/moe_emergence/data"
 
@@ -124,6 +159,7 @@ class SourceConfig:
             if value is not None and (not _is_int(value) or value < 1):
                 self._fail(name, "null (no limit) or an integer >= 1")
         self._validate_text_options()
+        self._validate_applicable()
         if self.max_chars is not None and self.max_chars < self.min_chars:
             self._fail("max_chars", f"must be >= min_chars={self.min_chars}")
         for name in ("streaming", "strip_annotations"):
@@ -136,6 +172,19 @@ class SourceConfig:
             if bad:
                 self._fail("templates", f"unknown templates {bad}; allowed: {sorted(TEMPLATES)}")
 
+    def _validate_applicable(self) -> None:
+        """A field this source type does not read must keep its default (a set value would be ignored)."""
+        applicable = source_fields(self.type)
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name not in applicable and getattr(self, f.name) != default:
+                users = [t for t, names in SOURCE_FIELDS.items() if f.name in names]
+                self._fail(f.name, f"it does not apply to a {self.type!r} source (only to {users})")
+
+    def serialized_fields(self) -> tuple[str, ...]:
+        """What ``to_dict`` (and the saved config.yaml) holds: the fields this source type reads."""
+        return source_fields(self.type)
+
     def _validate_text_options(self) -> None:
         if self.template is not None:
             problem = _template_problem(self.template) if isinstance(self.template, str) else "a string"
@@ -147,7 +196,7 @@ class SourceConfig:
             self._fail("chapter_pattern", f"a regular expression ({e})")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "") -> SourceConfig:
@@ -237,7 +286,7 @@ class DataConfig:
                 self._fail(name, "true or false")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:

@@ -32,6 +32,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from moe_emergence.data.config import without_inapplicable
 from moe_emergence.errors import ConfigError
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training.config import RunConfig
@@ -182,8 +183,13 @@ def check_new_run(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
-    """A run's saved ``config.yaml`` as a mapping (the strict YAML reader); ``ConfigError`` naming the file."""
-    return ckpt.read_mapping(path, "run config", strict_load)
+    """A run's saved ``config.yaml`` as a mapping (the strict YAML reader); ``ConfigError`` naming the file.
+    Data-source fields that do not apply to a source's type are dropped (folders saved before they were
+    left out of config.yaml hold them with their defaults)."""
+    saved = ckpt.read_mapping(path, "run config", strict_load)
+    if isinstance(saved.get("data"), dict):
+        saved["data"] = without_inapplicable(saved["data"])
+    return saved
 
 
 class RunFinished(ConfigError):
