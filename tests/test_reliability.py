@@ -97,7 +97,7 @@ def test_model_and_data_mistakes_write_nothing(tmp_path, capsys, cache):
         (["model.base=" + str(neox)], r"is a 'gpt_neox' checkpoint; model\.base must be a dense GPT-2"),
         (["model.base=" + str(small)], r"tokenizer has 30\d tokens but the checkpoint only 50 embeddings"),
         (["data.seq_len=128"], r"data\.seq_len=128 is beyond the model's 64 positions"),
-        (["data.domains.math.type=files", "data.domains.math.paths=[missing.jsonl]"], r"^error: data: .*"),
+        (["data.domains.math={type: files, paths: [missing.jsonl]}"], r"^error: data: .*"),
         (["data.domains.prose=" + empty_src], r"^error: data: .*prose"),
         (["train.batch_size=100000"], r"training split has \d+ blocks, fewer than one optimizer step"),
     ]
