@@ -140,12 +140,16 @@ def num_experts_in(records: list[dict], prefix: str = keys.ROUTER) -> int:
 
 
 def collapse_trajectory(
-    records: list[dict], path, prefix: str = keys.ROUTER, collapse_max_frac: float | None = None
+    records: list[dict],
+    path,
+    prefix: str = keys.ROUTER,
+    collapse_max_frac: float | None = None,
+    layers: list[int] | None = None,
 ) -> Path:
-    """Per MoE layer, every expert's share of tokens over training as stacked areas: balanced routing is
-    even bands, collapse is one band swallowing the plot."""
+    """Per MoE layer (``layers``, default every layer of the records), every expert's share of tokens over
+    training as stacked areas: balanced routing is even bands, collapse is one band swallowing the plot."""
     plt = _plt()
-    layers = router_layers(records, prefix)
+    layers = router_layers(records, prefix) if layers is None else layers
     E = num_experts_in(records, prefix)
     fig, axes = plt.subplots(1, max(len(layers), 1), figsize=(3.2 * max(len(layers), 1), 2.8), squeeze=False)
     for ax, L in zip(axes[0], layers, strict=False):
@@ -164,6 +168,25 @@ def collapse_trajectory(
         ax.set_title(f"layer {L}: expert shares", fontsize=9)
         ax.set_xlabel("optimizer step")
     axes[0][0].legend(fontsize=6, loc="lower left")
+    return _save(fig, path)
+
+
+def eval_loss_curves(
+    records: list[dict], domains: list[str], path, upcycle_at_step: int | None = None
+) -> Path:
+    """Eval loss of each domain (and of all tokens, dashed) over training steps, with the upcycle step
+    marked when given."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for d in domains:
+        ax.plot(*_series(records, keys.domain_loss(d)), marker="o", ms=3, label=d)
+    ax.plot(*_series(records, keys.EVAL_LM_LOSS), color="k", ls="--", lw=1, label="all tokens")
+    if upcycle_at_step is not None:
+        ax.axvline(upcycle_at_step, color="gray", ls=":", label=f"upcycle (step {upcycle_at_step})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("eval loss (nats / token)")
+    ax.set_title("eval loss per domain", fontsize=9)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
