@@ -1,9 +1,9 @@
 """What a run folder may hold: the marker, the entries a run writes, and the checks behind ``--overwrite``.
 
 ``--overwrite`` replaces only a folder that a run created (``MARKER``) and that holds nothing but what a run
-writes (``foreign_entries`` lists anything else, also inside ``checkpoints/``, ``final/``, ``tokenizer/`` and
-at the top of ``wandb/``). ``check_entry_types`` refuses run files that are not regular files (a FIFO
-``config.yaml`` would block a read forever) and run folders that are not folders.
+writes (``foreign_entries`` lists anything else, also inside ``checkpoints/``, ``final/``, ``tokenizer/``,
+``plots/`` and at the top of ``wandb/``). ``check_entry_types`` refuses run files that are not regular files
+(a FIFO ``config.yaml`` would block a read forever) and run folders that are not folders.
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
 # Everything a run writes into its folder (--overwrite replaces a folder holding only these).
 RUN_ENTRIES = frozenset(
-    {MARKER, *RUN_MARKERS, "final.tmp", "final.trash", "tokenizer", "wandb", "wandb_id.txt"}
+    {
+        MARKER,
+        *RUN_MARKERS,
+        "final.tmp",
+        "final.trash",
+        "tokenizer",
+        "wandb",
+        "wandb_id.txt",
+        "summary.md",
+        "plots",
+    }
 )
 
 
@@ -67,19 +77,26 @@ CHECKPOINT_SUBDIR = re.compile(r"^(pytorch_model_fsdp_\d+|optimizer_\d+)$")
 DCP_FILE = re.compile(r"^(__\d+_\d+\.distcp|\.metadata)$")
 
 
+# The PNGs a finished run writes into plots/ (summary.write_plots).
+PLOT_FILE = re.compile(r"^(loss_by_domain|expert_share_layer\d+|domain_expert_layer\d+)\.png$")
+
+
 WANDB_ENTRY = re.compile(r"^(latest-run|debug\.log|debug-internal\.log|(offline-)?run-\d{8}_\d{6}-\w+)$")
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
     """Paths in ``run_dir`` (relative, sorted) that a run never writes: unknown names at the top, in
     ``checkpoints/`` (checkpoint folders holding only what a save writes), ``final/`` and ``tokenizer/`` (what
-    ``save_pretrained`` writes, as files) and at the top of ``wandb/``; symbolic links anywhere but wandb's."""
+    ``save_pretrained`` writes, as files), ``plots/`` (the summary's PNGs, as files) and at the top of
+    ``wandb/``; symbolic links anywhere but wandb's."""
     out = []
     for p in run_dir.iterdir():
         if p.name not in RUN_ENTRIES or (p.is_symlink() and p.name != "wandb"):
             out.append(p.name)
         elif p.name in ("final", "final.tmp", "final.trash", "tokenizer") and p.is_dir():
             out += [f"{p.name}/{q.name}" for q in p.iterdir() if not _hf_file(q)]
+        elif p.name == "plots" and p.is_dir():
+            out += [f"plots/{q.name}" for q in p.iterdir() if not _plain_file(q, PLOT_FILE.match(q.name))]
         elif p.name == "checkpoints" and p.is_dir():
             out += _foreign_in_checkpoints(p)
         elif p.name == "wandb" and p.is_dir():
@@ -88,7 +105,12 @@ def foreign_entries(run_dir: Path) -> list[str]:
 
 
 def _hf_file(p: Path) -> bool:
-    return (p.name in HF_FILES or bool(SHARD.match(p.name))) and p.is_file() and not p.is_symlink()
+    return _plain_file(p, p.name in HF_FILES or SHARD.match(p.name))
+
+
+def _plain_file(p: Path, name_ok) -> bool:
+    """A regular file (not a link) whose name a run writes (``name_ok``)."""
+    return bool(name_ok) and p.is_file() and not p.is_symlink()
 
 
 def _foreign_in_checkpoints(root: Path) -> list[str]:
@@ -146,10 +168,10 @@ def check_overwritable(run_dir: Path) -> None:
         )
 
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "wandb_id.txt", MARKER)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "wandb_id.txt", "summary.md", MARKER)
 
 
-RUN_DIRS = ("checkpoints", "final", "tokenizer")
+RUN_DIRS = ("checkpoints", "final", "tokenizer", "plots")
 
 
 def check_entry_types(run_dir: Path) -> None:
