@@ -184,15 +184,19 @@ def test_collapse_guard_stops(tmp_path):
     )
     assert res.stopped == "collapse" and res.step == 4  # MoE from step 3; second consecutive check
     assert (res.run_dir / "checkpoints" / "step_0000004").is_dir()
+    # final/ is written, so the run leaves its summary, saying why it ended early
+    assert "Stopped by the collapse guard at step 4 of 6" in (res.run_dir / "summary.md").read_text()
 
 
 def test_occupied_run_folder_is_refused(tmp_path):
     cfg = make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1")
     train(cfg)
     before = (cfg.run_dir / "metrics.jsonl").read_text()
+    summary = (cfg.run_dir / "summary.md").stat().st_mtime_ns
     with pytest.raises(ConfigError, match="already holds this run, finished"):
         train(cfg)
     assert (cfg.run_dir / "metrics.jsonl").read_text() == before
+    assert (cfg.run_dir / "summary.md").stat().st_mtime_ns == summary  # not written again
     with pytest.raises(ConfigError, match=r"differs from the saved config.yaml in \['optim.weight_decay'\]"):
         train(
             make_cfg(tmp_path, "occupied", "model.moe=null", "train.steps=1", "optim.weight_decay=0.5"),
@@ -215,9 +219,22 @@ def test_accelerate_launch_end_to_end(tmp_path):
     for noise in ("Removed shared tensor", "Writing model shards", "Loading weights"):  # no library chatter
         assert noise not in proc.stdout + proc.stderr, noise
     run = tmp_path / "tiny"
-    assert {"config.yaml", "metrics.jsonl", "checkpoints", "final"} <= {p.name for p in run.iterdir()}
+    names = {"config.yaml", "metrics.jsonl", "checkpoints", "final", "summary.md", "plots"}
+    assert names <= {p.name for p in run.iterdir()}
     assert (run / "wandb").is_dir()  # offline wandb run written into the run folder
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 4
+    # the closing summary: final eval loss per domain, where the summary is, the next commands
+    ev = [r for r in read_metrics(run / "metrics.jsonl") if "eval/lm_loss" in r][-1]
+    assert ev["step"] == 4 and f"summary: {run / 'summary.md'}\n" in proc.stdout
+    losses = ", ".join(f"{d} {ev[f'eval/loss_{d}']:.4f}" for d in ("code", "math", "prose"))
+    assert f"final eval loss (step 4): {losses}; all tokens {ev['eval/lm_loss']:.4f}\n" in proc.stdout
+    assert f"scripts/analyze.py {run} --out reports/tiny\n" in proc.stdout
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert (
+        f"wandb sync {offline}\n" in proc.stdout
+        and f"wandb sync {offline}\n" in (run / "summary.md").read_text()
+    )
+    summary = (run / "summary.md").stat().st_mtime_ns
     # the same command again: the run is finished, so it says where the results are and exits 0 (accelerate's
     # launcher prints a traceback for any non-zero exit, so "nothing to do" must not be an error)
     before = (run / "metrics.jsonl").read_text()
@@ -225,6 +242,7 @@ def test_accelerate_launch_end_to_end(tmp_path):
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
     assert "already holds this run, finished: the model is in" in again.stdout
     assert (run / "metrics.jsonl").read_text() == before
+    assert (run / "summary.md").stat().st_mtime_ns == summary and "final eval loss" not in again.stdout
     # a user mistake: one error line and exit status 2, no traceback (plain python; accelerate's launcher
     # adds its own traceback when a child fails)
     bad_cmd = [sys.executable, str(script), "--config", str(cfg_file), "train.stpes=3"]

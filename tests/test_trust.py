@@ -443,7 +443,9 @@ def test_overwrite_looks_inside_checkpoints_final_and_tokenizer(tmp_path, capsys
     run = tmp_path / "runs" / "tiny"
     (run / "checkpoints" / "step_0000009.tmp").mkdir()
     (run / "wandb").mkdir()
+    assert (run / "summary.md").is_file() and (run / "plots").is_dir()  # a finished run's summary
     user_files = ["checkpoints/mynotes.txt", "final/notes.md", "tokenizer/mine.txt", "final/README.md"]
+    user_files += ["plots/notes.txt"]
     user_files += [
         "checkpoints/step_0000001/x.txt",
         "checkpoints/step_0000009.tmp/notes.txt",

@@ -6,7 +6,8 @@ One pass of the loop is one optimizer step. When each thing happens:
 - ``train/`` record: every ``log.every`` steps, at the last step and when the bad-step guard stops;
   ``router/`` record: every ``log.router_every`` steps (MoE phase);
 - eval: at step 0, every ``eval.every`` steps, after a collapse stop and at the end;
-- checkpoint: every ``checkpoint.every`` steps and at any stop; ``final/`` at the end (``_end``).
+- checkpoint: every ``checkpoint.every`` steps and at any stop; ``final/`` at the end (``_end``), then the
+  run's ``summary.md``, ``plots/`` and closing lines (``summary``).
 
 A run stops early for one of the ``Stop`` reasons.
 """
@@ -27,6 +28,7 @@ from moe_emergence.telemetry import LayerRoutingStats
 from moe_emergence.telemetry import names as keys
 from moe_emergence.training import guard
 from moe_emergence.training.steps import StepResult, train_record
+from moe_emergence.training.summary import RunFacts, write_summary
 
 if TYPE_CHECKING:
     from moe_emergence.training.signals import StopSignals
@@ -183,5 +185,30 @@ class RunLoop:
             t.tracking.finish()
             return TrainResult(t.run_dir, st.step, Stop.NONFINITE, message=message)
         t.save_final()
+        self._summarize(stop)
         t.tracking.finish()
         return TrainResult(t.run_dir, st.step, stop)
+
+    def _summarize(self, stop: Stop | None) -> None:
+        """``summary.md``, ``plots/`` and the closing lines of a finished run (the main process writes them,
+        the others wait). A write that fails (disk full) is a warning: ``final/`` is already saved."""
+        t, acc = self.t, self.t.accelerator
+        if acc.is_main_process:
+            step, joint = t.last_joint
+            facts = RunFacts(
+                run_dir=t.run_dir,
+                cfg=t.cfg,
+                step=t.state.step,
+                tokens=t.state.tokens,
+                domains=t.domains,
+                moe_layers=list(t.unwrapped.config.moe_layers) if t.moe else [],
+                processes=acc.num_processes,
+                stopped=stop.value if stop is not None else None,
+                wandb_mode=t.tracking.mode,
+                joint={L: c.numpy() for L, c in joint.items()} if step == t.state.step else {},
+            )
+            try:
+                write_summary(facts, acc.print)
+            except OSError as e:
+                acc.print(f"warning: the run summary was not written in {t.run_dir}: {e}")
+        acc.wait_for_everyone()

@@ -1,4 +1,5 @@
-"""The run folder ``<output_dir>/<run_name>/``: config.yaml, metrics.jsonl, checkpoints/, final/, tokenizer/.
+"""The run folder ``<output_dir>/<run_name>/``: config.yaml, metrics.jsonl, checkpoints/, final/, tokenizer/,
+and a finished run's summary.md and plots/ (``summary``).
 
 Nothing a user wrote is ever deleted or overwritten:
 - ``log.run_name`` is one plain path component (checked by ``LogConfig``), so a run folder is always a child

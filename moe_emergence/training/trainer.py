@@ -119,6 +119,7 @@ class Trainer:
             self.verified.unverified = int(self.state.last_applied)  # its last update awaits its check
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self._eval_rows: list[int] | None = None
+        self.last_joint: tuple[int, dict] = (-1, {})  # (step, {layer: [M, E] top-1 counts}) of the last eval
 
     def _load_checkpoint(self, path: Path, meta: dict) -> None:
         """Model, optimizer and RNG through accelerate (tensors only: ``weights_only``), then the trainer's
@@ -313,6 +314,7 @@ class Trainer:
         )
         images = self.tracking.heatmaps(joint, self.domains, keys.EVAL_ROUTER) if joint else None
         self.log(metrics, images)
+        self.last_joint = (self.state.step, joint)
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/step_N`` unless the state is known bad (``VerifiedState.good_for_saving``)."""
