@@ -14,10 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_emergence  # noqa: F401  (registers gpt2_moe with AutoModelForCausalLM)
 from moe_emergence import GPT2MoEForCausalLM
+from moe_emergence.console import quiet_libraries
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
 
 def _main(argv=None) -> int:
+    quiet_libraries()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a final/ folder (or any save_pretrained GPT-2 / GPT-2 MoE folder)")
     p.add_argument("--prompt", required=True)

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from moe_emergence import MoEConfig, upcycle
 from moe_emergence.config_loader import load
+from moe_emergence.console import quiet_libraries
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
 def _main(argv=None) -> int:
+    quiet_libraries()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="hub id or local GPT-2 checkpoint folder")
     p.add_argument("out", help="output folder (new or empty)")

@@ -14,9 +14,9 @@ Anything else is a bug and keeps its traceback (exit status 1).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from moe_emergence.console import quiet_libraries
 from moe_emergence.errors import ConfigError, run_cli
 
 EXIT_COLLAPSE = 3
@@ -44,23 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.moe.top_k=2")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
-
-
-class _DropTiedWeightNotice(logging.Filter):
-    """accelerate warns ``Removed shared tensor {'lm_head.weight'}`` at every save: GPT-2's output layer is
-    tied to its embedding, so the tensor is expected to be stored once. Nothing a user has to act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Removed shared tensor" not in record.getMessage()
-
-
-def quiet_libraries() -> None:
-    """The command line prints its own progress bar and summary: no per-file progress bars of transformers
-    (``Loading weights``, ``Writing model shards``) and no notice about the tied output layer."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
 
 
 def _main(argv: list[str] | None) -> int:
