@@ -5,7 +5,18 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+
+from moe_emergence.errors import ConfigError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line ``error:`` (exit 2, through ``errors.run_cli``) instead of the
+    usage block plus ``prog: error:``."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")
 
 
 class _DropTiedWeightNotice(logging.Filter):

@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 
+from moe_emergence.console import ArgumentParser
 from moe_emergence.data.cache import cache_entries, prune
 from moe_emergence.data.config import DEFAULT_CACHE_DIR
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
@@ -24,7 +25,7 @@ def _mb(n: int) -> str:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("list", "prune"))
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--older-than", type=float, metavar="DAYS", help="prune: last used more than DAYS ago")
@@ -42,6 +43,8 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     if args.older_than is None and args.keep is None:
         raise ConfigError("data_cache.py prune needs --older-than DAYS and/or --keep N")
+    if (args.older_than is not None and args.older_than < 0) or (args.keep is not None and args.keep < 0):
+        raise ConfigError("data_cache.py prune: --older-than and --keep must be >= 0")
     with as_user_error("data_cache.py prune", ValueError):
         gone = prune(args.cache_dir, args.older_than, args.keep, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"

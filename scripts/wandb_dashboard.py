@@ -23,6 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_emergence.console import ArgumentParser
 from moe_emergence.errors import ConfigError, run_cli  # noqa: E402
 from moe_emergence.telemetry import dashboard, read_metrics  # noqa: E402
 
@@ -30,7 +31,7 @@ API_TIMEOUT_S = 30
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run folders (their metrics.jsonl and config.yaml)"
     )

@@ -9,7 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = {"benchmarks.md", "results.md"}  # commands quoted as they were run on the GPU machine
-COMMAND = re.compile(r"(?:^|`|#   )(?:ACCELERATE_USE_CPU=1 )?(python3?|accelerate|torchrun|jupyter|pytest) ")
+COMMAND = re.compile(
+    r"(?:^|`|#   )(?:ACCELERATE_USE_CPU=1 )?(python3?|accelerate|torchrun|jupyter|pytest|wandb(?= login| sync)) "
+)
 
 
 def _documents() -> list[Path]:

@@ -294,3 +294,16 @@ def test_run_saved_with_every_source_field_still_resumes(tmp_path):
     (part.run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     resumed = train(make_cfg(tmp_path, "old", "model.upcycle_at_step=1"), resume="auto")
     assert resumed.stopped is None and resumed.step == 6
+
+
+def test_resume_auto_of_a_finished_run_changes_nothing(tmp_path):
+    """`--resume auto` on a run that already reached train.steps (final/ written) is the same command as the
+    plain re-run: nothing to do (RunFinished, exit 0 on the command line), no eval, no new records."""
+    from moe_emergence.training.rundir import RunFinished
+
+    cfg = make_cfg(tmp_path, "done")
+    res = train(cfg)
+    metrics = (res.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(RunFinished, match="already holds this run, finished"):
+        train(cfg, resume="auto")
+    assert (res.run_dir / "metrics.jsonl").read_text() == metrics

@@ -16,22 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_emergence.console import quiet_libraries
-from moe_emergence.errors import ConfigError, run_cli
+from moe_emergence.console import ArgumentParser, quiet_libraries
+from moe_emergence.errors import run_cli
 
 EXIT_COLLAPSE = 3
 EXIT_NONFINITE = 4
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the project's one-line ``error:`` (exit 2) instead of usage + ``prog: error:``."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(
+    p = ArgumentParser(
         prog="train.py",
         description="Train GPT-2 -> MoE with routing telemetry (default config: configs/quickstart.yaml).",
     )

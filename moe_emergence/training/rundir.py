@@ -268,6 +268,9 @@ class RunFolder:
                         f"cannot resume {run_dir}: the config differs from the saved config.yaml in {bad} "
                         f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)"
                     )
+            meta = self.resume_meta
+            if (run_dir / "final").is_dir() and meta is not None and meta["step"] >= cfg.train.steps:
+                raise RunFinished(run_dir)  # nothing left to train: the run stays as it is
         elif self.overwrite:
             check_overwritable(run_dir)
         else:
