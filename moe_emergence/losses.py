@@ -1,7 +1,8 @@
 """The MoE objective: router losses (one formula each, float32) and how they join the LM loss.
 
 Shapes (legend: docs/architecture.md): T tokens, E experts, K experts per token, L MoE layers.
-``mask_T`` is 1 for real tokens and 0 for padding; masked tokens never count. A batch with no real
+``mask_T`` is 1 for real tokens and 0 for padding (``[T]``, or any form ``token_mask.as_token_mask``
+accepts, e.g. the model's ``[B, S]`` attention mask); masked tokens never count. A batch with no real
 token gives 0 (not NaN).
 
 The objective, written once (``moe_objective``) and used by the model's forward and by the trainer::
@@ -23,14 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from moe_emergence.routing import RouterOutput
+from moe_emergence.token_mask import as_token_mask
 
 
 def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if mask_T is None:
         return torch.ones(num_tokens, device=device, dtype=torch.float32)
-    if mask_T.shape != (num_tokens,):
-        raise ValueError(f"mask has shape {tuple(mask_T.shape)}, expected ({num_tokens},)")
-    return mask_T.to(device=device, dtype=torch.float32)
+    return as_token_mask(mask_T, num_tokens).to(device=device, dtype=torch.float32)
 
 
 def tokens_per_expert(
@@ -138,7 +138,7 @@ def routed_tokens_per_expert(
     if r.ec_tokens is not None:
         real_T = torch.ones(r.router_probs.shape[0], device=r.ec_tokens.device)
         if mask_T is not None:
-            real_T = mask_T.to(real_T)
+            real_T = as_token_mask(mask_T, real_T.shape[0]).to(real_T)
         return real_T[r.ec_tokens].sum(1)
     kept_TK = None if r.dropped is None else ~r.dropped
     return tokens_per_expert(r.topk_indices, num_experts, mask_T, assignment_mask_TK=kept_TK)

@@ -17,6 +17,7 @@ coefficients being ``config.moe.loss_coefs()`` unless ``loss_coefs`` is passed.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -25,11 +26,19 @@ from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from transformers.utils.generic import can_return_tuple
 
 from moe_emergence.config import MoEConfig
 from moe_emergence.layer import MoEWrapper
 from moe_emergence.losses import LossCoefs, moe_objective
+from moe_emergence.model_card import write_model_card
 from moe_emergence.routing import RouterOutput
+from moe_emergence.token_mask import as_token_mask
+
+# transformers renamed GPT-2's KV-cache argument within 5.x (past_key_values -> cache)
+_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+)
 
 
 @strict
@@ -137,14 +146,6 @@ class MoECausalLMOutput(CausalLMOutputWithCrossAttentions):
     router_outputs: dict[int, RouterOutput] | None = None
 
 
-def token_mask(attention_mask: torch.Tensor | None, num_positions: int) -> torch.Tensor | None:
-    """``[T]`` mask of the tokens in this forward (1 = real) from the attention mask; with a KV cache the
-    attention mask covers past positions too, so only its last ``num_positions`` columns count."""
-    if attention_mask is None:
-        return None
-    return attention_mask[:, -num_positions:].reshape(-1)
-
-
 class GPT2MoEForCausalLM(GPT2LMHeadModel):
     """GPT-2 LM whose selected MLP blocks are mixtures of experts (see module docstring)."""
 
@@ -192,6 +193,13 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         kwargs["use_reentrant"] = False
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """``PreTrainedModel.save_pretrained`` plus a ``README.md`` model card (``model_card``) saying that
+        loading needs ``import moe_emergence`` (written on the main process, unless the folder has one)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(save_directory, self.config)
+
     def moe_layers(self) -> dict[int, MoEWrapper]:
         """``{block index: MoEWrapper}`` for every MoE block (``config.moe_layers``, in block order), read
         from the modules: called in ``forward``, it stays traceable by ``torch.compile``."""
@@ -231,20 +239,37 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         self.check_can_generate()
         return super().generate(*args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool | None = None,
         loss_coefs: LossCoefs | None = None,
         expert_masks: dict[int, torch.Tensor] | None = None,
         **kwargs,
     ) -> MoECausalLMOutput:
-        """GPT-2's forward plus the MoE outputs (module docstring). ``loss_coefs`` overrides
-        ``config.moe.loss_coefs()`` for this forward (e.g. a schedule's value at the current step);
-        ``expert_masks`` ``{block: bool [E]}`` removes experts (False) from those MoE blocks' routing
-        (``Router``; ablations). Raises ``ValueError`` for a mask of a block that is not an MoE layer."""
+        """``GPT2LMHeadModel.forward`` (same arguments, in the same order, and ``return_dict``) plus the
+        MoE outputs (module docstring).
+
+        cache: the KV cache (transformers' ``Cache``; older 5.x releases call it ``past_key_values``,
+            which is accepted through ``kwargs``).
+        use_cache: default ``config.use_cache``, except that a forward in training mode or with
+            ``labels`` builds no KV cache unless ``use_cache=True`` is passed.
+        loss_coefs: overrides ``config.moe.loss_coefs()`` for this forward (e.g. a schedule's value).
+        expert_masks: ``{block: bool [E]}`` removes experts (False) from those MoE blocks' routing
+            (``Router``; ablations).
+        The token mask of the router and the losses is ``attention_mask`` (its last S columns with a
+        cache). Raises ``ValueError`` for a mask of a block that is not an MoE layer."""
         if expert_masks is not None and not set(expert_masks) <= set(self.config.moe_layers):
             raise ValueError(
                 f"expert_masks: blocks {sorted(set(expert_masks) - set(self.config.moe_layers))} are not "
@@ -252,13 +277,25 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        S = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-        mask_T = token_mask(attention_mask, S)
+        if use_cache is None and (self.training or labels is not None):
+            use_cache = False
+        if cache is not None:
+            kwargs[_CACHE_ARG] = cache
+        B, S = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        mask_T = as_token_mask(attention_mask, B * S, rows=B)
         record = RouterRecord()
         out = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
             labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
             token_mask_T=mask_T,
             router_record=record,
             expert_masks=expert_masks,

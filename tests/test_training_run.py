@@ -270,6 +270,19 @@ def test_upcycle_and_generate_scripts(tmp_path, capsys):
     assert _script("generate")([str(out), *gen]) == 0
     assert "L1" in capsys.readouterr().out
     assert _script("generate")([str(res.run_dir / "final"), *gen]) == 2  # dense: no experts to show
+    capsys.readouterr()
+    # several prompts: one left-padded batch; each line is what that prompt generates alone (greedy)
+    greedy = ["--max-new-tokens", "6", "--temperature", "0"]
+    prompts = ["def f(x):", "x", "The quick brown fox"]
+    assert _script("generate")([str(out), *sum((["--prompt", p] for p in prompts), []), *greedy]) == 0
+    batch = capsys.readouterr().out
+    alone = []
+    for p in prompts:
+        assert _script("generate")([str(out), "--prompt", p, *greedy]) == 0
+        alone.append(capsys.readouterr().out)
+    assert batch == "".join(f"[{b}] {text}" for b, text in enumerate(alone))
+    assert _script("generate")([str(out), "--prompt", "x", "--num-beams", "0"]) == 2
+    assert "--num-beams=0" in capsys.readouterr().err
     cfg = out / "config.json"  # a checkpoint whose routing is not causal: one error line, before generating
     cfg.write_text(cfg.read_text().replace('"routing": "token_choice"', '"routing": "expert_choice"'))
     capsys.readouterr()

@@ -17,6 +17,7 @@ import torch
 from moe_emergence.losses import masked_mean
 from moe_emergence.routing import RouterOutput
 from moe_emergence.telemetry import names as keys
+from moe_emergence.token_mask import as_token_mask
 
 # ----------------------------------------------------------------------------- formulas
 
@@ -125,10 +126,11 @@ class RoutingStats:
         self.buf = torch.zeros(2 * self.E + self.M * self.E + 2, dtype=torch.float64, device=device)
 
     def add(self, r: RouterOutput, mask_T: torch.Tensor, domain_T: torch.Tensor | None = None) -> None:
-        """Add one micro-batch (no host sync). ``mask_T`` 1 for real tokens; ``domain_T`` domain ids."""
+        """Add one micro-batch (no host sync). ``mask_T`` 1 for real tokens (``[T]`` or ``[B, S]``);
+        ``domain_T`` domain ids."""
         E, M = self.E, self.M
-        w_T = mask_T.reshape(-1).to(self.buf.device, torch.float64)
         idx_TK = r.topk_indices.detach()
+        w_T = as_token_mask(mask_T, idx_TK.shape[0]).to(self.buf.device, torch.float64)
         K = idx_TK.shape[1]
         tokens_per_expert_E = torch.zeros(E, dtype=torch.float64, device=self.buf.device)
         tokens_per_expert_E.index_add_(0, idx_TK.reshape(-1), w_T.repeat_interleave(K))

@@ -12,6 +12,7 @@ import re
 import stat
 from pathlib import Path
 
+from moe_emergence import model_card
 from moe_emergence.errors import ConfigError
 
 MARKER = ".moe_emergence_run"
@@ -105,6 +106,9 @@ def foreign_entries(run_dir: Path) -> list[str]:
 
 
 def _hf_file(p: Path) -> bool:
+    """A file ``save_pretrained`` writes; ``README.md`` only as the model card it wrote, unedited."""
+    if p.name == model_card.CARD_NAME:
+        return _plain_file(p, True) and model_card.is_written_card(p)
     return _plain_file(p, p.name in HF_FILES or SHARD.match(p.name))
 
 
