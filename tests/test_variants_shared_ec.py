@@ -81,14 +81,21 @@ def test_shared_expert_save_load(dense_model, input_ids, tmp_path):
 def test_expert_choice_hand_case():
     # T=4, E=2, k=1, C = ceil(4 * 1 / 2) = 2. Expert 0 takes tokens 0, 1; expert 1 takes 1, 3; token 2 none.
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.55, 0.05], [0.2, 0.8]])
-    tokens, weights, unrouted = expert_choice(probs, 2)
+    tokens, weights, taken, unrouted = expert_choice(probs, 2)
     assert tokens.tolist() == [[0, 1], [3, 1]]
     assert torch.equal(weights, torch.tensor([[0.9, 0.6], [0.8, 0.4]]))
+    assert taken.all()
     assert unrouted.tolist() == [False, False, True, False]
     # padding is never preferred to a real token and gets weight 0
-    tokens, weights, unrouted = expert_choice(probs, 2, torch.tensor([1, 0, 1, 1]))
+    tokens, weights, taken, unrouted = expert_choice(probs, 2, torch.tensor([1, 0, 1, 1]))
     assert tokens.tolist() == [[0, 2], [3, 0]]
     assert unrouted.tolist() == [False, True, False, False]
+    # a real-token capacity of 1: the second slots are not taken (weight 0, not counted)
+    tokens, weights, taken, unrouted = expert_choice(probs, 2, torch.tensor([1, 0, 1, 1]), None, 1)
+    assert tokens.tolist() == [[0, 2], [3, 0]]
+    assert taken.tolist() == [[True, False], [True, False]]
+    assert torch.equal(weights, torch.tensor([[0.9, 0.0], [0.8, 0.0]]))
+    assert unrouted.tolist() == [False, True, True, False]
 
 
 def test_expert_choice_layer_output_and_gradient(dense_model):
