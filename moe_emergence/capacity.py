@@ -53,9 +53,9 @@ def expert_capacity(
         return min(num_tokens, math.ceil(num_tokens * top_k / num_experts * capacity_factor))
     tokens = num_tokens.long()
     assignments_f64 = (tokens * top_k).double()  # exact: an integer below 2**53
-    # E as a tensor that is not a compile-time constant: Inductor (CUDA) turns a division by a constant
-    # into a multiplication by its reciprocal, which differs from IEEE division (and Python) by an ulp
-    # for E that are not powers of two, enough to move the ceil.
+    # E as a tensor, not a Python scalar: CUDA divides a tensor by a scalar (eager and Inductor alike) by
+    # multiplying with the scalar's reciprocal, which is an ulp off IEEE division (and Python) for E that
+    # are not powers of two, enough to move the ceil (seen on an H200: 665 of 144,000 grid points off).
     experts_f64 = assignments_f64 * 0.0 + num_experts
     capacity = torch.ceil(assignments_f64 / experts_f64 * capacity_factor).long()
     return torch.minimum(capacity, tokens)
