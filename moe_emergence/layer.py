@@ -63,8 +63,8 @@ class MoEWrapper(nn.Module):
     shared expert copied from the same dense MLP, this is the dense MLP at init for any g.
 
     ``token_mask_T`` (``[T]``, 1 = real token; None = all real) keeps padding from taking expert
-    capacity and from being chosen by experts (capacities count real tokens only); ``expert_mask_E`` (bool ``[E]``, False = removed) is
-    passed to the router (ablations).
+    capacity and from being chosen by experts (capacities count real tokens only); ``expert_mask_E``
+    (bool ``[E]``, False = removed) is passed to the router (ablations).
     """
 
     def __init__(
