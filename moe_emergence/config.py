@@ -64,8 +64,8 @@ class MoEConfig:
         routing: ``"token_choice"`` (each token picks k experts) or ``"expert_choice"`` (Zhou et al.
             2022: each expert picks its top-C tokens; NOT causal, for analysis; ``generate`` refuses it).
         capacity_factor: None = dropless; else >= 1.0 and each expert takes at most
-            ``C = ceil(T * k / E * capacity_factor)`` assignments per forward (T tokens in the forward).
-            For expert choice it sets C (None counts as 1.0).
+            ``C = min(T, ceil(T * k / E * capacity_factor))`` assignments per forward (T real tokens in
+            the forward: padding never counts). For expert choice it sets C (None counts as 1.0).
         overflow: what happens to an assignment past capacity: ``"drop"`` (weight 0) or ``"next_best"``
             (the token's next-ranked expert with room).
         shared_expert: add one always-on dense expert (the upcycled dense MLP):

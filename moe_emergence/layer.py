@@ -52,17 +52,19 @@ class MoEWrapper(nn.Module):
 
     ``y_t = dropout(sum_k w_tk * expert_{i_tk}(x_t))`` with the router's weights w and indices i.
 
-    Expert choice dispatches the E * C (token, expert) pairs through the same expert backend by
+    Expert choice dispatches the E * C (token, expert) slots through the same expert backend by
     gathering rows: ``y_AD = experts(x_TD[token_A], expert_A, weight_A)``, then
-    ``y_TD = sum over pairs of y_AD`` in float32 (any backend works unchanged).
+    ``y_TD = sum over pairs of y_AD`` in float32 (any backend works unchanged). C is static; slots an
+    expert did not take (``RouterOutput.ec_taken`` False: past the real-token capacity, padding, a
+    removed expert) have weight 0: computed, but they add nothing to the token they hold.
 
     Shared expert: ``y_t = (1 - g_t) * routed_t + g_t * shared_t`` in float32, with ``g_t`` the fixed
     ``shared_expert_weight`` or the learned ``sigmoid(x_t . w_g + b_g)``. With copy-init experts and a
     shared expert copied from the same dense MLP, this is the dense MLP at init for any g.
 
     ``token_mask_T`` (``[T]``, 1 = real token; None = all real) keeps padding from taking expert
-    capacity and from being chosen by experts; ``expert_mask_E`` (bool ``[E]``, False = removed) is
-    passed to the router (ablations).
+    capacity and from being chosen by experts (capacities count real tokens only); ``expert_mask_E``
+    (bool ``[E]``, False = removed) is passed to the router (ablations).
     """
 
     def __init__(

@@ -133,13 +133,11 @@ def routed_tokens_per_expert(
     r: RouterOutput, num_experts: int, mask_T: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Assignments each expert actually computed, float32 ``[E]``: padding and capacity-dropped
-    assignments excluded; with expert choice, the real tokens each expert took. The load that
-    aux-loss-free balancing (``Router.update_selection_bias``) evens out."""
+    assignments excluded; with expert choice, the slots each expert took (``RouterOutput.ec_taken``:
+    real tokens within the real-token capacity, removed experts none). The load that aux-loss-free
+    balancing (``Router.update_selection_bias``) evens out."""
     if r.ec_tokens is not None:
-        real_T = torch.ones(r.router_probs.shape[0], device=r.ec_tokens.device)
-        if mask_T is not None:
-            real_T = as_token_mask(mask_T, real_T.shape[0]).to(real_T)
-        return real_T[r.ec_tokens].sum(1)
+        return r.ec_taken.float().sum(1)  # padding is never taken
     kept_TK = None if r.dropped is None else ~r.dropped
     return tokens_per_expert(r.topk_indices, num_experts, mask_T, assignment_mask_TK=kept_TK)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from moe_emergence.capacity import assign_with_capacity, compact_accepted, expert_capacity, preference_order
 from moe_emergence.selection import expert_choice, expert_dropout_keep, random_reroute
+from moe_emergence.token_mask import as_token_mask
 
 
 @dataclass
@@ -36,11 +37,18 @@ class RouterOutput:
 
     Variant fields (None when the variant is off):
     dropped: ``[T, K]`` bool, the assignment overflowed its expert's capacity and has weight 0
-        (``capacity_factor`` set; padding is never dropped).
-    ec_tokens, ec_weights: ``[E, C]`` expert-choice assignment: the tokens each expert took and their
-        combine weights. With expert choice, ``topk_indices`` / ``topk_weights`` are only the token's
-        own top-k preference (used by the load-balance loss and telemetry), not what was computed.
-    unrouted: ``[T]`` bool, expert choice: no expert took the token (its MoE output is zero).
+        (``capacity_factor`` set; capacity ``C = min(T_real, ceil(T_real * k / E * capacity_factor))``
+        from the real tokens, Switch Transformers eq. 3; padding is never dropped).
+    ec_tokens, ec_weights: ``[E, C]`` expert-choice slots (Zhou et al. 2022): the tokens each expert
+        ranked first and their combine weights, 0 where the slot is not taken. C is static, from all T
+        tokens (``ceil(T * k / E * (capacity_factor or 1))``); an expert takes only its first
+        ``min(T_real, ceil(T_real * k / E * (capacity_factor or 1)))`` slots, real tokens only.
+        With expert choice, ``topk_indices`` / ``topk_weights`` are only the token's own top-k
+        preference (used by the load-balance loss and telemetry), not what was computed.
+    ec_taken: ``[E, C]`` bool, expert choice: the slot is an assignment that was computed with its
+        weight (rank below the real-token capacity, a real token, an expert not removed).
+    unrouted: ``[T]`` bool, expert choice: no expert took the token (its MoE output is zero; True for
+        padding).
     """
 
     topk_weights: torch.Tensor
@@ -53,6 +61,7 @@ class RouterOutput:
     ec_tokens: torch.Tensor | None = None
     ec_weights: torch.Tensor | None = None
     unrouted: torch.Tensor | None = None
+    ec_taken: torch.Tensor | None = None
 
 
 def entropy_from_probs(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -81,11 +90,18 @@ class Router(nn.Module):
         be selected and the weights use ``p_e * keep_e / sum_j p_j keep_j``.
       - random routing (training): ``selection.random_reroute`` on the selected indices; weights are
         then computed from the probabilities of the final choice (indices are no longer sorted).
-      - capacity (``capacity_factor``): ``capacity`` module; ``drop`` zeroes overflowed weights,
-        ``next_best`` re-assigns them and recomputes the weights of the final choice.
-      - expert choice: ``selection.expert_choice`` over the (noisy in training) probabilities with
-        ``C = ceil(T * k / E * (capacity_factor or 1))``; fills ``ec_tokens`` / ``ec_weights``.
-    ``mask_T`` (1 = real token) keeps padding from taking capacity or being chosen by experts.
+      - capacity (``capacity_factor``): ``capacity`` module, capacity
+        ``C = min(T_real, ceil(T_real * k / E * capacity_factor))`` per expert (Switch Transformers
+        eq. 3, GShard); ``drop`` zeroes overflowed weights, ``next_best`` re-assigns them and recomputes
+        the weights of the final choice.
+      - expert choice (Zhou et al. 2022): ``selection.expert_choice`` over the (noisy in training)
+        probabilities, ``[E, C]`` slots with ``C = ceil(T * k / E * (capacity_factor or 1))`` (static,
+        all T tokens), of which each expert takes the first
+        ``min(T_real, ceil(T_real * k / E * (capacity_factor or 1)))``; fills ``ec_tokens`` /
+        ``ec_weights`` / ``ec_taken``.
+    ``mask_T`` (``[T]``, 1 = real token; or a ``[B, S]`` mask, ``token_mask.as_token_mask``) keeps padding from taking capacity or being chosen by experts;
+    capacities count the real tokens only (``T_real = mask_T.sum()``, all T without a mask), so the real
+    tokens route the same whatever padding the batch carries, wherever it sits.
 
     ``expert_mask_E`` (bool ``[E]``, False = removed; for ablations) removes experts from this forward
     through the same path as expert dropout: a removed expert is never selected, the weights use
@@ -230,8 +246,7 @@ class Router(nn.Module):
         self, x: torch.Tensor, mask_T: torch.Tensor | None = None, expert_mask_E: torch.Tensor | None = None
     ) -> RouterOutput:
         x_TD = x.reshape(-1, x.shape[-1])
-        if mask_T is not None and mask_T.shape != (x_TD.shape[0],):
-            raise ValueError(f"Router mask has shape {tuple(mask_T.shape)}, expected ({x_TD.shape[0]},)")
+        mask_T = as_token_mask(mask_T, x_TD.shape[0], rows=x.shape[0] if x.dim() == 3 else None)
         self._check_expert_mask(expert_mask_E)
         extra = {}
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -254,12 +269,20 @@ class Router(nn.Module):
                 sel_TE, wprobs_TE, allowed_E = probs_TE, probs_TE, None
             T = x_TD.shape[0]
             if self.routing == "expert_choice":
-                C = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor or 1.0)
+                cf = self.capacity_factor or 1.0
+                C = expert_capacity(T, self.top_k, self.num_experts, cf)  # static slots
+                real_capacity = (  # from the real tokens: a 0-d device tensor (no host sync)
+                    None
+                    if mask_T is None
+                    else expert_capacity(mask_T.bool().sum(), self.top_k, self.num_experts, cf)
+                )
                 ec_probs_TE = probs_TE
                 if expert_mask_E is not None:  # the survivors' probabilities, renormalised
                     ec_probs_TE = noisy_logits_TE.masked_fill(~expert_mask_E, -math.inf).softmax(dim=-1)
-                tokens, weights, unrouted = expert_choice(ec_probs_TE, C, mask_T, expert_mask_E)
-                extra = dict(ec_tokens=tokens, ec_weights=weights, unrouted=unrouted)
+                tokens, weights, taken, unrouted = expert_choice(
+                    ec_probs_TE, C, mask_T, expert_mask_E, real_capacity
+                )
+                extra = dict(ec_tokens=tokens, ec_weights=weights, ec_taken=taken, unrouted=unrouted)
             elif self.capacity_factor is not None:
                 weights_TK, topk_indices_TK, dropped_TK = self._apply_capacity(
                     weights_TK, topk_indices_TK, sel_TE, wprobs_TE, allowed_E, mask_T
@@ -305,7 +328,8 @@ class Router(nn.Module):
         """(weights, indices, dropped) after capacity (``capacity`` module docstring)."""
         T, K = indices_TK.shape
         E = self.num_experts
-        C = expert_capacity(T, K, E, self.capacity_factor)
+        # from the real tokens: an int without a mask, a 0-d device tensor with one (no host sync)
+        C = expert_capacity(T if mask_T is None else mask_T.bool().sum(), K, E, self.capacity_factor)
         real_T = (
             torch.ones(T, dtype=torch.bool, device=indices_TK.device) if mask_T is None else mask_T.bool()
         )

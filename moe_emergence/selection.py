@@ -1,7 +1,7 @@
 """Selection perturbations and expert-choice selection: pure functions used by ``routing.Router``.
 
 Shapes (legend: docs/architecture.md): T tokens, E experts, K experts per token, C expert capacity
-(expert choice: the tokens each expert takes).
+(expert choice: the slots of each expert).
 
 Random draws use the global torch RNG on the tensors' device (so gradient checkpointing, which preserves
 the RNG state, replays them); no host syncs.
@@ -49,26 +49,37 @@ def expert_choice(
     capacity: int,
     mask_T: torch.Tensor | None = None,
     expert_mask_E: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert-choice routing (Zhou et al. 2022): each expert takes the C tokens with the highest
-    probability for it.
+    real_capacity: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing", sec. 3.1):
+    each expert takes the tokens with the highest probability for it.
+
+    ``capacity``: C, the static number of slots per expert (``C = ceil(T * k / E * capacity_factor)`` over
+    all T tokens, so shapes stay static). ``real_capacity``: how many of them an expert takes, from the
+    real tokens (``capacity.expert_capacity(mask_T.sum(), ...)``, an int or a 0-d tensor; None = C).
+    Each expert ranks the real tokens by probability, ties by token index (a stable sort, so the ranking
+    of real tokens never depends on padding), padding after every real token; its slots hold the first C
+    of that ranking and it takes the first ``real_capacity`` of them.
 
     Returns ``tokens_EC`` (int64 token indices), ``weights_EC`` (that token's probability for the expert,
-    with gradient; 0 for padding tokens, which are only taken once every real token has been ranked) and
-    ``unrouted_T`` (bool: no expert took the token; its MoE output is zero). ``expert_mask_E`` (bool,
-    False = removed): a removed expert's picks get weight 0 and count as not taken.
+    with gradient, where taken; 0 elsewhere), ``taken_EC`` (bool: the slot is an assignment: rank below
+    ``real_capacity``, a real token, an expert not removed) and ``unrouted_T`` (bool: no expert took the
+    token, padding included; its MoE output is zero). ``expert_mask_E`` (bool, False = removed): a
+    removed expert takes nothing.
     """
     T, E = probs_TE.shape
     scores_ET = probs_TE.detach().t()
     if mask_T is not None:
-        scores_ET = scores_ET.masked_fill(~mask_T.bool()[None, :], -1.0)
-    tokens_EC = scores_ET.topk(capacity, dim=-1).indices
-    weights_EC = probs_TE.t().gather(1, tokens_EC)
+        scores_ET = scores_ET.masked_fill(~mask_T.bool()[None, :], -1.0)  # probabilities are >= 0
+    tokens_EC = scores_ET.sort(dim=-1, descending=True, stable=True).indices[:, :capacity]
+    taken_EC = torch.ones(E, capacity, dtype=torch.bool, device=probs_TE.device)
+    if real_capacity is not None:
+        taken_EC = taken_EC & (torch.arange(capacity, device=probs_TE.device) < real_capacity)[None, :]
     if mask_T is not None:
-        weights_EC = weights_EC * mask_T.to(weights_EC.dtype)[tokens_EC]
-    took_EC = torch.ones(E, capacity, device=probs_TE.device)
+        taken_EC = taken_EC & mask_T.bool()[tokens_EC]
     if expert_mask_E is not None:
-        took_EC = took_EC * expert_mask_E[:, None].to(took_EC)
-        weights_EC = weights_EC * took_EC.to(weights_EC.dtype)
-    taken_T = torch.zeros(T, device=probs_TE.device).index_add_(0, tokens_EC.reshape(-1), took_EC.reshape(-1))
-    return tokens_EC, weights_EC, taken_T == 0
+        taken_EC = taken_EC & expert_mask_E[:, None]
+    weights_EC = probs_TE.t().gather(1, tokens_EC) * taken_EC.to(probs_TE.dtype)
+    taken_T = torch.zeros(T, dtype=torch.long, device=probs_TE.device)
+    taken_T = taken_T.index_add_(0, tokens_EC.reshape(-1), taken_EC.reshape(-1).long())
+    return tokens_EC, weights_EC, taken_EC, taken_T == 0

@@ -118,6 +118,28 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(parent, va
                 torch.testing.assert_close(logits[b : b + 1], logits_alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("overflow", ["drop", "next_best"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_capacity_routing_generates_the_same_with_left_padding(parent, top_k, overflow, use_cache):
+    """Capacity counts real tokens only, so a left-padded prompt routes (and drops) exactly as alone.
+    (Capacity couples the tokens of one forward: different prompts in one batch share it, as in Switch.)"""
+    moe = _variant(parent, top_k=top_k, capacity_factor=1.0, overflow=overflow)
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        dropped = moe(torch.tensor([prompt + PROMPTS[2]])).router_outputs[0].dropped
+    assert overflow == "next_best" or dropped.any()  # the capacity binds (not a vacuous comparison)
+    for mode in ("greedy", "beam"):
+        ids, mask = torch.tensor([[0, 0, 0] + prompt]), torch.tensor([[0, 0, 0] + [1] * len(prompt)])
+        kw = dict(GEN, use_cache=use_cache, output_logits=True, return_dict_in_generate=True)
+        kw.update(do_sample=False, num_beams=3 if mode == "beam" else 1)
+        with torch.no_grad():
+            padded = moe.generate(ids, attention_mask=mask, **kw)
+        seq_alone, logits_alone = _generate(moe, [prompt], mode, use_cache)
+        assert torch.equal(padded.sequences[:, ids.shape[1] :], seq_alone), mode
+        torch.testing.assert_close(torch.stack(padded.logits, 1), logits_alone, atol=1e-5, rtol=1e-5)
+
+
 def test_forward_signature_is_gpt2s_plus_the_moe_arguments():
     ours = list(inspect.signature(GPT2MoEForCausalLM.forward).parameters)
     theirs = [n for n in inspect.signature(GPT2LMHeadModel.forward).parameters if n != "kwargs"]
@@ -260,5 +282,9 @@ def test_token_masks_of_the_shapes_users_pass(parent):
         s1.add(r, m)
         s2.add(r, flat)
         assert torch.equal(s1.buf, s2.buf)
+    router = moe.moe_layers()[0].router
+    x_BSD = torch.randn(3, 6, router.d_model)
+    a, b = router(x_BSD, mask_BS), router(x_BSD, flat)
+    assert torch.equal(a.topk_weights, b.topk_weights) and torch.equal(a.dropped, b.dropped)
     with pytest.raises(ValueError, match=r"token mask has shape \(5,\).*\(18,\)"):
         tokens_per_expert(r.topk_indices, 4, torch.ones(5))
