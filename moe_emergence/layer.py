@@ -54,7 +54,9 @@ class MoEWrapper(nn.Module):
 
     Expert choice dispatches the E * C (token, expert) pairs through the same expert backend by
     gathering rows: ``y_AD = experts(x_TD[token_A], expert_A, weight_A)``, then
-    ``y_TD = sum over pairs of y_AD`` in float32 (any backend works unchanged).
+    ``y_TD = sum over pairs of y_AD`` in float32 (any backend works unchanged). A pair of weight 0 (a padding
+    token, a removed expert's pick) is not computed (``ExpertBank``): its row of ``y_AD`` is 0 and it gets no
+    gradient.
 
     Shared expert: ``y_t = (1 - g_t) * routed_t + g_t * shared_t`` in float32, with ``g_t`` the fixed
     ``shared_expert_weight`` or the learned ``sigmoid(x_t . w_g + b_g)``. With copy-init experts and a
