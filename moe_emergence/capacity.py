@@ -27,8 +27,8 @@ when it asked, never the same expert twice. An assignment is still dropped when 
 is one the token already holds (or one excluded by expert dropout); for k = 1 with capacity_factor >= 1
 (total capacity E * C >= T_real) nothing is dropped unless experts are excluded.
 
-Dropped assignments are still computed by the expert backends, with weight 0: the semantics are exact,
-the compute is not saved.
+Dropped assignments have weight 0, and the expert backends do not compute weight-0 assignments
+(``experts.ExpertBank``): a dropped token never touches the expert that dropped it.
 """
 
 from __future__ import annotations

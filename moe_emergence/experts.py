@@ -6,6 +6,19 @@ K experts per token, A = T * K assignments. Weights follow GPT-2's Conv1D layout
 Expert e computes ``act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]``; a token's output is
 ``sum_k weights[t, k] * expert_{indices[t, k]}(x_t)``, combined in float32.
 
+Zero-weight assignments: an assignment whose weight ``weights[t, k]`` is exactly 0 is not computed, in every
+backend, forward and backward. It adds nothing to y (not ``0 * expert(x_t)``, NaN where that output is inf or
+NaN) and receives no gradient: its expert's parameters, ``x_t`` and ``weights[t, k]`` itself get exactly 0
+from it (d weights[t, k] = 0, not ``<dy_t, expert(x_t)>``). So a capacity-dropped token never touches the
+expert that dropped it, whatever that expert's bias or output for it, or the token's own row of x.
+``routing_meta`` does it for all backends: such an assignment gets the sentinel expert id E and sorts after
+every expert's rows. The router's gradient is the same as if the assignment were computed (on a finite
+output; on a non-finite one computing it could make that gradient NaN): a router weight is exactly 0 only
+where capacity or a mask zeroed it (``masked_fill`` / a 0-1 factor: 0 flows upstream whatever the weight's
+own gradient) or where its softmax probability underflowed to 0 (softmax's backward scales each entry's
+gradient by its probability: 0), so the chain from such a weight to the router logits is 0 either way;
+tests/test_isolation.py checks this for every routing variant that makes zero weights.
+
 Backends share one signature::
 
     fn(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, indices_TK, weights_TK, activation) -> y_TD
@@ -23,6 +36,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from moe_emergence.kernels.routing_meta import routing_meta  # torch only: kernels/__init__ imports no triton
+
 ExpertsFn = Callable[..., torch.Tensor]
 
 
@@ -38,16 +53,18 @@ def eager_experts(
 ) -> torch.Tensor:
     """Reference dispatch: sort the T*K assignments by expert, run each expert on its rows, scatter back.
 
-    One host sync (the per-expert row counts used to split the sorted rows); every expert's weights
+    The sort is ``routing_meta``'s (the fast backends' own): zero-weight assignments sort last and are left
+    out. One host sync (the per-expert row counts used to split the sorted rows); every expert's weights
     take part in the graph even when it receives no token.
     """
-    T, K = indices_TK.shape
-    E = w1_EDF.shape[0]
+    T = indices_TK.shape[0]
     act = ACT2FN[activation]
-    flat_expert_A = indices_TK.reshape(-1)  # A = T * K assignments
-    order_A = flat_expert_A.argsort(stable=True)
-    token_A = order_A // K
-    counts = torch.bincount(flat_expert_A, minlength=E).tolist()
+    meta = routing_meta(indices_TK, w1_EDF.shape[0], weights_TK)
+    counts = (
+        meta.offsets_E1.diff().tolist()
+    )  # rows of each expert; the dead rows after them are not split off
+    live = sum(counts)
+    token_A, order_A = meta.token_A[:live], meta.order_A[:live]
     x_AD = x_TD[token_A]
     outs = []
     for e, x_eD in enumerate(x_AD.split(counts)):
@@ -82,7 +99,12 @@ get_backend = functools.cache(resolve_backend)
 
 
 class ExpertBank(nn.Module):
-    """E feed-forward experts with stacked weights; ``forward(x_TD, indices_TK, weights_TK) -> y_TD``."""
+    """E feed-forward experts with stacked weights; ``forward(x_TD, indices_TK, weights_TK) -> y_TD``.
+
+    An assignment with weight exactly 0 is not computed: it adds nothing to y and receives no gradient, even
+    where its expert's output for that token is inf or NaN (module docstring); capacity-dropped assignments
+    (weight 0) so never touch the expert that dropped them.
+    """
 
     def __init__(
         self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu_new", backend: str = "eager"

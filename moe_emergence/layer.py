@@ -56,7 +56,8 @@ class MoEWrapper(nn.Module):
     gathering rows: ``y_AD = experts(x_TD[token_A], expert_A, weight_A)``, then
     ``y_TD = sum over pairs of y_AD`` in float32 (any backend works unchanged). C is static; slots an
     expert did not take (``RouterOutput.ec_taken`` False: past the real-token capacity, padding, a
-    removed expert) have weight 0: computed, but they add nothing to the token they hold.
+    removed expert) have weight 0 and are not computed (``ExpertBank``): such a row of ``y_AD`` is 0 and
+    gets no gradient.
 
     Shared expert: ``y_t = (1 - g_t) * routed_t + g_t * shared_t`` in float32, with ``g_t`` the fixed
     ``shared_expert_weight`` or the learned ``sigmoid(x_t . w_g + b_g)``. With copy-init experts and a

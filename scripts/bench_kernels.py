@@ -7,7 +7,7 @@ gather and no epilogue, and ``torch._grouped_mm`` on the same (pre-gathered) row
 Each row GEMM is also timed with plain pointer loads instead of TMA. Weight gradients: dW1 = x[token]^T @ dZ
 and dW2 = a^T @ dO: the Triton wgrad kernel after an index_select of the x rows (the backend copies them in
 its dO pass instead), on rows sorted beforehand, and ``torch._grouped_mm`` (CUTLASS) on pre-gathered rows, alone and with the gather
-and the bias gradient as a one-hot GEMM (the grouped_mm backend's way). The triton backend sums the bias gradients in the epilogues of dZ and of the
+and the bias gradient as a grouped GEMM of a ones block (the grouped_mm backend's way). The triton backend sums the bias gradients in the epilogues of dZ and of the
 row-prep kernel (timed with and without them). Times are device times: each call is captured in a CUDA graph and replayed (median of ``--iters``).
 
     python scripts/bench_kernels.py [--iters 50]
@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from bench_moe import graph_time  # device time of fn captured in a CUDA graph (scripts/ is on sys.path)
 
+from moe_emergence.kernels.grouped_mm import _bias_grad
 from moe_emergence.kernels.routing_meta import routing_meta
 from moe_emergence.kernels.triton_kernels import EPI_GELU, EPI_GELU_BWD, launch_rows, launch_wgrad
 from moe_emergence.kernels.triton_rowwise import launch_bwd_prep
@@ -30,9 +30,8 @@ T, D, FF, E = 8192, 768, 3072, 8
 
 def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
     """Time every variant of dW = x[rows]^T @ g for one routing and shape (the bias gradient is summed in the
-    epilogues of the kernels that produce g; the one-hot GEMM is the grouped_mm backend's way)."""
+    epilogues of the kernels that produce g; the grouped GEMM of a ones block is the grouped_mm backend's way)."""
     offs = meta.offsets_E1[1:].to(torch.int32)
-    onehot = F.one_hot(meta.expert_A.long(), E).to(torch.bfloat16)
     O_ = g.shape[1]  # the GEMM's output width O
     x_rows = x.index_select(0, meta.token_A) if gather else x
     variants = {
@@ -41,9 +40,9 @@ def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
         ),
         "triton GEMM (rows sorted beforehand)": lambda: launch_wgrad(x_rows, g, meta),
         "grouped_mm GEMM only (rows pre-gathered)": lambda: torch._grouped_mm(x_rows.t(), g, offs=offs),
-        "grouped_mm + gather + one-hot bias": lambda: (
+        "grouped_mm + gather + bias": lambda: (
             torch._grouped_mm((x.index_select(0, meta.token_A) if gather else x).t(), g, offs=offs),
-            onehot.t() @ g,
+            _bias_grad(g, offs),
         ),
     }
     ref = torch._grouped_mm(x_rows.t(), g, offs=offs).float()

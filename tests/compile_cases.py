@@ -41,7 +41,8 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
     if backend == "triton":  # the routing metadata op the backend calls before its forward op
         from moe_emergence.kernels.triton_routing import _routing_op
 
-        report = torch.library.opcheck(_routing_op, (indices, w1.shape[0]), test_utils=ALL_CHECKS)
+        routing_args = (indices, weights.detach(), w1.shape[0])
+        report = torch.library.opcheck(_routing_op, routing_args, test_utils=ALL_CHECKS)
         results[_routing_op._name] = sorted(k for k, v in report.items() if v == "SUCCESS")
     report = torch.library.opcheck(fwd, (x, w1, b1, w2, b2, weights, *meta, *extra), test_utils=ALL_CHECKS)
     results[fwd._name] = sorted(k for k, v in report.items() if v == "SUCCESS")
@@ -61,7 +62,7 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
         half = (x.detach().half(), w1, b1, w2, b2, weights, *meta)
         report = torch.library.opcheck(fwd, half, test_utils=ALL_CHECKS[:2])
         results[fwd._name + "/float32 params"] = sorted(k for k, v in report.items() if v == "SUCCESS")
-    else:  # saved: x_AD, w1, w2, z, a, o, w_A, onehot, weights, meta
+    else:  # saved: x_AD, w1, w2, z, a, o, w_A, weights, meta
         cases = [(out[1], w1, w2, *out[2:], weights, *meta, *extra)]
     for i, args in enumerate(cases):  # the partial-gradient case: schema and fake tensors only (time)
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)

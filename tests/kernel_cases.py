@@ -196,7 +196,8 @@ def compare_persistent(device: str, dtype: torch.dtype) -> dict[str, dict[str, f
 
 def compare_routing(device: str) -> dict[str, float]:
     """``triton_routing_meta`` against the torch ``routing_meta``: 1.0 for each (T, K, E) whose four tensors or
-    expert-id dtype differ, else 0.0; several chunks, empty experts, E = 2^n - 1 and 2^n, one expert, T = 0."""
+    expert-id dtype differ, else 0.0; several chunks, empty experts, E = 2^n - 1 and 2^n, one expert, T = 0; each
+    without weights and with weights of which about a third are 0 (dead rows), a case with all of them 0."""
     from moe_emergence.kernels.routing_meta import routing_meta
     from moe_emergence.kernels.triton_routing import triton_routing_meta
 
@@ -217,11 +218,97 @@ def compare_routing(device: str) -> dict[str, float]:
         idx = idx.long().to(device)
         if E > 4:
             idx = torch.where(idx == 1, E - 1, idx)  # expert 1 gets nothing (a token may now repeat one)
-        ref, got = routing_meta(idx, E), triton_routing_meta(idx, E)
-        same = ref.expert_A.dtype == got.expert_A.dtype and all(
-            torch.equal(r, t) for r, t in zip(ref.tensors(), got.tensors(), strict=True)
-        )
-        out[f"T{T}_K{K}_E{E}"] = 0.0 if same else 1.0
+        weights = torch.rand(idx.shape, generator=g).to(device)
+        weights = weights.masked_fill(weights < 0.3, 0.0)
+        for label, w in (("", None), ("_zeros", weights), ("_all_zero", torch.zeros_like(weights))):
+            ref, got = routing_meta(idx, E, w), triton_routing_meta(idx, E, w)
+            same = ref.expert_A.dtype == got.expert_A.dtype and all(
+                torch.equal(r, t) for r, t in zip(ref.tensors(), got.tensors(), strict=True)
+            )
+            out[f"T{T}_K{K}_E{E}{label}"] = 0.0 if same else 1.0
+    return out
+
+
+# zero-weight isolation (``experts`` docstring): name: (T, D, F, E, K); expert 1 is poisoned and gets only
+# weight-0 assignments, tokens 0 and 5 (and every token routed to expert 1) have all their weights 0
+ISOLATION_CASES = {
+    "top1": (33, 16, 32, 4, 1),
+    "top2": (37, 24, 40, 5, 2),
+    "top1_odd": (31, 17, 23, 3, 1),
+    "top2_odd": (29, 17, 23, 5, 2),
+    "top3_odd": (27, 9, 13, 6, 3),
+    "top2_all_dead": (19, 16, 24, 3, 2),  # every weight 0: y and every gradient 0
+}
+ISOLATION_ALIGNED = [name for name, c in ISOLATION_CASES.items() if c[1] % 8 == 0 and c[2] % 8 == 0]
+# what is non-finite: a bias of expert 1 (b1 makes its hidden activation inf), or x rows 0 and 5 (inf, nan)
+POISONS = ("b1_inf", "b2_inf", "b2_nan", "x_inf_nan")
+DEAD_TOKENS = (0, 5)
+
+
+def make_isolation_case(name: str, device: str, seed: int = 0):
+    """``(finite params, poisoned params, indices, dy)``: random experts, expert 1 only with weight-0 assignments,
+    tokens ``DEAD_TOKENS`` with every weight 0, and about a fifth of the other assignments with weight 0 too (on
+    finite experts); the poisoned params differ from the finite ones only where the poison is (parametrised
+    by ``name = "<case>/<poison>"``)."""
+    case, poison = name.split("/")
+    T, D, F, E, K = ISOLATION_CASES[case]
+    params, indices, dy = make_case((T, D, F, E, K, "random"), "cpu", seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    weights = params[5]
+    weights[torch.rand(T, K, generator=g) < 0.2] = 0.0
+    weights[indices == 1] = 0.0
+    weights[list(DEAD_TOKENS)] = 0.0
+    if case.endswith("all_dead"):
+        weights.zero_()
+    poisoned = [p.clone() for p in params]
+    x, b1, b2 = poisoned[0], poisoned[2], poisoned[4]
+    if poison == "b1_inf":
+        b1[1, ::2] = float("inf")
+    elif poison == "b2_inf":
+        b2[1, 0] = float("inf")
+    elif poison == "b2_nan":
+        b2[1] = float("nan")
+    else:
+        x[DEAD_TOKENS[0]] = float("inf")
+        x[DEAD_TOKENS[1], ::2] = float("nan")
+    to = [t.to(device) for t in (*params, *poisoned, indices, dy)]
+    return to[:6], to[6:12], to[12], to[13]
+
+
+def compare_isolation(backend: str, device: str, dtype: torch.dtype, name: str) -> dict[str, float]:
+    """``backend`` on a poisoned case (``make_isolation_case``) against eager float32 on the finite case (the
+    assignments of weight 0 are not computed, so the poison must change nothing): relative errors of y and every
+    gradient, inf where the backend's tensor is not finite."""
+    finite, poisoned, indices, dy = make_isolation_case(name, device)
+    ref = run_fn(eager_experts, finite, indices, dy, torch.float32)
+    out = run_fn(get_backend(backend, torch.device(device)), poisoned, indices, dy, dtype)
+    errors = {}
+    for n, o, r in zip(NAMES, out, ref, strict=True):
+        finite_out = bool(torch.isfinite(o).all())
+        errors[n] = ((o - r).norm() / r.norm().clamp_min(1e-30)).item() if finite_out else float("inf")
+    return errors
+
+
+ISOLATION_KEYS = [f"isolation/{case}/{poison}" for case in ISOLATION_CASES for poison in POISONS]
+ISOLATION_PERSISTENT_KEYS = [f"isolation_persistent/top2_odd/{poison}" for poison in ("b2_nan", "x_inf_nan")]
+
+
+def isolation_results(backend: str, device: str, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """``compare_isolation`` on every case and poison the backend takes (grouped_mm: the aligned cases), and (triton)
+    the persistent row GEMMs on one case: {"isolation/<case>/<poison>": errors}."""
+    cases = ISOLATION_ALIGNED if backend == "grouped_mm" else list(ISOLATION_CASES)
+    out = {
+        f"isolation/{case}/{poison}": compare_isolation(backend, device, dtype, f"{case}/{poison}")
+        for case in cases
+        for poison in POISONS
+    }
+    if backend == "triton":
+        from moe_emergence.kernels import triton_kernels as tk
+
+        shapes = [(*shape[:5], True) for shape in tk._tuned(tk.ROWS_SHAPES, (False,))]
+        with forced_configs(tk._rows_kernel, tk.tile_configs(shapes, tk.ROWS_PRE_HOOK, tk.ROWS_FLAGS)):
+            for key in ISOLATION_PERSISTENT_KEYS:
+                out[key] = compare_isolation(backend, device, dtype, key.split("/", 1)[1])
     return out
 
 
@@ -237,6 +324,7 @@ def main(argv: list[str]) -> None:
     if dtype != torch.float32:  # float32 parameters under autocast in this dtype
         result["top2_autocast"] = compare_autocast(backend, device, dtype)
     if dtype == torch.float32:
+        result.update(isolation_results(backend, device, dtype))
         result["top2_frozen_weights"] = compare_frozen(backend, device)
         for k in (1, 2):
             for ckpt in (False, True):

@@ -19,9 +19,14 @@ import torch
 from kernel_cases import (
     ALIGNED,
     CASES,
+    ISOLATION_CASES,
+    ISOLATION_KEYS,
+    ISOLATION_PERSISTENT_KEYS,
+    POISONS,
     compare,
     compare_autocast,
     compare_frozen,
+    compare_isolation,
     compare_model,
     compare_persistent,
     compare_routing,
@@ -102,6 +107,26 @@ def test_triton_interpreted_routing_matches_torch_routing(interpreted_triton):
 
 def test_triton_interpreted_frozen_weights_match_eager(interpreted_triton):
     assert_close(interpreted_triton["float32"]["top2_frozen_weights"], 1e-5, "triton, w1 w2 weights frozen")
+
+
+@pytest.mark.parametrize("key", ISOLATION_KEYS + ISOLATION_PERSISTENT_KEYS)
+def test_triton_interpreted_zero_weight_assignments_isolated(interpreted_triton, key):
+    """Weight-0 assignments to an expert with an inf / NaN bias, or of x rows with inf / NaN, change nothing: y and
+    every gradient finite and equal to eager on the finite case (``experts`` docstring)."""
+    assert_close(interpreted_triton["float32"][key], 1e-5, f"triton {key}")
+
+
+@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("case", list(ISOLATION_CASES))
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"] + (["triton"] if CUDA else []))
+def test_zero_weight_assignments_isolated(backend, case, poison):
+    """As above, in-process: eager exactly (the same live rows), grouped_mm on the aligned cases."""
+    if backend == "grouped_mm" and (ISOLATION_CASES[case][1] % 8 or ISOLATION_CASES[case][2] % 8):
+        pytest.skip("grouped_mm needs D and F multiples of 8")
+    for dtype in [torch.float32] + ([torch.bfloat16] if CUDA and backend != "eager" else []):
+        errors = compare_isolation(backend, DEVICE, dtype, f"{case}/{poison}")
+        tol = 0.0 if backend == "eager" else TOL[dtype]
+        assert_close(errors, tol, f"{backend} {case} {poison} {dtype}")
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm"] + (["triton"] if CUDA else []))
@@ -290,15 +315,31 @@ def test_routing_meta_many_experts_sorts_as_int32():
     assert meta.offsets_E1[[0, 1, 3, 4, 40000, 40001]].tolist() == [0, 1, 1, 2, 2, 4]
 
 
+def test_routing_meta_zero_weights_sort_last_as_dead_rows():
+    """A weight-0 assignment gets the sentinel expert E: after every expert's rows, in offsets[E]:A, in
+    assignment order; the live ones keep their sorted order and offsets as without them."""
+    idx = torch.tensor([[2, 0], [1, 2], [0, 1], [2, 1]])
+    weights = torch.tensor([[0.5, 0.0], [0.0, 0.3], [0.2, 0.1], [0.0, 0.0]])
+    meta = routing_meta(idx.to(DEVICE), 3, weights.to(DEVICE))
+    assert meta.order_A.tolist() == [4, 5, 0, 3, 1, 2, 6, 7]
+    assert meta.expert_A.tolist() == [0, 1, 2, 2, 3, 3, 3, 3]
+    assert meta.offsets_E1.tolist() == [0, 1, 2, 4]  # offsets[E] = 4 live rows of A = 8
+    assert meta.token_A.tolist() == [2, 2, 0, 1, 0, 1, 3, 3]
+    assert routing_meta(idx.to(DEVICE), 3).offsets_E1.tolist() == [0, 2, 5, 8]  # no weights: all live
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_routing_meta_has_no_host_sync():
     idx = torch.randint(0, 8, (4096, 2), device="cuda")
+    weights = torch.rand(4096, 2, device="cuda").masked_fill_(torch.rand(4096, 2, device="cuda") < 0.2, 0.0)
     torch.cuda.set_sync_debug_mode("error")
     try:
         routing_meta(idx, 8)
+        routing_meta(idx, 8, weights)
         if "triton" in available_backends(torch.device("cuda")):
             from moe_emergence.kernels.triton_routing import triton_routing_meta
 
             triton_routing_meta(idx, 8)
+            triton_routing_meta(idx, 8, weights)
     finally:
         torch.cuda.set_sync_debug_mode("default")

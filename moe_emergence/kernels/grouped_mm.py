@@ -3,15 +3,19 @@
 Shapes (legend: docs/architecture.md): T tokens, D model width, F expert intermediate width, E experts,
 K experts per token, A = T * K assignments.
 Rows ``*_A?`` are in the sorted order of ``routing_meta`` (expert e owns rows offsets[e]:offsets[e+1]).
+Zero-weight assignments are the dead rows ``offsets[E]:A`` (``routing_meta`` docstring): past the last group
+of every ``_grouped_mm``, so no GEMM reads them and the GEMM outputs' dead rows are never written
+(uninitialised memory); every pass over all A rows (the combine, d(weights)) masks them to 0 with a ``where``.
 
-Forward: gather x rows (x_AD), z_AF = x_AD @ w1[e] (+ b1[e] added in place by ``addmm_`` with a
-one-hot [A, E] matrix: no gathered [A, F] bias tensor), a_AF = act(z_AF), o_AD = a_AF @ w2[e] + b2[e],
-then each row is scaled by its routing weight (float32) and written to its assignment slot; the K
-slots of a token are summed in float32 (no atomics, deterministic).
-Backward is explicit (the grouped GEMMs of dX and dW, bias gradients as one-hot GEMMs summed in
-float32 by the GEMM), so it does not depend on autograd support of ``_grouped_mm``.
+Forward: gather x rows (x_AD), z_AF = x_AD @ w1[e] + b1[e] (the bias rows gathered per row and added in
+place: a one-hot GEMM would add 0 * b1[e'] of every other expert, NaN where one is inf), a_AF = act(z_AF),
+o_AD = a_AF @ w2[e] + b2[e], then each row is scaled by its routing weight (float32) and written to its
+assignment slot; the K slots of a token are summed in float32 (no atomics, deterministic).
+Backward is explicit (the grouped GEMMs of dX and dW, bias gradients as grouped GEMMs of a ones row block
+with each expert's rows, summed in float32 by the GEMM), so it does not depend on autograd support of
+``_grouped_mm``.
 Forward and backward are ``torch.library`` custom ops (``moe_emergence::grouped_mm_experts_fwd`` -> ``(y,
-x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE)``, ``..._bwd`` -> the six gradients), tied by ``register_autograd``,
+x_AD, z_AF, a_AF, o_AD, w_A)``, ``..._bwd`` -> the six gradients), tied by ``register_autograd``,
 so ``torch.compile`` keeps them in its graph; eagerly, the same bodies run under a plain ``autograd.Function``.
 The routing metadata is computed outside and passed as its four tensors; both ops run with autocast off (inputs
 cast before, ``kernels/op_common.py``).
@@ -63,30 +67,48 @@ def _act_backward(da: torch.Tensor, z: torch.Tensor, activation: str) -> torch.T
     return vjp(da)[0]
 
 
-def _combine(rows_AD: torch.Tensor, meta: RoutingMeta, T: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum each token's K sorted rows: write rows to their assignment slot, sum over K in float32."""
+def _live_rows(meta: RoutingMeta) -> Tensor:
+    """``[A, 1]`` bool: the sorted row belongs to an expert (not a dead, zero-weight row)."""
+    return (meta.expert_A < meta.num_experts)[:, None]
+
+
+def _combine(rows_AD: Tensor, meta: RoutingMeta, T: int, dtype: torch.dtype) -> Tensor:
+    """Sum each token's K sorted rows: write rows to their assignment slot (dead rows as zeros: their rows were
+    never computed), sum over K in float32."""
+    rows_AD = torch.where(_live_rows(meta), rows_AD, 0.0)
     slots_AD = torch.empty_like(rows_AD).index_copy_(0, meta.order_A, rows_AD)
     if meta.top_k == 1:
         return slots_AD.to(dtype)
     return slots_AD.view(T, meta.top_k, -1).sum(1, dtype=torch.float32).to(dtype)
 
 
+def _bias_rows(b_EO: Tensor, meta: RoutingMeta) -> Tensor:
+    """``[A, O]`` each sorted row's expert bias (dead rows: the last expert's, never used)."""
+    return b_EO.index_select(0, meta.expert_A.long().clamp_max(meta.num_experts - 1))
+
+
+def _bias_grad(g_AO: Tensor, offs_E: Tensor) -> Tensor:
+    """``[E, O]`` the column sums of each expert's rows of ``g_AO``: one grouped GEMM of a ones block
+    (8 rows, column-major: 16-byte aligned) with them; dead rows lie past the last group and are not read."""
+    ones_MA = torch.ones(g_AO.shape[0], 8, device=g_AO.device, dtype=g_AO.dtype).t()
+    return torch._grouped_mm(ones_MA, g_AO, offs=offs_E)[:, 0].contiguous()
+
+
 def _fwd_impl(
     x_TD: Tensor, w1_EDF: Tensor, b1_EF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, weights_TK: Tensor,
     order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor, activation: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     meta = RoutingMeta(order_A, token_A, expert_A, offsets_E1, w1_EDF.shape[0], weights_TK.shape[1])
-    T, E = x_TD.shape[0], w1_EDF.shape[0]
+    T = x_TD.shape[0]
     with autocast_off(x_TD.device.type):
         offs_E = offsets_E1[1:].to(torch.int32)
-        onehot_AE = F.one_hot(expert_A.long(), E).to(x_TD.dtype)
         x_AD = x_TD.index_select(0, token_A)
-        z_AF = torch._grouped_mm(x_AD, w1_EDF, offs=offs_E).addmm_(onehot_AE, b1_EF)
+        z_AF = torch._grouped_mm(x_AD, w1_EDF, offs=offs_E).add_(_bias_rows(b1_EF, meta))
         a_AF = _act(z_AF, activation)
-        o_AD = torch._grouped_mm(a_AF, w2_EFD, offs=offs_E).addmm_(onehot_AE, b2_ED)
+        o_AD = torch._grouped_mm(a_AF, w2_EFD, offs=offs_E).add_(_bias_rows(b2_ED, meta))
         w_A = weights_TK.reshape(-1).index_select(0, order_A).float()
         y_TD = _combine(o_AD.float() * w_A[:, None], meta, T, x_TD.dtype)
-    return y_TD, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE
+    return y_TD, x_AD, z_AF, a_AF, o_AD, w_A
 
 
 grouped_mm_experts_fwd = torch.library.custom_op("moe_emergence::grouped_mm_experts_fwd", mutates_args=())(
@@ -96,31 +118,31 @@ grouped_mm_experts_fwd = torch.library.custom_op("moe_emergence::grouped_mm_expe
 
 @grouped_mm_experts_fwd.register_fake
 def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A, offsets_E1, activation):
-    (T, D), (E, _, F_), A = x_TD.shape, w1_EDF.shape, order_A.shape[0]
+    (T, D), F_, A = x_TD.shape, w1_EDF.shape[2], order_A.shape[0]
     new = x_TD.new_empty
-    return new(T, D), new(A, D), new(A, F_), new(A, F_), new(A, D), new(A, dtype=torch.float32), new(A, E)
+    return new(T, D), new(A, D), new(A, F_), new(A, F_), new(A, D), new(A, dtype=torch.float32)
 
 
 def _bwd_impl(
     dy_TD: Tensor, x_AD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, z_AF: Tensor, a_AF: Tensor, o_AD: Tensor,
-    w_A: Tensor, onehot_AE: Tensor, weights_TK: Tensor, order_A: Tensor, token_A: Tensor, expert_A: Tensor,
-    offsets_E1: Tensor, activation: str,
+    w_A: Tensor, weights_TK: Tensor, order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
+    activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     meta = RoutingMeta(order_A, token_A, expert_A, offsets_E1, w1_EDF.shape[0], weights_TK.shape[1])
     T = weights_TK.shape[0]
     with autocast_off(dy_TD.device.type):
         offs_E = offsets_E1[1:].to(torch.int32)
         dy_AD = dy_TD.index_select(0, token_A)
-        dw_A = (dy_AD.float() * o_AD.float()).sum(-1)
+        dw_A = torch.where(_live_rows(meta)[:, 0], (dy_AD.float() * o_AD.float()).sum(-1), 0.0)
         dweights_TK = torch.empty_like(dw_A).index_copy_(0, order_A, dw_A)
         dweights_TK = dweights_TK.view(T, meta.top_k).to(weights_TK.dtype)
         do_AD = (dy_AD.float() * w_A[:, None]).to(a_AF.dtype)
         dw2_EFD = torch._grouped_mm(a_AF.t(), do_AD, offs=offs_E)
-        db2_ED = (onehot_AE.t() @ do_AD).to(w2_EFD.dtype)
+        db2_ED = _bias_grad(do_AD, offs_E).to(w2_EFD.dtype)
         da_AF = torch._grouped_mm(do_AD, w2_EFD.transpose(1, 2), offs=offs_E)
         dz_AF = _act_backward(da_AF, z_AF, activation)
         dw1_EDF = torch._grouped_mm(x_AD.t(), dz_AF, offs=offs_E)
-        db1_EF = onehot_AE.t() @ dz_AF
+        db1_EF = _bias_grad(dz_AF, offs_E)
         dx_AD = torch._grouped_mm(dz_AF, w1_EDF.transpose(1, 2), offs=offs_E)
         dx_TD = _combine(dx_AD, meta, T, dx_AD.dtype)
     return dx_TD, dw1_EDF, db1_EF, dw2_EFD, db2_ED, dweights_TK
@@ -132,7 +154,7 @@ grouped_mm_experts_bwd = torch.library.custom_op("moe_emergence::grouped_mm_expe
 
 
 @grouped_mm_experts_bwd.register_fake
-def _(dy_TD, x_AD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, onehot_AE, weights_TK, order_A, token_A, expert_A,
+def _(dy_TD, x_AD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, weights_TK, order_A, token_A, expert_A,
       offsets_E1, activation):  # fmt: skip
     (E, D, F_), new = w1_EDF.shape, x_AD.new_empty
     return (
@@ -143,8 +165,8 @@ def _(dy_TD, x_AD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, w_A, onehot_AE, weights_TK,
 
 def _setup_context(ctx, inputs, output) -> None:
     _x, w1_EDF, _b1, w2_EFD, _b2, weights_TK, order_A, token_A, expert_A, offsets_E1, activation = inputs
-    _y, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE = output
-    saved_activations_only(ctx, x_AD, z_AF, a_AF, o_AD, w_A, onehot_AE)
+    _y, x_AD, z_AF, a_AF, o_AD, w_A = output
+    saved_activations_only(ctx, x_AD, z_AF, a_AF, o_AD, w_A)
     ctx.save_for_backward(
         x_AD,
         w1_EDF,
@@ -153,7 +175,6 @@ def _setup_context(ctx, inputs, output) -> None:
         a_AF,
         o_AD,
         w_A,
-        onehot_AE,
         weights_TK,
         order_A,
         token_A,
@@ -200,6 +221,6 @@ def grouped_mm_experts(
             f"grouped_mm experts need D and F such that D*{x_TD.element_size()} and F*{x_TD.element_size()} "
             f"bytes are multiples of 16 ({x_TD.dtype}); got D={D}, F={F_}: use backend 'eager' or 'triton'"
         )
-    meta = routing_meta(indices_TK, w1_EDF.shape[0])
+    meta = routing_meta(indices_TK, w1_EDF.shape[0], weights_TK)  # zero-weight assignments: dead rows
     y_TD = _forward(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors(), activation)[0]
     return y_TD.to(out_dtype)

@@ -4,6 +4,9 @@
 Shapes (legend: docs/architecture.md): T tokens, D model width, F expert intermediate width, E experts,
 K experts per token, A = T * K assignments.
 Rows ``*_A?`` are in the expert-sorted order of ``routing_meta``; token-order tensors are ``*_T?``.
+Zero-weight assignments are the dead rows ``offsets[E]:A`` (``routing_meta`` docstring): no kernel computes
+them (their rows of z, a, o, dO, dZ stay unwritten); the scattering GEMMs write zeros to their slots of y and
+dX and the dO pass a zero d(weight).
 
 Forward:  z, a = gelu(x[token] @ w1 + b1) (sorted);  y[slot] = w[slot] * (a @ w2 + b2), slot = assignment
           t*K+k; for K > 1 the K slots of a token are summed in float32 afterwards (no atomics:
@@ -211,6 +214,6 @@ def triton_experts(
     w1_EDF, b1_EF, w2_EFD, b2_ED = params
     if activation not in ACTIVATIONS:
         raise ValueError(f"triton experts support activations {ACTIVATIONS}, got {activation!r}")
-    meta = triton_routing_meta(indices_TK, w1_EDF.shape[0])
+    meta = triton_routing_meta(indices_TK, w1_EDF.shape[0], weights_TK)  # zero-weight assignments: dead rows
     y_TD = _forward(x_TD.contiguous(), w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, *meta.tensors())[0]
     return y_TD.to(out_dtype)

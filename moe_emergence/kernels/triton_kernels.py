@@ -7,7 +7,7 @@ K experts per token, A = T * K assignments, I and O a GEMM's input and output wi
 ``BLOCK_K`` keep the usual GEMM naming (rows, output columns, reduction), not the legend's.
 Rows ``*_A?`` are in the expert-sorted order of ``routing_meta`` (expert e owns rows
 offsets[e]:offsets[e+1]); token-order tensors are ``*_T?``. Row blocks are laid out expert after expert
-(``triton_rowwise.expert_block``), so no block mixes two experts' rows.
+(``triton_rowwise.block_layout``), so no block mixes two experts' rows.
 
 Kernels:
   ``_rows_kernel``  out[row'] = epilogue(in[row] @ W[e]) for the sorted rows of every expert. The input
@@ -187,7 +187,7 @@ def _rows_tile(
 def _rows_kernel(
     in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr,
     in_idx_ptr, out_idx_ptr, offsets_ptr,
-    ROWS, N, K, E,
+    ROWS, N, K, E, A,
     s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
     EPILOGUE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
     SCALE: tl.constexpr, COL_SUMS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
@@ -196,7 +196,9 @@ def _rows_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):  # fmt: skip
     """One tile per program, or (PERSISTENT) one program per SM looping over the tiles: the loop is flattened
-    so that the next tile's loads are issued before this tile's epilogue."""
+    so that the next tile's loads are issued before this tile's epilogue. With SCATTER, the dead rows
+    ``offsets[E]:A`` (zero-weight assignments, computed by no expert) write zeros to their output rows, in a
+    loop of their own after the tiles (empty when there are none)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     start_E, end_E, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
@@ -213,6 +215,25 @@ def _rows_kernel(
             EPILOGUE, GATHER, SCATTER, HAS_BIAS, SCALE, COL_SUMS, PREFETCH_AUX, IN_TMA, W_TMA, W_TRANS, PRECISION,
             APPROX_TANH, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
+    if SCATTER:
+        _zero_dead_rows(pid, out_ptr, out_idx_ptr, offsets_ptr, N, E, A, s_out_m, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _zero_dead_rows(pid, out_ptr, out_idx_ptr, offsets_ptr, N, E, A, s_out_m, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
+    """out[out_idx[r]] = 0 for the dead rows r in offsets[E]:A, tiles spread over the programs like the GEMM's."""
+    dead0 = tl.load(offsets_ptr + E)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tiles = (tl.cdiv(A - dead0, BLOCK_M) * num_n).to(tl.int32)
+    for tile in tl.range(pid, tiles, tl.num_programs(0)):
+        rows = dead0 + (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < A
+        slots = tl.load(out_idx_ptr + rows, mask=row_mask, other=0)
+        out_ptrs = out_ptr + slots[:, None].to(tl.int64) * s_out_m + cols[None, :]
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, zeros, mask=row_mask[:, None] & (cols[None, :] < N))
 
 
 @triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "E"])
@@ -287,7 +308,8 @@ def launch_rows(
     inp, w_EIO, out, meta: RoutingMeta, *, bias=None, aux=None, scale=None, gather=False, scatter=False,
     epilogue=EPI_NONE, bias_grad=False, grad_dtype=None, tma=True, prefetch=True,
 ):  # fmt: skip
-    """out[out rows] = epilogue(inp[in rows] @ w_EIO[e]); ``w_EIO`` may be a transposed view; ``scale`` holds
+    """out[out rows] = epilogue(inp[in rows] @ w_EIO[e]) (with ``scatter``, zeros at the dead rows' output rows:
+    ``routing_meta``'s zero-weight assignments); ``w_EIO`` may be a transposed view; ``scale`` holds
     one routing weight per assignment (assignment order: [T, K] or flat). With ``bias_grad``
     returns the per-expert column sums of the result [E, O] (float32 sums, in ``grad_dtype``, default out's
     dtype), else None.
@@ -312,7 +334,7 @@ def launch_rows(
     _rows_kernel[grid](
         inp, in_desc, w_EIO, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
         meta.token_A if gather else meta.order_A, meta.order_A, meta.offsets_E1,
-        triton.next_power_of_2(A), O_, I_, E,
+        triton.next_power_of_2(A), O_, I_, E, A,
         inp.stride(0), inp.stride(1), *w_EIO.stride(), bias.stride(0), out.stride(0), aux.stride(0),
         EPILOGUE=epilogue, GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not out,
         SCALE=scale is not None, COL_SUMS=bias_grad, PREFETCH_AUX=prefetch,

@@ -4,11 +4,12 @@ Shapes (legend: docs/architecture.md): T tokens, D model width, E experts, K exp
 assignments, O a GEMM's output width; rows ``*_A?`` in the expert-sorted order of ``routing_meta``
 (expert e owns rows offsets[e]:offsets[e+1]).
 
-  ``block_layout`` / ``block_at`` / ``expert_block``  row blocks of BLOCK_M rows laid out expert after
+  ``block_layout`` / ``block_at``  row blocks of BLOCK_M rows laid out expert after
                     expert: which expert and rows a block covers (no block mixes two experts' rows).
   ``_bwd_prep_kernel`` for each sorted row r: dO[r] = w[slot r] * dy[token[r]] and d(weight)[slot r] =
                     <dy[token[r]], o[r]> in float32 (the backward's row-wise work in one pass), the float32
-                    column sums of dO per row block (db2 partials), and x[token[r]] (sorted x rows for dW1).
+                    column sums of dO per row block (db2 partials), and x[token[r]] (sorted x rows for dW1);
+                    d(weight) = 0 for the dead rows offsets[E]:A (zero-weight assignments, not computed).
   ``_segsum_kernel`` db[e] = the sum of expert e's row-block partials, in block order: the bias gradients
                     in float32 and deterministic, from values the kernels already held in registers.
 """
@@ -46,24 +47,24 @@ def block_at(pid_m, start_E, end_E, first_E, nblk_E, BLOCK_M: tl.constexpr, E_PO
 
 
 @triton.jit
-def expert_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """Row block ``pid_m`` of the expert-after-expert layout: (valid, expert e, first row, end of e's rows)."""
-    start_E, end_E, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
-    e, row0, row_end = block_at(pid_m, start_E, end_E, first_E, nblk_E, BLOCK_M, E_POW2)
-    return pid_m < tl.sum(nblk_E, 0), e, row0, row_end
-
-
-@triton.jit
 def _bwd_prep_kernel(
     dy_ptr, o_ptr, w_ptr, do_ptr, dwts_ptr, part_ptr, x_ptr, xs_ptr, token_ptr, order_ptr, offsets_ptr,
-    D, E, s_dy_m, s_dy_d, s_o_m, s_do_m, s_x_m,
+    D, E, A, s_dy_m, s_dy_d, s_o_m, s_do_m, s_x_m,
     WANT_DWTS: tl.constexpr, COL_SUMS: tl.constexpr, X_ROWS: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    valid, e, row0, row_end = expert_block(pid, offsets_ptr, E, BLOCK_R, E_POW2)
-    if not valid:
+    start_E, end_E, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_R, E_POW2)
+    live_blocks = tl.sum(nblk_E, 0)
+    if pid >= live_blocks:  # past the experts' blocks: the dead rows' d(weight) is 0 (they were not computed)
+        if WANT_DWTS:
+            dead0 = tl.load(offsets_ptr + E)
+            rows = dead0 + (pid - live_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = rows < A
+            slots = tl.load(order_ptr + rows, mask=rmask, other=0)
+            tl.store(dwts_ptr + slots, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=rmask)
         return
+    e, row0, row_end = block_at(pid, start_E, end_E, first_E, nblk_E, BLOCK_R, E_POW2)
     rows = row0 + tl.arange(0, BLOCK_R)
     rmask = rows < row_end
     tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -146,14 +147,14 @@ def launch_bwd_prep(
     x_AD = None if x_TD is None else torch.empty(A, D, device=x_TD.device, dtype=x_TD.dtype)
     dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else weights_flat
     block_r = 16 if INTERPRET else 32
-    blocks = triton.cdiv(A, block_r) + E
+    blocks = triton.cdiv(A, block_r) + E  # >= the experts' blocks plus the dead rows' (routing_meta)
     part = do_AD  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block
         part = torch.empty(blocks, D, device=dy_TD.device, dtype=torch.float32)
     _bwd_prep_kernel[(blocks,)](
         dy_TD, o_AD, weights_flat, do_AD, dwts_A, part,
         do_AD if x_TD is None else x_TD, do_AD if x_AD is None else x_AD,  # (placeholders without X_ROWS)
-        meta.token_A, meta.order_A, meta.offsets_E1, D, E,
+        meta.token_A, meta.order_A, meta.offsets_E1, D, E, A,
         *dy_TD.stride(), o_AD.stride(0), do_AD.stride(0),  # dy may be any view (autograd can pass expanded grads)
         D if x_TD is None else x_TD.stride(0),
         WANT_DWTS=want_dweights, COL_SUMS=bias_grad, X_ROWS=x_TD is not None, E_POW2=e_pow2(E),
