@@ -81,13 +81,13 @@ def test_eager_with_zero_weights_matches_computing_everything_on_finite_experts(
 
 
 def _wrapper(backend: str, **moe) -> MoEWrapper:
-    torch.manual_seed(0)
-    layer = MoEWrapper(MoEConfig(num_experts=4, noise_std=0.0, backend=backend, **moe), 32, 64).to(DEVICE)
+    torch.manual_seed(0)  # drawn on the CPU, then moved: the same layer on every device
+    layer = MoEWrapper(MoEConfig(num_experts=4, noise_std=0.0, backend=backend, **moe), 32, 64)
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.normal_(std=0.2)
         layer.router.weight.normal_(std=0.5)
-    return layer.train()
+    return layer.to(DEVICE).train()
 
 
 # every way a router gives a weight exactly 0: capacity (drop; next_best when only held experts have room),
@@ -131,7 +131,9 @@ def test_router_gradients_unchanged_by_not_computing_zero_weights(monkeypatch, r
         layer = _wrapper("eager", **kw)
         with torch.no_grad():
             if routing.startswith("underflow"):
-                layer.router.weight.normal_(std=20.0)  # logit gaps of hundreds: exp underflows to exactly 0
+                # logit gaps of hundreds: exp underflows to exactly 0 (drawn on the CPU: same on every device)
+                w = torch.randn(layer.router.weight.shape, generator=torch.Generator().manual_seed(3))
+                layer.router.weight.copy_(20.0 * w)
             if (
                 routing == "underflow_selection_bias"
             ):  # pick the two experts of lowest probability for token 0
@@ -147,7 +149,13 @@ def test_router_gradients_unchanged_by_not_computing_zero_weights(monkeypatch, r
     assert new["router.weight"].abs().sum() > 0
     errors = {n: ((new[n] - old[n]).norm() / old[n].norm().clamp_min(1e-30)).item() for n in new}
     assert all(torch.isfinite(g).all() for g in new.values())
-    assert all(e <= 1e-6 for e in errors.values()), f"{routing}: relative errors {errors}"
+    # CUDA's float32 GEMMs round differently for different row counts (the live rows vs all of them):
+    # measured up to 2.7e-5 relative on an H200 (2026-11-30) with these logits of std ~100; CPU: <= 1e-6
+    # With the selection bias every token picks two experts whose probabilities are (near) 0, and the
+    # eps-clamped renormalisation p / max(sum p, 1e-30) runs on subnormal floats with few significant bits:
+    # 9e-4 relative on the router weight's gradient on the H200 (same date).
+    bound = 1e-6 if DEVICE != "cuda" else 2e-3 if routing == "underflow_selection_bias" else 1e-4
+    assert all(e <= bound for e in errors.values()), f"{routing}: relative errors {errors}"
 
 
 @pytest.mark.parametrize("poison", ["b1", "b2"])
