@@ -11,6 +11,11 @@ optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean
     exposed     wall - compute: time the GPU's compute stream waited (host overhead, collectives not
                 hidden behind compute)
 
+With ``--no-profiler`` the steps run without ``torch.profiler`` (which adds host time of its own): only
+``wall`` is measured, plus, with ``--time-snapshot``, the guard's snapshot ``take()`` per call: ``snapshot_walk``
+(the host walk over the parameter and optimizer-state tensors) and ``snapshot_copy`` (the copy, CUDA
+synchronised before and after, so these runs' walls are not comparable with plain ones).
+
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. GPU only: on a machine without CUDA
 it says so and exits 2.
 """
@@ -18,6 +23,7 @@ it says so and exits 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -46,12 +52,36 @@ def _kernel_times(prof) -> dict[str, float]:
     return out
 
 
+def _time_snapshot() -> dict[str, float]:
+    """Wrap ``rollback.Snapshot.take`` to sum its walk and copy times (ms) into the returned dict."""
+    from moe_emergence.training import rollback
+
+    sums = {"snapshot_walk": 0.0, "snapshot_copy": 0.0, "calls": 0}
+    take = rollback.Snapshot.take
+
+    def timed(self):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rollback.named_state(self.model, self.optimizer)
+        t1 = time.perf_counter()
+        take(self)
+        torch.cuda.synchronize()
+        sums["snapshot_walk"] += (t1 - t0) * 1000.0
+        sums["snapshot_copy"] += (time.perf_counter() - t1) * 1000.0
+        sums["calls"] += 1
+
+    rollback.Snapshot.take = timed
+    return sums
+
+
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="JSON lines file to append this process's summary to")
     p.add_argument("--config", default=None)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--no-profiler", action="store_true", help="wall time only (no torch.profiler)")
+    p.add_argument("--time-snapshot", action="store_true", help="time the guard snapshot's take()")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     if not torch.cuda.is_available():
@@ -66,9 +96,12 @@ def _main(argv: list[str] | None) -> int:
         trainer.upcycle_if_due()
         for _ in range(args.warmup):
             trainer.train_step(None)
+        snapshot = _time_snapshot() if args.time_snapshot else None
         torch.cuda.synchronize()
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
+        with (
+            contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof
+        ):
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 trainer.train_step(None)
@@ -76,7 +109,9 @@ def _main(argv: list[str] | None) -> int:
             wall = (time.perf_counter() - t0) * 1000.0
     finally:
         trainer.folder.release()
-    per_step = {k: v / args.steps for k, v in _kernel_times(prof).items()}
+    per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
+    if snapshot is not None:
+        per_step |= {k: v / max(snapshot["calls"], 1) for k, v in snapshot.items() if k != "calls"}
     acc = trainer.accelerator
     record = {
         "rank": acc.process_index,
@@ -86,7 +121,8 @@ def _main(argv: list[str] | None) -> int:
         "wall_ms": wall / args.steps,
         **{f"{k}_ms": v for k, v in sorted(per_step.items())},
     }
-    record["exposed_ms"] = record["wall_ms"] - record.get("compute_ms", 0.0)
+    if prof is not None:
+        record["exposed_ms"] = record["wall_ms"] - record.get("compute_ms", 0.0)
     with Path(args.out).open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
