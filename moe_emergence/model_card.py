@@ -12,6 +12,7 @@ have random MLPs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -53,12 +54,30 @@ def card_for(config) -> str:
     return card_text(config.model_type, config.moe_layers, config.moe.num_experts, config.moe.top_k)
 
 
+_CARD_FACTS = re.compile(
+    r"A `GPT2MoEForCausalLM` \(model type `(?P<model_type>[^`]+)`\): GPT-2 whose MLPs in blocks "
+    r"(?P<layers>\[[0-9, ]*\]) are\nmixtures of (?P<experts>\d+) experts \(top-(?P<top_k>\d+) routing\)"
+)
+
+
+def is_unedited_card(text: str) -> bool:
+    """Whether ``text`` is a card ``card_text`` wrote, for any model, with no edit (such a card is rewritten
+    by the next save; anything else in README.md is the user's and kept)."""
+    m = _CARD_FACTS.search(text)
+    if m is None:
+        return False
+    layers = [int(v) for v in re.findall(r"\d+", m["layers"])]
+    card = card_text(m["model_type"], layers, int(m["experts"]), int(m["top_k"]))
+    return text == ModelCard(card).content
+
+
 def write_model_card(folder: str | Path, config) -> None:
-    """Write ``README.md`` (``card_for(config)``) into ``folder`` unless one is there already (a card the
-    user wrote is kept)."""
+    """Write ``README.md`` (``card_for(config)``) into ``folder``, unless a README that is not an unedited
+    card of this module is there (a card the user wrote or edited is kept)."""
     path = Path(folder) / CARD_NAME
-    if not path.exists():
-        ModelCard(card_for(config)).save(path)
+    if path.exists() and not is_unedited_card(path.read_text(encoding="utf-8", errors="replace")):
+        return
+    ModelCard(card_for(config)).save(path)
 
 
 def is_written_card(path: Path) -> bool:

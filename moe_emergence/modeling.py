@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,9 @@ from moe_emergence.model_card import write_model_card
 from moe_emergence.routing import RouterOutput
 from moe_emergence.token_mask import as_token_mask
 
-# transformers renamed GPT-2's KV-cache argument within 5.x (past_key_values -> cache)
+# transformers renamed within 5.x GPT-2's KV-cache argument (past_key_values -> cache) and gradient
+# checkpointing (gradient_checkpointing_enable -> activation_checkpointing_enable, the old name deprecated)
+_HAS_ACTIVATION_CHECKPOINTING = hasattr(GPT2LMHeadModel, "activation_checkpointing_enable")
 _CACHE_ARG = (
     "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 )
@@ -180,24 +183,44 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         # accelerate's FSDP wraps every class named here and refuses a name it cannot find
         self._no_split_modules = self.transformer._no_split_modules = {"GPT2MoEBlock"}
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """HF's gradient checkpointing, non-reentrant only. Raises ``ValueError`` for ``use_reentrant=True``:
-        the router losses reach the loss through the router outputs the checkpointed blocks return, and a
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """HF's activation (gradient) checkpointing, non-reentrant only; ``gradient_checkpointing_enable``
+        (the older name) comes here too. ``every_n_layers`` and ``offload`` need a transformers release
+        that has ``activation_checkpointing_enable`` (5.17 does not). Raises ``ValueError`` for ``use_reentrant=True``: the
+        router losses reach the loss through the router outputs the checkpointed blocks return, and a
         reentrant checkpoint runs its first forward without autograd, which would cut them off silently."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
             raise ValueError(
-                "gradient_checkpointing_enable: use_reentrant=True would drop the router losses' gradients "
+                "activation_checkpointing_enable: use_reentrant=True would drop the router losses' gradients "
                 "(router outputs of a reentrant checkpoint carry no graph); use the default (non-reentrant)"
             )
         kwargs["use_reentrant"] = False
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if _HAS_ACTIVATION_CHECKPOINTING:
+            super().activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        elif every_n_layers != 1 or offload:
+            raise ValueError(
+                "activation_checkpointing_enable: every_n_layers and offload need a transformers release with "
+                "activation_checkpointing_enable (this one has only gradient_checkpointing_enable)"
+            )
+        else:
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    if not _HAS_ACTIVATION_CHECKPOINTING:  # older transformers 5.x: the old name is the real entry point
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+            self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """``PreTrainedModel.save_pretrained`` plus a ``README.md`` model card (``model_card``) saying that
         loading needs ``import moe_emergence`` (written on the main process, unless the folder has one)."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):  # HF refuses a file path
             write_model_card(save_directory, self.config)
 
     def moe_layers(self) -> dict[int, MoEWrapper]:
@@ -281,6 +304,8 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             use_cache = False
         if cache is not None:
             kwargs[_CACHE_ARG] = cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You have to specify exactly one of input_ids or inputs_embeds")
         B, S = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         mask_T = as_token_mask(attention_mask, B * S, rows=B)
         record = RouterRecord()
@@ -302,16 +327,19 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             **kwargs,
         )
         routers = {i: record.outputs[i] for i in sorted(record.outputs)}
-        # every field GPT-2 set, by its own names (the cache's field was renamed within transformers 5)
-        result = MoECausalLMOutput(**dict(out.items()), lm_loss=out.loss, router_outputs=routers)
+        moe = {}
         if output_router_logits:
             coefs = self.config.moe.loss_coefs() if loss_coefs is None else loss_coefs
             lm = out.loss if labels is not None else torch.zeros((), device=out.logits.device)
             objective = moe_objective(lm, list(routers.values()), mask_T, self.config.moe.num_experts, coefs)
-            result.aux_loss = objective.lb_loss
-            result.z_loss = objective.z_loss
-            result.entropy_loss = objective.entropy_loss
-            result.router_logits = tuple(r.router_logits for r in routers.values())
+            moe = dict(
+                aux_loss=objective.lb_loss,
+                z_loss=objective.z_loss,
+                entropy_loss=objective.entropy_loss,
+                router_logits=tuple(r.router_logits for r in routers.values()),
+            )
             if labels is not None:
-                result.loss = objective.loss
-        return result
+                moe["loss"] = objective.loss
+        # built once, so return_dict=False's tuple follows the fields' order (GPT-2's, then the MoE ones)
+        fields = {**dict(out.items()), "lm_loss": out.loss, **moe, "router_outputs": routers}
+        return MoECausalLMOutput(**fields)

@@ -245,6 +245,11 @@ class Router(nn.Module):
     def forward(
         self, x: torch.Tensor, mask_T: torch.Tensor | None = None, expert_mask_E: torch.Tensor | None = None
     ) -> RouterOutput:
+        """Route ``x`` (``[T, D]`` or ``[B, S, D]``): a ``RouterOutput`` over its T tokens (class docstring).
+
+        mask_T: 1/True = real token; ``[T]`` or ``[B, S]`` (``token_mask.as_token_mask``); None = all real.
+        expert_mask_E: bool ``[E]``, False = expert removed (ablations); None = all experts.
+        Raises ``ValueError`` for a mask of the wrong shape or one that leaves fewer than K experts."""
         x_TD = x.reshape(-1, x.shape[-1])
         mask_T = as_token_mask(mask_T, x_TD.shape[0], rows=x.shape[0] if x.dim() == 3 else None)
         self._check_expert_mask(expert_mask_E)

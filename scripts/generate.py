@@ -3,12 +3,16 @@
 python scripts/generate.py runs/quickstart/final --prompt "def add(a, b):" [--prompt "Once upon" ...] [--show-experts]
 
 Several ``--prompt`` flags generate in one left-padded batch; each continuation is what that prompt
-generates alone with greedy decoding (``--temperature 0``) or beam search (``--num-beams``); sampled
-continuations depend on the batch through the random stream. User mistakes (a missing or unloadable
-checkpoint, --show-experts on a dense one) print one ``error:`` line and exit with status 2.
+generates alone with greedy decoding (``--temperature 0``) or beam search (``--num-beams``), except with a
+capacity factor (``capacity_factor``: the rows of one forward share each expert's capacity, as in Switch
+Transformers); sampled continuations depend on the batch through the random stream. User mistakes (a
+missing folder, one without a model or tokenizer, a prompt plus ``--max-new-tokens`` longer than the model's
+positions, --show-experts on a dense checkpoint) print one ``error:`` line and exit with status 2.
 """
 
+import math
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,8 +28,10 @@ def _parser() -> ArgumentParser:
     p.add_argument("checkpoint", help="a final/ folder (or any save_pretrained GPT-2 / GPT-2 MoE folder)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (default 0.8); 0 = greedy"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default 50)")
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -40,12 +46,36 @@ def _check(args) -> None:
         ("--num-beams", args.num_beams, 1),
         ("--top-k", args.top_k, 1),
     ):
-        if value < low:
+        if value is not None and value < low:
             raise ConfigError(f"{flag}={value} is invalid: an integer >= {low}")
-    if not args.temperature >= 0:
-        raise ConfigError(f"--temperature={args.temperature} is invalid: a number >= 0 (0 = greedy)")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature={args.temperature} is invalid: a finite number >= 0 (0 = greedy)")
+    if args.num_beams > 1 and (args.temperature is not None or args.top_k is not None):
+        raise ConfigError(
+            "--temperature and --top-k are for sampling; beam search (--num-beams > 1) is deterministic"
+        )
     if any(not p for p in args.prompt):
         raise ConfigError("--prompt is empty: each prompt needs at least one character")
+    folder = Path(args.checkpoint)
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint {args.checkpoint!r}: no such folder")
+    if not (folder / "config.json").is_file():
+        hint = " (a run folder: its model is in final/)" if (folder / "final").is_dir() else ""
+        raise ConfigError(f"checkpoint {args.checkpoint!r} holds no model (config.json){hint}")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise ConfigError(
+            f"checkpoint {args.checkpoint!r} holds no tokenizer (tokenizer.json or vocab.json + merges.txt): "
+            "save one beside the model (tokenizer.save_pretrained) or use a run's final/ folder"
+        )
+
+
+def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config, "n_positions", None)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ConfigError(
+            f"--max-new-tokens={max_new_tokens} is too many: the longest prompt has {prompt_len} tokens and the "
+            f"model has {limit} positions, so at most {max(limit - prompt_len, 0)} new tokens fit"
+        )
 
 
 def _show_experts(model, tokenizer, sequences, mask) -> None:
@@ -79,15 +109,17 @@ def _main(argv=None) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(args.seed)
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
-    sample = args.temperature > 0 and args.num_beams == 1
+    _check_length(model, batch["input_ids"].shape[1], args.max_new_tokens)
+    temperature = 0.8 if args.temperature is None else args.temperature
+    sample = temperature > 0 and args.num_beams == 1
     with torch.no_grad():
         out = model.generate(
             **batch,
             max_new_tokens=args.max_new_tokens,
             do_sample=sample,
             num_beams=args.num_beams,
-            temperature=args.temperature if sample else None,
-            top_k=args.top_k if sample else None,
+            temperature=temperature if sample else None,
+            top_k=(50 if args.top_k is None else args.top_k) if sample else None,
             pad_token_id=tokenizer.pad_token_id,
         )
     P = batch["input_ids"].shape[1]

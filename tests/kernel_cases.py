@@ -127,7 +127,7 @@ def compare_model(backend: str, device: str, top_k: int, checkpointing: bool) ->
     for name in ("eager", backend):
         model = _tiny_model(name, device, top_k)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 
 from moe_emergence import GPT2MoEForCausalLM, MoEConfig, upcycle
 from moe_emergence.losses import masked_mean, tokens_per_expert
-from moe_emergence.telemetry.stats import RoutingStats, variant_metrics
+from moe_emergence.telemetry.stats import DomainLossStats, RoutingStats, variant_metrics
 
 PROMPTS = [[11, 22, 33, 44], [5, 6], [7, 8, 9, 10, 12, 13]]
 GEN = dict(max_new_tokens=6, pad_token_id=0, eos_token_id=None)
@@ -155,6 +155,12 @@ def test_return_dict_false_gives_hf_tuple(parent):
     loss, logits, *_ = moe(ids, labels=ids, return_dict=False)
     assert torch.equal(loss, full.loss) and torch.equal(logits, full.logits)
     assert isinstance(moe(ids, return_dict=False), tuple)
+    # the tuple follows the output's fields: GPT-2's (loss, logits, ...), then lm_loss, the router terms
+    out = moe(ids, labels=ids, output_router_logits=True)
+    assert list(out.keys()) == [f for f in type(out).__dataclass_fields__ if out.get(f) is not None]
+    assert list(out.keys())[:3] == ["loss", "logits", "lm_loss"]
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        moe()
     # (config.return_dict=False fails inside GPT2Model itself in transformers 5: not part of the parity)
 
 
@@ -256,6 +262,13 @@ def test_saved_folder_says_how_to_load_it(parent, tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode != 0 and "gpt2_moe" in res.stderr  # what the card explains
+    bigger = upcycle(parent, MoEConfig(num_experts=8, top_k=2, init="copy", layers=[0, 1]))
+    bigger.save_pretrained(tmp_path / "m")  # the package's own card follows the model saved last
+    assert "blocks [0, 1] are\nmixtures of 8 experts (top-2" in (tmp_path / "m" / "README.md").read_text()
+    edited = (tmp_path / "m" / "README.md").read_text() + "\nMy notes.\n"
+    (tmp_path / "m" / "README.md").write_text(edited)
+    moe.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "README.md").read_text() == edited  # an edited card is the user's
     (tmp_path / "u").mkdir()
     (tmp_path / "u" / "README.md").write_text("my own card")
     moe.save_pretrained(tmp_path / "u")
@@ -286,5 +299,16 @@ def test_token_masks_of_the_shapes_users_pass(parent):
     x_BSD = torch.randn(3, 6, router.d_model)
     a, b = router(x_BSD, mask_BS), router(x_BSD, flat)
     assert torch.equal(a.topk_weights, b.topk_weights) and torch.equal(a.dropped, b.dropped)
+    twos = mask_BS * 2  # any non-zero entry is a real token, everywhere
+    assert torch.equal(tokens_per_expert(r.topk_indices, 4, twos), tokens_per_expert(r.topk_indices, 4, flat))
+    assert (
+        variant_metrics(out.router_outputs, mask_BS).keys()
+        == variant_metrics(out.router_outputs, flat, {}).keys()
+    )
+    loss_T, domain_T = torch.rand(18), torch.tensor([0, 1] * 9)
+    d1, d2 = DomainLossStats(2, "cpu"), DomainLossStats(2, "cpu")
+    d1.add(loss_T, domain_T, cached)
+    d2.add(loss_T, domain_T, flat)
+    assert torch.equal(d1.buf, d2.buf)
     with pytest.raises(ValueError, match=r"token mask has shape \(5,\).*\(18,\)"):
         tokens_per_expert(r.topk_indices, 4, torch.ones(5))

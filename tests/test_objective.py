@@ -4,9 +4,12 @@ computes exactly GPT-2's block."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_training_run import TINY
+from transformers import GPT2LMHeadModel
 
 from moe_emergence import MoEConfig, losses, upcycle
 from moe_emergence.losses import LossCoefs, Shares, moe_objective
@@ -93,9 +96,34 @@ def test_reentrant_checkpointing_is_refused(dense_model):
     gradient silently."""
     moe = upcycle(dense_model, MoEConfig(num_experts=2))
     with pytest.raises(ValueError, match="use_reentrant=True"):
+        moe.activation_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant=True"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name, deprecated in newer transformers
         moe.gradient_checkpointing_enable({"use_reentrant": True})
-    moe.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current API warns about nothing
+        moe.activation_checkpointing_enable()
     assert moe.is_gradient_checkpointing
+
+
+@pytest.mark.skipif(
+    not hasattr(GPT2LMHeadModel, "activation_checkpointing_enable"), reason="older transformers"
+)
+def test_every_n_layers_checkpointing_gives_the_same_gradients(dense_model):
+    """transformers' own entry points reach the override with their arguments (every_n_layers), and the
+    router losses keep their gradients."""
+    cfg = MoEConfig(num_experts=4, top_k=2, init="noise", noise_std=0.0, lb_coef=0.1, z_coef=0.01)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for every in (None, 2):
+        model = upcycle(dense_model, cfg).train()
+        if every:
+            model.activation_checkpointing_enable(every_n_layers=every)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("router" in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
 
 
 def test_trainer_step_computes_each_term_once_per_micro_batch(tmp_path, monkeypatch):
@@ -147,7 +175,7 @@ def test_gradient_checkpointing_returns_the_same_router_outputs(dense_model, inp
     for checkpointing in (False, True):
         model = upcycle(dense_model, cfg).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         torch.manual_seed(5)
         out = model(input_ids, labels=input_ids)
         out.loss.backward()  # recomputation records each block again: the same values

@@ -281,8 +281,21 @@ def test_upcycle_and_generate_scripts(tmp_path, capsys):
         assert _script("generate")([str(out), "--prompt", p, *greedy]) == 0
         alone.append(capsys.readouterr().out)
     assert batch == "".join(f"[{b}] {text}" for b, text in enumerate(alone))
-    assert _script("generate")([str(out), "--prompt", "x", "--num-beams", "0"]) == 2
-    assert "--num-beams=0" in capsys.readouterr().err
+    bad = {  # one error: line each, naming the flag or what is missing, and no traceback
+        "--num-beams=0": [str(out), "--prompt", "x", "--num-beams", "0"],
+        "--temperature=inf": [str(out), "--prompt", "x", "--temperature", "inf"],
+        "beam search": [str(out), "--prompt", "x", "--num-beams", "2", "--top-k", "5"],
+        "--max-new-tokens=100000 is too many": [str(out), "--prompt", "x", "--max-new-tokens", "100000"],
+        "no such folder": [str(tmp_path / "nowhere"), "--prompt", "x"],
+        "its model is in final/": [str(res.run_dir), "--prompt", "x"],
+    }
+    no_tokenizer = tmp_path / "bare"
+    model.save_pretrained(no_tokenizer)
+    bad["holds no tokenizer"] = [str(no_tokenizer), "--prompt", "x"]
+    for says, argv in bad.items():
+        assert _script("generate")(argv) == 2, says
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and says in err and err.count("\n") == 1, err
     cfg = out / "config.json"  # a checkpoint whose routing is not causal: one error line, before generating
     cfg.write_text(cfg.read_text().replace('"routing": "token_choice"', '"routing": "expert_choice"'))
     capsys.readouterr()

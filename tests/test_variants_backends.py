@@ -77,7 +77,7 @@ def test_variants_under_gradient_checkpointing_and_bf16_autocast(dense_model, in
         model = upcycle(dense_model, cfg).train()
         model.load_state_dict(base.state_dict())
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         torch.manual_seed(5)
         model(input_ids, attention_mask=mask, labels=input_ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -88,12 +88,17 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 
 
 def variant_metrics(
-    router_outputs: dict[int, RouterOutput], mask_T: torch.Tensor, selection_bias: dict[int, torch.Tensor]
+    router_outputs: dict[int, RouterOutput],
+    mask_T: torch.Tensor,
+    selection_bias: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Telemetry of the routing variants for one forward, on-device float32 scalars (no sync):
     ``dropped_frac`` (capacity: fraction of real assignments dropped), ``unrouted_frac`` (expert choice:
-    fraction of real tokens no expert took), ``selection_bias_e<e>``. Empty with every variant off."""
+    fraction of real tokens no expert took), ``selection_bias_e<e>`` (``selection_bias``: ``{block: [E]
+    bias}`` of the routers that have one, e.g. ``router.selection_bias``; None = none). Empty with every
+    variant off."""
     out = {}
+    selection_bias = selection_bias or {}
     for i, r in router_outputs.items():
         if r.dropped is not None:
             out[keys.layer_key(keys.ROUTER, i, "dropped_frac")] = masked_mean(
@@ -227,7 +232,7 @@ class DomainLossStats:
     def add(self, token_loss_T: torch.Tensor, domain_T: torch.Tensor, mask_T: torch.Tensor) -> None:
         """``token_loss_T`` cross entropy of each predicted token, ``domain_T`` its domain id,
         ``mask_T`` 1 where the token counts (no host sync)."""
-        w_T = (mask_T.reshape(-1) > 0) & (domain_T.reshape(-1) >= 0)
+        w_T = as_token_mask(mask_T, domain_T.numel()) & (domain_T.reshape(-1) >= 0)
         m_T = domain_T.reshape(-1).clamp_min(0)
         loss_T = torch.where(w_T, token_loss_T.reshape(-1).double(), 0.0)
         self.buf[: self.M].index_add_(0, m_T, loss_T)
