@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, GPT2LMHeadModel
@@ -44,6 +45,7 @@ def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GP
         raise TypeError(
             f"upcycle: source must be a GPT2LMHeadModel, a folder or a hub id, got {type(source)}"
         )
+    _check_local_source(source)
     hub = hub_access(source)  # an unreachable hub: the local cache, or one quick error
     config = AutoConfig.from_pretrained(source, **hub)
     if config.model_type != "gpt2":
@@ -62,6 +64,19 @@ def load_dense_gpt2(source: str | os.PathLike | GPT2LMHeadModel, **kwargs) -> GP
         raise ConfigError(f"{os.fspath(source)}: unreadable or truncated weights file ({e})") from e
     check_loading_info(source, info)
     return model
+
+
+def _check_local_source(source: str | os.PathLike) -> None:
+    """``ConfigError`` for a path that is not there (absolute, relative with ``./``/``~``, or deeper than a hub
+    id's ``org/name``) and for a folder without ``config.json``; hub ids pass."""
+    text, path = os.fspath(source), Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{text}: a folder without config.json (not a save_pretrained model folder)")
+        return
+    looks_like_path = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+    if looks_like_path or path.exists():
+        raise ConfigError(f"{text}: no such folder (a save_pretrained folder or a hub id such as 'gpt2')")
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:

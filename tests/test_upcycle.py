@@ -184,3 +184,13 @@ def test_unreachable_hub_uses_the_local_cache_at_once(monkeypatch, tmp_path):
     assert hub_access(tmp_path) == {}
     with pytest.raises(OSError, match="couldn't connect|cached files|offline"):
         upcycle("moe-emergence-test/no-such-model")
+
+
+def test_missing_or_modelless_source_is_one_config_error(tmp_path):
+    from moe_emergence.errors import ConfigError
+
+    for src in (tmp_path / "nowhere", "./nowhere", "/no/such/folder"):
+        with pytest.raises(ConfigError, match="no such folder"):
+            upcycle(src, MoEConfig(num_experts=2))
+    with pytest.raises(ConfigError, match="without config.json"):
+        upcycle(tmp_path, MoEConfig(num_experts=2))
