@@ -11,6 +11,7 @@ positions, --show-experts on a dense checkpoint) print one ``error:`` line and e
 """
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import moe_emergence  # noqa: F401  (registers gpt2_moe with AutoModelForCausalL
 from moe_emergence import GPT2MoEForCausalLM
 from moe_emergence.console import ArgumentParser, quiet_libraries
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
+
+MIN_TEMPERATURE = 1e-6
 
 
 def _parser() -> ArgumentParser:
@@ -48,8 +51,14 @@ def _check(args) -> None:
     ):
         if value is not None and value < low:
             raise ConfigError(f"{flag}={value} is invalid: an integer >= {low}")
-    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ConfigError(f"--temperature={args.temperature} is invalid: a finite number >= 0 (0 = greedy)")
+    t = args.temperature
+    if t is not None and not (t == 0 or (math.isfinite(t) and t >= MIN_TEMPERATURE)):
+        raise ConfigError(
+            f"--temperature={t} is invalid: 0 (greedy) or a finite number >= {MIN_TEMPERATURE} "
+            "(smaller ones overflow the scaled logits)"
+        )
+    if t == 0 and args.top_k is not None:
+        raise ConfigError("--top-k is for sampling; --temperature 0 is greedy decoding")
     if args.num_beams > 1 and (args.temperature is not None or args.top_k is not None):
         raise ConfigError(
             "--temperature and --top-k are for sampling; beam search (--num-beams > 1) is deterministic"
@@ -60,17 +69,32 @@ def _check(args) -> None:
     if not folder.is_dir():
         raise ConfigError(f"checkpoint {args.checkpoint!r}: no such folder")
     if not (folder / "config.json").is_file():
-        hint = " (a run folder: its model is in final/)" if (folder / "final").is_dir() else ""
+        hint = ""
+        if (folder / "final").is_dir():
+            hint = " (a run folder: its model is in final/)"
+        elif re.fullmatch(r"step_\d+", folder.name):
+            hint = (
+                " (a training checkpoint: continue it with train.py --resume; generate from the run's final/)"
+            )
         raise ConfigError(f"checkpoint {args.checkpoint!r} holds no model (config.json){hint}")
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+    has_vocab = (folder / "tokenizer.json").is_file() or all(
+        (folder / f).is_file() for f in ("vocab.json", "merges.txt")
+    )
+    if not (has_vocab and (folder / "tokenizer_config.json").is_file()):
         raise ConfigError(
-            f"checkpoint {args.checkpoint!r} holds no tokenizer (tokenizer.json or vocab.json + merges.txt): "
-            "save one beside the model (tokenizer.save_pretrained) or use a run's final/ folder"
+            f"checkpoint {args.checkpoint!r} holds no complete tokenizer (tokenizer_config.json and "
+            "tokenizer.json or vocab.json + merges.txt): save one beside the model with "
+            "tokenizer.save_pretrained, or use a run's final/ folder"
         )
 
 
 def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
     limit = getattr(model.config, "n_positions", None)
+    if limit is not None and prompt_len >= limit:
+        raise ConfigError(
+            f"--prompt is too long: {prompt_len} tokens, and the model has {limit} positions "
+            "(the prompt and at least one new token must fit)"
+        )
     if limit is not None and prompt_len + max_new_tokens > limit:
         raise ConfigError(
             f"--max-new-tokens={max_new_tokens} is too many: the longest prompt has {prompt_len} tokens and the "

@@ -276,39 +276,37 @@ def test_saved_folder_says_how_to_load_it(parent, tmp_path):
 
 
 def test_token_masks_of_the_shapes_users_pass(parent):
-    """[T], the model's [B, S] attention mask and the [B, H + S] mask of a cached forward are the same
-    mask to every function that takes one; other shapes are refused with the accepted ones named."""
+    """[T] and the model's [B, S] attention mask are the same mask to every function that takes one (any
+    non-zero entry is real); the forward and the router, which know B, also take the [B, H + S] mask of a
+    cached forward; other shapes (a wider mask without B) are refused with the accepted ones named."""
     moe = upcycle(parent, MoEConfig(num_experts=4, top_k=2, init="noise", capacity_factor=1.0)).eval()
     ids, mask_BS = _left_padded(PROMPTS)
     out = moe(ids, attention_mask=mask_BS)
     r = out.router_outputs[0]
     flat = mask_BS.reshape(-1)
-    cached = torch.cat([torch.ones(3, 2, dtype=mask_BS.dtype), mask_BS], dim=1)  # 2 past positions
-    for m in (mask_BS, cached):
+    for m in (mask_BS, mask_BS * 2, mask_BS.bool()):
         assert torch.equal(
             tokens_per_expert(r.topk_indices, 4, m), tokens_per_expert(r.topk_indices, 4, flat)
         )
         assert torch.equal(masked_mean(r.entropy, m), masked_mean(r.entropy, flat))
-        a, b = variant_metrics(out.router_outputs, m, {}), variant_metrics(out.router_outputs, flat, {})
+        a, b = variant_metrics(out.router_outputs, m), variant_metrics(out.router_outputs, flat, {})
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         s1, s2 = RoutingStats(4, 1, "cpu"), RoutingStats(4, 1, "cpu")
         s1.add(r, m)
         s2.add(r, flat)
         assert torch.equal(s1.buf, s2.buf)
+    cached = torch.cat([torch.ones(3, 2, dtype=mask_BS.dtype), mask_BS], dim=1)  # 2 past positions
     router = moe.moe_layers()[0].router
     x_BSD = torch.randn(3, 6, router.d_model)
-    a, b = router(x_BSD, mask_BS), router(x_BSD, flat)
-    assert torch.equal(a.topk_weights, b.topk_weights) and torch.equal(a.dropped, b.dropped)
-    twos = mask_BS * 2  # any non-zero entry is a real token, everywhere
-    assert torch.equal(tokens_per_expert(r.topk_indices, 4, twos), tokens_per_expert(r.topk_indices, 4, flat))
-    assert (
-        variant_metrics(out.router_outputs, mask_BS).keys()
-        == variant_metrics(out.router_outputs, flat, {}).keys()
-    )
-    loss_T, domain_T = torch.rand(18), torch.tensor([0, 1] * 9)
+    a, b, c = router(x_BSD, mask_BS), router(x_BSD, flat), router(x_BSD, cached)
+    for got in (a, c):
+        assert torch.equal(got.topk_weights, b.topk_weights) and torch.equal(got.dropped, b.dropped)
+    loss_BS, domain_BS = torch.rand(3, 6), torch.tensor([0, 1] * 9).reshape(3, 6)
     d1, d2 = DomainLossStats(2, "cpu"), DomainLossStats(2, "cpu")
-    d1.add(loss_T, domain_T, cached)
-    d2.add(loss_T, domain_T, flat)
+    d1.add(loss_BS, domain_BS, cached)  # [B, S] domains give B
+    d2.add(loss_BS, domain_BS, flat)
     assert torch.equal(d1.buf, d2.buf)
+    with pytest.raises(ValueError, match=r"token mask has shape \(3, 8\)"):
+        masked_mean(r.entropy, cached)  # no B here: a wider mask is ambiguous
     with pytest.raises(ValueError, match=r"token mask has shape \(5,\).*\(18,\)"):
         tokens_per_expert(r.topk_indices, 4, torch.ones(5))

@@ -284,6 +284,10 @@ def test_upcycle_and_generate_scripts(tmp_path, capsys):
     bad = {  # one error: line each, naming the flag or what is missing, and no traceback
         "--num-beams=0": [str(out), "--prompt", "x", "--num-beams", "0"],
         "--temperature=inf": [str(out), "--prompt", "x", "--temperature", "inf"],
+        "--temperature=1e-40": [str(out), "--prompt", "x", "--temperature", "1e-40"],
+        "--top-k is for sampling": [str(out), "--prompt", "x", "--temperature", "0", "--top-k", "5"],
+        "--prompt is too long": [str(out), "--prompt", "x " * 400],
+        "a training checkpoint": [str(res.run_dir / "checkpoints" / "step_0000001"), "--prompt", "x"],
         "beam search": [str(out), "--prompt", "x", "--num-beams", "2", "--top-k", "5"],
         "--max-new-tokens=100000 is too many": [str(out), "--prompt", "x", "--max-new-tokens", "100000"],
         "no such folder": [str(tmp_path / "nowhere"), "--prompt", "x"],
@@ -291,7 +295,7 @@ def test_upcycle_and_generate_scripts(tmp_path, capsys):
     }
     no_tokenizer = tmp_path / "bare"
     model.save_pretrained(no_tokenizer)
-    bad["holds no tokenizer"] = [str(no_tokenizer), "--prompt", "x"]
+    bad["holds no complete tokenizer"] = [str(no_tokenizer), "--prompt", "x"]
     for says, argv in bad.items():
         assert _script("generate")(argv) == 2, says
         err = capsys.readouterr().err

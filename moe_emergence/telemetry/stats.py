@@ -232,7 +232,8 @@ class DomainLossStats:
     def add(self, token_loss_T: torch.Tensor, domain_T: torch.Tensor, mask_T: torch.Tensor) -> None:
         """``token_loss_T`` cross entropy of each predicted token, ``domain_T`` its domain id,
         ``mask_T`` 1 where the token counts (no host sync)."""
-        w_T = as_token_mask(mask_T, domain_T.numel()) & (domain_T.reshape(-1) >= 0)
+        rows = domain_T.shape[0] if domain_T.dim() == 2 else None
+        w_T = as_token_mask(mask_T, domain_T.numel(), rows) & (domain_T.reshape(-1) >= 0)
         m_T = domain_T.reshape(-1).clamp_min(0)
         loss_T = torch.where(w_T, token_loss_T.reshape(-1).double(), 0.0)
         self.buf[: self.M].index_add_(0, m_T, loss_T)
