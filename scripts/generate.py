@@ -10,6 +10,7 @@ missing folder, one without a model or tokenizer, a prompt plus ``--max-new-toke
 positions, --show-experts on a dense checkpoint) print one ``error:`` line and exit with status 2.
 """
 
+import json
 import math
 import re
 import sys
@@ -19,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moe_emergence  # noqa: F401  (registers gpt2_moe with AutoModelForCausalLM)
-from moe_emergence import GPT2MoEForCausalLM
+from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
 from moe_emergence.console import ArgumentParser, quiet_libraries
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
@@ -77,6 +78,8 @@ def _check(args) -> None:
                 " (a training checkpoint: continue it with train.py --resume; generate from the run's final/)"
             )
         raise ConfigError(f"checkpoint {args.checkpoint!r} holds no model (config.json){hint}")
+    if args.show_experts and _model_type(folder) != GPT2MoEConfig.model_type:
+        raise ConfigError(f"--show-experts needs an MoE checkpoint; {args.checkpoint!r} is dense")
     has_vocab = (folder / "tokenizer.json").is_file() or all(
         (folder / f).is_file() for f in ("vocab.json", "merges.txt")
     )
@@ -86,6 +89,13 @@ def _check(args) -> None:
             "tokenizer.json or vocab.json + merges.txt): save one beside the model with "
             "tokenizer.save_pretrained, or use a run's final/ folder"
         )
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: loading the model reports it
 
 
 def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
