@@ -372,6 +372,31 @@ def test_snapshot_restores_weights_and_optimizer_exactly():
     assert all(torch.equal(opt.state[p][k], m1[id(p)][k]) for p in opt.state for k in opt.state[p])
 
 
+def test_snapshot_follows_replaced_parameter_data_and_optimizer_state():
+    """The snapshot reuses its lookup of the live tensors only while the same objects sit at the same
+    addresses: a parameter given new storage (``p.data = ...``) or an optimizer-state tensor replaced is
+    found again, and restore writes into what is live now."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    snap = Snapshot(model, opt)
+    snap.take()
+    saved_w = model.weight.detach().clone()
+    model.weight.data = torch.full((3, 4), 7.0)  # new storage, same Parameter object
+    snap.take()  # snapshots the new storage
+    model.weight.data.fill_(float("nan"))
+    snap.restore()
+    assert torch.equal(model.weight, torch.full((3, 4), 7.0)) and not torch.equal(model.weight, saved_w)
+    state = opt.state[model.weight]
+    state["exp_avg"] = state["exp_avg"].clone()  # a replaced state tensor
+    kept = state["exp_avg"].clone()
+    state["exp_avg"].fill_(1e30)
+    snap.restore()
+    assert torch.equal(opt.state[model.weight]["exp_avg"], kept)  # written into the live tensor
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -44,12 +44,39 @@ def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
     return out
 
 
+def _state_objects(model: torch.nn.Module, optimizer) -> list:
+    """What ``named_state`` reads, as (object, address of its local data) pairs: parameters, buffers and
+    optimizer-state values; a DTensor's local shard is read from its ``_local_tensor`` without dispatch."""
+    opt = inner_optimizer(optimizer)
+    state = [v for s in opt.state.values() for v in s.values()]
+    out = []
+    for t in [*model.parameters(), *model.buffers(), *state]:
+        local = getattr(t, "_local_tensor", t)
+        out.append((t, local.data_ptr() if torch.is_tensor(local) else None))
+    return out
+
+
 class Snapshot:
-    """``take()`` copies the live state; ``restore()`` writes the copy back (see the module docstring)."""
+    """``take()`` copies the live state; ``restore()`` writes the copy back (see the module docstring).
+
+    The live tensors (``named_state``: local shards under FSDP2, whose walk costs ~11 ms a step on the
+    H200) are looked up once and reused while the same parameter, buffer and optimizer-state objects are
+    in place at the same addresses (no walk through DTensors); anything replaced or moved looks them up
+    again."""
 
     def __init__(self, model: torch.nn.Module, optimizer) -> None:
         self.model, self.optimizer = model, optimizer
         self.saved: dict[tuple, torch.Tensor] | None = None
+        self._objects: list = []
+        self._live: dict[tuple, torch.Tensor] | None = None
+
+    def _live_state(self) -> dict[tuple, torch.Tensor]:
+        objects = _state_objects(self.model, self.optimizer)
+        same = self._live is not None and len(objects) == len(self._objects)
+        pairs = zip(objects, self._objects, strict=False)
+        if not (same and all(a is b and pa == pb for (a, pa), (b, pb) in pairs)):
+            self._objects, self._live = objects, named_state(self.model, self.optimizer)
+        return self._live
 
     @property
     def taken(self) -> bool:
@@ -57,7 +84,7 @@ class Snapshot:
 
     @torch.no_grad()
     def take(self) -> None:
-        live = named_state(self.model, self.optimizer)
+        live = self._live_state()
         if self.saved is None or self.saved.keys() != live.keys():  # first take, or new optimizer state
             self.saved = {k: t.clone() for k, t in live.items()}
             return
@@ -68,7 +95,7 @@ class Snapshot:
     def restore(self) -> None:
         if self.saved is None:
             raise RuntimeError("Snapshot.restore before any take()")
-        live = named_state(self.model, self.optimizer)
+        live = self._live_state()
         keys = [k for k in live if k in self.saved]
         torch._foreach_copy_([live[k] for k in keys], [self.saved[k] for k in keys])
         # optimizer state created after the snapshot (AdamW creates it at its first step): drop it
