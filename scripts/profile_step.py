@@ -13,7 +13,7 @@ optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean
 
 With ``--no-profiler`` the steps run without ``torch.profiler`` (which adds host time of its own): only
 ``wall`` is measured, plus, with ``--time-snapshot``, the guard's snapshot ``take()`` per call: ``snapshot_walk``
-(the host walk over the parameter and optimizer-state tensors) and ``snapshot_copy`` (the copy, CUDA
+(the lookup of the live parameter and optimizer-state tensors) and ``snapshot_copy`` (the copy, CUDA
 synchronised before and after, so these runs' walls are not comparable with plain ones).
 
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. GPU only: on a machine without CUDA
@@ -62,7 +62,7 @@ def _time_snapshot() -> dict[str, float]:
     def timed(self):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        rollback.named_state(self.model, self.optimizer)
+        self._live_state()  # the lookup of the live tensors (cached while they stay in place)
         t1 = time.perf_counter()
         take(self)
         torch.cuda.synchronize()
