@@ -262,6 +262,20 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         self.check_can_generate()
         return super().generate(*args, **kwargs)
 
+    def _router_terms(self, out, routers: dict[int, RouterOutput], mask_T, labels, loss_coefs) -> dict:
+        """The output fields of ``output_router_logits``: the router losses of ``losses.moe_objective``, the
+        router logits and, with labels, the objective as ``loss``."""
+        coefs = self.config.moe.loss_coefs() if loss_coefs is None else loss_coefs
+        lm = out.loss if labels is not None else torch.zeros((), device=out.logits.device)
+        objective = moe_objective(lm, list(routers.values()), mask_T, self.config.moe.num_experts, coefs)
+        terms = dict(
+            aux_loss=objective.lb_loss,
+            z_loss=objective.z_loss,
+            entropy_loss=objective.entropy_loss,
+            router_logits=tuple(r.router_logits for r in routers.values()),
+        )
+        return terms | ({"loss": objective.loss} if labels is not None else {})
+
     @can_return_tuple
     def forward(
         self,
@@ -327,19 +341,7 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             **kwargs,
         )
         routers = {i: record.outputs[i] for i in sorted(record.outputs)}
-        moe = {}
-        if output_router_logits:
-            coefs = self.config.moe.loss_coefs() if loss_coefs is None else loss_coefs
-            lm = out.loss if labels is not None else torch.zeros((), device=out.logits.device)
-            objective = moe_objective(lm, list(routers.values()), mask_T, self.config.moe.num_experts, coefs)
-            moe = dict(
-                aux_loss=objective.lb_loss,
-                z_loss=objective.z_loss,
-                entropy_loss=objective.entropy_loss,
-                router_logits=tuple(r.router_logits for r in routers.values()),
-            )
-            if labels is not None:
-                moe["loss"] = objective.loss
+        moe = self._router_terms(out, routers, mask_T, labels, loss_coefs) if output_router_logits else {}
         # built once, so return_dict=False's tuple follows the fields' order (GPT-2's, then the MoE ones)
         fields = {**dict(out.items()), "lm_loss": out.loss, **moe, "router_outputs": routers}
         return MoECausalLMOutput(**fields)
