@@ -16,6 +16,9 @@ With ``--no-profiler`` the steps run without ``torch.profiler`` (which adds host
 (the lookup of the live parameter and optimizer-state tensors) and ``snapshot_copy`` (the copy, CUDA
 synchronised before and after, so these runs' walls are not comparable with plain ones).
 
+``--trace DIR`` writes each process's profiled steps as a Chrome trace (``DIR/rank<r>.json``: open in
+Perfetto or chrome://tracing) to see, rank beside rank, where a step waits.
+
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. GPU only: on a machine without CUDA
 it says so and exits 2.
 """
@@ -82,8 +85,13 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-profiler", action="store_true", help="wall time only (no torch.profiler)")
     p.add_argument("--time-snapshot", action="store_true", help="time the guard snapshot's take()")
+    p.add_argument(
+        "--trace", default=None, help="also write each process's timeline (Chrome trace) as DIR/rank<r>.json"
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
+    if args.trace and args.no_profiler:
+        raise ConfigError("--trace needs the profiler: leave out --no-profiler")
     if not torch.cuda.is_available():
         raise ConfigError("profile_step.py profiles CUDA kernels: no GPU here")
     from moe_emergence.training.config import load_config
@@ -110,6 +118,9 @@ def _main(argv: list[str] | None) -> int:
     finally:
         trainer.folder.release()
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
+    if args.trace and prof is not None:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace) / f"rank{trainer.accelerator.process_index}.json"))
     if snapshot is not None:
         per_step |= {k: v / max(snapshot["calls"], 1) for k, v in snapshot.items() if k != "calls"}
     acc = trainer.accelerator
