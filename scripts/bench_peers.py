@@ -86,6 +86,13 @@ def fail(msg: str) -> None:
 # --- peer: Hugging Face transformers-style grouped_mm experts (for comparison only) ---------------------------
 
 
+def expert_counts(expert_A: torch.Tensor, E: int) -> torch.Tensor:
+    """Rows of each expert by ``torch.histc`` as transformers does (bincount syncs with the host: no CUDA graph);
+    histc takes int on CUDA, float on the CPU."""
+    ids = expert_A.int() if expert_A.is_cuda else expert_A.float()
+    return torch.histc(ids, bins=E, min=0, max=E - 1)
+
+
 def hf_grouped_mm_experts(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, indices_TK, weights_TK, activation):
     """PEER, written after transformers 5's ``grouped_mm_experts_forward`` (``is_transposed=True``: our [in, out]
     layout); not this project's backend. ``activation`` is GELU-tanh in this benchmark."""
@@ -94,8 +101,7 @@ def hf_grouped_mm_experts(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, indices_TK, weight
     expert_S, perm_S = torch.sort(indices_TK.reshape(-1))
     x_SD = x_TD[perm_S // K]
     w_S = weights_TK.reshape(-1)[perm_S]
-    hist = expert_S.int() if x_TD.is_cuda else expert_S.float()  # histc, not bincount: no host sync
-    offs_E = torch.cumsum(torch.histc(hist, bins=E, min=0, max=E - 1), dim=0, dtype=torch.int32)
+    offs_E = torch.cumsum(expert_counts(expert_S, E), dim=0, dtype=torch.int32)
     h_SF = torch._grouped_mm(x_SD, w1_EDF, offs=offs_E)
     h_SF.add_(b1_EF[expert_S])  # bias gathered per row (grouped_mm takes no bias)
     h_SF = F.gelu(h_SF, approximate="tanh")
@@ -140,8 +146,7 @@ def scattermoe_experts(sm, histc: bool = False):
         if not histc:
             return sm.flatten_sort_count(indices_TK, num_experts=E)
         expert_A, scattered_A = torch.sort(indices_TK.flatten())
-        counts = torch.histc(indices_TK.flatten().int(), bins=E, min=0, max=E - 1)
-        return expert_A, scattered_A, counts.cumsum(-1)
+        return expert_A, scattered_A, expert_counts(expert_A, E).cumsum(-1)
 
     def fn(x_TD, weight1_EFD, b1_EF, weight2_EDF, b2_ED, indices_TK, weights_TK, activation):
         K = indices_TK.shape[1]

@@ -63,6 +63,44 @@ def test_scattermoe_layout_round_trips(bp):
     torch.testing.assert_close(torch.nn.functional.linear(x, theirs[0][1]), x @ ours[0][1])
 
 
+class _FakeScatterMoE:
+    """ScatterMoE's ``flatten_sort_count`` / ``parallel_linear`` semantics in plain torch (its kernels are Triton,
+    GPU only): row i of the expert-sorted order belongs to expert ``expert_A[i]`` and to flat assignment
+    ``scattered_A[i]`` (token ``scattered_A[i] // k``); grouped input/output rows are in sorted order, scattered
+    ones in assignment order; ``gates`` [T, K] combine each token's K output rows."""
+
+    @staticmethod
+    def flatten_sort_count(expert_idxs, num_experts):
+        expert_A, scattered_A = torch.sort(expert_idxs.flatten())
+        return expert_A, scattered_A, torch.bincount(expert_idxs.flatten(), minlength=num_experts).cumsum(-1)
+
+    @staticmethod
+    def parallel_linear(x, w_EIO, k, expert_A, scattered_A, offsets_E, expert_biases=None, gates=None,
+                        grouped_in=False, grouped_out=False):  # fmt: skip
+        rows = x if grouped_in else x[scattered_A // k]
+        out = torch.einsum("ai,aio->ao", rows, w_EIO[expert_A]) + expert_biases[expert_A]
+        if not grouped_out:
+            out = torch.empty_like(out).index_copy(0, scattered_A, out)
+        if gates is not None:
+            out = (gates.unsqueeze(1) @ out.view(gates.shape[0], gates.shape[1], -1)).squeeze(1)
+        return out
+
+
+@pytest.mark.parametrize("histc", [False, True])
+def test_scattermoe_call_matches_eager(bp, histc):
+    """Our call of ScatterMoE's API (layout, k, grouped flags, gates) on a plain-torch stand-in of its ops."""
+    gen = torch.Generator().manual_seed(2)
+    T, E, K, D, F = 23, 5, 2, 8, 12
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    wts = torch.rand(T, K, generator=gen)
+    p = [torch.randn(E, D, F, generator=gen), torch.randn(E, F, generator=gen)]
+    p += [torch.randn(E, F, D, generator=gen), torch.randn(E, D, generator=gen)]
+    x = torch.randn(T, D, generator=gen)
+    fn = bp.scattermoe_experts(_FakeScatterMoE, histc=histc)
+    got = fn(x, *bp.to_scattermoe(*p), idx, wts, "gelu_pytorch_tanh")
+    torch.testing.assert_close(got, eager_experts(x, *p, idx, wts, "gelu_pytorch_tanh"), rtol=1e-4, atol=1e-4)
+
+
 def test_report_has_exactly_the_schema_keys(bp):
     res = dict(fwd_ms=1.0, wall_ms=3.0, peak_mem_mib=50.0, graph_ms=None, graph_error="capture: host sync")
     dense = dict(fwd_ms=0.5, wall_ms=2.0, peak_mem_mib=25.0, graph_ms=1.5, graph_error=None)
