@@ -302,7 +302,7 @@ def train_tokens_per_s(model, B=8, L=512, steps=20, warmup=5) -> float:
 def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) -> list[dict]:
     """Training tokens/s of each variant; with ``compile_mode`` (``--compile``) each variant is measured again
     compiled (``nn.Module.compile`` in place, as ``train.compile`` does; warm-up steps include compilation),
-    against the compiled dense model."""
+    against the compiled dense model. Rows: ``{model, compiled: False or the compile mode, tokens_per_s, ratio}``."""
     rows = []
     variants = [("dense", None)]
     for K in (1, 2):
@@ -325,7 +325,9 @@ def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) ->
             tps = train_tokens_per_s(model)
             dense = dense or tps
             tag = f"{name} (compiled)" if compiled else name
-            rows.append(dict(model=name, compiled=compiled, tokens_per_s=tps, ratio=tps / dense))
+            rows.append(
+                dict(model=name, compiled=compiled and compile_mode, tokens_per_s=tps, ratio=tps / dense)
+            )
             ref = "compiled dense" if compiled else "dense"
             print(f"e2e {tag:35s} {tps:9.0f} tokens/s ({tps / dense:.2f}x {ref})", flush=True)
             del model

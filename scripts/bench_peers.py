@@ -1,0 +1,348 @@
+"""Peer benchmark of the experts layer (issue 20, items 4 and 7): this project's backends side by side with
+ScatterMoE, a Hugging Face-style grouped_mm and a naive loop, against the dense GPT-2 MLP, on one CUDA GPU.
+
+Shapes (legend: docs/architecture.md): T tokens, D = 768, F expert width, E experts, K experts per token.
+Each expert is GPT-2's MLP (D -> F -> D with biases, GELU-tanh), bf16, forward+backward. Implementations
+(``--impls``), all called as ``fn(x_TD, w1, b1, w2, b2, indices_TK, weights_TK, activation) -> y_TD``:
+
+- ``triton``, ``grouped_mm``: this project's backends (``moe_emergence.experts.get_backend``).
+- ``scattermoe``: ScatterMoE v0.3 (github.com/shawntan/scattermoe, Apache-2.0) as shipped: its
+  ``flatten_sort_count`` and two ``parallel_linear`` calls with biases, as its ``scattermoe.mlp.MLP`` does (the
+  routing weights enter as bf16 ``gates``, as in its MLP). Imported from a git-ignored copy of its Python package
+  at ``<repo>/.gl/scattermoe/`` (``.gl/scattermoe/__init__.py``), never committed here. Our weights are put into
+  its layout (``ParallelExperts.weight`` ``[E, out, in]``) once, outside the timed region.
+- ``scattermoe_histc``: the same ScatterMoE kernels, with the expert sort/count done by ``torch.sort`` +
+  ``torch.histc`` instead of its ``bincount`` (a host sync that stops CUDA-graph capture): a variant written
+  here so that ScatterMoE's kernels get a graph time too; not ScatterMoE as shipped.
+- ``hf_grouped_mm``: a peer written here in the style of Hugging Face transformers 5's ``grouped_mm`` experts
+  (``transformers/integrations/moe.py``, ``grouped_mm_experts_forward``): sort by expert, ``torch._grouped_mm``
+  with int32 offsets, the bias gathered per row and added in place, weighted, scattered back and summed over K.
+- ``naive``: the per-expert mask loop of ``scripts/bench_moe.py`` (host syncs).
+
+Before timing, every implementation's forward and gradients (x, weights, biases, routing weights) are checked
+in bf16 against ``eager_experts`` in float32 at small shapes; one that fails is reported and left out.
+
+Rows: the GPT-2 shape (E=8, F=3072, K in {1, 2}, T=8192) and the fine-grained shapes (E=64, F=768, K=8) and
+(E=128, F=384, K=8) with T=16384; routing balanced and Zipf(1.0)-skewed. Reference: the dense MLP (D -> F -> D)
+on K*T tokens (same active FLOPs). Per row: ``graph_ratio`` = CUDA-graph device time of forward+backward / the
+dense one's (None when the implementation cannot be captured, e.g. a host sync: ``graph_error`` says why),
+``wall_ratio`` = forward+backward time without graphs (CUDA events around eager launches) / dense's,
+``peak_mem_ratio`` = peak activation memory of forward+backward / dense's, and the absolute ms and MiB.
+
+JSON (``--json PATH``; issue 20 item 7): one file with both parts,
+``{"gpu", "date", "layer": [row, ...], "e2e": [row, ...]}``; a layer row has exactly ``LAYER_KEYS``, an e2e row
+``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
+asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
+all of them), measured in this process; ``--compile MODE`` also measures them compiled.
+
+    python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
+        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE]] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_moe import (
+    ACT,
+    D,
+    bench_e2e,
+    dense_mlp,
+    graph_time,
+    measure,
+    naive_experts,
+    routing,
+)  # scripts/ on path
+
+from moe_emergence.experts import eager_experts, get_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+SCATTERMOE_DIR = ROOT / ".gl" / "scattermoe"  # the package directory itself: .gl/scattermoe/__init__.py
+IMPLS = ("triton", "grouped_mm", "scattermoe", "scattermoe_histc", "hf_grouped_mm", "naive")
+SHAPES = {  # (E, F, K, T)
+    "gpt2": [(8, 3072, 1, 8192), (8, 3072, 2, 8192)],
+    "fine": [(64, 768, 8, 16384), (128, 384, 8, 16384)],
+}
+LAYER_KEYS = (
+    *("impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"),
+    *("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "graph_error"),
+    *("dense_graph_ms", "dense_wall_ms", "dense_fwd_ms", "dense_peak_mem_mib"),
+)
+E2E_KEYS = ("model", "compiled", "tokens_per_s", "ratio")
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --- peer: Hugging Face transformers-style grouped_mm experts (for comparison only) ---------------------------
+
+
+def expert_counts(expert_A: torch.Tensor, E: int) -> torch.Tensor:
+    """Rows of each expert by ``torch.histc`` as transformers does (bincount syncs with the host: no CUDA graph);
+    histc takes int on CUDA, float on the CPU."""
+    ids = expert_A.int() if expert_A.is_cuda else expert_A.float()
+    return torch.histc(ids, bins=E, min=0, max=E - 1)
+
+
+def hf_grouped_mm_experts(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, indices_TK, weights_TK, activation):
+    """PEER, written after transformers 5's ``grouped_mm_experts_forward`` (``is_transposed=True``: our [in, out]
+    layout); not this project's backend. ``activation`` is GELU-tanh in this benchmark."""
+    T, K = indices_TK.shape
+    E = w1_EDF.shape[0]
+    expert_S, perm_S = torch.sort(indices_TK.reshape(-1))
+    x_SD = x_TD[perm_S // K]
+    w_S = weights_TK.reshape(-1)[perm_S]
+    offs_E = torch.cumsum(expert_counts(expert_S, E), dim=0, dtype=torch.int32)
+    h_SF = torch._grouped_mm(x_SD, w1_EDF, offs=offs_E)
+    h_SF.add_(b1_EF[expert_S])  # bias gathered per row (grouped_mm takes no bias)
+    h_SF = F.gelu(h_SF, approximate="tanh")
+    o_SD = torch._grouped_mm(h_SF, w2_EFD, offs=offs_E)
+    o_SD.add_(b2_ED[expert_S])
+    o_SD = o_SD * w_S[:, None]  # float32 weights: float32 rows, summed over K in float32
+    inv_S = torch.empty_like(perm_S)
+    inv_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
+    return o_SD[inv_S].view(T, K, -1).sum(1).to(x_TD.dtype)
+
+
+# --- peer: ScatterMoE ------------------------------------------------------------------------------------------
+
+
+def to_scattermoe(w1_EDF, b1_EF, w2_EFD, b2_ED):
+    """Our stacked GPT-2 Conv1D weights ([in, out] per expert) in ScatterMoE's ``ParallelExperts`` layout
+    (``weight`` [E, out, in], ``bias`` [E, out]), contiguous: (weight1 [E, F, D], b1, weight2 [E, D, F], b2)."""
+    return (w1_EDF.transpose(1, 2).contiguous(), b1_EF, w2_EFD.transpose(1, 2).contiguous(), b2_ED)
+
+
+def from_scattermoe(weight1_EFD, b1_EF, weight2_EDF, b2_ED):
+    """Inverse of ``to_scattermoe`` (also maps its weight gradients back to our layout)."""
+    return (weight1_EFD.transpose(1, 2), b1_EF, weight2_EDF.transpose(1, 2), b2_ED)
+
+
+def load_scattermoe():
+    """ScatterMoE from ``SCATTERMOE_DIR``; exits with one ``error:`` line where it is missing."""
+    if not (SCATTERMOE_DIR / "__init__.py").is_file():
+        fail(
+            f"ScatterMoE not found: put its Python package (github.com/shawntan/scattermoe v0.3, the scattermoe/ "
+            f"folder) at {SCATTERMOE_DIR}/ (git-ignored; carry it to the GPU machine)"
+        )
+    sys.path.insert(0, str(SCATTERMOE_DIR.parent))
+    return importlib.import_module("scattermoe")
+
+
+def scattermoe_experts(sm, histc: bool = False):
+    """Experts function over ScatterMoE-layout weights (``to_scattermoe``), as ``scattermoe.mlp.MLP.forward``
+    with biases; ``histc``: the sort/count without ScatterMoE's bincount (the ``scattermoe_histc`` variant)."""
+
+    def sort_count(indices_TK, E):
+        if not histc:
+            return sm.flatten_sort_count(indices_TK, num_experts=E)
+        expert_A, scattered_A = torch.sort(indices_TK.flatten())
+        return expert_A, scattered_A, expert_counts(expert_A, E).cumsum(-1)
+
+    def fn(x_TD, weight1_EFD, b1_EF, weight2_EDF, b2_ED, indices_TK, weights_TK, activation):
+        K = indices_TK.shape[1]
+        expert_A, scattered_A, offsets_E = sort_count(indices_TK, weight1_EFD.shape[0])
+        h = sm.parallel_linear(
+            x_TD, weight1_EFD.permute(0, 2, 1), K, expert_A, scattered_A, offsets_E,
+            expert_biases=b1_EF, grouped_out=True,
+        )  # fmt: skip
+        h = F.gelu(h, approximate="tanh")
+        return sm.parallel_linear(
+            h, weight2_EDF.permute(0, 2, 1), 1, expert_A, scattered_A, offsets_E,
+            expert_biases=b2_ED, gates=weights_TK.to(h.dtype), grouped_in=True,
+        )  # fmt: skip
+
+    return fn
+
+
+def load_impls(names: list[str]) -> dict:
+    """name -> (fn, to_layout, from_layout): ``to_layout`` runs once outside the timed region."""
+    same = lambda *p: p  # noqa: E731
+    impls = {}
+    for name in names:
+        if name in ("triton", "grouped_mm"):
+            impls[name] = (get_backend(name, torch.device("cuda")), same, same)
+        elif name.startswith("scattermoe"):
+            fn = scattermoe_experts(load_scattermoe(), histc=name == "scattermoe_histc")
+            impls[name] = (fn, to_scattermoe, from_scattermoe)
+        else:
+            impls[name] = ({"hf_grouped_mm": hf_grouped_mm_experts, "naive": naive_experts}[name], same, same)
+    return impls
+
+
+# --- correctness and timing ------------------------------------------------------------------------------------
+
+
+def rel_errors(fn, to_layout, from_layout, base, idx, gy) -> list[float]:
+    """Relative errors of y and of the gradients (x, w1, b1, w2, b2, routing weights) of ``fn`` in the dtype of
+    ``base`` against ``eager_experts`` in float32."""
+    res = []
+    for f, dt, to, back in (
+        (eager_experts, torch.float32, None, None),
+        (fn, base[0].dtype, to_layout, from_layout),
+    ):
+        leaves = [t.float().detach().requires_grad_() if dt == torch.float32 else t.detach().requires_grad_()
+                  for t in base]  # fmt: skip
+        x, p, wts = leaves[0], leaves[1:5], leaves[5]
+        q = [t.detach().requires_grad_() for t in to(*p)] if to else p
+        y = f(x, *q, idx, wts, ACT)
+        g = torch.autograd.grad(y.float(), [x, *q, wts], gy)
+        g = [g[0], *(back(*g[1:5]) if back else g[1:5]), g[5]]
+        res.append([y.float()] + [t.float() for t in g])
+    return [((b - a).norm() / a.norm()).item() for a, b in zip(*res, strict=True)]
+
+
+def check_impls(impls: dict, tol: float = 2e-2) -> dict:
+    """Impls whose bf16 forward and gradients are within ``tol`` (relative) of eager float32 at small shapes."""
+    gen = torch.Generator().manual_seed(3)
+    ok = dict(impls)
+    T, Dm, Fm = 257, 128, 384
+    for E, K in ((8, 1), (8, 2), (16, 8)):
+        idx, wts = routing(T, E, K, "zipf", gen)
+        base = [torch.randn(T, Dm), torch.randn(E, Dm, Fm) * 0.05, torch.randn(E, Fm) * 0.1]
+        base += [torch.randn(E, Fm, Dm) * 0.05, torch.randn(E, Dm) * 0.1]
+        base = [t.to("cuda", torch.bfloat16) for t in base] + [wts]
+        gy = torch.randn(T, Dm, device="cuda")
+        for name, (fn, to, back) in impls.items():
+            if name not in ok:
+                continue
+            try:
+                errs = rel_errors(fn, to, back, base, idx, gy)
+            except Exception as e:  # noqa: BLE001 (any failure of a peer: reported, the impl left out)
+                errs, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            names = ["y", "x", "w1", "b1", "w2", "b2", "weights"]
+            report = (
+                why if errs is None else ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs, strict=True))
+            )
+            good = errs is not None and max(errs) <= tol
+            print(
+                f"check {name:16s} E={E} K={K}: {'ok' if good else 'FAILED, left out'}: {report}", flush=True
+            )
+            if not good:
+                del ok[name]
+    return ok
+
+
+def try_graph(step, iters: int) -> tuple[float | None, str | None]:
+    """(graph ms, None), or (None, why) where ``step`` cannot be captured in a CUDA graph (a host sync...)."""
+    try:
+        return graph_time(step, iters), None
+    except RuntimeError as e:
+        if "captur" not in str(e).lower():  # only capture errors are expected; anything else is a bug
+            raise
+        torch.cuda.synchronize()
+        return None, str(e).strip().splitlines()[0][:200]
+
+
+def layer_row(impl, E, Fw, K, T, kind, res: dict, dense: dict) -> dict:
+    """One JSON layer row (exactly ``LAYER_KEYS``) from the measurements ``res`` of ``impl`` and ``dense``'s."""
+    ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
+    row = dict(impl=impl, E=E, F=Fw, K=K, T=T, routing=kind)
+    row |= dict(
+        graph_ratio=ratio(res["graph_ms"], dense["graph_ms"]),
+        wall_ratio=ratio(res["wall_ms"], dense["wall_ms"]),
+        peak_mem_ratio=ratio(res["peak_mem_mib"], dense["peak_mem_mib"]),
+    )
+    row |= {k: res.get(k) for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "graph_error")}
+    row |= {f"dense_{k}": dense[k] for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib")}
+    return row
+
+
+def build_report(gpu: str, layer: list[dict], e2e: list[dict]) -> dict:
+    for r in layer:
+        assert set(r) == set(LAYER_KEYS), sorted(set(r) ^ set(LAYER_KEYS))
+    for r in e2e:
+        assert set(r) == set(E2E_KEYS), sorted(set(r) ^ set(E2E_KEYS))
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return {"gpu": gpu, "date": date, "layer": layer, "e2e": e2e}
+
+
+def run(fwd, leaves, iters: int) -> dict:
+    f, fb, mem, _ = measure(fwd, leaves, iters)
+    gy = torch.randn_like(fwd())
+    g, why = try_graph(lambda: torch.autograd.grad(fwd(), leaves, gy), iters)
+    return dict(fwd_ms=f, wall_ms=fb, peak_mem_mib=mem, graph_ms=g, graph_error=why)
+
+
+def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    dt, rows = torch.bfloat16, []
+    for E, Fw, K, T in [s for name in shapes for s in SHAPES[name]]:
+        xd = torch.randn(K * T, D, device="cuda", dtype=dt, requires_grad=True)
+        wd = [
+            torch.randn(D, Fw) * 0.02,
+            torch.randn(Fw) * 0.1,
+            torch.randn(Fw, D) * 0.02,
+            torch.randn(D) * 0.1,
+        ]
+        wd = [t.to("cuda", dt).requires_grad_() for t in wd]
+        dense = run(lambda xd=xd, wd=wd: dense_mlp(xd, *wd), [xd, *wd], iters)
+        print(f"dense E={E} F={Fw} K={K} T={T} (on K*T tokens): wall {dense['wall_ms']:.3f} ms graph "
+              f"{dense['graph_ms']:.3f} ms mem {dense['peak_mem_mib']:.0f} MiB", flush=True)  # fmt: skip
+        del xd, wd
+        for kind in kinds:
+            idx, wts = routing(T, E, K, kind, gen)
+            x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+            p = [torch.randn(E, D, Fw) * 0.02, torch.randn(E, Fw) * 0.1, torch.randn(E, Fw, D) * 0.02]
+            p = [t.to("cuda", dt) for t in p + [torch.randn(E, D) * 0.1]]
+            wts.requires_grad_()
+            for name, (fn, to_layout, _) in impls.items():
+                q = [t.detach().requires_grad_() for t in to_layout(*p)]  # once, outside the timed region
+
+                def fwd(fn=fn, x=x, q=q, idx=idx, wts=wts):
+                    return fn(x, *q, idx, wts, ACT)
+
+                r = layer_row(name, E, Fw, K, T, kind, run(fwd, [x, *q, wts], iters), dense)
+                rows.append(r)
+                g = "n/a" if r["graph_ms"] is None else f"{r['graph_ms']:7.3f} ms ({r['graph_ratio']:5.2f}x)"
+                print(f"E={E:3d} F={Fw:4d} K={K} T={T} {kind:8s} {name:16s} graph {g} wall {r['wall_ms']:7.3f} "
+                      f"ms ({r['wall_ratio']:5.2f}x) mem {r['peak_mem_mib']:6.0f} MiB ({r['peak_mem_ratio']:.2f}x)"
+                      + (f"  [no graph: {r['graph_error']}]" if r["graph_error"] else ""), flush=True)  # fmt: skip
+                del q
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
+    ap.add_argument("--routing", nargs="+", choices=("balanced", "zipf"), default=["balanced", "zipf"])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--check-only", action="store_true", help="only the correctness check")
+    ap.add_argument("--e2e", nargs="*", default=None, metavar="MODEL", help="also bench_moe's e2e tokens/s")
+    ap.add_argument(
+        "--compile", nargs="?", const="default", default=None, metavar="MODE", help="e2e compiled too"
+    )
+    ap.add_argument("--json", default=None, help="write {gpu, date, layer, e2e} to this JSON file")
+    args = ap.parse_args(argv)
+    if any(n.startswith("scattermoe") for n in args.impls):
+        load_scattermoe()  # fails early, before any GPU work, where the package is missing
+    if not torch.cuda.is_available():
+        fail("bench_peers.py needs a CUDA device (none visible to torch)")
+    gpu = torch.cuda.get_device_name()
+    print(f"device: {gpu}, torch {torch.__version__}", flush=True)
+    impls = check_impls(load_impls(args.impls))
+    if args.check_only:
+        return
+    layer = bench(impls, args.shapes, args.routing, args.iters)
+    e2e = []
+    if args.e2e is not None:
+        e2e = bench_e2e(args.compile, args.e2e or None)  # rows of E2E_KEYS
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(build_report(gpu, layer, e2e), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""scripts/bench_peers.py on the CPU: the peers that run here against eager_experts, ScatterMoE's weight layout,
+the JSON schema and the refusals (no CUDA, no ScatterMoE). The GPU timing itself is not run here."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_emergence.experts import eager_experts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bp():
+    sys.path.insert(0, str(ROOT / "scripts"))  # bench_peers imports bench_moe, as when run as a script
+    try:
+        spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "scripts" / "bench_peers.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def _grads(fn, base, idx, gy):
+    leaves = [t.clone().requires_grad_() for t in base]
+    y = fn(*leaves[:5], idx, leaves[5], "gelu_pytorch_tanh")
+    return [y, *torch.autograd.grad(y, leaves, gy)]
+
+
+@pytest.mark.parametrize("name", ["hf_grouped_mm", "naive"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_cpu_peers_match_eager(bp, name, K):
+    """Forward and all six gradients, float32, odd T and E, one expert without tokens (torch._grouped_mm runs on
+    the CPU in this torch)."""
+    gen = torch.Generator().manual_seed(0)
+    T, E, D, F = 37, 5, 12, 20  # D, F multiples of 4: 16-byte float32 rows, as torch._grouped_mm needs
+    idx = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])  # expert E-1: no token
+    wts = torch.rand(T, K, generator=gen) + 0.1
+    base = [torch.randn(T, D, generator=gen), torch.randn(E, D, F, generator=gen) * 0.3]
+    base += [torch.randn(E, F, generator=gen), torch.randn(E, F, D, generator=gen) * 0.3]
+    base += [torch.randn(E, D, generator=gen), wts]
+    gy = torch.randn(T, D, generator=gen)
+    fn = {"hf_grouped_mm": bp.hf_grouped_mm_experts, "naive": bp.naive_experts}[name]
+    for got, ref in zip(_grads(fn, base, idx, gy), _grads(eager_experts, base, idx, gy), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scattermoe_layout_round_trips(bp):
+    gen = torch.Generator().manual_seed(1)
+    E, D, F = 3, 8, 12
+    ours = [torch.randn(E, D, F, generator=gen), torch.randn(E, F, generator=gen)]
+    ours += [torch.randn(E, F, D, generator=gen), torch.randn(E, D, generator=gen)]
+    theirs = bp.to_scattermoe(*ours)
+    assert [tuple(t.shape) for t in theirs] == [(E, F, D), (E, F), (E, D, F), (E, D)]  # weight [E, out, in]
+    assert all(t.is_contiguous() for t in theirs)
+    for a, b in zip(bp.from_scattermoe(*theirs), ours, strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(4, D, generator=gen)  # ParallelExperts computes x @ weight[e].T (+ bias)
+    torch.testing.assert_close(torch.nn.functional.linear(x, theirs[0][1]), x @ ours[0][1])
+
+
+class _FakeScatterMoE:
+    """ScatterMoE's ``flatten_sort_count`` / ``parallel_linear`` semantics in plain torch (its kernels are Triton,
+    GPU only): row i of the expert-sorted order belongs to expert ``expert_A[i]`` and to flat assignment
+    ``scattered_A[i]`` (token ``scattered_A[i] // k``); grouped input/output rows are in sorted order, scattered
+    ones in assignment order; ``gates`` [T, K] combine each token's K output rows."""
+
+    @staticmethod
+    def flatten_sort_count(expert_idxs, num_experts):
+        expert_A, scattered_A = torch.sort(expert_idxs.flatten())
+        return expert_A, scattered_A, torch.bincount(expert_idxs.flatten(), minlength=num_experts).cumsum(-1)
+
+    @staticmethod
+    def parallel_linear(x, w_EIO, k, expert_A, scattered_A, offsets_E, expert_biases=None, gates=None,
+                        grouped_in=False, grouped_out=False):  # fmt: skip
+        rows = x if grouped_in else x[scattered_A // k]
+        out = torch.einsum("ai,aio->ao", rows, w_EIO[expert_A]) + expert_biases[expert_A]
+        if not grouped_out:
+            out = torch.empty_like(out).index_copy(0, scattered_A, out)
+        if gates is not None:
+            out = (gates.unsqueeze(1) @ out.view(gates.shape[0], gates.shape[1], -1)).squeeze(1)
+        return out
+
+
+@pytest.mark.parametrize("histc", [False, True])
+def test_scattermoe_call_matches_eager(bp, histc):
+    """Our call of ScatterMoE's API (layout, k, grouped flags, gates) on a plain-torch stand-in of its ops."""
+    gen = torch.Generator().manual_seed(2)
+    T, E, K, D, F = 23, 5, 2, 8, 12
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    wts = torch.rand(T, K, generator=gen)
+    p = [torch.randn(E, D, F, generator=gen), torch.randn(E, F, generator=gen)]
+    p += [torch.randn(E, F, D, generator=gen), torch.randn(E, D, generator=gen)]
+    x = torch.randn(T, D, generator=gen)
+    fn = bp.scattermoe_experts(_FakeScatterMoE, histc=histc)
+    got = fn(x, *bp.to_scattermoe(*p), idx, wts, "gelu_pytorch_tanh")
+    torch.testing.assert_close(got, eager_experts(x, *p, idx, wts, "gelu_pytorch_tanh"), rtol=1e-4, atol=1e-4)
+
+
+def test_report_has_exactly_the_schema_keys(bp):
+    res = dict(fwd_ms=1.0, wall_ms=3.0, peak_mem_mib=50.0, graph_ms=None, graph_error="capture: host sync")
+    dense = dict(fwd_ms=0.5, wall_ms=2.0, peak_mem_mib=25.0, graph_ms=1.5, graph_error=None)
+    row = bp.layer_row("scattermoe", 64, 768, 8, 16384, "zipf", res, dense)
+    assert set(row) == set(bp.LAYER_KEYS)
+    required = {"impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"}
+    assert required <= set(row)
+    assert row["graph_ratio"] is None and row["wall_ratio"] == 1.5 and row["peak_mem_ratio"] == 2.0
+    e2e = [dict(model="dense", compiled="default", tokens_per_s=1e5, ratio=1.0)]
+    report = bp.build_report("H200", [row], e2e)
+    assert set(report) == {"gpu", "date", "layer", "e2e"}
+    assert set(report["e2e"][0]) == set(bp.E2E_KEYS) == {"model", "compiled", "tokens_per_s", "ratio"}
+    with pytest.raises(AssertionError):
+        bp.build_report("H200", [dict(row, extra=1)], [])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_refuses_without_cuda(bp, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bp.main(["--impls", "hf_grouped_mm"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "CUDA" in err[0]
+
+
+def test_refuses_without_scattermoe(bp, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(bp, "SCATTERMOE_DIR", tmp_path / "scattermoe")
+    with pytest.raises(SystemExit) as exit_:
+        bp.main(["--impls", "triton", "scattermoe"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(tmp_path / "scattermoe") in err[0]
