@@ -191,9 +191,10 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
     ) -> None:
         """HF's activation (gradient) checkpointing, non-reentrant only; ``gradient_checkpointing_enable``
         (the older name) comes here too. ``every_n_layers`` and ``offload`` need a transformers release
-        that has ``activation_checkpointing_enable`` (5.17 does not). Raises ``ValueError`` for ``use_reentrant=True``: the
-        router losses reach the loss through the router outputs the checkpointed blocks return, and a
-        reentrant checkpoint runs its first forward without autograd, which would cut them off silently."""
+        that has ``activation_checkpointing_enable`` (5.17 does not). Raises ``ValueError`` for
+        ``use_reentrant=True``: the router losses reach the loss through the router outputs the
+        checkpointed blocks return, and a reentrant checkpoint runs its first forward without autograd,
+        which would cut them off silently."""
         kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
             raise ValueError(
@@ -218,7 +219,8 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """``PreTrainedModel.save_pretrained`` plus a ``README.md`` model card (``model_card``) saying that
-        loading needs ``import moe_emergence`` (written on the main process, unless the folder has one)."""
+        loading needs ``import moe_emergence`` (written on the main process; a README the user wrote or
+        edited is kept, the package's own card follows the model saved last)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):  # HF refuses a file path
             write_model_card(save_directory, self.config)
