@@ -60,9 +60,7 @@ def eager_experts(
     T = indices_TK.shape[0]
     act = ACT2FN[activation]
     meta = routing_meta(indices_TK, w1_EDF.shape[0], weights_TK)
-    counts = (
-        meta.offsets_E1.diff().tolist()
-    )  # rows of each expert; the dead rows after them are not split off
+    counts = meta.offsets_E1.diff().tolist()  # rows of each expert (the one sync); dead rows come after
     live = sum(counts)
     token_A, order_A = meta.token_A[:live], meta.order_A[:live]
     x_AD = x_TD[token_A]

@@ -11,7 +11,6 @@ have random MLPs.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -78,16 +77,3 @@ def write_model_card(folder: str | Path, config) -> None:
     if path.exists() and not is_unedited_card(path.read_text(encoding="utf-8", errors="replace")):
         return
     ModelCard(card_for(config)).save(path)
-
-
-def is_written_card(path: Path) -> bool:
-    """Whether ``path`` is exactly the card ``write_model_card`` writes for the ``config.json`` beside it
-    (so a run folder's own card is told apart from a README the user put there or edited)."""
-    from moe_emergence.modeling import GPT2MoEConfig  # lazy: modeling imports this module
-
-    try:
-        config = GPT2MoEConfig.from_pretrained(path.parent)
-        text = path.read_text(encoding="utf-8")
-    except (OSError, ValueError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return text == ModelCard(card_for(config)).content

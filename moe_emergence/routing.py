@@ -99,9 +99,10 @@ class Router(nn.Module):
         all T tokens), of which each expert takes the first
         ``min(T_real, ceil(T_real * k / E * (capacity_factor or 1)))``; fills ``ec_tokens`` /
         ``ec_weights`` / ``ec_taken``.
-    ``mask_T`` (``[T]``, 1 = real token; or a ``[B, S]`` mask, ``token_mask.as_token_mask``) keeps padding from taking capacity or being chosen by experts;
-    capacities count the real tokens only (``T_real = mask_T.sum()``, all T without a mask), so the real
-    tokens route the same whatever padding the batch carries, wherever it sits.
+    ``mask_T`` (``[T]``, 1 = real token; or a ``[B, S]`` mask, ``token_mask.as_token_mask``) keeps padding
+    from taking capacity or being chosen by experts; capacities count the real tokens only
+    (``T_real = mask_T.sum()``, all T without a mask), so the real tokens route the same whatever padding
+    the batch carries, wherever it sits.
 
     ``expert_mask_E`` (bool ``[E]``, False = removed; for ablations) removes experts from this forward
     through the same path as expert dropout: a removed expert is never selected, the weights use

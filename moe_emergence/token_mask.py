@@ -26,7 +26,7 @@ def as_token_mask(mask: torch.Tensor | None, num_tokens: int, rows: int | None =
     if mask is None:
         return None
     if mask.dim() == 1 and mask.shape[0] == num_tokens:
-        return mask != 0
+        return mask if mask.dtype == torch.bool else mask != 0  # the model's own mask: no new tensor
     if mask.dim() == 2:
         if rows is None and mask.numel() == num_tokens:
             return mask.reshape(-1) != 0

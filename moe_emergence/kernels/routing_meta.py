@@ -31,9 +31,8 @@ class RoutingMeta(NamedTuple):
     order_A: torch.Tensor  # [A] assignment id t*K+k at sorted position r
     token_A: torch.Tensor  # [A] token id at sorted position r
     expert_A: torch.Tensor  # [A] expert id at sorted position r (non-decreasing; int16 / int32, see above)
-    offsets_E1: (
-        torch.Tensor
-    )  # [E+1] start of each expert's rows; offsets_E1[E] = start of the dead rows (<= A)
+    # [E+1] start of each expert's rows; offsets_E1[E] = start of the dead rows (<= A)
+    offsets_E1: torch.Tensor
     num_experts: int
     top_k: int
 
@@ -48,6 +47,14 @@ def expert_id_dtype(num_experts: int) -> torch.dtype:
     return torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
 
 
+def check_weights_shape(indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+    """``ValueError`` unless the combine weights have the indices' shape ``[T, K]``."""
+    if weights_TK.shape != indices_TK.shape:
+        raise ValueError(
+            f"weights_TK has shape {tuple(weights_TK.shape)}, indices_TK {tuple(indices_TK.shape)}"
+        )
+
+
 def live_expert_ids(
     indices_TK: torch.Tensor, weights_TK: torch.Tensor | None, num_experts: int
 ) -> torch.Tensor:
@@ -56,10 +63,7 @@ def live_expert_ids(
     flat_A = indices_TK.reshape(-1).to(expert_id_dtype(num_experts))
     if weights_TK is None:
         return flat_A
-    if weights_TK.shape != indices_TK.shape:
-        raise ValueError(
-            f"weights_TK has shape {tuple(weights_TK.shape)}, indices_TK {tuple(indices_TK.shape)}"
-        )
+    check_weights_shape(indices_TK, weights_TK)
     return flat_A.masked_fill(weights_TK.reshape(-1) == 0, num_experts)
 
 

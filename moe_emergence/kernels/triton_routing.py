@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_emergence.kernels.routing_meta import RoutingMeta, expert_id_dtype, routing_meta
+from moe_emergence.kernels.routing_meta import RoutingMeta, check_weights_shape, expert_id_dtype, routing_meta
 
 _TILE = 16384  # entries of a chunk's one-hot tile [BLOCK, E_POW2]
 
@@ -138,9 +138,6 @@ def triton_routing_meta(
         raise ValueError(f"indices_TK must be [T, K], got shape {tuple(indices_TK.shape)}")
     if weights_TK is None:
         weights_TK = torch.ones(indices_TK.shape, device=indices_TK.device)
-    elif weights_TK.shape != indices_TK.shape:
-        raise ValueError(
-            f"weights_TK has shape {tuple(weights_TK.shape)}, indices_TK {tuple(indices_TK.shape)}"
-        )
+    check_weights_shape(indices_TK, weights_TK)
     run = _routing_op if torch.compiler.is_compiling() else _routing
     return RoutingMeta(*run(indices_TK, weights_TK.detach(), num_experts), num_experts, indices_TK.shape[1])

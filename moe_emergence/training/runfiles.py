@@ -106,9 +106,11 @@ def foreign_entries(run_dir: Path) -> list[str]:
 
 
 def _hf_file(p: Path) -> bool:
-    """A file ``save_pretrained`` writes; ``README.md`` only as the model card it wrote, unedited."""
+    """A file ``save_pretrained`` writes; ``README.md`` only as the package's model card, unedited."""
     if p.name == model_card.CARD_NAME:
-        return _plain_file(p, True) and model_card.is_written_card(p)
+        return _plain_file(p, True) and model_card.is_unedited_card(
+            p.read_text(encoding="utf-8", errors="replace")
+        )
     return _plain_file(p, p.name in HF_FILES or SHARD.match(p.name))
 
 
