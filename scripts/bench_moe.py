@@ -89,7 +89,10 @@ def graph_time(fn, iters):
 
 def measure(fwd, inputs, iters, graph=False):
     """(fwd ms, fwd+bwd ms, peak activation MiB of fwd+bwd, fwd+bwd ms as a CUDA graph or None)."""
-    gy = torch.randn_like(fwd())
+    # the output gradient from the CPU RNG: a failed CUDA-graph capture breaks CUDA's generator
+    y = fwd().detach()
+    gy = torch.randn(y.shape).to(y.device, y.dtype)
+    del y  # no reference to the autograd graph may stay alive (it breaks graph capture)
     t_f = timed(lambda: fwd(), iters)
 
     def step():
@@ -114,7 +117,7 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
     rows = []
     for K in (1, 2):
         for T in (8192,) if quick else (4096, 8192, 16384):
-            x = torch.randn(K * T, D, device="cuda", dtype=dt, requires_grad=True)
+            x = torch.randn(K * T, D).to("cuda", dt).requires_grad_()
             w = [torch.randn(D, FF), torch.randn(FF) * 0.1, torch.randn(FF, D), torch.randn(D) * 0.1]
             w = [(t * (0.02 if t.dim() == 2 else 1)).to("cuda", dt).requires_grad_() for t in w]
             f, fb, mem, gr = measure(lambda x=x, w=w: dense_mlp(x, *w), [x, *w], iters, graph=True)
@@ -125,7 +128,7 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
                 for kind in ("balanced", "zipf"):
                     idx, wts = routing(T, E, K, kind, gen)
                     wts.requires_grad_()
-                    x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+                    x = torch.randn(T, D).to("cuda", dt).requires_grad_()
                     p = [torch.randn(E, D, FF) * 0.02, torch.randn(E, FF) * 0.1, torch.randn(E, FF, D) * 0.02]
                     p = [t.to("cuda", dt).requires_grad_() for t in p + [torch.randn(E, D) * 0.1]]
                     for name, fn in backends.items():
@@ -166,7 +169,7 @@ def check_autotuned() -> None:
             torch.randn(E, FF, D) * 0.02,
         ]
         base = [t.cuda() for t in base + [torch.randn(E, D)]]
-        gy = torch.randn(T, D, device="cuda")
+        gy = torch.randn(T, D).cuda()
         res = []
         for name, dt in (("eager", torch.float32), ("triton", torch.bfloat16)):
             leaves = [t.to(dt).requires_grad_() for t in base] + [wts.clone().requires_grad_()]
@@ -233,7 +236,7 @@ def profile_layer(iters: int = 5) -> None:
     T, E, dt = 8192, 8, torch.bfloat16
     for K in (1, 2):
         idx, wts = routing(T, E, K, "balanced", gen)
-        x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+        x = torch.randn(T, D).to("cuda", dt).requires_grad_()
         p = [
             torch.randn(E, D, FF) * 0.02,
             torch.randn(E, FF),
@@ -241,7 +244,7 @@ def profile_layer(iters: int = 5) -> None:
             torch.randn(E, D),
         ]
         p = [t.to("cuda", dt).requires_grad_() for t in p]
-        xd = torch.randn(K * T, D, device="cuda", dtype=dt, requires_grad=True)
+        xd = torch.randn(K * T, D).to("cuda", dt).requires_grad_()
         pd = [t[0].detach().clone().requires_grad_() for t in p]
         _profile(f"dense K={K}", lambda: dense_mlp(xd, *pd), [xd, *pd], iters)  # noqa: B023 (called here)
         for name in ("triton", "grouped_mm"):

@@ -212,7 +212,7 @@ def check_impls(impls: dict, tol: float = 2e-2) -> dict:
         base = [torch.randn(T, Dm), torch.randn(E, Dm, Fm) * 0.05, torch.randn(E, Fm) * 0.1]
         base += [torch.randn(E, Fm, Dm) * 0.05, torch.randn(E, Dm) * 0.1]
         base = [t.to("cuda", torch.bfloat16) for t in base] + [wts]
-        gy = torch.randn(T, Dm, device="cuda")
+        gy = torch.randn(T, Dm).cuda()
         for name, (fn, to, back) in impls.items():
             if name not in ok:
                 continue
@@ -267,10 +267,20 @@ def build_report(gpu: str, layer: list[dict], e2e: list[dict]) -> dict:
     return {"gpu": gpu, "date": date, "layer": layer, "e2e": e2e}
 
 
-def run(fwd, leaves, iters: int) -> dict:
+NO_CAPTURE = {"naive": "not attempted: host syncs in every step (per-expert nonzero)"}
+
+
+def run(fwd, leaves, iters: int, impl: str | None = None) -> dict:
+    """Timings of ``fwd`` and its backward; inputs come from the CPU RNG (a failed capture can leave CUDA's
+    generator unusable for the rest of the process)."""
     f, fb, mem, _ = measure(fwd, leaves, iters)
-    gy = torch.randn_like(fwd())
-    g, why = try_graph(lambda: torch.autograd.grad(fwd(), leaves, gy), iters)
+    y = fwd().detach()  # no reference to the autograd graph may outlive this line (it breaks graph capture)
+    gy = torch.randn(y.shape).to(y.device, y.dtype)
+    del y
+    if impl in NO_CAPTURE:  # a capture invalidated by a sync breaks the CUDA context for later rows
+        g, why = None, NO_CAPTURE[impl]
+    else:
+        g, why = try_graph(lambda: torch.autograd.grad(fwd(), leaves, gy), iters)
     return dict(fwd_ms=f, wall_ms=fb, peak_mem_mib=mem, graph_ms=g, graph_error=why)
 
 
@@ -278,7 +288,7 @@ def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[
     gen = torch.Generator().manual_seed(0)
     dt, rows = torch.bfloat16, []
     for E, Fw, K, T in [s for name in shapes for s in SHAPES[name]]:
-        xd = torch.randn(K * T, D, device="cuda", dtype=dt, requires_grad=True)
+        xd = torch.randn(K * T, D).to("cuda", dt).requires_grad_()
         wd = [
             torch.randn(D, Fw) * 0.02,
             torch.randn(Fw) * 0.1,
@@ -292,7 +302,7 @@ def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[
         del xd, wd
         for kind in kinds:
             idx, wts = routing(T, E, K, kind, gen)
-            x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+            x = torch.randn(T, D).to("cuda", dt).requires_grad_()
             p = [torch.randn(E, D, Fw) * 0.02, torch.randn(E, Fw) * 0.1, torch.randn(E, Fw, D) * 0.02]
             p = [t.to("cuda", dt) for t in p + [torch.randn(E, D) * 0.1]]
             wts.requires_grad_()
@@ -302,7 +312,7 @@ def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[
                 def fwd(fn=fn, x=x, q=q, idx=idx, wts=wts):
                     return fn(x, *q, idx, wts, ACT)
 
-                r = layer_row(name, E, Fw, K, T, kind, run(fwd, [x, *q, wts], iters), dense)
+                r = layer_row(name, E, Fw, K, T, kind, run(fwd, [x, *q, wts], iters, name), dense)
                 rows.append(r)
                 g = "n/a" if r["graph_ms"] is None else f"{r['graph_ms']:7.3f} ms ({r['graph_ratio']:5.2f}x)"
                 print(f"E={E:3d} F={Fw:4d} K={K} T={T} {kind:8s} {name:16s} graph {g} wall {r['wall_ms']:7.3f} "
