@@ -397,6 +397,35 @@ def test_snapshot_follows_replaced_parameter_data_and_optimizer_state():
     assert torch.equal(opt.state[model.weight]["exp_avg"], kept)  # written into the live tensor
 
 
+def test_snapshot_of_mixed_dtypes_and_strided_tensors_is_exact():
+    """The snapshot keeps one flat buffer per (device, dtype): bf16 and fp32 tensors, a 0-d one and a
+    non-contiguous one round-trip bit for bit; ``any_nonfinite`` sees a NaN in any of them."""
+    from moe_emergence.training.rollback import any_nonfinite
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    model.register_buffer("half_buf", torch.randn(5, dtype=torch.bfloat16))
+    model.register_buffer("scalar", torch.tensor(3.25))
+    model.weight.data = torch.randn(6, 4).t()  # a strided (transposed) parameter
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 6)).sum().backward()
+    opt.step()
+    snap = Snapshot(model, opt)
+    snap.take()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    assert not any_nonfinite([*model.parameters(), *model.buffers()])
+    for t in (model.weight, model.half_buf, model.scalar):
+        with torch.no_grad():
+            t.fill_(float("nan"))
+        assert any_nonfinite([*model.parameters(), *model.buffers()])
+    opt.state[model.weight]["exp_avg_sq"].fill_(-1.0)
+    snap.restore()
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+    assert all(torch.equal(opt.state[model.weight][k], moments[k]) for k in moments)
+    assert model.half_buf.dtype == torch.bfloat16 and model.weight.stride() == (1, 4)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
