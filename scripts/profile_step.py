@@ -14,7 +14,8 @@ optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean
 With ``--no-profiler`` the steps run without ``torch.profiler`` (which adds host time of its own): only
 ``wall`` is measured, plus, with ``--time-snapshot``, the guard's snapshot ``take()`` per call: ``snapshot_walk``
 (the lookup of the live parameter and optimizer-state tensors) and ``snapshot_copy`` (the copy, CUDA
-synchronised before and after, so these runs' walls are not comparable with plain ones).
+synchronised before and after, so these runs' walls are not comparable with plain ones). ``--repeat N`` times
+``--steps`` steps N times in a row in the same process: ``wall_ms`` is their median, ``wall_ms_windows`` each.
 
 ``--trace DIR`` writes each process's profiled steps as a Chrome trace (``DIR/rank<r>.json``: open in
 Perfetto or chrome://tracing) to see, rank beside rank, where a step waits.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -84,6 +86,12 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-profiler", action="store_true", help="wall time only (no torch.profiler)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --no-profiler: time --steps steps this many times in a row",
+    )
     p.add_argument("--time-snapshot", action="store_true", help="time the guard snapshot's take()")
     p.add_argument(
         "--trace", default=None, help="also write each process's timeline (Chrome trace) as DIR/rank<r>.json"
@@ -92,12 +100,14 @@ def _main(argv: list[str] | None) -> int:
     args = p.parse_intermixed_args(argv)
     if args.trace and args.no_profiler:
         raise ConfigError("--trace needs the profiler: leave out --no-profiler")
+    if args.repeat < 1 or (args.repeat > 1 and not args.no_profiler):
+        raise ConfigError(f"--repeat {args.repeat}: an integer >= 1, above 1 only with --no-profiler")
     if not torch.cuda.is_available():
         raise ConfigError("profile_step.py profiles CUDA kernels: no GPU here")
     from moe_emergence.training.config import load_config
     from moe_emergence.training.trainer import Trainer
 
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps * args.repeat
     cfg = load_config(args.config, [*args.overrides, f"train.steps={steps}"])
     trainer = Trainer(cfg, overwrite=True)
     try:
@@ -107,14 +117,16 @@ def _main(argv: list[str] | None) -> int:
         snapshot = _time_snapshot() if args.time_snapshot else None
         torch.cuda.synchronize()
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        walls = []
         with (
             contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof
         ):
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step(None)
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) * 1000.0
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    trainer.train_step(None)
+                torch.cuda.synchronize()
+                walls.append((time.perf_counter() - t0) * 1000.0 / args.steps)
     finally:
         trainer.folder.release()
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
@@ -129,7 +141,8 @@ def _main(argv: list[str] | None) -> int:
         "world": acc.num_processes,
         "distributed_type": str(acc.distributed_type),
         "moe": trainer.moe,
-        "wall_ms": wall / args.steps,
+        "wall_ms": statistics.median(walls),
+        **({"wall_ms_windows": walls} if args.repeat > 1 else {}),
         **{f"{k}_ms": v for k, v in sorted(per_step.items())},
     }
     if prof is not None:
