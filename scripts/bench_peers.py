@@ -1,6 +1,6 @@
 """Peer benchmark of the experts layer (issue 20, items 4 and 7): this project's backends side by side with
 ScatterMoE, a Hugging Face-style grouped_mm and a naive loop, against the dense GPT-2 MLP, on one CUDA GPU.
-(Status 2026-11-30: tested on the CPU only, tests/test_bench_peers.py; not yet run on a GPU.)
+(Run on the H200 2026-11-30 22:50 UTC: docs/benchmarks.md, "Peers on the H200"; CPU test: tests/test_bench_peers.py.)
 
 Shapes (legend: docs/architecture.md): T tokens, D = 768, F expert width, E experts, K experts per token.
 Each expert is GPT-2's MLP (D -> F -> D with biases, GELU-tanh), bf16, forward+backward. Implementations
