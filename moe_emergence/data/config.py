@@ -26,7 +26,7 @@ _RECORDS = ("text_field", "template", "strip_annotations")
 _LONG_TEXT = ("split_mode", "target_chars", "chapter_pattern")
 SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
     "hub": ("name", "subset", "split", "revision", "streaming", "paths", *_RECORDS),
-    "files": ("paths", *_RECORDS, *_LONG_TEXT),
+    "files": ("paths", *_RECORDS, *_LONG_TEXT, "strip_gutenberg"),
     "stdlib": ("paths",),
     "mathgen": ("num_problems", "templates"),
     "pydoc": _LONG_TEXT,
@@ -102,6 +102,9 @@ class SourceConfig:
         ``paragraphs`` (blank-line paragraphs grouped to about ``target_chars``) or ``chapters``
         (cut before lines matching ``chapter_pattern``, a regex).
     strip_annotations: remove GSM8K ``<<a*b=c>>`` calculator annotations.
+    strip_gutenberg (``files`` only, ``.txt`` files): keep only the book between the Project Gutenberg
+        START and END marker lines (``data.gutenberg``); a file with neither marker is read unchanged, one
+        with only one of them is an error.
     Filters and budget: documents shorter than ``min_chars`` or longer than ``max_chars`` are dropped;
         at most ``max_docs`` documents and ``max_total_chars`` characters are kept (None = no limit).
     """
@@ -119,6 +122,7 @@ class SourceConfig:
     target_chars: int = 2000
     chapter_pattern: str = r"^\s*(CHAPTER|Chapter|BOOK|Book|PART|Part)\b.*$"
     strip_annotations: bool = False
+    strip_gutenberg: bool = True
     num_problems: int = 2000
     templates: list[str] = field(default_factory=list)
     min_chars: int = 1
@@ -162,7 +166,7 @@ class SourceConfig:
         self._validate_applicable()
         if self.max_chars is not None and self.max_chars < self.min_chars:
             self._fail("max_chars", f"must be >= min_chars={self.min_chars}")
-        for name in ("streaming", "strip_annotations"):
+        for name in ("streaming", "strip_annotations", "strip_gutenberg"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "true or false")
         if self.type == "mathgen" and self.templates:
