@@ -42,7 +42,10 @@ STYLES = {
         "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*",
         "End of the Project Gutenberg Etext of Alice's Adventures in Wonderland",
     ),
-    "no-space": ("***START OF THE PROJECT GUTENBERG EBOOK ALICE***", "***END OF THE PROJECT GUTENBERG EBOOK ALICE***"),
+    "no-space": (
+        "***START OF THE PROJECT GUTENBERG EBOOK ALICE***",
+        "***END OF THE PROJECT GUTENBERG EBOOK ALICE***",
+    ),
 }
 BOILERPLATE = ("gutenberg", "license", "ebook", "release date", "small print")
 
@@ -68,7 +71,9 @@ def test_files_source_drops_header_footer_and_licence_by_default(tmp_path):
         "prose", SourceConfig(type="files", paths=["pg11.txt"], strip_gutenberg=False), 0, tmp_path
     )
     kept_text = "\n\n".join(kept).lower()
-    assert all(word in kept_text for word in BOILERPLATE[:3]) and "full project gutenberg license" in kept_text
+    assert (
+        all(word in kept_text for word in BOILERPLATE[:3]) and "full project gutenberg license" in kept_text
+    )
 
 
 @pytest.mark.parametrize(
