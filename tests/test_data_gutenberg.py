@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,7 @@ def test_one_marker_alone_is_an_error_naming_file_and_line(tmp_path, text, found
 
 def test_text_without_markers_is_unchanged_and_jsonl_is_never_touched(tmp_path):
     assert strip_gutenberg(BOOK) == BOOK
-    line = '{"text": "%s"}\n' % STYLES["modern"][0].replace('"', "")
-    (tmp_path / "r.jsonl").write_text(line)  # a record that only quotes a marker: records are not books
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": STYLES["modern"][0]}) + "\n")  # a record that only quotes a marker: records are not books
     assert load_documents("x", SourceConfig(type="files", paths=["r.jsonl"]), 0, tmp_path) == [
         STYLES["modern"][0]
     ]
