@@ -47,6 +47,8 @@ def test_unknown_source_type_names_value():
     [
         ({"seq_len": 1}, "seq_len"),
         ({"eval_fraction": 1.0}, "eval_fraction"),
+        ({"val_fraction": -0.1}, r"val_fraction=-0.1 is invalid: a number in \[0, 1 - eval_fraction\)"),
+        ({"eval_fraction": 0.5, "val_fraction": 0.5}, r"val_fraction=0.5 is invalid.*\[0, 0.5\)"),
         ({"mixing": "equal"}, "mixing"),
         ({"mixing": "weighted", "weights": {"code": 1.0}}, "one weight per domain"),
         ({"mixing": "weighted", "weights": {"code": 1.0, "math": 0.0, "prose": 1.0}}, "> 0"),
@@ -68,6 +70,10 @@ def test_data_config_validation(kwargs, match):
         ({"type": "mathgen", "templates": ["calculus"]}, "calculus"),
         ({"type": "stdlib", "min_chars": 10, "max_chars": 5}, "max_chars"),
         ({"type": "stdlib", "max_docs": 0}, "max_docs"),
+        (
+            {"type": "files", "paths": ["a.txt"], "strip_gutenberg": "yes"},
+            "strip_gutenberg='yes'.*true or false",
+        ),
     ],
 )
 def test_source_config_validation(kwargs, match):

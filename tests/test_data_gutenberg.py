@@ -10,6 +10,7 @@ import pytest
 from moe_emergence.data import DataConfig, SourceConfig, load_documents
 from moe_emergence.data.corpus import corpus_fingerprint
 from moe_emergence.data.gutenberg import strip_gutenberg
+from moe_emergence.data.pipeline import DocSplit
 
 SHARED_PROSE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "prose"
 BOOK = (
@@ -97,14 +98,16 @@ def test_one_marker_alone_is_an_error_naming_file_and_line(tmp_path, text, found
 
 def test_text_without_markers_is_unchanged_and_jsonl_is_never_touched(tmp_path):
     assert strip_gutenberg(BOOK) == BOOK
-    (tmp_path / "r.jsonl").write_text(json.dumps({"text": STYLES["modern"][0]}) + "\n")  # a record that only quotes a marker: records are not books
+    (tmp_path / "r.jsonl").write_text(
+        json.dumps({"text": STYLES["modern"][0]}) + "\n"
+    )  # a record that only quotes a marker: records are not books
     assert load_documents("x", SourceConfig(type="files", paths=["r.jsonl"]), 0, tmp_path) == [
         STYLES["modern"][0]
     ]
 
 
 def test_strip_gutenberg_is_part_of_the_cache_key():
-    splits = {"prose": (["a b c"], ["g h"])}
+    splits = {"prose": DocSplit(["a b c"], ["d e f"], ["g h"])}
 
     def fingerprint(strip: bool) -> str:
         src = SourceConfig(type="files", paths=["x.txt"], strip_gutenberg=strip)

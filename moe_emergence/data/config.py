@@ -216,8 +216,12 @@ class DataConfig:
 
     domains: domain name -> SourceConfig; a domain's id is its position in this mapping.
     seq_len: tokens per block (must fit the model's context, checked by ``build_corpus``).
-    seed: drives the train/eval document split, mathgen, stdlib sampling and the train block order.
-    eval_fraction: fraction of each domain's documents held out for eval (at least ``min_eval_docs``).
+    seed: drives the train/val/eval document split, mathgen, stdlib sampling and the train block order
+        (and the eval subset the trainer reads when ``eval.max_blocks`` is set).
+    eval_fraction: fraction of each domain's documents held out for eval (at least ``min_eval_docs``): the
+        test split, read for the final tables only (``eval.final_split``, ``scripts/analyze.py``).
+    val_fraction: fraction of each domain's documents held out for validation (at least 1 when > 0; 0 =
+        no val split), taken from what would otherwise be train; the trainer's periodic eval reads it.
     mixing: ``balanced`` (equal train tokens per domain), ``weighted`` (train tokens in proportion to
         ``weights``, one entry per domain) or ``natural`` (every train token). Eval is never rebalanced.
     cross_documents: blocks run on over document boundaries (documents joined by EOS); if false each
@@ -235,6 +239,7 @@ class DataConfig:
     seed: int = 0
     eval_fraction: float = 0.1
     min_eval_docs: int = 1
+    val_fraction: float = 0.1
     mixing: str = "balanced"
     weights: dict[str, float] = field(default_factory=dict)
     cross_documents: bool = True
@@ -274,6 +279,10 @@ class DataConfig:
             self._fail("seed", f"an integer in [0, {MAX_SEED}]")
         if not _is_num(self.eval_fraction) or not 0.0 <= self.eval_fraction < 1.0:
             self._fail("eval_fraction", "a number in [0, 1)")
+        if not _is_num(self.val_fraction) or not 0.0 <= self.val_fraction < 1.0 - self.eval_fraction:
+            self._fail(
+                "val_fraction", f"a number in [0, 1 - eval_fraction) = [0, {1.0 - self.eval_fraction:g})"
+            )
         if self.mixing not in MIXING_MODES:
             self._fail("mixing", f"one of {MIXING_MODES}")
         if not isinstance(self.weights, dict):
