@@ -9,6 +9,7 @@ from moe_emergence.data import (
     default_offline_config,
     local_study_config,
 )
+from moe_emergence.data.config import saved_data_block
 
 
 def test_round_trip_and_helpers():
@@ -120,3 +121,16 @@ def test_source_fields_that_do_not_apply_are_refused_and_not_saved():
         without_inapplicable({"domains": {"code": full}})["domains"]["code"]
         == SourceConfig(type="stdlib").to_dict()
     )
+
+
+def test_a_saved_data_block_rebuilds_the_data_it_was_trained_on():
+    """Run folders saved before the val split and Gutenberg stripping existed lack those keys: read back, they
+    get the values then in effect (no val split, text not stripped), not today's defaults."""
+    old = {"domains": {"prose": {"type": "files", "paths": ["a.txt"]}, "math": {"type": "mathgen"}}}
+    cfg = DataConfig.from_dict(saved_data_block(old))
+    assert cfg.val_fraction == 0.0 and cfg.domains["prose"].strip_gutenberg is False
+    new = default_offline_config(val_fraction=0.2).to_dict()
+    new["domains"]["prose"] = {"type": "files", "paths": ["a.txt"], "strip_gutenberg": True}
+    assert saved_data_block(new) == new
+    fresh = DataConfig.from_dict(old)
+    assert fresh.val_fraction == 0.1 and fresh.domains["prose"].strip_gutenberg is True  # the defaults now

@@ -55,6 +55,27 @@ def without_inapplicable(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "domains": kept}
 
 
+# Keys added to the data: block after run folders were first saved, with the value that reproduces the data
+# such a run was trained on: a saved config without the key predates it (``saved_data_block``).
+ADDED_DATA_KEYS = {"val_fraction": 0.0}
+ADDED_SOURCE_KEYS = {"files": {"strip_gutenberg": False}}
+
+
+def saved_data_block(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``data:`` mapping read back from a run folder's ``config.yaml``, with each key added since then that
+    it lacks set to the value it had in effect when it was saved (``ADDED_DATA_KEYS``: no val split;
+    ``ADDED_SOURCE_KEYS``: Gutenberg text not stripped), so the run's own corpus is rebuilt, not today's
+    default one. Keys it holds are kept as they are."""
+    out = {**ADDED_DATA_KEYS, **data}
+    domains = out.get("domains")
+    if isinstance(domains, dict):
+        out["domains"] = {
+            name: {**ADDED_SOURCE_KEYS.get(src.get("type"), {}), **src} if isinstance(src, dict) else src
+            for name, src in domains.items()
+        }
+    return out
+
+
 MIXING_MODES = ("balanced", "weighted", "natural")
 DEFAULT_CACHE_DIR = "~/.cache/moe_emergence/data"
 
