@@ -5,7 +5,7 @@
 
 Reads the ``data:`` block of the YAML (a whole run config works too), applies dotted overrides such as
 ``seq_len=64`` or ``domains.math.num_problems=500``, builds the corpus with the same library code the
-trainer uses (``moe_emergence.data.build_corpus``) and writes ``train/`` and ``eval/``
+trainer uses (``moe_emergence.data.build_corpus``) and writes ``train/``, ``val/`` and ``eval/``
 (``save_to_disk``), ``tokenizer/`` and ``stats.json`` to ``--out``.
 """
 
@@ -49,7 +49,7 @@ def _main(argv: list[str] | None = None) -> int:
         corpus = build_corpus(cfg, tokenizer=args.tokenizer, max_positions=args.max_positions)
     out = corpus.save(out)
     took = time.perf_counter() - start
-    summary = {split: corpus.stats[split] for split in ("train", "eval")}
+    summary = {split: corpus.stats[split] for split in ("train", "val", "eval")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {out} in {took:.1f}s (fingerprint {corpus.fingerprint}, cache hit: {corpus.cache_hit})")
     return 0

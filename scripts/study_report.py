@@ -7,9 +7,10 @@ RUNS holds ``<run>/metrics.jsonl`` of every run, REPORTS ``<run>/metrics.json`` 
 (scripts/study_gpu.sh packs both). Run names are ``study-<config>-s<seed>[-ddp]``. Writes:
   docs/study/tables.md               the markdown tables quoted in docs/results.md
   docs/study/metrics/<run>.json      analyze.py's metrics.json of each run (raw, every number traceable)
-  docs/study/trajectories/<run>.json the eval records and every 50th train record, selected keys
+  docs/study/trajectories/<run>.json the val and eval records and every 50th train record, selected keys
   docs/figures/study_*.png           small figures
-Per-domain eval losses are the trainer's final evaluation (all eval blocks, the same in every run); the CI
+Per-domain eval losses are the trainer's final evaluation of the eval (test) split (``eval/`` keys:
+``eval.final_split: eval``, all eval blocks, the same in every run); the CI
 over seeds is Student-t (moe_emergence.analysis.seeds); routing numbers come from analyze.py (CIs over
 documents by bootstrap).
 """
@@ -32,10 +33,11 @@ from moe_emergence.telemetry import names as keys
 NAME = re.compile(r"^study-(?P<config>.+)-s(?P<seed>\d+)(?P<ddp>-ddp)?$")
 ORDER = ["dense", "moe-top1", "moe-top2", "no-balance", "drop-init", "moe-top1 (ddp)", "micro (ddp)"]
 DOMAINS = ["code", "math", "prose"]
-# the metrics keys a trajectory keeps (``kept``): these, every domain's eval loss, the per-layer statistics
-# KEEP_LAYER_STATS of train and eval routing, and train routing's expert shares
+# the metrics keys a trajectory keeps (``kept``): these, every domain's val and eval loss, the per-layer
+# statistics KEEP_LAYER_STATS of train, val and eval routing, and train routing's expert shares
 KEEP_KEYS = {
     "step",
+    keys.VAL_LM_LOSS,
     keys.EVAL_LM_LOSS,
     keys.NOISE_STD,
     keys.TRAIN_LM_LOSS,
@@ -68,7 +70,7 @@ def load(runs: Path, reports: Path) -> dict:
 def final_eval(recs: list[dict]) -> dict:
     ev = [r for r in recs if keys.domain_loss("code") in r]
     if not ev:
-        raise ValueError("no eval record")
+        raise ValueError("no eval record (the test split is evaluated with eval.final_split: eval)")
     return max(ev, key=lambda r: r["step"])
 
 
@@ -249,7 +251,8 @@ def fig_trajectories(runs: dict, groups: dict, path: Path, configs=("moe-top1", 
 
 def kept(key: str) -> bool:
     """Whether a trajectory keeps the metrics key ``key`` (``KEEP_KEYS``, ``KEEP_LAYER_STATS``)."""
-    if key in KEEP_KEYS or keys.parse_domain_loss(key) is not None:
+    loss_prefixes = [p for p, _ in keys.SPLIT_PREFIXES.values()]
+    if key in KEEP_KEYS or any(keys.parse_domain_loss(key, p) is not None for p in loss_prefixes):
         return True
     layer = keys.parse_layer_key(key)
     if layer is None:
@@ -257,11 +260,13 @@ def kept(key: str) -> bool:
     prefix, _, name = layer
     if prefix == keys.ROUTER and keys.parse_expert_frac(name) is not None:
         return True
-    return prefix in (keys.ROUTER, keys.EVAL_ROUTER) and name in KEEP_LAYER_STATS
+    return prefix in (keys.ROUTER, keys.VAL_ROUTER, keys.EVAL_ROUTER) and name in KEEP_LAYER_STATS
 
 
 def trajectory(recs: list[dict]) -> list[dict]:
-    keep = [r for r in recs if any(k.startswith(keys.EVAL) for k in r) or r.get("step", 0) % 50 == 0]
+    keep = [
+        r for r in recs if any(k.startswith((keys.VAL, keys.EVAL)) for k in r) or r.get("step", 0) % 50 == 0
+    ]
     return [{k: float(f"{v:.5g}") for k, v in r.items() if kept(k)} for r in keep]
 
 

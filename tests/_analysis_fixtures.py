@@ -32,7 +32,9 @@ TINY = {
     "optim": {"lr": 3e-3, "warmup_steps": 2},
     "train": {"steps": 8, "batch_size": 4},
     "log": {"every": 1, "router_every": 1, "wandb": "disabled", "progress": False},
-    "eval": {"every": 4, "max_batches": 100},  # covers every eval block: losses are cross-checked
+    # the periodic eval reads the val split; the final one every block of the eval (test) split: the
+    # analysis' losses are cross-checked against it
+    "eval": {"every": 4, "final_split": "eval"},
     "checkpoint": {"every": 2, "keep": 10},
 }
 

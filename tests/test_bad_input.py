@@ -56,6 +56,17 @@ CASES = [
         r"eval\.batch_size=-1 is invalid: null .* or an integer >= 1",
     ),
     Case("eval-batch-zero", ("eval.batch_size=0",), r"eval\.batch_size=0 is invalid"),
+    Case(
+        "eval-split-without-val",
+        ("data.val_fraction=0",),
+        r"eval\.split='val' is invalid: 'eval' \(or null\) when data\.val_fraction=0: there is no val split",
+    ),
+    Case(
+        "eval-final-split-twice",
+        ("eval.final_split=val",),
+        r"eval\.final_split='val' is invalid: null or a split other than eval\.split='val'",
+    ),
+    Case("eval-max-batches-gone", ("eval.max_batches=20",), r"unknown key 'eval\.max_batches'.*'max_blocks'"),
     Case("train-seed", ("train.seed=-1",), r"train\.seed=-1 is invalid: an integer in \[0, 4294967295\]"),
     Case("data-seed", ("data.seed=-1",), r"data\.seed=-1 is invalid: an integer in \[0, 4294967295\]"),
     Case(
@@ -236,6 +247,12 @@ CASES = [
         after_open=True,
     ),
     Case(
+        "gutenberg-start-only",
+        ("data.domains.prose={type: files, paths: [{files}/half.txt]}",),
+        r"half\.txt: Project Gutenberg START marker on line 2 .*no END marker after it.*strip_gutenberg: false",
+        after_open=True,
+    ),
+    Case(
         "domain-empty",
         ("data.domains.prose.min_chars=1000000",),
         r"data\.domains\.prose .*is empty after filtering",
@@ -307,6 +324,7 @@ def files(tmp_path_factory) -> Path:
     (root / "list.jsonl").write_text(f'{good}\n["a", "list"]\n')
     (root / "nofield.jsonl").write_text('{"question": "1 + 1?"}\n')
     (root / "notes.csv").write_text("a,b\n1,2\n")
+    (root / "half.txt").write_text("Title: X\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nThe book.\n")
     (root / "latin1.txt").write_bytes("caf\xe9 au lait\n\nencore un caf\xe9\n".encode("latin-1"))
     return root
 

@@ -145,7 +145,7 @@ def test_section_overrides_and_missing_section(tmp_path):
 
 def test_override_of_a_missing_section():
     cfg = load(RunConfig, data=BASE, overrides=["eval.every=7", "model.moe.top_k=2"])
-    assert cfg.eval.every == 7 and cfg.eval.max_batches == 20 and cfg.model.moe.top_k == 2
+    assert cfg.eval.every == 7 and cfg.eval.split == "val" and cfg.model.moe.top_k == 2
     with pytest.raises(ConfigError, match=r"^unknown key 'optimizer'; did you mean 'optim'\?"):
         load(RunConfig, data=BASE, overrides=["optimizer.lr=0.1"])
     with pytest.raises(

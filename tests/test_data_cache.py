@@ -15,9 +15,9 @@ from moe_emergence.data.cache import cache_entries, mark_used, prune
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _entry(cache: Path, fp: str, days_ago: float) -> Path:
+def _entry(cache: Path, fp: str, days_ago: float, parts=("train", "val", "eval", "tokenizer")) -> Path:
     path = cache / fp
-    for part in ("train", "eval", "tokenizer"):
+    for part in parts:
         (path / part).mkdir(parents=True)
         (path / part / "data.bin").write_bytes(b"x" * 1000)
     (path / "stats.json").write_text(json.dumps({"fingerprint": fp, "domains": ["code"], "seq_len": 8}))
@@ -28,7 +28,8 @@ def _entry(cache: Path, fp: str, days_ago: float) -> Path:
 
 def _cache(tmp_path: Path) -> tuple[Path, list[Path], list[Path]]:
     cache = tmp_path / "cache"
-    entries = [_entry(cache, "aa11", 30), _entry(cache, "bb22", 5), _entry(cache, "cc33", 0.1)]
+    v1 = ("train", "eval", "tokenizer")  # an entry written before the val split: still an entry (prunable)
+    entries = [_entry(cache, "aa11", 30, v1), _entry(cache, "bb22", 5), _entry(cache, "cc33", 0.1)]
     foreign = [cache / "notes.txt", cache / "mine", cache / "dd44"]
     foreign[0].write_text("keep")
     (foreign[1] / "train").mkdir(parents=True)  # looks partly like an entry, is not one

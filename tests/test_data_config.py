@@ -9,6 +9,7 @@ from moe_emergence.data import (
     default_offline_config,
     local_study_config,
 )
+from moe_emergence.data.config import saved_data_block
 
 
 def test_round_trip_and_helpers():
@@ -47,6 +48,8 @@ def test_unknown_source_type_names_value():
     [
         ({"seq_len": 1}, "seq_len"),
         ({"eval_fraction": 1.0}, "eval_fraction"),
+        ({"val_fraction": -0.1}, r"val_fraction=-0.1 is invalid: a number in \[0, 1 - eval_fraction\)"),
+        ({"eval_fraction": 0.5, "val_fraction": 0.5}, r"val_fraction=0.5 is invalid.*\[0, 0.5\)"),
         ({"mixing": "equal"}, "mixing"),
         ({"mixing": "weighted", "weights": {"code": 1.0}}, "one weight per domain"),
         ({"mixing": "weighted", "weights": {"code": 1.0, "math": 0.0, "prose": 1.0}}, "> 0"),
@@ -68,6 +71,10 @@ def test_data_config_validation(kwargs, match):
         ({"type": "mathgen", "templates": ["calculus"]}, "calculus"),
         ({"type": "stdlib", "min_chars": 10, "max_chars": 5}, "max_chars"),
         ({"type": "stdlib", "max_docs": 0}, "max_docs"),
+        (
+            {"type": "files", "paths": ["a.txt"], "strip_gutenberg": "yes"},
+            "strip_gutenberg='yes'.*true or false",
+        ),
     ],
 )
 def test_source_config_validation(kwargs, match):
@@ -114,3 +121,16 @@ def test_source_fields_that_do_not_apply_are_refused_and_not_saved():
         without_inapplicable({"domains": {"code": full}})["domains"]["code"]
         == SourceConfig(type="stdlib").to_dict()
     )
+
+
+def test_a_saved_data_block_rebuilds_the_data_it_was_trained_on():
+    """Run folders saved before the val split and Gutenberg stripping existed lack those keys: read back, they
+    get the values then in effect (no val split, text not stripped), not today's defaults."""
+    old = {"domains": {"prose": {"type": "files", "paths": ["a.txt"]}, "math": {"type": "mathgen"}}}
+    cfg = DataConfig.from_dict(saved_data_block(old))
+    assert cfg.val_fraction == 0.0 and cfg.domains["prose"].strip_gutenberg is False
+    new = default_offline_config(val_fraction=0.2).to_dict()
+    new["domains"]["prose"] = {"type": "files", "paths": ["a.txt"], "strip_gutenberg": True}
+    assert saved_data_block(new) == new
+    fresh = DataConfig.from_dict(old)
+    assert fresh.val_fraction == 0.1 and fresh.domains["prose"].strip_gutenberg is True  # the defaults now

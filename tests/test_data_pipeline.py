@@ -1,4 +1,5 @@
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +8,9 @@ import torch
 from _data_fixtures import small_config
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from moe_emergence.data import build_corpus, collate_blocks, load_documents
+from moe_emergence.data import build_corpus, collate_blocks, load_corpus, load_documents
 from moe_emergence.data import corpus as corpus_mod
+from moe_emergence.data.corpus import SPLITS
 from moe_emergence.data.pipeline import mix_targets, split_documents
 
 
@@ -19,13 +21,15 @@ def built(tmp_path_factory):
     return cfg, build_corpus(cfg, tokenizer_dir=tmp / "run" / "tokenizer"), tmp / "run" / "tokenizer"
 
 
-def split_streams(cfg, eos: str) -> dict[str, tuple[str, str]]:
-    """Per domain, the train and eval documents joined by EOS exactly as the packer sees them."""
+def split_streams(cfg, eos: str) -> dict[str, tuple[str, str, str]]:
+    """Per domain, the train, val and eval documents joined by EOS exactly as the packer sees them."""
     out = {}
     for name, src in cfg.domains.items():
         docs = load_documents(name, src, cfg.seed, Path(cfg.root_dir))
-        train, eval_ = split_documents(docs, cfg.eval_fraction, cfg.min_eval_docs, cfg.seed, name)
-        out[name] = (eos.join(train) + eos, eos.join(eval_) + eos)
+        split = split_documents(
+            docs, cfg.eval_fraction, cfg.min_eval_docs, cfg.seed, name, val_fraction=cfg.val_fraction
+        )
+        out[name] = tuple(eos.join(part) + eos for part in split)
     return out
 
 
@@ -41,7 +45,8 @@ def test_blocks_shape_and_padding(built):
     cfg, corpus, _ = built
     assert corpus.domains == ["code", "math", "prose"]
     assert set(corpus.train.column_names) == {"input_ids", "attention_mask", "domain_ids"}
-    for ds in (corpus.train, corpus.eval):
+    assert len(corpus.val) > 0 and corpus.stats["total"]["val_blocks"] == len(corpus.val)
+    for ds in (corpus.train, corpus.val, corpus.eval):
         ids, mask, dom = (np.asarray(ds[c]) for c in ("input_ids", "attention_mask", "domain_ids"))
         assert ids.shape[1] == cfg.seq_len and ids.shape == mask.shape == dom.shape
         assert set(np.unique(mask)) <= {0, 1} and ((dom == -1) == (mask == 0)).all()
@@ -54,7 +59,7 @@ def test_every_token_domain_id_is_right(built):
     cfg, corpus, _ = built
     tok = corpus.tokenizer
     streams = split_streams(cfg, tok.eos_token)
-    for split, ds in ((0, corpus.train), (1, corpus.eval)):
+    for split, ds in enumerate((corpus.train, corpus.val, corpus.eval)):
         for row in ds:
             (domain, ids), *rest = runs(row)
             assert not rest, "without cross_domains a block holds one domain"
@@ -91,12 +96,29 @@ def test_document_split_has_no_overlap(built):
             for m in re.findall(r"Record \d{4}", tok.decode(ids))
         }
 
-    train, eval_ = markers(corpus.train), markers(corpus.eval)
-    assert len(eval_) >= 10 and len(train) >= 30 and not train & eval_
+    train, val, eval_ = markers(corpus.train), markers(corpus.val), markers(corpus.eval)
+    assert len(eval_) >= 10 and len(val) >= 5 and len(train) >= 30
+    assert not train & eval_ and not train & val and not val & eval_  # whole documents, no leakage
+
+
+def test_val_split_is_disjoint_deterministic_and_leaves_eval_alone(built):
+    cfg, _, _ = built
     docs = load_documents("math", cfg.domains["math"], cfg.seed, Path(cfg.root_dir))
-    tr, ev = split_documents(docs, 0.2, 1, 0, "math")
-    assert not set(tr) & set(ev) and sorted(tr + ev) == sorted(docs) and len(ev) == round(0.2 * len(docs))
-    assert (tr, ev) == split_documents(docs, 0.2, 1, 0, "math") != split_documents(docs, 0.2, 1, 1, "math")
+    n = len(docs)
+
+    def split(seed=0, val=0.1):
+        return split_documents(docs, 0.2, 1, seed, "math", val_fraction=val)
+
+    tr, va, ev = split()
+    assert len(ev) == round(0.2 * n) and len(va) == round(0.1 * n) and len(tr) == n - len(ev) - len(va)
+    assert not set(tr) & set(ev) and not set(tr) & set(va) and not set(va) & set(ev)
+    assert sorted(tr + va + ev) == sorted(docs)
+    assert split() == split() and split().val != split(seed=1).val and split().eval != split(seed=1).eval
+    no_val = split(val=0.0)
+    assert no_val.val == [] and no_val.eval == ev and no_val.train == va + tr  # val comes out of train
+    assert split(val=0.3).eval == ev and split(val=1e-6).val == va[:1]  # at least one val document
+    with pytest.raises(ValueError, match=r"data.domains.math: only 3 documents.*2 for eval and 1 for val"):
+        split_documents(docs[:3], 0.5, 1, 0, "math", val_fraction=0.3)
 
 
 def test_token_balanced_train_and_unbalanced_eval(built):
@@ -133,6 +155,7 @@ def test_determinism_and_seed(tmp_path):
     b = build_corpus(small_config(tmp_path, cache_dir=None))
     c = build_corpus(small_config(tmp_path, cache_dir=None, seed=1))
     assert a.train["input_ids"] == b.train["input_ids"] and a.eval["input_ids"] == b.eval["input_ids"]
+    assert a.val["input_ids"] == b.val["input_ids"] != c.val["input_ids"]
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert a.train["input_ids"][:20] != c.train["input_ids"][:20]
 
@@ -162,6 +185,16 @@ def test_fingerprint_covers_source_text(tmp_path):
     lines = (tmp_path / "prose.jsonl").read_text().splitlines()
     (tmp_path / "prose.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     assert build_corpus(cfg).fingerprint != fp
+
+
+def test_saved_corpus_round_trips_and_an_old_one_without_val_is_refused(built, tmp_path):
+    _, corpus, _ = built
+    out = corpus.save(tmp_path / "saved")
+    again = load_corpus(out)
+    assert [again.split(n)["input_ids"] for n in SPLITS] == [corpus.split(n)["input_ids"] for n in SPLITS]
+    shutil.rmtree(out / "val")  # what format v1 wrote
+    with pytest.raises(ValueError, match=r"older version \(no val/ split\); prepare the corpus again"):
+        load_corpus(out)
 
 
 def test_given_tokenizer_and_saved_tokenizer(built, tmp_path):

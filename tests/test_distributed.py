@@ -44,6 +44,23 @@ def _losses(run_dir: Path) -> dict[int, list[float]]:
     return out
 
 
+def _evals(run_dir: Path) -> dict[int, dict]:
+    """The val eval records by step (every val block: 161 of them, an odd number of batches of 4)."""
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "val/lm_loss" in r}
+
+
+def _assert_same_evals(ref: dict[int, dict], got: dict[int, dict]) -> None:
+    """Same steps, same blocks (fingerprint), same token-weighted losses: at step 0 (the same weights) to
+    float rounding, later within the training equivalence's tolerance."""
+    assert sorted(got) == sorted(ref) == [0, 3, 6, 9, 10]
+    for step, r in ref.items():
+        assert got[step]["val/blocks_fingerprint"] == r["val/blocks_fingerprint"]
+        losses = [k for k in r if k.startswith(("val/loss_", "val/lm_loss"))]
+        assert len(losses) == 4
+        for k in losses:
+            assert got[step][k] == pytest.approx(r[k], rel=1e-5 if step == 0 else 1e-4), (step, k)
+
+
 def _torchrun(tmp_path: Path, cache: Path, *overrides: str, resume: bool = False) -> None:
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(TINY))
@@ -83,6 +100,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(single, tmp_path):
     assert any(v[1] > 0 for v in got.values())  # MoE steps (aux losses) are part of the comparison
     _assert_close(ref, got, range(1, 11))
     assert (run / "final" / "model.safetensors").is_file()
+    _assert_same_evals(_evals(single[0] / "tiny"), _evals(run))  # each val block once over 2 processes
 
 
 def test_fsdp2_sharded_steps_match_one_process(single, tmp_path):
@@ -103,6 +121,7 @@ def test_fsdp2_sharded_steps_match_one_process(single, tmp_path):
     got = _losses(tmp_path / "tiny")
     assert sorted(got) == list(range(1, 11))
     _assert_close(ref, got, range(1, 11))
+    _assert_same_evals(_evals(single[0] / "tiny"), _evals(tmp_path / "tiny"))  # forwards matched under FSDP
     router = [r for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "router/layer0/max_frac" in r]
     assert router and all(math.isfinite(r["router/layer1/expert_divergence"]) for r in router)
 

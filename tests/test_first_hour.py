@@ -65,9 +65,9 @@ def test_readme_main_job_and_notebook_command_on_a_fresh_clone(tmp_path):
     run = clone / "runs" / "quickstart"
     assert (run / "final" / "model.safetensors").is_file() and (run / "final" / "config.json").is_file()
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in records) == 300 and any("eval/lm_loss" in r for r in records)
+    assert max(r["step"] for r in records) == 300 and any("val/lm_loss" in r for r in records)
     assert "run folder: runs/quickstart (step 300)" in proc.stdout
-    assert "final eval loss (step 300): " in proc.stdout and (run / "summary.md").is_file()  # closing summary
+    assert "final val loss (step 300): " in proc.stdout and (run / "summary.md").is_file()  # closing summary
     assert "scripts/analyze.py runs/quickstart --out reports/quickstart\n" in proc.stdout
     assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr
     # the same command again: nothing to do, says where the results are

@@ -31,7 +31,7 @@ OVERRIDES = [
     "checkpoint.every=2",
     "checkpoint.keep=2",
     "eval.every=4",
-    "eval.max_batches=2",
+    "eval.max_blocks=8",
 ]
 SAVE_DELAY = 0.4  # seconds each checkpoint save pauses before its manifest (test hook)
 
@@ -136,4 +136,4 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path_factory, tmp_path):
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 1e-6
     assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.to_dict()
     assert not [p for p in (run / "checkpoints").iterdir() if not ckpt.STEP_DIR.match(p.name)]
-    assert torch.isfinite(torch.tensor(b[-1]["eval/lm_loss"]))
+    assert torch.isfinite(torch.tensor(b[-1]["val/lm_loss"]))

@@ -29,7 +29,7 @@ def cache(tmp_path_factory) -> Path:
 
 def cfg_file(tmp_path: Path, cache: Path, **changes) -> Path:
     data = json.loads(json.dumps(TINY))
-    data["eval"]["max_batches"] = 2
+    data["eval"]["max_blocks"] = 8
     data["data"]["cache_dir"] = str(cache)
     data["output_dir"] = str(tmp_path / "runs")
     for dotted, value in changes.items():
@@ -153,7 +153,7 @@ def test_occupied_folder_overwrite_and_resume_mistakes(tmp_path, capsys, cache):
 
 def test_checkpoint_manifest_and_fallback(tmp_path, cache):
     base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "checkpoint.every=2", "checkpoint.keep=2"]
-    base += ["eval.max_batches=2"]
+    base += ["eval.max_blocks=8"]
     full = train(config_from_dict(TINY, [*base, "log.run_name=full"]))
     cfg = config_from_dict(TINY, [*base, "log.run_name=part", "train.stop_after=4"])
     train(cfg)
@@ -185,7 +185,7 @@ def test_checkpoint_manifest_and_fallback(tmp_path, cache):
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path, cache):
     base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=torn", "model.moe=null"]
-    base += ["eval.max_batches=2"]
+    base += ["eval.max_blocks=8"]
     train(config_from_dict(TINY, [*base, "train.stop_after=3", "checkpoint.every=3"]))
     metrics = tmp_path / "torn" / "metrics.jsonl"
     with metrics.open("a") as f:
@@ -217,7 +217,7 @@ def poison_router(monkeypatch, layer: int, router_steps: set[int] | None, num_la
 def test_nonfinite_step_is_skipped(tmp_path, cache, monkeypatch):
     poison_router(monkeypatch, layer=1, router_steps={1})  # MoE from step 3: router step 1 = step 4
     cfg = config_from_dict(
-        TINY, [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=g", "eval.max_batches=2"]
+        TINY, [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=g", "eval.max_blocks=8"]
     )
     with pytest.warns(UserWarning, match=r"non-finite values at step 4 in MoE layer 1 \(router logits\)"):
         res = train(cfg)

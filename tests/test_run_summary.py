@@ -27,20 +27,22 @@ def data_cache(tmp_path_factory):
     test_training_run.CACHE = tmp_path_factory.mktemp("data_cache")
 
 
-def last_eval(run: Path) -> dict:
-    return [r for r in read_metrics(run / "metrics.jsonl") if "eval/lm_loss" in r][-1]
+def last_eval(run: Path, split: str = "val") -> dict:
+    return [r for r in read_metrics(run / "metrics.jsonl") if f"{split}/lm_loss" in r][-1]
 
 
 def plots(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "plots").iterdir())
 
 
-def assert_loss_part(run: Path, text: str, ev: dict) -> None:
-    """The final eval table holds the last eval record's loss and perplexity of every domain."""
-    assert f"## Final eval (step {ev['step']})" in text
+def assert_loss_part(run: Path, text: str, ev: dict, split: str = "val") -> None:
+    """The split's final table holds its last eval record's loss and perplexity of every domain and the
+    fingerprint of its blocks."""
+    assert f"## Final {split} loss (step {ev['step']})" in text
+    assert f"blocks `{ev[f'{split}/blocks_fingerprint']}`." in text
     for d in DOMAINS:
-        assert f"| {d} | {ev[f'eval/loss_{d}']:.4f} | {ev[f'eval/ppl_{d}']:.2f} |" in text, d
-    assert f"| all tokens | {ev['eval/lm_loss']:.4f} |" in text
+        assert f"| {d} | {ev[f'{split}/loss_{d}']:.4f} | {ev[f'{split}/ppl_{d}']:.2f} |" in text, d
+    assert f"| all tokens | {ev[f'{split}/lm_loss']:.4f} |" in text
     assert "![loss_by_domain](plots/loss_by_domain.png)" in text
     assert re.search(r"python \S*scripts/analyze\.py \S+ --out reports/\S+", text)
     assert "nbconvert --to notebook --execute" in text and "specialization.ipynb" in text
@@ -50,8 +52,8 @@ def assert_loss_part(run: Path, text: str, ev: dict) -> None:
 
 
 def test_finished_moe_run_leaves_summary_plots_and_closing_lines(tmp_path, capsys):
-    res = train(make_cfg(tmp_path, "moe"))
-    run, ev = res.run_dir, last_eval(res.run_dir)
+    res = train(make_cfg(tmp_path, "moe", "eval.final_split=eval"))
+    run, ev, test = res.run_dir, last_eval(res.run_dir), last_eval(res.run_dir, "eval")
     text = (run / "summary.md").read_text()
     assert text.startswith("# Run summary: moe\n") and "Finished at step 6 of 6" in text
     for row in (
@@ -61,18 +63,21 @@ def test_finished_moe_run_leaves_summary_plots_and_closing_lines(tmp_path, capsy
     ):
         assert row in text, row
     assert_loss_part(run, text, ev)
-    for L in (0, 1):  # the routing of the last eval record, per layer
-        shares = " ".join(f"{ev[f'eval_router/layer{L}/expert{e}_frac']:.2f}" for e in range(4))
-        nmi = ev[f"eval_router/layer{L}/domain_nmi"]
-        assert f"| {L} | `eval_router/` step 6 | {shares} |" in text and f"| {nmi:.3f} |" in text
+    assert_loss_part(run, text, test, "eval")  # eval.final_split: the test split, once at the end
+    assert test["step"] == 6 and text.index("## Final val loss") < text.index("## Final eval loss")
+    for L in (0, 1):  # the routing of the last eval record of eval.split, per layer
+        shares = " ".join(f"{ev[f'val_router/layer{L}/expert{e}_frac']:.2f}" for e in range(4))
+        nmi = ev[f"val_router/layer{L}/domain_nmi"]
+        assert f"| {L} | `val_router/` step 6 | {shares} |" in text and f"| {nmi:.3f} |" in text
     expected = [f"{kind}_layer{L}.png" for kind in ("domain_expert", "expert_share") for L in (0, 1)]
     assert plots(run) == sorted([*expected, "loss_by_domain.png"])
     out = capsys.readouterr().out
     tokens = int([r for r in read_metrics(run / "metrics.jsonl") if "train/tokens" in r][-1]["train/tokens"])
     assert f"| tokens seen | {tokens:,} |" in text
     assert f"finished at step 6 ({tokens:,} tokens); summary: {run / 'summary.md'}" in out
-    losses = ", ".join(f"{d} {ev[f'eval/loss_{d}']:.4f}" for d in DOMAINS)
-    assert f"final eval loss (step 6): {losses}; all tokens {ev['eval/lm_loss']:.4f}" in out
+    for split, record in (("val", ev), ("eval", test)):
+        losses = ", ".join(f"{d} {record[f'{split}/loss_{d}']:.4f}" for d in DOMAINS)
+        assert f"final {split} loss (step 6): {losses}; all tokens {record[f'{split}/lm_loss']:.4f}" in out
     assert re.search(
         rf"next: \S*python\S* \S*scripts/analyze\.py {re.escape(str(run))} --out reports/moe", out
     )
@@ -90,7 +95,7 @@ def test_a_paused_run_leaves_no_summary_until_it_finishes(tmp_path, capsys):
     part = train(make_cfg(tmp_path, "part", "train.stop_after=3"))
     assert part.stopped == "stop_after"
     assert not (part.run_dir / "summary.md").exists() and not (part.run_dir / "plots").exists()
-    assert "final eval loss" not in capsys.readouterr().out
+    assert "final val loss" not in capsys.readouterr().out
     done = train(make_cfg(tmp_path, "part"), resume="auto")
     text = (done.run_dir / "summary.md").read_text()
     assert_loss_part(done.run_dir, text, last_eval(done.run_dir))

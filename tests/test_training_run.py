@@ -41,7 +41,7 @@ TINY = {
     "optim": {"lr": 3e-3, "warmup_steps": 2},
     "train": {"steps": 6, "batch_size": 4},
     "log": {"every": 1, "router_every": 1, "wandb": "disabled", "progress": False},
-    "eval": {"every": 3, "max_batches": 10},
+    "eval": {"every": 3},
     "checkpoint": {"every": 3, "keep": 1},
 }
 
@@ -148,11 +148,12 @@ def test_moe_run_telemetry_and_final_model(tmp_path):
         )
         assert moe[f"{p}/dead_experts"] in (0.0, 1.0, 2.0, 3.0) and moe[f"{p}/cv"] >= 0
         assert 0.0 < moe[f"{p}/expert_divergence"] < 2.0
-    evals = [r for r in records if "eval/lm_loss" in r]
-    assert [r["step"] for r in evals] == [0, 3, 6]
+    evals = [r for r in records if "val/lm_loss" in r]  # the periodic eval reads the val split
+    assert [r["step"] for r in evals] == [0, 3, 6] and not [r for r in records if "eval/lm_loss" in r]
     domains = ("code", "math", "prose")
-    assert all(f"eval/loss_{d}" in evals[-1] and f"eval/ppl_{d}" in evals[-1] for d in domains)
-    assert "eval_router/layer1/domain_nmi" in evals[-1] and "eval_router/layer1/domain_nmi" not in evals[0]
+    assert all(f"val/loss_{d}" in evals[-1] and f"val/ppl_{d}" in evals[-1] for d in domains)
+    assert "val_router/layer1/domain_nmi" in evals[-1] and "val_router/layer1/domain_nmi" not in evals[0]
+    assert len({r["val/blocks_fingerprint"] for r in evals}) == 1  # the same blocks at every eval
     assert yaml.safe_load((res.run_dir / "config.yaml").read_text())["train"]["balance_scope"] == "global"
 
     from transformers import AutoModelForCausalLM
@@ -169,7 +170,7 @@ def test_dense_control_has_no_router_keys(tmp_path):
     res = train(make_cfg(tmp_path, "dense", "model.moe=null", "train.steps=3"))
     records = read_metrics(res.run_dir / "metrics.jsonl")
     keys = {k for r in records for k in r}
-    assert "train/lm_loss" in keys and "eval/lm_loss" in keys
+    assert "train/lm_loss" in keys and "val/lm_loss" in keys
     assert not [k for k in keys if "router" in k or k in ("train/lb_loss", "train/z_loss")]
     from transformers import AutoModelForCausalLM
 
@@ -213,7 +214,7 @@ def test_accelerate_launch_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     cmd += ["--config", str(cfg_file), f"output_dir={tmp_path}", f"data.cache_dir={CACHE}", "log.wandb=auto"]
-    cmd += ["train.steps=4"]
+    cmd += ["train.steps=4", "eval.final_split=eval"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for noise in ("Removed shared tensor", "Writing model shards", "Loading weights"):  # no library chatter
@@ -223,11 +224,15 @@ def test_accelerate_launch_end_to_end(tmp_path):
     assert names <= {p.name for p in run.iterdir()}
     assert (run / "wandb").is_dir()  # offline wandb run written into the run folder
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 4
-    # the closing summary: final eval loss per domain, where the summary is, the next commands
-    ev = [r for r in read_metrics(run / "metrics.jsonl") if "eval/lm_loss" in r][-1]
-    assert ev["step"] == 4 and f"summary: {run / 'summary.md'}\n" in proc.stdout
-    losses = ", ".join(f"{d} {ev[f'eval/loss_{d}']:.4f}" for d in ("code", "math", "prose"))
-    assert f"final eval loss (step 4): {losses}; all tokens {ev['eval/lm_loss']:.4f}\n" in proc.stdout
+    # the closing summary: final val and (eval.final_split) eval loss per domain, the summary, next commands
+    records = read_metrics(run / "metrics.jsonl")
+    assert f"summary: {run / 'summary.md'}\n" in proc.stdout
+    for split in ("val", "eval"):
+        (ev,) = [r for r in records if f"{split}/lm_loss" in r and r["step"] == 4]  # the test split: once
+        losses = ", ".join(f"{d} {ev[f'{split}/loss_{d}']:.4f}" for d in ("code", "math", "prose"))
+        line = f"final {split} loss (step 4): {losses}; all tokens {ev[f'{split}/lm_loss']:.4f}\n"
+        assert line in proc.stdout
+    assert [r["step"] for r in records if "eval/lm_loss" in r] == [4]
     assert f"scripts/analyze.py {run} --out reports/tiny\n" in proc.stdout
     (offline,) = (run / "wandb").glob("offline-run-*")
     assert (
@@ -242,7 +247,7 @@ def test_accelerate_launch_end_to_end(tmp_path):
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
     assert "already holds this run, finished: the model is in" in again.stdout
     assert (run / "metrics.jsonl").read_text() == before
-    assert (run / "summary.md").stat().st_mtime_ns == summary and "final eval loss" not in again.stdout
+    assert (run / "summary.md").stat().st_mtime_ns == summary and "final val loss" not in again.stdout
     # a user mistake: one error line and exit status 2, no traceback (plain python; accelerate's launcher
     # adds its own traceback when a child fails)
     bad_cmd = [sys.executable, str(script), "--config", str(cfg_file), "train.stpes=3"]

@@ -261,7 +261,7 @@ def test_dcp_metadata_is_admitted_and_a_payload_in_it_is_not(tmp_path):
 def test_legacy_pickled_trainer_state_still_resumes(tmp_path, cache):
     """Checkpoints written before trainer_state.json (accelerate's custom_checkpoint_*.pkl) load, with
     weights_only=True."""
-    base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=old", "eval.max_batches=2"]
+    base = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=old", "eval.max_blocks=8"]
     train(config_from_dict(TINY, [*base, "train.stop_after=3", "checkpoint.every=3"]))
     step3 = tmp_path / "old" / "checkpoints" / "step_0000003"
     state = json.loads((step3 / "trainer_state.json").read_text())

@@ -24,7 +24,9 @@ from moe_emergence.training.tracking import metric_definitions
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "wandb_dashboard.py"
 LAYERS, EXPERTS, DOMAINS = (0, 1), 4, ("code", "math", "prose")
-HEATMAPS = {keys.layer_key(keys.EVAL_ROUTER, i, keys.DOMAIN_EXPERT) for i in LAYERS}
+HEATMAPS = {
+    keys.layer_key(r, i, keys.DOMAIN_EXPERT) for r in (keys.VAL_ROUTER, keys.EVAL_ROUTER) for i in LAYERS
+}
 
 # The tiny run in a child process (wandb is kept out of pytest's process), with every define_metric call
 # of the real wandb Run recorded.
@@ -54,7 +56,7 @@ def offline_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("wandb_offline")
     calls = root / "calls.json"
     overrides = [f"output_dir={root}", "log.run_name=tiny", f"data.cache_dir={root / 'cache'}"]
-    overrides += ["log.wandb=offline", "train.steps=4", "eval.every=2", "eval.max_batches=4"]
+    overrides += ["log.wandb=offline", "train.steps=4", "eval.every=2", "eval.max_blocks=16"]
     overrides += ["checkpoint.every=4", "model.moe.top_k=1"]
     cmd = [sys.executable, "-c", CHILD, json.dumps(TINY), str(calls), *overrides]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=root)
@@ -81,6 +83,8 @@ def test_define_metric_covers_every_logged_key(offline_run):
     assert not [(a, b) for a, b in itertools.permutations(globs, 2) if a.startswith(b)]
     summaries = {k: _summary_of(k, definitions) for k in offline_run.logged | HEATMAPS}
     assert summaries["train/loss"] == summaries["eval/loss_math"] == summaries["eval/lm_loss"] == "min,last"
+    assert summaries["val/loss_math"] == summaries["val/ppl_code"] == summaries["val/lm_loss"] == "min,last"
+    assert summaries["val/blocks_fingerprint"] == summaries["eval/blocks_fingerprint"] == "last"
     assert summaries["router/layer1/expert3_frac"] == summaries["eval_router/layer0/domain_nmi"] == "last"
     assert summaries["train/lr"] == "last" and summaries["perf/tokens_per_sec"] == "mean,last"
     assert (offline_run.run_dir / "wandb").is_dir()
@@ -98,10 +102,19 @@ def test_dashboard_panels_show_only_logged_keys(offline_run):
         assert share.kind == "stacked" and share.keys == tuple(
             keys.layer_key(keys.ROUTER, i, keys.expert_frac(e)) for e in range(EXPERTS)
         )
-        assert panels[f"layer {i}: P(expert | domain)"].kind == "media"
-    nmi = panels["domain NMI, eval"].keys
-    assert nmi == tuple(keys.layer_key(keys.EVAL_ROUTER, i, "domain_nmi") for i in LAYERS)
-    assert panels["eval LM loss by domain"].keys == tuple(keys.domain_loss(d) for d in DOMAINS)
+        for split in ("val", "eval"):  # the periodic eval (val) and eval.final_split (eval, the test split)
+            assert panels[f"layer {i}: P(expert | domain), {split}"].kind == "media"
+    for split, (prefix, router) in keys.SPLIT_PREFIXES.items():
+        nmi = panels[f"domain NMI, {split}"].keys
+        assert nmi == tuple(keys.layer_key(router, i, "domain_nmi") for i in LAYERS)
+        assert panels[f"{split} LM loss by domain"].keys == tuple(
+            keys.domain_loss(d, prefix) for d in DOMAINS
+        )
+    assert panels["LM loss: train, val and eval (nats/token)"].keys == (
+        keys.TRAIN_LM_LOSS,
+        keys.VAL_LM_LOSS,
+        keys.EVAL_LM_LOSS,
+    )
     assert [s.name for s in sections][:2] == ["Loss", "Expert share per layer (train)"]
 
 

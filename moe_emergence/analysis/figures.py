@@ -172,20 +172,24 @@ def collapse_trajectory(
 
 
 def eval_loss_curves(
-    records: list[dict], domains: list[str], path, upcycle_at_step: int | None = None
+    records: list[dict],
+    domains: list[str],
+    path,
+    upcycle_at_step: int | None = None,
+    prefix: str = keys.EVAL,
 ) -> Path:
-    """Eval loss of each domain (and of all tokens, dashed) over training steps, with the upcycle step
-    marked when given."""
+    """Loss of each domain (and of all tokens, dashed) over training steps from the ``<prefix>/`` eval
+    records (``eval`` or ``val``), with the upcycle step marked when given."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for d in domains:
-        ax.plot(*_series(records, keys.domain_loss(d)), marker="o", ms=3, label=d)
-    ax.plot(*_series(records, keys.EVAL_LM_LOSS), color="k", ls="--", lw=1, label="all tokens")
+        ax.plot(*_series(records, keys.domain_loss(d, prefix)), marker="o", ms=3, label=d)
+    ax.plot(*_series(records, keys.lm_loss(prefix)), color="k", ls="--", lw=1, label="all tokens")
     if upcycle_at_step is not None:
         ax.axvline(upcycle_at_step, color="gray", ls=":", label=f"upcycle (step {upcycle_at_step})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("eval loss (nats / token)")
-    ax.set_title("eval loss per domain", fontsize=9)
+    ax.set_ylabel(f"{prefix} loss (nats / token)")
+    ax.set_title(f"{prefix} loss per domain", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

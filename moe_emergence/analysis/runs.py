@@ -21,6 +21,7 @@ import yaml
 
 import moe_emergence  # noqa: F401  (registers gpt2_moe with the Auto classes)
 from moe_emergence.data import DataConfig, build_corpus
+from moe_emergence.data.config import saved_data_block
 from moe_emergence.modeling import GPT2MoEForCausalLM
 from moe_emergence.yamlio import strict_load
 
@@ -51,7 +52,9 @@ class Run:
 
     @property
     def data_config(self) -> DataConfig:
-        return DataConfig.from_dict(self.config["data"])
+        """The run's own data config; keys added after the run was saved take the value then in effect
+        (``data.config.saved_data_block``)."""
+        return DataConfig.from_dict(saved_data_block(self.config["data"]))
 
     @property
     def collapse_threshold(self) -> float | None:

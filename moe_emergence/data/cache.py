@@ -1,7 +1,8 @@
 """The prepared-corpus cache (``data.cache_dir``): list its entries and prune the ones not used lately.
 
 An entry is a folder named by its corpus fingerprint holding exactly what ``build_corpus`` writes:
-``train/``, ``eval/``, ``tokenizer/`` and a ``stats.json`` whose ``fingerprint`` is the folder's name.
+``train/``, ``val/``, ``eval/``, ``tokenizer/`` and a ``stats.json`` whose ``fingerprint`` is the folder's
+name (entries written before the val split, without ``val/``, are entries too: they can be pruned).
 Anything else in the cache folder (a file or folder someone else put there) is never touched. "Last used"
 is the modification time of ``stats.json``, which ``build_corpus`` refreshes on every cache hit.
 """
@@ -14,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ENTRY_PARTS = {"train", "eval", "tokenizer", "stats.json"}
+ENTRY_PARTS = {"train", "val", "eval", "tokenizer", "stats.json"}
+OLD_ENTRY_PARTS = ENTRY_PARTS - {"val"}  # format v1 (no val split): never a cache hit, but prunable
 
 
 @dataclass
@@ -27,7 +29,11 @@ class CacheEntry:
 
 
 def _is_entry(path: Path) -> bool:
-    if not path.is_dir() or path.is_symlink() or {p.name for p in path.iterdir()} != ENTRY_PARTS:
+    if (
+        not path.is_dir()
+        or path.is_symlink()
+        or {p.name for p in path.iterdir()} not in (ENTRY_PARTS, OLD_ENTRY_PARTS)
+    ):
         return False
     try:
         return json.loads((path / "stats.json").read_text()).get("fingerprint") == path.name

@@ -26,7 +26,7 @@ _RECORDS = ("text_field", "template", "strip_annotations")
 _LONG_TEXT = ("split_mode", "target_chars", "chapter_pattern")
 SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
     "hub": ("name", "subset", "split", "revision", "streaming", "paths", *_RECORDS),
-    "files": ("paths", *_RECORDS, *_LONG_TEXT),
+    "files": ("paths", *_RECORDS, *_LONG_TEXT, "strip_gutenberg"),
     "stdlib": ("paths",),
     "mathgen": ("num_problems", "templates"),
     "pydoc": _LONG_TEXT,
@@ -53,6 +53,27 @@ def without_inapplicable(data: dict[str, Any]) -> dict[str, Any]:
         for name, src in domains.items()
     }
     return {**data, "domains": kept}
+
+
+# Keys added to the data: block after run folders were first saved, with the value that reproduces the data
+# such a run was trained on: a saved config without the key predates it (``saved_data_block``).
+ADDED_DATA_KEYS = {"val_fraction": 0.0}
+ADDED_SOURCE_KEYS = {"files": {"strip_gutenberg": False}}
+
+
+def saved_data_block(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``data:`` mapping read back from a run folder's ``config.yaml``, with each key added since then that
+    it lacks set to the value it had in effect when it was saved (``ADDED_DATA_KEYS``: no val split;
+    ``ADDED_SOURCE_KEYS``: Gutenberg text not stripped), so the run's own corpus is rebuilt, not today's
+    default one. Keys it holds are kept as they are."""
+    out = {**ADDED_DATA_KEYS, **data}
+    domains = out.get("domains")
+    if isinstance(domains, dict):
+        out["domains"] = {
+            name: {**ADDED_SOURCE_KEYS.get(src.get("type"), {}), **src} if isinstance(src, dict) else src
+            for name, src in domains.items()
+        }
+    return out
 
 
 MIXING_MODES = ("balanced", "weighted", "natural")
@@ -102,6 +123,9 @@ class SourceConfig:
         ``paragraphs`` (blank-line paragraphs grouped to about ``target_chars``) or ``chapters``
         (cut before lines matching ``chapter_pattern``, a regex).
     strip_annotations: remove GSM8K ``<<a*b=c>>`` calculator annotations.
+    strip_gutenberg (``files`` only, ``.txt`` files): keep only the book between the Project Gutenberg
+        START and END marker lines (``data.gutenberg``); a file with neither marker is read unchanged, one
+        with only one of them is an error.
     Filters and budget: documents shorter than ``min_chars`` or longer than ``max_chars`` are dropped;
         at most ``max_docs`` documents and ``max_total_chars`` characters are kept (None = no limit).
     """
@@ -119,6 +143,7 @@ class SourceConfig:
     target_chars: int = 2000
     chapter_pattern: str = r"^\s*(CHAPTER|Chapter|BOOK|Book|PART|Part)\b.*$"
     strip_annotations: bool = False
+    strip_gutenberg: bool = True
     num_problems: int = 2000
     templates: list[str] = field(default_factory=list)
     min_chars: int = 1
@@ -162,7 +187,7 @@ class SourceConfig:
         self._validate_applicable()
         if self.max_chars is not None and self.max_chars < self.min_chars:
             self._fail("max_chars", f"must be >= min_chars={self.min_chars}")
-        for name in ("streaming", "strip_annotations"):
+        for name in ("streaming", "strip_annotations", "strip_gutenberg"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "true or false")
         if self.type == "mathgen" and self.templates:
@@ -212,8 +237,12 @@ class DataConfig:
 
     domains: domain name -> SourceConfig; a domain's id is its position in this mapping.
     seq_len: tokens per block (must fit the model's context, checked by ``build_corpus``).
-    seed: drives the train/eval document split, mathgen, stdlib sampling and the train block order.
-    eval_fraction: fraction of each domain's documents held out for eval (at least ``min_eval_docs``).
+    seed: drives the train/val/eval document split, mathgen, stdlib sampling and the train block order
+        (and the eval subset the trainer reads when ``eval.max_blocks`` is set).
+    eval_fraction: fraction of each domain's documents held out for eval (at least ``min_eval_docs``): the
+        test split, read for the final tables only (``eval.final_split``, ``scripts/analyze.py``).
+    val_fraction: fraction of each domain's documents held out for validation (at least 1 when > 0; 0 =
+        no val split), taken from what would otherwise be train; the trainer's periodic eval reads it.
     mixing: ``balanced`` (equal train tokens per domain), ``weighted`` (train tokens in proportion to
         ``weights``, one entry per domain) or ``natural`` (every train token). Eval is never rebalanced.
     cross_documents: blocks run on over document boundaries (documents joined by EOS); if false each
@@ -231,6 +260,7 @@ class DataConfig:
     seed: int = 0
     eval_fraction: float = 0.1
     min_eval_docs: int = 1
+    val_fraction: float = 0.1
     mixing: str = "balanced"
     weights: dict[str, float] = field(default_factory=dict)
     cross_documents: bool = True
@@ -270,6 +300,10 @@ class DataConfig:
             self._fail("seed", f"an integer in [0, {MAX_SEED}]")
         if not _is_num(self.eval_fraction) or not 0.0 <= self.eval_fraction < 1.0:
             self._fail("eval_fraction", "a number in [0, 1)")
+        if not _is_num(self.val_fraction) or not 0.0 <= self.val_fraction < 1.0 - self.eval_fraction:
+            self._fail(
+                "val_fraction", f"a number in [0, 1 - eval_fraction) = [0, {1.0 - self.eval_fraction:g})"
+            )
         if self.mixing not in MIXING_MODES:
             self._fail("mixing", f"one of {MIXING_MODES}")
         if not isinstance(self.weights, dict):

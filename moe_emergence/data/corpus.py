@@ -2,8 +2,9 @@
 
 Shapes (legend: docs/architecture.md): B rows of S = ``seq_len`` positions.
 
-A prepared corpus is a folder ``train/`` and ``eval/`` (``datasets.Dataset.save_to_disk``, columns
+A prepared corpus is a folder ``train/``, ``val/`` and ``eval/`` (``datasets.Dataset.save_to_disk``, columns
 ``input_ids``, ``attention_mask``, ``domain_ids``), ``tokenizer/`` (``save_pretrained``) and ``stats.json``.
+``val`` (validation) is what every choice is made on; ``eval`` is the test split, read for the final tables.
 The cache keeps one such folder per fingerprint (sources, documents, tokenizer, seq_len, seed, packing and
 mixing options), written to a temporary folder and renamed into place, so an interrupted or failed build
 leaves nothing behind.
@@ -30,6 +31,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from moe_emergence.data.cache import mark_used
 from moe_emergence.data.config import DataConfig
 from moe_emergence.data.pipeline import (
+    DocSplit,
     block_stats,
     mix_targets,
     pack_split,
@@ -44,16 +46,19 @@ from moe_emergence.data.tokenizer import (
     train_bpe_tokenizer,
 )
 
-FORMAT_VERSION = "moe-emergence-data-v1"
+FORMAT_VERSION = "moe-emergence-data-v2"  # v2: a val/ split beside train/ and eval/
 COLUMNS = ("input_ids", "attention_mask", "domain_ids")
+SPLITS = ("train", "val", "eval")
 
 
 @dataclass
 class Corpus:
     """A prepared corpus. Domain id ``i`` is ``domains[i]``; ``stats`` has documents/tokens/blocks per
-    domain for ``train`` and ``eval``. ``path`` is the folder it lives in (None if uncached)."""
+    domain for ``train``, ``val`` and ``eval``. ``path`` is the folder it lives in (None if uncached).
+    ``val`` is empty (0 rows) when ``data.val_fraction`` is 0."""
 
     train: Dataset
+    val: Dataset
     eval: Dataset
     domains: list[str]
     tokenizer: PreTrainedTokenizerBase
@@ -63,13 +68,19 @@ class Corpus:
     path: Path | None = None
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write train/, eval/, tokenizer/ and stats.json to ``out_dir`` (via a temporary folder)."""
+        """Write train/, val/, eval/, tokenizer/ and stats.json to ``out_dir`` (via a temporary folder)."""
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"output folder {out} exists and is not empty; choose a new one")
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out, self.train, self.eval, self.tokenizer, self.stats)
+        _write_atomic(out, self, self.stats)
         return out
+
+    def split(self, name: str) -> Dataset:
+        """The dataset of split ``name`` (one of ``SPLITS``)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown corpus split {name!r}; one of {SPLITS}")
+        return getattr(self, name)
 
 
 @contextmanager
@@ -86,15 +97,13 @@ def _no_progress_bars():
             datasets.enable_progress_bars()
 
 
-def _write_atomic(
-    final: Path, train: Dataset, eval_: Dataset, tokenizer: PreTrainedTokenizerBase, stats: dict
-) -> None:
+def _write_atomic(final: Path, corpus: Corpus, stats: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         with _no_progress_bars():  # datasets' "Saving the dataset" bars say nothing a user needs
-            train.save_to_disk(str(tmp / "train"))
-            eval_.save_to_disk(str(tmp / "eval"))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            for name in SPLITS:
+                corpus.split(name).save_to_disk(str(tmp / name))
+        corpus.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if final.exists():  # an empty folder (checked by the caller) or a concurrent build's result
             final.rmdir()
@@ -111,7 +120,7 @@ def _write_cache(cache_path: Path, corpus: Corpus, cache_dir: str) -> None:
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         if not cache_path.exists():
-            _write_atomic(cache_path, corpus.train, corpus.eval, corpus.tokenizer, corpus.stats)
+            _write_atomic(cache_path, corpus, corpus.stats)
     except OSError as e:
         for folder in created:  # innermost first; only folders still empty
             try:
@@ -124,16 +133,15 @@ def _write_cache(cache_path: Path, corpus: Corpus, cache_dir: str) -> None:
         ) from e
 
 
-def corpus_fingerprint(
-    cfg: DataConfig, splits: Mapping[str, tuple[list[str], list[str]]], tok_key: str
-) -> str:
-    """Hash of everything the prepared blocks depend on: sources and their documents' text, the
-    tokenizer, seq_len, seed, split, packing and mixing options."""
+def corpus_fingerprint(cfg: DataConfig, splits: Mapping[str, DocSplit], tok_key: str) -> str:
+    """Hash of everything the prepared blocks depend on: sources and their documents' text (per split),
+    the tokenizer, seq_len, seed, split fractions, packing and mixing options (every ``DataConfig`` key but
+    ``cache_dir`` and ``root_dir``, so a new key that changes the data changes the hash)."""
     h = hashlib.sha256()
     opts = {k: v for k, v in cfg.to_dict().items() if k not in ("cache_dir", "root_dir")}
     h.update(json.dumps([FORMAT_VERSION, opts, tok_key], sort_keys=True).encode())
-    for name, (train, eval_) in splits.items():
-        for split, docs in (("train", train), ("eval", eval_)):
+    for name, doc_split in splits.items():
+        for split, docs in zip(SPLITS, (doc_split.train, doc_split.val, doc_split.eval), strict=True):
             h.update(f"\x01{name}\x01{split}\x01{len(docs)}".encode())
             for doc in docs:
                 h.update(doc.encode())
@@ -141,13 +149,13 @@ def corpus_fingerprint(
     return h.hexdigest()[:20]
 
 
-def _bpe_training_texts(splits: Mapping[str, tuple[list[str], list[str]]], max_chars: int) -> list[str]:
+def _bpe_training_texts(splits: Mapping[str, DocSplit], max_chars: int) -> list[str]:
     """Train documents for the BPE, at most ``max_chars`` characters split equally over domains."""
     per_domain = max_chars // len(splits)
     texts = []
-    for train, _ in splits.values():
+    for doc_split in splits.values():
         used = 0
-        for doc in train:
+        for doc in doc_split.train:
             texts.append(doc[: per_domain - used])
             used += len(texts[-1])
             if used >= per_domain:
@@ -192,7 +200,9 @@ def build_corpus(
     splits = {}
     for name, src in cfg.domains.items():
         docs = load_documents(name, src, cfg.seed, root)
-        splits[name] = split_documents(docs, cfg.eval_fraction, cfg.min_eval_docs, cfg.seed, name)
+        splits[name] = split_documents(
+            docs, cfg.eval_fraction, cfg.min_eval_docs, cfg.seed, name, val_fraction=cfg.val_fraction
+        )
     tok_key = (
         tokenizer_fingerprint(tokenizer)
         if tokenizer is not None
@@ -217,7 +227,7 @@ def build_corpus(
 
 def _prepare(
     cfg: DataConfig,
-    splits: Mapping[str, tuple[list[str], list[str]]],
+    splits: Mapping[str, DocSplit],
     tokenizer: PreTrainedTokenizerBase | None,
     fp: str,
 ) -> Corpus:
@@ -228,8 +238,9 @@ def _prepare(
             cfg.vocab_size,
             model_max_length=max(cfg.seq_len, 1024),
         )
-    train_ids = [_encode_split(tokenizer, splits[d][0]) for d in domains]
-    eval_ids = [_encode_split(tokenizer, splits[d][1]) for d in domains]
+    train_ids = [_encode_split(tokenizer, splits[d].train) for d in domains]
+    val_ids = [_encode_split(tokenizer, splits[d].val) for d in domains]
+    eval_ids = [_encode_split(tokenizer, splits[d].eval) for d in domains]
     available = {d: sum(len(x) for x in train_ids[i]) for i, d in enumerate(domains)}
     targets = mix_targets(available, cfg.mixing, cfg.weights)
     train_ids = [truncate_to_budget(train_ids[i], targets[d]) for i, d in enumerate(domains)]
@@ -237,6 +248,7 @@ def _prepare(
     pad = tokenizer.pad_token_id
     opts = (cfg.seq_len, pad, cfg.cross_documents, cfg.cross_domains, cfg.seed)
     tr_ids, tr_mask, tr_dom = pack_split(train_ids, *opts)
+    va_ids, va_mask, va_dom = pack_split(val_ids, *opts)
     ev_ids, ev_mask, ev_dom = pack_split(eval_ids, *opts)
     order = np.random.default_rng(cfg.seed).permutation(len(tr_ids))
     tr_ids, tr_mask, tr_dom = tr_ids[order], tr_mask[order], tr_dom[order]
@@ -249,12 +261,14 @@ def _prepare(
         "tokenizer": {"name": tokenizer.name_or_path or "trained-bpe", "vocab_size": len(tokenizer)},
         "available_train_tokens": available,
         "train": block_stats(tr_mask, tr_dom, domains, [len(x) for x in train_ids]),
+        "val": block_stats(va_mask, va_dom, domains, [len(x) for x in val_ids]),
         "eval": block_stats(ev_mask, ev_dom, domains, [len(x) for x in eval_ids]),
-        "total": {"train_blocks": len(tr_ids), "eval_blocks": len(ev_ids)},
+        "total": {"train_blocks": len(tr_ids), "val_blocks": len(va_ids), "eval_blocks": len(ev_ids)},
         "config": cfg.to_dict(),
     }
     return Corpus(
         train=_to_dataset(tr_ids, tr_mask, tr_dom),
+        val=_to_dataset(va_ids, va_mask, va_dom),
         eval=_to_dataset(ev_ids, ev_mask, ev_dom),
         domains=domains,
         tokenizer=tokenizer,
@@ -264,15 +278,22 @@ def _prepare(
 
 
 def load_corpus(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Corpus:
-    """Load a prepared corpus folder (a cache entry or ``prepare_data.py --out``)."""
+    """Load a prepared corpus folder (a cache entry or ``prepare_data.py --out``). ``ValueError`` when it is
+    not one, or was prepared before the val split existed (no ``val/``: prepare it again)."""
     path = Path(path)
     if not (path / "stats.json").exists():
         raise ValueError(f"{path} is not a prepared corpus folder (no stats.json)")
+    if not (path / "val").is_dir():
+        raise ValueError(
+            f"{path} was prepared by an older version (no val/ split); prepare the corpus again "
+            "(scripts/prepare_data.py, or build_corpus)"
+        )
     stats = json.loads((path / "stats.json").read_text())
     if tokenizer is None:
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path / "tokenizer")))
     return Corpus(
         train=load_from_disk(str(path / "train")),
+        val=load_from_disk(str(path / "val")),
         eval=load_from_disk(str(path / "eval")),
         domains=list(stats["domains"]),
         tokenizer=tokenizer,

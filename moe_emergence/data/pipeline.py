@@ -1,4 +1,5 @@
-"""Pipeline steps: document-level split, token budgets for mixing, and packing with per-token domain ids.
+"""Pipeline steps: document-level train / val / eval split, token budgets for mixing, and packing with
+per-token domain ids.
 
 Shapes (legend: docs/architecture.md): B packed rows (blocks) of S = ``seq_len`` positions; packed arrays
 are ``ids_BS`` (token ids), ``mask_BS`` (1 = real token, 0 = padding) and ``dom_BS`` (domain id per token,
@@ -9,28 +10,55 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 
-def split_documents(
-    docs: Sequence[str], eval_fraction: float, min_eval_docs: int, seed: int, domain: str
-) -> tuple[list[str], list[str]]:
-    """Shuffle one domain's documents with the seed and hold out ``max(min_eval_docs, eval_fraction * n)``.
+class DocSplit(NamedTuple):
+    """One domain's documents, split by whole documents: ``train``, ``val`` (validation: every choice of
+    budgets and learning rates) and ``eval`` (the test split of the final tables), each in shuffled order."""
 
-    The split is by whole documents, before tokenising or packing, so no eval document's text is in train
-    (documents are de-duplicated by the sources). Returns (train_docs, eval_docs), both in shuffled order.
+    train: list[str]
+    val: list[str]
+    eval: list[str]
+
+
+def split_documents(
+    docs: Sequence[str],
+    eval_fraction: float,
+    min_eval_docs: int,
+    seed: int,
+    domain: str,
+    *,
+    val_fraction: float,
+) -> DocSplit:
+    """Shuffle one domain's documents with the seed; hold out ``max(min_eval_docs, round(eval_fraction * n))``
+    for eval, then ``max(1, round(val_fraction * n))`` for val (none when ``val_fraction`` is 0).
+
+    The split is by whole documents, before tokenising or packing, so no eval or val document's text is in
+    train or in the other held-out split (documents are de-duplicated by the sources). Eval takes the first
+    documents of the shuffled order and val the next ones, so the eval split does not depend on
+    ``val_fraction``: val comes out of what was train. Raises ``ValueError`` naming the domain when fewer
+    than one document would be left for train.
     """
     n = len(docs)
     n_eval = max(min_eval_docs, round(eval_fraction * n))
-    if n - n_eval < 1:
+    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
+    if n - n_eval - n_val < 1:
         raise ValueError(
-            f"data.domains.{domain}: only {n} documents, too few to hold out {n_eval} for eval and keep one "
-            f"for train (eval_fraction={eval_fraction}, min_eval_docs={min_eval_docs})"
+            f"data.domains.{domain}: only {n} documents, too few to hold out {n_eval} for eval and {n_val} for "
+            f"val and keep one for train (eval_fraction={eval_fraction}, min_eval_docs={min_eval_docs}, "
+            f"val_fraction={val_fraction})"
         )
     order = list(range(n))
     random.Random(f"split-{seed}-{domain}").shuffle(order)
-    return [docs[i] for i in order[n_eval:]], [docs[i] for i in order[:n_eval]]
+    cut = n_eval + n_val
+    return DocSplit(
+        train=[docs[i] for i in order[cut:]],
+        val=[docs[i] for i in order[n_eval:cut]],
+        eval=[docs[i] for i in order[:n_eval]],
+    )
 
 
 def mix_targets(available: dict[str, int], mixing: str, weights: dict[str, float]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_emergence.data.config import DataConfig, SourceConfig
+from moe_emergence.data.gutenberg import strip_gutenberg
 
 STDLIB_EXCLUDE = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -124,9 +125,10 @@ def _files_docs(domain: str, src: SourceConfig, root: Path) -> Iterator[str]:
     where = _where(domain, src)
     for path in source_files(domain, src, root):
         if path.suffix == ".txt":
-            yield from split_text(
-                _read_text(path, where), src.split_mode, src.target_chars, src.chapter_pattern
-            )
+            text = _read_text(path, where)
+            if src.strip_gutenberg:
+                text = strip_gutenberg(text, f"{where} {path}")
+            yield from split_text(text, src.split_mode, src.target_chars, src.chapter_pattern)
         elif path.suffix == ".jsonl":
             yield from _jsonl_docs(path, src, where)
         else:

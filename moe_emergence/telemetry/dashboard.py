@@ -4,9 +4,10 @@
 panels. Every key is built by ``names``; a panel keeps only keys that were logged, and a panel left with
 none is dropped, so the dashboard never points at a key the trainer did not write (a dense run gets the
 loss and training sections only; the capacity, expert-choice and aux-loss-free panels appear only for
-runs that log those statistics). The heatmaps (``eval_router/layer<i>/domain_expert``) are wandb images,
-never in ``metrics.jsonl``: they are shown for every layer that has eval routing statistics, which the
-trainer logs in the same call as the heatmap (``Trainer.run_eval``).
+runs that log those statistics). Evaluations appear per split (``val/``, ``eval/``: ``names.split_prefixes``),
+each where it was logged. The heatmaps (``<split>_router/layer<i>/domain_expert``) are wandb images, never in
+``metrics.jsonl``: they are shown for every layer that has that split's routing statistics, which the trainer
+logs in the same call as the heatmap (``Trainer.run_eval``).
 
 ``workspace(...)`` turns the sections into a ``wandb_workspaces`` saved view; that package is imported
 there, only when a dashboard is built (``scripts/wandb_dashboard.py``).
@@ -48,23 +49,24 @@ class _Logged:
 
     logged: frozenset[str]
     train: dict[int, set[str]] = field(default_factory=dict)  # layer -> per-layer names
-    eval: dict[int, set[str]] = field(default_factory=dict)
+    evals: dict[str, dict[int, set[str]]] = field(default_factory=dict)  # eval routing prefix -> the same
     domains: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, logged: Iterable[str]) -> _Logged:
         all_keys = frozenset(logged)
-        domains = sorted({d for k in all_keys if (d := keys.parse_domain_loss(k))})
+        prefixes = [p for p, _ in keys.SPLIT_PREFIXES.values()]
+        domains = sorted({d for k in all_keys for p in prefixes if (d := keys.parse_domain_loss(k, p))})
         return cls(
             all_keys,
             keys.logged_layers(all_keys, keys.ROUTER),
-            keys.logged_layers(all_keys, keys.EVAL_ROUTER),
+            {r: keys.logged_layers(all_keys, r) for _, r in keys.SPLIT_PREFIXES.values()},
             tuple(domains),
         )
 
     def per_layer(self, prefix: str, name: str) -> list[str]:
         """``<prefix>/layer<i>/<name>`` for every layer that logged it."""
-        layers = self.train if prefix == keys.ROUTER else self.eval
+        layers = self.train if prefix == keys.ROUTER else self.evals[prefix]
         return [keys.layer_key(prefix, i, name) for i in sorted(layers) if name in layers[i]]
 
     def experts(self, layer: int, name=keys.expert_frac) -> list[str]:
@@ -89,8 +91,15 @@ def _losses(lg: _Logged) -> Section | None:
     return _section(
         "Loss",
         [
-            _panel("LM loss: train and eval (nats/token)", [keys.TRAIN_LM_LOSS, keys.EVAL_LM_LOSS], lg),
-            _panel("eval LM loss by domain", [keys.domain_loss(d) for d in lg.domains], lg),
+            _panel(
+                "LM loss: train, val and eval (nats/token)",
+                [keys.TRAIN_LM_LOSS, keys.VAL_LM_LOSS, keys.EVAL_LM_LOSS],
+                lg,
+            ),
+            *[
+                _panel(f"{p} LM loss by domain", [keys.domain_loss(d, p) for d in lg.domains], lg)
+                for p, _ in keys.SPLIT_PREFIXES.values()
+            ],
             _panel("objective (LM + weighted router losses)", [keys.TRAIN_LOSS], lg),
             _panel("load-balance loss (1 = balanced)", [keys.TRAIN_LB_LOSS], lg),
             _panel("router z-loss", [keys.TRAIN_Z_LOSS], lg),
@@ -133,7 +142,7 @@ def _routing(lg: _Logged) -> Section | None:
 
 
 def _specialisation(lg: _Logged) -> Section | None:
-    r, e = keys.ROUTER, keys.EVAL_ROUTER
+    r, splits = keys.ROUTER, list(keys.SPLIT_PREFIXES.items())
     return _section(
         "Domain specialisation",
         [
@@ -143,23 +152,30 @@ def _specialisation(lg: _Logged) -> Section | None:
                 lg,
                 y_range=SHARE,
             ),
-            _panel("domain NMI, eval", lg.per_layer(e, "domain_nmi"), lg, y_range=SHARE),
+            *[
+                _panel(f"domain NMI, {s}", lg.per_layer(e, "domain_nmi"), lg, y_range=SHARE)
+                for s, (_, e) in splits
+            ],
             _panel("expert weight divergence (0 = copies)", lg.per_layer(r, "expert_divergence"), lg),
-            _panel("eval router entropy per token (nats)", lg.per_layer(e, "entropy"), lg),
+            *[
+                _panel(f"{s} router entropy per token (nats)", lg.per_layer(e, "entropy"), lg)
+                for s, (_, e) in splits
+            ],
         ],
     )
 
 
 def _heatmaps(lg: _Logged) -> Section | None:
     return _section(
-        "Domain x expert heatmaps (eval)",
+        "Domain x expert heatmaps (val, eval)",
         [
             Panel(
-                f"layer {i}: P(expert | domain)",
-                (keys.layer_key(keys.EVAL_ROUTER, i, keys.DOMAIN_EXPERT),),
+                f"layer {i}: P(expert | domain), {split}",
+                (keys.layer_key(router, i, keys.DOMAIN_EXPERT),),
                 kind="media",
             )
-            for i in sorted(lg.eval)
+            for split, (_, router) in keys.SPLIT_PREFIXES.items()
+            for i in sorted(lg.evals[router])
         ],
         columns=2,
     )

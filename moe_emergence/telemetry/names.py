@@ -1,4 +1,5 @@
-"""Metric keys: every ``train/``, ``eval/``, ``router/``, ``eval_router/`` and ``perf/`` name is built here.
+"""Metric keys: every ``train/``, ``val/``, ``eval/``, ``router/``, ``val_router/``, ``eval_router/`` and ``perf/``
+name is built here.
 
 The rest of the package (trainer, guard, telemetry, analysis, scripts) imports these; a key's text is
 part of the run folder's format (``metrics.jsonl``, wandb), so changing one here changes it everywhere.
@@ -10,12 +11,18 @@ Layout::
     train/{loss, lm_loss, lb_loss, z_loss, entropy_loss, lb_coef, z_coef, lr, router_lr, grad_norm,
            tokens, skipped_steps}
     perf/tokens_per_sec
-    eval/{lm_loss, loss_<domain>, ppl_<domain>}
+    val/{lm_loss, loss_<domain>, ppl_<domain>, blocks_fingerprint}    (an evaluation on the val split)
+    eval/{lm_loss, loss_<domain>, ppl_<domain>, blocks_fingerprint}   (an evaluation on the eval = test split)
     router/noise_std
     router/layer<i>/{expert<e>_frac, entropy, marginal_entropy, max_frac, cv, dead_experts, domain_mi,
                      domain_nmi, expert_divergence, dropped_frac, unrouted_frac, selection_bias_e<e>}
-    eval_router/layer<i>/...   (the routing statistics above, on the eval set)
+    val_router/layer<i>/..., eval_router/layer<i>/...   (the routing statistics above, on that split)
     <router prefix>/layer<i>/domain_expert   (wandb heatmap image)
+
+An evaluation's keys are prefixed by the corpus split it read (``split_prefixes``): ``val`` for the periodic
+evaluation by default, ``eval`` for the test split (``eval.final_split``, or ``eval.split: eval``), so a key
+always says which split it was measured on. ``<split>/blocks_fingerprint`` is a string (16 hex digits naming
+the evaluated blocks, ``training.evalset``); every other value is a number.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-TRAIN, EVAL, PERF = "train", "eval", "perf"
-ROUTER, EVAL_ROUTER = "router", "eval_router"
+TRAIN, VAL, EVAL, PERF = "train", "val", "eval", "perf"
+ROUTER, VAL_ROUTER, EVAL_ROUTER = "router", "val_router", "eval_router"
+# corpus split -> (loss prefix, routing prefix) of an evaluation on it
+SPLIT_PREFIXES = {"val": (VAL, VAL_ROUTER), "eval": (EVAL, EVAL_ROUTER)}
 
 TRAIN_LOSS = "train/loss"
 TRAIN_LM_LOSS = "train/lm_loss"
@@ -41,6 +50,7 @@ TRAIN_SKIPPED_STEPS = "train/skipped_steps"
 TOKENS_PER_SEC = "perf/tokens_per_sec"
 NOISE_STD = "router/noise_std"
 
+VAL_LM_LOSS = "val/lm_loss"
 EVAL_LM_LOSS = "eval/lm_loss"
 DOMAIN_EXPERT = "domain_expert"  # per-layer name of the P(expert | domain) heatmap (wandb image only)
 _LAYER_RE = re.compile(r"^(?P<prefix>[a-z_]+)/layer(?P<layer>\d+)/(?P<name>.+)$")
@@ -50,6 +60,19 @@ _EXPERT_FRAC_RE = re.compile(r"^expert(?P<expert>\d+)_frac$")
 def join(prefix: str, name: str) -> str:
     """``<prefix>/<name>``: the one way a key joins its prefix and name, e.g. ``join(TRAIN, "loss")``."""
     return f"{prefix}/{name}"
+
+
+def split_prefixes(split: str) -> tuple[str, str]:
+    """(loss prefix, routing prefix) of an evaluation on corpus split ``split``: ``("val", "val_router")`` or
+    ``("eval", "eval_router")``; ``ValueError`` for another split (train is never evaluated)."""
+    if split not in SPLIT_PREFIXES:
+        raise ValueError(f"no evaluation keys for split {split!r}; one of {list(SPLIT_PREFIXES)}")
+    return SPLIT_PREFIXES[split]
+
+
+def blocks_fingerprint(prefix: str = EVAL) -> str:
+    """``eval/blocks_fingerprint``: the fingerprint of the blocks an evaluation read (a string)."""
+    return join(prefix, "blocks_fingerprint")
 
 
 def lm_loss(prefix: str = EVAL) -> str:

@@ -303,23 +303,49 @@ class LogConfig:
         )
 
 
+EvalSplit = Literal["val", "eval"]
+
+
 @dataclass
 class EvalConfig:
-    """Evaluation at step 0, every ``every`` steps (0 = only at 0 and the end) and at the end."""
+    """Evaluation of corpus split ``split`` (``val``: the validation split every choice is made on; ``eval``:
+    the test split) at step 0, every ``every`` steps (0 = only at 0 and the end) and at the end, and of
+    ``final_split`` (null = none; ``eval`` for the final tables) once more at the end. Each reads every block
+    of its split, or the first ``max_blocks`` (null or 0 = all) of a permutation seeded by ``data.seed``:
+    the same blocks for every ``train.seed`` and number of processes (``training.evalset``).
+    ``batch_size``: blocks per forward pass and process (null = ``train.batch_size``)."""
 
     every: int = 50
-    max_batches: int = 20
+    split: EvalSplit = "val"
+    final_split: EvalSplit | None = None
+    max_blocks: int | None = None
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "eval.every", self.every, "an integer >= 0")
-        _check(self.max_batches >= 1, "eval.max_batches", self.max_batches, "an integer >= 1")
+        _check(
+            self.final_split != self.split,
+            "eval.final_split",
+            self.final_split,
+            f"null or a split other than eval.split={self.split!r} (that one is evaluated at the end anyway)",
+        )
+        _check(
+            self.max_blocks is None or self.max_blocks >= 0,
+            "eval.max_blocks",
+            self.max_blocks,
+            "null or 0 (every block of the split) or an integer >= 1",
+        )
         _check(
             self.batch_size is None or self.batch_size >= 1,
             "eval.batch_size",
             self.batch_size,
             "null (= train.batch_size) or an integer >= 1",
         )
+
+    @property
+    def splits(self) -> list[str]:
+        """The corpus splits this run evaluates: ``split``, then ``final_split`` if set."""
+        return [self.split] + ([self.final_split] if self.final_split else [])
 
 
 @dataclass
@@ -359,6 +385,13 @@ class RunConfig:
             "upcycled and final/ would be dense); for a dense run set model.moe=null",
         )
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a folder name")
+        for key in ("split", "final_split"):
+            _check(
+                getattr(self.eval, key) != "val" or self.data.val_fraction > 0,
+                f"eval.{key}",
+                getattr(self.eval, key),
+                "'eval' (or null) when data.val_fraction=0: there is no val split",
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -402,6 +435,7 @@ __all__ = [
     "CollapseConfig",
     "ConfigError",
     "EvalConfig",
+    "EvalSplit",
     "GuardConfig",
     "LogConfig",
     "ModelConfig",

@@ -5,7 +5,9 @@ One pass of the loop is one optimizer step. When each thing happens:
 - upcycle: at the start of step ``model.upcycle_at_step`` (``Trainer.upcycle_if_due``);
 - ``train/`` record: every ``log.every`` steps, at the last step and when the bad-step guard stops;
   ``router/`` record: every ``log.router_every`` steps (MoE phase);
-- eval: at step 0, every ``eval.every`` steps, after a collapse stop and at the end;
+- eval of ``eval.split``: at step 0, every ``eval.every`` steps, after a collapse stop and at the end; of
+  ``eval.final_split`` (the test split, for the final tables): once, at the end (after a collapse stop too),
+  never at a pause;
 - checkpoint: every ``checkpoint.every`` steps and at any stop; ``final/`` at the end (``_end``), then the
   run's ``summary.md``, ``plots/`` and closing lines (``summary``).
 
@@ -162,7 +164,8 @@ class RunLoop:
 
     def _end(self, stop: Stop | None, message: str | None) -> TrainResult:
         """After the loop: a pause (``_PAUSES``) leaves a checkpoint; the end (or a collapse stop) also
-        evaluates and writes ``final/``, unless the final weights are known bad."""
+        evaluates (``eval.split``, then ``eval.final_split``) and writes ``final/``, unless the final weights
+        are known bad."""
         t, st = self.t, self.t.state
         acc = t.accelerator
         self._flush_tokens()
@@ -178,6 +181,8 @@ class RunLoop:
             return TrainResult(t.run_dir, st.step, stop, sig, message)
         if self.last_eval != st.step:
             t.run_eval()
+        if t.cfg.eval.final_split is not None:
+            t.run_eval(t.cfg.eval.final_split)
         if self.last_ckpt != st.step:
             t.save_checkpoint()
         if not t.verified.good_for_saving(acc.device, acc.print, st.step):  # e.g. snapshot_every: 0

@@ -33,7 +33,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from moe_emergence.data.config import without_inapplicable
+from moe_emergence.data.config import saved_data_block, without_inapplicable
 from moe_emergence.errors import ConfigError
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training.config import RunConfig
@@ -186,10 +186,11 @@ def check_new_run(run_dir: Path, cfg: RunConfig) -> None:
 def read_saved_config(path: Path) -> dict[str, Any]:
     """A run's saved ``config.yaml`` as a mapping (the strict YAML reader); ``ConfigError`` naming the file.
     Data-source fields that do not apply to a source's type are dropped (folders saved before they were
-    left out of config.yaml hold them with their defaults)."""
+    left out of config.yaml hold them with their defaults), and data keys added since the folder was saved
+    take the value then in effect (``saved_data_block``: a run saved before the val split had none)."""
     saved = ckpt.read_mapping(path, "run config", strict_load)
     if isinstance(saved.get("data"), dict):
-        saved["data"] = without_inapplicable(saved["data"])
+        saved["data"] = saved_data_block(without_inapplicable(saved["data"]))
     return saved
 
 

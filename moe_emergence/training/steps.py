@@ -204,9 +204,16 @@ def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def evaluate(model, unwrapped, batches, domains: list[str], moe: bool, reduce_fn) -> tuple[dict, dict]:
-    """Eval metrics over ``batches`` (this process's share): ``eval/lm_loss``, ``eval/loss_{domain}``,
-    ``eval/ppl_{domain}`` and, for MoE models, ``eval_router/...``. Returns (metrics, joint counts)."""
+def evaluate(
+    model, unwrapped, batches, domains: list[str], moe: bool, reduce_fn, split: str = "eval"
+) -> tuple[dict, dict]:
+    """Eval metrics of corpus split ``split`` over ``batches``, this process's ``(batch, counted)`` forward
+    passes (``evalset.shard_batches``: a pass with ``counted`` False only keeps collectives matched and adds
+    nothing). Sums are token-weighted and added over processes with ``reduce_fn``. Returns (metrics, joint
+    counts): ``<p>/lm_loss``, ``<p>/loss_{domain}``, ``<p>/ppl_{domain}`` and, for MoE models,
+    ``<p>_router/layer{L}/...``, with ``<p>`` = ``names.split_prefixes(split)``; joint: ``{layer: [M, E]}``
+    top-1 counts (MoE) or {}."""
+    prefix, router_prefix = keys.split_prefixes(split)
     was_training = model.training
     model.eval()
     device = next(unwrapped.parameters()).device
@@ -215,21 +222,23 @@ def evaluate(model, unwrapped, batches, domains: list[str], moe: bool, reduce_fn
     if moe:
         E = unwrapped.config.moe.num_experts
         routing = LayerRoutingStats(unwrapped.config.moe_layers, E, len(domains), device)
-    for batch in batches:
+    for batch, counted in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: outputs are used before the next
         kw = {"output_router_logits": False} if moe else {}  # no router losses needed here
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
+        if not counted:
+            continue
         ce_T = token_cross_entropy(out.logits, batch["labels"])
         losses.add(ce_T, batch["domain_ids"][:, 1:], batch["labels"][:, 1:] != -100)
         if routing is not None:
             routing.add(out.router_outputs, batch["attention_mask"].reshape(-1), batch["domain_ids"])
     losses.buf.copy_(reduce_fn(losses.buf))
-    metrics = losses.metrics(domains, keys.EVAL)
+    metrics = losses.metrics(domains, prefix)
     joint = {}
     if routing is not None:
         routing.all_reduce(reduce_fn)
-        metrics.update(routing.metrics(keys.EVAL_ROUTER))
+        metrics.update(routing.metrics(router_prefix))
         joint = routing.joint_counts()
     model.train(was_training)
     return metrics, joint

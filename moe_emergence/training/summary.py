@@ -3,12 +3,13 @@ lines on the console.
 
 Written by the main process once ``final/`` is (``RunLoop._end``: the end of ``train.steps`` or a collapse
 stop); a run that paused (``train.stop_after``, a signal, the bad-step guard) is not finished and gets none.
-Every number comes from ``metrics.jsonl`` (the last eval record; the routing of its ``eval_router/`` keys,
-else of the last ``router/`` record), except the domain x expert heatmap: the last eval's top-1 counts,
+Every number comes from ``metrics.jsonl`` (the last record of each evaluated split: ``eval.split``, then
+``eval.final_split``; the routing of the ``eval.split`` record's ``<split>_router/`` keys, else of the last
+``router/`` record), except the domain x expert heatmap: the last ``eval.split`` evaluation's top-1 counts,
 which the trainer hands over (``RunFacts.joint``). A dense run (``model.moe: null``) gets the loss part.
 
-``summary.md`` layout: what was trained, the final eval loss per domain, the routing per MoE layer at the
-end, where to look next (the exact commands). Plots (``analysis.figures``, matplotlib imported there):
+``summary.md`` layout: what was trained, the final loss per domain of each evaluated split, the routing per
+MoE layer at the end, where to look next (the exact commands). Plots (``analysis.figures``, matplotlib imported there):
 ``plots/loss_by_domain.png``, and per MoE layer ``plots/expert_share_layer{L}.png`` and
 ``plots/domain_expert_layer{L}.png``.
 """
@@ -32,6 +33,7 @@ from moe_emergence.training.config import RunConfig
 
 SUMMARY, PLOTS = "summary.md", "plots"
 ROUTING_NAMES = ("entropy", "max_frac", "dead_experts", "domain_nmi")
+SPLIT_NAMES = {"val": "the validation split", "eval": "the eval split, the test split of the final tables"}
 
 
 @dataclass
@@ -53,19 +55,24 @@ class RunFacts:
 def write_summary(facts: RunFacts, print_fn: Callable[[str], None] = print) -> Path:
     """Write ``plots/`` and ``summary.md`` into the run folder, then print the closing lines."""
     records = read_metrics(facts.run_dir / "metrics.jsonl")
-    ev = last_record(records, keys.EVAL_LM_LOSS)
+    evals = final_evals(records, facts.cfg.eval.splits)
     plots = write_plots(facts, records)
     sections = [
         trained_section(facts),
-        loss_section(ev),
+        *(loss_section(split, ev, plot=split == facts.cfg.eval.split) for split, ev in evals.items()),
         routing_section(facts, records, plots) if facts.moe_layers else [],
         next_section(facts),
     ]
     path = facts.run_dir / SUMMARY
     path.write_text("\n".join(line for s in sections for line in s) + "\n")
-    for line in closing_lines(facts, ev):
+    for line in closing_lines(facts, evals):
         print_fn(line)
     return path
+
+
+def final_evals(records: list[dict], splits: list[str]) -> dict[str, dict]:
+    """``{split: its last eval record}`` for each of ``splits`` (``{}`` for a split without a record)."""
+    return {s: last_record(records, keys.lm_loss(keys.split_prefixes(s)[0])) for s in splits}
 
 
 def last_record(records: list[dict], key: str) -> dict:
@@ -73,15 +80,15 @@ def last_record(records: list[dict], key: str) -> dict:
     return next((r for r in reversed(records) if key in r), {})
 
 
-def domains_of(record: dict) -> list[str]:
-    """The domains of an eval record's ``eval/loss_<domain>`` keys, in the record's order."""
-    return [d for k in record if (d := keys.parse_domain_loss(k)) is not None]
+def domains_of(record: dict, prefix: str = keys.EVAL) -> list[str]:
+    """The domains of an eval record's ``<prefix>/loss_<domain>`` keys, in the record's order."""
+    return [d for k in record if (d := keys.parse_domain_loss(k, prefix)) is not None]
 
 
-def routing_record(records: list[dict], layer: int) -> tuple[str, dict]:
-    """(prefix, record) of the layer's last routing statistics: the last eval's (``eval_router/``), else
-    the last training step's (``router/``); (``router``, {}) without any."""
-    for prefix in (keys.EVAL_ROUTER, keys.ROUTER):
+def routing_record(records: list[dict], layer: int, split: str = "eval") -> tuple[str, dict]:
+    """(prefix, record) of the layer's last routing statistics: the last eval's of ``split``
+    (``<split>_router/``), else the last training step's (``router/``); (``router``, {}) without any."""
+    for prefix in (keys.split_prefixes(split)[1], keys.ROUTER):
         record = last_record(records, keys.layer_key(prefix, layer, "entropy"))
         if record:
             return prefix, record
@@ -96,10 +103,14 @@ def write_plots(facts: RunFacts, records: list[dict]) -> dict[str, Path]:
 
     d, cfg = facts.run_dir / PLOTS, facts.cfg
     upcycle = cfg.model.upcycle_at_step if cfg.model.moe is not None and cfg.model.upcycle_at_step else None
+    split = cfg.eval.split
+    loss_prefix, eval_router = keys.split_prefixes(split)
     out = {
-        "loss_by_domain": figures.eval_loss_curves(records, facts.domains, d / "loss_by_domain.png", upcycle)
+        "loss_by_domain": figures.eval_loss_curves(
+            records, facts.domains, d / "loss_by_domain.png", upcycle, loss_prefix
+        )
     }
-    prefix = keys.ROUTER if figures.router_layers(records, keys.ROUTER) else keys.EVAL_ROUTER
+    prefix = keys.ROUTER if figures.router_layers(records, keys.ROUTER) else eval_router
     for L in facts.moe_layers:
         if L in figures.router_layers(records, prefix):
             name = f"expert_share_layer{L}"
@@ -107,7 +118,7 @@ def write_plots(facts: RunFacts, records: list[dict]) -> dict[str, Path]:
         if L in facts.joint:
             joint_ME = np.asarray(facts.joint[L], dtype=float)
             p_ME = joint_ME / np.maximum(joint_ME.sum(1, keepdims=True), 1)
-            title = f"layer {L}: P(top-1 expert | domain), eval at step {facts.step}"
+            title = f"layer {L}: P(top-1 expert | domain), {split} at step {facts.step}"
             name = f"domain_expert_layer{L}"
             out[name] = figures.heatmap(p_ME, facts.domains, title, 1 / p_ME.shape[1], d / f"{name}.png")
     return out
@@ -161,23 +172,29 @@ def trained_section(facts: RunFacts) -> list[str]:
     ]
 
 
-def loss_section(ev: dict) -> list[str]:
-    """The last eval's loss and perplexity per domain and over all tokens."""
+def loss_section(split: str, ev: dict, plot: bool = True) -> list[str]:
+    """The last ``split`` eval's loss and perplexity per domain and over all tokens, the blocks'
+    fingerprint and (``plot``) the loss curves."""
     if not ev:
-        return ["## Final eval", "", "No eval record in `metrics.jsonl`.", ""]
+        return [f"## Final {split} loss", "", f"No `{split}/` eval record in `metrics.jsonl`.", ""]
+    p = keys.split_prefixes(split)[0]
     lines = [
-        f"## Final eval (step {ev['step']})",
+        f"## Final {split} loss (step {ev['step']})",
+        "",
+        f"On {SPLIT_NAMES[split]}, blocks `{ev.get(keys.blocks_fingerprint(p), '?')}`.",
         "",
         "| domain | loss | perplexity |",
         "| --- | --- | --- |",
     ]
-    for d in domains_of(ev):
-        lines.append(f"| {d} | {ev[keys.domain_loss(d)]:.4f} | {ev[keys.domain_ppl(d)]:.2f} |")
-    lm = ev[keys.EVAL_LM_LOSS]
+    for d in domains_of(ev, p):
+        lines.append(f"| {d} | {ev[keys.domain_loss(d, p)]:.4f} | {ev[keys.domain_ppl(d, p)]:.2f} |")
+    lm = ev[keys.lm_loss(p)]
     lines += [f"| all tokens | {lm:.4f} | {math.exp(min(lm, 80.0)):.2f} |", ""]
+    if not plot:
+        return lines
     return [
         *lines,
-        "Eval loss per domain over training:",
+        f"{split.capitalize()} loss per domain over training:",
         "",
         "![loss_by_domain](plots/loss_by_domain.png)",
         "",
@@ -197,13 +214,14 @@ def routing_section(facts: RunFacts, records: list[dict], plots: dict[str, Path]
         "| layer | from | expert shares | entropy | max share | dead experts | domain NMI |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [routing_row(L, *routing_record(records, L), E) for L in facts.moe_layers]
+    lines += [routing_row(L, *routing_record(records, L, facts.cfg.eval.split), E) for L in facts.moe_layers]
     lines.append("")
     for L in facts.moe_layers:
         names = [n for n in (f"expert_share_layer{L}", f"domain_expert_layer{L}") if n in plots]
         if names:
             lines.append(
-                f"Layer {L}: expert shares over training; P(top-1 expert | domain) at the last eval."
+                f"Layer {L}: expert shares over training; P(top-1 expert | domain) at the last "
+                f"{facts.cfg.eval.split} eval."
             )
             lines += ["", " ".join(f"![{n}]({_rel(facts, plots[n])})" for n in names), ""]
     return lines
@@ -299,14 +317,18 @@ def _read(path: Path) -> str:
     return path.read_text().strip() if path.is_file() else "?"
 
 
-def closing_lines(facts: RunFacts, ev: dict) -> list[str]:
-    """The console's closing summary: the final eval loss per domain, the folder, the next commands."""
+def closing_lines(facts: RunFacts, evals: dict[str, dict]) -> list[str]:
+    """The console's closing summary: the final loss per domain of each evaluated split (``{split: its last
+    eval record}``), the folder, the next commands."""
     how = f"stopped by the {facts.stopped} guard" if facts.stopped else "finished"
     lines = [f"{how} at step {facts.step} ({facts.tokens:,} tokens); summary: {facts.run_dir / SUMMARY}"]
-    if ev:
-        per_domain = ", ".join(f"{d} {ev[keys.domain_loss(d)]:.4f}" for d in domains_of(ev))
+    for split, ev in evals.items():
+        if not ev:
+            continue
+        p = keys.split_prefixes(split)[0]
+        per_domain = ", ".join(f"{d} {ev[keys.domain_loss(d, p)]:.4f}" for d in domains_of(ev, p))
         lines.append(
-            f"final eval loss (step {ev['step']}): {per_domain}; all tokens {ev[keys.EVAL_LM_LOSS]:.4f}"
+            f"final {split} loss (step {ev['step']}): {per_domain}; all tokens {ev[keys.lm_loss(p)]:.4f}"
         )
     cmd = commands(facts)
     lines.append(f"next: {cmd['analysis']}")

@@ -25,20 +25,27 @@ def metric_definitions() -> list[tuple[str, str]]:
     throughput its mean and last; everything else (coefficients, shares, routing statistics, heatmaps) its
     last value. wandb globs match a name's prefix only, an exact name wins over a glob, and two globs that
     both match a key give an unpredictable summary (tried on wandb 0.31), so the globs here never overlap:
-    there is no ``eval/*``, whose three kinds of key are named one by one. The x-axis stays wandb's step,
-    which is the optimizer step (``Tracking.log`` passes it).
+    there is no ``eval/*`` or ``val/*``, whose four kinds of key are named one by one (the blocks'
+    fingerprint, a string, keeps its last value). The x-axis stays wandb's step, which is the optimizer step
+    (``Tracking.log`` passes it).
     """
     star = "*"
+    evals = []
+    for prefix, _ in keys.SPLIT_PREFIXES.values():
+        evals += [
+            (keys.lm_loss(prefix), BEST_AND_LAST),
+            (keys.domain_loss(star, prefix), BEST_AND_LAST),
+            (keys.domain_ppl(star, prefix), BEST_AND_LAST),
+            (keys.blocks_fingerprint(prefix), "last"),
+        ]
     return [
         (keys.TRAIN_LOSS, BEST_AND_LAST),
         (keys.TRAIN_LM_LOSS, BEST_AND_LAST),
-        (keys.EVAL_LM_LOSS, BEST_AND_LAST),
-        (keys.domain_loss(star), BEST_AND_LAST),
-        (keys.domain_ppl(star), BEST_AND_LAST),
+        *evals,
         (keys.join(keys.TRAIN, star), "last"),
         (keys.join(keys.PERF, star), "mean,last"),
         (keys.join(keys.ROUTER, star), "last"),
-        (keys.join(keys.EVAL_ROUTER, star), "last"),
+        *[(keys.join(router, star), "last") for _, router in keys.SPLIT_PREFIXES.values()],
     ]
 
 

@@ -28,6 +28,7 @@ from moe_emergence.telemetry import names as keys
 from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training import guard, model_setup
 from moe_emergence.training.config import RunConfig
+from moe_emergence.training.evalset import eval_blocks, shard_batches
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.loop import RunLoop, Stop, TrainResult
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
@@ -96,6 +97,8 @@ class Trainer:
                 )
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
         self.domains = list(corpus.domains)
+        e = cfg.eval
+        self.eval_sets = {s: eval_blocks(corpus.split(s), s, e.max_blocks, cfg.data.seed) for s in e.splits}
         set_seed(t.seed)
         model = model_setup.build_model(cfg, self.tokenizer)
         self.state = ckpt.TrainState()
@@ -118,7 +121,6 @@ class Trainer:
             self._load_checkpoint(self.resume_from, resume_meta)
             self.verified.unverified = int(self.state.last_applied)  # its last update awaits its check
             acc.print(f"resumed from {self.resume_from} at step {self.state.step}")
-        self._eval_rows: list[int] | None = None
         self.last_joint: tuple[int, dict] = (-1, {})  # (step, {layer: [M, E] top-1 counts}) of the last eval
 
     def _load_checkpoint(self, path: Path, meta: dict) -> None:
@@ -298,23 +300,26 @@ class Trainer:
             out[keys.layer_key(keys.ROUTER, i, "expert_divergence")] = divergence
         return out
 
-    def run_eval(self) -> None:
-        e = self.cfg.eval
-        bs = e.batch_size or self.cfg.train.batch_size
-        acc = self.accelerator
-        if self._eval_rows is None:  # a fixed seeded sample: every eval sees the same blocks
-            gen = torch.Generator().manual_seed(self.cfg.train.seed)
-            n = min(len(self.corpus.eval), bs * e.max_batches)
-            self._eval_rows = torch.randperm(len(self.corpus.eval), generator=gen)[:n].tolist()
-        rows = self._eval_rows
-        starts = list(range(0, len(rows), bs))[acc.process_index :: acc.num_processes]
-        batches = (self.collate(rows_of(self.corpus.eval, rows[s : s + bs])) for s in starts)
-        metrics, joint = evaluate(
-            self.model, self.unwrapped, batches, self.domains, self.moe, self.reduce_sum
+    def run_eval(self, split: str | None = None) -> None:
+        """Evaluate corpus split ``split`` (default ``eval.split``) on its fixed blocks (``evalset``: the same
+        for every seed and world size, each block once across processes) and log the metrics with the
+        blocks' fingerprint (``<split>/blocks_fingerprint``)."""
+        e, acc = self.cfg.eval, self.accelerator
+        blocks = self.eval_sets[split or e.split]
+        data = self.corpus.split(blocks.split)
+        passes = shard_batches(
+            blocks.rows, e.batch_size or self.cfg.train.batch_size, acc.process_index, acc.num_processes
         )
-        images = self.tracking.heatmaps(joint, self.domains, keys.EVAL_ROUTER) if joint else None
+        batches = ((self.collate(rows_of(data, rows)), counted) for rows, counted in passes)
+        metrics, joint = evaluate(
+            self.model, self.unwrapped, batches, self.domains, self.moe, self.reduce_sum, blocks.split
+        )
+        prefix, router_prefix = keys.split_prefixes(blocks.split)
+        metrics[keys.blocks_fingerprint(prefix)] = blocks.fingerprint
+        images = self.tracking.heatmaps(joint, self.domains, router_prefix) if joint else None
         self.log(metrics, images)
-        self.last_joint = (self.state.step, joint)
+        if blocks.split == e.split:  # the summary's heatmaps: the periodic split's last eval
+            self.last_joint = (self.state.step, joint)
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/step_N`` unless the state is known bad (``VerifiedState.good_for_saving``)."""
