@@ -123,7 +123,7 @@ def symmetric_nmi(counts_EE: np.ndarray) -> float:
 
 def conditional_mutual_information(counts_XME: np.ndarray) -> float:
     """I(D; E | X) = sum_{x,d,e} p(x,d,e) ln[p(x) p(x,d,e) / (p(x,d) p(x,e))] in nats (Cover & Thomas,
-    Elements of Information Theory, 2nd ed., eq. 2.61) from a count table ``[X, M, E]``: here token id x,
+    Elements of Information Theory, 2nd ed., sec. 2.5) from a count table ``[X, M, E]``: here token id x,
     domain d, expert e. Equals sum_x p(x) I(D; E | X = x), so it is 0 exactly when, within every token id,
     the expert is independent of the domain (in particular when the expert is a function of the token id),
     and at most H(D | X). Plug-in (maximum-likelihood) estimate: biased upward, by about
