@@ -54,7 +54,7 @@ def domain_information(routing: Routing, layer: int, n_boot: int, seed: int) -> 
 def _cmi_rows(routing: Routing, top1_N: np.ndarray, doc_row_N: np.ndarray, min_count: int):
     """Distinct (document row, kept token id, expert) triples with their counts, the number of kept ids X and
     the share of tokens kept: the sufficient data for I(D; E | X) under any document -> domain labelling."""
-    uniq, x_N, n_x = np.unique(routing.token_ids, return_inverse=True, return_counts=True)
+    _, x_N, n_x = np.unique(routing.token_ids, return_inverse=True, return_counts=True)
     keep_X = n_x >= min_count
     new_x = np.cumsum(keep_X) - 1  # kept ids renumbered 0..X-1
     keep_N = keep_X[x_N]
@@ -97,10 +97,8 @@ def null_baselines(routing: Routing, layer: int, n_boot: int, n_perm: int, seed:
     null = b.document_permutation_null(domain_Z, statistic, n_perm, seed)
     names = ("domain_nmi", "domain_nmi_topk", "domain_cmi_given_token")
     null_out = {"n_perm": n_perm, "seed": seed}
-    null_out.update({k: _component(null, i) for i, k in enumerate(names)})
-    for v in null_out.values():
-        if isinstance(v, dict):
-            v.pop("n_perm")
+    for i, k in enumerate(names):
+        null_out[k] = {key: v for key, v in _component(null, i).items() if key != "n_perm"}
     fold_N = b.document_folds(domain_Z)[doc_row_N]
     base_N, seen = b.token_identity_experts(routing.token_ids, top1_N, fold_N, E)
     tables, t_docs = m.per_document_tables(routing.doc, routing.domain, base_N, (M, E))
