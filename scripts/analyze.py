@@ -1,6 +1,7 @@
 """Analyse finished runs: routing on the shared eval blocks, specialisation metrics with CIs, figures, report.
 
-    python scripts/analyze.py RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--max-blocks N] [--bootstrap N] [--seed S]
+    python scripts/analyze.py RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--max-blocks N] [--bootstrap N]
+        [--permutations N] [--seed S] [--no-step0]
 
 Writes REPORT_DIR/metrics.json, REPORT_DIR/report.md and PNG figures (see docs/analysis.md). A thin wrapper
 over ``moe_emergence.analysis.analyze_runs``.
@@ -35,17 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap replicates over documents (default 1000)"
     )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--permutations",
+        type=int,
+        default=1000,
+        help="shuffles of the documents' domain labels for the null baselines (default 1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the permutations")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
         "--no-ablation", action="store_true", help="skip causal expert ablation (one eval pass per expert)"
     )
     p.add_argument("--no-saturation", action="store_true", help="skip router saturation against checkpoints")
+    p.add_argument(
+        "--no-step0", action="store_true", help="skip routing the re-upcycled step-0 model (one eval pass)"
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.max_blocks < 0 or args.bootstrap < 0 or args.batch_size < 1:
-        p.error("--max-blocks and --bootstrap must be >= 0, --batch-size >= 1")
+    if args.max_blocks < 0 or args.bootstrap < 0 or args.permutations < 0 or args.batch_size < 1:
+        p.error("--max-blocks, --bootstrap and --permutations must be >= 0, --batch-size >= 1")
 
     missing = [r for r in args.runs if not Path(r).is_dir()]
     if missing:  # fail fast, before the heavy imports
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             saturation=not args.no_saturation,
             device=args.device,
             progress=not args.no_progress,
+            n_perm=args.permutations,
+            step0=not args.no_step0,
         )
     except ValueError as e:
         print(f"analyze.py: error: {e}", file=sys.stderr)

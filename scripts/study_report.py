@@ -10,9 +10,10 @@ RUNS holds ``<run>/metrics.jsonl`` of every run, REPORTS ``<run>/metrics.json`` 
   docs/study/trajectories/<run>.json the val and eval records and every 50th train record, selected keys
   docs/figures/study_*.png           small figures
 Per-domain eval losses are the trainer's final evaluation of the eval (test) split (``eval/`` keys:
-``eval.final_split: eval``, all eval blocks, the same in every run); the CI
-over seeds is Student-t (moe_emergence.analysis.seeds); routing numbers come from analyze.py (CIs over
-documents by bootstrap).
+``eval.final_split: eval``, all eval blocks, the same in every run); the CI over seeds is Student-t, with an
+exact sign-flip test for paired differences (moe_emergence.analysis.seeds); routing numbers come from
+analyze.py (CIs over documents by bootstrap; null baselines and the step-0 router, where the reports have
+them).
 """
 
 from __future__ import annotations
@@ -27,11 +28,21 @@ from pathlib import Path
 import numpy as np
 
 from moe_emergence.analysis import figures
-from moe_emergence.analysis.seeds import mean_ci, paired_diff_ci
+from moe_emergence.analysis.seeds import mean_ci, paired_test, sign_flip_test
 from moe_emergence.telemetry import names as keys
 
 NAME = re.compile(r"^study-(?P<config>.+)-s(?P<seed>\d+)(?P<ddp>-ddp)?$")
-ORDER = ["dense", "moe-top1", "moe-top2", "no-balance", "drop-init", "moe-top1 (ddp)", "micro (ddp)"]
+ORDER = [
+    "dense",
+    "moe-top1",
+    "moe-top2",
+    "no-balance",
+    "no-lb",
+    "no-noise",
+    "drop-init",
+    "moe-top1 (ddp)",
+    "micro (ddp)",
+]
 DOMAINS = ["code", "math", "prose"]
 # the metrics keys a trajectory keeps (``kept``): these, every domain's val and eval loss, the per-layer
 # statistics KEEP_LAYER_STATS of train, val and eval routing, and train routing's expert shares
@@ -75,9 +86,19 @@ def final_eval(recs: list[dict]) -> dict:
 
 
 def fmt(ci: dict, f: str = ".3f") -> str:
+    """``value [ci_low, ci_high]`` of a ``mean_ci`` dict (the value alone for one seed), then ``p=...`` when
+    the dict has a sign-flip ``p_value``."""
     if ci["n"] == 1 or np.isnan(ci["ci_low"]):
-        return f"{ci['value']:{f}}"
-    return f"{ci['value']:{f}} [{ci['ci_low']:{f}}, {ci['ci_high']:{f}}]"
+        out = f"{ci['value']:{f}}"
+    else:
+        out = f"{ci['value']:{f}} [{ci['ci_low']:{f}}, {ci['ci_high']:{f}}]"
+    return out + (f" p={ci['p_value']:.2g}" if "p_value" in ci else "")
+
+
+def one_sample_test(values) -> dict:
+    """``mean_ci`` of per-seed values with the sign-flip p-value of mean = 0 (e.g. per-seed changes)."""
+    values = list(values)
+    return {**mean_ci(values), "p_value": sign_flip_test(values)["p_value"]}
 
 
 def by_config(runs: dict) -> dict[str, dict[int, str]]:
@@ -105,7 +126,7 @@ def loss_table(runs: dict, groups: dict) -> str:
 
 def paired_table(runs: dict, groups: dict) -> str:
     rows = [
-        "| run minus dense control (same seed) | seeds | code | math | prose | all |",
+        "| run minus dense control (same seed; p: exact sign-flip test) | seeds | code | math | prose | all |",
         "|---|---|---|---|---|---|",
     ]
     base = groups.get("dense", {})
@@ -117,7 +138,7 @@ def paired_table(runs: dict, groups: dict) -> str:
             key = keys.EVAL_LM_LOSS if d == "all" else keys.domain_loss(d)
             a = {s: final_eval(runs[n]["records"])[key] for s, n in seeds.items()}
             b = {s: final_eval(runs[n]["records"])[key] for s, n in base.items()}
-            cells.append(paired_diff_ci(a, b))
+            cells.append(paired_test(a, b))
         rows.append(f"| {c} | {cells[0]['n']} | " + " | ".join(fmt(x, "+.4f") for x in cells) + " |")
     return "\n".join(rows)
 
@@ -156,6 +177,40 @@ def nmi_seed_table(runs: dict, groups: dict) -> str:
         layers = sorted(an[0]["layers"], key=int)
         cells = [f"L{L}: " + fmt(mean_ci(a["layers"][L]["domain_nmi"]["value"] for a in an)) for L in layers]
         rows.append(f"| {c} | {len(an)} | " + "; ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+BASELINE_COLUMNS = (  # (header, per-layer value of one run's metrics.json or None when the report lacks it)
+    ("NMI", lambda lm: lm["domain_nmi"]["value"]),
+    ("NMI all top-k", lambda lm: lm.get("domain_nmi_topk", {}).get("value")),
+    ("change from step 0", lambda lm: (lm.get("step0") or {}).get("change_domain_nmi", {}).get("value")),
+    ("change all top-k", lambda lm: (lm.get("step0") or {}).get("change_domain_nmi_topk", {}).get("value")),
+    ("shuffled-domain p95", lambda lm: lm.get("null_permutation", {}).get("domain_nmi", {}).get("p95")),
+    ("token-id router NMI", lambda lm: lm.get("token_identity_nmi", {}).get("value")),
+    ("CMI excess over null (nats)", lambda lm: lm.get("domain_cmi_given_token", {}).get("excess_over_null")),
+)
+TESTED = {"change from step 0", "change all top-k", "CMI excess over null (nats)"}  # sign-flip p vs 0
+
+
+def baseline_seed_table(runs: dict, groups: dict) -> str:
+    """Per config and layer, mean [95% CI over seeds] of the domain NMI and its baselines (analyze.py keys,
+    docs/analysis.md); changes and the CMI excess also get the sign-flip p of mean = 0. Reports without a
+    value (older analyze.py, unknown step 0) give n/a."""
+    head = "| run | seeds | layer | " + " | ".join(h for h, _ in BASELINE_COLUMNS) + " |"
+    rows = [head, "|" + "---|" * (len(BASELINE_COLUMNS) + 3)]
+    for c, seeds in groups.items():
+        an = [runs[n]["analysis"] for n in seeds.values() if (runs[n]["analysis"] or {}).get("layers")]
+        if not an:
+            continue
+        for L in sorted(an[0]["layers"], key=int):
+            cells = []
+            for header, get in BASELINE_COLUMNS:
+                vals = [get(a["layers"][L]) for a in an]
+                if any(v is None for v in vals):
+                    cells.append("n/a")
+                else:
+                    cells.append(fmt(one_sample_test(vals) if header in TESTED else mean_ci(vals)))
+            rows.append(f"| {c} | {len(an)} | {L} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -314,6 +369,8 @@ def main() -> None:
         "## Paired difference to the dense control", paired_table(runs, groups),
         "## Domain-expert NMI per run (95% bootstrap CI over documents)", nmi_table(runs, groups),
         "## NMI over seeds", nmi_seed_table(runs, groups),
+        "## Domain NMI against its baselines (mean [95% CI over seeds]; p: sign-flip test of mean 0)",
+        baseline_seed_table(runs, groups),
         "## Throughput", speed_table(runs, groups, walls),
     ]  # fmt: skip
     (study / "tables.md").write_text("\n\n".join(tables) + "\n")

@@ -44,6 +44,8 @@ def test_notebook_executes(tmp_path_factory, tmp_path):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 8  # loss, training, collapse, 2 heatmaps, NMI, 2 token types, examples
     text = "".join(o.get("text", "") for o in outputs)
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "| moe | 0 |" in markdown and "token-id router NMI" in markdown  # the baselines table
     assert "moe: gpt2_moe" in text and "report written to" in text
     streams = [o for o in outputs if o.output_type == "stream"]
     assert not [o for o in streams if o.name == "stderr"], (

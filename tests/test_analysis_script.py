@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from _analysis_fixtures import tiny_runs
 
@@ -32,7 +33,18 @@ def report(tmp_path_factory):
         "OMP_NUM_THREADS": "1",
     }
     cmd = [sys.executable, str(ROOT / "scripts" / "analyze.py"), str(runs["moe"]), str(runs["dense"])]
-    cmd += ["--out", str(out), "--max-blocks", "12", "--bootstrap", "100", "--seed", "1"]
+    cmd += [
+        "--out",
+        str(out),
+        "--max-blocks",
+        "12",
+        "--bootstrap",
+        "100",
+        "--permutations",
+        "50",
+        "--seed",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -58,6 +70,10 @@ def test_script_writes_every_file(report):
     assert not (out / "dense").exists()  # the dense control has no metrics.jsonl router keys nor routing
     assert "Dense model: loss metrics only" in md
     assert "NMI =" in md and "Largest loss increase" in md and "largest expert share" in md
+    assert "Baselines: shuffled domains" in md and "I(domain; expert | token id)" in md
+    assert "All 2 choices per token: NMI" in md and "the step-0 router gave" in md
+    table = [line for line in md.splitlines() if line.startswith(("| moe | 0 |", "| moe | 1 |"))]
+    assert len(table) == 2 and all(line.count("|") == 13 for line in table)  # one row per layer, 12 cells
 
 
 def test_metrics_json_numbers(report):
@@ -74,9 +90,28 @@ def test_metrics_json_numbers(report):
         for c in run["loss"].values():
             assert c["ci_low"] <= c["value"] <= c["ci_high"] and 0 < c["value"] < 10
     assert set(moe["layers"]) == {"0", "1"}
+    assert m["permutation"]["n_perm"] == 50 and m["permutation"]["seed"] == 1
+    assert moe["step0_known"] is True  # the dense-phase checkpoint at the upcycle step is the parent
     for lm in moe["layers"].values():
         nmi = lm["domain_nmi"]
         assert 0 <= nmi["ci_low"] <= nmi["value"] <= nmi["ci_high"] <= 1
+        assert "domain_mi" not in lm and lm["domain_mi_nats"]["value"] >= 0
+        for key in ("domain_nmi_sqrt", "domain_nmi_arith", "domain_nmi_topk", "token_identity_nmi"):
+            assert 0 <= lm[key]["ci_low"] <= lm[key]["value"] <= lm[key]["ci_high"] <= 1, key
+        null = lm["null_permutation"]
+        assert null["n_perm"] == 50 and null["domain_nmi"]["observed"] == nmi["value"]
+        assert (
+            1 / 51 <= null["domain_nmi"]["p_value"] <= 1
+            and null["domain_nmi"]["mean"] <= null["domain_nmi"]["p95"]
+        )
+        cmi = lm["domain_cmi_given_token"]
+        assert 0 <= cmi["value"] <= cmi["h_domain_given_token"] and 0 < cmi["token_frac"] <= 1
+        s0 = lm["step0"]
+        for suffix in ("", "_topk"):
+            change = s0[f"change_domain_nmi{suffix}"]["value"]
+            assert change == pytest.approx(
+                lm[f"domain_nmi{suffix}"]["value"] - s0[f"domain_nmi{suffix}"]["value"]
+            )
         assert sum(lm["expert_usage"]) == pytest.approx(1.0)
         for row in lm["domain_specialization"]:
             assert sum(row) == pytest.approx(2.0)  # top-2: rows sum to k
@@ -176,3 +211,42 @@ def test_losses_match_the_trainers_eval(tiny_runs_paths):
     for d in r.domains:
         assert loss[d]["value"] == pytest.approx(last[f"eval/loss_{d}"], rel=1e-5)
     assert loss["all"]["value"] == pytest.approx(last["eval/lm_loss"], rel=1e-5)
+
+
+def test_step0_model_reproduces_the_trainers_step0_routing(tiny_runs_paths, tmp_path):
+    # a run upcycled at step 0 from a local dense folder evaluates its step-0 model on every eval block;
+    # re-upcycling the parent with the final model's MoEConfig must give exactly that routing
+    from _analysis_fixtures import TINY
+
+    from moe_emergence.analysis import collect_routing, load_eval_set, load_model, load_run, load_tokenizer
+    from moe_emergence.analysis.metrics import expert_usage, joint_counts, normalized_mutual_information
+    from moe_emergence.analysis.report import find_parent, step0_model
+    from moe_emergence.training.config import config_from_dict
+    from moe_emergence.training.trainer import train
+
+    cache = tiny_runs_paths["moe"].parent / "cache"
+    overrides = [f"output_dir={tmp_path}", f"data.cache_dir={cache}", "log.run_name=s0", "train.steps=2"]
+    overrides += [
+        f"model.base={tiny_runs_paths['dense'] / 'final'}",
+        "model.upcycle_at_step=0",
+        "checkpoint.every=0",
+    ]
+    overrides += ["optim.lr=3e-2", "optim.router_lr=3e-1"]  # let the router move in 2 steps
+    train(config_from_dict(TINY, overrides))
+    run = load_run(tmp_path / "s0")
+    model = load_model(run.final_dir)
+    parent = find_parent(run, "cpu")
+    assert parent is not None
+    ev = load_eval_set(run, max_blocks=None)
+    r0 = collect_routing(step0_model(model, parent), ev, load_tokenizer(run), batch_size=32, progress=False)
+    rec = next(r for r in run.metrics if r["step"] == 0 and "eval_router/layer0/domain_nmi" in r)
+    M, E = len(r0.domains), r0.num_experts
+    for L in r0.layers:
+        nmi = normalized_mutual_information(joint_counts(r0.domain, r0.topk[L][:, 0], M, E))
+        assert nmi == pytest.approx(rec[f"eval_router/layer{L}/domain_nmi"], rel=1e-6, abs=1e-9)
+        usage = expert_usage(r0.topk[L], E)
+        assert usage == pytest.approx(
+            [rec[f"eval_router/layer{L}/expert{e}_frac"] for e in range(E)], abs=1e-9
+        )
+    final_w = model.moe_layers()[0].router.weight.detach()
+    assert not torch.equal(final_w, step0_model(model, parent).moe_layers()[0].router.weight.detach())

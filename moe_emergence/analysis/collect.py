@@ -66,6 +66,11 @@ class Routing:
         docs, first = np.unique(self.doc, return_index=True)
         return docs, self.domain[first]
 
+    def domain_of(self, docs: np.ndarray) -> np.ndarray:
+        """``[len(docs)]`` the domain of each of the given document ids (bootstrap strata)."""
+        all_docs, dom = self.doc_domain
+        return dom[np.searchsorted(all_docs, docs)]
+
 
 # ----------------------------------------------------------------------------- documents
 

@@ -59,15 +59,24 @@ def heatmap(
     return _save(fig, path)
 
 
+REFERENCE_MARKERS = {"step 0": "v", "shuffled p95": "_", "token-id router": "x"}  # nmi_per_layer's refs
+
+
 def nmi_per_layer(
-    nmi_by_run: dict[str, dict[str, dict]], path, title: str = "NMI(domain; top-1 expert)"
+    nmi_by_run: dict[str, dict[str, dict]],
+    path,
+    title: str = "NMI(domain; top-1 expert)",
+    refs_by_run: dict[str, dict[str, dict[str, float]]] | None = None,
 ) -> Path:
-    """Grouped bars: per MoE layer (x) and run (colour) the NMI with its bootstrap CI as an error bar."""
+    """Grouped bars: per MoE layer (x) and run (colour) the NMI with its bootstrap CI as an error bar; with
+    ``refs_by_run`` ({run: {layer: {name: value}}}, names in ``REFERENCE_MARKERS``) a black marker per
+    reference value on each bar (e.g. the step-0 router, the shuffled-domain 95th percentile)."""
     plt = _plt()
     runs = list(nmi_by_run)
     layers = sorted({int(L) for r in runs for L in nmi_by_run[r]})
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * max(len(layers), 1) * max(len(runs), 1) ** 0.5, 3.0))
     width = 0.8 / max(len(runs), 1)
+    labelled = set()
     for i, run in enumerate(runs):
         xs, ys, lo, hi = [], [], [], []
         for j, L in enumerate(layers):
@@ -78,6 +87,11 @@ def nmi_per_layer(
             ys.append(ci["value"])
             lo.append(ci["value"] - ci["ci_low"] if ci["n_boot"] else 0.0)
             hi.append(ci["ci_high"] - ci["value"] if ci["n_boot"] else 0.0)
+            for name, v in ((refs_by_run or {}).get(run, {}).get(str(L)) or {}).items():
+                if v is not None:
+                    label = None if name in labelled else name
+                    ax.plot(xs[-1], v, REFERENCE_MARKERS[name], color="black", ms=7, mew=1.5, label=label)
+                    labelled.add(name)
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=run)
     ax.set_xticks(range(len(layers)), [f"layer {L}" for L in layers])
     ax.set_ylabel("NMI = I / H(domain)")

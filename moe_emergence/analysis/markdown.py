@@ -86,6 +86,81 @@ def _layer_line(L: str, lm: dict, domains: list[str]) -> str:
     )
 
 
+def _step0_reading(change: dict) -> str:
+    """Whether a change-from-step-0 CI dict lies above, below or around 0."""
+    if not change.get("n_boot"):
+        return "no CI"
+    if change["ci_low"] > 0:
+        return "above step 0"
+    if change["ci_high"] < 0:
+        return "BELOW step 0: training removed domain information the initial router had"
+    return "CI includes 0"
+
+
+def _baseline_line(lm: dict) -> str:
+    """Layer ``lm``'s first-choice domain NMI against its null baselines, the step-0 router and
+    I(domain; expert | token id); with top-k > 1 also the NMI over all k choices."""
+    null, ti, cmi = lm["null_permutation"], lm["token_identity_nmi"], lm["domain_cmi_given_token"]
+    nd, nc = null["domain_nmi"], null["domain_cmi_given_token"]
+    parts = [
+        f"Baselines: shuffled domains (whole documents, {null['n_perm']} permutations) give NMI {nd['mean']:.3f} "
+        f"(95th percentile {nd['p95']:.3f}; p = {nd['p_value']:.3g})",
+        f"a router by token id alone (2-fold cross-fitted) gives {_ci(ti)}",
+    ]
+    s0 = lm.get("step0")
+    if s0:
+        ch = s0["change_domain_nmi"]
+        parts.append(
+            f"the step-0 router gave {_ci(s0['domain_nmi'])}, change {_ci(ch, '+.3f')} ({_step0_reading(ch)})"
+        )
+    line = "; ".join(parts) + ". "
+    line += (
+        f"Beyond token identity: I(domain; expert | token id) = {cmi['value']:.3f} nats over {cmi['num_token_ids']} ids "
+        f"seen ≥ {cmi['min_count']} times ({cmi['token_frac']:.0%} of tokens; at most H(domain | token id) = "
+        f"{cmi['h_domain_given_token']:.3f}); shuffled-domain null mean {nc['mean']:.3f}, 95th percentile "
+        f"{nc['p95']:.3f} (p = {nc['p_value']:.3g}): {cmi['excess_over_null']:+.3f} nats above the null mean."
+    )
+    if lm["top_k"] > 1:
+        topk = f"All {lm['top_k']} choices per token: NMI {_ci(lm['domain_nmi_topk'])}"
+        topk += f" (shuffled-domain 95th percentile {null['domain_nmi_topk']['p95']:.3f})"
+        if s0:
+            ch = s0["change_domain_nmi_topk"]
+            topk += f", step 0 {_ci(s0['domain_nmi_topk'])}, change {_ci(ch, '+.3f')} ({_step0_reading(ch)})"
+        line += " " + topk + "."
+    return line
+
+
+def nmi_table(runs: dict[str, dict]) -> str:
+    """Markdown table of every MoE run and layer of a metrics.json ``runs`` dict: domain NMI (first choice and
+    all top-k choices) beside its baselines and the other normalisations (keys: docs/analysis.md)."""
+    rows = [
+        "| run | layer | NMI | NMI all top-k | step 0 | change from step 0 | shuffled null mean / p95 "
+        "| token-id router NMI | I(D; E \\| token) nats (null mean) | MI nats | NMI sqrt | NMI arith |",
+        "|---" * 12 + "|",
+    ]
+    for name, rm in runs.items():
+        for L, lm in (rm.get("layers") or {}).items():
+            s0, null = lm.get("step0"), lm["null_permutation"]["domain_nmi"]
+            cmi = lm["domain_cmi_given_token"]
+            null_cmi = lm["null_permutation"]["domain_cmi_given_token"]["mean"]
+            cells = [
+                name,
+                L,
+                _ci(lm["domain_nmi"]),
+                _ci(lm["domain_nmi_topk"]),
+                _ci(s0["domain_nmi"]) if s0 else "n/a",
+                _ci(s0["change_domain_nmi"], "+.3f") if s0 else "n/a",
+                f"{null['mean']:.3f} / {null['p95']:.3f}",
+                _ci(lm["token_identity_nmi"]),
+                f"{cmi['value']:.3f} ({null_cmi:.3f})",
+                _ci(lm["domain_mi_nats"]),
+                _ci(lm["domain_nmi_sqrt"]),
+                _ci(lm["domain_nmi_arith"]),
+            ]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(rows)
+
+
 def _vocab_line(lm: dict, weights: dict) -> str:
     """Vocabulary specialisation of one layer and the mean pairwise cosine distance of its expert weights."""
     vs = lm["vocab_specialization"]
@@ -177,6 +252,11 @@ def _nmi_section(out: Path, analyses) -> list[str]:
         "",
         f"Highest NMI: {top[0].run.name} layer {top[1]}, {_ci(c)} (0 = routing ignores the domain, 1 = the expert identifies it).",
         "",
+        "Domain NMI beside its baselines (first choice unless named; CIs: bootstrap over documents; "
+        "definitions: docs/analysis.md):",
+        "",
+        nmi_table({a.run.name: a.metrics for a in moe}),
+        "",
     ]
 
 
@@ -211,6 +291,7 @@ def _layer_section(out: Path, L: str, metrics: dict, fig: dict, domains: list[st
         _img(out, fig[f"heatmap_{L}"], f"domain x expert layer {L}"),
         "",
         _layer_line(L, lm, domains),
+        _baseline_line(lm),
         _vocab_line(lm, metrics["weights"][L]),
         "",
     ]

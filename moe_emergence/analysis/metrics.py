@@ -75,23 +75,71 @@ def mutual_information(counts_ME: np.ndarray) -> float:
     return max(stats.mutual_information(torch.as_tensor(np.asarray(counts_ME, dtype=np.float64))), 0.0)
 
 
+def information_measures(counts_ME: np.ndarray) -> dict[str, float]:
+    """Mutual information and its normalisations from one contingency table ``[M, E]`` (domain x expert; any
+    two labels work the same, e.g. two layers' expert choices ``[E, E]``). All in nats; the one owner of the
+    normalisations below.
+
+    ``mi_nats``: I(D; E) (``mutual_information``);
+    ``nmi``: I / H(D), the share of the row label's uncertainty that the column label removes (Theil's
+    uncertainty coefficient U(D | E); asymmetric; what this project reports as ``domain_nmi``);
+    ``nmi_sqrt``: I / sqrt(H(D) H(E)) (Strehl & Ghosh, JMLR 2002; Vinh, Epps & Bailey, JMLR 2010: NMI_sqrt);
+    ``nmi_arith``: I / ((H(D) + H(E)) / 2) (Vinh, Epps & Bailey 2010: NMI_sum, = the V-measure), scikit-learn's
+    default ``normalized_mutual_info_score``.
+    Each normalisation is in [0, 1] and 0 when its denominator is 0 (a single label: scikit-learn returns 1
+    when BOTH labelings have a single class, 0 otherwise).
+    """
+    c = np.asarray(counts_ME, dtype=np.float64)
+    mi = mutual_information(c)
+    h_d, h_e = entropy(c.sum(1)), entropy(c.sum(0))
+
+    def ratio(denominator: float) -> float:
+        return min(mi / denominator, 1.0) if denominator > 0 else 0.0  # min: rounding of a perfect map
+
+    return {
+        "mi_nats": mi,
+        "nmi": ratio(h_d),
+        "nmi_sqrt": ratio(float(np.sqrt(h_d * h_e))),
+        "nmi_arith": ratio((h_d + h_e) / 2),
+    }
+
+
 def normalized_mutual_information(counts_ME: np.ndarray) -> float:
     """NMI = I(domain; expert) / H(domain) in [0, 1]: the share of the domain's uncertainty that the expert
-    choice removes.
+    choice removes (``information_measures["nmi"]``).
 
     1 when the expert determines the domain (e.g. a one-to-one map), 0 when they are independent;
     0 when there is a single domain (H(domain) = 0).
     """
-    h_d = entropy(np.asarray(counts_ME).sum(1))
-    return mutual_information(counts_ME) / h_d if h_d > 0 else 0.0
+    return information_measures(counts_ME)["nmi"]
 
 
 def symmetric_nmi(counts_EE: np.ndarray) -> float:
     """NMI_sym = 2 I(a; b) / (H(a) + H(b)) in [0, 1] from the joint count table ``[E, E]`` of two variables of
-    the same kind (two layers' expert choices a, b); 0 when both entropies are 0."""
-    c = np.asarray(counts_EE, dtype=np.float64)
-    h = entropy(c.sum(1)) + entropy(c.sum(0))
-    return 2.0 * mutual_information(c) / h if h > 0 else 0.0
+    the same kind (two layers' expert choices a, b); 0 when both entropies are 0
+    (``information_measures["nmi_arith"]``)."""
+    return information_measures(counts_EE)["nmi_arith"]
+
+
+def conditional_mutual_information(counts_XME: np.ndarray) -> float:
+    """I(D; E | X) = sum_{x,d,e} p(x,d,e) ln[p(x) p(x,d,e) / (p(x,d) p(x,e))] in nats (Cover & Thomas,
+    Elements of Information Theory, 2nd ed., sec. 2.5) from a count table ``[X, M, E]``: here token id x,
+    domain d, expert e. Equals sum_x p(x) I(D; E | X = x), so it is 0 exactly when, within every token id,
+    the expert is independent of the domain (in particular when the expert is a function of the token id),
+    and at most H(D | X). Plug-in (maximum-likelihood) estimate: biased upward, by about
+    (M - 1)(E - 1) / (2 N) per token id seen (Miller 1955), see docs/analysis.md. Clipped at 0 against
+    rounding.
+    """
+    c = np.asarray(counts_XME, dtype=np.float64)
+    total = c.sum()
+    if total <= 0:
+        return 0.0
+    n_x = c.sum((1, 2), keepdims=True)
+    n_xd = c.sum(2, keepdims=True)
+    n_xe = c.sum(1, keepdims=True)
+    ok = c > 0
+    ratio = np.where(ok, n_x * c, 1.0) / np.where(ok, n_xd * n_xe, 1.0)
+    return max(float((c[ok] * np.log(ratio[ok])).sum() / total), 0.0)
 
 
 def cross_layer_nmi(top1_by_layer: dict[int, np.ndarray], num_experts: int) -> dict[tuple[int, int], float]:

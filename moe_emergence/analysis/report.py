@@ -60,6 +60,17 @@ def find_parent(run: Run, device) -> torch.nn.Module | None:
     return None
 
 
+def step0_model(model, parent) -> torch.nn.Module | None:
+    """The run's MoE model at step 0, before any MoE update: ``upcycle(parent, moe)`` with the final model's
+    ``MoEConfig`` (its ``seed`` draws the expert perturbations and the router exactly as the trainer did,
+    from a CPU generator), in eval mode on the parent's device. None when the parent is unknown."""
+    if parent is None:
+        return None
+    from moe_emergence.upcycle import upcycle
+
+    return upcycle(parent, model.config.moe).eval()
+
+
 def saturation_vs_checkpoints(
     run: Run, routing: Routing, eval_set: EvalSet, tokenizer, batch_size, device, progress
 ) -> dict:
@@ -86,14 +97,24 @@ def analyze_run(
     saturation: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    n_perm: int = 1000,
+    step0: bool = True,
 ) -> RunAnalysis:
-    """Collect routing on ``eval_set`` and compute every metric of one run."""
+    """Collect routing on ``eval_set`` and compute every metric of one run; with ``step0`` (MoE runs whose
+    parent is known) also route the eval set through the step-0 model (``step0_model``) and compare."""
     tokenizer = load_tokenizer(run)
     model = load_model(run.final_dir, device)
     routing = collect_routing(model, eval_set, tokenizer, batch_size, progress, desc=f"routing {run.name}")
-    out = {"run_dir": str(run.path), "model_type": run.model_type, **routing_summary(routing, n_boot, seed)}
+    parent = find_parent(run, device) if routing.topk else None
+    routing0 = None
+    if step0 and parent is not None:
+        m0 = step0_model(model, parent)
+        routing0 = collect_routing(
+            m0, eval_set, tokenizer, batch_size, progress, desc=f"routing step 0 {run.name}"
+        )
+    summary = routing_summary(routing, n_boot, seed, n_perm, routing0)
+    out = {"run_dir": str(run.path), "model_type": run.model_type, **summary}
     if routing.topk:
-        parent = find_parent(run, device)
         out["weights"] = weight_summary(model, parent)
         out["parent_known"] = parent is not None
         if saturation:
@@ -129,6 +150,8 @@ def analyze_runs(
     saturation: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    n_perm: int = 1000,
+    step0: bool = True,
 ) -> tuple[dict, list[RunAnalysis]]:
     """Analyse runs on the eval blocks of the first run and write metrics.json, figures and report.md.
 
@@ -156,7 +179,9 @@ def analyze_runs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)  # only after every check that can refuse the input
     analyses = [
-        analyze_run(r, eval_set, n_boot, seed, batch_size, ablation, saturation, device, progress)
+        analyze_run(
+            r, eval_set, n_boot, seed, batch_size, ablation, saturation, device, progress, n_perm, step0
+        )
         for r in runs
     ]
     result = {
@@ -172,6 +197,11 @@ def analyze_runs(
             "seed": seed,
             "level": 0.95,
             "unit": "document, stratified by domain",
+        },
+        "permutation": {
+            "n_perm": n_perm,
+            "seed": seed,
+            "unit": "documents' domain labels, shuffled across all documents",
         },
         "runs": {a.run.name: a.metrics for a in analyses},
     }

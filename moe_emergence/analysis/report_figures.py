@@ -103,6 +103,15 @@ def _run_figures(out: Path, analysis, domains: list[str]) -> None:
     fig.update(_example_figures(d, analysis, domains))
 
 
+def _nmi_references(lm: dict) -> dict[str, float | None]:
+    """The reference markers of one layer's NMI bar (``figures.REFERENCE_MARKERS``) from metrics.json."""
+    return {
+        "step 0": (lm.get("step0") or {}).get("domain_nmi", {}).get("value"),
+        "shuffled p95": lm["null_permutation"]["domain_nmi"]["p95"],
+        "token-id router": lm["token_identity_nmi"]["value"],
+    }
+
+
 def _shared_figures(out: Path, analyses, domains: list[str]) -> None:
     """Figures comparing the runs, directly under ``out``, recorded in the first analysis's ``figures``:
     ``shared_nmi`` (domain NMI per layer of every MoE run; only when there is one) and ``shared_loss``
@@ -113,6 +122,7 @@ def _shared_figures(out: Path, analyses, domains: list[str]) -> None:
         shared["nmi"] = figures.nmi_per_layer(
             {r: {L: v["domain_nmi"] for L, v in ls.items()} for r, ls in moe.items()},
             out / "nmi_per_layer.png",
+            refs_by_run={r: {L: _nmi_references(v) for L, v in ls.items()} for r, ls in moe.items()},
         )
     shared["loss"] = figures.loss_comparison(
         {a.run.name: a.metrics["loss"] for a in analyses}, domains, out / "loss_by_domain.png"

@@ -10,13 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moe_emergence.analysis import domain_summary as ds
 from moe_emergence.analysis import metrics as m
 from moe_emergence.analysis.collect import TOKEN_TYPES, Routing
-
-
-def _doc_strata(routing: Routing, docs: np.ndarray) -> np.ndarray:
-    all_docs, dom = routing.doc_domain
-    return dom[np.searchsorted(all_docs, docs)]
 
 
 def loss_by_domain(routing: Routing, n_boot: int, seed: int) -> dict:
@@ -30,7 +26,7 @@ def loss_by_domain(routing: Routing, n_boot: int, seed: int) -> dict:
         per = t_M2[:, 1] / np.maximum(t_M2[:, 0], 1e-300)
         return np.append(per, t_M2[:, 1].sum() / max(t_M2[:, 0].sum(), 1e-300))
 
-    ci = m.bootstrap_ci(tables, stat, n_boot, seed, strata_Z=_doc_strata(routing, docs))
+    ci = m.bootstrap_ci(tables, stat, n_boot, seed, strata_Z=routing.domain_of(docs))
     out = {}
     for i, name in enumerate([*routing.domains, "all"]):
         out[name] = {k: (v[i] if isinstance(v, list) else v) for k, v in ci.items()}
@@ -38,20 +34,24 @@ def loss_by_domain(routing: Routing, n_boot: int, seed: int) -> dict:
     return out
 
 
-def layer_summary(routing: Routing, layer: int, n_boot: int, seed: int, min_count: int = 10) -> dict:
-    """Every routing metric of one MoE layer (see ``metrics`` for the formulas)."""
+def layer_summary(
+    routing: Routing,
+    layer: int,
+    n_boot: int,
+    seed: int,
+    min_count: int = 10,
+    n_perm: int = 1000,
+    routing0: Routing | None = None,
+) -> dict:
+    """Every routing metric of one MoE layer (see ``metrics`` and ``domain_summary`` for the formulas);
+    ``step0`` compares with the step-0 router's routing ``routing0`` on the same tokens (None without it)."""
     E, K, M = routing.num_experts, routing.top_k, len(routing.domains)
     topk_NK = routing.topk[layer]
-    top1_N = topk_NK[:, 0]
     probs_NE = routing.probs[layer]
     counts_ME = m.joint_counts(routing.domain, topk_NK, M, E)
     tokens_M = np.bincount(routing.domain, minlength=M).astype(float)
     usage = m.expert_usage(topk_NK, E)
 
-    tables, docs = m.per_document_tables(routing.doc, routing.domain, top1_N, (M, E))
-    strata = _doc_strata(routing, docs)
-    mi = m.bootstrap_ci(tables, m.mutual_information, n_boot, seed, strata)
-    nmi = m.bootstrap_ci(tables, m.normalized_mutual_information, n_boot, seed, strata)
     spec = m.domain_specialization(counts_ME, tokens_M)
     vocab, n_ids = m.vocabulary_specialization(routing.token_ids, topk_NK, E, min_count)
     out = {
@@ -65,8 +65,9 @@ def layer_summary(routing: Routing, layer: int, n_boot: int, seed: int, min_coun
         "marginal_entropy": m.entropy(probs_NE.mean(0)),
         "domain_expert_counts": counts_ME.tolist(),
         "domain_expert_fractions": m.row_fractions(counts_ME).tolist(),
-        "domain_mi": mi,
-        "domain_nmi": nmi,
+        **ds.domain_information(routing, layer, n_boot, seed),
+        **ds.null_baselines(routing, layer, n_boot, n_perm, seed, min_count),
+        "step0": ds.step0_change(routing, routing0, layer, n_boot, seed) if routing0 is not None else None,
         "domain_specialization": spec.tolist(),
         "max_specialization": {d: float(spec[i].max()) for i, d in enumerate(routing.domains)},
         "top_expert": {d: int(spec[i].argmax()) for i, d in enumerate(routing.domains)},
@@ -85,8 +86,11 @@ def layer_summary(routing: Routing, layer: int, n_boot: int, seed: int, min_coun
     return out
 
 
-def routing_summary(routing: Routing, n_boot: int = 1000, seed: int = 0) -> dict:
-    """metrics.json section of one model on one eval set."""
+def routing_summary(
+    routing: Routing, n_boot: int = 1000, seed: int = 0, n_perm: int = 1000, routing0: Routing | None = None
+) -> dict:
+    """metrics.json section of one model on one eval set; ``routing0``: the step-0 router's routing of the
+    same eval set (MoE runs whose parent is known), None otherwise."""
     docs, doc_dom = routing.doc_domain
     M = len(routing.domains)
     out = {
@@ -106,7 +110,11 @@ def routing_summary(routing: Routing, n_boot: int = 1000, seed: int = 0) -> dict
                 strict=True,
             )
         )
-        out["layers"] = {str(L): layer_summary(routing, L, n_boot, seed) for L in routing.layers}
+        out["layers"] = {
+            str(L): layer_summary(routing, L, n_boot, seed, n_perm=n_perm, routing0=routing0)
+            for L in routing.layers
+        }
+        out["step0_known"] = routing0 is not None
         top1 = {L: routing.topk[L][:, 0] for L in routing.layers}
         out["cross_layer_nmi"] = {
             f"{a}-{b}": v for (a, b), v in m.cross_layer_nmi(top1, routing.num_experts).items()
@@ -131,7 +139,7 @@ def ablation_summary(ablation: dict, routing: Routing, n_boot: int, seed: int) -
                 lambda t: t[:, 1] / np.maximum(t[:, 0], 1e-300),
                 n_boot,
                 seed,
-                _doc_strata(routing, docs),
+                routing.domain_of(docs),
             )
             per_e.append(
                 {

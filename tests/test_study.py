@@ -1,0 +1,196 @@
+"""The study's arms (configs/study/), scripts/study.sh's seed lists and plan (dry run: no training), and
+scripts/study_report.py's tables on made-up run records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_emergence.config_loader import read_yaml
+from moe_emergence.training.rundir import config_differences
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "configs" / "study"
+
+
+@pytest.mark.parametrize(
+    ("arm", "changed"),
+    [
+        ("no-lb", {"model.moe.lb_coef"}),
+        ("no-noise", {"model.moe.noise_std"}),
+        ("no-balance", {"model.moe.lb_coef", "model.moe.noise_std"}),
+    ],
+)
+def test_balance_arms_differ_from_the_main_run_only_in_their_factor(arm, changed):
+    main, cfg = read_yaml(STUDY / "moe-top1.yaml"), read_yaml(STUDY / f"{arm}.yaml")
+    assert set(config_differences(main, cfg)) == changed | {"log.run_name"}
+    assert cfg["log"]["run_name"] == f"study-{arm}"
+    for key in changed:
+        assert cfg["model"]["moe"][key.rsplit(".", 1)[1]] == 0.0
+    assert main["model"]["moe"]["lb_coef"] > 0 and main["model"]["moe"]["noise_std"] > 0
+
+
+def _study_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # python with yaml, as in .venv
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "study.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path, "STUDY_DRY_RUN": "1", **env},
+        timeout=120,
+    )
+
+
+def test_study_sh_runs_every_seed_of_a_seed_list():
+    proc = _study_sh("runs", "0-5", "moe-top1", "dense")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 12
+    for s in range(6):
+        assert any(
+            f"moe-top1.yaml train.seed={s} model.moe.seed={s} log.run_name=study-moe-top1-s{s}" in x
+            for x in lines
+        )
+        assert any(f"dense.yaml train.seed={s} log.run_name=study-dense-s{s}" in x for x in lines)
+    assert not any("dense.yaml" in x and "model.moe.seed" in x for x in lines)  # no MoE in the dense control
+    proc = _study_sh("runs", "1,4", "no-lb")
+    assert [x.split("log.run_name=")[1].split()[0] for x in proc.stdout.splitlines()] == [
+        "study-no-lb-s1",
+        "study-no-lb-s4",
+    ]
+
+
+def test_study_sh_plan_has_the_documented_seed_counts():
+    proc = _study_sh("plan")
+    assert proc.returncode == 0, proc.stderr
+    specs = [x.split(":") for x in proc.stdout.split()]
+    counts = {c: sum(1 for _, cc in specs if cc == c) for _, c in specs}
+    assert counts == {
+        "moe-top1": 6,
+        "dense": 6,
+        "no-balance": 3,
+        "no-lb": 3,
+        "no-noise": 3,
+        "moe-top2": 3,
+        "drop-init": 3,
+    }
+    assert sorted(int(s) for s, c in specs if c == "dense") == list(range(6))
+    smaller = _study_sh("plan", STUDY_SEEDS_MAIN="5", STUDY_SEEDS_OTHER="2").stdout.split()
+    assert smaller.count("4:moe-top1") == 1 and "5:moe-top1" not in smaller and "2:no-lb" not in smaller
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("runs", "3-1", "dense"), "seed range '3-1' is empty"),
+        (("runs", "x", "dense"), "SEEDS is one seed"),
+        (("runs", "0", "dense", "nope"), "no study config 'nope'"),
+        (("fly",), "unknown step 'fly'"),
+    ],
+)
+def test_study_sh_bad_input_is_one_error_line(args, message):
+    proc = _study_sh(*args)
+    assert proc.returncode == 2 and proc.stdout == ""  # nothing started, not even the valid configs
+    assert (
+        proc.stderr.count("\n") == 1
+        and proc.stderr.startswith("study.sh: error: ")
+        and message in proc.stderr
+    )
+
+
+# ----------------------------------------------------------------------------- study_report.py
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("study_report", ROOT / "scripts" / "study_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _layer(nmi: float, change: float | None) -> dict:
+    ci = {"ci_low": nmi - 0.01, "ci_high": nmi + 0.01, "n_boot": 10}
+    out = {
+        "domain_nmi": {"value": nmi, **ci},
+        "domain_nmi_topk": {"value": nmi / 2, **ci},
+        "null_permutation": {"domain_nmi": {"mean": 0.001, "p95": 0.002, "p_value": 0.001}},
+        "token_identity_nmi": {"value": 0.01, **ci},
+        "domain_cmi_given_token": {"excess_over_null": nmi / 4},
+        "step0": None,
+    }
+    if change is not None:
+        out["step0"] = {
+            "change_domain_nmi": {"value": change},
+            "change_domain_nmi_topk": {"value": change / 2},
+        }
+    return out
+
+
+def _fake_study(
+    tmp_path: Path, losses: dict[str, list[float]], nmi: dict[str, list[float]]
+) -> tuple[Path, Path]:
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    for config, values in losses.items():
+        for seed, loss in enumerate(values):
+            name = f"study-{config}-s{seed}"
+            (runs / name).mkdir(parents=True)
+            rec = {
+                "step": 1000,
+                "eval/lm_loss": loss,
+                **{f"eval/loss_{d}": loss for d in ("code", "math", "prose")},
+            }
+            (runs / name / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+            layers = {} if config == "dense" else {"3": _layer(nmi[config][seed], nmi[config][seed] - 0.05)}
+            analysis = {"layers": layers}
+            (reports / name).mkdir(parents=True)
+            (reports / name / "metrics.json").write_text(json.dumps({"runs": {name: analysis}}))
+    return runs, reports
+
+
+def test_study_report_tables_carry_sign_flip_p_values_and_baselines(tmp_path):
+    sr = _report_module()
+    assert {"no-lb", "no-noise"} <= set(sr.ORDER)
+    losses = {
+        "dense": [3.80, 3.81, 3.79, 3.80, 3.82, 3.78],
+        "moe-top1": [3.78, 3.80, 3.77, 3.79, 3.80, 3.76],  # lower than dense in every seed
+        "no-lb": [3.81, 3.80, 3.79],
+    }
+    nmi = {"moe-top1": [0.20, 0.25, 0.22, 0.30, 0.21, 0.24], "no-lb": [0.01, 0.02, 0.01]}
+    runs = sr.load(*_fake_study(tmp_path, losses, nmi))
+    groups = sr.by_config(runs)
+    assert list(groups) == ["dense", "moe-top1", "no-lb"] and len(groups["moe-top1"]) == 6
+    paired = sr.paired_table(runs, groups).splitlines()
+    main = next(x for x in paired if x.startswith("| moe-top1 | 6 |"))
+    assert main.count("p=0.031") == 4  # all 6 paired differences negative: 2 / 2^6 in every column
+    no_lb = next(x for x in paired if x.startswith("| no-lb | 3 |"))
+    assert "p=" in no_lb
+    table = sr.baseline_seed_table(runs, groups).splitlines()
+    assert table[0].count("|") == len(sr.BASELINE_COLUMNS) + 4
+    main = next(x for x in table if x.startswith("| moe-top1 | 6 | 3 |"))
+    cells = [c.strip() for c in main.strip("|").split("|")]
+    assert cells[3].startswith("0.237 [")  # mean NMI of the six seeds
+    assert cells[5].endswith("p=0.031")  # change from step 0: +0.187 in every seed
+    assert "n/a" not in main and "dense" not in "\n".join(table)
+
+
+def test_study_report_tolerates_reports_without_the_new_keys(tmp_path):
+    sr = _report_module()
+    runs = sr.load(*_fake_study(tmp_path, {"moe-top1": [3.7, 3.8]}, {"moe-top1": [0.2, 0.3]}))
+    for r in runs.values():
+        lm = r["analysis"]["layers"]["3"]
+        for key in (
+            "domain_nmi_topk",
+            "null_permutation",
+            "token_identity_nmi",
+            "domain_cmi_given_token",
+            "step0",
+        ):
+            del lm[key]
+    row = sr.baseline_seed_table(runs, sr.by_config(runs)).splitlines()[2]
+    assert row.startswith("| moe-top1 | 2 | 3 | 0.250 [") and row.count("n/a") == len(sr.BASELINE_COLUMNS) - 1
