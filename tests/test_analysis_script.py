@@ -100,10 +100,9 @@ def test_metrics_json_numbers(report):
             assert 0 <= lm[key]["ci_low"] <= lm[key]["value"] <= lm[key]["ci_high"] <= 1, key
         null = lm["null_permutation"]
         assert null["n_perm"] == 50 and null["domain_nmi"]["observed"] == nmi["value"]
-        assert (
-            1 / 51 <= null["domain_nmi"]["p_value"] <= 1
-            and null["domain_nmi"]["mean"] <= null["domain_nmi"]["p95"]
-        )
+        assert 1 / 51 <= null["domain_nmi"]["p_value"] <= 1
+        # mean <= p95 is not guaranteed (and equal shuffles differ by rounding): both are NMIs
+        assert 0 <= null["domain_nmi"]["mean"] <= 1 and 0 <= null["domain_nmi"]["p95"] <= 1
         cmi = lm["domain_cmi_given_token"]
         assert 0 <= cmi["value"] <= cmi["h_domain_given_token"] and 0 < cmi["token_frac"] <= 1
         s0 = lm["step0"]
@@ -230,6 +229,8 @@ def test_step0_model_reproduces_the_trainers_step0_routing(tiny_runs_paths, tmp_
         f"model.base={tiny_runs_paths['dense'] / 'final'}",
         "model.upcycle_at_step=0",
         "checkpoint.every=0",
+        "eval.split=eval",  # the step-0 eval on the eval split, the split the analysis reads
+        "eval.final_split=null",
     ]
     overrides += ["optim.lr=3e-2", "optim.router_lr=3e-1"]  # let the router move in 2 steps
     train(config_from_dict(TINY, overrides))
