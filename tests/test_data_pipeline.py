@@ -197,6 +197,18 @@ def test_saved_corpus_round_trips_and_an_old_one_without_val_is_refused(built, t
         load_corpus(out)
 
 
+def test_an_empty_val_split_saves_and_loads_from_the_cache(tmp_path):
+    """``data.val_fraction: 0`` (runs from before the val split): the empty val/ split is written as one
+    shard, so the cache hit and a prepared folder load back (0 shards could not be read)."""
+    cfg = small_config(tmp_path, val_fraction=0.0)
+    first = build_corpus(cfg)
+    again = build_corpus(cfg)  # the cache hit
+    assert len(first.val) == len(again.val) == 0 and again.fingerprint == first.fingerprint
+    assert again.eval["input_ids"] == first.eval["input_ids"] and len(again.train) == len(first.train)
+    saved = load_corpus(first.save(tmp_path / "prepared"))
+    assert len(saved.val) == 0 and saved.val.features == first.train.features
+
+
 def test_given_tokenizer_and_saved_tokenizer(built, tmp_path):
     cfg, corpus, tokenizer_dir = built
     saved = AutoTokenizer.from_pretrained(str(tokenizer_dir))

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, Features, Value, load_from_disk
+from datasets import Sequence as FeatureSequence
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from moe_emergence.data.cache import mark_used
@@ -102,7 +103,8 @@ def _write_atomic(final: Path, corpus: Corpus, stats: dict) -> None:
     try:
         with _no_progress_bars():  # datasets' "Saving the dataset" bars say nothing a user needs
             for name in SPLITS:
-                corpus.split(name).save_to_disk(str(tmp / name))
+                split = corpus.split(name)  # an empty split saved as 0 shards cannot be loaded back: 1 shard
+                split.save_to_disk(str(tmp / name), num_shards=1 if len(split) == 0 else None)
         corpus.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if final.exists():  # an empty folder (checked by the caller) or a concurrent build's result
@@ -163,9 +165,16 @@ def _bpe_training_texts(splits: Mapping[str, DocSplit], max_chars: int) -> list[
     return texts
 
 
+# explicit column types: an empty split (``val`` with ``data.val_fraction: 0``) has nothing to infer them from
+_FEATURES = Features(
+    {k: FeatureSequence(Value("int64")) for k in ("input_ids", "attention_mask", "domain_ids")}
+)
+
+
 def _to_dataset(ids_BS: np.ndarray, mask_BS: np.ndarray, dom_BS: np.ndarray) -> Dataset:
     return Dataset.from_dict(
-        {"input_ids": ids_BS.tolist(), "attention_mask": mask_BS.tolist(), "domain_ids": dom_BS.tolist()}
+        {"input_ids": ids_BS.tolist(), "attention_mask": mask_BS.tolist(), "domain_ids": dom_BS.tolist()},
+        features=_FEATURES,
     )
 
 
