@@ -243,3 +243,14 @@ def test_paired_test_adds_the_p_value_to_the_t_interval():
     out = paired_test({0: 3.0, 1: 5.0, 2: 9.0, 3: 4.0}, {0: 1.0, 1: 2.0, 2: 1.0, 3: 3.5, 9: 0.0})
     assert out["n"] == 4 and out["value"] == pytest.approx((2 + 3 + 8 + 0.5) / 4)
     assert out["p_value"] == 2 / 16 and out["ci_low"] < out["value"] < out["ci_high"]
+
+
+def test_nmi_figure_takes_an_interval_that_misses_its_point_estimate(tmp_path):
+    """A percentile interval of few bootstrap resamples can lie wholly above or below the estimate: the
+    figure draws it (no negative error bar), as ``analyze.py --bootstrap 5`` needs."""
+    pytest.importorskip("matplotlib")
+    from moe_emergence.analysis.figures import nmi_per_layer
+
+    ci = {"value": 0.10, "ci_low": 0.11, "ci_high": 0.13, "n_boot": 5}  # the estimate below its interval
+    out = nmi_per_layer({"run": {"0": ci, "1": {**ci, "ci_low": 0.02, "ci_high": 0.09}}}, tmp_path / "n.png")
+    assert out.is_file() and out.stat().st_size > 0

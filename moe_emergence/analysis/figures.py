@@ -85,8 +85,9 @@ def nmi_per_layer(
                 continue
             xs.append(j + (i - (len(runs) - 1) / 2) * width)
             ys.append(ci["value"])
-            lo.append(ci["value"] - ci["ci_low"] if ci["n_boot"] else 0.0)
-            hi.append(ci["ci_high"] - ci["value"] if ci["n_boot"] else 0.0)
+            # a percentile interval of few resamples can miss the point estimate: no negative bar lengths
+            lo.append(max(ci["value"] - ci["ci_low"], 0.0) if ci["n_boot"] else 0.0)
+            hi.append(max(ci["ci_high"] - ci["value"], 0.0) if ci["n_boot"] else 0.0)
             for name, v in ((refs_by_run or {}).get(run, {}).get(str(L)) or {}).items():
                 if v is not None:
                     label = None if name in labelled else name
