@@ -18,14 +18,26 @@ read -r -a EXTRA <<< "${STUDY_OVERRIDES:-}"
 read -r -a LAUNCH <<< "${STUDY_LAUNCH:-}"     # accelerate launch options (e.g. --config_file ...)
 read -r -a RUN_EXTRA <<< "${STUDY_EXTRA_RUN:-}"  # overrides applied after the run's own (e.g. its name)
 error() { echo "study.sh: error: $*" >&2; exit 2; }
+# the project's Python: PYTHON, else the checkout's .venv (made by scripts/setup.sh), else python3 (the GPU
+# machine's image has no venv); accelerate is launched through it, so no PATH setup is needed
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+command -v "$PY" > /dev/null || error "no Python at '$PY' (set PYTHON, or run scripts/setup.sh)"
 train() {
-  if [ "${STUDY_DRY_RUN:-0}" = 1 ]; then echo "accelerate launch ${LAUNCH[*]} scripts/train.py $* ${EXTRA[*]}"
-  else accelerate launch "${LAUNCH[@]}" scripts/train.py "$@" "${EXTRA[@]}"; fi
+  if [ "${STUDY_DRY_RUN:-0}" = 1 ]; then echo "$PY -m accelerate.commands.launch ${LAUNCH[*]} scripts/train.py $* ${EXTRA[*]}"
+  else "$PY" -m accelerate.commands.launch "${LAUNCH[@]}" scripts/train.py "$@" "${EXTRA[@]}"; fi
 }
-check_config() { [ -f "configs/study/$1.yaml" ] || error "no study config '$1' (configs/study/$1.yaml); choose from ${ALL[*]}"; }
+check_config() {  # an arm of the study: one of ALL, with its file
+  [[ " ${ALL[*]} " == *" $1 "* && -f "configs/study/$1.yaml" ]] \
+    || error "no study arm '$1' (configs/study/$1.yaml); choose from ${ALL[*]}"
+}
 run_name() {  # run_name SEED CONFIG: the config's log.run_name with the seed
+  [[ "$1" =~ ^[0-9]+$ ]] || error "seed '$1' is not a non-negative integer"
   check_config "$2"
-  echo "$(python -c "import yaml; print(yaml.safe_load(open('configs/study/$2.yaml'))['log']['run_name'])")-s$1"
+  local name
+  name=$("$PY" -c "import yaml; print(yaml.safe_load(open('configs/study/$2.yaml'))['log']['run_name'])") \
+    || error "could not read log.run_name from configs/study/$2.yaml"
+  [ -n "$name" ] || error "configs/study/$2.yaml has no log.run_name"
+  echo "$name-s$1"
 }
 seed_list() {  # seed_list SEEDS: "3" -> 3, "0-5" -> 0 1 2 3 4 5, "0,2,7" -> 0 2 7
   local part parts out=()
@@ -47,7 +59,8 @@ case "${1:?usage: study.sh parent | runs SEEDS [CONFIG...] | analyze REPORT RUN.
   parent)
     train --config configs/study/parent.yaml ;;
   runs)
-    seed_str=$(seed_list "${2:?seeds}"); shift 2
+    [ $# -ge 2 ] || error "runs needs SEEDS (one seed, a range A-B or a list A,B,C), then optional arms"
+    seed_str=$(seed_list "$2"); shift 2
     read -r -a seeds <<< "$seed_str"
     configs=("$@"); [ ${#configs[@]} -gt 0 ] || configs=("${ALL[@]}")
     for c in "${configs[@]}"; do check_config "$c"; done  # every name checked before any run starts
@@ -61,7 +74,7 @@ case "${1:?usage: study.sh parent | runs SEEDS [CONFIG...] | analyze REPORT RUN.
     done ;;
   analyze)
     report=${2:?report folder}; shift 2
-    python scripts/analyze.py --out "$report" --max-blocks 0 --bootstrap 1000 --permutations 1000 "$@" ;;
+    "$PY" scripts/analyze.py --out "$report" --max-blocks 0 --bootstrap 1000 --permutations 1000 "$@" ;;
   name)
     run_name "${2:?seed}" "${3:?config}" ;;
   plan)

@@ -37,7 +37,7 @@ case "$step" in
       if [ "$step" = ddp ]; then
         name="$name-ddp"
         launch="--config_file configs/accelerate/ddp.yaml --main_process_port $((29500 + ${#names[@]}))"
-        batch=$(python -c "import yaml; print(yaml.safe_load(open('configs/study/moe-top1.yaml'))['train']['batch_size'] // 2)")
+        batch=$("${PYTHON:-python3}" -c "import yaml; print(yaml.safe_load(open('configs/study/moe-top1.yaml'))['train']['batch_size'] // 2)")
         export STUDY_LAUNCH="$launch" STUDY_EXTRA_RUN="train.batch_size=$batch log.run_name=$name"
       fi
       (start=$(date +%s); bash scripts/study.sh runs "$seed" "$config" > "$logs/$name.log" 2>&1

@@ -90,7 +90,11 @@ def test_study_sh_plan_has_the_documented_seed_counts():
     [
         (("runs", "3-1", "dense"), "seed range '3-1' is empty"),
         (("runs", "x", "dense"), "SEEDS is one seed"),
-        (("runs", "0", "dense", "nope"), "no study config 'nope'"),
+        (("runs", "0", "dense", "nope"), "no study arm 'nope'"),
+        (("runs", "0", "parent"), "no study arm 'parent'"),  # a config, not an arm
+        (("runs", "0", "../study/dense"), "no study arm '../study/dense'"),
+        (("runs",), "runs needs SEEDS"),
+        (("name", "x", "dense"), "seed 'x' is not a non-negative integer"),
         (("fly",), "unknown step 'fly'"),
     ],
 )
