@@ -59,7 +59,7 @@ CASES = [
     Case(
         "eval-split-without-val",
         ("data.val_fraction=0",),
-        r"eval\.split='val' is invalid: 'eval' \(or null\) when data\.val_fraction=0: there is no val split",
+        r"eval\.split='val' is invalid: 'eval' when data\.val_fraction=0: there is no val split",
     ),
     Case(
         "eval-final-split-twice",

@@ -75,7 +75,7 @@ def test_train_seeds_evaluate_the_same_blocks(tmp_path):
 
 
 def test_final_split_needs_its_split():
-    with pytest.raises(ConfigError, match=r"eval\.final_split='val' is invalid: 'eval' \(or null\) when"):
+    with pytest.raises(ConfigError, match=r"eval\.final_split='val' is invalid: 'eval' or null when"):
         config_from_dict(
             test_training_run.TINY, ["eval.split=eval", "eval.final_split=val", "data.val_fraction=0"]
         )

@@ -390,7 +390,8 @@ class RunConfig:
                 getattr(self.eval, key) != "val" or self.data.val_fraction > 0,
                 f"eval.{key}",
                 getattr(self.eval, key),
-                "'eval' (or null) when data.val_fraction=0: there is no val split",
+                ("'eval'" if key == "split" else "'eval' or null")
+                + " when data.val_fraction=0: there is no val split",
             )
 
     @property
