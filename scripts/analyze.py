@@ -16,6 +16,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _bad_flag(args) -> str | None:
+    """The first flag with a value it does not take, described (None when all are fine)."""
+    for flag, value, least in (
+        ("--max-blocks", args.max_blocks, 0),
+        ("--bootstrap", args.bootstrap, 0),
+        ("--permutations", args.permutations, 0),
+        ("--seed", args.seed, 0),
+        ("--batch-size", args.batch_size, 1),
+    ):
+        if value < least:
+            return f"{flag} {value}: an integer >= {least}"
+    if args.device != "cpu" and not (args.device == "cuda" or args.device.startswith("cuda:")):
+        return f"--device {args.device!r}: cpu, cuda or cuda:N"
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"--device {args.device}: no CUDA GPU here (torch {torch.__version__}); use --device cpu"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -54,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.max_blocks < 0 or args.bootstrap < 0 or args.permutations < 0 or args.batch_size < 1:
-        p.error("--max-blocks, --bootstrap and --permutations must be >= 0, --batch-size >= 1")
+    bad = _bad_flag(args)
+    if bad:
+        print(f"analyze.py: error: {bad}", file=sys.stderr)
+        return 2
 
     missing = [r for r in args.runs if not Path(r).is_dir()]
     if missing:  # fail fast, before the heavy imports

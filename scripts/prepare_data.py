@@ -35,7 +35,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="HF tokenizer name or folder (default: train a byte-level BPE)")
     parser.add_argument("--max-positions", type=int, help="model context length; seq_len must fit in it")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the data block")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides on either side of the options
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -128,6 +128,23 @@ def test_metrics_json_numbers(report):
     assert len(abl) == 4 and set(abl[0]["delta"]) == {"code", "math", "prose"}
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-1"], "--seed -1: an integer >= 0"),
+        (["--bootstrap", "-5"], "--bootstrap -5: an integer >= 0"),
+        (["--permutations", "-1"], "--permutations -1: an integer >= 0"),
+        (["--batch-size", "0"], "--batch-size 0: an integer >= 1"),
+        (["--device", "nonsense"], "--device 'nonsense': cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_flags_are_one_error_line_naming_the_flag(tmp_path, tiny_runs_paths, capsys, flags, message):
+    out = tmp_path / "o"
+    assert _script().main([str(tiny_runs_paths["dense"]), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"analyze.py: error: {message}\n" and not out.exists()
+
+
 def test_errors_are_clear_without_traceback(tmp_path, tiny_runs_paths, capsys):
     main = _script().main
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2

@@ -83,3 +83,22 @@ def test_final_split_needs_its_split():
     assert cfg.eval.splits == ["eval"]  # the old behaviour: the periodic eval on the eval split
     with pytest.raises(ConfigError, match=r"eval\.max_blocks=-1 is invalid: null or 0"):
         config_from_dict(test_training_run.TINY, ["eval.max_blocks=-1"])
+
+
+def test_resuming_a_run_without_val_split_says_how(tmp_path):
+    """A run folder made without a val split (data.val_fraction 0: every run from before it) resumed under
+    the new default is refused with the overrides that resume it."""
+    old = make_cfg(
+        tmp_path, "old", "model.moe=null", "train.steps=4", "train.stop_after=2", "data.val_fraction=0",
+        "eval.split=eval",
+    )  # fmt: skip
+    Trainer(old).train()  # paused at step 2 with a checkpoint
+    now = make_cfg(tmp_path, "old", "model.moe=null", "train.steps=4")
+    with pytest.raises(
+        ConfigError, match=r"data\.val_fraction.*resumes with data\.val_fraction=0 eval\.split=eval"
+    ):
+        Trainer(now, resume="auto")
+    again = make_cfg(
+        tmp_path, "old", "model.moe=null", "train.steps=4", "data.val_fraction=0", "eval.split=eval"
+    )
+    Trainer(again, resume="auto").folder.release()  # the hint's overrides are accepted

@@ -262,12 +262,16 @@ class RunFolder:
                 check_global_batch(self.resume_meta, cfg, acc.num_processes)
             saved = run_dir / "config.yaml"
             if saved.is_file():
-                diff = config_differences(read_saved_config(saved), cfg.to_dict())
+                old = read_saved_config(saved)
+                diff = config_differences(old, cfg.to_dict())
                 bad = [k for k in diff if not k.startswith(RESUMABLE_CHANGES) and k not in WORLD_SIZE_KEYS]
                 if bad:
+                    hint = ""
+                    if "data.val_fraction" in bad and not flatten(old).get("data.val_fraction"):
+                        hint = "; a run from before the val split resumes with data.val_fraction=0 eval.split=eval"
                     raise ConfigError(
                         f"cannot resume {run_dir}: the config differs from the saved config.yaml in {bad} "
-                        f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)"
+                        f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume){hint}"
                     )
             meta = self.resume_meta
             if (run_dir / "final").is_dir() and meta is not None and meta["step"] >= cfg.train.steps:
