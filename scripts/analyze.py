@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from moe_emergence.analysis import analyze_runs
+    from moe_emergence.errors import ConfigError
 
     try:
         analyze_runs(
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             n_perm=args.permutations,
             step0=not args.no_step0,
         )
-    except ValueError as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
+    except ConfigError as e:  # a user mistake; any other exception is a bug and keeps its traceback
+        print(f"analyze.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"wrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'metrics.json'}")
     return 0

@@ -268,3 +268,16 @@ def test_step0_model_reproduces_the_trainers_step0_routing(tiny_runs_paths, tmp_
         )
     final_w = model.moe_layers()[0].router.weight.detach()
     assert not torch.equal(final_w, step0_model(model, parent).moe_layers()[0].router.weight.detach())
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, tiny_runs_paths, monkeypatch):
+    """Only user mistakes (``ConfigError``) become one error line; any other ``ValueError`` is a bug and
+    propagates (it used to be reported as a user error, exit 2)."""
+    import moe_emergence.analysis as analysis
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(analysis, "analyze_runs", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        _script().main([str(tiny_runs_paths["dense"]), "--out", str(tmp_path / "o")])

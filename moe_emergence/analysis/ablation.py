@@ -18,6 +18,7 @@ import torch
 
 from moe_emergence.analysis.collect import eval_nll
 from moe_emergence.analysis.runs import EvalSet
+from moe_emergence.errors import ConfigError
 
 
 def keep_all_but(num_experts: int, expert: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -38,7 +39,7 @@ def check_ablation(run) -> None:
         return
     moe = json.loads((run.final_dir / "config.json").read_text())["moe"]
     if moe["top_k"] >= moe["num_experts"]:
-        raise ValueError(
+        raise ConfigError(
             f"run {run.name!r}: top_k={moe['top_k']} equals num_experts={moe['num_experts']}, so removing one "
             "expert leaves fewer than top_k; the causal ablation cannot run (pass --no-ablation)"
         )

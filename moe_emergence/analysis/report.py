@@ -31,6 +31,7 @@ from moe_emergence.analysis.runs import (
     load_tokenizer,
 )
 from moe_emergence.analysis.summarize import ablation_summary, routing_summary, weight_summary
+from moe_emergence.errors import ConfigError
 
 REPORT_FILES = ("metrics.json", "report.md")
 
@@ -134,9 +135,9 @@ def check_out_dir(out: str | Path) -> None:
     anything else is refused so nothing unrelated is overwritten."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
-        raise ValueError(f"--out {str(out)!r} is not empty and holds no earlier report; choose a new folder")
+        raise ConfigError(f"--out {str(out)!r} is not empty and holds no earlier report; choose a new folder")
 
 
 def analyze_runs(
@@ -159,11 +160,11 @@ def analyze_runs(
     ``ValueError`` names the run, since numbers on different blocks are not comparable.
     """
     if not run_dirs:
-        raise ValueError("no run folder given")
+        raise ConfigError("no run folder given")
     runs = [load_run(p) for p in run_dirs]  # checks every folder before any work
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        raise ValueError(f"run folders must have distinct names, got {names}")
+        raise ConfigError(f"run folders must have distinct names, got {names}")
     check_out_dir(out_dir)
     if ablation:
         for r in runs:
@@ -172,7 +173,7 @@ def analyze_runs(
     for r in runs[1:]:
         other = load_eval_set(r, load_tokenizer(r), max_blocks)
         if other.fingerprint != eval_set.fingerprint or other.domains != eval_set.domains:
-            raise ValueError(
+            raise ConfigError(
                 f"run {r.name!r} rebuilds different eval blocks than {runs[0].name!r} (data config or tokenizer "
                 "differ); compare only runs trained on the same data with the same tokenizer"
             )

@@ -22,6 +22,7 @@ import yaml
 import moe_emergence  # noqa: F401  (registers gpt2_moe with the Auto classes)
 from moe_emergence.data import DataConfig, build_corpus
 from moe_emergence.data.config import saved_data_block
+from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.modeling import GPT2MoEForCausalLM
 from moe_emergence.yamlio import strict_load
 
@@ -63,8 +64,8 @@ class Run:
         return (self.config.get("collapse") or {}).get("max_frac")
 
 
-def _bad(path: Path, why: str) -> ValueError:
-    return ValueError(
+def _bad(path: Path, why: str) -> ConfigError:
+    return ConfigError(
         f"{str(path)!r} is not a run folder: {why} (a run folder, written by scripts/train.py, has "
         "config.yaml with a data: block, final/ with a saved model, and metrics.jsonl)"
     )
@@ -84,7 +85,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 continue
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from e
+            raise ConfigError(f"{path}: line {i + 1} is not JSON ({e})") from e
     return out
 
 
@@ -92,7 +93,7 @@ def load_run(path: str | Path) -> Run:
     """Check and load a run folder's config and metrics (the model is loaded by ``load_model``)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"run folder {str(path)!r} does not exist")
+        raise ConfigError(f"run folder {str(path)!r} does not exist")
     if not path.is_dir():
         raise _bad(path, "it is not a folder")
     cfg_file = path / "config.yaml"
@@ -168,7 +169,7 @@ def _checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         for f in bins:
             out.update(torch.load(f, map_location="cpu", weights_only=True))
         return out
-    raise ValueError(f"checkpoint {folder} has no model weights (model.safetensors or pytorch_model.bin)")
+    raise ConfigError(f"checkpoint {folder} has no model weights (model.safetensors or pytorch_model.bin)")
 
 
 def load_checkpoint_model(run: Run, folder: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -193,7 +194,7 @@ def load_checkpoint_model(run: Run, folder: Path, device: str | torch.device = "
             state[a] = state[b]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {folder}: weights do not fit the final model's architecture "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
@@ -236,7 +237,7 @@ def select_blocks(domain_ids_BS: np.ndarray, num_domains: int, max_blocks: int |
     if max_blocks is None:
         return all_rows
     if max_blocks < 1:
-        raise ValueError(f"max_blocks={max_blocks} must be >= 1 (or None for all eval blocks)")
+        raise ConfigError(f"max_blocks={max_blocks} must be >= 1 (or None for all eval blocks)")
     per = math.ceil(max_blocks / num_domains)
     dom = block_domains(domain_ids_BS)
     keep = np.concatenate([all_rows[dom == d][:per] for d in range(num_domains)])
@@ -246,7 +247,8 @@ def select_blocks(domain_ids_BS: np.ndarray, num_domains: int, max_blocks: int |
 def load_eval_set(run: Run, tokenizer=None, max_blocks: int | None = None) -> EvalSet:
     """The run's eval blocks, rebuilt with the run's data config and tokenizer (cached by the data package)."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(run)
-    corpus = build_corpus(run.data_config, tokenizer=tokenizer)
+    with as_user_error(f"run {run.name!r}: its data"):  # missing or changed files: the data package's message
+        corpus = build_corpus(run.data_config, tokenizer=tokenizer)
     ev = corpus.eval.with_format("numpy")
     ids, mask, dom = (
         np.asarray(ev[c], dtype=np.int64) for c in ("input_ids", "attention_mask", "domain_ids")
