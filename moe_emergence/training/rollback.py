@@ -11,8 +11,8 @@ and every tensor of the optimizer state. The copies live on the parameters' devi
 model and its AdamW moments; on an FSDP2 model, of this process's shards). The first ``take`` allocates
 one flat buffer per (device, dtype) and every take fills it with one ``torch.cat`` (a few kernel launches,
 where a ``_foreach_copy_`` issues one copy per tensor: ~450 launches, ~4 ms of host time a step on the
-H200). ``guard.snapshot_every`` takes it every N good steps (0 = never: a bad step is only skipped, and the stop checkpoint is not written when the
-weights are known to be bad).
+H200). ``guard.snapshot_every`` takes it every N good steps (0 = never: a bad step is only skipped, and
+the stop checkpoint is not written when the weights are known to be bad).
 """
 
 from __future__ import annotations
@@ -89,10 +89,8 @@ class Snapshot:
         live = self._live_state()
         if self.saved is None or self.saved.keys() != live.keys():  # first take, or new optimizer state
             self._allocate(live)
-        for (
-            flat,
-            keys,
-        ) in self._flat:  # one cat per (device, dtype): a few kernel launches, not one per tensor
+        # one cat per (device, dtype): a few kernel launches, not one per tensor
+        for flat, keys in self._flat:
             torch.cat([live[k].reshape(-1) for k in keys], out=flat)
 
     def _allocate(self, live: dict[tuple, torch.Tensor]) -> None:
