@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.utils.generic import can_return_tuple
 
-from moe_emergence.config import MoEConfig
+from moe_emergence.config import BACKENDS, MoEConfig
 from moe_emergence.layer import MoEWrapper
 from moe_emergence.losses import LossCoefs, moe_objective
 from moe_emergence.model_card import write_model_card
@@ -231,6 +231,16 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
         return {
             i: block.mlp for i, block in enumerate(self.transformer.h) if isinstance(block.mlp, MoEWrapper)
         }
+
+    def set_experts_backend(self, backend: str) -> None:
+        """Run every expert bank through ``backend`` (``MoEConfig.backend``'s names: ``"eager"`` is the
+        reference, the others are tested against it); ``config.moe.backend`` follows, so a model upcycled
+        from this config or saved from this model uses it too. Raises ``ValueError`` for an unknown name."""
+        if backend not in BACKENDS:
+            raise ValueError(f"set_experts_backend: backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        self.config.moe.backend = backend
+        for layer in self.moe_layers().values():
+            layer.experts.backend = backend
 
     def set_router_step(self, step: int) -> None:
         """Set the optimizer step of every router (drives noise annealing)."""

@@ -1,7 +1,7 @@
 """Analyse finished runs: routing on the shared eval blocks, specialisation metrics with CIs, figures, report.
 
     python scripts/analyze.py RUN_DIR [RUN_DIR ...] --out REPORT_DIR [--max-blocks N] [--bootstrap N]
-        [--permutations N] [--seed S] [--no-step0]
+        [--permutations N] [--seed S] [--batch-size N] [--device cpu|cuda] [--backend eager] [--no-step0]
 
 Writes REPORT_DIR/metrics.json, REPORT_DIR/report.md and PNG figures (see docs/analysis.md). A thin wrapper
 over ``moe_emergence.analysis.analyze_runs``.
@@ -27,6 +27,10 @@ def _bad_flag(args) -> str | None:
     ):
         if value < least:
             return f"{flag} {value}: an integer >= {least}"
+    from moe_emergence.config import BACKENDS
+
+    if args.backend not in BACKENDS:
+        return f"--backend {args.backend!r}: one of {', '.join(BACKENDS)}"
     if args.device != "cpu" and not (args.device == "cuda" or args.device.startswith("cuda:")):
         return f"--device {args.device!r}: cpu, cuda or cuda:N"
     if args.device != "cpu":
@@ -73,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-step0", action="store_true", help="skip routing the re-upcycled step-0 model (one eval pass)"
     )
+    p.add_argument(
+        "--backend",
+        default="eager",
+        help="experts backend of the MoE runs: eager (the reference, default), grouped_mm, triton or auto",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     bad = _bad_flag(args)
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             n_perm=args.permutations,
             step0=not args.no_step0,
+            backend=args.backend,
+            timings=True,
         )
     except ConfigError as e:  # a user mistake; any other exception is a bug and keeps its traceback
         print(f"analyze.py: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -53,6 +53,8 @@ def report(tmp_path_factory):
 def test_script_writes_every_file(report):
     out, proc = report
     assert "routing moe" in proc.stderr  # the progress bar
+    for stage in ("routing", "routing at step 0", "routing statistics", "saturation", "expert ablation"):
+        assert f"analyze: moe: {stage}" in proc.stderr  # one timing line per stage
     md = (out / "report.md").read_text()
     images = [line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
     expected = {"loss_by_domain.png", "nmi_per_layer.png", "moe/training_router.png", "moe/collapse.png"}
@@ -80,6 +82,7 @@ def test_metrics_json_numbers(report):
     out, _ = report
     m = json.loads((out / "metrics.json").read_text())
     assert m["eval_set"]["blocks"] == 12 and m["bootstrap"]["n_boot"] == 100
+    assert m["experts_backend"] == "eager"  # the reference, whatever backend the run trained with
     moe, dense = m["runs"]["moe"], m["runs"]["dense"]
     assert (
         dense["is_moe"] is False
@@ -136,6 +139,7 @@ def test_metrics_json_numbers(report):
         (["--permutations", "-1"], "--permutations -1: an integer >= 0"),
         (["--batch-size", "0"], "--batch-size 0: an integer >= 1"),
         (["--device", "nonsense"], "--device 'nonsense': cpu, cuda or cuda:N"),
+        (["--backend", "fast"], "--backend 'fast': one of auto, eager, grouped_mm, triton"),
     ],
 )
 def test_bad_flags_are_one_error_line_naming_the_flag(tmp_path, tiny_runs_paths, capsys, flags, message):
@@ -281,3 +285,20 @@ def test_a_bug_keeps_its_traceback(tmp_path, tiny_runs_paths, monkeypatch):
     monkeypatch.setattr(analysis, "analyze_runs", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         _script().main([str(tiny_runs_paths["dense"]), "--out", str(tmp_path / "o")])
+
+
+def test_load_model_runs_the_experts_through_the_backend_asked(tiny_runs_paths):
+    from moe_emergence.analysis import load_model, load_run
+    from moe_emergence.analysis.runs import list_checkpoints, load_checkpoint_model
+
+    run = load_run(tiny_runs_paths["moe"])
+    saved = load_model(run.final_dir).config.moe.backend
+    other = "grouped_mm" if saved != "grouped_mm" else "triton"
+    step, folder, _ = list_checkpoints(run)[-1]
+    for model in (
+        load_model(run.final_dir, backend=other),
+        load_checkpoint_model(run, folder, backend=other),
+    ):
+        assert model.config.moe.backend == other
+        assert {layer.experts.backend for layer in model.moe_layers().values()} == {other}
+    assert load_model(run.final_dir).config.moe.backend == saved  # None keeps the saved config's

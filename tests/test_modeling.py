@@ -145,6 +145,21 @@ def test_set_router_step_reaches_every_router(dense_model):
     )
 
 
+def test_set_experts_backend_reaches_every_bank_and_the_config(dense_model, input_ids, tmp_path):
+    moe = upcycle(dense_model, MoEConfig(num_experts=2, noise_std=0.0)).eval()
+    with torch.no_grad():
+        ref = moe(input_ids).logits
+    moe.set_experts_backend("grouped_mm")
+    assert moe.config.moe.backend == "grouped_mm"
+    assert {layer.experts.backend for layer in moe.moe_layers().values()} == {"grouped_mm"}
+    moe.set_experts_backend("eager")
+    with torch.no_grad():
+        assert torch.equal(moe(input_ids).logits, ref)
+    with pytest.raises(ValueError, match="'fast'; allowed: auto, eager, grouped_mm, triton"):
+        moe.set_experts_backend("fast")
+    assert moe.config.moe.backend == "eager"  # a refused name changes nothing
+
+
 def test_routing_travels_as_arguments_not_module_state(dense_model, input_ids):
     """The mask goes in as an argument and router outputs come back with the forward's output; no module
     keeps a tensor of a forward (a second forward cannot change the first one's outputs)."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from moe_emergence.analysis.runs import (
     load_tokenizer,
 )
 from moe_emergence.analysis.summarize import ablation_summary, routing_summary, weight_summary
+from moe_emergence.config import BACKENDS
 from moe_emergence.errors import ConfigError
 
 REPORT_FILES = ("metrics.json", "report.md")
@@ -72,15 +76,27 @@ def step0_model(model, parent) -> torch.nn.Module | None:
     return upcycle(parent, model.config.moe).eval()
 
 
+@contextmanager
+def timed(run: Run, stage: str, on: bool):
+    """With ``on``, print ``analyze: <run>: <stage> <seconds> s`` to stderr when the stage ends (one line
+    each, also with the progress bars off: where a long analysis spends its time)."""
+    start = time.perf_counter()
+    yield
+    if on:
+        print(
+            f"analyze: {run.name}: {stage} {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True
+        )
+
+
 def saturation_vs_checkpoints(
-    run: Run, routing: Routing, eval_set: EvalSet, tokenizer, batch_size, device, progress
+    run: Run, routing: Routing, eval_set: EvalSet, tokenizer, batch_size, device, progress, backend=None
 ) -> dict:
     """Router saturation of every MoE-phase checkpoint against the final model, per layer (OLMoE)."""
     out = {}
     for step, folder, meta in list_checkpoints(run):
         if meta.get("phase", "moe") != "moe":
             continue
-        model = load_checkpoint_model(run, folder, device)
+        model = load_checkpoint_model(run, folder, device, backend)
         if not hasattr(model, "moe_layers"):
             continue
         r = collect_routing(model, eval_set, tokenizer, batch_size, progress, desc=f"routing step {step}")
@@ -100,33 +116,44 @@ def analyze_run(
     progress: bool = True,
     n_perm: int = 1000,
     step0: bool = True,
+    backend: str = "eager",
+    timings: bool = False,
 ) -> RunAnalysis:
     """Collect routing on ``eval_set`` and compute every metric of one run; with ``step0`` (MoE runs whose
-    parent is known) also route the eval set through the step-0 model (``step0_model``) and compare."""
+    parent is known) also route the eval set through the step-0 model (``step0_model``) and compare.
+    MoE experts run through ``backend`` (default ``"eager"``, the reference; any ``MoEConfig.backend``);
+    ``timings`` prints each stage's seconds to stderr (``timed``)."""
     tokenizer = load_tokenizer(run)
-    model = load_model(run.final_dir, device)
-    routing = collect_routing(model, eval_set, tokenizer, batch_size, progress, desc=f"routing {run.name}")
+    model = load_model(run.final_dir, device, backend)
+    with timed(run, "routing", timings):
+        routing = collect_routing(
+            model, eval_set, tokenizer, batch_size, progress, desc=f"routing {run.name}"
+        )
     parent = find_parent(run, device) if routing.topk else None
     routing0 = None
     if step0 and parent is not None:
         m0 = step0_model(model, parent)
-        routing0 = collect_routing(
-            m0, eval_set, tokenizer, batch_size, progress, desc=f"routing step 0 {run.name}"
-        )
-    summary = routing_summary(routing, n_boot, seed, n_perm, routing0)
+        with timed(run, "routing at step 0", timings):
+            routing0 = collect_routing(
+                m0, eval_set, tokenizer, batch_size, progress, desc=f"routing step 0 {run.name}"
+            )
+    with timed(run, "routing statistics (bootstrap, null baselines)", timings):
+        summary = routing_summary(routing, n_boot, seed, n_perm, routing0)
     out = {"run_dir": str(run.path), "model_type": run.model_type, **summary}
     if routing.topk:
         out["weights"] = weight_summary(model, parent)
         out["parent_known"] = parent is not None
         if saturation:
-            out["saturation"] = saturation_vs_checkpoints(
-                run, routing, eval_set, tokenizer, batch_size, device, progress
-            )
+            with timed(run, "saturation against checkpoints", timings):
+                out["saturation"] = saturation_vs_checkpoints(
+                    run, routing, eval_set, tokenizer, batch_size, device, progress, backend
+                )
         if ablation:
             base_nll_BS = np.full(eval_set.input_ids.shape, np.nan)
             base_nll_BS[routing.block, routing.pos] = routing.nll
-            abl = expert_ablation(model, eval_set, batch_size, progress, base_nll_BS=base_nll_BS)
-            out["ablation"] = ablation_summary(abl, routing, n_boot, seed)
+            with timed(run, "expert ablation", timings):
+                abl = expert_ablation(model, eval_set, batch_size, progress, base_nll_BS=base_nll_BS)
+                out["ablation"] = ablation_summary(abl, routing, n_boot, seed)
     return RunAnalysis(run=run, routing=routing, metrics=out)
 
 
@@ -153,14 +180,21 @@ def analyze_runs(
     progress: bool = True,
     n_perm: int = 1000,
     step0: bool = True,
+    backend: str = "eager",
+    timings: bool = False,
 ) -> tuple[dict, list[RunAnalysis]]:
     """Analyse runs on the eval blocks of the first run and write metrics.json, figures and report.md.
 
     Every run must rebuild exactly the same eval blocks (same data config and tokenizer); otherwise a
-    ``ValueError`` names the run, since numbers on different blocks are not comparable.
+    ``ConfigError`` names the run, since numbers on different blocks are not comparable. MoE experts run
+    through ``backend`` (``"eager"``, the reference, by default: a fast path's tuning and numerics stay out
+    of the numbers); a name that is not an ``MoEConfig.backend`` is a ``ConfigError``. ``timings`` prints
+    one line per stage and run to stderr (``scripts/analyze.py`` turns it on).
     """
     if not run_dirs:
         raise ConfigError("no run folder given")
+    if backend not in BACKENDS:
+        raise ConfigError(f"experts backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     runs = [load_run(p) for p in run_dirs]  # checks every folder before any work
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -181,7 +215,19 @@ def analyze_runs(
     out.mkdir(parents=True, exist_ok=True)  # only after every check that can refuse the input
     analyses = [
         analyze_run(
-            r, eval_set, n_boot, seed, batch_size, ablation, saturation, device, progress, n_perm, step0
+            r,
+            eval_set,
+            n_boot,
+            seed,
+            batch_size,
+            ablation,
+            saturation,
+            device,
+            progress,
+            n_perm,
+            step0,
+            backend,
+            timings,
         )
         for r in runs
     ]
@@ -193,6 +239,7 @@ def analyze_runs(
             "domains": eval_set.domains,
             "max_blocks": max_blocks,
         },
+        "experts_backend": backend,
         "bootstrap": {
             "n_boot": n_boot,
             "seed": seed,

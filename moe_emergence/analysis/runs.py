@@ -117,9 +117,12 @@ def load_run(path: str | Path) -> Run:
     return run
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu", backend: str | None = None
+) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained(folder)`` in eval mode, float32 (MoE or dense GPT-2), without
-    transformers' per-file "Loading weights" bar (restored after)."""
+    transformers' per-file "Loading weights" bar (restored after); an MoE model's experts run through
+    ``backend`` when given (``GPT2MoEForCausalLM.set_experts_backend``), else the saved config's."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -130,6 +133,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    if backend is not None and isinstance(model, GPT2MoEForCausalLM):
+        model.set_experts_backend(backend)
     return model.to(device).eval()
 
 
@@ -172,8 +177,11 @@ def _checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise ConfigError(f"checkpoint {folder} has no model weights (model.safetensors or pytorch_model.bin)")
 
 
-def load_checkpoint_model(run: Run, folder: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of a checkpoint: the final model's architecture with the checkpoint's weights.
+def load_checkpoint_model(
+    run: Run, folder: Path, device: str | torch.device = "cpu", backend: str | None = None
+) -> torch.nn.Module:
+    """The model of a checkpoint: the final model's architecture with the checkpoint's weights (an MoE
+    model's experts through ``backend`` when given, as in ``load_model``).
 
     A dense-phase checkpoint of an upcycled run gives a ``GPT2LMHeadModel`` with the same sizes.
     """
@@ -198,6 +206,8 @@ def load_checkpoint_model(run: Run, folder: Path, device: str | torch.device = "
             f"checkpoint {folder}: weights do not fit the final model's architecture "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    if backend is not None and isinstance(model, GPT2MoEForCausalLM):
+        model.set_experts_backend(backend)
     return model.to(device).eval()
 
 
