@@ -74,10 +74,13 @@ case "${1:?usage: study.sh parent | runs SEEDS [CONFIG...] | analyze REPORT RUN.
     done ;;
   analyze)
     report=${2:?report folder}; shift 2
-    "$PY" scripts/analyze.py --out "$report" --max-blocks 0 --bootstrap 1000 --permutations 1000 "$@" ;;
+    "$PY" scripts/analyze.py --out "$report" --max-blocks 0 --bootstrap 1000 --permutations 1000 --batch-size 32 "$@" ;;
   name)
     run_name "${2:?seed}" "${3:?config}" ;;
   plan)
+    for v in STUDY_SEEDS_MAIN STUDY_SEEDS_OTHER; do
+      [ -z "${!v:-}" ] || [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || error "$v '${!v}' is not a positive integer (seeds per arm)"
+    done
     for c in "${ALL[@]}"; do
       [ "$c" = micro ] && continue
       case "$c" in moe-top1|dense) n=${STUDY_SEEDS_MAIN:-6} ;; *) n=${STUDY_SEEDS_OTHER:-3} ;; esac

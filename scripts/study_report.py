@@ -22,6 +22,7 @@ import argparse
 import json
 import re
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import numpy as np
 
 from moe_emergence.analysis import figures
 from moe_emergence.analysis.seeds import mean_ci, paired_test, sign_flip_test
+from moe_emergence.console import ArgumentParser
+from moe_emergence.errors import ConfigError, run_cli
 from moe_emergence.telemetry import names as keys
 
 NAME = re.compile(r"^study-(?P<config>.+)-s(?P<seed>\d+)(?P<ddp>-ddp)?$")
@@ -325,17 +328,39 @@ def trajectory(recs: list[dict]) -> list[dict]:
     return [{k: float(f"{v:.5g}") for k, v in r.items() if kept(k)} for r in keep]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+REQUIRED_ARMS = ("dense", "moe-top1", "no-balance")  # every table compares with these; the figures show them
+
+
+def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> None:
+    """Raises ``ConfigError`` (before anything is written) when a run has no analyze.py report or an arm
+    the tables compare with has no runs: a half-analysed study would give tables that mix run sets."""
+    if not runs:
+        raise ConfigError(f"--runs {str(runs_dir)!r}: no study-<config>-s<seed> folder with metrics.jsonl")
+    missing = [n for n, r in runs.items() if r["analysis"] is None]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ConfigError(
+            f"--reports {str(reports)!r}: no analyze.py report for {shown} (expected <reports>/<run>/metrics.json, "
+            "written by scripts/study.sh analyze REPORT RUN); every run needs one"
+        )
+    absent = [c for c in REQUIRED_ARMS if c not in groups]
+    if absent:
+        raise ConfigError(f"--runs {str(runs_dir)!r}: no runs of {', '.join(absent)} (the tables need "
+                          f"{', '.join(REQUIRED_ARMS)})")  # fmt: skip
+
+
+def _main(argv: list[str] | None = None) -> int:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, required=True)
     ap.add_argument("--reports", type=Path, required=True)
     ap.add_argument("--walls", type=Path, nargs="*", default=[], help="study_gpu.sh driver logs (wall times)")
     ap.add_argument("--out", type=Path, default=Path("docs"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not args.runs.is_dir():
+        raise ConfigError(f"--runs {str(args.runs)!r} is not a folder")
     runs = load(args.runs, args.reports)
-    if not runs:
-        raise SystemExit(f"no study-<config>-s<seed> runs with metrics.jsonl under {args.runs}")
     groups = by_config(runs)
+    check_complete(runs, groups, args.runs, args.reports)
     walls = {}
     for f in args.walls:
         for mt in re.finditer(r"^(\S+): rc 0, (\d+) s wall$", f.read_text(), re.M):
@@ -375,7 +400,13 @@ def main() -> None:
     ]  # fmt: skip
     (study / "tables.md").write_text("\n\n".join(tables) + "\n")
     print((study / "tables.md").read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A missing or incomplete study: one ``error:`` line, exit status 2, nothing written."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

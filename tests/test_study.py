@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,34 @@ def test_study_report_tolerates_reports_without_the_new_keys(tmp_path):
             del lm[key]
     row = sr.baseline_seed_table(runs, sr.by_config(runs)).splitlines()[2]
     assert row.startswith("| moe-top1 | 2 | 3 | 0.250 [") and row.count("n/a") == len(sr.BASELINE_COLUMNS) - 1
+
+
+def test_study_report_refuses_a_half_analysed_study_in_one_line(tmp_path, capsys):
+    sr = _report_module()
+    losses = {"dense": [3.8, 3.8], "moe-top1": [3.7, 3.7], "no-balance": [3.8, 3.8]}
+    nmi = {"moe-top1": [0.2, 0.3], "no-balance": [0.0, 0.0]}
+    runs, reports = _fake_study(tmp_path, losses, nmi)
+    out = tmp_path / "docs"
+    (reports / "study-moe-top1-s1" / "metrics.json").unlink()  # one analysis did not finish
+    argv = ["--runs", str(runs), "--reports", str(reports), "--out", str(out)]
+    assert sr.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --reports") and "study-moe-top1-s1" in err
+    assert not out.exists()
+    for name in ("study-no-balance-s0", "study-no-balance-s1"):
+        shutil.rmtree(runs / name)
+    (reports / "study-moe-top1-s1" / "metrics.json").write_text(
+        json.dumps({"runs": {"study-moe-top1-s1": {"layers": {}}}})
+    )
+    assert sr.main(argv) == 2
+    assert "no runs of no-balance" in capsys.readouterr().err and not out.exists()
+    assert sr.main(["--runs", str(tmp_path / "nope"), "--reports", str(reports)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("var", ["STUDY_SEEDS_MAIN", "STUDY_SEEDS_OTHER"])
+@pytest.mark.parametrize("value", ["x", "0", "-2"])
+def test_study_sh_plan_refuses_a_seed_count_that_is_not_positive(var, value):
+    proc = _study_sh("plan", **{var: value})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"study.sh: error: {var} '{value}' is not a positive integer (seeds per arm)\n"
