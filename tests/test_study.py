@@ -95,7 +95,10 @@ def test_study_sh_plan_has_the_documented_seed_counts():
         (("runs", "0", "parent"), "no study arm 'parent'"),  # a config, not an arm
         (("runs", "0", "../study/dense"), "no study arm '../study/dense'"),
         (("runs",), "runs needs SEEDS"),
-        (("name", "x", "dense"), "seed 'x' is not a non-negative integer"),
+        (("name", "x", "dense"), "seed 'x' is not a whole number from 0 to 999999999"),
+        (("name", "1234567890", "dense"), "seed '1234567890' is not a whole number"),
+        (("runs", "0-100000", "dense"), "seed range '0-100000' has more than 1000 seeds"),
+        (("runs", "12345678901", "dense"), "of seeds up to 999999999"),
         (("fly",), "unknown step 'fly'"),
     ],
 )
@@ -225,8 +228,11 @@ def test_study_report_refuses_a_half_analysed_study_in_one_line(tmp_path, capsys
 
 
 @pytest.mark.parametrize("var", ["STUDY_SEEDS_MAIN", "STUDY_SEEDS_OTHER"])
-@pytest.mark.parametrize("value", ["x", "0", "-2"])
-def test_study_sh_plan_refuses_a_seed_count_that_is_not_positive(var, value):
+@pytest.mark.parametrize("value", ["x", "0", "-2", "1000", "99999999999999999999"])
+def test_study_sh_plan_refuses_a_seed_count_out_of_range(var, value):
     proc = _study_sh("plan", **{var: value})
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == f"study.sh: error: {var} '{value}' is not a positive integer (seeds per arm)\n"
+    assert (
+        proc.stderr
+        == f"study.sh: error: {var} '{value}' is not a whole number from 1 to 999 (seeds per arm)\n"
+    )
