@@ -38,6 +38,12 @@ def _bad_flag(args) -> str | None:
 
         if not torch.cuda.is_available():
             return f"--device {args.device}: no CUDA GPU here (torch {torch.__version__}); use --device cpu"
+    if args.backend not in ("auto", "eager"):
+        from moe_emergence.kernels import unsupported_reason
+
+        why = unsupported_reason(args.backend, args.device)
+        if why:
+            return f"--backend {args.backend!r} cannot run on {args.device} ({why}); use eager or auto"
     return None
 
 

@@ -15,29 +15,50 @@
 # CUDA_VISIBLE_DEVICES (default: every GPU nvidia-smi lists, else 1); `ddp` runs use the first two.
 # STUDY_MPS=1: run NVIDIA's MPS daemon for this call (started first, stopped at the end), so the kernels of the
 # concurrent runs share the GPU instead of taking turns (2026-12-01, one H200: 14 runs at once in 177 s).
-# OUT gets parent.tar.* and runs.tgz.* (pieces of 15 MB: unpack with cat runs.tgz.* | tar xzf - -C runs).
+# OUT gets parent.tar.* and runs.tgz.* (pieces of 15 MB: unpack with cat runs.tgz.* | tar xzf - -C runs); runs.tgz
+# holds a report only for a run trained to the end and analysed in this call, and the exit status is 1 when any
+# run was not. Bad input (step, OUT, SEED:CONFIG, the variables above) is one error line, exit 2, before anything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: study_gpu.sh parent OUT | runs OUT SEED:CONFIG ...}
-out=${2:?output folder}
+error() { echo "study_gpu.sh: error: $*" >&2; exit 2; }
+step=${1:-}
+case "$step" in parent|runs|ddp) ;; *) error "step '$step': one of parent, runs, ddp (then OUT, then SEED:CONFIG ... for runs and ddp)" ;; esac
+out=${2:-}
+[ -n "$out" ] || error "$step needs an output folder OUT"
 shift 2
 logs=runs/study-logs reports=runs/study-reports  # inside runs/ (git-ignored)
-mkdir -p "$out" "$logs" "$reports"
 export STUDY_OVERRIDES="${STUDY_OVERRIDES:-log.wandb=disabled log.progress=false}"
 deadline=${DEADLINE:-560}
-if [ -n "${STUDY_GPUS:-}" ]; then ngpu=$STUDY_GPUS
-else ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
-[[ "$ngpu" =~ ^[1-9][0-9]*$ ]] || ngpu=1
-if [ "${STUDY_MPS:-0}" = 1 ]; then
-  command -v nvidia-cuda-mps-control > /dev/null \
-    || { echo "study_gpu.sh: error: STUDY_MPS=1 but nvidia-cuda-mps-control is not on PATH" >&2; exit 2; }
-  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps-pipe} CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps-log}
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d || { echo "study_gpu.sh: error: the MPS daemon did not start" >&2; exit 1; }
-  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+[[ "$deadline" =~ ^[1-9][0-9]{0,5}$ ]] || error "DEADLINE '$deadline': seconds, a whole number from 1 to 999999"
+if [ -n "${STUDY_GPUS:-}" ]; then
+  [[ "$STUDY_GPUS" =~ ^[1-9][0-9]?$ ]] || error "STUDY_GPUS '$STUDY_GPUS': the number of GPUs, 1 to 99"
+  ngpu=$STUDY_GPUS
+else
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [[ "$ngpu" =~ ^[1-9][0-9]*$ ]] || ngpu=1
 fi
 jobs=${ANALYZE_JOBS:-8}
-[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "study_gpu.sh: error: ANALYZE_JOBS '$jobs' is not a positive integer" >&2; exit 2; }
+[[ "$jobs" =~ ^[1-9][0-9]?$ ]] || error "ANALYZE_JOBS '$jobs': analyses at a time, 1 to 99"
+case "${STUDY_MPS:-0}" in 0|1) ;; *) error "STUDY_MPS '${STUDY_MPS}': 1 (run the MPS daemon) or 0" ;; esac
+names=() seeds=() configs=()
+if [ "$step" != parent ]; then  # every SEED:CONFIG checked (and named) before anything starts
+  [ $# -gt 0 ] || error "$step needs at least one SEED:CONFIG (e.g. 0:moe-top1)"
+  for spec in "$@"; do
+    [[ "$spec" == *:* ]] || error "'$spec' is not SEED:CONFIG (e.g. 0:moe-top1)"
+    name=$(bash scripts/study.sh name "${spec%%:*}" "${spec#*:}") || exit 2
+    [ "$step" = ddp ] && name="$name-ddp"
+    [[ " ${names[*]} " != *" $name "* ]] || error "'$spec' is given twice"
+    names+=("$name") seeds+=("${spec%%:*}") configs+=("${spec#*:}")
+  done
+fi
+if [ "${STUDY_MPS:-0}" = 1 ]; then
+  command -v nvidia-cuda-mps-control > /dev/null || error "STUDY_MPS=1 but nvidia-cuda-mps-control is not on PATH"
+  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps-pipe} CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps-log}
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || { echo "study_gpu.sh: the MPS daemon did not start" >&2; exit 1; }
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
+mkdir -p "$out" "$logs" "$reports"
 
 case "$step" in
   parent)
@@ -49,23 +70,22 @@ case "$step" in
     tar cf - -C runs/study-parent final | split -b 15M - "$out/parent.tar."
     tar czf "$out/parent-logs.tgz" -C runs study-logs/study-parent.log study-parent/config.yaml study-parent/metrics.jsonl ;;
   runs|ddp)
+    stamp=$(mktemp "$logs/.call.XXXXXX")  # a final/ older than this was not written by this call
     set -m  # each run in its own process group, so the deadline can stop all of it
-    names=()
-    for spec in "$@"; do
-      seed=${spec%%:*} config=${spec#*:}
-      name=$(bash scripts/study.sh name "$seed" "$config")
+    for i in "${!names[@]}"; do
+      name=${names[$i]}
       if [ "$step" = ddp ]; then
-        name="$name-ddp"
-        launch="--config_file configs/accelerate/ddp.yaml --main_process_port $((29500 + ${#names[@]}))"
+        launch="--config_file configs/accelerate/ddp.yaml --main_process_port $((29500 + i))"
         batch=$("${PYTHON:-python3}" -c "import yaml; print(yaml.safe_load(open('configs/study/moe-top1.yaml'))['train']['batch_size'] // 2)")
         export STUDY_LAUNCH="$launch" STUDY_EXTRA_RUN="train.batch_size=$batch log.run_name=$name"
+        gpu=${CUDA_VISIBLE_DEVICES:-0,1}
+      else
+        gpu=$(( i % ngpu ))
       fi
-      gpu=$(( ${#names[@]} % ngpu ))
-      [ "$step" = ddp ] && gpu=${CUDA_VISIBLE_DEVICES:-0,1}
-      rm -f "$logs/$name.rc"
-      (start=$(date +%s); CUDA_VISIBLE_DEVICES=$gpu bash scripts/study.sh runs "$seed" "$config" > "$logs/$name.log" 2>&1
+      rm -f "$logs/$name.rc" "$logs/analyze-$name.rc"  # this call's markers: what is packed below
+      (start=$(date +%s)
+       CUDA_VISIBLE_DEVICES=$gpu bash scripts/study.sh runs "${seeds[$i]}" "${configs[$i]}" > "$logs/$name.log" 2>&1
        rc=$?; echo "$rc" > "$logs/$name.rc"; echo "$name: rc $rc, $(( $(date +%s) - start )) s wall") &
-      names+=("$name")
     done
     # stop what outlives the deadline (SIGTERM: the trainer saves a checkpoint and exits 143)
     while [ "$(jobs -rp | wc -l)" -gt 0 ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 5; done
@@ -73,12 +93,14 @@ case "$step" in
     wait
     set +m
     done_runs=()
-    for n in "${names[@]}"; do  # finished in this call (a final/ left by an earlier run does not count)
-      if [ "$(cat "$logs/$n.rc" 2>/dev/null)" = 0 ] && [ -d "runs/$n/final" ]; then done_runs+=("runs/$n")
-      else echo "$n: not finished, not analysed (its log: $logs/$n.log)"; fi
+    for n in "${names[@]}"; do  # trained to the end in this call: rc 0 and a final/ newer than the call's start
+      if [ "$(cat "$logs/$n.rc" 2>/dev/null)" = 0 ] && [ -d "runs/$n/final" ] && [ "runs/$n/final" -nt "$stamp" ]; then
+        done_runs+=("runs/$n")
+      else echo "$n: not trained to the end in this call, not analysed (its log: $logs/$n.log)"; fi
     done
+    rm -f "$stamp"
     echo "finished: ${done_runs[*]:-none}"
-    apids=()
+    apids=() analysed=()
     for r in "${done_runs[@]}"; do  # one analysis per run, ANALYZE_JOBS at a time (same eval blocks in each)
       while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
       n=$(basename "$r")
@@ -86,12 +108,18 @@ case "$step" in
        CUDA_VISIBLE_DEVICES=$(( ${#apids[@]} % ngpu )) OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} \
          bash scripts/study.sh analyze "$reports/$n" "$r" --device "${ANALYZE_DEVICE:-cuda}" --no-progress \
          ${ANALYZE_EXTRA:-} > "$logs/analyze-$n.log" 2>&1
-       echo "analyze $n: rc $?, $(( $(date +%s) - start )) s wall") &
+       rc=$?; echo "$rc" > "$logs/analyze-$n.rc"; echo "analyze $n: rc $rc, $(( $(date +%s) - start )) s wall") &
       apids+=($!)
     done
-    wait "${apids[@]}" 2>/dev/null
-    tar czf - -C runs $(for n in "${names[@]}"; do
-      (cd runs && ls -d "study-logs/$n.log" "study-logs/analyze-$n.log" "study-reports/$n" \
-        "$n/config.yaml" "$n/metrics.jsonl" 2>/dev/null); done) | split -b 15M - "$out/runs.tgz." ;;
-  *) echo "unknown step $step" >&2; exit 2 ;;
+    [ ${#apids[@]} -eq 0 ] || wait "${apids[@]}"
+    pack=()  # this call's logs and run records; a report (and its log) only from an analysis made in this call
+    for n in "${names[@]}"; do
+      pack+=("study-logs/$n.log")
+      for f in "$n/config.yaml" "$n/metrics.jsonl"; do [ -f "runs/$f" ] && pack+=("$f"); done
+      [ -f "$logs/analyze-$n.rc" ] && pack+=("study-logs/analyze-$n.log")
+      if [ "$(cat "$logs/analyze-$n.rc" 2>/dev/null)" = 0 ]; then analysed+=("$n"); pack+=("study-reports/$n"); fi
+    done
+    tar czf - -C runs "${pack[@]}" | split -b 15M - "$out/runs.tgz."
+    echo "analysed: ${analysed[*]:-none} (${#analysed[@]} of ${#names[@]} runs)"
+    [ ${#analysed[@]} -eq ${#names[@]} ] || exit 1 ;;
 esac

@@ -68,17 +68,43 @@ def load(runs: Path, reports: Path) -> dict:
         mt = NAME.match(d.name)
         if not mt or not (d / "metrics.jsonl").exists():
             continue
-        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        recs = _read_jsonl(d / "metrics.jsonl")
         rep = reports / d.name / "metrics.json"
         config = mt["config"] + (" (ddp)" if mt["ddp"] else "")
         out[d.name] = {
             "config": config,
             "seed": int(mt["seed"]),
             "records": recs,
-            "analysis": json.loads(rep.read_text())["runs"][d.name] if rep.exists() else None,
-            "report_path": rep if rep.exists() else None,
+            "analysis": _read_report(rep, d.name) if rep.is_file() else None,
+            "report_path": rep if rep.is_file() else None,
         }
     return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl; ``ConfigError`` naming the file and line of a broken one."""
+    recs = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{path}, line {i}: not a JSON record ({e.msg}); a run cut off mid-write?"
+            ) from None
+    return recs
+
+
+def _read_report(path: Path, run: str) -> dict:
+    """The run's section of an analyze.py metrics.json; ``ConfigError`` when it is broken or of another run."""
+    try:
+        section = json.loads(path.read_text()).get("runs", {}).get(run)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not an analyze.py metrics.json ({e})") from None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: holds no analysis of run {run!r} (a report of another run?)")
+    return section
 
 
 def final_eval(recs: list[dict]) -> dict:
@@ -343,6 +369,12 @@ def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> N
             f"--reports {str(reports)!r}: no analyze.py report for {shown} (expected <reports>/<run>/metrics.json, "
             "written by scripts/study.sh analyze REPORT RUN); every run needs one"
         )
+    cut = [n for n, r in runs.items() if not any(keys.domain_loss("code") in rec for rec in r["records"])]
+    if cut:
+        raise ConfigError(
+            f"--runs {str(runs_dir)!r}: {', '.join(cut[:4])} has no final eval record (not trained to the end, or "
+            "eval.final_split was not eval)"
+        )
     absent = [c for c in REQUIRED_ARMS if c not in groups]
     if absent:
         raise ConfigError(f"--runs {str(runs_dir)!r}: no runs of {', '.join(absent)} (the tables need "
@@ -358,6 +390,11 @@ def _main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.runs.is_dir():
         raise ConfigError(f"--runs {str(args.runs)!r} is not a folder")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {str(args.out)!r} exists and is not a folder")
+    bad = [str(f) for f in args.walls if not f.is_file()]
+    if bad:
+        raise ConfigError(f"--walls {bad[0]!r} is not a file (study_gpu.sh driver logs)")
     runs = load(args.runs, args.reports)
     groups = by_config(runs)
     check_complete(runs, groups, args.runs, args.reports)

@@ -236,3 +236,39 @@ def test_study_sh_plan_refuses_a_seed_count_out_of_range(var, value):
         proc.stderr
         == f"study.sh: error: {var} '{value}' is not a whole number from 1 to 999 (seeds per arm)\n"
     )
+
+
+def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
+    sr = _report_module()
+    losses = {"dense": [3.8], "moe-top1": [3.7], "no-balance": [3.8]}
+    runs, reports = _fake_study(tmp_path, losses, {"moe-top1": [0.2], "no-balance": [0.0]})
+    out = tmp_path / "docs"
+    argv = ["--runs", str(runs), "--reports", str(reports), "--out", str(out)]
+    walls = tmp_path / "driver.log"
+    walls.write_text("study-dense-s0: rc 0, 12 s wall\n")
+    (out / "study" / "trajectories").mkdir(parents=True)  # an earlier report, which a refusal leaves alone
+    (out / "study" / "tables.md").write_text("earlier tables\n")
+    (out / "study" / "trajectories" / "study-moe-top1-s0.json").write_text("[]")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def refused(extra: list[str], message: str) -> None:
+        assert sr.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+    refused(["--walls", str(tmp_path / "nope.log")], "--walls")
+    jsonl = runs / "study-moe-top1-s0" / "metrics.jsonl"
+    good = jsonl.read_text()
+    jsonl.write_text(good + '{"step": 1001, "train/lo')
+    refused([], "study-moe-top1-s0/metrics.jsonl, line 2: not a JSON record")
+    jsonl.write_text('{"step": 500, "train/loss": 3.9}\n')
+    refused([], "study-moe-top1-s0 has no final eval record")
+    jsonl.write_text(good)
+    report = reports / "study-moe-top1-s0" / "metrics.json"
+    report.write_text(json.dumps({"runs": {"study-moe-top1-s9": {"layers": {}}}}))
+    refused([], "holds no analysis of run 'study-moe-top1-s0'")
+    report.write_text("{")
+    refused([], "not an analyze.py metrics.json")
+    assert sr.main(["--runs", str(runs), "--reports", str(reports), "--out", str(walls)]) == 2
+    assert "--out" in capsys.readouterr().err
