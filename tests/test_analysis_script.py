@@ -303,3 +303,26 @@ def test_load_model_runs_the_experts_through_the_backend_asked(tiny_runs_paths):
         assert model.config.moe.backend == other
         assert {layer.experts.backend for layer in model.moe_layers().values()} == {other}
     assert load_model(run.final_dir).config.moe.backend == saved  # None keeps the saved config's
+
+
+def test_a_failure_while_writing_leaves_the_earlier_report_as_it_was(tmp_path, tiny_runs_paths, monkeypatch):
+    from moe_emergence.analysis import report
+
+    out = tmp_path / "rep"
+    kw = dict(max_blocks=6, n_boot=0, n_perm=0, ablation=False, saturation=False, progress=False)
+    _, analyses = report.analyze_runs([tiny_runs_paths["moe"]], out, **kw)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert out / "report.md" in before and all(Path(f).is_file() for f in analyses[0].figures.values())
+    assert all(Path(f).parent.is_relative_to(out) for f in analyses[0].figures.values())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)  # after the figures and metrics.json are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.analyze_runs([tiny_runs_paths["moe"]], out, seed=3, **kw)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no staging folder left
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.analyze_runs([tiny_runs_paths["moe"]], tmp_path / "new", **kw)
+    assert not (tmp_path / "new").exists()

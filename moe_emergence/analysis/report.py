@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -212,7 +215,6 @@ def analyze_runs(
                 "differ); compare only runs trained on the same data with the same tokenizer"
             )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)  # only after every check that can refuse the input
     analyses = [
         analyze_run(
             r,
@@ -253,10 +255,29 @@ def analyze_runs(
         },
         "runs": {a.run.name: a.metrics for a in analyses},
     }
-    write_figures(out, analyses, eval_set)
-    (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=True) + "\n")
-    write_report(out, result, analyses)
+    write_report_files(out, result, analyses, eval_set)
     return result, analyses
+
+
+def write_report_files(out: Path, result: dict, analyses: list[RunAnalysis], eval_set: EvalSet) -> None:
+    """Write the figures, metrics.json and report.md into a staging folder beside ``out`` and move them
+    into ``out`` only once all are written: a failure part-way leaves an earlier report in ``out`` as it
+    was (and no new ``out``). Each analysis's ``figures`` then points into ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_figures(staging, analyses, eval_set)
+        (staging / "metrics.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=True) + "\n")
+        write_report(staging, result, analyses)
+        out.mkdir(exist_ok=True)
+        for src in sorted(f for f in staging.rglob("*") if f.is_file()):
+            dest = out / src.relative_to(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    finally:
+        shutil.rmtree(staging)
+    for a in analyses:
+        a.figures = {k: out / Path(v).relative_to(staging) for k, v in a.figures.items()}
 
 
 def _jsonable(x):
