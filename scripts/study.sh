@@ -31,7 +31,7 @@ check_config() {  # an arm of the study: one of ALL, with its file
     || error "no study arm '$1' (configs/study/$1.yaml); choose from ${ALL[*]}"
 }
 run_name() {  # run_name SEED CONFIG: the config's log.run_name with the seed
-  [[ "$1" =~ ^[0-9]{1,9}$ ]] || error "seed '$1' is not a whole number from 0 to 999999999"
+  [[ "$1" =~ ^(0|[1-9][0-9]{0,8})$ ]] || error "seed '$1' is not a whole number from 0 to 999999999 (no leading zeros)"
   check_config "$2"
   local name
   name=$("$PY" -c "import yaml; print(yaml.safe_load(open('configs/study/$2.yaml'))['log']['run_name'])") \
@@ -44,14 +44,14 @@ seed_list() {  # seed_list SEEDS: "3" -> 3, "0-5" -> 0 1 2 3 4 5, "0,2,7" -> 0 2
   IFS=, read -r -a parts <<< "$1"
   [ ${#parts[@]} -gt 0 ] || error "no seeds given: SEEDS is one seed (3), a range (0-5) or a comma list (0,2,7)"
   for part in "${parts[@]}"; do
-    if [[ $part =~ ^([0-9]{1,9})-([0-9]{1,9})$ ]]; then
+    if [[ $part =~ ^(0|[1-9][0-9]{0,8})-(0|[1-9][0-9]{0,8})$ ]]; then
       [ "${BASH_REMATCH[1]}" -le "${BASH_REMATCH[2]}" ] || error "seed range '$part' is empty (write A-B with A <= B)"
       [ $(( BASH_REMATCH[2] - BASH_REMATCH[1] )) -lt 1000 ] || error "seed range '$part' has more than 1000 seeds"
       out+=($(seq "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"))
-    elif [[ $part =~ ^[0-9]{1,9}$ ]]; then
+    elif [[ $part =~ ^(0|[1-9][0-9]{0,8})$ ]]; then
       out+=("$part")
     else
-      error "seeds '$1': SEEDS is one seed (3), a range (0-5) or a comma list (0,2,7) of seeds up to 999999999"
+      error "seeds '$1': SEEDS is one seed (3), a range (0-5) or a comma list (0,2,7) of seeds 0 to 999999999 (no leading zeros)"
     fi
   done
   echo "${out[@]}"
@@ -77,7 +77,8 @@ case "${1:?usage: study.sh parent | runs SEEDS [CONFIG...] | analyze REPORT RUN.
     report=${2:?report folder}; shift 2
     "$PY" scripts/analyze.py --out "$report" --max-blocks 0 --bootstrap 1000 --permutations 1000 --batch-size 32 "$@" ;;
   name)
-    run_name "${2:?seed}" "${3:?config}" ;;
+    [ -n "${2:-}" ] && [ -n "${3:-}" ] || error "name needs SEED and CONFIG (e.g. name 0 moe-top1)"
+    run_name "$2" "$3" ;;
   plan)
     for v in STUDY_SEEDS_MAIN STUDY_SEEDS_OTHER; do
       [ -z "${!v:-}" ] || [[ "${!v}" =~ ^[1-9][0-9]{0,2}$ ]] || error "$v '${!v}' is not a whole number from 1 to 999 (seeds per arm)"

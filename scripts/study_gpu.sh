@@ -16,7 +16,9 @@
 # STUDY_MPS=1: run NVIDIA's MPS daemon for this call (started first, stopped at the end), so the kernels of the
 # concurrent runs share the GPU instead of taking turns (2026-12-01, one H200: 14 runs at once in 177 s).
 # OUT gets parent.tar.* and runs.tgz.* (pieces of 15 MB: unpack with cat runs.tgz.* | tar xzf - -C runs); runs.tgz
-# holds a report only for a run trained to the end and analysed in this call, and the exit status is 1 when any
+# holds this call's logs, the run records written in this call and a report only for a run trained to the end and
+# analysed in this call (OUT must not hold pieces of an earlier call; a relative OUT is taken from the repository
+# root, where the script runs), and the exit status is 1 when any
 # run was not. Bad input (step, OUT, SEED:CONFIG, the variables above) is one error line, exit 2, before anything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,9 @@ step=${1:-}
 case "$step" in parent|runs|ddp) ;; *) error "step '$step': one of parent, runs, ddp (then OUT, then SEED:CONFIG ... for runs and ddp)" ;; esac
 out=${2:-}
 [ -n "$out" ] || error "$step needs an output folder OUT"
+[ ! -e "$out" ] || [ -d "$out" ] || error "OUT '$out' is not a folder"
+! compgen -G "$out/runs.tgz.*" > /dev/null && ! compgen -G "$out/parent.tar.*" > /dev/null \
+  || error "OUT '$out' already holds runs.tgz.* or parent.tar.* pieces of an earlier call; give a new folder"
 shift 2
 logs=runs/study-logs reports=runs/study-reports  # inside runs/ (git-ignored)
 export STUDY_OVERRIDES="${STUDY_OVERRIDES:-log.wandb=disabled log.progress=false}"
@@ -47,6 +52,7 @@ if [ "$step" != parent ]; then  # every SEED:CONFIG checked (and named) before a
     [[ "$spec" == *:* ]] || error "'$spec' is not SEED:CONFIG (e.g. 0:moe-top1)"
     name=$(bash scripts/study.sh name "${spec%%:*}" "${spec#*:}") || exit 2
     [ "$step" = ddp ] && name="$name-ddp"
+    [ "$step" = ddp ] || [ "${spec#*:}" != micro ] || error "'$spec': micro differs only with several processes; run it with the ddp step"
     [[ " ${names[*]} " != *" $name "* ]] || error "'$spec' is given twice"
     names+=("$name") seeds+=("${spec%%:*}") configs+=("${spec#*:}")
   done
@@ -98,7 +104,6 @@ case "$step" in
         done_runs+=("runs/$n")
       else echo "$n: not trained to the end in this call, not analysed (its log: $logs/$n.log)"; fi
     done
-    rm -f "$stamp"
     echo "finished: ${done_runs[*]:-none}"
     apids=() analysed=()
     for r in "${done_runs[@]}"; do  # one analysis per run, ANALYZE_JOBS at a time (same eval blocks in each)
@@ -115,11 +120,12 @@ case "$step" in
     pack=()  # this call's logs and run records; a report (and its log) only from an analysis made in this call
     for n in "${names[@]}"; do
       pack+=("study-logs/$n.log")
-      for f in "$n/config.yaml" "$n/metrics.jsonl"; do [ -f "runs/$f" ] && pack+=("$f"); done
+      for f in "$n/config.yaml" "$n/metrics.jsonl"; do [ "runs/$f" -nt "$stamp" ] && pack+=("$f"); done
       [ -f "$logs/analyze-$n.rc" ] && pack+=("study-logs/analyze-$n.log")
       if [ "$(cat "$logs/analyze-$n.rc" 2>/dev/null)" = 0 ]; then analysed+=("$n"); pack+=("study-reports/$n"); fi
     done
     tar czf - -C runs "${pack[@]}" | split -b 15M - "$out/runs.tgz."
+    rm -f "$stamp"
     echo "analysed: ${analysed[*]:-none} (${#analysed[@]} of ${#names[@]} runs)"
     [ ${#analysed[@]} -eq ${#names[@]} ] || exit 1 ;;
 esac

@@ -81,6 +81,10 @@ def load(runs: Path, reports: Path) -> dict:
     return out
 
 
+# what the tables and figures read from every MoE layer of an analyze.py report
+REPORT_LAYER_KEYS = ("domain_nmi", "token_type_nmi", "token_type_fractions", "domain_expert_fractions")
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     """The records of a run's metrics.jsonl; ``ConfigError`` naming the file and line of a broken one."""
     recs = []
@@ -88,22 +92,39 @@ def _read_jsonl(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            recs.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(
                 f"{path}, line {i}: not a JSON record ({e.msg}); a run cut off mid-write?"
             ) from None
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{path}, line {i}: a record is a JSON object, got {type(rec).__name__}")
+        bad = [k for k, v in rec.items() if k.startswith("eval/") and k != keys.blocks_fingerprint()
+               and (isinstance(v, bool) or not isinstance(v, (int, float)))]  # fmt: skip
+        if bad:
+            raise ConfigError(f"{path}, line {i}: {bad[0]} is {rec[bad[0]]!r}, not a number")
+        recs.append(rec)
     return recs
 
 
 def _read_report(path: Path, run: str) -> dict:
     """The run's section of an analyze.py metrics.json; ``ConfigError`` when it is broken or of another run."""
     try:
-        section = json.loads(path.read_text()).get("runs", {}).get(run)
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{path}: not an analyze.py metrics.json ({e})") from None
-    if not isinstance(section, dict):
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+    runs = report.get("runs") if isinstance(report, dict) else None
+    if not isinstance(runs, dict):
+        raise ConfigError(f"{path}: not an analyze.py metrics.json (no 'runs' object)")
+    section = runs.get(run)
+    if not isinstance(section, dict) or not isinstance(section.get("layers", {}), dict):
         raise ConfigError(f"{path}: holds no analysis of run {run!r} (a report of another run?)")
+    for L, layer in section.get("layers", {}).items():
+        missing = [k for k in REPORT_LAYER_KEYS if not isinstance(layer, dict) or k not in layer]
+        if missing:
+            raise ConfigError(
+                f"{path}: layer {L} of {run!r} has no {', '.join(missing)} (analyze.py of this version?)"
+            )
     return section
 
 

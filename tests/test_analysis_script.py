@@ -326,3 +326,12 @@ def test_a_failure_while_writing_leaves_the_earlier_report_as_it_was(tmp_path, t
     with pytest.raises(RuntimeError, match="disk full"):
         report.analyze_runs([tiny_runs_paths["moe"]], tmp_path / "new", **kw)
     assert not (tmp_path / "new").exists()
+
+
+def test_an_out_folder_under_a_file_is_refused_before_any_work(tmp_path, tiny_runs_paths, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    assert _script().main([str(tiny_runs_paths["dense"]), "--out", str(afile / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, so no folder can be made under it" in err
+    assert afile.read_text() == "mine\n"

@@ -98,7 +98,9 @@ def test_study_sh_plan_has_the_documented_seed_counts():
         (("name", "x", "dense"), "seed 'x' is not a whole number from 0 to 999999999"),
         (("name", "1234567890", "dense"), "seed '1234567890' is not a whole number"),
         (("runs", "0-100000", "dense"), "seed range '0-100000' has more than 1000 seeds"),
-        (("runs", "12345678901", "dense"), "of seeds up to 999999999"),
+        (("runs", "12345678901", "dense"), "of seeds 0 to 999999999 (no leading zeros)"),
+        (("runs", "00", "dense"), "(no leading zeros)"),
+        (("name", "", "dense"), "name needs SEED and CONFIG"),
         (("fly",), "unknown step 'fly'"),
     ],
 )
@@ -131,6 +133,9 @@ def _layer(nmi: float, change: float | None) -> dict:
         "token_identity_nmi": {"value": 0.01, **ci},
         "domain_cmi_given_token": {"excess_over_null": nmi / 4},
         "step0": None,
+        "token_type_nmi": {"value": nmi / 3, **ci},
+        "token_type_fractions": [[1.0, 0.0], [0.5, 0.5]],
+        "domain_expert_fractions": [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]],
     }
     if change is not None:
         out["step0"] = {
@@ -268,7 +273,14 @@ def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
     report = reports / "study-moe-top1-s0" / "metrics.json"
     report.write_text(json.dumps({"runs": {"study-moe-top1-s9": {"layers": {}}}}))
     refused([], "holds no analysis of run 'study-moe-top1-s0'")
+    report.write_text(json.dumps({"runs": {"study-moe-top1-s0": {"layers": {"3": {"domain_nmi": {}}}}}}))
+    refused([], "layer 3 of 'study-moe-top1-s0' has no token_type_nmi")
+    report.write_text("[1, 2]")
+    refused([], "not an analyze.py metrics.json (no 'runs' object)")
     report.write_text("{")
-    refused([], "not an analyze.py metrics.json")
+    refused([], "metrics.json: not JSON")
+    report.unlink()
+    jsonl.write_text(good.replace('"eval/lm_loss": 3.7', '"eval/lm_loss": "a"'))
+    refused([], "eval/lm_loss is 'a', not a number")
     assert sr.main(["--runs", str(runs), "--reports", str(reports), "--out", str(walls)]) == 2
     assert "--out" in capsys.readouterr().err

@@ -164,8 +164,13 @@ def check_out_dir(out: str | Path) -> None:
     """The report folder may be missing, empty, or hold an earlier report (whose files are replaced);
     anything else is refused so nothing unrelated is overwritten."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {str(out)!r} is a link to nothing; give a folder")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--out {str(out)!r}: {str(above)!r} is a file, so no folder can be made under it")
     if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
         raise ConfigError(f"--out {str(out)!r} is not empty and holds no earlier report; choose a new folder")
 
