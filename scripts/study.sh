@@ -18,6 +18,7 @@ read -r -a EXTRA <<< "${STUDY_OVERRIDES:-}"
 read -r -a LAUNCH <<< "${STUDY_LAUNCH:-}"     # accelerate launch options (e.g. --config_file ...)
 read -r -a RUN_EXTRA <<< "${STUDY_EXTRA_RUN:-}"  # overrides applied after the run's own (e.g. its name)
 error() { echo "study.sh: error: $*" >&2; exit 2; }
+SEED_RE='(0|[1-9][0-9]{0,8})'  # a seed: 0 to 999999999, no leading zeros
 # the project's Python: PYTHON, else the checkout's .venv (made by scripts/setup.sh), else python3 (the GPU
 # machine's image has no venv); accelerate is launched through it, so no PATH setup is needed
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
@@ -31,7 +32,7 @@ check_config() {  # an arm of the study: one of ALL, with its file
     || error "no study arm '$1' (configs/study/$1.yaml); choose from ${ALL[*]}"
 }
 run_name() {  # run_name SEED CONFIG: the config's log.run_name with the seed
-  [[ "$1" =~ ^(0|[1-9][0-9]{0,8})$ ]] || error "seed '$1' is not a whole number from 0 to 999999999 (no leading zeros)"
+  [[ "$1" =~ ^$SEED_RE$ ]] || error "seed '$1' is not a whole number from 0 to 999999999 (no leading zeros)"
   check_config "$2"
   local name
   name=$("$PY" -c "import yaml; print(yaml.safe_load(open('configs/study/$2.yaml'))['log']['run_name'])") \
@@ -44,11 +45,11 @@ seed_list() {  # seed_list SEEDS: "3" -> 3, "0-5" -> 0 1 2 3 4 5, "0,2,7" -> 0 2
   IFS=, read -r -a parts <<< "$1"
   [ ${#parts[@]} -gt 0 ] || error "no seeds given: SEEDS is one seed (3), a range (0-5) or a comma list (0,2,7)"
   for part in "${parts[@]}"; do
-    if [[ $part =~ ^(0|[1-9][0-9]{0,8})-(0|[1-9][0-9]{0,8})$ ]]; then
+    if [[ $part =~ ^$SEED_RE-$SEED_RE$ ]]; then
       [ "${BASH_REMATCH[1]}" -le "${BASH_REMATCH[2]}" ] || error "seed range '$part' is empty (write A-B with A <= B)"
       [ $(( BASH_REMATCH[2] - BASH_REMATCH[1] )) -lt 1000 ] || error "seed range '$part' has more than 1000 seeds"
       out+=($(seq "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"))
-    elif [[ $part =~ ^(0|[1-9][0-9]{0,8})$ ]]; then
+    elif [[ $part =~ ^$SEED_RE$ ]]; then
       out+=("$part")
     else
       error "seeds '$1': SEEDS is one seed (3), a range (0-5) or a comma list (0,2,7) of seeds 0 to 999999999 (no leading zeros)"

@@ -77,12 +77,12 @@ case "$step" in
     tar czf "$out/parent-logs.tgz" -C runs study-logs/study-parent.log study-parent/config.yaml study-parent/metrics.jsonl ;;
   runs|ddp)
     stamp=$(mktemp "$logs/.call.XXXXXX")  # a final/ older than this was not written by this call
+    [ "$step" = ddp ] && batch=$("${PYTHON:-python3}" -c "import yaml; print(yaml.safe_load(open('configs/study/moe-top1.yaml'))['train']['batch_size'] // 2)")
     set -m  # each run in its own process group, so the deadline can stop all of it
     for i in "${!names[@]}"; do
       name=${names[$i]}
       if [ "$step" = ddp ]; then
         launch="--config_file configs/accelerate/ddp.yaml --main_process_port $((29500 + i))"
-        batch=$("${PYTHON:-python3}" -c "import yaml; print(yaml.safe_load(open('configs/study/moe-top1.yaml'))['train']['batch_size'] // 2)")
         export STUDY_LAUNCH="$launch" STUDY_EXTRA_RUN="train.batch_size=$batch log.run_name=$name"
         gpu=${CUDA_VISIBLE_DEVICES:-0,1}
       else

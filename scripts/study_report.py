@@ -128,8 +128,13 @@ def _read_report(path: Path, run: str) -> dict:
     return section
 
 
+def eval_records(recs: list[dict]) -> list[dict]:
+    """The records of the trainer's evaluations on the eval (test) split."""
+    return [r for r in recs if keys.domain_loss("code") in r]
+
+
 def final_eval(recs: list[dict]) -> dict:
-    ev = [r for r in recs if keys.domain_loss("code") in r]
+    ev = eval_records(recs)
     if not ev:
         raise ValueError("no eval record (the test split is evaluated with eval.final_split: eval)")
     return max(ev, key=lambda r: r["step"])
@@ -390,7 +395,7 @@ def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> N
             f"--reports {str(reports)!r}: no analyze.py report for {shown} (expected <reports>/<run>/metrics.json, "
             "written by scripts/study.sh analyze REPORT RUN); every run needs one"
         )
-    cut = [n for n, r in runs.items() if not any(keys.domain_loss("code") in rec for rec in r["records"])]
+    cut = [n for n, r in runs.items() if not eval_records(r["records"])]
     if cut:
         raise ConfigError(
             f"--runs {str(runs_dir)!r}: {', '.join(cut[:4])} has no final eval record (not trained to the end, or "
