@@ -14,7 +14,7 @@
 # STUDY_GPUS: how many GPUs the single-process runs and analyses of `runs` are spread over, round robin through
 # CUDA_VISIBLE_DEVICES (default: every GPU nvidia-smi lists, else 1); `ddp` runs use the first two.
 # STUDY_MPS=1: run NVIDIA's MPS daemon for this call (started first, stopped at the end), so the kernels of the
-# concurrent runs share the GPU instead of taking turns (2026-12-01, one H200: 14 runs at once in 177 s).
+# concurrent runs share the GPU instead of taking turns (2026-12-01, one H200: 14 runs at once, 116-177 s each).
 # OUT gets parent.tar.* and runs.tgz.* (pieces of 15 MB: unpack with cat runs.tgz.* | tar xzf - -C runs); runs.tgz
 # holds this call's logs, the run records written in this call and a report only for a run trained to the end and
 # analysed in this call (OUT must not hold pieces of an earlier call; a relative OUT is taken from the repository
