@@ -229,6 +229,8 @@ def test_losses_match_the_trainers_eval(tiny_runs_paths):
     loss = loss_by_domain(r, n_boot=0, seed=0)
     last = [rec for rec in run.metrics if "eval/loss_code" in rec][-1]
     assert last["step"] == 8
+    # and names them as the trainer did: one fingerprint of the blocks (training.evalset.blocks_fingerprint)
+    assert ev.fingerprint == last["eval/blocks_fingerprint"]
     for d in r.domains:
         assert loss[d]["value"] == pytest.approx(last[f"eval/loss_{d}"], rel=1e-5)
     assert loss["all"]["value"] == pytest.approx(last["eval/lm_loss"], rel=1e-5)

@@ -8,7 +8,6 @@ Shapes (legend: docs/architecture.md): B rows (eval blocks), S = ``seq_len`` pos
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from moe_emergence.data import DataConfig, build_corpus
 from moe_emergence.data.config import saved_data_block
 from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.modeling import GPT2MoEForCausalLM
+from moe_emergence.training.evalset import blocks_fingerprint
 from moe_emergence.yamlio import strict_load
 
 
@@ -214,7 +214,9 @@ def load_checkpoint_model(
 @dataclass
 class EvalSet:
     """Eval blocks, numpy ``[B, S]``: input_ids, attention_mask, domain_ids (-1 on padding);
-    ``rows`` are the blocks' indices in the corpus eval split, ``fingerprint`` a hash of the token ids."""
+    ``rows`` are the blocks' indices in the corpus eval split; ``fingerprint`` names them as the trainer's eval
+    records do (``training.evalset.blocks_fingerprint``), so an analysis on every block of a split can be matched
+    with the trainer's ``eval/blocks_fingerprint`` of a run that evaluated every block."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
@@ -225,9 +227,7 @@ class EvalSet:
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(self.attention_mask, dtype=np.int64).tobytes())
-        return h.hexdigest()[:16]
+        return blocks_fingerprint(self.rows.tolist(), self.input_ids, self.attention_mask)
 
 
 def block_domains(domain_ids_BS: np.ndarray) -> np.ndarray:
