@@ -9,11 +9,13 @@ RUNS holds ``<run>/metrics.jsonl`` of every run, REPORTS ``<run>/metrics.json`` 
   docs/study/metrics/<run>.json      analyze.py's metrics.json of each run (raw, every number traceable)
   docs/study/trajectories/<run>.json the val and eval records and every 50th train record, selected keys
   docs/figures/study_*.png           small figures
-Per-domain eval losses are the trainer's final evaluation of the eval (test) split (``eval/`` keys:
-``eval.final_split: eval``, all eval blocks, the same in every run); the CI over seeds is Student-t, with an
-exact sign-flip test for paired differences (moe_emergence.analysis.seeds); routing numbers come from
-analyze.py (CIs over documents by bootstrap; null baselines and the step-0 router, where the reports have
-them).
+Per-domain test losses are analyze.py's (``loss`` of each report: token-weighted, float32, on the eval (test)
+blocks it read, which must be the same blocks in every report: one ``eval_set`` fingerprint). The trainer's own
+final evaluation (``eval/`` keys, ``eval.final_split: eval``) reads ``eval.max_blocks`` of them (400 of 655 in
+the 2026-12-01 study), so it is shown only as a check beside the paired differences. The CI over seeds is
+Student-t, with an exact sign-flip test for paired differences (moe_emergence.analysis.seeds); routing
+numbers come from analyze.py (CIs over documents by bootstrap; null baselines and the step-0 router, where
+the reports have them).
 """
 
 from __future__ import annotations
@@ -71,11 +73,13 @@ def load(runs: Path, reports: Path) -> dict:
         recs = _read_jsonl(d / "metrics.jsonl")
         rep = reports / d.name / "metrics.json"
         config = mt["config"] + (" (ddp)" if mt["ddp"] else "")
+        section, eval_set = _read_report(rep, d.name) if rep.is_file() else (None, None)
         out[d.name] = {
             "config": config,
             "seed": int(mt["seed"]),
             "records": recs,
-            "analysis": _read_report(rep, d.name) if rep.is_file() else None,
+            "analysis": section,
+            "eval_set": eval_set,
             "report_path": rep if rep.is_file() else None,
         }
     return out
@@ -107,8 +111,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return recs
 
 
-def _read_report(path: Path, run: str) -> dict:
-    """The run's section of an analyze.py metrics.json; ``ConfigError`` when it is broken or of another run."""
+def _read_report(path: Path, run: str) -> tuple[dict, dict]:
+    """The run's section of an analyze.py metrics.json and the report's ``eval_set`` (fingerprint, blocks);
+    ``ConfigError`` when it is broken, of another run, or has no per-domain loss."""
     try:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -119,13 +124,21 @@ def _read_report(path: Path, run: str) -> dict:
     section = runs.get(run)
     if not isinstance(section, dict) or not isinstance(section.get("layers", {}), dict):
         raise ConfigError(f"{path}: holds no analysis of run {run!r} (a report of another run?)")
+    eval_set = report.get("eval_set")
+    if not isinstance(eval_set, dict) or not {"fingerprint", "blocks"} <= eval_set.keys():
+        raise ConfigError(f"{path}: no eval_set with fingerprint and blocks (analyze.py of this version?)")
+    loss = section.get("loss")
+    bad = [d for d in [*DOMAINS, "all"] if not isinstance((loss or {}).get(d), dict)
+           or isinstance(loss[d].get("value"), bool) or not isinstance(loss[d].get("value"), (int, float))]  # fmt: skip
+    if bad:
+        raise ConfigError(f"{path}: {run!r} has no numeric loss of {bad[0]!r} (its per-domain test loss)")
     for L, layer in section.get("layers", {}).items():
         missing = [k for k in REPORT_LAYER_KEYS if not isinstance(layer, dict) or k not in layer]
         if missing:
             raise ConfigError(
                 f"{path}: layer {L} of {run!r} has no {', '.join(missing)} (analyze.py of this version?)"
             )
-    return section
+    return section, eval_set
 
 
 def eval_records(recs: list[dict]) -> list[dict]:
@@ -138,6 +151,11 @@ def final_eval(recs: list[dict]) -> dict:
     if not ev:
         raise ValueError("no eval record (the test split is evaluated with eval.final_split: eval)")
     return max(ev, key=lambda r: r["step"])
+
+
+def test_loss(run: dict) -> dict[str, float]:
+    """analyze.py's token-weighted test loss of a run per domain and ``all`` (nats/token)."""
+    return {d: float(run["analysis"]["loss"][d]["value"]) for d in [*DOMAINS, "all"]}
 
 
 def fmt(ci: dict, f: str = ".3f") -> str:
@@ -169,9 +187,8 @@ def loss_table(runs: dict, groups: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c, seeds in groups.items():
-        ev = [final_eval(runs[n]["records"]) for n in seeds.values()]
-        cis = {d: mean_ci(e[keys.domain_loss(d)] for e in ev) for d in DOMAINS}
-        cis["all"] = mean_ci(e[keys.EVAL_LM_LOSS] for e in ev)
+        ev = [test_loss(runs[n]) for n in seeds.values()]
+        cis = {d: mean_ci(e[d] for e in ev) for d in [*DOMAINS, "all"]}
         ppl = " / ".join(f"{np.exp(cis[d]['value']):.1f}" for d in DOMAINS)
         rows.append(
             f"| {c} | {len(ev)} | " + " | ".join(fmt(cis[d]) for d in [*DOMAINS, "all"]) + f" | {ppl} |"
@@ -181,8 +198,9 @@ def loss_table(runs: dict, groups: dict) -> str:
 
 def paired_table(runs: dict, groups: dict) -> str:
     rows = [
-        "| run minus dense control (same seed; p: exact sign-flip test) | seeds | code | math | prose | all |",
-        "|---|---|---|---|---|---|",
+        "| run minus dense control (same seed; p: exact sign-flip test) | seeds | code | math | prose | all "
+        "| all, trainer's final eval (its blocks) |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = groups.get("dense", {})
     for c, seeds in groups.items():
@@ -190,10 +208,12 @@ def paired_table(runs: dict, groups: dict) -> str:
             continue
         cells = []
         for d in [*DOMAINS, "all"]:
-            key = keys.EVAL_LM_LOSS if d == "all" else keys.domain_loss(d)
-            a = {s: final_eval(runs[n]["records"])[key] for s, n in seeds.items()}
-            b = {s: final_eval(runs[n]["records"])[key] for s, n in base.items()}
+            a = {s: test_loss(runs[n])[d] for s, n in seeds.items()}
+            b = {s: test_loss(runs[n])[d] for s, n in base.items()}
             cells.append(paired_test(a, b))
+        a = {s: final_eval(runs[n]["records"])[keys.EVAL_LM_LOSS] for s, n in seeds.items()}
+        b = {s: final_eval(runs[n]["records"])[keys.EVAL_LM_LOSS] for s, n in base.items()}
+        cells.append(paired_test(a, b))
         rows.append(f"| {c} | {cells[0]['n']} | " + " | ".join(fmt(x, "+.4f") for x in cells) + " |")
     return "\n".join(rows)
 
@@ -269,6 +289,32 @@ def baseline_seed_table(runs: dict, groups: dict) -> str:
     return "\n".join(rows)
 
 
+NORMALISATIONS = (  # (header, analyze.py layer key): I(domain; expert) and its three normalisations
+    ("MI (nats)", "domain_mi_nats"),
+    ("I/H(D)", "domain_nmi"),
+    ("I/sqrt(H(D) H(E))", "domain_nmi_sqrt"),
+    ("2I/(H(D)+H(E))", "domain_nmi_arith"),
+)
+
+
+def _value(x):
+    return x["value"] if isinstance(x, dict) else x
+
+
+def normalisation_table(runs: dict, groups: dict) -> str:
+    """Per config and layer, the mean over seeds of the domain-expert MI and each normalisation of it
+    (docs/analysis.md); n/a where a report lacks a key."""
+    rows = ["| run | seeds | layer | " + " | ".join(h for h, _ in NORMALISATIONS) + " |",
+            "|" + "---|" * (len(NORMALISATIONS) + 3)]  # fmt: skip
+    for c, seeds in groups.items():
+        an = [runs[n]["analysis"] for n in seeds.values() if (runs[n]["analysis"] or {}).get("layers")]
+        for L in sorted(an[0]["layers"], key=int) if an else []:
+            vals = [[a["layers"][L].get(k) for a in an] for _, k in NORMALISATIONS]
+            cells = ["n/a" if None in v else f"{np.mean([_value(x) for x in v]):.3f}" for v in vals]
+            rows.append(f"| {c} | {len(an)} | {L} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def speed_table(runs: dict, groups: dict, walls: dict[str, float]) -> str:
     rows = ["| run | seed | tokens/s (median of logged steps) | wall s |", "|---|---|---|---|"]
     for c, seeds in groups.items():
@@ -294,16 +340,16 @@ def fig_loss(runs: dict, groups: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
     w = 0.8 / len(groups)
     for i, (c, seeds) in enumerate(groups.items()):
-        ev = [final_eval(runs[n]["records"]) for n in seeds.values()]
-        cis = [mean_ci(e[keys.domain_loss(d)] for e in ev) for d in DOMAINS]
+        ev = [test_loss(runs[n]) for n in seeds.values()]
+        cis = [mean_ci(e[d] for e in ev) for d in DOMAINS]
         xs = np.arange(len(DOMAINS)) + (i - (len(groups) - 1) / 2) * w
         err = [[0 if np.isnan(x["ci_low"]) else x["value"] - x["ci_low"] for x in cis],
                [0 if np.isnan(x["ci_high"]) else x["ci_high"] - x["value"] for x in cis]]  # fmt: skip
         ax.bar(xs, [x["value"] for x in cis], w, yerr=err, capsize=2, label=f"{c} (n={len(ev)})")
     ax.set_xticks(range(len(DOMAINS)), DOMAINS)
     ax.set_ylim(3.0, 4.6)
-    ax.set_ylabel("eval loss (nats/token)")
-    ax.set_title("final eval loss per domain (mean, 95% CI over seeds where n > 1)", fontsize=9)
+    ax.set_ylabel("test loss (nats/token)")
+    ax.set_title("final test loss per domain (mean, 95% CI over seeds where n > 1)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     figures._save(fig, path)
 
@@ -401,6 +447,22 @@ def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> N
             f"--runs {str(runs_dir)!r}: {', '.join(cut[:4])} has no final eval record (not trained to the end, or "
             "eval.final_split was not eval)"
         )
+    sets = {}  # eval_set fingerprint -> first run whose report read those blocks
+    for n, r in runs.items():
+        sets.setdefault(r["eval_set"]["fingerprint"], n)
+    if len(sets) > 1:
+        (f1, n1), (f2, n2) = list(sets.items())[:2]
+        raise ConfigError(
+            f"--reports {str(reports)!r}: the reports of {n1} and {n2} read different eval blocks (eval_set "
+            f"fingerprints {f1} and {f2}); every report must be analyze.py on the same blocks"
+        )
+    fps = {n: final_eval(r["records"]).get(keys.blocks_fingerprint()) for n, r in runs.items()}
+    if len(set(fps.values())) > 1:
+        n1, n2 = sorted(fps, key=lambda n: str(fps[n]))[0], sorted(fps, key=lambda n: str(fps[n]))[-1]
+        raise ConfigError(
+            f"--runs {str(runs_dir)!r}: the final evals of {n1} and {n2} read different blocks "
+            f"(eval/blocks_fingerprint {fps[n1]} and {fps[n2]})"
+        )
     absent = [c for c in REQUIRED_ARMS if c not in groups]
     if absent:
         raise ConfigError(f"--runs {str(runs_dir)!r}: no runs of {', '.join(absent)} (the tables need "
@@ -452,13 +514,17 @@ def _main(argv: list[str] | None = None) -> int:
                     figs / "study_domain_expert.png")  # fmt: skip
     nb = groups["no-balance"][min(groups["no-balance"])]
     figures.collapse_trajectory(runs[nb]["records"], figs / "study_collapse.png")
+    ev_set = next(iter(runs.values()))["eval_set"]
+    blocks = f"{ev_set['blocks']} test blocks" + (" (all)" if ev_set.get("max_blocks") is None else "")
     tables = [
-        "## Final eval loss (mean [95% CI over seeds])", loss_table(runs, groups),
+        f"## Final test loss (analyze.py on {blocks}, eval_set {ev_set['fingerprint']}; mean [95% CI over seeds])",
+        loss_table(runs, groups),
         "## Paired difference to the dense control", paired_table(runs, groups),
         "## Domain-expert NMI per run (95% bootstrap CI over documents)", nmi_table(runs, groups),
         "## NMI over seeds", nmi_seed_table(runs, groups),
         "## Domain NMI against its baselines (mean [95% CI over seeds]; p: sign-flip test of mean 0)",
         baseline_seed_table(runs, groups),
+        "## Domain-expert MI and its normalisations (mean over seeds)", normalisation_table(runs, groups),
         "## Throughput", speed_table(runs, groups, walls),
     ]  # fmt: skip
     (study / "tables.md").write_text("\n\n".join(tables) + "\n")

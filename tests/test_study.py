@@ -153,16 +153,21 @@ def _fake_study(
         for seed, loss in enumerate(values):
             name = f"study-{config}-s{seed}"
             (runs / name).mkdir(parents=True)
-            rec = {
+            rec = {  # the trainer's final eval of its own blocks: 1 nat above the analysis' (tables use that)
                 "step": 1000,
-                "eval/lm_loss": loss,
-                **{f"eval/loss_{d}": loss for d in ("code", "math", "prose")},
+                "eval/lm_loss": loss + 1,
+                **{f"eval/loss_{d}": loss + 1 for d in ("code", "math", "prose")},
+                "eval/blocks_fingerprint": "00000000000000aa",
             }
             (runs / name / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
             layers = {} if config == "dense" else {"3": _layer(nmi[config][seed], nmi[config][seed] - 0.05)}
-            analysis = {"layers": layers}
+            loss_ci = {"value": loss, "ci_low": loss - 0.1, "ci_high": loss + 0.1, "n_boot": 10}
+            analysis = {"layers": layers, "loss": {d: loss_ci for d in ("code", "math", "prose", "all")}}
+            eval_set = {"fingerprint": "00000000000000bb", "blocks": 12, "max_blocks": None}
             (reports / name).mkdir(parents=True)
-            (reports / name / "metrics.json").write_text(json.dumps({"runs": {name: analysis}}))
+            (reports / name / "metrics.json").write_text(
+                json.dumps({"eval_set": eval_set, "runs": {name: analysis}})
+            )
     return runs, reports
 
 
@@ -180,7 +185,10 @@ def test_study_report_tables_carry_sign_flip_p_values_and_baselines(tmp_path):
     assert list(groups) == ["dense", "moe-top1", "no-lb"] and len(groups["moe-top1"]) == 6
     paired = sr.paired_table(runs, groups).splitlines()
     main = next(x for x in paired if x.startswith("| moe-top1 | 6 |"))
-    assert main.count("p=0.031") == 4  # all 6 paired differences negative: 2 / 2^6 in every column
+    assert main.count("p=0.031") == 5  # all 6 paired differences negative: 2 / 2^6 in every column
+    # the loss tables read analyze.py's test loss (all blocks), not the trainer's 1-nat-higher final eval
+    dense = next(x for x in sr.loss_table(runs, groups).splitlines() if x.startswith("| dense | 6 |"))
+    assert "| 3.800 [" in dense and "4.8" not in dense
     no_lb = next(x for x in paired if x.startswith("| no-lb | 3 |"))
     assert "p=" in no_lb
     table = sr.baseline_seed_table(runs, groups).splitlines()
@@ -190,6 +198,9 @@ def test_study_report_tables_carry_sign_flip_p_values_and_baselines(tmp_path):
     assert cells[3].startswith("0.237 [")  # mean NMI of the six seeds
     assert cells[5].endswith("p=0.031")  # change from step 0: +0.187 in every seed
     assert "n/a" not in main and "dense" not in "\n".join(table)
+    norm = sr.normalisation_table(runs, groups).splitlines()
+    assert norm[2].startswith("| moe-top1 | 6 | 3 |") and norm[2].count("n/a") == 3  # the fakes: NMI only
+    assert "| 0.237 |" in norm[2]
 
 
 def test_study_report_tolerates_reports_without_the_new_keys(tmp_path):
@@ -223,11 +234,16 @@ def test_study_report_refuses_a_half_analysed_study_in_one_line(tmp_path, capsys
     assert not out.exists()
     for name in ("study-no-balance-s0", "study-no-balance-s1"):
         shutil.rmtree(runs / name)
-    (reports / "study-moe-top1-s1" / "metrics.json").write_text(
-        json.dumps({"runs": {"study-moe-top1-s1": {"layers": {}}}})
-    )
+    s0 = json.loads((reports / "study-moe-top1-s0" / "metrics.json").read_text())
+    s0["runs"] = {"study-moe-top1-s1": s0["runs"]["study-moe-top1-s0"]}
+    (reports / "study-moe-top1-s1" / "metrics.json").write_text(json.dumps(s0))
     assert sr.main(argv) == 2
     assert "no runs of no-balance" in capsys.readouterr().err and not out.exists()
+    s0["eval_set"]["fingerprint"] = "00000000000000cc"  # an analysis of other blocks: losses not comparable
+    (reports / "study-moe-top1-s1" / "metrics.json").write_text(json.dumps(s0))
+    assert sr.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "read different eval blocks" in err and "00000000000000cc" in err and not out.exists()
     assert sr.main(["--runs", str(tmp_path / "nope"), "--reports", str(reports)]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
@@ -271,16 +287,25 @@ def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
     refused([], "study-moe-top1-s0 has no final eval record")
     jsonl.write_text(good)
     report = reports / "study-moe-top1-s0" / "metrics.json"
-    report.write_text(json.dumps({"runs": {"study-moe-top1-s9": {"layers": {}}}}))
+    full = json.loads(report.read_text())
+    report.write_text(json.dumps({**full, "runs": {"study-moe-top1-s9": {"layers": {}}}}))
     refused([], "holds no analysis of run 'study-moe-top1-s0'")
-    report.write_text(json.dumps({"runs": {"study-moe-top1-s0": {"layers": {"3": {"domain_nmi": {}}}}}}))
+    report.write_text(json.dumps({"runs": full["runs"]}))
+    refused([], "metrics.json: no eval_set with fingerprint and blocks")
+    section = full["runs"]["study-moe-top1-s0"]
+    section["loss"]["math"]["value"] = "x"
+    report.write_text(json.dumps(full))
+    refused([], "'study-moe-top1-s0' has no numeric loss of 'math'")
+    section["loss"]["math"]["value"] = 3.7
+    section["layers"] = {"3": {"domain_nmi": {}}}
+    report.write_text(json.dumps(full))
     refused([], "layer 3 of 'study-moe-top1-s0' has no token_type_nmi")
     report.write_text("[1, 2]")
     refused([], "not an analyze.py metrics.json (no 'runs' object)")
     report.write_text("{")
     refused([], "metrics.json: not JSON")
     report.unlink()
-    jsonl.write_text(good.replace('"eval/lm_loss": 3.7', '"eval/lm_loss": "a"'))
+    jsonl.write_text(good.replace('"eval/lm_loss": 4.7', '"eval/lm_loss": "a"'))
     refused([], "eval/lm_loss is 'a', not a number")
     assert sr.main(["--runs", str(runs), "--reports", str(reports), "--out", str(walls)]) == 2
     assert "--out" in capsys.readouterr().err
