@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import shutil
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,7 +39,8 @@ from moe_emergence.console import ArgumentParser
 from moe_emergence.errors import ConfigError, run_cli
 from moe_emergence.telemetry import names as keys
 
-NAME = re.compile(r"^study-(?P<config>.+)-s(?P<seed>\d+)(?P<ddp>-ddp)?$")
+NAME = re.compile(r"^study-(?P<config>.+)-s(?P<seed>0|[1-9]\d*)(?P<ddp>-ddp)?$")
+NAME_ANY_SEED = re.compile(r"^study-.+-s\d+(-ddp)?$")  # also a seed with leading zeros (refused)
 ORDER = [
     "dense",
     "moe-top1",
@@ -65,14 +69,27 @@ KEEP_LAYER_STATS = ("entropy", "max_frac", "domain_nmi")
 
 
 def load(runs: Path, reports: Path) -> dict:
-    out = {}
+    """Every ``study-<config>-s<seed>[-ddp]`` folder of ``runs`` with its records and report; ``ConfigError``
+    for a study folder without metrics.jsonl, an arm not in ``ORDER`` or two folders of one arm and seed."""
+    out, seen = {}, {}
     for d in sorted(runs.iterdir()):
         mt = NAME.match(d.name)
-        if not mt or not (d / "metrics.jsonl").exists():
+        if not mt and NAME_ANY_SEED.match(d.name):
+            raise ConfigError(f"--runs: {str(d)!r}: its seed has a leading zero (study.sh names runs "
+                              "study-<config>-s<seed>, the seed without leading zeros)")  # fmt: skip
+        if not mt or not d.is_dir():
             continue
+        config = mt["config"] + (" (ddp)" if mt["ddp"] else "")
+        if config not in ORDER:
+            raise ConfigError(f"--runs: {str(d)!r} is a run of arm {config!r}, not one of {', '.join(ORDER)}")
+        if (config, int(mt["seed"])) in seen:
+            raise ConfigError(f"--runs: {seen[config, int(mt['seed'])]!r} and {str(d)!r} are both seed "
+                              f"{mt['seed']} of {config}")  # fmt: skip
+        seen[config, int(mt["seed"])] = str(d)
+        if not (d / "metrics.jsonl").is_file():
+            raise ConfigError(f"--runs: {str(d)!r} has no metrics.jsonl (a study run folder needs one)")
         recs = _read_jsonl(d / "metrics.jsonl")
         rep = reports / d.name / "metrics.json"
-        config = mt["config"] + (" (ddp)" if mt["ddp"] else "")
         section, eval_set = _read_report(rep, d.name) if rep.is_file() else (None, None)
         out[d.name] = {
             "config": config,
@@ -86,13 +103,19 @@ def load(runs: Path, reports: Path) -> dict:
 
 
 # what the tables and figures read from every MoE layer of an analyze.py report
-REPORT_LAYER_KEYS = ("domain_nmi", "token_type_nmi", "token_type_fractions", "domain_expert_fractions")
+REPORT_LAYER_KEYS = (
+    "domain_nmi",
+    "token_type_nmi",
+    "token_type_fractions",
+    "domain_expert_fractions",
+    "max_frac",
+)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     """The records of a run's metrics.jsonl; ``ConfigError`` naming the file and line of a broken one."""
     recs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -103,19 +126,32 @@ def _read_jsonl(path: Path) -> list[dict]:
             ) from None
         if not isinstance(rec, dict):
             raise ConfigError(f"{path}, line {i}: a record is a JSON object, got {type(rec).__name__}")
-        bad = [k for k, v in rec.items() if k.startswith("eval/") and k != keys.blocks_fingerprint()
-               and (isinstance(v, bool) or not isinstance(v, (int, float)))]  # fmt: skip
-        if bad:
-            raise ConfigError(f"{path}, line {i}: {bad[0]} is {rec[bad[0]]!r}, not a number")
+        bad = [k for k, v in rec.items() if k.startswith((keys.VAL + "/", keys.EVAL + "/"))
+               and k != keys.blocks_fingerprint(k.split("/")[0]) and not _finite(v)]  # fmt: skip
+        if bad or not isinstance(rec.get("step"), int):
+            what = f"{bad[0]} is {rec[bad[0]]!r}" if bad else f"step is {rec.get('step')!r}"
+            raise ConfigError(f"{path}, line {i}: {what}, not a finite number (an integer step)")
         recs.append(rec)
     return recs
+
+
+def _finite(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _read_text(path: Path) -> str:
+    """A file's text; ``ConfigError`` naming it when it is not a readable UTF-8 file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a UTF-8 text file ({type(e).__name__})") from None
 
 
 def _read_report(path: Path, run: str) -> tuple[dict, dict]:
     """The run's section of an analyze.py metrics.json and the report's ``eval_set`` (fingerprint, blocks);
     ``ConfigError`` when it is broken, of another run, or has no per-domain loss."""
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
     runs = report.get("runs") if isinstance(report, dict) else None
@@ -128,16 +164,19 @@ def _read_report(path: Path, run: str) -> tuple[dict, dict]:
     if not isinstance(eval_set, dict) or not {"fingerprint", "blocks"} <= eval_set.keys():
         raise ConfigError(f"{path}: no eval_set with fingerprint and blocks (analyze.py of this version?)")
     loss = section.get("loss")
-    bad = [d for d in [*DOMAINS, "all"] if not isinstance((loss or {}).get(d), dict)
-           or isinstance(loss[d].get("value"), bool) or not isinstance(loss[d].get("value"), (int, float))]  # fmt: skip
+    bad = [d for d in [*DOMAINS, "all"]
+           if not isinstance((loss or {}).get(d), dict) or not _finite(loss[d].get("value"))]  # fmt: skip
     if bad:
-        raise ConfigError(f"{path}: {run!r} has no numeric loss of {bad[0]!r} (its per-domain test loss)")
+        raise ConfigError(f"{path}: {run!r} has no finite loss of {bad[0]!r} (its per-domain test loss)")
     for L, layer in section.get("layers", {}).items():
         missing = [k for k in REPORT_LAYER_KEYS if not isinstance(layer, dict) or k not in layer]
         if missing:
             raise ConfigError(
                 f"{path}: layer {L} of {run!r} has no {', '.join(missing)} (analyze.py of this version?)"
             )
+        for k in ("domain_nmi", "token_type_nmi"):
+            if not isinstance(layer[k], dict) or not _finite(layer[k].get("value")):
+                raise ConfigError(f"{path}: layer {L} of {run!r}: {k} has no finite value")
     return section, eval_set
 
 
@@ -231,7 +270,9 @@ def nmi_table(runs: dict, groups: dict) -> str:
             for L in layers:
                 lm = a["layers"][L]
                 ci = lm["domain_nmi"]
-                cells.append(f"{ci['value']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]")
+                ci_text = (f" [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+                           if _finite(ci.get("ci_low")) and _finite(ci.get("ci_high")) else "")  # fmt: skip
+                cells.append(f"{ci['value']:.3f}{ci_text}")
             maxf = " / ".join(f"{a['layers'][L]['max_frac']:.2f}" for L in layers)
             tt = " / ".join(f"{a['layers'][L]['token_type_nmi']['value']:.3f}" for L in layers)
             rows.append(f"| {c} | {s} | " + " | ".join(cells) + f" | {maxf} | {tt} |")
@@ -365,8 +406,9 @@ def fig_nmi(runs: dict, groups: dict, path: Path) -> None:
             layers = sorted(a["layers"], key=int)
             xs = np.arange(len(layers)) + (i - (len(moe) - 1) / 2) * w + (j - 1) * w / 5
             cis = [a["layers"][L]["domain_nmi"] for L in layers]
-            ax.errorbar(xs, [x["value"] for x in cis], fmt="o", ms=3, color=f"C{i}", capsize=2,
-                        yerr=[[x["value"] - x["ci_low"] for x in cis], [x["ci_high"] - x["value"] for x in cis]],
+            lo = [x["value"] - x["ci_low"] if _finite(x.get("ci_low")) else 0.0 for x in cis]  # null: no CI
+            hi = [x["ci_high"] - x["value"] if _finite(x.get("ci_high")) else 0.0 for x in cis]
+            ax.errorbar(xs, [x["value"] for x in cis], fmt="o", ms=3, color=f"C{i}", capsize=2, yerr=[lo, hi],
                         label=c if j == 0 else None)  # fmt: skip
     ax.set_xticks(range(len(layers)), [f"layer {L}" for L in layers])
     ax.set_ylabel("NMI(domain; top-1 expert)")
@@ -423,7 +465,7 @@ def trajectory(recs: list[dict]) -> list[dict]:
     keep = [
         r for r in recs if any(k.startswith((keys.VAL, keys.EVAL)) for k in r) or r.get("step", 0) % 50 == 0
     ]
-    return [{k: float(f"{v:.5g}") for k, v in r.items() if kept(k)} for r in keep]
+    return [{k: float(f"{v:.5g}") if _finite(v) else None for k, v in r.items() if kept(k)} for r in keep]
 
 
 REQUIRED_ARMS = ("dense", "moe-top1", "no-balance")  # every table compares with these; the figures show them
@@ -446,6 +488,17 @@ def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> N
         raise ConfigError(
             f"--runs {str(runs_dir)!r}: {', '.join(cut[:4])} has no final eval record (not trained to the end, or "
             "eval.final_split was not eval)"
+        )
+    moe = {n: sorted(r["analysis"].get("layers") or {}) for n, r in runs.items() if r["config"] != "dense"}
+    empty = [n for n, layers in moe.items() if not layers]
+    if any(r["config"] == "moe-top1" for n, r in runs.items() if n in empty):
+        raise ConfigError(f"--reports {str(reports)!r}: the report of {empty[0]} has no MoE layer")
+    layer_sets = {tuple(v) for v in moe.values() if v}
+    if len(layer_sets) > 1:
+        a, b = (next(n for n, v in moe.items() if tuple(v) == ls) for ls in list(layer_sets)[:2])
+        raise ConfigError(
+            f"--reports {str(reports)!r}: the reports of {a} and {b} analyse different MoE layers "
+            f"({', '.join(moe[a])} vs {', '.join(moe[b])})"
         )
     sets = {}  # eval_set fingerprint -> first run whose report read those blocks
     for n, r in runs.items():
@@ -478,8 +531,7 @@ def _main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.runs.is_dir():
         raise ConfigError(f"--runs {str(args.runs)!r} is not a folder")
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {str(args.out)!r} exists and is not a folder")
+    check_out(args.out)
     bad = [str(f) for f in args.walls if not f.is_file()]
     if bad:
         raise ConfigError(f"--walls {bad[0]!r} is not a file (study_gpu.sh driver logs)")
@@ -488,9 +540,42 @@ def _main(argv: list[str] | None = None) -> int:
     check_complete(runs, groups, args.runs, args.reports)
     walls = {}
     for f in args.walls:
-        for mt in re.finditer(r"^(\S+): rc 0, (\d+) s wall$", f.read_text(), re.M):
+        for mt in re.finditer(r"^(\S+): rc 0, (\d+) s wall$", _read_text(f), re.M):
             walls[mt[1]] = float(mt[2])
-    study, figs = args.out / "study", args.out / "figures"
+    args.out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".study_report.", dir=args.out))
+    try:
+        write_all(runs, groups, walls, staging)
+        for f in sorted(p for p in staging.rglob("*") if p.is_file()):  # every file made: move them in
+            dest = args.out / f.relative_to(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print((args.out / "study" / "tables.md").read_text())
+    return 0
+
+
+OUT_FILES = ("study/tables.md", "study/metrics", "study/trajectories", "figures")  # what write_all makes
+
+
+def check_out(out: Path) -> None:
+    """``ConfigError`` before any work when ``out`` (or a folder above it) is a file, or a path the report
+    writes is taken by something of the other kind (a folder where a file goes, a file where a folder goes)."""
+    for p in [out, *out.parents]:
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--out {str(out)!r}: {str(p)!r} exists and is not a folder")
+    for rel in OUT_FILES:
+        p = out / rel
+        if rel.endswith(".md") and p.is_dir():
+            raise ConfigError(f"--out: {str(p)!r} is a folder; the report writes a file there")
+        if not rel.endswith(".md") and p.exists() and not p.is_dir():
+            raise ConfigError(f"--out: {str(p)!r} is a file; the report writes a folder there")
+
+
+def write_all(runs: dict, groups: dict, walls: dict[str, float], out: Path) -> None:
+    """Every output file of the report under ``out`` (a staging folder: ``_main`` moves them in)."""
+    study, figs = out / "study", out / "figures"
     for sub in ("metrics", "trajectories"):
         (study / sub).mkdir(parents=True, exist_ok=True)
     for n, r in runs.items():
@@ -528,8 +613,6 @@ def _main(argv: list[str] | None = None) -> int:
         "## Throughput", speed_table(runs, groups, walls),
     ]  # fmt: skip
     (study / "tables.md").write_text("\n\n".join(tables) + "\n")
-    print((study / "tables.md").read_text())
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,6 +226,8 @@ def test_sign_flip_closed_forms():
     assert sign_flip_test([-1.0] * 6)["p_value"] == pytest.approx(2 / 64)
     with pytest.raises(ValueError, match="1..20"):
         sign_flip_test([])
+    with pytest.raises(ValueError, match="finite"):  # NaN gave p = 0, below the floor 2 / 2^n
+        sign_flip_test([0.1, float("nan"), 0.2])
 
 
 def test_sign_flip_matches_brute_force_enumeration():

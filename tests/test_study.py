@@ -136,6 +136,7 @@ def _layer(nmi: float, change: float | None) -> dict:
         "token_type_nmi": {"value": nmi / 3, **ci},
         "token_type_fractions": [[1.0, 0.0], [0.5, 0.5]],
         "domain_expert_fractions": [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]],
+        "max_frac": 0.5,
     }
     if change is not None:
         out["step0"] = {
@@ -162,7 +163,8 @@ def _fake_study(
             (runs / name / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
             layers = {} if config == "dense" else {"3": _layer(nmi[config][seed], nmi[config][seed] - 0.05)}
             loss_ci = {"value": loss, "ci_low": loss - 0.1, "ci_high": loss + 0.1, "n_boot": 10}
-            analysis = {"layers": layers, "loss": {d: loss_ci for d in ("code", "math", "prose", "all")}}
+            analysis = {"layers": layers, "loss": {d: loss_ci for d in ("code", "math", "prose", "all")},
+                        "token_types": ["name", "other"]}  # fmt: skip
             eval_set = {"fingerprint": "00000000000000bb", "blocks": 12, "max_blocks": None}
             (reports / name).mkdir(parents=True)
             (reports / name / "metrics.json").write_text(
@@ -287,7 +289,8 @@ def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
     refused([], "study-moe-top1-s0 has no final eval record")
     jsonl.write_text(good)
     report = reports / "study-moe-top1-s0" / "metrics.json"
-    full = json.loads(report.read_text())
+    good_report = report.read_text()
+    full = json.loads(good_report)
     report.write_text(json.dumps({**full, "runs": {"study-moe-top1-s9": {"layers": {}}}}))
     refused([], "holds no analysis of run 'study-moe-top1-s0'")
     report.write_text(json.dumps({"runs": full["runs"]}))
@@ -295,7 +298,7 @@ def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
     section = full["runs"]["study-moe-top1-s0"]
     section["loss"]["math"]["value"] = "x"
     report.write_text(json.dumps(full))
-    refused([], "'study-moe-top1-s0' has no numeric loss of 'math'")
+    refused([], "'study-moe-top1-s0' has no finite loss of 'math'")
     section["loss"]["math"]["value"] = 3.7
     section["layers"] = {"3": {"domain_nmi": {}}}
     report.write_text(json.dumps(full))
@@ -306,6 +309,33 @@ def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
     refused([], "metrics.json: not JSON")
     report.unlink()
     jsonl.write_text(good.replace('"eval/lm_loss": 4.7', '"eval/lm_loss": "a"'))
-    refused([], "eval/lm_loss is 'a', not a number")
+    refused([], "eval/lm_loss is 'a', not a finite number")
     assert sr.main(["--runs", str(runs), "--reports", str(reports), "--out", str(walls)]) == 2
     assert "--out" in capsys.readouterr().err
+    report.write_text(good_report)
+    full = json.loads(good_report)
+    jsonl.write_text(good.replace('"eval/lm_loss": 4.7', '"eval/lm_loss": NaN'))
+    refused([], "eval/lm_loss is nan, not a finite number")
+    jsonl.write_bytes(b"\xff\xfe\x00")
+    refused([], "metrics.jsonl: cannot be read as a UTF-8 text file")
+    jsonl.write_text(good)
+    twin = runs / "study-moe-top1-s00"  # seed 0 again (a leading zero): would replace s0 in every table
+    shutil.copytree(runs / "study-moe-top1-s0", twin)
+    refused([], "its seed has a leading zero")
+    shutil.rmtree(twin)
+    (runs / "study-dense-s3").mkdir()  # a run folder without records: not silently left out
+    refused([], "study-dense-s3' has no metrics.jsonl")
+    (runs / "study-dense-s3").rmdir()
+    (runs / "study-micro-s0").mkdir()  # micro runs only with DDP: no table has it
+    refused([], "arm 'micro', not one of")
+    (runs / "study-micro-s0").rmdir()
+    (out / "figures").write_text("a file where the figures go")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused([], "is a file; the report writes a folder there")
+    (out / "figures").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    nmi_layer = full["runs"]["study-moe-top1-s0"]["layers"]["3"]
+    nmi_layer["domain_nmi"] = {**nmi_layer["domain_nmi"], "ci_low": None, "ci_high": None}  # NaN CI: null
+    report.write_text(json.dumps(full))
+    assert sr.main(argv) == 0  # a layer without a CI is drawn without error bars
+    assert not list(out.glob(".study_report.*"))  # the staging folder is gone

@@ -60,6 +60,8 @@ def sign_flip_test(diffs) -> dict:
     n = d.size
     if not 1 <= n <= 20:
         raise ValueError(f"sign_flip_test: needs 1..20 paired differences (exact enumeration), got {n}")
+    if not np.isfinite(d).all():
+        raise ValueError(f"sign_flip_test: the differences must be finite numbers, got {d.tolist()}")
     sums = np.zeros(1)
     for x in d:  # the signed sums of every sign pattern, 2^n floats
         sums = np.concatenate([sums + x, sums - x])
