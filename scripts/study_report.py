@@ -493,6 +493,15 @@ def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> N
     empty = [n for n, layers in moe.items() if not layers]
     if any(r["config"] == "moe-top1" for n, r in runs.items() if n in empty):
         raise ConfigError(f"--reports {str(reports)!r}: the report of {empty[0]} has no MoE layer")
+    if empty:
+        raise ConfigError(f"--reports {str(reports)!r}: the report of {empty[0]} has no MoE layer (an MoE run's "
+                          "report has one entry per MoE layer)")  # fmt: skip
+    base = set(groups.get("dense", {}))
+    unpaired = [(c, s) for c, seeds in groups.items() if c != "dense" and not c.endswith("(ddp)")
+                for s in seeds if s not in base]  # fmt: skip
+    if unpaired:
+        raise ConfigError(f"--runs {str(runs_dir)!r}: seed {unpaired[0][1]} of {unpaired[0][0]} has no dense run "
+                          "of the same seed (differences are paired by seed)")  # fmt: skip
     layer_sets = {tuple(v) for v in moe.values() if v}
     if len(layer_sets) > 1:
         a, b = (next(n for n, v in moe.items() if tuple(v) == ls) for ls in list(layer_sets)[:2])
@@ -546,7 +555,16 @@ def _main(argv: list[str] | None = None) -> int:
     staging = Path(tempfile.mkdtemp(prefix=".study_report.", dir=args.out))
     try:
         write_all(runs, groups, walls, staging)
-        for f in sorted(p for p in staging.rglob("*") if p.is_file()):  # every file made: move them in
+        made = sorted(p for p in staging.rglob("*") if p.is_file())
+        for f in made:  # every destination checked before the first file is moved in
+            rel = f.relative_to(staging)
+            dest = args.out / rel
+            taken = [q for q in [rel, *rel.parents] if (args.out / q).exists()
+                     and (args.out / q).is_dir() == (q == rel)]  # fmt: skip
+            if taken:
+                raise ConfigError(f"--out: {str(args.out / taken[0])!r} is in the way of {str(dest)!r} "
+                                  "(a folder where a file goes, or a file where a folder goes)")  # fmt: skip
+        for f in made:
             dest = args.out / f.relative_to(staging)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(f, dest)

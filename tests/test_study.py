@@ -333,6 +333,18 @@ def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     refused([], "is a file; the report writes a folder there")
     (out / "figures").unlink()
+    (out / "study" / "metrics" / "study-moe-top1-s0.json").mkdir(parents=True)  # a folder where a file goes
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused([], "study-moe-top1-s0.json' is in the way of")
+    (out / "study" / "metrics" / "study-moe-top1-s0.json").rmdir()
+    (runs / "study-moe-top1-s7").mkdir()  # seed 7 has no dense partner: the paired table would drop it
+    shutil.copy(runs / "study-moe-top1-s0" / "metrics.jsonl", runs / "study-moe-top1-s7")
+    shutil.copytree(reports / "study-moe-top1-s0", reports / "study-moe-top1-s7")
+    r7 = reports / "study-moe-top1-s7" / "metrics.json"
+    r7.write_text(r7.read_text().replace("study-moe-top1-s0", "study-moe-top1-s7"))
+    refused([], "seed 7 of moe-top1 has no dense run of the same seed")
+    shutil.rmtree(runs / "study-moe-top1-s7")
+    shutil.rmtree(reports / "study-moe-top1-s7")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     nmi_layer = full["runs"]["study-moe-top1-s0"]["layers"]["3"]
     nmi_layer["domain_nmi"] = {**nmi_layer["domain_nmi"], "ci_low": None, "ci_high": None}  # NaN CI: null
