@@ -161,7 +161,8 @@ def _read_report(path: Path, run: str) -> tuple[dict, dict]:
     if not isinstance(section, dict) or not isinstance(section.get("layers", {}), dict):
         raise ConfigError(f"{path}: holds no analysis of run {run!r} (a report of another run?)")
     eval_set = report.get("eval_set")
-    if not isinstance(eval_set, dict) or not {"fingerprint", "blocks"} <= eval_set.keys():
+    if (not isinstance(eval_set, dict) or not {"fingerprint", "blocks"} <= eval_set.keys()
+            or not isinstance(eval_set["fingerprint"], str)):  # fmt: skip
         raise ConfigError(f"{path}: no eval_set with fingerprint and blocks (analyze.py of this version?)")
     loss = section.get("loss")
     bad = [d for d in [*DOMAINS, "all"]
@@ -174,9 +175,19 @@ def _read_report(path: Path, run: str) -> tuple[dict, dict]:
             raise ConfigError(
                 f"{path}: layer {L} of {run!r} has no {', '.join(missing)} (analyze.py of this version?)"
             )
+        if not str(L).isdigit():
+            raise ConfigError(f'{path}: layer key {L!r} of {run!r} is not a block number (e.g. "3")')
         for k in ("domain_nmi", "token_type_nmi"):
             if not isinstance(layer[k], dict) or not _finite(layer[k].get("value")):
                 raise ConfigError(f"{path}: layer {L} of {run!r}: {k} has no finite value")
+        values = {"max_frac": layer["max_frac"]}
+        values.update({h: get(layer) for h, get in BASELINE_COLUMNS})
+        values.update({k: _value(layer.get(k)) for _, k in NORMALISATIONS})
+        bad = [k for k, v in values.items() if v is not None and not _finite(v)]
+        if bad:
+            raise ConfigError(
+                f"{path}: layer {L} of {run!r}: {bad[0]} is {values[bad[0]]!r}, not a finite number"
+            )
     return section, eval_set
 
 
@@ -518,13 +529,22 @@ def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> N
             f"--reports {str(reports)!r}: the reports of {n1} and {n2} read different eval blocks (eval_set "
             f"fingerprints {f1} and {f2}); every report must be analyze.py on the same blocks"
         )
-    fps = {n: final_eval(r["records"]).get(keys.blocks_fingerprint()) for n, r in runs.items()}
+    fps = {n: str(final_eval(r["records"]).get(keys.blocks_fingerprint())) for n, r in runs.items()}
     if len(set(fps.values())) > 1:
         n1, n2 = sorted(fps, key=lambda n: str(fps[n]))[0], sorted(fps, key=lambda n: str(fps[n]))[-1]
         raise ConfigError(
             f"--runs {str(runs_dir)!r}: the final evals of {n1} and {n2} read different blocks "
             f"(eval/blocks_fingerprint {fps[n1]} and {fps[n2]})"
         )
+    no_loss = [n for n, r in runs.items()
+               if not all(k in final_eval(r["records"]) for k in [keys.EVAL_LM_LOSS, *map(keys.domain_loss, DOMAINS)])]  # fmt: skip
+    if no_loss:
+        raise ConfigError(f"--runs {str(runs_dir)!r}: the final eval record of {no_loss[0]} lacks "
+                          f"{keys.EVAL_LM_LOSS} or a per-domain loss ({', '.join(DOMAINS)})")  # fmt: skip
+    many = [c for c, seeds in groups.items() if len(seeds) > 20]
+    if many:
+        raise ConfigError(f"--runs {str(runs_dir)!r}: {many[0]} has {len(groups[many[0]])} seeds; the exact "
+                          "sign-flip test enumerates 2^n sign patterns, so at most 20 seeds per arm")  # fmt: skip
     absent = [c for c in REQUIRED_ARMS if c not in groups]
     if absent:
         raise ConfigError(f"--runs {str(runs_dir)!r}: no runs of {', '.join(absent)} (the tables need "

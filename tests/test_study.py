@@ -343,6 +343,12 @@ def test_study_report_names_a_broken_input_file_in_one_line(tmp_path, capsys):
     r7 = reports / "study-moe-top1-s7" / "metrics.json"
     r7.write_text(r7.read_text().replace("study-moe-top1-s0", "study-moe-top1-s7"))
     refused([], "seed 7 of moe-top1 has no dense run of the same seed")
+    layer = full["runs"]["study-moe-top1-s0"]["layers"]["3"]
+    layer["token_identity_nmi"] = {"value": float("nan")}  # NaN in a baseline: refused, not a nan cell
+    report.write_text(json.dumps(full))
+    refused([], "token-id router NMI is nan, not a finite number")
+    report.write_text(good_report)
+    full = json.loads(good_report)
     shutil.rmtree(runs / "study-moe-top1-s7")
     shutil.rmtree(reports / "study-moe-top1-s7")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
