@@ -482,6 +482,14 @@ def trajectory(recs: list[dict]) -> list[dict]:
 REQUIRED_ARMS = ("dense", "moe-top1", "no-balance")  # every table compares with these; the figures show them
 
 
+def _two_that_differ(value_of: dict[str, object]) -> tuple[str, str] | None:
+    """Two names whose values differ (the first of each of the first two distinct values), or None."""
+    first: dict[object, str] = {}
+    for name, v in value_of.items():
+        first.setdefault(v, name)
+    return tuple(list(first.values())[:2]) if len(first) > 1 else None
+
+
 def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> None:
     """Raises ``ConfigError`` (before anything is written) when a run has no analyze.py report or an arm
     the tables compare with has no runs: a half-analysed study would give tables that mix run sets."""
@@ -494,60 +502,74 @@ def check_complete(runs: dict, groups: dict, runs_dir: Path, reports: Path) -> N
             f"--reports {str(reports)!r}: no analyze.py report for {shown} (expected <reports>/<run>/metrics.json, "
             "written by scripts/study.sh analyze REPORT RUN); every run needs one"
         )
-    cut = [n for n, r in runs.items() if not eval_records(r["records"])]
-    if cut:
-        raise ConfigError(
-            f"--runs {str(runs_dir)!r}: {', '.join(cut[:4])} has no final eval record (not trained to the end, or "
-            "eval.final_split was not eval)"
-        )
-    moe = {n: sorted(r["analysis"].get("layers") or {}) for n, r in runs.items() if r["config"] != "dense"}
+    _check_reports(runs, reports)
+    _check_records(runs, groups, runs_dir)
+
+
+def _check_reports(runs: dict, reports: Path) -> None:
+    """Every MoE report has layers, the same ones, and every report read the same eval blocks."""
+    moe = {
+        n: tuple(sorted(r["analysis"].get("layers") or {})) for n, r in runs.items() if r["config"] != "dense"
+    }
     empty = [n for n, layers in moe.items() if not layers]
-    if any(r["config"] == "moe-top1" for n, r in runs.items() if n in empty):
-        raise ConfigError(f"--reports {str(reports)!r}: the report of {empty[0]} has no MoE layer")
     if empty:
         raise ConfigError(f"--reports {str(reports)!r}: the report of {empty[0]} has no MoE layer (an MoE run's "
                           "report has one entry per MoE layer)")  # fmt: skip
-    base = set(groups.get("dense", {}))
-    unpaired = [(c, s) for c, seeds in groups.items() if c != "dense" and not c.endswith("(ddp)")
-                for s in seeds if s not in base]  # fmt: skip
-    if unpaired:
-        raise ConfigError(f"--runs {str(runs_dir)!r}: seed {unpaired[0][1]} of {unpaired[0][0]} has no dense run "
-                          "of the same seed (differences are paired by seed)")  # fmt: skip
-    layer_sets = {tuple(v) for v in moe.values() if v}
-    if len(layer_sets) > 1:
-        a, b = (next(n for n, v in moe.items() if tuple(v) == ls) for ls in list(layer_sets)[:2])
+    pair = _two_that_differ(moe)
+    if pair:
+        a, b = pair
         raise ConfigError(
             f"--reports {str(reports)!r}: the reports of {a} and {b} analyse different MoE layers "
             f"({', '.join(moe[a])} vs {', '.join(moe[b])})"
         )
-    sets = {}  # eval_set fingerprint -> first run whose report read those blocks
-    for n, r in runs.items():
-        sets.setdefault(r["eval_set"]["fingerprint"], n)
-    if len(sets) > 1:
-        (f1, n1), (f2, n2) = list(sets.items())[:2]
+    fingerprint = {n: r["eval_set"]["fingerprint"] for n, r in runs.items()}
+    pair = _two_that_differ(fingerprint)
+    if pair:
+        n1, n2 = pair
         raise ConfigError(
             f"--reports {str(reports)!r}: the reports of {n1} and {n2} read different eval blocks (eval_set "
-            f"fingerprints {f1} and {f2}); every report must be analyze.py on the same blocks"
+            f"fingerprints {fingerprint[n1]} and {fingerprint[n2]}); every report must be analyze.py on the "
+            "same blocks"
         )
-    fps = {n: str(final_eval(r["records"]).get(keys.blocks_fingerprint())) for n, r in runs.items()}
-    if len(set(fps.values())) > 1:
-        n1, n2 = sorted(fps, key=lambda n: str(fps[n]))[0], sorted(fps, key=lambda n: str(fps[n]))[-1]
+
+
+def _check_records(runs: dict, groups: dict, runs_dir: Path) -> None:
+    """Every run has a complete final eval record of the same blocks, a dense partner of its seed, at most
+    20 seeds per arm, and the arms the tables compare with are there."""
+    where = f"--runs {str(runs_dir)!r}"
+    cut = [n for n, r in runs.items() if not eval_records(r["records"])]
+    if cut:
         raise ConfigError(
-            f"--runs {str(runs_dir)!r}: the final evals of {n1} and {n2} read different blocks "
+            f"{where}: {', '.join(cut[:4])} has no final eval record (not trained to the end, or "
+            "eval.final_split was not eval)"
+        )
+    final = {n: final_eval(r["records"]) for n, r in runs.items()}
+    base = set(groups.get("dense", {}))
+    unpaired = [(c, s) for c, seeds in groups.items() if c != "dense" and not c.endswith("(ddp)")
+                for s in seeds if s not in base]  # fmt: skip
+    if unpaired:
+        raise ConfigError(f"{where}: seed {unpaired[0][1]} of {unpaired[0][0]} has no dense run "
+                          "of the same seed (differences are paired by seed)")  # fmt: skip
+    fps = {n: str(ev.get(keys.blocks_fingerprint())) for n, ev in final.items()}
+    pair = _two_that_differ(fps)
+    if pair:
+        n1, n2 = pair
+        raise ConfigError(
+            f"{where}: the final evals of {n1} and {n2} read different blocks "
             f"(eval/blocks_fingerprint {fps[n1]} and {fps[n2]})"
         )
-    no_loss = [n for n, r in runs.items()
-               if not all(k in final_eval(r["records"]) for k in [keys.EVAL_LM_LOSS, *map(keys.domain_loss, DOMAINS)])]  # fmt: skip
+    needed = [keys.EVAL_LM_LOSS, *map(keys.domain_loss, DOMAINS)]
+    no_loss = [n for n, ev in final.items() if not all(k in ev for k in needed)]
     if no_loss:
-        raise ConfigError(f"--runs {str(runs_dir)!r}: the final eval record of {no_loss[0]} lacks "
+        raise ConfigError(f"{where}: the final eval record of {no_loss[0]} lacks "
                           f"{keys.EVAL_LM_LOSS} or a per-domain loss ({', '.join(DOMAINS)})")  # fmt: skip
     many = [c for c, seeds in groups.items() if len(seeds) > 20]
     if many:
-        raise ConfigError(f"--runs {str(runs_dir)!r}: {many[0]} has {len(groups[many[0]])} seeds; the exact "
+        raise ConfigError(f"{where}: {many[0]} has {len(groups[many[0]])} seeds; the exact "
                           "sign-flip test enumerates 2^n sign patterns, so at most 20 seeds per arm")  # fmt: skip
     absent = [c for c in REQUIRED_ARMS if c not in groups]
     if absent:
-        raise ConfigError(f"--runs {str(runs_dir)!r}: no runs of {', '.join(absent)} (the tables need "
+        raise ConfigError(f"{where}: no runs of {', '.join(absent)} (the tables need "
                           f"{', '.join(REQUIRED_ARMS)})")  # fmt: skip
 
 
