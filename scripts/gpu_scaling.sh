@@ -11,7 +11,8 @@
 # script with exit status 1 (nothing is filtered or hidden).
 # Launchers can be replaced for a dry run elsewhere (ONE, DDP, FSDP: command prefixes; EXTRA_ALL: overrides).
 # A sitting split in two: RUN_FROM=K starts the repetitions at K and SKIP_EQ=1 skips step 1, with the earlier
-# sitting's eq*.jsonl and *_1..K-1.jsonl copied into REPORT_DIR first.
+# sitting's eq*.jsonl and *_1..K-1.jsonl copied into REPORT_DIR first; RUNS_ONLY=1 ends a sitting after its
+# repetitions (no checkpoint checks, no summary).
 set -euo pipefail
 REPORT=${1:?usage: gpu_scaling.sh REPORT_DIR [SUMMARY_JSON]}
 SUMMARY=${2:-docs/benchmarks/h200x2.json}
@@ -53,6 +54,7 @@ for i in $(seq "${RUN_FROM:-1}" "$RUNS"); do
   run "ddp_$i" "ddp_$i" "${ddp[@]}" -- "${TP[@]}" --overwrite
   run "fsdp_$i" "fsdp_$i" "${fsdp[@]}" -- "${TP[@]}" --overwrite
 done
+if [ "${RUNS_ONLY:-0}" = 1 ]; then exit 0; fi
 run fsdp_stop fsdp_ckpt "${fsdp[@]}" -- train.steps=10 log.every=1 train.batch_size=8 train.stop_after=5 checkpoint.every=5 model.upcycle_at_step=3 --overwrite
 run fsdp_resume fsdp_ckpt "${fsdp[@]}" -- train.steps=10 log.every=1 train.batch_size=8 checkpoint.every=5 model.upcycle_at_step=3 --resume auto
 "${PYTHON:-python3}" scripts/scaling_report.py "$REPORT" --runs "$RUNS" --fsdp-final "$ROOT/fsdp_ckpt/final" --out "$SUMMARY"

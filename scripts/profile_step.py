@@ -17,6 +17,12 @@ With ``--no-profiler`` the steps run without ``torch.profiler`` (which adds host
 synchronised before and after, so these runs' walls are not comparable with plain ones). ``--repeat N`` times
 ``--steps`` steps N times in a row in the same process: ``wall_ms`` is their median, ``wall_ms_windows`` each.
 
+Under the profiler the record also holds ``host_<phase>_ms``: the host (CPU) time per step spent inside each
+phase of ``Trainer.train_step`` (``forward``, ``loss``, ``backward``, ``clip_grad_norm``, ``nonfinite``,
+``reduce_sum``, ``snapshot``, ``optimizer``, ``zero_grad``; this script wraps those calls in
+``torch.profiler.record_function``, the trainer is unchanged) and in FSDP2's own ranges (``FSDP::...``);
+``--top N`` prints each process's N operators with the most host (self CPU) time.
+
 ``--trace DIR`` writes each process's profiled steps as a Chrome trace (``DIR/rank<r>.json``: open in
 Perfetto or chrome://tracing) to see, rank beside rank, where a step waits.
 
@@ -79,6 +85,45 @@ def _time_snapshot() -> dict[str, float]:
     return sums
 
 
+def _annotate_phases(trainer) -> None:
+    """Wrap the calls a step makes (see the module docstring) in ``record_function("step:<phase>")``,
+    on the trainer's current model and optimizer (after the upcycle) and in the trainer module."""
+    from moe_emergence.training import trainer as trainer_module
+
+    def wrapped(name, fn):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(f"step:{name}"):
+                return fn(*args, **kwargs)
+
+        return call
+
+    acc = trainer.accelerator
+    for obj, attr, name in (
+        (trainer.model, "forward", "forward"),
+        (acc, "backward", "backward"),
+        (trainer_module, "clip_grad_norm_", "clip_grad_norm"),
+        (trainer, "reduce_sum", "reduce_sum"),
+        (trainer.verified, "before_update", "snapshot"),
+        (trainer.verified, "after_update", "snapshot"),
+        (trainer.optimizer, "step", "optimizer"),
+        (trainer.optimizer, "zero_grad", "zero_grad"),
+        (trainer_module, "micro_batch_loss", "loss"),
+        (trainer_module, "any_nonfinite", "nonfinite"),
+    ):
+        setattr(obj, attr, wrapped(name, getattr(obj, attr)))
+
+
+def _host_times(prof, steps: int) -> dict[str, float]:
+    """Host time per step (ms) inside each ``step:<phase>`` range and each FSDP2 range."""
+    out: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.key.startswith("step:"):
+            out["host_" + evt.key[len("step:") :]] += evt.cpu_time_total / 1000.0 / steps
+        elif evt.key.startswith("FSDP::"):
+            out["host_" + evt.key] += evt.cpu_time_total / 1000.0 / steps
+    return out
+
+
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="JSON lines file to append this process's summary to")
@@ -96,10 +141,15 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument(
         "--trace", default=None, help="also write each process's timeline (Chrome trace) as DIR/rank<r>.json"
     )
+    p.add_argument(
+        "--top", type=int, default=0, help="print each process's N operators with the most host time"
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
-    if args.trace and args.no_profiler:
-        raise ConfigError("--trace needs the profiler: leave out --no-profiler")
+    if (args.trace or args.top) and args.no_profiler:
+        raise ConfigError("--trace and --top need the profiler: leave out --no-profiler")
+    if args.top < 0:
+        raise ConfigError(f"--top {args.top}: an integer >= 0")
     if args.repeat < 1 or (args.repeat > 1 and not args.no_profiler):
         raise ConfigError(f"--repeat {args.repeat}: an integer >= 1, above 1 only with --no-profiler")
     if not torch.cuda.is_available():
@@ -115,6 +165,8 @@ def _main(argv: list[str] | None) -> int:
         for _ in range(args.warmup):
             trainer.train_step(None)
         snapshot = _time_snapshot() if args.time_snapshot else None
+        if not args.no_profiler:
+            _annotate_phases(trainer)
         torch.cuda.synchronize()
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         walls = []
@@ -130,6 +182,11 @@ def _main(argv: list[str] | None) -> int:
     finally:
         trainer.folder.release()
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
+    if prof is not None:
+        per_step |= _host_times(prof, args.steps)
+        if args.top:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+            print(f"rank {trainer.accelerator.process_index}: top {args.top} operators by host time\n{table}")
     if args.trace and prof is not None:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(args.trace) / f"rank{trainer.accelerator.process_index}.json"))

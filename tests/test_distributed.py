@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_training_run import TINY
 
@@ -40,7 +41,12 @@ def _losses(run_dir: Path) -> dict[int, list[float]]:
     out = {}
     for r in read_metrics(run_dir / "metrics.jsonl"):
         if "train/loss" in r:
-            out[r["step"]] = [r["train/lm_loss"], r.get("train/lb_loss", 0.0), r.get("train/z_loss", 0.0)]
+            out[r["step"]] = [
+                r["train/lm_loss"],
+                r.get("train/lb_loss", 0.0),
+                r.get("train/z_loss", 0.0),
+                r["train/grad_norm"],  # before clipping: the norm over all processes' gradients
+            ]
     return out
 
 
@@ -155,3 +161,94 @@ def test_sampler_shards_disjoint_rows_that_cover_the_global_batch():
             a, b = parts[0][m], parts[1][m]
             assert not set(a) & set(b)
             assert sorted(a + b) == sorted(ref[m])
+
+
+def _clip_worker(rank: int, store_path: str, out_path: str) -> None:
+    """One of 2 gloo processes: FSDP2-style DTensor parameters (Shard(0), uneven and empty shards)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from moe_emergence.training.optim import ShardLocalAdamW
+    from moe_emergence.training.steps import clip_grad_norm_
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (5,), (1, 4), (3, 2, 2)]
+    grads = [torch.randn(s, generator=gen) * 3 for s in shapes]
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        params.append(p)
+
+    def reduce_sum(x):
+        dist.all_reduce(x)
+        return x
+
+    norm = clip_grad_norm_(params, 1.5, reduce_sum)
+    clipped = [p.grad.full_tensor() for p in params]
+    opt = ShardLocalAdamW(params, lr=0.1, weight_decay=0.1, fused=True)
+    for _ in range(3):  # the clipped gradients again each step
+        opt.step()
+    result = {
+        "norm": norm,
+        "clipped": clipped,
+        "params": [p.full_tensor() for p in params],
+        "exp_avg_sq": [opt.state[p]["exp_avg_sq"].full_tensor() for p in params],
+        "state_is_dtensor": all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in params),
+    }
+    if rank == 0:
+        torch.save(result, out_path)
+    dist.destroy_process_group()
+
+
+def test_gradient_norm_and_adamw_on_sharded_tensors_equal_torch_on_the_whole(tmp_path):
+    """``steps.clip_grad_norm_`` on DTensor gradients sharded over 2 processes (odd sizes, a parameter with
+    one row: one process holds an empty shard) gives torch.nn.utils.clip_grad_norm_'s norm and clipped
+    gradients on the whole tensors, and ``ShardLocalAdamW`` on the shards takes torch's fused AdamW steps
+    (its state staying DTensors); plain gradients on one process give the same; inf clips nothing."""
+    import torch.multiprocessing as mp
+
+    from moe_emergence.training.steps import clip_grad_norm_
+
+    out = tmp_path / "clip.pt"
+    mp.spawn(_clip_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.nn.Parameter(torch.zeros(s)) for s in [(7, 3), (5,), (1, 4), (3, 2, 2)]]
+    for p in ref:
+        p.grad = torch.randn(p.shape, generator=gen) * 3
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    for p, r in zip(plain, ref, strict=True):
+        p.grad = r.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(ref, 1.5)
+    assert expected > 1.5  # the clip engages
+    torch.testing.assert_close(got["norm"], expected)
+    for g, r in zip(got["clipped"], ref, strict=True):
+        torch.testing.assert_close(g, r.grad)
+    whole = [torch.nn.Parameter(torch.zeros(p.shape)) for p in ref]
+    opt = torch.optim.AdamW(whole, lr=0.1, weight_decay=0.1, fused=True)
+    for _ in range(3):
+        for w, r in zip(whole, ref, strict=True):
+            w.grad = r.grad.clone()
+        opt.step()
+    assert got["state_is_dtensor"]
+    for g, w in zip(got["params"], whole, strict=True):
+        assert w.abs().sum() > 0  # the steps moved the weights
+        torch.testing.assert_close(g, w.detach())
+    for g, w in zip(got["exp_avg_sq"], whole, strict=True):
+        torch.testing.assert_close(g, opt.state[w]["exp_avg_sq"])
+    norm = clip_grad_norm_(plain, 1.5, reduce_sum=lambda x: pytest.fail("plain gradients are not reduced"))
+    torch.testing.assert_close(norm, expected)
+    for p, r in zip(plain, ref, strict=True):
+        torch.testing.assert_close(p.grad, r.grad)
+    before = [p.grad.clone() for p in plain]
+    torch.testing.assert_close(
+        clip_grad_norm_(plain, float("inf"), lambda x: x),
+        torch.linalg.vector_norm(torch.cat([b.flatten() for b in before])),
+    )
+    assert all(torch.equal(p.grad, b) for p, b in zip(plain, before, strict=True))
+    plain[1].grad[0] = float("nan")
+    assert torch.isnan(clip_grad_norm_(plain, 1.0, lambda x: x))

@@ -39,12 +39,36 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+class ShardLocalAdamW(torch.optim.AdamW):
+    """torch's AdamW (Loshchilov & Hutter 2019, Algorithm 2) whose update runs on each parameter's local
+    shard: for FSDP2's DTensor parameters, gradients and moments, the fused kernel gets their
+    ``_local_tensor`` (this process's shard, which aliases them) instead of going through DTensor's
+    dispatch, whose sharding propagation over the parameter lists took 7.3 ms of host time a step against
+    1.7 ms for the same update on one GPU (2 x H200, docs/scaling.md). The update is elementwise, so the
+    result is the same; the state stays DTensors (checkpoints unchanged). Plain tensors pass through as is.
+
+    Overrides ``Adam._init_group`` (torch >= 2.7, where AdamW is Adam with decoupled weight decay): the
+    lists it fills are mapped to local shards before torch's ``adam`` runs them."""
+
+    def _init_group(self, group, *lists):
+        got = [[] for _ in lists]
+        has_complex = super()._init_group(group, *got)
+        for out, tensors in zip(lists, got, strict=True):
+            out.extend(getattr(t, "_local_tensor", t) for t in tensors)
+        return has_complex
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; learning rates are set every step by ``set_lr``."""
+    """AdamW over ``param_groups`` (``ShardLocalAdamW``); learning rates are set every step by ``set_lr``.
+
+    The fused implementation (``fused=True``: one multi-tensor kernel per device and dtype, on CPU and CUDA)
+    rather than torch's default ``foreach`` one, which launches a dozen ``_foreach_*`` ops per step: 5.9 ms
+    of host time a step against 1.7 ms on the GPT-2-small shape (H200, docs/scaling.md). A parameter on a
+    device without a fused kernel is refused by torch (RuntimeError), not run another way."""
     groups = param_groups(model, cfg)
     for g in groups:
         g["lr"] = g["base_lr"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return ShardLocalAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:

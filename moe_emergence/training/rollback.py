@@ -20,9 +20,11 @@ from __future__ import annotations
 import torch
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor itself, or this process's shard of a DTensor (FSDP2), which aliases it."""
-    return t.to_local() if hasattr(t, "to_local") else t
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, or for a DTensor (FSDP2) this process's shard of it, detached: both alias ``t``'s
+    storage. The shard is read from the DTensor's ``_local_tensor``, not ``to_local()``: no DTensor dispatch
+    and no autograd node (~30 us each, ~250 parameters a step: ~9 ms of host time measured on FSDP2, H200)."""
+    return getattr(t, "_local_tensor", t).detach()
 
 
 def inner_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -35,13 +37,13 @@ def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
     out: dict[tuple, torch.Tensor] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point():
-            out[("model", name)] = _local(t.detach())
+            out[("model", name)] = local_shard(t)
     opt = inner_optimizer(optimizer)
     index = {p: i for i, group in enumerate(opt.param_groups) for p in group["params"]}
     for p, state in opt.state.items():
         for k, v in state.items():
             if torch.is_tensor(v) and v.is_floating_point():
-                out[("optim", index[p], id(p), k)] = _local(v)
+                out[("optim", index[p], id(p), k)] = local_shard(v)
     return out
 
 
@@ -149,7 +151,7 @@ def first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
 
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor on device: does any of ``tensors`` (local shards) hold a NaN/Inf (no host sync)."""
-    local = [_local(t.detach()) for t in tensors]
+    local = [local_shard(t) for t in tensors]
     if not local:
         return torch.zeros((), dtype=torch.bool)
     peaks = torch._foreach_norm(local, float("inf"))  # max |x|: inf and NaN propagate, large values do not

@@ -34,6 +34,7 @@ from moe_emergence.routing import RouterOutput
 from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats, variant_metrics
 from moe_emergence.telemetry import names as keys
 from moe_emergence.training.guard import StepCheck
+from moe_emergence.training.rollback import local_shard
 
 
 def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,6 +147,56 @@ def micro_batch_loss(
     return obj.loss * scale
 
 
+def clip_grad_norm_(
+    params: list[torch.nn.Parameter], max_norm: float, reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The L2 norm of all of ``params``' gradients taken together (every process), then the gradients
+    scaled in place by ``min(1, max_norm / (norm + 1e-6))`` (torch.nn.utils.clip_grad_norm_'s rule;
+    Pascanu et al. 2013, "On the difficulty of training RNNs", eq. 7). Returns the norm before clipping: a
+    0-d float32 tensor on the gradients' device (inf/NaN when a gradient is; no host sync).
+
+    Plain gradients are the same on every process (one process, or DDP after its all-reduce) and count
+    once; FSDP2 gradients are DTensors sharded over the processes (``Shard`` on a 1-d mesh of all of them):
+    the squares of each process's shard are summed with ``reduce_sum`` (one all-reduce). The maths runs on
+    the local shards, not through DTensor dispatch (~5 ms of host time a step less on FSDP2, H200). Raises
+    NotImplementedError for any other DTensor layout (replicated or 2-d meshes: HSDP, tensor parallel)."""
+    sharded, plain = [], []
+    for p in params:
+        if p.grad is None:
+            continue
+        placements = getattr(p.grad, "placements", None)
+        if placements is None:
+            plain.append(p.grad.detach())
+            continue
+        mesh = p.grad.device_mesh
+        if (
+            mesh.ndim != 1
+            or not placements[0].is_shard()
+            or mesh.size() != torch.distributed.get_world_size()
+        ):
+            raise NotImplementedError(
+                f"gradient norm: a gradient with placements {placements} on a {mesh.ndim}-d mesh of "
+                f"{mesh.size()} processes; only FSDP2's Shard over all processes (1-d mesh) is supported"
+            )
+        sharded.append(local_shard(p.grad))
+    if not sharded and not plain:
+        return torch.zeros(())
+    device = (sharded or plain)[0].device
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    if sharded:
+        sq = reduce_sum(torch.nn.utils.get_total_norm(sharded, 2.0).float().to(device).square())
+    if plain:
+        sq = sq + torch.nn.utils.get_total_norm(plain, 2.0).float().to(device).square()
+    norm = sq.sqrt()
+    if max_norm != float("inf"):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        grads = sharded + plain
+        for dev in {g.device for g in grads}:
+            on_dev = [g for g in grads if g.device == dev]
+            torch._foreach_mul_(on_dev, coef.to(dev))
+    return norm
+
+
 def step_flags(
     totals: torch.Tensor,
     grad_norm: torch.Tensor,
@@ -156,8 +207,7 @@ def step_flags(
     """The step's guard vector (summed over processes, then ``StepCheck.decode``): a non-finite objective
     (``totals[4]``: a term whose coefficient is 0 and that is left out, e.g. the entropy, does not count),
     non-finite gradient norm, a stop signal, non-finite parameters, the per-layer flags, then this process's
-    share of the LM loss (summed: the step's LM loss). DTensor inputs (FSDP2) are made plain tensors first."""
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    share of the LM loss (summed: the step's LM loss)."""
     device = totals.device
     return torch.cat(
         [

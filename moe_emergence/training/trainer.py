@@ -40,6 +40,7 @@ from moe_emergence.training.steps import (
     MoEStep,
     StepResult,
     StepSums,
+    clip_grad_norm_,
     evaluate,
     micro_batch_loss,
     shifted_token_counts,
@@ -179,9 +180,10 @@ class Trainer:
         The one seam where a test may shard the model itself (FSDP2 on CPU, where accelerate never applies
         FSDP: tests/fsdp_cpu_worker.py).
 
-        FSDP: one unit per block class of this model (``_no_split_modules``: ``GPT2Block`` dense,
-        ``GPT2MoEBlock`` after the upcycle). Set on every prepare: accelerate fills the plugin's class names
-        from the first model it wraps and would look for the dense block in the MoE model."""
+        FSDP with a per-block wrap (configs/accelerate/fsdp_per_block.yaml): one unit per block class of this
+        model (``_no_split_modules``: ``GPT2Block`` dense, ``GPT2MoEBlock`` after the upcycle). Set on every
+        prepare: accelerate fills the plugin's class names from the first model it wraps and would look for
+        the dense block in the MoE model. configs/accelerate/fsdp.yaml (``NO_WRAP``) ignores them."""
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if plugin is not None and getattr(model, "_no_split_modules", None):
             plugin.transformer_cls_names_to_wrap = list(model._no_split_modules)
@@ -247,7 +249,8 @@ class Trainer:
         """Clip, judge the step (``guard``), then take it or roll back; aux-loss-free balancing."""
         cfg = self.cfg
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+        self.accelerator.unscale_gradients()  # fp16: the GradScaler's scale off first (no-op otherwise)
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), clip, self.reduce_sum)
         signalled = signals is not None and signals.received is not None
         params_bad = any_nonfinite(list(self.model.parameters()))
         flags = step_flags(sums.totals, grad_norm, signalled, params_bad, sums.bad_L2)
