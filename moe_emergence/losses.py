@@ -39,35 +39,43 @@ def tokens_per_expert(
     mask_T: torch.Tensor | None = None,
     assignment_mask_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Number of routing assignments per expert, float32 ``[E]`` (each real token contributes K).
+    """Number of routing assignments per expert, float32 ``[E]`` (each real token contributes K); with
+    leading dimensions (``[L, T, K]``: one count per layer) ``[L, E]``.
 
-    ``assignment_mask_TK`` (optional, bool or 0/1) counts only some assignments, e.g.
-    ``~RouterOutput.dropped`` to leave out those past capacity. Raises ``ValueError`` on a mask of the
-    wrong shape.
+    ``assignment_mask_TK`` (optional, bool or 0/1, the shape of ``topk_indices_TK``) counts only some
+    assignments, e.g. ``~RouterOutput.dropped`` to leave out those past capacity. Raises ``ValueError`` on
+    a mask of the wrong shape.
     """
-    T, K = topk_indices_TK.shape
-    w_T = _token_weights(T, mask_T, topk_indices_TK.device)
-    w_A = w_T.repeat_interleave(K)
+    *lead, T, K = topk_indices_TK.shape
+    w_TK = _token_weights(T, mask_T, topk_indices_TK.device)[:, None].expand(T, K)
     if assignment_mask_TK is not None:
-        if assignment_mask_TK.shape != (T, K):
+        if assignment_mask_TK.shape != topk_indices_TK.shape:
             raise ValueError(
-                f"assignment mask has shape {tuple(assignment_mask_TK.shape)}, expected ({T}, {K})"
+                f"assignment mask has shape {tuple(assignment_mask_TK.shape)}, "
+                f"expected {tuple(topk_indices_TK.shape)}"
             )
-        w_A = w_A * assignment_mask_TK.reshape(-1).to(w_A)
-    tokens_per_expert_E = torch.zeros(num_experts, device=topk_indices_TK.device, dtype=torch.float32)
-    return tokens_per_expert_E.index_add_(0, topk_indices_TK.reshape(-1), w_A)
+        w_TK = w_TK * assignment_mask_TK.to(w_TK.dtype)
+    w_A = w_TK.expand(topk_indices_TK.shape).reshape(*lead, T * K)
+    tokens_per_expert_E = torch.zeros(*lead, num_experts, device=topk_indices_TK.device, dtype=torch.float32)
+    return tokens_per_expert_E.scatter_add_(-1, topk_indices_TK.reshape(*lead, T * K), w_A)
 
 
 def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of ``values_T`` over the real tokens (float32 scalar; 0 when there are none).
+    """Mean of ``values_T`` over the real tokens (float32 scalar; 0 when there are none); with leading
+    dimensions (``[L, T]``) one mean per leading index (``[L]``).
 
     Used for the entropy loss (``RouterOutput.entropy``) and for telemetry fractions, e.g.
     ``masked_mean(dropped.float().mean(-1), mask)`` = dropped_frac and ``masked_mean(unrouted.float(),
     mask)`` = unrouted_frac.
     """
-    w_T = _token_weights(values_T.shape[0], mask_T, values_T.device)
-    v_T = torch.where(w_T > 0, values_T.float(), torch.zeros_like(values_T, dtype=torch.float32))
-    return (v_T * w_T).sum() / w_T.sum().clamp_min(1.0)
+    return _weighted_mean(values_T, _token_weights(values_T.shape[-1], mask_T, values_T.device))
+
+
+def _weighted_mean(values_T: torch.Tensor, w_T: torch.Tensor) -> torch.Tensor:
+    """``sum_t w_t v_t / max(1, sum_t w_t)`` over the last dimension; tokens of weight 0 never count,
+    even if non-finite."""
+    v_T = torch.where(w_T > 0, values_T.float(), 0.0)
+    return (v_T * w_T).sum(-1) / w_T.sum().clamp_min(1.0)
 
 
 def expert_fractions(
@@ -78,19 +86,18 @@ def expert_fractions(
 
 
 def fractions_of(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """f_i = c_i / sum_j c_j from assignment counts ``[E]`` (float32; 0 when nothing was routed)."""
+    """f_i = c_i / sum_j c_j from assignment counts ``[E]`` (float32; 0 when nothing was routed); ``[L, E]``
+    gives one distribution per row."""
     c_E = tokens_per_expert_E.float()
-    return c_E / c_E.sum().clamp_min(1.0)
+    return c_E / c_E.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def mean_router_probs(router_probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """P_i: mean router probability of expert i over the (unmasked) tokens, ``[E]``."""
-    T = router_probs_TE.shape[0]
-    w_T = _token_weights(T, mask_T, router_probs_TE.device)
-    probs_TE = torch.where(
-        w_T[:, None] > 0, router_probs_TE.float(), 0.0
-    )  # padding never counts, even if non-finite
-    return (probs_TE * w_T[:, None]).sum(0) / w_T.sum().clamp_min(1.0)
+    """P_i: mean router probability of expert i over the (unmasked) tokens, ``[E]`` (``[L, E]`` for
+    ``[L, T, E]``)."""
+    w_T1 = _token_weights(router_probs_TE.shape[-2], mask_T, router_probs_TE.device)[:, None]
+    probs_TE = torch.where(w_T1 > 0, router_probs_TE.float(), 0.0)  # padding never counts, even if non-finite
+    return (probs_TE * w_T1).sum(-2) / w_T1.sum().clamp_min(1.0)
 
 
 def load_balance_loss(
@@ -101,7 +108,8 @@ def load_balance_loss(
     fractions_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balance loss ``E * sum_i f_i * P_i`` (scalar, float32; Fedus et al. 2021,
-    "Switch Transformers", eq. 4).
+    "Switch Transformers", eq. 4); for ``[L, T, E]`` probabilities and ``[L, T, K]`` indices, one loss per
+    layer (``[L]``).
 
     f_i = fraction of the T*k routing assignments sent to expert i (no gradient: it comes from argmax),
     P_i = mean over tokens of the router probability of expert i (carries the gradient).
@@ -113,20 +121,17 @@ def load_balance_loss(
     if fractions_E is None:
         fractions_E = expert_fractions(topk_indices_TK, num_experts, mask_T)
     P_E = mean_router_probs(router_probs_TE, mask_T)
-    return num_experts * (fractions_E.detach().float() * P_E).sum()
+    return num_experts * (fractions_E.detach().float() * P_E).sum(-1)
 
 
 def z_loss(router_logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """Router z-loss ``mean_t logsumexp(logits_t)^2`` over real tokens (scalar, float32; Zoph et al. 2022,
-    "ST-MoE", eq. 5).
+    "ST-MoE", eq. 5); ``[L, T, E]`` logits give one loss per layer (``[L]``).
 
     Zero logits give (ln E)^2.
     """
-    T = router_logits_TE.shape[0]
-    w_T = _token_weights(T, mask_T, router_logits_TE.device)
     z_T = torch.logsumexp(router_logits_TE.float(), dim=-1) ** 2
-    z_T = torch.where(w_T > 0, z_T, torch.zeros_like(z_T))  # padding never counts, even if non-finite
-    return (z_T * w_T).sum() / w_T.sum().clamp_min(1.0)
+    return _weighted_mean(z_T, _token_weights(z_T.shape[-1], mask_T, z_T.device))
 
 
 def routed_tokens_per_expert(
@@ -204,7 +209,7 @@ def layer_tokens_per_expert(
 ) -> torch.Tensor:
     """``[L, E]`` assignments per expert of each MoE layer (``tokens_per_expert``); summed across
     processes, it gives ``moe_objective`` the global f_i of ``balance_scope: global``."""
-    return torch.stack([tokens_per_expert(r.topk_indices, num_experts, mask_T) for r in router_outputs])
+    return tokens_per_expert(torch.stack([r.topk_indices for r in router_outputs]), num_experts, mask_T)
 
 
 def moe_objective(
@@ -217,7 +222,8 @@ def moe_objective(
     tokens_per_expert_LE: torch.Tensor | None = None,
     shares: Shares = Shares(),
 ) -> MoEObjective:
-    """The objective of one forward (module docstring), each router term computed once per layer.
+    """The objective of one forward (module docstring), each router term computed once per layer (all
+    layers in one batched call of each formula).
 
     lm_loss: scalar mean next-token cross entropy of the forward.
     router_outputs: the forward's ``RouterOutput`` of each MoE layer, in block order (L >= 1).
@@ -232,13 +238,13 @@ def moe_objective(
         raise ValueError(
             f"tokens_per_expert_LE has shape {tuple(tokens_per_expert_LE.shape)}, expected ({L}, {num_experts})"
         )
-    lb, z, ent = [], [], []
-    for layer, r in enumerate(router_outputs):
-        f_E = None if tokens_per_expert_LE is None else fractions_of(tokens_per_expert_LE[layer])
-        lb.append(load_balance_loss(r.router_probs, r.topk_indices, num_experts, mask_T, fractions_E=f_E))
-        z.append(z_loss(r.router_logits, mask_T))
-        ent.append(masked_mean(r.entropy, mask_T))
-    lb_L, z_L, ent_L = torch.stack(lb), torch.stack(z), torch.stack(ent)
+    # all layers at once: each formula runs once on [L, T, ...] (a few dozen kernel launches for any L)
+    f_LE = None if tokens_per_expert_LE is None else fractions_of(tokens_per_expert_LE)
+    probs_LTE = torch.stack([r.router_probs for r in router_outputs])
+    topk_LTK = torch.stack([r.topk_indices for r in router_outputs])
+    lb_L = load_balance_loss(probs_LTE, topk_LTK, num_experts, mask_T, fractions_E=f_LE)
+    z_L = z_loss(torch.stack([r.router_logits for r in router_outputs]), mask_T)
+    ent_L = masked_mean(torch.stack([r.entropy for r in router_outputs]), mask_T)
     token_terms = coefs.z_coef * z_L.mean()
     if coefs.entropy_coef != 0:
         token_terms = token_terms + coefs.entropy_coef * ent_L.mean()

@@ -87,3 +87,53 @@ def test_padding_never_counts_in_the_load_balance_loss_even_if_non_finite():
     idx_TK = torch.tensor([[0], [1]])
     lb = load_balance_loss(probs_TE, idx_TK, 2, torch.tensor([1, 0]))
     assert torch.isfinite(lb) and lb.item() == pytest.approx(2 * 0.7)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_layers_in_one_call_equal_one_call_per_layer(k):
+    """Every formula on ``[L, T, ...]`` (what ``moe_objective`` does for all layers at once) gives, per
+    layer, exactly its one-layer value: odd T, padding holding NaN/inf, an assignment mask, counts from
+    another batch (global balance), gradients included."""
+    from moe_emergence.losses import fractions_of, masked_mean, tokens_per_expert
+
+    g = torch.Generator().manual_seed(k)
+    L, T, E = 3, 13, 5
+    logits = torch.randn(L, T, E, generator=g, requires_grad=True)
+    probs = logits.softmax(-1)
+    topk = probs.topk(k, dim=-1).indices
+    mask = torch.ones(T, dtype=torch.bool)
+    mask[[2, 7, 12]] = False
+    with torch.no_grad():
+        logits[:, 7] = float("nan")  # padding: must not count
+        logits[1, 12, 0] = float("inf")
+    keep = torch.rand(L, T, k, generator=g) > 0.3
+    counts_LE = torch.rand(L, E, generator=g) * 10
+    ent = -(probs * probs.clamp_min(1e-9).log()).sum(-1)
+    batched = [
+        load_balance_loss(probs, topk, E, mask),
+        load_balance_loss(probs, topk, E, mask, fractions_E=fractions_of(counts_LE)),
+        z_loss(logits, mask),
+        masked_mean(ent, mask),
+        tokens_per_expert(topk, E, mask, keep),
+        fractions_of(counts_LE),
+    ]
+    per_layer = [
+        torch.stack([load_balance_loss(probs[i], topk[i], E, mask) for i in range(L)]),
+        torch.stack(
+            [load_balance_loss(probs[i], topk[i], E, mask, fractions_of(counts_LE[i])) for i in range(L)]
+        ),
+        torch.stack([z_loss(logits[i], mask) for i in range(L)]),
+        torch.stack([masked_mean(ent[i], mask) for i in range(L)]),
+        torch.stack([tokens_per_expert(topk[i], E, mask, keep[i]) for i in range(L)]),
+        torch.stack([fractions_of(counts_LE[i]) for i in range(L)]),
+    ]
+    for b, p in zip(batched, per_layer, strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, p, rtol=1e-6, atol=0)
+    assert batched[4].sum(-1).tolist() == [float(keep[i][mask].sum()) for i in range(L)]
+    grad_b = torch.autograd.grad((batched[0] + batched[2] + batched[3]).sum(), logits, retain_graph=True)[0]
+    grad_p = torch.autograd.grad((per_layer[0] + per_layer[2] + per_layer[3]).sum(), logits)[0]
+    assert torch.isfinite(grad_b[:, mask]).all()  # NaN only in the padding rows' own softmax
+    torch.testing.assert_close(grad_b, grad_p, equal_nan=True)
+    with pytest.raises(ValueError, match=r"expected \(3, 13, " + str(k)):
+        tokens_per_expert(topk, E, mask, keep[0])

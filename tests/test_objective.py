@@ -17,15 +17,19 @@ from moe_emergence.modeling import GPT2MoEBlock
 from moe_emergence.training.steps import MoEStep, StepSums, micro_batch_loss, shifted_token_counts
 
 
-def _count_calls(monkeypatch) -> dict[str, int]:
-    """Wrap the router-term formulas in ``losses`` to count their calls."""
+def _count_calls(monkeypatch, invocations: dict[str, int] | None = None) -> dict[str, int]:
+    """Wrap the router-term formulas in ``losses`` to count the per-layer values they compute (a call on
+    ``[L, T, ...]`` computes L); ``invocations``, when given, counts the calls themselves."""
     calls = {"load_balance_loss": 0, "z_loss": 0, "masked_mean": 0}
     for name in calls:
         original = getattr(losses, name)
 
         def counted(*args, _name=name, _f=original, **kwargs):
-            calls[_name] += 1
-            return _f(*args, **kwargs)
+            out = _f(*args, **kwargs)
+            calls[_name] += out.numel()
+            if invocations is not None:
+                invocations[_name] = invocations.get(_name, 0) + 1
+            return out
 
         monkeypatch.setattr(losses, name, counted)
     return calls
@@ -54,9 +58,11 @@ def test_closed_form_objective_and_shares(dense_model, input_ids):
 
 def test_model_computes_each_term_once_per_forward(dense_model, input_ids, monkeypatch):
     moe = upcycle(dense_model, MoEConfig(num_experts=4, top_k=2, layers=[0, 2])).train()
-    calls = _count_calls(monkeypatch)
+    invocations: dict[str, int] = {}
+    calls = _count_calls(monkeypatch, invocations)
     moe(input_ids, labels=input_ids)
     assert calls == {"load_balance_loss": 2, "z_loss": 2, "masked_mean": 2}  # one per MoE layer
+    assert invocations == {"load_balance_loss": 1, "z_loss": 1, "masked_mean": 1}  # all layers in one call
     calls.update(dict.fromkeys(calls, 0))
     moe(input_ids, labels=input_ids, output_router_logits=False)  # the trainer's call: LM loss only
     assert calls == {"load_balance_loss": 0, "z_loss": 0, "masked_mean": 0}
