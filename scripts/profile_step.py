@@ -20,7 +20,8 @@ synchronised before and after, so these runs' walls are not comparable with plai
 Under the profiler the record also holds ``host_<phase>_ms``: the host (CPU) time per step spent inside each
 phase of ``Trainer.train_step`` (``forward``, ``loss``, ``backward``, ``clip_grad_norm``, ``nonfinite``,
 ``reduce_sum``, ``snapshot``, ``optimizer``, ``zero_grad``; this script wraps those calls in
-``torch.profiler.record_function``, the trainer is unchanged) and in FSDP2's own ranges (``FSDP::...``);
+``torch.profiler.record_function``, the trainer is unchanged; times are inclusive and may nest, e.g.
+``reduce_sum`` also runs inside ``clip_grad_norm``, so do not add them up) and in FSDP2's own ranges (``FSDP::...``);
 ``--top N`` prints each process's N operators with the most host (self CPU) time.
 
 ``--trace DIR`` writes each process's profiled steps as a Chrome trace (``DIR/rank<r>.json``: open in

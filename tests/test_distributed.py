@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 from test_training_run import TINY
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from moe_emergence.errors import ConfigError
 from moe_emergence.telemetry import read_metrics
@@ -163,6 +165,19 @@ def test_sampler_shards_disjoint_rows_that_cover_the_global_batch():
             assert sorted(a + b) == sorted(ref[m])
 
 
+class _CountDTensorOps(TorchDispatchMode):
+    """Counts operators dispatched with a DTensor argument."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(a, DTensor) for a in tree_flatten((args, kwargs or {}))[0]):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _clip_worker(rank: int, store_path: str, out_path: str) -> None:
     """One of 2 gloo processes: FSDP2-style DTensor parameters (Shard(0), uneven and empty shards)."""
     import torch.distributed as dist
@@ -187,17 +202,22 @@ def _clip_worker(rank: int, store_path: str, out_path: str) -> None:
         dist.all_reduce(x)
         return x
 
-    norm = clip_grad_norm_(params, 1.5, reduce_sum)
+    dispatched = _CountDTensorOps()
+    with dispatched:
+        norm = clip_grad_norm_(params, 1.5, reduce_sum)
     clipped = [p.grad.full_tensor() for p in params]
     opt = ShardLocalAdamW(params, lr=0.1, weight_decay=0.1, fused=True)
-    for _ in range(3):  # the clipped gradients again each step
-        opt.step()
+    opt.step()  # the first step creates the (DTensor) state
+    with dispatched:
+        for _ in range(2):  # the clipped gradients again each step
+            opt.step()
     result = {
         "norm": norm,
         "clipped": clipped,
         "params": [p.full_tensor() for p in params],
         "exp_avg_sq": [opt.state[p]["exp_avg_sq"].full_tensor() for p in params],
         "state_is_dtensor": all(isinstance(opt.state[p]["exp_avg"], DTensor) for p in params),
+        "dtensor_ops": dispatched.n,  # the maths ran on the local shards
     }
     if rank == 0:
         torch.save(result, out_path)
@@ -234,7 +254,7 @@ def test_gradient_norm_and_adamw_on_sharded_tensors_equal_torch_on_the_whole(tmp
         for w, r in zip(whole, ref, strict=True):
             w.grad = r.grad.clone()
         opt.step()
-    assert got["state_is_dtensor"]
+    assert got["state_is_dtensor"] and got["dtensor_ops"] == 0
     for g, w in zip(got["params"], whole, strict=True):
         assert w.abs().sum() > 0  # the steps moved the weights
         torch.testing.assert_close(g, w.detach())

@@ -691,3 +691,93 @@ def test_planted_lock_files_and_run_entries_are_refused(tmp_path, capsys, cache)
     rc, err = run_cli(capsys, "--config", path, "--resume", "auto")
     assert rc == 2
     assert_one_error_line(err, r"config\.yaml is not a regular file")
+
+
+def test_nonfinite_check_skips_empty_shards():
+    """FSDP2 gives a process an empty shard of a parameter with fewer rows than processes (experts
+    ``[E, ...]`` with E < processes): the check ignores it, and still sees a NaN elsewhere."""
+    from moe_emergence.training.rollback import any_nonfinite
+
+    assert not any_nonfinite([torch.empty(0, 4), torch.ones(3)])
+    assert any_nonfinite([torch.empty(0, 4), torch.tensor([1.0, float("nan")])])
+    assert not any_nonfinite([torch.empty(0)])
+
+
+def test_fused_adamw_stays_fused_after_loading_an_older_foreach_state():
+    """A checkpoint of the old default AdamW (foreach, step counts on the CPU) loads into the trainer's
+    optimizer without turning the fused kernel off, and continues as that AdamW would."""
+    from moe_emergence.training.optim import ShardLocalAdamW
+
+    def model_and_grads():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(5, 3)
+        return m, [torch.randn_like(p) for p in m.parameters()]
+
+    old, grads = model_and_grads()
+    foreach = torch.optim.AdamW(old.parameters(), lr=0.1, weight_decay=0.1, foreach=True)
+    for _ in range(2):
+        for p, g in zip(old.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        foreach.step()
+    saved = foreach.state_dict()
+    new, _ = model_and_grads()
+    new.load_state_dict(old.state_dict())
+    opt = ShardLocalAdamW(new.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+    opt.load_state_dict(saved)
+    assert all(g["fused"] is True and not g["foreach"] for g in opt.param_groups)
+    assert all(opt.state[p]["step"].device == p.device for p in new.parameters())
+    for model, o in ((old, foreach), (new, opt)):
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        o.step()
+    for a, b in zip(old.parameters(), new.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert opt.state_dict()["param_groups"][0]["fused"] is True
+
+
+def test_fp16_scaler_survives_a_step_rejected_with_finite_gradients():
+    """fp16: the trainer unscales every step's gradients before judging it; a step the guard rejects for
+    another reason (a loss spike, non-finite parameters) takes no optimizer step, yet the GradScaler must be
+    closed (update) or the next unscale_ raises. Run on the CPU with accelerate's fp16 state set by hand
+    (accelerate refuses fp16 on a CPU)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    acc.native_amp = True
+    was = acc.state._mixed_precision
+    acc.state._mixed_precision = "fp16"  # the process-wide state: restored at the end
+    try:
+        _rejected_step_then_a_good_one(acc)
+    finally:
+        acc.state._mixed_precision = was
+
+
+def _rejected_step_then_a_good_one(acc) -> None:
+    from types import SimpleNamespace
+
+    from moe_emergence.training.guard import StepCheck
+    from moe_emergence.training.optim import ShardLocalAdamW
+    from moe_emergence.training.rollback import VerifiedState
+    from moe_emergence.training.trainer import Trainer
+
+    acc.scaler.scale(torch.ones(()))  # creates the scale tensor, as the backward's scaler.scale(loss) does
+    model = acc.prepare(torch.nn.Linear(4, 2))
+    opt = acc.prepare(ShardLocalAdamW(model.parameters(), lr=0.1, fused=True))
+    trainer = SimpleNamespace(
+        accelerator=acc, optimizer=opt, verified=VerifiedState(model, opt, 1, lambda x: x)
+    )
+
+    def step(check: StepCheck) -> None:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) * acc.scaler.get_scale()
+        acc.unscale_gradients()
+        Trainer._apply_or_roll_back(trainer, check)
+
+    step(StepCheck(False, False, False, []))  # good
+    rejected = StepCheck(False, False, False, [], spike="a loss spike")  # finite gradients
+    assert not rejected.good and not rejected.grad_bad
+    step(rejected)  # no optimizer step, rolled back
+    before = [p.detach().clone() for p in model.parameters()]
+    step(StepCheck(False, False, False, []))  # the next step unscales again and is taken
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

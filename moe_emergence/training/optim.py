@@ -50,6 +50,15 @@ class ShardLocalAdamW(torch.optim.AdamW):
     Overrides ``Adam._init_group`` (torch >= 2.7, where AdamW is Adam with decoupled weight decay): the
     lists it fills are mapped to local shards before torch's ``adam`` runs them."""
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load ``state_dict`` keeping this optimizer's implementation: a state saved by another AdamW (an
+        older checkpoint's default ``foreach`` one, its step counts on the CPU) would otherwise set its
+        groups' ``fused``/``foreach`` flags and run unfused from then on; torch moves the step counts to the
+        parameters' devices for the fused kernel."""
+        keep = {k: self.defaults[k] for k in ("fused", "foreach", "capturable")}
+        groups = [{**g, **keep} for g in state_dict["param_groups"]]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
     def _init_group(self, group, *lists):
         got = [[] for _ in lists]
         has_complex = super()._init_group(group, *got)

@@ -151,12 +151,12 @@ def first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
 
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor on device: does any of ``tensors`` (local shards) hold a NaN/Inf (no host sync)."""
-    local = [local_shard(t) for t in tensors]
+    local = [s for s in map(local_shard, tensors) if s.numel()]  # FSDP2: a process may hold an empty shard
     if not local:
         return torch.zeros((), dtype=torch.bool)
     peaks = torch._foreach_norm(local, float("inf"))  # max |x|: inf and NaN propagate, large values do not
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for n in peaks:  # AdamW keeps its step counts on the CPU beside CUDA moments
+    for n in peaks:  # tensors may sit on several devices (e.g. a state loaded onto the CPU)
         by_device.setdefault(n.device, []).append(n)
     device = local[0].device
     # one stack per device (mixed float dtypes promote), no per-tensor cast or copy

@@ -153,7 +153,8 @@ def clip_grad_norm_(
     """The L2 norm of all of ``params``' gradients taken together (every process), then the gradients
     scaled in place by ``min(1, max_norm / (norm + 1e-6))`` (torch.nn.utils.clip_grad_norm_'s rule;
     Pascanu et al. 2013, "On the difficulty of training RNNs", eq. 7). Returns the norm before clipping: a
-    0-d float32 tensor on the gradients' device (inf/NaN when a gradient is; no host sync).
+    0-d float32 tensor on the gradients' device (inf/NaN when a gradient is; no host sync). ``max_norm``
+    inf scales nothing. The coefficient is float32 whatever the gradients' dtype.
 
     Plain gradients are the same on every process (one process, or DDP after its all-reduce) and count
     once; FSDP2 gradients are DTensors sharded over the processes (``Shard`` on a 1-d mesh of all of them):
@@ -182,12 +183,12 @@ def clip_grad_norm_(
     if not sharded and not plain:
         return torch.zeros(())
     device = (sharded or plain)[0].device
-    sq = torch.zeros((), dtype=torch.float32, device=device)
+    sq = torch.zeros((), dtype=torch.float64, device=device)  # squares in float64: no overflow below 1e154
     if sharded:
-        sq = reduce_sum(torch.nn.utils.get_total_norm(sharded, 2.0).float().to(device).square())
+        sq = reduce_sum(torch.nn.utils.get_total_norm(sharded, 2.0).to(device, torch.float64).square())
     if plain:
-        sq = sq + torch.nn.utils.get_total_norm(plain, 2.0).float().to(device).square()
-    norm = sq.sqrt()
+        sq = sq + torch.nn.utils.get_total_norm(plain, 2.0).to(device, torch.float64).square()
+    norm = sq.sqrt().float()
     if max_norm != float("inf"):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         grads = sharded + plain

@@ -278,9 +278,13 @@ class Trainer:
             self.verified.after_update()
         else:
             check.detail = self.verified.describe(check.params_bad, check.spike is not None)
-            # fp16: accelerate's GradScaler must see non-finite gradients (it skips the step, lowers its scale)
-            if self.accelerator.scaler is not None and check.grad_bad:
-                self.optimizer.step()
+            scaler = self.accelerator.scaler
+            if scaler is not None and check.grad_bad:  # fp16: the GradScaler must see non-finite gradients
+                self.optimizer.step()  # it skips the update and lowers its scale (accelerate calls update())
+            elif (
+                scaler is not None
+            ):  # rejected with finite gradients: close this step's unscale_ all the same
+                scaler.update()
             self.verified.roll_back()
         self.optimizer.zero_grad(set_to_none=True)
 
