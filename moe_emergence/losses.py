@@ -3,7 +3,8 @@
 Shapes (legend: docs/architecture.md): T tokens, E experts, K experts per token, L MoE layers.
 ``mask_T`` is 1 for real tokens and 0 for padding (``[T]``, or any form ``token_mask.as_token_mask``
 accepts, e.g. the model's ``[B, S]`` attention mask); masked tokens never count. A batch with no real
-token gives 0 (not NaN).
+token gives 0 (not NaN). Each formula also takes leading dimensions (``[L, T, E]``: every MoE layer of a
+forward at once, one result per layer); the mask is the forward's, shared by every layer.
 
 The objective, written once (``moe_objective``) and used by the model's forward and by the trainer::
 
@@ -54,7 +55,7 @@ def tokens_per_expert(
                 f"assignment mask has shape {tuple(assignment_mask_TK.shape)}, "
                 f"expected {tuple(topk_indices_TK.shape)}"
             )
-        w_TK = w_TK * assignment_mask_TK.to(w_TK.dtype)
+        w_TK = w_TK * assignment_mask_TK.to(w_TK)
     w_A = w_TK.expand(topk_indices_TK.shape).reshape(*lead, T * K)
     tokens_per_expert_E = torch.zeros(*lead, num_experts, device=topk_indices_TK.device, dtype=torch.float32)
     return tokens_per_expert_E.scatter_add_(-1, topk_indices_TK.reshape(*lead, T * K), w_A)
@@ -71,17 +72,18 @@ def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None = None) -> t
     return _weighted_mean(values_T, _token_weights(values_T.shape[-1], mask_T, values_T.device))
 
 
-def _weighted_mean(values_T: torch.Tensor, w_T: torch.Tensor) -> torch.Tensor:
-    """``sum_t w_t v_t / max(1, sum_t w_t)`` over the last dimension; tokens of weight 0 never count,
-    even if non-finite."""
-    v_T = torch.where(w_T > 0, values_T.float(), 0.0)
-    return (v_T * w_T).sum(-1) / w_T.sum().clamp_min(1.0)
+def _weighted_mean(values_LT: torch.Tensor, w_T: torch.Tensor) -> torch.Tensor:
+    """``sum_t w_t v_t / max(1, sum_t w_t)`` over the last dimension of ``values`` (``[T]`` or ``[..., T]``)
+    with one weight vector ``w_T`` for all rows; tokens of weight 0 never count, even if non-finite."""
+    v_LT = torch.where(w_T > 0, values_LT.float(), 0.0)
+    return (v_LT * w_T).sum(-1) / w_T.sum().clamp_min(1.0)
 
 
 def expert_fractions(
     topk_indices_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """f_i: fraction of routing assignments that go to expert i, ``[E]``, sums to 1 (0 if no tokens)."""
+    """f_i: fraction of routing assignments that go to expert i, ``[E]``, sums to 1 (0 if no tokens);
+    ``[L, T, K]`` indices give ``[L, E]``."""
     return fractions_of(tokens_per_expert(topk_indices_TK, num_experts, mask_T))
 
 
@@ -116,11 +118,14 @@ def load_balance_loss(
     Uniform routing gives 1; every token sent to one expert with probability 1 gives E.
 
     ``fractions_E`` overrides f (used for global balancing, where f is computed over the whole
-    data-parallel batch by the trainer).
+    data-parallel batch by the trainer): ``[E]`` (the same f for every layer) or one row per layer
+    (``[L, E]``); any other shape raises ``ValueError``.
     """
     if fractions_E is None:
         fractions_E = expert_fractions(topk_indices_TK, num_experts, mask_T)
     P_E = mean_router_probs(router_probs_TE, mask_T)
+    if fractions_E.shape not in (P_E.shape, P_E.shape[-1:]):
+        raise ValueError(f"fractions_E has shape {tuple(fractions_E.shape)}, expected {tuple(P_E.shape)}")
     return num_experts * (fractions_E.detach().float() * P_E).sum(-1)
 
 

@@ -137,3 +137,11 @@ def test_layers_in_one_call_equal_one_call_per_layer(k):
     torch.testing.assert_close(grad_b, grad_p, equal_nan=True)
     with pytest.raises(ValueError, match=r"expected \(3, 13, " + str(k)):
         tokens_per_expert(topk, E, mask, keep[0])
+
+
+def test_fractions_of_the_wrong_shape_are_refused():
+    probs = torch.full((3, 6, 4), 0.25)
+    topk = torch.zeros(3, 6, 1, dtype=torch.long)
+    assert load_balance_loss(probs, topk, 4, fractions_E=torch.full((4,), 0.25)).shape == (3,)
+    with pytest.raises(ValueError, match=r"fractions_E has shape \(2, 4\), expected \(3, 4\)"):
+        load_balance_loss(probs, topk, 4, fractions_E=torch.full((2, 4), 0.25))
