@@ -3,7 +3,7 @@
 
 accelerate reports ``MULTI_CPU`` on CPU processes and never applies FSDP there, so this worker replaces the
 trainer's one wrapping seam (``Trainer._wrap``) by what accelerate's FSDP2 plugin does on GPUs:
-``fully_shard`` on every GPT-2 block, then on the root. Everything else (the step's loss terms, gradient
+``fully_shard`` on every GPT-2 block, then on the root (``FSDP_WRAP=root``: the root only, one unit). Everything else (the step's loss terms, gradient
 clipping, the guard's flags and rollback snapshot, telemetry with expert divergence, evaluation, the
 upcycle mid-run) is the trainer's own code. Checkpoints of a self-sharded CPU model are not accelerate's
 FSDP checkpoints, so saves only run the guard's pre-save check here (GPU: scripts/gpu_scaling.sh).
@@ -14,6 +14,7 @@ FSDP checkpoints, so saves only run the guard's pre-save check here (GPU: script
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from torch.distributed.fsdp import fully_shard
@@ -25,9 +26,10 @@ from moe_emergence.training.trainer import Trainer
 
 
 def _wrap(self, model, optimizer):
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
+    if os.environ.get("FSDP_WRAP", "block") == "block":  # configs/accelerate/fsdp_per_block.yaml
+        for block in model.transformer.h:
+            fully_shard(block)
+    fully_shard(model)  # the root: the one unit of configs/accelerate/fsdp.yaml (FSDP_WRAP=root)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     # fully_shard replaced the parameters: the optimizer is built again over the DTensors (accelerate's
     # FSDP2 preparation switches the optimizer's parameters the same way)
@@ -48,6 +50,7 @@ def main(argv: list[str]) -> None:
     trainer = Trainer(load_config(config, overrides))
     result = trainer.train()
     if trainer.accelerator.is_main_process:
+        trainer.model.reshard()  # the root unit keeps its parameters gathered after a forward without backward
         sharded = [n for n, p in trainer.model.named_parameters() if isinstance(p, DTensor)]
         with open(out, "w") as f:
             json.dump({"step": result.step, "stopped": result.stopped, "sharded": len(sharded)}, f)

@@ -111,7 +111,8 @@ def test_two_processes_match_one_process_with_twice_the_batch(single, tmp_path):
     _assert_same_evals(_evals(single[0] / "tiny"), _evals(run))  # each val block once over 2 processes
 
 
-def test_fsdp2_sharded_steps_match_one_process(single, tmp_path):
+@pytest.mark.parametrize("wrap", ["block", "root"])
+def test_fsdp2_sharded_steps_match_one_process(single, tmp_path, wrap):
     """The trainer's step on FSDP2-sharded parameters (DTensors) on 2 gloo processes: gradient norm, guard
     flags and rollback snapshot, telemetry (expert divergence gathers DTensors), optimizer groups and the
     mid-run upcycle of a sharded dense model, against the 1-process run (tests/fsdp_cpu_worker.py)."""
@@ -119,6 +120,7 @@ def test_fsdp2_sharded_steps_match_one_process(single, tmp_path):
     cfg_file, out = tmp_path / "tiny.yaml", tmp_path / "fsdp.json"
     cfg_file.write_text(yaml.safe_dump(TINY))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env["FSDP_WRAP"] = wrap  # one unit per block, or the whole model as one unit (the shipped fsdp.yaml)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(ROOT / "tests" / "fsdp_cpu_worker.py"), str(cfg_file), str(out), f"output_dir={tmp_path}"]
     cmd += [f"data.cache_dir={cache}", *COMMON, "train.batch_size=4"]
