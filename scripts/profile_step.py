@@ -118,10 +118,8 @@ def _host_times(prof, steps: int) -> dict[str, float]:
     """Host time per step (ms) inside each ``step:<phase>`` range and each FSDP2 range."""
     out: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
-        if evt.key.startswith("step:"):
-            out["host_" + evt.key[len("step:") :]] += evt.cpu_time_total / 1000.0 / steps
-        elif evt.key.startswith("FSDP::"):
-            out["host_" + evt.key] += evt.cpu_time_total / 1000.0 / steps
+        if evt.key.startswith(("step:", "FSDP::")):
+            out["host_" + evt.key.removeprefix("step:")] += evt.cpu_time_total / 1000.0 / steps
     return out
 
 

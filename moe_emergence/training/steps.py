@@ -161,7 +161,7 @@ def clip_grad_norm_(
     the squares of each process's shard are summed with ``reduce_sum`` (one all-reduce). The maths runs on
     the local shards, not through DTensor dispatch (~5 ms of host time a step less on FSDP2, H200). Raises
     NotImplementedError for any other DTensor layout (replicated or 2-d meshes: HSDP, tensor parallel)."""
-    sharded, plain = [], []
+    sharded, plain, world = [], [], None
     for p in params:
         if p.grad is None:
             continue
@@ -170,11 +170,8 @@ def clip_grad_norm_(
             plain.append(p.grad.detach())
             continue
         mesh = p.grad.device_mesh
-        if (
-            mesh.ndim != 1
-            or not placements[0].is_shard()
-            or mesh.size() != torch.distributed.get_world_size()
-        ):
+        world = world or torch.distributed.get_world_size()
+        if mesh.ndim != 1 or not placements[0].is_shard() or mesh.size() != world:
             raise NotImplementedError(
                 f"gradient norm: a gradient with placements {placements} on a {mesh.ndim}-d mesh of "
                 f"{mesh.size()} processes; only FSDP2's Shard over all processes (1-d mesh) is supported"

@@ -278,12 +278,12 @@ class Trainer:
             self.verified.after_update()
         else:
             check.detail = self.verified.describe(check.params_bad, check.spike is not None)
+            # fp16: the GradScaler must see non-finite gradients (it skips the update, lowers its scale and
+            # accelerate calls update()); a step rejected with finite gradients still closes its unscale_
             scaler = self.accelerator.scaler
-            if scaler is not None and check.grad_bad:  # fp16: the GradScaler must see non-finite gradients
-                self.optimizer.step()  # it skips the update and lowers its scale (accelerate calls update())
-            elif (
-                scaler is not None
-            ):  # rejected with finite gradients: close this step's unscale_ all the same
+            if scaler is not None and check.grad_bad:
+                self.optimizer.step()
+            elif scaler is not None:
                 scaler.update()
             self.verified.roll_back()
         self.optimizer.zero_grad(set_to_none=True)
