@@ -11,7 +11,9 @@ after inheritance; missing mappings are created.
 
 Types (``build``): ``str``; ``int`` (an integral float too); ``float`` (an int too, or a string such as
 ``1e-3`` that YAML 1.1 leaves unparsed; never NaN or infinite); ``bool``; ``Any``; ``Literal``; ``X | None``;
-other unions (tried in order); ``list[X]``; ``dict[K, V]``; nested dataclasses. Nothing else is coerced.
+other unions (tried in order); ``list[X]``; ``dict[K, V]``; nested dataclasses. Nothing else is coerced, but for
+one thing: a boolean where a ``Literal`` allows the YAML 1.1 word it was read from (``mixed_precision: no`` is
+``"no"``, not False).
 
 Errors: a ``ConfigError`` (a ``ValueError``) naming the full dotted key and what is allowed, an unknown key
 with the closest valid one; ``load`` puts the file and line in front when a YAML file wrote the key
@@ -37,6 +39,9 @@ import yaml
 
 from moe_emergence.errors import ConfigError  # re-exported: the user-error type
 from moe_emergence.yamlio import DuplicateKeyError, read_mapping_file, strict_load
+
+# words YAML 1.1 parses as booleans (any case): a ``Literal`` that allows one of them gets it back
+YAML11_BOOL_WORDS = {True: ("yes", "on", "true", "y"), False: ("no", "off", "false", "n")}
 
 T = TypeVar("T")
 INHERIT_KEY = "base"
@@ -142,7 +147,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         return _convert_union(tp, value, key)
     if origin is Literal:
-        if value in args and not isinstance(value, bool):
+        if isinstance(
+            value, bool
+        ):  # YAML 1.1 reads no/off/yes/on as booleans: take the word the Literal allows
+            words = [a for a in args if isinstance(a, str) and a.lower() in YAML11_BOOL_WORDS[value]]
+            if len(words) == 1:
+                return words[0]
+        elif value in args:
             return value
         raise ConfigKeyError(
             key, f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}"

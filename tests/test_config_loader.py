@@ -236,3 +236,25 @@ def test_override_inside_a_null_section_is_refused():
         load_config("configs/dense.yaml", ["model.moe.top_k=2"])
     cfg = load_config("configs/dense.yaml", ["model.moe={top_k: 2, num_experts: 4}"])
     assert cfg.model.moe.top_k == 2 and cfg.model.moe.num_experts == 4
+
+
+def test_yaml11_boolean_words_give_back_the_literal_they_spell(tmp_path):
+    """``no`` / ``off`` / ``yes`` / ``on`` read as booleans by YAML 1.1: a Literal that allows the word gets it,
+    from a file and from an override; a boolean where the Literal allows no such word stays refused."""
+    path = write(tmp_path / "c.yaml", "train:\n  mixed_precision: no\n")
+    assert load_config(str(path), [f"data={BASE['data']}"]).train.mixed_precision == "no"
+    cfg = load_config(
+        str(path), [f"data={BASE['data']}", "train.mixed_precision=NO", "train.cuda_graphs=none"]
+    )
+    assert cfg.train.mixed_precision == "no" and cfg.train.cuda_graphs == "none"
+
+    @dataclass
+    class Switch:
+        mode: Literal["on", "auto"] = "auto"
+        both: Literal["on", "yes"] = "on"
+
+    assert build(Switch, {"mode": True}).mode == "on"
+    with pytest.raises(ConfigError, match=r"^mode: False is not allowed; choose one of 'on', 'auto'"):
+        build(Switch, {"mode": False})
+    with pytest.raises(ConfigError, match=r"^both: True is not allowed"):  # two words: which one is unknown
+        build(Switch, {"both": True})
