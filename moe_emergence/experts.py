@@ -31,12 +31,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
 from moe_emergence.kernels.routing_meta import routing_meta  # torch only: kernels/__init__ imports no triton
+
+if TYPE_CHECKING:
+    from moe_emergence.kernels.cuda_graph import ExpertsGraph
 
 ExpertsFn = Callable[..., torch.Tensor]
 
@@ -73,20 +77,30 @@ def eager_experts(
     return y_TD.index_add_(0, token_A, y_AD).to(x_TD.dtype)
 
 
+def backend_name(name: str, device: torch.device, d_model: int | None = None, d_ff: int | None = None) -> str:
+    """The backend that ``name`` stands for on ``device``: ``name`` itself, or for ``"auto"`` the fastest that runs
+    there for experts of size ``d_model`` x ``d_ff`` (``eager`` on the CPU: the fast backends only pay off on a
+    GPU). Traceable by ``torch.compile``."""
+    from moe_emergence import kernels  # lazy: keeps triton out of the model package's import
+
+    if name != "auto":
+        return name
+    fast = kernels.available_backends(device, d_model, d_ff) if device.type == "cuda" else []
+    return fast[0] if fast else "eager"
+
+
 def resolve_backend(
     name: str, device: torch.device, d_model: int | None = None, d_ff: int | None = None
 ) -> ExpertsFn:
-    """The experts function called ``name``; ``"auto"`` picks the fastest that runs on ``device`` for experts of
-    size ``d_model`` x ``d_ff`` (eager on the CPU: the fast backends only pay off on a GPU).
+    """The experts function of backend ``name`` (``backend_name``: ``"auto"`` picks one); ``ValueError`` for an
+    unknown name, ``RuntimeError`` for a backend that cannot run on ``device``.
 
     Uncached (``get_backend`` is the cached form); traceable by ``torch.compile`` without graph breaks."""
-    from moe_emergence import kernels  # lazy: keeps triton out of the model package's import
+    from moe_emergence import kernels
 
+    name = backend_name(name, device, d_model, d_ff)
     if name == "eager":
         return eager_experts
-    if name == "auto":
-        fast = kernels.available_backends(device, d_model, d_ff) if device.type == "cuda" else []
-        return kernels.load_backend(fast[0], device) if fast else eager_experts
     if name in kernels.BACKENDS:
         return kernels.load_backend(name, device)
     raise ValueError(f"unknown experts backend {name!r}; allowed: auto, eager, {', '.join(kernels.BACKENDS)}")
@@ -102,6 +116,11 @@ class ExpertBank(nn.Module):
     An assignment with weight exactly 0 is not computed: it adds nothing to y and receives no gradient, even
     where its expert's output for that token is inf or NaN (module docstring); capacity-dropped assignments
     (weight 0) so never touch the expert that dropped them.
+
+    ``cuda_graph``: None (the default), or a ``kernels.cuda_graph.ExpertsGraph`` set by the trainer
+    (``train.cuda_graphs``) for a sync-free backend on a GPU; then calls in training mode with autograd on
+    replay the backend's kernels from CUDA graphs (the same kernels and results, one launch forward and one
+    backward). Not part of the state dict.
     """
 
     def __init__(
@@ -117,6 +136,7 @@ class ExpertBank(nn.Module):
         self.b1_EF = nn.Parameter(torch.zeros(num_experts, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b2_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.cuda_graph: ExpertsGraph | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -137,6 +157,7 @@ class ExpertBank(nn.Module):
         # compiled: dynamo traces through a cache wrapper anyway (and warns); it resolves at trace time
         lookup = resolve_backend if torch.compiler.is_compiling() else get_backend
         fn = lookup(self.backend, x_TD.device, self.d_model, self.d_ff)
-        return fn(
-            x_TD, self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED, indices_TK, weights_TK, self.activation
-        )
+        params = (self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED)
+        if self.cuda_graph is not None and self.training and torch.is_grad_enabled():
+            return self.cuda_graph(fn, self.activation, params, x_TD, indices_TK, weights_TK)
+        return fn(x_TD, *params, indices_TK, weights_TK, self.activation)

@@ -21,11 +21,13 @@ import argparse
 import gc
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 from moe_emergence.experts import eager_experts, get_backend
+from moe_emergence.kernels.cuda_graph import ExpertsGraph
 
 D, FF = 768, 3072
 ACT = "gelu_pytorch_tanh"  # same maths as GPT-2's gelu_new, one fused kernel in eager PyTorch
@@ -87,8 +89,23 @@ def graph_time(fn, iters):
     return t
 
 
+def host_ms(step, n=10) -> float:
+    """Host milliseconds to issue one ``step`` while the device is kept busy (a sleep kernel queued first), so
+    that neither waits on the other: the launch and dispatch cost alone."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)  # ~0.2 s of device time, more than n steps take to issue
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    ms = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return ms
+
+
 def measure(fwd, inputs, iters, graph=False):
-    """(fwd ms, fwd+bwd ms, peak activation MiB of fwd+bwd, fwd+bwd ms as a CUDA graph or None)."""
+    """(fwd ms, fwd+bwd ms, peak activation MiB of fwd+bwd, fwd+bwd ms as a CUDA graph or None, host ms of
+    one fwd+bwd)."""
     # the output gradient from the CPU RNG: a failed CUDA-graph capture breaks CUDA's generator
     y = fwd().detach()
     gy = torch.randn(y.shape).to(y.device, y.dtype)
@@ -106,7 +123,7 @@ def measure(fwd, inputs, iters, graph=False):
     step()
     torch.cuda.synchronize()
     mem = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return t_f, t_fb, mem, graph_time(step, iters) if graph else None
+    return t_f, t_fb, mem, graph_time(step, iters) if graph else None, host_ms(step)
 
 
 def bench_layer(quick: bool, iters: int) -> list[dict]:
@@ -114,16 +131,18 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
     dt = torch.bfloat16
     backends = {"naive": naive_experts, "eager": eager_experts}
     backends |= {n: get_backend(n, torch.device("cuda")) for n in ("grouped_mm", "triton")}
+    backends |= {f"{n} graphed": backends[n] for n in ("grouped_mm", "triton")}
     rows = []
     for K in (1, 2):
         for T in (8192,) if quick else (4096, 8192, 16384):
             x = torch.randn(K * T, D).to("cuda", dt).requires_grad_()
             w = [torch.randn(D, FF), torch.randn(FF) * 0.1, torch.randn(FF, D), torch.randn(D) * 0.1]
             w = [(t * (0.02 if t.dim() == 2 else 1)).to("cuda", dt).requires_grad_() for t in w]
-            f, fb, mem, gr = measure(lambda x=x, w=w: dense_mlp(x, *w), [x, *w], iters, graph=True)
-            dense = dict(K=K, T=T, fwd=f, fwdbwd=fb, mem=mem, graph=gr)
+            f, fb, mem, gr, host = measure(lambda x=x, w=w: dense_mlp(x, *w), [x, *w], iters, graph=True)
+            dense = dict(K=K, T=T, fwd=f, fwdbwd=fb, mem=mem, graph=gr, host_ms=host)
             rows.append(dict(dense, E=0, routing="-", impl="dense(K*T)"))
-            print(f"dense K={K} T={T}: fwd {f:.3f} ms fwd+bwd {fb:.3f} ms (graph {gr:.3f}) mem {mem:.0f} MiB")
+            print(f"dense K={K} T={T}: fwd {f:.3f} ms fwd+bwd {fb:.3f} ms (graph {gr:.3f}, host {host:.3f}) "
+                  f"mem {mem:.0f} MiB")  # fmt: skip
             for E in (8,) if quick else (4, 8, 16):
                 for kind in ("balanced", "zipf"):
                     idx, wts = routing(T, E, K, kind, gen)
@@ -134,13 +153,17 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
                     for name, fn in backends.items():
                         if name == "naive" and T > 8192:
                             continue
+                        graphs = ExpertsGraph() if name.endswith("graphed") else None
 
-                        def fwd(fn=fn, x=x, p=p, idx=idx, wts=wts):
+                        def fwd(fn=fn, x=x, p=p, idx=idx, wts=wts, graphs=graphs):
+                            if graphs is not None:  # the layer's own CUDA graphs (train.cuda_graphs)
+                                return graphs(fn, ACT, p, x, idx, wts)
                             return fn(x, *p, idx, wts, ACT)
 
-                        sync_free = name in ("grouped_mm", "triton")  # naive/eager sync: no graph
-                        f, fb, mem, gr = measure(fwd, [x, *p, wts], iters, graph=sync_free)
+                        sync_free = name in ("grouped_mm", "triton")  # naive/eager sync; graphed: no nesting
+                        f, fb, mem, gr, host = measure(fwd, [x, *p, wts], iters, graph=sync_free)
                         r = dict(K=K, T=T, E=E, routing=kind, impl=name, fwd=f, fwdbwd=fb, mem=mem, graph=gr)
+                        r["host_ms"] = host
                         r |= dict(
                             fwd_x=f / dense["fwd"], fwdbwd_x=fb / dense["fwdbwd"], mem_x=mem / dense["mem"]
                         )
@@ -149,7 +172,8 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
                         gtxt = f"graph {gr:7.3f} ({r['graph_x']:5.2f}x)" if gr is not None else "graph n/a"
                         print(
                             f"K={K} T={T} E={E} {kind:8s} {name:10s} fwd {f:7.3f} ({r['fwd_x']:5.2f}x) "
-                            f"fwd+bwd {fb:7.3f} ({r['fwdbwd_x']:5.2f}x) {gtxt} mem {mem:6.0f} MiB ({r['mem_x']:.2f}x)",
+                            f"fwd+bwd {fb:7.3f} ({r['fwdbwd_x']:5.2f}x) {gtxt} host {host:6.3f} ms "
+                            f"mem {mem:6.0f} MiB ({r['mem_x']:.2f}x)",
                             flush=True,
                         )
     return rows
@@ -257,7 +281,9 @@ def profile_layer(iters: int = 5) -> None:
             print(f"autotuned {kernel.fn.__name__} {key}: {cfg}")
 
 
-def gpt2_small(moe: dict | None):
+def gpt2_small(moe: dict | None, graphed: bool = False):
+    """GPT-2-small-shaped model (random init) on the GPU; ``graphed``: its experts run from CUDA graphs, as the
+    trainer's ``train.cuda_graphs`` does."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
@@ -275,6 +301,10 @@ def gpt2_small(moe: dict | None):
         for layer in model.moe_layers().values():
             for p in layer.experts.parameters():
                 p.normal_(std=0.02)
+    if graphed:
+        from moe_emergence.training.model_setup import graph_experts
+
+        graph_experts(model)
     return model.cuda()
 
 
@@ -313,6 +343,8 @@ def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) ->
             if K == 2 and backend == "eager":
                 continue
             variants.append((f"moe top-{K} {backend}", e2e_moe(K, backend)))
+            if backend != "eager":
+                variants.append((f"moe top-{K} {backend} graphed", e2e_moe(K, backend)))
     if only:
         unknown = sorted(set(only) - {n for n, _ in variants})
         if unknown:
@@ -321,7 +353,9 @@ def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) ->
     for compiled in (False, True) if compile_mode else (False,):
         dense = None
         for name, moe in variants:
-            model = gpt2_small(moe)
+            if compiled and name.endswith("graphed"):
+                continue  # the compiler captures its own graphs (train.cuda_graphs refuses the pair)
+            model = gpt2_small(moe, graphed=name.endswith("graphed"))
             if compiled:
                 torch._dynamo.reset()
                 model.compile(mode=compile_mode)

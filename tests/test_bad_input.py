@@ -105,6 +105,17 @@ CASES = [
         r"data\.domains\.prose\.chapter_pattern='\(' .*regular expression",
     ),
     Case("backend-cpu", ("model.moe.backend=triton",), r"model\.moe\.backend='triton' cannot run here"),
+    Case(
+        "cuda-graphs-cpu",
+        ("train.cuda_graphs=experts",),
+        r"train\.cuda_graphs='experts' cannot run here: the run is on the cpu; use 'auto' or 'none'",
+    ),
+    Case(
+        "cuda-graphs-compile",
+        ("train.cuda_graphs=experts", "train.compile=true"),
+        r"train\.cuda_graphs='experts' is invalid: 'auto' or 'none' with train\.compile=true",
+    ),
+    Case("cuda-graphs-value", ("train.cuda_graphs=on",), r"train\.cuda_graphs"),
     # ---------------------------------------------------------------- positions, layers, upcycle step
     Case(
         "layers-tiny",

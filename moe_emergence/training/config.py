@@ -176,6 +176,11 @@ class TrainConfig:
         is captured whole; +0.1-0.2x tokens/s on the H100, docs/benchmarks.md); ``max-autotune`` (CUDA
         graphs and GEMM autotuning; long compiles) or ``max-autotune-no-cudagraphs``. Other backends take
         only ``default``.
+    cuda_graphs: replay each MoE layer's experts (forward and backward) from CUDA graphs when the model is not
+        compiled (``kernels/cuda_graph.py``: the same kernels and results, without their launch cost).
+        ``experts`` asks for it and is refused where it cannot run (the CPU, ``train.compile``, FSDP, the
+        ``eager`` experts backend, which waits on the device); ``auto`` (the default) uses it wherever it
+        can and says so at start; ``none`` never.
     """
 
     steps: int = 100
@@ -189,6 +194,7 @@ class TrainConfig:
     compile: bool = False
     compile_backend: CompileBackend = "inductor"
     compile_mode: CompileMode = "default"
+    cuda_graphs: Literal["auto", "experts", "none"] = "auto"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.compile, bool), "train.compile", self.compile, "true or false")
@@ -209,6 +215,19 @@ class TrainConfig:
             "train.compile_mode",
             self.compile_mode,
             f"'default' with train.compile_backend={self.compile_backend!r} (modes are inductor's)",
+        )
+        _check(
+            self.cuda_graphs in ("auto", "experts", "none"),
+            "train.cuda_graphs",
+            self.cuda_graphs,
+            "auto, experts or none",
+        )
+        _check(
+            not (self.compile and self.cuda_graphs == "experts"),
+            "train.cuda_graphs",
+            self.cuda_graphs,
+            "'auto' or 'none' with train.compile=true (the compiler captures its own graphs: compile_mode="
+            "reduce-overhead)",
         )
         for name in ("steps", "batch_size", "grad_accum"):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")

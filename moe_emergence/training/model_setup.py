@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
 from moe_emergence.data.sources import check_source_files
 from moe_emergence.dense_checkpoint import check_weight_files, hub_access
 from moe_emergence.errors import ConfigError, as_user_error
+from moe_emergence.experts import backend_name
 from moe_emergence.kernels import BACKENDS, unsupported_reason
 from moe_emergence.modeling import GPT2MoEForCausalLM
 from moe_emergence.training.config import ModelConfig, RunConfig
@@ -53,6 +54,8 @@ class BaseInfo:
 
     tokenizer: PreTrainedTokenizerBase | None
     max_positions: int
+    d_model: int
+    d_ff: int
 
 
 def mixed_precision(setting: str, cpu: bool) -> str:
@@ -71,14 +74,14 @@ def check_base(cfg: RunConfig) -> BaseInfo:
     ``seq_len`` beyond the model's positions, and data files that do not exist."""
     m = cfg.model
     if m.base == "tiny":
-        info = BaseInfo(None, m.tiny_n_positions)
         dims = (m.tiny_n_layer, m.tiny_n_embd, 4 * m.tiny_n_embd)
+        info = BaseInfo(None, m.tiny_n_positions, *dims[1:])
         blocks_from = f"model.tiny_n_layer={m.tiny_n_layer}"
     else:
         config = _base_config(m.base)
         check_weight_files(m.base, config)
-        info = BaseInfo(_base_tokenizer(m.base, config), config.n_positions)
         dims = (config.n_layer, config.n_embd, config.n_inner or 4 * config.n_embd)
+        info = BaseInfo(_base_tokenizer(m.base, config), config.n_positions, *dims[1:])
         blocks_from = f"n_layer={config.n_layer} of model.base={m.base!r}"
     if m.moe is not None:
         _check_moe_fits(cfg, *dims, blocks_from)
@@ -156,6 +159,51 @@ def _check_moe_fits(cfg: RunConfig, n_layer: int, d_model: int, d_ff: int, block
             raise ConfigError(
                 f"model.moe.backend={moe.backend!r} cannot run here: {why}; use 'auto' or 'eager'"
             )
+
+
+def cuda_graphs_on(cfg: RunConfig, base: BaseInfo, device: torch.device, fsdp: bool) -> bool:
+    """``train.cuda_graphs`` resolved: whether the MoE layers' experts run from CUDA graphs
+    (``kernels/cuda_graph.py``). They need a GPU, an uncompiled model not sharded by FSDP (whose unsharded
+    parameters move between steps) and a backend that never waits on the device: ``triton``, or ``grouped_mm``
+    in bf16 (``torch._grouped_mm`` reads its group offsets on the host in other dtypes), never ``eager``.
+    ``auto`` takes them where all of that holds; ``experts`` where it does not is a ``ConfigError`` naming the
+    cause."""
+    setting, moe = cfg.train.cuda_graphs, cfg.model.moe
+    if setting == "none":
+        return False
+    backend = (
+        None
+        if moe is None or device.type != "cuda"
+        else backend_name(moe.backend, device, base.d_model, base.d_ff)
+    )
+    precision = mixed_precision(cfg.train.mixed_precision, cfg.train.cpu)
+    if moe is None:
+        why = "model.moe is null (a dense run has no experts)"
+    elif device.type != "cuda":
+        why = f"the run is on the {device.type}"
+    elif cfg.train.compile:
+        why = "train.compile=true (the compiler captures its own graphs: compile_mode=reduce-overhead)"
+    elif fsdp:
+        why = "FSDP moves the unsharded parameters between steps"
+    elif backend == "eager":
+        why = f"model.moe.backend={moe.backend!r} runs the eager experts, which wait on the device"
+    elif backend == "grouped_mm" and precision != "bf16":
+        why = f"the grouped_mm experts wait on the device outside bf16 (train.mixed_precision resolves to {precision})"
+    else:
+        return True
+    if setting == "experts":
+        raise ConfigError(f"train.cuda_graphs='experts' cannot run here: {why}; use 'auto' or 'none'")
+    return False
+
+
+def graph_experts(model: torch.nn.Module) -> int:
+    """Give every MoE layer's ``ExpertBank`` its own ``ExpertsGraph`` (``train.cuda_graphs``); returns how many."""
+    from moe_emergence.kernels.cuda_graph import ExpertsGraph
+
+    banks = [layer.experts for layer in model.moe_layers().values()]
+    for bank in banks:
+        bank.cuda_graph = ExpertsGraph()
+    return len(banks)
 
 
 def model_dims(model) -> dict[str, int | None]:

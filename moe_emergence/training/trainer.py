@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.telemetry import JsonlSink, LayerRoutingStats, expert_divergence, flat_expert_weights
@@ -66,6 +66,8 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         base = model_setup.check_base(cfg)  # before anything is written
+        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        self.cuda_graphs = model_setup.cuda_graphs_on(cfg, base, self.accelerator.device, fsdp)
         self.folder = folder = RunFolder(self.accelerator, cfg, resume, overwrite)  # locks the run folder
         self.resume_from = folder.resume_from
         try:
@@ -167,6 +169,11 @@ class Trainer:
         model.train()
         if self.cfg.train.compile:
             model_setup.compile_in_place(model, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
+        if self.cuda_graphs and model_setup.is_moe(model):
+            n = model_setup.graph_experts(model)
+            acc.print(
+                f"experts of {n} MoE layers run from CUDA graphs (train.cuda_graphs={self.cfg.train.cuda_graphs})"
+            )
         optimizer = build_optimizer(model, self.cfg.optim)
         self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)

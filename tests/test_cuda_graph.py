@@ -1,0 +1,202 @@
+"""CUDA-graphed experts (kernels/cuda_graph.py, ``train.cuda_graphs``) against the same backend called directly:
+outputs and gradients bitwise equal, gradient accumulation, changing weights, new signatures, the guard against
+two forwards before one backward; the trainer with graphs against the trainer without. The resolution of
+``train.cuda_graphs`` and the refusals run on the CPU too."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_training_run import TINY, data_cache, final_state, make_cfg, train_records  # noqa: F401 (fixture)
+
+from moe_emergence.errors import ConfigError
+from moe_emergence.experts import ExpertBank
+from moe_emergence.kernels.cuda_graph import ExpertsGraph
+from moe_emergence.training.config import config_from_dict
+from moe_emergence.training.model_setup import BaseInfo, cuda_graphs_on
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+E, D, F = 5, 72, 136  # odd E; widths multiples of 8 (grouped_mm)
+
+
+def _banks(backend: str) -> tuple[ExpertBank, ExpertBank]:
+    torch.manual_seed(0)
+    direct = ExpertBank(E, D, F, activation="gelu_new", backend=backend).cuda()
+    with torch.no_grad():
+        direct.b1_EF.normal_(std=0.1)
+        direct.b2_ED.normal_(std=0.1)
+    graphed = copy.deepcopy(direct)
+    graphed.cuda_graph = ExpertsGraph()
+    return direct, graphed
+
+
+def _inputs(T: int, K: int, gen: torch.Generator):
+    x = torch.randn(T, D, generator=gen).cuda()
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).cuda()
+    w = torch.rand(T, K, generator=gen)
+    w = w.masked_fill(torch.rand(T, K, generator=gen) < 0.1, 0.0).cuda()  # zero weights: dead rows
+    return x, idx, w
+
+
+def _step(bank: ExpertBank, x, idx, w, dy, autocast: bool):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = bank(x, idx, w)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), x.grad, w.grad
+
+
+def _assert_same_step(graphed: ExpertBank, direct: ExpertBank, x, idx, w, dy, autocast: bool = False) -> None:
+    """y, dx and d weights of one forward+backward bitwise equal (parameter gradients accumulate)."""
+    got, want = _step(graphed, x, idx, w, dy, autocast), _step(direct, x, idx, w, dy, autocast)
+    for name, a, b in zip(("y", "dx", "d weights"), got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
+def _assert_same_grads(a: ExpertBank, b: ExpertBank) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize(
+    "backend, autocast",
+    [("triton", False), ("triton", True), ("grouped_mm", True)],  # grouped_mm syncs outside bf16: not graphed
+    ids=["triton-fp32", "triton-bf16-autocast", "grouped_mm-bf16-autocast"],
+)
+def test_graphed_experts_equal_direct_calls(backend, autocast, K):
+    """Three optimizer-like steps of two accumulated micro-batches (T odd), new inputs every call and new
+    weights every step: y, dx, d weights and the accumulated parameter gradients are bitwise equal."""
+    direct, graphed = _banks(backend)
+    gen = torch.Generator().manual_seed(K)
+    for _ in range(3):
+        for _ in range(2):
+            x, idx, w = _inputs(333, K, gen)
+            dy = torch.randn(333, D, generator=gen).cuda()
+            _assert_same_step(graphed, direct, x, idx, w, dy, autocast)
+        _assert_same_grads(direct, graphed)
+        with torch.no_grad():
+            for p, q in zip(direct.parameters(), graphed.parameters(), strict=True):
+                p.add_(0.05 * torch.randn_like(p))
+                q.copy_(p)
+                p.grad = q.grad = None
+    assert len(graphed.cuda_graph) == 1  # one signature, replayed five times
+
+
+@needs_cuda
+def test_graphs_only_where_a_backward_follows_and_per_signature():
+    direct, graphed = _banks("triton")
+    gen = torch.Generator().manual_seed(0)
+    x, idx, w = _inputs(64, 2, gen)
+    with torch.no_grad():
+        assert torch.equal(graphed(x, idx, w), direct(x, idx, w))
+    graphed.eval()
+    assert torch.equal(graphed(x, idx, w), direct(x, idx, w))
+    assert len(graphed.cuda_graph) == 0  # eval and no_grad call the backend directly
+    graphed.train()
+    dy = torch.randn(64, D, generator=gen).cuda()
+    _assert_same_step(graphed, direct, x, idx, w, dy)
+    x2, idx2, w2 = _inputs(48, 2, gen)  # another token count: a second signature
+    dy2 = torch.randn(48, D, generator=gen).cuda()
+    _assert_same_step(graphed, direct, x2, idx2, w2, dy2)
+    assert len(graphed.cuda_graph) == 2
+    with torch.no_grad():  # a parameter whose storage moved: captured again, never replayed on the old memory
+        graphed.w1_EDF.data = graphed.w1_EDF.data.clone().mul_(2)
+        direct.w1_EDF.mul_(2)
+    direct.zero_grad(set_to_none=True)
+    graphed.zero_grad(set_to_none=True)
+    _assert_same_step(graphed, direct, x, idx, w, dy)
+    assert len(graphed.cuda_graph) == 3
+    _assert_same_grads(direct, graphed)
+
+
+@needs_cuda
+def test_two_forwards_before_one_backward_are_refused():
+    _, graphed = _banks("triton")
+    x, idx, w = _inputs(64, 1, torch.Generator().manual_seed(0))
+    x.requires_grad_()
+    y1 = graphed(x, idx, w)
+    y2 = graphed(x * 2, idx, w)  # overwrites the activations y1's backward would read
+    y2.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="another forward of this MoE layer ran before this backward"):
+        y1.sum().backward()
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
+    """The tiny run on the GPU (dense steps, upcycle, MoE steps with gradient accumulation and router noise):
+    every logged loss and the final weights equal with train.cuda_graphs=experts and none."""
+    from moe_emergence.telemetry import read_metrics
+    from moe_emergence.training.trainer import train
+
+    ov = (
+        f"model.moe.backend={backend}",
+        "train.grad_accum=2",
+        "train.mixed_precision=bf16",
+        "model.moe.top_k=2",
+    )
+    runs = {}
+    for g in ("experts", "none"):
+        runs[g] = train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}"))
+        said = (
+            "experts of 2 MoE layers run from CUDA graphs (train.cuda_graphs=experts)"
+            in capsys.readouterr().out
+        )
+        assert said == (g == "experts")
+    a, b = (train_records(read_metrics(runs[g].run_dir / "metrics.jsonl")) for g in ("experts", "none"))
+    assert a.keys() == b.keys() and len(a) == 6
+    for step in a:
+        assert a[step].keys() == b[step].keys()
+        for key in a[step]:
+            if key.startswith("train/"):  # the maths (perf/ holds the timings)
+                assert a[step][key] == b[step][key], (step, key)
+    sa, sb = final_state(runs["experts"].run_dir), final_state(runs["none"].run_dir)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------ resolution and refusals (any machine)
+
+
+def _cfg(*overrides: str):
+    return config_from_dict(TINY, ["model.moe.backend=eager", *overrides])
+
+
+BASE = BaseInfo(None, 64, 32, 128)
+
+
+def test_auto_resolves_off_with_the_reason_and_experts_is_refused_with_it():
+    cuda = torch.device("cuda")  # no device is touched: every case below is decided before a backend loads
+    cases = {
+        "the run is on the cpu": (_cfg(), torch.device("cpu"), False),
+        "train.compile=true": (_cfg("train.compile=true"), cuda, False),
+        "FSDP moves the unsharded parameters": (_cfg(), cuda, True),
+        "model.moe.backend='eager' runs the eager experts": (_cfg(), cuda, False),
+        "the grouped_mm experts wait on the device outside bf16": (
+            _cfg("model.moe.backend=grouped_mm", "train.mixed_precision=no"),
+            cuda,
+            False,
+        ),
+        "model.moe is null": (_cfg("model.moe=null"), cuda, False),
+    }
+    for why, (cfg, device, fsdp) in cases.items():
+        assert cuda_graphs_on(cfg, BASE, device, fsdp) is False
+        if cfg.train.compile:
+            continue  # experts with compile is refused by the config itself (test_bad_input)
+        cfg.train.cuda_graphs = "experts"
+        with pytest.raises(ConfigError, match=f"train.cuda_graphs='experts' cannot run here: {why}"):
+            cuda_graphs_on(cfg, BASE, device, fsdp)
+    none = _cfg("train.cuda_graphs=none", "model.moe.backend=triton")
+    assert cuda_graphs_on(none, BASE, cuda, False) is False
+
+
+def test_experts_graph_refuses_cpu_tensors():
+    bank = ExpertBank(2, 8, 16)
+    bank.cuda_graph = ExpertsGraph()
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors; x_TD is on cpu"):
+        bank(x, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1))
