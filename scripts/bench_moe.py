@@ -7,8 +7,10 @@ naive per-expert mask loop; forward and forward+backward median times (CUDA even
 memory of forward+backward (peak allocated minus allocated before the forward); top-1/top-2,
 E in {4, 8, 16}, T in {4096, 8192, 16384}, balanced and Zipf(1.0)-skewed routing.
 End to end: training tokens/s of a GPT-2-small-shaped model (random init) with MoE in blocks 8-11
-(E=8) vs the same dense model, bf16 autocast, AdamW, same batch and sequence length; with ``--compile``
-also every model compiled (dense and MoE alike), against the compiled dense model.
+(E=8) vs the same dense model, bf16 autocast, fused AdamW, same batch and sequence length, every variant built
+first and measured in interleaved rounds; "graphed" variants run their experts from CUDA graphs
+(``train.cuda_graphs``); with ``--compile`` also every model compiled (dense and MoE alike), against the compiled
+dense model.
 Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile check (graph breaks).
 
     python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--compile [MODE]] [--skip-compile]
@@ -281,14 +283,25 @@ def profile_layer(iters: int = 5) -> None:
             print(f"autotuned {kernel.fn.__name__} {key}: {cfg}")
 
 
-def gpt2_small(moe: dict | None, graphed: bool = False):
-    """GPT-2-small-shaped model (random init) on the GPU; ``graphed``: its experts run from CUDA graphs, as the
-    trainer's ``train.cuda_graphs`` does."""
+# GPT2Config keys of the end-to-end model besides GPT-2 small's shape: "gpt2" = GPT-2's vocabulary, the fused
+# GELU and GPT2Config's dropout 0.1; "scaling" = the model configs/scaling.yaml trains (model.base tiny: its own
+# 8192-token vocabulary, gelu_new, no dropout), to set the trainer's tokens/s beside this benchmark's (issue 20.5)
+E2E_MODELS = {
+    "gpt2": dict(vocab_size=50257, activation_function=ACT),
+    "scaling": dict(
+        vocab_size=8192, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    ),
+}
+
+
+def gpt2_small(moe: dict | None, graphed: bool = False, kind: str = "gpt2"):
+    """GPT-2-small-shaped model (random init, ``E2E_MODELS[kind]``) on the GPU; ``graphed``: its experts run from
+    CUDA graphs, as the trainer's ``train.cuda_graphs`` does."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
 
-    kw = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257, activation_function=ACT)
+    kw = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, **E2E_MODELS[kind])
     torch.manual_seed(0)
     if moe is None:
         dense = GPT2LMHeadModel(GPT2Config(**kw))
@@ -323,20 +336,8 @@ def train_step(model, opt, ids) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def train_tokens_per_s(model, B=8, L=512, steps=20, warmup=5) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50257, (B, L), generator=gen).cuda()
-    model.train()
-    ms = timed(lambda: train_step(model, opt, ids), steps, warmup)
-    return B * L / ms * 1e3
-
-
-def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) -> list[dict]:
-    """Training tokens/s of each variant; with ``compile_mode`` (``--compile``) each variant is measured again
-    compiled (``nn.Module.compile`` in place, as ``train.compile`` does; warm-up steps include compilation),
-    against the compiled dense model. Rows: ``{model, compiled: False or the compile mode, tokens_per_s, ratio}``."""
-    rows = []
+def e2e_variants(only: list[str] | None) -> list[tuple[str, dict | None]]:
+    """(name, MoE part) of every end-to-end variant, dense first; ``only``: dense and these."""
     variants = [("dense", None)]
     for K in (1, 2):
         for backend in ("triton", "grouped_mm", "eager"):
@@ -350,25 +351,67 @@ def bench_e2e(compile_mode: str | None = None, only: list[str] | None = None) ->
         if unknown:
             raise SystemExit(f"--e2e-models: unknown {unknown}; choose from {[n for n, _ in variants]}")
         variants = [v for v in variants if v[0] == "dense" or v[0] in only]
+    return variants
+
+
+def tokens_per_s(model, opt, ids, steps: int) -> float:
+    """Training tokens/s over ``steps`` back-to-back steps (one sync at the end, as training runs: the host may
+    run ahead of the device), between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        train_step(model, opt, ids)
+    end.record()
+    end.synchronize()
+    return steps * ids.numel() / start.elapsed_time(end) * 1e3
+
+
+def bench_e2e(
+    compile_mode: str | None = None,
+    only: list[str] | None = None,
+    kind: str = "gpt2",
+    rounds: int = 3,
+    steps: int = 20,
+) -> list[dict]:
+    """Training tokens/s of each variant, all built first and then measured in ``rounds`` interleaved rounds of
+    ``steps`` steps (B=8, L=512; the order rotates each round), so that drift of the machine hits every variant
+    alike; ratio = median over rounds of (variant / dense of the same round). With ``compile_mode``
+    (``--compile``) every variant is measured again compiled (``nn.Module.compile`` in place, as
+    ``train.compile`` does; compiled during its 5 warm-up steps), against the compiled dense model. Rows:
+    ``{model, compiled: False or the compile mode, tokens_per_s (median), ratio, rounds: [tokens/s...],
+    e2e_model}``."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
     for compiled in (False, True) if compile_mode else (False,):
-        dense = None
-        for name, moe in variants:
+        runs = {}
+        for name, moe in e2e_variants(only):
             if compiled and name.endswith("graphed"):
                 continue  # the compiler captures its own graphs (train.cuda_graphs refuses the pair)
-            model = gpt2_small(moe, graphed=name.endswith("graphed"))
+            model = gpt2_small(moe, graphed=name.endswith("graphed"), kind=kind).train()
             if compiled:
                 torch._dynamo.reset()
                 model.compile(mode=compile_mode)
-            tps = train_tokens_per_s(model)
-            dense = dense or tps
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            ids = torch.randint(0, model.config.vocab_size, (8, 512), generator=gen).cuda()
+            tokens_per_s(model, opt, ids, 5)  # warm-up: autotuning, graph captures, compilation
+            runs[name] = (model, opt, ids, [])
+        names = list(runs)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                model, opt, ids, rates = runs[name]
+                rates.append(tokens_per_s(model, opt, ids, steps))
+        dense = runs["dense"][3]
+        for name, (*_, rates) in runs.items():
+            ratio = statistics.median(a / b for a, b in zip(rates, dense, strict=True))
+            tps = statistics.median(rates)
+            rows.append(dict(model=name, compiled=compiled and compile_mode, tokens_per_s=tps, ratio=ratio,
+                             rounds=rates, e2e_model=kind))  # fmt: skip
             tag = f"{name} (compiled)" if compiled else name
-            rows.append(
-                dict(model=name, compiled=compiled and compile_mode, tokens_per_s=tps, ratio=tps / dense)
-            )
-            ref = "compiled dense" if compiled else "dense"
-            print(f"e2e {tag:35s} {tps:9.0f} tokens/s ({tps / dense:.2f}x {ref})", flush=True)
-            del model
-            torch.cuda.empty_cache()
+            spread = ", ".join(f"{a / b:.2f}" for a, b in zip(rates, dense, strict=True))
+            print(f"e2e {tag:35s} {tps:9.0f} tokens/s ({ratio:.2f}x {'compiled ' if compiled else ''}dense; "
+                  f"rounds {spread})", flush=True)  # fmt: skip
+        del runs
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -443,6 +486,15 @@ def main() -> None:
         default=None,
         help='end-to-end variants besides dense, e.g. "moe top-1 triton"',
     )
+    ap.add_argument(
+        "--e2e-model",
+        choices=sorted(E2E_MODELS),
+        default="gpt2",
+        help="e2e: the model around the MoE layers (E2E_MODELS: 'scaling' is configs/scaling.yaml's)",
+    )
+    ap.add_argument(
+        "--e2e-rounds", type=int, default=3, help="e2e: interleaved rounds of 20 steps per variant"
+    )
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -456,7 +508,7 @@ def main() -> None:
         profile_layer()
         profile_e2e(args.profile_e2e_compile)
     if not args.skip_e2e:
-        out["e2e"] = bench_e2e(args.compile, args.e2e_models)
+        out["e2e"] = bench_e2e(args.compile, args.e2e_models, args.e2e_model, args.e2e_rounds)
     if not args.skip_compile:
         out["compile"] = check_compile()
     if args.json:

@@ -110,7 +110,7 @@ def test_graphs_only_where_a_backward_follows_and_per_signature():
     direct.zero_grad(set_to_none=True)
     graphed.zero_grad(set_to_none=True)
     _assert_same_step(graphed, direct, x, idx, w, dy)
-    assert len(graphed.cuda_graph) == 3
+    assert len(graphed.cuda_graph) == 3 and graphed.cuda_graph.captures == 3
     _assert_same_grads(direct, graphed)
 
 
@@ -150,8 +150,11 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
         assert said == (g == "experts")
     a, b = (train_records(read_metrics(runs[g].run_dir / "metrics.jsonl")) for g in ("experts", "none"))
     assert a.keys() == b.keys() and len(a) == 6
+    assert [a[s].get("perf/cuda_graph_captures") for s in a] == [None, None] + [
+        2.0
+    ] * 4  # dense, then 2 layers
     for step in a:
-        assert a[step].keys() == b[step].keys()
+        assert a[step].keys() - {"perf/cuda_graph_captures"} == b[step].keys()
         for key in a[step]:
             if key.startswith("train/"):  # the maths (perf/ holds the timings)
                 assert a[step][key] == b[step][key], (step, key)

@@ -223,6 +223,7 @@ def _clip_worker(rank: int, store_path: str, out_path: str) -> None:
     }
     if rank == 0:
         torch.save(result, out_path)
+    dist.barrier()  # neither process closes its gloo connections while the other still uses them (a rare SIGABRT)
     dist.destroy_process_group()
 
 

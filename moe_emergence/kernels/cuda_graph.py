@@ -117,8 +117,7 @@ class _Replay(torch.autograd.Function):
     def forward(
         ctx, graphs: _Captured, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, *params: Tensor
     ):
-        for static, given in zip(graphs.inputs, (x_TD, indices_TK, weights_TK), strict=True):
-            static.copy_(given)
+        torch._foreach_copy_(graphs.inputs, (x_TD, indices_TK, weights_TK))  # one launch per dtype
         graphs.forward.replay()
         graphs.generation += 1
         ctx.graphs, ctx.generation = graphs, graphs.generation
@@ -136,7 +135,11 @@ class _Replay(torch.autograd.Function):
             )
         graphs.dy_TD.copy_(dy_TD)
         graphs.backward.replay()
-        return (None, *(None if g is None else g.clone() for g in graphs.grads))
+        computed = [g for g in graphs.grads if g is not None]
+        copies = [torch.empty_like(g) for g in computed]
+        torch._foreach_copy_(copies, computed)  # one launch per dtype, not one per gradient
+        out = iter(copies)
+        return (None, *(None if g is None else next(out) for g in graphs.grads))
 
 
 class ExpertsGraph:
@@ -145,6 +148,7 @@ class ExpertsGraph:
 
     def __init__(self) -> None:
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.captures = 0  # signatures captured so far, dropped ones included (each costs ~0.3 s and memory)
 
     def __len__(self) -> int:
         """Signatures captured and kept."""
@@ -174,6 +178,7 @@ class ExpertsGraph:
                 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
                 graphs = _capture(fn, activation, params, x_TD, indices_TK, weights_TK)
             self._captured[key] = graphs
+            self.captures += 1
             if len(self._captured) > MAX_SIGNATURES:
                 self._captured.popitem(last=False)  # a pending backward keeps its graphs alive through ctx
         self._captured.move_to_end(key)

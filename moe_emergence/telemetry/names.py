@@ -10,7 +10,7 @@ Layout::
 
     train/{loss, lm_loss, lb_loss, z_loss, entropy_loss, lb_coef, z_coef, lr, router_lr, grad_norm,
            tokens, skipped_steps}
-    perf/tokens_per_sec
+    perf/{tokens_per_sec, cuda_graph_captures}   (the second with train.cuda_graphs on: captures so far)
     val/{lm_loss, loss_<domain>, ppl_<domain>, blocks_fingerprint}    (an evaluation on the val split)
     eval/{lm_loss, loss_<domain>, ppl_<domain>, blocks_fingerprint}   (an evaluation on the eval = test split)
     router/noise_std
@@ -48,6 +48,7 @@ TRAIN_GRAD_NORM = "train/grad_norm"
 TRAIN_TOKENS = "train/tokens"
 TRAIN_SKIPPED_STEPS = "train/skipped_steps"
 TOKENS_PER_SEC = "perf/tokens_per_sec"
+CUDA_GRAPH_CAPTURES = "perf/cuda_graph_captures"
 NOISE_STD = "router/noise_std"
 
 VAL_LM_LOSS = "val/lm_loss"
