@@ -12,8 +12,9 @@ after inheritance; missing mappings are created.
 Types (``build``): ``str``; ``int`` (an integral float too); ``float`` (an int too, or a string such as
 ``1e-3`` that YAML 1.1 leaves unparsed; never NaN or infinite); ``bool``; ``Any``; ``Literal``; ``X | None``;
 other unions (tried in order); ``list[X]``; ``dict[K, V]``; nested dataclasses. Nothing else is coerced, but for
-one thing: a boolean where a ``Literal`` allows the YAML 1.1 word it was read from (``mixed_precision: no`` is
-``"no"``, not False).
+one thing: a boolean where a ``Literal`` allows exactly one word that YAML 1.1 reads as that boolean
+(``no``/``off``/``false`` or ``yes``/``on``/``true``) is that word: ``mixed_precision: no`` is ``"no"``, not
+False (and so are ``off`` and ``false`` there).
 
 Errors: a ``ConfigError`` (a ``ValueError``) naming the full dotted key and what is allowed, an unknown key
 with the closest valid one; ``load`` puts the file and line in front when a YAML file wrote the key
@@ -40,8 +41,8 @@ import yaml
 from moe_emergence.errors import ConfigError  # re-exported: the user-error type
 from moe_emergence.yamlio import DuplicateKeyError, read_mapping_file, strict_load
 
-# words YAML 1.1 parses as booleans (any case): a ``Literal`` that allows one of them gets it back
-YAML11_BOOL_WORDS = {True: ("yes", "on", "true", "y"), False: ("no", "off", "false", "n")}
+# words YAML 1.1 (PyYAML) reads as booleans, in any case: a ``Literal`` that allows one of them gets it back
+YAML11_BOOL_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
 
 T = TypeVar("T")
 INHERIT_KEY = "base"
@@ -138,6 +139,20 @@ def _dotted_message(cls: type, message: str, prefix: str) -> str:
     return f"{prefix}: {message}"
 
 
+def _convert_literal(allowed: tuple, value: Any, key: str) -> Any:
+    """``value`` if ``allowed``; a boolean is the one allowed word YAML 1.1 reads as it (``no`` for False)."""
+    if isinstance(value, bool):
+        words = [a for a in allowed if isinstance(a, str) and a.lower() in YAML11_BOOL_WORDS[value]]
+        if len(words) == 1:
+            return words[0]
+        shown = f"{'/'.join(YAML11_BOOL_WORDS[value])} (YAML reads them as {value})"
+    elif value in allowed:
+        return value
+    else:
+        shown = repr(value)
+    raise ConfigKeyError(key, f"{key}: {shown} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
@@ -147,17 +162,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         return _convert_union(tp, value, key)
     if origin is Literal:
-        if isinstance(
-            value, bool
-        ):  # YAML 1.1 reads no/off/yes/on as booleans: take the word the Literal allows
-            words = [a for a in args if isinstance(a, str) and a.lower() in YAML11_BOOL_WORDS[value]]
-            if len(words) == 1:
-                return words[0]
-        elif value in args:
-            return value
-        raise ConfigKeyError(
-            key, f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}"
-        )
+        return _convert_literal(args, value, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigKeyError(key, f"{key}: expected a list, got {type(value).__name__} {value!r}")

@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     layer = bench(impls, args.shapes, args.routing, args.iters)
     e2e = []
     if args.e2e is not None:
-        e2e = bench_e2e(args.compile, args.e2e or None)  # rows of E2E_KEYS
+        e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(args.compile, args.e2e or None)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(build_report(gpu, layer, e2e), f, indent=1)

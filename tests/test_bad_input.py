@@ -115,7 +115,12 @@ CASES = [
         ("train.cuda_graphs=experts", "train.compile=true"),
         r"train\.cuda_graphs='experts' is invalid: 'auto' or 'none' with train\.compile=true",
     ),
-    Case("cuda-graphs-value", ("train.cuda_graphs=on",), r"train\.cuda_graphs"),
+    Case(
+        "cuda-graphs-value",
+        ("train.cuda_graphs=on",),
+        r"train\.cuda_graphs: yes/on/true \(YAML reads them as True\) is not allowed; choose one of 'auto', "
+        r"'experts', 'none'",
+    ),
     # ---------------------------------------------------------------- positions, layers, upcycle step
     Case(
         "layers-tiny",

@@ -254,7 +254,10 @@ def test_yaml11_boolean_words_give_back_the_literal_they_spell(tmp_path):
         both: Literal["on", "yes"] = "on"
 
     assert build(Switch, {"mode": True}).mode == "on"
-    with pytest.raises(ConfigError, match=r"^mode: False is not allowed; choose one of 'on', 'auto'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^mode: no/off/false \(YAML reads them as False\) is not allowed; choose one of 'on', 'auto'",
+    ):
         build(Switch, {"mode": False})
-    with pytest.raises(ConfigError, match=r"^both: True is not allowed"):  # two words: which one is unknown
-        build(Switch, {"both": True})
+    with pytest.raises(ConfigError, match=r"^both: yes/on/true \(YAML reads them as True\) is not allowed"):
+        build(Switch, {"both": True})  # two words: which one is unknown

@@ -115,6 +115,55 @@ def test_graphs_only_where_a_backward_follows_and_per_signature():
 
 
 @needs_cuda
+def test_a_second_backward_and_a_parameter_changed_in_place_are_refused():
+    _, graphed = _banks("triton")
+    x, idx, w = _inputs(64, 2, torch.Generator().manual_seed(0))
+    x.requires_grad_()
+    with torch.autocast(
+        "cuda", dtype=torch.bfloat16
+    ):  # the backward's float32 dx may reuse the activations' memory
+        y = graphed(x, idx, w)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="this forward's backward ran already"):
+        y.sum().backward()
+    y = graphed(x, idx, w)
+    with torch.no_grad():
+        graphed.w2_EFD.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@needs_cuda
+def test_inputs_without_gradients_and_more_signatures_than_kept():
+    """x and the routing weights without requires_grad (their gradient slots None), the parameters frozen but
+    one; five token counts, so the first signature is dropped while its backward is pending."""
+    direct, graphed = _banks("triton")
+    for bank in (direct, graphed):
+        for p in (bank.w1_EDF, bank.b1_EF, bank.b2_ED):
+            p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    pending = []
+    for T in (40, 41, 42, 43, 44):
+        x, idx, w = _inputs(T, 2, gen)
+        pending.append((graphed(x, idx, w), direct(x, idx, w)))
+        if T == 40:
+            first = pending.pop()
+            continue
+        y, want = pending.pop()
+        assert torch.equal(y, want)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        want.backward(dy)
+    assert len(graphed.cuda_graph) == 4 and graphed.cuda_graph.captures == 5  # T=40's graphs were dropped
+    y, want = first  # its graphs live on through the pending backward
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want.backward(dy)
+    assert torch.equal(graphed.w2_EFD.grad, direct.w2_EFD.grad)
+    assert graphed.w1_EDF.grad is None and graphed.b1_EF.grad is None
+
+
+@needs_cuda
 def test_two_forwards_before_one_backward_are_refused():
     _, graphed = _banks("triton")
     x, idx, w = _inputs(64, 1, torch.Generator().manual_seed(0))
@@ -172,29 +221,56 @@ def _cfg(*overrides: str):
 BASE = BaseInfo(None, 64, 32, 128)
 
 
-def test_auto_resolves_off_with_the_reason_and_experts_is_refused_with_it():
-    cuda = torch.device("cuda")  # no device is touched: every case below is decided before a backend loads
-    cases = {
-        "the run is on the cpu": (_cfg(), torch.device("cpu"), False),
-        "train.compile=true": (_cfg("train.compile=true"), cuda, False),
-        "FSDP moves the unsharded parameters": (_cfg(), cuda, True),
-        "model.moe.backend='eager' runs the eager experts": (_cfg(), cuda, False),
+def test_auto_resolves_off_with_the_reason_and_experts_is_refused_with_it(monkeypatch):
+    cuda = torch.device("cuda")  # no device is touched: the capability is faked, no backend is loaded
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    grouped = ("model.moe.backend=grouped_mm", "train.mixed_precision=bf16")
+    cases = {  # why: (config, device, fsdp, processes)
+        "the run is on the cpu": (_cfg(), torch.device("cpu"), False, 1),
+        "train.compile=true": (_cfg("train.compile=true"), cuda, False, 1),
+        "FSDP moves the unsharded parameters": (_cfg(), cuda, True, 1),
+        "model.moe.backend='eager' runs the eager experts": (_cfg(), cuda, False, 1),
+        "model.moe is null": (_cfg("model.moe=null"), cuda, False, 1),
         "the grouped_mm experts wait on the device outside bf16": (
             _cfg("model.moe.backend=grouped_mm", "train.mixed_precision=no"),
             cuda,
             False,
+            1,
         ),
-        "model.moe is null": (_cfg("model.moe=null"), cuda, False),
+        "the grouped_mm experts wait on the device on GPUs before Hopper": (_cfg(*grouped), cuda, False, 1),
     }
-    for why, (cfg, device, fsdp) in cases.items():
-        assert cuda_graphs_on(cfg, BASE, device, fsdp) is False
+    for why, (cfg, device, fsdp, processes) in cases.items():
+        on, said = cuda_graphs_on(cfg, BASE, device, fsdp, processes)
+        assert not on and said.startswith(why), (why, said)
         if cfg.train.compile:
             continue  # experts with compile is refused by the config itself (test_bad_input)
         cfg.train.cuda_graphs = "experts"
         with pytest.raises(ConfigError, match=f"train.cuda_graphs='experts' cannot run here: {why}"):
-            cuda_graphs_on(cfg, BASE, device, fsdp)
-    none = _cfg("train.cuda_graphs=none", "model.moe.backend=triton")
-    assert cuda_graphs_on(none, BASE, cuda, False) is False
+            cuda_graphs_on(cfg, BASE, device, fsdp, processes)
+    assert cuda_graphs_on(_cfg("train.cuda_graphs=none", "model.moe.backend=triton"), BASE, cuda, False) == (
+        False,
+        "train.cuda_graphs=none",
+    )
+    # several processes: auto declines (DDP not verified), experts is the user's call
+    triton = _cfg("model.moe.backend=triton")
+    on, said = cuda_graphs_on(triton, BASE, cuda, False, 2)
+    assert not on and said.startswith("2 processes: graphed experts are not verified under DDP")
+    triton.train.cuda_graphs = "experts"
+    assert cuda_graphs_on(triton, BASE, cuda, False, 2) == (True, None)
+
+
+def test_auto_takes_graphs_where_they_run(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100 / H200
+    for overrides in (
+        ("model.moe.backend=triton",),
+        ("model.moe.backend=triton", "train.mixed_precision=fp16"),
+        ("model.moe.backend=triton", "train.mixed_precision=no"),
+        ("model.moe.backend=grouped_mm", "train.mixed_precision=bf16"),
+    ):
+        for setting in ("auto", "experts"):
+            cfg = _cfg(*overrides, f"train.cuda_graphs={setting}")
+            assert cuda_graphs_on(cfg, BASE, cuda, False) == (True, None), (overrides, setting)
 
 
 def test_experts_graph_refuses_cpu_tensors():

@@ -161,27 +161,26 @@ def _check_moe_fits(cfg: RunConfig, n_layer: int, d_model: int, d_ff: int, block
             )
 
 
-def cuda_graphs_on(cfg: RunConfig, base: BaseInfo, device: torch.device, fsdp: bool) -> bool:
-    """``train.cuda_graphs`` resolved: whether the MoE layers' experts run from CUDA graphs
-    (``kernels/cuda_graph.py``). They need a GPU, an uncompiled model not sharded by FSDP (whose unsharded
-    parameters move between steps) and a backend that never waits on the device: ``triton``, or ``grouped_mm``
-    in bf16 (``torch._grouped_mm`` reads its group offsets on the host in other dtypes), never ``eager``.
-    ``auto`` takes them where all of that holds; ``experts`` where it does not is a ``ConfigError`` naming the
-    cause."""
-    setting, moe = cfg.train.cuda_graphs, cfg.model.moe
+def cuda_graphs_on(
+    cfg: RunConfig, base: BaseInfo, device: torch.device, fsdp: bool, processes: int = 1
+) -> tuple[bool, str | None]:
+    """``train.cuda_graphs`` resolved: (whether the MoE layers' experts run from CUDA graphs,
+    ``kernels/cuda_graph.py``; why not, or None). They need a GPU, an uncompiled model not sharded by FSDP (its
+    unsharded parameters move between steps) and a backend that never waits on the device: ``triton``, or
+    ``grouped_mm`` in bf16 on Hopper or Blackwell (elsewhere ``torch._grouped_mm`` reads its group offsets on the
+    host), never ``eager``. ``auto`` takes them where all of that holds and the run has one process (several,
+    under DDP: not verified yet); ``experts`` where they cannot run is a ``ConfigError`` naming the cause."""
+    setting, moe, t = cfg.train.cuda_graphs, cfg.model.moe, cfg.train
     if setting == "none":
-        return False
-    backend = (
-        None
-        if moe is None or device.type != "cuda"
-        else backend_name(moe.backend, device, base.d_model, base.d_ff)
-    )
-    precision = mixed_precision(cfg.train.mixed_precision, cfg.train.cpu)
+        return False, "train.cuda_graphs=none"
+    gpu = moe is not None and device.type == "cuda"
+    backend = backend_name(moe.backend, device, base.d_model, base.d_ff) if gpu else None
+    precision = mixed_precision(t.mixed_precision, t.cpu)
     if moe is None:
         why = "model.moe is null (a dense run has no experts)"
     elif device.type != "cuda":
         why = f"the run is on the {device.type}"
-    elif cfg.train.compile:
+    elif t.compile:
         why = "train.compile=true (the compiler captures its own graphs: compile_mode=reduce-overhead)"
     elif fsdp:
         why = "FSDP moves the unsharded parameters between steps"
@@ -189,11 +188,18 @@ def cuda_graphs_on(cfg: RunConfig, base: BaseInfo, device: torch.device, fsdp: b
         why = f"model.moe.backend={moe.backend!r} runs the eager experts, which wait on the device"
     elif backend == "grouped_mm" and precision != "bf16":
         why = f"the grouped_mm experts wait on the device outside bf16 (train.mixed_precision resolves to {precision})"
+    elif backend == "grouped_mm" and torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        why = "the grouped_mm experts wait on the device on GPUs before Hopper (compute capability 9)"
+    elif setting == "auto" and processes > 1:
+        return (
+            False,
+            f"{processes} processes: graphed experts are not verified under DDP yet (train.cuda_graphs=experts)",
+        )
     else:
-        return True
+        return True, None
     if setting == "experts":
         raise ConfigError(f"train.cuda_graphs='experts' cannot run here: {why}; use 'auto' or 'none'")
-    return False
+    return False, why
 
 
 def graph_experts(model: torch.nn.Module) -> int:

@@ -66,8 +66,12 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         base = model_setup.check_base(cfg)  # before anything is written
-        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
-        self.cuda_graphs = model_setup.cuda_graphs_on(cfg, base, self.accelerator.device, fsdp)
+        acc = self.accelerator
+        fsdp = acc.distributed_type == DistributedType.FSDP
+        self.cuda_graphs, why_not = model_setup.cuda_graphs_on(cfg, base, acc.device, fsdp, acc.num_processes)
+        if cfg.model.moe is not None and acc.device.type == "cuda":  # say what auto chose, and why
+            said = f"off: {why_not}" if why_not else "on: each MoE layer's experts run from CUDA graphs"
+            acc.print(f"train.cuda_graphs={t.cuda_graphs}: {said}")
         self.folder = folder = RunFolder(self.accelerator, cfg, resume, overwrite)  # locks the run folder
         self.resume_from = folder.resume_from
         try:
@@ -170,10 +174,7 @@ class Trainer:
         if self.cfg.train.compile:
             model_setup.compile_in_place(model, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
         if self.cuda_graphs and model_setup.is_moe(model):
-            n = model_setup.graph_experts(model)
-            acc.print(
-                f"experts of {n} MoE layers run from CUDA graphs (train.cuda_graphs={self.cfg.train.cuda_graphs})"
-            )
+            model_setup.graph_experts(model)
         optimizer = build_optimizer(model, self.cfg.optim)
         self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
