@@ -247,6 +247,13 @@ def test_yaml11_boolean_words_give_back_the_literal_they_spell(tmp_path):
         str(path), [f"data={BASE['data']}", "train.mixed_precision=NO", "train.cuda_graphs=none"]
     )
     assert cfg.train.mixed_precision == "no" and cfg.train.cuda_graphs == "none"
+    for word in ("off", "false", "False"):
+        assert (
+            load_config(
+                str(path), [f"data={BASE['data']}", f"train.mixed_precision={word}"]
+            ).train.mixed_precision
+            == "no"
+        )
 
     @dataclass
     class Switch:

@@ -129,7 +129,7 @@ def test_a_second_backward_and_a_parameter_changed_in_place_are_refused():
     y = graphed(x, idx, w)
     with torch.no_grad():
         graphed.w2_EFD.mul_(2)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="w2_EFD|a parameter changed in place or moved"):
         y.sum().backward()
 
 
@@ -171,7 +171,7 @@ def test_two_forwards_before_one_backward_are_refused():
     y1 = graphed(x, idx, w)
     y2 = graphed(x * 2, idx, w)  # overwrites the activations y1's backward would read
     y2.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="another forward of this MoE layer ran before this backward"):
+    with pytest.raises(RuntimeError, match="another forward of this layer ran since"):
         y1.sum().backward()
 
 
@@ -192,11 +192,11 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
     runs = {}
     for g in ("experts", "none"):
         runs[g] = train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}"))
-        said = (
-            "experts of 2 MoE layers run from CUDA graphs (train.cuda_graphs=experts)"
-            in capsys.readouterr().out
-        )
-        assert said == (g == "experts")
+        said = {
+            "experts": "train.cuda_graphs=experts: on: each MoE layer's experts run from CUDA graphs",
+            "none": "train.cuda_graphs=none: off: train.cuda_graphs=none",
+        }[g]
+        assert said in capsys.readouterr().out
     a, b = (train_records(read_metrics(runs[g].run_dir / "metrics.jsonl")) for g in ("experts", "none"))
     assert a.keys() == b.keys() and len(a) == 6
     assert [a[s].get("perf/cuda_graph_captures") for s in a] == [None, None] + [
@@ -237,7 +237,12 @@ def test_auto_resolves_off_with_the_reason_and_experts_is_refused_with_it(monkey
             False,
             1,
         ),
-        "the grouped_mm experts wait on the device on GPUs before Hopper": (_cfg(*grouped), cuda, False, 1),
+        "the grouped_mm experts wait on the device on GPUs other than compute capability 9.x and 10.x": (
+            _cfg(*grouped),
+            cuda,
+            False,
+            1,
+        ),
     }
     for why, (cfg, device, fsdp, processes) in cases.items():
         on, said = cuda_graphs_on(cfg, BASE, device, fsdp, processes)

@@ -22,9 +22,10 @@ graph forward and one backward, and replayed: one launch each, the same kernels,
 - The graphs hold one forward's activations, for one backward: each call's backward must run once, before the
   same signature's next forward of this bank, as in training with gradient accumulation (forward, backward,
   forward, backward). A backward whose activations a later forward or an earlier backward overwrote raises
-  ``RuntimeError``, never computes gradients of other inputs; so does activation checkpointing, which runs the
-  forward again before the backward. A parameter changed in place between forward and backward raises
-  autograd's usual error, as without graphs.
+  ``RuntimeError``, never computes gradients of other inputs; so does non-reentrant activation checkpointing,
+  which runs the forward again before the backward. So does a parameter changed in place or moved
+  (``param.data = ...``) between forward and backward (stricter than the direct call, which checks only the
+  float32 weights it saves).
 - Inputs are copied into the graph's static buffers, and y and every gradient copied out of them: nothing
   returned aliases the graph's memory, so outputs may be kept and gradients accumulate into ``.grad`` as
   usual (DDP's hooks see ordinary gradients).
@@ -71,7 +72,7 @@ def _signature(fn: Callable, activation: str, params: Sequence[Tensor], x: Tenso
         tuple((t.shape, t.dtype, t.requires_grad) for t in (x, idx, w)),
         tuple((p.data_ptr(), p.shape, p.dtype, p.requires_grad) for p in params),
         torch.get_autocast_dtype(device_type) if autocast else None,
-        torch.backends.cuda.matmul.allow_tf32,  # the float32 kernels' precision is fixed at capture
+        torch.backends.cuda.matmul.fp32_precision,  # TF32 or not: the float32 kernels' precision is fixed at capture
     )
 
 
@@ -138,15 +139,20 @@ class _Replay(torch.autograd.Function):
         graphs.forward.replay()
         graphs.generation += 1
         ctx.graphs, ctx.generation, ctx.done = graphs, graphs.generation, False
-        # saved so that autograd checks, as for the direct call, that no parameter changed in place before the backward
-        ctx.save_for_backward(*params)
+        ctx.params = [(p, p._version, p.data_ptr()) for p in params]  # checked in the backward
         return graphs.y_TD.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_TD: Tensor):
         graphs: _Captured = ctx.graphs
-        ctx.saved_tensors  # noqa: B018 (raises if a parameter was modified in place since the forward)
+        changed = [p for p, version, ptr in ctx.params if p._version != version or p.data_ptr() != ptr]
+        if changed:
+            raise RuntimeError(
+                f"CUDA-graphed experts: a parameter changed in place or moved between this forward and its "
+                f"backward ({len(changed)} of {len(ctx.params)}, shapes {[tuple(p.shape) for p in changed]}); "
+                "the backward would read other weights than the forward used"
+            )
         if ctx.generation != graphs.generation or ctx.done:
             why = (
                 "this forward's backward ran already"

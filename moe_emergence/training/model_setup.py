@@ -167,8 +167,8 @@ def cuda_graphs_on(
     """``train.cuda_graphs`` resolved: (whether the MoE layers' experts run from CUDA graphs,
     ``kernels/cuda_graph.py``; why not, or None). They need a GPU, an uncompiled model not sharded by FSDP (its
     unsharded parameters move between steps) and a backend that never waits on the device: ``triton``, or
-    ``grouped_mm`` in bf16 on Hopper or Blackwell (elsewhere ``torch._grouped_mm`` reads its group offsets on the
-    host), never ``eager``. ``auto`` takes them where all of that holds and the run has one process (several,
+    ``grouped_mm`` in bf16 on compute capability 9.x or 10.x (Hopper, datacenter Blackwell; elsewhere
+    ``torch._grouped_mm`` reads its group offsets on the host), never ``eager``. ``auto`` takes them where all of that holds and the run has one process (several,
     under DDP: not verified yet); ``experts`` where they cannot run is a ``ConfigError`` naming the cause."""
     setting, moe, t = cfg.train.cuda_graphs, cfg.model.moe, cfg.train
     if setting == "none":
@@ -189,7 +189,7 @@ def cuda_graphs_on(
     elif backend == "grouped_mm" and precision != "bf16":
         why = f"the grouped_mm experts wait on the device outside bf16 (train.mixed_precision resolves to {precision})"
     elif backend == "grouped_mm" and torch.cuda.get_device_capability(device)[0] not in (9, 10):
-        why = "the grouped_mm experts wait on the device on GPUs before Hopper (compute capability 9)"
+        why = "the grouped_mm experts wait on the device on GPUs other than compute capability 9.x and 10.x"
     elif setting == "auto" and processes > 1:
         return (
             False,
