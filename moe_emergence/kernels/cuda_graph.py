@@ -54,9 +54,8 @@ class _Captured:
     forward: torch.cuda.CUDAGraph
     backward: torch.cuda.CUDAGraph
     inputs: tuple[Tensor, Tensor, Tensor]  # x_TD, indices_TK, weights_TK
-    y_TD: (
-        Tensor  # output of the captured forward (detached: the saved activations live on in the private pool)
-    )
+    # output of the captured forward (detached: the saved activations live on in the private pool)
+    y_TD: Tensor
     dy_TD: Tensor  # the backward graph's input
     grads: tuple[Tensor | None, ...]  # d x, None (indices), d weights, d each parameter; None = not required
     generation: int = 0  # forwards replayed so far; a backward belongs to the latest
