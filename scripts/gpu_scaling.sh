@@ -24,7 +24,9 @@ read -r -a one <<<"${ONE:-accelerate launch --config_file configs/accelerate/sin
 read -r -a ddp <<<"${DDP:-accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2}"
 read -r -a fsdp <<<"${FSDP:-accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2}"
 read -r -a extra_all <<<"${EXTRA_ALL:-}"
-COMMON=(--config configs/scaling.yaml "output_dir=$ROOT" data.cache_dir=runs/data_cache model.moe.backend=triton)
+# train.cuda_graphs=none: the same experts path on 1 and 2 GPUs (auto graphs them on one process only)
+COMMON=(--config configs/scaling.yaml "output_dir=$ROOT" data.cache_dir=runs/data_cache model.moe.backend=triton
+  train.cuda_graphs=none)
 EQ=(train.steps=10 log.every=1 log.router_every=5 model.moe.noise_std=0 train.balance_scope=global)
 TP=(train.steps=40 train.batch_size=8 log.every=10 log.router_every=10)
 
