@@ -150,9 +150,8 @@ class RunLoop:
         record[keys.TRAIN_TOKENS] = float(st.tokens)
         record[keys.TRAIN_SKIPPED_STEPS] = float(st.skipped_steps)
         record[keys.TOKENS_PER_SEC] = tps
-        if (
-            t.cuda_graphs and out.moe is not None
-        ):  # new captures mid-run mean changing shapes (each one stalls)
+        # graphed experts: captures that grow mid-run mean changing batch shapes (each capture stalls the step)
+        if t.cuda_graphs and out.moe is not None:
             banks = [layer.experts for layer in t.unwrapped.moe_layers().values()]
             record[keys.CUDA_GRAPH_CAPTURES] = float(sum(b.cuda_graph.captures for b in banks))
         return record

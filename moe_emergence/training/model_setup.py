@@ -50,7 +50,8 @@ def build_tiny_gpt2(
 @dataclass
 class BaseInfo:
     """What the run needs to know about its base before building anything: the tokenizer (None for
-    ``tiny``: the data pipeline trains one) and the context length that ``data.seq_len`` must fit in."""
+    ``tiny``: the data pipeline trains one), the context length that ``data.seq_len`` must fit in, and the
+    MLP's widths D and F (the experts' sizes: which backend ``auto`` picks)."""
 
     tokenizer: PreTrainedTokenizerBase | None
     max_positions: int
