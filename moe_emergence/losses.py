@@ -97,9 +97,8 @@ def fractions_of(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
 def mean_router_probs(router_probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """P_i: mean router probability of expert i over the (unmasked) tokens, ``[E]`` (``[L, E]`` for
     ``[L, T, E]``)."""
-    w_T1 = _token_weights(router_probs_TE.shape[-2], mask_T, router_probs_TE.device)[:, None]
-    probs_TE = torch.where(w_T1 > 0, router_probs_TE.float(), 0.0)  # padding never counts, even if non-finite
-    return (probs_TE * w_T1).sum(-2) / w_T1.sum().clamp_min(1.0)
+    probs_ET = router_probs_TE.transpose(-1, -2)  # the mean runs over the last dimension
+    return _weighted_mean(probs_ET, _token_weights(probs_ET.shape[-1], mask_T, probs_ET.device))
 
 
 def load_balance_loss(

@@ -4,8 +4,8 @@ Shapes (legend: docs/architecture.md): T tokens, D model width, E experts, K exp
 
 Uncompiled, an MoE layer is bound by the host: the triton backend launches each of its kernels behind Python and
 autograd dispatch (1.9-2.9 ms of host time per layer forward+backward on the H200, against ~0.56 ms on the
-device at T = 8192; docs/benchmarks.md). The fast backends (``triton``, ``grouped_mm``) never wait on the device, so
-the experts call ``fn(x_TD, w1, b1, w2, b2, indices_TK, weights_TK, activation)`` can be captured as one CUDA
+device at T = 8192; docs/benchmarks.md). The fast backends (``triton``, ``grouped_mm``) never wait on the
+device, so the experts call ``fn(x_TD, w1, b1, w2, b2, indices_TK, weights_TK, activation)`` can be captured as one CUDA
 graph forward and one backward, and replayed: one launch each, the same kernels, bitwise the same results.
 
 ``ExpertsGraph`` holds the graphs of one ``ExpertBank`` (``ExpertBank.cuda_graph``; the trainer sets it,
@@ -15,10 +15,10 @@ graph forward and one backward, and replayed: one launch each, the same kernels,
   generation call the backend directly.
 - One pair of graphs per call signature: the shapes, dtypes and ``requires_grad`` of x, indices and weights,
   the parameters' storage (pointer, shape, dtype, ``requires_grad``), the autocast state, the float32 matmul
-  precision (TF32 or not), the backend and the activation. A new signature is captured on first use, after two warm-up calls on a side stream (Triton
-  autotuning and lazy initialisation stay out of the graph); at most ``MAX_SIGNATURES`` are kept, the least
-  recently used dropped. A parameter whose storage moved (``param.data = ...``) makes a new signature, never
-  a replay on freed memory.
+  precision (TF32 or not), the backend and the activation. A new signature is captured on first use, after two
+  warm-up calls on a side stream (Triton autotuning and lazy initialisation stay out of the graph); at most
+  ``MAX_SIGNATURES`` are kept, the least recently used dropped. A parameter whose storage moved
+  (``param.data = ...``) makes a new signature, never a replay on freed memory.
 - The graphs hold one forward's activations, for one backward: each call's backward must run once, before the
   same signature's next forward of this bank, as in training with gradient accumulation (forward, backward,
   forward, backward). A backward whose activations a later forward or an earlier backward overwrote raises

@@ -178,9 +178,9 @@ class TrainConfig:
         only ``default``.
     cuda_graphs: replay each MoE layer's experts (forward and backward) from CUDA graphs when the model is not
         compiled (``kernels/cuda_graph.py``: the same kernels and results, without their launch cost).
-        ``experts`` asks for it and is refused where it cannot run (the CPU, ``train.compile``, FSDP, the
-        ``eager`` experts backend, which waits on the device); ``auto`` (the default) uses it wherever it
-        can and says so at start; ``none`` never.
+        ``experts`` asks for it and is refused where it cannot run (the CPU, ``train.compile``, FSDP, a
+        backend that waits on the device: ``model_setup.cuda_graphs_on``); ``auto`` (the default) uses it
+        where it can on one process and says so at start on a GPU; ``none`` never.
     """
 
     steps: int = 100

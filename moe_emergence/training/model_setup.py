@@ -169,8 +169,9 @@ def cuda_graphs_on(
     ``kernels/cuda_graph.py``; why not, or None). They need a GPU, an uncompiled model not sharded by FSDP (its
     unsharded parameters move between steps) and a backend that never waits on the device: ``triton``, or
     ``grouped_mm`` in bf16 on compute capability 9.x or 10.x (Hopper, datacenter Blackwell; elsewhere
-    ``torch._grouped_mm`` reads its group offsets on the host), never ``eager``. ``auto`` takes them where all of that holds and the run has one process (several,
-    under DDP: not verified yet); ``experts`` where they cannot run is a ``ConfigError`` naming the cause."""
+    ``torch._grouped_mm`` reads its group offsets on the host), never ``eager``. ``auto`` takes them where all
+    of that holds and the run has one process (several, under DDP: not verified yet); ``experts`` where they
+    cannot run is a ``ConfigError`` naming the cause."""
     setting, moe, t = cfg.train.cuda_graphs, cfg.model.moe, cfg.train
     if setting == "none":
         return False, "train.cuda_graphs=none"
@@ -203,14 +204,12 @@ def cuda_graphs_on(
     return False, why
 
 
-def graph_experts(model: torch.nn.Module) -> int:
-    """Give every MoE layer's ``ExpertBank`` its own ``ExpertsGraph`` (``train.cuda_graphs``); returns how many."""
+def graph_experts(model: torch.nn.Module) -> None:
+    """Give every MoE layer's ``ExpertBank`` its own ``ExpertsGraph`` (``train.cuda_graphs``)."""
     from moe_emergence.kernels.cuda_graph import ExpertsGraph
 
-    banks = [layer.experts for layer in model.moe_layers().values()]
-    for bank in banks:
-        bank.cuda_graph = ExpertsGraph()
-    return len(banks)
+    for layer in model.moe_layers().values():
+        layer.experts.cuda_graph = ExpertsGraph()
 
 
 def model_dims(model) -> dict[str, int | None]:

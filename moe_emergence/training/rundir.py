@@ -47,8 +47,8 @@ from moe_emergence.training.runfiles import (
 from moe_emergence.training.runlock import RunLock
 from moe_emergence.yamlio import strict_load
 
-# train.compile*, train.cuda_graphs: how the same maths runs; the checkpoint format is unchanged; optim.lr / router_lr / grad_clip and
-# guard.*: the remedies the bad-step guard names when it stops a run
+# train.compile*, train.cuda_graphs: how the same maths runs (the checkpoint format is unchanged);
+# optim.lr / router_lr / grad_clip and guard.*: the remedies the bad-step guard names when it stops a run
 RESUMABLE_CHANGES = (
     "train.stop_after",
     "train.compile",
