@@ -424,6 +424,20 @@ def test_snapshot_of_mixed_dtypes_and_strided_tensors_is_exact():
     assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
     assert all(torch.equal(opt.state[model.weight][k], moments[k]) for k in moments)
     assert model.half_buf.dtype == torch.bfloat16 and model.weight.stride() == (1, 4)
+    with torch.no_grad():  # a later take copies the values live then (its flat views are reused)
+        for t in (model.weight, model.bias, model.half_buf, model.scalar):
+            t.copy_(torch.randn_like(t))
+    opt.state[model.weight]["exp_avg"].mul_(3.0)
+    snap.take()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    with torch.no_grad():
+        for t in (model.weight, model.bias, model.half_buf, model.scalar):
+            t.fill_(float("nan"))
+    opt.state[model.weight]["exp_avg"].fill_(float("nan"))
+    snap.restore()
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+    assert all(torch.equal(opt.state[model.weight][k], moments[k]) for k in moments)
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,11 @@ def _state_objects(model: torch.nn.Module, optimizer) -> list:
     return out
 
 
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 1-d view of its storage; a non-contiguous ``t`` as it is (flattened, i.e. copied, at each take)."""
+    return t.view(-1) if t.is_contiguous() else t
+
+
 class Snapshot:
     """``take()`` copies the live state; ``restore()`` writes the copy back (see the module docstring).
 
@@ -73,6 +78,8 @@ class Snapshot:
         self._flat: list[tuple[torch.Tensor, list[tuple]]] = []
         self._objects: list = []
         self._live: dict[tuple, torch.Tensor] | None = None
+        self._sources: list[list[torch.Tensor]] = []  # per flat buffer: its live tensors, flattened
+        self._sources_of: dict[tuple, torch.Tensor] | None = None  # the lookup they were made from
 
     def _live_state(self) -> dict[tuple, torch.Tensor]:
         objects = _state_objects(self.model, self.optimizer)
@@ -91,9 +98,14 @@ class Snapshot:
         live = self._live_state()
         if self.saved is None or self.saved.keys() != live.keys():  # first take, or new optimizer state
             self._allocate(live)
+        if self._sources_of is not live:  # the flat views of the live tensors, made once per lookup
+            self._sources = [[_flat_view(live[k]) for k in keys] for _, keys in self._flat]
+            self._sources_of = live
         # one cat per (device, dtype): a few kernel launches, not one per tensor
-        for flat, keys in self._flat:
-            torch.cat([live[k].reshape(-1) for k in keys], out=flat)
+        for (flat, _), sources in zip(self._flat, self._sources, strict=True):
+            torch.cat(
+                [t.reshape(-1) for t in sources] if any(t.ndim != 1 for t in sources) else sources, out=flat
+            )
 
     def _allocate(self, live: dict[tuple, torch.Tensor]) -> None:
         """One flat buffer per (device, dtype); ``saved[k]`` is a view of it shaped like ``live[k]``."""
@@ -101,6 +113,7 @@ class Snapshot:
         for k, t in live.items():
             groups.setdefault((t.device, t.dtype), []).append(k)
         self._flat, self.saved = [], {}
+        self._sources_of = None
         for (device, dtype), keys in groups.items():
             flat = torch.empty(sum(live[k].numel() for k in keys), device=device, dtype=dtype)
             for k, view in zip(keys, flat.split([live[k].numel() for k in keys]), strict=True):
