@@ -243,3 +243,6 @@ def test_collate_blocks(built):
     loader = torch.utils.data.DataLoader(corpus.train, batch_size=8, collate_fn=collate_blocks)
     assert next(iter(loader))["input_ids"].shape == (8, 32)
     assert collate_blocks(corpus.eval[:3])["input_ids"].shape == (3, 32)
+    idx = list(range(len(corpus.eval)))[-4:]  # numpy columns (the trainer's rows_of) give the same tensors
+    columns = collate_blocks(corpus.eval.with_format("numpy")[idx])
+    assert all(torch.equal(columns[k], batch[k]) and columns[k].dtype == torch.long for k in batch)

@@ -14,7 +14,13 @@ from transformers import GPT2LMHeadModel
 from moe_emergence import MoEConfig, losses, upcycle
 from moe_emergence.losses import LossCoefs, Shares, moe_objective
 from moe_emergence.modeling import GPT2MoEBlock
-from moe_emergence.training.steps import MoEStep, StepSums, micro_batch_loss, shifted_token_counts
+from moe_emergence.training.steps import (
+    MoEStep,
+    StepSums,
+    has_padding,
+    micro_batch_loss,
+    shifted_token_counts,
+)
 
 
 def _count_calls(monkeypatch, invocations: dict[str, int] | None = None) -> dict[str, int]:
@@ -82,6 +88,24 @@ def test_trainer_micro_batch_equals_model_objective(dense_model, input_ids):
     loss = micro_batch_loss(out, batch, shifted_token_counts(batch), 1.0, step, sums)
     assert torch.allclose(loss, model_loss)
     assert sums.totals[4].item() == pytest.approx(model_loss.item())  # train/loss is this objective
+
+
+def test_no_mask_equals_an_all_ones_mask(dense_model, input_ids):
+    """The trainer passes ``attention_mask=None`` for a batch without padding (``steps.has_padding``): the
+    logits, router logits, routing and loss equal those of the all-ones mask exactly."""
+    cfg = MoEConfig(num_experts=4, top_k=2, layers=[0, 2], router_init_std=0.5)
+    moe = upcycle(dense_model, cfg).eval()
+    ones = moe(input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
+    none = moe(input_ids, labels=input_ids)
+    assert torch.equal(ones.logits, none.logits) and torch.equal(ones.loss, none.loss)
+    for i in (0, 2):
+        a, b = ones.router_outputs[i], none.router_outputs[i]
+        assert torch.equal(a.router_logits, b.router_logits) and torch.equal(a.topk_indices, b.topk_indices)
+    padded = torch.ones_like(input_ids)
+    padded[0, -3:] = 0
+    assert has_padding({"attention_mask": padded}) and not has_padding(
+        {"attention_mask": torch.ones_like(padded)}
+    )
 
 
 def test_loss_coefs_are_validated_like_the_config():

@@ -342,3 +342,26 @@ def test_resume_auto_of_a_finished_run_changes_nothing(tmp_path):
     with pytest.raises(RunFinished, match="already holds this run, finished"):
         train(cfg, resume="auto")
     assert (res.run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_trainer_hands_the_model_a_mask_only_for_padded_batches(tmp_path, monkeypatch):
+    """An all-ones attention mask is read on the CPU and not passed (transformers would check it on the
+    device, a host sync per forward); a batch with padding passes its mask. Both kinds occur in a run: packed
+    training blocks are full, the last eval block of a domain is padded."""
+    from transformers import GPT2LMHeadModel
+
+    from moe_emergence import GPT2MoEForCausalLM
+
+    seen = []
+    for cls in (GPT2LMHeadModel, GPT2MoEForCausalLM):
+        forward = cls.forward
+
+        def record(self, *args, _forward=forward, **kwargs):
+            mask = kwargs.get("attention_mask")
+            seen.append(None if mask is None else bool((mask == 0).any()))
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", record)
+    train(make_cfg(tmp_path, "masks", "train.steps=4", "checkpoint.every=0"))
+    assert None in seen and True in seen, seen  # unpadded batches without a mask, padded ones with theirs
+    assert False not in seen  # never an all-ones mask

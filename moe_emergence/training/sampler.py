@@ -65,7 +65,7 @@ class BlockSampler:
         self.epoch, self.offset, self.seed = state["epoch"], state["offset"], state["seed"]
 
 
-def rows_of(dataset, indices: list[int]) -> list[dict]:
-    """Rows ``indices`` of a ``datasets.Dataset`` as a list of dicts (for ``collate_blocks``)."""
-    cols = dataset[indices]
-    return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=False)]
+def rows_of(dataset, indices: list[int]) -> dict:
+    """Rows ``indices`` of a ``datasets.Dataset`` as columns (for ``collate_blocks``): ``[B, S]`` numpy arrays
+    when ``dataset`` has numpy format (``dataset.with_format("numpy")``, made once: the call costs ~0.8 ms)."""
+    return dataset[indices]

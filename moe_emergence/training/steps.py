@@ -42,6 +42,15 @@ def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).double()
 
 
+def has_padding(batch: dict[str, torch.Tensor]) -> bool:
+    """Does any row of a collated CPU batch hold padding? Where not, the trainer hands the model
+    ``attention_mask=None``, which HF attention reads as all ones and the routers as every token (the same
+    outputs, ``tests/test_objective.py``). Given an all-ones mask, transformers (5.24, ``masking_utils.
+    _ignore_causal_mask_sdpa``) tests it with ``bool(mask.sum() == numel)`` on the device: a host sync in
+    every forward, which stops the host from queueing the step ahead of the GPU."""
+    return not bool(batch["attention_mask"].all())
+
+
 @dataclass
 class MoEStep:
     """What the step's micro-batches need to know about the MoE model (None for a dense model).
@@ -271,10 +280,13 @@ def evaluate(
         E = unwrapped.config.moe.num_experts
         routing = LayerRoutingStats(unwrapped.config.moe_layers, E, len(domains), device)
     for batch, counted in batches:
+        padded = has_padding(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: outputs are used before the next
         kw = {"output_router_logits": False} if moe else {}  # no router losses needed here
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if padded else None, **kw
+        )
         if not counted:
             continue
         ce_T = token_cross_entropy(out.logits, batch["labels"])

@@ -42,6 +42,7 @@ from moe_emergence.training.steps import (
     StepSums,
     clip_grad_norm_,
     evaluate,
+    has_padding,
     micro_batch_loss,
     shifted_token_counts,
     step_flags,
@@ -103,6 +104,7 @@ class Trainer:
                     tokenizer_dir=None if tok_dir.exists() else tok_dir,  # a resumed run keeps its own
                 )
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
+        self.train_rows = corpus.train.with_format("numpy")  # rows_of: [B, S] arrays, not Python lists
         self.domains = list(corpus.domains)
         e = cfg.eval
         self.eval_sets = {s: eval_blocks(corpus.split(s), s, e.max_blocks, cfg.data.seed) for s in e.splits}
@@ -212,19 +214,20 @@ class Trainer:
         host sync."""
         acc, device = self.accelerator, self.accelerator.device
         scale = self.cfg.train.grad_accum * acc.num_processes
-        batches = [self.collate(rows_of(self.corpus.train, rows)) for rows in self.sampler.next_step()]
+        batches = [self.collate(rows_of(self.train_rows, rows)) for rows in self.sampler.next_step()]
         counts = self.reduce_sum(sum(shifted_token_counts(b) for b in batches).to(device))
         n_step = counts.clamp_min(1)
         moe = self._moe_step() if self.moe else None
         sums = StepSums(len(moe.layers) if moe else 0, device)
         kw = {"output_router_logits": False} if moe else {}  # the objective is computed below, once
         for batch in batches:
+            padded = has_padding(batch)  # read on the CPU copy
             batch = {k: v.to(device) for k, v in batch.items()}
             with acc.accumulate(self.model):
                 torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: a new CUDA-graph step
                 out = self.model(
                     input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
+                    attention_mask=batch["attention_mask"] if padded else None,
                     labels=batch["labels"],
                     **kw,
                 )
@@ -321,7 +324,7 @@ class Trainer:
         blocks' fingerprint (``<split>/blocks_fingerprint``)."""
         e, acc = self.cfg.eval, self.accelerator
         blocks = self.eval_sets[split or e.split]
-        data = self.corpus.split(blocks.split)
+        data = self.corpus.split(blocks.split).with_format("numpy")
         passes = shard_batches(
             blocks.rows, e.batch_size or self.cfg.train.batch_size, acc.process_index, acc.num_processes
         )
