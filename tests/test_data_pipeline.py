@@ -246,3 +246,13 @@ def test_collate_blocks(built):
     idx = list(range(len(corpus.eval)))[-4:]  # numpy columns (the trainer's rows_of) give the same tensors
     columns = collate_blocks(corpus.eval.with_format("numpy")[idx])
     assert all(torch.equal(columns[k], batch[k]) and columns[k].dtype == torch.long for k in batch)
+    as_arrays = collate_blocks([corpus.eval.with_format("numpy")[i] for i in idx])  # rows of numpy arrays
+    assert all(torch.equal(as_arrays[k], batch[k]) for k in batch)
+    ragged = [dict(r) for r in rows[:2]]
+    ragged[1]["input_ids"] = ragged[1]["input_ids"][:-1]
+    with pytest.raises(ValueError, match="'input_ids' has rows of lengths \\[31, 32\\]"):
+        collate_blocks(ragged)
+    with pytest.raises(ValueError, match="different shapes"):
+        collate_blocks(
+            {"input_ids": np.zeros((3, 6)), "attention_mask": np.ones((1, 6)), "domain_ids": np.zeros((3, 6))}
+        )
