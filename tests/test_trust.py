@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -395,6 +396,13 @@ def test_snapshot_follows_replaced_parameter_data_and_optimizer_state():
     state["exp_avg"].fill_(1e30)
     snap.restore()
     assert torch.equal(opt.state[model.weight]["exp_avg"], kept)  # written into the live tensor
+    model.bias.data = torch.arange(5.0)  # new storage of another shape: the buffers are laid out again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a resize of the flat buffer behind torch.cat's back
+        snap.take()
+    model.bias.data.fill_(float("nan"))
+    snap.restore()
+    assert torch.equal(model.bias, torch.arange(5.0))
 
 
 def test_snapshot_of_mixed_dtypes_and_strided_tensors_is_exact():

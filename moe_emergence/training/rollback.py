@@ -59,6 +59,16 @@ def _state_objects(model: torch.nn.Module, optimizer) -> list:
     return out
 
 
+def _same_layout(saved: dict[tuple, torch.Tensor] | None, live: dict[tuple, torch.Tensor]) -> bool:
+    """Do the snapshot's buffers fit the live tensors: the same keys, and each the same shape, dtype and device?"""
+    if saved is None or saved.keys() != live.keys():
+        return False
+    return all(
+        (saved[k].shape, saved[k].dtype, saved[k].device) == (t.shape, t.dtype, t.device)
+        for k, t in live.items()
+    )
+
+
 def _flat_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a 1-d view of its storage; a non-contiguous ``t`` as it is (flattened, i.e. copied, at each take)."""
     return t.view(-1) if t.is_contiguous() else t
@@ -96,9 +106,9 @@ class Snapshot:
     @torch.no_grad()
     def take(self) -> None:
         live = self._live_state()
-        if self.saved is None or self.saved.keys() != live.keys():  # first take, or new optimizer state
-            self._allocate(live)
-        if self._sources_of is not live:  # the flat views of the live tensors, made once per lookup
+        if self._sources_of is not live:  # a new lookup (first take, new optimizer state, a tensor replaced)
+            if not _same_layout(self.saved, live):
+                self._allocate(live)
             self._sources = [[_flat_view(live[k]) for k in keys] for _, keys in self._flat]
             self._sources_of = live
         # one cat per (device, dtype): a few kernel launches, not one per tensor
@@ -113,7 +123,6 @@ class Snapshot:
         for k, t in live.items():
             groups.setdefault((t.device, t.dtype), []).append(k)
         self._flat, self.saved = [], {}
-        self._sources_of = None
         for (device, dtype), keys in groups.items():
             flat = torch.empty(sum(live[k].numel() for k in keys), device=device, dtype=dtype)
             for k, view in zip(keys, flat.split([live[k].numel() for k in keys]), strict=True):
