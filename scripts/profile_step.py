@@ -27,14 +27,24 @@ phase of ``Trainer.train_step`` (``forward``, ``loss``, ``backward``, ``clip_gra
 ``--trace DIR`` writes each process's profiled steps as a Chrome trace (``DIR/rank<r>.json``: open in
 Perfetto or chrome://tracing) to see, rank beside rank, where a step waits.
 
-OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. GPU only: on a machine without CUDA
-it says so and exits 2.
+``--bare`` (with ``--no-profiler``) sets the trainer beside the benchmark's loop (issue 20 item 5) in one
+process: each of the ``--repeat`` rounds times ``--steps`` trainer steps and ``--steps`` bare steps, the order
+alternating. A bare step is ``scripts/bench_moe.py``'s training step on the trainer's own model, optimizer
+(the torch AdamW inside accelerate's wrapper) and one fixed batch of its training data: forward with labels
+under the run's autocast, backward, ``optimizer.step()``, ``zero_grad`` (no guard, clip, snapshot or
+telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows``, ``tokens_per_s`` and
+``bare_tokens_per_s`` (this process's tokens) and ``vs_bare`` = their ratio. The bare steps train the model
+too: use a scratch run.
+
+OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. Needs a GPU, except with
+``--no-profiler`` (walls only; ``--time-snapshot`` too), which also runs on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -72,18 +82,82 @@ def _time_snapshot() -> dict[str, float]:
     take = rollback.Snapshot.take
 
     def timed(self):
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         self._live_state()  # the lookup of the live tensors (cached while they stay in place)
         t1 = time.perf_counter()
         take(self)
-        torch.cuda.synchronize()
+        _sync()
         sums["snapshot_walk"] += (t1 - t0) * 1000.0
         sums["snapshot_copy"] += (time.perf_counter() - t1) * 1000.0
         sums["calls"] += 1
 
     rollback.Snapshot.take = timed
     return sums
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _bare_step(trainer, batch: dict[str, torch.Tensor]) -> None:
+    """One step of the benchmark's loop (``bench_moe.train_step``) on the trainer's model and torch optimizer."""
+    from moe_emergence.training.rollback import inner_optimizer
+
+    device = trainer.accelerator.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.cfg.train.mixed_precision)
+    torch.compiler.cudagraph_mark_step_begin()
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = trainer.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    loss.backward()
+    opt = inner_optimizer(trainer.optimizer)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _timed_windows(steps: int, repeat: int, trainer_step, bare_step) -> tuple[list[float], list[float]]:
+    """ms per step of ``repeat`` windows of ``steps`` trainer steps and (``bare_step`` not None) as many bare
+    steps, the order alternating each round."""
+    walls: list[float] = []
+    bare: list[float] = []
+    for r in range(repeat):
+        order = [(trainer_step, walls), (bare_step, bare)] if bare_step else [(trainer_step, walls)]
+        for step, out in order if r % 2 == 0 else order[::-1]:
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync()
+            out.append((time.perf_counter() - t0) * 1000.0 / steps)
+    return walls, bare
+
+
+def _measure(trainer, args) -> tuple[list[float], list[float], object, dict | None]:
+    """Warm up, then time (and profile) the steps: (trainer walls, bare walls, profiler or None, snapshot
+    times or None), walls in ms per step."""
+    from moe_emergence.training.sampler import rows_of
+
+    trainer.upcycle_if_due()
+    for _ in range(args.warmup):
+        trainer.train_step(None)
+    snapshot = _time_snapshot() if args.time_snapshot else None
+    bare_step = None
+    if args.bare:
+        rows = list(range(trainer.cfg.train.batch_size))
+        batch = {
+            k: v.to(trainer.accelerator.device)
+            for k, v in trainer.collate(rows_of(trainer.train_rows, rows)).items()
+        }
+        _bare_step(trainer, batch)  # its own warm-up
+        bare_step = functools.partial(_bare_step, trainer, batch)
+    if not args.no_profiler:
+        _annotate_phases(trainer)
+    _sync()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof:
+        walls, bare = _timed_windows(args.steps, args.repeat, lambda: trainer.train_step(None), bare_step)
+    return walls, bare, prof, snapshot
 
 
 def _annotate_phases(trainer) -> None:
@@ -138,6 +212,11 @@ def _main(argv: list[str] | None) -> int:
     )
     p.add_argument("--time-snapshot", action="store_true", help="time the guard snapshot's take()")
     p.add_argument(
+        "--bare",
+        action="store_true",
+        help="with --no-profiler: also time the benchmark's bare loop (see above)",
+    )
+    p.add_argument(
         "--trace", default=None, help="also write each process's timeline (Chrome trace) as DIR/rank<r>.json"
     )
     p.add_argument(
@@ -151,33 +230,24 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError(f"--top {args.top}: an integer >= 0")
     if args.repeat < 1 or (args.repeat > 1 and not args.no_profiler):
         raise ConfigError(f"--repeat {args.repeat}: an integer >= 1, above 1 only with --no-profiler")
-    if not torch.cuda.is_available():
-        raise ConfigError("profile_step.py profiles CUDA kernels: no GPU here")
+    if args.bare and not args.no_profiler:
+        raise ConfigError("--bare compares walls: add --no-profiler")
+    if not torch.cuda.is_available() and not args.no_profiler:
+        raise ConfigError(
+            "profile_step.py profiles CUDA kernels: no GPU here (--no-profiler times walls on the CPU)"
+        )
     from moe_emergence.training.config import load_config
     from moe_emergence.training.trainer import Trainer
 
     steps = args.warmup + args.steps * args.repeat
     cfg = load_config(args.config, [*args.overrides, f"train.steps={steps}"])
+    if args.bare and cfg.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "--bare: train.mixed_precision=fp16 needs loss scaling, which the bare loop has not"
+        )
     trainer = Trainer(cfg, overwrite=True)
     try:
-        trainer.upcycle_if_due()
-        for _ in range(args.warmup):
-            trainer.train_step(None)
-        snapshot = _time_snapshot() if args.time_snapshot else None
-        if not args.no_profiler:
-            _annotate_phases(trainer)
-        torch.cuda.synchronize()
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        walls = []
-        with (
-            contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof
-        ):
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    trainer.train_step(None)
-                torch.cuda.synchronize()
-                walls.append((time.perf_counter() - t0) * 1000.0 / args.steps)
+        walls, bare, prof, snapshot = _measure(trainer, args)
     finally:
         trainer.folder.release()
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
@@ -203,6 +273,16 @@ def _main(argv: list[str] | None) -> int:
     }
     if prof is not None:
         record["exposed_ms"] = record["wall_ms"] - record.get("compute_ms", 0.0)
+    if bare:
+        t, bare_ms = cfg.train, statistics.median(bare)
+        tokens = t.batch_size * cfg.data.seq_len
+        record |= {
+            "bare_wall_ms": bare_ms,
+            "bare_wall_ms_windows": bare,
+            "tokens_per_s": tokens * t.grad_accum / record["wall_ms"] * 1000.0,
+            "bare_tokens_per_s": tokens / bare_ms * 1000.0,
+        }
+        record["vs_bare"] = record["tokens_per_s"] / record["bare_tokens_per_s"]
     with Path(args.out).open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))

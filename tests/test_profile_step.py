@@ -1,0 +1,58 @@
+"""scripts/profile_step.py on the CPU: ``--no-profiler`` walls and ``--bare`` (the trainer beside the benchmark's
+loop on the same model, issue 20 item 5), and its refusals. The profiled (CUDA) mode is not run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_reliability import assert_one_error_line, cfg_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def profile_step():
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "scripts" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "tiny_data_cache"  # shared with test_reliability
+
+
+def test_bare_loop_beside_the_trainer(profile_step, tmp_path, cache, capsys):
+    cfg = cfg_file(tmp_path, cache, model__upcycle_at_step=0, train__grad_accum=2)
+    out = tmp_path / "p.jsonl"
+    argv = [str(out), "--config", str(cfg), "--no-profiler", "--bare", "--warmup", "1", "--steps", "2"]
+    assert profile_step.main([*argv, "--repeat", "3", "log.run_name=p"]) == 0
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["moe"] and len(rec["wall_ms_windows"]) == len(rec["bare_wall_ms_windows"]) == 3
+    tokens = 4 * 32  # train.batch_size x data.seq_len; the trainer's step has grad_accum=2 micro-batches
+    assert rec["tokens_per_s"] == pytest.approx(2 * tokens / rec["wall_ms"] * 1000.0)
+    assert rec["bare_tokens_per_s"] == pytest.approx(tokens / rec["bare_wall_ms"] * 1000.0)
+    assert (
+        rec["vs_bare"] == pytest.approx(rec["tokens_per_s"] / rec["bare_tokens_per_s"]) and rec["vs_bare"] > 0
+    )
+    for bad, pattern in (
+        ([], r"--bare compares walls: add --no-profiler"),
+        (["--no-profiler", "train.mixed_precision=fp16"], r"--bare: train.mixed_precision=fp16"),
+    ):
+        capsys.readouterr()
+        rc = profile_step.main([str(out), "--config", str(cfg), "--bare", *bad, "log.run_name=q"])
+        assert rc == 2
+        assert_one_error_line(capsys.readouterr().err, pattern)
+    assert len(out.read_text().splitlines()) == 1  # the refusals appended nothing
+
+
+def test_profiler_needs_a_gpu(profile_step, tmp_path, capsys):
+    if sys.modules["torch"].cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert profile_step.main([str(tmp_path / "p.jsonl"), "--steps", "1"]) == 2
+    assert_one_error_line(capsys.readouterr().err, r"no GPU here \(--no-profiler times walls on the CPU\)")
