@@ -226,8 +226,13 @@ def _main(argv: list[str] | None) -> int:
     args = p.parse_intermixed_args(argv)
     if (args.trace or args.top) and args.no_profiler:
         raise ConfigError("--trace and --top need the profiler: leave out --no-profiler")
-    if args.top < 0:
-        raise ConfigError(f"--top {args.top}: an integer >= 0")
+    for flag, value, least in (
+        ("--top", args.top, 0),
+        ("--warmup", args.warmup, 0),
+        ("--steps", args.steps, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{flag} {value}: an integer >= {least}")
     if args.repeat < 1 or (args.repeat > 1 and not args.no_profiler):
         raise ConfigError(f"--repeat {args.repeat}: an integer >= 1, above 1 only with --no-profiler")
     if args.bare and not args.no_profiler:

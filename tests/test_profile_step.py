@@ -43,6 +43,8 @@ def test_bare_loop_beside_the_trainer(profile_step, tmp_path, cache, capsys):
     for bad, pattern in (
         ([], r"--bare compares walls: add --no-profiler"),
         (["--no-profiler", "train.mixed_precision=fp16"], r"--bare: train.mixed_precision=fp16"),
+        (["--no-profiler", "--steps", "0"], r"--steps 0: an integer >= 1"),
+        (["--no-profiler", "--warmup", "-1"], r"--warmup -1: an integer >= 0"),
     ):
         capsys.readouterr()
         rc = profile_step.main([str(out), "--config", str(cfg), "--bare", *bad, "log.run_name=q"])
