@@ -403,6 +403,13 @@ def test_snapshot_follows_replaced_parameter_data_and_optimizer_state():
     model.bias.data.fill_(float("nan"))
     snap.restore()
     assert torch.equal(model.bias, torch.arange(5.0))
+    model.bias.data = model.bias.data.view(5, 1)  # the same address, another shape: looked up again
+    snap.take()
+    assert snap.saved[("model", "bias")].shape == (5, 1)
+    model.bias.data = torch.zeros(5, 2)  # changed after the take: restore refuses, and writes nothing
+    with pytest.raises(RuntimeError, match=r"bias is \(5, 2\) torch.float32 now, \(5, 1\)"):
+        snap.restore()
+    assert torch.equal(model.bias, torch.zeros(5, 2))
 
 
 def test_snapshot_of_mixed_dtypes_and_strided_tensors_is_exact():

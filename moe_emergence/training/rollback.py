@@ -48,14 +48,14 @@ def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
 
 
 def _state_objects(model: torch.nn.Module, optimizer) -> list:
-    """What ``named_state`` reads, as (object, address of its local data) pairs: parameters, buffers and
-    optimizer-state values; a DTensor's local shard is read from its ``_local_tensor`` without dispatch."""
+    """What ``named_state`` reads, as (object, (address, shape) of its local data) pairs: parameters, buffers
+    and optimizer-state values; a DTensor's local shard is read from its ``_local_tensor`` without dispatch."""
     opt = inner_optimizer(optimizer)
     state = [v for s in opt.state.values() for v in s.values()]
     out = []
     for t in [*model.parameters(), *model.buffers(), *state]:
         local = getattr(t, "_local_tensor", t)
-        out.append((t, local.data_ptr() if torch.is_tensor(local) else None))
+        out.append((t, (local.data_ptr(), local.shape) if torch.is_tensor(local) else None))
     return out
 
 
@@ -135,6 +135,13 @@ class Snapshot:
             raise RuntimeError("Snapshot.restore before any take()")
         live = self._live_state()
         keys = [k for k in live if k in self.saved]
+        for k in keys:  # all or nothing: a copy into a tensor of another shape would broadcast
+            if (live[k].shape, live[k].dtype) != (self.saved[k].shape, self.saved[k].dtype):
+                raise RuntimeError(
+                    f"Snapshot.restore: {k[1] if k[0] == 'model' else k} is {tuple(live[k].shape)} "
+                    f"{live[k].dtype} now, {tuple(self.saved[k].shape)} {self.saved[k].dtype} when the snapshot "
+                    "was taken; nothing was restored"
+                )
         torch._foreach_copy_([live[k] for k in keys], [self.saved[k] for k in keys])
         # optimizer state created after the snapshot (AdamW creates it at its first step): drop it
         saved_params = {k[2] for k in self.saved if k[0] == "optim"}
