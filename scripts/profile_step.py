@@ -1,9 +1,12 @@
 """Where one optimizer step's time goes, per process: ``[accelerate launch ...] scripts/profile_step.py OUT.json
 [--config FILE] [--warmup N] [--steps M] [key=value ...]``.
 
-Builds the run's ``Trainer`` (the run folder is ``output_dir/log.run_name``, as for training; use a scratch
-``output_dir``), upcycles when the config says so at step 0, runs ``--warmup`` steps, then profiles ``--steps``
-optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean per step (ms):
+Builds the run's ``Trainer`` in its run folder ``output_dir/log.run_name``, which must be free as for a new
+training run (``--overwrite`` replaces a run there, as ``train.py --overwrite`` does); the folder is scratch and
+is removed at the end (only what this profile created). Runs ``--warmup`` steps, upcycling when
+``model.upcycle_at_step`` is reached as training does (a later upcycle step profiles the dense phase, and says
+so), then profiles ``--steps`` optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean
+per step (ms):
 
     wall        the step as the host sees it (CUDA synchronised at both ends)
     compute     device time of the kernels that are not collectives
@@ -34,7 +37,7 @@ alternating. A bare step is ``scripts/bench_moe.py``'s training step on the trai
 under the run's autocast, backward, ``optimizer.step()``, ``zero_grad`` (no guard, clip, snapshot or
 telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows``, ``tokens_per_s`` and
 ``bare_tokens_per_s`` (this process's tokens) and ``vs_bare`` = their ratio. The bare steps train the model
-too: use a scratch run.
+too.
 
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. Needs a GPU, except with
 ``--no-profiler`` (walls only; ``--time-snapshot`` too), which also runs on the CPU.
@@ -96,6 +99,17 @@ def _time_snapshot() -> dict[str, float]:
     return sums
 
 
+def _check_out(out: Path) -> None:
+    """OUT must be a file that can be appended to, checked before the run (not after its minutes)."""
+    if out.is_dir() or not out.parent.is_dir():
+        raise ConfigError(f"OUT {str(out)!r}: a JSON lines file in an existing folder")
+    try:
+        with out.open("a"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"OUT {str(out)!r}: cannot append to it ({e.strerror})") from e
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -138,9 +152,15 @@ def _measure(trainer, args) -> tuple[list[float], list[float], object, dict | No
     times or None), walls in ms per step."""
     from moe_emergence.training.sampler import rows_of
 
-    trainer.upcycle_if_due()
     for _ in range(args.warmup):
+        trainer.upcycle_if_due()
         trainer.train_step(None)
+    trainer.upcycle_if_due()
+    if trainer.cfg.model.moe is not None and not trainer.moe:
+        trainer.accelerator.print(
+            f"profile_step: the dense phase (model.upcycle_at_step={trainer.cfg.model.upcycle_at_step} "
+            f"> --warmup {args.warmup})"
+        )
     snapshot = _time_snapshot() if args.time_snapshot else None
     bare_step = None
     if args.bare:
@@ -222,6 +242,9 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument(
         "--top", type=int, default=0, help="print each process's N operators with the most host time"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a run in the run folder (as train.py --overwrite)"
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     if (args.trace or args.top) and args.no_profiler:
@@ -250,11 +273,12 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError(
             "--bare: train.mixed_precision=fp16 needs loss scaling, which the bare loop has not"
         )
-    trainer = Trainer(cfg, overwrite=True)
+    _check_out(Path(args.out))
+    trainer = Trainer(cfg, overwrite=args.overwrite)
     try:
         walls, bare, prof, snapshot = _measure(trainer, args)
     finally:
-        trainer.folder.release()
+        trainer.folder.abort()  # scratch: remove what this profile created (never anything else)
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
     if prof is not None:
         per_step |= _host_times(prof, args.steps)

@@ -58,3 +58,32 @@ def test_profiler_needs_a_gpu(profile_step, tmp_path, capsys):
         pytest.skip("a GPU is here")
     assert profile_step.main([str(tmp_path / "p.jsonl"), "--steps", "1"]) == 2
     assert_one_error_line(capsys.readouterr().err, r"no GPU here \(--no-profiler times walls on the CPU\)")
+
+
+def test_run_folder_is_scratch_and_a_run_there_is_kept(profile_step, tmp_path, cache, capsys):
+    """The profile's run folder is removed at the end; a folder holding a run is refused (exit 2) and kept;
+    the upcycle happens during the warm-up when due; a bad OUT is refused before any run."""
+    from moe_emergence.training.trainer import train
+
+    cfg = cfg_file(tmp_path, cache)  # TINY: model.upcycle_at_step=2
+    out, runs = tmp_path / "p.jsonl", tmp_path / "runs"
+    base = [str(out), "--config", str(cfg), "--no-profiler", "--steps", "1"]
+    assert profile_step.main([*base, "--warmup", "2", "log.run_name=p"]) == 0
+    assert (
+        json.loads(out.read_text())["moe"] and not (runs / "p").exists()
+    )  # upcycled at step 2, then removed
+    assert profile_step.main([*base, "--warmup", "1", "--steps", "2", "log.run_name=p"]) == 0
+    assert "the dense phase (model.upcycle_at_step=2 > --warmup 1)" in capsys.readouterr().out
+    assert not json.loads(out.read_text().splitlines()[-1])["moe"]
+
+    from moe_emergence.training.config import load_config
+
+    kept = runs / "kept"
+    train(load_config(str(cfg), ["log.run_name=kept", "train.steps=3"]))
+    before = sorted(p.relative_to(kept) for p in kept.rglob("*"))
+    assert profile_step.main([*base, "--warmup", "2", "log.run_name=kept"]) == 2
+    assert_one_error_line(capsys.readouterr().err, r"run folder .*kept")
+    assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
+    assert profile_step.main([str(tmp_path / "no" / "p.jsonl"), *base[1:], "log.run_name=q"]) == 2
+    assert_one_error_line(capsys.readouterr().err, r"OUT .*a JSON lines file in an existing folder")
+    assert not (runs / "q").exists() and len(out.read_text().splitlines()) == 2

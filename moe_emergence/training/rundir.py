@@ -316,8 +316,8 @@ class RunFolder:
         self.acc.wait_for_everyone()
 
     def abort(self) -> None:
-        """Setup failed: remove what this run created (never anything else), put a replaced run back,
-        release the lock."""
+        """Setup failed, or a scratch run ended (``scripts/profile_step.py``): remove what this run created
+        (never anything else), put a replaced run back, release the lock."""
         if self.acc.is_main_process:
             if self.created and self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
