@@ -252,7 +252,22 @@ def test_collate_blocks(built):
     ragged[1]["input_ids"] = ragged[1]["input_ids"][:-1]
     with pytest.raises(ValueError, match="'input_ids' has rows of lengths \\[31, 32\\]"):
         collate_blocks(ragged)
+    for bad, pattern in (
+        (corpus.eval[0], r"'input_ids' has shape \(32,\), not \[B, S\] \(one row"),
+        ([{**r, "input_ids": [0.5] * 32} for r in rows[:2]], "'input_ids' holds float64, not integers"),
+        ([{k: v for k, v in r.items() if k != "domain_ids"} for r in rows[:2]], r"no \['domain_ids'\]"),
+        ([{**r, "attention_mask": [2] * 32} for r in rows[:2]], "values other than 0 and 1"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            collate_blocks(bad)
+    assert torch.equal(
+        collate_blocks(r for r in rows)["input_ids"], batch["input_ids"]
+    )  # a generator of rows
     with pytest.raises(ValueError, match="different shapes"):
         collate_blocks(
-            {"input_ids": np.zeros((3, 6)), "attention_mask": np.ones((1, 6)), "domain_ids": np.zeros((3, 6))}
+            {
+                "input_ids": np.zeros((3, 6), int),
+                "attention_mask": np.ones((1, 6), int),
+                "domain_ids": np.zeros((3, 6), int),
+            }
         )
