@@ -35,9 +35,9 @@ process: each of the ``--repeat`` rounds times ``--steps`` trainer steps and ``-
 alternating. A bare step is ``scripts/bench_moe.py``'s training step on the trainer's own model, optimizer
 (the torch AdamW inside accelerate's wrapper) and one fixed batch of its training data: forward with labels
 under the run's autocast, backward, ``optimizer.step()``, ``zero_grad`` (no guard, clip, snapshot or
-telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows`` (as ``wall_ms_windows``: with ``--repeat`` > 1), ``tokens_per_s`` and
-``bare_tokens_per_s`` (this process's tokens) and ``vs_bare`` = their ratio. The bare steps train the model
-too.
+telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows`` (with ``--repeat`` > 1, as
+``wall_ms_windows``), ``tokens_per_s`` and ``bare_tokens_per_s`` (this process's tokens) and ``vs_bare`` =
+their ratio. The bare steps train the model too.
 
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. Needs a GPU, except with
 ``--no-profiler`` (walls only; ``--time-snapshot`` too), which also runs on the CPU.
