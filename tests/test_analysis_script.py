@@ -1,6 +1,5 @@
 """scripts/analyze.py on tiny run folders: every file written, sane numbers, clear errors on bad input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,15 +11,13 @@ import pytest
 import torch
 import yaml
 from _analysis_fixtures import tiny_runs
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("analyze", ROOT / "scripts" / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("analyze")
 
 
 @pytest.fixture(scope="module")

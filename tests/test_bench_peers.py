@@ -1,12 +1,12 @@
 """scripts/bench_peers.py on the CPU: the peers that run here against eager_experts, ScatterMoE's weight layout,
 the JSON schema and the refusals (no CUDA, no ScatterMoE). The GPU timing itself is not run here."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 
 from moe_emergence.experts import eager_experts
 
@@ -17,10 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def bp():
     sys.path.insert(0, str(ROOT / "scripts"))  # bench_peers imports bench_moe, as when run as a script
     try:
-        spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "scripts" / "bench_peers.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+        yield load_script("bench_peers")
     finally:
         sys.path.remove(str(ROOT / "scripts"))
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 from moe_emergence.data.cache import cache_entries, mark_used, prune
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _entry(cache: Path, fp: str, days_ago: float, parts=("train", "val", "eval", "tokenizer")) -> Path:
@@ -61,9 +59,7 @@ def test_a_cache_hit_marks_the_entry_used(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("data_cache", ROOT / "scripts" / "data_cache.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("data_cache")
     cache, entries, _ = _cache(tmp_path)
     assert cli.main(["list", "--cache-dir", str(cache)]) == 0
     assert "3 entries" in capsys.readouterr().out

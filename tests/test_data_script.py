@@ -1,21 +1,14 @@
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import yaml
 from _data_fixtures import write_prose_jsonl
+from _scripts import load_script
 
 from moe_emergence.data import load_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_offline_yaml_matches_default_config():
@@ -42,7 +35,7 @@ def test_prepare_data_writes_splits_and_stats(tmp_path, capsys):
     }
     path = tmp_path / "data.yaml"
     path.write_text(yaml.safe_dump(config))
-    main = load_script().main
+    main = load_script("prepare_data").main
     out = tmp_path / "out"
     assert main(["--config", str(path), "--out", str(out), "seq_len=32", "domains.math.num_problems=60"]) == 0
     stats = json.loads((out / "stats.json").read_text())

@@ -3,23 +3,18 @@ loop on the same model, issue 20 item 5), and its refusals. The profiled (CUDA) 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 from test_reliability import assert_one_error_line, cfg_file
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def profile_step():
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "scripts" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_step")
 
 
 @pytest.fixture(scope="module")

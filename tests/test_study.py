@@ -3,7 +3,6 @@ scripts/study_report.py's tables on made-up run records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 from moe_emergence.config_loader import read_yaml
 from moe_emergence.training.rundir import config_differences
@@ -118,10 +118,7 @@ def test_study_sh_bad_input_is_one_error_line(args, message):
 
 
 def _report_module():
-    spec = importlib.util.spec_from_file_location("study_report", ROOT / "scripts" / "study_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study_report")
 
 
 def _layer(nmi: float, change: float | None) -> dict:
