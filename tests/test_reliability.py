@@ -106,6 +106,9 @@ def test_model_and_data_mistakes_write_nothing(tmp_path, capsys, cache):
         assert rc == 2, (overrides, err)
         assert_one_error_line(err, pattern)
         assert not (tmp_path / "runs" / "tiny").exists(), overrides  # no partial run folder
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)  # an empty folder made for the run: left empty
+    rc, err = run_cli(capsys, "--config", path, "train.batch_size=100000")
+    assert rc == 2 and not list((tmp_path / "runs" / "tiny").iterdir())
 
 
 def test_occupied_folder_overwrite_and_resume_mistakes(tmp_path, capsys, cache):

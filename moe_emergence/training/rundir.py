@@ -16,7 +16,7 @@ to train, compilation, logging, eval and checkpoint cadence), and the checkpoint
 MoE settings must match the config.
 
 Nothing already written is lost when setup fails (``RunFolder.open`` / ``commit`` / ``abort``): a folder
-this run created is removed again, a folder replaced with ``--overwrite`` is only moved aside
+this run created is removed again, an empty folder it was given is left empty again, a folder replaced with ``--overwrite`` is only moved aside
 (``<run>.replaced``) until setup succeeded and is moved back otherwise, and ``config.yaml`` is written only
 once the model, data and checkpoint all loaded.
 """
@@ -39,6 +39,7 @@ from moe_emergence.training import checkpoint as ckpt
 from moe_emergence.training.config import RunConfig
 from moe_emergence.training.runfiles import (
     MARKER,
+    RUN_ENTRIES,
     check_entry_types,
     check_overwritable,
     holds_run,
@@ -238,7 +239,7 @@ class RunFolder:
         self.resume_from: Path | None = None
         self.resume_meta: dict[str, Any] | None = None
         self.damaged: list[Path] = []
-        self.created = self.wrote_marker = False
+        self.created = self.was_empty = self.wrote_marker = False
         if resume is not None and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         self.lock: RunLock | None = _on_main(acc, lambda: RunLock(self.run_dir))
@@ -298,6 +299,7 @@ class RunFolder:
             if self.overwrite and run_dir.exists() and any(run_dir.iterdir()):
                 run_dir.rename(self.replaced)
             self.created = not run_dir.exists()
+            self.was_empty = not self.created and not any(run_dir.iterdir())  # a new run's folder, made empty
             run_dir.mkdir(parents=True, exist_ok=True)
             if not (run_dir / MARKER).is_file():
                 write_marker(run_dir)
@@ -321,6 +323,12 @@ class RunFolder:
         if self.acc.is_main_process:
             if self.created and self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
+            elif self.was_empty:  # the folder was there, empty: take out what a run writes, leave the folder
+                for entry in [e for e in self.run_dir.iterdir() if e.name in RUN_ENTRIES]:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
             elif self.wrote_marker:
                 (self.run_dir / MARKER).unlink(missing_ok=True)
             if self.replaced.exists() and not self.run_dir.exists():
