@@ -1,9 +1,10 @@
 """Where one optimizer step's time goes, per process: ``[accelerate launch ...] scripts/profile_step.py OUT.json
 [--config FILE] [--warmup N] [--steps M] [key=value ...]``.
 
-Builds the run's ``Trainer`` in its run folder ``output_dir/log.run_name``, which must be free as for a new
-training run (``--overwrite`` replaces a run there, as ``train.py --overwrite`` does); the folder is scratch and
-is removed at the end (only what this profile created). Runs ``--warmup`` steps, upcycling when
+Builds the run's ``Trainer`` in its run folder ``output_dir/log.run_name``, which must be missing or empty
+(``--overwrite`` replaces a run there, as ``train.py --overwrite`` does); what the profile writes there is
+removed at the end, and wandb is off. ``train.steps`` is the config's (its learning-rate schedule), raised to
+``--warmup + --steps x --repeat`` when smaller. Runs ``--warmup`` steps, upcycling when
 ``model.upcycle_at_step`` is reached as training does (a later upcycle step profiles the dense phase, and says
 so), then profiles ``--steps`` optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean
 per step (ms):
@@ -49,6 +50,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from moe_emergence.console import ArgumentParser
 from moe_emergence.errors import ConfigError, run_cli
 
 
@@ -97,17 +100,6 @@ def _time_snapshot() -> dict[str, float]:
 
     rollback.Snapshot.take = timed
     return sums
-
-
-def _check_out(out: Path) -> None:
-    """OUT must be a file that can be appended to, checked before the run (not after its minutes)."""
-    if out.is_dir() or not out.parent.is_dir():
-        raise ConfigError(f"OUT {str(out)!r}: a JSON lines file in an existing folder")
-    try:
-        with out.open("a"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"OUT {str(out)!r}: cannot append to it ({e.strerror})") from e
 
 
 def _sync() -> None:
@@ -217,8 +209,8 @@ def _host_times(prof, steps: int) -> dict[str, float]:
     return out
 
 
-def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="JSON lines file to append this process's summary to")
     p.add_argument("--config", default=None)
     p.add_argument("--warmup", type=int, default=10)
@@ -264,16 +256,45 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError(
             "profile_step.py profiles CUDA kernels: no GPU here (--no-profiler times walls on the CPU)"
         )
-    from moe_emergence.training.config import load_config
-    from moe_emergence.training.trainer import Trainer
+    return args
 
-    steps = args.warmup + args.steps * args.repeat
-    cfg = load_config(args.config, [*args.overrides, f"train.steps={steps}"])
+
+def _load(args: argparse.Namespace):
+    """The run's config for a scratch profile (wandb off; ``train.steps`` raised to the steps profiled when
+    smaller), after checking that its run folder is free and OUT can be written (nothing written yet)."""
+    from moe_emergence.training.config import load_config
+
+    needed = args.warmup + args.steps * args.repeat
+    overrides = [*args.overrides, "log.wandb=disabled"]
+    cfg = load_config(args.config, overrides)
+    if cfg.train.steps < needed:
+        cfg = load_config(args.config, [*overrides, f"train.steps={needed}"])
     if args.bare and cfg.train.mixed_precision == "fp16":
         raise ConfigError(
             "--bare: train.mixed_precision=fp16 needs loss scaling, which the bare loop has not"
         )
-    _check_out(Path(args.out))
+    run_dir, out = cfg.run_dir, Path(args.out)
+    if not args.overwrite and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} is not free: the profile runs there and removes what it wrote at the "
+            "end; choose another log.run_name or output_dir (--overwrite replaces a run there)"
+        )
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(
+            f"OUT {str(out)!r} lies in the run folder {str(run_dir)!r}, which is removed at the end"
+        )
+    if out.is_dir() or not out.parent.is_dir():
+        raise ConfigError(f"OUT {str(out)!r}: a JSON lines file in an existing folder")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise ConfigError(f"OUT {str(out)!r}: not writable")
+    return cfg
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parse(argv)
+    from moe_emergence.training.trainer import Trainer
+
+    cfg = _load(args)
     trainer = Trainer(cfg, overwrite=args.overwrite)
     try:
         walls, bare, prof, snapshot = _measure(trainer, args)

@@ -82,3 +82,29 @@ def test_run_folder_is_scratch_and_a_run_there_is_kept(profile_step, tmp_path, c
     assert profile_step.main([str(tmp_path / "no" / "p.jsonl"), *base[1:], "log.run_name=q"]) == 2
     assert_one_error_line(capsys.readouterr().err, r"OUT .*a JSON lines file in an existing folder")
     assert not (runs / "q").exists() and len(out.read_text().splitlines()) == 2
+
+
+def test_nothing_written_on_a_refusal_and_the_config_default_runs(profile_step, tmp_path, cache, capsys):
+    """A run folder that is not free, OUT inside the run folder or in a missing folder, a bad flag: one error
+    line, exit 2, no OUT file and the folder as it was; a config whose upcycle step lies past the profiled
+    steps keeps its train.steps (the dense phase is profiled)."""
+    cfg = cfg_file(tmp_path, cache)  # TINY: model.upcycle_at_step=2, train.steps=6
+    runs = tmp_path / "runs"
+    (runs / "used").mkdir(parents=True)
+    (runs / "used" / "notes.txt").write_text("mine")
+    (runs / "empty").mkdir()
+    out = tmp_path / "p.jsonl"
+    base = ["--config", str(cfg), "--no-profiler", "--warmup", "1", "--steps", "1"]
+    for argv, pattern in (
+        ([str(out), *base, "log.run_name=used"], r"run folder .*used.* is not free"),
+        ([str(runs / "empty" / "p.jsonl"), *base, "log.run_name=empty"], r"OUT .* lies in the run folder"),
+        ([str(out), *base, "--steps", "x"], r"argument --steps: invalid int value: 'x'"),
+        ([str(out), *base, "--resume", "auto"], r"unrecognized arguments: --resume"),
+    ):
+        capsys.readouterr()
+        assert profile_step.main(argv) == 2, argv
+        assert_one_error_line(capsys.readouterr().err, pattern)  # argparse's too (no usage block)
+    assert not out.exists() and not list((runs / "empty").iterdir())
+    assert [p.name for p in (runs / "used").iterdir()] == ["notes.txt"]
+    assert profile_step.main([str(out), *base, "log.run_name=empty"]) == 0  # warm-up 1 + 1 step < the upcycle
+    assert "the dense phase" in capsys.readouterr().out and not list((runs / "empty").iterdir())
