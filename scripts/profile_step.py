@@ -1,9 +1,9 @@
 """Where one optimizer step's time goes, per process: ``[accelerate launch ...] scripts/profile_step.py OUT.json
 [--config FILE] [--warmup N] [--steps M] [key=value ...]``.
 
-Builds the run's ``Trainer`` in its run folder ``output_dir/log.run_name``, which must be missing or empty
-(``--overwrite`` replaces a run there, as ``train.py --overwrite`` does); what the profile writes there is
-removed at the end, and wandb is off. ``train.steps`` is the config's (its learning-rate schedule), raised to
+Builds the run's ``Trainer`` in its run folder ``output_dir/log.run_name``, which must be missing or empty:
+the profile is a scratch run, whose files are removed at the end (also after Ctrl-C or SIGTERM), and wandb is
+off. ``train.steps`` is the config's (its learning-rate schedule), raised to
 ``--warmup + --steps x --repeat`` when smaller. Runs ``--warmup`` steps, upcycling when
 ``model.upcycle_at_step`` is reached as training does (a later upcycle step profiles the dense phase, and says
 so), then profiles ``--steps`` optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean
@@ -51,6 +51,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -100,6 +101,20 @@ def _time_snapshot() -> dict[str, float]:
 
     rollback.Snapshot.take = timed
     return sums
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt inside the block (as Ctrl-C does), so ``finally`` clauses run."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _sync() -> None:
@@ -234,9 +249,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--top", type=int, default=0, help="print each process's N operators with the most host time"
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a run in the run folder (as train.py --overwrite)"
-    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     if (args.trace or args.top) and args.no_profiler:
@@ -274,15 +286,17 @@ def _load(args: argparse.Namespace):
             "--bare: train.mixed_precision=fp16 needs loss scaling, which the bare loop has not"
         )
     run_dir, out = cfg.run_dir, Path(args.out)
-    if not args.overwrite and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        what = "is a file" if not run_dir.is_dir() else "is not empty"
         raise ConfigError(
-            f"run folder {str(run_dir)!r} is not free: the profile runs there and removes what it wrote at the "
-            "end; choose another log.run_name or output_dir (--overwrite replaces a run there)"
+            f"run folder {str(run_dir)!r} {what}: the profile is a scratch run in a missing or empty folder "
+            "(removed again at the end); choose another log.run_name or output_dir"
         )
-    if out.resolve().is_relative_to(run_dir.resolve()):
-        raise ConfigError(
-            f"OUT {str(out)!r} lies in the run folder {str(run_dir)!r}, which is removed at the end"
-        )
+    for name, path in (("OUT", out), ("--trace", args.trace)):
+        if path is not None and Path(path).resolve().is_relative_to(run_dir.resolve()):
+            raise ConfigError(
+                f"{name} {str(path)!r} lies in the run folder {str(run_dir)!r}, removed at the end"
+            )
     if out.is_dir() or not out.parent.is_dir():
         raise ConfigError(f"OUT {str(out)!r}: a JSON lines file in an existing folder")
     if not os.access(out if out.exists() else out.parent, os.W_OK):
@@ -295,11 +309,12 @@ def _main(argv: list[str] | None) -> int:
     from moe_emergence.training.trainer import Trainer
 
     cfg = _load(args)
-    trainer = Trainer(cfg, overwrite=args.overwrite)
-    try:
-        walls, bare, prof, snapshot = _measure(trainer, args)
-    finally:
-        trainer.folder.abort()  # scratch: remove what this profile created (never anything else)
+    with _sigterm_as_interrupt():  # so that a killed profile still removes its scratch run
+        trainer = Trainer(cfg)
+        try:
+            walls, bare, prof, snapshot = _measure(trainer, args)
+        finally:
+            trainer.folder.abort()  # scratch: remove what this profile wrote (never anything else)
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
     if prof is not None:
         per_step |= _host_times(prof, args.steps)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _scripts import load_script
+from _scripts import SCRIPTS, load_script
 from test_reliability import assert_one_error_line, cfg_file
 
 
@@ -96,7 +96,10 @@ def test_nothing_written_on_a_refusal_and_the_config_default_runs(profile_step, 
     out = tmp_path / "p.jsonl"
     base = ["--config", str(cfg), "--no-profiler", "--warmup", "1", "--steps", "1"]
     for argv, pattern in (
-        ([str(out), *base, "log.run_name=used"], r"run folder .*used.* is not free"),
+        (
+            [str(out), *base, "log.run_name=used"],
+            r"run folder .*used.* is not empty: the profile is a scratch run",
+        ),
         ([str(runs / "empty" / "p.jsonl"), *base, "log.run_name=empty"], r"OUT .* lies in the run folder"),
         ([str(out), *base, "--steps", "x"], r"argument --steps: invalid int value: 'x'"),
         ([str(out), *base, "--resume", "auto"], r"unrecognized arguments: --resume"),
@@ -108,3 +111,29 @@ def test_nothing_written_on_a_refusal_and_the_config_default_runs(profile_step, 
     assert [p.name for p in (runs / "used").iterdir()] == ["notes.txt"]
     assert profile_step.main([str(out), *base, "log.run_name=empty"]) == 0  # warm-up 1 + 1 step < the upcycle
     assert "the dense phase" in capsys.readouterr().out and not list((runs / "empty").iterdir())
+
+
+def test_sigterm_removes_the_scratch_run(tmp_path, cache):
+    """A profile killed with SIGTERM during its warm-up removes the run folder it created (and its lock)."""
+    import signal
+    import subprocess
+    import time
+
+    cfg = cfg_file(tmp_path, cache, model__upcycle_at_step=0)
+    run_dir = tmp_path / "runs" / "killed"
+    argv = [str(tmp_path / "p.jsonl"), "--config", str(cfg), "--no-profiler", "--warmup", "100000"]
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "profile_step.py"), *argv, "log.run_name=killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (run_dir / "config.yaml").exists(), proc.stderr.read() if proc.poll() is not None else "timed out"
+    time.sleep(1.0)  # into the warm-up steps
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not run_dir.exists() and not (tmp_path / "runs" / ".killed.lock").exists()

@@ -320,20 +320,26 @@ class RunFolder:
     def abort(self) -> None:
         """Setup failed, or a scratch run ended (``scripts/profile_step.py``): remove what this run created
         (never anything else), put a replaced run back, release the lock."""
-        if self.acc.is_main_process:
-            if self.created and self.run_dir.exists():
-                shutil.rmtree(self.run_dir)
-            elif self.was_empty:  # the folder was there, empty: take out what a run writes, leave the folder
-                for entry in [e for e in self.run_dir.iterdir() if e.name in RUN_ENTRIES]:
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink()
-            elif self.wrote_marker:
-                (self.run_dir / MARKER).unlink(missing_ok=True)
-            if self.replaced.exists() and not self.run_dir.exists():
-                self.replaced.rename(self.run_dir)
-        self.release(remove_created_dirs=True)
+        try:
+            if self.acc.is_main_process:
+                self._remove_written()
+        finally:
+            self.release(remove_created_dirs=True)
+
+    def _remove_written(self) -> None:
+        run_dir = self.run_dir
+        if self.created and run_dir.exists():
+            shutil.rmtree(run_dir)
+        elif self.was_empty and run_dir.is_dir():  # it was there, empty: take out what a run writes
+            for entry in [e for e in run_dir.iterdir() if e.name in RUN_ENTRIES]:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif self.wrote_marker:
+            (run_dir / MARKER).unlink(missing_ok=True)
+        if self.replaced.exists() and not run_dir.exists():
+            self.replaced.rename(run_dir)
 
     def release(self, remove_created_dirs: bool = False) -> None:
         if self.lock is not None:
