@@ -9,11 +9,13 @@ over ``moe_emergence.analysis.analyze_runs``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe_emergence.console import ArgumentParser  # noqa: E402  (after the path line: a run from a clone)
+from moe_emergence.errors import ConfigError, run_cli  # noqa: E402
 
 
 def _bad_flag(args) -> str | None:
@@ -47,8 +49,8 @@ def _bad_flag(args) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "runs",
         nargs="+",
@@ -92,41 +94,37 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bad = _bad_flag(args)
     if bad:
-        print(f"analyze.py: error: {bad}", file=sys.stderr)
-        return 2
+        raise ConfigError(bad)
 
     missing = [r for r in args.runs if not Path(r).is_dir()]
     if missing:  # fail fast, before the heavy imports
-        print(
-            f"analyze.py: error: run folder {missing[0]!r} does not exist or is not a folder", file=sys.stderr
-        )
-        return 2
+        raise ConfigError(f"run folder {missing[0]!r} does not exist or is not a folder")
 
     from moe_emergence.analysis import analyze_runs
-    from moe_emergence.errors import ConfigError
 
-    try:
-        analyze_runs(
-            args.runs,
-            args.out,
-            max_blocks=args.max_blocks or None,
-            n_boot=args.bootstrap,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            ablation=not args.no_ablation,
-            saturation=not args.no_saturation,
-            device=args.device,
-            progress=not args.no_progress,
-            n_perm=args.permutations,
-            step0=not args.no_step0,
-            backend=args.backend,
-            timings=True,
-        )
-    except ConfigError as e:  # a user mistake; any other exception is a bug and keeps its traceback
-        print(f"analyze.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    analyze_runs(
+        args.runs,
+        args.out,
+        max_blocks=args.max_blocks or None,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        ablation=not args.no_ablation,
+        saturation=not args.no_saturation,
+        device=args.device,
+        progress=not args.no_progress,
+        n_perm=args.permutations,
+        step0=not args.no_step0,
+        backend=args.backend,
+        timings=True,
+    )
     print(f"wrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'metrics.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A user mistake (``ConfigError``) is one ``error:`` line and exit 2; anything else keeps its traceback."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_bad_flags_are_one_error_line_naming_the_flag(tmp_path, tiny_runs_paths,
     out = tmp_path / "o"
     assert _script().main([str(tiny_runs_paths["dense"]), "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"analyze.py: error: {message}") and err.count("\n") == 1 and not out.exists()
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and not out.exists()
 
 
 def test_errors_are_clear_without_traceback(tmp_path, tiny_runs_paths, capsys):
