@@ -16,9 +16,9 @@ to train, compilation, logging, eval and checkpoint cadence), and the checkpoint
 MoE settings must match the config.
 
 Nothing already written is lost when setup fails (``RunFolder.open`` / ``commit`` / ``abort``): a folder
-this run created is removed again, an empty folder it was given is left empty again, a folder replaced with ``--overwrite`` is only moved aside
-(``<run>.replaced``) until setup succeeded and is moved back otherwise, and ``config.yaml`` is written only
-once the model, data and checkpoint all loaded.
+this run created is removed again, an empty folder it was given is left empty again, a folder replaced with
+``--overwrite`` is only moved aside (``<run>.replaced``) until setup succeeded and is moved back otherwise, and
+``config.yaml`` is written only once the model, data and checkpoint all loaded.
 """
 
 from __future__ import annotations
@@ -327,6 +327,7 @@ class RunFolder:
             self.release(remove_created_dirs=True)
 
     def _remove_written(self) -> None:
+        """The main process's part of ``abort``: what this run wrote goes, a replaced run comes back."""
         run_dir = self.run_dir
         if self.created and run_dir.exists():
             shutil.rmtree(run_dir)
