@@ -126,8 +126,8 @@ def _bare_step(trainer, batch: dict[str, torch.Tensor]) -> None:
     """One step of the benchmark's loop (``bench_moe.train_step``) on the trainer's model and torch optimizer."""
     from moe_emergence.training.rollback import inner_optimizer
 
-    device = trainer.accelerator.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.cfg.train.mixed_precision)
+    device = trainer.accelerator.device  # the precision accelerate resolved (train.mixed_precision=auto too)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision)
     torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = trainer.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
@@ -275,13 +275,14 @@ def _load(args: argparse.Namespace):
     """The run's config for a scratch profile (wandb off; ``train.steps`` raised to the steps profiled when
     smaller), after checking that its run folder is free and OUT can be written (nothing written yet)."""
     from moe_emergence.training.config import load_config
+    from moe_emergence.training.model_setup import mixed_precision
 
     needed = args.warmup + args.steps * args.repeat
     overrides = [*args.overrides, "log.wandb=disabled"]
     cfg = load_config(args.config, overrides)
     if cfg.train.steps < needed:
         cfg = load_config(args.config, [*overrides, f"train.steps={needed}"])
-    if args.bare and cfg.train.mixed_precision == "fp16":
+    if args.bare and mixed_precision(cfg.train.mixed_precision, cfg.train.cpu) == "fp16":
         raise ConfigError(
             "--bare: train.mixed_precision=fp16 needs loss scaling, which the bare loop has not"
         )
