@@ -89,6 +89,7 @@ class Snapshot:
         self._objects: list = []
         self._live: dict[tuple, torch.Tensor] | None = None
         self._sources: list[list[torch.Tensor]] = []  # per flat buffer: its live tensors, flattened
+        self._strided: list[bool] = []  # per flat buffer: does a non-contiguous source need a copy per take
         self._sources_of: dict[tuple, torch.Tensor] | None = None  # the lookup they were made from
 
     def _live_state(self) -> dict[tuple, torch.Tensor]:
@@ -110,12 +111,11 @@ class Snapshot:
             if not _same_layout(self.saved, live):
                 self._allocate(live)
             self._sources = [[_flat_view(live[k]) for k in keys] for _, keys in self._flat]
+            self._strided = [any(t.ndim != 1 for t in sources) for sources in self._sources]
             self._sources_of = live
         # one cat per (device, dtype): a few kernel launches, not one per tensor
-        for (flat, _), sources in zip(self._flat, self._sources, strict=True):
-            torch.cat(
-                [t.reshape(-1) for t in sources] if any(t.ndim != 1 for t in sources) else sources, out=flat
-            )
+        for (flat, _), sources, strided in zip(self._flat, self._sources, self._strided, strict=True):
+            torch.cat([t.reshape(-1) for t in sources] if strided else sources, out=flat)
 
     def _allocate(self, live: dict[tuple, torch.Tensor]) -> None:
         """One flat buffer per (device, dtype); ``saved[k]`` is a view of it shaped like ``live[k]``."""
