@@ -13,7 +13,7 @@ first and measured in interleaved rounds; "graphed" variants run their experts f
 dense model.
 Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile check (graph breaks).
 
-    python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--compile [MODE]] [--skip-compile]
+    python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--compile [MODE ...]] [--skip-compile]
         [--json PATH]
 """
 
@@ -367,7 +367,7 @@ def tokens_per_s(model, opt, ids, steps: int) -> float:
 
 
 def bench_e2e(
-    compile_mode: str | None = None,
+    compile_modes: list[str] = (),
     only: list[str] | None = None,
     kind: str = "gpt2",
     rounds: int = 3,
@@ -375,14 +375,15 @@ def bench_e2e(
 ) -> list[dict]:
     """Training tokens/s of each variant, all built first and then measured in ``rounds`` interleaved rounds of
     ``steps`` steps (B=8, L=512; the order rotates each round), so that drift of the machine hits every variant
-    alike; ratio = median over rounds of (variant / dense of the same round). With ``compile_mode``
-    (``--compile``) every variant is measured again compiled (``nn.Module.compile`` in place, as
-    ``train.compile`` does; compiled during its 5 warm-up steps), against the compiled dense model. Rows:
-    ``{model, compiled: False or the compile mode, tokens_per_s (median), ratio, rounds: [tokens/s...],
-    e2e_model}``."""
+    alike; ratio = median over rounds of (variant / dense of the same round). For each of ``compile_modes``
+    (``--compile``) every variant is measured again compiled with that torch.compile mode (``nn.Module.compile``
+    in place, as ``train.compile`` does; compiled during its 5 warm-up steps), against the dense model compiled
+    alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s (median), ratio, rounds:
+    [tokens/s...], e2e_model}``."""
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for compiled in (False, True) if compile_mode else (False,):
+    for compile_mode in (None, *compile_modes):
+        compiled = compile_mode is not None
         runs = {}
         for name, moe in e2e_variants(only):
             if compiled and name.endswith("graphed"):
@@ -404,15 +405,22 @@ def bench_e2e(
         for name, (*_, rates) in runs.items():
             ratio = statistics.median(a / b for a, b in zip(rates, dense, strict=True))
             tps = statistics.median(rates)
-            rows.append(dict(model=name, compiled=compiled and compile_mode, tokens_per_s=tps, ratio=ratio,
+            rows.append(dict(model=name, compiled=compile_mode or False, tokens_per_s=tps, ratio=ratio,
                              rounds=rates, e2e_model=kind))  # fmt: skip
-            tag = f"{name} (compiled)" if compiled else name
+            tag = f"{name} (compiled {compile_mode})" if compiled else name
             spread = ", ".join(f"{a / b:.2f}" for a, b in zip(rates, dense, strict=True))
             print(f"e2e {tag:35s} {tps:9.0f} tokens/s ({ratio:.2f}x {'compiled ' if compiled else ''}dense; "
                   f"rounds {spread})", flush=True)  # fmt: skip
         del runs
         torch.cuda.empty_cache()
     return rows
+
+
+def compile_modes(asked: list[str] | None) -> list[str]:
+    """The torch.compile modes of ``--compile [MODE ...]``: none when absent, ``["default"]`` when given bare."""
+    if asked is None:
+        return []
+    return asked or ["default"]
 
 
 def check_compile() -> dict:
@@ -467,11 +475,10 @@ def main() -> None:
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument(
         "--compile",
-        nargs="?",
-        const="default",
+        nargs="*",
         default=None,
         metavar="MODE",
-        help="e2e: also measure every model compiled (torch.compile mode MODE, default 'default')",
+        help="e2e: also measure every model compiled with each torch.compile MODE (none named: 'default')",
     )
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument(
@@ -508,7 +515,8 @@ def main() -> None:
         profile_layer()
         profile_e2e(args.profile_e2e_compile)
     if not args.skip_e2e:
-        out["e2e"] = bench_e2e(args.compile, args.e2e_models, args.e2e_model, args.e2e_rounds)
+        modes = compile_modes(args.compile)
+        out["e2e"] = bench_e2e(modes, args.e2e_models, args.e2e_model, args.e2e_rounds)
     if not args.skip_compile:
         out["compile"] = check_compile()
     if args.json:

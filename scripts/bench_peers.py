@@ -34,10 +34,11 @@ JSON (``--json PATH``; issue 20 item 7): one file with both parts,
 ``{"gpu", "date", "layer": [row, ...], "e2e": [row, ...]}``; a layer row has exactly ``LAYER_KEYS``, an e2e row
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
 asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
-all of them), measured in this process; ``--compile MODE`` also measures them compiled.
+all of them), measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode
+(none named: ``default``). The file is written once the layer rows are done and again with the e2e rows.
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
-        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE]] [--json PATH]
+        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from bench_moe import (
     ACT,
     D,
     bench_e2e,
+    compile_modes,
     dense_mlp,
     graph_time,
     measure,
@@ -332,7 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
     ap.add_argument("--e2e", nargs="*", default=None, metavar="MODEL", help="also bench_moe's e2e tokens/s")
     ap.add_argument(
-        "--compile", nargs="?", const="default", default=None, metavar="MODE", help="e2e compiled too"
+        "--compile",
+        nargs="*",
+        default=None,
+        metavar="MODE",
+        help="e2e compiled too, with each MODE (bare: default)",
     )
     ap.add_argument("--json", default=None, help="write {gpu, date, layer, e2e} to this JSON file")
     args = ap.parse_args(argv)
@@ -346,13 +352,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_only:
         return
     layer = bench(impls, args.shapes, args.routing, args.iters)
-    e2e = []
+    write_report(args.json, gpu, layer, [])  # the layer rows are kept should the e2e part not finish
     if args.e2e is not None:
-        e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(args.compile, args.e2e or None)]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(build_report(gpu, layer, e2e), f, indent=1)
-        print(f"wrote {args.json}")
+        e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(compile_modes(args.compile), args.e2e or None)]
+        write_report(args.json, gpu, layer, e2e)
+
+
+def write_report(path: str | None, gpu: str, layer: list[dict], e2e: list[dict]) -> None:
+    """``build_report`` to ``path`` (nothing when None), through a temporary file: a run cut short leaves the
+    last complete report."""
+    if path is None:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(build_report(gpu, layer, e2e), indent=1))
+    tmp.replace(path)
+    print(f"wrote {path} ({len(layer)} layer rows, {len(e2e)} e2e rows)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """scripts/bench_peers.py on the CPU: the peers that run here against eager_experts, ScatterMoE's weight layout,
 the JSON schema and the refusals (no CUDA, no ScatterMoE). The GPU timing itself is not run here."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -112,6 +113,20 @@ def test_report_has_exactly_the_schema_keys(bp):
     assert set(report["e2e"][0]) == set(bp.E2E_KEYS) == {"model", "compiled", "tokens_per_s", "ratio"}
     with pytest.raises(AssertionError):
         bp.build_report("H200", [dict(row, extra=1)], [])
+
+
+def test_report_file_is_replaced_whole_and_compile_modes_parse(bp, tmp_path):
+    ms = dict(graph_ms=None, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0)
+    row = bp.layer_row("triton", 8, 3072, 1, 8192, "balanced", ms, ms)
+    path = tmp_path / "h200.json"
+    bp.write_report(str(path), "H200", [row], [])
+    e2e = [dict(model="dense", compiled=False, tokens_per_s=1e5, ratio=1.0)]
+    bp.write_report(str(path), "H200", [row], e2e)
+    report = json.loads(path.read_text())
+    assert report["layer"] == [row] and report["e2e"] == e2e
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h200.json"]  # no temporary file left
+    assert bp.compile_modes(None) == [] and bp.compile_modes([]) == ["default"]
+    assert bp.compile_modes(["default", "reduce-overhead"]) == ["default", "reduce-overhead"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
