@@ -24,6 +24,7 @@ import gc
 import json
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,9 +106,19 @@ def host_ms(step, n=10) -> float:
     return ms
 
 
-def measure(fwd, inputs, iters, graph=False):
-    """(fwd ms, fwd+bwd ms, peak activation MiB of fwd+bwd, fwd+bwd ms as a CUDA graph or None, host ms of
-    one fwd+bwd)."""
+class Measured(NamedTuple):
+    """``measure``'s timings of one forward (and backward): ms, MiB; ``graph_ms`` None when not asked for."""
+
+    fwd_ms: float
+    fwdbwd_ms: float
+    peak_mem_mib: float
+    graph_ms: float | None
+    host_ms: float
+
+
+def measure(fwd, inputs, iters, graph=False) -> Measured:
+    """Forward ms, forward+backward ms, peak activation MiB of forward+backward, forward+backward ms as a CUDA
+    graph (with ``graph``) and host ms of one forward+backward."""
     # the output gradient from the CPU RNG: a failed CUDA-graph capture breaks CUDA's generator
     y = fwd().detach()
     gy = torch.randn(y.shape).to(y.device, y.dtype)
@@ -125,7 +136,7 @@ def measure(fwd, inputs, iters, graph=False):
     step()
     torch.cuda.synchronize()
     mem = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return t_f, t_fb, mem, graph_time(step, iters) if graph else None, host_ms(step)
+    return Measured(t_f, t_fb, mem, graph_time(step, iters) if graph else None, host_ms(step))
 
 
 def bench_layer(quick: bool, iters: int) -> list[dict]:

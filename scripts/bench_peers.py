@@ -28,7 +28,8 @@ Rows: the GPT-2 shape (E=8, F=3072, K in {1, 2}, T=8192) and the fine-grained sh
 on K*T tokens (same active FLOPs). Per row: ``graph_ratio`` = CUDA-graph device time of forward+backward / the
 dense one's (None when the implementation cannot be captured, e.g. a host sync: ``graph_error`` says why),
 ``wall_ratio`` = forward+backward time without graphs (CUDA events around eager launches) / dense's,
-``peak_mem_ratio`` = peak activation memory of forward+backward / dense's, and the absolute ms and MiB.
+``peak_mem_ratio`` = peak activation memory of forward+backward / dense's, the absolute ms and MiB, and
+``host_ms`` = host (CPU) time of one eager forward+backward (issue 20 item 2).
 
 JSON (``--json PATH``; issue 20 item 7): one file with both parts,
 ``{"gpu", "date", "layer": [row, ...], "e2e": [row, ...]}``; a layer row has exactly ``LAYER_KEYS``, an e2e row
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 from bench_moe import (
     ACT,
     D,
+    Measured,
     bench_e2e,
     compile_modes,
     dense_mlp,
@@ -75,8 +77,8 @@ SHAPES = {  # (E, F, K, T)
 }
 LAYER_KEYS = (
     *("impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"),
-    *("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "graph_error"),
-    *("dense_graph_ms", "dense_wall_ms", "dense_fwd_ms", "dense_peak_mem_mib"),
+    *("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "host_ms", "graph_error"),
+    *("dense_graph_ms", "dense_wall_ms", "dense_fwd_ms", "dense_peak_mem_mib", "dense_host_ms"),
 )
 E2E_KEYS = ("model", "compiled", "tokens_per_s", "ratio")
 
@@ -255,8 +257,10 @@ def layer_row(impl, E, Fw, K, T, kind, res: dict, dense: dict) -> dict:
         wall_ratio=ratio(res["wall_ms"], dense["wall_ms"]),
         peak_mem_ratio=ratio(res["peak_mem_mib"], dense["peak_mem_mib"]),
     )
-    row |= {k: res.get(k) for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "graph_error")}
-    row |= {f"dense_{k}": dense[k] for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib")}
+    row |= {
+        k: res.get(k) for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "host_ms", "graph_error")
+    }
+    row |= {f"dense_{k}": dense.get(k) for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "host_ms")}
     return row
 
 
@@ -275,7 +279,7 @@ NO_CAPTURE = {"naive": "not attempted: host syncs in every step (per-expert nonz
 def run(fwd, leaves, iters: int, impl: str | None = None) -> dict:
     """Timings of ``fwd`` and its backward; inputs come from the CPU RNG (a failed capture can leave CUDA's
     generator unusable for the rest of the process)."""
-    f, fb, mem, _ = measure(fwd, leaves, iters)
+    m: Measured = measure(fwd, leaves, iters)
     y = fwd().detach()  # no reference to the autograd graph may outlive this line (it breaks graph capture)
     gy = torch.randn(y.shape).to(y.device, y.dtype)
     del y
@@ -283,7 +287,8 @@ def run(fwd, leaves, iters: int, impl: str | None = None) -> dict:
         g, why = None, NO_CAPTURE[impl]
     else:
         g, why = try_graph(lambda: torch.autograd.grad(fwd(), leaves, gy), iters)
-    return dict(fwd_ms=f, wall_ms=fb, peak_mem_mib=mem, graph_ms=g, graph_error=why)
+    return dict(fwd_ms=m.fwd_ms, wall_ms=m.fwdbwd_ms, peak_mem_mib=m.peak_mem_mib, graph_ms=g, graph_error=why,
+                host_ms=m.host_ms)  # fmt: skip
 
 
 def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[dict]:

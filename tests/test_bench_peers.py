@@ -115,6 +115,20 @@ def test_report_has_exactly_the_schema_keys(bp):
         bp.build_report("H200", [dict(row, extra=1)], [])
 
 
+def test_run_row_takes_every_measurement(bp, monkeypatch):
+    """``run`` reads ``bench_moe.measure``'s fields by name (a tuple unpacking broke on the GPU when measure
+    gained a field); the GPU parts are replaced here, the row's assembly is real."""
+    monkeypatch.setattr(bp, "measure", lambda fwd, leaves, iters: bp.Measured(1.0, 3.0, 50.0, None, 0.4))
+    monkeypatch.setattr(bp, "try_graph", lambda step, iters: (2.5, None))
+    x = torch.randn(4, 3, requires_grad=True)
+    res = bp.run(lambda: x * 2, [x], iters=1, impl="triton")
+    assert res == dict(
+        fwd_ms=1.0, wall_ms=3.0, peak_mem_mib=50.0, graph_ms=2.5, graph_error=None, host_ms=0.4
+    )
+    row = bp.layer_row("triton", 8, 3072, 1, 8192, "zipf", res, dict(res, wall_ms=1.5, host_ms=0.1))
+    assert set(row) == set(bp.LAYER_KEYS) and row["wall_ratio"] == 2.0 and row["dense_host_ms"] == 0.1
+
+
 def test_report_file_is_replaced_whole_and_compile_modes_parse(bp, tmp_path):
     ms = dict(graph_ms=None, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0)
     row = bp.layer_row("triton", 8, 3072, 1, 8192, "balanced", ms, ms)
