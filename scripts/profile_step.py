@@ -6,7 +6,8 @@ the profile is a scratch run, whose files are removed at the end (also after Ctr
 off. ``train.steps`` is the config's (its learning-rate schedule), raised to
 ``--warmup + --steps x --repeat`` when smaller. Runs ``--warmup`` steps, upcycling when
 ``model.upcycle_at_step`` is reached as training does (a later upcycle step profiles the dense phase, and says
-so), then profiles ``--steps`` optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the mean
+so), then profiles ``--steps`` optimizer steps (with the objects made before them frozen from the garbage
+collector after the warm-up, as the training loop runs: ``loop.long_lived_frozen``) with ``torch.profiler`` (CUDA) and writes, per process, the mean
 per step (ms):
 
     wall        the step as the host sees it (CUDA synchronised at both ends)
@@ -154,15 +155,17 @@ def _timed_windows(steps: int, repeat: int, trainer_step, bare_step) -> tuple[li
     return walls, bare
 
 
-def _measure(trainer, args) -> tuple[list[float], list[float], object, dict | None]:
+def _measure(trainer, args, refreeze) -> tuple[list[float], list[float], object, dict | None]:
     """Warm up, then time (and profile) the steps: (trainer walls, bare walls, profiler or None, snapshot
-    times or None), walls in ms per step."""
+    times or None), walls in ms per step. ``refreeze``: ``loop.long_lived_frozen``'s, called after the
+    warm-up (and its upcycle), as the loop does after an upcycle."""
     from moe_emergence.training.sampler import rows_of
 
     for _ in range(args.warmup):
         trainer.upcycle_if_due()
         trainer.train_step(None)
     trainer.upcycle_if_due()
+    refreeze()
     if trainer.cfg.model.moe is not None and not trainer.moe:
         trainer.accelerator.print(
             f"profile_step: the dense phase (model.upcycle_at_step={trainer.cfg.model.upcycle_at_step} "
@@ -307,13 +310,15 @@ def _load(args: argparse.Namespace):
 
 def _main(argv: list[str] | None) -> int:
     args = _parse(argv)
+    from moe_emergence.training.loop import long_lived_frozen
     from moe_emergence.training.trainer import Trainer
 
     cfg = _load(args)
     with _sigterm_as_interrupt():  # so that a killed profile still removes its scratch run
         trainer = Trainer(cfg)
         try:
-            walls, bare, prof, snapshot = _measure(trainer, args)
+            with long_lived_frozen() as refreeze:  # as the training loop runs its steps
+                walls, bare, prof, snapshot = _measure(trainer, args, refreeze)
         finally:
             trainer.folder.abort()  # scratch: remove what this profile wrote (never anything else)
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}

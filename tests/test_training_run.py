@@ -365,3 +365,48 @@ def test_trainer_hands_the_model_a_mask_only_for_padded_batches(tmp_path, monkey
     train(make_cfg(tmp_path, "masks", "train.steps=4", "checkpoint.every=0"))
     assert None in seen and True in seen, seen  # unpadded batches without a mask, padded ones with theirs
     assert False not in seen  # never an all-ones mask
+
+
+def test_long_lived_frozen_collects_then_freezes_and_always_unfreezes():
+    import gc
+    import weakref
+
+    from moe_emergence.training.loop import long_lived_frozen
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    before = cycle()  # garbage made before the loop: collected, not frozen with the live objects
+    with long_lived_frozen() as refreeze:
+        assert before() is None and gc.get_freeze_count() > 0
+        during = cycle()
+        refreeze()  # after an upcycle: the old model's cycles go
+        assert during() is None and gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), long_lived_frozen():
+        raise RuntimeError("a failed step")
+    assert gc.get_freeze_count() == 0
+
+
+def test_training_steps_run_with_the_setup_frozen(tmp_path, monkeypatch):
+    """The steps run with the objects made before them frozen (no full garbage-collection pass over the
+    model, data and libraries mid-run), and an upcycle freezes again; nothing stays frozen after the run."""
+    import gc
+
+    from moe_emergence.training.trainer import Trainer
+
+    frozen, freezes = [], []
+    step, freeze = Trainer.train_step, gc.freeze
+    monkeypatch.setattr(
+        Trainer, "train_step", lambda self, *a: frozen.append(gc.get_freeze_count()) or step(self, *a)
+    )
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1) or freeze())
+    train(make_cfg(tmp_path, "frozen", "train.steps=4", "checkpoint.every=0"))
+    assert len(frozen) == 4 and min(frozen) > 10_000, frozen
+    assert len(freezes) == 2  # before the first step, and at the upcycle (step 2)
+    assert gc.get_freeze_count() == 0
