@@ -36,10 +36,14 @@ JSON (``--json PATH``; issue 20 item 7): one file with both parts,
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
 asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
 all of them), measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode
-(none named: ``default``). The file is written once the layer rows are done and again with the e2e rows.
+(none named: ``default``). The file is written once the layer rows are done and again with the e2e rows;
+``layer_date`` says when the layer rows were measured. ``--e2e-only`` measures only the e2e rows and keeps the
+layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU: the two parts in
+separate processes when one would not fit a machine's time limit (each part's ratios are against the dense
+model of its own process).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
-        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH]
+        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH] [--e2e-only]
 """
 
 from __future__ import annotations
@@ -346,7 +350,16 @@ def main(argv: list[str] | None = None) -> None:
         help="e2e compiled too, with each MODE (bare: default)",
     )
     ap.add_argument("--json", default=None, help="write {gpu, date, layer, e2e} to this JSON file")
+    ap.add_argument(
+        "--e2e-only",
+        action="store_true",
+        help="only the e2e rows; an existing --json file's layer rows (same GPU) are kept, with their date",
+    )
     args = ap.parse_args(argv)
+    if args.e2e_only:
+        if args.e2e is None or args.json is None:
+            fail("--e2e-only needs --e2e [MODEL ...] and --json PATH")
+        return e2e_only(args)
     if any(n.startswith("scattermoe") for n in args.impls):
         load_scattermoe()  # fails early, before any GPU work, where the package is missing
     if not torch.cuda.is_available():
@@ -363,13 +376,39 @@ def main(argv: list[str] | None = None) -> None:
         write_report(args.json, gpu, layer, e2e)
 
 
-def write_report(path: str | None, gpu: str, layer: list[dict], e2e: list[dict]) -> None:
+def e2e_only(args) -> None:
+    """``--e2e-only``: measure the e2e rows and write them beside the layer rows already in ``args.json``."""
+    layer, layer_date = [], None
+    path = Path(args.json)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            layer, layer_date = old["layer"], old.get("layer_date", old["date"])
+            bad = [r for r in layer if set(r) != set(LAYER_KEYS)]
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
+        if bad:
+            fail(f"--json {path}: a layer row without exactly LAYER_KEYS ({sorted(bad[0])})")
+    if not torch.cuda.is_available():
+        fail("bench_peers.py needs a CUDA device (none visible to torch)")
+    gpu = torch.cuda.get_device_name()
+    if layer and old["gpu"] != gpu:
+        fail(f"--json {path}: its layer rows are from {old['gpu']!r}, this is {gpu!r}")
+    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(compile_modes(args.compile), args.e2e or None)]
+    write_report(args.json, gpu, layer, e2e, layer_date)
+
+
+def write_report(
+    path: str | None, gpu: str, layer: list[dict], e2e: list[dict], layer_date: str | None = None
+) -> None:
     """``build_report`` to ``path`` (nothing when None), through a temporary file: a run cut short leaves the
-    last complete report."""
+    last complete report. ``layer_date``: when the layer rows were measured, if not now (``--e2e-only``)."""
     if path is None:
         return
+    report = build_report(gpu, layer, e2e)
+    report["layer_date"] = layer_date or report["date"]
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(build_report(gpu, layer, e2e), indent=1))
+    tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)
     print(f"wrote {path} ({len(layer)} layer rows, {len(e2e)} e2e rows)", flush=True)
 

@@ -159,3 +159,26 @@ def test_refuses_without_scattermoe(bp, capsys, monkeypatch, tmp_path):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and str(tmp_path / "scattermoe") in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the last refusal is for machines without CUDA")
+def test_e2e_only_refusals(bp, tmp_path, capsys):
+    def refused(*argv) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            bp.main(list(argv))
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        return err[0]
+
+    report = tmp_path / "h200.json"
+    assert "--e2e" in refused("--e2e-only", "--json", str(report))
+    report.write_text("{not json")
+    assert str(report) in refused("--e2e-only", "--e2e", "--json", str(report))
+    assert report.read_text() == "{not json"  # a file it cannot read is left as it was
+    ms = dict(graph_ms=None, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0)
+    row = bp.layer_row("triton", 8, 3072, 1, 8192, "balanced", ms, ms)
+    report.write_text(json.dumps(dict(bp.build_report("H200", [row], []), layer=[dict(row, extra=1)])))
+    assert "LAYER_KEYS" in refused("--e2e-only", "--e2e", "--json", str(report))
+    report.write_text(json.dumps(bp.build_report("H200", [row], [])))
+    assert "CUDA" in refused("--e2e-only", "--e2e", "--json", str(report))
