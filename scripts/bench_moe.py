@@ -23,12 +23,16 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
-from typing import NamedTuple
+from pathlib import Path
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
 
+from moe_emergence.console import ArgumentParser
+from moe_emergence.errors import ConfigError
 from moe_emergence.experts import eager_experts, get_backend
 from moe_emergence.kernels.cuda_graph import ExpertsGraph
 
@@ -360,7 +364,7 @@ def e2e_variants(only: list[str] | None) -> list[tuple[str, dict | None]]:
     if only:
         unknown = sorted(set(only) - {n for n, _ in variants})
         if unknown:
-            raise SystemExit(f"--e2e-models: unknown {unknown}; choose from {[n for n, _ in variants]}")
+            raise ValueError(f"e2e models: unknown {unknown}; choose from {[n for n, _ in variants]}")
         variants = [v for v in variants if v[0] == "dense" or v[0] in only]
     return variants
 
@@ -378,7 +382,7 @@ def tokens_per_s(model, opt, ids, steps: int) -> float:
 
 
 def bench_e2e(
-    compile_modes: list[str] = (),
+    modes: list[str] | tuple[str, ...] = (),
     only: list[str] | None = None,
     kind: str = "gpt2",
     rounds: int = 3,
@@ -386,14 +390,16 @@ def bench_e2e(
 ) -> list[dict]:
     """Training tokens/s of each variant, all built first and then measured in ``rounds`` interleaved rounds of
     ``steps`` steps (B=8, L=512; the order rotates each round), so that drift of the machine hits every variant
-    alike; ratio = median over rounds of (variant / dense of the same round). For each of ``compile_modes``
+    alike; ratio = median over rounds of (variant / dense of the same round). For each of ``modes``
     (``--compile``) every variant is measured again compiled with that torch.compile mode (``nn.Module.compile``
     in place, as ``train.compile`` does; compiled during its 5 warm-up steps), against the dense model compiled
     alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s (median), ratio, rounds:
     [tokens/s...], e2e_model}``."""
+    if isinstance(modes, str) or not set(modes) <= set(COMPILE_MODES):
+        raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for compile_mode in (None, *compile_modes):
+    for compile_mode in (None, *modes):
         compiled = compile_mode is not None
         runs = {}
         for name, moe in e2e_variants(only):
@@ -427,8 +433,17 @@ def bench_e2e(
     return rows
 
 
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile's
+
+
 def compile_modes(asked: list[str] | None) -> list[str]:
-    """The torch.compile modes of ``--compile [MODE ...]``: none when absent, ``["default"]`` when given bare."""
+    """The torch.compile modes of ``--compile [MODE ...]`` (argparse checked them against ``COMPILE_MODES``):
+    none when absent, ``["default"]`` when given bare."""
     if asked is None:
         return []
     return asked or ["default"]
@@ -477,8 +492,34 @@ def check_compile() -> dict:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def e2e_names() -> list[str]:
+    """The names ``--e2e-models`` accepts (``e2e_variants``' besides dense)."""
+    return [name for name, _ in e2e_variants(None)[1:]]
+
+
+def user_error(message: str) -> NoReturn:
+    """One ``error:`` line on stderr and exit status 2 (a mistake in the command line, before any GPU work)."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_json_path(path: str) -> None:
+    """Before any GPU work: ``path`` can be written (an existing folder holds it; it is no folder itself)."""
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        user_error(f"--json {path}: a JSON file in an existing folder")
+
+
+def parse_args(ap: ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``ap.parse_args(argv)``, a mistake being one ``error:`` line (``user_error``)."""
+    try:
+        return ap.parse_args(argv)
+    except ConfigError as e:
+        user_error(str(e))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only E=8, T=8192")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--skip-layer", action="store_true")
@@ -488,6 +529,7 @@ def main() -> None:
         "--compile",
         nargs="*",
         default=None,
+        choices=COMPILE_MODES,
         metavar="MODE",
         help="e2e: also measure every model compiled with each torch.compile MODE (none named: 'default')",
     )
@@ -502,6 +544,8 @@ def main() -> None:
         "--e2e-models",
         nargs="+",
         default=None,
+        choices=e2e_names(),
+        metavar="MODEL",
         help='end-to-end variants besides dense, e.g. "moe top-1 triton"',
     )
     ap.add_argument(
@@ -514,9 +558,11 @@ def main() -> None:
         "--e2e-rounds", type=int, default=3, help="e2e: interleaved rounds of 20 steps per variant"
     )
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
-    args = ap.parse_args()
+    args = parse_args(ap, argv)
+    if args.json is not None:
+        check_json_path(args.json)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_moe.py needs a CUDA device")
+        user_error("bench_moe.py needs a CUDA device (none visible to torch)")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     out = {}
     check_autotuned()  # first: wrong kernels are not timed

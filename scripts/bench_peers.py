@@ -59,17 +59,23 @@ import torch
 import torch.nn.functional as F
 from bench_moe import (
     ACT,
+    COMPILE_MODES,
     D,
     Measured,
     bench_e2e,
+    check_json_path,
     compile_modes,
     dense_mlp,
+    e2e_names,
     graph_time,
     measure,
     naive_experts,
+    parse_args,
     routing,
+    user_error,
 )  # scripts/ on path
 
+from moe_emergence.console import ArgumentParser
 from moe_emergence.experts import eager_experts, get_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +93,7 @@ LAYER_KEYS = (
 E2E_KEYS = ("model", "compiled", "tokens_per_s", "ratio")
 
 
-def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+fail = user_error  # one ``error:`` line, exit 2
 
 
 # --- peer: Hugging Face transformers-style grouped_mm experts (for comparison only) ---------------------------
@@ -273,8 +277,7 @@ def build_report(gpu: str, layer: list[dict], e2e: list[dict]) -> dict:
         assert set(r) == set(LAYER_KEYS), sorted(set(r) ^ set(LAYER_KEYS))
     for r in e2e:
         assert set(r) == set(E2E_KEYS), sorted(set(r) ^ set(E2E_KEYS))
-    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    return {"gpu": gpu, "date": date, "layer": layer, "e2e": e2e}
+    return {"gpu": gpu, "date": now(), "layer": layer, "e2e": e2e}
 
 
 NO_CAPTURE = {"naive": "not attempted: host syncs in every step (per-expert nonzero)"}
@@ -334,18 +337,30 @@ def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
-    ap.add_argument("--routing", nargs="+", choices=("balanced", "zipf"), default=["balanced", "zipf"])
-    ap.add_argument("--iters", type=int, default=30)
+LAYER_DEFAULTS = dict(impls=list(IMPLS), shapes=list(SHAPES), routing=["balanced", "zipf"], iters=30)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    d = LAYER_DEFAULTS
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=d["impls"])
+    ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=d["shapes"])
+    ap.add_argument("--routing", nargs="+", choices=("balanced", "zipf"), default=d["routing"])
+    ap.add_argument("--iters", type=int, default=d["iters"])
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
-    ap.add_argument("--e2e", nargs="*", default=None, metavar="MODEL", help="also bench_moe's e2e tokens/s")
+    ap.add_argument(
+        "--e2e",
+        nargs="*",
+        default=None,
+        choices=e2e_names(),
+        metavar="MODEL",
+        help="also bench_moe's e2e tokens/s",
+    )
     ap.add_argument(
         "--compile",
         nargs="*",
         default=None,
+        choices=COMPILE_MODES,
         metavar="MODE",
         help="e2e compiled too, with each MODE (bare: default)",
     )
@@ -355,10 +370,25 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only the e2e rows; an existing --json file's layer rows (same GPU) are kept, with their date",
     )
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
+    if args.json is not None:
+        check_json_path(args.json)
+    if args.compile is not None and args.e2e is None:
+        fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
     if args.e2e_only:
         if args.e2e is None or args.json is None:
             fail("--e2e-only needs --e2e [MODEL ...] and --json PATH")
+        layer_opts = [f"--{k.replace('_', '-')}" for k, v in LAYER_DEFAULTS.items() if getattr(args, k) != v]
+        if args.check_only or layer_opts:
+            fail(
+                f"--e2e-only measures no layer rows: drop {(['--check-only'] if args.check_only else []) + layer_opts}"
+            )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.e2e_only:
         return e2e_only(args)
     if any(n.startswith("scattermoe") for n in args.impls):
         load_scattermoe()  # fails early, before any GPU work, where the package is missing
@@ -370,43 +400,71 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_only:
         return
     layer = bench(impls, args.shapes, args.routing, args.iters)
-    write_report(args.json, gpu, layer, [])  # the layer rows are kept should the e2e part not finish
+    layer_date = now()
+    write_report(
+        args.json, gpu, layer, [], layer_date
+    )  # the layer rows are kept should the e2e part not finish
     if args.e2e is not None:
         e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(compile_modes(args.compile), args.e2e or None)]
-        write_report(args.json, gpu, layer, e2e)
+        write_report(args.json, gpu, layer, e2e, layer_date)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+OPTIONAL_LAYER_KEYS = ("host_ms", "dense_host_ms")  # reports written before host_ms was measured lack them
+
+
+def read_report(path: Path) -> dict | None:
+    """An existing report at ``path`` (None when there is none), its layer rows checked against ``LAYER_KEYS``
+    (rows of older reports get None for ``OPTIONAL_LAYER_KEYS``); anything else is one ``error:`` line."""
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        gpu, layer, e2e = old["gpu"], old["layer"], old["e2e"]
+        layer = [{k: None for k in OPTIONAL_LAYER_KEYS} | r for r in layer]
+        bad = next((r for r in layer if set(r) != set(LAYER_KEYS)), None)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
+    if bad is not None:
+        missing, extra = sorted(set(LAYER_KEYS) - set(bad)), sorted(set(bad) - set(LAYER_KEYS))
+        fail(f"--json {path}: a layer row with keys missing {missing} and unknown {extra}")
+    return old | {"gpu": gpu, "layer": layer, "e2e": e2e}
 
 
 def e2e_only(args) -> None:
-    """``--e2e-only``: measure the e2e rows and write them beside the layer rows already in ``args.json``."""
-    layer, layer_date = [], None
-    path = Path(args.json)
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            layer, layer_date = old["layer"], old.get("layer_date", old["date"])
-            bad = [r for r in layer if set(r) != set(LAYER_KEYS)]
-        except (ValueError, KeyError, TypeError) as e:
-            fail(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
-        if bad:
-            fail(f"--json {path}: a layer row without exactly LAYER_KEYS ({sorted(bad[0])})")
+    """``--e2e-only``: measure the e2e rows and write them into ``args.json``: its layer rows (same GPU), its other
+    top-level keys and its e2e rows of (model, compiled) pairs not measured again are kept."""
+    old = read_report(Path(args.json)) or {"layer": [], "e2e": []}
     if not torch.cuda.is_available():
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
-    if layer and old["gpu"] != gpu:
-        fail(f"--json {path}: its layer rows are from {old['gpu']!r}, this is {gpu!r}")
+    if old["layer"] and old["gpu"] != gpu:
+        fail(f"--json {args.json}: its layer rows are from {old['gpu']!r}, this is {gpu!r}")
     e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(compile_modes(args.compile), args.e2e or None)]
-    write_report(args.json, gpu, layer, e2e, layer_date)
+    measured = {(r["model"], r["compiled"]) for r in e2e}
+    e2e = [r for r in old["e2e"] if (r.get("model"), r.get("compiled")) not in measured] + e2e
+    layer_date = old.get("layer_date", old.get("date")) if old["layer"] else None
+    extra = {k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date")}
+    write_report(args.json, gpu, old["layer"], e2e, layer_date, extra)
 
 
 def write_report(
-    path: str | None, gpu: str, layer: list[dict], e2e: list[dict], layer_date: str | None = None
+    path: str | None,
+    gpu: str,
+    layer: list[dict],
+    e2e: list[dict],
+    layer_date: str | None,
+    extra: dict | None = None,
 ) -> None:
-    """``build_report`` to ``path`` (nothing when None), through a temporary file: a run cut short leaves the
-    last complete report. ``layer_date``: when the layer rows were measured, if not now (``--e2e-only``)."""
+    """``build_report`` (plus ``layer_date``: when the layer rows were measured, None without any; and
+    ``extra`` top-level keys) to ``path`` (nothing when None), through a temporary file: a run cut short leaves
+    the last complete report."""
     if path is None:
         return
-    report = build_report(gpu, layer, e2e)
-    report["layer_date"] = layer_date or report["date"]
+    report = (extra or {}) | build_report(gpu, layer, e2e) | {"layer_date": layer_date}
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(path)

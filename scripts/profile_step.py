@@ -6,9 +6,9 @@ the profile is a scratch run, whose files are removed at the end (also after Ctr
 off. ``train.steps`` is the config's (its learning-rate schedule), raised to
 ``--warmup + --steps x --repeat`` when smaller. Runs ``--warmup`` steps, upcycling when
 ``model.upcycle_at_step`` is reached as training does (a later upcycle step profiles the dense phase, and says
-so), then profiles ``--steps`` optimizer steps (with the objects made before them frozen from the garbage
-collector after the warm-up, as the training loop runs: ``loop.long_lived_frozen``) with ``torch.profiler`` (CUDA) and writes, per process, the mean
-per step (ms):
+so), then profiles ``--steps`` optimizer steps with ``torch.profiler`` (CUDA) and writes, per process, the
+mean per step (ms). As in the training loop, the steps run with the objects made before them frozen from the
+garbage collector (``loop.long_lived_frozen``; frozen again after the warm-up and its upcycle):
 
     wall        the step as the host sees it (CUDA synchronised at both ends)
     compute     device time of the kernels that are not collectives

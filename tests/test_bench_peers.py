@@ -133,14 +133,19 @@ def test_report_file_is_replaced_whole_and_compile_modes_parse(bp, tmp_path):
     ms = dict(graph_ms=None, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0)
     row = bp.layer_row("triton", 8, 3072, 1, 8192, "balanced", ms, ms)
     path = tmp_path / "h200.json"
-    bp.write_report(str(path), "H200", [row], [])
+    bp.write_report(str(path), "H200", [row], [], "2026-12-01T17:57:00+00:00")
     e2e = [dict(model="dense", compiled=False, tokens_per_s=1e5, ratio=1.0)]
-    bp.write_report(str(path), "H200", [row], e2e)
+    bp.write_report(str(path), "H200", [row], e2e, "2026-12-01T17:57:00+00:00")
     report = json.loads(path.read_text())
     assert report["layer"] == [row] and report["e2e"] == e2e
+    assert report["layer_date"] == "2026-12-01T17:57:00+00:00"  # when the layer rows were measured
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h200.json"]  # no temporary file left
     assert bp.compile_modes(None) == [] and bp.compile_modes([]) == ["default"]
     assert bp.compile_modes(["default", "reduce-overhead"]) == ["default", "reduce-overhead"]
+    with pytest.raises(ValueError, match="a list of"):
+        sys.modules["bench_moe"].bench_e2e(
+            "default"
+        )  # a string is no list of modes (it checks before any GPU work)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -161,24 +166,84 @@ def test_refuses_without_scattermoe(bp, capsys, monkeypatch, tmp_path):
     assert len(err) == 1 and err[0].startswith("error:") and str(tmp_path / "scattermoe") in err[0]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the last refusal is for machines without CUDA")
-def test_e2e_only_refusals(bp, tmp_path, capsys):
-    def refused(*argv) -> str:
-        with pytest.raises(SystemExit) as exit_:
-            bp.main(list(argv))
-        assert exit_.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error:"), err
-        return err[0]
+def _refused(bp, capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        bp.main(list(argv))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
 
+
+def _row(bp, impl="triton"):
+    ms = dict(graph_ms=None, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0, host_ms=0.5)
+    return bp.layer_row(impl, 8, 3072, 1, 8192, "balanced", ms, ms)
+
+
+def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, tmp_path, capsys):
+    """Each is one error line naming the option, found when the command is read (no CUDA needed)."""
     report = tmp_path / "h200.json"
-    assert "--e2e" in refused("--e2e-only", "--json", str(report))
+    assert "--e2e" in _refused(bp, capsys, "--e2e-only", "--json", str(report))
+    assert "'bogus'" in _refused(bp, capsys, "--e2e", "--compile", "bogus")
+    assert "'moe top-9 triton'" in _refused(bp, capsys, "--e2e", "moe top-9 triton")
+    assert "--e2e" in _refused(bp, capsys, "--compile", "default")  # --compile alone measures nothing
+    assert "folder" in _refused(bp, capsys, "--json", str(tmp_path / "missing" / "h200.json"))
+    assert "folder" in _refused(bp, capsys, "--json", str(tmp_path))
+    err = _refused(
+        bp, capsys, "--e2e-only", "--e2e", "--json", str(report), "--shapes", "fine", "--check-only"
+    )
+    assert "--check-only" in err and "--shapes" in err
+    assert not report.exists()
+
+
+def test_e2e_only_reads_the_report_it_extends(bp, tmp_path, capsys):
+    report = tmp_path / "h200.json"
     report.write_text("{not json")
-    assert str(report) in refused("--e2e-only", "--e2e", "--json", str(report))
+    assert str(report) in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
     assert report.read_text() == "{not json"  # a file it cannot read is left as it was
-    ms = dict(graph_ms=None, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0)
-    row = bp.layer_row("triton", 8, 3072, 1, 8192, "balanced", ms, ms)
-    report.write_text(json.dumps(dict(bp.build_report("H200", [row], []), layer=[dict(row, extra=1)])))
-    assert "LAYER_KEYS" in refused("--e2e-only", "--e2e", "--json", str(report))
-    report.write_text(json.dumps(bp.build_report("H200", [row], [])))
-    assert "CUDA" in refused("--e2e-only", "--e2e", "--json", str(report))
+    report.write_text(
+        json.dumps(dict(bp.build_report("H200", [_row(bp)], []), layer=[dict(_row(bp), extra=1)]))
+    )
+    assert "unknown ['extra']" in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
+    old = {
+        k: v for k, v in _row(bp).items() if k not in bp.OPTIONAL_LAYER_KEYS
+    }  # a report from before host_ms
+    report.write_text(json.dumps(dict(bp.build_report("H200", [_row(bp)], []), layer=[old])))
+    assert bp.read_report(report)["layer"] == [dict(old, host_ms=None, dense_host_ms=None)]
+
+
+def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, monkeypatch, capsys):
+    """The GPU parts replaced (no CUDA here); the merge into the existing report is real."""
+    report = tmp_path / "h200.json"
+    e2e_old = [
+        dict(model="dense", compiled="default", tokens_per_s=2e5, ratio=1.0),
+        dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0),
+    ]
+    old = dict(
+        bp.build_report("NVIDIA H200", [_row(bp)], e2e_old),
+        note="by hand",
+        layer_date="2026-12-01T17:57:00+00:00",
+    )
+    report.write_text(json.dumps(old))
+    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    asked = []
+
+    def fake_e2e(modes, only):
+        asked.append((modes, only))
+        return [
+            dict(
+                model="dense", compiled=False, tokens_per_s=1.5e5, ratio=1.0, rounds=[1.5e5], e2e_model="gpt2"
+            )
+        ]
+
+    monkeypatch.setattr(bp, "bench_e2e", fake_e2e)
+    bp.main(["--e2e-only", "--e2e", "moe top-1 triton", "--json", str(report)])
+    assert asked == [([], ["moe top-1 triton"])]
+    new = json.loads(report.read_text())
+    assert new["layer"] == old["layer"] and new["note"] == "by hand"
+    assert new["layer_date"] == "2026-12-01T17:57:00+00:00"
+    assert new["e2e"] == [e2e_old[0], dict(model="dense", compiled=False, tokens_per_s=1.5e5, ratio=1.0)]
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H100")
+    assert "H200" in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
+    assert json.loads(report.read_text()) == new  # a refusal writes nothing

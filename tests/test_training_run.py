@@ -391,6 +391,16 @@ def test_long_lived_frozen_collects_then_freezes_and_always_unfreezes():
     with pytest.raises(RuntimeError), long_lived_frozen():
         raise RuntimeError("a failed step")
     assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze is kept, also by a nested use
+    try:
+        frozen = gc.get_freeze_count()  # (frozen objects freed by their reference count leave it)
+        with long_lived_frozen() as refreeze:
+            during = cycle()
+            refreeze()
+            assert during() is None and 0.9 * frozen < gc.get_freeze_count() <= frozen
+        assert 0.9 * frozen < gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_training_steps_run_with_the_setup_frozen(tmp_path, monkeypatch):
