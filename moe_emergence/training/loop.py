@@ -66,8 +66,8 @@ def long_lived_frozen():
     """Python's cyclic garbage collector set to skip what exists before the loop (``gc.freeze``): the model,
     tokenizer, data and library objects (~490k on the CPU quickstart) are moved to the permanent generation,
     so the collector's full passes walk only what the steps create. Measured on the 2-core CPU quickstart
-    (2026-12-01): the full pass in its steps took 0.27 s before, 0.6 ms after. (A 1.4 s stall at step 27-28 of
-    ``configs/scaling.yaml`` on the H200 stays with it: that one is not the collector; docs/benchmarks.md.)
+    (2026-12-01): the full pass in its steps took 0.27 s before, 0.6 ms after. (The ~1.8 s stall at step 28 of
+    ``configs/scaling.yaml``'s first run on a fresh H200 machine is not the collector: docs/benchmarks.md.)
     ``refreeze()`` (after an upcycle: the dense model's objects become garbage) collects and freezes again; on
     exit everything goes back to the collector (``gc.unfreeze``). A caller that froze objects itself keeps
     its freeze: then nothing is frozen or unfrozen here, and ``refreeze()`` only collects."""
