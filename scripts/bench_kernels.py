@@ -2,7 +2,7 @@
 E=8 experts, T=8192 tokens, top-1, D=768, F=3072: where the layer's time goes, kernel by kernel.
 
 Row GEMMs: each of the four ``_rows_kernel`` calls of a forward+backward (up: gathered x rows, bias, GELU;
-down: bias, routing-weight scale, scattered rows; dZ: GELU'; dX: scattered rows), the same GEMM with no
+down: bias, routing-weight scale, scattered rows; dZ: GELU' and the routing weights' row dots; dX: scattered rows), the same GEMM with no
 gather and no epilogue, and ``torch._grouped_mm`` on the same (pre-gathered) rows without epilogue.
 Each row GEMM is also timed with plain pointer loads instead of TMA. Weight gradients: dW1 = x[token]^T @ dZ
 and dW2 = a^T @ dO: the Triton wgrad kernel after an index_select of the x rows (the backend copies them in
@@ -63,12 +63,8 @@ def bench_rows(meta, iters: int) -> None:
     x_TD, dz_AF, do_AD = torch.randn(T, D, **bf16), torch.randn(T, FF, **bf16), torch.randn(T, D, **bf16)
     w1, b1 = torch.randn(E, D, FF, **bf16) * 0.02, torch.randn(E, FF, **bf16)
     w2, b2 = torch.randn(E, FF, D, **bf16) * 0.02, torch.randn(E, D, **bf16)
-    z, a, o, out = (
-        torch.empty(T, FF, **bf16),
-        torch.empty(T, FF, **bf16),
-        torch.empty(T, D, **bf16),
-        x_TD.clone(),
-    )
+    z, a, out = torch.empty(T, FF, **bf16), torch.empty(T, FF, **bf16), x_TD.clone()
+    dweights_A = torch.zeros(T, device="cuda")
     w_A = torch.rand(T, device="cuda")
     x_AD = x_TD.index_select(0, meta.token_A)
     w2t, w1t = w2.transpose(1, 2), w1.transpose(1, 2)
@@ -81,13 +77,21 @@ def bench_rows(meta, iters: int) -> None:
             lambda: torch._grouped_mm(x_AD, w1, offs=offs),
         ),
         "down (bias, scale, scatter)": (
-            lambda tma: launch_rows(a, w2, out, meta, bias=b2, aux=o, scale=w_A, scatter=True, tma=tma),
+            lambda tma: launch_rows(a, w2, out, meta, bias=b2, scale=w_A, scatter=True, tma=tma),
             lambda: launch_rows(a, w2, out, meta),
             lambda: torch._grouped_mm(a, w2, offs=offs),
         ),
-        "dZ (w2^T, GELU', db1)": (
+        "dZ (w2^T, GELU', db1, d(weights))": (
             lambda tma: launch_rows(
-                do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD, bias_grad=True, tma=tma
+                do_AD,
+                w2t,
+                dz_AF,
+                meta,
+                aux=z,
+                epilogue=EPI_GELU_BWD,
+                bias_grad=True,
+                tma=tma,
+                row_dots=(w_A, dweights_A),
             ),
             lambda: launch_rows(do_AD, w2t, dz_AF, meta),
             lambda: torch._grouped_mm(do_AD, w2t, offs=offs),
@@ -110,18 +114,29 @@ def bench_rows(meta, iters: int) -> None:
         )
     variants = {  # one feature of the backend's call left out: what it costs
         "dZ without db1 column sums": lambda: launch_rows(
-            do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD
+            do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD, row_dots=(w_A, dweights_A)
+        ),
+        "dZ without d(weights) row dots": lambda: launch_rows(
+            do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD, bias_grad=True
         ),
         "dZ loading z after the main loop": lambda: launch_rows(
-            do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD, bias_grad=True, prefetch=False
+            do_AD,
+            w2t,
+            dz_AF,
+            meta,
+            aux=z,
+            epilogue=EPI_GELU_BWD,
+            bias_grad=True,
+            prefetch=False,
+            row_dots=(w_A, dweights_A),
         ),
     }
     for name, fn in variants.items():
         print(f"  rows {name:45s} {graph_time(fn, iters) * 1e3:6.1f} us", flush=True)
     dy = torch.randn(T, D, **bf16)
     for want in (False, True):
-        ms = graph_time(lambda: launch_bwd_prep(dy, o, w_A, meta, want_dweights=True, bias_grad=want), iters)  # noqa: B023
-        print(f"  row prep (dO, d(weights){', db2' if want else ''}): {ms * 1e3:6.1f} us", flush=True)
+        ms = graph_time(lambda: launch_bwd_prep(dy, b2, w_A, meta, want_dweights=True, bias_grad=want), iters)  # noqa: B023
+        print(f"  row prep (dO, <dy, b2>{', db2' if want else ''}): {ms * 1e3:6.1f} us", flush=True)
 
 
 def main() -> None:

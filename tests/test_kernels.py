@@ -107,6 +107,9 @@ def test_triton_interpreted_routing_matches_torch_routing(interpreted_triton):
 
 def test_triton_interpreted_frozen_weights_match_eager(interpreted_triton):
     assert_close(interpreted_triton["float32"]["top2_frozen_weights"], 1e-5, "triton, w1 w2 weights frozen")
+    errors = interpreted_triton["float32"]["top2_only_routing_weights"]
+    assert set(errors) == {"weights"}, errors
+    assert_close(errors, 1e-5, "triton, only the routing weights trained")
 
 
 @pytest.mark.parametrize("key", ISOLATION_KEYS + ISOLATION_PERSISTENT_KEYS)
@@ -132,6 +135,9 @@ def test_zero_weight_assignments_isolated(backend, case, poison):
 @pytest.mark.parametrize("backend", ["grouped_mm"] + (["triton"] if CUDA else []))
 def test_frozen_weights_match_eager(backend):
     assert_close(compare_frozen(backend, DEVICE), 1e-5, f"{backend}, w1 w2 weights frozen")
+    assert_close(
+        compare_frozen(backend, DEVICE, trainable=(5,)), 1e-5, f"{backend}, only the routing weights trained"
+    )
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -5,7 +5,7 @@ Shapes (legend: docs/architecture.md): T tokens, D model width, F expert interme
 K experts per token, A = T * K assignments.
 Rows ``*_A?`` are in the expert-sorted order of ``routing_meta``; token-order tensors are ``*_T?``.
 Zero-weight assignments are the dead rows ``offsets[E]:A`` (``routing_meta`` docstring): no kernel computes
-them (their rows of z, a, o, dO, dZ stay unwritten); the scattering GEMMs write zeros to their slots of y and
+them (their rows of z, a, dO, dZ stay unwritten); the scattering GEMMs write zeros to their slots of y and
 dX and the dO pass a zero d(weight).
 
 Forward:  z, a = gelu(x[token] @ w1 + b1) (sorted);  y[slot] = w[slot] * (a @ w2 + b2), slot = assignment
@@ -13,14 +13,17 @@ Forward:  z, a = gelu(x[token] @ w1 + b1) (sorted);  y[slot] = w[slot] * (a @ w2
           deterministic).
 Backward: dO = w * dy[token] and db2 (column sums of dO per expert) in one pass; dZ = (dO @ w2^T) * gelu'(z)
           and db1 (its column sums, in the GEMM's epilogue); dW2 = a^T dO; dW1 = x_A^T dZ with x_A = x[token]
-          in sorted order (copied in the dO pass); dX slots = dZ @ w1^T summed over K; d(weight) = <dy[token], o>.
+          in sorted order (copied in the dO pass); dX slots = dZ @ w1^T summed over K;
+          d(weight) = <dy[token], o> with o = a @ w2 + b2 the unscaled expert output, computed without keeping o
+          (an [A, D] activation): <dy, b2[e]> in the dO pass plus <dO @ w2^T, a> / w = <dy, a @ w2> in the dZ
+          GEMM's epilogue (a = gelu(z) from the z it reads anyway).
 
 Ops (opaque to dynamo and inductor; their fake implementations give shapes and dtypes only):
   ``moe_emergence::triton_experts_fwd(x, w1, b1, w2, b2, weights, order, token, expert, offsets)``
-      -> ``(y_TD, z_AF, a_AF, o_AD, w1c, w2c)``; the rest after y is what the backward needs: w1c, w2c are the
+      -> ``(y_TD, z_AF, a_AF, w1c, w2c)``; the rest after y is what the backward needs: w1c, w2c are the
       weights cast to x's dtype (empty where they are in it already). The parameters may be in another dtype
       than x (float32 masters under autocast): the op casts the weights itself and reads the biases as they are.
-  ``moe_emergence::triton_experts_bwd(dy, x, w1, w2, z, a, o, weights, order, token, expert, offsets,
+  ``moe_emergence::triton_experts_bwd(dy, x, w1, w2, b2, z, a, weights, order, token, expert, offsets,
       param_dtype, needs)`` -> ``(dx, dw1, db1, dw2, db2, dweights)``; the parameter gradients in
       ``param_dtype``, written so by the kernels (their float32 sums; no cast kernels), a gradient whose
       ``needs`` flag is False is not computed and comes back as an empty tensor (None to autograd).
@@ -63,7 +66,7 @@ def _for_kernels(w: Tensor, copy: Tensor) -> Tensor:
 def _fwd_impl(
     x_TD: Tensor, w1_EDF: Tensor, b1_EF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, weights_TK: Tensor,
     order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     meta = RoutingMeta(order_A, token_A, expert_A, offsets_E1, w1_EDF.shape[0], weights_TK.shape[1])
     T, D = x_TD.shape
     A, F = order_A.numel(), w1_EDF.shape[2]
@@ -73,12 +76,11 @@ def _fwd_impl(
         z_AF = torch.empty(A, F, device=x_TD.device, dtype=x_TD.dtype)
         a_AF = torch.empty_like(z_AF)
         launch_rows(x_TD, w1k, a_AF, meta, bias=b1_EF, aux=z_AF, gather=True, epilogue=EPI_GELU)
-        o_AD = torch.empty(A, D, device=x_TD.device, dtype=x_TD.dtype)
         y_TD = to_tokens(
-            lambda out: launch_rows(a_AF, w2k, out, meta, bias=b2_ED, aux=o_AD, scale=weights_TK, scatter=True),
+            lambda out: launch_rows(a_AF, w2k, out, meta, bias=b2_ED, scale=weights_TK, scatter=True),
             meta, T, D, x_TD,
         )  # fmt: skip
-    return y_TD, z_AF, a_AF, o_AD, w1c, w2c
+    return y_TD, z_AF, a_AF, w1c, w2c
 
 
 triton_experts_fwd = torch.library.custom_op("moe_emergence::triton_experts_fwd", mutates_args=())(_fwd_impl)
@@ -92,14 +94,13 @@ def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A
         x_TD.new_empty(T, D),
         z_AF,
         torch.empty_like(z_AF),
-        x_TD.new_empty(A, D),
         x_TD.new_empty(w1_EDF.shape if w1_EDF.dtype != x_TD.dtype else (0,)),
         x_TD.new_empty(w2_EFD.shape if w2_EFD.dtype != x_TD.dtype else (0,)),
     )
 
 
 def _bwd_impl(
-    dy_TD: Tensor, x_TD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, z_AF: Tensor, a_AF: Tensor, o_AD: Tensor,
+    dy_TD: Tensor, x_TD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, b2_ED: Tensor, z_AF: Tensor, a_AF: Tensor,
     weights_TK: Tensor, order_A: Tensor, token_A: Tensor, expert_A: Tensor, offsets_E1: Tensor,
     param_dtype: torch.dtype, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -109,17 +110,17 @@ def _bwd_impl(
     dx_TD = dw1 = db1 = dw2 = db2 = dweights_TK = None
     with autocast_off(x_TD.device.type):
         do_AD, dw_A, db2, x_AD = launch_bwd_prep(
-            dy_TD, o_AD, weights_TK, meta, want_dweights=need_weights, bias_grad=need_b2, grad_dtype=param_dtype,
+            dy_TD, b2_ED, weights_TK, meta, want_dweights=need_weights, bias_grad=need_b2, grad_dtype=param_dtype,
             x_TD=x_TD if need_w1 else None,  # x rows in sorted order (ScatterMoE's grouping) for dW1
         )  # fmt: skip
-        if need_weights:
-            dweights_TK = dw_A.view(T, meta.top_k).to(weights_TK.dtype)
-        if need_x or need_w1 or need_b1:
+        if need_x or need_w1 or need_b1 or need_weights:
             dz_AF = torch.empty_like(z_AF)
             db1 = launch_rows(
                 do_AD, w2_EFD.transpose(1, 2), dz_AF, meta, aux=z_AF, epilogue=EPI_GELU_BWD, bias_grad=need_b1,
-                grad_dtype=param_dtype,
+                grad_dtype=param_dtype, row_dots=(weights_TK, dw_A) if need_weights else None,
             )  # fmt: skip
+        if need_weights:  # dw_A: <dy, b2> from the dO pass plus <dy, a w2> from the dZ GEMM
+            dweights_TK = dw_A.view(T, meta.top_k).to(weights_TK.dtype)
         if need_w2:
             dw2 = launch_wgrad(a_AF, do_AD, meta, param_dtype)
         del do_AD  # freed before dW1 and dX are allocated: the backward's peak
@@ -143,7 +144,7 @@ triton_experts_bwd = torch.library.custom_op("moe_emergence::triton_experts_bwd"
 
 
 @triton_experts_bwd.register_fake
-def _(dy_TD, x_TD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, weights_TK, order_A, token_A, expert_A, offsets_E1,
+def _(dy_TD, x_TD, w1_EDF, w2_EFD, b2_ED, z_AF, a_AF, weights_TK, order_A, token_A, expert_A, offsets_E1,
       param_dtype, needs):  # fmt: skip
     E, D, F = w1_EDF.shape
     shapes = [x_TD.shape, w1_EDF.shape, (E, F), w2_EFD.shape, (E, D)]
@@ -157,12 +158,12 @@ def _(dy_TD, x_TD, w1_EDF, w2_EFD, z_AF, a_AF, o_AD, weights_TK, order_A, token_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_TD, w1_EDF, _b1, w2_EFD, _b2, weights_TK, order_A, token_A, expert_A, offsets_E1 = inputs
-    _y, z_AF, a_AF, o_AD, w1c, w2c = output
-    saved_activations_only(ctx, z_AF, a_AF, o_AD, w1c, w2c)
+    x_TD, w1_EDF, _b1, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A, offsets_E1 = inputs
+    _y, z_AF, a_AF, w1c, w2c = output
+    saved_activations_only(ctx, z_AF, a_AF, w1c, w2c)
     ctx.param_dtype = w1_EDF.dtype  # the parameters' gradients come back in their own dtype
     ctx.save_for_backward(
-        x_TD, _for_kernels(w1_EDF, w1c), _for_kernels(w2_EFD, w2c), z_AF, a_AF, o_AD, weights_TK,
+        x_TD, _for_kernels(w1_EDF, w1c), _for_kernels(w2_EFD, w2c), b2_ED, z_AF, a_AF, weights_TK,
         order_A, token_A, expert_A, offsets_E1,
     )  # fmt: skip
 

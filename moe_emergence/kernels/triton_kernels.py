@@ -14,7 +14,8 @@ Kernels:
                     rows may be gathered (``in_idx``: token rows read inside the GEMM, no padded copy of X)
                     and the output rows scattered (written in assignment order).
                     Epilogues: + bias; GELU-tanh forward (storing the pre-activation too); scale by the
-                    routing weight (storing the unscaled rows too); GELU-tanh backward (times gelu'(z)).
+                    routing weight; GELU-tanh backward (times gelu'(z)), optionally with each row's
+                    <acc, gelu(z)> / w per column block (the routing-weight gradient's partials).
                     Optionally the float32 column sums of each row block's result (bias-gradient partials).
                     W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper).
                     One tile per program, or persistent (one program per SM looping over the tiles).
@@ -115,16 +116,25 @@ def _tanh(u, APPROX: tl.constexpr):
 
 # ROWS: the number of rows rounded up to a power of two (the best tile depends on it, e.g. persistent or not)
 _ROWS_SIZES = ["ROWS", "N", "K", "E"]
-_ROWS_KEY = _ROWS_SIZES + ["EPILOGUE", "GATHER", "SCATTER", "HAS_BIAS", "COL_SUMS", "IN_TMA", "W_TMA"]
+_ROWS_KEY = _ROWS_SIZES + [
+    "EPILOGUE",
+    "GATHER",
+    "SCATTER",
+    "HAS_BIAS",
+    "COL_SUMS",
+    "ROW_DOTS",
+    "IN_TMA",
+    "W_TMA",
+]
 
 
 @triton.jit
 def _rows_tile(
     pid_m, pid_n, e, row0, row_end,
-    in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, in_idx_ptr, out_idx_ptr,
-    N, K, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
+    in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, dots_ptr, in_idx_ptr,
+    out_idx_ptr, N, K, A, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
     EPILOGUE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALE: tl.constexpr, COL_SUMS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
+    SCALE: tl.constexpr, COL_SUMS: tl.constexpr, ROW_DOTS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
     IN_TMA: tl.constexpr, W_TMA: tl.constexpr, W_TRANS: tl.constexpr, PRECISION: tl.constexpr,
     APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -162,9 +172,8 @@ def _rows_tile(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e * s_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # each row's assignment (where needed)
-    slots = tl.load(out_idx_ptr + rows, mask=row_mask, other=0) if SCALE or SCATTER else rows
-    if SCALE:  # store the unscaled rows (sorted order) in aux, then scale by the routing weight
-        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+    slots = tl.load(out_idx_ptr + rows, mask=row_mask, other=0) if SCALE or SCATTER or ROW_DOTS else rows
+    if SCALE:  # scale by the routing weight
         acc *= tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     c = 0.7978845608028654  # sqrt(2 / pi)
     if EPILOGUE == 1:  # GELU-tanh; aux <- pre-activation z
@@ -175,6 +184,12 @@ def _rows_tile(
             z = tl.load(aux_ptrs, mask=mask, other=0.0)
         z = z.to(tl.float32)
         t = _tanh(c * (z + 0.044715 * z * z * z), APPROX_TANH)
+        if (
+            ROW_DOTS
+        ):  # acc = w dy W2^T: this block's part of <dy W2^T, gelu(z)> = <dy, a W2>, in assignment order
+            w = tl.load(scale_ptr + slots, mask=row_mask, other=1.0).to(tl.float32)
+            dots = tl.sum(tl.where(mask, acc * (0.5 * z * (1.0 + t)), 0.0), 1) / w
+            tl.store(dots_ptr + pid_n.to(tl.int64) * A + slots, dots, mask=row_mask)
         acc *= 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
     if COL_SUMS:  # float32 column sums of this block (partials of e's bias gradient)
         tl.store(part_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(tl.where(mask, acc, 0.0), 0), mask=col_mask)
@@ -185,12 +200,12 @@ def _rows_tile(
 @triton.autotune(configs=ROWS_CONFIGS, key=_ROWS_KEY)
 @triton.jit
 def _rows_kernel(
-    in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr,
+    in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, dots_ptr,
     in_idx_ptr, out_idx_ptr, offsets_ptr,
     ROWS, N, K, E, A,
     s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
     EPILOGUE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALE: tl.constexpr, COL_SUMS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
+    SCALE: tl.constexpr, COL_SUMS: tl.constexpr, ROW_DOTS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
     IN_TMA: tl.constexpr, W_TMA: tl.constexpr,
     W_TRANS: tl.constexpr, E_POW2: tl.constexpr, PRECISION: tl.constexpr, APPROX_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -210,10 +225,10 @@ def _rows_kernel(
         e, row0, row_end = block_at(pid_m, start_E, end_E, first_E, nblk_E, BLOCK_M, E_POW2)
         _rows_tile(
             pid_m, tile % num_n, e, row0, row_end,
-            in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, in_idx_ptr,
-            out_idx_ptr, N, K, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
-            EPILOGUE, GATHER, SCATTER, HAS_BIAS, SCALE, COL_SUMS, PREFETCH_AUX, IN_TMA, W_TMA, W_TRANS, PRECISION,
-            APPROX_TANH, BLOCK_M, BLOCK_N, BLOCK_K,
+            in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, dots_ptr, in_idx_ptr,
+            out_idx_ptr, N, K, A, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
+            EPILOGUE, GATHER, SCATTER, HAS_BIAS, SCALE, COL_SUMS, ROW_DOTS, PREFETCH_AUX, IN_TMA, W_TMA, W_TRANS,
+            PRECISION, APPROX_TANH, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     if SCATTER:
         _zero_dead_rows(pid, out_ptr, out_idx_ptr, offsets_ptr, N, E, A, s_out_m, BLOCK_M, BLOCK_N)
@@ -306,13 +321,16 @@ def _programs_per_device(device: torch.device) -> int:
 
 def launch_rows(
     inp, w_EIO, out, meta: RoutingMeta, *, bias=None, aux=None, scale=None, gather=False, scatter=False,
-    epilogue=EPI_NONE, bias_grad=False, grad_dtype=None, tma=True, prefetch=True,
+    epilogue=EPI_NONE, bias_grad=False, grad_dtype=None, row_dots=None, tma=True, prefetch=True,
 ):  # fmt: skip
     """out[out rows] = epilogue(inp[in rows] @ w_EIO[e]) (with ``scatter``, zeros at the dead rows' output rows:
     ``routing_meta``'s zero-weight assignments); ``w_EIO`` may be a transposed view; ``scale`` holds
     one routing weight per assignment (assignment order: [T, K] or flat). With ``bias_grad``
     returns the per-expert column sums of the result [E, O] (float32 sums, in ``grad_dtype``, default out's
-    dtype), else None.
+    dtype), else None. ``row_dots=(weights, out)`` (only with ``EPI_GELU_BWD``, whose input rows are
+    dO = w dy; weights: the routing weights w, [T, K] or flat): adds to ``out`` ([A] float32, assignment order)
+    <dO[r] @ w_EIO[e], gelu(z[r])> / w = <dy, a W2> for each live row (nothing for the dead rows): the routing
+    weight's gradient less its bias term <dy, b2>, from float32 partial sums per column block.
     ``tma=False`` forces plain pointer loads, ``prefetch=False`` loads z after the main loop (benchmarks)."""
     A, E = meta.order_A.numel(), meta.num_experts
     I_, O_ = w_EIO.shape[1:]
@@ -326,6 +344,14 @@ def launch_rows(
     if bias_grad:  # one row of partial sums per row block, for the smallest BLOCK_M the autotuner may pick
         max_blocks = triton.cdiv(A, min(c.kwargs["BLOCK_M"] for c in ROWS_CONFIGS)) + E
         part = torch.empty(max_blocks, O_, device=out.device, dtype=torch.float32)
+    dots = out  # placeholder without row_dots
+    if row_dots is not None:
+        if epilogue != EPI_GELU_BWD or scale is not None:
+            raise ValueError("launch_rows: row_dots needs epilogue=EPI_GELU_BWD and no scale")
+        # one row of partial dots per column block, for the smallest BLOCK_N; dead rows and blocks past N stay 0
+        dots = torch.zeros(triton.cdiv(O_, min(c.kwargs["BLOCK_N"] for c in ROWS_CONFIGS)), A,
+                           device=out.device, dtype=torch.float32)  # fmt: skip
+        scale = row_dots[0]
 
     def grid(meta_):
         tiles = (triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(O_, meta_["BLOCK_N"])  # an upper bound
@@ -333,15 +359,18 @@ def launch_rows(
 
     _rows_kernel[grid](
         inp, in_desc, w_EIO, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
-        meta.token_A if gather else meta.order_A, meta.order_A, meta.offsets_E1,
+        dots, meta.token_A if gather else meta.order_A, meta.order_A, meta.offsets_E1,
         triton.next_power_of_2(A), O_, I_, E, A,
         inp.stride(0), inp.stride(1), *w_EIO.stride(), bias.stride(0), out.stride(0), aux.stride(0),
         EPILOGUE=epilogue, GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not out,
-        SCALE=scale is not None, COL_SUMS=bias_grad, PREFETCH_AUX=prefetch,
+        SCALE=scale is not None and row_dots is None, COL_SUMS=bias_grad,
+        ROW_DOTS=row_dots is not None, PREFETCH_AUX=prefetch,
         IN_TMA=in_desc is not None, W_TMA=w_desc is not None,
         W_TRANS=w_trans, E_POW2=e_pow2(E), PRECISION=_precision(inp.dtype),
         APPROX_TANH=not INTERPRET and out.element_size() == 2,  # 16-bit outputs: exact tanh would be rounded away
     )  # fmt: skip
+    if row_dots is not None:
+        row_dots[1].add_(dots.sum(0))
     if not bias_grad:
         return None
     block_m = _rows_kernel.best_config.kwargs["BLOCK_M"]  # of the config the launch above ran
