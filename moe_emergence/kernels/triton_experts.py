@@ -13,7 +13,7 @@ Forward:  z, a = gelu(x[token] @ w1 + b1) (sorted);  y[slot] = w[slot] * (a @ w2
           deterministic).
 Backward: dO = w * dy[token] and db2 (column sums of dO per expert) in one pass; dZ = (dO @ w2^T) * gelu'(z)
           and db1 (its column sums, in the GEMM's epilogue); dW2 = a^T dO; dW1 = x_A^T dZ with x_A = x[token]
-          in sorted order (copied in the dO pass); dX slots = dZ @ w1^T summed over K;
+          in sorted order (gathered inside the GEMM: no [A, D] copy); dX slots = dZ @ w1^T summed over K;
           d(weight) = <dy[token], o> with o = a @ w2 + b2 the unscaled expert output, computed without keeping o
           (an [A, D] activation): <dy, b2[e]> in the dO pass plus <dO @ w2^T, a> / w = <dy, a @ w2> in the dZ
           GEMM's epilogue (a = gelu(z) from the z it reads anyway).
@@ -109,9 +109,8 @@ def _bwd_impl(
     T, D = x_TD.shape
     dx_TD = dw1 = db1 = dw2 = db2 = dweights_TK = None
     with autocast_off(x_TD.device.type):
-        do_AD, dw_A, db2, x_AD = launch_bwd_prep(
+        do_AD, dw_A, db2 = launch_bwd_prep(
             dy_TD, b2_ED, weights_TK, meta, want_dweights=need_weights, bias_grad=need_b2, grad_dtype=param_dtype,
-            x_TD=x_TD if need_w1 else None,  # x rows in sorted order (ScatterMoE's grouping) for dW1
         )  # fmt: skip
         if need_x or need_w1 or need_b1 or need_weights:
             dz_AF = torch.empty_like(z_AF)
@@ -124,9 +123,8 @@ def _bwd_impl(
         if need_w2:
             dw2 = launch_wgrad(a_AF, do_AD, meta, param_dtype)
         del do_AD  # freed before dW1 and dX are allocated: the backward's peak
-        if need_w1:  # on sorted x rows: ~30 us faster on the H100 than gathering them inside the GEMM
-            dw1 = launch_wgrad(x_AD, dz_AF, meta, param_dtype)
-            del x_AD
+        if need_w1:  # x rows gathered inside the GEMM: no sorted [A, D] copy of x at the backward's peak
+            dw1 = launch_wgrad(x_TD, dz_AF, meta, param_dtype, gather=True)
         if need_x:
             dx_TD = to_tokens(
                 lambda out: launch_rows(dz_AF, w1_EDF.transpose(1, 2), out, meta, scatter=True),

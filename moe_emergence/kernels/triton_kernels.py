@@ -19,7 +19,8 @@ Kernels:
                     Optionally the float32 column sums of each row block's result (bias-gradient partials).
                     W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper).
                     One tile per program, or persistent (one program per SM looping over the tiles).
-  ``_wgrad_kernel`` dW[e] = x[rows_e]^T @ g[rows_e] over expert e's sorted rows (TMA loads measured no faster).
+  ``_wgrad_kernel`` dW[e] = x[rows_e]^T @ g[rows_e] over expert e's sorted rows, the x rows optionally gathered
+                    from token order (TMA loads measured no faster).
 Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used.
 """
 
@@ -251,13 +252,14 @@ def _zero_dead_rows(pid, out_ptr, out_idx_ptr, offsets_ptr, N, E, A, s_out_m, BL
         tl.store(out_ptrs, zeros, mask=row_mask[:, None] & (cols[None, :] < N))
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "E"])
+@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "E", "GATHER_X"])
 @triton.jit
 def _wgrad_kernel(
-    x_ptr, g_ptr, dw_ptr, offsets_ptr,
+    x_ptr, g_ptr, dw_ptr, offsets_ptr, x_idx_ptr,
     M, N, E,
     s_x_m, s_g_m, s_dw_e, s_dw_m,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_X: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -273,8 +275,9 @@ def _wgrad_kernel(
     for r in range(row0, row_end, BLOCK_K):
         rows = r + rk
         rmask = rows < row_end
+        x_rows = tl.load(x_idx_ptr + rows, mask=rmask, other=0) if GATHER_X else rows
         x = tl.load(  # [BLOCK_K rows, BLOCK_M cols]: coalesced along the columns, transposed for the dot
-            x_ptr + rows[:, None].to(tl.int64) * s_x_m + cm[None, :],
+            x_ptr + x_rows[:, None].to(tl.int64) * s_x_m + cm[None, :],
             mask=rmask[:, None] & (cm[None, :] < M),
             other=0.0,
         )
@@ -377,9 +380,12 @@ def launch_rows(
     return segment_sums(part, meta, block_m, grad_dtype or out.dtype)
 
 
-def launch_wgrad(x, g, meta: RoutingMeta, dtype: torch.dtype | None = None) -> torch.Tensor:
+def launch_wgrad(
+    x, g, meta: RoutingMeta, dtype: torch.dtype | None = None, gather: bool = False
+) -> torch.Tensor:
     """dW ``[E, I, O]`` = sum over each expert's sorted rows r of x[r]^T g[r] (x ``[A, I]``, g ``[A, O]``;
-    float32 sums, stored in ``dtype``, default x's)."""
+    float32 sums, stored in ``dtype``, default x's). ``gather``: x holds token rows ``[T, I]``, read at
+    ``meta.token_A[r]`` inside the GEMM (no sorted ``[A, I]`` copy)."""
     E, I_, O_ = meta.num_experts, x.shape[1], g.shape[1]
     dw = torch.empty(E, I_, O_, device=x.device, dtype=dtype or x.dtype)
 
@@ -387,7 +393,7 @@ def launch_wgrad(x, g, meta: RoutingMeta, dtype: torch.dtype | None = None) -> t
         return (E * triton.cdiv(I_, meta_["BLOCK_M"]) * triton.cdiv(O_, meta_["BLOCK_N"]),)
 
     _wgrad_kernel[grid](
-        x, g, dw, meta.offsets_E1, I_, O_, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
-        PRECISION=_precision(x.dtype),
+        x, g, dw, meta.offsets_E1, meta.token_A, I_, O_, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
+        GATHER_X=gather, PRECISION=_precision(x.dtype),
     )  # fmt: skip
     return dw

@@ -8,8 +8,8 @@ assignments, O a GEMM's output width; rows ``*_A?`` in the expert-sorted order o
                     expert: which expert and rows a block covers (no block mixes two experts' rows).
   ``_bwd_prep_kernel`` for each sorted row r: dO[r] = w[slot r] * dy[token[r]] and the bias term of
                     d(weight)[slot r], <dy[token[r]], b2[e]>, in float32 (the backward's row-wise work in one
-                    pass; the rest, <dy, a W2>, comes from the dZ GEMM's epilogue: ``launch_rows`` row_dots), the float32
-                    column sums of dO per row block (db2 partials), and x[token[r]] (sorted x rows for dW1);
+                    pass; the rest, <dy, a W2>, comes from the dZ GEMM's epilogue: ``launch_rows``'s
+                    row_dots), and the float32 column sums of dO per row block (db2 partials);
                     d(weight) = 0 for the dead rows offsets[E]:A (zero-weight assignments, not computed).
   ``_segsum_kernel`` db[e] = the sum of expert e's row-block partials, in block order: the bias gradients
                     in float32 and deterministic, from values the kernels already held in registers.
@@ -49,9 +49,9 @@ def block_at(pid_m, start_E, end_E, first_E, nblk_E, BLOCK_M: tl.constexpr, E_PO
 
 @triton.jit
 def _bwd_prep_kernel(
-    dy_ptr, b2_ptr, w_ptr, do_ptr, dwts_ptr, part_ptr, x_ptr, xs_ptr, token_ptr, order_ptr, offsets_ptr,
-    D, E, A, s_dy_m, s_dy_d, s_b2_e, s_do_m, s_x_m,
-    WANT_DWTS: tl.constexpr, COL_SUMS: tl.constexpr, X_ROWS: tl.constexpr, E_POW2: tl.constexpr,
+    dy_ptr, b2_ptr, w_ptr, do_ptr, dwts_ptr, part_ptr, token_ptr, order_ptr, offsets_ptr,
+    D, E, A, s_dy_m, s_dy_d, s_b2_e, s_do_m,
+    WANT_DWTS: tl.constexpr, COL_SUMS: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -89,9 +89,6 @@ def _bwd_prep_kernel(
         if WANT_DWTS:  # the bias term of d(weight): <dy, b2[e]>
             b2 = tl.load(b2_ptr + e * s_b2_e + cols, mask=cols < D, other=0.0).to(tl.float32)
             dots += tl.sum(dy * b2[None, :], 1)
-        if X_ROWS:  # x[token] in sorted order, for dW1
-            x = tl.load(x_ptr + tok[:, None] * s_x_m + cols[None, :], mask=mask, other=0.0)
-            tl.store(xs_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x, mask=mask)
     if WANT_DWTS:
         tl.store(dwts_ptr + slots, dots, mask=rmask)
 
@@ -135,19 +132,16 @@ def segment_sums(part: torch.Tensor, meta: RoutingMeta, block_m: int, dtype: tor
 
 def launch_bwd_prep(
     dy_TD, b2_ED, weights_TK, meta: RoutingMeta, *, want_dweights: bool, bias_grad: bool, grad_dtype=None,
-    x_TD=None,
 ):  # fmt: skip
     """(dO_AD = w * dy[token] in dy's dtype, <dy[token], b2[e]> [A] float32 in assignment order (the bias term
     of d(weights); 0 for the dead rows) or None,
-    db2 [E, D] = per-expert column sums of dO (float32 sums, in ``grad_dtype``, default dy's) or None,
-    x[token] [A, D] in sorted
-    order if ``x_TD`` is given or None); w = the routing weight of each row's assignment."""
+    db2 [E, D] = per-expert column sums of dO (float32 sums, in ``grad_dtype``, default dy's) or None);
+    w = the routing weight of each row's assignment."""
     A, D = meta.order_A.numel(), dy_TD.shape[1]
     b2_ED = b2_ED.contiguous()  # the kernel reads its rows with unit stride
     E = meta.num_experts
     weights_flat = weights_TK.contiguous().view(-1)  # assignment order: read at order[row] in the kernel
     do_AD = torch.empty(A, D, device=dy_TD.device, dtype=dy_TD.dtype)
-    x_AD = None if x_TD is None else torch.empty(A, D, device=x_TD.device, dtype=x_TD.dtype)
     dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else weights_flat
     block_r = 16 if INTERPRET else 32
     blocks = triton.cdiv(A, block_r) + E  # >= the experts' blocks plus the dead rows' (routing_meta)
@@ -155,16 +149,13 @@ def launch_bwd_prep(
     if bias_grad:  # one row of partial sums per row block
         part = torch.empty(blocks, D, device=dy_TD.device, dtype=torch.float32)
     _bwd_prep_kernel[(blocks,)](
-        dy_TD, b2_ED, weights_flat, do_AD, dwts_A, part,
-        do_AD if x_TD is None else x_TD, do_AD if x_AD is None else x_AD,  # (placeholders without X_ROWS)
-        meta.token_A, meta.order_A, meta.offsets_E1, D, E, A,
+        dy_TD, b2_ED, weights_flat, do_AD, dwts_A, part, meta.token_A, meta.order_A, meta.offsets_E1, D, E, A,
         *dy_TD.stride(), b2_ED.stride(0), do_AD.stride(0),  # dy may be any view (autograd can pass expanded grads)
-        D if x_TD is None else x_TD.stride(0),
-        WANT_DWTS=want_dweights, COL_SUMS=bias_grad, X_ROWS=x_TD is not None, E_POW2=e_pow2(E),
+        WANT_DWTS=want_dweights, COL_SUMS=bias_grad, E_POW2=e_pow2(E),
         BLOCK_R=block_r, BLOCK_D=16 if INTERPRET else 128,
     )  # fmt: skip
     db = segment_sums(part, meta, block_r, grad_dtype or dy_TD.dtype) if bias_grad else None
-    return do_AD, (dwts_A if want_dweights else None), db, x_AD
+    return do_AD, (dwts_A if want_dweights else None), db
 
 
 def to_tokens(rows_fn, meta: RoutingMeta, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
