@@ -55,8 +55,8 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
     with torch.no_grad():
         out = fwd(x, w1, b1, w2, b2, weights, *meta, *extra)
     if backend == "triton":
-        # saved: x, w1, w2, z, a, o, weights, meta; the parameters' dtype; which gradients to compute
-        saved = (x, w1, w2, *out[1:4], weights, *meta, w1.dtype)
+        # saved: x, w1, w2, b2, z, a, weights, meta; the parameters' dtype; which gradients to compute
+        saved = (x, w1, w2, b2, *out[1:3], weights, *meta, w1.dtype)
         cases = [(*saved, [True] * 6), (*saved, [True, False, True, True, False, False])]
         # float32 parameters, half-precision x (autocast): the forward casts the weights (two more outputs)
         half = (x.detach().half(), w1, b1, w2, b2, weights, *meta)
