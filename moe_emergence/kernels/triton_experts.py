@@ -125,14 +125,11 @@ def _bwd_impl(
         del do_AD  # freed before dW1 and dX are allocated: the backward's peak
         if need_w1:  # x rows gathered inside the GEMM: no sorted [A, D] copy of x at the backward's peak
             dw1 = launch_wgrad(x_TD, dz_AF, meta, param_dtype, gather=True)
-        if need_x:
+        if need_x:  # slots in x's dtype: 16-bit slots halve the backward's peak at fine-grained shapes
             dx_TD = to_tokens(
                 lambda out: launch_rows(dz_AF, w1_EDF.transpose(1, 2), out, meta, scatter=True),
-                meta,
-                T,
-                D,
-                x_TD,
-            )
+                meta, T, D, x_TD, slot_dtype=x_TD.dtype,
+            )  # fmt: skip
     grads = (dx_TD, dw1, db1, dw2, db2, dweights_TK)
     # not asked for: an empty tensor each (outputs may not alias one another)
     return tuple(g if need else x_TD.new_empty(0) for g, need in zip(grads, needs, strict=True))

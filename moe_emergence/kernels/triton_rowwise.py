@@ -158,12 +158,17 @@ def launch_bwd_prep(
     return do_AD, (dwts_A if want_dweights else None), db
 
 
-def to_tokens(rows_fn, meta: RoutingMeta, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
-    """Run ``rows_fn(out)`` writing each sorted row to its assignment slot; sum the K slots (float32)."""
+def to_tokens(
+    rows_fn, meta: RoutingMeta, T: int, D: int, like: torch.Tensor, slot_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Run ``rows_fn(out)`` writing each sorted row to its assignment slot ``[T * K, D]`` (in ``slot_dtype``);
+    sum the K slots in float32 (a fixed order: deterministic) into ``like``'s dtype. ``slot_dtype=like.dtype``
+    rounds each slot once more but halves the slots' memory for 16-bit ``like`` (the backward's dX: its
+    ``[T * K, D]`` slots are the backward's peak at fine-grained shapes)."""
     if meta.top_k == 1:
         out = torch.empty(T, D, device=like.device, dtype=like.dtype)
         rows_fn(out)
         return out
-    slots = torch.empty(T * meta.top_k, D, device=like.device, dtype=torch.float32)
+    slots = torch.empty(T * meta.top_k, D, device=like.device, dtype=slot_dtype)
     rows_fn(slots)
-    return slots.view(T, meta.top_k, D).sum(1).to(like.dtype)
+    return slots.view(T, meta.top_k, D).sum(1, dtype=torch.float32).to(like.dtype)
