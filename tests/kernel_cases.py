@@ -81,6 +81,46 @@ def compare_autocast(backend: str, device: str, dtype: torch.dtype, case: str = 
     return errors
 
 
+def compare_strided_bias(
+    backend: str, device: str, dtype: torch.dtype, case: str = "top2"
+) -> dict[str, float]:
+    """As ``compare``, with b1 and b2 given as strided views (column stride E: ``[D, E]`` storage transposed)."""
+    params, indices, dy = make_case(case, device)
+    params[2], params[4] = (b.t().contiguous().t() for b in (params[2], params[4]))
+    assert params[4].stride(1) != 1
+    ref = run_fn(eager_experts, params, indices, dy, torch.float32)
+    out = run_fn(get_backend(backend, torch.device(device)), params, indices, dy, dtype)
+    return {
+        n: ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+        for n, o, r in zip(NAMES, out, ref, strict=True)
+    }
+
+
+def compare_row_dots_after_autotuning(device: str) -> dict[str, float]:
+    """Triton's dZ GEMM autotuned over two configs of different BLOCK_N (the wider one winning, as a fake
+    benchmark says): the routing weights' gradient sums only the column-block partials of the config that ran,
+    not what the trials of the other left in its buffer. Interpreter only (the GPU tunes for real)."""
+    from moe_emergence.kernels import triton_kernels as tk
+
+    shapes = [(16, 16, 16, 1, 1, False), (16, 32, 16, 1, 1, False)]  # F=40: 3 column blocks of 16, 2 of 32
+    trials = []
+
+    def fake_bench(kernel_call, quantiles):  # runs the trial (as do_bench does); later configs "faster"
+        kernel_call()
+        trials.append(1)
+        return [10.0 - len(trials)] * 3
+
+    with forced_configs(tk._rows_kernel, tk.tile_configs(shapes, tk.ROWS_PRE_HOOK, tk.ROWS_FLAGS)):
+        tk._rows_kernel.__dict__["do_bench"] = fake_bench
+        try:
+            errors = compare("triton", device, torch.float32, "top2")
+        finally:
+            del tk._rows_kernel.__dict__["do_bench"]
+    if not trials:
+        raise AssertionError("the row GEMM was not autotuned: the case tests nothing")
+    return errors
+
+
 def compare_frozen(
     backend: str, device: str, case: str = "top2", trainable: tuple = (0, 2, 4)
 ) -> dict[str, float]:
@@ -327,10 +367,13 @@ def main(argv: list[str]) -> None:
             result[f"persistent_{case}"] = errors
     if dtype != torch.float32:  # float32 parameters under autocast in this dtype
         result["top2_autocast"] = compare_autocast(backend, device, dtype)
+    result["top2_strided_bias"] = compare_strided_bias(backend, device, dtype)
     if dtype == torch.float32:
         result.update(isolation_results(backend, device, dtype))
         result["top2_frozen_weights"] = compare_frozen(backend, device)
         result["top2_only_routing_weights"] = compare_frozen(backend, device, trainable=(5,))
+        if backend == "triton" and device == "cpu":
+            result["top2_row_dots_after_autotuning"] = compare_row_dots_after_autotuning(device)
         for k in (1, 2):
             for ckpt in (False, True):
                 result[f"model_top{k}_ckpt{int(ckpt)}"] = compare_model(backend, device, k, ckpt)

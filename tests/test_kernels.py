@@ -107,6 +107,11 @@ def test_triton_interpreted_routing_matches_torch_routing(interpreted_triton):
 
 def test_triton_interpreted_frozen_weights_match_eager(interpreted_triton):
     assert_close(interpreted_triton["float32"]["top2_frozen_weights"], 1e-5, "triton, w1 w2 weights frozen")
+    errors = interpreted_triton["float32"]["top2_row_dots_after_autotuning"]
+    assert_close(errors, 1e-5, "triton, dZ autotuned over two BLOCK_N")
+    for dtype in ("float32", "float16"):
+        errors = interpreted_triton[dtype]["top2_strided_bias"]
+        assert_close(errors, TOL[getattr(torch, dtype)], f"triton, strided biases, {dtype}")
     errors = interpreted_triton["float32"]["top2_only_routing_weights"]
     assert set(errors) == {"weights"}, errors
     assert_close(errors, 1e-5, "triton, only the routing weights trained")

@@ -185,11 +185,13 @@ def _rows_tile(
             z = tl.load(aux_ptrs, mask=mask, other=0.0)
         z = z.to(tl.float32)
         t = _tanh(c * (z + 0.044715 * z * z * z), APPROX_TANH)
-        if (
-            ROW_DOTS
-        ):  # acc = w dy W2^T: this block's part of <dy W2^T, gelu(z)> = <dy, a W2>, in assignment order
+        # acc = w dy W2^T: this column block's part of <dy, a W2> = <acc, gelu(z)> / w (in assignment order)
+        if ROW_DOTS:
             w = tl.load(scale_ptr + slots, mask=row_mask, other=1.0).to(tl.float32)
-            dots = tl.sum(tl.where(mask, acc * (0.5 * z * (1.0 + t)), 0.0), 1) / w
+            dots = tl.sum(tl.where(mask, acc * (0.5 * z * (1.0 + t)), 0.0), 1)
+            # a subnormal w (below float32's smallest normal): dO = w dy underflowed already, and the GPU's
+            # division flushes it to zero; its term is dropped rather than divided by 0
+            dots = tl.where(tl.abs(w) >= 1.1754943508222875e-38, dots / w, 0.0)
             tl.store(dots_ptr + pid_n.to(tl.int64) * A + slots, dots, mask=row_mask)
         acc *= 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
     if COL_SUMS:  # float32 column sums of this block (partials of e's bias gradient)
@@ -338,7 +340,7 @@ def launch_rows(
     A, E = meta.order_A.numel(), meta.num_experts
     I_, O_ = w_EIO.shape[1:]
     aux = out if aux is None else aux
-    bias = out if bias is None else bias
+    bias = out if bias is None else bias.contiguous()  # the kernel reads a bias row with unit stride
     w_trans = w_EIO.stride(1) == 1 and w_EIO.stride(2) != 1  # a transposed view of an [E, O, I] weight
     w_base = w_EIO.transpose(1, 2) if w_trans else w_EIO
     w_desc = _descriptor(w_base) if tma and _tma_ok(w_base) else None
@@ -372,8 +374,10 @@ def launch_rows(
         W_TRANS=w_trans, E_POW2=e_pow2(E), PRECISION=_precision(inp.dtype),
         APPROX_TANH=not INTERPRET and out.element_size() == 2,  # 16-bit outputs: exact tanh would be rounded away
     )  # fmt: skip
-    if row_dots is not None:
-        row_dots[1].add_(dots.sum(0))
+    if (
+        row_dots is not None
+    ):  # the rows of the config that ran: the autotuner's trials of other BLOCK_N left theirs
+        row_dots[1].add_(dots[: triton.cdiv(O_, _rows_kernel.best_config.kwargs["BLOCK_N"])].sum(0))
     if not bias_grad:
         return None
     block_m = _rows_kernel.best_config.kwargs["BLOCK_M"]  # of the config the launch above ran
