@@ -40,7 +40,7 @@ def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
             x.index_select(0, meta.token_A) if gather else x, g, meta
         ),
         "triton GEMM (rows sorted beforehand)": lambda: launch_wgrad(x_rows, g, meta),
-        "triton GEMM gathering the rows (the backend)": lambda: launch_wgrad(x, g, meta, gather=gather),
+        "triton GEMM gathering the rows inside": lambda: launch_wgrad(x, g, meta, gather=gather),
         "grouped_mm GEMM only (rows pre-gathered)": lambda: torch._grouped_mm(x_rows.t(), g, offs=offs),
         "grouped_mm + gather + bias": lambda: (
             torch._grouped_mm((x.index_select(0, meta.token_A) if gather else x).t(), g, offs=offs),

@@ -16,7 +16,10 @@ Backward: dO = w * dy[token] and db2 (column sums of dO per expert) in one pass;
           in sorted order (gathered inside the GEMM: no [A, D] copy); dX slots = dZ @ w1^T summed over K;
           d(weight) = <dy[token], o> with o = a @ w2 + b2 the unscaled expert output, computed without keeping o
           (an [A, D] activation): <dy, b2[e]> in the dO pass plus <dO @ w2^T, a> / w = <dy, a @ w2> in the dZ
-          GEMM's epilogue (a = gelu(z) from the z it reads anyway).
+          GEMM's epilogue (a = gelu(z) from the z it reads anyway). That term is recovered from dO = w dy as
+          rounded in x's dtype, so, like the expert parameters' gradients, it loses precision where |w dy| falls
+          below the dtype's normal range (float16: 6e-5, which fp16 loss scaling keeps it above; bfloat16 has
+          float32's range); a subnormal w drops it.
 
 Ops (opaque to dynamo and inductor; their fake implementations give shapes and dtypes only):
   ``moe_emergence::triton_experts_fwd(x, w1, b1, w2, b2, weights, order, token, expert, offsets)``
