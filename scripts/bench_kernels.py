@@ -70,6 +70,9 @@ def bench_rows(meta, iters: int) -> None:
     z, a, out = torch.empty(T, FF, **bf16), torch.empty(T, FF, **bf16), x_TD.clone()
     dweights_A = torch.zeros(T, device="cuda")
     w_A = torch.rand(T, device="cuda")
+    dz_kw = dict(
+        aux=z, epilogue=EPI_GELU_BWD, bias_grad=True, row_dots=(w_A, dweights_A)
+    )  # the backend's dZ call
     x_AD = x_TD.index_select(0, meta.token_A)
     w2t, w1t = w2.transpose(1, 2), w1.transpose(1, 2)
     cases = {  # name: (launch with the backend's keywords, bare GEMM inputs, grouped_mm)
@@ -86,17 +89,7 @@ def bench_rows(meta, iters: int) -> None:
             lambda: torch._grouped_mm(a, w2, offs=offs),
         ),
         "dZ (w2^T, GELU', db1, d(weights))": (
-            lambda tma: launch_rows(
-                do_AD,
-                w2t,
-                dz_AF,
-                meta,
-                aux=z,
-                epilogue=EPI_GELU_BWD,
-                bias_grad=True,
-                tma=tma,
-                row_dots=(w_A, dweights_A),
-            ),
+            lambda tma: launch_rows(do_AD, w2t, dz_AF, meta, **dz_kw, tma=tma),
             lambda: launch_rows(do_AD, w2t, dz_AF, meta),
             lambda: torch._grouped_mm(do_AD, w2t, offs=offs),
         ),
@@ -124,15 +117,7 @@ def bench_rows(meta, iters: int) -> None:
             do_AD, w2t, dz_AF, meta, aux=z, epilogue=EPI_GELU_BWD, bias_grad=True
         ),
         "dZ loading z after the main loop": lambda: launch_rows(
-            do_AD,
-            w2t,
-            dz_AF,
-            meta,
-            aux=z,
-            epilogue=EPI_GELU_BWD,
-            bias_grad=True,
-            prefetch=False,
-            row_dots=(w_A, dweights_A),
+            do_AD, w2t, dz_AF, meta, **dz_kw, prefetch=False
         ),
     }
     for name, fn in variants.items():
