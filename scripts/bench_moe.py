@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple, NoReturn
@@ -446,7 +448,7 @@ def compile_modes(asked: list[str] | None) -> list[str]:
     none when absent, ``["default"]`` when given bare."""
     if asked is None:
         return []
-    return asked or ["default"]
+    return list(dict.fromkeys(asked)) or ["default"]  # each once, in the order given
 
 
 def check_compile() -> dict:
@@ -503,11 +505,30 @@ def user_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
+    return value
+
+
 def check_json_path(path: str) -> None:
-    """Before any GPU work: ``path`` can be written (an existing folder holds it; it is no folder itself)."""
-    p = Path(path)
+    """Before any GPU work: ``path`` can be written (a writable file, or a new one in a writable folder)."""
+    p = Path(path).resolve()
     if p.is_dir() or not p.parent.is_dir():
         user_error(f"--json {path}: a JSON file in an existing folder")
+    if not os.access(p if p.exists() else p.parent, os.W_OK):
+        user_error(f"--json {path}: not writable")
+
+
+def write_json(path: str, data) -> None:
+    """``data`` as JSON to ``path`` (a link: to its target) through a temporary file beside it, renamed into
+    place: a run cut short leaves the file as it was."""
+    target = Path(path).resolve()
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", delete=False) as f:
+        json.dump(data, f, indent=1)
+    Path(f.name).replace(target)
 
 
 def parse_args(ap: ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -521,7 +542,7 @@ def parse_args(ap: ArgumentParser, argv: list[str] | None) -> argparse.Namespace
 def main(argv: list[str] | None = None) -> None:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only E=8, T=8192")
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=positive_int, default=30)
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
@@ -537,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--profile-e2e-compile",
         default=None,
+        choices=COMPILE_MODES,
         metavar="MODE",
         help="profile the e2e training steps compiled with this torch.compile mode (with the layer profiles)",
     )
@@ -555,12 +577,16 @@ def main(argv: list[str] | None = None) -> None:
         help="e2e: the model around the MoE layers (E2E_MODELS: 'scaling' is configs/scaling.yaml's)",
     )
     ap.add_argument(
-        "--e2e-rounds", type=int, default=3, help="e2e: interleaved rounds of 20 steps per variant"
+        "--e2e-rounds", type=positive_int, default=3, help="e2e: interleaved rounds of 20 steps per variant"
     )
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = parse_args(ap, argv)
     if args.json is not None:
         check_json_path(args.json)
+    if args.skip_e2e and (args.compile is not None or args.e2e_models is not None):
+        user_error("--skip-e2e measures no e2e rows: drop --compile and --e2e-models, or --skip-e2e")
+    if args.skip_profile and args.profile_e2e_compile is not None:
+        user_error("--skip-profile runs no profile: drop --profile-e2e-compile, or --skip-profile")
     if not torch.cuda.is_available():
         user_error("bench_moe.py needs a CUDA device (none visible to torch)")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -577,8 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_compile:
         out["compile"] = check_compile()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     if "layer" in out:
         cols = ["fwd", "fwd_x", "fwdbwd", "fwdbwd_x", "graph", "graph_x", "mem", "mem_x"]
         print("\n| K | T | E | routing | impl | fwd ms | x dense | fwd+bwd ms | x dense | graph fwd+bwd ms | x dense |"

@@ -71,8 +71,10 @@ from bench_moe import (
     measure,
     naive_experts,
     parse_args,
+    positive_int,
     routing,
     user_error,
+    write_json,
 )  # scripts/ on path
 
 from moe_emergence.console import ArgumentParser
@@ -346,7 +348,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=d["impls"])
     ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=d["shapes"])
     ap.add_argument("--routing", nargs="+", choices=("balanced", "zipf"), default=d["routing"])
-    ap.add_argument("--iters", type=int, default=d["iters"])
+    ap.add_argument("--iters", type=positive_int, default=d["iters"])
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
     ap.add_argument(
         "--e2e",
@@ -371,8 +373,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="only the e2e rows; an existing --json file's layer rows (same GPU) are kept, with their date",
     )
     args = parse_args(ap, argv)
+    args.impls = list(dict.fromkeys(args.impls))  # each once, in the order given
     if args.json is not None:
         check_json_path(args.json)
+        read_report(
+            Path(args.json)
+        )  # an existing file must be a report: it is replaced (or, --e2e-only, extended)
     if args.compile is not None and args.e2e is None:
         fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
     if args.e2e_only:
@@ -425,27 +431,31 @@ def read_report(path: Path) -> dict | None:
         old = json.loads(path.read_text())
         gpu, layer, e2e = old["gpu"], old["layer"], old["e2e"]
         layer = [{k: None for k in OPTIONAL_LAYER_KEYS} | r for r in layer]
-        bad = next((r for r in layer if set(r) != set(LAYER_KEYS)), None)
+        bad = [(r, LAYER_KEYS, "layer") for r in layer if set(r) != set(LAYER_KEYS)]
+        bad += [(r, E2E_KEYS, "e2e") for r in e2e if set(r) != set(E2E_KEYS)]
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
-    if bad is not None:
-        missing, extra = sorted(set(LAYER_KEYS) - set(bad)), sorted(set(bad) - set(LAYER_KEYS))
-        fail(f"--json {path}: a layer row with keys missing {missing} and unknown {extra}")
+    if bad:
+        row, keys, part = bad[0]
+        missing, extra = sorted(set(keys) - set(row)), sorted(set(row) - set(keys))
+        fail(f"--json {path}: an {part} row with keys missing {missing} and unknown {extra}")
     return old | {"gpu": gpu, "layer": layer, "e2e": e2e}
 
 
 def e2e_only(args) -> None:
     """``--e2e-only``: measure the e2e rows and write them into ``args.json``: its layer rows (same GPU), its other
-    top-level keys and its e2e rows of (model, compiled) pairs not measured again are kept."""
+    top-level keys and its e2e rows of compile modes not measured again are kept (uncompiled is always measured;
+    the rows of a mode measured again are all replaced: their ratios are to that process's dense model)."""
     old = read_report(Path(args.json)) or {"layer": [], "e2e": []}
     if not torch.cuda.is_available():
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
-    if old["layer"] and old["gpu"] != gpu:
-        fail(f"--json {args.json}: its layer rows are from {old['gpu']!r}, this is {gpu!r}")
-    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(compile_modes(args.compile), args.e2e or None)]
-    measured = {(r["model"], r["compiled"]) for r in e2e}
-    e2e = [r for r in old["e2e"] if (r.get("model"), r.get("compiled")) not in measured] + e2e
+    if (old["layer"] or old["e2e"]) and old["gpu"] != gpu:
+        fail(f"--json {args.json}: its rows are from {old['gpu']!r}, this is {gpu!r}")
+    modes = compile_modes(args.compile)
+    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
+    # a mode measured again replaces all its old rows: each mode's ratios are against its own process's dense
+    e2e = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]] + e2e
     layer_date = old.get("layer_date", old.get("date")) if old["layer"] else None
     extra = {k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date")}
     write_report(args.json, gpu, old["layer"], e2e, layer_date, extra)
@@ -464,10 +474,7 @@ def write_report(
     the last complete report."""
     if path is None:
         return
-    report = (extra or {}) | build_report(gpu, layer, e2e) | {"layer_date": layer_date}
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    write_json(path, (extra or {}) | build_report(gpu, layer, e2e) | {"layer_date": layer_date})
     print(f"wrote {path} ({len(layer)} layer rows, {len(e2e)} e2e rows)", flush=True)
 
 

@@ -142,6 +142,7 @@ def test_report_file_is_replaced_whole_and_compile_modes_parse(bp, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h200.json"]  # no temporary file left
     assert bp.compile_modes(None) == [] and bp.compile_modes([]) == ["default"]
     assert bp.compile_modes(["default", "reduce-overhead"]) == ["default", "reduce-overhead"]
+    assert bp.compile_modes(["default", "default", "reduce-overhead"]) == ["default", "reduce-overhead"]
     with pytest.raises(ValueError, match="a list of"):
         sys.modules["bench_moe"].bench_e2e(
             "default"
@@ -187,6 +188,13 @@ def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, tmp_path, cap
     assert "'bogus'" in _refused(bp, capsys, "--e2e", "--compile", "bogus")
     assert "'moe top-9 triton'" in _refused(bp, capsys, "--e2e", "moe top-9 triton")
     assert "--e2e" in _refused(bp, capsys, "--compile", "default")  # --compile alone measures nothing
+    assert "--iters" in _refused(bp, capsys, "--iters", "0")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert "not a bench_peers report" in _refused(
+        bp, capsys, "--json", str(notes)
+    )  # not replaced by a report
+    assert notes.read_text() == "my notes"
     assert "folder" in _refused(bp, capsys, "--json", str(tmp_path / "missing" / "h200.json"))
     assert "folder" in _refused(bp, capsys, "--json", str(tmp_path))
     err = _refused(
@@ -218,6 +226,9 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, mo
     e2e_old = [
         dict(model="dense", compiled="default", tokens_per_s=2e5, ratio=1.0),
         dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0),
+        dict(
+            model="moe top-2 triton", compiled=False, tokens_per_s=0.5, ratio=0.5
+        ),  # of the old dense: dropped
     ]
     old = dict(
         bp.build_report("NVIDIA H200", [_row(bp)], e2e_old),
@@ -247,3 +258,22 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, mo
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H100")
     assert "H200" in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
     assert json.loads(report.read_text()) == new  # a refusal writes nothing
+
+
+def test_bench_moe_command_line_mistakes(bp, tmp_path, capsys):
+    """bench_moe.py (imported by bench_peers): its mistakes too are one error line before any GPU work."""
+    bm = sys.modules["bench_moe"]
+
+    def refused(*argv) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            bm.main(list(argv))
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        return err[0]
+
+    assert "--e2e-rounds" in refused("--e2e-rounds", "-3")
+    assert "--skip-e2e" in refused("--skip-e2e", "--compile", "default")
+    assert "--skip-profile" in refused("--skip-profile", "--profile-e2e-compile", "default")
+    assert "'bogus'" in refused("--profile-e2e-compile", "bogus")
+    assert "folder" in refused("--json", str(tmp_path / "missing" / "out.json"))
