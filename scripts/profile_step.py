@@ -109,7 +109,7 @@ def _sigterm_as_interrupt():
     """SIGTERM raises KeyboardInterrupt inside the block (as Ctrl-C does), so ``finally`` clauses run."""
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(signum)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -252,7 +252,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--top", type=int, default=0, help="print each process's N operators with the most host time"
     )
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
     args = p.parse_intermixed_args(argv)
     if (args.trace or args.top) and args.no_profiler:
         raise ConfigError("--trace and --top need the profiler: leave out --no-profiler")
@@ -361,7 +361,17 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
+    """``_main``; a user mistake is one ``error:`` line (exit 2); Ctrl-C or SIGTERM one line and 128 + the
+    signal's number (130, 143, as scripts/train.py), after the scratch run folder was removed."""
+    try:
+        return run_cli(_main, argv)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(
+            f"profile_step: stopped by {signal.Signals(signum).name}; nothing it wrote is left",
+            file=sys.stderr,
+        )
+        return 128 + signum
 
 
 if __name__ == "__main__":
