@@ -499,6 +499,18 @@ def e2e_names() -> list[str]:
     return [name for name, _ in e2e_variants(None)[1:]]
 
 
+def add_compile_option(ap: ArgumentParser, help_text: str) -> None:
+    """``--compile [MODE ...]`` (torch.compile modes, ``COMPILE_MODES``; read with ``compile_modes``)."""
+    ap.add_argument(
+        "--compile", nargs="*", default=None, choices=COMPILE_MODES, metavar="MODE", help=help_text
+    )
+
+
+def add_models_option(ap: ArgumentParser, flag: str, nargs: str, help_text: str) -> None:
+    """``flag MODEL ...``: e2e variants by name (``e2e_names``)."""
+    ap.add_argument(flag, nargs=nargs, default=None, choices=e2e_names(), metavar="MODEL", help=help_text)
+
+
 def user_error(message: str) -> NoReturn:
     """One ``error:`` line on stderr and exit status 2 (a mistake in the command line, before any GPU work)."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -546,13 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
-    ap.add_argument(
-        "--compile",
-        nargs="*",
-        default=None,
-        choices=COMPILE_MODES,
-        metavar="MODE",
-        help="e2e: also measure every model compiled with each torch.compile MODE (none named: 'default')",
+    add_compile_option(
+        ap, "e2e: also measure every model compiled with each torch.compile MODE (none named: 'default')"
     )
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument(
@@ -562,14 +569,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="MODE",
         help="profile the e2e training steps compiled with this torch.compile mode (with the layer profiles)",
     )
-    ap.add_argument(
-        "--e2e-models",
-        nargs="+",
-        default=None,
-        choices=e2e_names(),
-        metavar="MODEL",
-        help='end-to-end variants besides dense, e.g. "moe top-1 triton"',
-    )
+    add_models_option(ap, "--e2e-models", "+", 'end-to-end variants besides dense, e.g. "moe top-1 triton"')
     ap.add_argument(
         "--e2e-model",
         choices=sorted(E2E_MODELS),

@@ -59,14 +59,14 @@ import torch
 import torch.nn.functional as F
 from bench_moe import (
     ACT,
-    COMPILE_MODES,
     D,
     Measured,
+    add_compile_option,
+    add_models_option,
     bench_e2e,
     check_json_path,
     compile_modes,
     dense_mlp,
-    e2e_names,
     graph_time,
     measure,
     naive_experts,
@@ -350,22 +350,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--routing", nargs="+", choices=("balanced", "zipf"), default=d["routing"])
     ap.add_argument("--iters", type=positive_int, default=d["iters"])
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
-    ap.add_argument(
-        "--e2e",
-        nargs="*",
-        default=None,
-        choices=e2e_names(),
-        metavar="MODEL",
-        help="also bench_moe's e2e tokens/s",
-    )
-    ap.add_argument(
-        "--compile",
-        nargs="*",
-        default=None,
-        choices=COMPILE_MODES,
-        metavar="MODE",
-        help="e2e compiled too, with each MODE (bare: default)",
-    )
+    add_models_option(ap, "--e2e", "*", "also bench_moe's e2e tokens/s")
+    add_compile_option(ap, "e2e compiled too, with each MODE (bare: default)")
     ap.add_argument("--json", default=None, help="write {gpu, date, layer, e2e} to this JSON file")
     ap.add_argument(
         "--e2e-only",

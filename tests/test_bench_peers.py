@@ -167,9 +167,10 @@ def test_refuses_without_scattermoe(bp, capsys, monkeypatch, tmp_path):
     assert len(err) == 1 and err[0].startswith("error:") and str(tmp_path / "scattermoe") in err[0]
 
 
-def _refused(bp, capsys, *argv) -> str:
+def _refused(script, capsys, *argv) -> str:
+    """``script.main(argv)`` refused: exit 2 and exactly one ``error:`` line; that line."""
     with pytest.raises(SystemExit) as exit_:
-        bp.main(list(argv))
+        script.main(list(argv))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
@@ -265,12 +266,7 @@ def test_bench_moe_command_line_mistakes(bp, tmp_path, capsys):
     bm = sys.modules["bench_moe"]
 
     def refused(*argv) -> str:
-        with pytest.raises(SystemExit) as exit_:
-            bm.main(list(argv))
-        assert exit_.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error:"), err
-        return err[0]
+        return _refused(bm, capsys, *argv)  # bench_moe's main, checked as bench_peers' is
 
     assert "--e2e-rounds" in refused("--e2e-rounds", "-3")
     assert "--skip-e2e" in refused("--skip-e2e", "--compile", "default")
