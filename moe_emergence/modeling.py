@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.utils.generic import can_return_tuple
@@ -126,6 +126,21 @@ class GPT2MoEBlock(GPT2Block):
         if router_record is not None:
             router_record.outputs[self.block_index] = routing
         return hidden_states + y
+
+
+class _KeepNothingCache(DynamicCache):
+    """A KV cache that stays empty: ``update`` hands the new keys and values back without keeping them.
+
+    Given to GPT-2 in a forward that builds no cache (training) and has neither an attention mask nor position
+    ids: transformers (5.x, ``masking_utils._preprocess_mask_arguments``) otherwise searches GPT-2's own
+    ``arange`` position ids for packed sequences whenever there is neither a mask nor a cache, with a
+    data-dependent check on the device, i.e. a host sync in every forward (the host can no longer queue
+    work ahead of the GPU). With this empty cache the causal mask is sized from it instead (no past: offset 0,
+    length S), which is the mask that check finds for ``arange`` positions (never packed), and attention reads
+    and keeps nothing but the current keys and values."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return key_states, value_states
 
 
 @dataclass
@@ -328,6 +343,9 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             output_router_logits = self.config.output_router_logits
         if use_cache is None and (self.training or labels is not None):
             use_cache = False
+        given = (cache, kwargs.get("past_key_values"), attention_mask, position_ids)  # (older 5.x cache name)
+        if use_cache is False and all(t is None for t in given):
+            cache = _KeepNothingCache()  # no host sync: see _KeepNothingCache
         if cache is not None:
             kwargs[_CACHE_ARG] = cache
         if (input_ids is None) == (inputs_embeds is None):

@@ -189,3 +189,61 @@ def test_bf16_autocast_forward_keeps_routing_in_float32(dense_model, input_ids):
     assert torch.isfinite(out.loss)
     for r in out.router_outputs.values():
         assert r.router_logits.dtype == torch.float32 and r.topk_weights.dtype == torch.float32
+
+
+def _no_dropout_moe(backend: str = "eager") -> GPT2MoEForCausalLM:
+    torch.manual_seed(0)
+    cfg = GPT2MoEConfig(
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=97, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, moe=dict(num_experts=4, top_k=2, layers=[1], noise_std=0.0, backend=backend),
+    )  # fmt: skip
+    return GPT2MoEForCausalLM(cfg).train()
+
+
+def test_training_forward_without_mask_skips_transformers_packed_sequence_search(monkeypatch):
+    """Without a mask, position ids or a cache, transformers searches GPT-2's own arange position ids for packed
+    sequences with a data-dependent check (a host sync on a GPU, every forward). The model gives GPT-2 an empty
+    cache instead (``modeling._KeepNothingCache``): the search does not run, the loss and gradients are those of
+    the forward that runs it (explicit arange position ids), and nothing is cached or returned."""
+    import transformers.masking_utils as masking
+
+    search = masking.find_packed_sequence_indices
+    calls = []
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda p: calls.append(p) or search(p))
+    model = _no_dropout_moe()
+    ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    out = model(ids, labels=ids)
+    assert calls == [] and out.past_key_values is None
+    grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    ref = model(ids, labels=ids, position_ids=torch.arange(16)[None].expand(3, -1))
+    assert len(calls) == 1  # the user's position ids may be packed: they are searched, as transformers does
+    ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()), allow_unused=True)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g is None and r is None) or torch.equal(g, r)
+    packed = torch.cat([torch.arange(8), torch.arange(8)])[None].expand(3, -1)  # two sequences per row
+    assert not torch.allclose(model(ids, labels=ids, position_ids=packed).logits, ref.logits)
+    model.eval()  # eval without labels builds transformers' own cache, as before
+    assert len(model(ids, use_cache=True).past_key_values) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_training_step_has_no_host_sync(backend):
+    """A training forward + backward without padding queues everything on the device: no host sync (the
+    packed-sequence search transformers would otherwise run, routing, experts, the objective)."""
+    from moe_emergence.kernels import available_backends
+
+    if backend not in available_backends(torch.device("cuda"), 32, 64):
+        pytest.skip(f"{backend} does not run here")
+    model = _no_dropout_moe(backend).cuda()
+    ids = torch.randint(0, 97, (3, 16), device="cuda")
+    model(ids, labels=ids).loss.backward()  # warm-up: autotuning and lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
