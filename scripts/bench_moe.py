@@ -457,7 +457,10 @@ def check_compile() -> dict:
     from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
 
     moe = dict(num_experts=4, top_k=2, layers=[1], backend="triton", noise_std=0.0)
-    cfg = GPT2MoEConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=512, n_positions=128, moe=moe)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # else each run draws its own masks
+    cfg = GPT2MoEConfig(
+        n_layer=2, n_embd=128, n_head=4, vocab_size=512, n_positions=128, moe=moe, **no_dropout
+    )
     torch.manual_seed(0)
     model = GPT2MoEForCausalLM(cfg)
     with torch.no_grad():
