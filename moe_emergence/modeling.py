@@ -341,10 +341,16 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
             )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        if use_cache is None and (self.training or labels is not None):
-            use_cache = False
-        given = (cache, kwargs.get("past_key_values"), attention_mask, position_ids)  # (older 5.x cache name)
-        if use_cache is False and all(t is None for t in given):
+        if use_cache is None:
+            use_cache = False if self.training or labels is not None else self.config.use_cache
+        # "past_key_values": the cache's name in older 5.x releases, passed through kwargs
+        no_cache_mask_or_positions = (
+            cache is None
+            and "past_key_values" not in kwargs
+            and attention_mask is None
+            and position_ids is None
+        )
+        if not use_cache and no_cache_mask_or_positions:
             cache = _KeepNothingCache()  # no host sync: see _KeepNothingCache
         if cache is not None:
             kwargs[_CACHE_ARG] = cache

@@ -55,7 +55,9 @@ def assert_close(errors: dict[str, float], tol: float, what: str) -> None:
 
 @contextlib.contextmanager
 def deterministic(on: bool):
-    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside (if ``on``), the previous mode after."""
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside (if ``on``), the previous mode after.
+    warn_only: cuBLAS would otherwise refuse without ``CUBLAS_WORKSPACE_CONFIG`` (its matmuls are deterministic
+    on one stream anyway); an op left nondeterministic can only make the exact comparison fail, never pass."""
     before = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -204,7 +204,8 @@ def test_training_forward_without_mask_skips_transformers_packed_sequence_search
     """Without a mask, position ids or a cache, transformers searches GPT-2's own arange position ids for packed
     sequences with a data-dependent check (a host sync on a GPU, every forward). The model gives GPT-2 an empty
     cache instead (``modeling._KeepNothingCache``): the search does not run, the loss and gradients are those of
-    the forward that runs it (explicit arange position ids), and nothing is cached or returned."""
+    the forward that runs it (explicit arange position ids), and nothing is cached or returned. Position ids
+    the user gives are searched and packed sequences honoured; a forward that builds a cache builds a real one."""
     import transformers.masking_utils as masking
 
     search = masking.find_packed_sequence_indices
@@ -222,9 +223,13 @@ def test_training_forward_without_mask_skips_transformers_packed_sequence_search
     for g, r in zip(grads, ref_grads, strict=True):
         assert (g is None and r is None) or torch.equal(g, r)
     packed = torch.cat([torch.arange(8), torch.arange(8)])[None].expand(3, -1)  # two sequences per row
-    assert not torch.allclose(model(ids, labels=ids, position_ids=packed).logits, ref.logits)
-    model.eval()  # eval without labels builds transformers' own cache, as before
-    assert len(model(ids, use_cache=True).past_key_values) > 0
+    second_alone = model(ids[:, 8:]).logits  # the second sequence sees none of the first one
+    torch.testing.assert_close(model(ids, position_ids=packed).logits[:, 8:], second_alone)
+    model.eval()  # eval, no labels, use_cache left to the config (true): transformers' own cache, filled
+    calls.clear()
+    assert len(model(ids).past_key_values) > 0 and calls == []
+    model.config.use_cache = False  # ... and with the config's use_cache false: no cache, no search
+    assert model(ids).past_key_values is None and calls == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -238,12 +243,16 @@ def test_training_step_has_no_host_sync(backend):
         pytest.skip(f"{backend} does not run here")
     model = _no_dropout_moe(backend).cuda()
     ids = torch.randint(0, 97, (3, 16), device="cuda")
-    model(ids, labels=ids).loss.backward()  # warm-up: autotuning and lazy initialisation may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(ids, labels=ids).loss
         loss.backward()
+
+    step()  # warm-up, as checked: autotuning and lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -237,9 +237,9 @@ def eval_nll(
     ``expert_masks`` (MoE models): ``{block: bool [E]}`` experts removed from routing (ablation)."""
     device = next(model.parameters()).device
     model.eval()
-    kw = {}
+    kw = {"use_cache": False}  # scoring only: no KV cache built
     if isinstance(getattr(model.config, "moe", None), MoEConfig):
-        kw = {"output_router_logits": False, "expert_masks": expert_masks}
+        kw |= {"output_router_logits": False, "expert_masks": expert_masks}
     elif expert_masks is not None:
         raise ValueError("eval_nll: expert_masks given for a model without MoE layers")
     out = np.full(eval_set.input_ids.shape, np.nan)
@@ -266,7 +266,7 @@ def collect_routing(
     topk, weights, probs = {}, {}, {}
     for sl, ids, mask in iter_batches(eval_set, batch_size, desc, progress):
         kw = {"output_router_logits": False} if is_moe else {}  # the routing, not the router losses
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kw)
         nll_BS[sl] = token_nll(out.logits, ids.to(device)).cpu().numpy()
         if is_moe:
             keep = mask.reshape(-1).numpy() > 0

@@ -285,7 +285,10 @@ def evaluate(
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: outputs are used before the next
         kw = {"output_router_logits": False} if moe else {}  # no router losses needed here
         out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if padded else None, **kw
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"] if padded else None,
+            use_cache=False,  # scoring only: no KV cache built
+            **kw,
         )
         if not counted:
             continue
