@@ -283,12 +283,11 @@ def evaluate(
         padded = has_padding(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: outputs are used before the next
-        kw = {"output_router_logits": False} if moe else {}  # no router losses needed here
+        # MoE: no router losses needed here, and no KV cache (scoring only). Not for a dense HF model: without a
+        # mask and a cache transformers would search its position ids for packed sequences (a host sync)
+        kw = {"output_router_logits": False, "use_cache": False} if moe else {}
         out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"] if padded else None,
-            use_cache=False,  # scoring only: no KV cache built
-            **kw,
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if padded else None, **kw
         )
         if not counted:
             continue
