@@ -70,9 +70,8 @@ def bench_rows(meta, iters: int) -> None:
     z, a, out = torch.empty(T, FF, **bf16), torch.empty(T, FF, **bf16), x_TD.clone()
     dweights_A = torch.zeros(T, device="cuda")
     w_A = torch.rand(T, device="cuda")
-    dz_kw = dict(
-        aux=z, epilogue=EPI_GELU_BWD, bias_grad=True, row_dots=(w_A, dweights_A)
-    )  # the backend's dZ call
+    # the backend's dZ call
+    dz_kw = dict(aux=z, epilogue=EPI_GELU_BWD, bias_grad=True, row_dots=(w_A, dweights_A))
     x_AD = x_TD.index_select(0, meta.token_A)
     w2t, w1t = w2.transpose(1, 2), w1.transpose(1, 2)
     cases = {  # name: (launch with the backend's keywords, bare GEMM inputs, grouped_mm)

@@ -362,9 +362,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.impls = list(dict.fromkeys(args.impls))  # each once, in the order given
     if args.json is not None:
         check_json_path(args.json)
-        read_report(
-            Path(args.json)
-        )  # an existing file must be a report: it is replaced (or, --e2e-only, extended)
+        # an existing file must be a report: it is replaced (or, --e2e-only, extended)
+        read_report(Path(args.json))
     if args.compile is not None and args.e2e is None:
         fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
     if args.e2e_only:

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import tiny_gpt2_config
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
 
 from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM, MoEConfig, upcycle
 from moe_emergence.losses import load_balance_loss, z_loss
@@ -192,12 +193,11 @@ def test_bf16_autocast_forward_keeps_routing_in_float32(dense_model, input_ids):
 
 
 def _no_dropout_moe(backend: str = "eager") -> GPT2MoEForCausalLM:
+    """conftest's tiny GPT-2 (no dropout) upcycled, router noise off, in training mode."""
     torch.manual_seed(0)
-    cfg = GPT2MoEConfig(
-        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=97, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, moe=dict(num_experts=4, top_k=2, layers=[1], noise_std=0.0, backend=backend),
-    )  # fmt: skip
-    return GPT2MoEForCausalLM(cfg).train()
+    dense = GPT2LMHeadModel(tiny_gpt2_config(n_layer=2, n_positions=64))
+    cfg = MoEConfig(num_experts=4, top_k=2, layers=[1], noise_std=0.0, backend=backend, init="noise")
+    return upcycle(dense, cfg).train()
 
 
 def test_training_forward_without_mask_skips_transformers_packed_sequence_search(monkeypatch):
@@ -239,9 +239,9 @@ def test_training_step_has_no_host_sync(backend):
     packed-sequence search transformers would otherwise run, routing, experts, the objective)."""
     from moe_emergence.kernels import available_backends
 
-    if backend not in available_backends(torch.device("cuda"), 32, 64):
-        pytest.skip(f"{backend} does not run here")
     model = _no_dropout_moe(backend).cuda()
+    if backend not in available_backends(torch.device("cuda"), model.config.n_embd, model.config.n_inner):
+        pytest.skip(f"{backend} does not run here")
     ids = torch.randint(0, 97, (3, 16), device="cuda")
 
     def step():
