@@ -17,6 +17,8 @@ the stop checkpoint is not written when the weights are known to be bad).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -47,16 +49,22 @@ def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
     return out
 
 
-def _state_objects(model: torch.nn.Module, optimizer) -> list:
-    """What ``named_state`` reads, as (object, (address, shape) of its local data) pairs: parameters, buffers
-    and optimizer-state values; a DTensor's local shard is read from its ``_local_tensor`` without dispatch."""
-    opt = inner_optimizer(optimizer)
-    state = [v for s in opt.state.values() for v in s.values()]
-    out = []
-    for t in [*model.parameters(), *model.buffers(), *state]:
-        local = getattr(t, "_local_tensor", t)
-        out.append((t, (local.data_ptr(), local.shape) if torch.is_tensor(local) else None))
-    return out
+def _state_objects(modules: list[torch.nn.Module], optimizer) -> tuple[list, list]:
+    """What ``named_state`` reads, without its walk: the parameters and buffers of ``modules`` (each once) and
+    the optimizer-state values, and the (address, shape) of each one's local data (a DTensor's local shard
+    from its ``_local_tensor``, without dispatch; None for a non-tensor state value). A loop over the
+    modules' own dicts: ~0.2 ms for GPT-2 small's 612 tensors on a 2-core CPU, where ``model.parameters()``
+    and ``model.buffers()`` (``named_modules`` with its prefixes) took ~0.5 ms before the addresses."""
+    seen: set[int] = set()
+    objects = []
+    for m in modules:
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                objects.append(t)
+    objects += [v for s in inner_optimizer(optimizer).state.values() for v in s.values()]
+    local = [getattr(t, "_local_tensor", t) for t in objects]
+    return objects, [(x.data_ptr(), x.shape) if torch.is_tensor(x) else None for x in local]
 
 
 def _same_layout(saved: dict[tuple, torch.Tensor] | None, live: dict[tuple, torch.Tensor]) -> bool:
@@ -80,24 +88,27 @@ class Snapshot:
     The live tensors (``named_state``: local shards under FSDP2, whose walk costs ~11 ms a step on the
     H200) are looked up once and reused while the same parameter, buffer and optimizer-state objects are
     in place at the same addresses (no walk through DTensors); anything replaced or moved looks them up
-    again."""
+    again. The module tree is read once, here: a module added to ``model`` later is not seen (the trainer
+    makes a new ``Snapshot`` whenever it prepares a model, e.g. at the upcycle)."""
 
     def __init__(self, model: torch.nn.Module, optimizer) -> None:
         self.model, self.optimizer = model, optimizer
+        self._modules = list(model.modules())
         self.saved: dict[tuple, torch.Tensor] | None = None
         self._flat: list[tuple[torch.Tensor, list[tuple]]] = []
         self._objects: list = []
+        self._layout: list = []
         self._live: dict[tuple, torch.Tensor] | None = None
         self._sources: list[list[torch.Tensor]] = []  # per flat buffer: its live tensors, flattened
         self._strided: list[bool] = []  # per flat buffer: does a non-contiguous source need a copy per take
         self._sources_of: dict[tuple, torch.Tensor] | None = None  # the lookup they were made from
 
     def _live_state(self) -> dict[tuple, torch.Tensor]:
-        objects = _state_objects(self.model, self.optimizer)
-        same = self._live is not None and len(objects) == len(self._objects)
-        pairs = zip(objects, self._objects, strict=False)
-        if not (same and all(a is b and pa == pb for (a, pa), (b, pb) in pairs)):
-            self._objects, self._live = objects, named_state(self.model, self.optimizer)
+        objects, layout = _state_objects(self._modules, self.optimizer)
+        same = self._live is not None and len(objects) == len(self._objects) and layout == self._layout
+        if not (same and all(map(operator.is_, objects, self._objects))):
+            self._objects, self._layout = objects, layout
+            self._live = named_state(self.model, self.optimizer)
         return self._live
 
     @property
@@ -178,9 +189,11 @@ def first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
     return None
 
 
+@torch.no_grad()
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor on device: does any of ``tensors`` (local shards) hold a NaN/Inf (no host sync)."""
-    local = [s for s in map(local_shard, tensors) if s.numel()]  # FSDP2: a process may hold an empty shard
+    # the local data as it is, no per-tensor detach (a dispatch each): this runs under no_grad
+    local = [x for x in (getattr(t, "_local_tensor", t) for t in tensors) if x.numel()]  # FSDP2: empty shards
     if not local:
         return torch.zeros((), dtype=torch.bool)
     peaks = torch._foreach_norm(local, float("inf"))  # max |x|: inf and NaN propagate, large values do not

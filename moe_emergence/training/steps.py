@@ -34,7 +34,6 @@ from moe_emergence.routing import RouterOutput
 from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats, variant_metrics
 from moe_emergence.telemetry import names as keys
 from moe_emergence.training.guard import StepCheck
-from moe_emergence.training.rollback import local_shard
 
 
 def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -49,6 +48,21 @@ def has_padding(batch: dict[str, torch.Tensor]) -> bool:
     _ignore_causal_mask_sdpa``) tests it with ``bool(mask.sum() == numel)`` on the device: a host sync in
     every forward, which stops the host from queueing the step ahead of the GPU."""
     return not bool(batch["attention_mask"].all())
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor ``t`` on ``device``, with no host sync. To a GPU it goes through pinned memory (torch's
+    caching host allocator, which keeps a block until its copy is done) with a non-blocking copy: a blocking
+    copy from pageable memory synchronises the stream (``cudaStreamSynchronize``), so the host would wait
+    at every batch for the previous step's optimizer and snapshot kernels."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated CPU batch on ``device`` (``to_device`` per column)."""
+    return {k: to_device(v, device) for k, v in batch.items()}
 
 
 @dataclass
@@ -156,6 +170,7 @@ def micro_batch_loss(
     return obj.loss * scale
 
 
+@torch.no_grad()
 def clip_grad_norm_(
     params: list[torch.nn.Parameter], max_norm: float, reduce_sum: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
@@ -176,7 +191,7 @@ def clip_grad_norm_(
             continue
         placements = getattr(p.grad, "placements", None)
         if placements is None:
-            plain.append(p.grad.detach())
+            plain.append(p.grad)  # a gradient needs no detach (no graph: the function runs under no_grad)
             continue
         mesh = p.grad.device_mesh
         world = world or torch.distributed.get_world_size()
@@ -185,7 +200,7 @@ def clip_grad_norm_(
                 f"gradient norm: a gradient with placements {placements} on a {mesh.ndim}-d mesh of "
                 f"{mesh.size()} processes; only FSDP2's Shard over all processes (1-d mesh) is supported"
             )
-        sharded.append(local_shard(p.grad))
+        sharded.append(p.grad._local_tensor)
     if not sharded and not plain:
         return torch.zeros(())
     device = (sharded or plain)[0].device
@@ -220,7 +235,7 @@ def step_flags(
         [
             (~torch.isfinite(totals[4])).reshape(1).float(),
             (~torch.isfinite(grad_norm.to(device))).reshape(1).float(),
-            torch.tensor([float(signalled)], device=device),
+            torch.full((1,), float(signalled), device=device),  # a fill: no copy from the host
             params_bad.to(device).reshape(1).float(),
             bad_L2.reshape(-1).float(),
             totals[:1].float(),
@@ -281,7 +296,7 @@ def evaluate(
         routing = LayerRoutingStats(unwrapped.config.moe_layers, E, len(domains), device)
     for batch, counted in batches:
         padded = has_padding(batch)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = batch_to_device(batch, device)
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: outputs are used before the next
         # MoE: no router losses needed here, and no KV cache (scoring only). Not for a dense HF model: without a
         # mask and a cache transformers would search its position ids for packed sequences (a host sync)
