@@ -233,6 +233,69 @@ def _clip_worker(rank: int, store_path: str, out_path: str) -> None:
     os._exit(0)
 
 
+def _restore_after_eval_worker(rank: int, store_path: str, out_path: str) -> None:
+    """One of 2 gloo processes: a GPT-2 sharded as one FSDP2 unit (configs/accelerate/fsdp.yaml), a snapshot,
+    a NaN in this process's shard, an eval forward (the root keeps its parameters gathered), then the
+    guard's check before a save."""
+    import torch.distributed as dist
+    from conftest import tiny_gpt2_config
+    from torch.distributed.fsdp import fully_shard
+    from transformers import GPT2LMHeadModel
+
+    from moe_emergence.training.optim import ShardLocalAdamW
+    from moe_emergence.training.rollback import VerifiedState
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config()).train()
+    fully_shard(model)
+    opt = ShardLocalAdamW(model.parameters(), lr=1e-2, fused=True)
+    ids = torch.randint(0, 97, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+    def reduce_sum(x):
+        dist.all_reduce(x)
+        return x
+
+    verified = VerifiedState(model, opt, 1, reduce_sum)
+    verified.before_update()  # the snapshot of the sharded state
+    wpe = model.transformer.wpe.weight
+    kept = wpe._local_tensor.clone()
+    with torch.no_grad():
+        wpe._local_tensor.fill_(float("nan"))
+    verified.after_update()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # the trainer's eval before a checkpoint
+    model.train()
+    messages = []
+    ok = verified.good_for_saving(torch.device("cpu"), messages.append, 5)
+    local = model.transformer.wpe.weight._local_tensor  # resharded: the live shard
+    result = {"ok": ok, "restored": torch.equal(local, kept), "messages": messages}
+    torch.save(result, f"{out_path}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as _clip_worker: no finalisation of the gloo threads the DTensors still hold
+
+
+def test_rollback_before_a_save_after_an_eval_restores_the_fsdp2_shards(tmp_path):
+    """After a forward without backward FSDP2's root unit holds its parameters gathered; the guard's check
+    before a save reshards first, so a non-finite shard is rolled back in the shards themselves (before,
+    one process wrote into the gathered copies and reported success, two processes raised)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "restore"
+    mp.spawn(_restore_after_eval_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert got["ok"] and got["restored"], got
+        assert "rolled back to the last verified-good state" in got["messages"][0]
+
+
 def test_gradient_norm_and_adamw_on_sharded_tensors_equal_torch_on_the_whole(tmp_path):
     """``steps.clip_grad_norm_`` on DTensor gradients sharded over 2 processes (odd sizes, a parameter with
     one row: one process holds an empty shard) gives torch.nn.utils.clip_grad_norm_'s norm and clipped

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import pickle
 import signal
@@ -410,6 +411,44 @@ def test_snapshot_follows_replaced_parameter_data_and_optimizer_state():
     with pytest.raises(RuntimeError, match=r"bias is \(5, 2\) torch.float32 now, \(5, 1\)"):
         snap.restore()
     assert torch.equal(model.bias, torch.zeros(5, 2))
+
+
+def test_module_walk_is_model_parameters_and_sees_a_swapped_submodule():
+    """``rollback.module_tensors`` yields what ``model.parameters()`` and ``model.buffers()`` do, in the same
+    order (tied wte/lm_head once), and a snapshot taken after a submodule was swapped restores into the live
+    one, not the module it replaced."""
+    from conftest import tiny_gpt2_config
+    from transformers import GPT2LMHeadModel
+
+    from moe_emergence.training.rollback import Snapshot, module_tensors
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config())
+    params = list(model.parameters())
+    assert len(module_tensors(model, buffers=False)) == len(params)
+    assert all(map(operator.is_, module_tensors(model, buffers=False), params))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    shared = torch.nn.Linear(3, 3)
+    other = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(3), shared, torch.nn.Sequential(shared, torch.nn.LayerNorm(3))
+    )
+    other.register_buffer("none", None)
+    want = [*other.parameters(), *other.buffers()]
+    assert len(module_tensors(other)) == len(want) and all(map(operator.is_, module_tensors(other), want))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    snap = Snapshot(model, opt)
+    snap.take()
+    old = model.transformer.ln_f
+    new = torch.nn.LayerNorm(old.normalized_shape)
+    new.load_state_dict(old.state_dict())
+    model.transformer.ln_f = new  # same shapes, new objects: the next take must find them
+    opt.param_groups[0]["params"] = list(model.parameters())
+    snap.take()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        new.weight.add_(1.0)
+    snap.restore()
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
 
 
 def test_snapshot_of_mixed_dtypes_and_strided_tensors_is_exact():

@@ -49,22 +49,47 @@ def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
     return out
 
 
-def _state_objects(modules: list[torch.nn.Module], optimizer) -> tuple[list, list]:
-    """What ``named_state`` reads, without its walk: the parameters and buffers of ``modules`` (each once) and
-    the optimizer-state values, and the (address, shape) of each one's local data (a DTensor's local shard
-    from its ``_local_tensor``, without dispatch; None for a non-tensor state value). A loop over the
-    modules' own dicts: ~0.2 ms for GPT-2 small's 612 tensors on a 2-core CPU, where ``model.parameters()``
-    and ``model.buffers()`` (``named_modules`` with its prefixes) took ~0.5 ms before the addresses."""
+def module_tensors(model: torch.nn.Module, buffers: bool = True) -> list[torch.Tensor]:
+    """The parameters (then the buffers) of ``model``'s module tree, each once, in the order
+    ``model.parameters()`` (then ``model.buffers()``) yields them. Walked through the modules' own dicts,
+    without ``named_modules``' name prefixes, and afresh at each call: a submodule swapped since is seen."""
+    modules, stack, seen_modules = [], [model], set()
+    while stack:  # pre-order, children in registration order: named_modules' order
+        m = stack.pop()
+        if id(m) not in seen_modules:
+            seen_modules.add(id(m))
+            modules.append(m)
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     seen: set[int] = set()
-    objects = []
-    for m in modules:
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                objects.append(t)
+    out: list[torch.Tensor] = []
+    for kind in ("_parameters", "_buffers") if buffers else ("_parameters",):
+        for m in modules:
+            for t in getattr(m, kind).values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+    return out
+
+
+def _state_objects(model: torch.nn.Module, optimizer) -> tuple[list, list]:
+    """What ``named_state`` reads, without its walk: ``module_tensors(model)`` and the optimizer-state
+    values, and the (address, shape) of each one's local data (a DTensor's local shard from its
+    ``_local_tensor``, without dispatch; None for a non-tensor state value)."""
+    objects = module_tensors(model)
     objects += [v for s in inner_optimizer(optimizer).state.values() for v in s.values()]
     local = [getattr(t, "_local_tensor", t) for t in objects]
     return objects, [(x.data_ptr(), x.shape) if torch.is_tensor(x) else None for x in local]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2: put every unit's parameters back into their shards. A forward without a backward (an eval)
+    leaves the root unit's parameters gathered, full-size tensors in the module's slots, which is what
+    ``named_state`` would then read and restore into. No-op for a model without FSDP2 units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _same_layout(saved: dict[tuple, torch.Tensor] | None, live: dict[tuple, torch.Tensor]) -> bool:
@@ -88,12 +113,10 @@ class Snapshot:
     The live tensors (``named_state``: local shards under FSDP2, whose walk costs ~11 ms a step on the
     H200) are looked up once and reused while the same parameter, buffer and optimizer-state objects are
     in place at the same addresses (no walk through DTensors); anything replaced or moved looks them up
-    again. The module tree is read once, here: a module added to ``model`` later is not seen (the trainer
-    makes a new ``Snapshot`` whenever it prepares a model, e.g. at the upcycle)."""
+    again."""
 
     def __init__(self, model: torch.nn.Module, optimizer) -> None:
         self.model, self.optimizer = model, optimizer
-        self._modules = list(model.modules())
         self.saved: dict[tuple, torch.Tensor] | None = None
         self._flat: list[tuple[torch.Tensor, list[tuple]]] = []
         self._objects: list = []
@@ -104,7 +127,7 @@ class Snapshot:
         self._sources_of: dict[tuple, torch.Tensor] | None = None  # the lookup they were made from
 
     def _live_state(self) -> dict[tuple, torch.Tensor]:
-        objects, layout = _state_objects(self._modules, self.optimizer)
+        objects, layout = _state_objects(self.model, self.optimizer)
         same = self._live is not None and len(objects) == len(self._objects) and layout == self._layout
         if not (same and all(map(operator.is_, objects, self._objects))):
             self._objects, self._layout = objects, layout
@@ -251,6 +274,7 @@ class VerifiedState:
     def roll_back(self) -> None:
         """Restore the snapshot if updates were applied since; if they cannot be undone, mark the state
         known bad."""
+        reshard(self.model)  # after an eval, FSDP2's root would hold gathered copies, not its shards
         if self.snapshot.taken and self.unverified:
             self.snapshot.restore()
             self.unverified = 0
@@ -264,7 +288,8 @@ class VerifiedState:
 
     def good_for_saving(self, device, print_fn, step: int) -> bool:
         """Before a checkpoint or ``final/``: never known bad, and finite (rolled back to the snapshot
-        first when not, where that can be done)."""
+        first when not, where that can be done). Saves follow evals: FSDP2 units are resharded first."""
+        reshard(self.model)
         if self.known_bad:
             print_fn(f"guard: nothing saved at step {step}: the weights are known bad")
             return False

@@ -32,7 +32,7 @@ from moe_emergence.training.evalset import eval_blocks, shard_batches
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.loop import RunLoop, Stop, TrainResult
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
-from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite
+from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, module_tensors
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
@@ -172,7 +172,7 @@ class Trainer:
         known_bad = False  # the guard's "known bad" carries into the upcycled model, which is built from it
         if getattr(self, "model", None) is not None:
             known_bad = self.verified.known_bad
-            self.model = self.optimizer = self.verified = self.params = None  # the old snapshot too
+            self.model = self.optimizer = self.verified = None  # the old snapshot too
             acc.free_memory()
         model.train()
         if self.cfg.train.compile:
@@ -183,7 +183,6 @@ class Trainer:
         self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
         self.moe = model_setup.is_moe(self.unwrapped)
-        self.params = list(self.model.parameters())  # walked once: ~0.3 ms a walk, two a step
         self.verified = VerifiedState(
             self.model, self.optimizer, self.cfg.guard.snapshot_every, self.reduce_sum, known_bad
         )
@@ -264,9 +263,10 @@ class Trainer:
         cfg = self.cfg
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         self.accelerator.unscale_gradients()  # fp16: the GradScaler's scale off first (no-op otherwise)
-        grad_norm = clip_grad_norm_(self.params, clip, self.reduce_sum)
+        params = module_tensors(self.model, buffers=False)  # model.parameters() without its ~0.3 ms
+        grad_norm = clip_grad_norm_(params, clip, self.reduce_sum)
         signalled = signals is not None and signals.received is not None
-        params_bad = any_nonfinite(self.params)
+        params_bad = any_nonfinite(params)
         flags = step_flags(sums.totals, grad_norm, signalled, params_bad, sums.bad_L2)
         check = StepCheck.decode(self.reduce_sum(flags).tolist(), moe.layers if moe else [])  # host sync
         guard.judge(check, self.state, cfg.guard)
