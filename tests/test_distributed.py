@@ -240,10 +240,12 @@ def _restore_after_eval_worker(rank: int, store_path: str, out_path: str) -> Non
     import torch.distributed as dist
     from conftest import tiny_gpt2_config
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     from transformers import GPT2LMHeadModel
 
     from moe_emergence.training.optim import ShardLocalAdamW
     from moe_emergence.training.rollback import VerifiedState
+    from moe_emergence.training.steps import evaluate
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -274,6 +276,10 @@ def _restore_after_eval_worker(rank: int, store_path: str, out_path: str) -> Non
     ok = verified.good_for_saving(torch.device("cpu"), messages.append, 5)
     local = model.transformer.wpe.weight._local_tensor  # resharded: the live shard
     result = {"ok": ok, "restored": torch.equal(local, kept), "messages": messages}
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "domain_ids": ids * 0}
+    evaluate(model, model, [(batch, True)], ["a"], False, reduce_sum)
+    # the trainer's eval leaves the shards in place (an upcycle after it reads the sharded model)
+    result["sharded_after_eval"] = all(isinstance(p, DTensor) for p in model.parameters())
     torch.save(result, f"{out_path}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
@@ -285,14 +291,16 @@ def _restore_after_eval_worker(rank: int, store_path: str, out_path: str) -> Non
 def test_rollback_before_a_save_after_an_eval_restores_the_fsdp2_shards(tmp_path):
     """After a forward without backward FSDP2's root unit holds its parameters gathered; the guard's check
     before a save reshards first, so a non-finite shard is rolled back in the shards themselves (before,
-    one process wrote into the gathered copies and reported success, two processes raised)."""
+    one process wrote into the gathered copies and reported success, two processes raised). The trainer's
+    eval reshards when it ends (before, an upcycle right after an eval found no DTensor, took the live
+    model for a plain one and failed to load its sharded state)."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "restore"
     mp.spawn(_restore_after_eval_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
-        assert got["ok"] and got["restored"], got
+        assert got["ok"] and got["restored"] and got["sharded_after_eval"], got
         assert "rolled back to the last verified-good state" in got["messages"][0]
 
 

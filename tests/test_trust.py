@@ -433,6 +433,7 @@ def test_module_walk_is_model_parameters_and_sees_a_swapped_submodule():
         torch.nn.BatchNorm1d(3), shared, torch.nn.Sequential(shared, torch.nn.LayerNorm(3))
     )
     other.register_buffer("none", None)
+    other[0].register_buffer("also_a_buffer", other[0].weight)  # listed by parameters() and by buffers()
     want = [*other.parameters(), *other.buffers()]
     assert len(module_tensors(other)) == len(want) and all(map(operator.is_, module_tensors(other), want))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

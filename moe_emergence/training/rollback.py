@@ -60,9 +60,11 @@ def module_tensors(model: torch.nn.Module, buffers: bool = True) -> list[torch.T
             seen_modules.add(id(m))
             modules.append(m)
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    seen: set[int] = set()
     out: list[torch.Tensor] = []
     for kind in ("_parameters", "_buffers") if buffers else ("_parameters",):
+        seen: set[int] = (
+            set()
+        )  # per pass, as parameters() and buffers() each (a parameter kept as a buffer too)
         for m in modules:
             for t in getattr(m, kind).values():
                 if t is not None and id(t) not in seen:

@@ -34,6 +34,7 @@ from moe_emergence.routing import RouterOutput
 from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats, variant_metrics
 from moe_emergence.telemetry import names as keys
 from moe_emergence.training.guard import StepCheck
+from moe_emergence.training.rollback import reshard
 
 
 def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -318,4 +319,5 @@ def evaluate(
         metrics.update(routing.metrics(router_prefix))
         joint = routing.joint_counts()
     model.train(was_training)
+    reshard(model)  # FSDP2: forwards without a backward leave the root's parameters gathered
     return metrics, joint
