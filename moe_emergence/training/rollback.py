@@ -62,9 +62,8 @@ def module_tensors(model: torch.nn.Module, buffers: bool = True) -> list[torch.T
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     out: list[torch.Tensor] = []
     for kind in ("_parameters", "_buffers") if buffers else ("_parameters",):
-        seen: set[int] = (
-            set()
-        )  # per pass, as parameters() and buffers() each (a parameter kept as a buffer too)
+        # one seen-set per pass, as parameters() and buffers() each have (a parameter kept as a buffer too)
+        seen: set[int] = set()
         for m in modules:
             for t in getattr(m, kind).values():
                 if t is not None and id(t) not in seen:
