@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moe_emergence.training.config import OptimConfig
+from moe_emergence.training.rollback import local_data
 
 EXPERT_BIASES = ("b1_EF", "b2_ED")
 
@@ -63,7 +64,7 @@ class ShardLocalAdamW(torch.optim.AdamW):
         got = [[] for _ in lists]
         has_complex = super()._init_group(group, *got)
         for out, tensors in zip(lists, got, strict=True):
-            out.extend(getattr(t, "_local_tensor", t) for t in tensors)
+            out.extend(map(local_data, tensors))
         return has_complex
 
 

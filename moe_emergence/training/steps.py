@@ -34,7 +34,7 @@ from moe_emergence.routing import RouterOutput
 from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats, variant_metrics
 from moe_emergence.telemetry import names as keys
 from moe_emergence.training.guard import StepCheck
-from moe_emergence.training.rollback import reshard
+from moe_emergence.training.rollback import local_data, reshard
 
 
 def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -201,7 +201,7 @@ def clip_grad_norm_(
                 f"gradient norm: a gradient with placements {placements} on a {mesh.ndim}-d mesh of "
                 f"{mesh.size()} processes; only FSDP2's Shard over all processes (1-d mesh) is supported"
             )
-        sharded.append(p.grad._local_tensor)
+        sharded.append(local_data(p.grad))
     if not sharded and not plain:
         return torch.zeros(())
     device = (sharded or plain)[0].device
