@@ -48,8 +48,9 @@ from moe_emergence.kernels.op_common import (
 )
 from moe_emergence.kernels.routing_meta import RoutingMeta
 from moe_emergence.kernels.triton_kernels import EPI_GELU, EPI_GELU_BWD, launch_rows, launch_wgrad
+from moe_emergence.kernels.triton_launch import INTERPRET
 from moe_emergence.kernels.triton_routing import triton_routing_meta
-from moe_emergence.kernels.triton_rowwise import INTERPRET, launch_bwd_prep, to_tokens
+from moe_emergence.kernels.triton_rowwise import launch_bwd_prep, to_tokens
 
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 Tensor = torch.Tensor

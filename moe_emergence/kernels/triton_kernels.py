@@ -35,7 +35,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_emergence.kernels.routing_meta import RoutingMeta
-from moe_emergence.kernels.triton_rowwise import INTERPRET, block_at, block_layout, e_pow2, segment_sums
+from moe_emergence.kernels.triton_launch import INTERPRET, Launcher
+from moe_emergence.kernels.triton_rowwise import block_at, block_layout, e_pow2, segment_sums
 
 # MOE_TRITON_AUTOTUNE=0: one fixed config on the GPU too (tests: many small shapes, no tuning time)
 AUTOTUNE = os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
@@ -293,16 +294,24 @@ def _wgrad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(cm[:, None] < M) & (cn[None, :] < N))
 
 
+_ROWS, _WGRAD = Launcher(_rows_kernel), Launcher(_wgrad_kernel)
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not (INTERPRET or torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
     return "tf32"
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     """Whether a TMA descriptor can address ``t`` (Hopper or newer, or the interpreter; last dim contiguous,
     16-byte aligned base and strides, no empty dim)."""
-    if not INTERPRET and (t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9):
+    if not INTERPRET and (t.device.type != "cuda" or _capability(t.device.index)[0] < 9):
         return False
     size = t.element_size()
     return (
@@ -347,14 +356,14 @@ def launch_rows(
     in_desc = _descriptor(inp) if tma and not gather and _tma_ok(inp) else None
     part = out  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block, for the smallest BLOCK_M the autotuner may pick
-        max_blocks = triton.cdiv(A, min(c.kwargs["BLOCK_M"] for c in ROWS_CONFIGS)) + E
+        max_blocks = triton.cdiv(A, min(c.kwargs["BLOCK_M"] for c in _rows_kernel.configs)) + E
         part = torch.empty(max_blocks, O_, device=out.device, dtype=torch.float32)
     dots = out  # placeholder without row_dots
     if row_dots is not None:
         if epilogue != EPI_GELU_BWD or scale is not None:
             raise ValueError("launch_rows: row_dots needs epilogue=EPI_GELU_BWD and no scale")
         # one row of partial dots per column block, for the smallest BLOCK_N; dead rows and blocks past N stay 0
-        dots = torch.zeros(triton.cdiv(O_, min(c.kwargs["BLOCK_N"] for c in ROWS_CONFIGS)), A,
+        dots = torch.zeros(triton.cdiv(O_, min(c.kwargs["BLOCK_N"] for c in _rows_kernel.configs)), A,
                            device=out.device, dtype=torch.float32)  # fmt: skip
         scale = row_dots[0]
 
@@ -362,8 +371,8 @@ def launch_rows(
         tiles = (triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(O_, meta_["BLOCK_N"])  # an upper bound
         return (min(tiles, _programs_per_device(out.device)) if meta_["PERSISTENT"] else tiles,)
 
-    _rows_kernel[grid](
-        inp, in_desc, w_EIO, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
+    config = _ROWS(
+        grid, inp, in_desc, w_EIO, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
         dots, meta.token_A if gather else meta.order_A, meta.order_A, meta.offsets_E1,
         triton.next_power_of_2(A), O_, I_, E, A,
         inp.stride(0), inp.stride(1), *w_EIO.stride(), bias.stride(0), out.stride(0), aux.stride(0),
@@ -377,11 +386,10 @@ def launch_rows(
     if (
         row_dots is not None
     ):  # the rows of the config that ran: the autotuner's trials of other BLOCK_N left theirs
-        row_dots[1].add_(dots[: triton.cdiv(O_, _rows_kernel.best_config.kwargs["BLOCK_N"])].sum(0))
+        row_dots[1].add_(dots[: triton.cdiv(O_, config.kwargs["BLOCK_N"])].sum(0))
     if not bias_grad:
         return None
-    block_m = _rows_kernel.best_config.kwargs["BLOCK_M"]  # of the config the launch above ran
-    return segment_sums(part, meta, block_m, grad_dtype or out.dtype)
+    return segment_sums(part, meta, config.kwargs["BLOCK_M"], grad_dtype or out.dtype)
 
 
 def launch_wgrad(
@@ -396,8 +404,8 @@ def launch_wgrad(
     def grid(meta_):
         return (E * triton.cdiv(I_, meta_["BLOCK_M"]) * triton.cdiv(O_, meta_["BLOCK_N"]),)
 
-    _wgrad_kernel[grid](
-        x, g, dw, meta.offsets_E1, meta.token_A, I_, O_, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
+    _WGRAD(
+        grid, x, g, dw, meta.offsets_E1, meta.token_A, I_, O_, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
         GATHER_X=gather, PRECISION=_precision(x.dtype),
     )  # fmt: skip
     return dw

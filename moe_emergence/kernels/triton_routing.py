@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from moe_emergence.kernels.routing_meta import RoutingMeta, check_weights_shape, expert_id_dtype, routing_meta
+from moe_emergence.kernels.triton_launch import Launcher
 
 _TILE = 16384  # entries of a chunk's one-hot tile [BLOCK, E_POW2]
 
@@ -70,6 +71,8 @@ def _place_kernel(
         tl.store(offsets_ptr + e_idx, offsets_E.to(tl.int64), mask=e_idx <= E)
 
 
+_COUNT, _PLACE = Launcher(_count_kernel), Launcher(_place_kernel)
+
 # assignments per chunk (program): small chunks keep the in-chunk scan short. H100, A = 8192, E = 8, both kernels:
 # 5.2 us with 128, 8.2 with 512, 19.0 with 1024 (2026-11-23, docs/benchmarks.md)
 _MAX_BLOCK = 128
@@ -104,9 +107,9 @@ def _routing(
     token_A = torch.empty_like(order_A)
     expert_A = torch.empty(A, device=device, dtype=expert_id_dtype(E))
     offsets_E1 = torch.empty(E + 1, device=device, dtype=torch.int64)
-    _count_kernel[(chunks,)](flat_A, weights_A, counts, A, E, BLOCK=block, E_POW2=e_pow2)
-    _place_kernel[(chunks,)](
-        flat_A, weights_A, counts, order_A, token_A, expert_A, offsets_E1, A, E, chunks, K,
+    _COUNT((chunks,), flat_A, weights_A, counts, A, E, BLOCK=block, E_POW2=e_pow2)
+    _PLACE(
+        (chunks,), flat_A, weights_A, counts, order_A, token_A, expert_A, offsets_E1, A, E, chunks, K,
         BLOCK=block, E_POW2=e_pow2, G_POW2=triton.next_power_of_2(chunks),
     )  # fmt: skip
     return order_A, token_A, expert_A, offsets_E1

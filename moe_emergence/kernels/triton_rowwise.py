@@ -17,15 +17,12 @@ assignments, O a GEMM's output width; rows ``*_A?`` in the expert-sorted order o
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from moe_emergence.kernels.routing_meta import RoutingMeta
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from moe_emergence.kernels.triton_launch import INTERPRET, Launcher
 
 
 @triton.jit
@@ -114,6 +111,9 @@ def _segsum_kernel(
     tl.store(out_ptr + e * N + cn, acc.to(out_ptr.dtype.element_ty), mask=cn < N)
 
 
+_BWD_PREP, _SEGSUM = Launcher(_bwd_prep_kernel), Launcher(_segsum_kernel)
+
+
 def e_pow2(E: int) -> int:
     return max(16, triton.next_power_of_2(E))
 
@@ -124,9 +124,10 @@ def segment_sums(part: torch.Tensor, meta: RoutingMeta, block_m: int, dtype: tor
     E, O_ = meta.num_experts, part.shape[1]
     out = torch.empty(E, O_, device=part.device, dtype=dtype)
     block_n = 16 if INTERPRET else 32
-    _segsum_kernel[(E, triton.cdiv(O_, block_n))](
-        part, out, meta.offsets_E1, O_, E, BLOCK_M=block_m, E_POW2=e_pow2(E), BLOCK_B=16, BLOCK_N=block_n
-    )
+    _SEGSUM(
+        (E, triton.cdiv(O_, block_n)), part, out, meta.offsets_E1, O_, E,
+        BLOCK_M=block_m, E_POW2=e_pow2(E), BLOCK_B=16, BLOCK_N=block_n,
+    )  # fmt: skip
     return out
 
 
@@ -148,8 +149,8 @@ def launch_bwd_prep(
     part = do_AD  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block
         part = torch.empty(blocks, D, device=dy_TD.device, dtype=torch.float32)
-    _bwd_prep_kernel[(blocks,)](
-        dy_TD, b2_ED, weights_flat, do_AD, dwts_A, part, meta.token_A, meta.order_A, meta.offsets_E1, D, E, A,
+    _BWD_PREP(
+        (blocks,), dy_TD, b2_ED, weights_flat, do_AD, dwts_A, part, meta.token_A, meta.order_A, meta.offsets_E1, D, E, A,
         *dy_TD.stride(), b2_ED.stride(0), do_AD.stride(0),  # dy may be any view (autograd can pass expanded grads)
         WANT_DWTS=want_dweights, COL_SUMS=bias_grad, E_POW2=e_pow2(E),
         BLOCK_R=block_r, BLOCK_D=16 if INTERPRET else 128,

@@ -1,0 +1,141 @@
+"""Launching the ``triton`` backend's kernels with less host time per launch than ``kernel[grid](...)``.
+
+An MoE layer's forward and backward launch 11 Triton kernels, 6 of them autotuned. Uncompiled (and inside the
+custom ops under ``torch.compile``, whose bodies run as Python) each launch pays ``Autotuner.run`` (its key rebuilt
+from a dict of every argument and the dtype string of each tensor, the arguments copied into dicts for the config
+hook) and ``JITFunction.run`` (its specialisation and options turned into a cache key with ``str``). On the
+H200 machines' CPUs a row-GEMM launch took ~125 us of host time that way, the compiled kernel's own launcher
+call ~20 us and Triton's binder ~21 us (docs/benchmarks.md, issue 20 item 2).
+
+``Launcher(kernel)`` keeps what those recompute:
+  - the autotuner's choice, read from the autotuner's own cache under the key it would compute (on a new key
+    the autotuner itself tunes and launches);
+  - the compiled kernel per (device, config, specialisation), the specialisation from Triton's own binder, so a
+    launch reuses a compiled kernel only where ``JITFunction.run`` would (same dtypes, the same 16-byte
+    alignment of each pointer, the same integer specialisations, the same constexprs); on a new one
+    ``JITFunction.run`` compiles and launches. Triton's knobs (debug, instrumentation) are those of that first
+    launch.
+A launch on a cached kernel then costs the binder and the launcher call (which encodes the TMA descriptors on
+the host each time). Measured in one process, cached against ``kernel[grid]``: a forward+backward of the layer
+(T = 8192, E = 8, bf16) 2.72 ms of host time against 3.07 ms for top-1, 3.43 against 3.83 for top-2.
+``Launcher`` returns the ``triton.Config`` the launch ran (tile sizes that later kernels depend on), instead of
+the autotuner's ``best_config`` attribute.
+
+Under ``TRITON_INTERPRET=1`` (no compiled kernels) and on Triton versions whose internals differ from the ones
+this reads (``JITFunction.device_caches`` entries of (kernel cache, key cache, target, backend, binder), the
+``CompiledKernel.run`` launcher call; checked at import against the names ``JITFunction.run`` uses; read from
+Triton 3.6 and 3.9) it launches with ``kernel[grid]``, and on the latter says so once (a warning).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import triton
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton reads it
+
+
+def _internals_match() -> bool:
+    """Whether this Triton's ``JITFunction`` has the per-device caches and binder that ``Launcher`` reads."""
+    run = getattr(JITFunction, "run", None)
+    names = getattr(getattr(run, "__code__", None), "co_names", ())
+    needed = ("device_caches", "launch_metadata", "packed_metadata", "function", "get_current_stream")
+    return hasattr(JITFunction, "create_binder") and all(n in names for n in needed)
+
+
+CACHED = not INTERPRET and _internals_match()
+if not INTERPRET and not CACHED:
+    warnings.warn(
+        f"triton {triton.__version__}: its launch internals differ from those moe_emergence's cached launcher "
+        "reads (those of Triton 3.6-3.9); the triton backend launches through kernel[grid] (same results, "
+        "more host time)",
+        stacklevel=2,
+    )
+
+
+_ABSENT = object()  # a key argument left to its default: the autotuner leaves it out of its key
+
+
+class Launcher:
+    """``Launcher(kernel)(grid, *args, **constexprs) -> triton.Config``: ``kernel[grid](*args, **constexprs)``
+    through cached compiled kernels (module docstring). ``kernel``: a ``@triton.jit`` function, or an
+    ``@triton.autotune`` over one; ``grid``: a tuple, or a callable of the bound arguments (by name, the
+    config's meta-parameters included) as Triton takes it; ``args``: the kernel's arguments before its
+    constexprs, positionally; ``constexprs``: the rest by name. Returns the config the launch ran (an empty
+    ``triton.Config`` for a kernel without autotune)."""
+
+    def __init__(self, kernel: JITFunction | Autotuner) -> None:
+        self.kernel = kernel
+        self.tuner = kernel if isinstance(kernel, Autotuner) else None
+        self.jit: JITFunction = kernel.fn if self.tuner is not None else kernel
+        if not isinstance(self.jit, JITFunction) and CACHED:
+            raise TypeError(
+                f"Launcher needs a @triton.jit kernel (or an autotune over one), got {type(kernel)}"
+            )
+        names = self.jit.arg_names
+        # the autotuner's key arguments and their positions (passed positionally, or by name as constexprs)
+        self._key_pos = tuple(
+            (k, names.index(k)) for k in (self.tuner.keys if self.tuner is not None else ())
+        )
+        self._compiled: dict[tuple, Any] = {}
+        self._plain = triton.Config({})
+
+    def __call__(self, grid: tuple | Callable, *args: Any, **constexprs: Any) -> triton.Config:
+        if not CACHED:
+            self.kernel[grid](*args, **constexprs)
+            return self.tuner.best_config if self.tuner is not None else self._plain
+        config = self._config(grid, args, constexprs)
+        if config is None:  # a new tuning key: the autotuner tuned and launched
+            return self.tuner.best_config
+        return self._launch(config, grid, args, constexprs)
+
+    def _config(self, grid, args: tuple, constexprs: dict) -> triton.Config | None:
+        """The config for these arguments, from the autotuner's own cache under its own key (the key arguments'
+        values, then the dtype string of each argument that has one); None after the autotuner, meeting a new
+        key, has tuned and launched."""
+        if self.tuner is None:
+            return self._plain
+        if len(self.tuner.configs) == 1:  # as the autotuner: no key, no tuning
+            return self.tuner.configs[0]
+        passed = (
+            args[pos] if pos < len(args) else constexprs.get(name, _ABSENT) for name, pos in self._key_pos
+        )
+        key = tuple(v for v in passed if v is not _ABSENT) + tuple(
+            str(a.dtype) for a in (*args, *constexprs.values()) if hasattr(a, "dtype")
+        )
+        config = self.tuner.cache.get(key)
+        if config is None:
+            self.kernel[grid](*args, **constexprs)
+        return config
+
+    def _launch(self, config: triton.Config, grid, args: tuple, constexprs: dict) -> triton.Config:
+        kwargs = {**constexprs, **config.all_kwargs()} if config is not self._plain else constexprs
+        if config.pre_hook is not None:  # e.g. the TMA descriptors' boxes follow the tile sizes
+            config.pre_hook({**dict(zip(self.jit.arg_names, args, strict=False)), **kwargs})
+        device = driver.active.get_current_device()
+        binder = self.jit.device_caches[device][4]
+        bound, specialization, _options = binder(*args, **kwargs)
+        key = (device, config, tuple(specialization))
+        compiled = self._compiled.get(key)
+        if compiled is None:  # JITFunction.run compiles (or finds) it and launches
+            compiled = self.jit.run(*args, grid=grid, warmup=False, **kwargs)
+            self._compiled[key] = compiled.result() if hasattr(compiled, "result") else compiled
+            return config
+        grid = grid(bound) if callable(grid) else grid
+        stream = driver.active.get_current_stream(device)
+        values = bound.values()
+        hooks = knobs.runtime
+        compiled.run(
+            grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+            compiled.function, compiled.packed_metadata, compiled.launch_metadata(grid, stream, *values),
+            hooks.launch_enter_hook, hooks.launch_exit_hook, *values,
+        )  # fmt: skip
+        return config
