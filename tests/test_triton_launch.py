@@ -1,9 +1,15 @@
 """``kernels.triton_launch.Launcher``: the triton backend's launches through cached compiled kernels give bitwise
 the results of ``kernel[grid]``, reuse a compiled kernel only where Triton would (a misaligned view gets its own),
-take the autotuner's choice from its own cache, and after the first calls launch without ``JITFunction.run``.
-The cached path exists only on a GPU (the interpreter launches through ``kernel[grid]``: the CPU test)."""
+take the autotuner's choice from its own cache under its own key, and after the first calls launch without
+``JITFunction.run`` or the autotuner. Compiled kernels need a GPU; on the CPU: the installed Triton's
+``JITFunction.run`` is the one reproduced, the tuning key against the real autotuner (its benchmark and launch
+stubbed), ``TRITON_INTERPRET`` spellings."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,12 +39,50 @@ def _run(case, dtype=torch.bfloat16, shift: int = 0):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def test_interpreter_or_cpu_launches_through_kernel_grid():
-    """Without compiled kernels (``TRITON_INTERPRET=1``) nothing is cached: the launcher is ``kernel[grid]``."""
-    if triton_launch.INTERPRET:
-        assert not triton_launch.CACHED
-    elif CUDA:
-        assert triton_launch.CACHED, "this Triton's launch internals are not the ones the launcher reads"
+@pytest.mark.skipif(triton_launch.INTERPRET, reason="the interpreter launches through kernel[grid]")
+def test_this_tritons_jit_run_is_the_one_the_launcher_reproduces():
+    """A Triton upgrade that changes how JITFunction.run binds, caches or launches fails here, not silently."""
+    assert triton_launch._internals_match() and triton_launch.CACHED
+
+
+def test_any_spelling_of_triton_interpret_selects_the_interpreter():
+    code = (
+        "import torch; from moe_emergence.kernels import triton_launch as t, available_backends as a; "
+        "assert t.INTERPRET and not t.CACHED; print(a(torch.device('cpu'), 64, 256))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "true"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "triton" in out.stdout, out.stderr[-2000:]
+
+
+def test_launcher_refuses_what_is_not_a_triton_kernel():
+    with pytest.raises(TypeError, match="@triton.jit"):
+        triton_launch.Launcher(lambda: None)
+
+
+@pytest.mark.skipif(triton_launch.INTERPRET, reason="the interpreter launches through kernel[grid]")
+def test_the_tuning_key_is_the_autotuners_own(monkeypatch):
+    """On the CPU, the autotuner's benchmark and launch stubbed: the first call tunes through the autotuner
+    (which must store its choice under the key the launcher computed, else RuntimeError), the second finds it
+    in the autotuner's cache and launches it without the autotuner."""
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 16})], key=["n"])
+    @triton.jit
+    def toy(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    monkeypatch.setattr(toy, "_bench", lambda *a, config, **k: [float(config.kwargs["BLOCK"])])
+    monkeypatch.setattr(toy.fn, "run", lambda *a, **k: None)
+    launcher = triton_launch.Launcher(toy)
+    launched = []
+    monkeypatch.setattr(launcher, "_launch", lambda config, *a: launched.append(config) or config)
+    x = torch.zeros(4)
+    assert launcher((1,), x, 7).kwargs == {"BLOCK": 16} and not launched  # tuned by the autotuner
+    assert launcher((1,), x, 7).kwargs == {"BLOCK": 16} and len(launched) == 1
+    assert launcher((1,), x.double(), 7) is not None and len(launched) == 1  # another dtype: tuned anew
+    assert len(toy.cache) == 2
 
 
 @gpu
@@ -86,7 +130,13 @@ def test_the_config_comes_from_the_autotuners_cache():
         assert len(tk._rows_kernel.cache) >= 1
         chosen = set(tk._rows_kernel.cache.values())
         assert chosen <= set(configs)
-        for a, b in zip(ref, _run("top2", torch.float32), strict=True):
+        runs = []
+        tuner_run = tk._rows_kernel.run
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tk._rows_kernel, "run", lambda *a, **k: runs.append(1) or tuner_run(*a, **k))
+            again = _run("top2", torch.float32)
+        assert runs == [], "the launcher went through the autotuner with a tuned key"
+        for a, b in zip(ref, again, strict=True):
             assert torch.equal(a, b)
         assert set(tk._rows_kernel.cache.values()) == chosen  # no new tuning
     for config in configs:

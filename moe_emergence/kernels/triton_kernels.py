@@ -303,6 +303,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _smallest_rows_tile(name: str) -> int:
+    """The smallest ``name`` (BLOCK_M or BLOCK_N) of any config the row kernel may run: those it tunes over now
+    and those its cache holds (tests force configs; a disk cache may hold others), to size per-tile buffers."""
+    return min(c.kwargs[name] for c in (*_rows_kernel.configs, *_rows_kernel.cache.values()))
+
+
 @functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -356,14 +362,14 @@ def launch_rows(
     in_desc = _descriptor(inp) if tma and not gather and _tma_ok(inp) else None
     part = out  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block, for the smallest BLOCK_M the autotuner may pick
-        max_blocks = triton.cdiv(A, min(c.kwargs["BLOCK_M"] for c in _rows_kernel.configs)) + E
+        max_blocks = triton.cdiv(A, _smallest_rows_tile("BLOCK_M")) + E
         part = torch.empty(max_blocks, O_, device=out.device, dtype=torch.float32)
     dots = out  # placeholder without row_dots
     if row_dots is not None:
         if epilogue != EPI_GELU_BWD or scale is not None:
             raise ValueError("launch_rows: row_dots needs epilogue=EPI_GELU_BWD and no scale")
         # one row of partial dots per column block, for the smallest BLOCK_N; dead rows and blocks past N stay 0
-        dots = torch.zeros(triton.cdiv(O_, min(c.kwargs["BLOCK_N"] for c in _rows_kernel.configs)), A,
+        dots = torch.zeros(triton.cdiv(O_, _smallest_rows_tile("BLOCK_N")), A,
                            device=out.device, dtype=torch.float32)  # fmt: skip
         scale = row_dots[0]
 

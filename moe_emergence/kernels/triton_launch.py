@@ -29,7 +29,7 @@ Triton 3.6 and 3.9) it launches with ``kernel[grid]``, and on the latter says so
 
 from __future__ import annotations
 
-import os
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -40,47 +40,67 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton reads it
+INTERPRET = bool(knobs.runtime.interpret)  # TRITON_INTERPRET as Triton reads it (1, true, on, yes)
+
+# The lines of JITFunction.run that Launcher reproduces (whitespace removed): where a Triton version differs, its
+# launches go through kernel[grid]
+_RUN_LINES = (
+    "kernel_cache,kernel_key_cache,target,backend,binder=self.device_caches[device]",
+    "bound_args,specialization,options=binder(*args,**kwargs)",
+    "kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
+    "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())",
+)
 
 
 def _internals_match() -> bool:
-    """Whether this Triton's ``JITFunction`` has the per-device caches and binder that ``Launcher`` reads."""
-    run = getattr(JITFunction, "run", None)
-    names = getattr(getattr(run, "__code__", None), "co_names", ())
-    needed = ("device_caches", "launch_metadata", "packed_metadata", "function", "get_current_stream")
-    return hasattr(JITFunction, "create_binder") and all(n in names for n in needed)
+    """Whether this Triton's ``JITFunction.run`` binds, caches and launches as ``Launcher`` does (its source holds
+    ``_RUN_LINES``: Triton 3.6 to 3.9 do; 3.4's caches have another layout)."""
+    try:
+        source = "".join(inspect.getsource(JITFunction.run).split())
+    except (OSError, TypeError):  # no source to check
+        return False
+    return all(line in source for line in _RUN_LINES)
 
 
 CACHED = not INTERPRET and _internals_match()
 if not INTERPRET and not CACHED:
     warnings.warn(
-        f"triton {triton.__version__}: its launch internals differ from those moe_emergence's cached launcher "
-        "reads (those of Triton 3.6-3.9); the triton backend launches through kernel[grid] (same results, "
-        "more host time)",
+        f"triton {triton.__version__}: JITFunction.run is not the one moe_emergence's cached launcher reproduces "
+        "(Triton 3.6-3.9); the triton backend launches through kernel[grid] (same results, more host time)",
         stacklevel=2,
     )
 
-
 _ABSENT = object()  # a key argument left to its default: the autotuner leaves it out of its key
+
+
+def _jit_type() -> type:
+    """What ``@triton.jit`` makes in this process: a ``JITFunction``, or under the interpreter its stand-in."""
+    if INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction
+    return JITFunction
 
 
 class Launcher:
     """``Launcher(kernel)(grid, *args, **constexprs) -> triton.Config``: ``kernel[grid](*args, **constexprs)``
     through cached compiled kernels (module docstring). ``kernel``: a ``@triton.jit`` function, or an
-    ``@triton.autotune`` over one; ``grid``: a tuple, or a callable of the bound arguments (by name, the
-    config's meta-parameters included) as Triton takes it; ``args``: the kernel's arguments before its
-    constexprs, positionally; ``constexprs``: the rest by name. Returns the config the launch ran (an empty
-    ``triton.Config`` for a kernel without autotune)."""
+    ``@triton.autotune`` over one (TypeError otherwise); ``grid``: a tuple, or a callable of the bound arguments
+    (by name, the config's meta-parameters included) as Triton takes it; ``args``: the kernel's arguments before
+    its constexprs, positionally; ``constexprs``: the rest by name. Returns the config the launch ran (an empty
+    ``triton.Config`` for a kernel without autotune). Where the kernel has pre-run hooks, or Triton a stages
+    inspection hook, the launch goes through ``kernel[grid]`` (they change what runs)."""
 
     def __init__(self, kernel: JITFunction | Autotuner) -> None:
         self.kernel = kernel
         self.tuner = kernel if isinstance(kernel, Autotuner) else None
         self.jit: JITFunction = kernel.fn if self.tuner is not None else kernel
-        if not isinstance(self.jit, JITFunction) and CACHED:
+        if not isinstance(self.jit, _jit_type()):
             raise TypeError(
-                f"Launcher needs a @triton.jit kernel (or an autotune over one), got {type(kernel)}"
+                f"Launcher needs a @triton.jit kernel (or an autotune over one), got {type(self.jit)}"
             )
         names = self.jit.arg_names
+        self._arg_names = frozenset(names)
         # the autotuner's key arguments and their positions (passed positionally, or by name as constexprs)
         self._key_pos = tuple(
             (k, names.index(k)) for k in (self.tuner.keys if self.tuner is not None else ())
@@ -89,7 +109,7 @@ class Launcher:
         self._plain = triton.Config({})
 
     def __call__(self, grid: tuple | Callable, *args: Any, **constexprs: Any) -> triton.Config:
-        if not CACHED:
+        if not CACHED or self.jit.pre_run_hooks or getattr(knobs.runtime, "add_stages_inspection_hook", None):
             self.kernel[grid](*args, **constexprs)
             return self.tuner.best_config if self.tuner is not None else self._plain
         config = self._config(grid, args, constexprs)
@@ -100,7 +120,7 @@ class Launcher:
     def _config(self, grid, args: tuple, constexprs: dict) -> triton.Config | None:
         """The config for these arguments, from the autotuner's own cache under its own key (the key arguments'
         values, then the dtype string of each argument that has one); None after the autotuner, meeting a new
-        key, has tuned and launched."""
+        key, has tuned and launched. RuntimeError if the autotuner then stored its choice under another key."""
         if self.tuner is None:
             return self._plain
         if len(self.tuner.configs) == 1:  # as the autotuner: no key, no tuning
@@ -108,27 +128,42 @@ class Launcher:
         passed = (
             args[pos] if pos < len(args) else constexprs.get(name, _ABSENT) for name, pos in self._key_pos
         )
+        by_name = (v for k, v in constexprs.items() if k in self._arg_names)
         key = tuple(v for v in passed if v is not _ABSENT) + tuple(
-            str(a.dtype) for a in (*args, *constexprs.values()) if hasattr(a, "dtype")
+            str(a.dtype) for a in (*args, *by_name) if hasattr(a, "dtype")
         )
         config = self.tuner.cache.get(key)
         if config is None:
             self.kernel[grid](*args, **constexprs)
+            if key not in self.tuner.cache:
+                raise RuntimeError(
+                    f"Launcher: the autotuner of {self.jit.__name__} stored its choice under another key than "
+                    f"{key!r} (its keys: {list(self.tuner.cache)!r}); this Triton's Autotuner.run keys differently"
+                )
         return config
 
     def _launch(self, config: triton.Config, grid, args: tuple, constexprs: dict) -> triton.Config:
+        """Launch with ``config`` through the compiled kernel cached for these arguments' specialisation (first
+        time: through ``JITFunction.run``, which compiles or finds it)."""
         kwargs = {**constexprs, **config.all_kwargs()} if config is not self._plain else constexprs
         if config.pre_hook is not None:  # e.g. the TMA descriptors' boxes follow the tile sizes
             config.pre_hook({**dict(zip(self.jit.arg_names, args, strict=False)), **kwargs})
         device = driver.active.get_current_device()
-        binder = self.jit.device_caches[device][4]
-        bound, specialization, _options = binder(*args, **kwargs)
-        key = (device, config, tuple(specialization))
+        bound, specialization, options = self.jit.device_caches[device][4](*args, **kwargs)  # Triton's binder
+        key = (
+            device, tuple(specialization), tuple(map(type, bound.values())),  # 1 and True are one constexpr else
+            tuple(options.items()), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+        )  # fmt: skip
         compiled = self._compiled.get(key)
-        if compiled is None:  # JITFunction.run compiles (or finds) it and launches
+        if compiled is None:
             compiled = self.jit.run(*args, grid=grid, warmup=False, **kwargs)
             self._compiled[key] = compiled.result() if hasattr(compiled, "result") else compiled
             return config
+        for (name, _), (value, globals_) in self.jit.used_global_vals.items():  # as JITFunction.run checks
+            if globals_.get(name, _ABSENT) != value:
+                raise RuntimeError(
+                    f"Global variable {name} has changed since {self.jit.__name__} was compiled"
+                )
         grid = grid(bound) if callable(grid) else grid
         stream = driver.active.get_current_stream(device)
         values = bound.values()
