@@ -1,0 +1,137 @@
+"""Host time of one MoE layer's forward+backward, by part, and of the triton backend's launches (issue 20 item 2).
+
+    python scripts/bench_host.py [--tokens T] [--reps N] [--rounds R] [--json PATH]
+
+Each measurement queues a sleep kernel first, then times the host issuing the work (the GPU is still asleep, so
+the host never waits on it: the launch, dispatch and Python cost alone); median of ``--reps``. Shapes (legend:
+docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; bf16, as bench_moe's layer rows.
+
+  dense        the dense GPT-2 MLP on K*T tokens (bench_moe's reference)
+  triton, grouped_mm, triton graphed
+               the experts function alone (routing weights given), the last from its CUDA graphs
+               (``train.cuda_graphs``)
+  router       ``MoEWrapper.router`` alone (noise on, bf16 autocast), backward through its weights and probabilities
+  wrapper, wrapper graphed
+               the whole ``MoEWrapper`` (triton experts), plain and with its experts graphed (the trainer's default)
+Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
+``kernel[grid]``, alternating in ``--rounds`` rounds in this process. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from unittest import mock
+
+import torch
+from bench_moe import ACT, FF, D, check_json_path, dense_mlp, parse_args, positive_int, user_error, write_json
+
+from moe_emergence.config import MoEConfig
+from moe_emergence.console import ArgumentParser
+from moe_emergence.experts import get_backend
+from moe_emergence.kernels import triton_launch
+from moe_emergence.kernels.cuda_graph import WARMUP_CALLS, ExpertsGraph
+from moe_emergence.layer import MoEWrapper
+
+E = 8
+
+
+def host_us(fn, reps: int) -> float:
+    """Median microseconds of host time to issue ``fn()`` with the GPU kept busy by a sleep kernel queued first."""
+    for _ in range(WARMUP_CALLS + 1):
+        fn()  # warm-up: autotuning, and a graphed part's warm-up calls and capture
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of device time: more than one layer's issue takes
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def layer_parts(T: int, K: int, gen: torch.Generator) -> dict:
+    """{part: fn} for one layer's forward+backward (module docstring)."""
+    dev, bf = "cuda", torch.bfloat16
+    x = (torch.randn(T, D, device=dev, generator=gen) * 0.5).to(bf).requires_grad_()
+    p = [torch.randn(E, D, FF, device=dev, generator=gen) * 0.02, torch.zeros(E, FF, device=dev)]
+    p += [torch.randn(E, FF, D, device=dev, generator=gen) * 0.02, torch.zeros(E, D, device=dev)]
+    p = [t.to(bf).requires_grad_() for t in p]
+    probs, idx = torch.randn(T, E, device=dev, generator=gen).softmax(-1).topk(K, -1)
+    wts = probs.requires_grad_()
+    dy = torch.randn(T, D, device=dev, dtype=bf, generator=gen)
+    xd = torch.randn(K * T, D, device=dev, dtype=bf, generator=gen).requires_grad_()
+    pd = [t[0].detach().clone().requires_grad_() for t in p]
+    dyd = torch.randn(K * T, D, device=dev, dtype=bf, generator=gen)
+    graphs = ExpertsGraph()
+    parts = {"dense": lambda: dense_mlp(xd, *pd).backward(dyd)}
+    for name in ("triton", "grouped_mm"):
+        fn = get_backend(name, torch.device(dev))
+        parts[name] = lambda fn=fn: fn(x, *p, idx, wts, ACT).backward(dy)
+    triton = get_backend("triton", torch.device(dev))
+    parts["triton graphed"] = lambda: graphs(triton, ACT, p, x, idx, wts).backward(dy)
+    layer = MoEWrapper(MoEConfig(num_experts=E, top_k=K, backend="triton"), D, FF, activation=ACT).to(dev)
+    with torch.no_grad():
+        for t in layer.experts.parameters():
+            t.normal_(std=0.02, generator=gen)
+    h = torch.randn(T // 512, 512, D, device=dev, generator=gen, requires_grad=True)
+
+    def router():
+        with torch.autocast("cuda", dtype=bf):
+            r = layer.router(h.view(-1, D))
+        (r.topk_weights.sum() + r.router_probs.sum()).backward()
+
+    def wrapper():
+        with torch.autocast("cuda", dtype=bf):
+            y, _routing = layer(h)
+        y.float().backward(h.detach())
+
+    def wrapper_graphed():
+        layer.experts.cuda_graph = graphs_layer
+        try:
+            wrapper()
+        finally:
+            layer.experts.cuda_graph = None
+
+    graphs_layer = ExpertsGraph()
+    parts |= {"router": router, "wrapper": wrapper, "wrapper graphed": wrapper_graphed}
+    return parts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=positive_int, default=8192, help="T, a multiple of 512")
+    ap.add_argument("--reps", type=positive_int, default=25, help="timed repetitions per measurement")
+    ap.add_argument("--rounds", type=positive_int, default=4, help="cached/kernel[grid] alternations")
+    ap.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parse_args(ap, argv)
+    if args.tokens % 512:
+        user_error(f"--tokens {args.tokens}: a multiple of 512 (the wrapper's input is [T / 512, 512, D])")
+    if args.json is not None:
+        check_json_path(args.json)
+    if not torch.cuda.is_available():
+        user_error("bench_host.py needs a CUDA device (none visible to torch)")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, T={args.tokens}", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for K in (1, 2):
+        parts = layer_parts(args.tokens, K, gen)
+        for name, fn in parts.items():
+            rows.append(dict(K=K, part=name, host_us=host_us(fn, args.reps)))
+            print(f"K={K} {name:16s} host {rows[-1]['host_us']:8.1f} us per forward+backward", flush=True)
+        cached, plain = [], []
+        for _ in range(args.rounds):
+            cached.append(host_us(parts["triton"], args.reps))
+            with mock.patch.object(triton_launch, "CACHED", False):
+                plain.append(host_us(parts["triton"], args.reps))
+        for label, times in (("cached launches", cached), ("kernel[grid]", plain)):
+            rows.append(dict(K=K, part=f"triton, {label}", host_us=statistics.median(times), rounds=times))
+            print(f"K={K} triton, {label:16s} host {statistics.median(times):8.1f} us "
+                  f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
+    if args.json is not None:
+        write_json(args.json, dict(gpu=torch.cuda.get_device_name(), tokens=args.tokens, rows=rows))
+
+
+if __name__ == "__main__":
+    main()

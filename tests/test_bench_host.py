@@ -1,0 +1,41 @@
+"""scripts/bench_host.py on the CPU: its refusals are one ``error:`` line and exit status 2, before any GPU work.
+The GPU measurement itself is not run here."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _scripts import load_script
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bh():
+    sys.path.insert(0, str(ROOT / "scripts"))  # bench_host imports bench_moe, as when run as a script
+    try:
+        yield load_script("bench_host")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--tokens", "1000"], "--tokens 1000: a multiple of 512"),
+        (["--reps", "0"], "--reps: 0 is not an integer >= 1"),
+        (
+            ["--json", "/no/such/folder/x.json"],
+            "--json /no/such/folder/x.json: a JSON file in an existing folder",
+        ),
+        ([], "needs a CUDA device"),
+    ],
+)
+def test_refusals_are_one_error_line(bh, capsys, argv, says):
+    if not argv and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(SystemExit) as exit_:
+        bh.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
