@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -15,3 +18,14 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def script_importing_scripts(name: str) -> Iterator[ModuleType]:
+    """``load_script(name)`` with ``scripts/`` on ``sys.path`` while the block runs, for a script that imports
+    another (bench_peers and bench_host import bench_moe, as they do when run as scripts)."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        yield load_script(name)
+    finally:
+        sys.path.remove(str(SCRIPTS))

@@ -1,23 +1,15 @@
 """scripts/bench_host.py on the CPU: its refusals are one ``error:`` line and exit status 2, before any GPU work.
 The GPU measurement itself is not run here."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from _scripts import load_script
-
-ROOT = Path(__file__).resolve().parent.parent
+from _scripts import script_importing_scripts
 
 
 @pytest.fixture(scope="module")
 def bh():
-    sys.path.insert(0, str(ROOT / "scripts"))  # bench_host imports bench_moe, as when run as a script
-    try:
-        yield load_script("bench_host")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    with script_importing_scripts("bench_host") as module:
+        yield module
 
 
 @pytest.mark.parametrize(

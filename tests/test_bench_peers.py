@@ -3,24 +3,18 @@ the JSON schema and the refusals (no CUDA, no ScatterMoE). The GPU timing itself
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from _scripts import load_script
+from _scripts import script_importing_scripts
 
 from moe_emergence.experts import eager_experts
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bp():
-    sys.path.insert(0, str(ROOT / "scripts"))  # bench_peers imports bench_moe, as when run as a script
-    try:
-        yield load_script("bench_peers")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    with script_importing_scripts("bench_peers") as module:
+        yield module
 
 
 def _grads(fn, base, idx, gy):
