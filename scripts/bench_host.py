@@ -10,11 +10,15 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
   triton, grouped_mm, triton graphed
                the experts function alone (routing weights given), the last from its CUDA graphs
                (``train.cuda_graphs``)
-  router       ``MoEWrapper.router`` alone (noise on, bf16 autocast), backward through its weights and probabilities
+  router       ``MoEWrapper.router`` alone (noise on; its maths in float32 whatever the autocast), backward through
+               its weights and probabilities
   wrapper, wrapper graphed
                the whole ``MoEWrapper`` (triton experts), plain and with its experts graphed (the trainer's default)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
-``kernel[grid]``, alternating in ``--rounds`` rounds in this process. Needs a CUDA device.
+``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
+Gradients accumulate into the leaves' ``.grad`` as in gradient accumulation (one add per leaf a call). A
+measurement whose sleep ended before the issue did raises RuntimeError (the host waited on the device). Needs a
+CUDA device.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from unittest import mock
 
 import torch
+import triton
 from bench_moe import ACT, FF, D, check_json_path, dense_mlp, parse_args, positive_int, user_error, write_json
 
 from moe_emergence.config import MoEConfig
@@ -37,16 +42,24 @@ E = 8
 
 
 def host_us(fn, reps: int) -> float:
-    """Median microseconds of host time to issue ``fn()`` with the GPU kept busy by a sleep kernel queued first."""
+    """Median microseconds of host time to issue ``fn()`` with the GPU kept busy by a sleep kernel queued first.
+    RuntimeError if the sleep had ended before ``fn()`` returned (the host then waited on the device: a sync, or a
+    full launch queue), which would make the number device time."""
     for _ in range(WARMUP_CALLS + 1):
-        fn()  # warm-up: autotuning, and a graphed part's warm-up calls and capture
+        fn()  # warm-up: autotuning; ExpertsGraph warms up and captures inside its first call
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         torch.cuda._sleep(100_000_000)  # ~50 ms of device time: more than one layer's issue takes
+        asleep = torch.cuda.Event()
+        asleep.record()  # completes when the sleep ends
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
+        if asleep.query():
+            raise RuntimeError(
+                "the GPU's sleep ended before the work was issued: the host waited on the device"
+            )
         torch.cuda.synchronize()
     return statistics.median(times)
 
@@ -73,7 +86,7 @@ def layer_parts(T: int, K: int, gen: torch.Generator) -> dict:
     parts["triton graphed"] = lambda: graphs(triton, ACT, p, x, idx, wts).backward(dy)
     layer = MoEWrapper(MoEConfig(num_experts=E, top_k=K, backend="triton"), D, FF, activation=ACT).to(dev)
     with torch.no_grad():
-        for t in layer.experts.parameters():
+        for t in (*layer.experts.parameters(), layer.router.weight):
             t.normal_(std=0.02, generator=gen)
     h = torch.randn(T // 512, 512, D, device=dev, generator=gen, requires_grad=True)
 
@@ -120,17 +133,29 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in parts.items():
             rows.append(dict(K=K, part=name, host_us=host_us(fn, args.reps)))
             print(f"K={K} {name:16s} host {rows[-1]['host_us']:8.1f} us per forward+backward", flush=True)
-        cached, plain = [], []
-        for _ in range(args.rounds):
-            cached.append(host_us(parts["triton"], args.reps))
-            with mock.patch.object(triton_launch, "CACHED", False):
-                plain.append(host_us(parts["triton"], args.reps))
-        for label, times in (("cached launches", cached), ("kernel[grid]", plain)):
+        if not triton_launch.CACHED:  # the interpreter, or a Triton whose JITFunction.run differs
+            print(
+                "the cached launcher is off in this process (kernels/triton_launch.py): no comparison",
+                flush=True,
+            )
+            continue
+        by_side = {True: [], False: []}
+        for r in range(args.rounds):
+            for cached in (
+                (True, False) if r % 2 == 0 else (False, True)
+            ):  # each side first in every other round
+                with mock.patch.object(triton_launch, "CACHED", cached):
+                    by_side[cached].append(host_us(parts["triton"], args.reps))
+        for label, times in (("cached launches", by_side[True]), ("kernel[grid]", by_side[False])):
             rows.append(dict(K=K, part=f"triton, {label}", host_us=statistics.median(times), rounds=times))
             print(f"K={K} triton, {label:16s} host {statistics.median(times):8.1f} us "
                   f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
     if args.json is not None:
-        write_json(args.json, dict(gpu=torch.cuda.get_device_name(), tokens=args.tokens, rows=rows))
+        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+        meta |= dict(
+            tokens=args.tokens, reps=args.reps, rounds=args.rounds, cached_launcher=triton_launch.CACHED
+        )
+        write_json(args.json, dict(meta, rows=rows))
 
 
 if __name__ == "__main__":
