@@ -23,8 +23,8 @@ the autotuner's ``best_config`` attribute.
 
 Under ``TRITON_INTERPRET=1`` (no compiled kernels) and on Triton versions whose internals differ from the ones
 this reads (``JITFunction.device_caches`` entries of (kernel cache, key cache, target, backend, binder), the
-``CompiledKernel.run`` launcher call; checked at import against the names ``JITFunction.run`` uses; read from
-Triton 3.6 and 3.9) it launches with ``kernel[grid]``, and on the latter says so once (a warning).
+``CompiledKernel.run`` launcher call; checked at import against the lines of ``JITFunction.run`` it reproduces;
+read from Triton 3.6 and 3.9) it launches with ``kernel[grid]``, and on the latter says so once (a warning).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ _RUN_LINES = (
 
 def _internals_match() -> bool:
     """Whether this Triton's ``JITFunction.run`` binds, caches and launches as ``Launcher`` does (its source holds
-    ``_RUN_LINES``: Triton 3.6 to 3.9 do; 3.4's caches have another layout)."""
+    ``_RUN_LINES``: Triton 3.6's and 3.9's do, read from their sources; by a review, 3.4's caches have another
+    layout)."""
     try:
         source = "".join(inspect.getsource(JITFunction.run).split())
     except (OSError, TypeError):  # no source to check
@@ -66,7 +67,8 @@ CACHED = not INTERPRET and _internals_match()
 if not INTERPRET and not CACHED:
     warnings.warn(
         f"triton {triton.__version__}: JITFunction.run is not the one moe_emergence's cached launcher reproduces "
-        "(Triton 3.6-3.9); the triton backend launches through kernel[grid] (same results, more host time)",
+        "(it was read from Triton 3.6 and 3.9); the triton backend launches through kernel[grid] (same results, "
+        "more host time)",
         stacklevel=2,
     )
 
