@@ -72,20 +72,33 @@ def deterministic(on: bool):
 
 @pytest.fixture(scope="module")
 def interpreted_triton() -> dict[str, dict]:
-    """Triton kernels under TRITON_INTERPRET=1 (CPU only), one subprocess per dtype."""
+    """Triton kernels under TRITON_INTERPRET=1 (CPU only), one subprocess per dtype, both at once (the interpreter
+    runs on one core)."""
     if CUDA:
         pytest.skip("CUDA present: the Triton kernels are tested on the GPU")
     env = dict(
         os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     )
-    results = {}
-    for dtype in ("float32", "float16"):
-        proc = subprocess.run(
+    procs = {
+        dtype: subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "kernel_cases.py"), "triton", "cpu", dtype],
-            env=env, capture_output=True, text=True, timeout=600,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        results[dtype] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for dtype in ("float32", "float16")
+    }
+    results = {}
+    try:
+        for dtype, proc in procs.items():
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-4000:]
+            results[dtype] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():  # a failed or timed-out one: the other is not left running
+            proc.kill()
+            proc.wait()
     return results
 
 
