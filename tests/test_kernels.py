@@ -38,7 +38,7 @@ from kernel_cases import (
 
 from moe_emergence import MoEConfig, MoEWrapper
 from moe_emergence.experts import eager_experts, get_backend
-from moe_emergence.kernels import available_backends, load_backend
+from moe_emergence.kernels import available_backends, load_backend, triton_launch
 from moe_emergence.kernels.routing_meta import routing_meta
 
 CUDA = torch.cuda.is_available()
@@ -73,7 +73,7 @@ def deterministic(on: bool):
 @pytest.fixture(scope="module")
 def interpreted_triton() -> dict[str, dict]:
     """Triton kernels under TRITON_INTERPRET=1 (CPU only), one subprocess per dtype, both at once (the interpreter
-    runs on one core)."""
+    keeps about one core busy)."""
     if CUDA:
         pytest.skip("CUDA present: the Triton kernels are tested on the GPU")
     env = dict(
@@ -310,7 +310,7 @@ def test_registry_on_cpu():
         assert MoEConfig(backend=name).backend == name
 
 
-@pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") == "1", reason="CPU without the interpreter")
+@pytest.mark.skipif(CUDA or triton_launch.INTERPRET, reason="CPU without the interpreter")
 def test_triton_refuses_cpu_without_interpreter():
     assert "triton" not in available_backends("cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

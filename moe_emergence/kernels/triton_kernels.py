@@ -389,9 +389,8 @@ def launch_rows(
         W_TRANS=w_trans, E_POW2=e_pow2(E), PRECISION=_precision(inp.dtype),
         APPROX_TANH=not INTERPRET and out.element_size() == 2,  # 16-bit outputs: exact tanh would be rounded away
     )  # fmt: skip
-    if (
-        row_dots is not None
-    ):  # the rows of the config that ran: the autotuner's trials of other BLOCK_N left theirs
+    # the partial dots of the config that ran (the autotuner's trials of other BLOCK_N left rows of theirs)
+    if row_dots is not None:
         row_dots[1].add_(dots[: triton.cdiv(O_, config.kwargs["BLOCK_N"])].sum(0))
     if not bias_grad:
         return None
