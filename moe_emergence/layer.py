@@ -7,6 +7,7 @@ intermediate width, E experts, K experts per token, C expert capacity (expert ch
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +16,37 @@ from transformers.activations import ACT2FN
 from moe_emergence.config import MoEConfig
 from moe_emergence.experts import ExpertBank
 from moe_emergence.routing import Router, RouterOutput
+from moe_emergence.token_mask import as_token_mask
+
+if TYPE_CHECKING:
+    from moe_emergence.kernels.cuda_graph import LayerGraph
+
+# the RouterOutput fields of token-choice routing, in the order a whole-layer CUDA graph returns them after y
+GRAPHED_ROUTER_FIELDS = (
+    "topk_weights",
+    "topk_indices",
+    "router_probs",
+    "router_probs_clean",
+    "router_logits",
+    "entropy",
+)
+
+
+def whole_layer_graph_unsupported(routing) -> str | None:
+    """Why a whole-layer CUDA graph (``kernels.cuda_graph.LayerGraph``) cannot take a layer routed like
+    ``routing`` (an ``MoEConfig`` or a ``Router``: the same field names), or None where it can. It takes
+    token-choice top-k routing with noise, straight-through, normalisation and a selection bias; the other
+    variants (expert choice, capacity, random routing, expert dropout) keep the experts-only graph."""
+    for name, off in (
+        ("routing", "token_choice"),
+        ("capacity_factor", None),
+        ("random_routing_prob", 0.0),
+        ("expert_dropout", 0.0),
+    ):
+        value = getattr(routing, name)
+        if value != off:
+            return f"model.moe.{name}={value!r} (whole-layer graphs take {name}={off!r} only)"
+    return None
 
 
 class Affine(nn.Module):
@@ -66,6 +98,12 @@ class MoEWrapper(nn.Module):
     ``token_mask_T`` (``[T]``, 1 = real token; None = all real) keeps padding from taking expert
     capacity and from being chosen by experts (capacities count real tokens only); ``expert_mask_E``
     (bool ``[E]``, False = removed) is passed to the router (ablations).
+
+    ``cuda_graph``: None (the default), or a ``kernels.cuda_graph.LayerGraph`` set by the trainer
+    (``train.cuda_graphs``) for token-choice routing (``whole_layer_graph_unsupported``) and a sync-free
+    backend on a GPU; then forwards in training mode with autograd on and no ``expert_mask_E`` replay the whole
+    layer (router, experts, shared expert, dropout) from CUDA graphs: the same kernels and results, one launch
+    forward and one backward. Not part of the state dict.
     """
 
     def __init__(
@@ -99,6 +137,7 @@ class MoEWrapper(nn.Module):
                 self.shared_gate = Affine(d_model, 1)  # weight [D, 1], bias [1], float32 maths
                 self.reset_shared_gate()
         self.dropout = nn.Dropout(dropout)
+        self.cuda_graph: LayerGraph | None = None
 
     @torch.no_grad()
     def reset_shared_gate(self) -> None:
@@ -114,6 +153,23 @@ class MoEWrapper(nn.Module):
         expert_mask_E: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        graph = self.cuda_graph
+        if (
+            graph is not None
+            and not graph.capturing  # the capture's own call of this forward
+            and expert_mask_E is None
+            and self.training
+            and torch.is_grad_enabled()
+        ):
+            as_token_mask(token_mask_T, x_TD.shape[0])  # checked as the router would; it does not read it
+            y_TD, routing = self._graphed(graph, x_TD)
+        else:
+            y_TD, routing = self._direct(x_TD, token_mask_T, expert_mask_E)
+        return y_TD.reshape(hidden_states.shape), routing
+
+    def _direct(
+        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None, expert_mask_E: torch.Tensor | None
+    ) -> tuple[torch.Tensor, RouterOutput]:
         routing = self.router(x_TD, token_mask_T, expert_mask_E)  # checks the masks' shapes
         if routing.ec_tokens is None:
             y_TD = self.experts(x_TD, routing.topk_indices, routing.topk_weights)
@@ -121,7 +177,35 @@ class MoEWrapper(nn.Module):
             y_TD = self._expert_choice_dispatch(x_TD, routing.ec_tokens, routing.ec_weights)
         if self.shared_gate_kind is not None:
             y_TD = self._mix_shared(x_TD, y_TD)
-        return self.dropout(y_TD.reshape(hidden_states.shape)), routing
+        return self.dropout(y_TD), routing
+
+    def _graphed(self, graph: LayerGraph, x_TD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        """This forward replayed from ``graph``: the direct forward of ``x_TD`` (no mask: token-choice routing
+        does not read it) run with the parameters as arguments (``torch.func.functional_call``). Raises
+        ``ValueError`` for a layer the graph cannot take."""
+        why = whole_layer_graph_unsupported(self.router)
+        if why is not None or self.experts.cuda_graph is not None:
+            why = why or "its experts have a CUDA graph of their own (ExpertBank.cuda_graph)"
+            raise ValueError(f"MoEWrapper.cuda_graph cannot take this layer: {why}")
+        names, params = zip(*self.named_parameters(), strict=True)
+        if not (x_TD.requires_grad or any(p.requires_grad for p in params)):  # no backward will follow
+            return self._direct(x_TD, None, None)
+
+        def layer(x: torch.Tensor, *p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            y, routing = torch.func.functional_call(self, dict(zip(names, p, strict=True)), (x,))
+            return (y, *(getattr(routing, f) for f in GRAPHED_ROUTER_FIELDS))
+
+        # what the layer computes beyond its arguments: a change makes a new capture
+        key = (
+            self.router.extra_repr(),
+            self.experts.extra_repr(),
+            self.dropout.p,
+            self.shared_gate_kind,
+            getattr(self, "shared_expert_weight", None),
+            tuple(m.training for m in self.modules()),
+        )
+        y_TD, *fields = graph(key, layer, (x_TD,), params)
+        return y_TD, RouterOutput(**dict(zip(GRAPHED_ROUTER_FIELDS, fields, strict=True)))
 
     def _expert_choice_dispatch(
         self, x_TD: torch.Tensor, tokens_EC: torch.Tensor, weights_EC: torch.Tensor
