@@ -1,6 +1,6 @@
 """Host time of one MoE layer's forward+backward, by part, and of the triton backend's launches (issue 20 item 2).
 
-    python scripts/bench_host.py [--tokens T] [--reps N] [--rounds R] [--json PATH]
+    python scripts/bench_host.py [--tokens T] [--top-k K ...] [--reps N] [--rounds R] [--json PATH]
 
 Each measurement queues a sleep kernel first, then times the host issuing the work (the GPU is still asleep, so
 the host never waits on it: the launch, dispatch and Python cost alone); median of ``--reps``. Shapes (legend:
@@ -12,8 +12,9 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
                (``train.cuda_graphs``)
   router       ``MoEWrapper.router`` alone (noise on; its maths in float32 whatever the autocast), backward through
                its weights and probabilities
-  wrapper, wrapper graphed
-               the whole ``MoEWrapper`` (triton experts), plain and with its experts graphed (the trainer's default)
+  wrapper, wrapper experts-graphed, wrapper graphed
+               the whole ``MoEWrapper`` (triton experts): plain, with its experts from CUDA graphs, and the whole
+               layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` takes the latter)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
 ``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
 Gradients accumulate into the leaves' ``.grad`` as in gradient accumulation (one add per leaf a call). A
@@ -35,7 +36,7 @@ from moe_emergence.config import MoEConfig
 from moe_emergence.console import ArgumentParser
 from moe_emergence.experts import get_backend
 from moe_emergence.kernels import triton_launch
-from moe_emergence.kernels.cuda_graph import WARMUP_CALLS, ExpertsGraph
+from moe_emergence.kernels.cuda_graph import WARMUP_CALLS, ExpertsGraph, LayerGraph
 from moe_emergence.layer import MoEWrapper
 
 E = 8
@@ -100,15 +101,22 @@ def layer_parts(T: int, K: int, gen: torch.Generator) -> dict:
             y, _routing = layer(h)
         y.float().backward(h.detach())
 
-    def wrapper_graphed():
-        layer.experts.cuda_graph = graphs_layer
-        try:
-            wrapper()
-        finally:
-            layer.experts.cuda_graph = None
+    def graphed(experts_graph: ExpertsGraph | None, layer_graph: LayerGraph | None):
+        def run():
+            layer.experts.cuda_graph, layer.cuda_graph = experts_graph, layer_graph
+            try:
+                wrapper()
+            finally:
+                layer.experts.cuda_graph = layer.cuda_graph = None
 
-    graphs_layer = ExpertsGraph()
-    parts |= {"router": router, "wrapper": wrapper, "wrapper graphed": wrapper_graphed}
+        return run
+
+    parts |= {
+        "router": router,
+        "wrapper": wrapper,
+        "wrapper experts-graphed": graphed(ExpertsGraph(), None),
+        "wrapper graphed": graphed(None, LayerGraph()),
+    }
     return parts
 
 
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=positive_int, default=8192, help="T, a multiple of 512")
     ap.add_argument("--reps", type=positive_int, default=25, help="timed repetitions per measurement")
     ap.add_argument("--rounds", type=positive_int, default=4, help="cached/kernel[grid] alternations")
+    ap.add_argument(
+        "--top-k", type=int, nargs="+", choices=(1, 2), default=[1, 2], help="K values to measure"
+    )
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parse_args(ap, argv)
     if args.tokens % 512:
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, T={args.tokens}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for K in (1, 2):
+    for K in dict.fromkeys(args.top_k):
         parts = layer_parts(args.tokens, K, gen)
         for name, fn in parts.items():
             rows.append(dict(K=K, part=name, host_us=host_us(fn, args.reps)))
@@ -153,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
         meta |= dict(
-            tokens=args.tokens, reps=args.reps, rounds=args.rounds, cached_launcher=triton_launch.CACHED
+            tokens=args.tokens,
+            top_k=args.top_k,
+            reps=args.reps,
+            rounds=args.rounds,
+            cached_launcher=triton_launch.CACHED,
         )
         write_json(args.json, dict(meta, rows=rows))
 

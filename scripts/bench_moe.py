@@ -311,9 +311,9 @@ E2E_MODELS = {
 }
 
 
-def gpt2_small(moe: dict | None, graphed: bool = False, kind: str = "gpt2"):
-    """GPT-2-small-shaped model (random init, ``E2E_MODELS[kind]``) on the GPU; ``graphed``: its experts run from
-    CUDA graphs, as the trainer's ``train.cuda_graphs`` does."""
+def gpt2_small(moe: dict | None, graphs: str | None = None, kind: str = "gpt2"):
+    """GPT-2-small-shaped model (random init, ``E2E_MODELS[kind]``) on the GPU; ``graphs``: ``"layers"``, each
+    MoE layer runs from CUDA graphs, or ``"experts"``, its experts do, as the trainer's ``train.cuda_graphs``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
@@ -331,10 +331,10 @@ def gpt2_small(moe: dict | None, graphed: bool = False, kind: str = "gpt2"):
         for layer in model.moe_layers().values():
             for p in layer.experts.parameters():
                 p.normal_(std=0.02)
-    if graphed:
-        from moe_emergence.training.model_setup import graph_experts
+    if graphs is not None:
+        from moe_emergence.training.model_setup import graph_layers
 
-        graph_experts(model)
+        graph_layers(model, graphs)
     return model.cuda()
 
 
@@ -361,8 +361,11 @@ def e2e_variants(only: list[str] | None) -> list[tuple[str, dict | None]]:
             if K == 2 and backend == "eager":
                 continue
             variants.append((f"moe top-{K} {backend}", e2e_moe(K, backend)))
-            if backend != "eager":
+            if (
+                backend != "eager"
+            ):  # graphed: whole layers (train.cuda_graphs=auto); experts-graphed: experts only
                 variants.append((f"moe top-{K} {backend} graphed", e2e_moe(K, backend)))
+                variants.append((f"moe top-{K} {backend} experts-graphed", e2e_moe(K, backend)))
     if only:
         unknown = sorted(set(only) - {n for n, _ in variants})
         if unknown:
@@ -407,7 +410,12 @@ def bench_e2e(
         for name, moe in e2e_variants(only):
             if compiled and name.endswith("graphed"):
                 continue  # the compiler captures its own graphs (train.cuda_graphs refuses the pair)
-            model = gpt2_small(moe, graphed=name.endswith("graphed"), kind=kind).train()
+            graphs = (
+                ("experts" if name.endswith("experts-graphed") else "layers")
+                if name.endswith("graphed")
+                else None
+            )
+            model = gpt2_small(moe, graphs, kind=kind).train()
             if compiled:
                 torch._dynamo.reset()
                 model.compile(mode=compile_mode)

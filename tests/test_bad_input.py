@@ -111,7 +111,17 @@ CASES = [
         r"train\.cuda_graphs='experts' cannot run here: the run is on the cpu; use 'auto' or 'none'",
     ),
     Case(
+        "cuda-graphs-layers-cpu",
+        ("train.cuda_graphs=layers",),
+        r"train\.cuda_graphs='layers' cannot run here: the run is on the cpu; use 'auto' or 'none'",
+    ),
+    Case(
         "cuda-graphs-compile",
+        ("train.cuda_graphs=layers", "train.compile=true"),
+        r"train\.cuda_graphs='layers' is invalid: 'auto' or 'none' with train\.compile=true",
+    ),
+    Case(
+        "cuda-graphs-experts-compile",
         ("train.cuda_graphs=experts", "train.compile=true"),
         r"train\.cuda_graphs='experts' is invalid: 'auto' or 'none' with train\.compile=true",
     ),
@@ -119,7 +129,7 @@ CASES = [
         "cuda-graphs-value",
         ("train.cuda_graphs=on",),
         r"train\.cuda_graphs: yes/on/true \(YAML reads them as True\) is not allowed; choose one of 'auto', "
-        r"'experts', 'none'",
+        r"'layers', 'experts', 'none'",
     ),
     # ---------------------------------------------------------------- positions, layers, upcycle step
     Case(

@@ -17,6 +17,7 @@ def bh():
     [
         (["--tokens", "1000"], "--tokens 1000: a multiple of 512"),
         (["--reps", "0"], "--reps: 0 is not an integer >= 1"),
+        (["--top-k", "3"], "--top-k"),
         (
             ["--json", "/no/such/folder/x.json"],
             "--json /no/such/folder/x.json: a JSON file in an existing folder",

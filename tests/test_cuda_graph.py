@@ -6,6 +6,7 @@ two forwards before one backward; the trainer with graphs against the trainer wi
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -178,8 +179,8 @@ def test_two_forwards_before_one_backward_are_refused():
 @needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
 def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
-    """The tiny run on the GPU (dense steps, upcycle, MoE steps with gradient accumulation and router noise):
-    every logged loss and the final weights equal with train.cuda_graphs=experts and none."""
+    """The tiny run on the GPU (dense steps, upcycle, MoE steps with gradient accumulation, router noise and
+    dropout): every logged loss and the final weights equal with train.cuda_graphs=layers, experts and none."""
     from moe_emergence.telemetry import read_metrics
     from moe_emergence.training.trainer import train
 
@@ -188,27 +189,32 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
         "train.grad_accum=2",
         "train.mixed_precision=bf16",
         "model.moe.top_k=2",
+        "model.dropout=0.1",
     )
     runs = {}
-    for g in ("experts", "none"):
+    for g in ("layers", "experts", "none"):
         runs[g] = train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}"))
         said = {
+            "layers": "train.cuda_graphs=layers: on: each MoE layer (router, experts, shared expert, dropout) runs",
             "experts": "train.cuda_graphs=experts: on: each MoE layer's experts run from CUDA graphs",
             "none": "train.cuda_graphs=none: off: train.cuda_graphs=none",
         }[g]
         assert said in capsys.readouterr().out
-    a, b = (train_records(read_metrics(runs[g].run_dir / "metrics.jsonl")) for g in ("experts", "none"))
-    assert a.keys() == b.keys() and len(a) == 6
-    assert [a[s].get("perf/cuda_graph_captures") for s in a] == [None, None] + [
-        2.0
-    ] * 4  # dense, then 2 layers
-    for step in a:
-        assert a[step].keys() - {"perf/cuda_graph_captures"} == b[step].keys()
-        for key in a[step]:
-            if key.startswith("train/"):  # the maths (perf/ holds the timings)
-                assert a[step][key] == b[step][key], (step, key)
-    sa, sb = final_state(runs["experts"].run_dir), final_state(runs["none"].run_dir)
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    b = train_records(read_metrics(runs["none"].run_dir / "metrics.jsonl"))
+    sb = final_state(runs["none"].run_dir)
+    for g in ("layers", "experts"):
+        a = train_records(read_metrics(runs[g].run_dir / "metrics.jsonl"))
+        assert a.keys() == b.keys() and len(a) == 6
+        assert [a[s].get("perf/cuda_graph_captures") for s in a] == [None, None] + [
+            2.0
+        ] * 4  # dense, then 2 layers
+        for step in a:
+            assert a[step].keys() - {"perf/cuda_graph_captures"} == b[step].keys()
+            for key in a[step]:
+                if key.startswith("train/"):  # the maths (perf/ holds the timings)
+                    assert a[step][key] == b[step][key], (g, step, key)
+        sa = final_state(runs[g].run_dir)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), g
 
 
 # ------------------------------------------------------------------ resolution and refusals (any machine)
@@ -245,23 +251,25 @@ def test_auto_resolves_off_with_the_reason_and_experts_is_refused_with_it(monkey
         ),
     }
     for why, (cfg, device, fsdp, processes) in cases.items():
-        on, said = cuda_graphs_on(cfg, BASE, device, fsdp, processes)
-        assert not on and said.startswith(why), (why, said)
+        what, said = cuda_graphs_on(cfg, BASE, device, fsdp, processes)
+        assert what is None and said.startswith(why), (why, said)
         if cfg.train.compile:
-            continue  # experts with compile is refused by the config itself (test_bad_input)
-        cfg.train.cuda_graphs = "experts"
-        with pytest.raises(ConfigError, match=f"train.cuda_graphs='experts' cannot run here: {why}"):
-            cuda_graphs_on(cfg, BASE, device, fsdp, processes)
+            continue  # layers or experts with compile is refused by the config itself (test_bad_input)
+        for setting in ("layers", "experts"):
+            cfg.train.cuda_graphs = setting
+            with pytest.raises(ConfigError, match=f"train.cuda_graphs='{setting}' cannot run here: {why}"):
+                cuda_graphs_on(cfg, BASE, device, fsdp, processes)
     assert cuda_graphs_on(_cfg("train.cuda_graphs=none", "model.moe.backend=triton"), BASE, cuda, False) == (
-        False,
+        None,
         "train.cuda_graphs=none",
     )
-    # several processes: auto declines (DDP not verified), experts is the user's call
+    # several processes: auto declines (DDP not verified), layers and experts are the user's call
     triton = _cfg("model.moe.backend=triton")
-    on, said = cuda_graphs_on(triton, BASE, cuda, False, 2)
-    assert not on and said.startswith("2 processes: graphed experts are not verified under DDP")
-    triton.train.cuda_graphs = "experts"
-    assert cuda_graphs_on(triton, BASE, cuda, False, 2) == (True, None)
+    what, said = cuda_graphs_on(triton, BASE, cuda, False, 2)
+    assert what is None and said.startswith("2 processes: CUDA-graphed MoE layers are not verified under DDP")
+    for setting in ("layers", "experts"):
+        triton.train.cuda_graphs = setting
+        assert cuda_graphs_on(triton, BASE, cuda, False, 2) == (setting, None)
 
 
 def test_auto_takes_graphs_where_they_run(monkeypatch):
@@ -273,9 +281,29 @@ def test_auto_takes_graphs_where_they_run(monkeypatch):
         ("model.moe.backend=triton", "train.mixed_precision=no"),
         ("model.moe.backend=grouped_mm", "train.mixed_precision=bf16"),
     ):
-        for setting in ("auto", "experts"):
+        for setting, what in (("auto", "layers"), ("layers", "layers"), ("experts", "experts")):
             cfg = _cfg(*overrides, f"train.cuda_graphs={setting}")
-            assert cuda_graphs_on(cfg, BASE, cuda, False) == (True, None), (overrides, setting)
+            assert cuda_graphs_on(cfg, BASE, cuda, False) == (what, None), (overrides, setting)
+    # a routing variant the whole-layer graph does not take: auto graphs the experts and says why; layers refuses
+    variants = {
+        "model.moe.capacity_factor=1.25": "model.moe.capacity_factor=1.25 (whole-layer graphs take "
+        "capacity_factor=None only)",
+        "model.moe.routing=expert_choice": "model.moe.routing='expert_choice'",
+        "model.moe.random_routing_prob=0.1": "model.moe.random_routing_prob=0.1",
+        "model.moe.expert_dropout=0.1": "model.moe.expert_dropout=0.1",
+    }
+    for override, why in variants.items():
+        what, said = cuda_graphs_on(_cfg("model.moe.backend=triton", override), BASE, cuda, False)
+        assert what == "experts" and said.startswith(why), (override, said)
+        with pytest.raises(
+            ConfigError, match=f"train.cuda_graphs='layers' cannot run here: {re.escape(why)}"
+        ):
+            cuda_graphs_on(
+                _cfg("model.moe.backend=triton", override, "train.cuda_graphs=layers"), BASE, cuda, False
+            )
+    # the selection bias is read in place: the whole layer takes it
+    biased = _cfg("model.moe.backend=triton", "model.moe.bias_update_rate=0.001")
+    assert cuda_graphs_on(biased, BASE, cuda, False) == ("layers", None)
 
 
 def test_experts_graph_refuses_cpu_tensors():

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from moe_emergence.telemetry import LayerRoutingStats
 from moe_emergence.telemetry import names as keys
-from moe_emergence.training import guard
+from moe_emergence.training import guard, model_setup
 from moe_emergence.training.steps import StepResult, train_record
 from moe_emergence.training.summary import RunFacts, write_summary
 
@@ -188,10 +188,9 @@ class RunLoop:
         record[keys.TRAIN_TOKENS] = float(st.tokens)
         record[keys.TRAIN_SKIPPED_STEPS] = float(st.skipped_steps)
         record[keys.TOKENS_PER_SEC] = tps
-        # graphed experts: captures that grow mid-run mean changing batch shapes (each capture stalls the step)
+        # graphed layers: captures that grow mid-run mean changing batch shapes (each capture stalls the step)
         if t.cuda_graphs and out.moe is not None:
-            banks = [layer.experts for layer in t.unwrapped.moe_layers().values()]
-            record[keys.CUDA_GRAPH_CAPTURES] = float(sum(b.cuda_graph.captures for b in banks))
+            record[keys.CUDA_GRAPH_CAPTURES] = float(model_setup.graph_captures(t.unwrapped))
         return record
 
     def _flush_tokens(self) -> None:

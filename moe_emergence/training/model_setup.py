@@ -18,6 +18,7 @@ from moe_emergence.dense_checkpoint import check_weight_files, hub_access
 from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.experts import backend_name
 from moe_emergence.kernels import BACKENDS, unsupported_reason
+from moe_emergence.layer import whole_layer_graph_unsupported
 from moe_emergence.modeling import GPT2MoEForCausalLM
 from moe_emergence.training.config import ModelConfig, RunConfig
 from moe_emergence.upcycle import load_dense_gpt2, upcycle
@@ -164,17 +165,19 @@ def _check_moe_fits(cfg: RunConfig, n_layer: int, d_model: int, d_ff: int, block
 
 def cuda_graphs_on(
     cfg: RunConfig, base: BaseInfo, device: torch.device, fsdp: bool, processes: int = 1
-) -> tuple[bool, str | None]:
-    """``train.cuda_graphs`` resolved: (whether the MoE layers' experts run from CUDA graphs,
-    ``kernels/cuda_graph.py``; why not, or None). They need a GPU, an uncompiled model not sharded by FSDP (its
-    unsharded parameters move between steps) and a backend that never waits on the device: ``triton``, or
-    ``grouped_mm`` in bf16 on compute capability 9.x or 10.x (Hopper, datacenter Blackwell; elsewhere
-    ``torch._grouped_mm`` reads its group offsets on the host), never ``eager``. ``auto`` takes them where all
-    of that holds and the run has one process (several, under DDP: not verified yet); ``experts`` where they
-    cannot run is a ``ConfigError`` naming the cause."""
+) -> tuple[str | None, str | None]:
+    """``train.cuda_graphs`` resolved: (what runs from CUDA graphs, ``"layers"``, ``"experts"`` or None; why not
+    the whole layers, or None). Graphs (``kernels/cuda_graph.py``) need a GPU, an uncompiled model not sharded
+    by FSDP (its unsharded parameters move between steps) and a backend that never waits on the device:
+    ``triton``, or ``grouped_mm`` in bf16 on compute capability 9.x or 10.x (Hopper, datacenter Blackwell;
+    elsewhere ``torch._grouped_mm`` reads its group offsets on the host), never ``eager``. Whole layers also
+    need token-choice routing without capacity, random routing or expert dropout
+    (``layer.whole_layer_graph_unsupported``). ``auto`` takes the most of that which holds when the run has one
+    process (several, under DDP: not verified yet); ``layers`` or ``experts`` where they cannot run is a
+    ``ConfigError`` naming the cause."""
     setting, moe, t = cfg.train.cuda_graphs, cfg.model.moe, cfg.train
     if setting == "none":
-        return False, "train.cuda_graphs=none"
+        return None, "train.cuda_graphs=none"
     gpu = moe is not None and device.type == "cuda"
     backend = backend_name(moe.backend, device, base.d_model, base.d_ff) if gpu else None
     precision = mixed_precision(t.mixed_precision, t.cpu)
@@ -194,22 +197,49 @@ def cuda_graphs_on(
         why = "the grouped_mm experts wait on the device on GPUs other than compute capability 9.x and 10.x"
     elif setting == "auto" and processes > 1:
         return (
-            False,
-            f"{processes} processes: graphed experts are not verified under DDP yet (train.cuda_graphs=experts)",
+            None,
+            f"{processes} processes: CUDA-graphed MoE layers are not verified under DDP yet "
+            "(train.cuda_graphs=layers or experts)",
         )
     else:
-        return True, None
-    if setting == "experts":
-        raise ConfigError(f"train.cuda_graphs='experts' cannot run here: {why}; use 'auto' or 'none'")
-    return False, why
+        why = whole_layer_graph_unsupported(moe)
+        if setting == "layers" and why is not None:
+            raise ConfigError(
+                f"train.cuda_graphs='layers' cannot run here: {why}; use 'auto', 'experts' or 'none'"
+            )
+        return ("experts" if setting == "experts" or why is not None else "layers"), why
+    if setting != "auto":
+        raise ConfigError(f"train.cuda_graphs={setting!r} cannot run here: {why}; use 'auto' or 'none'")
+    return None, why
 
 
-def graph_experts(model: torch.nn.Module) -> None:
-    """Give every MoE layer's ``ExpertBank`` its own ``ExpertsGraph`` (``train.cuda_graphs``)."""
-    from moe_emergence.kernels.cuda_graph import ExpertsGraph
+def said_cuda_graphs(what: str | None, why: str | None) -> str:
+    """The run's first line on a GPU, after ``train.cuda_graphs=<setting>: ``: what ``cuda_graphs_on`` chose."""
+    if what == "layers":
+        return "on: each MoE layer (router, experts, shared expert, dropout) runs from CUDA graphs"
+    if what == "experts":
+        return "on: each MoE layer's experts run from CUDA graphs" + (
+            f" (not the whole layer: {why})" if why else ""
+        )
+    return f"off: {why}"
+
+
+def graph_layers(model: torch.nn.Module, what: str) -> None:
+    """Give every MoE layer its own CUDA graphs (``train.cuda_graphs``): ``what`` = ``"layers"``, a
+    ``LayerGraph`` of the whole layer, or ``"experts"``, an ``ExpertsGraph`` of its ``ExpertBank``."""
+    from moe_emergence.kernels.cuda_graph import ExpertsGraph, LayerGraph
 
     for layer in model.moe_layers().values():
-        layer.experts.cuda_graph = ExpertsGraph()
+        if what == "layers":
+            layer.cuda_graph, layer.experts.cuda_graph = LayerGraph(), None
+        else:
+            layer.cuda_graph, layer.experts.cuda_graph = None, ExpertsGraph()
+
+
+def graph_captures(model: torch.nn.Module) -> int:
+    """CUDA-graph signatures captured so far by the model's MoE layers (``graph_layers``), dropped ones included."""
+    graphs = [layer.cuda_graph or layer.experts.cuda_graph for layer in model.moe_layers().values()]
+    return sum(g.captures for g in graphs if g is not None)
 
 
 def model_dims(model) -> dict[str, int | None]:

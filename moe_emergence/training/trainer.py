@@ -73,8 +73,9 @@ class Trainer:
         fsdp = acc.distributed_type == DistributedType.FSDP
         self.cuda_graphs, why_not = model_setup.cuda_graphs_on(cfg, base, acc.device, fsdp, acc.num_processes)
         if cfg.model.moe is not None and acc.device.type == "cuda":  # say what auto chose, and why
-            said = f"off: {why_not}" if why_not else "on: each MoE layer's experts run from CUDA graphs"
-            acc.print(f"train.cuda_graphs={t.cuda_graphs}: {said}")
+            acc.print(
+                f"train.cuda_graphs={t.cuda_graphs}: {model_setup.said_cuda_graphs(self.cuda_graphs, why_not)}"
+            )
         self.folder = folder = RunFolder(self.accelerator, cfg, resume, overwrite)  # locks the run folder
         self.resume_from = folder.resume_from
         try:
@@ -178,7 +179,7 @@ class Trainer:
         if self.cfg.train.compile:
             model_setup.compile_in_place(model, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
         if self.cuda_graphs and model_setup.is_moe(model):
-            model_setup.graph_experts(model)
+            model_setup.graph_layers(model, self.cuda_graphs)
         optimizer = build_optimizer(model, self.cfg.optim)
         self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
