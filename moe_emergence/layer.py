@@ -37,15 +37,15 @@ def whole_layer_graph_unsupported(routing) -> str | None:
     ``routing`` (an ``MoEConfig`` or a ``Router``: the same field names), or None where it can. It takes
     token-choice top-k routing with noise, straight-through, normalisation and a selection bias; the other
     variants (expert choice, capacity, random routing, expert dropout) keep the experts-only graph."""
-    for name, off in (
-        ("routing", "token_choice"),
-        ("capacity_factor", None),
-        ("random_routing_prob", 0.0),
-        ("expert_dropout", 0.0),
+    for name, off, off_yaml in (
+        ("routing", "token_choice", "token_choice"),
+        ("capacity_factor", None, "null"),
+        ("random_routing_prob", 0.0, "0"),
+        ("expert_dropout", 0.0, "0"),
     ):
         value = getattr(routing, name)
         if value != off:
-            return f"model.moe.{name}={value!r} (whole-layer graphs take {name}={off!r} only)"
+            return f"model.moe.{name}={value}; whole-layer graphs take {name}={off_yaml} only"
     return None
 
 
@@ -103,7 +103,9 @@ class MoEWrapper(nn.Module):
     (``train.cuda_graphs``) for token-choice routing (``whole_layer_graph_unsupported``) and a sync-free
     backend on a GPU; then forwards in training mode with autograd on and no ``expert_mask_E`` replay the whole
     layer (router, experts, shared expert, dropout) from CUDA graphs: the same kernels and results, one launch
-    forward and one backward. Not part of the state dict.
+    forward and one backward (each forward's backward must run before the next forward of the same shape).
+    Forward hooks on the submodules do not run on replays. Not part of the state dict; set it to None to run
+    the layer directly again (e.g. after moving the model off the GPU).
     """
 
     def __init__(
@@ -195,8 +197,10 @@ class MoEWrapper(nn.Module):
             y, routing = torch.func.functional_call(self, dict(zip(names, p, strict=True)), (x,))
             return (y, *(getattr(routing, f) for f in GRAPHED_ROUTER_FIELDS))
 
-        # what the layer computes beyond its arguments: a change makes a new capture
+        # what the layer computes beyond its arguments: a change makes a new capture (buffers are read in place
+        # at their address: one replaced by another tensor is a new capture, never a read of freed memory)
         key = (
+            tuple((b.data_ptr(), b.shape, b.dtype) for b in self.buffers()),
             self.router.extra_repr(),
             self.experts.extra_repr(),
             self.dropout.p,

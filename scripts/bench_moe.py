@@ -8,9 +8,11 @@ memory of forward+backward (peak allocated minus allocated before the forward); 
 E in {4, 8, 16}, T in {4096, 8192, 16384}, balanced and Zipf(1.0)-skewed routing.
 End to end: training tokens/s of a GPT-2-small-shaped model (random init) with MoE in blocks 8-11
 (E=8) vs the same dense model, bf16 autocast, fused AdamW, same batch and sequence length, every variant built
-first and measured in interleaved rounds; "graphed" variants run their experts from CUDA graphs
-(``train.cuda_graphs``); with ``--compile`` also every model compiled (dense and MoE alike), against the compiled
-dense model.
+first and measured in interleaved rounds; "graphed" variants run each MoE layer whole from CUDA graphs (router
+and experts: ``train.cuda_graphs=layers``, what ``auto`` takes), "experts-graphed" ones only its experts
+(``train.cuda_graphs=experts``); with ``--compile`` also every model compiled (dense and MoE alike), against the
+compiled dense model. In the layer rows, which time the experts function alone, "graphed" is that function from
+its CUDA graphs (``ExpertsGraph``).
 Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile check (graph breaks).
 
     python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--compile [MODE ...]] [--skip-compile]

@@ -195,7 +195,7 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
     for g in ("layers", "experts", "none"):
         runs[g] = train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}"))
         said = {
-            "layers": "train.cuda_graphs=layers: on: each MoE layer (router, experts, shared expert, dropout) runs",
+            "layers": "train.cuda_graphs=layers: on: each MoE layer runs whole from CUDA graphs, router and experts",
             "experts": "train.cuda_graphs=experts: on: each MoE layer's experts run from CUDA graphs",
             "none": "train.cuda_graphs=none: off: train.cuda_graphs=none",
         }[g]
@@ -286,9 +286,10 @@ def test_auto_takes_graphs_where_they_run(monkeypatch):
             assert cuda_graphs_on(cfg, BASE, cuda, False) == (what, None), (overrides, setting)
     # a routing variant the whole-layer graph does not take: auto graphs the experts and says why; layers refuses
     variants = {
-        "model.moe.capacity_factor=1.25": "model.moe.capacity_factor=1.25 (whole-layer graphs take "
-        "capacity_factor=None only)",
-        "model.moe.routing=expert_choice": "model.moe.routing='expert_choice'",
+        "model.moe.capacity_factor=1.25": "model.moe.capacity_factor=1.25; whole-layer graphs take "
+        "capacity_factor=null only",
+        "model.moe.routing=expert_choice": "model.moe.routing=expert_choice; whole-layer graphs take "
+        "routing=token_choice only",
         "model.moe.random_routing_prob=0.1": "model.moe.random_routing_prob=0.1",
         "model.moe.expert_dropout=0.1": "model.moe.expert_dropout=0.1",
     }

@@ -33,9 +33,10 @@ The trainer sets one or the other (``train.cuda_graphs``). How they behave:
 - The graphs hold one forward's activations, for one backward: each call's backward must run once, before the
   same signature's next forward, as in training with gradient accumulation (forward, backward, forward,
   backward). A backward whose activations a later forward or an earlier backward overwrote raises
-  ``RuntimeError``, never computes gradients of other inputs; so does non-reentrant activation checkpointing,
-  which runs the forward again before the backward. So does a parameter changed in place or moved
-  (``param.data = ...``) between forward and backward.
+  ``RuntimeError``, never computes gradients of other inputs; so does a parameter changed in place or moved
+  (``param.data = ...``) between forward and backward. Activation checkpointing (library use; the trainer has
+  no such option) is not verified: a recomputed forward that runs before the layer's backward gets that
+  ``RuntimeError``, and a first capture inside a checkpointed region meets the checkpoint's saved-tensor hooks.
 - Inputs are copied into the graph's static buffers, and outputs and every gradient copied out of them:
   nothing returned aliases the graph's memory, so outputs may be kept and gradients accumulate into ``.grad``
   as usual (DDP's hooks see ordinary gradients). An output the caller's backward gives no gradient (an unused
@@ -251,15 +252,21 @@ class _Graphs:
         """Signatures captured and kept."""
         return len(self._captured)
 
-    def _replay(
+    def replay(
         self,
         key: Hashable,
         fn: Callable[..., tuple[Tensor, ...]],
         inputs: Sequence[Tensor],
         params: Sequence[Tensor],
     ) -> tuple[Tensor, ...]:
+        """``fn(*inputs, *params)`` -> its outputs, replayed from the graphs of this call's signature (captured
+        now if new). ``key`` names what ``fn`` computes beyond its arguments (the layer's settings): a new key
+        is a new capture. ``ValueError`` for inputs not on a CUDA device."""
         if inputs[0].device.type != "cuda":
-            raise ValueError(f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device}")
+            raise ValueError(
+                f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} (set the layer's cuda_graph "
+                "to None to run it directly)"
+            )
         sig = _signature(key, params, inputs)
         graphs = self._captured.get(sig)
         if graphs is None:
@@ -279,17 +286,7 @@ class LayerGraph(_Graphs):
     """CUDA graphs of one MoE layer's whole forward (module docstring); ``MoEWrapper.forward`` calls it in
     training with autograd on. CUDA tensors only (``ValueError`` otherwise)."""
 
-    def __call__(
-        self,
-        key: Hashable,
-        fn: Callable[..., tuple[Tensor, ...]],
-        inputs: Sequence[Tensor],
-        params: Sequence[Tensor],
-    ) -> tuple[Tensor, ...]:
-        """``fn(*inputs, *params)`` -> its outputs, replayed from the graphs of this call's signature (captured
-        now if new). ``key`` names what ``fn`` computes beyond its arguments (the layer's settings): a new key
-        is a new capture."""
-        return self._replay(key, fn, inputs, params)
+    __call__ = _Graphs.replay
 
 
 class ExpertsGraph(_Graphs):
@@ -315,4 +312,4 @@ class ExpertsGraph(_Graphs):
         def experts(x: Tensor, idx: Tensor, w: Tensor, *p: Tensor) -> tuple[Tensor]:
             return (fn(x, *p, idx, w, activation),)
 
-        return self._replay((fn, activation), experts, (x_TD, indices_TK, weights_TK), params)[0]
+        return self.replay((fn, activation), experts, (x_TD, indices_TK, weights_TK), params)[0]

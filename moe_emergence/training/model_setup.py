@@ -182,7 +182,7 @@ def cuda_graphs_on(
     backend = backend_name(moe.backend, device, base.d_model, base.d_ff) if gpu else None
     precision = mixed_precision(t.mixed_precision, t.cpu)
     if moe is None:
-        why = "model.moe is null (a dense run has no experts)"
+        why = "model.moe is null (a dense run has no MoE layers)"
     elif device.type != "cuda":
         why = f"the run is on the {device.type}"
     elif t.compile:
@@ -216,10 +216,10 @@ def cuda_graphs_on(
 def said_cuda_graphs(what: str | None, why: str | None) -> str:
     """The run's first line on a GPU, after ``train.cuda_graphs=<setting>: ``: what ``cuda_graphs_on`` chose."""
     if what == "layers":
-        return "on: each MoE layer (router, experts, shared expert, dropout) runs from CUDA graphs"
+        return "on: each MoE layer runs whole from CUDA graphs, router and experts together"
     if what == "experts":
         return "on: each MoE layer's experts run from CUDA graphs" + (
-            f" (not the whole layer: {why})" if why else ""
+            f"; not the whole layer: {why}" if why else ""
         )
     return f"off: {why}"
 
@@ -238,8 +238,8 @@ def graph_layers(model: torch.nn.Module, what: str) -> None:
 
 def graph_captures(model: torch.nn.Module) -> int:
     """CUDA-graph signatures captured so far by the model's MoE layers (``graph_layers``), dropped ones included."""
-    graphs = [layer.cuda_graph or layer.experts.cuda_graph for layer in model.moe_layers().values()]
-    return sum(g.captures for g in graphs if g is not None)
+    graphs = [(layer.cuda_graph, layer.experts.cuda_graph) for layer in model.moe_layers().values()]
+    return sum(g.captures for pair in graphs for g in pair if g is not None)
 
 
 def model_dims(model) -> dict[str, int | None]:
