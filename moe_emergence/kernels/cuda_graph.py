@@ -29,7 +29,8 @@ The trainer sets one or the other (``train.cuda_graphs``). How they behave:
   captured on first use, after two warm-up calls on a side stream (Triton autotuning and lazy initialisation
   stay out of the graph); at most ``MAX_SIGNATURES`` are kept, the least recently used dropped. A parameter
   whose storage moved (``param.data = ...``) makes a new signature, never a replay on freed memory. Buffers
-  (``Router.step``, the selection bias) are read in place at each replay: updating them in place is seen.
+  (``Router.step``, the selection bias) are read in place at each replay: updating them in place is seen; a
+  buffer replaced by another tensor is a new signature (``MoEWrapper`` puts their addresses in its key).
 - The graphs hold one forward's activations, for one backward: each call's backward must run once, before the
   same signature's next forward, as in training with gradient accumulation (forward, backward, forward,
   backward). A backward whose activations a later forward or an earlier backward overwrote raises
