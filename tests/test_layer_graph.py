@@ -176,3 +176,19 @@ def test_unused_outputs_zero_their_gradient_slot_once():
     assert slots[0].tolist() == [0.0, 1.0, 2.0] and slots[2].tolist() == [0.0] * 2 and graphs.zeroed == {2}
     _fill_grad_outputs(graphs, (None, None, None))
     assert slots[0].tolist() == [0.0] * 3 and graphs.zeroed == {0, 2}
+
+
+def test_a_copy_of_a_graphed_layer_starts_without_captures():
+    """deepcopy (through ``__reduce__``, as pickling) keeps the graph object, not its captures (they belong to the
+    original's parameter storage; a CUDA graph cannot be copied)."""
+    layer = MoEWrapper(MoEConfig(num_experts=4), 16, 32)
+    layer.cuda_graph, layer.experts.cuda_graph = LayerGraph(), None
+    layer.cuda_graph._captured["signature"] = object()  # stands for captured graphs: not copyable
+    layer.cuda_graph.captures = 1
+    copied = copy.deepcopy(layer)
+    assert type(copied.cuda_graph) is LayerGraph and len(copied.cuda_graph) == 0
+    assert copied.cuda_graph.captures == 0 and not copied.cuda_graph.capturing
+    assert len(layer.cuda_graph) == 1  # the original keeps its own
+    bank = copy.deepcopy(MoEWrapper(MoEConfig(num_experts=4), 16, 32)).experts
+    bank.cuda_graph = ExpertsGraph()
+    assert type(copy.deepcopy(bank).cuda_graph) is ExpertsGraph

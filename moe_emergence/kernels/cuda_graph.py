@@ -253,6 +253,11 @@ class _Graphs:
         """Signatures captured and kept."""
         return len(self._captured)
 
+    def __reduce__(self):
+        """A copy (``copy.deepcopy`` or pickling of the model) starts without captures: they read and write the
+        original's parameter storage, and CUDA graphs cannot be copied."""
+        return (type(self), ())
+
     def replay(
         self,
         key: Hashable,
