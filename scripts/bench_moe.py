@@ -363,9 +363,8 @@ def e2e_variants(only: list[str] | None) -> list[tuple[str, dict | None]]:
             if K == 2 and backend == "eager":
                 continue
             variants.append((f"moe top-{K} {backend}", e2e_moe(K, backend)))
-            if (
-                backend != "eager"
-            ):  # graphed: whole layers (train.cuda_graphs=auto); experts-graphed: experts only
+            # graphed: whole layers (train.cuda_graphs=auto); experts-graphed: experts only
+            if backend != "eager":
                 variants.append((f"moe top-{K} {backend} graphed", e2e_moe(K, backend)))
                 variants.append((f"moe top-{K} {backend} experts-graphed", e2e_moe(K, backend)))
     if only:
@@ -374,6 +373,14 @@ def e2e_variants(only: list[str] | None) -> list[tuple[str, dict | None]]:
             raise ValueError(f"e2e models: unknown {unknown}; choose from {[n for n, _ in variants]}")
         variants = [v for v in variants if v[0] == "dense" or v[0] in only]
     return variants
+
+
+def e2e_graphs(name: str) -> str | None:
+    """What of an end-to-end variant runs from CUDA graphs (``model_setup.graph_layers``), by its name's suffix."""
+    for suffix, graphs in ((" experts-graphed", "experts"), (" graphed", "layers")):
+        if name.endswith(suffix):
+            return graphs
+    return None
 
 
 def tokens_per_s(model, opt, ids, steps: int) -> float:
@@ -412,12 +419,7 @@ def bench_e2e(
         for name, moe in e2e_variants(only):
             if compiled and name.endswith("graphed"):
                 continue  # the compiler captures its own graphs (train.cuda_graphs refuses the pair)
-            graphs = (
-                ("experts" if name.endswith("experts-graphed") else "layers")
-                if name.endswith("graphed")
-                else None
-            )
-            model = gpt2_small(moe, graphs, kind=kind).train()
+            model = gpt2_small(moe, e2e_graphs(name), kind=kind).train()
             if compiled:
                 torch._dynamo.reset()
                 model.compile(mode=compile_mode)
