@@ -165,11 +165,10 @@ def _capture(
     return _Captured(forward, backward, statics, tuple(o.detach() for o in outputs), grad_outputs, grads)
 
 
-# Copies are one ``clone`` / ``copy_`` per tensor, not ``torch._foreach_copy_``: on the H200's host the latter took
-# 80-140 us a call against ~17 us a ``copy_`` (torch.profiler, 2026-12-02, docs/benchmarks.md).
-def _copy_into(to: Sequence[Tensor], frm: Sequence[Tensor]) -> None:
-    for t, f in zip(to, frm, strict=True):
-        t.copy_(f)
+def _copies(tensors: Sequence[Tensor]) -> list[Tensor]:
+    out = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(out, tensors)  # one launch per dtype, not one per tensor
+    return out
 
 
 def _fill_grad_outputs(graphs: _Captured, grad_outputs: Sequence[Tensor | None]) -> None:
@@ -187,9 +186,10 @@ def _fill_grad_outputs(graphs: _Captured, grad_outputs: Sequence[Tensor | None])
         elif i not in graphs.zeroed:
             zero.append(slot)
             graphs.zeroed.add(i)
-    for t in zero:
-        t.zero_()
-    _copy_into(to, frm)
+    if zero:
+        torch._foreach_zero_(zero)
+    if to:
+        torch._foreach_copy_(to, frm)  # one launch per dtype
 
 
 class _Replay(torch.autograd.Function):
@@ -199,14 +199,14 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs: _Captured, *tensors: Tensor):  # the inputs, then the parameters
         n = len(graphs.inputs)
-        _copy_into(graphs.inputs, tensors[:n])
+        torch._foreach_copy_(graphs.inputs, tensors[:n])
         graphs.forward.replay()
         graphs.generation += 1
         ctx.graphs, ctx.generation, ctx.done = graphs, graphs.generation, False
         # an output without a gradient comes to the backward as None (its slot is zeroed once), not as zeros
         ctx.set_materialize_grads(False)
         ctx.params = [(p, p._version, p.data_ptr()) for p in tensors[n:]]  # checked in the backward
-        outputs = [o.clone() for o in graphs.outputs]
+        outputs = _copies(graphs.outputs)
         ctx.mark_non_differentiable(
             *(o for o, g in zip(outputs, graphs.grad_outputs, strict=True) if g is None)
         )
@@ -237,7 +237,8 @@ class _Replay(torch.autograd.Function):
         ctx.done = True
         _fill_grad_outputs(graphs, grad_outputs)
         graphs.backward.replay()
-        return (None, *(None if g is None else g.clone() for g in graphs.grads))
+        out = iter(_copies([g for g in graphs.grads if g is not None]))
+        return (None, *(None if g is None else next(out) for g in graphs.grads))
 
 
 class _Graphs:
