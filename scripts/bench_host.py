@@ -3,7 +3,10 @@
     python scripts/bench_host.py [--tokens T] [--top-k K ...] [--reps N] [--rounds R] [--json PATH]
 
 Each measurement queues a sleep kernel first, then times the host issuing the work (the GPU is still asleep, so
-the host never waits on it: the launch, dispatch and Python cost alone); median of ``--reps``. Shapes (legend:
+the host never waits on it: the launch, dispatch and Python cost alone); median of ``--reps``. Every part is
+measured in each of ``--rounds`` rounds, the order rotating each round (``bench_moe.interleaved``: the host's speed
+drifts by 10-20% within minutes on the H200 machines, docs/benchmarks.md): its ``host_us`` is the median over the
+rounds, its ``dense_ratio`` the median of (part / dense of the same round). Shapes (legend:
 docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; bf16, as bench_moe's layer rows.
 
   dense        the dense GPT-2 MLP on K*T tokens (bench_moe's reference)
@@ -17,6 +20,7 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
                layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` takes the latter)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
 ``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
+JSON rows: ``{K, part, host_us, dense_ratio, rounds}`` (the launcher rows without ``dense_ratio``).
 Gradients accumulate into the leaves' ``.grad`` as in gradient accumulation (one add per leaf a call). A
 measurement whose sleep ended before the issue did raises RuntimeError (the host waited on the device). Needs a
 CUDA device.
@@ -30,7 +34,19 @@ from unittest import mock
 
 import torch
 import triton
-from bench_moe import ACT, FF, D, check_json_path, dense_mlp, parse_args, positive_int, user_error, write_json
+from bench_moe import (
+    ACT,
+    FF,
+    D,
+    check_json_path,
+    dense_mlp,
+    interleaved,
+    median_ratio,
+    parse_args,
+    positive_int,
+    user_error,
+    write_json,
+)
 
 from moe_emergence.config import MoEConfig
 from moe_emergence.console import ArgumentParser
@@ -124,7 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=positive_int, default=8192, help="T, a multiple of 512")
     ap.add_argument("--reps", type=positive_int, default=25, help="timed repetitions per measurement")
-    ap.add_argument("--rounds", type=positive_int, default=4, help="cached/kernel[grid] alternations")
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=4,
+        help="rounds of every measurement, the order rotating each round",
+    )
     ap.add_argument(
         "--top-k", type=int, nargs="+", choices=(1, 2), default=[1, 2], help="K values to measure"
     )
@@ -141,23 +162,29 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for K in dict.fromkeys(args.top_k):
         parts = layer_parts(args.tokens, K, gen)
-        for name, fn in parts.items():
-            rows.append(dict(K=K, part=name, host_us=host_us(fn, args.reps)))
-            print(f"K={K} {name:16s} host {rows[-1]['host_us']:8.1f} us per forward+backward", flush=True)
+        by_part = interleaved(
+            list(parts), args.rounds, lambda name, parts=parts: host_us(parts[name], args.reps)
+        )
+        for name, times in by_part.items():
+            ratio = median_ratio(times, by_part["dense"])
+            rows.append(
+                dict(K=K, part=name, host_us=statistics.median(times), dense_ratio=ratio, rounds=times)
+            )
+            print(f"K={K} {name:23s} host {rows[-1]['host_us']:8.1f} us per forward+backward, {ratio:.2f}x dense "
+                  f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
         if not triton_launch.CACHED:  # the interpreter, or a Triton whose JITFunction.run differs
             print(
                 "the cached launcher is off in this process (kernels/triton_launch.py): no comparison",
                 flush=True,
             )
             continue
-        by_side = {True: [], False: []}
-        for r in range(args.rounds):
-            for cached in (
-                (True, False) if r % 2 == 0 else (False, True)
-            ):  # each side first in every other round
-                with mock.patch.object(triton_launch, "CACHED", cached):
-                    by_side[cached].append(host_us(parts["triton"], args.reps))
-        for label, times in (("cached launches", by_side[True]), ("kernel[grid]", by_side[False])):
+
+        def triton_host_us(label: str, parts=parts) -> float:
+            with mock.patch.object(triton_launch, "CACHED", label == "cached launches"):
+                return host_us(parts["triton"], args.reps)
+
+        by_side = interleaved(["cached launches", "kernel[grid]"], args.rounds, triton_host_us)
+        for label, times in by_side.items():
             rows.append(dict(K=K, part=f"triton, {label}", host_us=statistics.median(times), rounds=times))
             print(f"K={K} triton, {label:16s} host {statistics.median(times):8.1f} us "
                   f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip

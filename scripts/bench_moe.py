@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
@@ -383,6 +384,21 @@ def e2e_graphs(name: str) -> str | None:
     return None
 
 
+def interleaved(names: list[str], rounds: int, measure: Callable[[str], float]) -> dict[str, list[float]]:
+    """``measure(name)`` for every name in each of ``rounds`` rounds, the order rotating by one each round (so that
+    drift of the machine hits every name alike): ``{name: [one value per round]}`` in ``names``' order."""
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            values[name].append(measure(name))
+    return values
+
+
+def median_ratio(values: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``values[r] / reference[r]`` (both from ``interleaved``)."""
+    return statistics.median(a / b for a, b in zip(values, reference, strict=True))
+
+
 def tokens_per_s(model, opt, ids, steps: int) -> float:
     """Training tokens/s over ``steps`` back-to-back steps (one sync at the end, as training runs: the host may
     run ahead of the device), between two CUDA events."""
@@ -426,15 +442,11 @@ def bench_e2e(
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ids = torch.randint(0, model.config.vocab_size, (8, 512), generator=gen).cuda()
             tokens_per_s(model, opt, ids, 5)  # warm-up: autotuning, graph captures, compilation
-            runs[name] = (model, opt, ids, [])
-        names = list(runs)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                model, opt, ids, rates = runs[name]
-                rates.append(tokens_per_s(model, opt, ids, steps))
-        dense = runs["dense"][3]
-        for name, (*_, rates) in runs.items():
-            ratio = statistics.median(a / b for a, b in zip(rates, dense, strict=True))
+            runs[name] = (model, opt, ids)
+        by_name = interleaved(list(runs), rounds, lambda name, runs=runs: tokens_per_s(*runs[name], steps))
+        dense = by_name["dense"]
+        for name, rates in by_name.items():
+            ratio = median_ratio(rates, dense)
             tps = statistics.median(rates)
             rows.append(dict(model=name, compiled=compile_mode or False, tokens_per_s=tps, ratio=ratio,
                              rounds=rates, e2e_model=kind))  # fmt: skip

@@ -32,3 +32,21 @@ def test_refusals_are_one_error_line(bh, capsys, argv, says):
         bh.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+
+def test_every_part_is_measured_in_each_round_the_order_rotating(bh):
+    """bench_moe.interleaved, which bench_host's parts and bench_moe's e2e variants share: one value per name a
+    round, each name first once in len(names) rounds; the ratio is the median of same-round ratios."""
+    calls = []
+    drift = iter(range(1, 100))  # the machine slows down round by round
+
+    def measure(name: str) -> float:
+        calls.append(name)
+        return {"dense": 10.0, "a": 20.0, "b": 15.0}[name] * next(drift)
+
+    values = bh.interleaved(["dense", "a", "b"], 3, measure)
+    assert calls == ["dense", "a", "b", "a", "b", "dense", "b", "dense", "a"]
+    assert {n: len(v) for n, v in values.items()} == {"dense": 3, "a": 3, "b": 3}
+    assert values["a"] == [40.0, 80.0, 180.0] and values["dense"] == [10.0, 60.0, 80.0]
+    # same-round ratios 4.0, 1.33, 2.25 (drift moves each round's numbers, not the pairing)
+    assert bh.median_ratio(values["a"], values["dense"]) == 2.25
