@@ -9,7 +9,10 @@ drifts by 10-20% within minutes on the H200 machines, docs/benchmarks.md): its `
 rounds, its ``dense_ratio`` the median of (part / dense of the same round). Shapes (legend:
 docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; bf16, as bench_moe's layer rows.
 
-  dense        the dense GPT-2 MLP on K*T tokens (bench_moe's reference)
+  dense        the dense GPT-2 MLP on K*T tokens, bf16 weights (bench_moe's reference; every ratio is to it)
+  dense autocast
+               the same MLP as training runs it, and as the wrapper rows run: float32 weights and input under bf16
+               autocast (a cast per weight each forward), output cast to float32 for the backward
   triton, grouped_mm, triton graphed
                the experts function alone (routing weights given), the last from its CUDA graphs
                (``train.cuda_graphs``)
@@ -95,7 +98,15 @@ def layer_parts(T: int, K: int, gen: torch.Generator) -> dict:
     pd = [t[0].detach().clone().requires_grad_() for t in p]
     dyd = torch.randn(K * T, D, device=dev, dtype=bf, generator=gen)
     graphs = ExpertsGraph()
-    parts = {"dense": lambda: dense_mlp(xd, *pd).backward(dyd)}
+    # the same MLP as the trainer runs its dense blocks: float32 weights and input under bf16 autocast
+    xf, pf = xd.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in pd]
+
+    def dense_autocast():
+        with torch.autocast("cuda", dtype=bf):
+            y = dense_mlp(xf, *pf)
+        y.float().backward(dyd.float())
+
+    parts = {"dense": lambda: dense_mlp(xd, *pd).backward(dyd), "dense autocast": dense_autocast}
     for name in ("triton", "grouped_mm"):
         fn = get_backend(name, torch.device(dev))
         parts[name] = lambda fn=fn: fn(x, *p, idx, wts, ACT).backward(dy)
