@@ -5,7 +5,7 @@
 Each measurement queues a sleep kernel first, then times the host issuing the work (the GPU is still asleep, so
 the host never waits on it: the launch, dispatch and Python cost alone); median of ``--reps``. Every part is
 measured in each of ``--rounds`` rounds, the order rotating each round (``bench_moe.interleaved``: the host's speed
-drifts by 10-20% within minutes on the H200 machines, docs/benchmarks.md): its ``host_us`` is the median over the
+drifts by up to 30% within a minute on the H200 machines, docs/benchmarks.md): its ``host_us`` is the median over the
 rounds, its ``dense_ratio`` the median of (part / dense of the same round). Shapes (legend:
 docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; bf16, as bench_moe's layer rows.
 

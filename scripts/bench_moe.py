@@ -423,8 +423,8 @@ def bench_e2e(
     alike; ratio = median over rounds of (variant / dense of the same round). For each of ``modes``
     (``--compile``) every variant is measured again compiled with that torch.compile mode (``nn.Module.compile``
     in place, as ``train.compile`` does; compiled during its 5 warm-up steps, and 5 more once all are built),
-    against the dense model compiled alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s (median), ratio, rounds:
-    [tokens/s...], e2e_model}``."""
+    against the dense model compiled alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s
+    (median), ratio, rounds: [tokens/s...], e2e_model}``."""
     if isinstance(modes, str) or not set(modes) <= set(COMPILE_MODES):
         raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
     rows = []
