@@ -23,7 +23,8 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
                layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` takes the latter)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
 ``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
-JSON rows: ``{K, part, host_us, dense_ratio, rounds}`` (the launcher rows without ``dense_ratio``).
+JSON rows: ``{K, part, host_us, dense_ratio, rounds}`` (the launcher rows without ``dense_ratio``); the file is
+written after each K.
 Gradients accumulate into the leaves' ``.grad`` as in gradient accumulation (one add per leaf a call). A
 measurement whose sleep ended before the issue did raises RuntimeError (the host waited on the device). Needs a
 CUDA device.
@@ -100,11 +101,12 @@ def layer_parts(T: int, K: int, gen: torch.Generator) -> dict:
     graphs = ExpertsGraph()
     # the same MLP as the trainer runs its dense blocks: float32 weights and input under bf16 autocast
     xf, pf = xd.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in pd]
+    dyf = dyd.float()
 
     def dense_autocast():
         with torch.autocast("cuda", dtype=bf):
             y = dense_mlp(xf, *pf)
-        y.float().backward(dyd.float())
+        y.float().backward(dyf)
 
     parts = {"dense": lambda: dense_mlp(xd, *pd).backward(dyd), "dense autocast": dense_autocast}
     for name in ("triton", "grouped_mm"):
@@ -157,11 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         default=4,
         help="rounds of every measurement, the order rotating each round",
     )
-    ap.add_argument(
-        "--top-k", type=int, nargs="+", choices=(1, 2), default=[1, 2], help="K values to measure"
-    )
+    ap.add_argument("--top-k", nargs="+", choices=("1", "2"), default=["1", "2"], help="K values to measure")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parse_args(ap, argv)
+    args.top_k = [int(k) for k in args.top_k]
     if args.tokens % 512:
         user_error(f"--tokens {args.tokens}: a multiple of 512 (the wrapper's input is [T / 512, 512, D])")
     if args.json is not None:
@@ -170,45 +171,39 @@ def main(argv: list[str] | None = None) -> None:
         user_error("bench_host.py needs a CUDA device (none visible to torch)")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, T={args.tokens}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    meta |= dict(tokens=args.tokens, top_k=args.top_k, reps=args.reps, rounds=args.rounds)
     rows = []
     for K in dict.fromkeys(args.top_k):
-        parts = layer_parts(args.tokens, K, gen)
-        by_part = interleaved(
-            list(parts), args.rounds, lambda name, parts=parts: host_us(parts[name], args.reps)
-        )
-        for name, times in by_part.items():
-            ratio = median_ratio(times, by_part["dense"])
-            rows.append(
-                dict(K=K, part=name, host_us=statistics.median(times), dense_ratio=ratio, rounds=times)
-            )
-            print(f"K={K} {name:23s} host {rows[-1]['host_us']:8.1f} us per forward+backward, {ratio:.2f}x dense "
-                  f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
-        if not triton_launch.CACHED:  # the interpreter, or a Triton whose JITFunction.run differs
-            print(
-                "the cached launcher is off in this process (kernels/triton_launch.py): no comparison",
-                flush=True,
-            )
-            continue
+        rows += measure_top_k(K, layer_parts(args.tokens, K, gen), args.rounds, args.reps)
+        if args.json is not None:  # after each K: a later failure keeps what was measured
+            write_json(args.json, dict(meta, cached_launcher=triton_launch.CACHED, rows=rows))
 
-        def triton_host_us(label: str, parts=parts) -> float:
-            with mock.patch.object(triton_launch, "CACHED", label == "cached launches"):
-                return host_us(parts["triton"], args.reps)
 
-        by_side = interleaved(["cached launches", "kernel[grid]"], args.rounds, triton_host_us)
-        for label, times in by_side.items():
-            rows.append(dict(K=K, part=f"triton, {label}", host_us=statistics.median(times), rounds=times))
-            print(f"K={K} triton, {label:16s} host {statistics.median(times):8.1f} us "
-                  f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
-    if args.json is not None:
-        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
-        meta |= dict(
-            tokens=args.tokens,
-            top_k=args.top_k,
-            reps=args.reps,
-            rounds=args.rounds,
-            cached_launcher=triton_launch.CACHED,
+def measure_top_k(K: int, parts: dict, rounds: int, reps: int) -> list[dict]:
+    """The rows of one K: every part in ``rounds`` interleaved rounds, then the launcher comparison."""
+    rows = []
+    by_part = interleaved(list(parts), rounds, lambda name: host_us(parts[name], reps))
+    for name, times in by_part.items():
+        ratio = median_ratio(times, by_part["dense"])
+        rows.append(dict(K=K, part=name, host_us=statistics.median(times), dense_ratio=ratio, rounds=times))
+        print(f"K={K} {name:23s} host {rows[-1]['host_us']:8.1f} us per forward+backward, {ratio:.2f}x dense "
+              f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
+    if not triton_launch.CACHED:  # the interpreter, or a Triton whose JITFunction.run differs
+        print(
+            "the cached launcher is off in this process (kernels/triton_launch.py): no comparison", flush=True
         )
-        write_json(args.json, dict(meta, rows=rows))
+        return rows
+
+    def triton_host_us(label: str) -> float:
+        with mock.patch.object(triton_launch, "CACHED", label == "cached launches"):
+            return host_us(parts["triton"], reps)
+
+    for label, times in interleaved(["cached launches", "kernel[grid]"], rounds, triton_host_us).items():
+        rows.append(dict(K=K, part=f"triton, {label}", host_us=statistics.median(times), rounds=times))
+        print(f"K={K} {'triton, ' + label:23s} host {statistics.median(times):8.1f} us "
+              f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -385,8 +385,9 @@ def e2e_graphs(name: str) -> str | None:
 
 
 def interleaved(names: list[str], rounds: int, measure: Callable[[str], float]) -> dict[str, list[float]]:
-    """``measure(name)`` for every name in each of ``rounds`` rounds, the order rotating by one each round (so that
-    drift of the machine hits every name alike): ``{name: [one value per round]}`` in ``names``' order."""
+    """``measure(name)`` for every name in each of ``rounds`` rounds, the order rotating by one each round (drift
+    of the machine then falls on every name, not on the last ones; with ``rounds`` a multiple of ``len(names)``
+    each name takes every position equally often): ``{name: [one value per round]}`` in ``names``' order."""
     values: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -551,7 +552,10 @@ def user_error(message: str) -> NoReturn:
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
     return value
@@ -605,18 +609,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--e2e-model",
         choices=sorted(E2E_MODELS),
-        default="gpt2",
-        help="e2e: the model around the MoE layers (E2E_MODELS: 'scaling' is configs/scaling.yaml's)",
+        default=None,
+        help="e2e: the model around the MoE layers (E2E_MODELS: 'scaling' is configs/scaling.yaml's; default gpt2)",
     )
     ap.add_argument(
-        "--e2e-rounds", type=positive_int, default=3, help="e2e: interleaved rounds of 20 steps per variant"
+        "--e2e-rounds",
+        type=positive_int,
+        default=None,
+        help="e2e: interleaved rounds of 20 steps per variant (3)",
     )
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = parse_args(ap, argv)
     if args.json is not None:
         check_json_path(args.json)
-    if args.skip_e2e and (args.compile is not None or args.e2e_models is not None):
-        user_error("--skip-e2e measures no e2e rows: drop --compile and --e2e-models, or --skip-e2e")
+    e2e_options = {"--compile": args.compile, "--e2e-models": args.e2e_models}
+    e2e_options |= {"--e2e-model": args.e2e_model, "--e2e-rounds": args.e2e_rounds}
+    given = [option for option, value in e2e_options.items() if value is not None]
+    if args.skip_e2e and given:
+        user_error(f"--skip-e2e measures no e2e rows: drop {' and '.join(given)}, or --skip-e2e")
     if args.skip_profile and args.profile_e2e_compile is not None:
         user_error("--skip-profile runs no profile: drop --profile-e2e-compile, or --skip-profile")
     if not torch.cuda.is_available():
@@ -631,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
         profile_e2e(args.profile_e2e_compile)
     if not args.skip_e2e:
         modes = compile_modes(args.compile)
-        out["e2e"] = bench_e2e(modes, args.e2e_models, args.e2e_model, args.e2e_rounds)
+        out["e2e"] = bench_e2e(modes, args.e2e_models, args.e2e_model or "gpt2", args.e2e_rounds or 3)
     if not args.skip_compile:
         out["compile"] = check_compile()
     if args.json:

@@ -1,6 +1,9 @@
 """scripts/bench_host.py on the CPU: its refusals are one ``error:`` line and exit status 2, before any GPU work.
 The GPU measurement itself is not run here."""
 
+import json
+from unittest import mock
+
 import pytest
 import torch
 from _scripts import script_importing_scripts
@@ -18,6 +21,9 @@ def bh():
         (["--tokens", "1000"], "--tokens 1000: a multiple of 512"),
         (["--reps", "0"], "--reps: 0 is not an integer >= 1"),
         (["--top-k", "3"], "--top-k"),
+        (["--top-k", "abc"], "invalid choice: 'abc' (choose from '1', '2')"),
+        (["--rounds", "0"], "--rounds: 0 is not an integer >= 1"),
+        (["--rounds", "abc"], "--rounds: 'abc' is not an integer >= 1"),
         (
             ["--json", "/no/such/folder/x.json"],
             "--json /no/such/folder/x.json: a JSON file in an existing folder",
@@ -50,3 +56,26 @@ def test_every_part_is_measured_in_each_round_the_order_rotating(bh):
     assert values["a"] == [40.0, 80.0, 180.0] and values["dense"] == [10.0, 60.0, 80.0]
     # same-round ratios 4.0, 1.33, 2.25 (drift moves each round's numbers, not the pairing)
     assert bh.median_ratio(values["a"], values["dense"]) == 2.25
+
+
+def test_rows_of_each_top_k_are_written_before_the_next_is_measured(bh, monkeypatch, tmp_path):
+    """A failure while K = 2 is measured (e.g. "the host waited on the device") keeps K = 1's rows in --json."""
+    parts = ["dense", "dense autocast", "triton", "wrapper graphed"]
+    monkeypatch.setattr(bh.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bh.torch.cuda, "get_device_name", lambda: "fake GPU")
+    monkeypatch.setattr(bh.torch, "Generator", lambda device=None: mock.Mock())
+    monkeypatch.setattr(bh.triton_launch, "CACHED", False)
+
+    def layer_parts(T, K, gen):
+        if K == 2:
+            raise RuntimeError("the GPU's sleep ended before the work was issued")
+        return {name: (lambda name=name: name) for name in parts}
+
+    monkeypatch.setattr(bh, "layer_parts", layer_parts)
+    monkeypatch.setattr(bh, "host_us", lambda fn, reps: {"dense": 100.0}.get(fn(), 150.0))
+    out = tmp_path / "host.json"
+    with pytest.raises(RuntimeError, match="sleep ended"):
+        bh.main(["--top-k", "1", "2", "--rounds", "3", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"] for r in rows] == parts and {r["K"] for r in rows} == {1}
+    assert rows[2] == dict(K=1, part="triton", host_us=150.0, dense_ratio=1.5, rounds=[150.0] * 3)

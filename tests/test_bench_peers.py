@@ -264,6 +264,10 @@ def test_bench_moe_command_line_mistakes(bp, tmp_path, capsys):
 
     assert "--e2e-rounds" in refused("--e2e-rounds", "-3")
     assert "--skip-e2e" in refused("--skip-e2e", "--compile", "default")
+    for option, value in (("--e2e-rounds", "5"), ("--e2e-model", "scaling")):  # nothing given is ignored
+        said = refused("--skip-e2e", option, value)
+        assert f"drop {option}," in said and "--skip-e2e" in said, said
+    assert "'abc' is not an integer >= 1" in refused("--e2e-rounds", "abc")
     assert "--skip-profile" in refused("--skip-profile", "--profile-e2e-compile", "default")
     assert "'bogus'" in refused("--profile-e2e-compile", "bogus")
     assert "folder" in refused("--json", str(tmp_path / "missing" / "out.json"))
