@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-k", nargs="+", choices=("1", "2"), default=["1", "2"], help="K values to measure")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parse_args(ap, argv)
-    args.top_k = [int(k) for k in args.top_k]
+    args.top_k = [int(k) for k in dict.fromkeys(args.top_k)]
     if args.tokens % 512:
         user_error(f"--tokens {args.tokens}: a multiple of 512 (the wrapper's input is [T / 512, 512, D])")
     if args.json is not None:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     meta |= dict(tokens=args.tokens, top_k=args.top_k, reps=args.reps, rounds=args.rounds)
     rows = []
-    for K in dict.fromkeys(args.top_k):
+    for K in args.top_k:
         rows += measure_top_k(K, layer_parts(args.tokens, K, gen), args.rounds, args.reps)
         if args.json is not None:  # after each K: a later failure keeps what was measured
             write_json(args.json, dict(meta, cached_launcher=triton_launch.CACHED, rows=rows))

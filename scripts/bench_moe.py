@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
         "--e2e-rounds",
         type=positive_int,
         default=None,
-        help="e2e: interleaved rounds of 20 steps per variant (3)",
+        help="e2e: interleaved rounds of 20 steps per variant (default 3)",
     )
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = parse_args(ap, argv)
@@ -641,7 +641,8 @@ def main(argv: list[str] | None = None) -> None:
         profile_e2e(args.profile_e2e_compile)
     if not args.skip_e2e:
         modes = compile_modes(args.compile)
-        out["e2e"] = bench_e2e(modes, args.e2e_models, args.e2e_model or "gpt2", args.e2e_rounds or 3)
+        given = {"kind": args.e2e_model, "rounds": args.e2e_rounds}  # unset: bench_e2e's defaults
+        out["e2e"] = bench_e2e(modes, args.e2e_models, **{k: v for k, v in given.items() if v is not None})
     if not args.skip_compile:
         out["compile"] = check_compile()
     if args.json:

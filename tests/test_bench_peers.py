@@ -271,3 +271,18 @@ def test_bench_moe_command_line_mistakes(bp, tmp_path, capsys):
     assert "--skip-profile" in refused("--skip-profile", "--profile-e2e-compile", "default")
     assert "'bogus'" in refused("--profile-e2e-compile", "bogus")
     assert "folder" in refused("--json", str(tmp_path / "missing" / "out.json"))
+
+
+def test_bench_moe_e2e_options_left_unset_take_bench_e2e_defaults(bp, monkeypatch):
+    """--e2e-model and --e2e-rounds default to None on the command line (so that --skip-e2e can refuse them when
+    given); unset, bench_e2e's own defaults apply, given, they are passed on."""
+    bm = sys.modules["bench_moe"]
+    calls = []
+    monkeypatch.setattr(bm.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bm.torch.cuda, "get_device_name", lambda: "fake GPU")
+    monkeypatch.setattr(bm, "check_autotuned", lambda: None)
+    monkeypatch.setattr(bm, "bench_e2e", lambda *a, **kw: calls.append((a, kw)) or [])
+    skip = ["--skip-layer", "--skip-profile", "--skip-compile"]
+    bm.main(skip)
+    bm.main([*skip, "--e2e-model", "scaling", "--e2e-rounds", "5"])
+    assert [kw for _, kw in calls] == [{}, {"kind": "scaling", "rounds": 5}]
