@@ -423,8 +423,8 @@ def bench_e2e(
     ``steps`` steps (B=8, L=512; the order rotates each round), so that drift of the machine hits every variant
     alike; ratio = median over rounds of (variant / dense of the same round). For each of ``modes``
     (``--compile``) every variant is measured again compiled with that torch.compile mode (``nn.Module.compile``
-    in place, as ``train.compile`` does; compiled during its 5 warm-up steps, and 5 more once all are built),
-    against the dense model compiled alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s
+    in place, as ``train.compile`` does; compiled during the 5 warm-up steps each model takes once all are
+    built), against the dense model compiled alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s
     (median), ratio, rounds: [tokens/s...], e2e_model}``."""
     if isinstance(modes, str) or not set(modes) <= set(COMPILE_MODES):
         raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
@@ -433,22 +433,22 @@ def bench_e2e(
     for compile_mode in (None, *modes):
         compiled = compile_mode is not None
         runs = {}
+        if compiled:
+            torch._dynamo.reset()  # the previous mode's compiled code; none between this mode's models
         for name, moe in e2e_variants(only):
             if compiled and name.endswith("graphed"):
                 continue  # the compiler captures its own graphs (train.cuda_graphs refuses the pair)
             model = gpt2_small(moe, e2e_graphs(name), kind=kind).train()
             if compiled:
-                torch._dynamo.reset()
-                model.compile(mode=compile_mode)
+                model.compile(mode=compile_mode)  # compiles at its first step, in the warm-up below
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ids = torch.randint(0, model.config.vocab_size, (8, 512), generator=gen).cuda()
-            tokens_per_s(model, opt, ids, 5)  # warm-up: autotuning, graph captures, compilation
             runs[name] = (model, opt, ids)
-        if compiled:  # each build's torch._dynamo.reset() dropped the earlier models' compiled code: they
-            # recompile here, not in the first measured round (08:10 on 2026-12-02: that round of the compiled dense
-            # and top-1 models ran at 21-22k tokens/s against 310k and 282k in the others)
-            for run in runs.values():
-                tokens_per_s(*run, 5)
+        # warm-up once all are built (autotuning, graph captures, compilation), so that nothing compiles in a
+        # measured round (until f924d7a a reset before each build dropped the earlier models' compiled code and
+        # they recompiled in the first round: 21-22k tokens/s against ~300k, 2026-12-02 08:10)
+        for run in runs.values():
+            tokens_per_s(*run, 5)
         by_name = interleaved(list(runs), rounds, lambda name, runs=runs: tokens_per_s(*runs[name], steps))
         dense = by_name["dense"]
         for name, rates in by_name.items():
