@@ -67,7 +67,7 @@ def saved_activations_only(ctx, *outputs: torch.Tensor) -> None:
 
 
 def op_or_eager(op: Callable, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """The forward call of a fused backend: ``op`` (its custom op, opaque to the compiler) while dynamo traces;
+    """The forward call of a fused backend: ``op`` (its custom op) while dynamo traces;
     otherwise ``forward`` (the op's body) under a plain ``torch.autograd.Function`` with the op's own
     ``setup_context`` and ``backward``: the same computation and gradients without the custom-op dispatch
     (~150 us of Python per call with autograd on a 2-core CPU; eager training is bound by the host)."""

@@ -1,5 +1,5 @@
 """``triton`` backend: ScatterMoE-style expert MLPs on the Triton kernels of ``triton_kernels``, registered as
-``torch.library`` custom ops so that ``torch.compile`` keeps them in its graph (no graph break).
+``torch.library`` ops so that ``torch.compile`` keeps them in its graph (no graph break).
 
 Shapes (legend: docs/architecture.md): T tokens, D model width, F expert intermediate width, E experts,
 K experts per token, A = T * K assignments.
@@ -21,7 +21,9 @@ Backward: dO = w * dy[token] and db2 (column sums of dO per expert) in one pass;
           below the dtype's normal range (float16: 6e-5, which fp16 loss scaling keeps it above; bfloat16 has
           float32's range); a subnormal w drops it.
 
-Ops (opaque to dynamo and inductor; their fake implementations give shapes and dtypes only):
+Ops (``triton_launch.triton_op``: on the GPU, Inductor traces their bodies and launches the kernels from its own
+code, with fixed tiles and no TMA loads; under the interpreter they are opaque; their fake implementations give
+shapes and dtypes only):
   ``moe_emergence::triton_experts_fwd(x, w1, b1, w2, b2, weights, order, token, expert, offsets)``
       -> ``(y_TD, z_AF, a_AF, w1c, w2c)``; the rest after y is what the backward needs: w1c, w2c are the
       weights cast to x's dtype (empty where they are in it already). The parameters may be in another dtype
@@ -48,7 +50,7 @@ from moe_emergence.kernels.op_common import (
 )
 from moe_emergence.kernels.routing_meta import RoutingMeta
 from moe_emergence.kernels.triton_kernels import EPI_GELU, EPI_GELU_BWD, launch_rows, launch_wgrad
-from moe_emergence.kernels.triton_launch import INTERPRET
+from moe_emergence.kernels.triton_launch import INTERPRET, triton_op
 from moe_emergence.kernels.triton_routing import triton_routing_meta
 from moe_emergence.kernels.triton_rowwise import launch_bwd_prep, to_tokens
 
@@ -87,7 +89,7 @@ def _fwd_impl(
     return y_TD, z_AF, a_AF, w1c, w2c
 
 
-triton_experts_fwd = torch.library.custom_op("moe_emergence::triton_experts_fwd", mutates_args=())(_fwd_impl)
+triton_experts_fwd = triton_op("moe_emergence::triton_experts_fwd", _fwd_impl)
 
 
 @triton_experts_fwd.register_fake
@@ -139,7 +141,7 @@ def _bwd_impl(
     return tuple(g if need else x_TD.new_empty(0) for g, need in zip(grads, needs, strict=True))
 
 
-triton_experts_bwd = torch.library.custom_op("moe_emergence::triton_experts_bwd", mutates_args=())(_bwd_impl)
+triton_experts_bwd = triton_op("moe_emergence::triton_experts_bwd", _bwd_impl)
 
 
 @triton_experts_bwd.register_fake

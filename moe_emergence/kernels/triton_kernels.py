@@ -32,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_emergence.kernels.routing_meta import RoutingMeta
@@ -105,6 +106,28 @@ WGRAD_SHAPES: list[TileShape] = [
 ROWS_PRE_HOOK = _tma_block_shapes
 ROWS_CONFIGS = tile_configs(_tuned(ROWS_SHAPES, (False,)), ROWS_PRE_HOOK, ROWS_FLAGS)
 WGRAD_CONFIGS = tile_configs(_tuned(WGRAD_SHAPES))
+
+
+def _traced_rows_config(args: tuple, constexprs: dict) -> triton.Config:
+    """The row kernel's one config under ``torch.compile`` (no autotuning while tracing: ``Launcher``): 128 x 128
+    tiles, K-steps of 128 bytes (64 16-bit or 32 float32 values: 96 KB of shared memory over 3 stages with the
+    pointer loads the traced launches use, within Hopper's 227 KB), persistent with 8 warps for the calls that
+    scatter their rows (down, dX), one tile per program with 4 warps for the rest (up, dZ): the tuned picks at
+    the GPT-2 shape (docs/benchmarks.md) with BLOCK_K halved for the scattering calls."""
+    scatter = bool(constexprs["SCATTER"])
+    return triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128 // args[0].element_size(), "PERSISTENT": scatter},
+        num_warps=8 if scatter else 4,
+        num_stages=3,
+    )
+
+
+def _traced_wgrad_config(args: tuple, constexprs: dict) -> triton.Config:
+    """The weight-gradient kernel's one config under ``torch.compile``: WGRAD_SHAPES' first, with K-steps of 128
+    bytes (as ``_traced_rows_config``)."""
+    return triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128 // args[0].element_size()}, num_warps=8, num_stages=3
+    )
 
 
 @triton.jit
@@ -294,7 +317,8 @@ def _wgrad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(cm[:, None] < M) & (cn[None, :] < N))
 
 
-_ROWS, _WGRAD = Launcher(_rows_kernel), Launcher(_wgrad_kernel)
+_ROWS = Launcher(_rows_kernel, traced_config=_traced_rows_config)
+_WGRAD = Launcher(_wgrad_kernel, traced_config=_traced_wgrad_config)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -316,8 +340,10 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 def _tma_ok(t: torch.Tensor) -> bool:
     """Whether a TMA descriptor can address ``t`` (Hopper or newer, or the interpreter; last dim contiguous,
-    16-byte aligned base and strides, no empty dim)."""
-    if not INTERPRET and (t.device.type != "cuda" or _capability(t.device.index)[0] < 9):
+    16-byte aligned base and strides, no empty dim). Not while ``torch.compile`` traces the op (a fake ``t``
+    has no address; the traced launches take no config pre-hook to size the descriptors' boxes): pointer
+    loads."""
+    if is_fake(t) or not INTERPRET and (t.device.type != "cuda" or _capability(t.device.index)[0] < 9):
         return False
     size = t.element_size()
     return (

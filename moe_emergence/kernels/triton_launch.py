@@ -21,6 +21,11 @@ the host each time). Measured in one process, cached against ``kernel[grid]``: a
 ``Launcher`` returns the ``triton.Config`` the launch ran (tile sizes that later kernels depend on), instead of
 the autotuner's ``best_config`` attribute.
 
+Under ``torch.compile`` the ops built by ``triton_op`` (below) are traced, not run: their bodies see fake tensors,
+and ``Launcher`` hands each launch to ``torch.library.wrap_triton`` with one fixed config (the kernel's
+``traced_config``; no autotuning on fake tensors), so Inductor launches the kernels itself, from its generated
+code, without this module's Python on the hot path.
+
 Under ``TRITON_INTERPRET=1`` (no compiled kernels) and on Triton versions whose internals differ from the ones
 this reads (``JITFunction.device_caches`` entries of (kernel cache, key cache, target, backend, binder), the
 ``CompiledKernel.run`` launcher call; checked at import against the lines of ``JITFunction.run`` it reproduces;
@@ -34,6 +39,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import triton
 from triton import knobs
 from triton.runtime import driver
@@ -84,6 +90,23 @@ def _jit_type() -> type:
     return JITFunction
 
 
+def triton_op(name: str, impl: Callable) -> Callable:
+    """``impl`` registered as the custom op ``name``: ``torch.library.triton_op`` on the GPU (``torch.compile``
+    traces its body, whose launches ``Launcher`` hands to ``wrap_triton``: Inductor sees and launches the
+    kernels), an opaque ``torch.library.custom_op`` under ``TRITON_INTERPRET=1`` (the interpreter's kernels
+    cannot be traced). Either way the caller registers the op's fake implementation (shapes and dtypes)."""
+    if INTERPRET:
+        return torch.library.custom_op(name, mutates_args=())(impl)
+    return torch.library.triton_op(name, impl, mutates_args=())
+
+
+def _traced(args: tuple) -> bool:
+    """Are these launch arguments fake tensors (an op's body traced by ``torch.compile``), not data?"""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(a) for a in args if isinstance(a, torch.Tensor))
+
+
 class Launcher:
     """``Launcher(kernel)(grid, *args, **constexprs) -> triton.Config``: ``kernel[grid](*args, **constexprs)``
     through cached compiled kernels (module docstring). ``kernel``: a ``@triton.jit`` function, or an
@@ -91,10 +114,20 @@ class Launcher:
     (by name, the config's meta-parameters included) as Triton takes it; ``args``: the kernel's arguments before
     its constexprs, positionally; ``constexprs``: the rest by name. Returns the config the launch ran (an empty
     ``triton.Config`` for a kernel without autotune). Where the kernel has pre-run hooks, or Triton a stages
-    inspection hook, the launch goes through ``kernel[grid]`` (they change what runs)."""
+    inspection hook, the launch goes through ``kernel[grid]`` (they change what runs).
 
-    def __init__(self, kernel: JITFunction | Autotuner) -> None:
+    On fake tensors (``torch.compile`` tracing a ``triton_op``'s body) the launch goes to ``wrap_triton`` with
+    ``traced_config(args, constexprs)`` (default: the autotuner's first config), whose tile sizes, warps and stages
+    the traced graph keeps (it must fit the device: nothing prunes it); a config pre-hook does not run there (the
+    caller passes no TMA descriptors)."""
+
+    def __init__(
+        self,
+        kernel: JITFunction | Autotuner,
+        traced_config: Callable[[tuple, dict], triton.Config] | None = None,
+    ) -> None:
         self.kernel = kernel
+        self.traced_config = traced_config
         self.tuner = kernel if isinstance(kernel, Autotuner) else None
         self.jit: JITFunction = kernel.fn if self.tuner is not None else kernel
         if not isinstance(self.jit, _jit_type()):
@@ -111,6 +144,8 @@ class Launcher:
         self._plain = triton.Config({})
 
     def __call__(self, grid: tuple | Callable, *args: Any, **constexprs: Any) -> triton.Config:
+        if _traced(args):
+            return self._wrapped(grid, args, constexprs)
         if not CACHED or self.jit.pre_run_hooks or getattr(knobs.runtime, "add_stages_inspection_hook", None):
             self.kernel[grid](*args, **constexprs)
             return self.tuner.best_config if self.tuner is not None else self._plain
@@ -118,6 +153,17 @@ class Launcher:
         if config is None:  # a new tuning key: the autotuner tuned and launched
             return self.tuner.best_config
         return self._launch(config, grid, args, constexprs)
+
+    def _wrapped(self, grid, args: tuple, constexprs: dict) -> triton.Config:
+        """The launch traced into the graph (``wrap_triton``), with one fixed config for an autotuned kernel."""
+        if self.tuner is None:
+            torch.library.wrap_triton(self.jit)[grid](*args, **constexprs)
+            return self._plain
+        config = self.traced_config(args, constexprs) if self.traced_config else self.tuner.configs[0]
+        torch.library.wrap_triton(self.jit)[grid](
+            *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+        return config
 
     def _config(self, grid, args: tuple, constexprs: dict) -> triton.Config | None:
         """The config for these arguments, from the autotuner's own cache under its own key (the key arguments'

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from moe_emergence.kernels.routing_meta import RoutingMeta, check_weights_shape, expert_id_dtype, routing_meta
-from moe_emergence.kernels.triton_launch import Launcher
+from moe_emergence.kernels.triton_launch import Launcher, triton_op
 
 _TILE = 16384  # entries of a chunk's one-hot tile [BLOCK, E_POW2]
 
@@ -115,8 +115,8 @@ def _routing(
     return order_A, token_A, expert_A, offsets_E1
 
 
-# opaque to torch.compile like the expert ops (dynamo would otherwise trace the launches)
-_routing_op = torch.library.custom_op("moe_emergence::triton_routing", mutates_args=())(_routing)
+# an op like the expert ops (``triton_launch.triton_op``: traced into by torch.compile on the GPU)
+_routing_op = triton_op("moe_emergence::triton_routing", _routing)
 
 
 @_routing_op.register_fake
