@@ -108,25 +108,44 @@ ROWS_CONFIGS = tile_configs(_tuned(ROWS_SHAPES, (False,)), ROWS_PRE_HOOK, ROWS_F
 WGRAD_CONFIGS = tile_configs(_tuned(WGRAD_SHAPES))
 
 
+@functools.cache
+def _large_shared_memory(device: torch.device) -> bool:
+    """Can a block of ``device`` opt into 200 KB of shared memory or more (Hopper: 227 KB)?"""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 200 * 1024
+
+
+def _traced_tiles(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages) of the traced configs, for GEMM operands like ``t``: K-steps of 128
+    bytes (64 16-bit or 32 float32 values); 128 x 128 tiles over 3 stages (96 KB of shared memory for the
+    operands with pointer loads, ~160 KB with the epilogue's) where the device allows 200 KB a block, else 64 x 128
+    tiles over 2 stages (~80 KB). Nothing prunes a traced config, as the autotuner prunes its candidates that do
+    not fit: the 128 x 128 x 128 pick of the eager tuning asked 256 KB there (docs/benchmarks.md)."""
+    block_k = 128 // t.element_size()
+    return (128, 128, block_k, 3) if _large_shared_memory(t.device) else (64, 128, block_k, 2)
+
+
 def _traced_rows_config(args: tuple, constexprs: dict) -> triton.Config:
-    """The row kernel's one config under ``torch.compile`` (no autotuning while tracing: ``Launcher``): 128 x 128
-    tiles, K-steps of 128 bytes (64 16-bit or 32 float32 values: 96 KB of shared memory over 3 stages with the
-    pointer loads the traced launches use, within Hopper's 227 KB), persistent with 8 warps for the calls that
-    scatter their rows (down, dX), one tile per program with 4 warps for the rest (up, dZ): the tuned picks at
-    the GPT-2 shape (docs/benchmarks.md) with BLOCK_K halved for the scattering calls."""
+    """The row kernel's one config under ``torch.compile`` (no autotuning while tracing: ``Launcher``), tiles by
+    ``_traced_tiles``: persistent with 8 warps for the calls that scatter their rows (down, dX), one tile per
+    program with 4 warps for the rest (up, dZ), as the tuning picked at the GPT-2 shape on Hopper."""
     scatter = bool(constexprs["SCATTER"])
+    bm, bn, bk, stages = _traced_tiles(args[0])
+    if bm < _smallest_rows_tile("BLOCK_M") or bn < _smallest_rows_tile("BLOCK_N"):  # launch_rows' buffers
+        raise RuntimeError(
+            f"traced row-kernel tile {bm} x {bn} below the smallest tile its buffers are sized for"
+        )
     return triton.Config(
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128 // args[0].element_size(), "PERSISTENT": scatter},
-        num_warps=8 if scatter else 4,
-        num_stages=3,
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PERSISTENT": scatter},
+        num_warps=8 if scatter and bm == 128 else 4,
+        num_stages=stages,
     )
 
 
 def _traced_wgrad_config(args: tuple, constexprs: dict) -> triton.Config:
-    """The weight-gradient kernel's one config under ``torch.compile``: WGRAD_SHAPES' first, with K-steps of 128
-    bytes (as ``_traced_rows_config``)."""
+    """The weight-gradient kernel's one config under ``torch.compile``, tiles by ``_traced_tiles``."""
+    bm, bn, bk, stages = _traced_tiles(args[0])
     return triton.Config(
-        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128 // args[0].element_size()}, num_warps=8, num_stages=3
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8 if bm == 128 else 4, num_stages=stages
     )
 
 
