@@ -144,3 +144,85 @@ def test_the_config_comes_from_the_autotuners_cache():
             out = _run("top2", torch.float32)
         for a, b in zip(ref, out, strict=True):  # float32: every tile size gives the same sums up to rounding
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(triton_launch.INTERPRET, reason="under the interpreter the ops are opaque custom ops")
+def test_every_launched_kernel_is_listed_for_torchs_compile_caches():
+    """torch's compile caches key a traced triton_op on the sources of the kernels registered for it; the ones
+    ``Launcher`` launches are invisible to torch's own search of the body, so each op lists them: every kernel a
+    Launcher of the backend launches is listed for the ops that launch it (the backward's under the forward op,
+    the one in the graph), else an edited kernel could come back stale from the cache."""
+    from moe_emergence.kernels import triton_experts, triton_kernels, triton_routing, triton_rowwise
+
+    def launched(*modules) -> set:
+        return {v.kernel for m in modules for v in vars(m).values() if isinstance(v, triton_launch.Launcher)}
+
+    listed = torch._library.triton.triton_ops_to_kernels
+    assert set(listed["moe_emergence::triton_routing"]) == launched(triton_routing)
+    experts = launched(triton_kernels, triton_rowwise)
+    assert len(experts) == 4 and triton_experts.triton_experts_fwd is not None
+    for op in ("fwd", "bwd"):
+        assert set(listed[f"moe_emergence::triton_experts_{op}"]) == experts
+
+
+def test_a_fake_tensor_run_launches_nothing_and_gives_the_shapes():
+    """Outside a compile trace, fake tensors reach the launches only in a plain ``FakeTensorMode`` run (e.g. to
+    size memory): forward and backward give the real run's shapes and dtypes, and no kernel is recorded for a
+    trace (under the interpreter, where this runs on the CPU, such a launch failed with a storage error)."""
+    code = """
+import torch
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from moe_emergence.experts import get_backend
+from kernel_cases import make_case
+params, indices, dy = make_case("top2", "cpu")
+fn = get_backend("triton", torch.device("cpu"))
+real = [p.detach().clone().requires_grad_() for p in params]
+y_real = fn(*real[:5], indices, real[5], "gelu_new")
+(y_real * dy).sum().backward()
+before = len(kernel_side_table.id_to_kernel)
+with FakeTensorMode() as mode:
+    fake = [mode.from_tensor(p).requires_grad_() for p in params]
+    y = fn(*fake[:5], mode.from_tensor(indices), fake[5], "gelu_new")
+    (y * mode.from_tensor(dy)).sum().backward()
+    got = [(tuple(t.shape), t.dtype) for t in (y, *(p.grad for p in fake))]
+want = [(tuple(t.shape), t.dtype) for t in (y_real, *(p.grad for p in real))]
+assert got == want, (got, want)
+assert len(kernel_side_table.id_to_kernel) == before
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_a_compile_trace_of_a_triton_op_is_told_from_a_fake_run():
+    """``Launcher`` traces a launch (``wrap_triton``) only inside a compile trace of an op's body, and launches
+    nothing on fake tensors otherwise; if torch traced the body in another way, compiled models would skip their
+    kernels, so the two are checked where torch decides them, on the CPU: a toy ``triton_op`` compiled with
+    ``aot_eager``, forward and backward."""
+    seen = []
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        seen.append((triton_launch._traced(x), triton_launch._tracing()))
+        return x * 2
+
+    op = torch.library.triton_op("moe_emergence_test::double", body, mutates_args=())
+
+    @op.register_fake
+    def _(x):
+        seen.append((triton_launch._traced(x), triton_launch._tracing()))
+        return torch.empty_like(x)
+
+    op.register_autograd(lambda ctx, g: g * 2)
+    x = torch.randn(4, requires_grad=True)
+    torch.compile(lambda x: op(x) + 1, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert (True, False) in seen  # dynamo's fake run of the op
+    assert (True, True) in seen  # the op's body traced into the graph
+    assert set(seen) == {(True, False), (True, True)}, seen
+    assert torch.equal(x.grad, torch.full((4,), 2.0))
+    seen.clear()
+    op(torch.randn(4))  # eager: the body on real tensors
+    assert seen == [(False, False)]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_emergence.kernels import triton_kernels, triton_rowwise
 from moe_emergence.kernels.op_common import (
     autocast_off,
     backend_inputs,
@@ -89,7 +90,9 @@ def _fwd_impl(
     return y_TD, z_AF, a_AF, w1c, w2c
 
 
-triton_experts_fwd = triton_op("moe_emergence::triton_experts_fwd", _fwd_impl)
+# the backward's kernels under the forward op too: only the forward op is in the graph torch's cache keys
+_KERNELS = [*triton_kernels.KERNELS, *triton_rowwise.KERNELS]
+triton_experts_fwd = triton_op("moe_emergence::triton_experts_fwd", _fwd_impl, _KERNELS)
 
 
 @triton_experts_fwd.register_fake
@@ -141,7 +144,7 @@ def _bwd_impl(
     return tuple(g if need else x_TD.new_empty(0) for g, need in zip(grads, needs, strict=True))
 
 
-triton_experts_bwd = triton_op("moe_emergence::triton_experts_bwd", _bwd_impl)
+triton_experts_bwd = triton_op("moe_emergence::triton_experts_bwd", _bwd_impl, _KERNELS)
 
 
 @triton_experts_bwd.register_fake

@@ -17,11 +17,14 @@ Kernels:
                     routing weight; GELU-tanh backward (times gelu'(z)), optionally with each row's
                     <acc, gelu(z)> / w per column block (the routing-weight gradient's partials).
                     Optionally the float32 column sums of each row block's result (bias-gradient partials).
-                    W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper).
+                    W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper;
+                    not under torch.compile).
                     One tile per program, or persistent (one program per SM looping over the tiles).
   ``_wgrad_kernel`` dW[e] = x[rows_e]^T @ g[rows_e] over expert e's sorted rows, the x rows optionally gathered
                     from token order (TMA loads measured no faster).
-Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used.
+Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used. Under
+``torch.compile`` (the ops traced by Inductor, ``triton_launch``) each kernel runs one fixed config
+(``_traced_tiles``) with pointer loads, no TMA.
 """
 
 from __future__ import annotations
@@ -336,6 +339,7 @@ def _wgrad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(cm[:, None] < M) & (cn[None, :] < N))
 
 
+KERNELS = (_rows_kernel, _wgrad_kernel)  # for triton_launch.triton_op
 _ROWS = Launcher(_rows_kernel, traced_config=_traced_rows_config)
 _WGRAD = Launcher(_wgrad_kernel, traced_config=_traced_wgrad_config)
 

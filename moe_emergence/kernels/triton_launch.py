@@ -1,7 +1,7 @@
 """Launching the ``triton`` backend's kernels with less host time per launch than ``kernel[grid](...)``.
 
-An MoE layer's forward and backward launch 11 Triton kernels, 6 of them autotuned. Uncompiled (and inside the
-custom ops under ``torch.compile``, whose bodies run as Python) each launch pays ``Autotuner.run`` (its key rebuilt
+An MoE layer's forward and backward launch 11 Triton kernels, 6 of them autotuned. Uncompiled (and, under the
+interpreter, inside the opaque custom ops under ``torch.compile``) each launch pays ``Autotuner.run`` (its key rebuilt
 from a dict of every argument and the dtype string of each tensor, the arguments copied into dicts for the config
 hook) and ``JITFunction.run`` (its specialisation and options turned into a cache key with ``str``). On the
 H200 machines' CPUs a row-GEMM launch took ~125 us of host time that way, the compiled kernel's own launcher
@@ -24,7 +24,10 @@ the autotuner's ``best_config`` attribute.
 Under ``torch.compile`` the ops built by ``triton_op`` (below) are traced, not run: their bodies see fake tensors,
 and ``Launcher`` hands each launch to ``torch.library.wrap_triton`` with one fixed config (the kernel's
 ``traced_config``; no autotuning on fake tensors), so Inductor launches the kernels itself, from its generated
-code, without this module's Python on the hot path.
+code, without this module's Python on the hot path. On fake tensors outside such a trace (a plain
+``FakeTensorMode`` run of the eager path, e.g. to size memory) a launch does nothing: fake tensors hold no data.
+torch's compile caches key a traced op on its kernels' sources (``triton_op`` lists them), not on the Python of
+the op bodies or of this module: after editing those, run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` once.
 
 Under ``TRITON_INTERPRET=1`` (no compiled kernels) and on Triton versions whose internals differ from the ones
 this reads (``JITFunction.device_caches`` entries of (kernel cache, key cache, target, backend, binder), the
@@ -41,6 +44,7 @@ from typing import Any
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
@@ -90,21 +94,32 @@ def _jit_type() -> type:
     return JITFunction
 
 
-def triton_op(name: str, impl: Callable) -> Callable:
+def triton_op(name: str, impl: Callable, kernels: list) -> Callable:
     """``impl`` registered as the custom op ``name``: ``torch.library.triton_op`` on the GPU (``torch.compile``
     traces its body, whose launches ``Launcher`` hands to ``wrap_triton``: Inductor sees and launches the
     kernels), an opaque ``torch.library.custom_op`` under ``TRITON_INTERPRET=1`` (the interpreter's kernels
-    cannot be traced). Either way the caller registers the op's fake implementation (shapes and dtypes)."""
+    cannot be traced). Either way the caller registers the op's fake implementation (shapes and dtypes).
+    ``kernels``: every Triton kernel the op's body and its backward launch, for torch's compile caches, which key
+    the op on their sources (torch finds a kernel by reading the body for ``wrap_triton(name)``, which
+    ``Launcher`` hides)."""
     if INTERPRET:
         return torch.library.custom_op(name, mutates_args=())(impl)
-    return torch.library.triton_op(name, impl, mutates_args=())
+    op = torch.library.triton_op(name, impl, mutates_args=())
+    torch._library.triton.triton_ops_to_kernels[name] = list(kernels)
+    return op
 
 
-def _traced(args: tuple) -> bool:
-    """Are these launch arguments fake tensors (an op's body traced by ``torch.compile``), not data?"""
-    from torch._subclasses.fake_tensor import is_fake
+def _traced(first: Any) -> bool:
+    """Is the launch's first argument a fake tensor (an op's body traced by ``torch.compile``, or a fake run)?
+    Every launch's first argument is a tensor, and fake or not alike with the rest; a plain tensor is not looked
+    into (the eager launches pay ~1 us, not the ~20 us of ``is_fake`` on each argument)."""
+    return type(first) is not torch.Tensor and isinstance(first, torch.Tensor) and is_fake(first)
 
-    return any(is_fake(a) for a in args if isinstance(a, torch.Tensor))
+
+def _tracing() -> bool:
+    """Is a compile trace running (functionalization or proxy tracing), as opposed to a plain fake-tensor run?"""
+    modes = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(k) is not None for k in (modes.FUNCTIONAL, modes.PROXY))
 
 
 class Launcher:
@@ -117,7 +132,7 @@ class Launcher:
     inspection hook, the launch goes through ``kernel[grid]`` (they change what runs).
 
     On fake tensors (``torch.compile`` tracing a ``triton_op``'s body) the launch goes to ``wrap_triton`` with
-    ``traced_config(args, constexprs)`` (default: the autotuner's first config), whose tile sizes, warps and stages
+    ``traced_config(args, constexprs)`` (required for an autotuned kernel), whose tile sizes, warps and stages
     the traced graph keeps (it must fit the device: nothing prunes it); a config pre-hook does not run there (the
     caller passes no TMA descriptors)."""
 
@@ -144,7 +159,7 @@ class Launcher:
         self._plain = triton.Config({})
 
     def __call__(self, grid: tuple | Callable, *args: Any, **constexprs: Any) -> triton.Config:
-        if _traced(args):
+        if args and _traced(args[0]):
             return self._wrapped(grid, args, constexprs)
         if not CACHED or self.jit.pre_run_hooks or getattr(knobs.runtime, "add_stages_inspection_hook", None):
             self.kernel[grid](*args, **constexprs)
@@ -155,11 +170,19 @@ class Launcher:
         return self._launch(config, grid, args, constexprs)
 
     def _wrapped(self, grid, args: tuple, constexprs: dict) -> triton.Config:
-        """The launch traced into the graph (``wrap_triton``), with one fixed config for an autotuned kernel."""
+        """The launch traced into the graph (``wrap_triton``), with one fixed config for an autotuned kernel
+        (``traced_config``: RuntimeError without one); on fake tensors outside a trace, nothing (module
+        docstring), returning the first config."""
+        if not _tracing():
+            return self.tuner.configs[0] if self.tuner is not None else self._plain
         if self.tuner is None:
             torch.library.wrap_triton(self.jit)[grid](*args, **constexprs)
             return self._plain
-        config = self.traced_config(args, constexprs) if self.traced_config else self.tuner.configs[0]
+        if self.traced_config is None:
+            raise RuntimeError(
+                f"Launcher: {self.jit.__name__} is autotuned and has no traced_config for tracing"
+            )
+        config = self.traced_config(args, constexprs)
         torch.library.wrap_triton(self.jit)[grid](
             *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
         )

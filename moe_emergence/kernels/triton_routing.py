@@ -116,7 +116,7 @@ def _routing(
 
 
 # an op like the expert ops (``triton_launch.triton_op``: traced into by torch.compile on the GPU)
-_routing_op = triton_op("moe_emergence::triton_routing", _routing)
+_routing_op = triton_op("moe_emergence::triton_routing", _routing, [_count_kernel, _place_kernel])
 
 
 @_routing_op.register_fake

@@ -112,6 +112,7 @@ def _segsum_kernel(
 
 
 _BWD_PREP, _SEGSUM = Launcher(_bwd_prep_kernel), Launcher(_segsum_kernel)
+KERNELS = (_bwd_prep_kernel, _segsum_kernel)  # for triton_launch.triton_op
 
 
 def e_pow2(E: int) -> int:
