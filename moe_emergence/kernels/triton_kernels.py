@@ -130,7 +130,8 @@ def _traced_tiles(t: torch.Tensor) -> tuple[int, int, int, int]:
 def _traced_rows_config(args: tuple, constexprs: dict) -> triton.Config:
     """The row kernel's one config under ``torch.compile`` (no autotuning while tracing: ``Launcher``), tiles by
     ``_traced_tiles``: persistent with 8 warps for the calls that scatter their rows (down, dX), one tile per
-    program with 4 warps for the rest (up, dZ), as the tuning picked at the GPT-2 shape on Hopper."""
+    program with 4 warps for the rest (up, dZ), as the tuning picked at the GPT-2 shape on Hopper. RuntimeError
+    if the tile were smaller than the one ``launch_rows`` sizes its partial-sum buffers for."""
     scatter = bool(constexprs["SCATTER"])
     bm, bn, bk, stages = _traced_tiles(args[0])
     if bm < _smallest_rows_tile("BLOCK_M") or bn < _smallest_rows_tile("BLOCK_N"):  # launch_rows' buffers
