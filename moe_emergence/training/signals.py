@@ -11,7 +11,10 @@ launcher, and a launcher killed with ``kill -9`` cannot tell them to stop. With 
 launcher started this process: ``LAUNCHER_ENV``), a daemon thread checks every ``PARENT_POLL_S`` seconds
 whether the parent process changed (the child was re-parented because its launcher died) and then sends
 this process SIGTERM: the run finishes its step, saves a checkpoint and exits 143, releasing the run
-folder's lock. A process started directly (``python scripts/train.py``, ``nohup``) is not watched: its
+folder's lock. A launcher may have been reading this process's stderr through a pipe (``accelerate launch``
+1.16 tees it): with the launcher gone that pipe has no reader and a write to it raises ``BrokenPipeError`` (the
+thread's message, the signal handler's, a progress bar), so stderr is first moved onto stdout, which the
+launcher passed down, or onto ``/dev/null`` when stdout is a pipe too (``_reroute_stderr``). A process started directly (``python scripts/train.py``, ``nohup``) is not watched: its
 parent is a shell, which may end while the run goes on by design.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 import threading
 from types import FrameType
@@ -33,9 +37,27 @@ def launched_by_launcher() -> bool:
     return any(k in os.environ for k in LAUNCHER_ENV)
 
 
+def _is_pipe(fd: int) -> bool:
+    return stat.S_ISFIFO(os.fstat(fd).st_mode)
+
+
+def _reroute_stderr() -> None:
+    """Once the launcher is gone: a stderr that is a pipe (most likely the launcher's, now without a reader) is
+    replaced by stdout, or by /dev/null where stdout is a pipe too (module docstring)."""
+    if not _is_pipe(2):
+        return
+    if _is_pipe(1):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    else:
+        os.dup2(1, 2)
+
+
 def _watch_parent(parent: int, stop: threading.Event) -> None:
     while not stop.wait(PARENT_POLL_S):
         if os.getppid() != parent:
+            _reroute_stderr()
             print(f"the launcher (process {parent}) is gone: stopping", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
             return
