@@ -14,8 +14,9 @@ this process SIGTERM: the run finishes its step, saves a checkpoint and exits 14
 folder's lock. A launcher may have been reading this process's stderr through a pipe (``accelerate launch``
 1.16 tees it): with the launcher gone that pipe has no reader and a write to it raises ``BrokenPipeError`` (the
 thread's message, the signal handler's, a progress bar), so stderr is first moved onto stdout, which the
-launcher passed down, or onto ``/dev/null`` when stdout is a pipe too (``_reroute_stderr``). A process started directly (``python scripts/train.py``, ``nohup``) is not watched: its
-parent is a shell, which may end while the run goes on by design.
+launcher passed down, or onto ``/dev/null`` when stdout is a pipe too (``_reroute_stderr``). A process started
+directly (``python scripts/train.py``, ``nohup``) is not watched: its parent is a shell, which may end while the
+run goes on by design.
 """
 
 from __future__ import annotations
