@@ -13,17 +13,19 @@ whether the parent process changed (the child was re-parented because its launch
 this process SIGTERM: the run finishes its step, saves a checkpoint and exits 143, releasing the run
 folder's lock. A launcher may have been reading this process's stderr through a pipe (``accelerate launch``
 1.16 tees it): with the launcher gone that pipe has no reader and a write to it raises ``BrokenPipeError`` (the
-thread's message, the signal handler's, a progress bar), so stderr is first moved onto stdout, which the
-launcher passed down, or onto ``/dev/null`` when stdout is a pipe too (``_reroute_stderr``). A process started
-directly (``python scripts/train.py``, ``nohup``) is not watched: its parent is a shell, which may end while the
-run goes on by design.
+thread's message, the signal handler's), so a stderr whose reader is gone is first moved onto stdout, which the
+launcher passed down, or onto ``/dev/null`` when stdout is broken too (``_reroute_stderr``). Not covered: a
+progress bar writing to that stderr in the up to ``PARENT_POLL_S`` seconds before the thread notices. A process
+started directly (``python scripts/train.py``, ``nohup``) is not watched: its parent is a shell, which may end
+while the run goes on by design.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
-import stat
 import sys
 import threading
 from types import FrameType
@@ -38,16 +40,19 @@ def launched_by_launcher() -> bool:
     return any(k in os.environ for k in LAUNCHER_ENV)
 
 
-def _is_pipe(fd: int) -> bool:
-    return stat.S_ISFIFO(os.fstat(fd).st_mode)
+def _broken(fd: int) -> bool:
+    """Is ``fd`` closed, or a pipe whose reader is gone (``poll`` reports an error on its write end)?"""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in poller.poll(0))
 
 
 def _reroute_stderr() -> None:
-    """Once the launcher is gone: a stderr that is a pipe (most likely the launcher's, now without a reader) is
-    replaced by stdout, or by /dev/null where stdout is a pipe too (module docstring)."""
-    if not _is_pipe(2):
+    """Once the launcher is gone: a stderr whose reader went with it (a pipe without a reader) is replaced by
+    stdout, or by /dev/null where stdout is broken too (module docstring); a stderr still read stays."""
+    if not _broken(2):
         return
-    if _is_pipe(1):
+    if _broken(1):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
@@ -58,9 +63,12 @@ def _reroute_stderr() -> None:
 def _watch_parent(parent: int, stop: threading.Event) -> None:
     while not stop.wait(PARENT_POLL_S):
         if os.getppid() != parent:
-            _reroute_stderr()
-            print(f"the launcher (process {parent}) is gone: stopping", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGTERM)
+            try:
+                with contextlib.suppress(OSError):  # the message may have nowhere to go: stop all the same
+                    _reroute_stderr()
+                    print(f"the launcher (process {parent}) is gone: stopping", file=sys.stderr, flush=True)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
             return
 
 
