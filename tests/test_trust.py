@@ -148,10 +148,14 @@ def test_second_writer_is_refused_and_the_lock_dies_with_its_process(tmp_path, c
     assert not lock_path(run).exists()
 
 
-def test_killing_the_launcher_stops_the_training_process(tmp_path, cache):
+@pytest.mark.parametrize("progress", [False, True], ids=["quiet", "progress_bar"])
+def test_killing_the_launcher_stops_the_training_process(tmp_path, cache, progress):
     """Guarantee: kill -9 of `accelerate launch` stops its training child within seconds, after a
-    checkpoint (exit 143 by SIGTERM), and the lock is free again."""
-    path = cfg_file(tmp_path, cache, train__steps=2000, checkpoint__every=1000, log__every=1)
+    checkpoint (exit 143 by SIGTERM), and the lock is free again; also with the progress bar on, which
+    writes to the launcher's stderr pipe (accelerate 1.16), left without a reader, many times a second."""
+    path = cfg_file(
+        tmp_path, cache, train__steps=2000, checkpoint__every=1000, log__every=1, log__progress=progress
+    )
     run, log = tmp_path / "runs" / "tiny", tmp_path / "launch.log"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -175,12 +179,61 @@ def test_killing_the_launcher_stops_the_training_process(tmp_path, cache):
         if launcher.poll() is None:
             launcher.kill()
     text = log.read_text()
-    assert "the launcher (process" in text and "SIGTERM: saving a checkpoint" in text, text[-3000:]
+    # the watch thread's reason, or the progress bar's write to the pipe the launcher no longer reads
+    reasons = ("the launcher (process", "stderr has no reader any more: stopping")
+    assert any(r in text for r in reasons) and "SIGTERM: saving a checkpoint" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
     steps_then = _steps(run)
     time.sleep(1.0)
     assert _steps(run) == steps_then  # nothing writes any more
     assert ckpt.list_checkpoints(run / "checkpoints")  # it saved before stopping
     assert not lock_path(run).exists()
+
+
+def test_a_run_whose_output_reader_is_gone_stops_with_a_checkpoint(tmp_path, cache):
+    """Guarantee: a run whose stderr pipe loses its reader (``| tee`` killed; no launcher) is not ended by
+    ``BrokenPipeError`` from its progress bar: the output moves onto stdout, and the run stops as by SIGTERM
+    (checkpoint, exit 143, lock free)."""
+    path = cfg_file(
+        tmp_path, cache, train__steps=2000, checkpoint__every=1000, log__every=1, log__progress=True
+    )
+    run, log = tmp_path / "runs" / "tiny", tmp_path / "out.log"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        _wait(lambda: _steps(run) >= 2, proc, log)
+        proc.stderr.close()  # the reader is gone
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    assert "stderr has no reader any more: stopping" in text and "SIGTERM: saving a checkpoint" in text, text
+    assert "Traceback" not in text, text[-3000:]
+    assert ckpt.list_checkpoints(run / "checkpoints")
+    assert not lock_path(run).exists()
+
+
+def test_the_output_guard_reroutes_a_pipe_without_reader_and_retries():
+    """``signals._OutputGuard``: a write and a flush to a pipe whose reader is gone raise nothing, the
+    descriptor now writes to /dev/null (fd 1 and other descriptors; fd 2 moves onto a live stdout), the
+    text is retried there, and the run is told once per failure (``StopSignals`` stops it once)."""
+    from moe_emergence.training.signals import _OutputGuard
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    told = []
+    with open(write_end, "w", buffering=1) as stream:  # line-buffered: the write itself reaches the pipe
+        guard = _OutputGuard(stream, write_end, lambda: told.append(1))
+        assert guard.write("step 1\n") == len("step 1\n")
+        assert os.fstat(write_end).st_rdev == os.stat(os.devnull).st_rdev
+        guard.write("step 2\n")
+        guard.flush()
+        assert told == [1]  # /dev/null reads everything: no second failure
+        assert guard.encoding == stream.encoding  # the rest is the stream's
 
 
 # ----------------------------------------------------------------------------- B4: nothing executes

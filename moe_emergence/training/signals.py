@@ -11,23 +11,29 @@ launcher, and a launcher killed with ``kill -9`` cannot tell them to stop. With 
 launcher started this process: ``LAUNCHER_ENV``), a daemon thread checks every ``PARENT_POLL_S`` seconds
 whether the parent process changed (the child was re-parented because its launcher died) and then sends
 this process SIGTERM: the run finishes its step, saves a checkpoint and exits 143, releasing the run
-folder's lock. A launcher may have been reading this process's stderr through a pipe (``accelerate launch``
-1.16 tees it): with the launcher gone that pipe has no reader and a write to it raises ``BrokenPipeError`` (the
-thread's message, the signal handler's), so a stderr whose reader is gone is first moved onto stdout, which the
-launcher passed down, or onto ``/dev/null`` when stdout is broken too (``_reroute_stderr``). Not covered: a
-progress bar writing to that stderr in the up to ``PARENT_POLL_S`` seconds before the thread notices. A process
-started directly (``python scripts/train.py``, ``nohup``) is not watched: its parent is a shell, which may end
-while the run goes on by design.
+folder's lock. A process started directly (``python scripts/train.py``, ``nohup``) is not watched: its parent is
+a shell, which may end while the run goes on by design.
+
+Output whose reader is gone: a launcher may have been reading this process's stderr through a pipe
+(``accelerate launch`` 1.16 tees it), and a pipe (``| tee``) may lose its reader in any run. A write to such a
+pipe raises ``BrokenPipeError``, which would end the run without a checkpoint wherever it happens (the
+progress bar, a print, the thread's message). While ``StopSignals`` is active, ``sys.stdout`` and
+``sys.stderr`` are wrapped (``_OutputGuard``): on a broken pipe the file descriptor is moved onto stdout (for
+stderr, when stdout is still read) or onto ``/dev/null`` (``_reroute``), the write is retried, and the run is
+stopped as by SIGTERM, once (checkpoint, exit 143). The parent-watch thread reroutes a broken stderr too
+before its message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -47,28 +53,61 @@ def _broken(fd: int) -> bool:
     return any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in poller.poll(0))
 
 
-def _reroute_stderr() -> None:
-    """Once the launcher is gone: a stderr whose reader went with it (a pipe without a reader) is replaced by
-    stdout, or by /dev/null where stdout is broken too (module docstring); a stderr still read stays."""
-    if not _broken(2):
-        return
-    if _broken(1):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-    else:
+def _reroute(fd: int) -> None:
+    """Output ``fd`` (1 or 2) whose reader is gone goes to stdout (fd 2, while stdout is still read) or to
+    /dev/null (module docstring)."""
+    if fd == 2 and not _broken(1):
         os.dup2(1, 2)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
-def _watch_parent(parent: int, stop: threading.Event) -> None:
+class _OutputGuard:
+    """``stream`` (``sys.stdout`` or ``sys.stderr``, writing to file descriptor ``fd``) whose ``write`` and
+    ``flush`` survive a reader gone: on ``BrokenPipeError`` the descriptor is rerouted (``_reroute``), the call
+    retried, and ``on_broken()`` told (it stops the run). Everything else is the stream's."""
+
+    def __init__(self, stream, fd: int, on_broken: Callable[[], None]) -> None:
+        self._stream, self._fd, self._on_broken = stream, fd, on_broken
+
+    def write(self, text: str) -> int:
+        return self._retry(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._retry(self._stream.flush)
+
+    def _retry(self, call: Callable, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            _reroute(self._fd)
+            self._on_broken()
+            return call(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _fd_of(stream) -> int | None:
+    """The file descriptor ``stream`` writes to, if it has one (not a notebook's or a test's capture)."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+
+
+def _watch_parent(parent: int, stop: threading.Event, terminate: Callable[[], None]) -> None:
     while not stop.wait(PARENT_POLL_S):
         if os.getppid() != parent:
             try:
                 with contextlib.suppress(OSError):  # the message may have nowhere to go: stop all the same
-                    _reroute_stderr()
+                    if _broken(2):
+                        _reroute(2)
                     print(f"the launcher (process {parent}) is gone: stopping", file=sys.stderr, flush=True)
             finally:
-                os.kill(os.getpid(), signal.SIGTERM)
+                terminate()
             return
 
 
@@ -82,6 +121,22 @@ class StopSignals:
         self._previous: dict[int, object] = {}
         self._parent = parent_pid if launched_by_launcher() else None
         self._stop_watch = threading.Event()
+        self._terminating = threading.Lock()
+        self._terminated = False
+        self._streams: dict[str, object] = {}
+
+    def _terminate_once(self, reason: str | None = None) -> None:
+        """SIGTERM to this process, after ``reason`` on stderr, unless a stop signal already arrived or was
+        sent (a second one would abort without a checkpoint): for the parent-watch thread and the output
+        guards."""
+        with self._terminating:
+            if self._terminated or self.received is not None:
+                return
+            self._terminated = True
+        if reason:
+            with contextlib.suppress(OSError):  # stderr rerouted already; /dev/null at worst
+                os.write(2, f"{reason}: stopping\n".encode())
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
@@ -100,12 +155,22 @@ class StopSignals:
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
             if self._parent is not None:
-                args = (self._parent, self._stop_watch)
+                args = (self._parent, self._stop_watch, self._terminate_once)
                 threading.Thread(target=_watch_parent, args=args, name="parent-watch", daemon=True).start()
+            for name in ("stdout", "stderr"):
+                stream = getattr(sys, name)
+                fd = _fd_of(stream)
+                if fd in (1, 2):
+                    self._streams[name] = stream
+                    gone = functools.partial(self._terminate_once, f"{name} has no reader any more")
+                    setattr(sys, name, _OutputGuard(stream, fd, gone))
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop_watch.set()
+        for name, stream in self._streams.items():
+            setattr(sys, name, stream)
+        self._streams.clear()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
