@@ -165,11 +165,18 @@ def test_every_launched_kernel_is_listed_for_torchs_compile_caches():
         assert set(listed[f"moe_emergence::triton_experts_{op}"]) == experts
 
 
-def test_a_fake_tensor_run_launches_nothing_and_gives_the_shapes():
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="CUDA present: the GPU case runs")),
+        pytest.param("cuda", marks=gpu),
+    ],
+)
+def test_a_fake_tensor_run_launches_nothing_and_gives_the_shapes(device):
     """Outside a compile trace, fake tensors reach the launches only in a plain ``FakeTensorMode`` run (e.g. to
     size memory): forward and backward give the real run's shapes and dtypes, and no launch is handed to
-    ``wrap_triton`` (trapped here); under the interpreter, where this runs on the CPU, such a launch failed with
-    a storage error."""
+    ``wrap_triton`` (trapped here). On the CPU under the interpreter (an opaque custom op; such a launch failed
+    with a storage error), on the GPU through the ``triton_op``s."""
     code = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -178,8 +185,8 @@ def trap(kernel):
     raise AssertionError("a fake run traced a launch")
 torch.library.wrap_triton = trap
 from kernel_cases import make_case
-params, indices, dy = make_case("top2", "cpu")
-fn = get_backend("triton", torch.device("cpu"))
+params, indices, dy = make_case("top2", DEVICE)
+fn = get_backend("triton", torch.device(DEVICE))
 real = [p.detach().clone().requires_grad_() for p in params]
 y_real = fn(*real[:5], indices, real[5], "gelu_new")
 (y_real * dy).sum().backward()
@@ -194,7 +201,11 @@ print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join([root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    env = {**os.environ, "PYTHONPATH": path}
+    env.pop("TRITON_INTERPRET", None)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    code = code.replace("DEVICE", repr(device))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
