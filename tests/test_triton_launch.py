@@ -218,14 +218,14 @@ def test_a_compile_trace_of_a_triton_op_is_told_from_a_fake_run():
     seen = []
 
     def body(x: torch.Tensor) -> torch.Tensor:
-        seen.append((triton_launch._traced(x), triton_launch._tracing()))
+        seen.append((triton_launch.fake_arg(x), triton_launch._tracing()))
         return x * 2
 
     op = torch.library.triton_op("moe_emergence_test::double", body, mutates_args=())
 
     @op.register_fake
     def _(x):
-        seen.append((triton_launch._traced(x), triton_launch._tracing()))
+        seen.append((triton_launch.fake_arg(x), triton_launch._tracing()))
         return torch.empty_like(x)
 
     op.register_autograd(lambda ctx, g: g * 2)
@@ -243,3 +243,18 @@ def test_a_compile_trace_of_a_triton_op_is_told_from_a_fake_run():
     seen.clear()  # torch.export's pre-dispatch trace of the body
     make_fx(body, tracing_mode="fake", pre_dispatch=True)(torch.randn(4))
     assert seen == [(True, True)]
+
+
+def test_fake_arg_tells_fake_tensors_and_parameters_apart():
+    """``fake_arg`` skips ``is_fake`` only for types that cannot be fake: a fake tensor made from a parameter, and
+    a parameter made from a fake tensor, are fake tensors; plain tensors and parameters are not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    param = torch.nn.Parameter(torch.randn(3))
+    assert not triton_launch.fake_arg(param) and not triton_launch.fake_arg(torch.randn(3))
+    assert not triton_launch.fake_arg(None)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(3))
+        assert triton_launch.fake_arg(fake)
+        assert triton_launch.fake_arg(mode.from_tensor(param))
+        assert triton_launch.fake_arg(torch.nn.Parameter(fake))

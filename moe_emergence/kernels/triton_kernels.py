@@ -35,11 +35,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_emergence.kernels.routing_meta import RoutingMeta
-from moe_emergence.kernels.triton_launch import INTERPRET, Launcher
+from moe_emergence.kernels.triton_launch import INTERPRET, Launcher, fake_arg
 from moe_emergence.kernels.triton_rowwise import block_at, block_layout, e_pow2, segment_sums
 
 # MOE_TRITON_AUTOTUNE=0: one fixed config on the GPU too (tests: many small shapes, no tuning time)
@@ -367,7 +366,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
     16-byte aligned base and strides, no empty dim). Not while ``torch.compile`` traces the op (a fake ``t``
     has no address; the traced launches take no config pre-hook to size the descriptors' boxes): pointer
     loads."""
-    if is_fake(t) or not INTERPRET and (t.device.type != "cuda" or _capability(t.device.index)[0] < 9):
+    if fake_arg(t) or not INTERPRET and (t.device.type != "cuda" or _capability(t.device.index)[0] < 9):
         return False
     size = t.element_size()
     return (

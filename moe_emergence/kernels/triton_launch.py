@@ -116,11 +116,16 @@ def triton_op(name: str, impl: Callable, kernels: list) -> Callable:
     return op
 
 
-def _traced(first: Any) -> bool:
-    """Is the launch's first argument a fake tensor (an op's body traced by ``torch.compile``, or a fake run)?
-    Every launch's first argument is a tensor, and fake or not alike with the rest; a plain tensor is not looked
-    into (0.08 us a launch on this project's 2-core CPU, where ``is_fake`` on every argument took 20-30 us)."""
-    return type(first) is not torch.Tensor and isinstance(first, torch.Tensor) and is_fake(first)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # types that are never fake (see fake_arg)
+
+
+def fake_arg(first: Any) -> bool:
+    """Is ``first`` a fake tensor (an op's body traced by ``torch.compile``, or a fake run)? Asked of a launch's
+    first argument (every launch's first argument is a tensor, fake or not alike with the rest) and of the tensors
+    a launch may address by TMA. A plain tensor or parameter is not looked into (0.08 us a launch on this
+    project's 2-core CPU, where ``is_fake`` on every argument took 20-30 us): ``nn.Parameter`` of a fake tensor is
+    that fake tensor, not a ``Parameter``."""
+    return type(first) not in _PLAIN and isinstance(first, torch.Tensor) and is_fake(first)
 
 
 def _tracing() -> bool:
@@ -172,7 +177,7 @@ class Launcher:
         self._plain = triton.Config({})
 
     def __call__(self, grid: tuple | Callable, *args: Any, **constexprs: Any) -> triton.Config:
-        if args and _traced(args[0]):
+        if args and fake_arg(args[0]):
             return self._wrapped(grid, args, constexprs)
         if not CACHED or self.jit.pre_run_hooks or getattr(knobs.runtime, "add_stages_inspection_hook", None):
             self.kernel[grid](*args, **constexprs)
