@@ -1,19 +1,27 @@
 """The command lines print their own progress and results: library chatter a user need not act on is off.
 
-``quiet_libraries()`` is called first thing by every script (``scripts/*.py``, ``training.cli``).
+``quiet_libraries()`` is called first thing by every script (``scripts/*.py``, ``training.cli``);
+``ArgumentParser`` gives their one-line mistakes; ``check_output_file`` checks a results file before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
+from pathlib import Path
 
 from moe_emergence.errors import ConfigError
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's one-line ``error:`` (exit 2, through ``errors.run_cli``) instead of the
-    usage block plus ``prog: error:``."""
+    usage block plus ``prog: error:``, and no abbreviated options (``--comp`` is not ``--compile``: an option
+    added later could make an abbreviation in someone's script mean another)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ConfigError(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")
@@ -34,3 +42,22 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
+
+
+def check_output_file(path: str | Path, label: str, kind: str) -> None:
+    """Before any work: the results file ``path`` (named ``label`` in messages, e.g. ``--json``; ``kind`` says
+    what it is, e.g. ``"a JSON file"``) lies in an existing folder and can be written, tried for real (an
+    existing file opened for appending, nothing written; a new one by a temporary file beside it, removed):
+    ``os.access`` says yes to root on a read-only file system. Raises ``ConfigError`` (one ``error:`` line)."""
+    p = Path(path).resolve()
+    if p.is_dir() or not p.parent.is_dir():
+        raise ConfigError(f"{label} {path}: {kind} in an existing folder")
+    try:
+        if p.exists():
+            with open(p, "a"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=p.parent):
+                pass
+    except OSError as e:
+        raise ConfigError(f"{label} {path}: not writable ({e.strerror or e})") from None

@@ -16,11 +16,13 @@ without them). Times are device times: each call is captured in a CUDA graph and
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 from bench_moe import graph_time  # device time of fn captured in a CUDA graph (scripts/ is on sys.path)
 
+from moe_emergence.console import ArgumentParser
+from moe_emergence.errors import run_cli
 from moe_emergence.kernels.grouped_mm import _bias_grad
 from moe_emergence.kernels.routing_meta import routing_meta
 from moe_emergence.kernels.triton_kernels import EPI_GELU, EPI_GELU_BWD, launch_rows, launch_wgrad
@@ -127,10 +129,10 @@ def bench_rows(meta, iters: int) -> None:
         print(f"  row prep (dO, <dy, b2>{', db2' if want else ''}): {ms * 1e3:6.1f} us", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=50)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -152,7 +154,8 @@ def main() -> None:
     for kernel in (tk._rows_kernel, tk._wgrad_kernel):
         for key, cfg in kernel.cache.items():
             print(f"autotuned {kernel.fn.__name__} {key}: {cfg}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -9,12 +9,14 @@ eagerly (bf16 autocast). The fast backends are ``torch.library`` custom ops: exp
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from moe_emergence import MoEConfig, upcycle
+from moe_emergence.console import ArgumentParser
+from moe_emergence.errors import run_cli
 
 
 def build(backend: str, top_k: int, device: str):
@@ -52,13 +54,13 @@ def grads(run, model, ids):
     return out.loss.detach().float(), grads
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--backends", nargs="+", default=["triton", "grouped_mm"])
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager)")
     ap.add_argument("--device", default="cuda", help="cpu: grouped_mm (and triton under TRITON_INTERPRET=1)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     ids = torch.randint(0, 512, (8, 128), generator=torch.Generator().manual_seed(1)).to(args.device)
     for backend in args.backends:
         model = build(backend, args.top_k, args.device)
@@ -92,7 +94,8 @@ def main() -> None:
         )
         for r in reasons:
             print(f"   break: {r}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -18,16 +18,14 @@ import time
 from pathlib import Path
 
 from moe_emergence.config_loader import load
-from moe_emergence.console import quiet_libraries
+from moe_emergence.console import ArgumentParser, quiet_libraries
 from moe_emergence.data import DataConfig, build_corpus, default_offline_config
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
 
 def _main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", help="YAML file with a data: block (default: the built-in offline corpus)"
     )

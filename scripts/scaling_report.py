@@ -16,7 +16,6 @@ Writes ``{"date", "gpu", "ddp_efficiency", "fsdp_efficiency", "eq_loss_diff", "f
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -27,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from moe_emergence.console import ArgumentParser  # noqa: E402
+from moe_emergence.errors import run_cli  # noqa: E402
 from moe_emergence.telemetry import names as keys  # noqa: E402
 from moe_emergence.telemetry import read_metrics  # noqa: E402
 
@@ -77,7 +78,7 @@ def gpu_name() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report", type=Path)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=10)
@@ -110,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -5,18 +5,19 @@
 SOURCE is a hub id or a local GPT-2 folder; the overrides set ``MoEConfig`` fields, e.g.
 ``num_experts=8 top_k=1 layers=[8,9,10,11] init=noise``. OUT (new or empty) gets ``save_pretrained``
 files (and the source's tokenizer when it has one), loadable with ``AutoModelForCausalLM`` after
-``import moe_emergence``; they are written to ``OUT.tmp`` and renamed, so OUT is whole or absent.
+``import moe_emergence``; they are written to a new hidden folder beside OUT (``.OUT.*.tmp``, removed if the save
+fails) and renamed, so OUT is whole or absent; nothing already there is touched.
 User mistakes print one ``error:`` line and exit with status 2.
 """
 
-import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from moe_emergence import MoEConfig, upcycle
 from moe_emergence.config_loader import load
-from moe_emergence.console import quiet_libraries
+from moe_emergence.console import ArgumentParser, quiet_libraries
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
@@ -24,7 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 def _main(argv=None) -> int:
     quiet_libraries()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="hub id or local GPT-2 checkpoint folder")
     p.add_argument("out", help="output folder (new or empty)")
     p.add_argument("overrides", nargs="*", help="MoEConfig fields as key=value")
@@ -44,14 +45,18 @@ def _main(argv=None) -> int:
 
         with as_user_error(f"source {args.source!r}: cannot load its tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(args.source)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))  # ours alone
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     E, layers = cfg.num_experts, model.config.moe_layers
     print(
         f"upcycled {args.source} -> {out}: {E} experts (top-{cfg.top_k}, init={cfg.init}) in blocks {layers}"

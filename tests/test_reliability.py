@@ -312,6 +312,10 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
             r"bad\.yaml: malformed YAML at line 2, column 13: mapping values",
         ),
         ("prepare_data", ["--out", occupied], r"exists and is not an empty folder"),
+        ("upcycle", [dense_checkpoint], r"required: out"),  # argparse's own mistakes: one line too
+        ("prepare_data", ["--config", bad_yaml], r"required: --out"),
+        ("prepare_data", ["--ou", tmp_path / "d"], r"required: --out"),  # --ou is not --out
+        ("generate", [dense_checkpoint, "--prom", "x"], r"required: --prompt"),  # --prom is not --prompt
     ]
     for name, args, pattern in cases:
         capsys.readouterr()
@@ -319,5 +323,10 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
         assert_one_error_line(capsys.readouterr().err, pattern)
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
+    users = tmp_path / "out.tmp"  # a folder of the user's that an older version replaced with its own
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     assert _script("upcycle")([str(dense_checkpoint), str(tmp_path / "out"), "num_experts=2"]) == 0
-    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out.tmp").exists()
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert (users / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
