@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import NamedTuple, NoReturn
 import torch
 import torch.nn.functional as F
 
-from moe_emergence.console import ArgumentParser
+from moe_emergence.console import ArgumentParser, check_output_file
 from moe_emergence.errors import ConfigError
 from moe_emergence.experts import eager_experts, get_backend
 from moe_emergence.kernels.cuda_graph import ExpertsGraph
@@ -563,11 +562,10 @@ def positive_int(text: str) -> int:
 
 def check_json_path(path: str) -> None:
     """Before any GPU work: ``path`` can be written (a writable file, or a new one in a writable folder)."""
-    p = Path(path).resolve()
-    if p.is_dir() or not p.parent.is_dir():
-        user_error(f"--json {path}: a JSON file in an existing folder")
-    if not os.access(p if p.exists() else p.parent, os.W_OK):
-        user_error(f"--json {path}: not writable")
+    try:
+        check_output_file(path, "--json", "a JSON file")
+    except ConfigError as e:
+        user_error(str(e))
 
 
 def write_json(path: str, data) -> None:

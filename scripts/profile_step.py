@@ -51,7 +51,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import signal
 import statistics
 import sys
@@ -61,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from moe_emergence.console import ArgumentParser
+from moe_emergence.console import ArgumentParser, check_output_file
 from moe_emergence.errors import ConfigError, run_cli
 
 
@@ -301,10 +300,7 @@ def _load(args: argparse.Namespace):
             raise ConfigError(
                 f"{name} {str(path)!r} lies in the run folder {str(run_dir)!r}, removed at the end"
             )
-    if out.is_dir() or not out.parent.is_dir():
-        raise ConfigError(f"OUT {str(out)!r}: a JSON lines file in an existing folder")
-    if not os.access(out if out.exists() else out.parent, os.W_OK):
-        raise ConfigError(f"OUT {str(out)!r}: not writable")
+    check_output_file(out, "OUT", "a JSON lines file")
     return cfg
 
 

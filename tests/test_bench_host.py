@@ -28,6 +28,8 @@ def bh():
             ["--json", "/no/such/folder/x.json"],
             "--json /no/such/folder/x.json: a JSON file in an existing folder",
         ),
+        (["--json", "/proc/version"], "--json /proc/version: not writable"),  # refused to root too
+        (["--json", "/proc/new.json"], "--json /proc/new.json: not writable"),
         ([], "needs a CUDA device"),
     ],
 )
