@@ -180,7 +180,7 @@ def test_killing_the_launcher_stops_the_training_process(tmp_path, cache, progre
             launcher.kill()
     text = log.read_text()
     # the watch thread's reason, or the progress bar's write to the pipe the launcher no longer reads
-    reasons = ("the launcher (process", "stderr has no reader any more: stopping")
+    reasons = ("the launcher (process", "stderr has no reader: stopping")
     assert any(r in text for r in reasons) and "SIGTERM: saving a checkpoint" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     steps_then = _steps(run)
@@ -211,7 +211,7 @@ def test_a_run_whose_output_reader_is_gone_stops_with_a_checkpoint(tmp_path, cac
             proc.kill()
     text = log.read_text()
     assert rc == 128 + signal.SIGTERM, text[-3000:]
-    assert "stderr has no reader any more: stopping" in text and "SIGTERM: saving a checkpoint" in text, text
+    assert "stderr has no reader: stopping" in text and "SIGTERM: saving a checkpoint" in text, text
     assert "Traceback" not in text, text[-3000:]
     assert ckpt.list_checkpoints(run / "checkpoints")
     assert not lock_path(run).exists()
@@ -234,6 +234,66 @@ def test_the_output_guard_reroutes_a_pipe_without_reader_and_retries():
         guard.flush()
         assert told == [1]  # /dev/null reads everything: no second failure
         assert guard.encoding == stream.encoding  # the rest is the stream's
+
+
+_STOP_SIGNALS_CHILD = """
+import io, os, signal, sys
+from moe_emergence.training.signals import StopSignals, _OutputGuard
+before = sys.stdout
+with StopSignals() as stop:
+    assert isinstance(sys.stdout, _OutputGuard) and isinstance(sys.stderr, _OutputGuard)
+    stop.request_stop("a test")
+    assert stop.received == signal.SIGTERM
+    os.kill(os.getpid(), signal.SIGTERM)  # the user's first SIGTERM: not an abort
+    assert stop.received == signal.SIGTERM
+    mine = io.StringIO()
+    sys.stdout = mine  # a stream installed during the run stays
+print(sys.stdout is mine, file=sys.stderr)
+sys.stdout = before
+with StopSignals():
+    pass
+stop.request_stop("after the run")  # nothing: the run is over
+print("restored", sys.stdout is before, flush=True)
+"""
+
+
+def test_a_requested_stop_leaves_the_users_signals_and_streams_alone():
+    """``StopSignals.request_stop`` (launcher gone, output reader gone) stops as SIGTERM would without sending
+    one: the user's first SIGTERM after it does not abort (it says the run is already stopping; before, the
+    stop's own SIGTERM was the first and a single SIGTERM killed the run without a checkpoint); leaving the
+    context restores the streams it wrapped but keeps one the user installed meanwhile; after the run a request
+    does nothing."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", _STOP_SIGNALS_CHILD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = out.stderr.splitlines()
+    assert err[:3] == [
+        "a test: stopping",
+        "SIGTERM: saving a checkpoint at the end of this step, then stopping (send SIGTERM again to abort "
+        "without saving)",
+        "SIGTERM: already stopping (send SIGTERM again to abort without saving)",
+    ], out.stderr
+    assert err[3:] == ["True"] and out.stdout == "restored True\n", (out.stdout, out.stderr)
+
+
+def test_a_socket_without_its_reader_counts_as_broken():
+    """``signals._broken``: a socket whose peer is gone reports a hang-up, not an error (journald's stdout is
+    such a socket); the guard moves it onto /dev/null and the write goes through."""
+    import socket
+
+    from moe_emergence.training.signals import _broken, _OutputGuard
+
+    ours, peer = socket.socketpair()
+    assert not _broken(ours.fileno())
+    peer.close()
+    assert _broken(ours.fileno())
+    told = []
+    with open(ours.detach(), "w", buffering=1) as stream:
+        guard = _OutputGuard(stream, stream.fileno(), lambda: told.append(1))
+        guard.writelines(["a\n", "b\n"])
+        assert told == [1] and os.fstat(stream.fileno()).st_rdev == os.stat(os.devnull).st_rdev
 
 
 # ----------------------------------------------------------------------------- B4: nothing executes

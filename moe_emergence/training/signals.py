@@ -9,19 +9,22 @@ shell's convention for "ended by this signal"; the checkpoint is in place and ``
 Launcher death: under ``accelerate launch`` or ``torchrun`` the training processes are children of the
 launcher, and a launcher killed with ``kill -9`` cannot tell them to stop. With ``watch_parent`` (when a
 launcher started this process: ``LAUNCHER_ENV``), a daemon thread checks every ``PARENT_POLL_S`` seconds
-whether the parent process changed (the child was re-parented because its launcher died) and then sends
-this process SIGTERM: the run finishes its step, saves a checkpoint and exits 143, releasing the run
-folder's lock. A process started directly (``python scripts/train.py``, ``nohup``) is not watched: its parent is
-a shell, which may end while the run goes on by design.
+whether the parent process changed (the child was re-parented because its launcher died) and then stops the
+run as SIGTERM would (``StopSignals.request_stop``, no signal sent): the run finishes its step, saves a
+checkpoint and exits 143, releasing the run folder's lock. A process started directly (``python
+scripts/train.py``, ``nohup``) is not watched: its parent is a shell, which may end while the run goes on by
+design. A stop requested so leaves the user's signals as they were: their first SIGTERM after it is still a
+first (it says the run is already stopping), their second aborts.
 
 Output whose reader is gone: a launcher may have been reading this process's stderr through a pipe
-(``accelerate launch`` 1.16 tees it), and a pipe (``| tee``) may lose its reader in any run. A write to such a
-pipe raises ``BrokenPipeError``, which would end the run without a checkpoint wherever it happens (the
-progress bar, a print, the thread's message). While ``StopSignals`` is active, ``sys.stdout`` and
-``sys.stderr`` are wrapped (``_OutputGuard``): on a broken pipe the file descriptor is moved onto stdout (for
-stderr, when stdout is still read) or onto ``/dev/null`` (``_reroute``), the write is retried, and the run is
-stopped as by SIGTERM, once (checkpoint, exit 143). The parent-watch thread reroutes a broken stderr too
-before its message.
+(``accelerate launch`` 1.16 tees it), and a pipe (``| tee``) or socket may lose its reader in any run. A write to
+it raises ``BrokenPipeError``, which would end the run without a checkpoint wherever it happens (the progress
+bar, a print, a message). While ``StopSignals`` is active, ``sys.stdout`` and ``sys.stderr`` are wrapped
+(``_OutputGuard``): on a broken pipe the file descriptor is moved onto stdout (for stderr, while stdout's
+reader is there) or onto ``/dev/null`` (``_reroute``), the write is retried, and the run stops as by SIGTERM
+(``request_stop``: checkpoint, exit 143). That happens at the first write that reaches the pipe: stdout into a
+pipe is block-buffered, so its loss may show only at a later flush, or at the run's last lines (then the run
+has ended anyway). Not covered: writes through a stream's ``buffer``, and streams without a file descriptor.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ import select
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
+from typing import TextIO, TypeVar
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Set by `accelerate launch` (every launcher path) and by torchrun in the processes they start.
 LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
 PARENT_POLL_S = 0.5
+T = TypeVar("T")
 
 
 def launched_by_launcher() -> bool:
@@ -47,72 +52,81 @@ def launched_by_launcher() -> bool:
 
 
 def _broken(fd: int) -> bool:
-    """Is ``fd`` closed, or a pipe whose reader is gone (``poll`` reports an error on its write end)?"""
+    """Is ``fd`` closed, or is its reader gone: ``poll`` reports an error (a pipe) or a hang-up (a socket, a
+    terminal) on it?"""
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in poller.poll(0))
+    return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in poller.poll(0))
 
 
-def _reroute(fd: int) -> None:
-    """Output ``fd`` (1 or 2) whose reader is gone goes to stdout (fd 2, while stdout is still read) or to
-    /dev/null (module docstring)."""
-    if fd == 2 and not _broken(1):
+def _reroute(fd: int, devnull: bool = False) -> None:
+    """Output ``fd`` (1 or 2) whose reader is gone goes to stdout (fd 2, while stdout's reader is there and
+    ``devnull`` is False) or to /dev/null (module docstring)."""
+    if fd == 2 and not devnull and not _broken(1):
         os.dup2(1, 2)
         return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 class _OutputGuard:
-    """``stream`` (``sys.stdout`` or ``sys.stderr``, writing to file descriptor ``fd``) whose ``write`` and
-    ``flush`` survive a reader gone: on ``BrokenPipeError`` the descriptor is rerouted (``_reroute``), the call
-    retried, and ``on_broken()`` told (it stops the run). Everything else is the stream's."""
+    """``stream`` (``sys.stdout`` or ``sys.stderr``, writing to file descriptor ``fd``) whose ``write``,
+    ``writelines`` and ``flush`` survive a reader gone: on ``BrokenPipeError`` the descriptor is rerouted
+    (``_reroute``), ``on_broken()`` told (it stops the run), and the call retried (onto /dev/null if the new
+    target's reader is gone too). Other attributes are the stream's, unguarded: a write through ``buffer`` is
+    not covered, and the guard is no ``io.TextIOBase``."""
 
-    def __init__(self, stream, fd: int, on_broken: Callable[[], None]) -> None:
+    def __init__(self, stream: TextIO, fd: int, on_broken: Callable[[], None]) -> None:
         self._stream, self._fd, self._on_broken = stream, fd, on_broken
 
     def write(self, text: str) -> int:
-        return self._retry(self._stream.write, text)
+        return self._guarded(self._stream.write, text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self._guarded(self._stream.writelines, list(lines))  # a list: the retry writes the same lines
 
     def flush(self) -> None:
-        self._retry(self._stream.flush)
+        self._guarded(self._stream.flush)
 
-    def _retry(self, call: Callable, *args):
+    def _guarded(self, call: Callable[..., T], *args) -> T:
         try:
             return call(*args)
         except BrokenPipeError:
             _reroute(self._fd)
-            self._on_broken()
+        self._on_broken()
+        try:
+            return call(*args)
+        except BrokenPipeError:  # stderr went onto a stdout whose reader left since
+            _reroute(self._fd, devnull=True)
             return call(*args)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
 
-def _fd_of(stream) -> int | None:
-    """The file descriptor ``stream`` writes to, if it has one (not a notebook's or a test's capture)."""
+def _fd_of(stream: TextIO) -> int | None:
+    """The file descriptor ``stream`` writes to; None for a stream without one (a notebook's, a test's
+    capture), which is then left unguarded: it has no pipe to lose."""
     try:
         return stream.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
         return None
 
 
-def _watch_parent(parent: int, stop: threading.Event, terminate: Callable[[], None]) -> None:
+def _watch_parent(parent: int, stop: threading.Event, request_stop: Callable[[str], None]) -> None:
     while not stop.wait(PARENT_POLL_S):
         if os.getppid() != parent:
-            try:
-                with contextlib.suppress(OSError):  # the message may have nowhere to go: stop all the same
-                    if _broken(2):
-                        _reroute(2)
-                    print(f"the launcher (process {parent}) is gone: stopping", file=sys.stderr, flush=True)
-            finally:
-                terminate()
+            with contextlib.suppress(OSError):  # stderr's reader may be gone with the launcher
+                if _broken(2):
+                    _reroute(2)
+            request_stop(f"the launcher (process {parent}) is gone")
             return
 
 
 class StopSignals:
-    """Context manager; ``received`` is the first signal number caught (None until one arrives)."""
+    """Context manager; ``received`` is the first signal number caught, or SIGTERM once ``request_stop`` was
+    called (None until then)."""
 
     def __init__(self, parent_pid: int | None = None) -> None:
         """``parent_pid``: the launcher's PID as seen when the process started (watched when a launcher
@@ -121,56 +135,66 @@ class StopSignals:
         self._previous: dict[int, object] = {}
         self._parent = parent_pid if launched_by_launcher() else None
         self._stop_watch = threading.Event()
-        self._terminating = threading.Lock()
-        self._terminated = False
-        self._streams: dict[str, object] = {}
+        self._guards: dict[str, tuple[TextIO, _OutputGuard]] = {}
+        self._active = False
 
-    def _terminate_once(self, reason: str | None = None) -> None:
-        """SIGTERM to this process, after ``reason`` on stderr, unless a stop signal already arrived or was
-        sent (a second one would abort without a checkpoint): for the parent-watch thread and the output
-        guards."""
-        with self._terminating:
-            if self._terminated or self.received is not None:
-                return
-            self._terminated = True
-        if reason:
-            with contextlib.suppress(OSError):  # stderr rerouted already; /dev/null at worst
-                os.write(2, f"{reason}: stopping\n".encode())
-        os.kill(os.getpid(), signal.SIGTERM)
+    def request_stop(self, reason: str) -> None:
+        """Stop as by SIGTERM (a checkpoint at the end of this step, then exit 143) without sending one, so
+        that a SIGTERM from the user or a scheduler after this still counts as their first; ``reason`` is
+        said first. For the parent-watch thread and the output guards; nothing once the run is over or a
+        stop is already under way. Sets the flag before saying anything: a write failing here reaches this
+        method again and returns."""
+        if self.received is not None or not self._active:
+            return
+        self.received = signal.SIGTERM
+        _say(f"{reason}: stopping")
+        _say(_stopping_message(signal.SIGTERM, first=True))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
+        first = self.received is None
+        if first:
             self.received = signum
-            name = signal.Signals(signum).name
-            print(
-                f"{name}: saving a checkpoint at the end of this step, then stopping "
-                f"(send {name} again to abort without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
+        _say(_stopping_message(signum, first))
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._active = True
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
             if self._parent is not None:
-                args = (self._parent, self._stop_watch, self._terminate_once)
+                args = (self._parent, self._stop_watch, self.request_stop)
                 threading.Thread(target=_watch_parent, args=args, name="parent-watch", daemon=True).start()
             for name in ("stdout", "stderr"):
                 stream = getattr(sys, name)
                 fd = _fd_of(stream)
                 if fd in (1, 2):
-                    self._streams[name] = stream
-                    gone = functools.partial(self._terminate_once, f"{name} has no reader any more")
-                    setattr(sys, name, _OutputGuard(stream, fd, gone))
+                    guard = _OutputGuard(
+                        stream, fd, functools.partial(self.request_stop, f"{name} has no reader")
+                    )
+                    self._guards[name] = (stream, guard)
+                    setattr(sys, name, guard)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._active = False
         self._stop_watch.set()
-        for name, stream in self._streams.items():
-            setattr(sys, name, stream)
-        self._streams.clear()
+        for name, (stream, guard) in self._guards.items():
+            if getattr(sys, name) is guard:  # a stream installed during the run stays
+                setattr(sys, name, stream)
+        self._guards.clear()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+def _stopping_message(signum: int, first: bool) -> str:
+    name = signal.Signals(signum).name
+    what = "saving a checkpoint at the end of this step, then stopping" if first else "already stopping"
+    return f"{name}: {what} (send {name} again to abort without saving)"
+
+
+def _say(text: str) -> None:
+    """``text`` on stderr; where even /dev/null cannot take it (OSError), nowhere."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
