@@ -296,6 +296,21 @@ def test_a_socket_without_its_reader_counts_as_broken():
         assert told == [1] and os.fstat(stream.fileno()).st_rdev == os.stat(os.devnull).st_rdev
 
 
+def test_a_hung_up_terminal_counts_as_a_reader_gone():
+    """A write to a terminal that hung up (``disown`` and the window closed) fails with EIO, not
+    ``BrokenPipeError``: the guard moves it onto /dev/null and the run is told, as for a pipe."""
+    from moe_emergence.training.signals import _broken, _OutputGuard
+
+    terminal, ours = os.openpty()
+    os.close(terminal)
+    assert _broken(ours)
+    told = []
+    with open(ours, "w", buffering=1) as stream:
+        guard = _OutputGuard(stream, ours, lambda: told.append(1))
+        guard.write("step 1\n")
+        assert told == [1] and os.fstat(ours).st_rdev == os.stat(os.devnull).st_rdev
+
+
 # ----------------------------------------------------------------------------- B4: nothing executes
 
 

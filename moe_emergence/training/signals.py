@@ -24,12 +24,14 @@ bar, a print, a message). While ``StopSignals`` is active, ``sys.stdout`` and ``
 reader is there) or onto ``/dev/null`` (``_reroute``), the write is retried, and the run stops as by SIGTERM
 (``request_stop``: checkpoint, exit 143). That happens at the first write that reaches the pipe: stdout into a
 pipe is block-buffered, so its loss may show only at a later flush, or at the run's last lines (then the run
-has ended anyway). Not covered: writes through a stream's ``buffer``, and streams without a file descriptor.
+has ended anyway). Not covered: writes through a stream's ``buffer``, streams without a file descriptor, and
+the set-up before ``StopSignals`` is entered (the trainer enters it to train).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import select
@@ -44,6 +46,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Set by `accelerate launch` (every launcher path) and by torchrun in the processes they start.
 LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID")
 PARENT_POLL_S = 0.5
+# a write's errors when its reader is gone: a pipe or socket (BrokenPipeError), a terminal hung up (EIO)
+_READER_GONE = (errno.EPIPE, errno.ESHUTDOWN, errno.ECONNRESET, errno.EIO)
 T = TypeVar("T")
 
 
@@ -72,7 +76,8 @@ def _reroute(fd: int, devnull: bool = False) -> None:
 
 class _OutputGuard:
     """``stream`` (``sys.stdout`` or ``sys.stderr``, writing to file descriptor ``fd``) whose ``write``,
-    ``writelines`` and ``flush`` survive a reader gone: on ``BrokenPipeError`` the descriptor is rerouted
+    ``writelines`` and ``flush`` survive a reader gone: on ``BrokenPipeError`` (or a hung-up terminal's EIO) the
+    descriptor is rerouted
     (``_reroute``), ``on_broken()`` told (it stops the run), and the call retried (onto /dev/null if the new
     target's reader is gone too). Other attributes are the stream's, unguarded: a write through ``buffer`` is
     not covered, and the guard is no ``io.TextIOBase``."""
@@ -92,12 +97,16 @@ class _OutputGuard:
     def _guarded(self, call: Callable[..., T], *args) -> T:
         try:
             return call(*args)
-        except BrokenPipeError:
+        except OSError as e:
+            if e.errno not in _READER_GONE:
+                raise
             _reroute(self._fd)
         self._on_broken()
         try:
             return call(*args)
-        except BrokenPipeError:  # stderr went onto a stdout whose reader left since
+        except OSError as e:  # stderr went onto a stdout whose reader left since
+            if e.errno not in _READER_GONE:
+                raise
             _reroute(self._fd, devnull=True)
             return call(*args)
 
