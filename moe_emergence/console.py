@@ -46,12 +46,15 @@ def quiet_libraries() -> None:
 
 def check_output_file(path: str | Path, label: str, kind: str) -> None:
     """Before any work: the results file ``path`` (named ``label`` in messages, e.g. ``--json``; ``kind`` says
-    what it is, e.g. ``"a JSON file"``) lies in an existing folder and can be written, tried for real (an
-    existing file opened for appending, nothing written; a new one by a temporary file beside it, removed):
-    ``os.access`` says yes to root on a read-only file system. Raises ``ConfigError`` (one ``error:`` line)."""
+    what it is, e.g. ``"a JSON file"``) is new or a regular file, lies in an existing folder and can be written,
+    tried for real (an existing file opened for appending, nothing written; a new one by a temporary file beside
+    it, removed): ``os.access`` says yes to root on a read-only file system. Raises ``ConfigError`` (one
+    ``error:`` line)."""
     p = Path(path).resolve()
     if p.is_dir() or not p.parent.is_dir():
         raise ConfigError(f"{label} {path}: {kind} in an existing folder")
+    if p.exists() and not p.is_file():  # a FIFO would block the check; a device (/dev/null) be replaced
+        raise ConfigError(f"{label} {path}: {kind}, not a device, pipe or socket")
     try:
         if p.exists():
             with open(p, "a"):

@@ -10,6 +10,7 @@ fails) and renamed, so OUT is whole or absent; nothing already there is touched.
 User mistakes print one ``error:`` line and exit with status 2.
 """
 
+import os
 import shutil
 import sys
 import tempfile
@@ -31,23 +32,10 @@ def _main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="MoEConfig fields as key=value")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output {str(out)!r} exists and is not an empty folder; choose a new one")
     cfg = load(MoEConfig, overrides=args.overrides)
-    with as_user_error(f"source {args.source!r}"):
-        model = upcycle(args.source, cfg)
-    src = Path(args.source)
-    tokenizer = None
-    if src.is_dir() and not any((src / f).exists() for f in TOKENIZER_FILES):
-        print(f"note: {src} has no tokenizer files; saved the model only")
-    else:
-        from transformers import AutoTokenizer
-
-        with as_user_error(f"source {args.source!r}: cannot load its tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(args.source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))  # ours alone
+    tmp = _staging_folder(out)  # before the work: a bad OUT is one error line
     try:
+        model, tokenizer = _build(args.source, cfg)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -62,6 +50,35 @@ def _main(argv=None) -> int:
         f"upcycled {args.source} -> {out}: {E} experts (top-{cfg.top_k}, init={cfg.init}) in blocks {layers}"
     )
     return 0
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder beside ``out`` (ours alone) to save into, renamed to ``out`` at the end, with the
+    permissions of a folder made by ``mkdir`` (umask); ``ConfigError`` where ``out`` is not a new or empty folder
+    or its place cannot take one."""
+    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output {str(out)!r} exists and is not an empty folder; choose a new one")
+    with as_user_error(f"output {str(out)!r}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name[:200]}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700)
+    return tmp
+
+
+def _build(source: str, cfg: MoEConfig):
+    """The upcycled model of ``source`` and its tokenizer (None when a local folder has no tokenizer files)."""
+    with as_user_error(f"source {source!r}"):
+        model = upcycle(source, cfg)
+    src = Path(source)
+    if src.is_dir() and not any((src / f).exists() for f in TOKENIZER_FILES):
+        print(f"note: {src} has no tokenizer files; saved the model only")
+        return model, None
+    from transformers import AutoTokenizer
+
+    with as_user_error(f"source {source!r}: cannot load its tokenizer"):
+        return model, AutoTokenizer.from_pretrained(source)
 
 
 def main(argv=None) -> int:

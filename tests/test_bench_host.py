@@ -30,6 +30,10 @@ def bh():
         ),
         (["--json", "/proc/version"], "--json /proc/version: not writable"),  # refused to root too
         (["--json", "/proc/new.json"], "--json /proc/new.json: not writable"),
+        (
+            ["--json", "/dev/null"],
+            "--json /dev/null: a JSON file, not a device",
+        ),  # renamed over, it was replaced
         ([], "needs a CUDA device"),
     ],
 )

@@ -290,6 +290,12 @@ def _script(name: str):
     return runpy.run_path(str(root / "scripts" / f"{name}.py"), run_name="not_main")["main"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkpoint):
     from transformers import GPTNeoXConfig
 
@@ -298,6 +304,8 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")  # dangling
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("data:\n  seq_len: a: b\n")
     cases = [
@@ -316,6 +324,8 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
         ("prepare_data", ["--config", bad_yaml], r"required: --out"),
         ("prepare_data", ["--ou", tmp_path / "d"], r"required: --out"),  # --ou is not --out
         ("generate", [dense_checkpoint, "--prom", "x"], r"required: --prompt"),  # --prom is not --prompt
+        ("upcycle", [dense_checkpoint, "/proc/x"], r"output '/proc/x'"),  # before the work, no traceback
+        ("upcycle", [dense_checkpoint, link], r"'.*link' exists and is not an empty folder"),
     ]
     for name, args, pattern in cases:
         capsys.readouterr()
@@ -328,5 +338,6 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
     (users / "notes.txt").write_text("mine")
     assert _script("upcycle")([str(dense_checkpoint), str(tmp_path / "out"), "num_experts=2"]) == 0
     assert (tmp_path / "out" / "config.json").is_file()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir makes it, not 0700
     assert (users / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
