@@ -17,15 +17,15 @@ design. A stop requested so leaves the user's signals as they were: their first 
 first (it says the run is already stopping), their second aborts.
 
 Output whose reader is gone: a launcher may have been reading this process's stderr through a pipe
-(``accelerate launch`` 1.16 tees it), and a pipe (``| tee``) or socket may lose its reader in any run. A write to
-it raises ``BrokenPipeError``, which would end the run without a checkpoint wherever it happens (the progress
-bar, a print, a message). While ``StopSignals`` is active, ``sys.stdout`` and ``sys.stderr`` are wrapped
-(``_OutputGuard``): on a broken pipe the file descriptor is moved onto stdout (for stderr, while stdout's
-reader is there) or onto ``/dev/null`` (``_reroute``), the write is retried, and the run stops as by SIGTERM
-(``request_stop``: checkpoint, exit 143). That happens at the first write that reaches the pipe: stdout into a
-pipe is block-buffered, so its loss may show only at a later flush, or at the run's last lines (then the run
-has ended anyway). Not covered: writes through a stream's ``buffer``, streams without a file descriptor, and
-the set-up before ``StopSignals`` is entered (the trainer enters it to train).
+(``accelerate launch`` 1.16 tees it), and a pipe (``| tee``), socket or terminal may lose its reader in any
+run. A write to it raises ``BrokenPipeError`` (a terminal: EIO), which would end the run without a checkpoint
+wherever it happens (the progress bar, a print, a message). While ``StopSignals`` is active, ``sys.stdout``
+and ``sys.stderr`` are wrapped (``_OutputGuard``): on such an error the file descriptor is moved onto stdout
+(for stderr, while stdout's reader is there) or onto ``/dev/null`` (``_reroute``), the write is retried, and
+the run stops as by SIGTERM (``request_stop``: checkpoint, exit 143). That happens at the first write that
+reaches the pipe: stdout into a pipe is block-buffered, so its loss may show only at a later flush, or at the
+run's last lines (then the run has ended anyway). Not covered: writes through a stream's ``buffer``, streams
+without a file descriptor, and the set-up before ``StopSignals`` is entered (the trainer enters it to train).
 """
 
 from __future__ import annotations
@@ -76,11 +76,10 @@ def _reroute(fd: int, devnull: bool = False) -> None:
 
 class _OutputGuard:
     """``stream`` (``sys.stdout`` or ``sys.stderr``, writing to file descriptor ``fd``) whose ``write``,
-    ``writelines`` and ``flush`` survive a reader gone: on ``BrokenPipeError`` (or a hung-up terminal's EIO) the
-    descriptor is rerouted
-    (``_reroute``), ``on_broken()`` told (it stops the run), and the call retried (onto /dev/null if the new
-    target's reader is gone too). Other attributes are the stream's, unguarded: a write through ``buffer`` is
-    not covered, and the guard is no ``io.TextIOBase``."""
+    ``writelines`` and ``flush`` survive a reader gone: on ``BrokenPipeError`` (or a hung-up terminal's EIO)
+    the descriptor is rerouted (``_reroute``), ``on_broken()`` told (it stops the run), and the call retried
+    (onto /dev/null if the new target's reader is gone too). Other attributes are the stream's, unguarded: a
+    write through ``buffer`` is not covered, and the guard is no ``io.TextIOBase``."""
 
     def __init__(self, stream: TextIO, fd: int, on_broken: Callable[[], None]) -> None:
         self._stream, self._fd, self._on_broken = stream, fd, on_broken
