@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -573,12 +572,10 @@ def write_json(path: str, data) -> None:
     """``data`` as JSON to ``path`` (a link: to its target) through a temporary file beside it, renamed into
     place: a run cut short leaves the file as it was."""
     target = Path(path).resolve()
-    with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", delete=False) as f:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "x") as f:  # a new file of ours, with the umask's permissions (tempfile's are 0600)
         json.dump(data, f, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # a file as open() makes it, not the temporary file's 0600
-    Path(f.name).replace(target)
+    tmp.replace(target)
 
 
 def parse_args(ap: ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

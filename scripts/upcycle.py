@@ -13,7 +13,6 @@ User mistakes print one ``error:`` line and exit with status 2.
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from moe_emergence import MoEConfig, upcycle
@@ -58,12 +57,10 @@ def _staging_folder(out: Path) -> Path:
     or its place cannot take one."""
     if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {str(out)!r} exists and is not an empty folder; choose a new one")
+    tmp = out.with_name(f".{out.name[:200]}.{os.getpid()}.tmp")
     with as_user_error(f"output {str(out)!r}"):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name[:200]}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700)
+        tmp.mkdir()  # new (FileExistsError otherwise), with mkdir's permissions (mkdtemp's are 0700)
     return tmp
 
 

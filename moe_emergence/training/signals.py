@@ -124,10 +124,7 @@ def _fd_of(stream: TextIO) -> int | None:
 
 def _watch_parent(parent: int, stop: threading.Event, request_stop: Callable[[str], None]) -> None:
     while not stop.wait(PARENT_POLL_S):
-        if os.getppid() != parent:
-            with contextlib.suppress(OSError):  # stderr's reader may be gone with the launcher
-                if _broken(2):
-                    _reroute(2)
+        if os.getppid() != parent:  # the message goes through the guard, onto stdout if stderr's reader left
             request_stop(f"the launcher (process {parent}) is gone")
             return
 
@@ -170,9 +167,6 @@ class StopSignals:
             self._active = True
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
-            if self._parent is not None:
-                args = (self._parent, self._stop_watch, self.request_stop)
-                threading.Thread(target=_watch_parent, args=args, name="parent-watch", daemon=True).start()
             for name in ("stdout", "stderr"):
                 stream = getattr(sys, name)
                 fd = _fd_of(stream)
@@ -182,6 +176,9 @@ class StopSignals:
                     )
                     self._guards[name] = (stream, guard)
                     setattr(sys, name, guard)
+            if self._parent is not None:  # after the guards, through which it reports
+                args = (self._parent, self._stop_watch, self.request_stop)
+                threading.Thread(target=_watch_parent, args=args, name="parent-watch", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
