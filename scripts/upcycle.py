@@ -10,6 +10,7 @@ fails) and renamed, so OUT is whole or absent; nothing already there is touched.
 User mistakes print one ``error:`` line and exit with status 2.
 """
 
+import contextlib
 import os
 import shutil
 import sys
@@ -32,6 +33,7 @@ def _main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     cfg = load(MoEConfig, overrides=args.overrides)
+    made = [d for d in out.parents if not d.exists()]  # the parent folders this run creates (deepest first)
     tmp = _staging_folder(out)  # before the work: a bad OUT is one error line
     try:
         model, tokenizer = _build(args.source, cfg)
@@ -42,8 +44,11 @@ def _main(argv=None) -> int:
             out.rmdir()  # empty, checked above
         tmp.rename(out)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # failed: nothing of this run is left, its new parent folders neither
             shutil.rmtree(tmp)
+            for d in made:
+                with contextlib.suppress(OSError):  # someone else's files in it since: it stays
+                    d.rmdir()
     E, layers = cfg.num_experts, model.config.moe_layers
     print(
         f"upcycled {args.source} -> {out}: {E} experts (top-{cfg.top_k}, init={cfg.init}) in blocks {layers}"

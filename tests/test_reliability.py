@@ -310,7 +310,7 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
     bad_yaml.write_text("data:\n  seq_len: a: b\n")
     cases = [
         ("upcycle", [dense_checkpoint, occupied], r"'.*occupied' exists and is not an empty folder"),
-        ("upcycle", [neox, tmp_path / "out"], r"source '.*neox': .*'gpt_neox' checkpoint"),
+        ("upcycle", [neox, tmp_path / "new" / "out"], r"source '.*neox': .*'gpt_neox' checkpoint"),
         ("upcycle", [dense_checkpoint, tmp_path / "out", "top_k=9"], r"top_k=9"),
         ("generate", [tmp_path / "missing", "--prompt", "x"], r"checkpoint '.*missing'"),
         ("generate", [dense_checkpoint, "--prompt", "x", "--show-experts"], r"needs an MoE checkpoint"),
@@ -333,6 +333,7 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
         assert_one_error_line(capsys.readouterr().err, pattern)
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
+    assert not (tmp_path / "new").exists()  # a parent folder made for OUT goes with a failed run
     users = tmp_path / "out.tmp"  # a folder of the user's that an older version replaced with its own
     users.mkdir()
     (users / "notes.txt").write_text("mine")
