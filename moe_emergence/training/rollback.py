@@ -55,10 +55,43 @@ def named_state(model: torch.nn.Module, optimizer) -> dict[tuple, torch.Tensor]:
     return out
 
 
+def _modules_in_order(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``list(model.modules())``: each module once, in the same (depth-first, pre-order) order, without
+    ``named_modules``' nested generators (a generator frame per level of every module it yields: ~0.5 ms a
+    walk of the GPT-2-small MoE model on the GPU machine's host)."""
+    seen: set[int] = set()
+    out, stack = [], [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
+
+
+def _members(modules: list[torch.nn.Module], attr: str) -> list[torch.Tensor]:
+    """The non-None ``_parameters`` or ``_buffers`` values of ``modules``, each object once (tied weights)."""
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        for t in getattr(m, attr).values():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
 def module_tensors(model: torch.nn.Module, buffers: bool = True) -> list[torch.Tensor]:
-    """``model.parameters()`` (then ``model.buffers()``), listed afresh at each call: a submodule swapped
-    since the last call is seen."""
-    return [*model.parameters(), *model.buffers()] if buffers else list(model.parameters())
+    """``model.parameters()`` (then ``model.buffers()``), the same objects in the same order, listed afresh
+    at each call (a submodule swapped since the last call is seen) in one walk of the module tree."""
+    modules = _modules_in_order(model)
+    params = _members(modules, "_parameters")
+    return params + _members(modules, "_buffers") if buffers else params
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # never a DTensor: no ``_local_tensor`` to look for
 
 
 def _state_objects(model: torch.nn.Module, optimizer) -> tuple[list, list]:
@@ -66,8 +99,8 @@ def _state_objects(model: torch.nn.Module, optimizer) -> tuple[list, list]:
     values, and the (address, shape) of each one's ``local_data`` (None for a non-tensor state value)."""
     objects = module_tensors(model)
     objects += [v for s in inner_optimizer(optimizer).state.values() for v in s.values()]
-    local = [local_data(t) for t in objects]
-    return objects, [(x.data_ptr(), x.shape) if torch.is_tensor(x) else None for x in local]
+    local = [t if type(t) in _PLAIN else local_data(t) for t in objects]
+    return objects, [(x.data_ptr(), x.shape) if isinstance(x, torch.Tensor) else None for x in local]
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -201,6 +234,15 @@ def first_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
     return None
 
 
+def by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    """``tensors`` grouped by device (in order; one group when all are on one device), for one multi-tensor
+    op and one stack per device instead of an op per tensor."""
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
 @torch.no_grad()
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor on device: does any of ``tensors`` (local shards) hold a NaN/Inf (no host sync)."""
@@ -208,14 +250,15 @@ def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     local = [x for x in map(local_data, tensors) if x.numel()]  # FSDP2: a process may hold an empty shard
     if not local:
         return torch.zeros((), dtype=torch.bool)
-    peaks = torch._foreach_norm(local, float("inf"))  # max |x|: inf and NaN propagate, large values do not
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for n in peaks:  # tensors may sit on several devices (e.g. a state loaded onto the CPU)
-        by_device.setdefault(n.device, []).append(n)
     device = local[0].device
-    # one stack per device (mixed float dtypes promote), no per-tensor cast or copy
-    maxima = [torch.stack(ns).float().max().to(device, non_blocking=True) for ns in by_device.values()]
-    return ~torch.isfinite(torch.stack(maxima).max())
+    # max |x| per tensor (inf and NaN propagate, large values do not), one stack per device (mixed float
+    # dtypes promote), no per-tensor cast or copy; tensors may sit on several devices (a state loaded on the CPU)
+    maxima = [
+        torch.stack(torch._foreach_norm(group, float("inf"))).float().max().to(device, non_blocking=True)
+        for group in by_device(local).values()
+    ]
+    peak = maxima[0] if len(maxima) == 1 else torch.stack(maxima).max()
+    return ~torch.isfinite(peak)
 
 
 class VerifiedState:

@@ -34,7 +34,7 @@ from moe_emergence.routing import RouterOutput
 from moe_emergence.telemetry import DomainLossStats, LayerRoutingStats, variant_metrics
 from moe_emergence.telemetry import names as keys
 from moe_emergence.training.guard import StepCheck
-from moe_emergence.training.rollback import local_data, reshard
+from moe_emergence.training.rollback import by_device, local_data, reshard
 
 
 def shifted_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,36 +188,45 @@ def clip_grad_norm_(
     NotImplementedError for any other DTensor layout (replicated or 2-d meshes: HSDP, tensor parallel)."""
     sharded, plain, world = [], [], None
     for p in params:
-        if p.grad is None:
+        g = p.grad
+        if g is None:
             continue
-        placements = getattr(p.grad, "placements", None)
+        placements = None if type(g) is torch.Tensor else getattr(g, "placements", None)
         if placements is None:
-            plain.append(p.grad)  # a gradient needs no detach (no graph: the function runs under no_grad)
+            plain.append(g)  # a gradient needs no detach (no graph: the function runs under no_grad)
             continue
-        mesh = p.grad.device_mesh
+        mesh = g.device_mesh
         world = world or torch.distributed.get_world_size()
         if mesh.ndim != 1 or not placements[0].is_shard() or mesh.size() != world:
             raise NotImplementedError(
                 f"gradient norm: a gradient with placements {placements} on a {mesh.ndim}-d mesh of "
                 f"{mesh.size()} processes; only FSDP2's Shard over all processes (1-d mesh) is supported"
             )
-        sharded.append(local_data(p.grad))
+        sharded.append(local_data(g))
     if not sharded and not plain:
         return torch.zeros(())
     device = (sharded or plain)[0].device
-    sq = torch.zeros((), dtype=torch.float64, device=device)  # squares in float64: no overflow below 1e154
+    sq = []  # sums of squares in float64: no overflow below 1e154
     if sharded:
-        sq = reduce_sum(torch.nn.utils.get_total_norm(sharded, 2.0).to(device, torch.float64).square())
+        sq.append(reduce_sum(_sum_of_squares(sharded, device)))
     if plain:
-        sq = sq + torch.nn.utils.get_total_norm(plain, 2.0).to(device, torch.float64).square()
-    norm = sq.sqrt().float()
+        sq.append(_sum_of_squares(plain, device))
+    norm = (sq[0] if len(sq) == 1 else sq[0] + sq[1]).sqrt().float()
     if max_norm != float("inf"):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        grads = sharded + plain
-        for dev in {g.device for g in grads}:
-            on_dev = [g for g in grads if g.device == dev]
-            torch._foreach_mul_(on_dev, coef.to(dev))
+        for dev, on_dev in by_device(sharded + plain).items():
+            torch._foreach_mul_(on_dev, coef.to(dev, non_blocking=True))
     return norm
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of the squared entries of ``grads`` as a 0-d float64 tensor on ``device``: per device, one
+    multi-tensor ``_foreach_norm`` and one stack of its per-tensor norms (no op per tensor in Python)."""
+    parts = [
+        torch.stack(torch._foreach_norm(group, 2.0)).double().square().sum().to(device, non_blocking=True)
+        for group in by_device(grads).values()
+    ]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def step_flags(
