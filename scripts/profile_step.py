@@ -29,6 +29,11 @@ phase of ``Trainer.train_step`` (``forward``, ``loss``, ``backward``, ``clip_gra
 ``reduce_sum`` also runs inside ``clip_grad_norm``, so do not add them up) and in FSDP2's own ranges (``FSDP::...``);
 ``--top N`` prints each process's N operators with the most host (self CPU) time.
 
+``--host-phases`` (with ``--no-profiler``, not with ``--bare``) measures the same ``host_<phase>_ms`` with a
+``time.perf_counter`` around each of those calls instead of the profiler, which records every operator and
+inflates host time (~1.6x on the GPT-2-small MoE step, H200 host): on a step bound by the host, these are the
+costs that add up to the wall.
+
 ``--trace DIR`` writes each process's profiled steps as a Chrome trace (``DIR/rank<r>.json``: open in
 Perfetto or chrome://tracing) to see, rank beside rank, where a step waits.
 
@@ -154,10 +159,13 @@ def _timed_windows(steps: int, repeat: int, trainer_step, bare_step) -> tuple[li
     return walls, bare
 
 
-def _measure(trainer, args, refreeze) -> tuple[list[float], list[float], object, dict | None]:
+def _measure(
+    trainer, args, refreeze, host: dict[str, float]
+) -> tuple[list[float], list[float], object, dict | None]:
     """Warm up, then time (and profile) the steps: (trainer walls, bare walls, profiler or None, snapshot
-    times or None), walls in ms per step. ``refreeze``: ``loop.long_lived_frozen``'s, called after the
-    warm-up (and its upcycle), as the loop does after an upcycle."""
+    times or None), walls in ms per step; with ``--host-phases`` the phases' host seconds are summed into
+    ``host``. ``refreeze``: ``loop.long_lived_frozen``'s, called after the warm-up (and its upcycle), as the
+    loop does after an upcycle."""
     from moe_emergence.training.sampler import rows_of
 
     for _ in range(args.warmup):
@@ -181,7 +189,9 @@ def _measure(trainer, args, refreeze) -> tuple[list[float], list[float], object,
         _bare_step(trainer, batch)  # its own warm-up
         bare_step = functools.partial(_bare_step, trainer, batch)
     if not args.no_profiler:
-        _annotate_phases(trainer)
+        _annotate_phases(trainer, lambda name: torch.profiler.record_function(f"step:{name}"))
+    elif args.host_phases:
+        _annotate_phases(trainer, functools.partial(_timed, host))
     _sync()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof:
@@ -189,14 +199,25 @@ def _measure(trainer, args, refreeze) -> tuple[list[float], list[float], object,
     return walls, bare, prof, snapshot
 
 
-def _annotate_phases(trainer) -> None:
-    """Wrap the calls a step makes (see the module docstring) in ``record_function("step:<phase>")``,
-    on the trainer's current model and optimizer (after the upcycle) and in the trainer module."""
+@contextlib.contextmanager
+def _timed(sums: dict[str, float], name: str):
+    """Add the host seconds spent in the block to ``sums[name]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        sums[name] += time.perf_counter() - t0
+
+
+def _annotate_phases(trainer, scope) -> None:
+    """Wrap the calls a step makes (see the module docstring) in ``scope(phase)`` (the profiler's
+    ``record_function("step:<phase>")`` or ``_timed``), on the trainer's current model and optimizer (after
+    the upcycle) and in the trainer module."""
     from moe_emergence.training import trainer as trainer_module
 
     def wrapped(name, fn):
         def call(*args, **kwargs):
-            with torch.profiler.record_function(f"step:{name}"):
+            with scope(name):
                 return fn(*args, **kwargs)
 
         return call
@@ -241,6 +262,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--time-snapshot", action="store_true", help="time the guard snapshot's take()")
     p.add_argument(
+        "--host-phases",
+        action="store_true",
+        help="with --no-profiler: host time per step of each phase, by perf_counter (see above)",
+    )
+    p.add_argument(
         "--bare",
         action="store_true",
         help="with --no-profiler: also time the benchmark's bare loop (see above)",
@@ -266,6 +292,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError(f"--repeat {args.repeat}: an integer >= 1, above 1 only with --no-profiler")
     if args.bare and not args.no_profiler:
         raise ConfigError("--bare compares walls: add --no-profiler")
+    if args.host_phases and (args.bare or not args.no_profiler):
+        raise ConfigError("--host-phases times the trainer's phases: add --no-profiler, leave out --bare")
     if not torch.cuda.is_available() and not args.no_profiler:
         raise ConfigError(
             "profile_step.py profiles CUDA kernels: no GPU here (--no-profiler times walls on the CPU)"
@@ -310,11 +338,12 @@ def _main(argv: list[str] | None) -> int:
     from moe_emergence.training.trainer import Trainer
 
     cfg = _load(args)
+    host: dict[str, float] = defaultdict(float)  # --host-phases: seconds per phase over all timed steps
     with _sigterm_as_interrupt():  # so that a killed profile still removes its scratch run
         trainer = Trainer(cfg)
         try:
             with long_lived_frozen() as refreeze:  # as the training loop runs its steps
-                walls, bare, prof, snapshot = _measure(trainer, args, refreeze)
+                walls, bare, prof, snapshot = _measure(trainer, args, refreeze, host)
         finally:
             trainer.folder.abort()  # scratch: remove what this profile wrote (never anything else)
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
@@ -326,6 +355,7 @@ def _main(argv: list[str] | None) -> int:
     if args.trace and prof is not None:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(args.trace) / f"rank{trainer.accelerator.process_index}.json"))
+    per_step |= {f"host_{k}": v * 1000.0 / (args.steps * args.repeat) for k, v in host.items()}
     if snapshot is not None:
         per_step |= {k: v / max(snapshot["calls"], 1) for k, v in snapshot.items() if k != "calls"}
     acc = trainer.accelerator

@@ -48,6 +48,37 @@ def test_bare_loop_beside_the_trainer(profile_step, tmp_path, cache, capsys):
     assert len(out.read_text().splitlines()) == 1  # the refusals appended nothing
 
 
+def test_host_phases_without_the_profiler(profile_step, tmp_path, cache, capsys):
+    """``--host-phases`` records each phase's host time per step (perf_counter, no profiler): every phase
+    the step runs is there, and the disjoint ones (forward, backward, optimizer step) fit inside the wall;
+    it is refused with the profiler or beside --bare, before anything is written."""
+    cfg = cfg_file(tmp_path, cache, model__upcycle_at_step=0)
+    out = tmp_path / "p.jsonl"
+    base = [str(out), "--config", str(cfg), "--warmup", "1", "--steps", "2"]
+    assert (
+        profile_step.main([*base, "--no-profiler", "--host-phases", "--repeat", "2", "log.run_name=p"]) == 0
+    )
+    rec = json.loads(out.read_text())
+    phases = (
+        "forward",
+        "loss",
+        "backward",
+        "clip_grad_norm",
+        "nonfinite",
+        "snapshot",
+        "optimizer",
+        "zero_grad",
+    )
+    assert all(rec[f"host_{p}_ms"] > 0 for p in phases), rec
+    disjoint = rec["host_forward_ms"] + rec["host_backward_ms"] + rec["host_optimizer_ms"]
+    assert disjoint < max(rec["wall_ms_windows"]), rec
+    for bad in (["--host-phases"], ["--no-profiler", "--host-phases", "--bare"]):
+        capsys.readouterr()
+        assert profile_step.main([*base, *bad, "log.run_name=q"]) == 2
+        assert_one_error_line(capsys.readouterr().err, r"--host-phases times the trainer's phases")
+    assert len(out.read_text().splitlines()) == 1
+
+
 def test_profiler_needs_a_gpu(profile_step, tmp_path, capsys):
     if sys.modules["torch"].cuda.is_available():
         pytest.skip("a GPU is here")
