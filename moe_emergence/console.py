@@ -1,13 +1,17 @@
 """The command lines print their own progress and results: library chatter a user need not act on is off.
 
 ``quiet_libraries()`` is called first thing by every script (``scripts/*.py``, ``training.cli``);
-``ArgumentParser`` gives their one-line mistakes; ``check_output_file`` checks a results file before any work.
+``ArgumentParser`` gives their one-line mistakes; ``check_output_file`` checks a results file before any work;
+``sigterm_as_interrupt`` and ``stopped_by`` let a script that cleans up after itself do so when it is killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,3 +68,27 @@ def check_output_file(path: str | Path, label: str, kind: str) -> None:
                 pass
     except OSError as e:
         raise ConfigError(f"{label} {path}: not writable ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block SIGTERM raises ``KeyboardInterrupt(SIGTERM)``, as Ctrl-C raises ``KeyboardInterrupt``, so
+    that ``finally`` clauses run (a script removing what it wrote). The previous handler is put back after."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_by(script: str, interrupt: KeyboardInterrupt, what: str) -> int:
+    """Say on stderr that ``script`` was stopped by Ctrl-C or SIGTERM (``interrupt`` from
+    ``sigterm_as_interrupt``) and ``what`` is left; the exit status 128 + the signal's number (130, 143), as
+    scripts/train.py."""
+    signum = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
+    print(f"{script}: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+    return 128 + signum

@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import functools
 import json
-import signal
 import statistics
 import sys
 import time
@@ -65,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from moe_emergence.console import ArgumentParser, check_output_file
+from moe_emergence.console import ArgumentParser, check_output_file, sigterm_as_interrupt, stopped_by
 from moe_emergence.errors import ConfigError, run_cli
 
 
@@ -106,20 +105,6 @@ def _time_snapshot() -> dict[str, float]:
 
     rollback.Snapshot.take = timed
     return sums
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt inside the block (as Ctrl-C does), so ``finally`` clauses run."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signum)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _sync() -> None:
@@ -339,7 +324,7 @@ def _main(argv: list[str] | None) -> int:
 
     cfg = _load(args)
     host: dict[str, float] = defaultdict(float)  # --host-phases: seconds per phase over all timed steps
-    with _sigterm_as_interrupt():  # so that a killed profile still removes its scratch run
+    with sigterm_as_interrupt():  # so that a killed profile still removes its scratch run
         trainer = Trainer(cfg)
         try:
             with long_lived_frozen() as refreeze:  # as the training loop runs its steps
@@ -392,12 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_cli(_main, argv)
     except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        print(
-            f"profile_step: stopped by {signal.Signals(signum).name}; nothing it wrote is left",
-            file=sys.stderr,
-        )
-        return 128 + signum
+        return stopped_by("profile_step", e, "nothing it wrote is left")
 
 
 if __name__ == "__main__":

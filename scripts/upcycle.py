@@ -6,8 +6,8 @@ SOURCE is a hub id or a local GPT-2 folder; the overrides set ``MoEConfig`` fiel
 ``num_experts=8 top_k=1 layers=[8,9,10,11] init=noise``. OUT (new or empty) gets ``save_pretrained``
 files (and the source's tokenizer when it has one), loadable with ``AutoModelForCausalLM`` after
 ``import moe_emergence``; they are written to a new hidden folder beside OUT (``.OUT.*.tmp``, removed if the save
-fails) and renamed, so OUT is whole or absent; nothing already there is touched.
-User mistakes print one ``error:`` line and exit with status 2.
+fails, or when Ctrl-C or SIGTERM stops the run: exit status 130 or 143) and renamed, so OUT is whole or absent;
+nothing already there is touched. User mistakes print one ``error:`` line and exit with status 2.
 """
 
 import contextlib
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moe_emergence import MoEConfig, upcycle
 from moe_emergence.config_loader import load
-from moe_emergence.console import ArgumentParser, quiet_libraries
+from moe_emergence.console import ArgumentParser, quiet_libraries, sigterm_as_interrupt, stopped_by
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
@@ -84,7 +84,11 @@ def _build(source: str, cfg: MoEConfig):
 
 
 def main(argv=None) -> int:
-    return run_cli(_main, argv)
+    try:
+        with sigterm_as_interrupt():  # a killed run removes its staging folder too
+            return run_cli(_main, argv)
+    except KeyboardInterrupt as e:
+        return stopped_by("upcycle.py", e, "OUT is whole or absent, no staging folder is left")
 
 
 if __name__ == "__main__":

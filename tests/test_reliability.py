@@ -342,3 +342,38 @@ def test_scripts_report_user_mistakes_in_one_line(tmp_path, capsys, dense_checkp
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir makes it, not 0700
     assert (users / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_upcycle_script_killed_leaves_nothing(tmp_path):
+    """upcycle.py stopped by SIGTERM while it works removes its staging folder and the parent folders it made for
+    OUT: exit 143, one line saying so, and no OUT, no hidden folder."""
+    import subprocess
+    import sys
+    import time
+
+    from _scripts import SCRIPTS
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "dense"
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=2000, n_positions=64)
+    ).save_pretrained(src)
+    out = tmp_path / "new" / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "upcycle.py"), str(src), str(out), "num_experts=32", "layers=[0,1]"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".out.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.stderr.read()  # still working, its staging folder made
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == (
+        "upcycle.py: stopped by SIGTERM; OUT is whole or absent, no staging folder is left"
+    )
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
