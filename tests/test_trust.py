@@ -890,6 +890,37 @@ def test_planted_lock_files_and_run_entries_are_refused(tmp_path, capsys, cache)
     assert_one_error_line(err, r"config\.yaml is not a regular file")
 
 
+def test_gradient_norm_overflows_as_torch_whatever_the_split():
+    """``steps.clip_grad_norm_`` gives torch's norm and clipped gradients also where torch's sum of squares
+    overflows (float32 gradients of 1.5e19: inf, nothing kept) whether the values sit in one tensor or
+    three, and for mixed float32/bfloat16 gradients; ``any_nonfinite`` does not call a large float64 value
+    non-finite."""
+    from moe_emergence.training.rollback import any_nonfinite
+    from moe_emergence.training.steps import clip_grad_norm_
+
+    def params(grads):
+        out = []
+        for g in grads:
+            p = torch.nn.Parameter(torch.zeros_like(g))
+            p.grad = g.clone()
+            out.append(p)
+        return out
+
+    big = torch.tensor([1.5e19])
+    for grads in (
+        [big, big, big],
+        [big.repeat(3)],
+        [torch.tensor([3.0, 4.0]), torch.tensor([12.0]).bfloat16()],
+    ):
+        ours, ref = params(grads), params(grads)
+        norm = clip_grad_norm_(ours, 1.0, lambda x: x)
+        want = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        torch.testing.assert_close(norm, want.float(), equal_nan=True)
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+    assert not any_nonfinite([torch.tensor([1e300], dtype=torch.float64), torch.ones(2)])
+
+
 def test_nonfinite_check_skips_empty_shards():
     """FSDP2 gives a process an empty shard of a parameter with fewer rows than processes (experts
     ``[E, ...]`` with E < processes): the check ignores it, and still sees a NaN elsewhere."""

@@ -243,6 +243,12 @@ def by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tens
     return groups
 
 
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without a host sync where that is safe: a copy onto a GPU is ordered on its stream,
+    a copy to the CPU is waited for (a non-blocking one could be read before it lands)."""
+    return t.to(device, non_blocking=device.type != "cpu")
+
+
 @torch.no_grad()
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A 0-d bool tensor on device: does any of ``tensors`` (local shards) hold a NaN/Inf (no host sync)."""
@@ -252,9 +258,10 @@ def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros((), dtype=torch.bool)
     device = local[0].device
     # max |x| per tensor (inf and NaN propagate, large values do not), one stack per device (mixed float
-    # dtypes promote), no per-tensor cast or copy; tensors may sit on several devices (a state loaded on the CPU)
+    # dtypes promote: no cast to a narrower one), no per-tensor op in Python; tensors may sit on several
+    # devices (a state loaded on the CPU)
     maxima = [
-        torch.stack(torch._foreach_norm(group, float("inf"))).float().max().to(device, non_blocking=True)
+        on_device(torch.stack(torch._foreach_norm(group, float("inf"))).max(), device)
         for group in by_device(local).values()
     ]
     peak = maxima[0] if len(maxima) == 1 else torch.stack(maxima).max()
