@@ -2,7 +2,7 @@
 
 ``quiet_libraries()`` is called first thing by every script (``scripts/*.py``, ``training.cli``);
 ``ArgumentParser`` gives their one-line mistakes; ``check_output_file`` checks a results file before any work;
-``sigterm_as_interrupt`` and ``stopped_by`` let a script that cleans up after itself do so when it is killed.
+``stops_as_interrupt`` and ``stopped_by`` let a script that cleans up after itself do so when it is stopped.
 """
 
 from __future__ import annotations
@@ -70,24 +70,51 @@ def check_output_file(path: str | Path, label: str, kind: str) -> None:
         raise ConfigError(f"{label} {path}: not writable ({e.strerror or e})") from None
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside the block SIGTERM raises ``KeyboardInterrupt(SIGTERM)``, as Ctrl-C raises ``KeyboardInterrupt``, so
-    that ``finally`` clauses run (a script removing what it wrote). The previous handler is put back after."""
+class Stops:
+    """Ctrl-C and SIGTERM as ``KeyboardInterrupt(signum)`` in the main thread (see ``stops_as_interrupt``), so
+    that ``finally`` clauses run (a script removing what it wrote), except inside ``held()`` blocks: a stop that
+    comes during one is raised at its end. Python runs a signal's handler between two bytecodes, possibly
+    long after the signal came; the handler looks at ``held`` when it runs, so no clean-up or rename inside a
+    held block is cut in two."""
 
-    def interrupt(signum, frame):
+    def __init__(self) -> None:
+        self._held = 0
+        self._pending: int | None = None
+
+    def handle(self, signum: int, frame) -> None:
+        if self._held:
+            self._pending = self._pending or signum
+            return
         raise KeyboardInterrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    @contextlib.contextmanager
+    def held(self):
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if not self._held and self._pending is not None:
+                signum, self._pending = self._pending, None
+                raise KeyboardInterrupt(signum)
+
+
+@contextlib.contextmanager
+def stops_as_interrupt():
+    """Inside the block Ctrl-C and SIGTERM raise ``KeyboardInterrupt(signum)`` (``Stops``, yielded); the
+    previous handlers are put back after. Main thread."""
+    stops = Stops()
+    previous = {s: signal.signal(s, stops.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stops
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def stopped_by(script: str, interrupt: KeyboardInterrupt, what: str) -> int:
     """Say on stderr that ``script`` was stopped by Ctrl-C or SIGTERM (``interrupt`` from
-    ``sigterm_as_interrupt``) and ``what`` is left; the exit status 128 + the signal's number (130, 143), as
+    ``stops_as_interrupt``) and ``what`` is left; the exit status 128 + the signal's number (130, 143), as
     scripts/train.py."""
     signum = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
     print(f"{script}: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)

@@ -47,7 +47,7 @@ telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows`` 
 their ratio. The bare steps train the model too.
 
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. Needs a GPU, except with
-``--no-profiler`` (walls only; ``--time-snapshot`` too), which also runs on the CPU.
+``--no-profiler`` (walls; ``--time-snapshot``, ``--bare`` and ``--host-phases`` too), which also runs on the CPU.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from moe_emergence.console import ArgumentParser, check_output_file, sigterm_as_interrupt, stopped_by
+from moe_emergence.console import ArgumentParser, check_output_file, stopped_by, stops_as_interrupt
 from moe_emergence.errors import ConfigError, run_cli
 
 
@@ -85,8 +85,9 @@ def _kernel_times(prof) -> dict[str, float]:
     return out
 
 
-def _time_snapshot() -> dict[str, float]:
-    """Wrap ``rollback.Snapshot.take`` to sum its walk and copy times (ms) into the returned dict."""
+@contextlib.contextmanager
+def _time_snapshot():
+    """Inside the block ``rollback.Snapshot.take`` sums its walk and copy times (ms) into the dict yielded."""
     from moe_emergence.training import rollback
 
     sums = {"snapshot_walk": 0.0, "snapshot_copy": 0.0, "calls": 0}
@@ -103,8 +104,8 @@ def _time_snapshot() -> dict[str, float]:
         sums["snapshot_copy"] += (time.perf_counter() - t1) * 1000.0
         sums["calls"] += 1
 
-    rollback.Snapshot.take = timed
-    return sums
+    with _patched(rollback.Snapshot, "take", timed):
+        yield sums
 
 
 def _sync() -> None:
@@ -163,7 +164,6 @@ def _measure(
             f"profile_step: the dense phase (model.upcycle_at_step={trainer.cfg.model.upcycle_at_step} "
             f"> --warmup {args.warmup})"
         )
-    snapshot = _time_snapshot() if args.time_snapshot else None
     bare_step = None
     if args.bare:
         rows = list(range(trainer.cfg.train.batch_size))
@@ -173,14 +173,20 @@ def _measure(
         }
         _bare_step(trainer, batch)  # its own warm-up
         bare_step = functools.partial(_bare_step, trainer, batch)
-    if not args.no_profiler:
-        _annotate_phases(trainer, lambda name: torch.profiler.record_function(f"step:{name}"))
-    elif args.host_phases:
-        _annotate_phases(trainer, functools.partial(_timed, host))
-    _sync()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof:
-        walls, bare = _timed_windows(args.steps, args.repeat, lambda: trainer.train_step(None), bare_step)
+    with contextlib.ExitStack() as patches:  # the wrappers go again at the end (a later run in this process)
+        snapshot = patches.enter_context(_time_snapshot()) if args.time_snapshot else None
+        if not args.no_profiler:
+            patches.enter_context(
+                _annotated_phases(trainer, lambda name: torch.profiler.record_function(f"step:{name}"))
+            )
+        elif args.host_phases:
+            patches.enter_context(_annotated_phases(trainer, functools.partial(_timed, host)))
+        _sync()
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with (
+            contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof
+        ):
+            walls, bare = _timed_windows(args.steps, args.repeat, lambda: trainer.train_step(None), bare_step)
     return walls, bare, prof, snapshot
 
 
@@ -194,10 +200,26 @@ def _timed(sums: dict[str, float], name: str):
         sums[name] += time.perf_counter() - t0
 
 
-def _annotate_phases(trainer, scope) -> None:
-    """Wrap the calls a step makes (see the module docstring) in ``scope(phase)`` (the profiler's
-    ``record_function("step:<phase>")`` or ``_timed``), on the trainer's current model and optimizer (after
-    the upcycle) and in the trainer module."""
+@contextlib.contextmanager
+def _patched(obj, attr: str, value):
+    """``obj.attr`` is ``value`` inside the block; afterwards what it was (an attribute of its own, or none: then
+    ``obj``'s class provides it again)."""
+    own, old = attr in vars(obj), getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, attr, old)
+        else:
+            delattr(obj, attr)
+
+
+@contextlib.contextmanager
+def _annotated_phases(trainer, scope):
+    """Inside the block the calls a step makes (see the module docstring) run in ``scope(phase)`` (the
+    profiler's ``record_function("step:<phase>")`` or ``_timed``), on the trainer's current model and optimizer
+    (after the upcycle) and in the trainer module."""
     from moe_emergence.training import trainer as trainer_module
 
     def wrapped(name, fn):
@@ -208,7 +230,7 @@ def _annotate_phases(trainer, scope) -> None:
         return call
 
     acc = trainer.accelerator
-    for obj, attr, name in (
+    calls = (
         (trainer.model, "forward", "forward"),
         (acc, "backward", "backward"),
         (trainer_module, "clip_grad_norm_", "clip_grad_norm"),
@@ -219,8 +241,11 @@ def _annotate_phases(trainer, scope) -> None:
         (trainer.optimizer, "zero_grad", "zero_grad"),
         (trainer_module, "micro_batch_loss", "loss"),
         (trainer_module, "any_nonfinite", "nonfinite"),
-    ):
-        setattr(obj, attr, wrapped(name, getattr(obj, attr)))
+    )
+    with contextlib.ExitStack() as patches:
+        for obj, attr, name in calls:
+            patches.enter_context(_patched(obj, attr, wrapped(name, getattr(obj, attr))))
+        yield
 
 
 def _host_times(prof, steps: int) -> dict[str, float]:
@@ -277,8 +302,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError(f"--repeat {args.repeat}: an integer >= 1, above 1 only with --no-profiler")
     if args.bare and not args.no_profiler:
         raise ConfigError("--bare compares walls: add --no-profiler")
-    if args.host_phases and (args.bare or not args.no_profiler):
-        raise ConfigError("--host-phases times the trainer's phases: add --no-profiler, leave out --bare")
+    if args.host_phases and (args.bare or args.time_snapshot or not args.no_profiler):
+        raise ConfigError(
+            "--host-phases times the trainer's phases: add --no-profiler, leave out --bare and --time-snapshot "
+            "(whose CUDA syncs would count in the snapshot's phase)"
+        )
     if not torch.cuda.is_available() and not args.no_profiler:
         raise ConfigError(
             "profile_step.py profiles CUDA kernels: no GPU here (--no-profiler times walls on the CPU)"
@@ -324,7 +352,7 @@ def _main(argv: list[str] | None) -> int:
 
     cfg = _load(args)
     host: dict[str, float] = defaultdict(float)  # --host-phases: seconds per phase over all timed steps
-    with sigterm_as_interrupt():  # so that a killed profile still removes its scratch run
+    with stops_as_interrupt():  # so that a killed profile still removes its scratch run
         trainer = Trainer(cfg)
         try:
             with long_lived_frozen() as refreeze:  # as the training loop runs its steps

@@ -6,8 +6,9 @@ SOURCE is a hub id or a local GPT-2 folder; the overrides set ``MoEConfig`` fiel
 ``num_experts=8 top_k=1 layers=[8,9,10,11] init=noise``. OUT (new or empty) gets ``save_pretrained``
 files (and the source's tokenizer when it has one), loadable with ``AutoModelForCausalLM`` after
 ``import moe_emergence``; they are written to a new hidden folder beside OUT (``.OUT.*.tmp``, removed if the save
-fails, or when Ctrl-C or SIGTERM stops the run: exit status 130 or 143) and renamed, so OUT is whole or absent;
-nothing already there is touched. User mistakes print one ``error:`` line and exit with status 2.
+fails, or when Ctrl-C or SIGTERM stops the run once it has started: exit status 130 or 143) and renamed in one
+step, so OUT is whole or absent; nothing already there is touched. User mistakes print one ``error:`` line and
+exit with status 2.
 """
 
 import contextlib
@@ -18,13 +19,13 @@ from pathlib import Path
 
 from moe_emergence import MoEConfig, upcycle
 from moe_emergence.config_loader import load
-from moe_emergence.console import ArgumentParser, quiet_libraries, sigterm_as_interrupt, stopped_by
+from moe_emergence.console import ArgumentParser, quiet_libraries, stopped_by, stops_as_interrupt
 from moe_emergence.errors import ConfigError, as_user_error, run_cli
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
-def _main(argv=None) -> int:
+def _main(argv, stops) -> int:
     quiet_libraries()
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="hub id or local GPT-2 checkpoint folder")
@@ -34,26 +35,36 @@ def _main(argv=None) -> int:
     out = Path(args.out)
     cfg = load(MoEConfig, overrides=args.overrides)
     made = [d for d in out.parents if not d.exists()]  # the parent folders this run creates (deepest first)
-    tmp = _staging_folder(out)  # before the work: a bad OUT is one error line
+    tmp = None
     try:
+        with stops.held():  # a stop waits until the clean-up below knows the staging folder
+            tmp = _staging_folder(out)  # before the work: a bad OUT is one error line
         model, tokenizer = _build(args.source, cfg)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
+        with as_user_error(f"output {str(out)!r}"):
+            tmp.rename(out)  # one step: replaces an empty OUT folder (POSIX rename), never a non-empty one
     finally:
-        if tmp.exists():  # failed: nothing of this run is left, its new parent folders neither
-            shutil.rmtree(tmp)
-            for d in made:
-                with contextlib.suppress(OSError):  # someone else's files in it since: it stays
-                    d.rmdir()
+        with stops.held():  # a Ctrl-C or SIGTERM (a second one) does not cut the clean-up short
+            _clean_up(tmp, made)
     E, layers = cfg.num_experts, model.config.moe_layers
     print(
         f"upcycled {args.source} -> {out}: {E} experts (top-{cfg.top_k}, init={cfg.init}) in blocks {layers}"
     )
     return 0
+
+
+def _clean_up(tmp: Path | None, made: list[Path]) -> None:
+    """After a failed or stopped run (``tmp``, the staging folder, still there or never made): remove it and the
+    parent folders of OUT this run made, unless someone else's files are in them since. Nothing after success."""
+    if tmp is not None and not tmp.exists():
+        return  # renamed to OUT
+    if tmp is not None:
+        shutil.rmtree(tmp)
+    for d in made:
+        with contextlib.suppress(OSError):  # not empty (someone else's files) or already gone: it stays
+            d.rmdir()
 
 
 def _staging_folder(out: Path) -> Path:
@@ -65,6 +76,10 @@ def _staging_folder(out: Path) -> Path:
     tmp = out.with_name(f".{out.name[:200]}.{os.getpid()}.tmp")
     with as_user_error(f"output {str(out)!r}"):
         out.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.lstat(
+                out
+            )  # a name the file system refuses (too long: ENAMETOOLONG) is refused now, not after the work
         tmp.mkdir()  # new (FileExistsError otherwise), with mkdir's permissions (mkdtemp's are 0700)
     return tmp
 
@@ -85,8 +100,8 @@ def _build(source: str, cfg: MoEConfig):
 
 def main(argv=None) -> int:
     try:
-        with sigterm_as_interrupt():  # a killed run removes its staging folder too
-            return run_cli(_main, argv)
+        with stops_as_interrupt() as stops:  # a stopped run removes its staging folder too
+            return run_cli(lambda a: _main(a, stops), argv)
     except KeyboardInterrupt as e:
         return stopped_by("upcycle.py", e, "OUT is whole or absent, no staging folder is left")
 

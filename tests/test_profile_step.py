@@ -51,7 +51,8 @@ def test_bare_loop_beside_the_trainer(profile_step, tmp_path, cache, capsys):
 def test_host_phases_without_the_profiler(profile_step, tmp_path, cache, capsys):
     """``--host-phases`` records each phase's host time per step (perf_counter, no profiler): every phase
     the step runs is there, and the disjoint ones (forward, backward, optimizer step) fit inside the wall;
-    it is refused with the profiler or beside --bare, before anything is written."""
+    the wrappers (and --time-snapshot's) are gone after the run; it is refused with the profiler, beside
+    --bare or with --time-snapshot, before anything is written."""
     cfg = cfg_file(tmp_path, cache, model__upcycle_at_step=0)
     out = tmp_path / "p.jsonl"
     base = [str(out), "--config", str(cfg), "--warmup", "1", "--steps", "2"]
@@ -72,7 +73,20 @@ def test_host_phases_without_the_profiler(profile_step, tmp_path, cache, capsys)
     assert all(rec[f"host_{p}_ms"] > 0 for p in phases), rec
     disjoint = rec["host_forward_ms"] + rec["host_backward_ms"] + rec["host_optimizer_ms"]
     assert disjoint < max(rec["wall_ms_windows"]), rec
-    for bad in (["--host-phases"], ["--no-profiler", "--host-phases", "--bare"]):
+    from moe_emergence.training import rollback, steps
+    from moe_emergence.training import trainer as trainer_module
+
+    take = rollback.Snapshot.take
+    argv = [*base, "--no-profiler", "--time-snapshot", "log.run_name=s"]
+    assert profile_step.main(argv) == 0 and rollback.Snapshot.take is take  # its wrapper is gone again
+    assert trainer_module.clip_grad_norm_ is steps.clip_grad_norm_  # so are the phases' (a later run here)
+    assert trainer_module.any_nonfinite is rollback.any_nonfinite
+    out.write_text(out.read_text().splitlines()[0] + "\n")
+    for bad in (
+        ["--host-phases"],
+        ["--no-profiler", "--host-phases", "--bare"],
+        ["--no-profiler", "--host-phases", "--time-snapshot"],
+    ):
         capsys.readouterr()
         assert profile_step.main([*base, *bad, "log.run_name=q"]) == 2
         assert_one_error_line(capsys.readouterr().err, r"--host-phases times the trainer's phases")

@@ -377,3 +377,70 @@ def test_upcycle_script_killed_leaves_nothing(tmp_path):
         "upcycle.py: stopped by SIGTERM; OUT is whole or absent, no staging folder is left"
     )
     assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_stops_raise_after_a_held_block_and_put_the_handlers_back():
+    """``console.stops_as_interrupt``: SIGTERM and Ctrl-C become KeyboardInterrupt(signum); inside ``held()``
+    (nested too) a stop waits for the outermost block's end, after the block's last statement ran."""
+    from moe_emergence.console import stops_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    ran = []
+    with stops_as_interrupt() as stops:
+        with pytest.raises(KeyboardInterrupt) as e, stops.held():
+            with stops.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(100000))  # bytecodes: the handler runs here, and holds the stop
+                ran.append("inner")
+            ran.append("outer")
+        assert ran == ["inner", "outer"] and e.value.args == (signal.SIGTERM,)
+        with pytest.raises(KeyboardInterrupt) as e:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(100000))
+        assert e.value.args == (signal.SIGINT,)
+        with stops.held():
+            ran.append("quiet")  # no stop came: nothing raised
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_upcycle_script_stop_at_its_edges_keeps_out_whole_or_absent(
+    tmp_path, dense_checkpoint, monkeypatch, capsys
+):
+    """A SIGTERM right after upcycle.py made its staging folder, or right before its rename onto the user's
+    empty OUT folder, still leaves no staging folder and OUT as it was (the user's empty folder kept); an OUT
+    name the file system refuses (too long) is one error line before the work, its new parent folder removed."""
+    from pathlib import Path as P
+
+    from _scripts import load_script
+
+    script = load_script("upcycle")
+    staging = script._staging_folder
+
+    def staging_then_stop(out):
+        tmp = staging(out)
+        os.kill(os.getpid(), signal.SIGTERM)  # pending until the staging folder is known to the clean-up
+        return tmp
+
+    monkeypatch.setattr(script, "_staging_folder", staging_then_stop)
+    args = [str(dense_checkpoint), str(tmp_path / "new" / "out"), "num_experts=2"]
+    assert script.main(args) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists(), list((tmp_path / "new").iterdir())
+    monkeypatch.setattr(script, "_staging_folder", staging)
+    users = tmp_path / "users_empty"
+    users.mkdir()
+    rename = P.rename
+
+    def stop_then_rename(self, target):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return rename(self, target)
+
+    monkeypatch.setattr(P, "rename", stop_then_rename)
+    assert script.main([str(dense_checkpoint), str(users), "num_experts=2"]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(P, "rename", rename)
+    assert users.is_dir() and not any(users.iterdir())  # the user's empty folder: kept, as it was
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    capsys.readouterr()
+    assert script.main([str(dense_checkpoint), str(tmp_path / "made" / ("x" * 300)), "num_experts=2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, r"output '.*x{300}': .*File name too long")
+    assert not (tmp_path / "made").exists()
