@@ -75,16 +75,24 @@ class Stops:
     that ``finally`` clauses run (a script removing what it wrote), except inside ``held()`` blocks: a stop that
     comes during one is raised at its end. Python runs a signal's handler between two bytecodes, possibly
     long after the signal came; the handler looks at ``held`` when it runs, so no clean-up or rename inside a
-    held block is cut in two."""
+    held block is cut in two. One stop is raised at most: a later Ctrl-C or SIGTERM does nothing (the first
+    is already unwinding the script, through its clean-up)."""
 
     def __init__(self) -> None:
         self._held = 0
         self._pending: int | None = None
+        self._raised = False
 
     def handle(self, signum: int, frame) -> None:
+        if self._raised:
+            return
         if self._held:
             self._pending = self._pending or signum
             return
+        self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        self._raised = True
         raise KeyboardInterrupt(signum)
 
     @contextlib.contextmanager
@@ -94,9 +102,8 @@ class Stops:
             yield
         finally:
             self._held -= 1
-            if not self._held and self._pending is not None:
-                signum, self._pending = self._pending, None
-                raise KeyboardInterrupt(signum)
+            if not self._held and self._pending is not None and not self._raised:
+                self._raise(self._pending)
 
 
 @contextlib.contextmanager

@@ -71,8 +71,11 @@ def _staging_folder(out: Path) -> Path:
     """A new hidden folder beside ``out`` (ours alone) to save into, renamed to ``out`` at the end, with the
     permissions of a folder made by ``mkdir`` (umask); ``ConfigError`` where ``out`` is not a new or empty folder
     or its place cannot take one."""
-    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output {str(out)!r} exists and is not an empty folder; choose a new one")
+    if out.name in ("", "..") or out.resolve() == Path.cwd():  # not a name a folder can be renamed to
+        raise ConfigError(f"output {str(out)!r}: name a new or empty folder, e.g. out/gpt2-moe")
+    with as_user_error(f"output {str(out)!r}"):  # a name too long for the file system, no access, ...
+        if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"output {str(out)!r} exists and is not an empty folder; choose a new one")
     tmp = out.with_name(f".{out.name[:200]}.{os.getpid()}.tmp")
     with as_user_error(f"output {str(out)!r}"):
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -381,8 +381,12 @@ def test_upcycle_script_killed_leaves_nothing(tmp_path):
 
 def test_stops_raise_after_a_held_block_and_put_the_handlers_back():
     """``console.stops_as_interrupt``: SIGTERM and Ctrl-C become KeyboardInterrupt(signum); inside ``held()``
-    (nested too) a stop waits for the outermost block's end, after the block's last statement ran."""
+    (nested too) a stop waits for the outermost block's end, after the block's last statement ran; one stop is
+    raised at most, so a second one cannot cut the first one's clean-up short."""
     from moe_emergence.console import stops_as_interrupt
+
+    def bytecodes():
+        sum(range(100000))  # Python runs the signal's handler somewhere in here
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     ran = []
@@ -390,16 +394,24 @@ def test_stops_raise_after_a_held_block_and_put_the_handlers_back():
         with pytest.raises(KeyboardInterrupt) as e, stops.held():
             with stops.held():
                 os.kill(os.getpid(), signal.SIGTERM)
-                sum(range(100000))  # bytecodes: the handler runs here, and holds the stop
+                bytecodes()
                 ran.append("inner")
             ran.append("outer")
         assert ran == ["inner", "outer"] and e.value.args == (signal.SIGTERM,)
-        with pytest.raises(KeyboardInterrupt) as e:
+        os.kill(os.getpid(), signal.SIGINT)  # a second stop: nothing raised
+        bytecodes()
+    with stops_as_interrupt() as stops, pytest.raises(KeyboardInterrupt) as e:
+        try:
             os.kill(os.getpid(), signal.SIGINT)
-            sum(range(100000))
-        assert e.value.args == (signal.SIGINT,)
-        with stops.held():
-            ran.append("quiet")  # no stop came: nothing raised
+            bytecodes()
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # while the first unwinds, before its held clean-up
+            bytecodes()
+            with stops.held():
+                ran.append("clean-up")
+    assert e.value.args == (signal.SIGINT,) and ran[-1] == "clean-up"
+    with stops_as_interrupt() as stops, stops.held():
+        ran.append("quiet")  # no stop came: nothing raised
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
@@ -408,7 +420,8 @@ def test_upcycle_script_stop_at_its_edges_keeps_out_whole_or_absent(
 ):
     """A SIGTERM right after upcycle.py made its staging folder, or right before its rename onto the user's
     empty OUT folder, still leaves no staging folder and OUT as it was (the user's empty folder kept); an OUT
-    name the file system refuses (too long) is one error line before the work, its new parent folder removed."""
+    name the file system refuses (too long) is one error line before the work, its new parent folder removed;
+    so is '.'."""
     from pathlib import Path as P
 
     from _scripts import load_script
@@ -441,6 +454,10 @@ def test_upcycle_script_stop_at_its_edges_keeps_out_whole_or_absent(
     assert users.is_dir() and not any(users.iterdir())  # the user's empty folder: kept, as it was
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     capsys.readouterr()
-    assert script.main([str(dense_checkpoint), str(tmp_path / "made" / ("x" * 300)), "num_experts=2"]) == 2
-    assert_one_error_line(capsys.readouterr().err, r"output '.*x{300}': .*File name too long")
+    for parent in ("made", ""):  # a new parent folder (removed again) or one that is there
+        out = tmp_path / parent / ("x" * 300)
+        assert script.main([str(dense_checkpoint), str(out), "num_experts=2"]) == 2
+        assert_one_error_line(capsys.readouterr().err, r"output '.*x{300}': .*File name too long")
     assert not (tmp_path / "made").exists()
+    assert script.main([str(dense_checkpoint), ".", "num_experts=2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, r"output '\.': name a new or empty folder")

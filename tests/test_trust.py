@@ -893,8 +893,8 @@ def test_planted_lock_files_and_run_entries_are_refused(tmp_path, capsys, cache)
 def test_gradient_norm_overflows_as_torch_whatever_the_split():
     """``steps.clip_grad_norm_`` gives torch's norm and clipped gradients also where torch's sum of squares
     overflows (float32 gradients of 1.5e19: inf, nothing kept) whether the values sit in one tensor or
-    three, and for mixed float32/bfloat16 gradients; ``any_nonfinite`` does not call a large float64 value
-    non-finite."""
+    three, and for mixed float32/bfloat16 gradients; float64 gradients get a float64 norm; ``any_nonfinite``
+    does not call a large float64 value non-finite."""
     from moe_emergence.training.rollback import any_nonfinite
     from moe_emergence.training.steps import clip_grad_norm_
 
@@ -915,9 +915,15 @@ def test_gradient_norm_overflows_as_torch_whatever_the_split():
         ours, ref = params(grads), params(grads)
         norm = clip_grad_norm_(ours, 1.0, lambda x: x)
         want = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-        torch.testing.assert_close(norm, want.float(), equal_nan=True)
+        torch.testing.assert_close(norm, want.float(), equal_nan=True)  # float32 for bfloat16 gradients too
         for a, b in zip(ours, ref, strict=True):
             torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+    huge = params(
+        [torch.tensor([1e300], dtype=torch.float64)]
+    )  # float64 gradients: a float64 norm, as torch's
+    assert clip_grad_norm_(huge, 1.0, lambda x: x).item() == 1e300 and huge[0].grad.item() == pytest.approx(
+        1.0
+    )
     assert not any_nonfinite([torch.tensor([1e300], dtype=torch.float64), torch.ones(2)])
 
 

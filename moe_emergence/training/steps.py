@@ -178,9 +178,9 @@ def clip_grad_norm_(
     """The L2 norm of all of ``params``' gradients taken together (every process), then the gradients
     scaled in place by ``min(1, max_norm / (norm + 1e-6))`` (torch.nn.utils.clip_grad_norm_'s rule;
     Pascanu et al. 2013, "On the difficulty of training RNNs", eq. 7). Returns the norm before clipping: a
-    0-d float32 tensor on the gradients' device (inf/NaN when a gradient is, and, as torch's, when the sum of
-    squares overflows the gradients' dtype, e.g. float32 above ~1.8e19; no host sync). ``max_norm`` inf scales
-    nothing. The coefficient is float32 whatever the gradients' dtype.
+    0-d tensor on the gradients' device, float32 (float64 where the gradients are; inf/NaN when a gradient
+    is, and, as torch's, when the sum of squares overflows the gradients' dtype, e.g. float32 above ~1.8e19; no
+    host sync). ``max_norm`` inf scales nothing. The coefficient has the norm's dtype.
 
     Plain gradients are the same on every process (one process, or DDP after its all-reduce) and count
     once; FSDP2 gradients are DTensors sharded over the processes (``Shard`` on a 1-d mesh of all of them):
@@ -207,12 +207,12 @@ def clip_grad_norm_(
     if not sharded and not plain:
         return torch.zeros(())
     device = (sharded or plain)[0].device
-    sq = []  # the parts' squared norms, added in float64
-    if sharded:
-        sq.append(reduce_sum(_squared_norm(sharded, device)))
-    if plain:
-        sq.append(_squared_norm(plain, device))
-    norm = (sq[0] if len(sq) == 1 else sq[0] + sq[1]).sqrt().float()
+    parts = [_norm(plain, device)] if plain else []
+    if sharded:  # this process's shards: their squares summed over the processes, in float64
+        part = _norm(sharded, device)
+        parts.append(reduce_sum(part.double().square()).sqrt().to(part.dtype))
+    norm = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts), 2.0)
+    norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
     if max_norm != float("inf"):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for dev, on_dev in by_device(sharded + plain).items():
@@ -220,18 +220,16 @@ def clip_grad_norm_(
     return norm
 
 
-def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The squared L2 norm of ``grads`` taken together, 0-d float64 on ``device``. Per device, the norm is
-    torch's (``torch.nn.utils.get_total_norm``): the per-tensor norms of one multi-tensor ``_foreach_norm`` (each
-    in its tensor's dtype), stacked (mixed dtypes promote) and normed in that dtype, so it overflows to inf
-    where torch's does, whatever the split into tensors; no op per tensor in Python."""
+def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """torch's L2 norm of ``grads`` taken together (``torch.nn.utils.get_total_norm``), 0-d on ``device``: the
+    per-tensor norms of one multi-tensor ``_foreach_norm`` per device (each in its tensor's dtype), stacked
+    (mixed dtypes promote) and normed in that dtype, so it overflows to inf where torch's does, whatever the
+    split into tensors; no op per tensor in Python."""
     parts = [
         on_device(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2.0)), 2.0), device)
         for group in by_device(grads).values()
     ]
-    return (
-        (parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts), 2.0)).double().square()
-    )
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts), 2.0)
 
 
 def step_flags(
