@@ -79,10 +79,9 @@ def _staging_folder(out: Path) -> Path:
     tmp = out.with_name(f".{out.name[:200]}.{os.getpid()}.tmp")
     with as_user_error(f"output {str(out)!r}"):
         out.parent.mkdir(parents=True, exist_ok=True)
+        # a name the file system refuses (too long: ENAMETOOLONG) is refused now, not after the work
         with contextlib.suppress(FileNotFoundError):
-            os.lstat(
-                out
-            )  # a name the file system refuses (too long: ENAMETOOLONG) is refused now, not after the work
+            os.lstat(out)
         tmp.mkdir()  # new (FileExistsError otherwise), with mkdir's permissions (mkdtemp's are 0700)
     return tmp
 
