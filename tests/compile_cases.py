@@ -74,18 +74,23 @@ def opcheck_ops(backend: str, device: str) -> dict[str, list[str]]:
 
 
 def compare_compiled(
-    backend: str, device: str, top_k: int, compile_backend: str = "aot_eager", codes: list[str] | None = None
+    backend: str,
+    device: str,
+    top_k: int,
+    compile_backend: str = "aot_eager",
+    codes: list[str] | None = None,
+    mode: str | None = None,
 ) -> dict[str, float]:
-    """``torch.compile(model, backend=compile_backend, fullgraph=True)`` vs the same model run eagerly (float32):
-    relative error of the loss and of every parameter's gradient, plus ``norm:w1`` (the compiled w1 grad norm).
-    ``codes``: with Inductor, gets the generated code of the forward and backward graphs."""
+    """``torch.compile(model, backend=compile_backend, mode=mode, fullgraph=True)`` vs the same model run eagerly
+    (float32): relative error of the loss and of every parameter's gradient, plus ``norm:w1`` (the compiled w1
+    grad norm). ``codes``: with Inductor, gets the generated code of the forward and backward graphs."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     model = _tiny_model(backend, device, top_k)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
     results = []
-    for run in (model, torch.compile(model, backend=compile_backend, fullgraph=True)):
+    for run in (model, torch.compile(model, backend=compile_backend, mode=mode, fullgraph=True)):
         model.zero_grad(set_to_none=True)
 
         def step(run=run) -> torch.Tensor:

@@ -107,6 +107,30 @@ def test_triton_under_inductor_launches_the_kernels_itself(top_k):
     assert not bad, f"inductor top-{top_k}: relative errors over 1e-4: {bad}"
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_triton_under_reduce_overhead_calls_its_opaque_ops(top_k):
+    """Where Inductor replays the graphs from CUDA graphs (``mode="reduce-overhead"``) the triton backend's ops stay
+    opaque (``triton_launch.triton_op``'s twins ``*_graphed``: autotuned launches with TMA loads, recorded into
+    the CUDA graphs), forward and backward, and no kernel of theirs is in Inductor's code; loss and every
+    gradient match eager (float32, 1e-4 relative)."""
+    import torch._inductor.config
+
+    codes: list[str] = []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        errors = compare_compiled(
+            "triton", DEVICE, top_k, compile_backend="inductor", codes=codes, mode="reduce-overhead"
+        )
+    code = "\n".join(codes)
+    for op in ("triton_routing", "triton_experts_fwd", "triton_experts_bwd"):
+        assert f"torch.ops.moe_emergence.{op}_graphed" in code, f"{op}'s opaque twin not called"
+    for kernel in ("_rows_kernel", "_wgrad_kernel", "_place_kernel"):
+        assert kernel not in code, f"{kernel} traced into Inductor's code"
+    assert errors.pop("norm:w1") > 0
+    bad = {n: e for n, e in errors.items() if not e <= 1e-4}
+    assert not bad, f"reduce-overhead top-{top_k}: relative errors over 1e-4: {bad}"
+
+
 def test_grouped_mm_ops_pass_opcheck():
     check_opcheck(opcheck_ops("grouped_mm", DEVICE), "grouped_mm")
 

@@ -258,3 +258,47 @@ def test_fake_arg_tells_fake_tensors_and_parameters_apart():
         assert triton_launch.fake_arg(fake)
         assert triton_launch.fake_arg(mode.from_tensor(param))
         assert triton_launch.fake_arg(torch.nn.Parameter(fake))
+
+
+@pytest.mark.skipif(triton_launch.INTERPRET, reason="under the interpreter the ops are opaque custom ops")
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_triton_op_stays_opaque_where_inductor_replays_cuda_graphs(graphed):
+    """``triton_launch.triton_op``: traced, the op's body goes into the graph (Inductor launches its kernels); where
+    Inductor will replay the graphs from CUDA graphs (``triton.cudagraphs``, set by the reduce-overhead and
+    max-autotune modes) the graph calls the op's opaque twin instead, forward and backward, which at run time
+    runs the body on real tensors (autotuned launches). Checked on the CPU on a toy op: the graphs AOTAutograd
+    hands to the compiler, and the result and gradient."""
+    import torch._inductor.config as inductor_config
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    calls = []
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        calls.append(triton_launch.fake_arg(x))
+        return x * 3
+
+    name = f"moe_emergence_test::triple_{int(graphed)}"
+    op = triton_launch.triton_op(name, body, [], lambda x: torch.empty_like(x))
+    op.register_autograd(lambda ctx, g: op(g))
+    codes = []
+
+    def keep(gm, _inputs):
+        codes.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    x = torch.randn(4, requires_grad=True)
+    with inductor_config.patch({"triton.cudagraphs": graphed}):
+        compiled = torch.compile(
+            lambda x: op(x) + 1, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)
+        )
+        compiled(x).sum().backward()
+    assert len(codes) == 2  # forward and backward
+    twin = f"torch.ops.moe_emergence_test.triple_{int(graphed)}_graphed"
+    for code in codes:
+        assert (twin in code) == graphed, code
+        assert ("mul" in code) != graphed, code  # the body's x * 3 traced in, or not
+    assert torch.equal(x.grad, torch.full((4,), 3.0))
+    assert (False in calls) == graphed  # the twin ran the body on real tensors
+    assert triton_launch.graphed_by_inductor() is False  # the patch is gone

@@ -22,8 +22,9 @@ Backward: dO = w * dy[token] and db2 (column sums of dO per expert) in one pass;
           float32's range); a subnormal w drops it.
 
 Ops (``triton_launch.triton_op``: on the GPU, Inductor traces their bodies and launches the kernels from its own
-code, with fixed tiles and no TMA loads; under the interpreter they are opaque; their fake implementations give
-shapes and dtypes only):
+code, with fixed tiles and no TMA loads, except where it replays the graphs from CUDA graphs (``reduce-overhead``):
+there they stay opaque (their ``*_graphed`` twins) and launch autotuned, TMA-loading kernels; under the
+interpreter they are opaque; their fake implementations give shapes and dtypes only):
   ``moe_emergence::triton_experts_fwd(x, w1, b1, w2, b2, weights, order, token, expert, offsets)``
       -> ``(y_TD, z_AF, a_AF, w1c, w2c)``; the rest after y is what the backward needs: w1c, w2c are the
       weights cast to x's dtype (empty where they are in it already). The parameters may be in another dtype
@@ -90,13 +91,7 @@ def _fwd_impl(
     return y_TD, z_AF, a_AF, w1c, w2c
 
 
-# the backward's kernels under the forward op too: only the forward op is in the graph torch's cache keys
-_KERNELS = [*triton_kernels.KERNELS, *triton_rowwise.KERNELS]
-triton_experts_fwd = triton_op("moe_emergence::triton_experts_fwd", _fwd_impl, _KERNELS)
-
-
-@triton_experts_fwd.register_fake
-def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A, offsets_E1):
+def _fwd_fake(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A, offsets_E1):
     (T, D), A, F = x_TD.shape, order_A.shape[0], w1_EDF.shape[2]
     z_AF = x_TD.new_empty(A, F)
     return (
@@ -106,6 +101,11 @@ def _(x_TD, w1_EDF, b1_EF, w2_EFD, b2_ED, weights_TK, order_A, token_A, expert_A
         x_TD.new_empty(w1_EDF.shape if w1_EDF.dtype != x_TD.dtype else (0,)),
         x_TD.new_empty(w2_EFD.shape if w2_EFD.dtype != x_TD.dtype else (0,)),
     )
+
+
+# the backward's kernels under the forward op too: only the forward op is in the graph torch's cache keys
+_KERNELS = [*triton_kernels.KERNELS, *triton_rowwise.KERNELS]
+triton_experts_fwd = triton_op("moe_emergence::triton_experts_fwd", _fwd_impl, _KERNELS, _fwd_fake)
 
 
 def _bwd_impl(
@@ -144,11 +144,7 @@ def _bwd_impl(
     return tuple(g if need else x_TD.new_empty(0) for g, need in zip(grads, needs, strict=True))
 
 
-triton_experts_bwd = triton_op("moe_emergence::triton_experts_bwd", _bwd_impl, _KERNELS)
-
-
-@triton_experts_bwd.register_fake
-def _(dy_TD, x_TD, w1_EDF, w2_EFD, b2_ED, z_AF, a_AF, weights_TK, order_A, token_A, expert_A, offsets_E1,
+def _bwd_fake(dy_TD, x_TD, w1_EDF, w2_EFD, b2_ED, z_AF, a_AF, weights_TK, order_A, token_A, expert_A, offsets_E1,
       param_dtype, needs):  # fmt: skip
     E, D, F = w1_EDF.shape
     shapes = [x_TD.shape, w1_EDF.shape, (E, F), w2_EFD.shape, (E, D)]
@@ -159,6 +155,9 @@ def _(dy_TD, x_TD, w1_EDF, w2_EFD, b2_ED, z_AF, a_AF, weights_TK, order_A, token
     ]
     out.append(torch.empty_like(weights_TK) if needs[5] else x_TD.new_empty(0))
     return tuple(out)
+
+
+triton_experts_bwd = triton_op("moe_emergence::triton_experts_bwd", _bwd_impl, _KERNELS, _bwd_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -24,7 +24,8 @@ Kernels:
                     from token order (TMA loads measured no faster).
 Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used. Under
 ``torch.compile`` (the ops traced by Inductor, ``triton_launch``) each kernel runs one fixed config
-(``_traced_tiles``) with pointer loads, no TMA.
+(``_traced_tiles``) with pointer loads, no TMA; not where Inductor replays CUDA graphs (``reduce-overhead``), where
+the ops stay opaque and launch as uncompiled (``triton_launch.triton_op``).
 """
 
 from __future__ import annotations

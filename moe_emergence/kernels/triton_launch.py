@@ -24,8 +24,8 @@ the autotuner's ``best_config`` attribute.
 Under ``torch.compile`` the ops built by ``triton_op`` (below) are traced, not run: their bodies see fake tensors,
 and ``Launcher`` hands each launch to ``torch.library.wrap_triton`` with one fixed config (the kernel's
 ``traced_config``; no autotuning on fake tensors), so Inductor launches the kernels itself, from its generated
-code, without this module's Python on the hot path. On fake tensors outside such a trace (a plain
-``FakeTensorMode`` run of the eager path, e.g. to size memory) a launch does nothing: fake tensors hold no data.
+code, without this module's Python on the hot path (not where Inductor replays CUDA graphs: ``triton_op``).
+On fake tensors outside such a trace (a plain ``FakeTensorMode`` run of the eager path, e.g. to size memory) a launch does nothing: fake tensors hold no data.
 torch's compile caches key a traced op on its kernels' sources (``triton_op`` lists them), not on the Python of
 the op bodies or of this module: after editing those, run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` once.
 
@@ -37,6 +37,7 @@ read from Triton 3.6 and 3.9) it launches with ``kernel[grid]``, and on the latt
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
@@ -95,17 +96,39 @@ def _jit_type() -> type:
     return JITFunction
 
 
-def triton_op(name: str, impl: Callable, kernels: list) -> Callable:
-    """``impl`` registered as the custom op ``name``: ``torch.library.triton_op`` on the GPU (``torch.compile``
-    traces its body, whose launches ``Launcher`` hands to ``wrap_triton``: Inductor sees and launches the
-    kernels), an opaque ``torch.library.custom_op`` under ``TRITON_INTERPRET=1`` (the interpreter's kernels
-    cannot be traced). Either way the caller registers the op's fake implementation (shapes and dtypes).
-    ``kernels``: every Triton kernel the op's body and its backward launch, for torch's compile caches, which key
-    the op on their sources (torch finds a kernel by reading the body for ``wrap_triton(name)``, which
+def triton_op(name: str, impl: Callable, kernels: list, fake: Callable) -> Callable:
+    """``impl`` registered as the custom op ``name``, with ``fake`` its fake implementation (shapes and dtypes).
+
+    On the GPU: ``torch.library.triton_op``. ``torch.compile`` traces its body, whose launches ``Launcher`` hands
+    to ``wrap_triton``, so Inductor sees and launches the kernels (fixed tiles, pointer loads), except where
+    Inductor replays the compiled graphs from CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``:
+    ``graphed_by_inductor``). There the traced body calls the op's opaque twin ``name + "_graphed"`` (a
+    ``custom_op`` of the same ``impl``), which at run time launches through ``Launcher`` on real tensors:
+    autotuned tiles and TMA loads. Its host cost, which the traced launches save, does not recur on a replay, and
+    its kernels' device time does (docs/benchmarks.md, issue 20: 0.90x the compiled dense model's tokens/s
+    opaque against 0.87x traced, GPT-2-small shape, one H200).
+    Under ``TRITON_INTERPRET=1``: an opaque ``torch.library.custom_op`` (the interpreter's kernels cannot be
+    traced). ``kernels``: every Triton kernel the op's body and its backward launch, for torch's compile caches,
+    which key the op on their sources (torch finds a kernel by reading the body for ``wrap_triton(name)``, which
     ``Launcher`` hides)."""
     if INTERPRET:
-        return torch.library.custom_op(name, mutates_args=())(impl)
-    op = torch.library.triton_op(name, impl, mutates_args=())
+        op = torch.library.custom_op(name, mutates_args=())(impl)
+        op.register_fake(fake)
+        return op
+    twin = torch.library.custom_op(f"{name}_graphed", mutates_args=())(impl)
+    twin.register_fake(fake)
+
+    @functools.wraps(impl)
+    def body(*args):
+        if fake_arg(args[0]) and _tracing() and graphed_by_inductor():
+            return twin(*args)
+        return impl(*args)
+
+    # the op's schema is inferred from impl's signature, its annotations evaluated in impl's module
+    body.__signature__ = inspect.signature(impl, eval_str=True)
+
+    op = torch.library.triton_op(name, body, mutates_args=())
+    op.register_fake(fake)
     registry = getattr(torch._library.triton, "triton_ops_to_kernels", None)  # torch 2.11 and 2.13 have it
     if registry is None:
         raise RuntimeError(
@@ -114,6 +137,16 @@ def triton_op(name: str, impl: Callable, kernels: list) -> Callable:
         )
     registry[name] = list(kernels)
     return op
+
+
+def graphed_by_inductor() -> bool:
+    """Will Inductor replay the graph being compiled from CUDA graphs (``torch.compile`` modes
+    ``reduce-overhead`` and ``max-autotune`` set ``torch._inductor.config.triton.cudagraphs`` while Inductor
+    traces and compiles the graph, the backward's included; dynamo's own fake-tensor pass before it sees the
+    setting off)? Read while a ``triton_op``'s body is traced."""
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.triton.cudagraphs)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # types that are never fake (see fake_arg)

@@ -115,12 +115,7 @@ def _routing(
     return order_A, token_A, expert_A, offsets_E1
 
 
-# an op like the expert ops (``triton_launch.triton_op``: traced into by torch.compile on the GPU)
-_routing_op = triton_op("moe_emergence::triton_routing", _routing, [_count_kernel, _place_kernel])
-
-
-@_routing_op.register_fake
-def _(indices_TK, weights_TK, num_experts):
+def _routing_fake(indices_TK, weights_TK, num_experts):
     A = indices_TK.numel()
     order_A = indices_TK.new_empty(A, dtype=torch.int64)
     return (
@@ -129,6 +124,12 @@ def _(indices_TK, weights_TK, num_experts):
         indices_TK.new_empty(A, dtype=expert_id_dtype(num_experts)),
         (indices_TK.new_empty(num_experts + 1, dtype=torch.int64)),
     )
+
+
+# an op like the expert ops (``triton_launch.triton_op``: traced into by torch.compile on the GPU)
+_routing_op = triton_op(
+    "moe_emergence::triton_routing", _routing, [_count_kernel, _place_kernel], _routing_fake
+)
 
 
 def triton_routing_meta(
