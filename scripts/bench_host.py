@@ -23,8 +23,9 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
                layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` takes the latter)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
 ``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
-JSON rows: ``{K, part, host_us, dense_ratio, rounds}`` (the launcher rows without ``dense_ratio``); the file is
-written after each K.
+JSON: ``{gpu, torch, triton, tokens, top_k, reps, rounds, cached_launcher, rows}``, ``rounds`` the number of rounds; rows ``{K, part, host_us,
+dense_ratio, round_us}`` (``host_us`` the median of the rounds' ``round_us``; the launcher rows without
+``dense_ratio``); the file is written after each K.
 Gradients accumulate into the leaves' ``.grad`` as in gradient accumulation (one add per leaf a call). A
 measurement whose sleep ended before the issue did raises RuntimeError (the host waited on the device). Needs a
 CUDA device.
@@ -186,7 +187,7 @@ def measure_top_k(K: int, parts: dict, rounds: int, reps: int) -> list[dict]:
     by_part = interleaved(list(parts), rounds, lambda name: host_us(parts[name], reps))
     for name, times in by_part.items():
         ratio = median_ratio(times, by_part["dense"])
-        rows.append(dict(K=K, part=name, host_us=statistics.median(times), dense_ratio=ratio, rounds=times))
+        rows.append(dict(K=K, part=name, host_us=statistics.median(times), dense_ratio=ratio, round_us=times))
         print(f"K={K} {name:23s} host {rows[-1]['host_us']:8.1f} us per forward+backward, {ratio:.2f}x dense "
               f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
     if not triton_launch.CACHED:  # the interpreter, or a Triton whose JITFunction.run differs
@@ -200,7 +201,7 @@ def measure_top_k(K: int, parts: dict, rounds: int, reps: int) -> list[dict]:
             return host_us(parts["triton"], reps)
 
     for label, times in interleaved(["cached launches", "kernel[grid]"], rounds, triton_host_us).items():
-        rows.append(dict(K=K, part=f"triton, {label}", host_us=statistics.median(times), rounds=times))
+        rows.append(dict(K=K, part=f"triton, {label}", host_us=statistics.median(times), round_us=times))
         print(f"K={K} {'triton, ' + label:23s} host {statistics.median(times):8.1f} us "
               f"(rounds {', '.join(f'{t:.0f}' for t in times)})", flush=True)  # fmt: skip
     return rows

@@ -86,4 +86,4 @@ def test_rows_of_each_top_k_are_written_before_the_next_is_measured(bh, monkeypa
     assert written["top_k"] == [1, 2] and written["rounds"] == 3
     rows = written["rows"]
     assert [r["part"] for r in rows] == parts and {r["K"] for r in rows} == {1}
-    assert rows[2] == dict(K=1, part="triton", host_us=150.0, dense_ratio=1.5, rounds=[150.0] * 3)
+    assert rows[2] == dict(K=1, part="triton", host_us=150.0, dense_ratio=1.5, round_us=[150.0] * 3)
