@@ -23,9 +23,9 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
                layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` takes the latter)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
 ``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
-JSON: ``{gpu, torch, triton, tokens, top_k, reps, rounds, cached_launcher, rows}``, ``rounds`` the number of rounds; rows ``{K, part, host_us,
-dense_ratio, round_us}`` (``host_us`` the median of the rounds' ``round_us``; the launcher rows without
-``dense_ratio``); the file is written after each K.
+JSON: ``{gpu, torch, triton, tokens, top_k, reps, rounds, cached_launcher, rows}``, ``rounds`` the number of
+rounds; rows ``{K, part, host_us, dense_ratio, round_us}`` (``host_us`` the median of the rounds' ``round_us``; the
+launcher rows without ``dense_ratio``); the file is written after each K.
 Gradients accumulate into the leaves' ``.grad`` as in gradient accumulation (one add per leaf a call). A
 measurement whose sleep ended before the issue did raises RuntimeError (the host waited on the device). Needs a
 CUDA device.
