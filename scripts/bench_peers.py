@@ -38,12 +38,13 @@ asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe
 all of them), measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode
 (none named: ``default``). The file is written once the layer rows are done and again with the e2e rows;
 ``layer_date`` says when the layer rows were measured. ``--e2e-only`` measures only the e2e rows and keeps the
-layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU: the two parts in
-separate processes when one would not fit a machine's time limit (each part's ratios are against the dense
-model of its own process).
+layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures
+only the layer rows and keeps its e2e rows (their date as ``e2e_date``): the two parts in separate processes when
+one would not fit a machine's time limit (each part's ratios are against the dense model of its own process).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
-        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH] [--e2e-only]
+        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH]
+        [--e2e-only | --layer-only]
 """
 
 from __future__ import annotations
@@ -358,12 +359,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only the e2e rows; an existing --json file's layer rows (same GPU) are kept, with their date",
     )
+    ap.add_argument(
+        "--layer-only",
+        action="store_true",
+        help="only the layer rows; an existing --json file's e2e rows (same GPU) are kept, with their date",
+    )
     args = parse_args(ap, argv)
     args.impls = list(dict.fromkeys(args.impls))  # each once, in the order given
     if args.json is not None:
         check_json_path(args.json)
-        # an existing file must be a report: it is replaced (or, --e2e-only, extended)
+        # an existing file must be a report: it is replaced (or, --e2e-only and --layer-only, extended)
         read_report(Path(args.json))
+    if args.layer_only:
+        given = [o for o, on in (("--check-only", args.check_only), ("--e2e", args.e2e is not None),
+                                 ("--e2e-only", args.e2e_only)) if on]  # fmt: skip
+        if given:
+            fail(f"--layer-only measures no e2e rows and writes a report: drop {' '.join(given)}")
+        if args.json is None:
+            fail("--layer-only needs --json PATH (the report whose e2e rows it keeps)")
     if args.compile is not None and args.e2e is None:
         fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
     if args.e2e_only:
@@ -387,11 +400,14 @@ def main(argv: list[str] | None = None) -> None:
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
     print(f"device: {gpu}, torch {torch.__version__}", flush=True)
+    kept = report_to_extend(args.json, gpu) if args.layer_only else None
     impls = check_impls(load_impls(args.impls))
     if args.check_only:
         return
     layer = bench(impls, args.shapes, args.routing, args.iters)
     layer_date = now()
+    if args.layer_only:
+        return keep_e2e(args.json, kept, gpu, layer, layer_date)
     write_report(
         args.json, gpu, layer, [], layer_date
     )  # the layer rows are kept should the e2e part not finish
@@ -442,8 +458,31 @@ def e2e_only(args) -> None:
     # a mode measured again replaces all its old rows: each mode's ratios are against its own process's dense
     e2e = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]] + e2e
     layer_date = old.get("layer_date", old.get("date")) if old["layer"] else None
-    extra = {k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date")}
+    # the e2e rows are this report's (``date``): an e2e_date of a --layer-only run is dropped
+    extra = {
+        k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date", "e2e_date")
+    }
     write_report(args.json, gpu, old["layer"], e2e, layer_date, extra)
+
+
+def report_to_extend(path: str, gpu: str) -> dict:
+    """``--layer-only``: the report at ``path`` whose e2e rows are kept (empty where there is none); an error line
+    where they are from another GPU, before any measurement."""
+    old = read_report(Path(path)) or {"layer": [], "e2e": []}
+    if old["e2e"] and old["gpu"] != gpu:
+        fail(f"--json {path}: its e2e rows are from {old['gpu']!r}, this is {gpu!r}")
+    return old
+
+
+def keep_e2e(path: str, old: dict, gpu: str, layer: list[dict], layer_date: str) -> None:
+    """``--layer-only``: the new layer rows written into ``old`` (``report_to_extend``) at ``path``, with its e2e
+    rows and other top-level keys kept, their date as ``e2e_date``."""
+    extra = {
+        k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date", "e2e_date")
+    }
+    if old["e2e"]:
+        extra["e2e_date"] = old.get("e2e_date", old.get("date"))
+    write_report(path, gpu, layer, old["e2e"], layer_date, extra)
 
 
 def write_report(

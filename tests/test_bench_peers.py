@@ -255,6 +255,40 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, mo
     assert json.loads(report.read_text()) == new  # a refusal writes nothing
 
 
+def test_layer_only_keeps_the_e2e_rows_and_their_date(bp, tmp_path, monkeypatch, capsys):
+    """``--layer-only``: new layer rows, the report's e2e rows and notes kept, their date as ``e2e_date``; an
+    ``--e2e-only`` run after it drops that date (its e2e rows are the report's own). The GPU parts replaced (no
+    CUDA here); the merge into the existing report is real. Mistakes: one error line, nothing written."""
+    report = tmp_path / "h200.json"
+    assert "--layer-only needs --json" in _refused(bp, capsys, "--layer-only")
+    for extra in (["--e2e"], ["--check-only"], ["--e2e-only", "--e2e"]):
+        assert extra[0] in _refused(bp, capsys, "--layer-only", "--json", str(report), *extra)
+    assert not report.exists()
+    e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
+    old = dict(bp.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old), note="by hand")
+    report.write_text(json.dumps(old))
+    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters: [_row(bp)])
+    bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
+    new = json.loads(report.read_text())
+    assert new["layer"] == [_row(bp)] and new["e2e"] == e2e_old and new["note"] == "by hand"
+    assert new["e2e_date"] == old["date"] and new["layer_date"] >= old["date"]
+    bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])  # again: the e2e rows' date stays
+    assert json.loads(report.read_text())["e2e_date"] == old["date"]
+    monkeypatch.setattr(
+        bp, "bench_e2e", lambda modes, only: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
+    )
+    bp.main(["--e2e-only", "--e2e", "--json", str(report)])
+    assert "e2e_date" not in json.loads(report.read_text())
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H100")
+    monkeypatch.setattr(bp, "bench", lambda *a: pytest.fail("measured before the refusal"))
+    before = report.read_text()
+    assert "H200" in _refused(bp, capsys, "--layer-only", "--impls", "triton", "--json", str(report))
+    assert report.read_text() == before  # a refusal writes nothing
+
+
 def test_bench_moe_command_line_mistakes(bp, tmp_path, capsys):
     """bench_moe.py (imported by bench_peers): its mistakes too are one error line before any GPU work."""
     bm = sys.modules["bench_moe"]
