@@ -80,10 +80,14 @@ def compare_compiled(
     compile_backend: str = "aot_eager",
     codes: list[str] | None = None,
     mode: str | None = None,
+    steps: int = 1,
 ) -> dict[str, float]:
     """``torch.compile(model, backend=compile_backend, mode=mode, fullgraph=True)`` vs the same model run eagerly
     (float32): relative error of the loss and of every parameter's gradient, plus ``norm:w1`` (the compiled w1
-    grad norm). ``codes``: with Inductor, gets the generated code of the forward and backward graphs."""
+    grad norm). ``codes``: with Inductor, gets the generated code of the forward and backward graphs. ``steps``:
+    forward+backward calls of the compiled model (the same batch, gradients zeroed before each), the last one
+    compared: ``reduce-overhead`` runs its first call plainly, captures its CUDA graphs at the second and
+    replays them from the third."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -102,6 +106,10 @@ def compare_compiled(
             loss, code = run_and_get_code(step)
             codes.extend(code)
         else:
+            loss = step()
+        for _ in range(steps - 1 if run is not model else 0):
+            model.zero_grad(set_to_none=True)
+            torch.compiler.cudagraph_mark_step_begin()
             loss = step()
         results.append({"loss": loss.detach()} | {n: p.grad for n, p in model.named_parameters()})
     ref, got = results

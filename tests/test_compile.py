@@ -113,13 +113,13 @@ def test_triton_under_reduce_overhead_calls_its_opaque_ops(top_k):
     """Where Inductor replays the graphs from CUDA graphs (``mode="reduce-overhead"``) the triton backend's ops stay
     opaque (``triton_launch.triton_op``'s twins ``*_graphed``: autotuned launches with TMA loads, recorded into
     the CUDA graphs), forward and backward, and no kernel of theirs is in Inductor's code; loss and every
-    gradient match eager (float32, 1e-4 relative)."""
+    gradient of the third step (the first replay of the captured graphs) match eager (float32, 1e-4 relative)."""
     import torch._inductor.config
 
     codes: list[str] = []
     with torch._inductor.config.patch(force_disable_caches=True):
         errors = compare_compiled(
-            "triton", DEVICE, top_k, compile_backend="inductor", codes=codes, mode="reduce-overhead"
+            "triton", DEVICE, top_k, compile_backend="inductor", codes=codes, mode="reduce-overhead", steps=3
         )
     code = "\n".join(codes)
     for op in ("triton_routing", "triton_experts_fwd", "triton_experts_bwd"):

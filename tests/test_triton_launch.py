@@ -274,13 +274,13 @@ def test_a_triton_op_stays_opaque_where_inductor_replays_cuda_graphs(graphed):
 
     calls = []
 
-    def body(x: torch.Tensor) -> torch.Tensor:
+    def body(k: int, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:  # a non-tensor first argument
         calls.append(triton_launch.fake_arg(x))
-        return x * 3
+        return x * (k * scale)
 
-    name = f"moe_emergence_test::triple_{int(graphed)}"
-    op = triton_launch.triton_op(name, body, [], lambda x: torch.empty_like(x))
-    op.register_autograd(lambda ctx, g: op(g))
+    name = f"moe_emergence_test::times_{int(graphed)}"
+    op = triton_launch.triton_op(name, body, [], lambda k, x, scale=1.0: torch.empty_like(x))
+    op.register_autograd(lambda ctx, g: (None, op(3, g, scale=0.5), None))
     codes = []
 
     def keep(gm, _inputs):
@@ -291,14 +291,15 @@ def test_a_triton_op_stays_opaque_where_inductor_replays_cuda_graphs(graphed):
     x = torch.randn(4, requires_grad=True)
     with inductor_config.patch({"triton.cudagraphs": graphed}):
         compiled = torch.compile(
-            lambda x: op(x) + 1, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)
+            lambda x: op(3, x, scale=0.5) + 1, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)
         )
-        compiled(x).sum().backward()
+        y = compiled(x)
+        y.sum().backward()
     assert len(codes) == 2  # forward and backward
-    twin = f"torch.ops.moe_emergence_test.triple_{int(graphed)}_graphed"
+    twin = f"torch.ops.moe_emergence_test.times_{int(graphed)}_graphed"
     for code in codes:
         assert (twin in code) == graphed, code
-        assert ("mul" in code) != graphed, code  # the body's x * 3 traced in, or not
-    assert torch.equal(x.grad, torch.full((4,), 3.0))
+        assert ("mul" in code) != graphed, code  # the body's x * (k * scale) traced in, or not
+    assert torch.equal(y, x.detach() * 1.5 + 1) and torch.equal(x.grad, torch.full((4,), 1.5))
     assert (False in calls) == graphed  # the twin ran the body on real tensors
-    assert triton_launch.graphed_by_inductor() is False  # the patch is gone
+    assert triton_launch.cudagraphs_requested() is False  # the patch is gone

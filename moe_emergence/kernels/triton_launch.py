@@ -25,7 +25,8 @@ Under ``torch.compile`` the ops built by ``triton_op`` (below) are traced, not r
 and ``Launcher`` hands each launch to ``torch.library.wrap_triton`` with one fixed config (the kernel's
 ``traced_config``; no autotuning on fake tensors), so Inductor launches the kernels itself, from its generated
 code, without this module's Python on the hot path (not where Inductor replays CUDA graphs: ``triton_op``).
-On fake tensors outside such a trace (a plain ``FakeTensorMode`` run of the eager path, e.g. to size memory) a launch does nothing: fake tensors hold no data.
+On fake tensors outside such a trace (a plain ``FakeTensorMode`` run of the eager path, e.g. to size memory) a
+launch does nothing: fake tensors hold no data.
 torch's compile caches key a traced op on its kernels' sources (``triton_op`` lists them), not on the Python of
 the op bodies or of this module: after editing those, run with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` once.
 
@@ -102,8 +103,8 @@ def triton_op(name: str, impl: Callable, kernels: list, fake: Callable) -> Calla
     On the GPU: ``torch.library.triton_op``. ``torch.compile`` traces its body, whose launches ``Launcher`` hands
     to ``wrap_triton``, so Inductor sees and launches the kernels (fixed tiles, pointer loads), except where
     Inductor replays the compiled graphs from CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``:
-    ``graphed_by_inductor``). There the traced body calls the op's opaque twin ``name + "_graphed"`` (a
-    ``custom_op`` of the same ``impl``), which at run time launches through ``Launcher`` on real tensors:
+    ``cudagraphs_requested``). There the traced body calls the op's opaque twin ``name + "_graphed"`` (a
+    ``custom_op`` of the same ``impl``; internal: it has no autograd of its own, the op's handles it), which at run time launches through ``Launcher`` on real tensors:
     autotuned tiles and TMA loads. Its host cost, which the traced launches save, does not recur on a replay, and
     its kernels' device time does (docs/benchmarks.md, issue 20: 0.90x the compiled dense model's tokens/s
     opaque against 0.87x traced, GPT-2-small shape, one H200).
@@ -115,35 +116,40 @@ def triton_op(name: str, impl: Callable, kernels: list, fake: Callable) -> Calla
         op = torch.library.custom_op(name, mutates_args=())(impl)
         op.register_fake(fake)
         return op
-    twin = torch.library.custom_op(f"{name}_graphed", mutates_args=())(impl)
-    twin.register_fake(fake)
-
-    @functools.wraps(impl)
-    def body(*args):
-        if fake_arg(args[0]) and _tracing() and graphed_by_inductor():
-            return twin(*args)
-        return impl(*args)
-
-    # the op's schema is inferred from impl's signature, its annotations evaluated in impl's module
-    body.__signature__ = inspect.signature(impl, eval_str=True)
-
-    op = torch.library.triton_op(name, body, mutates_args=())
-    op.register_fake(fake)
     registry = getattr(torch._library.triton, "triton_ops_to_kernels", None)  # torch 2.11 and 2.13 have it
     if registry is None:
         raise RuntimeError(
             f"torch {torch.__version__} has no torch._library.triton.triton_ops_to_kernels: the triton ops' "
             "kernels cannot be listed for its compile caches (moe_emergence.kernels.triton_launch.triton_op)"
         )
+    # internal: called only from the traced body below, under autograd (which the op's registration handles)
+    twin = torch.library.custom_op(f"{name}_graphed", mutates_args=())(impl)
+    twin.register_fake(fake)
+
+    @functools.wraps(impl)
+    def body(*args, **kwargs):
+        # the body runs on real tensors (an op called eagerly), in a plain fake run, or traced: only a trace
+        # for CUDA graphs takes the twin
+        if _tracing() and cudagraphs_requested():
+            return twin(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    # the op's schema is inferred from impl's signature, its annotations evaluated in impl's module
+    body.__signature__ = inspect.signature(impl, eval_str=True)
+    op = torch.library.triton_op(name, body, mutates_args=())
+    op.register_fake(fake)
     registry[name] = list(kernels)
     return op
 
 
-def graphed_by_inductor() -> bool:
-    """Will Inductor replay the graph being compiled from CUDA graphs (``torch.compile`` modes
-    ``reduce-overhead`` and ``max-autotune`` set ``torch._inductor.config.triton.cudagraphs`` while Inductor
-    traces and compiles the graph, the backward's included; dynamo's own fake-tensor pass before it sees the
-    setting off)? Read while a ``triton_op``'s body is traced."""
+def cudagraphs_requested() -> bool:
+    """Does the compile under way ask Inductor to replay its graphs from CUDA graphs? ``torch.compile`` modes
+    ``reduce-overhead`` and ``max-autotune`` (or ``options={"triton.cudagraphs": True}``) set
+    ``torch._inductor.config.triton.cudagraphs`` while Inductor traces and compiles the graph, the backward's
+    included; dynamo's own fake-tensor pass before it sees the setting off. Read while a ``triton_op``'s body is
+    traced. A request, not a promise: where Inductor then declines the graphs for a graph (dynamic shapes, CPU
+    tensors, mutated inputs; it logs why), the ops run opaque without them, paying their host time at each call;
+    the ``cudagraphs`` dynamo backend (no Inductor) does not set it, and the ops are traced there."""
     import torch._inductor.config as inductor_config
 
     return bool(inductor_config.triton.cudagraphs)
