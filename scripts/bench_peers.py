@@ -39,8 +39,9 @@ all of them), measured in this process; ``--compile [MODE ...]`` also measures t
 (none named: ``default``). The file is written once the layer rows are done and again with the e2e rows;
 ``layer_date`` says when the layer rows were measured. ``--e2e-only`` measures only the e2e rows and keeps the
 layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures
-only the layer rows and keeps its e2e rows (their date as ``e2e_date``): the two parts in separate processes when
-one would not fit a machine's time limit (each part's ratios are against the dense model of its own process).
+only the layer rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's
+time limit (each part's ratios are against the dense model of its own process). ``e2e_date``, where e2e rows of
+an earlier run are kept, says when the oldest of them were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
         [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH]
@@ -372,7 +373,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         read_report(Path(args.json))
     if args.layer_only:
         given = [o for o, on in (("--check-only", args.check_only), ("--e2e", args.e2e is not None),
-                                 ("--e2e-only", args.e2e_only)) if on]  # fmt: skip
+                                 ("--compile", args.compile is not None), ("--e2e-only", args.e2e_only)) if on]  # fmt: skip
         if given:
             fail(f"--layer-only measures no e2e rows and writes a report: drop {' '.join(given)}")
         if args.json is None:
@@ -393,21 +394,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.e2e_only:
-        return e2e_only(args)
+        e2e_only(args)
+        return
     if any(n.startswith("scattermoe") for n in args.impls):
         load_scattermoe()  # fails early, before any GPU work, where the package is missing
     if not torch.cuda.is_available():
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
     print(f"device: {gpu}, torch {torch.__version__}", flush=True)
-    kept = report_to_extend(args.json, gpu) if args.layer_only else None
+    kept = report_to_extend(args.json, gpu, "e2e") if args.layer_only else None
     impls = check_impls(load_impls(args.impls))
     if args.check_only:
         return
     layer = bench(impls, args.shapes, args.routing, args.iters)
     layer_date = now()
     if args.layer_only:
-        return keep_e2e(args.json, kept, gpu, layer, layer_date)
+        keep_e2e(args.json, kept, gpu, layer, layer_date)
+        return
     write_report(
         args.json, gpu, layer, [], layer_date
     )  # the layer rows are kept should the e2e part not finish
@@ -431,6 +434,8 @@ def read_report(path: Path) -> dict | None:
     try:
         old = json.loads(path.read_text())
         gpu, layer, e2e = old["gpu"], old["layer"], old["e2e"]
+        if not all(isinstance(r, dict) for r in (*layer, *e2e)) or not isinstance(old.get("date"), str):
+            raise TypeError("rows must be JSON objects and 'date' a string")
         layer = [{k: None for k in OPTIONAL_LAYER_KEYS} | r for r in layer]
         bad = [(r, LAYER_KEYS, "layer") for r in layer if set(r) != set(LAYER_KEYS)]
         bad += [(r, E2E_KEYS, "e2e") for r in e2e if set(r) != set(E2E_KEYS)]
@@ -447,41 +452,46 @@ def e2e_only(args) -> None:
     """``--e2e-only``: measure the e2e rows and write them into ``args.json``: its layer rows (same GPU), its other
     top-level keys and its e2e rows of compile modes not measured again are kept (uncompiled is always measured;
     the rows of a mode measured again are all replaced: their ratios are to that process's dense model)."""
-    old = read_report(Path(args.json)) or {"layer": [], "e2e": []}
     if not torch.cuda.is_available():
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
-    if (old["layer"] or old["e2e"]) and old["gpu"] != gpu:
-        fail(f"--json {args.json}: its rows are from {old['gpu']!r}, this is {gpu!r}")
+    old = report_to_extend(args.json, gpu, "layer")
     modes = compile_modes(args.compile)
     e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     # a mode measured again replaces all its old rows: each mode's ratios are against its own process's dense
-    e2e = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]] + e2e
-    layer_date = old.get("layer_date", old.get("date")) if old["layer"] else None
-    # the e2e rows are this report's (``date``): an e2e_date of a --layer-only run is dropped
-    extra = {
+    kept = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]]
+    layer_date = old.get("layer_date", old["date"]) if old["layer"] else None
+    extra = _notes(old)
+    if kept:  # rows older than this report's date: the oldest ones' date
+        extra["e2e_date"] = old.get("e2e_date", old["date"])
+    write_report(args.json, gpu, old["layer"], kept + e2e, layer_date, extra)
+
+
+def report_to_extend(path: str, gpu: str, part: str) -> dict:
+    """The report at ``path`` that ``--e2e-only`` (``part`` "layer") or ``--layer-only`` ("e2e") extends, keeping
+    its ``part`` rows (empty where there is none); an error line where it has rows from another GPU, before any
+    measurement."""
+    old = read_report(Path(path)) or {"layer": [], "e2e": []}
+    if (old["layer"] or old["e2e"]) and old["gpu"] != gpu:
+        fail(
+            f"--json {path}: its {part} rows would be kept, and they are from {old['gpu']!r}, this is {gpu!r}"
+        )
+    return old
+
+
+def _notes(old: dict) -> dict:
+    """A report's top-level keys beyond those ``write_report`` writes (notes added by hand): kept as they are."""
+    return {
         k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date", "e2e_date")
     }
-    write_report(args.json, gpu, old["layer"], e2e, layer_date, extra)
-
-
-def report_to_extend(path: str, gpu: str) -> dict:
-    """``--layer-only``: the report at ``path`` whose e2e rows are kept (empty where there is none); an error line
-    where they are from another GPU, before any measurement."""
-    old = read_report(Path(path)) or {"layer": [], "e2e": []}
-    if old["e2e"] and old["gpu"] != gpu:
-        fail(f"--json {path}: its e2e rows are from {old['gpu']!r}, this is {gpu!r}")
-    return old
 
 
 def keep_e2e(path: str, old: dict, gpu: str, layer: list[dict], layer_date: str) -> None:
     """``--layer-only``: the new layer rows written into ``old`` (``report_to_extend``) at ``path``, with its e2e
     rows and other top-level keys kept, their date as ``e2e_date``."""
-    extra = {
-        k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date", "e2e_date")
-    }
+    extra = _notes(old)
     if old["e2e"]:
-        extra["e2e_date"] = old.get("e2e_date", old.get("date"))
+        extra["e2e_date"] = old.get("e2e_date", old["date"])
     write_report(path, gpu, layer, old["e2e"], layer_date, extra)
 
 

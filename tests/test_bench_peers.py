@@ -208,6 +208,13 @@ def test_e2e_only_reads_the_report_it_extends(bp, tmp_path, capsys):
         json.dumps(dict(bp.build_report("H200", [_row(bp)], []), layer=[dict(_row(bp), extra=1)]))
     )
     assert "unknown ['extra']" in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
+    for bad in (
+        dict(layer=[list(_row(bp))]),
+        dict(e2e=[["model"]]),
+        dict(date=None),
+    ):  # rows not objects, no date
+        report.write_text(json.dumps(bp.build_report("H200", [_row(bp)], []) | bad))
+        assert "not a bench_peers report" in _refused(bp, capsys, "--layer-only", "--json", str(report))
     old = {
         k: v for k, v in _row(bp).items() if k not in bp.OPTIONAL_LAYER_KEYS
     }  # a report from before host_ms
@@ -261,7 +268,7 @@ def test_layer_only_keeps_the_e2e_rows_and_their_date(bp, tmp_path, monkeypatch,
     CUDA here); the merge into the existing report is real. Mistakes: one error line, nothing written."""
     report = tmp_path / "h200.json"
     assert "--layer-only needs --json" in _refused(bp, capsys, "--layer-only")
-    for extra in (["--e2e"], ["--check-only"], ["--e2e-only", "--e2e"]):
+    for extra in (["--e2e"], ["--check-only"], ["--e2e-only", "--e2e"], ["--compile"]):
         assert extra[0] in _refused(bp, capsys, "--layer-only", "--json", str(report), *extra)
     assert not report.exists()
     e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
@@ -281,7 +288,12 @@ def test_layer_only_keeps_the_e2e_rows_and_their_date(bp, tmp_path, monkeypatch,
         bp, "bench_e2e", lambda modes, only: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
     )
     bp.main(["--e2e-only", "--e2e", "--json", str(report)])
-    assert "e2e_date" not in json.loads(report.read_text())
+    assert "e2e_date" not in json.loads(report.read_text())  # every e2e row new: the report's date is theirs
+    compiled = dict(e2e_old[0], compiled="default")
+    report.write_text(json.dumps(dict(old, e2e=[*e2e_old, compiled], e2e_date="2026-01-01T00:00:00+00:00")))
+    bp.main(["--e2e-only", "--e2e", "--json", str(report)])  # the `default` row is kept: so is its date
+    partial = json.loads(report.read_text())
+    assert partial["e2e"][0] == compiled and partial["e2e_date"] == "2026-01-01T00:00:00+00:00"
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H100")
     monkeypatch.setattr(bp, "bench", lambda *a: pytest.fail("measured before the refusal"))
     before = report.read_text()
