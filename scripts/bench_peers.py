@@ -40,8 +40,8 @@ all of them), measured in this process; ``--compile [MODE ...]`` also measures t
 ``layer_date`` says when the layer rows were measured. ``--e2e-only`` measures only the e2e rows and keeps the
 layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures
 only the layer rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's
-time limit (each part's ratios are against the dense model of its own process). ``e2e_date``, where e2e rows of
-an earlier run are kept, says when the oldest of them were measured (``date``: when the file was written).
+time limit (each part's ratios are against the dense model of its own process). ``e2e_dates`` says when each
+compile mode's e2e rows were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
         [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH]
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
     print(f"device: {gpu}, torch {torch.__version__}", flush=True)
-    kept = report_to_extend(args.json, gpu, "e2e") if args.layer_only else None
+    kept = report_to_extend(args.json, gpu, lambda r: True, layer=False) if args.layer_only else None
     impls = check_impls(load_impls(args.impls))
     if args.check_only:
         return
@@ -427,19 +427,26 @@ OPTIONAL_LAYER_KEYS = ("host_ms", "dense_host_ms")  # reports written before hos
 
 
 def read_report(path: Path) -> dict | None:
-    """An existing report at ``path`` (None when there is none), its layer rows checked against ``LAYER_KEYS``
-    (rows of older reports get None for ``OPTIONAL_LAYER_KEYS``); anything else is one ``error:`` line."""
+    """An existing report at ``path`` (None when there is none), checked: ``layer`` and ``e2e`` lists of rows with
+    exactly ``LAYER_KEYS`` / ``E2E_KEYS`` (rows of older reports get None for ``OPTIONAL_LAYER_KEYS``), ``compiled``
+    false or a mode, ISO dates (``date``; ``layer_date`` and ``e2e_dates`` where present); anything else is one
+    ``error:`` line."""
     if not path.exists():
         return None
     try:
         old = json.loads(path.read_text())
         gpu, layer, e2e = old["gpu"], old["layer"], old["e2e"]
-        if not all(isinstance(r, dict) for r in (*layer, *e2e)) or not isinstance(old.get("date"), str):
-            raise TypeError("rows must be JSON objects and 'date' a string")
+        if not (isinstance(layer, list) and isinstance(e2e, list)):
+            raise TypeError("'layer' and 'e2e' must be lists")
+        if not all(isinstance(r, dict) for r in (*layer, *e2e)):
+            raise TypeError("rows must be JSON objects")
+        if not all(r.get("compiled") is False or isinstance(r.get("compiled"), str) for r in e2e):
+            raise TypeError("an e2e row's 'compiled' must be false or a compile mode")
+        _check_dates(old)
         layer = [{k: None for k in OPTIONAL_LAYER_KEYS} | r for r in layer]
         bad = [(r, LAYER_KEYS, "layer") for r in layer if set(r) != set(LAYER_KEYS)]
         bad += [(r, E2E_KEYS, "e2e") for r in e2e if set(r) != set(E2E_KEYS)]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError) as e:
         fail(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
     if bad:
         row, keys, part = bad[0]
@@ -448,51 +455,77 @@ def read_report(path: Path) -> dict | None:
     return old | {"gpu": gpu, "layer": layer, "e2e": e2e}
 
 
+def _check_dates(old: dict) -> None:
+    """TypeError or ValueError unless ``date`` is an ISO date, ``layer_date`` (and the older ``e2e_date``) one or
+    null, ``e2e_dates`` (where present) a mapping of compile modes to ISO dates."""
+    optional = [old[k] for k in ("layer_date", "e2e_date") if old.get(k) is not None]
+    dates = [old["date"], *optional]
+    by_mode = old.get("e2e_dates", {})
+    if not isinstance(by_mode, dict):
+        raise TypeError("'e2e_dates' must map compile modes to dates")
+    for value in (*dates, *by_mode.values()):
+        datetime.datetime.fromisoformat(value)  # TypeError for a non-string
+
+
+def _mode(row: dict) -> str:
+    """The key of an e2e row's compile mode in ``e2e_dates``."""
+    return row["compiled"] or "uncompiled"
+
+
+def e2e_dates(old: dict) -> dict[str, str]:
+    """When each compile mode's e2e rows of report ``old`` were measured: its ``e2e_dates``, else (reports written
+    before them) its ``e2e_date`` or ``date`` for every mode it has rows of."""
+    before = old.get("e2e_date", old["date"])  # e2e_date: one date for all, before e2e_dates
+    return {m: old.get("e2e_dates", {}).get(m, before) for m in dict.fromkeys(map(_mode, old["e2e"]))}
+
+
 def e2e_only(args) -> None:
     """``--e2e-only``: measure the e2e rows and write them into ``args.json``: its layer rows (same GPU), its other
-    top-level keys and its e2e rows of compile modes not measured again are kept (uncompiled is always measured;
-    the rows of a mode measured again are all replaced: their ratios are to that process's dense model)."""
+    top-level keys and its e2e rows of compile modes not measured again are kept, with their ``e2e_dates``
+    (uncompiled is always measured; the rows of a mode measured again are all replaced: their ratios are to that
+    process's dense model)."""
     if not torch.cuda.is_available():
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
-    old = report_to_extend(args.json, gpu, "layer")
     modes = compile_modes(args.compile)
-    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     # a mode measured again replaces all its old rows: each mode's ratios are against its own process's dense
+    old = report_to_extend(args.json, gpu, lambda r: r["compiled"] not in [False, *modes], layer=True)
+    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     kept = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]]
     layer_date = old.get("layer_date", old["date"]) if old["layer"] else None
-    extra = _notes(old)
-    if kept:  # rows older than this report's date: the oldest ones' date
-        extra["e2e_date"] = old.get("e2e_date", old["date"])
-    write_report(args.json, gpu, old["layer"], kept + e2e, layer_date, extra)
+    dates = {m: d for m, d in e2e_dates(old).items() if m in set(map(_mode, kept))}
+    write_report(args.json, gpu, old["layer"], kept + e2e, layer_date, _notes(old), dates)
 
 
-def report_to_extend(path: str, gpu: str, part: str) -> dict:
-    """The report at ``path`` that ``--e2e-only`` (``part`` "layer") or ``--layer-only`` ("e2e") extends, keeping
-    its ``part`` rows (empty where there is none); an error line where it has rows from another GPU, before any
-    measurement."""
+def report_to_extend(path: str, gpu: str, keeps_e2e_row, layer: bool) -> dict:
+    """The report at ``path`` that ``--e2e-only`` or ``--layer-only`` extends (empty where there is none); an error
+    line, before any measurement, where rows it keeps (``layer``: its layer rows; its e2e rows that
+    ``keeps_e2e_row``) are from another GPU."""
     old = read_report(Path(path)) or {"layer": [], "e2e": []}
-    if (old["layer"] or old["e2e"]) and old["gpu"] != gpu:
-        fail(
-            f"--json {path}: its {part} rows would be kept, and they are from {old['gpu']!r}, this is {gpu!r}"
-        )
+    kept = (old["layer"] if layer else []) + [r for r in old["e2e"] if keeps_e2e_row(r)]
+    if kept and old["gpu"] != gpu:
+        fail(f"--json {path}: rows it would keep are from {old['gpu']!r}, this is {gpu!r}")
     return old
 
 
 def _notes(old: dict) -> dict:
     """A report's top-level keys beyond those ``write_report`` writes (notes added by hand): kept as they are."""
-    return {
-        k: v for k, v in old.items() if k not in ("gpu", "date", "layer", "e2e", "layer_date", "e2e_date")
-    }
+    written = (
+        "gpu",
+        "date",
+        "layer",
+        "e2e",
+        "layer_date",
+        "e2e_dates",
+        "e2e_date",
+    )  # e2e_date: before e2e_dates
+    return {k: v for k, v in old.items() if k not in written}
 
 
 def keep_e2e(path: str, old: dict, gpu: str, layer: list[dict], layer_date: str) -> None:
     """``--layer-only``: the new layer rows written into ``old`` (``report_to_extend``) at ``path``, with its e2e
-    rows and other top-level keys kept, their date as ``e2e_date``."""
-    extra = _notes(old)
-    if old["e2e"]:
-        extra["e2e_date"] = old.get("e2e_date", old["date"])
-    write_report(path, gpu, layer, old["e2e"], layer_date, extra)
+    rows, their ``e2e_dates`` and its other top-level keys kept."""
+    write_report(path, gpu, layer, old["e2e"], layer_date, _notes(old), e2e_dates(old))
 
 
 def write_report(
@@ -502,13 +535,17 @@ def write_report(
     e2e: list[dict],
     layer_date: str | None,
     extra: dict | None = None,
+    kept_dates: dict[str, str] | None = None,
 ) -> None:
-    """``build_report`` (plus ``layer_date``: when the layer rows were measured, None without any; and
-    ``extra`` top-level keys) to ``path`` (nothing when None), through a temporary file: a run cut short leaves
-    the last complete report."""
+    """``build_report`` (plus ``layer_date``: when the layer rows were measured, None without any; ``e2e_dates``:
+    when each compile mode's e2e rows were, ``kept_dates`` for rows kept from an earlier report, the report's
+    ``date`` for the others; and ``extra`` top-level keys) to ``path`` (nothing when None), through a temporary
+    file: a run cut short leaves the last complete report."""
     if path is None:
         return
-    write_json(path, (extra or {}) | build_report(gpu, layer, e2e) | {"layer_date": layer_date})
+    report = build_report(gpu, layer, e2e)
+    dates = {m: (kept_dates or {}).get(m, report["date"]) for m in dict.fromkeys(map(_mode, e2e))}
+    write_json(path, (extra or {}) | report | {"layer_date": layer_date, "e2e_dates": dates})
     print(f"wrote {path} ({len(layer)} layer rows, {len(e2e)} e2e rows)", flush=True)
 
 

@@ -262,43 +262,89 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, mo
     assert json.loads(report.read_text()) == new  # a refusal writes nothing
 
 
-def test_layer_only_keeps_the_e2e_rows_and_their_date(bp, tmp_path, monkeypatch, capsys):
-    """``--layer-only``: new layer rows, the report's e2e rows and notes kept, their date as ``e2e_date``; an
-    ``--e2e-only`` run after it drops that date (its e2e rows are the report's own). The GPU parts replaced (no
-    CUDA here); the merge into the existing report is real. Mistakes: one error line, nothing written."""
+def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, tmp_path, monkeypatch, capsys):
+    """``--layer-only``: new layer rows, the report's e2e rows, their ``e2e_dates`` and notes kept; ``--e2e-only``
+    dates each compile mode's rows, keeping the dates of the modes it does not measure again, through any chain of
+    partial runs. The GPU parts replaced (no CUDA here); the merge into the existing report is real. Mistakes:
+    one error line, before any measurement, nothing written."""
     report = tmp_path / "h200.json"
     assert "--layer-only needs --json" in _refused(bp, capsys, "--layer-only")
     for extra in (["--e2e"], ["--check-only"], ["--e2e-only", "--e2e"], ["--compile"]):
         assert extra[0] in _refused(bp, capsys, "--layer-only", "--json", str(report), *extra)
     assert not report.exists()
+    d0 = "2026-01-01T00:00:00+00:00"
     e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
-    old = dict(bp.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old), note="by hand")
-    report.write_text(json.dumps(old))
+    compiled = dict(e2e_old[0], compiled="default")
+    old = dict(
+        bp.build_report("NVIDIA H200", [_row(bp, "naive")], [*e2e_old, compiled]), note="by hand", date=d0
+    )
+    report.write_text(json.dumps(old))  # a report from before e2e_dates
     monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters: [_row(bp)])
     bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
     new = json.loads(report.read_text())
-    assert new["layer"] == [_row(bp)] and new["e2e"] == e2e_old and new["note"] == "by hand"
-    assert new["e2e_date"] == old["date"] and new["layer_date"] >= old["date"]
-    bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])  # again: the e2e rows' date stays
-    assert json.loads(report.read_text())["e2e_date"] == old["date"]
-    monkeypatch.setattr(
-        bp, "bench_e2e", lambda modes, only: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
-    )
-    bp.main(["--e2e-only", "--e2e", "--json", str(report)])
-    assert "e2e_date" not in json.loads(report.read_text())  # every e2e row new: the report's date is theirs
-    compiled = dict(e2e_old[0], compiled="default")
-    report.write_text(json.dumps(dict(old, e2e=[*e2e_old, compiled], e2e_date="2026-01-01T00:00:00+00:00")))
-    bp.main(["--e2e-only", "--e2e", "--json", str(report)])  # the `default` row is kept: so is its date
-    partial = json.loads(report.read_text())
-    assert partial["e2e"][0] == compiled and partial["e2e_date"] == "2026-01-01T00:00:00+00:00"
+    assert new["layer"] == [_row(bp)] and new["e2e"] == old["e2e"] and new["note"] == "by hand"
+    assert new["e2e_dates"] == {"uncompiled": d0, "default": d0} and new["layer_date"] > d0
+    measured = []
+
+    def fake_e2e(modes, only):
+        return [
+            dict(r, rounds=[1.0], e2e_model="gpt2")
+            for r in e2e_old + [dict(compiled, compiled=m) for m in modes]
+        ]
+
+    monkeypatch.setattr(bp, "bench_e2e", fake_e2e)
+    for modes in ([], ["reduce-overhead"], ["default"]):
+        bp.main(["--e2e-only", "--e2e", "--json", str(report), *(["--compile", *modes] if modes else [])])
+        measured.append(json.loads(report.read_text()))
+    first, second, third = measured
+    assert first["e2e_dates"] == {"default": d0, "uncompiled": first["date"]}
+    assert second["e2e_dates"] == {
+        "default": d0,
+        "uncompiled": second["date"],
+        "reduce-overhead": second["date"],
+    }
+    # the `default` rows of d0 are gone: no date of theirs stays
+    assert third["e2e_dates"] == {
+        "reduce-overhead": second["date"],
+        "uncompiled": third["date"],
+        "default": third["date"],
+    }
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H100")
     monkeypatch.setattr(bp, "bench", lambda *a: pytest.fail("measured before the refusal"))
     before = report.read_text()
     assert "H200" in _refused(bp, capsys, "--layer-only", "--impls", "triton", "--json", str(report))
     assert report.read_text() == before  # a refusal writes nothing
+    layer_only = dict(
+        third, e2e=[], e2e_dates={}
+    )  # no e2e rows to keep: another GPU may replace the layer rows
+    report.write_text(json.dumps(layer_only))
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters: [_row(bp)])
+    bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
+    assert json.loads(report.read_text())["gpu"] == "NVIDIA H100"
+
+
+def test_a_report_that_is_not_one_is_refused(bp, tmp_path, capsys):
+    """Odd contents of an existing report: one error line, the file left as it was."""
+    report = tmp_path / "h200.json"
+    good = bp.build_report("H200", [_row(bp)], [])
+    for bad in (
+        dict(good, layer=[list(_row(bp))]),  # rows that are not objects
+        dict(good, e2e=[["model"]]),
+        dict(good, date=None),
+        dict(good, date="not a date"),
+        dict(good, layer={}),
+        dict(good, layer_date=[1, 2]),
+        dict(good, e2e_dates=5),
+        dict(good, e2e=[dict(model="dense", compiled=0, tokens_per_s=1.0, ratio=1.0)]),
+    ):
+        report.write_text(json.dumps(bad))
+        assert "not a bench_peers report" in _refused(bp, capsys, "--layer-only", "--json", str(report)), bad
+        assert json.loads(report.read_text()) == bad
+    report.write_text("[" * 200000)  # nested too deep for Python's JSON reader
+    assert "not a bench_peers report" in _refused(bp, capsys, "--layer-only", "--json", str(report))
 
 
 def test_bench_moe_command_line_mistakes(bp, tmp_path, capsys):
