@@ -402,14 +402,16 @@ def main(argv: list[str] | None = None) -> None:
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
     print(f"device: {gpu}, torch {torch.__version__}", flush=True)
-    kept = report_to_extend(args.json, gpu, lambda r: True, layer=False) if args.layer_only else None
+    if args.layer_only:
+        extended = read_report(Path(args.json)) or EMPTY_REPORT
+        refuse_other_gpu(args.json, extended, extended["e2e"], gpu)
     impls = check_impls(load_impls(args.impls))
     if args.check_only:
         return
     layer = bench(impls, args.shapes, args.routing, args.iters)
     layer_date = now()
     if args.layer_only:
-        keep_e2e(args.json, kept, gpu, layer, layer_date)
+        keep_e2e(args.json, extended, gpu, layer, layer_date)
         return
     write_report(
         args.json, gpu, layer, [], layer_date
@@ -488,24 +490,25 @@ def e2e_only(args) -> None:
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
     modes = compile_modes(args.compile)
+    old = read_report(Path(args.json)) or EMPTY_REPORT
     # a mode measured again replaces all its old rows: each mode's ratios are against its own process's dense
-    old = report_to_extend(args.json, gpu, lambda r: r["compiled"] not in [False, *modes], layer=True)
-    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     kept = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]]
+    refuse_other_gpu(args.json, old, old["layer"] + kept, gpu)
+    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     layer_date = old.get("layer_date", old["date"]) if old["layer"] else None
-    dates = {m: d for m, d in e2e_dates(old).items() if m in set(map(_mode, kept))}
-    write_report(args.json, gpu, old["layer"], kept + e2e, layer_date, _notes(old), dates)
+    write_report(
+        args.json, gpu, old["layer"], kept + e2e, layer_date, _notes(old), e2e_dates(old | {"e2e": kept})
+    )
 
 
-def report_to_extend(path: str, gpu: str, keeps_e2e_row, layer: bool) -> dict:
-    """The report at ``path`` that ``--e2e-only`` or ``--layer-only`` extends (empty where there is none); an error
-    line, before any measurement, where rows it keeps (``layer``: its layer rows; its e2e rows that
-    ``keeps_e2e_row``) are from another GPU."""
-    old = read_report(Path(path)) or {"layer": [], "e2e": []}
-    kept = (old["layer"] if layer else []) + [r for r in old["e2e"] if keeps_e2e_row(r)]
+EMPTY_REPORT = {"layer": [], "e2e": []}
+
+
+def refuse_other_gpu(path: str, old: dict, kept: list[dict], gpu: str) -> None:
+    """An error line, before any measurement, where the rows ``kept`` of report ``old`` at ``path`` (by
+    ``--e2e-only`` or ``--layer-only``) are from another GPU than ``gpu``."""
     if kept and old["gpu"] != gpu:
         fail(f"--json {path}: rows it would keep are from {old['gpu']!r}, this is {gpu!r}")
-    return old
 
 
 def _notes(old: dict) -> dict:
@@ -523,7 +526,7 @@ def _notes(old: dict) -> dict:
 
 
 def keep_e2e(path: str, old: dict, gpu: str, layer: list[dict], layer_date: str) -> None:
-    """``--layer-only``: the new layer rows written into ``old`` (``report_to_extend``) at ``path``, with its e2e
+    """``--layer-only``: the new layer rows written into the report ``old`` at ``path``, with its e2e
     rows, their ``e2e_dates`` and its other top-level keys kept."""
     write_report(path, gpu, layer, old["e2e"], layer_date, _notes(old), e2e_dates(old))
 

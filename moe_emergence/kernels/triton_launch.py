@@ -104,8 +104,8 @@ def triton_op(name: str, impl: Callable, kernels: list, fake: Callable) -> Calla
     to ``wrap_triton``, so Inductor sees and launches the kernels (fixed tiles, pointer loads), except where
     Inductor replays the compiled graphs from CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``:
     ``cudagraphs_requested``). There the traced body calls the op's opaque twin ``name + "_graphed"`` (a
-    ``custom_op`` of the same ``impl``; internal: it has no autograd of its own, the op's handles it), which at run time launches through ``Launcher`` on real tensors:
-    autotuned tiles and TMA loads. Its host cost, which the traced launches save, does not recur on a replay, and
+    ``custom_op`` of the same ``impl``; internal: it has no autograd of its own, the op's handles it), which at
+    run time launches through ``Launcher`` on real tensors: autotuned tiles and TMA loads. Its host cost, which the traced launches save, does not recur on a replay, and
     its kernels' device time does (docs/benchmarks.md, issue 20: 0.90x the compiled dense model's tokens/s
     opaque against 0.87x traced, GPT-2-small shape, one H200).
     Under ``TRITON_INTERPRET=1``: an opaque ``torch.library.custom_op`` (the interpreter's kernels cannot be
