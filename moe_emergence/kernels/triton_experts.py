@@ -13,7 +13,8 @@ Forward:  z, a = gelu(x[token] @ w1 + b1) (sorted);  y[slot] = w[slot] * (a @ w2
           deterministic).
 Backward: dO = w * dy[token] and db2 (column sums of dO per expert) in one pass; dZ = (dO @ w2^T) * gelu'(z)
           and db1 (its column sums, in the GEMM's epilogue); dW2 = a^T dO; dW1 = x_A^T dZ with x_A = x[token]
-          in sorted order (gathered inside the GEMM: no [A, D] copy); dX slots = dZ @ w1^T summed over K;
+          in sorted order (copied once dO is freed: the same size, so not at the backward's peak; gathering
+          the rows inside the GEMM costs more device time); dX slots = dZ @ w1^T summed over K;
           d(weight) = <dy[token], o> with o = a @ w2 + b2 the unscaled expert output, computed without keeping o
           (an [A, D] activation): <dy, b2[e]> in the dO pass plus <dO @ w2^T, a> / w = <dy, a @ w2> in the dZ
           GEMM's epilogue (a = gelu(z) from the z it reads anyway). That term is recovered from dO = w dy as
@@ -132,8 +133,8 @@ def _bwd_impl(
         if need_w2:
             dw2 = launch_wgrad(a_AF, do_AD, meta, param_dtype)
         del do_AD  # freed before dW1 and dX are allocated: the backward's peak
-        if need_w1:  # x rows gathered inside the GEMM: no sorted [A, D] copy of x at the backward's peak
-            dw1 = launch_wgrad(x_TD, dz_AF, meta, param_dtype, gather=True)
+        if need_w1:  # x in sorted order: a copy in dO's freed place, itself freed before the dX slots
+            dw1 = launch_wgrad(x_TD.index_select(0, meta.token_A), dz_AF, meta, param_dtype)
         if need_x:  # slots in x's dtype: 16-bit slots halve the backward's peak at fine-grained shapes
             dx_TD = to_tokens(
                 lambda out: launch_rows(dz_AF, w1_EDF.transpose(1, 2), out, meta, scatter=True),

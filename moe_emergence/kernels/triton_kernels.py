@@ -20,8 +20,9 @@ Kernels:
                     W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper;
                     not under torch.compile).
                     One tile per program, or persistent (one program per SM looping over the tiles).
-  ``_wgrad_kernel`` dW[e] = x[rows_e]^T @ g[rows_e] over expert e's sorted rows, the x rows optionally gathered
-                    from token order (TMA loads measured no faster).
+  ``_wgrad_kernel`` dW[e] = x[rows_e]^T @ g[rows_e] over expert e's sorted rows (TMA loads measured no faster;
+                    gathering x's rows from token order inside the GEMM cost 106 us against 73 + 8 us for
+                    a sorted copy and this GEMM, H200, 2026-12-03, docs/benchmarks.md).
 Tile sizes are autotuned for Hopper; under ``TRITON_INTERPRET=1`` one small fixed config is used. Under
 ``torch.compile`` (the ops traced by Inductor, ``triton_launch``) each kernel runs one fixed config
 (``_traced_tiles``) with pointer loads, no TMA; not where Inductor replays CUDA graphs (``reduce-overhead``), where
@@ -197,7 +198,12 @@ def _rows_tile(
     w_ptrs = w_ptr + e.to(tl.int64) * s_we + rk[:, None] * s_wk + cols[None, :] * s_wn
     mask = row_mask[:, None] & col_mask[None, :]
     aux_ptrs = aux_ptr + rows[:, None].to(tl.int64) * s_aux_m + cols[None, :]
-    if EPILOGUE == 2 and PREFETCH_AUX:  # issued before the main loop: its latency hides behind the GEMM
+    # loads of the epilogue issued before the main loop: their latency hides behind the GEMM. Each row's
+    # assignment (where needed), and its routing weight (SCALE: the factor; ROW_DOTS: the divisor)
+    slots = tl.load(out_idx_ptr + rows, mask=row_mask, other=0) if SCALE or SCATTER or ROW_DOTS else rows
+    if SCALE or ROW_DOTS:
+        w_row = tl.load(scale_ptr + slots, mask=row_mask, other=0.0 if SCALE else 1.0).to(tl.float32)
+    if EPILOGUE == 2 and PREFETCH_AUX:
         z = tl.load(aux_ptrs, mask=mask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -219,10 +225,8 @@ def _rows_tile(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e * s_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    # each row's assignment (where needed)
-    slots = tl.load(out_idx_ptr + rows, mask=row_mask, other=0) if SCALE or SCATTER or ROW_DOTS else rows
     if SCALE:  # scale by the routing weight
-        acc *= tl.load(scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        acc *= w_row[:, None]
     c = 0.7978845608028654  # sqrt(2 / pi)
     if EPILOGUE == 1:  # GELU-tanh; aux <- pre-activation z
         tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
@@ -234,11 +238,10 @@ def _rows_tile(
         t = _tanh(c * (z + 0.044715 * z * z * z), APPROX_TANH)
         # acc = w dy W2^T: this column block's part of <dy, a W2> = <acc, gelu(z)> / w (in assignment order)
         if ROW_DOTS:
-            w = tl.load(scale_ptr + slots, mask=row_mask, other=1.0).to(tl.float32)
             dots = tl.sum(tl.where(mask, acc * (0.5 * z * (1.0 + t)), 0.0), 1)
             # a subnormal w (below float32's smallest normal): dO = w dy underflowed already, and the GPU's
             # division flushes it to zero; its term is dropped rather than divided by 0
-            dots = tl.where(tl.abs(w) >= 1.1754943508222875e-38, dots / w, 0.0)
+            dots = tl.where(tl.abs(w_row) >= 1.1754943508222875e-38, dots / w_row, 0.0)
             tl.store(dots_ptr + pid_n.to(tl.int64) * A + slots, dots, mask=row_mask)
         acc *= 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
     if COL_SUMS:  # float32 column sums of this block (partials of e's bias gradient)
@@ -301,13 +304,13 @@ def _zero_dead_rows(pid, out_ptr, out_idx_ptr, offsets_ptr, N, E, A, s_out_m, BL
         tl.store(out_ptrs, zeros, mask=row_mask[:, None] & (cols[None, :] < N))
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "E", "GATHER_X"])
+@triton.autotune(configs=WGRAD_CONFIGS, key=["M", "N", "E"])
 @triton.jit
 def _wgrad_kernel(
-    x_ptr, g_ptr, dw_ptr, offsets_ptr, x_idx_ptr,
+    x_ptr, g_ptr, dw_ptr, offsets_ptr,
     M, N, E,
     s_x_m, s_g_m, s_dw_e, s_dw_m,
-    GATHER_X: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -324,9 +327,8 @@ def _wgrad_kernel(
     for r in range(row0, row_end, BLOCK_K):
         rows = r + rk
         rmask = rows < row_end
-        x_rows = tl.load(x_idx_ptr + rows, mask=rmask, other=0) if GATHER_X else rows
         x = tl.load(  # [BLOCK_K rows, BLOCK_M cols]: coalesced along the columns, transposed for the dot
-            x_ptr + x_rows[:, None].to(tl.int64) * s_x_m + cm[None, :],
+            x_ptr + rows[:, None].to(tl.int64) * s_x_m + cm[None, :],
             mask=rmask[:, None] & (cm[None, :] < M),
             other=0.0,
         )
@@ -447,12 +449,9 @@ def launch_rows(
     return segment_sums(part, meta, config.kwargs["BLOCK_M"], grad_dtype or out.dtype)
 
 
-def launch_wgrad(
-    x, g, meta: RoutingMeta, dtype: torch.dtype | None = None, gather: bool = False
-) -> torch.Tensor:
+def launch_wgrad(x, g, meta: RoutingMeta, dtype: torch.dtype | None = None) -> torch.Tensor:
     """dW ``[E, I, O]`` = sum over each expert's sorted rows r of x[r]^T g[r] (x ``[A, I]``, g ``[A, O]``;
-    float32 sums, stored in ``dtype``, default x's). ``gather``: x holds token rows ``[T, I]``, read at
-    ``meta.token_A[r]`` inside the GEMM (no sorted ``[A, I]`` copy)."""
+    float32 sums, stored in ``dtype``, default x's)."""
     E, I_, O_ = meta.num_experts, x.shape[1], g.shape[1]
     dw = torch.empty(E, I_, O_, device=x.device, dtype=dtype or x.dtype)
 
@@ -460,7 +459,7 @@ def launch_wgrad(
         return (E * triton.cdiv(I_, meta_["BLOCK_M"]) * triton.cdiv(O_, meta_["BLOCK_N"]),)
 
     _WGRAD(
-        grid, x, g, dw, meta.offsets_E1, meta.token_A, I_, O_, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
-        GATHER_X=gather, PRECISION=_precision(x.dtype),
+        grid, x, g, dw, meta.offsets_E1, I_, O_, E, x.stride(0), g.stride(0), dw.stride(0), dw.stride(1),
+        PRECISION=_precision(x.dtype),
     )  # fmt: skip
     return dw

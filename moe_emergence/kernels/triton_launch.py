@@ -1,6 +1,6 @@
 """Launching the ``triton`` backend's kernels with less host time per launch than ``kernel[grid](...)``.
 
-An MoE layer's forward and backward launch 11 Triton kernels, 6 of them autotuned. Uncompiled (and, under the
+An MoE layer's forward and backward launch 11 Triton kernels (13 for top-k > 1), 6 of them autotuned. Uncompiled (and, under the
 interpreter, inside the opaque custom ops under ``torch.compile``) each launch pays ``Autotuner.run`` (its key rebuilt
 from a dict of every argument and the dtype string of each tensor, the arguments copied into dicts for the config
 hook) and ``JITFunction.run`` (its specialisation and options turned into a cache key with ``str``). On the

@@ -111,8 +111,28 @@ def _segsum_kernel(
     tl.store(out_ptr + e * N + cn, acc.to(out_ptr.dtype.element_ty), mask=cn < N)
 
 
-_BWD_PREP, _SEGSUM = Launcher(_bwd_prep_kernel), Launcher(_segsum_kernel)
-KERNELS = (_bwd_prep_kernel, _segsum_kernel)  # for triton_launch.triton_op
+@triton.jit
+def _sum_slots_kernel(slots_ptr, out_ptr, T, D, K, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t] = sum over k of slots[t * K + k] for a [BLOCK_T, BLOCK_D] block: float32 sums in k order
+    (deterministic), stored in out's dtype (one pass: no float32 [T, D] in between)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for k in range(K):
+        ptrs = slots_ptr + (rows.to(tl.int64) * K + k)[:, None] * D + cols[None, :]
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
+
+
+_BWD_PREP, _SEGSUM, _SUM_SLOTS = (
+    Launcher(_bwd_prep_kernel),
+    Launcher(_segsum_kernel),
+    Launcher(_sum_slots_kernel),
+)
+KERNELS = (_bwd_prep_kernel, _segsum_kernel, _sum_slots_kernel)  # for triton_launch.triton_op
 
 
 def e_pow2(E: int) -> int:
@@ -173,4 +193,8 @@ def to_tokens(
         return out
     slots = torch.empty(T * meta.top_k, D, device=like.device, dtype=slot_dtype)
     rows_fn(slots)
-    return slots.view(T, meta.top_k, D).sum(1, dtype=torch.float32).to(like.dtype)
+    out = torch.empty(T, D, device=like.device, dtype=like.dtype)
+    block_t, block_d = (16, 16) if INTERPRET else (16, 256)
+    _SUM_SLOTS((triton.cdiv(T, block_t), triton.cdiv(D, block_d)), slots, out, T, D, meta.top_k,
+               BLOCK_T=block_t, BLOCK_D=block_d)  # fmt: skip
+    return out
