@@ -1,0 +1,138 @@
+"""Device time of the triton experts layer against the dense MLP, kernel by kernel: for A/B runs of source trees.
+
+One CUDA device, bf16, GPT-2 expert shape (D=768, F=3072), E=8, T=8192, top-1 and top-2, balanced and Zipf(1.0)
+routing (``bench_moe.routing``). Prints one line ``RESULT {json}``: forward+backward ms of the dense MLP on K*T
+tokens and of the layer, each captured in a CUDA graph and replayed (median of 40), their ratio, and with
+``--kernels`` each kernel's device microseconds in launch order (torch.profiler, eager forward+backward, median
+of 6). Compare trees by running it with ``PYTHONPATH=<tree>`` in interleaved rounds (autotune results cached
+across processes with ``TRITON_CACHE_AUTOTUNING=1``):
+
+    PYTHONPATH=<tree> TRITON_CACHE_AUTOTUNING=1 python scripts/bench_layer_kernels.py [--kernels | --memory]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from bench_moe import graph_time, routing  # scripts/ is on sys.path
+
+import moe_emergence
+from moe_emergence.experts import get_backend
+
+D, FF, E, T = 768, 3072, 8, 8192
+ACT = "gelu_pytorch_tanh"
+dev = torch.device("cuda")
+bf16 = dict(device="cuda", dtype=torch.bfloat16)
+
+
+def kernels(step, iters=6):
+    """(kernel name, median device us) of each kernel ``step`` launches, in launch order."""
+    step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            ev = json.load(f)["traceEvents"]
+    ks = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    n = len(ks) // iters
+    out = []
+    for i in range(n):
+        durs = [ks[j * n + i]["dur"] for j in range(iters)]
+        out.append((ks[i]["name"][:60], round(statistics.median(durs), 1)))
+    return out
+
+
+def peak_memory() -> dict:
+    """Peak activation MiB of the layer's forward+backward (peak allocated minus allocated before the second of
+    two) at the GPT-2 shape (top-1, top-2) and the fine-grained ones of bench_peers (E=64, F=768 and E=128,
+    F=384; K=8, T=16384), each token routed to K distinct experts drawn uniformly."""
+    fn, res = get_backend("triton", dev), {}
+    for E_, F_, K, T_ in ((E, FF, 1, T), (E, FF, 2, T), (64, 768, 8, 16384), (128, 384, 8, 16384)):
+        g = torch.Generator().manual_seed(0)
+        idx = torch.stack([torch.randperm(E_, generator=g)[:K] for _ in range(T_)]).cuda()
+        w = torch.rand(T_, K, generator=g).cuda()
+        w = (w / w.sum(1, keepdim=True)).requires_grad_()
+        x = torch.randn(T_, D).to(**bf16).requires_grad_()
+        p = [
+            torch.randn(E_, D, F_) * 0.02,
+            torch.randn(E_, F_),
+            torch.randn(E_, F_, D) * 0.02,
+            torch.randn(E_, D),
+        ]
+        p = [t.to(**bf16).requires_grad_() for t in p]
+        gy = torch.randn(T_, D).to(**bf16)
+
+        def step(x=x, p=p, idx=idx, w=w, gy=gy):
+            torch.autograd.grad(fn(x, *p, idx, w, ACT), [x, *p, w], gy)
+
+        step()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        res[f"peak MiB E={E_} F={F_} K={K} T={T_}"] = round(
+            (torch.cuda.max_memory_allocated() - base) / 2**20, 1
+        )
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
+    ap.add_argument("--memory", action="store_true", help="only the peak activation memory (peak_memory)")
+    args = ap.parse_args()
+    if args.memory:
+        print("RESULT " + json.dumps(peak_memory()))
+        return
+    gen = torch.Generator().manual_seed(0)
+    fn = get_backend("triton", dev)
+    res = {"tree": os.path.dirname(moe_emergence.__file__)}
+    for K in (1, 2):
+        x = torch.randn(K * T, D).to(**bf16).requires_grad_()
+        w = [
+            torch.randn(D, FF) * 0.02,
+            torch.randn(FF) * 0.1,
+            torch.randn(FF, D) * 0.02,
+            torch.randn(D) * 0.1,
+        ]
+        w = [t.to(**bf16).requires_grad_() for t in w]
+        gy = torch.randn(K * T, D).to(**bf16)
+
+        def dstep(x=x, w=w, gy=gy):
+            y = torch.addmm(w[3], F.gelu(torch.addmm(w[1], x, w[0]), approximate="tanh"), w[2])
+            torch.autograd.grad(y, [x, *w], gy)
+
+        res[f"dense K={K}"] = graph_time(dstep, 40)
+        for kind in ("balanced", "zipf"):
+            idx, wts = routing(T, E, K, kind, gen)
+            wts.requires_grad_()
+            x = torch.randn(T, D).to(**bf16).requires_grad_()
+            p = [torch.randn(E, D, FF) * 0.02, torch.randn(E, FF) * 0.1, torch.randn(E, FF, D) * 0.02]
+            p = [t.to(**bf16).requires_grad_() for t in p + [torch.randn(E, D) * 0.1]]
+            gy = torch.randn(T, D).to(**bf16)
+
+            def step(x=x, p=p, idx=idx, wts=wts, gy=gy):
+                torch.autograd.grad(fn(x, *p, idx, wts, ACT), [x, *p, wts], gy)
+
+            key = f"K={K} {kind}"
+            res[key] = graph_time(step, 40)
+            res[key + " ratio"] = round(res[key] / res[f"dense K={K}"], 3)
+            if args.kernels:
+                res[key + " kernels"] = kernels(step)
+    print("RESULT " + json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
