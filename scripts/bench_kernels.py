@@ -37,9 +37,15 @@ def bench_case(title: str, x, g, meta, gather: bool, iters: int) -> None:
     offs = meta.offsets_E1[1:].to(torch.int32)
     O_ = g.shape[1]  # the GEMM's output width O
     x_rows = x.index_select(0, meta.token_A) if gather else x
-    variants = {
-        "triton GEMM after an index_select of the rows": lambda: launch_wgrad(
-            x.index_select(0, meta.token_A) if gather else x, g, meta
+    variants = {  # with gather, the backend's way first (an index_select of the rows, then the GEMM)
+        **(
+            {
+                "triton GEMM after an index_select of the rows": lambda: launch_wgrad(
+                    x.index_select(0, meta.token_A), g, meta
+                )
+            }
+            if gather
+            else {}
         ),
         "triton GEMM (rows sorted beforehand)": lambda: launch_wgrad(x_rows, g, meta),
         "grouped_mm GEMM only (rows pre-gathered)": lambda: torch._grouped_mm(x_rows.t(), g, offs=offs),

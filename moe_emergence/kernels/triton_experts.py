@@ -133,7 +133,9 @@ def _bwd_impl(
         if need_w2:
             dw2 = launch_wgrad(a_AF, do_AD, meta, param_dtype)
         del do_AD  # freed before dW1 and dX are allocated: the backward's peak
-        if need_w1:  # x in sorted order: a copy in dO's freed place, itself freed before the dX slots
+        # x in sorted order: a copy in dO's freed place, itself freed before the dX slots (same size). Where x
+        # needs no gradient (no dX slots) it can raise the backward's peak, by at most its own size.
+        if need_w1:
             dw1 = launch_wgrad(x_TD.index_select(0, meta.token_A), dz_AF, meta, param_dtype)
         if need_x:  # slots in x's dtype: 16-bit slots halve the backward's peak at fine-grained shapes
             dx_TD = to_tokens(

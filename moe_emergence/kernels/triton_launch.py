@@ -1,11 +1,11 @@
 """Launching the ``triton`` backend's kernels with less host time per launch than ``kernel[grid](...)``.
 
-An MoE layer's forward and backward launch 11 Triton kernels (13 for top-k > 1), 6 of them autotuned. Uncompiled (and, under the
-interpreter, inside the opaque custom ops under ``torch.compile``) each launch pays ``Autotuner.run`` (its key rebuilt
-from a dict of every argument and the dtype string of each tensor, the arguments copied into dicts for the config
-hook) and ``JITFunction.run`` (its specialisation and options turned into a cache key with ``str``). On the
-H200 machines' CPUs a row-GEMM launch took ~125 us of host time that way, the compiled kernel's own launcher
-call ~20 us and Triton's binder ~21 us (docs/benchmarks.md, issue 20 item 2).
+An MoE layer's forward and backward launch 11 Triton kernels (13 for top-k > 1), 6 of them autotuned. Uncompiled
+(and, under the interpreter, inside the opaque custom ops under ``torch.compile``) each launch pays
+``Autotuner.run`` (its key rebuilt from a dict of every argument and the dtype string of each tensor, the arguments
+copied into dicts for the config hook) and ``JITFunction.run`` (its specialisation and options turned into a cache
+key with ``str``). On the H200 machines' CPUs a row-GEMM launch took ~125 us of host time that way, the compiled
+kernel's own launcher call ~20 us and Triton's binder ~21 us (docs/benchmarks.md, issue 20 item 2).
 
 ``Launcher(kernel)`` keeps what those recompute:
   - the autotuner's choice, read from the autotuner's own cache under the key it would compute (on a new key
@@ -105,8 +105,8 @@ def triton_op(name: str, impl: Callable, kernels: list, fake: Callable) -> Calla
     Inductor replays the compiled graphs from CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``:
     ``cudagraphs_requested``). There the traced body calls the op's opaque twin ``name + "_graphed"`` (a
     ``custom_op`` of the same ``impl``; internal: it has no autograd of its own, the op's handles it), which at
-    run time launches through ``Launcher`` on real tensors: autotuned tiles and TMA loads. Its host cost, which the traced launches save, does not recur on a replay, and
-    its kernels' device time does (docs/benchmarks.md, issue 20: 0.90x the compiled dense model's tokens/s
+    run time launches through ``Launcher`` on real tensors: autotuned tiles and TMA loads. Its host cost, which
+    the traced launches save, does not recur on a replay, and its kernels' device time does (docs/benchmarks.md, issue 20: 0.90x the compiled dense model's tokens/s
     opaque against 0.87x traced, GPT-2-small shape, one H200).
     Under ``TRITON_INTERPRET=1``: an opaque ``torch.library.custom_op`` (the interpreter's kernels cannot be
     traced). ``kernels``: every Triton kernel the op's body and its backward launch, for torch's compile caches,

@@ -13,6 +13,8 @@ assignments, O a GEMM's output width; rows ``*_A?`` in the expert-sorted order o
                     d(weight) = 0 for the dead rows offsets[E]:A (zero-weight assignments, not computed).
   ``_segsum_kernel`` db[e] = the sum of expert e's row-block partials, in block order: the bias gradients
                     in float32 and deterministic, from values the kernels already held in registers.
+  ``_sum_slots_kernel`` out[t] = the sum of token t's K slots (``to_tokens``, K > 1), in float32 and k order,
+                    stored in out's dtype in the same pass.
 """
 
 from __future__ import annotations
