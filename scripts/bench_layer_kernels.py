@@ -5,28 +5,68 @@ routing (``bench_moe.routing``). Prints one line ``RESULT {json}``: forward+back
 tokens and of the layer, each captured in a CUDA graph and replayed (median of 40), their ratio, and with
 ``--kernels`` each kernel's device microseconds in launch order (torch.profiler, eager forward+backward, median
 of 6). Compare trees by running it with ``PYTHONPATH=<tree>`` in interleaved rounds (autotune results cached
-across processes with ``TRITON_CACHE_AUTOTUNING=1``):
+across processes with ``TRITON_CACHE_AUTOTUNING=1``); it imports nothing else from scripts/, so older trees run too.
+``--memory`` instead: peak activation MiB of forward+backward at the GPT-2 shape and bench_peers' fine-grained
+shapes, routing uniform over distinct experts (``peak_memory``; the row kernel's partial-sum buffers follow its
+configs: the 2026-12-03 figures were taken with ``MOE_TRITON_AUTOTUNE=0``).
 
     PYTHONPATH=<tree> TRITON_CACHE_AUTOTUNING=1 python scripts/bench_layer_kernels.py [--kernels | --memory]
 """
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 
 import torch
 import torch.nn.functional as F
-from bench_moe import graph_time, routing  # scripts/ is on sys.path
 
 import moe_emergence
+from moe_emergence.console import ArgumentParser
+from moe_emergence.errors import run_cli
 from moe_emergence.experts import get_backend
 
 D, FF, E, T = 768, 3072, 8, 8192
 ACT = "gelu_pytorch_tanh"
 dev = torch.device("cuda")
 bf16 = dict(device="cuda", dtype=torch.bfloat16)
+
+
+def routing(T, E, K, kind, gen):
+    """bench_moe's routing (copied: this script must also run against older trees, whose bench_moe differs)."""
+    if kind == "balanced":  # exactly T*K/E assignments per expert, distinct experts per token
+        base = torch.randperm(T, generator=gen) % E
+        idx = torch.stack([(base + j * max(1, E // K)) % E for j in range(K)], 1)
+    else:  # Zipf(1.0) over experts, K distinct experts per token
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)
+        idx = torch.multinomial(p.expand(T, E), K, replacement=False, generator=gen)
+    w = torch.rand(T, K, generator=gen)
+    return idx.cuda(), (w / w.sum(1, keepdim=True)).cuda()
+
+
+def graph_time(fn, iters):
+    """Median ms of replaying ``fn`` captured in a CUDA graph (bench_moe's, copied likewise)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
 
 
 def kernels(step, iters=6):
@@ -88,14 +128,15 @@ def peak_memory() -> dict:
     return res
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
-    ap.add_argument("--memory", action="store_true", help="only the peak activation memory (peak_memory)")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
+    mode.add_argument("--memory", action="store_true", help="only the peak activation memory (peak_memory)")
+    args = ap.parse_args(argv)
     if args.memory:
         print("RESULT " + json.dumps(peak_memory()))
-        return
+        return 0
     gen = torch.Generator().manual_seed(0)
     fn = get_backend("triton", dev)
     res = {"tree": os.path.dirname(moe_emergence.__file__)}
@@ -132,7 +173,8 @@ def main():
             if args.kernels:
                 res[key + " kernels"] = kernels(step)
     print("RESULT " + json.dumps(res))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -106,8 +106,8 @@ def triton_op(name: str, impl: Callable, kernels: list, fake: Callable) -> Calla
     ``cudagraphs_requested``). There the traced body calls the op's opaque twin ``name + "_graphed"`` (a
     ``custom_op`` of the same ``impl``; internal: it has no autograd of its own, the op's handles it), which at
     run time launches through ``Launcher`` on real tensors: autotuned tiles and TMA loads. Its host cost, which
-    the traced launches save, does not recur on a replay, and its kernels' device time does (docs/benchmarks.md, issue 20: 0.90x the compiled dense model's tokens/s
-    opaque against 0.87x traced, GPT-2-small shape, one H200).
+    the traced launches save, does not recur on a replay, and its kernels' device time does (docs/benchmarks.md,
+    issue 20: 0.90x the compiled dense model's tokens/s opaque against 0.87x traced, GPT-2-small shape, one H200).
     Under ``TRITON_INTERPRET=1``: an opaque ``torch.library.custom_op`` (the interpreter's kernels cannot be
     traced). ``kernels``: every Triton kernel the op's body and its backward launch, for torch's compile caches,
     which key the op on their sources (torch finds a kernel by reading the body for ``wrap_triton(name)``, which
