@@ -185,7 +185,9 @@ def compare_model(backend: str, device: str, top_k: int, checkpointing: bool) ->
 
 def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str, float]:
     """The triton row GEMMs reading W and the sorted input rows through TMA descriptors against plain pointer
-    loads: the four calls of a forward+backward (and dZ's bias-gradient column sums) on ``case``."""
+    loads: the four calls of a forward+backward (with dZ's bias-gradient column sums and the up GEMM's z) on
+    ``case``. ``*_guard``: 1.0 where a call wrote to the NaN-filled rows after its outputs' A rows (a store not
+    bounded at the last expert's last row), else 0.0."""
     from moe_emergence.kernels import triton_kernels as tk
     from moe_emergence.kernels.routing_meta import routing_meta
 
@@ -207,12 +209,19 @@ def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str
     for name, (inp, w, n, kw) in calls.items():
         outs = []
         for tma in (True, False):
-            out = torch.zeros(A, n, device=device, dtype=dtype)
-            aux = kw.get("aux", torch.empty_like(out))
-            db = tk.launch_rows(inp, w, out, meta, **{**kw, "aux": aux}, tma=tma)
-            outs.append([out.float()] + ([db.float()] if db is not None else []))
-        for i, (got, ref) in enumerate(zip(*outs, strict=True)):
-            errors[f"{name}{'_db' if i else ''}"] = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            bufs = [
+                torch.zeros(A + 5, n, device=device, dtype=dtype) for _ in range(2)
+            ]  # out and z rows, guard
+            for buf in bufs:
+                buf[A:] = float("nan")
+            out, aux = (buf[:A] for buf in bufs)
+            db = tk.launch_rows(inp, w, out, meta, **{"aux": aux, **kw}, tma=tma)
+            named = {"": out, "_db": db, "_z": aux if kw.get("epilogue") == tk.EPI_GELU else None}
+            outs.append({k: v.float() for k, v in named.items() if v is not None})
+            wrote_past = any(not buf[A:].isnan().all() for buf in bufs)
+            errors[f"{name}_guard"] = max(errors.get(f"{name}_guard", 0.0), float(wrote_past))
+        for k, ref in outs[1].items():
+            errors[name + k] = ((outs[0][k] - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     return errors
 
 

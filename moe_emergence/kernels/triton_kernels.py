@@ -238,7 +238,8 @@ def _rows_tile(
         t = _tanh(c * (z + 0.044715 * z * z * z), APPROX_TANH)
         # acc = w dy W2^T: this column block's part of <dy, a W2> = <acc, gelu(z)> / w (in assignment order)
         if ROW_DOTS:
-            dots = tl.sum(tl.where(mask, acc * (0.5 * z * (1.0 + t)), 0.0), 1)
+            # no mask: z = 0 (its masked load), so gelu(z) = 0, off the tile's rows and columns
+            dots = 0.5 * tl.sum(acc * (z * (1.0 + t)), 1)
             # a subnormal w (below float32's smallest normal): dO = w dy underflowed already, and the GPU's
             # division flushes it to zero; its term is dropped rather than divided by 0
             dots = tl.where(tl.abs(w_row) >= 1.1754943508222875e-38, dots / w_row, 0.0)
