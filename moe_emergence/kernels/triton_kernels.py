@@ -236,15 +236,23 @@ def _rows_tile(
             z = tl.load(aux_ptrs, mask=mask, other=0.0)
         z = z.to(tl.float32)
         t = _tanh(c * (z + 0.044715 * z * z * z), APPROX_TANH)
-        # acc = w dy W2^T: this column block's part of <dy, a W2> = <acc, gelu(z)> / w (in assignment order)
+        gelu_grad = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
+        # acc = w dy W2^T: this column block's part of <dy, a W2> = <acc, gelu(z)> / w (in assignment order).
+        # Both products are formed before the row sum: with the sum between them, Triton 3.6 computed z's GELU
+        # chain twice, in two register layouts, and moved the [BLOCK_M, BLOCK_N] float32 factor between them
+        # through shared memory (two tanh a value; 400 bytes of spills at 128 x 128, 4 warps, against none:
+        # scripts/kernel_registers.py)
         if ROW_DOTS:
-            # no mask: z = 0 (its masked load), so gelu(z) = 0, off the tile's rows and columns
-            dots = 0.5 * tl.sum(acc * (z * (1.0 + t)), 1)
+            acc_gelu = acc * (
+                z * (1.0 + t)
+            )  # no mask: z = 0 (its masked load) off the tile's rows and columns
+        acc *= gelu_grad
+        if ROW_DOTS:
+            dots = 0.5 * tl.sum(acc_gelu, 1)
             # a subnormal w (below float32's smallest normal): dO = w dy underflowed already, and the GPU's
             # division flushes it to zero; its term is dropped rather than divided by 0
             dots = tl.where(tl.abs(w_row) >= 1.1754943508222875e-38, dots / w_row, 0.0)
             tl.store(dots_ptr + pid_n.to(tl.int64) * A + slots, dots, mask=row_mask)
-        acc *= 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
     if COL_SUMS:  # float32 column sums of this block (partials of e's bias gradient)
         tl.store(part_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(tl.where(mask, acc, 0.0), 0), mask=col_mask)
     out_ptrs = out_ptr + (slots if SCATTER else rows)[:, None].to(tl.int64) * s_out_m + cols[None, :]
