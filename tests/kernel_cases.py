@@ -185,17 +185,22 @@ def compare_model(backend: str, device: str, top_k: int, checkpointing: bool) ->
 
 def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str, float]:
     """The triton row GEMMs reading W and the sorted input rows through TMA descriptors against plain pointer
-    loads: the four calls of a forward+backward (with dZ's bias-gradient column sums and the up GEMM's z) on
-    ``case``. ``*_guard``: 1.0 where a call wrote to the NaN-filled rows after its outputs' A rows (a store not
-    bounded at the last expert's last row), else 0.0."""
+    loads: the four calls of a forward+backward (with dZ's bias-gradient column sums and routing-weight row dots,
+    and the up GEMM's z) on ``case``, about a quarter of its routing weights 0 (dead rows). ``*_guard``: 1.0 where
+    a call wrote to the NaN-filled rows after its outputs' A rows or (rows in sorted order) to the dead rows (a
+    store not bounded at each expert's last row), else 0.0."""
     from moe_emergence.kernels import triton_kernels as tk
     from moe_emergence.kernels.routing_meta import routing_meta
 
     (x, w1, b1, w2, b2, _), indices, _ = make_case(case, device)
     x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
-    meta = routing_meta(indices, w1.shape[0])
-    (A,), (D, F) = meta.order_A.shape, w1.shape[1:]
     g = torch.Generator().manual_seed(2)
+    weights = torch.rand(indices.shape, generator=g)
+    weights[torch.rand(indices.shape, generator=g) < 0.25] = 0.0
+    weights = weights.to(device)
+    meta = routing_meta(indices, w1.shape[0], weights)
+    (A,), (D, F), live = meta.order_A.shape, w1.shape[1:], int(meta.offsets_E1[-1])
+    assert 0 < live < A, "the case needs live and dead rows"
     a, do, z = (torch.randn(A, n, generator=g).to(device, dtype) for n in (F, D, F))
     if not all(tk._tma_ok(t) for t in (w1, w2, a, do)):
         raise AssertionError(f"{case} {dtype}: sizes a TMA descriptor cannot address; pick another case")
@@ -207,21 +212,70 @@ def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str
     }
     errors = {}
     for name, (inp, w, n, kw) in calls.items():
-        outs = []
+        outs, sorted_rows = [], not kw.get("scatter")
         for tma in (True, False):
-            bufs = [
-                torch.zeros(A + 5, n, device=device, dtype=dtype) for _ in range(2)
-            ]  # out and z rows, guard
-            for buf in bufs:
-                buf[A:] = float("nan")
-            out, aux = (buf[:A] for buf in bufs)
-            db = tk.launch_rows(inp, w, out, meta, **{"aux": aux, **kw}, tma=tma)
-            named = {"": out, "_db": db, "_z": aux if kw.get("epilogue") == tk.EPI_GELU else None}
+            bufs = [torch.full((A + 5, n), float("nan"), device=device, dtype=dtype) for _ in range(2)]
+            out, aux = (buf[:A] for buf in bufs)  # out and z, NaN-filled rows after them (the guard)
+            dots = torch.zeros(A, device=device) if name == "dZ" else None
+            extra = {"row_dots": (weights, dots)} if dots is not None else {}
+            db = tk.launch_rows(inp, w, out, meta, **{"aux": aux, **kw, **extra}, tma=tma)
+            rows = slice(0, live) if sorted_rows else slice(0, A)  # unwritten dead rows stay NaN
+            named = {"": out[rows], "_db": db, "_dots": dots}
+            if kw.get("epilogue") == tk.EPI_GELU:
+                named["_z"] = aux[:live]
             outs.append({k: v.float() for k, v in named.items() if v is not None})
-            wrote_past = any(not buf[A:].isnan().all() for buf in bufs)
+            written = [buf[A:] for buf in bufs] + ([out[live:]] if sorted_rows else [])
+            if kw.get("epilogue") == tk.EPI_GELU:
+                written.append(aux[live:])
+            wrote_past = any(not t.isnan().all() for t in written)
             errors[f"{name}_guard"] = max(errors.get(f"{name}_guard", 0.0), float(wrote_past))
         for k, ref in outs[1].items():
             errors[name + k] = ((outs[0][k] - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return errors
+
+
+def compare_poisoned_dz(device: str, dtype: torch.dtype) -> dict[str, float]:
+    """The dZ GEMM (GELU', db1 sums, routing-weight row dots) with NaN in the dead rows of dO and z (they are
+    ``torch.empty`` in the layer) and inf in the first row of expert 2 (read by expert 1's last tile, whose rows run
+    past its end), one tile per program and persistent, TMA loads on and off: relative errors of the live rows'
+    dZ and dots (the poisoned row left out) against float64, and 1.0 where a dead slot's dot is not 0 or a dead
+    row of dZ was written, else 0.0."""
+    from moe_emergence.kernels import triton_kernels as tk
+    from moe_emergence.kernels.routing_meta import routing_meta
+
+    g = torch.Generator().manual_seed(0)
+    T, D, F, E, K = 37, 24, 23, 4, 2
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    w[torch.rand(T, K, generator=g) < 0.25] = 0.0
+    meta = routing_meta(idx.to(device), E, w.to(device))
+    A, off = T * K, meta.offsets_E1.tolist()
+    live = [r for r in range(off[E]) if r != off[2]]
+    w2 = (torch.randn(E, F, D, generator=g) / F**0.5).to(device, dtype)
+    do, z = torch.randn(A, D, generator=g), torch.randn(A, F, generator=g) * 2
+    do[off[E] :], z[off[E] :] = float("nan"), float("nan")
+    do[off[2]] = float("inf")
+    do, z = do.to(device, dtype), z.to(device, dtype)
+    acc = torch.einsum("ad,afd->af", do.double(), w2.double()[meta.expert_A.long().clamp_max(E - 1)])
+    zz, c = z.double(), 0.7978845608028654
+    t = torch.tanh(c * (zz + 0.044715 * zz**3))
+    ref_dz = acc * (0.5 * (1 + t) + 0.5 * zz * (1 - t * t) * c * (1 + 3 * 0.044715 * zz * zz))
+    ref_dots = (acc * 0.5 * zz * (1 + t)).sum(1) / w.to(device).view(-1)[meta.order_A].double()
+    errors: dict[str, float] = {}
+    for persistent in (False, True):
+        shapes = [(*shape[:5], persistent) for shape in tk._tuned(tk.ROWS_SHAPES, (False,))]
+        for tma in (True, False):
+            out = torch.full((A, F), float("nan"), device=device, dtype=dtype)
+            dots = torch.zeros(A, device=device)
+            with forced_configs(tk._rows_kernel, tk.tile_configs(shapes, tk.ROWS_PRE_HOOK, tk.ROWS_FLAGS)):
+                tk.launch_rows(do, w2.transpose(1, 2), out, meta, aux=z, epilogue=tk.EPI_GELU_BWD, bias_grad=True,
+                               row_dots=(w.to(device), dots), tma=tma)  # fmt: skip
+            name = f"{'persistent' if persistent else 'tiles'}_{'tma' if tma else 'pointer'}"
+            got_dots = dots[meta.order_A[live]].double()
+            errors[f"{name}_dots"] = ((got_dots - ref_dots[live]).norm() / ref_dots[live].norm()).item()
+            errors[f"{name}_dz"] = ((out[live].double() - ref_dz[live]).norm() / ref_dz[live].norm()).item()
+            dead = meta.order_A[off[E] :]
+            errors[f"{name}_dead"] = float(bool((dots[dead] != 0).any()) or not out[off[E] :].isnan().all())
     return errors
 
 
@@ -371,6 +425,7 @@ def main(argv: list[str]) -> None:
     result = {case: compare(backend, device, dtype, case) for case in CASES}
     if backend == "triton":
         result["tma_vs_pointer"] = compare_tma(device, dtype)
+        result["poisoned_dz"] = compare_poisoned_dz(device, dtype)
         result["routing"] = compare_routing(device)
         for case, errors in compare_persistent(device, dtype).items():
             result[f"persistent_{case}"] = errors

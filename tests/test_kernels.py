@@ -30,6 +30,7 @@ from kernel_cases import (
     compare_isolation,
     compare_model,
     compare_persistent,
+    compare_poisoned_dz,
     compare_routing,
     compare_tma,
     eager_errors,
@@ -119,6 +120,15 @@ def test_triton_interpreted_tma_loads_match_pointer_loads(interpreted_triton, dt
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_triton_interpreted_dz_isolates_poisoned_rows(interpreted_triton, dtype):
+    """NaN in dead rows, inf in a row a tile reads past its expert's end: live dZ and row dots exact, dead slots
+    untouched."""
+    assert_close(
+        interpreted_triton[dtype]["poisoned_dz"], TOL[getattr(torch, dtype)], f"triton dZ poisoned {dtype}"
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_interpreted_persistent_matches_eager(interpreted_triton, case, dtype):
     errors = interpreted_triton[dtype][f"persistent_{case}"]
@@ -192,6 +202,12 @@ def test_triton_gpu_matches_eager(case, dtype):
 @pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
 def test_triton_gpu_tma_loads_match_pointer_loads(dtype):
     assert_close(compare_tma(DEVICE, dtype), TOL[dtype] / 10, f"triton TMA vs pointer loads {dtype}")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", FAST_DTYPES, ids=str)
+def test_triton_gpu_dz_isolates_poisoned_rows(dtype):
+    assert_close(compare_poisoned_dz(DEVICE, dtype), TOL[dtype], f"triton dZ poisoned {dtype}")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
