@@ -6,8 +6,9 @@ For kernel work where device time is scarce: on 2026-12-03 the calls that spille
 cost most on the H200 (the up GEMM's two pointer stores, dZ's routing-weight row dots; docs/benchmarks.md).
 Spills are a hint; the GPU's time decides. ``--ttgir`` also counts what Triton's layout passes made of the
 epilogue: its layout conversions and tanh instructions (a chain computed twice shows as two tanh).
-The calls are compiled as ``launch_rows`` makes them at the GPT-2 shape in bf16 (D = 768, F = 3072, T = 8192, E = 8;
-integer arguments specialised as Triton would for those sizes):
+The calls are compiled as ``launch_rows`` makes them at the GPT-2 shape, top-1, in bf16 (D = 768, F = 3072,
+T = 8192, E = 8; integer arguments specialised as Triton would for those sizes; at top-k > 1 the down call writes
+float32 slots, which this does not compile):
 
   up    x[token] @ w1 + b1, GELU: gathered input rows (pointer loads), W by TMA, stores z and a
   down  a @ w2 + b2, times the routing weight, scattered rows: input rows and W by TMA
@@ -38,20 +39,28 @@ from triton.compiler import ASTSource
 from moe_emergence.console import ArgumentParser
 from moe_emergence.errors import ConfigError, run_cli
 from moe_emergence.kernels import triton_kernels as tk
+from moe_emergence.kernels.triton_launch import INTERPRET
+from moe_emergence.kernels.triton_rowwise import e_pow2
 
 D, FF, E = 768, 3072, 8
 _COMMON = dict(GATHER=False, SCATTER=False, HAS_BIAS=False, SCALE=False, COL_SUMS=False, ROW_DOTS=False,
-               PREFETCH_AUX=True, IN_TMA=True, W_TMA=True, W_TRANS=False, E_POW2=E, PRECISION="tf32",
+               PREFETCH_AUX=True, IN_TMA=True, W_TMA=True, W_TRANS=False, E_POW2=e_pow2(E), PRECISION="tf32",
                APPROX_TANH=True)  # fmt: skip
-# name: (the kernel's constexprs as launch_rows sets them for that call, its GEMM's (N, K))
+# name: the kernel's constexprs as launch_rows sets them for that call
 CALLS = {
-    "up": (dict(_COMMON, EPILOGUE=tk.EPI_GELU, GATHER=True, HAS_BIAS=True, IN_TMA=False), (FF, D)),
-    "down": (dict(_COMMON, EPILOGUE=tk.EPI_NONE, SCATTER=True, HAS_BIAS=True, SCALE=True), (D, FF)),
-    "dZ": (dict(_COMMON, EPILOGUE=tk.EPI_GELU_BWD, COL_SUMS=True, ROW_DOTS=True, W_TRANS=True), (FF, D)),
-    "dX": (dict(_COMMON, EPILOGUE=tk.EPI_NONE, SCATTER=True, W_TRANS=True), (D, FF)),
+    "up": dict(_COMMON, EPILOGUE=tk.EPI_GELU, GATHER=True, HAS_BIAS=True, IN_TMA=False),
+    "down": dict(_COMMON, EPILOGUE=tk.EPI_NONE, SCATTER=True, HAS_BIAS=True, SCALE=True),
+    "dZ": dict(_COMMON, EPILOGUE=tk.EPI_GELU_BWD, COL_SUMS=True, ROW_DOTS=True, W_TRANS=True),
+    "dX": dict(_COMMON, EPILOGUE=tk.EPI_NONE, SCATTER=True, W_TRANS=True),
 }
-_FP32 = {"scale_ptr", "part_ptr", "dots_ptr"}
 _INDEX = {"in_idx_ptr", "out_idx_ptr", "offsets_ptr"}
+
+
+def _float32_pointers(constexprs: dict) -> set[str]:
+    """The pointers that are float32 in the call (the routing weights, the partial sums); launch_rows passes
+    ``out`` (bf16 here) for those the call does not use."""
+    used = {"scale_ptr": constexprs["SCALE"] or constexprs["ROW_DOTS"], "part_ptr": constexprs["COL_SUMS"]}
+    return {name for name, on in {**used, "dots_ptr": constexprs["ROW_DOTS"]}.items() if on}
 
 
 def signature(constexprs: dict, tile: tuple[int, int, int]) -> tuple[dict, dict, dict]:
@@ -61,7 +70,7 @@ def signature(constexprs: dict, tile: tuple[int, int, int]) -> tuple[dict, dict,
     bm, bn, bk = tile
     fn = tk._rows_kernel.fn
     unit = {"s_in_k", "s_wk" if constexprs["W_TRANS"] else "s_wn"}
-    sig, consts, attrs = {}, dict(constexprs), {}
+    sig, consts, attrs, fp32 = {}, dict(constexprs), {}, _float32_pointers(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in constexprs or name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PERSISTENT"):
             sig[name] = "constexpr"
@@ -72,7 +81,7 @@ def signature(constexprs: dict, tile: tuple[int, int, int]) -> tuple[dict, dict,
             if not on:
                 consts[name] = None
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in _FP32 else "*i64" if name in _INDEX else "*bf16"
+            sig[name] = "*fp32" if name in fp32 else "*i64" if name in _INDEX else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in unit:
             sig[name], consts[name] = "constexpr", 1
@@ -87,7 +96,7 @@ def compile_call(call: str, config: tuple):
     """``_rows_kernel`` compiled for sm_90a as ``launch_rows`` launches ``call``, with ``config`` = (BLOCK_M,
     BLOCK_N, BLOCK_K, warps, stages, persistent): Triton's ``CompiledKernel`` (its ``asm`` has ttgir and ptx)."""
     bm, bn, bk, warps, stages, persistent = config
-    constexprs = dict(CALLS[call][0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PERSISTENT=persistent)
+    constexprs = dict(CALLS[call], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PERSISTENT=persistent)
     if "OUT_TMA" in tk._rows_kernel.fn.arg_names:  # a tree with TMA stores: as launch_rows picks them
         constexprs["OUT_TMA"] = call == "up"
     sig, consts, attrs = signature(constexprs, (bm, bn, bk))
@@ -118,8 +127,8 @@ def registers(kernel) -> tuple[int, int, int]:
 
 def layout_ops(kernel) -> tuple[int, int]:
     """(layout conversions of 2-d tensors, tanh instructions) in a ``compile_call`` kernel's TTGIR: a 2-d
-    conversion moves a tile through shared memory; an epilogue whose GELU chain Triton computed in two layouts
-    shows two tanh (dZ before 2026-12-03)."""
+    conversion moves a tile through shared memory; a one-tile-per-program epilogue whose GELU chain Triton computed
+    in two layouts shows two tanh (dZ before 2026-12-03; a persistent loop may show two for one chain)."""
     ttgir = kernel.asm["ttgir"]
     conversions = re.findall(r"ttg\.convert_layout %\S+ : tensor<\d+x\d+x", ttgir)
     return len(conversions), ttgir.count("tanh.approx")
@@ -131,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", choices=("tuned", "all"), default="tuned")
     ap.add_argument("--ttgir", action="store_true", help="also the 2-d layout conversions and tanh count")
     args = ap.parse_args(argv)
+    if INTERPRET:
+        raise ConfigError("TRITON_INTERPRET is set: unset it, this compiles for the GPU (no kernel runs)")
     unknown = [c for c in args.calls if c not in CALLS]
     if unknown:
         raise ConfigError(f"--calls: unknown {', '.join(unknown)}; allowed: {', '.join(CALLS)}")

@@ -6,9 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from _scripts import SCRIPTS, load_script
 
+from moe_emergence.kernels.triton_launch import INTERPRET
+
 kernel_registers = load_script("kernel_registers")
+pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for the GPU: not under TRITON_INTERPRET")
 
 
 def test_a_call_compiles_for_hopper_and_reports_its_registers():
@@ -17,7 +21,9 @@ def test_a_call_compiles_for_hopper_and_reports_its_registers():
     assert 16 <= regs <= 255  # Hopper's most registers a thread
     assert stores >= 0 and loads >= 0
     conversions, tanh = kernel_registers.layout_ops(kernel)
-    assert tanh == 1  # GELU'(z) once a value: the chain is not duplicated across layouts
+    # GELU'(z) once a value: the chain is not duplicated across layouts. Only Triton 3.6 (the GPU machines') made
+    # two of the form before bd53fb4; with 3.9 (pip on the CPU machines) this is a smoke test
+    assert tanh == 1
     assert conversions >= 1  # z's tile into the accumulator's layout at least
 
 

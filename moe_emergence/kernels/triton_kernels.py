@@ -242,10 +242,8 @@ def _rows_tile(
         # chain twice, in two register layouts, and moved the [BLOCK_M, BLOCK_N] float32 factor between them
         # through shared memory (two tanh a value; 400 bytes of spills at 128 x 128, 4 warps, against none:
         # scripts/kernel_registers.py)
-        if ROW_DOTS:
-            acc_gelu = acc * (
-                z * (1.0 + t)
-            )  # no mask: z = 0 (its masked load) off the tile's rows and columns
+        if ROW_DOTS:  # no mask: z = 0 (its masked load) off the tile's rows and columns
+            acc_gelu = acc * (z * (1.0 + t))
         acc *= gelu_grad
         if ROW_DOTS:
             dots = 0.5 * tl.sum(acc_gelu, 1)
