@@ -42,7 +42,7 @@ from moe_emergence.kernels import triton_kernels as tk
 from moe_emergence.kernels.triton_launch import INTERPRET
 from moe_emergence.kernels.triton_rowwise import e_pow2
 
-D, FF, E = 768, 3072, 8
+E = 8
 _COMMON = dict(GATHER=False, SCATTER=False, HAS_BIAS=False, SCALE=False, COL_SUMS=False, ROW_DOTS=False,
                PREFETCH_AUX=True, IN_TMA=True, W_TMA=True, W_TRANS=False, E_POW2=e_pow2(E), PRECISION="tf32",
                APPROX_TANH=True)  # fmt: skip
@@ -59,8 +59,12 @@ _INDEX = {"in_idx_ptr", "out_idx_ptr", "offsets_ptr"}
 def _float32_pointers(constexprs: dict) -> set[str]:
     """The pointers that are float32 in the call (the routing weights, the partial sums); launch_rows passes
     ``out`` (bf16 here) for those the call does not use."""
-    used = {"scale_ptr": constexprs["SCALE"] or constexprs["ROW_DOTS"], "part_ptr": constexprs["COL_SUMS"]}
-    return {name for name, on in {**used, "dots_ptr": constexprs["ROW_DOTS"]}.items() if on}
+    used = {
+        "scale_ptr": constexprs["SCALE"] or constexprs["ROW_DOTS"],
+        "part_ptr": constexprs["COL_SUMS"],
+        "dots_ptr": constexprs["ROW_DOTS"],
+    }
+    return {name for name, on in used.items() if on}
 
 
 def signature(constexprs: dict, tile: tuple[int, int, int]) -> tuple[dict, dict, dict]:

@@ -212,7 +212,7 @@ def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str
     }
     errors = {}
     for name, (inp, w, n, kw) in calls.items():
-        outs, sorted_rows = [], not kw.get("scatter")
+        outs, sorted_rows, writes_z = [], not kw.get("scatter"), kw.get("epilogue") == tk.EPI_GELU
         for tma in (True, False):
             bufs = [torch.full((A + 5, n), float("nan"), device=device, dtype=dtype) for _ in range(2)]
             out, aux = (buf[:A] for buf in bufs)  # out and z, NaN-filled rows after them (the guard)
@@ -220,13 +220,10 @@ def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str
             extra = {"row_dots": (weights, dots)} if dots is not None else {}
             db = tk.launch_rows(inp, w, out, meta, **{"aux": aux, **kw, **extra}, tma=tma)
             rows = slice(0, live) if sorted_rows else slice(0, A)  # unwritten dead rows stay NaN
-            named = {"": out[rows], "_db": db, "_dots": dots}
-            if kw.get("epilogue") == tk.EPI_GELU:
-                named["_z"] = aux[:live]
+            named = {"": out[rows], "_db": db, "_dots": dots, "_z": aux[:live] if writes_z else None}
             outs.append({k: v.float() for k, v in named.items() if v is not None})
             written = [buf[A:] for buf in bufs] + ([out[live:]] if sorted_rows else [])
-            if kw.get("epilogue") == tk.EPI_GELU:
-                written.append(aux[live:])
+            written += [aux[live:]] if writes_z else []
             wrote_past = any(not t.isnan().all() for t in written)
             errors[f"{name}_guard"] = max(errors.get(f"{name}_guard", 0.0), float(wrote_past))
         for k, ref in outs[1].items():
@@ -240,6 +237,8 @@ def compare_poisoned_dz(device: str, dtype: torch.dtype) -> dict[str, float]:
     past its end), one tile per program and persistent, TMA loads on and off: relative errors of the live rows'
     dZ and dots (the poisoned row left out) against float64, and 1.0 where a dead slot's dot is not 0 or a dead
     row of dZ was written, else 0.0."""
+    from transformers.activations import ACT2FN
+
     from moe_emergence.kernels import triton_kernels as tk
     from moe_emergence.kernels.routing_meta import routing_meta
 
@@ -257,10 +256,11 @@ def compare_poisoned_dz(device: str, dtype: torch.dtype) -> dict[str, float]:
     do[off[2]] = float("inf")
     do, z = do.to(device, dtype), z.to(device, dtype)
     acc = torch.einsum("ad,afd->af", do.double(), w2.double()[meta.expert_A.long().clamp_max(E - 1)])
-    zz, c = z.double(), 0.7978845608028654
-    t = torch.tanh(c * (zz + 0.044715 * zz**3))
-    ref_dz = acc * (0.5 * (1 + t) + 0.5 * zz * (1 - t * t) * c * (1 + 3 * 0.044715 * zz * zz))
-    ref_dots = (acc * 0.5 * zz * (1 + t)).sum(1) / w.to(device).view(-1)[meta.order_A].double()
+    zz = z.double().requires_grad_()
+    gelu = ACT2FN["gelu_new"](zz)  # the eager backend's activation, its derivative by autograd
+    (gelu_grad,) = torch.autograd.grad(gelu.sum(), zz)
+    ref_dz = acc * gelu_grad
+    ref_dots = (acc * gelu.detach()).sum(1) / w.to(device).view(-1)[meta.order_A].double()
     errors: dict[str, float] = {}
     for persistent in (False, True):
         shapes = [(*shape[:5], persistent) for shape in tk._tuned(tk.ROWS_SHAPES, (False,))]
