@@ -303,3 +303,31 @@ def test_a_triton_op_stays_opaque_where_inductor_replays_cuda_graphs(graphed):
     assert torch.equal(y, x.detach() * 1.5 + 1) and torch.equal(x.grad, torch.full((4,), 1.5))
     assert (False in calls) == graphed  # the twin ran the body on real tensors
     assert triton_launch.cudagraphs_requested() is False  # the patch is gone
+
+
+def test_with_scratch_sets_tritons_allocator_for_the_launch_only():
+    """``Launcher.with_scratch``: during the launch Triton's allocator hands out torch memory of the size asked on
+    the first argument's device; before and after (also after a failed launch) the caller's allocator is back."""
+    from triton.runtime import _allocation
+
+    from moe_emergence.kernels.triton_kernels import _rows_kernel
+
+    seen = []
+
+    class Recording(triton_launch.Launcher):
+        def __call__(self, grid, *args, **constexprs):
+            buf = _allocation._allocator.get()(300, 128, None)
+            seen.append((buf.numel(), buf.device))
+            if constexprs.get("fail"):
+                raise RuntimeError("launch failed")
+
+    before = _allocation._allocator.get()
+    launcher = Recording(_rows_kernel)
+    launcher.with_scratch((1,), torch.zeros(4))
+    assert seen == [(300, torch.device("cpu"))]
+    assert _allocation._allocator.get() is before
+    with pytest.raises(RuntimeError, match="launch failed"):
+        launcher.with_scratch((1,), torch.zeros(4), fail=True)
+    assert _allocation._allocator.get() is before
+    with pytest.raises(ValueError, match="aligned to 1024"):
+        triton_launch._scratch(torch.device("cpu"), 16, 1024, None)

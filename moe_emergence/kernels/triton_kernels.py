@@ -18,7 +18,8 @@ Kernels:
                     <acc, gelu(z)> / w per column block (the routing-weight gradient's partials).
                     Optionally the float32 column sums of each row block's result (bias-gradient partials).
                     W (and un-gathered input rows) are read by TMA where the tensors allow it (Hopper;
-                    not under torch.compile).
+                    not under torch.compile); with the GELU forward epilogue, z and a are written by TMA
+                    stores through descriptors made on the device, bounded at the expert's last row.
                     One tile per program, or persistent (one program per SM looping over the tiles).
   ``_wgrad_kernel`` dW[e] = x[rows_e]^T @ g[rows_e] over expert e's sorted rows (TMA loads measured no faster;
                     gathering x's rows from token order inside the GEMM cost 106 us against 73 + 8 us for
@@ -96,6 +97,7 @@ ROWS_SHAPES: list[TileShape] = [
     (128, 128, 128, 8, 3, True),  # down and dX (O = 768), E=8 T=8192
     (256, 128, 64, 8, 3, False),
     (64, 128, 64, 4, 3, False),
+    (128, 256, 64, 8, 3, True),  # up with TMA stores, E=8 T=8192 and 16384
 ]
 WGRAD_SHAPES: list[TileShape] = [
     (128, 128, 64, 8, 3),
@@ -174,6 +176,7 @@ _ROWS_KEY = _ROWS_SIZES + [
     "ROW_DOTS",
     "IN_TMA",
     "W_TMA",
+    "OUT_TMA",
 ]
 
 
@@ -184,8 +187,9 @@ def _rows_tile(
     out_idx_ptr, N, K, A, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
     EPILOGUE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
     SCALE: tl.constexpr, COL_SUMS: tl.constexpr, ROW_DOTS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
-    IN_TMA: tl.constexpr, W_TMA: tl.constexpr, W_TRANS: tl.constexpr, PRECISION: tl.constexpr,
-    APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IN_TMA: tl.constexpr, W_TMA: tl.constexpr, W_TRANS: tl.constexpr, OUT_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] output tile: rows row0.. of expert e (up to row_end), columns of block pid_n."""
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -229,7 +233,7 @@ def _rows_tile(
         acc *= w_row[:, None]
     c = 0.7978845608028654  # sqrt(2 / pi)
     if EPILOGUE == 1:  # GELU-tanh; aux <- pre-activation z
-        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+        _store_tile(aux_ptr, aux_ptrs, acc, mask, row0, row_end, pid_n, N, s_aux_m, OUT_TMA, BLOCK_M, BLOCK_N)
         acc = 0.5 * acc * (1.0 + _tanh(c * (acc + 0.044715 * acc * acc * acc), APPROX_TANH))
     if EPILOGUE == 2:  # times gelu'(z), z read from aux
         if not PREFETCH_AUX:
@@ -254,7 +258,22 @@ def _rows_tile(
     if COL_SUMS:  # float32 column sums of this block (partials of e's bias gradient)
         tl.store(part_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(tl.where(mask, acc, 0.0), 0), mask=col_mask)
     out_ptrs = out_ptr + (slots if SCATTER else rows)[:, None].to(tl.int64) * s_out_m + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(out_ptr, out_ptrs, acc, mask, row0, row_end, pid_n, N, s_out_m, OUT_TMA, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(base_ptr, ptrs, acc, mask, row0, row_end, pid_n, N, s_m, TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Store the tile ``acc`` in the pointers' dtype: to ``ptrs`` under ``mask``, or (TMA, rows in sorted order)
+    as an asynchronous TMA store through a descriptor made here, its rows bounded at ``row_end`` (the rows past
+    it, the next expert's, are clipped by the hardware, never written)."""
+    if TMA:
+        desc = tl.make_tensor_descriptor(
+            base_ptr, shape=[row_end, N], strides=[s_m, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+        desc.store([row0.to(tl.int32), pid_n * BLOCK_N], acc.to(base_ptr.dtype.element_ty))
+    else:
+        tl.store(ptrs, acc.to(base_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=ROWS_CONFIGS, key=_ROWS_KEY)
@@ -266,7 +285,7 @@ def _rows_kernel(
     s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
     EPILOGUE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr,
     SCALE: tl.constexpr, COL_SUMS: tl.constexpr, ROW_DOTS: tl.constexpr, PREFETCH_AUX: tl.constexpr,
-    IN_TMA: tl.constexpr, W_TMA: tl.constexpr,
+    IN_TMA: tl.constexpr, W_TMA: tl.constexpr, OUT_TMA: tl.constexpr,
     W_TRANS: tl.constexpr, E_POW2: tl.constexpr, PRECISION: tl.constexpr, APPROX_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):  # fmt: skip
@@ -288,7 +307,7 @@ def _rows_kernel(
             in_ptr, in_desc, w_ptr, w_desc, bias_ptr, out_ptr, aux_ptr, scale_ptr, part_ptr, dots_ptr, in_idx_ptr,
             out_idx_ptr, N, K, A, s_in_m, s_in_k, s_we, s_wk, s_wn, s_be, s_out_m, s_aux_m,
             EPILOGUE, GATHER, SCATTER, HAS_BIAS, SCALE, COL_SUMS, ROW_DOTS, PREFETCH_AUX, IN_TMA, W_TMA, W_TRANS,
-            PRECISION, APPROX_TANH, BLOCK_M, BLOCK_N, BLOCK_K,
+            OUT_TMA, PRECISION, APPROX_TANH, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     if SCATTER:
         _zero_dead_rows(pid, out_ptr, out_idx_ptr, offsets_ptr, N, E, A, s_out_m, BLOCK_M, BLOCK_N)
@@ -410,7 +429,8 @@ def launch_rows(
     dO = w dy; weights: the routing weights w, [T, K] or flat): adds to ``out`` ([A] float32, assignment order)
     <dO[r] @ w_EIO[e], gelu(z[r])> / w = <dy, a W2> for each live row (nothing for the dead rows): the routing
     weight's gradient less its bias term <dy, b2>, from float32 partial sums per column block.
-    ``tma=False`` forces plain pointer loads, ``prefetch=False`` loads z after the main loop (benchmarks)."""
+    ``tma=False`` forces plain pointer loads and stores, ``prefetch=False`` loads z after the main loop
+    (benchmarks)."""
     A, E = meta.order_A.numel(), meta.num_experts
     I_, O_ = w_EIO.shape[1:]
     aux = out if aux is None else aux
@@ -419,6 +439,9 @@ def launch_rows(
     w_base = w_EIO.transpose(1, 2) if w_trans else w_EIO
     w_desc = _descriptor(w_base) if tma and _tma_ok(w_base) else None
     in_desc = _descriptor(inp) if tma and not gather and _tma_ok(inp) else None
+    # TMA stores where they measured faster: the up GEMM's two [A, F] stores (z and a; docs/benchmarks.md
+    # 2026-12-03 06:12); dZ's one store measured slower, the scattered rows cannot be
+    out_tma = tma and epilogue == EPI_GELU and not scatter and _tma_ok(out) and _tma_ok(aux)
     part = out  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block, for the smallest BLOCK_M the autotuner may pick
         max_blocks = triton.cdiv(A, _smallest_rows_tile("BLOCK_M")) + E
@@ -436,7 +459,7 @@ def launch_rows(
         tiles = (triton.cdiv(A, meta_["BLOCK_M"]) + E) * triton.cdiv(O_, meta_["BLOCK_N"])  # an upper bound
         return (min(tiles, _programs_per_device(out.device)) if meta_["PERSISTENT"] else tiles,)
 
-    config = _ROWS(
+    config = (_ROWS.with_scratch if out_tma else _ROWS)(
         grid, inp, in_desc, w_EIO, w_desc, bias, out, aux, out if scale is None else scale.contiguous().view(-1), part,
         dots, meta.token_A if gather else meta.order_A, meta.order_A, meta.offsets_E1,
         triton.next_power_of_2(A), O_, I_, E, A,
@@ -444,7 +467,7 @@ def launch_rows(
         EPILOGUE=epilogue, GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not out,
         SCALE=scale is not None and row_dots is None, COL_SUMS=bias_grad,
         ROW_DOTS=row_dots is not None, PREFETCH_AUX=prefetch,
-        IN_TMA=in_desc is not None, W_TMA=w_desc is not None,
+        IN_TMA=in_desc is not None, W_TMA=w_desc is not None, OUT_TMA=out_tma,
         W_TRANS=w_trans, E_POW2=e_pow2(E), PRECISION=_precision(inp.dtype),
         APPROX_TANH=not INTERPRET and out.element_size() == 2,  # 16-bit outputs: exact tanh would be rounded away
     )  # fmt: skip

@@ -49,7 +49,7 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from triton import knobs
-from triton.runtime import driver
+from triton.runtime import _allocation, driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -226,6 +226,18 @@ class Launcher:
             return self.tuner.best_config
         return self._launch(config, grid, args, constexprs)
 
+    def with_scratch(self, grid: tuple | Callable, *args: Any, **constexprs: Any) -> triton.Config:
+        """``self(grid, *args, **constexprs)`` for a kernel that makes tensor descriptors on the device
+        (``tl.make_tensor_descriptor``: each takes global scratch memory from Triton's allocator). The allocator,
+        torch's caching allocator on ``args[0]``'s device, is set for this launch only: Triton keeps it in a
+        ContextVar, which ``triton.set_allocator`` would set for the caller's whole context and which autograd's
+        backward threads do not inherit. In a CUDA graph capture the scratch comes from the graph's pool."""
+        token = _allocation._allocator.set(functools.partial(_scratch, args[0].device))
+        try:
+            return self(grid, *args, **constexprs)
+        finally:
+            _allocation._allocator.reset(token)
+
     def _wrapped(self, grid, args: tuple, constexprs: dict) -> triton.Config:
         """The launch traced into the graph (``wrap_triton``), with one fixed config for an autotuned kernel
         (``traced_config``: RuntimeError without one); in a plain fake-tensor run, nothing (module docstring),
@@ -306,3 +318,12 @@ class Launcher:
             hooks.launch_enter_hook, hooks.launch_exit_hook, *values,
         )  # fmt: skip
         return config
+
+
+def _scratch(device: torch.device, size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's global scratch for one launch (torch's CUDA blocks are 512-byte aligned; ValueError past that)."""
+    if alignment > 512:
+        raise ValueError(
+            f"Triton asked for scratch aligned to {alignment} bytes; torch's blocks align to 512"
+        )
+    return torch.empty(size, dtype=torch.uint8, device=device)
