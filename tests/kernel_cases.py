@@ -186,9 +186,10 @@ def compare_model(backend: str, device: str, top_k: int, checkpointing: bool) ->
 def compare_tma(device: str, dtype: torch.dtype, case: str = "top2") -> dict[str, float]:
     """The triton row GEMMs reading W and the sorted input rows through TMA descriptors (the up GEMM also writing
     z and a by TMA stores) against plain pointer loads and stores: the four calls of a forward+backward (with dZ's
-    bias-gradient column sums and routing-weight row dots, and the up GEMM's z) on ``case``, about a quarter of its routing weights 0 (dead rows). ``*_guard``: 1.0 where
-    a call wrote to the NaN-filled rows after its outputs' A rows or (rows in sorted order) to the dead rows (a
-    store not bounded at each expert's last row), else 0.0."""
+    bias-gradient column sums and routing-weight row dots, and the up GEMM's z) on ``case``, about a quarter of
+    its routing weights 0 (dead rows). ``*_guard``: 1.0 where a call wrote to the NaN-filled rows after its
+    outputs' A rows or (rows in sorted order) to the dead rows (a store not bounded at each expert's last row),
+    else 0.0."""
     from moe_emergence.kernels import triton_kernels as tk
     from moe_emergence.kernels.routing_meta import routing_meta
 
