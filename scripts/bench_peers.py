@@ -36,8 +36,10 @@ JSON (``--json PATH``; issue 20 item 7): one file with both parts,
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
 asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
 all of them), measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode
-(none named: ``default``). The file is written once the layer rows are done and again with the e2e rows;
-``layer_date`` says when the layer rows were measured. ``--e2e-only`` measures only the e2e rows and keeps the
+(none named: ``default``). The file is written after each (shape, routing) group of layer rows, with the rows
+measured so far and, while any are left, ``layer_pending``: the groups still to measure (so a run cut short keeps
+what it measured and says what it lacks), and again with the e2e rows; ``layer_date`` says when the layer rows
+were measured. ``--e2e-only`` measures only the e2e rows and keeps the
 layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures
 only the layer rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's
 time limit (each part's ratios are against the dense model of its own process). ``e2e_dates`` says when each
@@ -302,27 +304,33 @@ def run(fwd, leaves, iters: int, impl: str | None = None) -> dict:
                 host_ms=m.host_ms)  # fmt: skip
 
 
-def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[dict]:
+def bench(
+    impls: dict, shapes: list[str], kinds: list[str], iters: int, done=None, device: str = "cuda"
+) -> list[dict]:
+    """The layer rows of every implementation at each shape of ``shapes`` and routing of ``kinds``; after each
+    (shape, routing) group ``done(rows, pending)`` where given: the rows so far and the groups still to measure
+    (``pending_groups``), so that a run cut short keeps what it measured."""
     gen = torch.Generator().manual_seed(0)
     dt, rows = torch.bfloat16, []
+    todo = pending_groups(shapes, kinds)
     for E, Fw, K, T in [s for name in shapes for s in SHAPES[name]]:
-        xd = torch.randn(K * T, D).to("cuda", dt).requires_grad_()
+        xd = torch.randn(K * T, D).to(device, dt).requires_grad_()
         wd = [
             torch.randn(D, Fw) * 0.02,
             torch.randn(Fw) * 0.1,
             torch.randn(Fw, D) * 0.02,
             torch.randn(D) * 0.1,
         ]
-        wd = [t.to("cuda", dt).requires_grad_() for t in wd]
+        wd = [t.to(device, dt).requires_grad_() for t in wd]
         dense = run(lambda xd=xd, wd=wd: dense_mlp(xd, *wd), [xd, *wd], iters)
         print(f"dense E={E} F={Fw} K={K} T={T} (on K*T tokens): wall {dense['wall_ms']:.3f} ms graph "
               f"{dense['graph_ms']:.3f} ms mem {dense['peak_mem_mib']:.0f} MiB", flush=True)  # fmt: skip
         del xd, wd
         for kind in kinds:
             idx, wts = routing(T, E, K, kind, gen)
-            x = torch.randn(T, D).to("cuda", dt).requires_grad_()
+            x = torch.randn(T, D).to(device, dt).requires_grad_()
             p = [torch.randn(E, D, Fw) * 0.02, torch.randn(E, Fw) * 0.1, torch.randn(E, Fw, D) * 0.02]
-            p = [t.to("cuda", dt) for t in p + [torch.randn(E, D) * 0.1]]
+            p = [t.to(device, dt) for t in p + [torch.randn(E, D) * 0.1]]
             wts.requires_grad_()
             for name, (fn, to_layout, _) in impls.items():
                 q = [t.detach().requires_grad_() for t in to_layout(*p)]  # once, outside the timed region
@@ -338,7 +346,16 @@ def bench(impls: dict, shapes: list[str], kinds: list[str], iters: int) -> list[
                       + (f"  [no graph: {r['graph_error']}]" if r["graph_error"] else ""), flush=True)  # fmt: skip
                 del q
             torch.cuda.empty_cache()
+            todo.pop(0)
+            if done is not None:
+                done(list(rows), list(todo))
     return rows
+
+
+def pending_groups(shapes: list[str], kinds: list[str]) -> list[dict]:
+    """The (shape, routing) groups of a run in the order ``bench`` measures them, as ``layer_pending`` lists them:
+    ``{"E", "F", "K", "T", "routing"}``."""
+    return [dict(E=E, F=Fw, K=K, T=T, routing=k) for n in shapes for E, Fw, K, T in SHAPES[n] for k in kinds]
 
 
 LAYER_DEFAULTS = dict(impls=list(IMPLS), shapes=list(SHAPES), routing=["balanced", "zipf"], iters=30)
@@ -408,14 +425,18 @@ def main(argv: list[str] | None = None) -> None:
     impls = check_impls(load_impls(args.impls))
     if args.check_only:
         return
-    layer = bench(impls, args.shapes, args.routing, args.iters)
+
+    def done(rows: list[dict], pending: list[dict]) -> None:  # after each group: a cut-off run keeps its rows
+        if args.layer_only:
+            keep_e2e(args.json, extended, gpu, rows, now(), pending)
+        else:
+            write_report(args.json, gpu, rows, [], now(), pending=pending)
+
+    layer = bench(impls, args.shapes, args.routing, args.iters, done)
     layer_date = now()
+    done(layer, [])  # the whole layer part, dated when it finished
     if args.layer_only:
-        keep_e2e(args.json, extended, gpu, layer, layer_date)
         return
-    write_report(
-        args.json, gpu, layer, [], layer_date
-    )  # the layer rows are kept should the e2e part not finish
     if args.e2e is not None:
         e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(compile_modes(args.compile), args.e2e or None)]
         write_report(args.json, gpu, layer, e2e, layer_date)
@@ -445,6 +466,7 @@ def read_report(path: Path) -> dict | None:
         if not all(r.get("compiled") is False or isinstance(r.get("compiled"), str) for r in e2e):
             raise TypeError("an e2e row's 'compiled' must be false or a compile mode")
         _check_dates(old)
+        _check_pending(old.get("layer_pending", []))
         layer = [{k: None for k in OPTIONAL_LAYER_KEYS} | r for r in layer]
         bad = [(r, LAYER_KEYS, "layer") for r in layer if set(r) != set(LAYER_KEYS)]
         bad += [(r, E2E_KEYS, "e2e") for r in e2e if set(r) != set(E2E_KEYS)]
@@ -467,6 +489,13 @@ def _check_dates(old: dict) -> None:
         raise TypeError("'e2e_dates' must map compile modes to dates")
     for value in (*dates, *by_mode.values()):
         datetime.datetime.fromisoformat(value)  # TypeError for a non-string
+
+
+def _check_pending(pending) -> None:
+    """TypeError unless ``pending`` (a report's ``layer_pending``) is a list of ``pending_groups`` entries."""
+    keys = {"E", "F", "K", "T", "routing"}
+    if not isinstance(pending, list) or not all(isinstance(g, dict) and set(g) == keys for g in pending):
+        raise TypeError(f"'layer_pending' must be a list of objects with exactly the keys {sorted(keys)}")
 
 
 def _mode(row: dict) -> str:
@@ -497,8 +526,9 @@ def e2e_only(args) -> None:
     e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     layer_date = old.get("layer_date", old["date"]) if old["layer"] else None
     write_report(
-        args.json, gpu, old["layer"], kept + e2e, layer_date, _notes(old), e2e_dates(old | {"e2e": kept})
-    )
+        args.json, gpu, old["layer"], kept + e2e, layer_date, _notes(old), e2e_dates(old | {"e2e": kept}),
+        old.get("layer_pending"),
+    )  # fmt: skip
 
 
 EMPTY_REPORT = {"layer": [], "e2e": []}
@@ -521,14 +551,15 @@ def _notes(old: dict) -> dict:
         "layer_date",
         "e2e_dates",
         "e2e_date",
+        "layer_pending",
     )  # e2e_date: before e2e_dates
     return {k: v for k, v in old.items() if k not in written}
 
 
-def keep_e2e(path: str, old: dict, gpu: str, layer: list[dict], layer_date: str) -> None:
-    """``--layer-only``: the new layer rows written into the report ``old`` at ``path``, with its e2e
-    rows, their ``e2e_dates`` and its other top-level keys kept."""
-    write_report(path, gpu, layer, old["e2e"], layer_date, _notes(old), e2e_dates(old))
+def keep_e2e(path: str, old: dict, gpu: str, layer: list[dict], layer_date: str, pending: list[dict]) -> None:
+    """``--layer-only``: the new layer rows (``pending``: the groups not measured yet) written into the report
+    ``old`` at ``path``, with its e2e rows, their ``e2e_dates`` and its other top-level keys kept."""
+    write_report(path, gpu, layer, old["e2e"], layer_date, _notes(old), e2e_dates(old), pending)
 
 
 def write_report(
@@ -539,17 +570,21 @@ def write_report(
     layer_date: str | None,
     extra: dict | None = None,
     kept_dates: dict[str, str] | None = None,
+    pending: list[dict] | None = None,
 ) -> None:
     """``build_report`` (plus ``layer_date``: when the layer rows were measured, None without any; ``e2e_dates``:
     when each compile mode's e2e rows were, ``kept_dates`` for rows kept from an earlier report, the report's
-    ``date`` for the others; and ``extra`` top-level keys) to ``path`` (nothing when None), through a temporary
-    file: a run cut short leaves the last complete report."""
+    ``date`` for the others; ``layer_pending``: the (shape, routing) groups the run has still to measure, only
+    while there are any; and ``extra`` top-level keys) to ``path`` (nothing when None), through a temporary
+    file: a run cut short leaves the last complete write."""
     if path is None:
         return
     report = build_report(gpu, layer, e2e)
     dates = {m: (kept_dates or {}).get(m, report["date"]) for m in dict.fromkeys(map(_mode, e2e))}
-    write_json(path, (extra or {}) | report | {"layer_date": layer_date, "e2e_dates": dates})
-    print(f"wrote {path} ({len(layer)} layer rows, {len(e2e)} e2e rows)", flush=True)
+    report |= {"layer_date": layer_date, "e2e_dates": dates} | ({"layer_pending": pending} if pending else {})
+    write_json(path, (extra or {}) | report)
+    left = f", {len(pending)} (shape, routing) groups pending" if pending else ""
+    print(f"wrote {path} ({len(layer)} layer rows, {len(e2e)} e2e rows{left})", flush=True)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, tmp_path, monkeypatch
     monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
-    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters: [_row(bp)])
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
     new = json.loads(report.read_text())
     assert new["layer"] == [_row(bp)] and new["e2e"] == old["e2e"] and new["note"] == "by hand"
@@ -321,9 +321,66 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, tmp_path, monkeypatch
         third, e2e=[], e2e_dates={}
     )  # no e2e rows to keep: another GPU may replace the layer rows
     report.write_text(json.dumps(layer_only))
-    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters: [_row(bp)])
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
     assert json.loads(report.read_text())["gpu"] == "NVIDIA H100"
+
+
+def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
+    """``bench``'s ``done`` after each (shape, routing) group: the rows so far and the groups still to measure, in
+    the order measured (real loop on the CPU; the GPU timing and the routing replaced)."""
+    monkeypatch.setattr(bp, "SHAPES", {"gpt2": [(4, 8, 1, 16)], "fine": [(4, 8, 2, 16)]})
+    monkeypatch.setattr(
+        bp, "routing", lambda T, E, K, kind, gen: (torch.zeros(T, K, dtype=torch.long), torch.ones(T, K))
+    )
+    ms = dict(graph_ms=1.0, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0, host_ms=0.5, graph_error=None)
+    monkeypatch.setattr(bp, "run", lambda fwd, leaves, iters, impl=None: dict(ms))
+    same = lambda *p: p  # noqa: E731
+    seen = []
+    rows = bp.bench({"a": (None, same, same), "b": (None, same, same)}, ["gpt2", "fine"], ["balanced", "zipf"], 1,
+                    lambda rows, pending: seen.append((rows, pending)), device="cpu")  # fmt: skip
+    groups = [(E, F, K, T, r) for E, F, K, T in [(4, 8, 1, 16), (4, 8, 2, 16)] for r in ("balanced", "zipf")]
+    assert bp.pending_groups(["gpt2", "fine"], ["balanced", "zipf"]) == [
+        dict(zip(("E", "F", "K", "T", "routing"), g, strict=True)) for g in groups
+    ]
+    assert [len(r) for r, _ in seen] == [2, 4, 6, 8] and seen[-1][0] == rows
+    assert [[tuple(g.values()) for g in p] for _, p in seen] == [groups[1:], groups[2:], groups[3:], []]
+    assert [(r["impl"], r["K"], r["routing"]) for r in rows[2:4]] == [("a", 1, "zipf"), ("b", 1, "zipf")]
+
+
+def test_a_run_cut_short_keeps_the_groups_it_measured(bp, tmp_path, monkeypatch, capsys):
+    """A layer run stopped after its first group leaves a report with that group's rows and ``layer_pending``
+    naming the rest (``--layer-only``: the e2e rows kept); ``--e2e-only`` keeps the list with the layer rows; a run
+    that finishes writes none."""
+    report = tmp_path / "h200.json"
+    e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
+    report.write_text(json.dumps(bp.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old)))
+    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
+    rest = bp.pending_groups(["gpt2", "fine"], ["balanced", "zipf"])[1:]
+
+    def cut(impls, shapes, kinds, iters, done):
+        done([_row(bp)], rest)
+        raise KeyboardInterrupt  # the machine's time limit
+
+    monkeypatch.setattr(bp, "bench", cut)
+    for argv, e2e in ((["--layer-only"], e2e_old), ([], [])):
+        with pytest.raises(KeyboardInterrupt):
+            bp.main([*argv, "--impls", "triton", "--json", str(report)])
+        got = json.loads(report.read_text())
+        assert got["layer"] == [_row(bp)] and got["e2e"] == e2e and got["layer_pending"] == rest
+        assert "7 (shape, routing) groups pending" in capsys.readouterr().out
+    monkeypatch.setattr(
+        bp, "bench_e2e", lambda modes, only: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
+    )
+    bp.main(["--e2e-only", "--e2e", "--json", str(report)])
+    got = json.loads(report.read_text())
+    assert got["layer_pending"] == rest and got["e2e"] == e2e_old and got["layer"] == [_row(bp)]
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
+    bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
+    got = json.loads(report.read_text())
+    assert "layer_pending" not in got and got["e2e"] == e2e_old
 
 
 def test_a_report_that_is_not_one_is_refused(bp, tmp_path, capsys):
@@ -339,6 +396,8 @@ def test_a_report_that_is_not_one_is_refused(bp, tmp_path, capsys):
         dict(good, layer_date=[1, 2]),
         dict(good, e2e_dates=5),
         dict(good, e2e=[dict(model="dense", compiled=0, tokens_per_s=1.0, ratio=1.0)]),
+        dict(good, layer_pending={"E": 8}),
+        dict(good, layer_pending=[dict(E=8, F=3072, K=1, T=8192)]),  # no routing
     ):
         report.write_text(json.dumps(bad))
         assert "not a bench_peers report" in _refused(bp, capsys, "--layer-only", "--json", str(report)), bad
