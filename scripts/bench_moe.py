@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import secrets
 import statistics
 import sys
 import time
@@ -572,10 +573,17 @@ def write_json(path: str, data) -> None:
     """``data`` as JSON to ``path`` (a link: to its target) through a temporary file beside it, renamed into
     place: a run cut short leaves the file as it was."""
     target = Path(path).resolve()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "x") as f:  # a new file of ours, with the umask's permissions (tempfile's are 0600)
-        json.dump(data, f, indent=1)
-    tmp.replace(target)
+    # a new file of ours (a random part: a file left by a killed run of the same pid is never in the way), with
+    # the umask's permissions (tempfile's are 0600)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    f = open(tmp, "x")  # noqa: SIM115 (closed below; from here on the file is ours to remove)
+    try:
+        with f:
+            json.dump(data, f, indent=1)
+        tmp.replace(target)
+    except BaseException:  # e.g. a value JSON cannot hold, or Ctrl-C: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def parse_args(ap: ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -36,10 +36,13 @@ JSON (``--json PATH``; issue 20 item 7): one file with both parts,
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
 asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
 all of them), measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode
-(none named: ``default``). The file is written after each (shape, routing) group of layer rows, with the rows
-measured so far and, while any are left, ``layer_pending``: the groups still to measure (so a run cut short keeps
-what it measured and says what it lacks), and again with the e2e rows; ``layer_date`` says when the layer rows
-were measured. ``--e2e-only`` measures only the e2e rows and keeps the
+(none named: ``default``). The file is written once the layer rows are done and again with the e2e rows;
+``layer_date`` says when the layer rows were measured. While the layer rows are measured, the report as it would
+be so far is written after each (shape, routing) group to ``PATH`` with ``.partial`` before its suffix
+(``h200.json`` -> ``h200.partial.json``), with ``layer_pending``: the groups of this run's ``--shapes`` and
+``--routing`` still to measure, each ``{"E", "F", "K", "T", "routing"}``. A run cut short leaves ``--json`` as it
+was and the partial report beside it (there is no resume: run the layer part again); one that finishes writes
+``--json`` and removes the partial report (a later run's replaces an earlier one's). ``--e2e-only`` measures only the e2e rows and keeps the
 layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures
 only the layer rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's
 time limit (each part's ratios are against the dense model of its own process). ``e2e_dates`` says when each
@@ -352,6 +355,13 @@ def bench(
     return rows
 
 
+def partial_path(path: str) -> Path:
+    """Where a layer run keeps its report while it measures: ``--json``'s name with ``.partial`` before its suffix
+    (``h200.json`` -> ``h200.partial.json``)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.partial{p.suffix}")
+
+
 def pending_groups(shapes: list[str], kinds: list[str]) -> list[dict]:
     """The (shape, routing) groups of a run in the order ``bench`` measures them, as ``layer_pending`` lists them:
     ``{"E", "F", "K", "T", "routing"}``."""
@@ -386,6 +396,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.impls = list(dict.fromkeys(args.impls))  # each once, in the order given
     if args.json is not None:
         check_json_path(args.json)
+        if not args.e2e_only:
+            check_json_path(str(partial_path(args.json)))  # the layer part's report while it measures
         # an existing file must be a report: it is replaced (or, --e2e-only and --layer-only, extended)
         read_report(Path(args.json))
     if args.layer_only:
@@ -426,15 +438,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_only:
         return
 
-    def done(rows: list[dict], pending: list[dict]) -> None:  # after each group: a cut-off run keeps its rows
+    partial = None if args.json is None else partial_path(args.json)
+
+    def done(rows: list[dict], pending: list[dict], date: str | None = None) -> None:
+        """After each group, the report so far into ``partial`` (``--json`` itself only once all are done)."""
+        path = args.json if not pending or args.json is None else str(partial)
         if args.layer_only:
-            keep_e2e(args.json, extended, gpu, rows, now(), pending)
+            keep_e2e(path, extended, gpu, rows, date or now(), pending)
         else:
-            write_report(args.json, gpu, rows, [], now(), pending=pending)
+            write_report(path, gpu, rows, [], date or now(), pending=pending)
 
     layer = bench(impls, args.shapes, args.routing, args.iters, done)
     layer_date = now()
-    done(layer, [])  # the whole layer part, dated when it finished
+    done(layer, [], layer_date)
+    if partial is not None:
+        partial.unlink(missing_ok=True)  # this run's rows (or an earlier cut run's), now in --json
     if args.layer_only:
         return
     if args.e2e is not None:
@@ -492,10 +510,20 @@ def _check_dates(old: dict) -> None:
 
 
 def _check_pending(pending) -> None:
-    """TypeError unless ``pending`` (a report's ``layer_pending``) is a list of ``pending_groups`` entries."""
-    keys = {"E", "F", "K", "T", "routing"}
-    if not isinstance(pending, list) or not all(isinstance(g, dict) and set(g) == keys for g in pending):
-        raise TypeError(f"'layer_pending' must be a list of objects with exactly the keys {sorted(keys)}")
+    """TypeError unless ``pending`` (a report's ``layer_pending``) is a list of distinct ``pending_groups``
+    entries: E, F, K, T positive integers, routing "balanced" or "zipf"."""
+
+    def group(g) -> bool:
+        sizes = [g.get(k) for k in ("E", "F", "K", "T")]
+        ints = all(type(n) is int and n > 0 for n in sizes)
+        return set(g) == {"E", "F", "K", "T", "routing"} and ints and g["routing"] in ("balanced", "zipf")
+
+    if not isinstance(pending, list) or not all(isinstance(g, dict) and group(g) for g in pending):
+        raise TypeError(
+            "'layer_pending' must be a list of objects {E, F, K, T: positive integers, routing: balanced or zipf}"
+        )
+    if len({tuple(g.values()) for g in pending}) != len(pending):
+        raise TypeError("'layer_pending' lists a group twice")
 
 
 def _mode(row: dict) -> str:

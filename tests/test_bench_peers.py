@@ -2,6 +2,7 @@
 the JSON schema and the refusals (no CUDA, no ScatterMoE). The GPU timing itself is not run here."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -349,12 +350,14 @@ def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
 
 
 def test_a_run_cut_short_keeps_the_groups_it_measured(bp, tmp_path, monkeypatch, capsys):
-    """A layer run stopped after its first group leaves a report with that group's rows and ``layer_pending``
-    naming the rest (``--layer-only``: the e2e rows kept); ``--e2e-only`` keeps the list with the layer rows; a run
-    that finishes writes none."""
-    report = tmp_path / "h200.json"
+    """A layer run stopped after its first group leaves ``--json`` as it was and, beside it, the report it would
+    have written so far with ``layer_pending`` naming the rest (``--layer-only``: the e2e rows and notes kept);
+    ``--e2e-only`` on that partial report keeps the list; a run that finishes writes ``--json`` without it and
+    removes the partial report."""
+    report, partial = tmp_path / "h200.json", tmp_path / "h200.partial.json"
     e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
-    report.write_text(json.dumps(bp.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old)))
+    old = dict(bp.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old), note="by hand")
+    report.write_text(json.dumps(old))
     monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
@@ -368,19 +371,26 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, tmp_path, monkeypatch,
     for argv, e2e in ((["--layer-only"], e2e_old), ([], [])):
         with pytest.raises(KeyboardInterrupt):
             bp.main([*argv, "--impls", "triton", "--json", str(report)])
-        got = json.loads(report.read_text())
+        assert json.loads(report.read_text()) == old
+        got = json.loads(partial.read_text())
         assert got["layer"] == [_row(bp)] and got["e2e"] == e2e and got["layer_pending"] == rest
+        assert got.get("note") == ("by hand" if argv else None)
         assert "7 (shape, routing) groups pending" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "h200.json",
+        "h200.partial.json",
+    ]  # no temporary file
     monkeypatch.setattr(
         bp, "bench_e2e", lambda modes, only: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
     )
-    bp.main(["--e2e-only", "--e2e", "--json", str(report)])
-    got = json.loads(report.read_text())
+    bp.main(["--e2e-only", "--e2e", "--json", str(partial)])
+    got = json.loads(partial.read_text())
     assert got["layer_pending"] == rest and got["e2e"] == e2e_old and got["layer"] == [_row(bp)]
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
     got = json.loads(report.read_text())
-    assert "layer_pending" not in got and got["e2e"] == e2e_old
+    assert "layer_pending" not in got and got["e2e"] == e2e_old and got["layer"] == [_row(bp)]
+    assert not partial.exists()
 
 
 def test_a_report_that_is_not_one_is_refused(bp, tmp_path, capsys):
@@ -398,6 +408,13 @@ def test_a_report_that_is_not_one_is_refused(bp, tmp_path, capsys):
         dict(good, e2e=[dict(model="dense", compiled=0, tokens_per_s=1.0, ratio=1.0)]),
         dict(good, layer_pending={"E": 8}),
         dict(good, layer_pending=[dict(E=8, F=3072, K=1, T=8192)]),  # no routing
+        dict(good, layer_pending=None),
+        dict(good, layer_pending=[dict(E="eight", F=3072, K=1, T=8192, routing="zipf")]),
+        dict(good, layer_pending=[dict(E=True, F=3072, K=1, T=8192, routing="zipf")]),
+        dict(good, layer_pending=[dict(E=8, F=3072, K=1, T=0, routing="zipf")]),
+        dict(good, layer_pending=[dict(E=8, F=3072, K=1, T=8192, routing="uniform")]),
+        dict(good, layer_pending=[dict(E=8, F=3072, K=1, T=8192, routing="zipf", x=1)]),  # an extra key
+        dict(good, layer_pending=[dict(E=8, F=3072, K=1, T=8192, routing="zipf")] * 2),
     ):
         report.write_text(json.dumps(bad))
         assert "not a bench_peers report" in _refused(bp, capsys, "--layer-only", "--json", str(report)), bad
@@ -437,3 +454,18 @@ def test_bench_moe_e2e_options_left_unset_take_bench_e2e_defaults(bp, monkeypatc
     bm.main(skip)
     bm.main([*skip, "--e2e-model", "scaling", "--e2e-rounds", "5"])
     assert [kw for _, kw in calls] == [{}, {"kind": "scaling", "rounds": 5}]
+
+
+def test_write_json_leaves_the_file_or_replaces_it_whole(bp, tmp_path):
+    """``bench_moe.write_json``: a value JSON cannot hold fails with the old file intact and no temporary file
+    left; a temporary name of an earlier killed run with this pid is never in the way (a random part)."""
+    bm = sys.modules["bench_moe"]
+    path = tmp_path / "r.json"
+    path.write_text('{"old": 1}')
+    (tmp_path / f".r.json.{os.getpid()}.tmp").write_text("left by a killed run")  # the old naming
+    with pytest.raises(TypeError):
+        bm.write_json(str(path), {"x": object()})
+    assert path.read_text() == '{"old": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".r.json.{os.getpid()}.tmp", "r.json"]
+    bm.write_json(str(path), {"new": 2})
+    assert json.loads(path.read_text()) == {"new": 2}

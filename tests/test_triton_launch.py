@@ -331,3 +331,16 @@ def test_with_scratch_sets_tritons_allocator_for_the_launch_only():
     assert _allocation._allocator.get() is before
     with pytest.raises(ValueError, match="aligned to 1024"):
         triton_launch._scratch(torch.device("cpu"), 16, 1024, None)
+
+
+def test_tma_only_on_nvidia_gpus_of_capability_9_or_more(monkeypatch):
+    """TMA descriptors (the row GEMM's loads, the up GEMM's stores) only on an NVIDIA GPU of Hopper or newer: not
+    on an A100, not on a ROCm GPU that reports a major capability of 9 (MI300), not on the CPU."""
+    from moe_emergence.kernels import triton_kernels as tk
+
+    gpu = torch.device("cuda", 0)
+    for capability, hip, tma in [((9, 0), None, True), ((10, 0), None, True), ((8, 0), None, False), ((9, 4), "6.2", False)]:  # fmt: skip
+        monkeypatch.setattr(tk, "_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        assert tk._nvidia_sm90(gpu) is tma, (capability, hip)
+    assert tk._nvidia_sm90(torch.device("cpu")) is False

@@ -390,12 +390,17 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _nvidia_sm90(device: torch.device) -> bool:
+    """An NVIDIA GPU of compute capability 9.0 or higher (TMA)."""
+    return device.type == "cuda" and torch.version.hip is None and _capability(device.index)[0] >= 9
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
-    """Whether a TMA descriptor can address ``t`` (Hopper or newer, or the interpreter; last dim contiguous,
-    16-byte aligned base and strides, no empty dim). Not while ``torch.compile`` traces the op (a fake ``t``
-    has no address; the traced launches take no config pre-hook to size the descriptors' boxes): pointer
-    loads."""
-    if fake_arg(t) or not INTERPRET and (t.device.type != "cuda" or _capability(t.device.index)[0] < 9):
+    """Whether a TMA descriptor can address ``t`` (an NVIDIA GPU of Hopper or newer, or the interpreter; last dim
+    contiguous, 16-byte aligned base and strides, no empty dim). Not on ROCm (whose MI300 also reports a major
+    capability of 9), and not while ``torch.compile`` traces the op (a fake ``t`` has no address; the traced
+    launches take no config pre-hook to size the descriptors' boxes): pointer loads."""
+    if fake_arg(t) or not INTERPRET and not _nvidia_sm90(t.device):
         return False
     size = t.element_size()
     return (
@@ -441,7 +446,9 @@ def launch_rows(
     in_desc = _descriptor(inp) if tma and not gather and _tma_ok(inp) else None
     # TMA stores where they measured faster: the up GEMM's two [A, F] stores (z and a; docs/benchmarks.md
     # 2026-12-03 06:12); dZ's one store measured slower, the scattered rows cannot be
-    out_tma = tma and epilogue == EPI_GELU and not scatter and _tma_ok(out) and _tma_ok(aux)
+    out_tma = (
+        tma and epilogue == EPI_GELU and not scatter and aux is not out and _tma_ok(out) and _tma_ok(aux)
+    )
     part = out  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block, for the smallest BLOCK_M the autotuner may pick
         max_blocks = triton.cdiv(A, _smallest_rows_tile("BLOCK_M")) + E

@@ -38,6 +38,7 @@ read from Triton 3.6 and 3.9) it launches with ``kernel[grid]``, and on the latt
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import warnings
@@ -49,7 +50,7 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from triton import knobs
-from triton.runtime import _allocation, driver
+from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -231,12 +232,14 @@ class Launcher:
         (``tl.make_tensor_descriptor``: each takes global scratch memory from Triton's allocator). The allocator,
         torch's caching allocator on ``args[0]``'s device, is set for this launch only: Triton keeps it in a
         ContextVar, which ``triton.set_allocator`` would set for the caller's whole context and which autograd's
-        backward threads do not inherit. In a CUDA graph capture the scratch comes from the graph's pool."""
-        token = _allocation._allocator.set(functools.partial(_scratch, args[0].device))
-        try:
+        backward threads do not inherit, so it is set in a copy of the context that the launch runs in. In a
+        CUDA graph capture the scratch comes from the graph's pool."""
+
+        def launch() -> triton.Config:
+            triton.set_allocator(functools.partial(_scratch, args[0].device))
             return self(grid, *args, **constexprs)
-        finally:
-            _allocation._allocator.reset(token)
+
+        return contextvars.copy_context().run(launch)
 
     def _wrapped(self, grid, args: tuple, constexprs: dict) -> triton.Config:
         """The launch traced into the graph (``wrap_triton``), with one fixed config for an autotuned kernel
