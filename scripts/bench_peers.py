@@ -31,7 +31,7 @@ dense one's (None when the implementation cannot be captured, e.g. a host sync: 
 ``peak_mem_ratio`` = peak activation memory of forward+backward / dense's, the absolute ms and MiB, and
 ``host_ms`` = host (CPU) time of one eager forward+backward (issue 20 item 2).
 
-JSON (``--json PATH``; issue 20 item 7): one file with both parts,
+JSON (``--json PATH``; issue 20 item 7; read and written by ``scripts/peer_report.py``): one file with both parts,
 ``{"gpu", "date", "layer": [row, ...], "e2e": [row, ...]}``; a layer row has exactly ``LAYER_KEYS``, an e2e row
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
 asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
@@ -56,9 +56,7 @@ compile mode's e2e rows were measured (``date``: when the file was written).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -81,8 +79,20 @@ from bench_moe import (
     positive_int,
     routing,
     user_error,
-    write_json,
 )  # scripts/ on path
+from peer_report import (  # scripts/ on path
+    E2E_KEYS,
+    EMPTY_REPORT,
+    e2e_dates,
+    keep_e2e,
+    kept_notes,
+    layer_row,
+    now,
+    partial_path,
+    read_report,
+    refuse_other_gpu,
+    write_report,
+)
 
 from moe_emergence.console import ArgumentParser
 from moe_emergence.experts import eager_experts, get_backend
@@ -94,12 +104,6 @@ SHAPES = {  # (E, F, K, T)
     "gpt2": [(8, 3072, 1, 8192), (8, 3072, 2, 8192)],
     "fine": [(64, 768, 8, 16384), (128, 384, 8, 16384)],
 }
-LAYER_KEYS = (
-    *("impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"),
-    *("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "host_ms", "graph_error"),
-    *("dense_graph_ms", "dense_wall_ms", "dense_fwd_ms", "dense_peak_mem_mib", "dense_host_ms"),
-)
-E2E_KEYS = ("model", "compiled", "tokens_per_s", "ratio")
 
 
 fail = user_error  # one ``error:`` line, exit 2
@@ -265,30 +269,6 @@ def try_graph(step, iters: int) -> tuple[float | None, str | None]:
         return None, str(e).strip().splitlines()[0][:200]
 
 
-def layer_row(impl, E, Fw, K, T, kind, res: dict, dense: dict) -> dict:
-    """One JSON layer row (exactly ``LAYER_KEYS``) from the measurements ``res`` of ``impl`` and ``dense``'s."""
-    ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
-    row = dict(impl=impl, E=E, F=Fw, K=K, T=T, routing=kind)
-    row |= dict(
-        graph_ratio=ratio(res["graph_ms"], dense["graph_ms"]),
-        wall_ratio=ratio(res["wall_ms"], dense["wall_ms"]),
-        peak_mem_ratio=ratio(res["peak_mem_mib"], dense["peak_mem_mib"]),
-    )
-    row |= {
-        k: res.get(k) for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "host_ms", "graph_error")
-    }
-    row |= {f"dense_{k}": dense.get(k) for k in ("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "host_ms")}
-    return row
-
-
-def build_report(gpu: str, layer: list[dict], e2e: list[dict]) -> dict:
-    for r in layer:
-        assert set(r) == set(LAYER_KEYS), sorted(set(r) ^ set(LAYER_KEYS))
-    for r in e2e:
-        assert set(r) == set(E2E_KEYS), sorted(set(r) ^ set(E2E_KEYS))
-    return {"gpu": gpu, "date": now(), "layer": layer, "e2e": e2e}
-
-
 NO_CAPTURE = {"naive": "not attempted: host syncs in every step (per-expert nonzero)"}
 
 
@@ -353,13 +333,6 @@ def bench(
             if done is not None:
                 done(list(rows), list(todo))
     return rows
-
-
-def partial_path(path: str) -> Path:
-    """Where a layer run keeps its report while it measures: ``--json``'s name with ``.partial`` before its suffix
-    (``h200.json`` -> ``h200.partial.json``)."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.partial{p.suffix}")
 
 
 def pending_groups(shapes: list[str], kinds: list[str]) -> list[dict]:
@@ -460,84 +433,6 @@ def main(argv: list[str] | None = None) -> None:
         write_report(args.json, gpu, layer, e2e, layer_date)
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-OPTIONAL_LAYER_KEYS = ("host_ms", "dense_host_ms")  # reports written before host_ms was measured lack them
-
-
-def read_report(path: Path) -> dict | None:
-    """An existing report at ``path`` (None when there is none), checked: ``layer`` and ``e2e`` lists of rows with
-    exactly ``LAYER_KEYS`` / ``E2E_KEYS`` (rows of older reports get None for ``OPTIONAL_LAYER_KEYS``), ``compiled``
-    false or a mode, ISO dates (``date``; ``layer_date`` and ``e2e_dates`` where present); anything else is one
-    ``error:`` line."""
-    if not path.exists():
-        return None
-    try:
-        old = json.loads(path.read_text())
-        gpu, layer, e2e = old["gpu"], old["layer"], old["e2e"]
-        if not (isinstance(layer, list) and isinstance(e2e, list)):
-            raise TypeError("'layer' and 'e2e' must be lists")
-        if not all(isinstance(r, dict) for r in (*layer, *e2e)):
-            raise TypeError("rows must be JSON objects")
-        if not all(r.get("compiled") is False or isinstance(r.get("compiled"), str) for r in e2e):
-            raise TypeError("an e2e row's 'compiled' must be false or a compile mode")
-        _check_dates(old)
-        _check_pending(old.get("layer_pending", []))
-        layer = [{k: None for k in OPTIONAL_LAYER_KEYS} | r for r in layer]
-        bad = [(r, LAYER_KEYS, "layer") for r in layer if set(r) != set(LAYER_KEYS)]
-        bad += [(r, E2E_KEYS, "e2e") for r in e2e if set(r) != set(E2E_KEYS)]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError) as e:
-        fail(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
-    if bad:
-        row, keys, part = bad[0]
-        missing, extra = sorted(set(keys) - set(row)), sorted(set(row) - set(keys))
-        fail(f"--json {path}: an {part} row with keys missing {missing} and unknown {extra}")
-    return old | {"gpu": gpu, "layer": layer, "e2e": e2e}
-
-
-def _check_dates(old: dict) -> None:
-    """TypeError or ValueError unless ``date`` is an ISO date, ``layer_date`` (and the older ``e2e_date``) one or
-    null, ``e2e_dates`` (where present) a mapping of compile modes to ISO dates."""
-    optional = [old[k] for k in ("layer_date", "e2e_date") if old.get(k) is not None]
-    dates = [old["date"], *optional]
-    by_mode = old.get("e2e_dates", {})
-    if not isinstance(by_mode, dict):
-        raise TypeError("'e2e_dates' must map compile modes to dates")
-    for value in (*dates, *by_mode.values()):
-        datetime.datetime.fromisoformat(value)  # TypeError for a non-string
-
-
-def _check_pending(pending) -> None:
-    """TypeError unless ``pending`` (a report's ``layer_pending``) is a list of distinct ``pending_groups``
-    entries: E, F, K, T positive integers, routing "balanced" or "zipf"."""
-
-    def group(g) -> bool:
-        sizes = [g.get(k) for k in ("E", "F", "K", "T")]
-        ints = all(type(n) is int and n > 0 for n in sizes)
-        return set(g) == {"E", "F", "K", "T", "routing"} and ints and g["routing"] in ("balanced", "zipf")
-
-    if not isinstance(pending, list) or not all(isinstance(g, dict) and group(g) for g in pending):
-        raise TypeError(
-            "'layer_pending' must be a list of objects {E, F, K, T: positive integers, routing: balanced or zipf}"
-        )
-    if len({tuple(g.values()) for g in pending}) != len(pending):
-        raise TypeError("'layer_pending' lists a group twice")
-
-
-def _mode(row: dict) -> str:
-    """The key of an e2e row's compile mode in ``e2e_dates``."""
-    return row["compiled"] or "uncompiled"
-
-
-def e2e_dates(old: dict) -> dict[str, str]:
-    """When each compile mode's e2e rows of report ``old`` were measured: its ``e2e_dates``, else (reports written
-    before them) its ``e2e_date`` or ``date`` for every mode it has rows of."""
-    before = old.get("e2e_date", old["date"])  # e2e_date: one date for all, before e2e_dates
-    return {m: old.get("e2e_dates", {}).get(m, before) for m in dict.fromkeys(map(_mode, old["e2e"]))}
-
-
 def e2e_only(args) -> None:
     """``--e2e-only``: measure the e2e rows and write them into ``args.json``: its layer rows (same GPU), its other
     top-level keys and its e2e rows of compile modes not measured again are kept, with their ``e2e_dates``
@@ -554,65 +449,9 @@ def e2e_only(args) -> None:
     e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     layer_date = old.get("layer_date", old["date"]) if old["layer"] else None
     write_report(
-        args.json, gpu, old["layer"], kept + e2e, layer_date, _notes(old), e2e_dates(old | {"e2e": kept}),
+        args.json, gpu, old["layer"], kept + e2e, layer_date, kept_notes(old), e2e_dates(old | {"e2e": kept}),
         old.get("layer_pending"),
     )  # fmt: skip
-
-
-EMPTY_REPORT = {"layer": [], "e2e": []}
-
-
-def refuse_other_gpu(path: str, old: dict, kept: list[dict], gpu: str) -> None:
-    """An error line, before any measurement, where the rows ``kept`` of report ``old`` at ``path`` (by
-    ``--e2e-only`` or ``--layer-only``) are from another GPU than ``gpu``."""
-    if kept and old["gpu"] != gpu:
-        fail(f"--json {path}: rows it would keep are from {old['gpu']!r}, this is {gpu!r}")
-
-
-def _notes(old: dict) -> dict:
-    """A report's top-level keys beyond those ``write_report`` writes (notes added by hand): kept as they are."""
-    written = (
-        "gpu",
-        "date",
-        "layer",
-        "e2e",
-        "layer_date",
-        "e2e_dates",
-        "e2e_date",
-        "layer_pending",
-    )  # e2e_date: before e2e_dates
-    return {k: v for k, v in old.items() if k not in written}
-
-
-def keep_e2e(path: str, old: dict, gpu: str, layer: list[dict], layer_date: str, pending: list[dict]) -> None:
-    """``--layer-only``: the new layer rows (``pending``: the groups not measured yet) written into the report
-    ``old`` at ``path``, with its e2e rows, their ``e2e_dates`` and its other top-level keys kept."""
-    write_report(path, gpu, layer, old["e2e"], layer_date, _notes(old), e2e_dates(old), pending)
-
-
-def write_report(
-    path: str | None,
-    gpu: str,
-    layer: list[dict],
-    e2e: list[dict],
-    layer_date: str | None,
-    extra: dict | None = None,
-    kept_dates: dict[str, str] | None = None,
-    pending: list[dict] | None = None,
-) -> None:
-    """``build_report`` (plus ``layer_date``: when the layer rows were measured, None without any; ``e2e_dates``:
-    when each compile mode's e2e rows were, ``kept_dates`` for rows kept from an earlier report, the report's
-    ``date`` for the others; ``layer_pending``: the (shape, routing) groups the run has still to measure, only
-    while there are any; and ``extra`` top-level keys) to ``path`` (nothing when None), through a temporary
-    file: a run cut short leaves the last complete write."""
-    if path is None:
-        return
-    report = build_report(gpu, layer, e2e)
-    dates = {m: (kept_dates or {}).get(m, report["date"]) for m in dict.fromkeys(map(_mode, e2e))}
-    report |= {"layer_date": layer_date, "e2e_dates": dates} | ({"layer_pending": pending} if pending else {})
-    write_json(path, (extra or {}) | report)
-    left = f", {len(pending)} (shape, routing) groups pending" if pending else ""
-    print(f"wrote {path} ({len(layer)} layer rows, {len(e2e)} e2e rows{left})", flush=True)
 
 
 if __name__ == "__main__":

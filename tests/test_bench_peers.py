@@ -18,6 +18,12 @@ def bp():
         yield module
 
 
+@pytest.fixture(scope="module")
+def pr(bp):
+    """scripts/peer_report.py, the report's module (imported by bench_peers)."""
+    return sys.modules["peer_report"]
+
+
 def _grads(fn, base, idx, gy):
     leaves = [t.clone().requires_grad_() for t in base]
     y = fn(*leaves[:5], idx, leaves[5], "gelu_pytorch_tanh")
@@ -94,23 +100,23 @@ def test_scattermoe_call_matches_eager(bp, histc):
     torch.testing.assert_close(got, eager_experts(x, *p, idx, wts, "gelu_pytorch_tanh"), rtol=1e-4, atol=1e-4)
 
 
-def test_report_has_exactly_the_schema_keys(bp):
+def test_report_has_exactly_the_schema_keys(bp, pr):
     res = dict(fwd_ms=1.0, wall_ms=3.0, peak_mem_mib=50.0, graph_ms=None, graph_error="capture: host sync")
     dense = dict(fwd_ms=0.5, wall_ms=2.0, peak_mem_mib=25.0, graph_ms=1.5, graph_error=None)
     row = bp.layer_row("scattermoe", 64, 768, 8, 16384, "zipf", res, dense)
-    assert set(row) == set(bp.LAYER_KEYS)
+    assert set(row) == set(pr.LAYER_KEYS)
     required = {"impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"}
     assert required <= set(row)
     assert row["graph_ratio"] is None and row["wall_ratio"] == 1.5 and row["peak_mem_ratio"] == 2.0
     e2e = [dict(model="dense", compiled="default", tokens_per_s=1e5, ratio=1.0)]
-    report = bp.build_report("H200", [row], e2e)
+    report = pr.build_report("H200", [row], e2e)
     assert set(report) == {"gpu", "date", "layer", "e2e"}
     assert set(report["e2e"][0]) == set(bp.E2E_KEYS) == {"model", "compiled", "tokens_per_s", "ratio"}
     with pytest.raises(AssertionError):
-        bp.build_report("H200", [dict(row, extra=1)], [])
+        pr.build_report("H200", [dict(row, extra=1)], [])
 
 
-def test_run_row_takes_every_measurement(bp, monkeypatch):
+def test_run_row_takes_every_measurement(bp, pr, monkeypatch):
     """``run`` reads ``bench_moe.measure``'s fields by name (a tuple unpacking broke on the GPU when measure
     gained a field); the GPU parts are replaced here, the row's assembly is real."""
     monkeypatch.setattr(bp, "measure", lambda fwd, leaves, iters: bp.Measured(1.0, 3.0, 50.0, None, 0.4))
@@ -121,7 +127,7 @@ def test_run_row_takes_every_measurement(bp, monkeypatch):
         fwd_ms=1.0, wall_ms=3.0, peak_mem_mib=50.0, graph_ms=2.5, graph_error=None, host_ms=0.4
     )
     row = bp.layer_row("triton", 8, 3072, 1, 8192, "zipf", res, dict(res, wall_ms=1.5, host_ms=0.1))
-    assert set(row) == set(bp.LAYER_KEYS) and row["wall_ratio"] == 2.0 and row["dense_host_ms"] == 0.1
+    assert set(row) == set(pr.LAYER_KEYS) and row["wall_ratio"] == 2.0 and row["dense_host_ms"] == 0.1
 
 
 def test_report_file_is_replaced_whole_and_compile_modes_parse(bp, tmp_path):
@@ -200,13 +206,13 @@ def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, tmp_path, cap
     assert not report.exists()
 
 
-def test_e2e_only_reads_the_report_it_extends(bp, tmp_path, capsys):
+def test_e2e_only_reads_the_report_it_extends(bp, pr, tmp_path, capsys):
     report = tmp_path / "h200.json"
     report.write_text("{not json")
     assert str(report) in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
     assert report.read_text() == "{not json"  # a file it cannot read is left as it was
     report.write_text(
-        json.dumps(dict(bp.build_report("H200", [_row(bp)], []), layer=[dict(_row(bp), extra=1)]))
+        json.dumps(dict(pr.build_report("H200", [_row(bp)], []), layer=[dict(_row(bp), extra=1)]))
     )
     assert "unknown ['extra']" in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
     for bad in (
@@ -214,16 +220,16 @@ def test_e2e_only_reads_the_report_it_extends(bp, tmp_path, capsys):
         dict(e2e=[["model"]]),
         dict(date=None),
     ):  # rows not objects, no date
-        report.write_text(json.dumps(bp.build_report("H200", [_row(bp)], []) | bad))
+        report.write_text(json.dumps(pr.build_report("H200", [_row(bp)], []) | bad))
         assert "not a bench_peers report" in _refused(bp, capsys, "--layer-only", "--json", str(report))
     old = {
-        k: v for k, v in _row(bp).items() if k not in bp.OPTIONAL_LAYER_KEYS
+        k: v for k, v in _row(bp).items() if k not in pr.OPTIONAL_LAYER_KEYS
     }  # a report from before host_ms
-    report.write_text(json.dumps(dict(bp.build_report("H200", [_row(bp)], []), layer=[old])))
+    report.write_text(json.dumps(dict(pr.build_report("H200", [_row(bp)], []), layer=[old])))
     assert bp.read_report(report)["layer"] == [dict(old, host_ms=None, dense_host_ms=None)]
 
 
-def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, monkeypatch, capsys):
+def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, pr, tmp_path, monkeypatch, capsys):
     """The GPU parts replaced (no CUDA here); the merge into the existing report is real."""
     report = tmp_path / "h200.json"
     e2e_old = [
@@ -234,7 +240,7 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, mo
         ),  # of the old dense: dropped
     ]
     old = dict(
-        bp.build_report("NVIDIA H200", [_row(bp)], e2e_old),
+        pr.build_report("NVIDIA H200", [_row(bp)], e2e_old),
         note="by hand",
         layer_date="2026-12-01T17:57:00+00:00",
     )
@@ -263,7 +269,7 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, tmp_path, mo
     assert json.loads(report.read_text()) == new  # a refusal writes nothing
 
 
-def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, tmp_path, monkeypatch, capsys):
+def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeypatch, capsys):
     """``--layer-only``: new layer rows, the report's e2e rows, their ``e2e_dates`` and notes kept; ``--e2e-only``
     dates each compile mode's rows, keeping the dates of the modes it does not measure again, through any chain of
     partial runs. The GPU parts replaced (no CUDA here); the merge into the existing report is real. Mistakes:
@@ -277,7 +283,7 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, tmp_path, monkeypatch
     e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
     compiled = dict(e2e_old[0], compiled="default")
     old = dict(
-        bp.build_report("NVIDIA H200", [_row(bp, "naive")], [*e2e_old, compiled]), note="by hand", date=d0
+        pr.build_report("NVIDIA H200", [_row(bp, "naive")], [*e2e_old, compiled]), note="by hand", date=d0
     )
     report.write_text(json.dumps(old))  # a report from before e2e_dates
     monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
@@ -349,14 +355,14 @@ def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
     assert [(r["impl"], r["K"], r["routing"]) for r in rows[2:4]] == [("a", 1, "zipf"), ("b", 1, "zipf")]
 
 
-def test_a_run_cut_short_keeps_the_groups_it_measured(bp, tmp_path, monkeypatch, capsys):
+def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypatch, capsys):
     """A layer run stopped after its first group leaves ``--json`` as it was and, beside it, the report it would
     have written so far with ``layer_pending`` naming the rest (``--layer-only``: the e2e rows and notes kept);
     ``--e2e-only`` on that partial report keeps the list; a run that finishes writes ``--json`` without it and
     removes the partial report."""
     report, partial = tmp_path / "h200.json", tmp_path / "h200.partial.json"
     e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
-    old = dict(bp.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old), note="by hand")
+    old = dict(pr.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old), note="by hand")
     report.write_text(json.dumps(old))
     monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
@@ -393,10 +399,10 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, tmp_path, monkeypatch,
     assert not partial.exists()
 
 
-def test_a_report_that_is_not_one_is_refused(bp, tmp_path, capsys):
+def test_a_report_that_is_not_one_is_refused(bp, pr, tmp_path, capsys):
     """Odd contents of an existing report: one error line, the file left as it was."""
     report = tmp_path / "h200.json"
-    good = bp.build_report("H200", [_row(bp)], [])
+    good = pr.build_report("H200", [_row(bp)], [])
     for bad in (
         dict(good, layer=[list(_row(bp))]),  # rows that are not objects
         dict(good, e2e=[["model"]]),
