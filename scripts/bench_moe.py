@@ -418,6 +418,7 @@ def bench_e2e(
     kind: str = "gpt2",
     rounds: int = 3,
     steps: int = 20,
+    done: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Training tokens/s of each variant, all built first and then measured in ``rounds`` interleaved rounds of
     ``steps`` steps (B=8, L=512; the order rotates each round), so that drift of the machine hits every variant
@@ -425,7 +426,8 @@ def bench_e2e(
     (``--compile``) every variant is measured again compiled with that torch.compile mode (``nn.Module.compile``
     in place, as ``train.compile`` does; compiled during the 5 warm-up steps each model takes once all are
     built), against the dense model compiled alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s
-    (median), ratio, rounds: [tokens/s...], e2e_model}``."""
+    (median), ratio, rounds: [tokens/s...], e2e_model}``; ``done(rows)`` after each mode where given (the rows so
+    far: a caller can save them before the next mode)."""
     if isinstance(modes, str) or not set(modes) <= set(COMPILE_MODES):
         raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
     rows = []
@@ -462,6 +464,8 @@ def bench_e2e(
                   f"rounds {spread})", flush=True)  # fmt: skip
         del runs
         torch.cuda.empty_cache()
+        if done is not None:
+            done(list(rows))
     return rows
 
 

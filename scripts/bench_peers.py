@@ -36,14 +36,16 @@ JSON (``--json PATH``; issue 20 item 7; read and written by ``scripts/peer_repor
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
 asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
 all of them), measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode
-(none named: ``default``). The file is written once the layer rows are done and again with the e2e rows;
+(none named: ``default``). The file is written once the layer rows are done and again after each compile mode's
+e2e rows (``--e2e-only``: each mode's rows replace that mode's, the other modes' stay until theirs are measured);
 ``layer_date`` says when the layer rows were measured. While the layer rows are measured, the report as it would
 be so far is written after each (shape, routing) group to ``PATH`` with ``.partial`` before its suffix
 (``h200.json`` -> ``h200.partial.json``), with ``layer_pending``: the groups of this run's ``--shapes`` and
 ``--routing`` still to measure, each ``{"E", "F", "K", "T", "routing"}``. A run cut short leaves ``--json`` as it
 was and the partial report beside it (there is no resume: run the layer part again); one that finishes writes
-``--json`` and removes the partial report (a later run's replaces an earlier one's). ``--e2e-only`` measures only the e2e rows and keeps the
-layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures
+``--json`` and removes the partial report (a later run's replaces an earlier one's). ``--e2e-only`` measures only
+the e2e rows and keeps the layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU;
+``--layer-only`` measures
 only the layer rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's
 time limit (each part's ratios are against the dense model of its own process). ``e2e_dates`` says when each
 compile mode's e2e rows were measured (``date``: when the file was written).
@@ -429,8 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.layer_only:
         return
     if args.e2e is not None:
-        e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(compile_modes(args.compile), args.e2e or None)]
-        write_report(args.json, gpu, layer, e2e, layer_date)
+
+        def e2e_done(rows: list[dict]) -> None:  # after each compile mode: a run cut short keeps those done
+            write_report(args.json, gpu, layer, [{k: r[k] for k in E2E_KEYS} for r in rows], layer_date)
+
+        e2e_done(bench_e2e(compile_modes(args.compile), args.e2e or None, done=e2e_done))
 
 
 def e2e_only(args) -> None:
@@ -446,12 +451,21 @@ def e2e_only(args) -> None:
     # a mode measured again replaces all its old rows: each mode's ratios are against its own process's dense
     kept = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]]
     refuse_other_gpu(args.json, old, old["layer"] + kept, gpu)
-    e2e = [{k: r[k] for k in E2E_KEYS} for r in bench_e2e(modes, args.e2e or None)]
     layer_date = old.get("layer_date", old["date"]) if old["layer"] else None
-    write_report(
-        args.json, gpu, old["layer"], kept + e2e, layer_date, kept_notes(old), e2e_dates(old | {"e2e": kept}),
-        old.get("layer_pending"),
-    )  # fmt: skip
+    same_gpu = old.get("gpu") == gpu
+
+    def done(rows: list[dict]) -> None:
+        """After each compile mode: its rows replace the report's rows of that mode (the other modes' stay, with
+        their dates, until theirs are measured: a run cut short loses nothing)."""
+        new = [{k: r[k] for k in E2E_KEYS} for r in rows]
+        measured = {r["compiled"] for r in new}
+        old_rows = [r for r in old["e2e"] if same_gpu and r["compiled"] not in measured]
+        write_report(
+            args.json, gpu, old["layer"], old_rows + new, layer_date, kept_notes(old),
+            e2e_dates(old | {"e2e": old_rows}), old.get("layer_pending"),
+        )  # fmt: skip
+
+    done(bench_e2e(modes, args.e2e or None, done=done))
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, pr, tmp_path
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
     asked = []
 
-    def fake_e2e(modes, only):
+    def fake_e2e(modes, only, done=None):
         asked.append((modes, only))
         return [
             dict(
@@ -296,7 +296,7 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeyp
     assert new["e2e_dates"] == {"uncompiled": d0, "default": d0} and new["layer_date"] > d0
     measured = []
 
-    def fake_e2e(modes, only):
+    def fake_e2e(modes, only, done=None):
         return [
             dict(r, rounds=[1.0], e2e_model="gpt2")
             for r in e2e_old + [dict(compiled, compiled=m) for m in modes]
@@ -387,7 +387,7 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
         "h200.partial.json",
     ]  # no temporary file
     monkeypatch.setattr(
-        bp, "bench_e2e", lambda modes, only: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
+        bp, "bench_e2e", lambda modes, only, done=None: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
     )
     bp.main(["--e2e-only", "--e2e", "--json", str(partial)])
     got = json.loads(partial.read_text())
@@ -397,6 +397,43 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
     got = json.loads(report.read_text())
     assert "layer_pending" not in got and got["e2e"] == e2e_old and got["layer"] == [_row(bp)]
     assert not partial.exists()
+
+
+def test_an_e2e_run_cut_short_keeps_the_modes_it_measured(bp, pr, tmp_path, monkeypatch):
+    """``--e2e-only --compile default reduce-overhead`` stopped after its uncompiled and ``default`` rounds: their
+    rows replace the report's rows of those modes (dated now), the ``reduce-overhead`` rows stay with their date;
+    a plain run with ``--e2e`` writes its rows after each mode too."""
+    report = tmp_path / "h200.json"
+    d0 = "2026-01-01T00:00:00+00:00"
+    row = lambda mode, tps: dict(model="dense", compiled=mode, tokens_per_s=tps, ratio=1.0)  # noqa: E731
+    old = dict(
+        pr.build_report(
+            "NVIDIA H200", [], [row(False, 1.0), row("default", 2.0), row("reduce-overhead", 3.0)]
+        )
+    )
+    report.write_text(json.dumps(old | {"date": d0}))
+    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+
+    def cut(modes, only, done=None):
+        rows = []
+        for mode, tps in ((False, 10.0), ("default", 20.0)):
+            rows.append(dict(row(mode, tps), rounds=[tps], e2e_model="gpt2"))
+            done(list(rows))
+        raise KeyboardInterrupt  # the machine's time limit, in the reduce-overhead mode
+
+    monkeypatch.setattr(bp, "bench_e2e", cut)
+    with pytest.raises(KeyboardInterrupt):
+        bp.main(["--e2e-only", "--e2e", "--compile", "default", "reduce-overhead", "--json", str(report)])
+    got = json.loads(report.read_text())
+    assert got["e2e"] == [row("reduce-overhead", 3.0), row(False, 10.0), row("default", 20.0)]
+    assert got["e2e_dates"]["reduce-overhead"] == d0 and got["e2e_dates"]["default"] == got["date"] > d0
+    monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
+    with pytest.raises(KeyboardInterrupt):
+        bp.main(["--impls", "triton", "--e2e", "--compile", "default", "--json", str(report)])
+    got = json.loads(report.read_text())
+    assert got["layer"] == [_row(bp)] and got["e2e"] == [row(False, 10.0), row("default", 20.0)]
 
 
 def test_a_report_that_is_not_one_is_refused(bp, pr, tmp_path, capsys):
