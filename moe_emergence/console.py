@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -48,13 +49,18 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
 
 
-def check_output_file(path: str | Path, label: str, kind: str) -> None:
+def check_output_file(path: str | Path, label: str, kind: str, replaced: bool = False) -> None:
     """Before any work: the results file ``path`` (named ``label`` in messages, e.g. ``--json``; ``kind`` says
     what it is, e.g. ``"a JSON file"``) is new or a regular file, lies in an existing folder and can be written,
     tried for real (an existing file opened for appending, nothing written; a new one by a temporary file beside
-    it, removed): ``os.access`` says yes to root on a read-only file system. Raises ``ConfigError`` (one
-    ``error:`` line)."""
-    p = Path(path).resolve()
+    it, removed): ``os.access`` says yes to root on a read-only file system. ``replaced``: the caller writes a
+    temporary file beside it and renames it into place, so the folder must take one (named like the caller's:
+    ``.NAME.PID.<8 characters>.tmp``, so a name too long fails here), whether or not the file exists. Raises
+    ``ConfigError`` (one ``error:`` line)."""
+    try:
+        p = Path(path).resolve()
+    except (OSError, RuntimeError) as e:  # a link that loops
+        raise ConfigError(f"{label} {path}: cannot be resolved ({e})") from None
     if p.is_dir() or not p.parent.is_dir():
         raise ConfigError(f"{label} {path}: {kind} in an existing folder")
     if p.exists() and not p.is_file():  # a FIFO would block the check; a device (/dev/null) be replaced
@@ -63,8 +69,9 @@ def check_output_file(path: str | Path, label: str, kind: str) -> None:
         if p.exists():
             with open(p, "a"):
                 pass
-        else:
-            with tempfile.TemporaryFile(dir=p.parent):
+        if replaced or not p.exists():
+            # a named file (TemporaryFile may make an unnamed one, O_TMPFILE, whose name length is never tried)
+            with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp"):
                 pass
     except OSError as e:
         raise ConfigError(f"{label} {path}: not writable ({e.strerror or e})") from None

@@ -426,8 +426,8 @@ def bench_e2e(
     (``--compile``) every variant is measured again compiled with that torch.compile mode (``nn.Module.compile``
     in place, as ``train.compile`` does; compiled during the 5 warm-up steps each model takes once all are
     built), against the dense model compiled alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s
-    (median), ratio, rounds: [tokens/s...], e2e_model}``; ``done(rows)`` after each mode where given (the rows so
-    far: a caller can save them before the next mode)."""
+    (median), ratio, rounds: [tokens/s...], e2e_model}``; ``done(rows)`` after each mode but the last where given (the
+    rows so far: a caller can save them before the next mode)."""
     if isinstance(modes, str) or not set(modes) <= set(COMPILE_MODES):
         raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
     rows = []
@@ -464,7 +464,7 @@ def bench_e2e(
                   f"rounds {spread})", flush=True)  # fmt: skip
         del runs
         torch.cuda.empty_cache()
-        if done is not None:
+        if done is not None and compile_mode != (None, *modes)[-1]:
             done(list(rows))
     return rows
 
@@ -568,7 +568,9 @@ def positive_int(text: str) -> int:
 def check_json_path(path: str) -> None:
     """Before any GPU work: ``path`` can be written (a writable file, or a new one in a writable folder)."""
     try:
-        check_output_file(path, "--json", "a JSON file")
+        check_output_file(
+            path, "--json", "a JSON file", replaced=True
+        )  # write_json renames a file into place
     except ConfigError as e:
         user_error(str(e))
 

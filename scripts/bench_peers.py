@@ -33,22 +33,22 @@ dense one's (None when the implementation cannot be captured, e.g. a host sync: 
 
 JSON (``--json PATH``; issue 20 item 7; read and written by ``scripts/peer_report.py``): one file with both parts,
 ``{"gpu", "date", "layer": [row, ...], "e2e": [row, ...]}``; a layer row has exactly ``LAYER_KEYS``, an e2e row
-``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]``
-asks for ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named:
-all of them), measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode
-(none named: ``default``). The file is written once the layer rows are done and again after each compile mode's
-e2e rows (``--e2e-only``: each mode's rows replace that mode's, the other modes' stay until theirs are measured);
-``layer_date`` says when the layer rows were measured. While the layer rows are measured, the report as it would
-be so far is written after each (shape, routing) group to ``PATH`` with ``.partial`` before its suffix
-(``h200.json`` -> ``h200.partial.json``), with ``layer_pending``: the groups of this run's ``--shapes`` and
-``--routing`` still to measure, each ``{"E", "F", "K", "T", "routing"}``. A run cut short leaves ``--json`` as it
-was and the partial report beside it (there is no resume: run the layer part again); one that finishes writes
-``--json`` and removes the partial report (a later run's replaces an earlier one's). ``--e2e-only`` measures only
-the e2e rows and keeps the layer rows (and their ``layer_date``) of an existing ``--json`` file from the same GPU;
-``--layer-only`` measures
-only the layer rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's
-time limit (each part's ratios are against the dense model of its own process). ``e2e_dates`` says when each
-compile mode's e2e rows were measured (``date``: when the file was written).
+``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]`` asks for
+``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named: all of them),
+measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode (none named:
+``default``). The file is written once the layer rows are done and again after each compile mode's e2e rows
+(``--e2e-only``: each mode's rows replace that mode's, the other modes' stay until theirs are measured);
+``layer_date`` says when the layer rows were measured. While the layer rows are measured, the report as it would be
+so far is written after each (shape, routing) group to ``PATH`` with ``.partial`` before its suffix (``h200.json``
+-> ``h200.partial.json``), with ``layer_pending``: the groups of this run's ``--shapes`` and ``--routing`` still to
+measure, each ``{"E", "F", "K", "T", "routing"}``. A run cut short leaves ``--json`` as it was and the partial
+report beside it (there is no resume: run the layer part again; anything at that place but such a report, a link or
+a file of yours, is refused before any work); one that finishes writes ``--json`` and removes the partial report (a
+later run's replaces an earlier one's). ``--e2e-only`` measures only the e2e rows and keeps the layer rows (and
+their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures only the layer
+rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's time limit (each
+part's ratios are against the dense model of its own process). ``e2e_dates`` says when each compile mode's e2e rows
+were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
         [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH]
@@ -83,12 +83,15 @@ from bench_moe import (
     user_error,
 )  # scripts/ on path
 from peer_report import (  # scripts/ on path
-    E2E_KEYS,
     EMPTY_REPORT,
+    GROUP_KEYS,
+    ROUTINGS,
     e2e_dates,
+    e2e_row,
     keep_e2e,
     kept_notes,
     layer_row,
+    mode_key,
     now,
     partial_path,
     read_report,
@@ -293,8 +296,8 @@ def bench(
     impls: dict, shapes: list[str], kinds: list[str], iters: int, done=None, device: str = "cuda"
 ) -> list[dict]:
     """The layer rows of every implementation at each shape of ``shapes`` and routing of ``kinds``; after each
-    (shape, routing) group ``done(rows, pending)`` where given: the rows so far and the groups still to measure
-    (``pending_groups``), so that a run cut short keeps what it measured."""
+    (shape, routing) group but the last ``done(rows, pending)`` where given: the rows so far and the groups still
+    to measure (``pending_groups``), so that a run cut short keeps what it measured."""
     gen = torch.Generator().manual_seed(0)
     dt, rows = torch.bfloat16, []
     todo = pending_groups(shapes, kinds)
@@ -332,7 +335,7 @@ def bench(
                 del q
             torch.cuda.empty_cache()
             todo.pop(0)
-            if done is not None:
+            if done is not None and todo:
                 done(list(rows), list(todo))
     return rows
 
@@ -340,10 +343,11 @@ def bench(
 def pending_groups(shapes: list[str], kinds: list[str]) -> list[dict]:
     """The (shape, routing) groups of a run in the order ``bench`` measures them, as ``layer_pending`` lists them:
     ``{"E", "F", "K", "T", "routing"}``."""
-    return [dict(E=E, F=Fw, K=K, T=T, routing=k) for n in shapes for E, Fw, K, T in SHAPES[n] for k in kinds]
+    groups = [(E, Fw, K, T, k) for n in shapes for E, Fw, K, T in SHAPES[n] for k in kinds]
+    return [dict(zip(GROUP_KEYS, g, strict=True)) for g in groups]
 
 
-LAYER_DEFAULTS = dict(impls=list(IMPLS), shapes=list(SHAPES), routing=["balanced", "zipf"], iters=30)
+LAYER_DEFAULTS = dict(impls=list(IMPLS), shapes=list(SHAPES), routing=list(ROUTINGS), iters=30)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -351,7 +355,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     d = LAYER_DEFAULTS
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=d["impls"])
     ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=d["shapes"])
-    ap.add_argument("--routing", nargs="+", choices=("balanced", "zipf"), default=d["routing"])
+    ap.add_argument("--routing", nargs="+", choices=ROUTINGS, default=d["routing"])
     ap.add_argument("--iters", type=positive_int, default=d["iters"])
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
     add_models_option(ap, "--e2e", "*", "also bench_moe's e2e tokens/s")
@@ -371,10 +375,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.impls = list(dict.fromkeys(args.impls))  # each once, in the order given
     if args.json is not None:
         check_json_path(args.json)
-        if not args.e2e_only:
-            check_json_path(str(partial_path(args.json)))  # the layer part's report while it measures
         # an existing file must be a report: it is replaced (or, --e2e-only and --layer-only, extended)
         read_report(Path(args.json))
+        if not args.e2e_only:
+            check_partial_path(args.json)
     if args.layer_only:
         given = [o for o, on in (("--check-only", args.check_only), ("--e2e", args.e2e is not None),
                                  ("--compile", args.compile is not None), ("--e2e-only", args.e2e_only)) if on]  # fmt: skip
@@ -395,6 +399,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_partial_path(path: str) -> None:
+    """Before any work: the layer part's partial report beside ``path`` (``partial_path``) can be written, and
+    what is there is a report (of an earlier cut run), not a link or a file of the user's: it will be replaced
+    and, once the run finishes, removed."""
+    partial = partial_path(path)
+    if partial.is_symlink():
+        fail(f"--json {path}: its partial report {partial} is a link; remove it or choose another --json")
+    check_json_path(str(partial))
+    read_report(partial)  # anything but a report there: one error line
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.e2e_only:
@@ -412,11 +427,15 @@ def main(argv: list[str] | None = None) -> None:
     impls = check_impls(load_impls(args.impls))
     if args.check_only:
         return
+    if not impls:
+        fail(
+            "no implementation passed its check against eager (lines above): nothing measured, nothing written"
+        )
 
     partial = None if args.json is None else partial_path(args.json)
 
     def done(rows: list[dict], pending: list[dict], date: str | None = None) -> None:
-        """After each group, the report so far into ``partial`` (``--json`` itself only once all are done)."""
+        """The report so far: into ``partial`` while groups are pending, into ``--json`` once all are done."""
         path = args.json if not pending or args.json is None else str(partial)
         if args.layer_only:
             keep_e2e(path, extended, gpu, rows, date or now(), pending)
@@ -427,13 +446,15 @@ def main(argv: list[str] | None = None) -> None:
     layer_date = now()
     done(layer, [], layer_date)
     if partial is not None:
-        partial.unlink(missing_ok=True)  # this run's rows (or an earlier cut run's), now in --json
+        partial.unlink(missing_ok=True)  # the rows it held are in --json now
     if args.layer_only:
         return
     if args.e2e is not None:
+        dates = ModeDates()
 
         def e2e_done(rows: list[dict]) -> None:  # after each compile mode: a run cut short keeps those done
-            write_report(args.json, gpu, layer, [{k: r[k] for k in E2E_KEYS} for r in rows], layer_date)
+            e2e = [e2e_row(r) for r in rows]
+            write_report(args.json, gpu, layer, e2e, layer_date, kept_dates=dates.of(e2e))
 
         e2e_done(bench_e2e(compile_modes(args.compile), args.e2e or None, done=e2e_done))
 
@@ -448,24 +469,38 @@ def e2e_only(args) -> None:
     gpu = torch.cuda.get_device_name()
     modes = compile_modes(args.compile)
     old = read_report(Path(args.json)) or EMPTY_REPORT
-    # a mode measured again replaces all its old rows: each mode's ratios are against its own process's dense
+    # the rows of the modes not measured again are kept (the rows of a mode measured again are all replaced:
+    # each mode's ratios are against its own process's dense model)
     kept = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]]
     refuse_other_gpu(args.json, old, old["layer"] + kept, gpu)
-    layer_date = old.get("layer_date", old["date"]) if old["layer"] else None
-    same_gpu = old.get("gpu") == gpu
+    layer_date = old.get("layer_date", old.get("date")) if old["layer"] else None
+    same_gpu, dates = old.get("gpu") == gpu, ModeDates()
 
     def done(rows: list[dict]) -> None:
         """After each compile mode: its rows replace the report's rows of that mode (the other modes' stay, with
-        their dates, until theirs are measured: a run cut short loses nothing)."""
-        new = [{k: r[k] for k in E2E_KEYS} for r in rows]
+        their dates, until theirs are measured; another GPU's go at once)."""
+        new = [e2e_row(r) for r in rows]
         measured = {r["compiled"] for r in new}
         old_rows = [r for r in old["e2e"] if same_gpu and r["compiled"] not in measured]
         write_report(
             args.json, gpu, old["layer"], old_rows + new, layer_date, kept_notes(old),
-            e2e_dates(old | {"e2e": old_rows}), old.get("layer_pending"),
+            e2e_dates(old | {"e2e": old_rows}) | dates.of(new), old.get("layer_pending"),
         )  # fmt: skip
 
     done(bench_e2e(modes, args.e2e or None, done=done))
+
+
+class ModeDates:
+    """When this run measured each compile mode's e2e rows: the time of the first write that held them."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, str] = {}
+
+    def of(self, rows: list[dict]) -> dict[str, str]:
+        for mode in map(mode_key, rows):
+            if mode not in self.first:
+                self.first[mode] = now()
+        return dict(self.first)
 
 
 if __name__ == "__main__":

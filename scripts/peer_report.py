@@ -10,14 +10,25 @@ from pathlib import Path
 
 from bench_moe import user_error, write_json  # scripts/ on path
 
-fail = user_error  # one ``error:`` line, exit 2
-
 LAYER_KEYS = (
     *("impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"),
     *("graph_ms", "wall_ms", "fwd_ms", "peak_mem_mib", "host_ms", "graph_error"),
     *("dense_graph_ms", "dense_wall_ms", "dense_fwd_ms", "dense_peak_mem_mib", "dense_host_ms"),
 )
 E2E_KEYS = ("model", "compiled", "tokens_per_s", "ratio")
+ROUTINGS = ("balanced", "zipf")  # a layer row's routing
+GROUP_KEYS = (
+    "E",
+    "F",
+    "K",
+    "T",
+    "routing",
+)  # a (shape, routing) group of layer rows, as layer_pending lists it
+
+
+def e2e_row(measured: dict) -> dict:
+    """One JSON e2e row (exactly ``E2E_KEYS``) from a row of ``bench_moe.bench_e2e``."""
+    return {k: measured[k] for k in E2E_KEYS}
 
 
 def layer_row(impl, E, Fw, K, T, kind, res: dict, dense: dict) -> dict:
@@ -37,6 +48,7 @@ def layer_row(impl, E, Fw, K, T, kind, res: dict, dense: dict) -> dict:
 
 
 def build_report(gpu: str, layer: list[dict], e2e: list[dict]) -> dict:
+    """``{"gpu", "date": now, "layer", "e2e"}``; AssertionError for a row without exactly its schema's keys."""
     for r in layer:
         assert set(r) == set(LAYER_KEYS), sorted(set(r) ^ set(LAYER_KEYS))
     for r in e2e:
@@ -80,11 +92,11 @@ def read_report(path: Path) -> dict | None:
         bad = [(r, LAYER_KEYS, "layer") for r in layer if set(r) != set(LAYER_KEYS)]
         bad += [(r, E2E_KEYS, "e2e") for r in e2e if set(r) != set(E2E_KEYS)]
     except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError) as e:
-        fail(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
+        user_error(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
     if bad:
         row, keys, part = bad[0]
         missing, extra = sorted(set(keys) - set(row)), sorted(set(row) - set(keys))
-        fail(f"--json {path}: an {part} row with keys missing {missing} and unknown {extra}")
+        user_error(f"--json {path}: an {part} row with keys missing {missing} and unknown {extra}")
     return old | {"gpu": gpu, "layer": layer, "e2e": e2e}
 
 
@@ -105,9 +117,9 @@ def _check_pending(pending) -> None:
     entries: E, F, K, T positive integers, routing "balanced" or "zipf"."""
 
     def group(g) -> bool:
-        sizes = [g.get(k) for k in ("E", "F", "K", "T")]
+        sizes = [g.get(k) for k in GROUP_KEYS[:4]]
         ints = all(type(n) is int and n > 0 for n in sizes)
-        return set(g) == {"E", "F", "K", "T", "routing"} and ints and g["routing"] in ("balanced", "zipf")
+        return set(g) == set(GROUP_KEYS) and ints and g["routing"] in ROUTINGS
 
     if not isinstance(pending, list) or not all(isinstance(g, dict) and group(g) for g in pending):
         raise TypeError(
@@ -117,7 +129,7 @@ def _check_pending(pending) -> None:
         raise TypeError("'layer_pending' lists a group twice")
 
 
-def _mode(row: dict) -> str:
+def mode_key(row: dict) -> str:
     """The key of an e2e row's compile mode in ``e2e_dates``."""
     return row["compiled"] or "uncompiled"
 
@@ -125,8 +137,8 @@ def _mode(row: dict) -> str:
 def e2e_dates(old: dict) -> dict[str, str]:
     """When each compile mode's e2e rows of report ``old`` were measured: its ``e2e_dates``, else (reports written
     before them) its ``e2e_date`` or ``date`` for every mode it has rows of."""
-    before = old.get("e2e_date", old["date"])  # e2e_date: one date for all, before e2e_dates
-    return {m: old.get("e2e_dates", {}).get(m, before) for m in dict.fromkeys(map(_mode, old["e2e"]))}
+    before = old.get("e2e_date", old.get("date"))  # e2e_date: one date for all, before e2e_dates
+    return {m: old.get("e2e_dates", {}).get(m, before) for m in dict.fromkeys(map(mode_key, old["e2e"]))}
 
 
 EMPTY_REPORT = {"layer": [], "e2e": []}
@@ -136,7 +148,7 @@ def refuse_other_gpu(path: str, old: dict, kept: list[dict], gpu: str) -> None:
     """An error line, before any measurement, where the rows ``kept`` of report ``old`` at ``path`` (by
     ``--e2e-only`` or ``--layer-only``) are from another GPU than ``gpu``."""
     if kept and old["gpu"] != gpu:
-        fail(f"--json {path}: rows it would keep are from {old['gpu']!r}, this is {gpu!r}")
+        user_error(f"--json {path}: rows it would keep are from {old['gpu']!r}, this is {gpu!r}")
 
 
 def kept_notes(old: dict) -> dict:
@@ -178,7 +190,7 @@ def write_report(
     if path is None:
         return
     report = build_report(gpu, layer, e2e)
-    dates = {m: (kept_dates or {}).get(m, report["date"]) for m in dict.fromkeys(map(_mode, e2e))}
+    dates = {m: (kept_dates or {}).get(m, report["date"]) for m in dict.fromkeys(map(mode_key, e2e))}
     report |= {"layer_date": layer_date, "e2e_dates": dates} | ({"layer_pending": pending} if pending else {})
     write_json(path, (extra or {}) | report)
     left = f", {len(pending)} (shape, routing) groups pending" if pending else ""

@@ -111,7 +111,7 @@ def test_report_has_exactly_the_schema_keys(bp, pr):
     e2e = [dict(model="dense", compiled="default", tokens_per_s=1e5, ratio=1.0)]
     report = pr.build_report("H200", [row], e2e)
     assert set(report) == {"gpu", "date", "layer", "e2e"}
-    assert set(report["e2e"][0]) == set(bp.E2E_KEYS) == {"model", "compiled", "tokens_per_s", "ratio"}
+    assert set(report["e2e"][0]) == set(pr.E2E_KEYS) == {"model", "compiled", "tokens_per_s", "ratio"}
     with pytest.raises(AssertionError):
         pr.build_report("H200", [dict(row, extra=1)], [])
 
@@ -334,8 +334,8 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeyp
 
 
 def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
-    """``bench``'s ``done`` after each (shape, routing) group: the rows so far and the groups still to measure, in
-    the order measured (real loop on the CPU; the GPU timing and the routing replaced)."""
+    """``bench``'s ``done`` after each (shape, routing) group but the last: the rows so far and the groups still to
+    measure, in the order measured (real loop on the CPU; the GPU timing and the routing replaced)."""
     monkeypatch.setattr(bp, "SHAPES", {"gpt2": [(4, 8, 1, 16)], "fine": [(4, 8, 2, 16)]})
     monkeypatch.setattr(
         bp, "routing", lambda T, E, K, kind, gen: (torch.zeros(T, K, dtype=torch.long), torch.ones(T, K))
@@ -350,8 +350,8 @@ def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
     assert bp.pending_groups(["gpt2", "fine"], ["balanced", "zipf"]) == [
         dict(zip(("E", "F", "K", "T", "routing"), g, strict=True)) for g in groups
     ]
-    assert [len(r) for r, _ in seen] == [2, 4, 6, 8] and seen[-1][0] == rows
-    assert [[tuple(g.values()) for g in p] for _, p in seen] == [groups[1:], groups[2:], groups[3:], []]
+    assert [len(r) for r, _ in seen] == [2, 4, 6] and len(rows) == 8  # the caller writes the last group's
+    assert [[tuple(g.values()) for g in p] for _, p in seen] == [groups[1:], groups[2:], groups[3:]]
     assert [(r["impl"], r["K"], r["routing"]) for r in rows[2:4]] == [("a", 1, "zipf"), ("b", 1, "zipf")]
 
 
@@ -401,19 +401,21 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
 
 def test_an_e2e_run_cut_short_keeps_the_modes_it_measured(bp, pr, tmp_path, monkeypatch):
     """``--e2e-only --compile default reduce-overhead`` stopped after its uncompiled and ``default`` rounds: their
-    rows replace the report's rows of those modes (dated now), the ``reduce-overhead`` rows stay with their date;
-    a plain run with ``--e2e`` writes its rows after each mode too."""
+    rows replace the report's rows of those modes, each dated when this run first wrote it; the ``reduce-overhead``
+    rows stay with their date, and so do the layer rows, ``layer_pending`` and notes; on another GPU the old rows
+    go at once. A plain run with ``--e2e`` writes its rows after each mode too."""
     report = tmp_path / "h200.json"
     d0 = "2026-01-01T00:00:00+00:00"
     row = lambda mode, tps: dict(model="dense", compiled=mode, tokens_per_s=tps, ratio=1.0)  # noqa: E731
-    old = dict(
-        pr.build_report(
-            "NVIDIA H200", [], [row(False, 1.0), row("default", 2.0), row("reduce-overhead", 3.0)]
-        )
+    pending = [dict(E=8, F=3072, K=2, T=8192, routing="zipf")]
+    e2e_old = [row(False, 1.0), row("default", 2.0), row("reduce-overhead", 3.0)]
+    old = pr.build_report("NVIDIA H200", [_row(bp)], e2e_old) | dict(
+        date=d0, note="by hand", layer_pending=pending
     )
-    report.write_text(json.dumps(old | {"date": d0}))
     monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    clock = iter(f"2026-02-0{i}T00:00:00+00:00" for i in range(1, 10))
+    monkeypatch.setattr(bp, "now", lambda: next(clock))  # when this run's modes were measured
 
     def cut(modes, only, done=None):
         rows = []
@@ -423,17 +425,75 @@ def test_an_e2e_run_cut_short_keeps_the_modes_it_measured(bp, pr, tmp_path, monk
         raise KeyboardInterrupt  # the machine's time limit, in the reduce-overhead mode
 
     monkeypatch.setattr(bp, "bench_e2e", cut)
+    argv = ["--e2e-only", "--e2e", "--compile", "default", "reduce-overhead", "--json", str(report)]
+    report.write_text(json.dumps(old))
     with pytest.raises(KeyboardInterrupt):
-        bp.main(["--e2e-only", "--e2e", "--compile", "default", "reduce-overhead", "--json", str(report)])
+        bp.main(argv)
     got = json.loads(report.read_text())
     assert got["e2e"] == [row("reduce-overhead", 3.0), row(False, 10.0), row("default", 20.0)]
-    assert got["e2e_dates"]["reduce-overhead"] == d0 and got["e2e_dates"]["default"] == got["date"] > d0
+    assert got["e2e_dates"] == {
+        "reduce-overhead": d0,
+        "uncompiled": "2026-02-01T00:00:00+00:00",
+        "default": "2026-02-02T00:00:00+00:00",
+    }
+    assert got["layer"] == [_row(bp)] and got["layer_pending"] == pending and got["note"] == "by hand"
+    report.write_text(
+        json.dumps(dict(old, layer=[], gpu="NVIDIA A100"))
+    )  # no layer rows: another GPU may run
+    with pytest.raises(KeyboardInterrupt):
+        bp.main(argv)
+    assert json.loads(report.read_text())["e2e"] == [
+        row(False, 10.0),
+        row("default", 20.0),
+    ]  # none of the A100's
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     with pytest.raises(KeyboardInterrupt):
         bp.main(["--impls", "triton", "--e2e", "--compile", "default", "--json", str(report)])
     got = json.loads(report.read_text())
     assert got["layer"] == [_row(bp)] and got["e2e"] == [row(False, 10.0), row("default", 20.0)]
+
+
+def test_new_reports_and_what_is_beside_them(bp, pr, tmp_path, monkeypatch, capsys):
+    """``--layer-only`` and ``--e2e-only`` start a report that does not exist yet; refused with one error line
+    before any work, nothing written: a partial report's place holding a file that is no report, a link or a
+    folder; a name too long for the temporary file beside it; a link that loops; every implementation failing its
+    check (the report's rows are not replaced by none)."""
+    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
+    e2e = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
+    monkeypatch.setattr(
+        bp, "bench_e2e", lambda modes, only, done=None: [dict(e2e[0], rounds=[1.0], e2e_model="x")]
+    )
+    bp.main(["--layer-only", "--impls", "triton", "--json", str(tmp_path / "a.json")])
+    assert json.loads((tmp_path / "a.json").read_text())["layer"] == [_row(bp)]
+    bp.main(["--e2e-only", "--e2e", "--json", str(tmp_path / "b.json")])
+    assert json.loads((tmp_path / "b.json").read_text())["e2e"] == e2e
+    report, partial, mine = tmp_path / "h.json", tmp_path / "h.partial.json", tmp_path / "mine.txt"
+    report.write_text(json.dumps(pr.build_report("NVIDIA H200", [_row(bp, "naive")], [])))
+    before = report.read_text()
+    mine.write_text("my notes")
+    for make in (lambda: partial.write_text("my notes"), lambda: partial.symlink_to(mine), partial.mkdir):
+        make()
+        assert str(partial) in _refused(bp, capsys, "--impls", "triton", "--json", str(report))
+        assert report.read_text() == before and mine.read_text() == "my notes"
+        partial.rmdir() if partial.is_dir() else partial.unlink()
+    long = tmp_path / ("x" * 240 + ".json")
+    assert "not writable" in _refused(bp, capsys, "--impls", "triton", "--json", str(long))
+    (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
+    assert "loop.json" in _refused(bp, capsys, "--impls", "triton", "--json", str(tmp_path / "loop.json"))
+    monkeypatch.setattr(bp, "check_impls", lambda impls: {})
+    assert "no implementation passed" in _refused(bp, capsys, "--layer-only", "--json", str(report))
+    assert report.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json",
+        "b.json",
+        "h.json",
+        "loop.json",
+        "mine.txt",
+    ]
 
 
 def test_a_report_that_is_not_one_is_refused(bp, pr, tmp_path, capsys):
