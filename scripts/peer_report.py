@@ -17,13 +17,8 @@ LAYER_KEYS = (
 )
 E2E_KEYS = ("model", "compiled", "tokens_per_s", "ratio")
 ROUTINGS = ("balanced", "zipf")  # a layer row's routing
-GROUP_KEYS = (
-    "E",
-    "F",
-    "K",
-    "T",
-    "routing",
-)  # a (shape, routing) group of layer rows, as layer_pending lists it
+# a (shape, routing) group of layer rows, as layer_pending lists it
+GROUP_KEYS = ("E", "F", "K", "T", "routing")
 
 
 def e2e_row(measured: dict) -> dict:
@@ -153,16 +148,8 @@ def refuse_other_gpu(path: str, old: dict, kept: list[dict], gpu: str) -> None:
 
 def kept_notes(old: dict) -> dict:
     """A report's top-level keys beyond those ``write_report`` writes (notes added by hand): kept as they are."""
-    written = (
-        "gpu",
-        "date",
-        "layer",
-        "e2e",
-        "layer_date",
-        "e2e_dates",
-        "e2e_date",
-        "layer_pending",
-    )  # e2e_date: before e2e_dates
+    # e2e_date: before e2e_dates
+    written = ("gpu", "date", "layer", "e2e", "layer_date", "e2e_dates", "e2e_date", "layer_pending")
     return {k: v for k, v in old.items() if k not in written}
 
 
