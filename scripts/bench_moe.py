@@ -432,6 +432,7 @@ def bench_e2e(
         raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
     rows = []
     gen = torch.Generator().manual_seed(0)
+    last_mode = (None, *modes)[-1]
     for compile_mode in (None, *modes):
         compiled = compile_mode is not None
         runs = {}
@@ -464,7 +465,7 @@ def bench_e2e(
                   f"rounds {spread})", flush=True)  # fmt: skip
         del runs
         torch.cuda.empty_cache()
-        if done is not None and compile_mode != (None, *modes)[-1]:
+        if done is not None and compile_mode != last_mode:
             done(list(rows))
     return rows
 
@@ -568,9 +569,8 @@ def positive_int(text: str) -> int:
 def check_json_path(path: str) -> None:
     """Before any GPU work: ``path`` can be written (a writable file, or a new one in a writable folder)."""
     try:
-        check_output_file(
-            path, "--json", "a JSON file", replaced=True
-        )  # write_json renames a file into place
+        # replaced: write_json renames a temporary file beside it into place
+        check_output_file(path, "--json", "a JSON file", replaced=True)
     except ConfigError as e:
         user_error(str(e))
 

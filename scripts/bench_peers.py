@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def done(rows: list[dict], pending: list[dict], date: str | None = None) -> None:
         """The report so far: into ``partial`` while groups are pending, into ``--json`` once all are done."""
-        path = args.json if not pending or args.json is None else str(partial)
+        path = str(partial) if pending and partial is not None else args.json
         if args.layer_only:
             keep_e2e(path, extended, gpu, rows, date or now(), pending)
         else:

@@ -178,6 +178,12 @@ def _refused(script, capsys, *argv) -> str:
     return err[0]
 
 
+def _fake_gpu(bp, monkeypatch, name="NVIDIA H200"):
+    """A CUDA device named ``name`` as far as bench_peers can tell (none here: its GPU parts are replaced)."""
+    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: name)
+
+
 def _row(bp, impl="triton"):
     ms = dict(graph_ms=None, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0, host_ms=0.5)
     return bp.layer_row(impl, 8, 3072, 1, 8192, "balanced", ms, ms)
@@ -245,8 +251,7 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, pr, tmp_path
         layer_date="2026-12-01T17:57:00+00:00",
     )
     report.write_text(json.dumps(old))
-    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    _fake_gpu(bp, monkeypatch)
     asked = []
 
     def fake_e2e(modes, only, done=None):
@@ -286,8 +291,7 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeyp
         pr.build_report("NVIDIA H200", [_row(bp, "naive")], [*e2e_old, compiled]), note="by hand", date=d0
     )
     report.write_text(json.dumps(old))  # a report from before e2e_dates
-    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    _fake_gpu(bp, monkeypatch)
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
@@ -364,8 +368,7 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
     e2e_old = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
     old = dict(pr.build_report("NVIDIA H200", [_row(bp, "naive")], e2e_old), note="by hand")
     report.write_text(json.dumps(old))
-    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    _fake_gpu(bp, monkeypatch)
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
     rest = bp.pending_groups(["gpt2", "fine"], ["balanced", "zipf"])[1:]
 
@@ -412,8 +415,7 @@ def test_an_e2e_run_cut_short_keeps_the_modes_it_measured(bp, pr, tmp_path, monk
     old = pr.build_report("NVIDIA H200", [_row(bp)], e2e_old) | dict(
         date=d0, note="by hand", layer_pending=pending
     )
-    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    _fake_gpu(bp, monkeypatch)
     clock = iter(f"2026-02-0{i}T00:00:00+00:00" for i in range(1, 10))
     monkeypatch.setattr(bp, "now", lambda: next(clock))  # when this run's modes were measured
 
@@ -459,8 +461,7 @@ def test_new_reports_and_what_is_beside_them(bp, pr, tmp_path, monkeypatch, caps
     before any work, nothing written: a partial report's place holding a file that is no report, a link or a
     folder; a name too long for the temporary file beside it; a link that loops; every implementation failing its
     check (the report's rows are not replaced by none)."""
-    monkeypatch.setattr(bp.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bp.torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    _fake_gpu(bp, monkeypatch)
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     e2e = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
