@@ -47,7 +47,9 @@ a file of yours, is refused before any work); one that finishes writes ``--json`
 later run's replaces an earlier one's). ``--e2e-only`` measures only the e2e rows and keeps the layer rows (and
 their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures only the layer
 rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's time limit (each
-part's ratios are against the dense model of its own process). ``e2e_dates`` says when each compile mode's e2e rows
+part's ratios are against the dense model of its own process). Each replaces all rows of its part (``--e2e-only``:
+all rows of each mode it measures, uncompiled always), so a run that would drop a row it does not measure again
+(another shape, routing, implementation or model) is refused before any work. ``e2e_dates`` says when each compile mode's e2e rows
 were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
@@ -74,6 +76,7 @@ from bench_moe import (
     check_json_path,
     compile_modes,
     dense_mlp,
+    e2e_names,
     graph_time,
     measure,
     naive_experts,
@@ -95,6 +98,8 @@ from peer_report import (  # scripts/ on path
     now,
     partial_path,
     read_report,
+    refuse_dropped_e2e_rows,
+    refuse_dropped_layer_rows,
     refuse_other_gpu,
     write_report,
 )
@@ -396,7 +401,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             fail(
                 f"--e2e-only measures no layer rows: drop {(['--check-only'] if args.check_only else []) + layer_opts}"
             )
+    refuse_dropped_rows(args)
     return args
+
+
+def refuse_dropped_rows(args: argparse.Namespace) -> None:
+    """Before any work: ``--layer-only`` and ``--e2e-only`` extend an existing report, and each replaces the rows
+    of its part; neither may drop a row that the run does not measure again (one ``error:`` line)."""
+    old = read_report(Path(args.json)) if args.json is not None else None
+    if old is None:
+        return
+    if args.layer_only:
+        refuse_dropped_layer_rows(args.json, old, pending_groups(args.shapes, args.routing), args.impls)
+    if args.e2e_only:
+        refuse_dropped_e2e_rows(args.json, old, compile_modes(args.compile), args.e2e or e2e_names())
 
 
 def check_partial_path(path: str) -> None:

@@ -146,6 +146,44 @@ def refuse_other_gpu(path: str, old: dict, kept: list[dict], gpu: str) -> None:
         user_error(f"--json {path}: rows it would keep are from {old['gpu']!r}, this is {gpu!r}")
 
 
+def refuse_dropped_layer_rows(path: str, old: dict, groups: list[dict], impls: list[str]) -> None:
+    """``--layer-only`` replaces the layer rows of report ``old`` at ``path``: an error line, before any
+    measurement, where it would drop rows that this run (its (shape, routing) ``groups`` and ``impls``) does not
+    measure again."""
+    measured = {(*(g[k] for k in GROUP_KEYS), i) for g in groups for i in impls}
+    dropped = [r for r in old["layer"] if (*(r[k] for k in GROUP_KEYS), r["impl"]) not in measured]
+    if dropped:
+        what = list(dict.fromkeys(f"{r['impl']} E={r['E']} K={r['K']} {r['routing']}" for r in dropped))
+        user_error(
+            f"--json {path}: --layer-only replaces its layer rows and would drop {len(dropped)} that this run does"
+            f" not measure ({_some(what)}): measure them too (--shapes, --routing, --impls) or give another --json"
+        )
+
+
+def refuse_dropped_e2e_rows(path: str, old: dict, modes: list[str], models: list[str]) -> None:
+    """``--e2e-only`` replaces the e2e rows of report ``old`` at ``path`` of each mode it measures (uncompiled and
+    ``modes``): an error line, before any measurement, where it would drop the row of a model that it does not
+    measure in that mode (``models``: the variants measured; a graphed one only uncompiled, dense always)."""
+
+    def measured(r: dict) -> bool:
+        graphed = r["model"].endswith("graphed")
+        return r["model"] == "dense" or (r["model"] in models and not (r["compiled"] and graphed))
+
+    dropped = [r for r in old["e2e"] if r["compiled"] in [False, *modes] and not measured(r)]
+    if dropped:
+        what = list(dict.fromkeys(f"{r['model']!r} ({mode_key(r)})" for r in dropped))
+        user_error(
+            f"--json {path}: --e2e-only replaces the rows of each mode it measures and would drop {_some(what)}:"
+            " name those models in --e2e too, or give another --json"
+        )
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``names``, comma-separated, with how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def kept_notes(old: dict) -> dict:
     """A report's top-level keys beyond those ``write_report`` writes (notes added by hand): kept as they are."""
     # e2e_date: before e2e_dates

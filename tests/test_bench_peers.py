@@ -243,7 +243,7 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, pr, tmp_path
         dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0),
         dict(
             model="moe top-2 triton", compiled=False, tokens_per_s=0.5, ratio=0.5
-        ),  # of the old dense: dropped
+        ),  # measured again (named below): replaced by this run's rows, which lack it
     ]
     old = dict(
         pr.build_report("NVIDIA H200", [_row(bp)], e2e_old),
@@ -263,8 +263,8 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, pr, tmp_path
         ]
 
     monkeypatch.setattr(bp, "bench_e2e", fake_e2e)
-    bp.main(["--e2e-only", "--e2e", "moe top-1 triton", "--json", str(report)])
-    assert asked == [([], ["moe top-1 triton"])]
+    bp.main(["--e2e-only", "--e2e", "moe top-1 triton", "moe top-2 triton", "--json", str(report)])
+    assert asked == [([], ["moe top-1 triton", "moe top-2 triton"])]
     new = json.loads(report.read_text())
     assert new["layer"] == old["layer"] and new["note"] == "by hand"
     assert new["layer_date"] == "2026-12-01T17:57:00+00:00"
@@ -294,7 +294,7 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeyp
     _fake_gpu(bp, monkeypatch)
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
-    bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
+    bp.main(["--layer-only", "--impls", "triton", "naive", "--json", str(report)])
     new = json.loads(report.read_text())
     assert new["layer"] == [_row(bp)] and new["e2e"] == old["e2e"] and new["note"] == "by hand"
     assert new["e2e_dates"] == {"uncompiled": d0, "default": d0} and new["layer_date"] > d0
@@ -335,6 +335,54 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeyp
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
     assert json.loads(report.read_text())["gpu"] == "NVIDIA H100"
+
+
+def test_extending_runs_refuse_to_drop_rows_they_do_not_measure(bp, pr, tmp_path, monkeypatch, capsys):
+    """``--layer-only`` replaces all layer rows and ``--e2e-only`` all rows of each mode it measures (uncompiled
+    always): a run that would not measure some of them again is refused before any work, naming them, nothing
+    written (2026-12-03: ``--e2e-only --e2e "moe top-1 triton" "moe top-2 triton" --compile reduce-overhead``
+    dropped the report's uncompiled rows of the graphed models, measured minutes before)."""
+    report = tmp_path / "h200.json"
+    fine = dict(_row(bp), E=64, F=768, K=8, T=16384, routing="zipf")
+    e2e = [dict(model=m, compiled=c, tokens_per_s=1.0, ratio=1.0) for m, c in (
+        ("dense", False), ("moe top-1 triton", False), ("moe top-1 triton graphed", False),
+        ("dense", "reduce-overhead"), ("moe top-1 triton", "reduce-overhead"))]  # fmt: skip
+    report.write_text(json.dumps(pr.build_report("NVIDIA H200", [_row(bp), _row(bp, "naive"), fine], e2e)))
+    before = report.read_text()
+    _fake_gpu(bp, monkeypatch)
+    monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
+    monkeypatch.setattr(bp, "bench", lambda *a: pytest.fail("measured before the refusal"))
+    monkeypatch.setattr(bp, "bench_e2e", lambda *a, **k: pytest.fail("measured before the refusal"))
+    layer = ["--layer-only", "--json", str(report)]
+    err = _refused(bp, capsys, *layer, "--impls", "triton", "naive", "--shapes", "gpt2")
+    assert "drop 1 " in err and "naive E=64 K=8 zipf" not in err and "triton E=64 K=8 zipf" in err
+    err = _refused(bp, capsys, *layer, "--impls", "triton")
+    assert "drop 1 " in err and "naive E=8 K=1 balanced" in err
+    assert "E=64" in _refused(bp, capsys, *layer, "--impls", "triton", "naive", "--routing", "balanced")
+    e2e_run = ["--e2e-only", "--json", str(report), "--e2e", "moe top-1 triton"]
+    err = _refused(bp, capsys, *e2e_run)
+    assert "'moe top-1 triton graphed' (uncompiled)" in err and "--e2e" in err
+    assert "graphed" in _refused(bp, capsys, *e2e_run, "--compile", "reduce-overhead")
+    assert "(reduce-overhead)" in _refused(bp, capsys, "--e2e-only", "--json", str(report), "--e2e",
+                                           "moe top-1 triton graphed", "--compile", "reduce-overhead")  # fmt: skip
+    assert report.read_text() == before
+    measured = []
+    monkeypatch.setattr(bp, "bench", lambda *a: measured.append("layer") or [_row(bp)])
+    monkeypatch.setattr(bp, "bench_e2e", lambda modes, only, done=None: measured.append((modes, only)) or [])
+    bp.main([*layer, "--impls", "triton", "naive"])  # every row measured again (the defaults: both shapes)
+    bp.main([*e2e_run, "moe top-1 triton graphed", "--compile", "reduce-overhead"])
+    bp.main(["--e2e-only", "--json", str(report), "--e2e"])  # bare: every model
+    assert measured == [
+        "layer",
+        (["reduce-overhead"], ["moe top-1 triton", "moe top-1 triton graphed"]),
+        ([], None),
+    ]
+    graphed = dict(model="moe top-1 triton graphed", compiled="default", tokens_per_s=1.0, ratio=1.0)
+    report.write_text(
+        json.dumps(pr.build_report("NVIDIA H200", [], [graphed]))
+    )  # (bench_e2e writes none such)
+    err = _refused(bp, capsys, "--e2e-only", "--json", str(report), "--e2e", "--compile", "default")
+    assert "'moe top-1 triton graphed' (default)" in err  # a graphed model runs uncompiled only
 
 
 def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
@@ -379,7 +427,7 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
     monkeypatch.setattr(bp, "bench", cut)
     for argv, e2e in ((["--layer-only"], e2e_old), ([], [])):
         with pytest.raises(KeyboardInterrupt):
-            bp.main([*argv, "--impls", "triton", "--json", str(report)])
+            bp.main([*argv, "--impls", "triton", "naive", "--json", str(report)])
         assert json.loads(report.read_text()) == old
         got = json.loads(partial.read_text())
         assert got["layer"] == [_row(bp)] and got["e2e"] == e2e and got["layer_pending"] == rest
@@ -396,7 +444,7 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
     got = json.loads(partial.read_text())
     assert got["layer_pending"] == rest and got["e2e"] == e2e_old and got["layer"] == [_row(bp)]
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
-    bp.main(["--layer-only", "--impls", "triton", "--json", str(report)])
+    bp.main(["--layer-only", "--impls", "triton", "naive", "--json", str(report)])
     got = json.loads(report.read_text())
     assert "layer_pending" not in got and got["e2e"] == e2e_old and got["layer"] == [_row(bp)]
     assert not partial.exists()
@@ -487,7 +535,7 @@ def test_new_reports_and_what_is_beside_them(bp, pr, tmp_path, monkeypatch, caps
     assert "loop.json" in _refused(bp, capsys, "--impls", "triton", "--json", str(tmp_path / "loop.json"))
     monkeypatch.setattr(bp, "check_impls", lambda impls: {})
     assert "no implementation passed" in _refused(
-        bp, capsys, "--layer-only", "--impls", "triton", "--json", str(report)
+        bp, capsys, "--layer-only", "--impls", "triton", "naive", "--json", str(report)
     )  # (the default impls would ask for ScatterMoE's git-ignored copy first)
     assert report.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
