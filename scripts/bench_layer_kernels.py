@@ -1,7 +1,7 @@
 """Device time of the triton experts layer against the dense MLP, kernel by kernel: for A/B runs of source trees.
 
 One CUDA device, bf16, GPT-2 expert shape (D=768, F=3072), E=8, T=8192, top-1 and top-2, balanced and Zipf(1.0)
-routing (``bench_moe.routing``). Prints one line ``RESULT {json}``: forward+backward ms of the dense MLP on K*T
+routing (``bench_moe.routing``; ``--routing`` adds two that tell why Zipf costs more, ``routing``). Prints one line ``RESULT {json}``: forward+backward ms of the dense MLP on K*T
 tokens and of the layer, each captured in a CUDA graph and replayed (median of 40), their ratio, and with
 ``--kernels`` each kernel's device microseconds in launch order (torch.profiler, eager forward+backward, median
 of 6). Compare trees by running it with ``PYTHONPATH=<tree>`` in interleaved rounds (autotune results cached
@@ -11,6 +11,7 @@ shapes, routing uniform over distinct experts (``peak_memory``; the row kernel's
 configs: the 2026-12-03 figures were taken with ``MOE_TRITON_AUTOTUNE=0``).
 
     PYTHONPATH=<tree> TRITON_CACHE_AUTOTUNING=1 python scripts/bench_layer_kernels.py [--kernels | --memory]
+        [--routing KIND ...]
 """
 
 import json
@@ -33,16 +34,47 @@ dev = torch.device("cuda")
 bf16 = dict(device="cuda", dtype=torch.bfloat16)
 
 
+ROUTINGS = ("balanced", "zipf", "zipf-aligned", "balanced-unaligned")
+ROW_TILE = 128  # rows of the row GEMMs' tiles (BLOCK_M of the configs the autotuner picks at these shapes)
+
+
 def routing(T, E, K, kind, gen):
-    """bench_moe's routing (copied: this script must also run against older trees, whose bench_moe differs)."""
-    if kind == "balanced":  # exactly T*K/E assignments per expert, distinct experts per token
+    """(indices [T, K], routing weights [T, K] summing to 1 per token) on the CPU, K distinct experts per token.
+
+    ``balanced`` and ``zipf`` are bench_moe's (copied: this script must also run against older trees, whose bench_moe
+    differs): exactly T*K/E assignments per expert (a multiple of ``ROW_TILE`` at the benchmark's shapes), and
+    Zipf(1.0) over the experts. Two more separate the cost of skew from that of partly filled row tiles (issue 20
+    item 3): ``zipf-aligned``, zipf's per-expert counts rounded to multiples of ``ROW_TILE`` (the busiest expert
+    takes the remainder): skewed, every tile full; ``balanced-unaligned``, T*K/E -/+ ROW_TILE/2 assignments per
+    expert alternately (E even): balanced within ROW_TILE, every expert's last tile half full."""
+    if kind == "balanced":
         base = torch.randperm(T, generator=gen) % E
         idx = torch.stack([(base + j * max(1, E // K)) % E for j in range(K)], 1)
-    else:  # Zipf(1.0) over experts, K distinct experts per token
+    elif kind == "zipf":
         p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)
         idx = torch.multinomial(p.expand(T, E), K, replacement=False, generator=gen)
+    elif kind == "zipf-aligned":
+        counts = torch.bincount(routing(T, E, K, "zipf", gen)[0].flatten(), minlength=E)
+        counts = torch.round(counts / ROW_TILE).long() * ROW_TILE
+        counts[counts.argmax()] += T * K - counts.sum()
+        idx = from_counts(counts, T, K, gen)
+    elif kind == "balanced-unaligned" and E % 2 == 0:
+        counts = T * K // E + ROW_TILE // 2 * torch.tensor([-1, 1]).repeat(E // 2)
+        idx = from_counts(counts, T, K, gen)
+    else:
+        raise ValueError(f"routing {kind!r} (E={E}): one of {ROUTINGS}, balanced-unaligned for an even E")
     w = torch.rand(T, K, generator=gen)
-    return idx.cuda(), (w / w.sum(1, keepdim=True)).cuda()
+    return idx, w / w.sum(1, keepdim=True)
+
+
+def from_counts(counts, T, K, gen):
+    """Indices [T, K] with ``counts[e]`` assignments of expert e (each at most T, summing to T*K) and K distinct
+    experts per token: the expert-sorted assignments cut into K columns of T (an expert's run of at most T
+    assignments meets each token once at most), tokens shuffled."""
+    if counts.sum() != T * K or counts.max() > T or counts.min() < 0:
+        raise ValueError(f"counts {counts.tolist()}: each in [0, T={T}], summing to T*K={T * K}")
+    flat = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return flat.view(K, T).t()[torch.randperm(T, generator=gen)]
 
 
 def graph_time(fn, iters):
@@ -133,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
     mode.add_argument("--memory", action="store_true", help="only the peak activation memory (peak_memory)")
+    ap.add_argument("--routing", nargs="+", choices=ROUTINGS, default=["balanced", "zipf"], metavar="KIND")
     args = ap.parse_args(argv)
     if args.memory:
         print("RESULT " + json.dumps(peak_memory()))
@@ -156,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.autograd.grad(y, [x, *w], gy)
 
         res[f"dense K={K}"] = graph_time(dstep, 40)
-        for kind in ("balanced", "zipf"):
-            idx, wts = routing(T, E, K, kind, gen)
+        for kind in dict.fromkeys(args.routing):
+            idx, wts = (t.cuda() for t in routing(T, E, K, kind, gen))
             wts.requires_grad_()
             x = torch.randn(T, D).to(**bf16).requires_grad_()
             p = [torch.randn(E, D, FF) * 0.02, torch.randn(E, FF) * 0.1, torch.randn(E, FF, D) * 0.02]
