@@ -47,9 +47,10 @@ a file of yours, is refused before any work); one that finishes writes ``--json`
 later run's replaces an earlier one's). ``--e2e-only`` measures only the e2e rows and keeps the layer rows (and
 their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures only the layer
 rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's time limit (each
-part's ratios are against the dense model of its own process). Each replaces all rows of its part (``--e2e-only``:
-all rows of each mode it measures, uncompiled always), so a run that would drop a row it does not measure again
-(another shape, routing, implementation or model) is refused before any work. ``e2e_dates`` says when each compile mode's e2e rows
+part's ratios are against the dense model of its own process). A plain run replaces the whole report,
+``--layer-only`` all its layer rows and ``--e2e-only`` all its rows of each mode it measures (uncompiled always), so
+a run that would drop a row it does not measure again (another shape, routing, implementation, model or mode, or
+an implementation that fails its check) is refused before any measurement: move the report away to start anew. ``e2e_dates`` says when each compile mode's e2e rows
 were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
@@ -377,7 +378,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="only the layer rows; an existing --json file's e2e rows (same GPU) are kept, with their date",
     )
     args = parse_args(ap, argv)
-    args.impls = list(dict.fromkeys(args.impls))  # each once, in the order given
+    for name in ("impls", "shapes", "routing"):  # each once, in the order given
+        setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     if args.json is not None:
         check_json_path(args.json)
         # an existing file must be a report: it is replaced (or, --e2e-only and --layer-only, extended)
@@ -399,22 +401,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         layer_opts = [f"--{k.replace('_', '-')}" for k, v in LAYER_DEFAULTS.items() if getattr(args, k) != v]
         if args.check_only or layer_opts:
             fail(
-                f"--e2e-only measures no layer rows: drop {(['--check-only'] if args.check_only else []) + layer_opts}"
+                f"--e2e-only measures no layer rows: drop {' '.join((['--check-only'] if args.check_only else []) + layer_opts)}"
             )
     refuse_dropped_rows(args)
     return args
 
 
-def refuse_dropped_rows(args: argparse.Namespace) -> None:
-    """Before any work: ``--layer-only`` and ``--e2e-only`` extend an existing report, and each replaces the rows
-    of its part; neither may drop a row that the run does not measure again (one ``error:`` line)."""
-    old = read_report(Path(args.json)) if args.json is not None else None
-    if old is None:
-        return
+def replaces(args: argparse.Namespace) -> str:
+    """What a run writing ``--json`` replaces of a report already there, in words."""
     if args.layer_only:
-        refuse_dropped_layer_rows(args.json, old, pending_groups(args.shapes, args.routing), args.impls)
+        return "--layer-only replaces its layer rows"
     if args.e2e_only:
-        refuse_dropped_e2e_rows(args.json, old, compile_modes(args.compile), args.e2e or e2e_names())
+        return "--e2e-only replaces the e2e rows of each mode it measures"
+    return "a run without --layer-only or --e2e-only replaces the whole report"
+
+
+def refuse_dropped_rows(args: argparse.Namespace, impls: list[str] | None = None) -> None:
+    """Before any work (and again once ``impls`` passed their check): a run may not drop a row of the report at
+    ``--json`` that it does not measure again (``replaces``: which rows it replaces); one ``error:`` line."""
+    old = read_report(Path(args.json)) if args.json is not None else None
+    if old is None or args.check_only:
+        return
+    if not args.e2e_only:
+        groups = pending_groups(args.shapes, args.routing)
+        refuse_dropped_layer_rows(
+            args.json, old, groups, args.impls if impls is None else impls, replaces(args)
+        )
+    if not args.layer_only and impls is None:
+        modes = None if args.e2e is None else compile_modes(args.compile)
+        refuse_dropped_e2e_rows(args.json, old, modes, args.e2e or e2e_names(), args.e2e_only, replaces(args))
 
 
 def check_partial_path(path: str) -> None:
@@ -449,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(
             "no implementation passed its check against eager (lines above): nothing measured, nothing written"
         )
+    refuse_dropped_rows(args, list(impls))  # the rows of one that failed its check would go
 
     partial = None if args.json is None else partial_path(args.json)
 

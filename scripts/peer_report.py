@@ -81,6 +81,7 @@ def read_report(path: Path) -> dict | None:
             raise TypeError("rows must be JSON objects")
         if not all(r.get("compiled") is False or isinstance(r.get("compiled"), str) for r in e2e):
             raise TypeError("an e2e row's 'compiled' must be false or a compile mode")
+        _check_names(layer, e2e)
         _check_dates(old)
         _check_pending(old.get("layer_pending", []))
         layer = [{k: None for k in OPTIONAL_LAYER_KEYS} | r for r in layer]
@@ -91,7 +92,7 @@ def read_report(path: Path) -> dict | None:
     if bad:
         row, keys, part = bad[0]
         missing, extra = sorted(set(keys) - set(row)), sorted(set(row) - set(keys))
-        user_error(f"--json {path}: an {part} row with keys missing {missing} and unknown {extra}")
+        user_error(f"--json {path}: a {part} row with keys missing {missing} and unknown {extra}")
     return old | {"gpu": gpu, "layer": layer, "e2e": e2e}
 
 
@@ -105,6 +106,19 @@ def _check_dates(old: dict) -> None:
         raise TypeError("'e2e_dates' must map compile modes to dates")
     for value in (*dates, *by_mode.values()):
         datetime.datetime.fromisoformat(value)  # TypeError for a non-string
+
+
+def _check_names(layer: list[dict], e2e: list[dict]) -> None:
+    """TypeError unless the keys that name a row are of their kind: a layer row's ``impl`` and ``routing``
+    strings and E, F, K, T positive integers (where present), an e2e row's ``model`` a string."""
+    for r in layer:
+        sizes = [r[k] for k in ("E", "F", "K", "T") if k in r]
+        if not all(type(n) is int and n > 0 for n in sizes):
+            raise TypeError(f"a layer row's E, F, K, T must be positive integers, not {sizes}")
+        if not all(isinstance(r[k], str) for k in ("impl", "routing") if k in r):
+            raise TypeError("a layer row's 'impl' and 'routing' must be strings")
+    if not all(isinstance(r.get("model", ""), str) for r in e2e):
+        raise TypeError("an e2e row's 'model' must be a string")
 
 
 def _check_pending(pending) -> None:
@@ -146,35 +160,43 @@ def refuse_other_gpu(path: str, old: dict, kept: list[dict], gpu: str) -> None:
         user_error(f"--json {path}: rows it would keep are from {old['gpu']!r}, this is {gpu!r}")
 
 
-def refuse_dropped_layer_rows(path: str, old: dict, groups: list[dict], impls: list[str]) -> None:
-    """``--layer-only`` replaces the layer rows of report ``old`` at ``path``: an error line, before any
-    measurement, where it would drop rows that this run (its (shape, routing) ``groups`` and ``impls``) does not
-    measure again."""
+def refuse_dropped_layer_rows(path: str, old: dict, groups: list[dict], impls: list[str], why: str) -> None:
+    """A run that replaces the layer rows of report ``old`` at ``path`` (``why``: how it does): an error line,
+    before any measurement, where it would drop rows that it (its (shape, routing) ``groups`` and ``impls``)
+    does not measure again."""
     measured = {(*(g[k] for k in GROUP_KEYS), i) for g in groups for i in impls}
     dropped = [r for r in old["layer"] if (*(r[k] for k in GROUP_KEYS), r["impl"]) not in measured]
     if dropped:
-        what = list(dict.fromkeys(f"{r['impl']} E={r['E']} K={r['K']} {r['routing']}" for r in dropped))
+        what = list(dict.fromkeys(f"{r['impl']} E={r['E']} F={r['F']} K={r['K']} T={r['T']} {r['routing']}"
+                                  for r in dropped))  # fmt: skip
         user_error(
-            f"--json {path}: --layer-only replaces its layer rows and would drop {len(dropped)} that this run does"
-            f" not measure ({_some(what)}): measure them too (--shapes, --routing, --impls) or give another --json"
+            f"--json {path}: {why} and would drop {len(dropped)} of its layer rows that this run does not measure"
+            f" ({_some(what)}): measure them too (--shapes, --routing, --impls), or give another --json"
         )
 
 
-def refuse_dropped_e2e_rows(path: str, old: dict, modes: list[str], models: list[str]) -> None:
-    """``--e2e-only`` replaces the e2e rows of report ``old`` at ``path`` of each mode it measures (uncompiled and
-    ``modes``): an error line, before any measurement, where it would drop the row of a model that it does not
-    measure in that mode (``models``: the variants measured; a graphed one only uncompiled, dense always)."""
+def refuse_dropped_e2e_rows(
+    path: str, old: dict, modes: list[str] | None, models: list[str], keeps_other_modes: bool, why: str
+) -> None:
+    """A run that replaces e2e rows of report ``old`` at ``path`` (``why``: how it does): an error line, before
+    any measurement, where it would drop a row that it does not measure again. It measures ``models`` (the
+    variants; a graphed one only uncompiled, dense always) uncompiled and compiled with each of ``modes``
+    (None: no e2e rows at all); ``keeps_other_modes`` (``--e2e-only``): the rows of the modes it does not
+    measure stay, else (a plain run) none stays."""
+    measured_modes = None if modes is None else [False, *modes]
 
-    def measured(r: dict) -> bool:
+    def safe(r: dict) -> bool:
+        if measured_modes is None or r["compiled"] not in measured_modes:
+            return keeps_other_modes
         graphed = r["model"].endswith("graphed")
         return r["model"] == "dense" or (r["model"] in models and not (r["compiled"] and graphed))
 
-    dropped = [r for r in old["e2e"] if r["compiled"] in [False, *modes] and not measured(r)]
+    dropped = [r for r in old["e2e"] if not safe(r)]
     if dropped:
         what = list(dict.fromkeys(f"{r['model']!r} ({mode_key(r)})" for r in dropped))
         user_error(
-            f"--json {path}: --e2e-only replaces the rows of each mode it measures and would drop {_some(what)}:"
-            " name those models in --e2e too, or give another --json"
+            f"--json {path}: {why} and would drop {_some(what)}: measure them too (--e2e MODEL ..., --compile"
+            " MODE ...), or give another --json"
         )
 
 

@@ -337,52 +337,88 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeyp
     assert json.loads(report.read_text())["gpu"] == "NVIDIA H100"
 
 
-def test_extending_runs_refuse_to_drop_rows_they_do_not_measure(bp, pr, tmp_path, monkeypatch, capsys):
-    """``--layer-only`` replaces all layer rows and ``--e2e-only`` all rows of each mode it measures (uncompiled
-    always): a run that would not measure some of them again is refused before any work, naming them, nothing
-    written (2026-12-03: ``--e2e-only --e2e "moe top-1 triton" "moe top-2 triton" --compile reduce-overhead``
-    dropped the report's uncompiled rows of the graphed models, measured minutes before)."""
-    report = tmp_path / "h200.json"
+def _drop_report(bp, pr, report, e2e_rows):
+    """A report at ``report``: layer rows triton and naive (E=8 top-1 balanced) and triton (E=64 zipf); e2e rows
+    ``(model, compiled)``."""
     fine = dict(_row(bp), E=64, F=768, K=8, T=16384, routing="zipf")
-    e2e = [dict(model=m, compiled=c, tokens_per_s=1.0, ratio=1.0) for m, c in (
-        ("dense", False), ("moe top-1 triton", False), ("moe top-1 triton graphed", False),
-        ("dense", "reduce-overhead"), ("moe top-1 triton", "reduce-overhead"))]  # fmt: skip
+    e2e = [dict(model=m, compiled=c, tokens_per_s=1.0, ratio=1.0) for m, c in e2e_rows]
     report.write_text(json.dumps(pr.build_report("NVIDIA H200", [_row(bp), _row(bp, "naive"), fine], e2e)))
-    before = report.read_text()
+    return report.read_text()
+
+
+def test_runs_refuse_to_drop_rows_they_do_not_measure(bp, pr, tmp_path, monkeypatch, capsys):
+    """A plain run replaces the whole report, ``--layer-only`` its layer rows, ``--e2e-only`` its rows of each mode
+    it measures (uncompiled always): one that would not measure some of them again is refused before any work,
+    naming them (E, F, K, T, routing; model and mode), nothing written (2026-12-03: ``--e2e-only --e2e "moe top-1
+    triton" "moe top-2 triton" --compile reduce-overhead`` dropped the graphed models' uncompiled rows, measured
+    minutes before)."""
+    report = tmp_path / "h200.json"
+    before = _drop_report(bp, pr, report, [
+        ("dense", False), ("moe top-1 triton", False), ("moe top-1 triton graphed", False),
+        ("dense", "reduce-overhead"), ("moe top-1 triton", "reduce-overhead")])  # fmt: skip
     _fake_gpu(bp, monkeypatch)
     monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
     monkeypatch.setattr(bp, "bench", lambda *a: pytest.fail("measured before the refusal"))
     monkeypatch.setattr(bp, "bench_e2e", lambda *a, **k: pytest.fail("measured before the refusal"))
     layer = ["--layer-only", "--json", str(report)]
     err = _refused(bp, capsys, *layer, "--impls", "triton", "naive", "--shapes", "gpt2")
-    assert "drop 1 " in err and "naive E=64 K=8 zipf" not in err and "triton E=64 K=8 zipf" in err
-    err = _refused(bp, capsys, *layer, "--impls", "triton")
-    assert "drop 1 " in err and "naive E=8 K=1 balanced" in err
+    assert "drop 1 of its layer rows" in err and "(triton E=64 F=768 K=8 T=16384 zipf)" in err
+    assert "(naive E=8 F=3072 K=1 T=8192 balanced)" in _refused(bp, capsys, *layer, "--impls", "triton")
     assert "E=64" in _refused(bp, capsys, *layer, "--impls", "triton", "naive", "--routing", "balanced")
     e2e_run = ["--e2e-only", "--json", str(report), "--e2e", "moe top-1 triton"]
     err = _refused(bp, capsys, *e2e_run)
-    assert "'moe top-1 triton graphed' (uncompiled)" in err and "--e2e" in err
+    assert "'moe top-1 triton graphed' (uncompiled)" in err and "reduce-overhead" not in err
     assert "graphed" in _refused(bp, capsys, *e2e_run, "--compile", "reduce-overhead")
-    assert "(reduce-overhead)" in _refused(bp, capsys, "--e2e-only", "--json", str(report), "--e2e",
-                                           "moe top-1 triton graphed", "--compile", "reduce-overhead")  # fmt: skip
+    err = _refused(bp, capsys, "--e2e-only", "--json", str(report), "--e2e", "moe top-1 triton graphed",
+                   "--compile", "reduce-overhead")  # fmt: skip
+    assert "'moe top-1 triton' (reduce-overhead)" in err
+    plain = ["--impls", "triton", "naive", "--json", str(report)]
+    assert "replaces the whole report" in _refused(bp, capsys, *plain)  # no --e2e: every e2e row would go
+    assert "'moe top-1 triton' (reduce-overhead)" in _refused(bp, capsys, *plain, "--e2e")  # nor that mode
     assert report.read_text() == before
     measured = []
-    monkeypatch.setattr(bp, "bench", lambda *a: measured.append("layer") or [_row(bp)])
+    monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: measured.append(shapes) or [])
     monkeypatch.setattr(bp, "bench_e2e", lambda modes, only, done=None: measured.append((modes, only)) or [])
-    bp.main([*layer, "--impls", "triton", "naive"])  # every row measured again (the defaults: both shapes)
+    bp.main([*layer, "--impls", "triton", "naive", "--shapes", "gpt2", "fine", "gpt2"])  # every row again
     bp.main([*e2e_run, "moe top-1 triton graphed", "--compile", "reduce-overhead"])
     bp.main(["--e2e-only", "--json", str(report), "--e2e"])  # bare: every model
-    assert measured == [
-        "layer",
-        (["reduce-overhead"], ["moe top-1 triton", "moe top-1 triton graphed"]),
-        ([], None),
-    ]
-    graphed = dict(model="moe top-1 triton graphed", compiled="default", tokens_per_s=1.0, ratio=1.0)
+    assert measured == [["gpt2", "fine"], (["reduce-overhead"], ["moe top-1 triton", "moe top-1 triton graphed"]),
+                        ([], None)]  # fmt: skip
+    _drop_report(bp, pr, report, [("dense", "default"), ("moe top-2 triton", "default")])
+    bp.main(
+        ["--e2e-only", "--json", str(report), "--e2e", "moe top-1 triton"]
+    )  # `default` rows not measured:
+    assert [r["compiled"] for r in json.loads(report.read_text())["e2e"]] == ["default", "default"]  # kept
+    bp.main([*plain, "--e2e", "--compile", "default"])  # a plain run measuring every row: let through
+    assert measured[-2:] == [["gpt2", "fine"], (["default"], None)]
+
+
+def test_rows_of_odd_reports_and_failed_checks_are_refused_not_dropped(bp, pr, tmp_path, monkeypatch, capsys):
+    """An implementation failing its check against eager would leave its rows out of the new report: refused
+    after the check, before any measurement. A row whose naming values are of the wrong kind (a hand edit): one
+    error line, not a traceback; a hand-added row that differs in T alone is named by its T."""
+    report = tmp_path / "h200.json"
+    before = _drop_report(bp, pr, report, [])
+    _fake_gpu(bp, monkeypatch)
+    monkeypatch.setattr(bp, "check_impls", lambda impls: {k: v for k, v in impls.items() if k != "naive"})
+    monkeypatch.setattr(bp, "bench", lambda *a: pytest.fail("measured before the refusal"))
+    err = _refused(bp, capsys, "--layer-only", "--impls", "triton", "naive", "--json", str(report))
+    assert "(naive E=8 F=3072 K=1 T=8192 balanced)" in err and report.read_text() == before
+    old = json.loads(before)
+    for bad, why in ((dict(E=[8]), "positive integers"), (dict(impl={"a": 1}), "strings"),
+                     (dict(T=0), "positive integers")):  # fmt: skip
+        report.write_text(json.dumps(dict(old, layer=[dict(old["layer"][0], **bad)])))
+        assert why in _refused(
+            bp, capsys, "--layer-only", "--impls", "triton", "naive", "--json", str(report)
+        )
     report.write_text(
-        json.dumps(pr.build_report("NVIDIA H200", [], [graphed]))
-    )  # (bench_e2e writes none such)
-    err = _refused(bp, capsys, "--e2e-only", "--json", str(report), "--e2e", "--compile", "default")
-    assert "'moe top-1 triton graphed' (default)" in err  # a graphed model runs uncompiled only
+        json.dumps(dict(old, e2e=[dict(model=None, compiled=False, tokens_per_s=1.0, ratio=1.0)]))
+    )
+    assert "'model' must be a string" in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
+    report.write_text(json.dumps(dict(old, layer=[*old["layer"], dict(old["layer"][0], T=4096)])))
+    assert "(triton E=8 F=3072 K=1 T=4096 balanced)" in _refused(
+        bp, capsys, "--layer-only", "--impls", "triton", "naive", "--json", str(report)
+    )
 
 
 def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
@@ -425,13 +461,13 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
         raise KeyboardInterrupt  # the machine's time limit
 
     monkeypatch.setattr(bp, "bench", cut)
-    for argv, e2e in ((["--layer-only"], e2e_old), ([], [])):
+    for argv, e2e in ((["--layer-only"], e2e_old), (["--e2e"], [])):
         with pytest.raises(KeyboardInterrupt):
             bp.main([*argv, "--impls", "triton", "naive", "--json", str(report)])
         assert json.loads(report.read_text()) == old
         got = json.loads(partial.read_text())
         assert got["layer"] == [_row(bp)] and got["e2e"] == e2e and got["layer_pending"] == rest
-        assert got.get("note") == ("by hand" if argv else None)
+        assert got.get("note") == ("by hand" if argv == ["--layer-only"] else None)
         assert "7 (shape, routing) groups pending" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "h200.json",
