@@ -419,6 +419,7 @@ def bench_e2e(
     rounds: int = 3,
     steps: int = 20,
     done: Callable[[list[dict]], None] | None = None,
+    uncompiled: bool = True,
 ) -> list[dict]:
     """Training tokens/s of each variant, all built first and then measured in ``rounds`` interleaved rounds of
     ``steps`` steps (B=8, L=512; the order rotates each round), so that drift of the machine hits every variant
@@ -427,13 +428,16 @@ def bench_e2e(
     in place, as ``train.compile`` does; compiled during the 5 warm-up steps each model takes once all are
     built), against the dense model compiled alike. Rows: ``{model, compiled: False or the compile mode, tokens_per_s
     (median), ratio, rounds: [tokens/s...], e2e_model}``; ``done(rows)`` after each mode but the last where given (the
-    rows so far: a caller can save them before the next mode)."""
+    rows so far: a caller can save them before the next mode). ``uncompiled=False``: the compiled modes only."""
     if isinstance(modes, str) or not set(modes) <= set(COMPILE_MODES):
         raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
+    measured = ((None,) if uncompiled else ()) + tuple(modes)
+    if not measured:
+        raise ValueError("bench_e2e: nothing to measure (uncompiled=False and no compile mode)")
     rows = []
     gen = torch.Generator().manual_seed(0)
-    last_mode = (None, *modes)[-1]
-    for compile_mode in (None, *modes):
+    last_mode = measured[-1]
+    for compile_mode in measured:
         compiled = compile_mode is not None
         runs = {}
         if compiled:

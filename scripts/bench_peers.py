@@ -36,7 +36,7 @@ JSON (``--json PATH``; issue 20 item 7; read and written by ``scripts/peer_repor
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]`` asks for
 ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named: all of them),
 measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode (none named:
-``default``). The file is written once the layer rows are done and again after each compile mode's e2e rows
+``default``; ``--skip-uncompiled``: compiled only). The file is written once the layer rows are done and again after each compile mode's e2e rows
 (``--e2e-only``: each mode's rows replace that mode's, the other modes' stay until theirs are measured);
 ``layer_date`` says when the layer rows were measured. While the layer rows are measured, the report as it would be
 so far is written after each (shape, routing) group to ``PATH`` with ``.partial`` before its suffix (``h200.json``
@@ -48,13 +48,13 @@ later run's replaces an earlier one's). ``--e2e-only`` measures only the e2e row
 their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures only the layer
 rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's time limit (each
 part's ratios are against the dense model of its own process). A plain run replaces the whole report,
-``--layer-only`` all its layer rows and ``--e2e-only`` all its rows of each mode it measures (uncompiled always), so
+``--layer-only`` all its layer rows and ``--e2e-only`` all its rows of each mode it measures, so
 a run that would drop a row it does not measure again (another shape, routing, implementation, model or mode, or
 an implementation that fails its check) is refused before any measurement: move the report away to start anew. ``e2e_dates`` says when each compile mode's e2e rows
 were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
-        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--json PATH]
+        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--skip-uncompiled] [--json PATH]
         [--e2e-only | --layer-only]
 """
 
@@ -366,6 +366,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
     add_models_option(ap, "--e2e", "*", "also bench_moe's e2e tokens/s")
     add_compile_option(ap, "e2e compiled too, with each MODE (bare: default)")
+    ap.add_argument(
+        "--skip-uncompiled",
+        action="store_true",
+        help="with --compile: the compiled e2e rows only (--e2e-only: the report's uncompiled rows stay)",
+    )
     ap.add_argument("--json", default=None, help="write {gpu, date, layer, e2e} to this JSON file")
     ap.add_argument(
         "--e2e-only",
@@ -395,6 +400,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             fail("--layer-only needs --json PATH (the report whose e2e rows it keeps)")
     if args.compile is not None and args.e2e is None:
         fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
+    if args.skip_uncompiled and args.compile is None:
+        fail("--skip-uncompiled leaves the compiled e2e rows only: give --compile [MODE ...] too")
     if args.e2e_only:
         if args.e2e is None or args.json is None:
             fail("--e2e-only needs --e2e [MODEL ...] and --json PATH")
@@ -428,8 +435,14 @@ def refuse_dropped_rows(args: argparse.Namespace, impls: list[str] | None = None
             args.json, old, groups, args.impls if impls is None else impls, replaces(args)
         )
     if not args.layer_only and impls is None:
-        modes = None if args.e2e is None else compile_modes(args.compile)
+        modes = None if args.e2e is None else measured_modes(args)
         refuse_dropped_e2e_rows(args.json, old, modes, args.e2e or e2e_names(), args.e2e_only, replaces(args))
+
+
+def measured_modes(args: argparse.Namespace) -> list[str | bool]:
+    """The e2e rows' ``compiled`` values this run measures: False (uncompiled, unless ``--skip-uncompiled``),
+    then each ``--compile`` mode."""
+    return ([] if args.skip_uncompiled else [False]) + compile_modes(args.compile)
 
 
 def check_partial_path(path: str) -> None:
@@ -490,14 +503,15 @@ def main(argv: list[str] | None = None) -> None:
             e2e = [e2e_row(r) for r in rows]
             write_report(args.json, gpu, layer, e2e, layer_date, kept_dates=dates.of(e2e))
 
-        e2e_done(bench_e2e(compile_modes(args.compile), args.e2e or None, done=e2e_done))
+        modes, uncompiled = compile_modes(args.compile), not args.skip_uncompiled
+        e2e_done(bench_e2e(modes, args.e2e or None, done=e2e_done, uncompiled=uncompiled))
 
 
 def e2e_only(args) -> None:
     """``--e2e-only``: measure the e2e rows and write them into ``args.json``: its layer rows (same GPU), its other
     top-level keys and its e2e rows of compile modes not measured again are kept, with their ``e2e_dates``
-    (uncompiled is always measured; the rows of a mode measured again are all replaced: their ratios are to that
-    process's dense model)."""
+    (uncompiled too unless ``--skip-uncompiled``; the rows of a mode measured again are all replaced: their ratios
+    are to that process's dense model)."""
     if not torch.cuda.is_available():
         fail("bench_peers.py needs a CUDA device (none visible to torch)")
     gpu = torch.cuda.get_device_name()
@@ -505,7 +519,7 @@ def e2e_only(args) -> None:
     old = read_report(Path(args.json)) or EMPTY_REPORT
     # the rows of the modes not measured again are kept (the rows of a mode measured again are all replaced:
     # each mode's ratios are against its own process's dense model)
-    kept = [r for r in old["e2e"] if r["compiled"] not in [False, *modes]]
+    kept = [r for r in old["e2e"] if r["compiled"] not in measured_modes(args)]
     refuse_other_gpu(args.json, old, old["layer"] + kept, gpu)
     layer_date = old.get("layer_date", old.get("date")) if old["layer"] else None
     same_gpu, dates = old.get("gpu") == gpu, ModeDates()
@@ -521,7 +535,7 @@ def e2e_only(args) -> None:
             e2e_dates(old | {"e2e": old_rows}) | dates.of(new), old.get("layer_pending"),
         )  # fmt: skip
 
-    done(bench_e2e(modes, args.e2e or None, done=done))
+    done(bench_e2e(modes, args.e2e or None, done=done, uncompiled=not args.skip_uncompiled))
 
 
 class ModeDates:

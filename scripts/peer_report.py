@@ -176,14 +176,13 @@ def refuse_dropped_layer_rows(path: str, old: dict, groups: list[dict], impls: l
 
 
 def refuse_dropped_e2e_rows(
-    path: str, old: dict, modes: list[str] | None, models: list[str], keeps_other_modes: bool, why: str
+    path: str, old: dict, measured_modes: list | None, models: list[str], keeps_other_modes: bool, why: str
 ) -> None:
     """A run that replaces e2e rows of report ``old`` at ``path`` (``why``: how it does): an error line, before
     any measurement, where it would drop a row that it does not measure again. It measures ``models`` (the
-    variants; a graphed one only uncompiled, dense always) uncompiled and compiled with each of ``modes``
-    (None: no e2e rows at all); ``keeps_other_modes`` (``--e2e-only``): the rows of the modes it does not
-    measure stay, else (a plain run) none stays."""
-    measured_modes = None if modes is None else [False, *modes]
+    variants; a graphed one only uncompiled, dense always) in each of ``measured_modes`` (rows' ``compiled``
+    values: False, compile modes; None: no e2e rows at all); ``keeps_other_modes`` (``--e2e-only``): the rows of
+    the modes it does not measure stay, else (a plain run) none stays."""
 
     def safe(r: dict) -> bool:
         if measured_modes is None or r["compiled"] not in measured_modes:

@@ -254,7 +254,7 @@ def test_e2e_only_keeps_the_layer_rows_other_e2e_rows_and_notes(bp, pr, tmp_path
     _fake_gpu(bp, monkeypatch)
     asked = []
 
-    def fake_e2e(modes, only, done=None):
+    def fake_e2e(modes, only, done=None, uncompiled=True):
         asked.append((modes, only))
         return [
             dict(
@@ -300,7 +300,7 @@ def test_layer_only_keeps_the_e2e_rows_and_their_dates(bp, pr, tmp_path, monkeyp
     assert new["e2e_dates"] == {"uncompiled": d0, "default": d0} and new["layer_date"] > d0
     measured = []
 
-    def fake_e2e(modes, only, done=None):
+    def fake_e2e(modes, only, done=None, uncompiled=True):
         return [
             dict(r, rounds=[1.0], e2e_model="gpt2")
             for r in e2e_old + [dict(compiled, compiled=m) for m in modes]
@@ -378,7 +378,9 @@ def test_runs_refuse_to_drop_rows_they_do_not_measure(bp, pr, tmp_path, monkeypa
     assert report.read_text() == before
     measured = []
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: measured.append(shapes) or [])
-    monkeypatch.setattr(bp, "bench_e2e", lambda modes, only, done=None: measured.append((modes, only)) or [])
+    monkeypatch.setattr(
+        bp, "bench_e2e", lambda modes, only, done=None, uncompiled=True: measured.append((modes, only)) or []
+    )
     bp.main([*layer, "--impls", "triton", "naive", "--shapes", "gpt2", "fine", "gpt2"])  # every row again
     bp.main([*e2e_run, "moe top-1 triton graphed", "--compile", "reduce-overhead"])
     bp.main(["--e2e-only", "--json", str(report), "--e2e"])  # bare: every model
@@ -391,6 +393,50 @@ def test_runs_refuse_to_drop_rows_they_do_not_measure(bp, pr, tmp_path, monkeypa
     assert [r["compiled"] for r in json.loads(report.read_text())["e2e"]] == ["default", "default"]  # kept
     bp.main([*plain, "--e2e", "--compile", "default"])  # a plain run measuring every row: let through
     assert measured[-2:] == [["gpt2", "fine"], (["default"], None)]
+
+
+def test_skip_uncompiled_measures_the_compiled_modes_only(bp, pr, tmp_path, monkeypatch, capsys):
+    """``--skip-uncompiled``: bench_e2e measures the ``--compile`` modes only; ``--e2e-only`` keeps the report's
+    uncompiled rows (the graphed models' too) and replaces the measured mode's; a plain run, which replaces the
+    whole report, is refused where it has uncompiled rows; without ``--compile`` it would measure nothing."""
+    report = tmp_path / "h200.json"
+    rows = [("dense", False), ("moe top-1 triton graphed", False), ("dense", "reduce-overhead")]
+    _drop_report(bp, pr, report, rows)
+    _fake_gpu(bp, monkeypatch)
+    assert "--compile" in _refused(
+        bp, capsys, "--e2e-only", "--e2e", "--skip-uncompiled", "--json", str(report)
+    )
+    asked = []
+
+    def fake_e2e(modes, only, done=None, uncompiled=True):
+        asked.append((modes, uncompiled))
+        return [dict(model="dense", compiled=m, tokens_per_s=5.0, ratio=1.0, rounds=[5.0], e2e_model="gpt2")
+                for m in ([False] if uncompiled else []) + modes]  # fmt: skip
+
+    monkeypatch.setattr(bp, "bench_e2e", fake_e2e)
+    argv = [
+        "--e2e",
+        "moe top-1 triton",
+        "--compile",
+        "reduce-overhead",
+        "--skip-uncompiled",
+        "--json",
+        str(report),
+    ]
+    bp.main(["--e2e-only", *argv])
+    assert asked == [(["reduce-overhead"], False)]
+    got = [(r["model"], r["compiled"], r["tokens_per_s"]) for r in json.loads(report.read_text())["e2e"]]
+    assert got == [
+        ("dense", False, 1.0),
+        ("moe top-1 triton graphed", False, 1.0),
+        ("dense", "reduce-overhead", 5.0),
+    ]
+    before = report.read_text()
+    monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
+    err = _refused(bp, capsys, "--impls", "triton", "naive", *argv)
+    assert "replaces the whole report" in err and "(uncompiled)" in err and report.read_text() == before
+    with pytest.raises(ValueError, match="nothing to measure"):
+        sys.modules["bench_moe"].bench_e2e([], uncompiled=False)  # before any GPU work
 
 
 def test_rows_of_odd_reports_and_failed_checks_are_refused_not_dropped(bp, pr, tmp_path, monkeypatch, capsys):
@@ -474,7 +520,9 @@ def test_a_run_cut_short_keeps_the_groups_it_measured(bp, pr, tmp_path, monkeypa
         "h200.partial.json",
     ]  # no temporary file
     monkeypatch.setattr(
-        bp, "bench_e2e", lambda modes, only, done=None: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")]
+        bp,
+        "bench_e2e",
+        lambda modes, only, done=None, uncompiled=True: [dict(e2e_old[0], rounds=[1.0], e2e_model="gpt2")],
     )
     bp.main(["--e2e-only", "--e2e", "--json", str(partial)])
     got = json.loads(partial.read_text())
@@ -503,7 +551,7 @@ def test_an_e2e_run_cut_short_keeps_the_modes_it_measured(bp, pr, tmp_path, monk
     clock = iter(f"2026-02-0{i}T00:00:00+00:00" for i in range(1, 10))
     monkeypatch.setattr(bp, "now", lambda: next(clock))  # when this run's modes were measured
 
-    def cut(modes, only, done=None):
+    def cut(modes, only, done=None, uncompiled=True):
         rows = []
         for mode, tps in ((False, 10.0), ("default", 20.0)):
             rows.append(dict(row(mode, tps), rounds=[tps], e2e_model="gpt2"))
@@ -550,7 +598,9 @@ def test_new_reports_and_what_is_beside_them(bp, pr, tmp_path, monkeypatch, caps
     monkeypatch.setattr(bp, "bench", lambda impls, shapes, kinds, iters, done: [_row(bp)])
     e2e = [dict(model="dense", compiled=False, tokens_per_s=1.0, ratio=1.0)]
     monkeypatch.setattr(
-        bp, "bench_e2e", lambda modes, only, done=None: [dict(e2e[0], rounds=[1.0], e2e_model="x")]
+        bp,
+        "bench_e2e",
+        lambda modes, only, done=None, uncompiled=True: [dict(e2e[0], rounds=[1.0], e2e_model="x")],
     )
     bp.main(["--layer-only", "--impls", "triton", "--json", str(tmp_path / "a.json")])
     assert json.loads((tmp_path / "a.json").read_text())["layer"] == [_row(bp)]
