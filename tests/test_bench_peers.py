@@ -19,6 +19,12 @@ def bp():
 
 
 @pytest.fixture(scope="module")
+def peers(bp):
+    """scripts/peer_impls.py, the peers' module (imported by bench_peers)."""
+    return sys.modules["peer_impls"]
+
+
+@pytest.fixture(scope="module")
 def pr(bp):
     """scripts/peer_report.py, the report's module (imported by bench_peers)."""
     return sys.modules["peer_report"]
@@ -32,7 +38,7 @@ def _grads(fn, base, idx, gy):
 
 @pytest.mark.parametrize("name", ["hf_grouped_mm", "naive"])
 @pytest.mark.parametrize("K", [1, 3])
-def test_cpu_peers_match_eager(bp, name, K):
+def test_cpu_peers_match_eager(bp, peers, name, K):
     """Forward and all six gradients, float32, odd T and E, one expert without tokens (torch._grouped_mm runs on
     the CPU in this torch)."""
     gen = torch.Generator().manual_seed(0)
@@ -43,20 +49,20 @@ def test_cpu_peers_match_eager(bp, name, K):
     base += [torch.randn(E, F, generator=gen), torch.randn(E, F, D, generator=gen) * 0.3]
     base += [torch.randn(E, D, generator=gen), wts]
     gy = torch.randn(T, D, generator=gen)
-    fn = {"hf_grouped_mm": bp.hf_grouped_mm_experts, "naive": bp.naive_experts}[name]
+    fn = {"hf_grouped_mm": peers.hf_grouped_mm_experts, "naive": bp.naive_experts}[name]
     for got, ref in zip(_grads(fn, base, idx, gy), _grads(eager_experts, base, idx, gy), strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_scattermoe_layout_round_trips(bp):
+def test_scattermoe_layout_round_trips(peers):
     gen = torch.Generator().manual_seed(1)
     E, D, F = 3, 8, 12
     ours = [torch.randn(E, D, F, generator=gen), torch.randn(E, F, generator=gen)]
     ours += [torch.randn(E, F, D, generator=gen), torch.randn(E, D, generator=gen)]
-    theirs = bp.to_scattermoe(*ours)
+    theirs = peers.to_scattermoe(*ours)
     assert [tuple(t.shape) for t in theirs] == [(E, F, D), (E, F), (E, D, F), (E, D)]  # weight [E, out, in]
     assert all(t.is_contiguous() for t in theirs)
-    for a, b in zip(bp.from_scattermoe(*theirs), ours, strict=True):
+    for a, b in zip(peers.from_scattermoe(*theirs), ours, strict=True):
         assert torch.equal(a, b)
     x = torch.randn(4, D, generator=gen)  # ParallelExperts computes x @ weight[e].T (+ bias)
     torch.testing.assert_close(torch.nn.functional.linear(x, theirs[0][1]), x @ ours[0][1])
@@ -86,7 +92,7 @@ class _FakeScatterMoE:
 
 
 @pytest.mark.parametrize("histc", [False, True])
-def test_scattermoe_call_matches_eager(bp, histc):
+def test_scattermoe_call_matches_eager(peers, histc):
     """Our call of ScatterMoE's API (layout, k, grouped flags, gates) on a plain-torch stand-in of its ops."""
     gen = torch.Generator().manual_seed(2)
     T, E, K, D, F = 23, 5, 2, 8, 12
@@ -95,8 +101,8 @@ def test_scattermoe_call_matches_eager(bp, histc):
     p = [torch.randn(E, D, F, generator=gen), torch.randn(E, F, generator=gen)]
     p += [torch.randn(E, F, D, generator=gen), torch.randn(E, D, generator=gen)]
     x = torch.randn(T, D, generator=gen)
-    fn = bp.scattermoe_experts(_FakeScatterMoE, histc=histc)
-    got = fn(x, *bp.to_scattermoe(*p), idx, wts, "gelu_pytorch_tanh")
+    fn = peers.scattermoe_experts(_FakeScatterMoE, histc=histc)
+    got = fn(x, *peers.to_scattermoe(*p), idx, wts, "gelu_pytorch_tanh")
     torch.testing.assert_close(got, eager_experts(x, *p, idx, wts, "gelu_pytorch_tanh"), rtol=1e-4, atol=1e-4)
 
 
@@ -159,8 +165,8 @@ def test_refuses_without_cuda(bp, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "CUDA" in err[0]
 
 
-def test_refuses_without_scattermoe(bp, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(bp, "SCATTERMOE_DIR", tmp_path / "scattermoe")
+def test_refuses_without_scattermoe(bp, peers, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(peers, "SCATTERMOE_DIR", tmp_path / "scattermoe")
     with pytest.raises(SystemExit) as exit_:
         bp.main(["--impls", "triton", "scattermoe"])
     assert exit_.value.code == 2
