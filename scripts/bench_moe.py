@@ -431,9 +431,7 @@ def bench_e2e(
     rows so far: a caller can save them before the next mode). ``uncompiled=False``: the compiled modes only."""
     if isinstance(modes, str) or not set(modes) <= set(COMPILE_MODES):
         raise ValueError(f"compile modes: a list of {COMPILE_MODES}, got {modes!r}")
-    measured = ((None,) if uncompiled else ()) + tuple(modes)
-    if not measured:
-        raise ValueError("bench_e2e: nothing to measure (uncompiled=False and no compile mode)")
+    measured = e2e_modes(modes, uncompiled)
     rows = []
     gen = torch.Generator().manual_seed(0)
     last_mode = measured[-1]
@@ -472,6 +470,15 @@ def bench_e2e(
         if done is not None and compile_mode != last_mode:
             done(list(rows))
     return rows
+
+
+def e2e_modes(modes, uncompiled: bool = True) -> tuple:
+    """The compile modes ``bench_e2e`` measures, in order: None (uncompiled) first unless ``uncompiled`` is False,
+    then ``modes``; ValueError where that is none."""
+    measured = ((None,) if uncompiled else ()) + tuple(modes)
+    if not measured:
+        raise ValueError("bench_e2e: nothing to measure (uncompiled=False and no compile mode)")
+    return measured
 
 
 COMPILE_MODES = (

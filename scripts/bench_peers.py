@@ -37,8 +37,9 @@ JSON (``--json PATH``; issue 20 item 7; read and written by ``scripts/peer_repor
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]`` asks for
 ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named: all of them),
 measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode (none named:
-``default``; ``--skip-uncompiled``: compiled only). The file is written once the layer rows are done and again after each compile mode's e2e rows
-(``--e2e-only``: each mode's rows replace that mode's, the other modes' stay until theirs are measured);
+``default``; ``--skip-uncompiled``: compiled only). The file is written once the layer rows are done and again
+after each compile mode's e2e rows (``--e2e-only``: each mode's rows replace that mode's, the other modes' stay
+until theirs are measured);
 ``layer_date`` says when the layer rows were measured. While the layer rows are measured, the report as it would be
 so far is written after each (shape, routing) group to ``PATH`` with ``.partial`` before its suffix (``h200.json``
 -> ``h200.partial.json``), with ``layer_pending``: the groups of this run's ``--shapes`` and ``--routing`` still to
@@ -49,10 +50,10 @@ later run's replaces an earlier one's). ``--e2e-only`` measures only the e2e row
 their ``layer_date``) of an existing ``--json`` file from the same GPU; ``--layer-only`` measures only the layer
 rows and keeps its e2e rows: the two parts in separate processes when one would not fit a machine's time limit (each
 part's ratios are against the dense model of its own process). A plain run replaces the whole report,
-``--layer-only`` all its layer rows and ``--e2e-only`` all its rows of each mode it measures, so
-a run that would drop a row it does not measure again (another shape, routing, implementation, model or mode, or
-an implementation that fails its check) is refused before any measurement: move the report away to start anew. ``e2e_dates`` says when each compile mode's e2e rows
-were measured (``date``: when the file was written).
+``--layer-only`` all its layer rows and ``--e2e-only`` all its rows of each mode it measures, so a run that would
+drop a row it does not measure again (another shape, routing, implementation, model or mode, or an implementation
+that fails its check) is refused before any measurement: move the report away to start anew. ``e2e_dates`` says
+when each compile mode's e2e rows were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
         [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--skip-uncompiled] [--json PATH]
@@ -315,7 +316,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             check_partial_path(args.json)
     if args.layer_only:
         given = [o for o, on in (("--check-only", args.check_only), ("--e2e", args.e2e is not None),
-                                 ("--compile", args.compile is not None), ("--e2e-only", args.e2e_only)) if on]  # fmt: skip
+                                 ("--compile", args.compile is not None), ("--e2e-only", args.e2e_only),
+                                 ("--skip-uncompiled", args.skip_uncompiled)) if on]  # fmt: skip
         if given:
             fail(f"--layer-only measures no e2e rows and writes a report: drop {' '.join(given)}")
         if args.json is None:
@@ -329,9 +331,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             fail("--e2e-only needs --e2e [MODEL ...] and --json PATH")
         layer_opts = [f"--{k.replace('_', '-')}" for k, v in LAYER_DEFAULTS.items() if getattr(args, k) != v]
         if args.check_only or layer_opts:
-            fail(
-                f"--e2e-only measures no layer rows: drop {' '.join((['--check-only'] if args.check_only else []) + layer_opts)}"
-            )
+            dropped = (["--check-only"] if args.check_only else []) + layer_opts
+            fail(f"--e2e-only measures no layer rows: drop {' '.join(dropped)}")
     refuse_dropped_rows(args)
     return args
 
@@ -345,20 +346,31 @@ def replaces(args: argparse.Namespace) -> str:
     return "a run without --layer-only or --e2e-only replaces the whole report"
 
 
-def refuse_dropped_rows(args: argparse.Namespace, impls: list[str] | None = None) -> None:
-    """Before any work (and again once ``impls`` passed their check): a run may not drop a row of the report at
-    ``--json`` that it does not measure again (``replaces``: which rows it replaces); one ``error:`` line."""
+def refuse_dropped_rows(args: argparse.Namespace) -> None:
+    """Before any work: a run may not drop a row of the report at ``--json`` that it does not measure again
+    (``replaces``: which rows it replaces); one ``error:`` line."""
     old = read_report(Path(args.json)) if args.json is not None else None
     if old is None or args.check_only:
         return
     if not args.e2e_only:
         groups = pending_groups(args.shapes, args.routing)
-        refuse_dropped_layer_rows(
-            args.json, old, groups, args.impls if impls is None else impls, replaces(args)
-        )
-    if not args.layer_only and impls is None:
+        refuse_dropped_layer_rows(args.json, old, groups, args.impls, replaces(args))
+    if not args.layer_only:
         modes = None if args.e2e is None else measured_modes(args)
         refuse_dropped_e2e_rows(args.json, old, modes, args.e2e or e2e_names(), args.e2e_only, replaces(args))
+
+
+def refuse_failed_impls(args: argparse.Namespace, passed: list[str]) -> None:
+    """After the check against eager, before any measurement: the report at ``--json`` may not lose the layer
+    rows of an implementation that failed it (a run replacing its layer rows would drop them); one error line."""
+    old = read_report(Path(args.json)) if args.json is not None and not args.e2e_only else None
+    failed = [i for i in args.impls if i not in passed]
+    lost = sorted({r["impl"] for r in (old or EMPTY_REPORT)["layer"] if r["impl"] in failed})
+    if lost:
+        fail(
+            f"--json {args.json}: {', '.join(lost)} failed the check against eager (lines above), and the report's"
+            " rows of it would be dropped: nothing measured; fix it, or give another --json"
+        )
 
 
 def measured_modes(args: argparse.Namespace) -> list[str | bool]:
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(
             "no implementation passed its check against eager (lines above): nothing measured, nothing written"
         )
-    refuse_dropped_rows(args, list(impls))  # the rows of one that failed its check would go
+    refuse_failed_impls(args, list(impls))
 
     partial = None if args.json is None else partial_path(args.json)
 

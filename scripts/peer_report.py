@@ -195,7 +195,7 @@ def refuse_dropped_e2e_rows(
         what = list(dict.fromkeys(f"{r['model']!r} ({mode_key(r)})" for r in dropped))
         user_error(
             f"--json {path}: {why} and would drop {_some(what)}: measure them too (--e2e MODEL ..., --compile"
-            " MODE ...), or give another --json"
+            " MODE ..., without --skip-uncompiled for the uncompiled ones), or give another --json"
         )
 
 

@@ -354,7 +354,7 @@ def _drop_report(bp, pr, report, e2e_rows):
 
 def test_runs_refuse_to_drop_rows_they_do_not_measure(bp, pr, tmp_path, monkeypatch, capsys):
     """A plain run replaces the whole report, ``--layer-only`` its layer rows, ``--e2e-only`` its rows of each mode
-    it measures (uncompiled always): one that would not measure some of them again is refused before any work,
+    it measures: one that would not measure some of them again is refused before any work,
     naming them (E, F, K, T, routing; model and mode), nothing written (2026-12-03: ``--e2e-only --e2e "moe top-1
     triton" "moe top-2 triton" --compile reduce-overhead`` dropped the graphed models' uncompiled rows, measured
     minutes before)."""
@@ -445,6 +445,40 @@ def test_skip_uncompiled_measures_the_compiled_modes_only(bp, pr, tmp_path, monk
         sys.modules["bench_moe"].bench_e2e([], uncompiled=False)  # before any GPU work
 
 
+def test_skip_uncompiled_and_repeated_names_on_new_reports(bp, tmp_path, monkeypatch, capsys):
+    """A plain run with ``--skip-uncompiled`` on a new report measures the compiled modes only; without
+    ``--compile`` (a plain run too) it is refused, and ``--layer-only`` names it among what to drop;
+    ``bench_e2e``'s modes; ``--impls``, ``--shapes`` and ``--routing`` each once."""
+    moe = sys.modules["bench_moe"]
+    assert moe.e2e_modes(["default"]) == (None, "default") and moe.e2e_modes(["default"], False) == (
+        "default",
+    )
+    assert moe.e2e_modes([]) == (None,)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        moe.e2e_modes([], uncompiled=False)
+    assert "--compile" in _refused(bp, capsys, "--e2e", "--skip-uncompiled")
+    err = _refused(bp, capsys, "--layer-only", "--skip-uncompiled", "--json", str(tmp_path / "r.json"))
+    assert "drop --skip-uncompiled" in err
+    _fake_gpu(bp, monkeypatch)
+    monkeypatch.setattr(bp, "check_impls", lambda impls: impls)
+    seen = []
+    monkeypatch.setattr(
+        bp, "bench", lambda impls, shapes, kinds, iters, done: seen.append((list(impls), kinds)) or [_row(bp)]
+    )
+
+    def fake_e2e(modes, only, done=None, uncompiled=True):
+        seen.append((modes, uncompiled))
+        return [dict(model="dense", compiled=m, tokens_per_s=1.0, ratio=1.0, rounds=[1.0], e2e_model="gpt2")
+                for m in ([False] if uncompiled else []) + modes]  # fmt: skip
+
+    monkeypatch.setattr(bp, "bench_e2e", fake_e2e)
+    report = tmp_path / "new.json"
+    bp.main(["--impls", "naive", "triton", "naive", "--routing", "zipf", "zipf", "--e2e", "--compile",
+             "reduce-overhead", "--skip-uncompiled", "--json", str(report)])  # fmt: skip
+    assert seen == [(["naive", "triton"], ["zipf"]), (["reduce-overhead"], False)]
+    assert [r["compiled"] for r in json.loads(report.read_text())["e2e"]] == ["reduce-overhead"]
+
+
 def test_rows_of_odd_reports_and_failed_checks_are_refused_not_dropped(bp, pr, tmp_path, monkeypatch, capsys):
     """An implementation failing its check against eager would leave its rows out of the new report: refused
     after the check, before any measurement. A row whose naming values are of the wrong kind (a hand edit): one
@@ -455,10 +489,11 @@ def test_rows_of_odd_reports_and_failed_checks_are_refused_not_dropped(bp, pr, t
     monkeypatch.setattr(bp, "check_impls", lambda impls: {k: v for k, v in impls.items() if k != "naive"})
     monkeypatch.setattr(bp, "bench", lambda *a: pytest.fail("measured before the refusal"))
     err = _refused(bp, capsys, "--layer-only", "--impls", "triton", "naive", "--json", str(report))
-    assert "(naive E=8 F=3072 K=1 T=8192 balanced)" in err and report.read_text() == before
+    assert "naive failed the check against eager" in err and report.read_text() == before
     old = json.loads(before)
     for bad, why in ((dict(E=[8]), "positive integers"), (dict(impl={"a": 1}), "strings"),
-                     (dict(T=0), "positive integers")):  # fmt: skip
+                     (dict(T=0), "positive integers"), (dict(F=[3072]), "positive integers"),
+                     (dict(K=True), "positive integers"), (dict(routing=["zipf"]), "strings")):  # fmt: skip
         report.write_text(json.dumps(dict(old, layer=[dict(old["layer"][0], **bad)])))
         assert why in _refused(
             bp, capsys, "--layer-only", "--impls", "triton", "naive", "--json", str(report)
