@@ -61,10 +61,13 @@ def check_output_file(path: str | Path, label: str, kind: str, replaced: bool = 
         p = Path(path).resolve()
     except (OSError, RuntimeError) as e:  # a link that loops
         raise ConfigError(f"{label} {path}: cannot be resolved ({e})") from None
-    if p.is_dir() or not p.parent.is_dir():
-        raise ConfigError(f"{label} {path}: {kind} in an existing folder")
-    if p.exists() and not p.is_file():  # a FIFO would block the check; a device (/dev/null) be replaced
-        raise ConfigError(f"{label} {path}: {kind}, not a device, pipe or socket")
+    try:  # is_dir and exists raise for a name the file system refuses (a part over 255 bytes)
+        if p.is_dir() or not p.parent.is_dir():
+            raise ConfigError(f"{label} {path}: {kind} in an existing folder")
+        if p.exists() and not p.is_file():  # a FIFO would block the check; a device (/dev/null) be replaced
+            raise ConfigError(f"{label} {path}: {kind}, not a device, pipe or socket")
+    except OSError as e:
+        raise ConfigError(f"{label} {path}: not a usable file name ({e.strerror or e})") from None
     try:
         if p.exists():
             with open(p, "a"):

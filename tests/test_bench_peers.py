@@ -656,6 +656,8 @@ def test_new_reports_and_what_is_beside_them(bp, pr, tmp_path, monkeypatch, caps
         assert str(partial) in _refused(bp, capsys, "--impls", "triton", "--json", str(report))
         assert report.read_text() == before and mine.read_text() == "my notes"
         partial.rmdir() if partial.is_dir() else partial.unlink()
+    too_long = tmp_path / ("x" * 300 + ".json")  # over the file system's 255 bytes: was an OSError traceback
+    assert "not a usable file name" in _refused(bp, capsys, "--impls", "triton", "--json", str(too_long))
     long = tmp_path / ("x" * 240 + ".json")
     assert "not writable" in _refused(bp, capsys, "--impls", "triton", "--json", str(long))
     (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
