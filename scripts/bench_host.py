@@ -23,8 +23,8 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
                layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` takes the latter)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
 ``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
-JSON: ``{gpu, torch, triton, tokens, top_k, reps, rounds, date, cached_launcher, rows}`` (``date``: UTC, when written), ``rounds`` the number of
-rounds; rows ``{K, part, host_us, dense_ratio, round_us}`` (``host_us`` the median of the rounds' ``round_us``; the
+JSON: ``{gpu, torch, triton, tokens, top_k, reps, rounds, date, cached_launcher, rows}`` (``date``: UTC, when
+written), ``rounds`` the number of rounds; rows ``{K, part, host_us, dense_ratio, round_us}`` (``host_us`` the median of the rounds' ``round_us``; the
 launcher rows without ``dense_ratio``); the file is written after each K.
 Gradients accumulate into the leaves' ``.grad`` as in gradient accumulation (one add per leaf a call). A
 measurement whose sleep ended before the issue did raises RuntimeError (the host waited on the device). Needs a
@@ -33,7 +33,6 @@ CUDA device.
 
 from __future__ import annotations
 
-import datetime
 import statistics
 import time
 from unittest import mock
@@ -48,6 +47,7 @@ from bench_moe import (
     dense_mlp,
     interleaved,
     median_ratio,
+    now,
     parse_args,
     positive_int,
     user_error,
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     for K in args.top_k:
         rows += measure_top_k(K, layer_parts(args.tokens, K, gen), args.rounds, args.reps)
         if args.json is not None:  # after each K: a later failure keeps what was measured
-            date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")  # when written
-            write_json(args.json, dict(meta, date=date, cached_launcher=triton_launch.CACHED, rows=rows))
+            write_json(args.json, dict(meta, date=now(), cached_launcher=triton_launch.CACHED, rows=rows))
 
 
 def measure_top_k(K: int, parts: dict, rounds: int, reps: int) -> list[dict]:

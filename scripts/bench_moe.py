@@ -22,6 +22,7 @@ Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile ch
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
@@ -558,6 +559,11 @@ def add_compile_option(ap: ArgumentParser, help_text: str) -> None:
 def add_models_option(ap: ArgumentParser, flag: str, nargs: str, help_text: str) -> None:
     """``flag MODEL ...``: e2e variants by name (``e2e_names``)."""
     ap.add_argument(flag, nargs=nargs, default=None, choices=e2e_names(), metavar="MODEL", help=help_text)
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second: when a report or its part was written or measured."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def user_error(message: str) -> NoReturn:

@@ -308,10 +308,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parse_args(ap, argv)
     for name in ("impls", "shapes", "routing"):  # each once, in the order given
         setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    old = None
     if args.json is not None:
         check_json_path(args.json)
         # an existing file must be a report: it is replaced (or, --e2e-only and --layer-only, extended)
-        read_report(Path(args.json))
+        old = read_report(Path(args.json))
         if not args.e2e_only:
             check_partial_path(args.json)
     if args.layer_only:
@@ -333,7 +334,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if args.check_only or layer_opts:
             dropped = (["--check-only"] if args.check_only else []) + layer_opts
             fail(f"--e2e-only measures no layer rows: drop {' '.join(dropped)}")
-    refuse_dropped_rows(args)
+    refuse_dropped_rows(args, old)
     return args
 
 
@@ -346,10 +347,9 @@ def replaces(args: argparse.Namespace) -> str:
     return "a run without --layer-only or --e2e-only replaces the whole report"
 
 
-def refuse_dropped_rows(args: argparse.Namespace) -> None:
-    """Before any work: a run may not drop a row of the report at ``--json`` that it does not measure again
-    (``replaces``: which rows it replaces); one ``error:`` line."""
-    old = read_report(Path(args.json)) if args.json is not None else None
+def refuse_dropped_rows(args: argparse.Namespace, old: dict | None) -> None:
+    """Before any work: a run may not drop a row of the report ``old`` at ``--json`` (None: none there) that it
+    does not measure again (``replaces``: which rows it replaces); one ``error:`` line."""
     if old is None or args.check_only:
         return
     if not args.e2e_only:

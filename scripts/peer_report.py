@@ -8,7 +8,7 @@ import datetime
 import json
 from pathlib import Path
 
-from bench_moe import user_error, write_json  # scripts/ on path
+from bench_moe import now, user_error, write_json  # scripts/ on path (now: re-exported to bench_peers)
 
 LAYER_KEYS = (
     *("impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"),
@@ -56,10 +56,6 @@ def partial_path(path: str) -> Path:
     (``h200.json`` -> ``h200.partial.json``)."""
     p = Path(path)
     return p.with_name(f"{p.stem}.partial{p.suffix}")
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 OPTIONAL_LAYER_KEYS = ("host_ms", "dense_host_ms")  # reports written before host_ms was measured lack them
@@ -112,8 +108,8 @@ def _check_names(layer: list[dict], e2e: list[dict]) -> None:
     """TypeError unless the keys that name a row are of their kind: a layer row's ``impl`` and ``routing``
     strings and E, F, K, T positive integers (where present), an e2e row's ``model`` a string."""
     for r in layer:
-        sizes = [r[k] for k in ("E", "F", "K", "T") if k in r]
-        if not all(type(n) is int and n > 0 for n in sizes):
+        sizes = [r[k] for k in GROUP_KEYS[:4] if k in r]
+        if not _positive_ints(sizes):
             raise TypeError(f"a layer row's E, F, K, T must be positive integers, not {sizes}")
         if not all(isinstance(r[k], str) for k in ("impl", "routing") if k in r):
             raise TypeError("a layer row's 'impl' and 'routing' must be strings")
@@ -121,13 +117,17 @@ def _check_names(layer: list[dict], e2e: list[dict]) -> None:
         raise TypeError("an e2e row's 'model' must be a string")
 
 
+def _positive_ints(values: list) -> bool:
+    """Are all ``values`` positive integers (JSON numbers without a fraction, not booleans)?"""
+    return all(type(n) is int and n > 0 for n in values)
+
+
 def _check_pending(pending) -> None:
     """TypeError unless ``pending`` (a report's ``layer_pending``) is a list of distinct ``pending_groups``
     entries: E, F, K, T positive integers, routing "balanced" or "zipf"."""
 
     def group(g) -> bool:
-        sizes = [g.get(k) for k in GROUP_KEYS[:4]]
-        ints = all(type(n) is int and n > 0 for n in sizes)
+        ints = _positive_ints([g.get(k) for k in GROUP_KEYS[:4]])
         return set(g) == set(GROUP_KEYS) and ints and g["routing"] in ROUTINGS
 
     if not isinstance(pending, list) or not all(isinstance(g, dict) and group(g) for g in pending):
