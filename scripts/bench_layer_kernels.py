@@ -1,6 +1,7 @@
 """Device time of the triton experts layer against the dense MLP, kernel by kernel: for A/B runs of source trees.
 
-One CUDA device, bf16, GPT-2 expert shape (D=768, F=3072), E=8, T=8192, top-1 and top-2, balanced and Zipf(1.0)
+One CUDA device, bf16, GPT-2 expert shape (D=768, F=3072), E=8, T=8192, top-1 and top-2 (``--shape e64`` / ``e128``:
+bench_peers' fine-grained shapes, E=64 F=768 / E=128 F=384, K=8, T=16384), balanced and Zipf(1.0)
 routing (``bench_moe.routing``; ``--routing`` adds two that tell why Zipf costs more, ``routing``). Prints one line ``RESULT {json}``: forward+backward ms of the dense MLP on K*T
 tokens and of the layer, each captured in a CUDA graph and replayed (median of 40), their ratio, and with
 ``--kernels`` each kernel's device microseconds in launch order (torch.profiler, eager forward+backward, median
@@ -11,7 +12,7 @@ shapes, routing uniform over distinct experts (``peak_memory``; the row kernel's
 configs: the 2026-12-03 figures were taken with ``MOE_TRITON_AUTOTUNE=0``).
 
     PYTHONPATH=<tree> TRITON_CACHE_AUTOTUNING=1 python scripts/bench_layer_kernels.py [--kernels | --memory]
-        [--routing KIND ...]
+        [--routing KIND ...] [--shape gpt2|e64|e128]
 """
 
 import json
@@ -34,6 +35,8 @@ dev = torch.device("cuda")
 bf16 = dict(device="cuda", dtype=torch.bfloat16)
 
 
+# E, F, the K's, T of each --shape (D=768)
+SHAPES = {"gpt2": (E, FF, (1, 2), T), "e64": (64, 768, (8,), 16384), "e128": (128, 384, (8,), 16384)}
 ROUTINGS = ("balanced", "zipf", "zipf-aligned", "balanced-unaligned")
 ROW_TILE = 128  # rows of the row GEMMs' tiles (BLOCK_M of the configs the autotuner picks at these shapes)
 
@@ -166,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
     mode.add_argument("--memory", action="store_true", help="only the peak activation memory (peak_memory)")
     ap.add_argument("--routing", nargs="+", choices=ROUTINGS, default=["balanced", "zipf"], metavar="KIND")
+    ap.add_argument(
+        "--shape", choices=SHAPES, default="gpt2", help="E, F, K, T (SHAPES; default: %(default)s)"
+    )
     args = ap.parse_args(argv)
     if args.memory:
         print("RESULT " + json.dumps(peak_memory()))
         return 0
     gen = torch.Generator().manual_seed(0)
     fn = get_backend("triton", dev)
-    res = {"tree": os.path.dirname(moe_emergence.__file__)}
-    for K in (1, 2):
+    E, FF, Ks, T = SHAPES[args.shape]
+    res = {"tree": os.path.dirname(moe_emergence.__file__), "shape": f"E={E} F={FF} T={T}"}
+    for K in Ks:
         x = torch.randn(K * T, D).to(**bf16).requires_grad_()
         w = [
             torch.randn(D, FF) * 0.02,

@@ -27,9 +27,11 @@ def test_routings_give_distinct_experts_and_normalised_weights(blk, kind, K):
     assert int(_counts(idx, E).sum()) == T * K
 
 
-@pytest.mark.parametrize("K", [1, 2])
-def test_the_diagnostic_routings_have_the_counts_they_promise(blk, K):
-    T, E, tile = 8192, 8, blk.ROW_TILE
+@pytest.mark.parametrize("shape", [("gpt2", 1), ("gpt2", 2), ("e64", 8), ("e128", 8)])
+def test_the_diagnostic_routings_have_the_counts_they_promise(blk, shape):
+    E, _F, Ks, T = blk.SHAPES[shape[0]]
+    K, tile = shape[1], blk.ROW_TILE
+    assert K in Ks
     count = lambda kind: _counts(blk.routing(T, E, K, kind, torch.Generator().manual_seed(0))[0], E)  # noqa: E731
     assert count("balanced").tolist() == [T * K // E] * E  # full tiles only (T*K/E a multiple of the tile)
     zipf, aligned = count("zipf"), count("zipf-aligned")
