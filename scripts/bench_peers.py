@@ -308,6 +308,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parse_args(ap, argv)
     for name in ("impls", "shapes", "routing"):  # each once, in the order given
         setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    if args.check_only:  # the check alone: nothing measured, nothing written
+        given = [o for o, on in (("--e2e", args.e2e is not None), ("--compile", args.compile is not None),
+                                 ("--skip-uncompiled", args.skip_uncompiled), ("--json", args.json is not None),
+                                 ("--e2e-only", args.e2e_only), ("--layer-only", args.layer_only)) if on]  # fmt: skip
+        if given:
+            fail(f"--check-only runs the check against eager alone: drop {' '.join(given)}")
     old = None
     if args.json is not None:
         check_json_path(args.json)
@@ -316,9 +322,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if not args.e2e_only:
             check_partial_path(args.json)
     if args.layer_only:
-        given = [o for o, on in (("--check-only", args.check_only), ("--e2e", args.e2e is not None),
-                                 ("--compile", args.compile is not None), ("--e2e-only", args.e2e_only),
-                                 ("--skip-uncompiled", args.skip_uncompiled)) if on]  # fmt: skip
+        given = [o for o, on in (("--e2e", args.e2e is not None), ("--compile", args.compile is not None),
+                                 ("--e2e-only", args.e2e_only), ("--skip-uncompiled", args.skip_uncompiled)) if on]  # fmt: skip
         if given:
             fail(f"--layer-only measures no e2e rows and writes a report: drop {' '.join(given)}")
         if args.json is None:
@@ -327,13 +332,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
     if args.skip_uncompiled and args.compile is None:
         fail("--skip-uncompiled leaves the compiled e2e rows only: give --compile [MODE ...] too")
+    if args.skip_uncompiled and args.e2e and all(m.endswith("graphed") for m in args.e2e):
+        fail(f"--skip-uncompiled with only graphed models ({', '.join(args.e2e)}), which run uncompiled alone:"
+             " nothing but dense would be measured; add a model that compiles, or drop --skip-uncompiled")  # fmt: skip
     if args.e2e_only:
         if args.e2e is None or args.json is None:
             fail("--e2e-only needs --e2e [MODEL ...] and --json PATH")
         layer_opts = [f"--{k.replace('_', '-')}" for k, v in LAYER_DEFAULTS.items() if getattr(args, k) != v]
-        if args.check_only or layer_opts:
-            dropped = (["--check-only"] if args.check_only else []) + layer_opts
-            fail(f"--e2e-only measures no layer rows: drop {' '.join(dropped)}")
+        if layer_opts:
+            fail(f"--e2e-only measures no layer rows: drop {' '.join(layer_opts)}")
     refuse_dropped_rows(args, old)
     return args
 
@@ -350,7 +357,7 @@ def replaces(args: argparse.Namespace) -> str:
 def refuse_dropped_rows(args: argparse.Namespace, old: dict | None) -> None:
     """Before any work: a run may not drop a row of the report ``old`` at ``--json`` (None: none there) that it
     does not measure again (``replaces``: which rows it replaces); one ``error:`` line."""
-    if old is None or args.check_only:
+    if old is None:
         return
     if not args.e2e_only:
         groups = pending_groups(args.shapes, args.routing)

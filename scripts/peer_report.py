@@ -8,7 +8,8 @@ import datetime
 import json
 from pathlib import Path
 
-from bench_moe import now, user_error, write_json  # scripts/ on path (now: re-exported to bench_peers)
+# scripts/ on path (now: re-exported to bench_peers)
+from bench_moe import COMPILE_MODES, now, user_error, write_json
 
 LAYER_KEYS = (
     *("impl", "E", "F", "K", "T", "routing", "graph_ratio", "wall_ratio", "peak_mem_ratio"),
@@ -75,8 +76,8 @@ def read_report(path: Path) -> dict | None:
             raise TypeError("'layer' and 'e2e' must be lists")
         if not all(isinstance(r, dict) for r in (*layer, *e2e)):
             raise TypeError("rows must be JSON objects")
-        if not all(r.get("compiled") is False or isinstance(r.get("compiled"), str) for r in e2e):
-            raise TypeError("an e2e row's 'compiled' must be false or a compile mode")
+        if not all(r.get("compiled") is False or r.get("compiled") in COMPILE_MODES for r in e2e):
+            raise TypeError(f"an e2e row's 'compiled' must be false or one of {', '.join(COMPILE_MODES)}")
         _check_names(layer, e2e)
         _check_dates(old)
         _check_pending(old.get("layer_pending", []))

@@ -195,7 +195,7 @@ def _row(bp, impl="triton"):
     return bp.layer_row(impl, 8, 3072, 1, 8192, "balanced", ms, ms)
 
 
-def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, tmp_path, capsys):
+def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, pr, tmp_path, capsys):
     """Each is one error line naming the option, found when the command is read (no CUDA needed)."""
     report = tmp_path / "h200.json"
     assert "--e2e" in _refused(bp, capsys, "--e2e-only", "--json", str(report))
@@ -211,10 +211,13 @@ def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, tmp_path, cap
     assert notes.read_text() == "my notes"
     assert "folder" in _refused(bp, capsys, "--json", str(tmp_path / "missing" / "h200.json"))
     assert "folder" in _refused(bp, capsys, "--json", str(tmp_path))
-    err = _refused(
-        bp, capsys, "--e2e-only", "--e2e", "--json", str(report), "--shapes", "fine", "--check-only"
-    )
-    assert "--check-only" in err and "--shapes" in err
+    err = _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report), "--shapes", "fine")
+    assert "measures no layer rows" in err and "--shapes" in err
+    # --check-only measures and writes nothing: whatever would be is named (a stray partial report is not)
+    pr.partial_path(str(report)).write_text("stray")
+    err = _refused(bp, capsys, "--check-only", "--e2e", "--compile", "--json", str(report))
+    assert "--check-only runs the check against eager alone: drop --e2e --compile --json" in err
+    assert "--skip-uncompiled" in _refused(bp, capsys, "--check-only", "--skip-uncompiled")
     assert not report.exists()
 
 
@@ -457,6 +460,9 @@ def test_skip_uncompiled_and_repeated_names_on_new_reports(bp, tmp_path, monkeyp
     with pytest.raises(ValueError, match="nothing to measure"):
         moe.e2e_modes([], uncompiled=False)
     assert "--compile" in _refused(bp, capsys, "--e2e", "--skip-uncompiled")
+    graphed = ["moe top-1 triton graphed", "moe top-2 triton graphed"]
+    err = _refused(bp, capsys, "--e2e", *graphed, "--compile", "--skip-uncompiled")
+    assert "only graphed models" in err and "nothing but dense" in err
     err = _refused(bp, capsys, "--layer-only", "--skip-uncompiled", "--json", str(tmp_path / "r.json"))
     assert "drop --skip-uncompiled" in err
     _fake_gpu(bp, monkeypatch)
@@ -502,6 +508,18 @@ def test_rows_of_odd_reports_and_failed_checks_are_refused_not_dropped(bp, pr, t
         json.dumps(dict(old, e2e=[dict(model=None, compiled=False, tokens_per_s=1.0, ratio=1.0)]))
     )
     assert "'model' must be a string" in _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
+    for compiled in (
+        "",
+        "uncompiled",
+        0,
+        None,
+        True,
+        ["default"],
+    ):  # hand edits: false or a compile mode only
+        row = dict(model="dense", compiled=compiled, tokens_per_s=1.0, ratio=1.0)
+        report.write_text(json.dumps(dict(old, e2e=[row])))
+        err = _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report))
+        assert "'compiled' must be false or one of default, reduce-overhead" in err
     report.write_text(json.dumps(dict(old, layer=[*old["layer"], dict(old["layer"][0], T=4096)])))
     assert "(triton E=8 F=3072 K=1 T=4096 balanced)" in _refused(
         bp, capsys, "--layer-only", "--impls", "triton", "naive", "--json", str(report)
