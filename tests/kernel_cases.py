@@ -337,6 +337,35 @@ def compare_routing(device: str) -> dict[str, float]:
     return out
 
 
+def compare_segment_sums(device: str) -> dict[str, float]:
+    """``triton_rowwise.segment_sums`` against per-expert sums of the row-block partials in torch (float64):
+    relative error per (T, K, E, block rows); experts with hundreds of blocks (several of the kernel's chunks,
+    the last one partly past the expert), an empty expert, one expert."""
+    from moe_emergence.kernels.routing_meta import routing_meta
+    from moe_emergence.kernels.triton_rowwise import segment_sums
+
+    g = torch.Generator().manual_seed(4)
+    out = {}
+    for T, K, E, block_m, N in [
+        (700, 2, 3, 16, 40),
+        (2000, 1, 4, 4, 33),
+        (300, 3, 7, 16, 8),
+        (50, 1, 1, 8, 24),
+    ]:
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if E > 4:
+            idx = torch.where(idx == 1, E - 1, idx)  # expert 1 gets nothing
+        meta = routing_meta(idx.to(device), E)
+        counts = torch.bincount(idx.flatten(), minlength=E).tolist()
+        blocks = [-(-c // block_m) for c in counts]
+        part = torch.randn(sum(blocks) + 5, N, generator=g)  # rows past the experts' blocks: not summed
+        ends = torch.tensor(blocks).cumsum(0).tolist()
+        ref = torch.stack([part[end - n : end].double().sum(0) for n, end in zip(blocks, ends, strict=True)])
+        got = segment_sums(part.to(device), meta, block_m, torch.float32).double().cpu()
+        out[f"T{T}_K{K}_E{E}_M{block_m}"] = float((got - ref).norm() / ref.norm())
+    return out
+
+
 # zero-weight isolation (``experts`` docstring): name: (T, D, F, E, K); expert 1 is poisoned and gets only
 # weight-0 assignments, tokens 0 and 5 (and every token routed to expert 1) have all their weights 0
 ISOLATION_CASES = {
@@ -428,6 +457,7 @@ def main(argv: list[str]) -> None:
         result["tma_vs_pointer"] = compare_tma(device, dtype)
         result["poisoned_dz"] = compare_poisoned_dz(device, dtype)
         result["routing"] = compare_routing(device)
+        result["segment_sums"] = compare_segment_sums(device)
         for case, errors in compare_persistent(device, dtype).items():
             result[f"persistent_{case}"] = errors
     if dtype != torch.float32:  # float32 parameters under autocast in this dtype

@@ -32,6 +32,7 @@ from kernel_cases import (
     compare_persistent,
     compare_poisoned_dz,
     compare_routing,
+    compare_segment_sums,
     compare_tma,
     eager_errors,
     forced_configs,
@@ -146,6 +147,12 @@ def test_triton_interpreted_routing_matches_torch_routing(interpreted_triton):
     )
 
 
+def test_triton_interpreted_segment_sums_match_torch(interpreted_triton):
+    assert_close(
+        interpreted_triton["float32"]["segment_sums"], 1e-6, "triton per-expert partial sums vs torch"
+    )
+
+
 def test_triton_interpreted_frozen_weights_match_eager(interpreted_triton):
     assert_close(interpreted_triton["float32"]["top2_frozen_weights"], 1e-5, "triton, w1 w2 weights frozen")
     errors = interpreted_triton["float32"]["top2_row_dots_after_autotuning"]
@@ -221,6 +228,11 @@ def test_gpu_autocast_matches_eager(backend):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_triton_gpu_routing_matches_torch_routing():
     assert_close(compare_routing(DEVICE), 0.0, "triton routing metadata vs torch (1 = differs)")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_triton_gpu_segment_sums_match_torch():
+    assert_close(compare_segment_sums(DEVICE), 1e-6, "triton per-expert partial sums vs torch")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

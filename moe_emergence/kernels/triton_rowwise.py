@@ -98,19 +98,20 @@ def _segsum_kernel(
     BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """out[e] = the sum of expert e's row-block partials (blocks of BLOCK_M rows, expert after expert), in
-    float32 and in block order (deterministic)."""
+    float32 and in a fixed order (deterministic): BLOCK_B running sums, one per block position in a chunk, added
+    elementwise chunk by chunk (no reduction inside the loop, so the chunks' loads overlap), reduced once."""
     e, pid_n = tl.program_id(0), tl.program_id(1)
     _start, _end, first_E, nblk_E = block_layout(offsets_ptr, E, BLOCK_M, E_POW2)
     sel = tl.arange(0, E_POW2) == e
     first = tl.sum(tl.where(sel, first_E, 0), 0)
     stop = first + tl.sum(tl.where(sel, nblk_E, 0), 0)
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for b0 in range(first, stop, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         mask = (b[:, None] < stop) & (cn[None, :] < N)
-        acc += tl.sum(tl.load(part_ptr + b[:, None].to(tl.int64) * N + cn[None, :], mask=mask, other=0.0), 0)
-    tl.store(out_ptr + e * N + cn, acc.to(out_ptr.dtype.element_ty), mask=cn < N)
+        acc += tl.load(part_ptr + b[:, None].to(tl.int64) * N + cn[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + e * N + cn, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=cn < N)
 
 
 @triton.jit
@@ -149,7 +150,7 @@ def segment_sums(part: torch.Tensor, meta: RoutingMeta, block_m: int, dtype: tor
     block_n = 16 if INTERPRET else 32
     _SEGSUM(
         (E, triton.cdiv(O_, block_n)), part, out, meta.offsets_E1, O_, E,
-        BLOCK_M=block_m, E_POW2=e_pow2(E), BLOCK_B=16, BLOCK_N=block_n,
+        BLOCK_M=block_m, E_POW2=e_pow2(E), BLOCK_B=16 if INTERPRET else 64, BLOCK_N=block_n,
     )  # fmt: skip
     return out
 
@@ -167,7 +168,11 @@ def launch_bwd_prep(
     weights_flat = weights_TK.contiguous().view(-1)  # assignment order: read at order[row] in the kernel
     do_AD = torch.empty(A, D, device=dy_TD.device, dtype=dy_TD.dtype)
     dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else weights_flat
-    block_r = 16 if INTERPRET else 32
+    block_r = (
+        16  # with one warp a block on the GPU: the fastest of 69 configs on the H200 across top-1, top-2
+    )
+    # (E=8, T=8192) and E=64 K=8 T=16384 (12 / 20 / 118 us against 17 / 29 / 203 us for 32 rows with 4 warps;
+    # docs/benchmarks.md 2026-12-03 14:33): many small programs keep more row gathers in flight
     blocks = triton.cdiv(A, block_r) + E  # >= the experts' blocks plus the dead rows' (routing_meta)
     part = do_AD  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block
@@ -176,7 +181,7 @@ def launch_bwd_prep(
         (blocks,), dy_TD, b2_ED, weights_flat, do_AD, dwts_A, part, meta.token_A, meta.order_A, meta.offsets_E1, D, E, A,
         *dy_TD.stride(), b2_ED.stride(0), do_AD.stride(0),  # dy may be any view (autograd can pass expanded grads)
         WANT_DWTS=want_dweights, COL_SUMS=bias_grad, E_POW2=e_pow2(E),
-        BLOCK_R=block_r, BLOCK_D=16 if INTERPRET else 128,
+        BLOCK_R=block_r, BLOCK_D=16 if INTERPRET else 128, num_warps=1,
     )  # fmt: skip
     db = segment_sums(part, meta, block_r, grad_dtype or dy_TD.dtype) if bias_grad else None
     return do_AD, (dwts_A if want_dweights else None), db
