@@ -168,11 +168,10 @@ def launch_bwd_prep(
     weights_flat = weights_TK.contiguous().view(-1)  # assignment order: read at order[row] in the kernel
     do_AD = torch.empty(A, D, device=dy_TD.device, dtype=dy_TD.dtype)
     dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else weights_flat
-    block_r = (
-        16  # with one warp a block on the GPU: the fastest of 69 configs on the H200 across top-1, top-2
-    )
-    # (E=8, T=8192) and E=64 K=8 T=16384 (12 / 20 / 118 us against 17 / 29 / 203 us for 32 rows with 4 warps;
-    # docs/benchmarks.md 2026-12-03 14:33): many small programs keep more row gathers in flight
+    # 16 rows with one warp a block on the GPU: the fastest of 69 configs on the H200 across top-1, top-2 (E=8,
+    # T=8192) and E=64 K=8 T=16384 (12 / 20 / 118 us against 17 / 29 / 203 us for 32 rows with 4 warps;
+    # docs/benchmarks.md, 2026-12-03 14:33): many small programs keep more row gathers in flight
+    block_r = 16
     blocks = triton.cdiv(A, block_r) + E  # >= the experts' blocks plus the dead rows' (routing_meta)
     part = do_AD  # placeholder without bias_grad
     if bias_grad:  # one row of partial sums per row block
