@@ -1,8 +1,9 @@
 """Device time of the triton experts layer against the dense MLP, kernel by kernel: for A/B runs of source trees.
 
-One CUDA device, bf16, GPT-2 expert shape (D=768, F=3072), E=8, T=8192, top-1 and top-2 (``--shape e64`` / ``e128``:
-bench_peers' fine-grained shapes, E=64 F=768 / E=128 F=384, K=8, T=16384), balanced and Zipf(1.0)
-routing (``bench_moe.routing``; ``--routing`` adds two that tell why Zipf costs more, ``routing``). Prints one line ``RESULT {json}``: forward+backward ms of the dense MLP on K*T
+One CUDA device, bf16, GPT-2 expert shape (D=768, F=3072), E=8, T=8192, top-1 and top-2 (``--shape e64`` /
+``e128``: bench_peers' fine-grained shapes, E=64 F=768 / E=128 F=384, K=8, T=16384), balanced and Zipf(1.0)
+routing (``bench_moe.routing``; ``--routing`` adds two that tell why Zipf costs more, ``routing``; the autotuner
+tunes on the first routing measured). Prints one line ``RESULT {json}``: forward+backward ms of the dense MLP on K*T
 tokens and of the layer, each captured in a CUDA graph and replayed (median of 40), their ratio, and with
 ``--kernels`` each kernel's device microseconds in launch order (torch.profiler, eager forward+backward, median
 of 6). Compare trees by running it with ``PYTHONPATH=<tree>`` in interleaved rounds (autotune results cached
@@ -168,17 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
     mode.add_argument("--memory", action="store_true", help="only the peak activation memory (peak_memory)")
-    ap.add_argument("--routing", nargs="+", choices=ROUTINGS, default=["balanced", "zipf"], metavar="KIND")
-    ap.add_argument(
-        "--shape", choices=SHAPES, default="gpt2", help="E, F, K, T (SHAPES; default: %(default)s)"
-    )
+    ap.add_argument("--routing", nargs="+", choices=ROUTINGS, metavar="KIND", help="default: balanced zipf")
+    ap.add_argument("--shape", choices=SHAPES, help="E, F, K, T (SHAPES; default: gpt2)")
     args = ap.parse_args(argv)
+    if args.memory and (args.shape is not None or args.routing is not None):
+        ap.error("--memory measures its own shapes and routing (peak_memory): drop --shape and --routing")
+    if not torch.cuda.is_available():
+        ap.error("bench_layer_kernels.py needs a CUDA device (none visible to torch)")
     if args.memory:
         print("RESULT " + json.dumps(peak_memory()))
         return 0
     gen = torch.Generator().manual_seed(0)
     fn = get_backend("triton", dev)
-    E, FF, Ks, T = SHAPES[args.shape]
+    E, FF, Ks, T = SHAPES[args.shape or "gpt2"]
     res = {"tree": os.path.dirname(moe_emergence.__file__), "shape": f"E={E} F={FF} T={T}"}
     for K in Ks:
         x = torch.randn(K * T, D).to(**bf16).requires_grad_()
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.autograd.grad(y, [x, *w], gy)
 
         res[f"dense K={K}"] = graph_time(dstep, 40)
-        for kind in dict.fromkeys(args.routing):
+        for kind in dict.fromkeys(args.routing or ["balanced", "zipf"]):
             idx, wts = (t.cuda() for t in routing(T, E, K, kind, gen))
             wts.requires_grad_()
             x = torch.randn(T, D).to(**bf16).requires_grad_()

@@ -308,10 +308,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parse_args(ap, argv)
     for name in ("impls", "shapes", "routing"):  # each once, in the order given
         setattr(args, name, list(dict.fromkeys(getattr(args, name))))
-    if args.check_only:  # the check alone: nothing measured, nothing written
+    if (
+        args.check_only
+    ):  # the check alone, on its own shapes (--impls only): nothing measured, nothing written
         given = [o for o, on in (("--e2e", args.e2e is not None), ("--compile", args.compile is not None),
                                  ("--skip-uncompiled", args.skip_uncompiled), ("--json", args.json is not None),
                                  ("--e2e-only", args.e2e_only), ("--layer-only", args.layer_only)) if on]  # fmt: skip
+        given += [f"--{k}" for k, v in LAYER_DEFAULTS.items() if k != "impls" and getattr(args, k) != v]
         if given:
             fail(f"--check-only runs the check against eager alone: drop {' '.join(given)}")
     old = None
@@ -332,9 +335,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
     if args.skip_uncompiled and args.compile is None:
         fail("--skip-uncompiled leaves the compiled e2e rows only: give --compile [MODE ...] too")
-    if args.skip_uncompiled and args.e2e and all(m.endswith("graphed") for m in args.e2e):
-        fail(f"--skip-uncompiled with only graphed models ({', '.join(args.e2e)}), which run uncompiled alone:"
-             " nothing but dense would be measured; add a model that compiles, or drop --skip-uncompiled")  # fmt: skip
+    graphed = [m for m in dict.fromkeys(args.e2e or []) if m.endswith("graphed")]
+    if args.skip_uncompiled and graphed:
+        fail(f"--skip-uncompiled: {', '.join(graphed)} run uncompiled only (their own CUDA graphs), so would get no"
+             " row; drop them or --skip-uncompiled")  # fmt: skip
     if args.e2e_only:
         if args.e2e is None or args.json is None:
             fail("--e2e-only needs --e2e [MODEL ...] and --json PATH")

@@ -53,3 +53,19 @@ def test_routing_mistakes_raise(blk):
         blk.from_counts(torch.tensor([600, 300]), 1000, 1, gen)
     with pytest.raises(ValueError, match=r"in \[0, T=100\]"):
         blk.from_counts(torch.tensor([150, 50]), 100, 2, gen)  # an expert twice for some token
+
+
+def test_mistakes_and_a_missing_gpu_are_one_error_line(blk, capsys):
+    """Bad options, --memory with the options it ignores, and no CUDA device (this machine): one ``error:`` line,
+    exit 2, no traceback."""
+    from moe_emergence.errors import run_cli
+
+    for argv, why in (
+        (["--shape", "bogus"], "--shape"),
+        (["--memory", "--shape", "e64"], "--memory measures its own shapes"),
+        (["--memory", "--routing", "zipf"], "drop --shape and --routing"),
+        (["--kernels", "--shape", "e64"], "needs a CUDA device"),
+    ):
+        assert run_cli(blk.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and why in err[0], (argv, err)

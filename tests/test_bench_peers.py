@@ -218,6 +218,22 @@ def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, pr, tmp_path,
     err = _refused(bp, capsys, "--check-only", "--e2e", "--compile", "--json", str(report))
     assert "--check-only runs the check against eager alone: drop --e2e --compile --json" in err
     assert "--skip-uncompiled" in _refused(bp, capsys, "--check-only", "--skip-uncompiled")
+    err = _refused(
+        bp,
+        capsys,
+        "--check-only",
+        "--impls",
+        "naive",
+        "--shapes",
+        "fine",
+        "--routing",
+        "zipf",
+        "--iters",
+        "7",
+    )
+    assert (
+        "drop --shapes --routing --iters" in err
+    )  # the check runs on its own shapes; --impls is what it takes
     assert not report.exists()
 
 
@@ -461,8 +477,14 @@ def test_skip_uncompiled_and_repeated_names_on_new_reports(bp, tmp_path, monkeyp
         moe.e2e_modes([], uncompiled=False)
     assert "--compile" in _refused(bp, capsys, "--e2e", "--skip-uncompiled")
     graphed = ["moe top-1 triton graphed", "moe top-2 triton graphed"]
-    err = _refused(bp, capsys, "--e2e", *graphed, "--compile", "--skip-uncompiled")
-    assert "only graphed models" in err and "nothing but dense" in err
+    err = _refused(bp, capsys, "--e2e", *graphed, graphed[0], "--compile", "--skip-uncompiled")
+    assert f"--skip-uncompiled: {graphed[0]}, {graphed[1]} run uncompiled only" in err  # each named once
+    mixed = [
+        "moe top-1 triton experts-graphed",
+        "moe top-1 triton",
+    ]  # a graphed one among others: no row either
+    err = _refused(bp, capsys, "--e2e", *mixed, "--compile", "--skip-uncompiled")
+    assert "--skip-uncompiled: moe top-1 triton experts-graphed run uncompiled only" in err
     err = _refused(bp, capsys, "--layer-only", "--skip-uncompiled", "--json", str(tmp_path / "r.json"))
     assert "drop --skip-uncompiled" in err
     _fake_gpu(bp, monkeypatch)

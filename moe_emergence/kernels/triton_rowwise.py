@@ -11,7 +11,7 @@ assignments, O a GEMM's output width; rows ``*_A?`` in the expert-sorted order o
                     pass; the rest, <dy, a W2>, comes from the dZ GEMM's epilogue: ``launch_rows``'s
                     row_dots), and the float32 column sums of dO per row block (db2 partials);
                     d(weight) = 0 for the dead rows offsets[E]:A (zero-weight assignments, not computed).
-  ``_segsum_kernel`` db[e] = the sum of expert e's row-block partials, in block order: the bias gradients
+  ``_segsum_kernel`` db[e] = the sum of expert e's row-block partials, in a fixed order: the bias gradients
                     in float32 and deterministic, from values the kernels already held in registers.
   ``_sum_slots_kernel`` out[t] = the sum of token t's K slots (``to_tokens``, K > 1), in float32 and k order,
                     stored in out's dtype in the same pass.
@@ -168,9 +168,10 @@ def launch_bwd_prep(
     weights_flat = weights_TK.contiguous().view(-1)  # assignment order: read at order[row] in the kernel
     do_AD = torch.empty(A, D, device=dy_TD.device, dtype=dy_TD.dtype)
     dwts_A = torch.empty(A, device=dy_TD.device, dtype=torch.float32) if want_dweights else weights_flat
-    # 16 rows with one warp a block on the GPU: the fastest of 69 configs on the H200 across top-1, top-2 (E=8,
-    # T=8192) and E=64 K=8 T=16384 (12 / 20 / 118 us against 17 / 29 / 203 us for 32 rows with 4 warps;
-    # docs/benchmarks.md, 2026-12-03 14:33): many small programs keep more row gathers in flight
+    # 16 rows with one warp a block on the GPU: of 69 configs swept on the H200 at top-1, top-2 (E=8, T=8192) and
+    # E=64 K=8 T=16384, the one nearest each shape's best (12.0 / 20.0 / 118.3 us against the best 12.0 / 19.8 /
+    # 112.1, and 17 / 29 / 203 us for 32 rows with 4 warps; docs/benchmarks.md, 2026-12-03 14:33): many small
+    # programs keep more row gathers in flight
     block_r = 16
     blocks = triton.cdiv(A, block_r) + E  # >= the experts' blocks plus the dead rows' (routing_meta)
     part = do_AD  # placeholder without bias_grad
