@@ -398,7 +398,9 @@ def check_partial_path(path: str) -> None:
     if partial.is_symlink():
         fail(f"--json {path}: its partial report {partial} is a link; remove it or choose another --json")
     check_json_path(str(partial))
-    read_report(partial)  # anything but a report there: one error line
+    read_report(
+        partial, f"--json {path}: its partial report {partial}"
+    )  # anything but a report: one error line
 
 
 def main(argv: list[str] | None = None) -> None:

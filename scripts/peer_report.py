@@ -62,11 +62,12 @@ def partial_path(path: str) -> Path:
 OPTIONAL_LAYER_KEYS = ("host_ms", "dense_host_ms")  # reports written before host_ms was measured lack them
 
 
-def read_report(path: Path) -> dict | None:
+def read_report(path: Path, name: str | None = None) -> dict | None:
     """An existing report at ``path`` (None when there is none), checked: ``layer`` and ``e2e`` lists of rows with
     exactly ``LAYER_KEYS`` / ``E2E_KEYS`` (rows of older reports get None for ``OPTIONAL_LAYER_KEYS``), ``compiled``
     false or a mode, ISO dates (``date``; ``layer_date`` and ``e2e_dates`` where present); anything else is one
-    ``error:`` line."""
+    ``error:`` line, naming the file as ``name`` (default: ``--json PATH``)."""
+    name = name or f"--json {path}"
     if not path.exists():
         return None
     try:
@@ -76,7 +77,9 @@ def read_report(path: Path) -> dict | None:
             raise TypeError("'layer' and 'e2e' must be lists")
         if not all(isinstance(r, dict) for r in (*layer, *e2e)):
             raise TypeError("rows must be JSON objects")
-        if not all(r.get("compiled") is False or r.get("compiled") in COMPILE_MODES for r in e2e):
+        if not all(
+            "compiled" not in r or r["compiled"] is False or r["compiled"] in COMPILE_MODES for r in e2e
+        ):
             raise TypeError(f"an e2e row's 'compiled' must be false or one of {', '.join(COMPILE_MODES)}")
         _check_names(layer, e2e)
         _check_dates(old)
@@ -85,11 +88,12 @@ def read_report(path: Path) -> dict | None:
         bad = [(r, LAYER_KEYS, "layer") for r in layer if set(r) != set(LAYER_KEYS)]
         bad += [(r, E2E_KEYS, "e2e") for r in e2e if set(r) != set(E2E_KEYS)]
     except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError) as e:
-        user_error(f"--json {path}: not a bench_peers report ({e!r}); move it away to start a new one")
+        user_error(f"{name}: not a bench_peers report ({e!r}); move it away to start a new one")
     if bad:
         row, keys, part = bad[0]
         missing, extra = sorted(set(keys) - set(row)), sorted(set(row) - set(keys))
-        user_error(f"--json {path}: a {part} row with keys missing {missing} and unknown {extra}")
+        article = "an" if part == "e2e" else "a"
+        user_error(f"{name}: {article} {part} row with keys missing {missing} and unknown {extra}")
     return old | {"gpu": gpu, "layer": layer, "e2e": e2e}
 
 

@@ -744,6 +744,16 @@ def test_a_report_that_is_not_one_is_refused(bp, pr, tmp_path, capsys):
         assert json.loads(report.read_text()) == bad
     report.write_text("[" * 200000)  # nested too deep for Python's JSON reader
     assert "not a bench_peers report" in _refused(bp, capsys, "--layer-only", "--json", str(report))
+    report.write_text(json.dumps(dict(good, e2e=[dict(model="dense", tokens_per_s=1.0, ratio=1.0)])))
+    assert "an e2e row with keys missing ['compiled']" in _refused(
+        bp, capsys, "--layer-only", "--json", str(report)
+    )
+    report.write_text(json.dumps(good))
+    pr.partial_path(str(report)).write_text("my notes")  # a file of the user's where the partial report goes
+    err = _refused(bp, capsys, "--layer-only", "--json", str(report))
+    assert (
+        f"--json {report}: its partial report {pr.partial_path(str(report))}: not a bench_peers report" in err
+    )
 
 
 def test_bench_moe_command_line_mistakes(bp, tmp_path, capsys):
