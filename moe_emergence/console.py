@@ -57,6 +57,8 @@ def check_output_file(path: str | Path, label: str, kind: str, replaced: bool = 
     temporary file beside it and renames it into place, so the folder must take one (named like the caller's:
     ``.NAME.PID.<8 characters>.tmp``, so a name too long fails here), whether or not the file exists. Raises
     ``ConfigError`` (one ``error:`` line)."""
+    if not str(path):  # Path("") is the current folder
+        raise ConfigError(f"{label} '': an empty name; give {kind} in an existing folder")
     try:
         p = Path(path).resolve()
     except (OSError, RuntimeError) as e:  # a link that loops

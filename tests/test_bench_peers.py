@@ -698,6 +698,9 @@ def test_new_reports_and_what_is_beside_them(bp, pr, tmp_path, monkeypatch, caps
         partial.rmdir() if partial.is_dir() else partial.unlink()
     too_long = tmp_path / ("x" * 300 + ".json")  # over the file system's 255 bytes: was an OSError traceback
     assert "not a usable file name" in _refused(bp, capsys, "--impls", "triton", "--json", str(too_long))
+    assert "--json '': an empty name; give a JSON file" in _refused(
+        bp, capsys, "--impls", "triton", "--json", ""
+    )
     long = tmp_path / ("x" * 240 + ".json")
     assert "not writable" in _refused(bp, capsys, "--impls", "triton", "--json", str(long))
     (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
