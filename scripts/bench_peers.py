@@ -281,11 +281,12 @@ LAYER_DEFAULTS = dict(impls=list(IMPLS), shapes=list(SHAPES), routing=list(ROUTI
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
-    d = LAYER_DEFAULTS
-    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=d["impls"])
-    ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=d["shapes"])
-    ap.add_argument("--routing", nargs="+", choices=ROUTINGS, default=d["routing"])
-    ap.add_argument("--iters", type=positive_int, default=d["iters"])
+    # the layer options default to None here (LAYER_DEFAULTS filled in after the checks): an option typed out
+    # with its default value is still an option given, refused where it would be ignored
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, help=f"default: {' '.join(LAYER_DEFAULTS['impls'])}")
+    ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), help="default: all")
+    ap.add_argument("--routing", nargs="+", choices=ROUTINGS, help="default: all")
+    ap.add_argument("--iters", type=positive_int, help=f"default: {LAYER_DEFAULTS['iters']}")
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
     add_models_option(ap, "--e2e", "*", "also bench_moe's e2e tokens/s")
     add_compile_option(ap, "e2e compiled too, with each MODE (bare: default)")
@@ -306,6 +307,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="only the layer rows; an existing --json file's e2e rows (same GPU) are kept, with their date",
     )
     args = parse_args(ap, argv)
+    given_layer = [f"--{k}" for k in LAYER_DEFAULTS if getattr(args, k) is not None]
+    for name, default in LAYER_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ("impls", "shapes", "routing"):  # each once, in the order given
         setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     if (
@@ -314,7 +319,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         given = [o for o, on in (("--e2e", args.e2e is not None), ("--compile", args.compile is not None),
                                  ("--skip-uncompiled", args.skip_uncompiled), ("--json", args.json is not None),
                                  ("--e2e-only", args.e2e_only), ("--layer-only", args.layer_only)) if on]  # fmt: skip
-        given += [f"--{k}" for k, v in LAYER_DEFAULTS.items() if k != "impls" and getattr(args, k) != v]
+        given += [o for o in given_layer if o != "--impls"]
         if given:
             fail(f"--check-only runs the check against eager alone: drop {' '.join(given)}")
     old = None
@@ -342,9 +347,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.e2e_only:
         if args.e2e is None or args.json is None:
             fail("--e2e-only needs --e2e [MODEL ...] and --json PATH")
-        layer_opts = [f"--{k.replace('_', '-')}" for k, v in LAYER_DEFAULTS.items() if getattr(args, k) != v]
-        if layer_opts:
-            fail(f"--e2e-only measures no layer rows: drop {' '.join(layer_opts)}")
+        if given_layer:
+            fail(f"--e2e-only measures no layer rows: drop {' '.join(given_layer)}")
     refuse_dropped_rows(args, old)
     return args
 

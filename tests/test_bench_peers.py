@@ -213,6 +213,13 @@ def test_command_line_mistakes_are_refused_before_any_gpu_work(bp, pr, tmp_path,
     assert "folder" in _refused(bp, capsys, "--json", str(tmp_path))
     err = _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report), "--shapes", "fine")
     assert "measures no layer rows" in err and "--shapes" in err
+    for typed_default in (
+        ["--iters", "30"],
+        ["--impls", *bp.LAYER_DEFAULTS["impls"]],
+    ):  # given, though the default
+        err = _refused(bp, capsys, "--e2e-only", "--e2e", "--json", str(report), *typed_default)
+        assert f"drop {typed_default[0]}" in err
+    assert "drop --iters" in _refused(bp, capsys, "--check-only", "--iters", "30")
     # --check-only measures and writes nothing: whatever would be is named (a stray partial report is not)
     pr.partial_path(str(report)).write_text("stray")
     err = _refused(bp, capsys, "--check-only", "--e2e", "--compile", "--json", str(report))
