@@ -39,6 +39,7 @@ bf16 = dict(device="cuda", dtype=torch.bfloat16)
 # E, F, the K's, T of each --shape (D=768)
 SHAPES = {"gpt2": (E, FF, (1, 2), T), "e64": (64, 768, (8,), 16384), "e128": (128, 384, (8,), 16384)}
 ROUTINGS = ("balanced", "zipf", "zipf-aligned", "balanced-unaligned")
+DEFAULT_SHAPE, DEFAULT_ROUTINGS = "gpt2", ["balanced", "zipf"]  # without --shape, --routing
 ROW_TILE = 128  # rows of the row GEMMs' tiles (BLOCK_M of the configs the autotuner picks at these shapes)
 
 
@@ -169,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
     mode.add_argument("--memory", action="store_true", help="only the peak activation memory (peak_memory)")
-    ap.add_argument("--routing", nargs="+", choices=ROUTINGS, metavar="KIND", help="default: balanced zipf")
-    ap.add_argument("--shape", choices=SHAPES, help="E, F, K, T (SHAPES; default: gpt2)")
+    ap.add_argument(
+        "--routing",
+        nargs="+",
+        choices=ROUTINGS,
+        metavar="KIND",
+        help=f"default: {' '.join(DEFAULT_ROUTINGS)}",
+    )
+    ap.add_argument("--shape", choices=SHAPES, help=f"E, F, K, T (SHAPES; default: {DEFAULT_SHAPE})")
     args = ap.parse_args(argv)
     if args.memory and (args.shape is not None or args.routing is not None):
         ap.error("--memory measures its own shapes and routing (peak_memory): drop --shape and --routing")
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     gen = torch.Generator().manual_seed(0)
     fn = get_backend("triton", dev)
-    E, FF, Ks, T = SHAPES[args.shape or "gpt2"]
+    E, FF, Ks, T = SHAPES[args.shape or DEFAULT_SHAPE]
     res = {"tree": os.path.dirname(moe_emergence.__file__), "shape": f"E={E} F={FF} T={T}"}
     for K in Ks:
         x = torch.randn(K * T, D).to(**bf16).requires_grad_()
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.autograd.grad(y, [x, *w], gy)
 
         res[f"dense K={K}"] = graph_time(dstep, 40)
-        for kind in dict.fromkeys(args.routing or ["balanced", "zipf"]):
+        for kind in dict.fromkeys(args.routing or DEFAULT_ROUTINGS):
             idx, wts = (t.cuda() for t in routing(T, E, K, kind, gen))
             wts.requires_grad_()
             x = torch.randn(T, D).to(**bf16).requires_grad_()

@@ -307,18 +307,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="only the layer rows; an existing --json file's e2e rows (same GPU) are kept, with their date",
     )
     args = parse_args(ap, argv)
-    given_layer = [f"--{k}" for k in LAYER_DEFAULTS if getattr(args, k) is not None]
+    given_layer = given_options(args, *(f"--{k}" for k in LAYER_DEFAULTS))
     for name, default in LAYER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     for name in ("impls", "shapes", "routing"):  # each once, in the order given
         setattr(args, name, list(dict.fromkeys(getattr(args, name))))
-    if (
-        args.check_only
-    ):  # the check alone, on its own shapes (--impls only): nothing measured, nothing written
-        given = [o for o, on in (("--e2e", args.e2e is not None), ("--compile", args.compile is not None),
-                                 ("--skip-uncompiled", args.skip_uncompiled), ("--json", args.json is not None),
-                                 ("--e2e-only", args.e2e_only), ("--layer-only", args.layer_only)) if on]  # fmt: skip
+    # --check-only: the check alone, on its own shapes (it takes --impls only); nothing measured, nothing written
+    if args.check_only:
+        given = given_options(
+            args, "--e2e", "--compile", "--skip-uncompiled", "--json", "--e2e-only", "--layer-only"
+        )
         given += [o for o in given_layer if o != "--impls"]
         if given:
             fail(f"--check-only runs the check against eager alone: drop {' '.join(given)}")
@@ -330,8 +329,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if not args.e2e_only:
             check_partial_path(args.json)
     if args.layer_only:
-        given = [o for o, on in (("--e2e", args.e2e is not None), ("--compile", args.compile is not None),
-                                 ("--e2e-only", args.e2e_only), ("--skip-uncompiled", args.skip_uncompiled)) if on]  # fmt: skip
+        given = given_options(args, "--e2e", "--compile", "--e2e-only", "--skip-uncompiled")
         if given:
             fail(f"--layer-only measures no e2e rows and writes a report: drop {' '.join(given)}")
         if args.json is None:
@@ -351,6 +349,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             fail(f"--e2e-only measures no layer rows: drop {' '.join(given_layer)}")
     refuse_dropped_rows(args, old)
     return args
+
+
+def given_options(args: argparse.Namespace, *options: str) -> list[str]:
+    """Those of ``options`` (as typed: ``--e2e``) that the command line gave: a value other than None or False
+    (a bare ``--e2e`` or ``--compile`` is an empty list: given)."""
+    return [o for o in options if getattr(args, o[2:].replace("-", "_")) not in (None, False)]
 
 
 def replaces(args: argparse.Namespace) -> str:
@@ -402,9 +406,8 @@ def check_partial_path(path: str) -> None:
     if partial.is_symlink():
         fail(f"--json {path}: its partial report {partial} is a link; remove it or choose another --json")
     check_json_path(str(partial))
-    read_report(
-        partial, f"--json {path}: its partial report {partial}"
-    )  # anything but a report: one error line
+    # anything but a report there: one error line
+    read_report(partial, f"--json {path}: its partial report {partial}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,10 +77,6 @@ def read_report(path: Path, name: str | None = None) -> dict | None:
             raise TypeError("'layer' and 'e2e' must be lists")
         if not all(isinstance(r, dict) for r in (*layer, *e2e)):
             raise TypeError("rows must be JSON objects")
-        if not all(
-            "compiled" not in r or r["compiled"] is False or r["compiled"] in COMPILE_MODES for r in e2e
-        ):
-            raise TypeError(f"an e2e row's 'compiled' must be false or one of {', '.join(COMPILE_MODES)}")
         _check_names(layer, e2e)
         _check_dates(old)
         _check_pending(old.get("layer_pending", []))
@@ -111,7 +107,8 @@ def _check_dates(old: dict) -> None:
 
 def _check_names(layer: list[dict], e2e: list[dict]) -> None:
     """TypeError unless the keys that name a row are of their kind: a layer row's ``impl`` and ``routing``
-    strings and E, F, K, T positive integers (where present), an e2e row's ``model`` a string."""
+    strings and E, F, K, T positive integers (where present), an e2e row's ``model`` a string and its ``compiled``
+    false or a torch.compile mode (``COMPILE_MODES``)."""
     for r in layer:
         sizes = [r[k] for k in GROUP_KEYS[:4] if k in r]
         if not _positive_ints(sizes):
@@ -120,6 +117,8 @@ def _check_names(layer: list[dict], e2e: list[dict]) -> None:
             raise TypeError("a layer row's 'impl' and 'routing' must be strings")
     if not all(isinstance(r.get("model", ""), str) for r in e2e):
         raise TypeError("an e2e row's 'model' must be a string")
+    if not all("compiled" not in r or r["compiled"] is False or r["compiled"] in COMPILE_MODES for r in e2e):
+        raise TypeError(f"an e2e row's 'compiled' must be false or one of {', '.join(COMPILE_MODES)}")
 
 
 def _positive_ints(values: list) -> bool:
