@@ -72,6 +72,24 @@ def routing(T, E, K, kind, gen):
     return idx.cuda(), (w / w.sum(1, keepdim=True)).cuda()
 
 
+def tune_like_training(impls: dict, E: int, Fw: int, idx, wts, device: str) -> None:
+    """One forward and backward of each of ``impls`` (name: (fn, to_layout, _)) on the routing ``idx``, ``wts``
+    ([T, K]; callers pass a Zipf routing from a generator of its own) before any is timed at this shape: the
+    autotuned kernels (ours and ScatterMoE's; their caches key on the shape, not the routing) pick their configs on
+    per-expert counts that are not multiples of a tile, as training routes, rather than on ``balanced``'s (exactly
+    T*K/E each, multiples of 128 here; on the H200 the triton layer tuned that way ran Zipf routing 5% slower,
+    docs/benchmarks.md 2026-12-03 14:33)."""
+    T = idx.shape[0]
+    idx, wts = idx.to(device), wts.to(device).requires_grad_()
+    x = torch.randn(T, D).to(device, torch.bfloat16).requires_grad_()
+    p = [torch.randn(E, D, Fw) * 0.02, torch.randn(E, Fw) * 0.1, torch.randn(E, Fw, D) * 0.02]
+    p = [t.to(device, torch.bfloat16) for t in p + [torch.randn(E, D) * 0.1]]
+    for fn, to_layout, _ in impls.values():
+        q = [t.detach().requires_grad_() for t in to_layout(*p)]
+        y = fn(x, *q, idx, wts, ACT)
+        torch.autograd.grad(y, [x, *q, wts], torch.ones_like(y))
+
+
 def timed(fn, iters, warmup=3):
     for _ in range(warmup):
         fn()
@@ -167,6 +185,10 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
             print(f"dense K={K} T={T}: fwd {f:.3f} ms fwd+bwd {fb:.3f} ms (graph {gr:.3f}, host {host:.3f}) "
                   f"mem {mem:.0f} MiB")  # fmt: skip
             for E in (8,) if quick else (4, 8, 16):
+                tuned = {n: (backends[n], lambda *p: p, None) for n in ("grouped_mm", "triton")}
+                tune_like_training(
+                    tuned, E, FF, *routing(T, E, K, "zipf", torch.Generator().manual_seed(1)), "cuda"
+                )
                 for kind in ("balanced", "zipf"):
                     idx, wts = routing(T, E, K, kind, gen)
                     wts.requires_grad_()

@@ -22,7 +22,9 @@ Each expert is GPT-2's MLP (D -> F -> D with biases, GELU-tanh), bf16, forward+b
 - ``naive``: the per-expert mask loop of ``scripts/bench_moe.py`` (host syncs).
 
 Before timing, every implementation's forward and gradients (x, weights, biases, routing weights) are checked
-in bf16 against ``eager_experts`` in float32 at small shapes; one that fails is reported and left out.
+in bf16 against ``eager_experts`` in float32 at small shapes; one that fails is reported and left out. At each
+shape, every implementation runs once on a Zipf routing before any is timed, so that autotuned kernels pick
+their configs on routing like training's (``tune_like_training``), whatever ``--routing`` measures first.
 
 Rows: the GPT-2 shape (E=8, F=3072, K in {1, 2}, T=8192) and the fine-grained shapes (E=64, F=768, K=8) and
 (E=128, F=384, K=8) with T=16384; routing balanced and Zipf(1.0)-skewed. Reference: the dense MLP (D -> F -> D)
@@ -83,6 +85,7 @@ from bench_moe import (
     parse_args,
     positive_int,
     routing,
+    tune_like_training,
     user_error,
 )  # scripts/ on path
 from peer_impls import (  # scripts/ on path
@@ -243,6 +246,7 @@ def bench(
         print(f"dense E={E} F={Fw} K={K} T={T} (on K*T tokens): wall {dense['wall_ms']:.3f} ms graph "
               f"{dense['graph_ms']:.3f} ms mem {dense['peak_mem_mib']:.0f} MiB", flush=True)  # fmt: skip
         del xd, wd
+        tune_like_training(impls, E, Fw, *routing(T, E, K, "zipf", torch.Generator().manual_seed(1)), device)
         for kind in kinds:
             idx, wts = routing(T, E, K, kind, gen)
             x = torch.randn(T, D).to(device, dt).requires_grad_()

@@ -559,15 +559,33 @@ def test_bench_hands_over_each_group_as_it_is_measured(bp, monkeypatch):
     """``bench``'s ``done`` after each (shape, routing) group but the last: the rows so far and the groups still to
     measure, in the order measured (real loop on the CPU; the GPU timing and the routing replaced)."""
     monkeypatch.setattr(bp, "SHAPES", {"gpt2": [(4, 8, 1, 16)], "fine": [(4, 8, 2, 16)]})
-    monkeypatch.setattr(
-        bp, "routing", lambda T, E, K, kind, gen: (torch.zeros(T, K, dtype=torch.long), torch.ones(T, K))
-    )
+    events = []  # ("routing", kind) / ("call", impl, kind of the routing it got) / ("timed", impl), in order
+
+    def fake_routing(T, E, K, kind, gen):
+        events.append(("routing", kind))
+        return torch.zeros(T, K, dtype=torch.long), torch.ones(T, K)
+
+    def impl(name):
+        def fn(x, w1, b1, w2, b2, idx, wts, act):
+            events.append(("call", name, events[-1][1] if events[-1][0] == "routing" else events[-1][2]))
+            return x * (w1.sum() + b1.sum() + w2.sum() + b2.sum()) + wts.sum()
+
+        return fn
+
     ms = dict(graph_ms=1.0, wall_ms=2.0, fwd_ms=1.0, peak_mem_mib=2.0, host_ms=0.5, graph_error=None)
-    monkeypatch.setattr(bp, "run", lambda fwd, leaves, iters, impl=None: dict(ms))
+    monkeypatch.setattr(bp, "routing", fake_routing)
+    monkeypatch.setattr(
+        bp, "run", lambda fwd, leaves, iters, impl=None: events.append(("timed", impl)) or dict(ms)
+    )
     same = lambda *p: p  # noqa: E731
     seen = []
-    rows = bp.bench({"a": (None, same, same), "b": (None, same, same)}, ["gpt2", "fine"], ["balanced", "zipf"], 1,
-                    lambda rows, pending: seen.append((rows, pending)), device="cpu")  # fmt: skip
+    rows = bp.bench({"a": (impl("a"), same, same), "b": (impl("b"), same, same)}, ["gpt2", "fine"],
+                    ["balanced", "zipf"], 1, lambda rows, pending: seen.append((rows, pending)), device="cpu")  # fmt: skip
+    # at each shape, before anything is timed: one call of every implementation on a Zipf routing (tuning)
+    warmup = [("routing", "zipf"), ("call", "a", "zipf"), ("call", "b", "zipf"), ("routing", "balanced")]
+    starts = [i for i, e in enumerate(events) if e == ("routing", "zipf") and events[i + 1][0] == "call"]
+    assert len(starts) == 2 and all(events[i : i + 4] == warmup for i in starts)
+    assert [e[1] for e in events if e[0] == "timed"] == [None, "a", "b", "a", "b"] * 2  # None: the dense MLP
     groups = [(E, F, K, T, r) for E, F, K, T in [(4, 8, 1, 16), (4, 8, 2, 16)] for r in ("balanced", "zipf")]
     assert bp.pending_groups(["gpt2", "fine"], ["balanced", "zipf"]) == [
         dict(zip(("E", "F", "K", "T", "routing"), g, strict=True)) for g in groups
