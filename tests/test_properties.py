@@ -185,3 +185,24 @@ def test_capacity_invariants(case, overflow, cf, masked, dropout, bias):
     assert torch.isfinite(out.topk_weights).all()
     if overflow == "next_best" and k == 1 and dropout == 0.0:
         assert not out.dropped.any()
+
+
+def test_nonfinite_flags_name_each_layer_and_kind():
+    """``nonfinite_flags``: per layer, [router logits non-finite, a router loss non-finite]; NaN, +inf and -inf
+    each count, in any layer, and a flag of one layer never marks another."""
+    from types import SimpleNamespace
+
+    from moe_emergence.training.steps import nonfinite_flags
+
+    torch.manual_seed(0)
+    logits = [torch.randn(6, 4) for _ in range(3)]
+    lb, z = torch.ones(3), torch.ones(3)
+    flags = lambda: nonfinite_flags([SimpleNamespace(router_logits=t) for t in logits], lb, z)  # noqa: E731
+    assert flags().shape == (3, 2) and not flags().any()
+    logits[2][5, 3] = -math.inf
+    assert flags().tolist() == [[False, False], [False, False], [True, False]]
+    logits[0][0, 0] = math.nan
+    z[1] = math.inf
+    assert flags().tolist() == [[True, False], [False, True], [True, False]]
+    z[1], lb[0] = 1.0, math.nan
+    assert flags()[:, 1].tolist() == [True, False, False]

@@ -116,8 +116,9 @@ class StepSums:
 
 def nonfinite_flags(routers: list[RouterOutput], lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
     """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, a router loss non-finite."""
-    logits_L = torch.stack([~torch.isfinite(r.router_logits).all() for r in routers])
-    return torch.stack([logits_L, ~(torch.isfinite(lb_L) & torch.isfinite(z_L))], dim=-1)
+    logits_LTE = torch.stack([r.router_logits for r in routers])  # one check for all layers, not one each
+    logits_L = ~torch.isfinite(logits_LTE).flatten(1).all(-1)
+    return torch.stack([logits_L, ~torch.isfinite(torch.stack([lb_L, z_L])).all(0)], dim=-1)
 
 
 def micro_batch_loss(

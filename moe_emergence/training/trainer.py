@@ -32,7 +32,7 @@ from moe_emergence.training.evalset import eval_blocks, shard_batches
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.loop import RunLoop, Stop, TrainResult
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
-from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite
+from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, module_tensors
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
@@ -264,7 +264,7 @@ class Trainer:
         cfg = self.cfg
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         self.accelerator.unscale_gradients()  # fp16: the GradScaler's scale off first (no-op otherwise)
-        params = list(self.model.parameters())  # one walk for the clip and the non-finite check
+        params = module_tensors(self.model, buffers=False)  # model.parameters(), one faster walk: clip, check
         grad_norm = clip_grad_norm_(params, clip, self.reduce_sum)
         signalled = signals is not None and signals.received is not None
         params_bad = any_nonfinite(params)
