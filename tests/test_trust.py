@@ -527,7 +527,7 @@ def test_snapshot_follows_replaced_parameter_data_and_optimizer_state():
     assert torch.equal(opt.state[model.weight]["exp_avg"], kept)  # written into the live tensor
     model.bias.data = torch.arange(5.0)  # new storage of another shape: the buffers are laid out again
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # not a resize of the flat buffer behind torch.cat's back
+        warnings.simplefilter("error")  # no copy into a view too small for the new tensor (a resize warning)
         snap.take()
     model.bias.data.fill_(float("nan"))
     snap.restore()
@@ -595,6 +595,11 @@ def test_snapshot_of_mixed_dtypes_and_strided_tensors_is_exact():
     opt.step()
     snap = Snapshot(model, opt)
     snap.take()
+    # torch's batched copy per list: the sources laid out as their views (float32, bf16), the strided ones apart
+    assert len(snap._copies) == 3
+    for views, sources in snap._copies:
+        same = [v.stride() == t.stride() for v, t in zip(views, sources, strict=True)]
+        assert all(same) or not any(same)
     want = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
     assert not any_nonfinite([*model.parameters(), *model.buffers()])
@@ -1015,3 +1020,15 @@ def _rejected_step_then_a_good_one(acc) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     step(StepCheck(False, False, False, []))  # the next step unscales again and is taken
     assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_snapshot_of_a_model_without_floating_tensors():
+    """Nothing to copy (integer buffers only, no parameters): take and restore do nothing, without error."""
+    model = torch.nn.Module()
+    model.register_buffer("counts", torch.arange(3))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=0.1)
+    snap = Snapshot(model, opt)
+    snap.take()
+    model.counts.add_(1)
+    snap.restore()
+    assert snap.taken and torch.equal(model.counts, torch.arange(3) + 1)  # not floating: never copied

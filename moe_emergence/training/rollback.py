@@ -10,11 +10,12 @@ What is copied: every floating-point parameter and buffer of the model (router s
 and every tensor of the optimizer state. The copies live on the parameters' device (one extra copy of the
 model and its AdamW moments; on an FSDP2 model, of this process's shards). The first ``take`` allocates
 one flat buffer per (device, dtype) and every take fills it with one multi-tensor ``_foreach_copy_`` per
-(device, dtype) (torch's batched multi-tensor path takes lists of one device and dtype). On the H200, GPT-2-small MoE
-(608 tensors, 3.1 GB): a take costs 1.44 ms of host time (0.55 ms of it the copy) and 1.99 ms on the device,
-against 2.36 ms (1.36 ms) and 2.59 ms with one ``torch.cat`` per buffer (docs/benchmarks.md, 2026-12-03
-17:28). ``guard.snapshot_every`` takes it every N good steps (0 = never: a bad step is only skipped, and
-the stop checkpoint is not written when the weights are known to be bad).
+buffer (torch's batched path wants lists of one device and dtype, each source laid out as its destination:
+strided sources go in a list of their own). On the H200, GPT-2-small MoE (608 tensors, 3.1 GB): 1.99 ms
+of device time a take against 2.59 ms for one ``torch.cat`` per buffer, and 0.55 ms of host time for the
+copy (docs/benchmarks.md, 2026-12-03 17:28). ``guard.snapshot_every`` takes it every N good steps (0 =
+never: a bad step is only skipped, and the stop checkpoint is not written when the weights are known to be
+bad).
 """
 
 from __future__ import annotations
@@ -126,6 +127,17 @@ def _same_layout(saved: dict[tuple, torch.Tensor] | None, live: dict[tuple, torc
     )
 
 
+def _copy_lists(
+    saved: dict[tuple, torch.Tensor], live: dict[tuple, torch.Tensor], keys: list[tuple]
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(views, sources) lists for ``_foreach_copy_`` of one buffer's ``keys``: the sources laid out as their views
+    (same strides: torch's batched copy), then the others (a transposed parameter...), apart, since one of them
+    in a list sends the whole list to a copy per tensor. Empty lists left out."""
+    same = [saved[k].stride() == live[k].stride() for k in keys]
+    parts = ([k for k, s in zip(keys, same, strict=True) if s is flag] for flag in (True, False))
+    return [([saved[k] for k in part], [live[k] for k in part]) for part in parts if part]
+
+
 class Snapshot:
     """``take()`` copies the live state; ``restore()`` writes the copy back (see the module docstring).
 
@@ -164,9 +176,9 @@ class Snapshot:
         if self._sources_of is not live:  # a new lookup (first take, new optimizer state, a tensor replaced)
             if not _same_layout(self.saved, live):
                 self._allocate(live)
-            self._copies = [([self.saved[k] for k in keys], [live[k] for k in keys]) for keys in self._groups]
+            self._copies = [part for keys in self._groups for part in _copy_lists(self.saved, live, keys)]
             self._sources_of = live
-        for views, sources in self._copies:  # one multi-tensor copy per (device, dtype)
+        for views, sources in self._copies:
             torch._foreach_copy_(views, sources)
 
     def _allocate(self, live: dict[tuple, torch.Tensor]) -> None:
@@ -193,7 +205,8 @@ class Snapshot:
                     f"{live[k].dtype} now, {tuple(self.saved[k].shape)} {self.saved[k].dtype} when the snapshot "
                     "was taken; nothing was restored"
                 )
-        torch._foreach_copy_([live[k] for k in keys], [self.saved[k] for k in keys])
+        if keys:  # a model and optimizer without floating tensors: nothing to copy
+            torch._foreach_copy_([live[k] for k in keys], [self.saved[k] for k in keys])
         # optimizer state created after the snapshot (AdamW creates it at its first step): drop it
         saved_params = {k[2] for k in self.saved if k[0] == "optim"}
         state = inner_optimizer(self.optimizer).state

@@ -115,7 +115,9 @@ class StepSums:
 
 
 def nonfinite_flags(routers: list[RouterOutput], lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
-    """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, a router loss non-finite."""
+    """``[L, 2]`` bool on device, per MoE layer: router logits non-finite, a router loss non-finite. The layers'
+    logits share one shape (``[T, E]``: one forward, one expert count), as ``moe_objective``, which stacks them
+    too, requires; ``lb_L`` and ``z_L`` are ``[L]``."""
     logits_LTE = torch.stack([r.router_logits for r in routers])  # one check for all layers, not one each
     logits_L = ~torch.isfinite(logits_LTE).flatten(1).all(-1)
     return torch.stack([logits_L, ~torch.isfinite(torch.stack([lb_L, z_L])).all(0)], dim=-1)
