@@ -43,8 +43,11 @@ alternating. A bare step is ``scripts/bench_moe.py``'s training step on the trai
 (the torch AdamW inside accelerate's wrapper) and one fixed batch of its training data: forward with labels
 under the run's autocast, backward, ``optimizer.step()``, ``zero_grad`` (no guard, clip, snapshot or
 telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows`` (with ``--repeat`` > 1, as
-``wall_ms_windows``), ``tokens_per_s`` and ``bare_tokens_per_s`` (this process's tokens) and ``vs_bare`` =
-their ratio. The bare steps train the model too.
+``wall_ms_windows``), ``tokens_per_s`` and ``bare_tokens_per_s`` (this process's tokens, from the medians),
+``vs_bare_rounds``: each round's trainer tokens/s over its bare tokens/s (the two windows of a round run back to
+back, so the host's drift, up to 40% between windows of one process on the H200 machines, cancels), and
+``vs_bare``: their median (bench_moe's end-to-end rows take the same median of interleaved rounds). The bare
+steps train the model too.
 
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. Needs a GPU, except with
 ``--no-profiler`` (walls; ``--time-snapshot``, ``--bare`` and ``--host-phases`` too), which also runs on the CPU.
@@ -392,7 +395,9 @@ def _main(argv: list[str] | None) -> int:
             "tokens_per_s": tokens * t.grad_accum / record["wall_ms"] * 1000.0,
             "bare_tokens_per_s": tokens / bare_ms * 1000.0,
         }
-        record["vs_bare"] = record["tokens_per_s"] / record["bare_tokens_per_s"]
+        # per round: trainer tokens/s over bare tokens/s of the windows timed back to back
+        rounds = [t.grad_accum * b / w for w, b in zip(walls, bare, strict=True)]
+        record |= {"vs_bare_rounds": rounds, "vs_bare": statistics.median(rounds)}
     with Path(args.out).open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
