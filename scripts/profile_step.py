@@ -45,7 +45,7 @@ under the run's autocast, backward, ``optimizer.step()``, ``zero_grad`` (no guar
 telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows`` (with ``--repeat`` > 1, as
 ``wall_ms_windows``), ``tokens_per_s`` and ``bare_tokens_per_s`` (this process's tokens, from the medians),
 ``vs_bare_rounds``: each round's trainer tokens/s over its bare tokens/s (the two windows of a round run back to
-back, so the host's drift, up to 40% between windows of one process on the H200 machines, cancels), and
+back, so the host's drift, 40% and more between windows of one process on the H200 machines, largely cancels), and
 ``vs_bare``: their median (bench_moe's end-to-end rows take the same median of interleaved rounds). The bare
 steps train the model too.
 
@@ -303,8 +303,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             raise ConfigError(f"{flag} {value}: an integer >= {least}")
     if args.repeat < 1 or (args.repeat > 1 and not args.no_profiler):
         raise ConfigError(f"--repeat {args.repeat}: an integer >= 1, above 1 only with --no-profiler")
-    if args.bare and not args.no_profiler:
-        raise ConfigError("--bare compares walls: add --no-profiler")
+    if args.bare and (not args.no_profiler or args.time_snapshot):
+        raise ConfigError(
+            "--bare compares plain walls: add --no-profiler, leave out --time-snapshot (whose CUDA syncs would "
+            "count in the trainer's walls alone)"
+        )
     if args.host_phases and (args.bare or args.time_snapshot or not args.no_profiler):
         raise ConfigError(
             "--host-phases times the trainer's phases: add --no-profiler, leave out --bare and --time-snapshot "

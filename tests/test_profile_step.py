@@ -37,7 +37,8 @@ def test_bare_loop_beside_the_trainer(profile_step, tmp_path, cache, capsys):
     assert rec["vs_bare_rounds"] == pytest.approx(rounds) and rec["vs_bare"] > 0
     assert rec["vs_bare"] == pytest.approx(sorted(rounds)[1])
     for bad, pattern in (
-        ([], r"--bare compares walls: add --no-profiler"),
+        ([], r"--bare compares plain walls: add --no-profiler, leave out --time-snapshot"),
+        (["--no-profiler", "--time-snapshot"], r"--bare compares plain walls: .* leave out --time-snapshot"),
         (["--no-profiler", "train.mixed_precision=fp16"], r"--bare: train.mixed_precision=fp16"),
         (["--no-profiler", "--steps", "0"], r"--steps 0: an integer >= 1"),
         (["--no-profiler", "--warmup", "-1"], r"--warmup -1: an integer >= 0"),

@@ -130,10 +130,10 @@ def _same_layout(saved: dict[tuple, torch.Tensor] | None, live: dict[tuple, torc
 def _copy_lists(
     saved: dict[tuple, torch.Tensor], live: dict[tuple, torch.Tensor], keys: list[tuple]
 ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """(views, sources) lists for ``_foreach_copy_`` of one buffer's ``keys``: the sources laid out as their views
-    (same strides: torch's batched copy), then the others (a transposed parameter...), apart, since one of them
-    in a list sends the whole list to a copy per tensor. Empty lists left out."""
-    same = [saved[k].stride() == live[k].stride() for k in keys]
+    """(views, sources) lists for ``_foreach_copy_`` of one buffer's ``keys``: the contiguous sources, laid out as
+    their (contiguous) views, which torch's batched copy takes, then the others (a transposed parameter...), apart,
+    since one of them in a list sends the whole list to a copy per tensor. Empty lists left out."""
+    same = [live[k].is_contiguous() for k in keys]
     parts = ([k for k, s in zip(keys, same, strict=True) if s is flag] for flag in (True, False))
     return [([saved[k] for k in part], [live[k] for k in part]) for part in parts if part]
 
@@ -155,7 +155,7 @@ class Snapshot:
         self._live: dict[tuple, torch.Tensor] | None = None
         self._copies: list[
             tuple[list[torch.Tensor], list[torch.Tensor]]
-        ] = []  # per buffer: (its views, live)
+        ] = []  # (views, live) lists: one or two a buffer
         self._sources_of: dict[tuple, torch.Tensor] | None = None  # the lookup they were made from
 
     def _live_state(self) -> dict[tuple, torch.Tensor]:
