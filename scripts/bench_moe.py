@@ -72,6 +72,14 @@ def routing(T, E, K, kind, gen):
     return idx.cuda(), (w / w.sum(1, keepdim=True)).cuda()
 
 
+def experts_inputs(T: int, E: int, Fw: int, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A layer's bf16 input ``x [T, D]`` (requiring grad) and expert weights ``[w1 [E, D, F], b1 [E, F], w2 [E, F, D],
+    b2 [E, D]]`` (GPT-2-like scales), drawn from the CPU RNG in that order and moved to ``device``."""
+    x = torch.randn(T, D).to(device, torch.bfloat16).requires_grad_()
+    p = [torch.randn(E, D, Fw) * 0.02, torch.randn(E, Fw) * 0.1, torch.randn(E, Fw, D) * 0.02]
+    return x, [t.to(device, torch.bfloat16) for t in p + [torch.randn(E, D) * 0.1]]
+
+
 def tune_like_training(impls: dict, E: int, Fw: int, idx, wts, device: str) -> None:
     """One forward and backward of each of ``impls`` (name: (fn, to_layout, _)) on the routing ``idx``, ``wts``
     ([T, K]; callers pass a Zipf routing from a generator of its own) before any is timed at this shape: the
@@ -79,11 +87,8 @@ def tune_like_training(impls: dict, E: int, Fw: int, idx, wts, device: str) -> N
     per-expert counts that are not multiples of a tile, as training routes, rather than on ``balanced``'s (exactly
     T*K/E each, multiples of 128 here; on the H200 the triton layer tuned that way ran Zipf routing 5% slower,
     docs/benchmarks.md 2026-12-03 14:33)."""
-    T = idx.shape[0]
     idx, wts = idx.to(device), wts.to(device).requires_grad_()
-    x = torch.randn(T, D).to(device, torch.bfloat16).requires_grad_()
-    p = [torch.randn(E, D, Fw) * 0.02, torch.randn(E, Fw) * 0.1, torch.randn(E, Fw, D) * 0.02]
-    p = [t.to(device, torch.bfloat16) for t in p + [torch.randn(E, D) * 0.1]]
+    x, p = experts_inputs(idx.shape[0], E, Fw, device)
     for fn, to_layout, _ in impls.values():
         q = [t.detach().requires_grad_() for t in to_layout(*p)]
         y = fn(x, *q, idx, wts, ACT)
@@ -192,9 +197,8 @@ def bench_layer(quick: bool, iters: int) -> list[dict]:
                 for kind in ("balanced", "zipf"):
                     idx, wts = routing(T, E, K, kind, gen)
                     wts.requires_grad_()
-                    x = torch.randn(T, D).to("cuda", dt).requires_grad_()
-                    p = [torch.randn(E, D, FF) * 0.02, torch.randn(E, FF) * 0.1, torch.randn(E, FF, D) * 0.02]
-                    p = [t.to("cuda", dt).requires_grad_() for t in p + [torch.randn(E, D) * 0.1]]
+                    x, p = experts_inputs(T, E, FF, "cuda")
+                    p = [t.requires_grad_() for t in p]
                     for name, fn in backends.items():
                         if name == "naive" and T > 8192:
                             continue

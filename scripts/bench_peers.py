@@ -79,6 +79,7 @@ from bench_moe import (
     compile_modes,
     dense_mlp,
     e2e_names,
+    experts_inputs,
     graph_time,
     measure,
     naive_experts,
@@ -249,9 +250,7 @@ def bench(
         tune_like_training(impls, E, Fw, *routing(T, E, K, "zipf", torch.Generator().manual_seed(1)), device)
         for kind in kinds:
             idx, wts = routing(T, E, K, kind, gen)
-            x = torch.randn(T, D).to(device, dt).requires_grad_()
-            p = [torch.randn(E, D, Fw) * 0.02, torch.randn(E, Fw) * 0.1, torch.randn(E, Fw, D) * 0.02]
-            p = [t.to(device, dt) for t in p + [torch.randn(E, D) * 0.1]]
+            x, p = experts_inputs(T, E, Fw, device)
             wts.requires_grad_()
             for name, (fn, to_layout, _) in impls.items():
                 q = [t.detach().requires_grad_() for t in to_layout(*p)]  # once, outside the timed region

@@ -133,9 +133,9 @@ def _copy_lists(
     """(views, sources) lists for ``_foreach_copy_`` of one buffer's ``keys``: the contiguous sources, laid out as
     their (contiguous) views, which torch's batched copy takes, then the others (a transposed parameter...), apart,
     since one of them in a list sends the whole list to a copy per tensor. Empty lists left out."""
-    same = [live[k].is_contiguous() for k in keys]
-    parts = ([k for k, s in zip(keys, same, strict=True) if s is flag] for flag in (True, False))
-    return [([saved[k] for k in part], [live[k] for k in part]) for part in parts if part]
+    contiguous = [k for k in keys if live[k].is_contiguous()]
+    strided = [k for k in keys if not live[k].is_contiguous()]
+    return [([saved[k] for k in part], [live[k] for k in part]) for part in (contiguous, strided) if part]
 
 
 class Snapshot:
@@ -153,9 +153,8 @@ class Snapshot:
         self._objects: list = []
         self._layout: list = []
         self._live: dict[tuple, torch.Tensor] | None = None
-        self._copies: list[
-            tuple[list[torch.Tensor], list[torch.Tensor]]
-        ] = []  # (views, live) lists: one or two a buffer
+        # (views, live) lists for _foreach_copy_: one or two a buffer (_copy_lists)
+        self._copies: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._sources_of: dict[tuple, torch.Tensor] | None = None  # the lookup they were made from
 
     def _live_state(self) -> dict[tuple, torch.Tensor]:
