@@ -28,10 +28,43 @@ from moe_emergence.routing import RouterOutput
 from moe_emergence.token_mask import as_token_mask
 
 
-def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if mask_T is None:
-        return torch.ones(num_tokens, device=device, dtype=torch.float32)
-    return as_token_mask(mask_T, num_tokens).to(device=device, dtype=torch.float32)
+@dataclass(frozen=True)
+class TokenWeights:
+    """Which of a forward's T tokens count, worked out once and shared by every masked mean and count of it.
+
+    ``pad_T``: ``[T]`` bool, True for padding, or None (every token real: no mask, so no masking op at all);
+    ``count``: the number of real tokens, at least 1 (a 0-d tensor, or the int T without a mask), so that a
+    batch with no real token gives 0, not NaN; ``num_tokens``: T.
+    """
+
+    pad_T: torch.Tensor | None
+    count: torch.Tensor | int
+    num_tokens: int
+
+    @classmethod
+    def of(cls, mask_T: torch.Tensor | None, num_tokens: int, device: torch.device) -> TokenWeights:
+        """From a token mask (any form ``token_mask.as_token_mask`` accepts; None = all real); raises
+        ``ValueError`` for a mask of another shape."""
+        real_T = as_token_mask(mask_T, num_tokens)
+        if real_T is None:
+            return cls(None, max(num_tokens, 1), num_tokens)
+        real_T = real_T.to(device)
+        return cls(~real_T, real_T.sum().clamp_min(1), num_tokens)
+
+    def mean(self, values_LT: torch.Tensor) -> torch.Tensor:
+        """``sum_t real_t v_t / max(1, sum_t real_t)`` over the last dimension of ``values`` (``[T]`` or
+        ``[..., T]``, float32): one mean per leading index; padding never counts, even if non-finite."""
+        v_LT = values_LT.float()
+        if self.pad_T is not None:
+            v_LT = v_LT.masked_fill(self.pad_T, 0.0)
+        return v_LT.sum(-1) / self.count
+
+    def per_assignment(self, shape_LTK: torch.Size, device: torch.device) -> torch.Tensor:
+        """Float32 weights of the routing assignments ``[..., T, K]``: 1 for a real token's, 0 for padding's
+        (an expanded view, no copy)."""
+        if self.pad_T is None:
+            return torch.ones((), device=device).expand(shape_LTK)
+        return (~self.pad_T).float()[:, None].expand(shape_LTK)
 
 
 def tokens_per_expert(
@@ -47,8 +80,19 @@ def tokens_per_expert(
     assignments, e.g. ``~RouterOutput.dropped`` to leave out those past capacity. Raises ``ValueError`` on
     a mask of the wrong shape.
     """
+    tokens = TokenWeights.of(mask_T, topk_indices_TK.shape[-2], topk_indices_TK.device)
+    return _tokens_per_expert(topk_indices_TK, num_experts, tokens, assignment_mask_TK)
+
+
+def _tokens_per_expert(
+    topk_indices_TK: torch.Tensor,
+    num_experts: int,
+    tokens: TokenWeights,
+    assignment_mask_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
     *lead, T, K = topk_indices_TK.shape
-    w_TK = _token_weights(T, mask_T, topk_indices_TK.device)[:, None].expand(T, K)
+    device = topk_indices_TK.device
+    w_TK = tokens.per_assignment(topk_indices_TK.shape, device)
     if assignment_mask_TK is not None:
         if assignment_mask_TK.shape != topk_indices_TK.shape:
             raise ValueError(
@@ -56,9 +100,10 @@ def tokens_per_expert(
                 f"expected {tuple(topk_indices_TK.shape)}"
             )
         w_TK = w_TK * assignment_mask_TK.to(w_TK)
-    w_A = w_TK.expand(topk_indices_TK.shape).reshape(*lead, T * K)
-    tokens_per_expert_E = torch.zeros(*lead, num_experts, device=topk_indices_TK.device, dtype=torch.float32)
-    return tokens_per_expert_E.scatter_add_(-1, topk_indices_TK.reshape(*lead, T * K), w_A)
+    tokens_per_expert_E = torch.zeros(*lead, num_experts, device=device, dtype=torch.float32)
+    return tokens_per_expert_E.scatter_add_(
+        -1, topk_indices_TK.reshape(*lead, T * K), w_TK.reshape(*lead, T * K)
+    )
 
 
 def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,14 +114,7 @@ def masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor | None = None) -> t
     ``masked_mean(dropped.float().mean(-1), mask)`` = dropped_frac and ``masked_mean(unrouted.float(),
     mask)`` = unrouted_frac.
     """
-    return _weighted_mean(values_T, _token_weights(values_T.shape[-1], mask_T, values_T.device))
-
-
-def _weighted_mean(values_LT: torch.Tensor, w_T: torch.Tensor) -> torch.Tensor:
-    """``sum_t w_t v_t / max(1, sum_t w_t)`` over the last dimension of ``values`` (``[T]`` or ``[..., T]``)
-    with one weight vector ``w_T`` for all rows; tokens of weight 0 never count, even if non-finite."""
-    v_LT = torch.where(w_T > 0, values_LT.float(), 0.0)
-    return (v_LT * w_T).sum(-1) / w_T.sum().clamp_min(1.0)
+    return TokenWeights.of(mask_T, values_T.shape[-1], values_T.device).mean(values_T)
 
 
 def expert_fractions(
@@ -97,8 +135,8 @@ def fractions_of(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
 def mean_router_probs(router_probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """P_i: mean router probability of expert i over the (unmasked) tokens, ``[E]`` (``[L, E]`` for
     ``[L, T, E]``)."""
-    probs_ET = router_probs_TE.transpose(-1, -2)  # the mean runs over the last dimension
-    return _weighted_mean(probs_ET, _token_weights(probs_ET.shape[-1], mask_T, probs_ET.device))
+    tokens = TokenWeights.of(mask_T, router_probs_TE.shape[-2], router_probs_TE.device)
+    return tokens.mean(router_probs_TE.transpose(-1, -2))  # the mean runs over the last dimension
 
 
 def load_balance_loss(
@@ -120,9 +158,20 @@ def load_balance_loss(
     data-parallel batch by the trainer): ``[E]`` (the same f for every layer) or one row per layer
     (``[L, E]``); any other shape raises ``ValueError``.
     """
+    tokens = TokenWeights.of(mask_T, router_probs_TE.shape[-2], router_probs_TE.device)
+    return _load_balance_loss(router_probs_TE, topk_indices_TK, num_experts, tokens, fractions_E)
+
+
+def _load_balance_loss(
+    router_probs_TE: torch.Tensor,
+    topk_indices_TK: torch.Tensor,
+    num_experts: int,
+    tokens: TokenWeights,
+    fractions_E: torch.Tensor | None,
+) -> torch.Tensor:
     if fractions_E is None:
-        fractions_E = expert_fractions(topk_indices_TK, num_experts, mask_T)
-    P_E = mean_router_probs(router_probs_TE, mask_T)
+        fractions_E = fractions_of(_tokens_per_expert(topk_indices_TK, num_experts, tokens))
+    P_E = tokens.mean(router_probs_TE.transpose(-1, -2))
     if fractions_E.shape not in (P_E.shape, P_E.shape[-1:]):
         raise ValueError(f"fractions_E has shape {tuple(fractions_E.shape)}, expected {tuple(P_E.shape)}")
     return num_experts * (fractions_E.detach().float() * P_E).sum(-1)
@@ -134,8 +183,13 @@ def z_loss(router_logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
 
     Zero logits give (ln E)^2.
     """
-    z_T = torch.logsumexp(router_logits_TE.float(), dim=-1) ** 2
-    return _weighted_mean(z_T, _token_weights(z_T.shape[-1], mask_T, z_T.device))
+    return _z_loss(
+        router_logits_TE, TokenWeights.of(mask_T, router_logits_TE.shape[-2], router_logits_TE.device)
+    )
+
+
+def _z_loss(router_logits_TE: torch.Tensor, tokens: TokenWeights) -> torch.Tensor:
+    return tokens.mean(torch.logsumexp(router_logits_TE.float(), dim=-1).square())
 
 
 def routed_tokens_per_expert(
@@ -194,18 +248,9 @@ class MoEObjective:
     lb_loss_L: torch.Tensor
     z_loss_L: torch.Tensor
     entropy_loss_L: torch.Tensor
-
-    @property
-    def lb_loss(self) -> torch.Tensor:
-        return self.lb_loss_L.mean()
-
-    @property
-    def z_loss(self) -> torch.Tensor:
-        return self.z_loss_L.mean()
-
-    @property
-    def entropy_loss(self) -> torch.Tensor:
-        return self.entropy_loss_L.mean()
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    entropy_loss: torch.Tensor
 
 
 def layer_tokens_per_expert(
@@ -242,17 +287,18 @@ def moe_objective(
         raise ValueError(
             f"tokens_per_expert_LE has shape {tuple(tokens_per_expert_LE.shape)}, expected ({L}, {num_experts})"
         )
-    # all layers at once: each formula runs once on [L, T, ...] (a few dozen kernel launches for any L)
-    f_LE = None if tokens_per_expert_LE is None else fractions_of(tokens_per_expert_LE)
+    # all layers at once: each formula runs once on [L, T, ...], the token weights worked out once (a few
+    # dozen kernel launches for any L)
     probs_LTE = torch.stack([r.router_probs for r in router_outputs])
+    tokens = TokenWeights.of(mask_T, probs_LTE.shape[-2], probs_LTE.device)
+    f_LE = None if tokens_per_expert_LE is None else fractions_of(tokens_per_expert_LE)
     topk_LTK = torch.stack([r.topk_indices for r in router_outputs])
-    lb_L = load_balance_loss(probs_LTE, topk_LTK, num_experts, mask_T, fractions_E=f_LE)
-    z_L = z_loss(torch.stack([r.router_logits for r in router_outputs]), mask_T)
-    ent_L = masked_mean(torch.stack([r.entropy for r in router_outputs]), mask_T)
-    token_terms = coefs.z_coef * z_L.mean()
+    lb_L = _load_balance_loss(probs_LTE, topk_LTK, num_experts, tokens, f_LE)
+    z_L = _z_loss(torch.stack([r.router_logits for r in router_outputs]), tokens)
+    ent_L = tokens.mean(torch.stack([r.entropy for r in router_outputs]))
+    lb, z, ent = lb_L.mean(), z_L.mean(), ent_L.mean()
+    token_terms = coefs.z_coef * z
     if coefs.entropy_coef != 0:
-        token_terms = token_terms + coefs.entropy_coef * ent_L.mean()
-    loss = (
-        shares.lm * lm_loss.float() + shares.batch * coefs.lb_coef * lb_L.mean() + shares.tokens * token_terms
-    )
-    return MoEObjective(loss, lb_L, z_L, ent_L)
+        token_terms = token_terms + coefs.entropy_coef * ent
+    loss = shares.lm * lm_loss.float() + (shares.batch * coefs.lb_coef) * lb + shares.tokens * token_terms
+    return MoEObjective(loss, lb_L, z_L, ent_L, lb, z, ent)

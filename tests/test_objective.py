@@ -24,20 +24,22 @@ from moe_emergence.training.steps import (
 
 
 def _count_calls(monkeypatch, invocations: dict[str, int] | None = None) -> dict[str, int]:
-    """Wrap the router-term formulas in ``losses`` to count the per-layer values they compute (a call on
-    ``[L, T, ...]`` computes L); ``invocations``, when given, counts the calls themselves."""
-    calls = {"load_balance_loss": 0, "z_loss": 0, "masked_mean": 0}
+    """Wrap the router-term formulas in ``losses`` (what ``moe_objective`` calls) to count the per-layer values
+    they compute (a call on ``[L, T, ...]`` computes L); ``invocations``, when given, counts the calls
+    themselves. ``mean``: ``TokenWeights.mean``, each masked mean (P_i, z, entropy)."""
+    calls = {"_load_balance_loss": 0, "_z_loss": 0, "mean": 0}
     for name in calls:
-        original = getattr(losses, name)
+        owner = losses.TokenWeights if name == "mean" else losses
+        original = getattr(owner, name)
 
         def counted(*args, _name=name, _f=original, **kwargs):
             out = _f(*args, **kwargs)
-            calls[_name] += out.numel()
+            calls[_name] += out.shape[0] if out.dim() else 1  # one value per layer
             if invocations is not None:
                 invocations[_name] = invocations.get(_name, 0) + 1
             return out
 
-        monkeypatch.setattr(losses, name, counted)
+        monkeypatch.setattr(owner, name, counted)
     return calls
 
 
@@ -67,11 +69,12 @@ def test_model_computes_each_term_once_per_forward(dense_model, input_ids, monke
     invocations: dict[str, int] = {}
     calls = _count_calls(monkeypatch, invocations)
     moe(input_ids, labels=input_ids)
-    assert calls == {"load_balance_loss": 2, "z_loss": 2, "masked_mean": 2}  # one per MoE layer
-    assert invocations == {"load_balance_loss": 1, "z_loss": 1, "masked_mean": 1}  # all layers in one call
+    # one value per MoE layer; the masked means: P_i (inside the lb loss), z and the entropy
+    assert calls == {"_load_balance_loss": 2, "_z_loss": 2, "mean": 6}
+    assert invocations == {"_load_balance_loss": 1, "_z_loss": 1, "mean": 3}  # all layers in one call each
     calls.update(dict.fromkeys(calls, 0))
     moe(input_ids, labels=input_ids, output_router_logits=False)  # the trainer's call: LM loss only
-    assert calls == {"load_balance_loss": 0, "z_loss": 0, "masked_mean": 0}
+    assert calls == {"_load_balance_loss": 0, "_z_loss": 0, "mean": 0}
 
 
 def test_trainer_micro_batch_equals_model_objective(dense_model, input_ids):
@@ -106,6 +109,29 @@ def test_no_mask_equals_an_all_ones_mask(dense_model, input_ids):
     assert has_padding({"attention_mask": padded}) and not has_padding(
         {"attention_mask": torch.ones_like(padded)}
     )
+
+
+@pytest.mark.parametrize("balance", ["local", "global"])
+def test_unpadded_micro_batch_skips_the_mask_with_the_same_values(dense_model, input_ids, balance):
+    """``micro_batch_loss(padded=False)`` (the trainer's call for a batch without padding) gives the objective no
+    mask: every term, flag and gradient equals the masked computation's with the all-ones mask, bit for bit."""
+    cfg = MoEConfig(num_experts=4, top_k=2, layers=[0, 2], entropy_coef=0.1, router_init_std=0.5)
+    moe = upcycle(dense_model, cfg).train()
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    global_counts = (lambda c: c) if balance == "global" else None
+    results = []
+    for padded in (True, False):
+        moe.zero_grad()
+        torch.manual_seed(0)  # the same router noise and dropout draws
+        out = moe(input_ids, labels=input_ids, output_router_logits=False)
+        step = MoEStep([0, 2], 4, cfg.loss_coefs(), global_counts, False)
+        sums = StepSums(2, torch.device("cpu"))
+        loss = micro_batch_loss(out, batch, shifted_token_counts(batch), 2.0, step, sums, padded=padded)
+        loss.backward()
+        results.append((loss, sums.totals, sums.bad_L2, [p.grad.clone() for p in moe.parameters()]))
+    (la, ta, fa, ga), (lb, tb, fb, gb) = results
+    assert torch.equal(la, lb) and torch.equal(ta, tb) and torch.equal(fa, fb)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb, strict=True))
 
 
 def test_loss_coefs_are_validated_like_the_config():
@@ -171,7 +197,7 @@ def test_trainer_step_computes_each_term_once_per_micro_batch(tmp_path, monkeypa
     finally:
         trainer.folder.release()
     # 2 micro-batches x 2 MoE layers; eval and telemetry compute none of them
-    assert calls == {"load_balance_loss": 4, "z_loss": 4, "masked_mean": 4}
+    assert calls == {"_load_balance_loss": 4, "_z_loss": 4, "mean": 12}  # mean: P_i, z, entropy
 
 
 def test_no_split_modules_name_only_classes_the_model_has(dense_model):

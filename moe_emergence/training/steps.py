@@ -124,30 +124,39 @@ def nonfinite_flags(routers: list[RouterOutput], lb_L: torch.Tensor, z_L: torch.
 
 
 def micro_batch_loss(
-    out, batch: dict, n_step: torch.Tensor, scale: float, moe: MoEStep | None, sums: StepSums, routing=None
+    out,
+    batch: dict,
+    n_step: torch.Tensor,
+    scale: float,
+    moe: MoEStep | None,
+    sums: StepSums,
+    routing=None,
+    padded: bool = True,
 ) -> torch.Tensor:
     """The loss to back-propagate for one micro-batch after its forward ``out`` (module docstring): its
     objective with its ``Shares`` of the step (``n_step``: the step's [predicted, real] token counts),
     times ``scale`` = micro-batches * processes. Adds its terms, flags, telemetry and tokens_per_expert to ``sums``
-    (and ``routing``, a ``LayerRoutingStats``, when given)."""
+    (and ``routing``, a ``LayerRoutingStats``, when given). ``padded`` False (``has_padding`` of the batch's CPU
+    copy) says every token is real: the objective then skips its masking ops (the same values)."""
     c = shifted_token_counts(batch)
     lm = torch.where(c[0] > 0, out.loss.float(), 0.0)  # an all-padding micro-batch: 0, not NaN
-    share_lm = (c[0] / n_step[0]).float()
+    share_lm, share_tokens = (c / n_step).float().unbind()
     if moe is None:
         sums.totals[0] += (lm * share_lm).detach().double()
         sums.totals[4] += (lm * share_lm).detach().double()
         return lm * share_lm * scale
     mask_T = batch["attention_mask"].reshape(-1)
+    real_T = mask_T if padded else None  # None: every token real, no masking ops in the objective
     outs = {i: out.router_outputs[i] for i in moe.layers}
     routers = list(outs.values())
     tokens_per_expert_LE = None
     if moe.global_counts is not None:
-        tokens_per_expert_LE = moe.global_counts(layer_tokens_per_expert(routers, moe.num_experts, mask_T))
-    shares = Shares(lm=share_lm, tokens=(c[1] / n_step[1]).float(), batch=1.0 / scale)
+        tokens_per_expert_LE = moe.global_counts(layer_tokens_per_expert(routers, moe.num_experts, real_T))
+    shares = Shares(lm=share_lm, tokens=share_tokens, batch=1.0 / scale)
     obj = moe_objective(
         lm,
         routers,
-        mask_T,
+        real_T,
         moe.num_experts,
         moe.coefs,
         tokens_per_expert_LE=tokens_per_expert_LE,

@@ -234,7 +234,7 @@ class Trainer:
                     labels=batch["labels"],
                     **kw,
                 )
-                acc.backward(micro_batch_loss(out, batch, n_step, scale, moe, sums, routing))
+                acc.backward(micro_batch_loss(out, batch, n_step, scale, moe, sums, routing, padded))
         return self._finish_step(moe, sums, counts[1], signals)
 
     def _moe_step(self) -> MoEStep:
