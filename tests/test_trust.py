@@ -942,6 +942,41 @@ def test_nonfinite_check_skips_empty_shards():
     assert not any_nonfinite([torch.empty(0)])
 
 
+@pytest.mark.parametrize("check", ["_nonfinite_in_place", "_nonfinite_by_norm"])
+def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check):
+    """Both finite checks ``any_nonfinite`` picks from (in place on a GPU, by norm on the CPU), run here on the
+    CPU: > 0 exactly when ``torch.isfinite`` finds a NaN/Inf, over mixed float dtypes, transposed and sliced
+    tensors, values up to half each dtype's largest; every value keeps its bits (a NaN stays a NaN) and every
+    tensor its version counter."""
+    from moe_emergence.training import rollback
+
+    fn = getattr(rollback, check)
+    g = torch.Generator().manual_seed(0)
+    for case in range(300):
+        tensors = []
+        for i in range(int(torch.randint(1, 7, (), generator=g))):
+            dtype = [torch.float32, torch.bfloat16, torch.float16, torch.float64][(case + i) % 4]
+            t = torch.randn(5, 7, generator=g).clamp(-4, 4).to(dtype) * (torch.finfo(dtype).max / 8)
+            t = [t, t.t(), t[1:, ::2]][(case + 2 * i) % 3]
+            tensors.append(t)
+        bad = case % 3 != 0
+        if bad:  # one NaN, +inf or -inf somewhere
+            target = tensors[int(torch.randint(0, len(tensors), (), generator=g))]
+            flat = int(torch.randint(0, target.numel(), (), generator=g))
+            value = [float("nan"), float("inf"), float("-inf")][case % 3 - 1 + (case // 3) % 2]
+            target[flat // target.shape[1], flat % target.shape[1]] = value
+        before = [(t.clone(), t._version) for t in tensors]
+        found = fn(tensors)
+        assert found.shape == () and found.dtype == torch.float32
+        assert bool(found > 0) == (not all(bool(torch.isfinite(t).all()) for t in tensors)) == bad, case
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+        for t, (copy, version) in zip(tensors, before, strict=True):
+            as_int, nan = bits[t.element_size()], copy.isnan()
+            assert torch.equal(t.isnan(), nan)  # a NaN stays a NaN (bfloat16 on the CPU: its bits may change)
+            assert torch.equal(t[~nan].contiguous().view(as_int), copy[~nan].contiguous().view(as_int))
+            assert t._version == version
+
+
 def test_fused_adamw_stays_fused_after_loading_an_older_foreach_state():
     """A checkpoint of the old default AdamW (foreach, step counts on the CPU) loads into the trainer's
     optimizer without turning the fused kernel off, and continues as that AdamW would."""

@@ -258,21 +258,48 @@ def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor on device: does any of ``tensors`` (local shards) hold a NaN/Inf (no host sync)."""
+    """A 0-d bool tensor on device: does any of ``tensors`` (local shards; only floating ones can) hold a
+    NaN/Inf. No host sync; the tensors may sit on several devices (a state loaded on the CPU)."""
     # no per-tensor detach (a dispatch each): this runs under no_grad
-    local = [x for x in map(local_data, tensors) if x.numel()]  # FSDP2: a process may hold an empty shard
+    local = [
+        x for x in map(local_data, tensors) if x.numel() and x.is_floating_point()
+    ]  # FSDP2: empty shards
     if not local:
         return torch.zeros((), dtype=torch.bool)
     device = local[0].device
-    # max |x| per tensor (inf and NaN propagate, large values do not), one stack per device (mixed float
-    # dtypes promote: no cast to a narrower one), no per-tensor op in Python; tensors may sit on several
-    # devices (a state loaded on the CPU)
-    maxima = [
-        on_device(torch.stack(torch._foreach_norm(group, float("inf"))).max(), device)
-        for group in by_device(local).values()
-    ]
-    peak = maxima[0] if len(maxima) == 1 else torch.stack(maxima).max()
-    return ~torch.isfinite(peak)
+    found = [on_device(_count_nonfinite(group), device) for group in by_device(local).values()]
+    return (found[0] if len(found) == 1 else torch.stack(found).sum()) > 0
+
+
+def _count_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d float32 on the tensors' (one) device: > 0 iff one of them holds a NaN/Inf. On a GPU
+    ``_nonfinite_in_place``; on the CPU, where a tensor may be read-only memory (a memory-mapped checkpoint),
+    ``_nonfinite_by_norm``, which writes nothing."""
+    if tensors[0].device.type == "cpu":
+        return _nonfinite_by_norm(tensors)
+    return _nonfinite_in_place(tensors)
+
+
+def _nonfinite_by_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The largest |x| of each tensor (``_foreach_norm(inf)``: inf and NaN propagate, large values do not), their
+    maximum not finite (mixed dtypes promote: no cast to a narrower one). One output tensor per input."""
+    peak = torch.stack(torch._foreach_norm(tensors, float("inf"))).max()
+    return (~torch.isfinite(peak)).float()
+
+
+def _nonfinite_in_place(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch's multi-tensor finite check (``_amp_foreach_non_finite_check_and_unscale_``, the GradScaler's) with
+    scale 1: each value is read and written back unchanged (a NaN stays a NaN, its bits may not; no version
+    counter moves); one launch per dtype and no tensor per input, where ``_foreach_norm`` allocates one output
+    per tensor (~6 us of host time each on the H200 machine: ~1 ms a step for 152 parameters)."""
+    found = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    one = torch.ones((), dtype=torch.float32, device=found.device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():  # one dtype a list: the kernel's multi-tensor path
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+    return found
 
 
 class VerifiedState:
