@@ -541,14 +541,16 @@ def test_snapshot_follows_replaced_parameter_data_and_optimizer_state():
     assert torch.equal(model.bias, torch.zeros(5, 2))
 
 
-def test_module_walk_is_model_parameters_and_sees_a_swapped_submodule():
-    """``rollback.module_tensors`` yields what ``model.parameters()`` and ``model.buffers()`` do, in the same
-    order (tied wte/lm_head once), and a snapshot taken after a submodule was swapped restores into the live
-    one, not the module it replaced."""
+@pytest.mark.parametrize("walked", [False, True])
+def test_module_walk_is_model_parameters_and_sees_a_swapped_submodule(walked):
+    """``rollback.module_tensors`` (``params_and_buffers``) yields what ``model.parameters()`` and
+    ``model.buffers()`` do, in the same order (tied wte/lm_head once), and a snapshot taken after a submodule was
+    swapped (walking the model itself, or given a walk made after the swap) restores into the live one, not the
+    module it replaced."""
     from conftest import tiny_gpt2_config
     from transformers import GPT2LMHeadModel
 
-    from moe_emergence.training.rollback import Snapshot, module_tensors
+    from moe_emergence.training.rollback import Snapshot, module_tensors, params_and_buffers
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_gpt2_config())
@@ -564,6 +566,8 @@ def test_module_walk_is_model_parameters_and_sees_a_swapped_submodule():
     other[0].register_buffer("also_a_buffer", other[0].weight)  # listed by parameters() and by buffers()
     want = [*other.parameters(), *other.buffers()]
     assert len(module_tensors(other)) == len(want) and all(map(operator.is_, module_tensors(other), want))
+    params_of, buffers_of = params_and_buffers(other)
+    assert params_of + buffers_of == module_tensors(other) and len(params_of) == len(list(other.parameters()))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     snap = Snapshot(model, opt)
     snap.take()
@@ -572,7 +576,7 @@ def test_module_walk_is_model_parameters_and_sees_a_swapped_submodule():
     new.load_state_dict(old.state_dict())
     model.transformer.ln_f = new  # same shapes, new objects: the next take must find them
     opt.param_groups[0]["params"] = list(model.parameters())
-    snap.take()
+    snap.take(module_tensors(model) if walked else None)  # the trainer's step hands it its own walk
     want = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         new.weight.add_(1.0)
@@ -1032,7 +1036,7 @@ def _rejected_step_then_a_good_one(acc) -> None:
 
     from moe_emergence.training.guard import StepCheck
     from moe_emergence.training.optim import ShardLocalAdamW
-    from moe_emergence.training.rollback import VerifiedState
+    from moe_emergence.training.rollback import VerifiedState, module_tensors
     from moe_emergence.training.trainer import Trainer
 
     acc.scaler.scale(torch.ones(()))  # creates the scale tensor, as the backward's scaler.scale(loss) does
@@ -1046,7 +1050,7 @@ def _rejected_step_then_a_good_one(acc) -> None:
         for p in model.parameters():
             p.grad = torch.ones_like(p) * acc.scaler.get_scale()
         acc.unscale_gradients()
-        Trainer._apply_or_roll_back(trainer, check)
+        Trainer._apply_or_roll_back(trainer, check, module_tensors(model))
 
     step(StepCheck(False, False, False, []))  # good
     rejected = StepCheck(False, False, False, [], spike="a loss spike")  # finite gradients

@@ -86,24 +86,33 @@ def _members(modules: list[torch.nn.Module], attr: str) -> list[torch.Tensor]:
     return out
 
 
-def module_tensors(model: torch.nn.Module, buffers: bool = True) -> list[torch.Tensor]:
-    """``model.parameters()`` (then ``model.buffers()``), the same objects in the same order, listed afresh
-    at each call (a submodule swapped since the last call is seen) in one walk of the module tree."""
+def params_and_buffers(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``list(model.parameters())`` and ``list(model.buffers())``, the same objects in the same order, listed
+    afresh at each call (a submodule swapped since the last call is seen) in one walk of the module tree."""
     modules = _modules_in_order(model)
-    params = _members(modules, "_parameters")
-    return params + _members(modules, "_buffers") if buffers else params
+    return _members(modules, "_parameters"), _members(modules, "_buffers")
+
+
+def module_tensors(model: torch.nn.Module, buffers: bool = True) -> list[torch.Tensor]:
+    """``params_and_buffers`` as one list: the parameters, then (``buffers``) the buffers."""
+    params, bufs = params_and_buffers(model)
+    return params + bufs if buffers else params
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # never a DTensor: no ``_local_tensor`` to look for
 
 
-def _state_objects(model: torch.nn.Module, optimizer) -> tuple[list, list]:
-    """What ``named_state`` reads, without its names: ``module_tensors(model)`` and the optimizer-state
-    values, and the (address, shape) of each one's ``local_data`` (None for a non-tensor state value)."""
-    objects = module_tensors(model)
+def _state_objects(
+    model: torch.nn.Module, optimizer, tensors: list[torch.Tensor] | None = None
+) -> tuple[list, tuple[list, list]]:
+    """What ``named_state`` reads, without its names: ``tensors`` (``module_tensors(model)``, walked here when
+    None) and the optimizer-state values; and the layout of their ``local_data``: the addresses and the shapes
+    of the tensors among them (a non-tensor state value has none)."""
+    objects = module_tensors(model) if tensors is None else list(tensors)
     objects += [v for s in inner_optimizer(optimizer).state.values() for v in s.values()]
     local = [t if type(t) in _PLAIN else local_data(t) for t in objects]
-    return objects, [(x.data_ptr(), x.shape) if isinstance(x, torch.Tensor) else None for x in local]
+    local = [x for x in local if isinstance(x, torch.Tensor)]
+    return objects, (list(map(torch.Tensor.data_ptr, local)), list(map(torch.Tensor.size, local)))
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -157,8 +166,10 @@ class Snapshot:
         self._copies: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._sources_of: dict[tuple, torch.Tensor] | None = None  # the lookup they were made from
 
-    def _live_state(self) -> dict[tuple, torch.Tensor]:
-        objects, layout = _state_objects(self.model, self.optimizer)
+    def _live_state(self, tensors: list[torch.Tensor] | None = None) -> dict[tuple, torch.Tensor]:
+        """``named_state`` of the model and optimizer, looked up again only when an object or its layout
+        changed; ``tensors``: ``module_tensors(model)`` when the caller has walked the model already."""
+        objects, layout = _state_objects(self.model, self.optimizer, tensors)
         same = self._live is not None and len(objects) == len(self._objects) and layout == self._layout
         if not (same and all(map(operator.is_, objects, self._objects))):
             self._objects, self._layout = objects, layout
@@ -170,8 +181,10 @@ class Snapshot:
         return self.saved is not None
 
     @torch.no_grad()
-    def take(self) -> None:
-        live = self._live_state()
+    def take(self, tensors: list[torch.Tensor] | None = None) -> None:
+        """Copy the live state into the snapshot's buffers. ``tensors``: ``module_tensors(model)``, when the
+        caller walked the model since it last changed (the trainer's step: one walk for the clip and this)."""
+        live = self._live_state(tensors)
         if self._sources_of is not live:  # a new lookup (first take, new optimizer state, a tensor replaced)
             if not _same_layout(self.saved, live):
                 self._allocate(live)
@@ -325,10 +338,11 @@ class VerifiedState:
             self.known_bad = False
         return verified
 
-    def before_update(self) -> None:
-        """A good step is about to update: snapshot the state its loss verified, when one is due."""
+    def before_update(self, tensors: list[torch.Tensor] | None = None) -> None:
+        """A good step is about to update: snapshot the state its loss verified, when one is due
+        (``tensors``: as ``Snapshot.take``)."""
         if self.every and (not self.snapshot.taken or self.unverified >= self.every):
-            self.snapshot.take()
+            self.snapshot.take(tensors)
             self.unverified = 0
 
     def after_update(self) -> None:

@@ -32,7 +32,7 @@ from moe_emergence.training.evalset import eval_blocks, shard_batches
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.loop import RunLoop, Stop, TrainResult
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
-from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, module_tensors
+from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, params_and_buffers
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler, rows_of
 from moe_emergence.training.signals import StopSignals
@@ -264,7 +264,7 @@ class Trainer:
         cfg = self.cfg
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
         self.accelerator.unscale_gradients()  # fp16: the GradScaler's scale off first (no-op otherwise)
-        params = module_tensors(self.model, buffers=False)  # model.parameters(), one faster walk: clip, check
+        params, buffers = params_and_buffers(self.model)  # one walk for the clip, the check and the snapshot
         grad_norm = clip_grad_norm_(params, clip, self.reduce_sum)
         signalled = signals is not None and signals.received is not None
         params_bad = any_nonfinite(params)
@@ -273,7 +273,7 @@ class Trainer:
         guard.judge(check, self.state, cfg.guard)
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
         verified = self.verified.verifies(check.good)  # this loss verifies the updates since the last check
-        self._apply_or_roll_back(check)
+        self._apply_or_roll_back(check, params + buffers)
         if sums.tokens_per_expert and check.good:  # aux-loss-free balancing: once per taken step
             self.unwrapped.update_selection_bias(
                 {i: self.reduce_sum(v) for i, v in sums.tokens_per_expert.items()}
@@ -284,11 +284,12 @@ class Trainer:
         variants = {k: self.reduce_sum(v) for k, v in sums.variants.items()}
         return StepResult(sums.totals, tokens, grad_norm, lrs, variants, check, moe)
 
-    def _apply_or_roll_back(self, check: StepCheck) -> None:
+    def _apply_or_roll_back(self, check: StepCheck, tensors: list[torch.Tensor]) -> None:
         """A good step: snapshot the state its loss verified (when due), then take the optimizer step. A bad
-        step: no update, and the state goes back to the snapshot (``rollback.VerifiedState``)."""
+        step: no update, and the state goes back to the snapshot (``rollback.VerifiedState``). ``tensors``: the
+        model's parameters and buffers (``rollback.module_tensors``), walked this step."""
         if check.good:
-            self.verified.before_update()
+            self.verified.before_update(tensors)
             self.optimizer.step()
             self.verified.after_update()
         else:
