@@ -946,10 +946,14 @@ def test_nonfinite_check_skips_empty_shards():
     assert not any_nonfinite([torch.empty(0)])
 
 
-@pytest.mark.parametrize("check", ["_nonfinite_in_place", "_nonfinite_by_norm"])
-def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check):
-    """Both finite checks ``any_nonfinite`` picks from (in place on a GPU, by norm on the CPU), run here on the
-    CPU: > 0 exactly when ``torch.isfinite`` finds a NaN/Inf, over mixed float dtypes, transposed and sliced
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+@pytest.mark.parametrize("check", ["_nonfinite_in_place", "_nonfinite_by_norm", "any_nonfinite"])
+def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, device):
+    """Both finite checks ``any_nonfinite`` picks from (in place on a GPU, by norm on the CPU), each on the CPU and
+    on a GPU, and ``any_nonfinite`` itself: > 0 exactly when ``torch.isfinite`` finds a NaN/Inf, over mixed float dtypes, transposed and sliced
     tensors, values up to half each dtype's largest; every value keeps its bits (a NaN stays a NaN) and every
     tensor its version counter."""
     from moe_emergence.training import rollback
@@ -960,7 +964,7 @@ def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check):
         tensors = []
         for i in range(int(torch.randint(1, 7, (), generator=g))):
             dtype = [torch.float32, torch.bfloat16, torch.float16, torch.float64][(case + i) % 4]
-            t = torch.randn(5, 7, generator=g).clamp(-4, 4).to(dtype) * (torch.finfo(dtype).max / 8)
+            t = torch.randn(5, 7, generator=g).clamp(-4, 4).to(device, dtype) * (torch.finfo(dtype).max / 8)
             t = [t, t.t(), t[1:, ::2]][(case + 2 * i) % 3]
             tensors.append(t)
         bad = case % 3 != 0
@@ -971,7 +975,8 @@ def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check):
             target[flat // target.shape[1], flat % target.shape[1]] = value
         before = [(t.clone(), t._version) for t in tensors]
         found = fn(tensors)
-        assert found.shape == () and found.dtype == torch.float32
+        assert found.shape == () and found.dtype == (torch.bool if check == "any_nonfinite" else torch.float32)
+        assert found.device == tensors[0].device
         assert bool(found > 0) == (not all(bool(torch.isfinite(t).all()) for t in tensors)) == bad, case
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}
         for t, (copy, version) in zip(tensors, before, strict=True):
