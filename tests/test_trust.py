@@ -948,7 +948,10 @@ def test_nonfinite_check_skips_empty_shards():
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
 )
 @pytest.mark.parametrize("check", ["_nonfinite_in_place", "_nonfinite_by_norm", "any_nonfinite"])
 def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, device):
@@ -975,7 +978,9 @@ def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, devic
             target[flat // target.shape[1], flat % target.shape[1]] = value
         before = [(t.clone(), t._version) for t in tensors]
         found = fn(tensors)
-        assert found.shape == () and found.dtype == (torch.bool if check == "any_nonfinite" else torch.float32)
+        assert found.shape == () and found.dtype == (
+            torch.bool if check == "any_nonfinite" else torch.float32
+        )
         assert found.device == tensors[0].device
         assert bool(found > 0) == (not all(bool(torch.isfinite(t).all()) for t in tensors)) == bad, case
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}

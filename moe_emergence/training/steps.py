@@ -219,27 +219,33 @@ def clip_grad_norm_(
     if not sharded and not plain:
         return torch.zeros(())
     device = (sharded or plain)[0].device
-    parts = [_norm(plain, device)] if plain else []
+    plain_groups, sharded_groups = (
+        by_device(plain),
+        by_device(sharded),
+    )  # grouped once: the norm and the scaling
+    parts = [_norm(plain_groups, device)] if plain else []
     if sharded:  # this process's shards: their squares summed over the processes, in float64
-        part = _norm(sharded, device)
+        part = _norm(sharded_groups, device)
         parts.append(reduce_sum(part.double().square()).sqrt().to(part.dtype))
     norm = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts), 2.0)
     norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
     if max_norm != float("inf"):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for dev, on_dev in by_device(sharded + plain).items():
-            torch._foreach_mul_(on_dev, on_device(coef, dev))
+        for groups in (sharded_groups, plain_groups):
+            for dev, on_dev in groups.items():
+                torch._foreach_mul_(on_dev, on_device(coef, dev))
     return norm
 
 
-def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """torch's L2 norm of ``grads`` taken together (``torch.nn.utils.get_total_norm``), 0-d on ``device``: the
-    per-tensor norms of one multi-tensor ``_foreach_norm`` per device (each in its tensor's dtype), stacked
-    (mixed dtypes promote) and normed in that dtype, so it overflows to inf where torch's does, whatever the
-    split into tensors; no op per tensor in Python."""
+def _norm(groups: dict[torch.device, list[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """torch's L2 norm of the gradients ``groups`` holds (``rollback.by_device``), taken together
+    (``torch.nn.utils.get_total_norm``), 0-d on ``device``: the per-tensor norms of one multi-tensor
+    ``_foreach_norm`` per device (each in its tensor's dtype), stacked (mixed dtypes promote) and normed in that
+    dtype, so it overflows to inf where torch's does, whatever the split into tensors; no op per tensor in
+    Python."""
     parts = [
         on_device(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2.0)), 2.0), device)
-        for group in by_device(grads).values()
+        for group in groups.values()
     ]
     return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts), 2.0)
 
