@@ -33,13 +33,14 @@ class TokenWeights:
     """Which of a forward's T tokens count, worked out once and shared by every masked mean and count of it.
 
     ``pad_T``: ``[T]`` bool, True for padding, or None (every token real: no mask, so no masking op at all);
-    ``count``: the number of real tokens, at least 1 (a 0-d tensor, or the int T without a mask), so that a
-    batch with no real token gives 0, not NaN; ``num_tokens``: T.
+    ``count``: the number of real tokens, at least 1 (a 0-d tensor on the mask's device), so that a batch with
+    no real token gives 0, not NaN. A mask of all ones and no mask give the same values bit for bit (the same
+    ops on the values, a division by a device tensor either way: CUDA divides by a Python number as a
+    multiplication by its reciprocal, which may differ in the last bit).
     """
 
     pad_T: torch.Tensor | None
-    count: torch.Tensor | int
-    num_tokens: int
+    count: torch.Tensor
 
     @classmethod
     def of(cls, mask_T: torch.Tensor | None, num_tokens: int, device: torch.device) -> TokenWeights:
@@ -47,16 +48,18 @@ class TokenWeights:
         ``ValueError`` for a mask of another shape."""
         real_T = as_token_mask(mask_T, num_tokens)
         if real_T is None:
-            return cls(None, max(num_tokens, 1), num_tokens)
+            return cls(None, torch.full((), max(num_tokens, 1), dtype=torch.float32, device=device))
         real_T = real_T.to(device)
-        return cls(~real_T, real_T.sum().clamp_min(1), num_tokens)
+        return cls(~real_T, real_T.sum().clamp_min(1))
 
     def mean(self, values_LT: torch.Tensor) -> torch.Tensor:
         """``sum_t real_t v_t / max(1, sum_t real_t)`` over the last dimension of ``values`` (``[T]`` or
         ``[..., T]``, float32): one mean per leading index; padding never counts, even if non-finite."""
         v_LT = values_LT.float()
-        if self.pad_T is not None:
-            v_LT = v_LT.masked_fill(self.pad_T, 0.0)
+        if (
+            self.pad_T is not None
+        ):  # keeps the values' layout (masked_fill's copy would not: another sum order)
+            v_LT = torch.where(self.pad_T, 0.0, v_LT)
         return v_LT.sum(-1) / self.count
 
     def per_assignment(self, shape_LTK: torch.Size, device: torch.device) -> torch.Tensor:

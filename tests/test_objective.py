@@ -112,11 +112,13 @@ def test_no_mask_equals_an_all_ones_mask(dense_model, input_ids):
 
 
 @pytest.mark.parametrize("balance", ["local", "global"])
-def test_unpadded_micro_batch_skips_the_mask_with_the_same_values(dense_model, input_ids, balance):
+def test_unpadded_micro_batch_skips_the_mask_with_the_same_values(dense_model, balance):
     """``micro_batch_loss(padded=False)`` (the trainer's call for a batch without padding) gives the objective no
-    mask: every term, flag and gradient equals the masked computation's with the all-ones mask, bit for bit."""
-    cfg = MoEConfig(num_experts=4, top_k=2, layers=[0, 2], entropy_coef=0.1, router_init_std=0.5)
+    mask: every term, flag and gradient equals the masked computation's with the all-ones mask, bit for bit (T
+    large and not a power of two, E=8: sums long enough for another summation order to show)."""
+    cfg = MoEConfig(num_experts=8, top_k=2, layers=[0, 2], entropy_coef=0.1, router_init_std=0.5)
     moe = upcycle(dense_model, cfg).train()
+    input_ids = torch.randint(0, 97, (9, 31), generator=torch.Generator().manual_seed(2))  # T = 279
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
     global_counts = (lambda c: c) if balance == "global" else None
     results = []
@@ -124,7 +126,7 @@ def test_unpadded_micro_batch_skips_the_mask_with_the_same_values(dense_model, i
         moe.zero_grad()
         torch.manual_seed(0)  # the same router noise and dropout draws
         out = moe(input_ids, labels=input_ids, output_router_logits=False)
-        step = MoEStep([0, 2], 4, cfg.loss_coefs(), global_counts, False)
+        step = MoEStep([0, 2], 8, cfg.loss_coefs(), global_counts, False)
         sums = StepSums(2, torch.device("cpu"))
         loss = micro_batch_loss(out, batch, shifted_token_counts(batch), 2.0, step, sums, padded=padded)
         loss.backward()

@@ -936,6 +936,18 @@ def test_gradient_norm_overflows_as_torch_whatever_the_split():
     assert not any_nonfinite([torch.tensor([1e300], dtype=torch.float64), torch.ones(2)])
 
 
+def test_nonfinite_check_sees_complex_and_ignores_integer_tensors():
+    """Complex tensors can hold a NaN/Inf and are checked; integer and bool tensors cannot and are left out (no
+    error for a model's integer buffers)."""
+    from moe_emergence.training.rollback import any_nonfinite
+
+    ints = [torch.arange(4), torch.ones(3, dtype=torch.bool)]
+    assert not any_nonfinite([*ints, torch.ones(2, dtype=torch.complex64)])
+    assert any_nonfinite([*ints, torch.tensor([1 + 0j, complex(float("nan"), 0.0)])])
+    assert any_nonfinite([torch.ones(2), torch.tensor([complex(0.0, float("inf"))])])
+    assert not any_nonfinite(ints)
+
+
 def test_nonfinite_check_skips_empty_shards():
     """FSDP2 gives a process an empty shard of a parameter with fewer rows than processes (experts
     ``[E, ...]`` with E < processes): the check ignores it, and still sees a NaN elsewhere."""
@@ -955,10 +967,11 @@ def test_nonfinite_check_skips_empty_shards():
 )
 @pytest.mark.parametrize("check", ["_nonfinite_in_place", "_nonfinite_by_norm", "any_nonfinite"])
 def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, device):
-    """Both finite checks ``any_nonfinite`` picks from (in place on a GPU, by norm on the CPU), each on the CPU and
-    on a GPU, and ``any_nonfinite`` itself: > 0 exactly when ``torch.isfinite`` finds a NaN/Inf, over mixed float dtypes, transposed and sliced
-    tensors, values up to half each dtype's largest; every value keeps its bits (a NaN stays a NaN) and every
-    tensor its version counter."""
+    """Both finite checks ``any_nonfinite`` picks from (in place on a GPU, by norm elsewhere), each on the CPU and
+    on a GPU, and ``any_nonfinite`` itself: > 0 exactly when ``torch.isfinite`` finds a NaN/Inf, over mixed float
+    dtypes, transposed and sliced tensors, values up to half each dtype's largest, expanded views (elements sharing
+    memory) and complex tensors; every value keeps its bits (a NaN stays a NaN) and every tensor its version
+    counter."""
     from moe_emergence.training import rollback
 
     fn = getattr(rollback, check)
@@ -976,6 +989,9 @@ def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, devic
             flat = int(torch.randint(0, target.numel(), (), generator=g))
             value = [float("nan"), float("inf"), float("-inf")][case % 3 - 1 + (case // 3) % 2]
             target[flat // target.shape[1], flat % target.shape[1]] = value
+        if case % 4 == 1:  # finite extras: an expanded view (a write into it is refused) and a complex tensor
+            tensors.append(torch.full((1,), 3.0, device=device, dtype=tensors[0].dtype).expand(6))
+            tensors.append(torch.randn(3, generator=g, dtype=torch.complex64).to(device))
         before = [(t.clone(), t._version) for t in tensors]
         found = fn(tensors)
         assert found.shape == () and found.dtype == (
@@ -985,6 +1001,8 @@ def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, devic
         assert bool(found > 0) == (not all(bool(torch.isfinite(t).all()) for t in tensors)) == bad, case
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}
         for t, (copy, version) in zip(tensors, before, strict=True):
+            if t.is_complex():
+                t, copy = torch.view_as_real(t), torch.view_as_real(copy)
             as_int, nan = bits[t.element_size()], copy.isnan()
             assert torch.equal(t.isnan(), nan)  # a NaN stays a NaN (bfloat16 on the CPU: its bits may change)
             assert torch.equal(t[~nan].contiguous().view(as_int), copy[~nan].contiguous().view(as_int))

@@ -271,12 +271,10 @@ def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor on device: does any of ``tensors`` (local shards; only floating ones can) hold a
-    NaN/Inf. No host sync; the tensors may sit on several devices (a state loaded on the CPU)."""
-    # no per-tensor detach (a dispatch each): this runs under no_grad
-    local = [
-        x for x in map(local_data, tensors) if x.numel() and x.is_floating_point()
-    ]  # FSDP2: empty shards
+    """A 0-d bool tensor on device: does any of ``tensors`` (local shards; only floating and complex ones can)
+    hold a NaN/Inf. No host sync; the tensors may sit on several devices (a state loaded on the CPU)."""
+    # no per-tensor detach (a dispatch each): this runs under no_grad; FSDP2 may give a process an empty shard
+    local = [x for x in map(local_data, tensors) if x.numel() and (x.is_floating_point() or x.is_complex())]
     if not local:
         return torch.zeros((), dtype=torch.bool)
     device = local[0].device
@@ -285,10 +283,10 @@ def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _count_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """0-d float32 on the tensors' (one) device: > 0 iff one of them holds a NaN/Inf. On a GPU
-    ``_nonfinite_in_place``; on the CPU, where a tensor may be read-only memory (a memory-mapped checkpoint),
-    ``_nonfinite_by_norm``, which writes nothing."""
-    if tensors[0].device.type == "cpu":
+    """0-d float32 on the tensors' (one) device: > 0 iff one of them holds a NaN/Inf. On a CUDA GPU
+    ``_nonfinite_in_place``; elsewhere ``_nonfinite_by_norm``, which writes nothing (on the CPU a tensor may be
+    read-only memory: a memory-mapped checkpoint)."""
+    if tensors[0].device.type != "cuda":
         return _nonfinite_by_norm(tensors)
     return _nonfinite_in_place(tensors)
 
@@ -300,29 +298,33 @@ def _nonfinite_by_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return (~torch.isfinite(peak)).float()
 
 
-# what torch's finite-check kernel tests exactly on a GPU (torch 2.11): it has no bfloat16 version, and it tests
+# the dtypes torch's finite-check kernel tests exactly (torch 2.11): on CUDA it has no bfloat16 version and tests
 # each value as a float32, so a float64 value beyond float32's range would read as inf (found on the H200)
-_CUDA_FINITE_CHECK = (torch.float32, torch.float16)
+_EXACT_DTYPES_CUDA = (torch.float32, torch.float16)
+_EXACT_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _nonfinite_in_place(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch's multi-tensor finite check (``_amp_foreach_non_finite_check_and_unscale_``, the GradScaler's) with
     scale 1: each value is read and written back unchanged (a NaN stays a NaN, its bits may not; no version
     counter moves); one launch per dtype and no tensor per input, where ``_foreach_norm`` allocates one output
-    per tensor (~6 us of host time each on the H200 machine: ~1 ms a step for 152 parameters). On a GPU only
-    float32 and float16 tensors go through that kernel (``_CUDA_FINITE_CHECK``), others through
-    ``_nonfinite_by_norm``."""
+    per tensor (~6 us of host time each on the H200 machine: ~1 ms a step for 152 parameters). Tensors it cannot
+    test exactly (bfloat16 and float64 on CUDA, complex) or write back (an expanded view, whose elements share
+    memory) go through ``_nonfinite_by_norm``. (The trainer calls it on CUDA tensors only; the tests run it on
+    the CPU too.) ``tensors``: one device."""
     found = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
     one = torch.ones((), dtype=torch.float32, device=found.device)
+    exact = _EXACT_DTYPES_CUDA if found.is_cuda else _EXACT_DTYPES_CPU
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for dtype, group in by_dtype.items():  # one dtype a list: the kernel's multi-tensor path
-        if found.is_cuda and dtype not in _CUDA_FINITE_CHECK:
-            found = found + _nonfinite_by_norm(group)
+    rest = []
+    for t in tensors:  # a contiguous tensor never overlaps itself: the overlap test only for the others
+        if t.dtype in exact and (t.is_contiguous() or torch._debug_has_internal_overlap(t) != 1):
+            by_dtype.setdefault(t.dtype, []).append(t)
         else:
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
-    return found
+            rest.append(t)
+    for group in by_dtype.values():  # one dtype a list: the kernel's multi-tensor path
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+    return found + _nonfinite_by_norm(rest) if rest else found
 
 
 class VerifiedState:
