@@ -970,7 +970,7 @@ def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, devic
     """Both finite checks ``any_nonfinite`` picks from (in place on a GPU, by norm elsewhere), each on the CPU and
     on a GPU, and ``any_nonfinite`` itself: > 0 exactly when ``torch.isfinite`` finds a NaN/Inf, over mixed float
     dtypes, transposed and sliced tensors, values up to half each dtype's largest, expanded views (elements sharing
-    memory) and complex tensors; every value keeps its bits (a NaN stays a NaN) and every tensor its version
+    memory), complex tensors and a lazily negated view; every value keeps its bits (a NaN stays a NaN) and every tensor its version
     counter."""
     from moe_emergence.training import rollback
 
@@ -992,6 +992,7 @@ def test_nonfinite_checks_agree_with_isfinite_and_write_nothing_new(check, devic
         if case % 4 == 1:  # finite extras: an expanded view (a write into it is refused) and a complex tensor
             tensors.append(torch.full((1,), 3.0, device=device, dtype=tensors[0].dtype).expand(6))
             tensors.append(torch.randn(3, generator=g, dtype=torch.complex64).to(device))
+            tensors.append(tensors[-1].conj().imag)  # a lazily negated float32 view: no write into it
         before = [(t.clone(), t._version) for t in tensors]
         found = fn(tensors)
         assert found.shape == () and found.dtype == (

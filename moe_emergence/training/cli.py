@@ -35,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'auto' (newest intact checkpoint of the run folder, or from scratch) or a checkpoint folder",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.moe.top_k=2")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.steps=500 model.moe.top_k=2 (an MoE config)",
+    )
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 

@@ -293,7 +293,8 @@ def _count_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _nonfinite_by_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The largest |x| of each tensor (``_foreach_norm(inf)``: inf and NaN propagate, large values do not), their
-    maximum not finite (mixed dtypes promote: no cast to a narrower one). One output tensor per input."""
+    maximum not finite (mixed dtypes promote: no cast to a narrower one). One output tensor per input; writes
+    nothing. ``tensors``: a non-empty list of non-empty floating or complex tensors on one device."""
     peak = torch.stack(torch._foreach_norm(tensors, float("inf"))).max()
     return (~torch.isfinite(peak)).float()
 
@@ -309,16 +310,21 @@ def _nonfinite_in_place(tensors: list[torch.Tensor]) -> torch.Tensor:
     scale 1: each value is read and written back unchanged (a NaN stays a NaN, its bits may not; no version
     counter moves); one launch per dtype and no tensor per input, where ``_foreach_norm`` allocates one output
     per tensor (~6 us of host time each on the H200 machine: ~1 ms a step for 152 parameters). Tensors it cannot
-    test exactly (bfloat16 and float64 on CUDA, complex) or write back (an expanded view, whose elements share
-    memory) go through ``_nonfinite_by_norm``. (The trainer calls it on CUDA tensors only; the tests run it on
-    the CPU too.) ``tensors``: one device."""
+    test exactly (bfloat16 and float64 on CUDA, complex) or write back (an expanded view, whose elements surely
+    share memory; a lazily negated view) go through ``_nonfinite_by_norm``. ``tensors``: a non-empty list of
+    non-empty floating or complex tensors on one device, in writable memory (``_count_nonfinite`` calls it on CUDA
+    only; the tests run it on the CPU too)."""
     found = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
     one = torch.ones((), dtype=torch.float32, device=found.device)
     exact = _EXACT_DTYPES_CUDA if found.is_cuda else _EXACT_DTYPES_CPU
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     rest = []
     for t in tensors:  # a contiguous tensor never overlaps itself: the overlap test only for the others
-        if t.dtype in exact and (t.is_contiguous() or torch._debug_has_internal_overlap(t) != 1):
+        if (
+            t.dtype in exact
+            and not t.is_neg()
+            and (t.is_contiguous() or torch._debug_has_internal_overlap(t) != 1)
+        ):
             by_dtype.setdefault(t.dtype, []).append(t)
         else:
             rest.append(t)
