@@ -32,14 +32,14 @@ from moe_emergence.token_mask import as_token_mask
 class TokenWeights:
     """Which of a forward's T tokens count, worked out once and shared by every masked mean and count of it.
 
-    ``pad_T``: ``[T]`` bool, True for padding, or None (every token real: no mask, so no masking op at all);
-    ``count``: the number of real tokens, at least 1 (a 0-d tensor on the mask's device), so that a batch with
-    no real token gives 0, not NaN. A mask of all ones and no mask give the same values bit for bit (the same
-    ops on the values, a division by a device tensor either way: CUDA divides by a Python number as a
+    ``real_T``: ``[T]`` bool, True for a real token, or None (every token real: no mask, so no masking op at
+    all); ``count``: the number of real tokens, at least 1 (a 0-d tensor on the mask's device), so that a batch
+    with no real token gives 0, not NaN. A mask of all ones and no mask give the same values bit for bit (the
+    same ops on the values, a division by a device tensor either way: CUDA divides by a Python number as a
     multiplication by its reciprocal, which may differ in the last bit).
     """
 
-    pad_T: torch.Tensor | None
+    real_T: torch.Tensor | None
     count: torch.Tensor
 
     @classmethod
@@ -50,24 +50,23 @@ class TokenWeights:
         if real_T is None:
             return cls(None, torch.full((), max(num_tokens, 1), dtype=torch.float32, device=device))
         real_T = real_T.to(device)
-        return cls(~real_T, real_T.sum().clamp_min(1))
+        return cls(real_T, real_T.sum().clamp_min(1))
 
     def mean(self, values_LT: torch.Tensor) -> torch.Tensor:
         """``sum_t real_t v_t / max(1, sum_t real_t)`` over the last dimension of ``values`` (``[T]`` or
         ``[..., T]``, float32): one mean per leading index; padding never counts, even if non-finite."""
         v_LT = values_LT.float()
-        if (
-            self.pad_T is not None
-        ):  # keeps the values' layout (masked_fill's copy would not: another sum order)
-            v_LT = torch.where(self.pad_T, 0.0, v_LT)
+        # torch.where keeps the values' layout (masked_fill's copy would not: another summation order)
+        if self.real_T is not None:
+            v_LT = torch.where(self.real_T, v_LT, 0.0)
         return v_LT.sum(-1) / self.count
 
-    def per_assignment(self, shape_LTK: torch.Size, device: torch.device) -> torch.Tensor:
+    def per_assignment(self, shape_LTK: torch.Size) -> torch.Tensor:
         """Float32 weights of the routing assignments ``[..., T, K]``: 1 for a real token's, 0 for padding's
         (an expanded view, no copy)."""
-        if self.pad_T is None:
-            return torch.ones((), device=device).expand(shape_LTK)
-        return (~self.pad_T).float()[:, None].expand(shape_LTK)
+        if self.real_T is None:
+            return torch.ones((), device=self.count.device).expand(shape_LTK)
+        return self.real_T.float()[:, None].expand(shape_LTK)
 
 
 def tokens_per_expert(
@@ -95,7 +94,7 @@ def _tokens_per_expert(
 ) -> torch.Tensor:
     *lead, T, K = topk_indices_TK.shape
     device = topk_indices_TK.device
-    w_TK = tokens.per_assignment(topk_indices_TK.shape, device)
+    w_TK = tokens.per_assignment(topk_indices_TK.shape)
     if assignment_mask_TK is not None:
         if assignment_mask_TK.shape != topk_indices_TK.shape:
             raise ValueError(

@@ -160,7 +160,7 @@ class Snapshot:
         self.saved: dict[tuple, torch.Tensor] | None = None
         self._groups: list[list[tuple]] = []  # per flat buffer: the keys it holds
         self._objects: list = []
-        self._layout: list = []
+        self._layout: tuple[list, list] = ([], [])  # _state_objects: addresses, sizes
         self._live: dict[tuple, torch.Tensor] | None = None
         # (views, live) lists for _foreach_copy_: one or two a buffer (_copy_lists)
         self._copies: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []

@@ -219,10 +219,8 @@ def clip_grad_norm_(
     if not sharded and not plain:
         return torch.zeros(())
     device = (sharded or plain)[0].device
-    plain_groups, sharded_groups = (
-        by_device(plain),
-        by_device(sharded),
-    )  # grouped once: the norm and the scaling
+    plain_groups = by_device(plain)  # grouped once: for the norm and the scaling
+    sharded_groups = by_device(sharded)
     parts = [_norm(plain_groups, device)] if plain else []
     if sharded:  # this process's shards: their squares summed over the processes, in float64
         part = _norm(sharded_groups, device)
