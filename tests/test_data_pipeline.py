@@ -2,6 +2,7 @@ import re
 import shutil
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from moe_emergence.data import build_corpus, collate_blocks, load_corpus, load_d
 from moe_emergence.data import corpus as corpus_mod
 from moe_emergence.data.corpus import SPLITS
 from moe_emergence.data.pipeline import mix_targets, split_documents
+from moe_emergence.training.sampler import rows_of
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +245,27 @@ def test_collate_blocks(built):
     loader = torch.utils.data.DataLoader(corpus.train, batch_size=8, collate_fn=collate_blocks)
     assert next(iter(loader))["input_ids"].shape == (8, 32)
     assert collate_blocks(corpus.eval[:3])["input_ids"].shape == (3, 32)
-    idx = list(range(len(corpus.eval)))[-4:]  # numpy columns (the trainer's rows_of) give the same tensors
+    idx = list(range(len(corpus.eval)))[-4:]  # numpy columns and the trainer's rows_of give the same tensors
     columns = collate_blocks(corpus.eval.with_format("numpy")[idx])
     assert all(torch.equal(columns[k], batch[k]) and columns[k].dtype == torch.long for k in batch)
+    taken = rows_of(corpus.eval.with_format("arrow"), idx)
+    assert all(v.shape == (4, 32) and v.flags.writeable for v in taken.values())
+    assert all(torch.equal(v, batch[k]) and v.dtype == torch.long for k, v in collate_blocks(taken).items())
+    shuffled = list(reversed(range(len(corpus.train))))[:5]  # any order, any split
+    numpy_rows = corpus.train.with_format("numpy")[shuffled]
+    assert all(
+        np.array_equal(v, numpy_rows[k])
+        for k, v in rows_of(corpus.train.with_format("arrow"), shuffled).items()
+    )
+    with pytest.raises(TypeError, match="arrow format"):
+        rows_of(corpus.eval.with_format("numpy"), idx)
+    for ragged_ids, message in (
+        ([[1, 2], [3]], "rows of lengths 1 to 2"),
+        ([[1, 2], None], "1 of the 2 rows missing"),
+    ):
+        ragged_set = datasets.Dataset.from_dict({"input_ids": ragged_ids}).with_format("arrow")
+        with pytest.raises(ValueError, match=f"column 'input_ids': {message}"):
+            rows_of(ragged_set, [0, 1])
     as_arrays = collate_blocks([corpus.eval.with_format("numpy")[i] for i in idx])  # rows of numpy arrays
     assert all(torch.equal(as_arrays[k], batch[k]) for k in batch)
     ragged = [dict(r) for r in rows[:2]]

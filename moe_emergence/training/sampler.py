@@ -9,6 +9,9 @@ process ``(r // batch_size) % num_processes``, so the same step sees the same ro
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 
@@ -65,7 +68,31 @@ class BlockSampler:
         self.epoch, self.offset, self.seed = state["epoch"], state["offset"], state["seed"]
 
 
-def rows_of(dataset, indices: list[int]) -> dict:
-    """Rows ``indices`` of a ``datasets.Dataset`` as columns (for ``collate_blocks``): ``[B, S]`` numpy arrays
-    when ``dataset`` has numpy format (``dataset.with_format("numpy")``, made once: the call costs ~0.8 ms)."""
-    return dataset[indices]
+def rows_of(dataset, indices: list[int]) -> dict[str, np.ndarray]:
+    """Rows ``indices`` of a ``datasets.Dataset`` of packed blocks as ``[B, S]`` numpy columns (for
+    ``collate_blocks``), B = ``len(indices)``. ``dataset`` in arrow format (``dataset.with_format("arrow")``,
+    made once): its gather is one pyarrow ``take`` and each column one flat copy, ~0.1 ms for 8 blocks of 512
+    tokens against ~0.25 ms through the numpy format, which builds an array per row (2-core CPU, 2026-12-04;
+    ~1.2 ms a step on the H200 machine's host). Raises TypeError for a dataset in another format and
+    ValueError naming a column whose rows are missing or differ in length."""
+    table = dataset[indices]
+    if not isinstance(table, pa.Table):
+        raise TypeError(
+            f"rows_of: a dataset in arrow format (with_format('arrow')), not {type(table).__name__}"
+        )
+    return {name: _blocks(table.column(name), len(indices), name) for name in table.column_names}
+
+
+def _blocks(column: pa.ChunkedArray, rows: int, name: str) -> np.ndarray:
+    """A list column of ``rows`` rows as a ``[rows, S]`` numpy array (a copy: writable)."""
+    lengths = pc.min_max(pc.list_value_length(column)).as_py()
+    flat = pc.list_flatten(column)
+    if rows == 0:
+        return np.zeros((0, 0), dtype=flat.type.to_pandas_dtype())
+    if column.null_count:
+        raise ValueError(f"column {name!r}: {column.null_count} of the {rows} rows missing (null)")
+    if lengths["min"] != lengths["max"]:
+        raise ValueError(
+            f"column {name!r}: rows of lengths {lengths['min']} to {lengths['max']}; packed blocks all have one length"
+        )
+    return flat.to_numpy().reshape(rows, lengths["max"]).copy()

@@ -107,7 +107,7 @@ class Trainer:
                     tokenizer_dir=None if tok_dir.exists() else tok_dir,  # a resumed run keeps its own
                 )
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
-        self.train_rows = corpus.train.with_format("numpy")  # rows_of: [B, S] arrays, not Python lists
+        self.train_rows = corpus.train.with_format("arrow")  # rows_of: one take a batch, no row by row
         self.domains = list(corpus.domains)
         e = cfg.eval
         self.eval_sets = {s: eval_blocks(corpus.split(s), s, e.max_blocks, cfg.data.seed) for s in e.splits}
@@ -329,7 +329,7 @@ class Trainer:
         blocks' fingerprint (``<split>/blocks_fingerprint``)."""
         e, acc = self.cfg.eval, self.accelerator
         blocks = self.eval_sets[split or e.split]
-        data = self.corpus.split(blocks.split).with_format("numpy")
+        data = self.corpus.split(blocks.split).with_format("arrow")
         passes = shard_batches(
             blocks.rows, e.batch_size or self.cfg.train.batch_size, acc.process_index, acc.num_processes
         )
