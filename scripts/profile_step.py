@@ -23,8 +23,9 @@ synchronised before and after, so these runs' walls are not comparable with plai
 ``--steps`` steps N times in a row in the same process: ``wall_ms`` is their median, ``wall_ms_windows`` each.
 
 Under the profiler the record also holds ``host_<phase>_ms``: the host (CPU) time per step spent inside each
-phase of ``Trainer.train_step`` (``forward``, ``loss``, ``backward``, ``clip_grad_norm``, ``nonfinite``,
-``reduce_sum``, ``snapshot``, ``optimizer``, ``zero_grad``; this script wraps those calls in
+phase of ``Trainer.train_step`` (``rows``: reading the step's rows, ``collate``, ``to_device``: the batch's
+copies, ``forward``, ``loss``, ``backward``, ``walk``: listing the parameters, ``clip_grad_norm``, ``nonfinite``,
+``guard_vector``, ``reduce_sum``, ``snapshot``, ``optimizer``, ``zero_grad``; this script wraps those calls in
 ``torch.profiler.record_function``, the trainer is unchanged; times are inclusive and may nest, e.g.
 ``reduce_sum`` also runs inside ``clip_grad_norm``, so do not add them up) and in FSDP2's own ranges (``FSDP::...``);
 ``--top N`` prints each process's N operators with the most host (self CPU) time.
@@ -244,6 +245,11 @@ def _annotated_phases(trainer, scope):
         (trainer.optimizer, "zero_grad", "zero_grad"),
         (trainer_module, "micro_batch_loss", "loss"),
         (trainer_module, "any_nonfinite", "nonfinite"),
+        (trainer_module, "rows_of", "rows"),
+        (trainer, "collate", "collate"),
+        (trainer_module, "batch_to_device", "to_device"),
+        (trainer_module, "params_and_buffers", "walk"),
+        (trainer_module, "step_flags", "guard_vector"),
     )
     with contextlib.ExitStack() as patches:
         for obj, attr, name in calls:
