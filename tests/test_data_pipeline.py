@@ -13,7 +13,7 @@ from moe_emergence.data import build_corpus, collate_blocks, load_corpus, load_d
 from moe_emergence.data import corpus as corpus_mod
 from moe_emergence.data.corpus import SPLITS
 from moe_emergence.data.pipeline import mix_targets, split_documents
-from moe_emergence.training.sampler import rows_of
+from moe_emergence.training.sampler import block_rows, rows_of
 
 
 @pytest.fixture(scope="module")
@@ -248,24 +248,6 @@ def test_collate_blocks(built):
     idx = list(range(len(corpus.eval)))[-4:]  # numpy columns and the trainer's rows_of give the same tensors
     columns = collate_blocks(corpus.eval.with_format("numpy")[idx])
     assert all(torch.equal(columns[k], batch[k]) and columns[k].dtype == torch.long for k in batch)
-    taken = rows_of(corpus.eval.with_format("arrow"), idx)
-    assert all(v.shape == (4, 32) and v.flags.writeable for v in taken.values())
-    assert all(torch.equal(v, batch[k]) and v.dtype == torch.long for k, v in collate_blocks(taken).items())
-    shuffled = list(reversed(range(len(corpus.train))))[:5]  # any order, any split
-    numpy_rows = corpus.train.with_format("numpy")[shuffled]
-    assert all(
-        np.array_equal(v, numpy_rows[k])
-        for k, v in rows_of(corpus.train.with_format("arrow"), shuffled).items()
-    )
-    with pytest.raises(TypeError, match="arrow format"):
-        rows_of(corpus.eval.with_format("numpy"), idx)
-    for ragged_ids, message in (
-        ([[1, 2], [3]], "rows of lengths 1 to 2"),
-        ([[1, 2], None], "1 of the 2 rows missing"),
-    ):
-        ragged_set = datasets.Dataset.from_dict({"input_ids": ragged_ids}).with_format("arrow")
-        with pytest.raises(ValueError, match=f"column 'input_ids': {message}"):
-            rows_of(ragged_set, [0, 1])
     as_arrays = collate_blocks([corpus.eval.with_format("numpy")[i] for i in idx])  # rows of numpy arrays
     assert all(torch.equal(as_arrays[k], batch[k]) for k in batch)
     ragged = [dict(r) for r in rows[:2]]
@@ -291,3 +273,38 @@ def test_collate_blocks(built):
                 "domain_ids": np.zeros((3, 6), int),
             }
         )
+
+
+def test_rows_of_reads_the_block_columns_as_the_numpy_format_does(built):
+    """The trainer's ``rows_of`` (arrow format, ``block_rows``) gives the numpy format's rows, in any order and
+    through ``collate_blocks`` the same tensors; columns beyond the blocks' are left out; a missing block column,
+    another format and rows that are not whole lists of integers of one length are refused, naming the column."""
+    corpus = built[1]
+    for split, idx in ((corpus.eval, [len(corpus.eval) - 1, 0, 2, 0]), (corpus.train, [5, 1, 3])):
+        taken = rows_of(block_rows(split), idx)
+        numpy_rows = split.with_format("numpy")[idx]
+        assert set(taken) == {"input_ids", "attention_mask", "domain_ids"}
+        assert all(v.shape == (len(idx), 32) and v.flags.writeable for v in taken.values())
+        assert all(np.array_equal(v, numpy_rows[k]) for k, v in taken.items())
+        expected = collate_blocks(numpy_rows)
+        assert all(torch.equal(v, expected[k]) for k, v in collate_blocks(taken).items())
+    assert all(v.shape == (0, 0) for v in rows_of(block_rows(corpus.eval), []).values())
+    extra = corpus.eval.add_column("n_tokens", [0] * len(corpus.eval))  # a user's corpus with more columns
+    extra = extra.add_column("ragged", [[1] * (i % 3) for i in range(len(extra))])
+    assert set(rows_of(block_rows(extra), [0, 1])) == {"input_ids", "attention_mask", "domain_ids"}
+    with pytest.raises(ValueError, match=r"no \['domain_ids'\] column"):
+        block_rows(corpus.eval.remove_columns("domain_ids"))
+    with pytest.raises(TypeError, match="arrow format"):
+        rows_of(corpus.eval.with_format("numpy"), [0])
+    for values, message in (
+        ([[1, 2], [3]], "rows of lengths 1 to 2"),
+        ([[1, 2], None], "1 of the 2 rows missing"),
+        ([[1, None], [3, 4]], r"1 missing \(null\) values"),
+        ([[[1], [2]], [[3], [4]]], "not of integers"),
+        ([[0.5, 1.0], [2.0, 3.0]], "not of integers"),
+        (["ab", "cd"], "not rows of token ids"),
+        ([1, 2], "not rows of token ids"),
+    ):
+        data = datasets.Dataset.from_dict({"input_ids": values}).with_format("arrow")
+        with pytest.raises(ValueError, match=f"column 'input_ids'.*{message}"):
+            rows_of(data, [0, 1])

@@ -34,7 +34,7 @@ from moe_emergence.training.loop import RunLoop, Stop, TrainResult
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
 from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, params_and_buffers
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
-from moe_emergence.training.sampler import BlockSampler, rows_of
+from moe_emergence.training.sampler import BlockSampler, block_rows, rows_of
 from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
     MoEStep,
@@ -107,7 +107,7 @@ class Trainer:
                     tokenizer_dir=None if tok_dir.exists() else tok_dir,  # a resumed run keeps its own
                 )
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
-        self.train_rows = corpus.train.with_format("arrow")  # rows_of: one take a batch, no row by row
+        self.train_rows = block_rows(corpus.train)  # rows_of: one take a batch, no row by row
         self.domains = list(corpus.domains)
         e = cfg.eval
         self.eval_sets = {s: eval_blocks(corpus.split(s), s, e.max_blocks, cfg.data.seed) for s in e.splits}
@@ -329,7 +329,7 @@ class Trainer:
         blocks' fingerprint (``<split>/blocks_fingerprint``)."""
         e, acc = self.cfg.eval, self.accelerator
         blocks = self.eval_sets[split or e.split]
-        data = self.corpus.split(blocks.split).with_format("arrow")
+        data = block_rows(self.corpus.split(blocks.split))
         passes = shard_batches(
             blocks.rows, e.batch_size or self.cfg.train.batch_size, acc.process_index, acc.num_processes
         )
