@@ -477,6 +477,29 @@ def test_spike_rule_closed_form():
     assert off.good
 
 
+def test_guard_vector_decodes_to_each_flag_and_the_lm_loss():
+    """``step_flags`` -> ``StepCheck.decode``: each flag alone, the LM loss as float32 would round it, a float64
+    gradient norm beyond float32's range still finite (widened, never narrowed) and a float32 inf norm not."""
+    from moe_emergence.training.steps import step_flags
+
+    def check(objective=1.0, norm=2.0, signalled=False, params_bad=False, bad=((False, False),)):
+        totals = torch.tensor([2.345678901234, 0.0, 0.0, 0.0, objective], dtype=torch.float64)
+        norm = norm if isinstance(norm, torch.Tensor) else torch.tensor(norm)
+        flags = step_flags(totals, norm, signalled, torch.tensor(params_bad), torch.tensor(bad))
+        assert flags.dtype == torch.float32
+        return StepCheck.decode(flags.tolist(), [7] * len(bad))
+
+    good = check()
+    assert good.finite and good.lm == torch.tensor(2.345678901234).item() and not good.signal
+    assert check(objective=float("nan")).loss_bad and check(objective=float("-inf")).loss_bad
+    assert check(norm=torch.tensor(float("inf"))).grad_bad and check(norm=torch.tensor(float("nan"))).grad_bad
+    assert not check(norm=torch.tensor(1e300, dtype=torch.float64)).grad_bad
+    assert check(signalled=True).signal and check(signalled=True).finite
+    assert check(params_bad=True).params_bad
+    assert check(bad=((False, False), (False, True))).bad_layers == [(7, "aux loss")]
+    assert check(bad=((True, True),)).bad_layers == [(7, "router logits")]
+
+
 def test_snapshot_restores_weights_and_optimizer_exactly():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
