@@ -202,6 +202,38 @@ def test_trainer_step_computes_each_term_once_per_micro_batch(tmp_path, monkeypa
     assert calls == {"_load_balance_loss": 4, "_z_loss": 4, "mean": 12}  # mean: P_i, z, entropy
 
 
+def test_trainer_hands_each_micro_batch_its_own_token_counts(tmp_path, monkeypatch):
+    """The trainer copies the step's and each micro-batch's ``shifted_token_counts`` (from the CPU copies) to the
+    device at once; each micro-batch's loss gets its own, equal to the counts of the batch it is given, and the
+    step's are their sum."""
+    from moe_emergence.training import steps
+    from moe_emergence.training import trainer as trainer_module
+    from moe_emergence.training.config import config_from_dict
+    from moe_emergence.training.trainer import Trainer
+
+    overrides = [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "log.run_name=counts"]
+    overrides += ["train.steps=4", "train.grad_accum=3", "model.upcycle_at_step=0"]
+    trainer = Trainer(config_from_dict(TINY, overrides))
+    seen = []
+
+    def recording(out, batch, n_step, *args, **kwargs):
+        counts = args[5] if len(args) > 5 else kwargs["counts"]
+        seen.append((counts.clone(), steps.shifted_token_counts(batch), n_step.clone()))
+        return steps.micro_batch_loss(out, batch, n_step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "micro_batch_loss", recording)
+    try:
+        trainer.upcycle_if_due()
+        trainer.train_step(None)
+    finally:
+        trainer.folder.release()
+    assert len(seen) == 3
+    for given, actual, _ in seen:
+        assert torch.equal(given, actual)
+    total = sum(actual for _, actual, _ in seen)
+    assert all(torch.equal(n_step, total.clamp_min(1)) for _, _, n_step in seen)
+
+
 def test_no_split_modules_name_only_classes_the_model_has(dense_model):
     """accelerate's FSDP wraps every class named in ``_no_split_modules`` and refuses a name it cannot find."""
     from accelerate.utils.dataclasses import get_module_class_from_name

@@ -132,13 +132,16 @@ def micro_batch_loss(
     sums: StepSums,
     routing=None,
     padded: bool = True,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss to back-propagate for one micro-batch after its forward ``out`` (module docstring): its
     objective with its ``Shares`` of the step (``n_step``: the step's [predicted, real] token counts),
     times ``scale`` = micro-batches * processes. Adds its terms, flags, telemetry and tokens_per_expert to ``sums``
     (and ``routing``, a ``LayerRoutingStats``, when given). ``padded`` False (``has_padding`` of the batch's CPU
-    copy) says every token is real: the objective then skips its masking ops (the same values)."""
-    c = shifted_token_counts(batch)
+    copy) says every token is real: the objective then skips its masking ops (the same values). ``counts``: the
+    batch's ``shifted_token_counts`` on its device when the caller has them (the trainer: from the CPU copy, in
+    the step's one copy), else worked out here."""
+    c = shifted_token_counts(batch) if counts is None else counts
     lm = torch.where(c[0] > 0, out.loss.float(), 0.0)  # an all-padding micro-batch: 0, not NaN
     share_lm, share_tokens = (c / n_step).float().unbind()
     if moe is None:

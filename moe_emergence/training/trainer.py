@@ -218,12 +218,15 @@ class Trainer:
         acc, device = self.accelerator, self.accelerator.device
         scale = self.cfg.train.grad_accum * acc.num_processes
         batches = [self.collate(rows_of(self.train_rows, rows)) for rows in self.sampler.next_step()]
-        counts = self.reduce_sum(to_device(sum(shifted_token_counts(b) for b in batches), device))
+        per_batch = [shifted_token_counts(b) for b in batches]  # on the CPU copies
+        # one copy to the device: the step's counts, then each micro-batch's
+        counts_all = to_device(torch.stack([sum(per_batch), *per_batch]), device)
+        counts = self.reduce_sum(counts_all[0])
         n_step = counts.clamp_min(1)
         moe = self._moe_step() if self.moe else None
         sums = StepSums(len(moe.layers) if moe else 0, device)
         kw = {"output_router_logits": False} if moe else {}  # the objective is computed below, once
-        for batch in batches:
+        for m, batch in enumerate(batches):
             padded = has_padding(batch)  # read on the CPU copy
             batch = batch_to_device(batch, device)
             with acc.accumulate(self.model):
@@ -234,7 +237,10 @@ class Trainer:
                     labels=batch["labels"],
                     **kw,
                 )
-                acc.backward(micro_batch_loss(out, batch, n_step, scale, moe, sums, routing, padded))
+                loss = micro_batch_loss(
+                    out, batch, n_step, scale, moe, sums, routing, padded, counts_all[m + 1]
+                )
+                acc.backward(loss)
         return self._finish_step(moe, sums, counts[1], signals)
 
     def _moe_step(self) -> MoEStep:
