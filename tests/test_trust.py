@@ -485,7 +485,9 @@ def test_guard_vector_decodes_to_each_flag_and_the_lm_loss():
     def check(objective=1.0, norm=2.0, signalled=False, params_bad=False, bad=((False, False),)):
         totals = torch.tensor([2.345678901234, 0.0, 0.0, 0.0, objective], dtype=torch.float64)
         norm = norm if isinstance(norm, torch.Tensor) else torch.tensor(norm)
-        flags = step_flags(totals, norm, signalled, torch.tensor(params_bad), torch.tensor(bad))
+        flags = step_flags(
+            totals, norm, signalled, torch.tensor(params_bad), torch.tensor(bad, dtype=torch.bool)
+        )
         assert flags.dtype == torch.float32
         return StepCheck.decode(flags.tolist(), [7] * len(bad))
 
@@ -494,8 +496,11 @@ def test_guard_vector_decodes_to_each_flag_and_the_lm_loss():
     assert check(objective=float("nan")).loss_bad and check(objective=float("-inf")).loss_bad
     assert check(norm=torch.tensor(float("inf"))).grad_bad and check(norm=torch.tensor(float("nan"))).grad_bad
     assert not check(norm=torch.tensor(1e300, dtype=torch.float64)).grad_bad
+    assert check(norm=torch.tensor([float("inf")])).grad_bad  # a one-element norm of another shape too
     assert check(signalled=True).signal and check(signalled=True).finite
-    assert check(params_bad=True).params_bad
+    assert (
+        check(params_bad=True).params_bad and check(params_bad=1.0).params_bad
+    )  # a float flag: still float32
     assert check(bad=((False, False), (False, True))).bad_layers == [(7, "aux loss")]
     assert check(bad=((True, True),)).bad_layers == [(7, "router logits")]
 

@@ -262,14 +262,14 @@ def step_flags(
     (``totals[4]``: a term whose coefficient is 0 and that is left out, e.g. the entropy, does not count),
     non-finite gradient norm, a stop signal, non-finite parameters, the per-layer flags, then this process's
     share of the LM loss (summed: the step's LM loss). One finite test for the objective and the norm (widened
-    to float64, exactly) and one concatenation (bool flags promoted): 14 dispatched ops where one per piece took 23."""
+    to float64, exactly) and one concatenation (bool flags promoted): 15 dispatched ops where one per piece took 23."""
     device = totals.device
-    objective_and_norm = torch.stack([totals[4], grad_norm.to(device, torch.float64)])
+    objective_and_norm = torch.stack([totals[4], grad_norm.to(device, torch.float64).reshape(())])
     return torch.cat(
         [
             objective_and_norm.isfinite().logical_not(),
             torch.full((1,), signalled, device=device),  # a fill: no copy from the host
-            params_bad.to(device).reshape(1),
+            params_bad.to(device, torch.bool).reshape(1),
             bad_L2.reshape(-1),
             totals[:1].float(),
         ]
