@@ -156,7 +156,7 @@ def _measure(
     times or None), walls in ms per step; with ``--host-phases`` the phases' host seconds are summed into
     ``host``. ``refreeze``: ``loop.long_lived_frozen``'s, called after the warm-up (and its upcycle), as the
     loop does after an upcycle."""
-    from moe_emergence.training.sampler import rows_of
+    from moe_emergence.data import rows_of
 
     for _ in range(args.warmup):
         trainer.upcycle_if_due()

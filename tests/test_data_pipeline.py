@@ -9,11 +9,10 @@ import torch
 from _data_fixtures import small_config
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from moe_emergence.data import build_corpus, collate_blocks, load_corpus, load_documents
+from moe_emergence.data import block_rows, build_corpus, collate_blocks, load_corpus, load_documents, rows_of
 from moe_emergence.data import corpus as corpus_mod
 from moe_emergence.data.corpus import SPLITS
 from moe_emergence.data.pipeline import mix_targets, split_documents
-from moe_emergence.training.sampler import block_rows, rows_of
 
 
 @pytest.fixture(scope="module")

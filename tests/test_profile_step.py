@@ -80,7 +80,8 @@ def test_host_phases_without_the_profiler(profile_step, tmp_path, cache, capsys)
     assert all(rec[f"host_{p}_ms"] > 0 for p in phases), rec
     disjoint = rec["host_forward_ms"] + rec["host_backward_ms"] + rec["host_optimizer_ms"]
     assert disjoint < max(rec["wall_ms_windows"]), rec
-    from moe_emergence.training import rollback, sampler, steps
+    from moe_emergence.data import rows
+    from moe_emergence.training import rollback, steps
     from moe_emergence.training import trainer as trainer_module
 
     take = rollback.Snapshot.take
@@ -88,7 +89,7 @@ def test_host_phases_without_the_profiler(profile_step, tmp_path, cache, capsys)
     assert profile_step.main(argv) == 0 and rollback.Snapshot.take is take  # its wrapper is gone again
     assert trainer_module.clip_grad_norm_ is steps.clip_grad_norm_  # so are the phases' (a later run here)
     assert trainer_module.any_nonfinite is rollback.any_nonfinite
-    assert trainer_module.rows_of is sampler.rows_of and trainer_module.step_flags is steps.step_flags
+    assert trainer_module.rows_of is rows.rows_of and trainer_module.step_flags is steps.step_flags
     out.write_text(out.read_text().splitlines()[0] + "\n")
     for bad in (
         ["--host-phases"],

@@ -12,6 +12,7 @@ from moe_emergence.data.config import (
 )
 from moe_emergence.data.corpus import Corpus, build_corpus, collate_blocks, load_corpus
 from moe_emergence.data.mathgen import MathProblem, generate_problems
+from moe_emergence.data.rows import block_rows, rows_of
 from moe_emergence.data.sources import load_documents, split_text
 from moe_emergence.data.tokenizer import train_bpe_tokenizer
 
@@ -20,6 +21,7 @@ __all__ = [
     "DataConfig",
     "MathProblem",
     "SourceConfig",
+    "block_rows",
     "build_corpus",
     "collate_blocks",
     "default_offline_config",
@@ -27,6 +29,7 @@ __all__ = [
     "load_corpus",
     "load_documents",
     "local_study_config",
+    "rows_of",
     "split_text",
     "train_bpe_tokenizer",
 ]

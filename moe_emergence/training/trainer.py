@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
+from moe_emergence.data import block_rows, build_corpus, collate_blocks, rows_of
 from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.telemetry import JsonlSink, LayerRoutingStats, expert_divergence, flat_expert_weights
 from moe_emergence.telemetry import names as keys
@@ -34,7 +35,7 @@ from moe_emergence.training.loop import RunLoop, Stop, TrainResult
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
 from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, params_and_buffers
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
-from moe_emergence.training.sampler import BlockSampler, block_rows, rows_of
+from moe_emergence.training.sampler import BlockSampler
 from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
     MoEStep,
@@ -92,8 +93,6 @@ class Trainer:
         self.tracking.start(acc, cfg, self.run_dir)
 
     def _setup(self, base: model_setup.BaseInfo, resume_meta: dict | None, corpus) -> None:
-        from moe_emergence.data import build_corpus, collate_blocks
-
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
         self.collate = collate_blocks
         set_seed(t.seed)
@@ -238,7 +237,7 @@ class Trainer:
                     **kw,
                 )
                 loss = micro_batch_loss(
-                    out, batch, n_step, scale, moe, sums, routing, padded, counts_all[m + 1]
+                    out, batch, n_step, scale, moe, sums, routing, padded, counts=counts_all[m + 1]
                 )
                 acc.backward(loss)
         return self._finish_step(moe, sums, counts[1], signals)
