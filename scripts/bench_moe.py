@@ -26,6 +26,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import secrets
 import statistics
 import sys
@@ -260,7 +261,7 @@ def check_autotuned() -> None:
 def profile_e2e(compile_mode: str | None = None) -> None:
     """Device-time profiles of 3 training steps (B=8, L=512) of the dense model and of MoE top-1 triton,
     compiled with ``compile_mode`` if given (``--profile-e2e-compile``; "default" shows each kernel, CUDA graphs
-    would hide them)."""
+    would hide them): each model's device time a step by class (``device_ms_by_class``), then its kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     for name, moe in (("dense", None), ("moe top-1 triton", e2e_moe(1, "triton"))):
@@ -278,12 +279,44 @@ def profile_e2e(compile_mode: str | None = None) -> None:
                 train_step(model, opt, ids)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        total_ms = sum(e.self_device_time_total for e in events) / 3e3
+        by_class = device_ms_by_class(events, 3, project_kernel_names())
         print(f"\n## profile: e2e {name} training step x3 (B=8, L=512), compile={compile_mode}: "
-              f"{total_ms:.2f} ms device time per step")  # fmt: skip
+              f"{by_class['all']:.2f} ms device time per step; by class (ms): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in by_class.items() if k != "all"))  # fmt: skip
         print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
         del model, opt
         torch.cuda.empty_cache()
+
+
+# the classes of a training step's device time (``profile_e2e``): a kernel is in the first whose pattern its name
+# matches; this project's Triton kernels by name (``project_kernel_names``), before any pattern
+KERNEL_CLASSES = (
+    ("fused AdamW", re.compile(r"FusedOptimizer|fused_adamw", re.IGNORECASE)),
+    ("cuBLAS", re.compile(r"nvjet|xmma|cublas|cutlass|gemm", re.IGNORECASE)),
+    ("cuDNN attention", re.compile(r"cudnn|fmha|flash", re.IGNORECASE)),
+    ("Inductor", re.compile(r"^triton_(poi|per|red|tem)")),
+)
+
+
+def project_kernel_names() -> frozenset[str]:
+    """The names of this project's Triton kernels, as the profiler shows them (the jit functions' names)."""
+    from moe_emergence.kernels import triton_kernels, triton_routing, triton_rowwise
+
+    kernels = (*triton_kernels.KERNELS, *triton_rowwise.KERNELS, *triton_routing.KERNELS)
+    return frozenset(getattr(k, "fn", k).__name__ for k in kernels)
+
+
+def device_ms_by_class(events, steps: int, ours: frozenset[str]) -> dict[str, float]:
+    """Device time a step (ms) of profiler ``events`` (``key``, ``self_device_time_total`` in us, e.g.
+    ``prof.key_averages()`` of a CUDA-only profile over ``steps`` steps) by ``KERNEL_CLASSES``, this project's
+    kernels (names in ``ours``) as "this project" and the rest as "other"; every class listed, "all" last."""
+    out = {"this project": 0.0, **{name: 0.0 for name, _ in KERNEL_CLASSES}, "other": 0.0}
+    for e in events:
+        cls = "this project" if e.key in ours else None
+        cls = cls or next((name for name, pattern in KERNEL_CLASSES if pattern.search(e.key)), "other")
+        out[cls] += e.self_device_time_total / (1e3 * steps)
+    out["all"] = sum(out.values())
+    return out
 
 
 def _profile(title: str, fwd, leaves, iters: int) -> None:

@@ -830,3 +830,38 @@ def test_write_json_leaves_the_file_or_replaces_it_whole(bp, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".r.json.{os.getpid()}.tmp", "r.json"]
     bm.write_json(str(path), {"new": 2})
     assert json.loads(path.read_text()) == {"new": 2}
+
+
+def test_bench_moe_device_time_by_kernel_class(bp):
+    """``profile_e2e``'s summary: each kernel name (as the profiler shows them on the H200, 2026-12-04) in its class,
+    this project's Triton kernels by name before any pattern, per step; every class listed, "all" their sum."""
+    from types import SimpleNamespace
+
+    bm = sys.modules["bench_moe"]
+    ours = bm.project_kernel_names()
+    assert {"_rows_kernel", "_wgrad_kernel", "_count_kernel", "_place_kernel", "_segsum_kernel"} <= ours
+    names_us = {
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+        "FusedOptimizerTensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor>": 300.0,
+        "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_TNT": 60.0,
+        "sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize32x32x8_stage3": 6.0,
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float>": 3.0,
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": 90.0,
+        "triton_per_fused__to_copy_native_layer_norm_backward_view_5": 30.0,
+        "triton_poi_fused__to_copy_18": 15.0,
+        "_rows_kernel": 120.0,
+        "_count_kernel": 3.0,
+        "void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<c10::BFloat16>>": 9.0,
+    }
+    events = [SimpleNamespace(key=k, self_device_time_total=us) for k, us in names_us.items()]
+    got = bm.device_ms_by_class(events, 3, ours)
+    want = {
+        "this project": 0.041,
+        "fused AdamW": 0.1,
+        "cuBLAS": 0.023,
+        "cuDNN attention": 0.03,
+        "Inductor": 0.015,
+    }
+    want |= {"other": 0.003, "all": sum(names_us.values()) / 3e3}
+    assert list(got) == list(want)
+    assert got == pytest.approx(want)

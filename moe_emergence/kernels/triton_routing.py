@@ -126,11 +126,10 @@ def _routing_fake(indices_TK, weights_TK, num_experts):
     )
 
 
+KERNELS = (_count_kernel, _place_kernel)  # for triton_launch.triton_op
 # an op like the expert ops (``triton_launch.triton_op``: traced into by torch.compile on the GPU, opaque where
 # Inductor replays CUDA graphs)
-_routing_op = triton_op(
-    "moe_emergence::triton_routing", _routing, [_count_kernel, _place_kernel], _routing_fake
-)
+_routing_op = triton_op("moe_emergence::triton_routing", _routing, list(KERNELS), _routing_fake)
 
 
 def triton_routing_meta(
