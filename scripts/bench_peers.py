@@ -39,9 +39,9 @@ JSON (``--json PATH``; issue 20 item 7; read and written by ``scripts/peer_repor
 ``E2E_KEYS`` (``compiled``: false or the torch.compile mode). ``e2e`` is empty unless ``--e2e [MODEL ...]`` asks for
 ``bench_moe.bench_e2e``'s training tokens/s (its model names, e.g. "moe top-1 triton"; none named: all of them),
 measured in this process; ``--compile [MODE ...]`` also measures them compiled with each mode (none named:
-``default``; ``--skip-uncompiled``: compiled only). The file is written once the layer rows are done and again
-after each compile mode's e2e rows (``--e2e-only``: each mode's rows replace that mode's, the other modes' stay
-until theirs are measured);
+``default``; ``--skip-uncompiled``: compiled only), in ``--e2e-rounds`` interleaved rounds (default 3). The file
+is written once the layer rows are done and again after each compile mode's e2e rows (``--e2e-only``: each mode's
+rows replace that mode's, the other modes' stay until theirs are measured);
 ``layer_date`` says when the layer rows were measured. While the layer rows are measured, the report as it would be
 so far is written after each (shape, routing) group to ``PATH`` with ``.partial`` before its suffix (``h200.json``
 -> ``h200.partial.json``), with ``layer_pending``: the groups of this run's ``--shapes`` and ``--routing`` still to
@@ -58,8 +58,8 @@ that fails its check) is refused before any measurement: move the report away to
 when each compile mode's e2e rows were measured (``date``: when the file was written).
 
     python scripts/bench_peers.py [--impls NAME ...] [--shapes gpt2 fine] [--routing balanced zipf]
-        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--skip-uncompiled] [--json PATH]
-        [--e2e-only | --layer-only]
+        [--iters N] [--check-only] [--e2e [MODEL ...]] [--compile [MODE ...]] [--e2e-rounds N] [--skip-uncompiled]
+        [--json PATH] [--e2e-only | --layer-only]
 """
 
 from __future__ import annotations
@@ -294,6 +294,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add_models_option(ap, "--e2e", "*", "also bench_moe's e2e tokens/s")
     add_compile_option(ap, "e2e compiled too, with each MODE (bare: default)")
     ap.add_argument(
+        "--e2e-rounds",
+        type=positive_int,
+        default=None,
+        help="e2e: interleaved rounds of 20 steps each (default 3)",
+    )
+    ap.add_argument(
         "--skip-uncompiled",
         action="store_true",
         help="with --compile: the compiled e2e rows only (--e2e-only: the report's uncompiled rows stay)",
@@ -319,7 +325,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     # --check-only: the check alone, on its own shapes (it takes --impls only); nothing measured, nothing written
     if args.check_only:
         given = given_options(
-            args, "--e2e", "--compile", "--skip-uncompiled", "--json", "--e2e-only", "--layer-only"
+            args,
+            "--e2e",
+            "--compile",
+            "--e2e-rounds",
+            "--skip-uncompiled",
+            "--json",
+            "--e2e-only",
+            "--layer-only",
         )
         given += [o for o in given_layer if o != "--impls"]
         if given:
@@ -332,13 +345,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if not args.e2e_only:
             check_partial_path(args.json)
     if args.layer_only:
-        given = given_options(args, "--e2e", "--compile", "--e2e-only", "--skip-uncompiled")
+        given = given_options(args, "--e2e", "--compile", "--e2e-rounds", "--e2e-only", "--skip-uncompiled")
         if given:
             fail(f"--layer-only measures no e2e rows and writes a report: drop {' '.join(given)}")
         if args.json is None:
             fail("--layer-only needs --json PATH (the report whose e2e rows it keeps)")
     if args.compile is not None and args.e2e is None:
         fail("--compile measures the e2e rows compiled: give --e2e [MODEL ...] too")
+    if args.e2e_rounds is not None and args.e2e is None:
+        fail("--e2e-rounds sets the e2e rows' rounds: give --e2e [MODEL ...] too")
     if args.skip_uncompiled and args.compile is None:
         fail("--skip-uncompiled leaves the compiled e2e rows only: give --compile [MODE ...] too")
     graphed = [m for m in dict.fromkeys(args.e2e or []) if m.endswith("graphed")]
@@ -461,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
             write_report(args.json, gpu, layer, e2e, layer_date, kept_dates=dates.of(e2e))
 
         modes, uncompiled = compile_modes(args.compile), not args.skip_uncompiled
-        e2e_done(bench_e2e(modes, args.e2e or None, done=e2e_done, uncompiled=uncompiled))
+        e2e_done(bench_e2e(modes, args.e2e or None, done=e2e_done, uncompiled=uncompiled, **e2e_rounds(args)))
 
 
 def e2e_only(args) -> None:
@@ -492,7 +507,14 @@ def e2e_only(args) -> None:
             e2e_dates(old | {"e2e": old_rows}) | dates.of(new), old.get("layer_pending"),
         )  # fmt: skip
 
-    done(bench_e2e(modes, args.e2e or None, done=done, uncompiled=not args.skip_uncompiled))
+    done(
+        bench_e2e(modes, args.e2e or None, done=done, uncompiled=not args.skip_uncompiled, **e2e_rounds(args))
+    )
+
+
+def e2e_rounds(args) -> dict:
+    """``bench_e2e``'s ``rounds`` where ``--e2e-rounds`` gave it (else its default)."""
+    return {} if args.e2e_rounds is None else {"rounds": args.e2e_rounds}
 
 
 class ModeDates:

@@ -865,3 +865,28 @@ def test_bench_moe_device_time_by_kernel_class(bp):
     want |= {"other": 0.003, "all": sum(names_us.values()) / 3e3}
     assert list(got) == list(want)
     assert got == pytest.approx(want)
+
+
+def test_e2e_rounds_reach_bench_e2e_and_need_e2e(bp, tmp_path, monkeypatch, capsys):
+    """``--e2e-rounds N``: bench_e2e measures N interleaved rounds (without it, its own default); refused without
+    ``--e2e``, with ``--check-only`` or ``--layer-only`` (no e2e rows there), and below 1, before any measurement."""
+    _fake_gpu(bp, monkeypatch)
+    asked = []
+
+    def fake_e2e(modes, only, done=None, uncompiled=True, **kw):
+        asked.append(kw)
+        return [
+            dict(model="dense", compiled=False, tokens_per_s=5.0, ratio=1.0, rounds=[5.0], e2e_model="gpt2")
+        ]
+
+    monkeypatch.setattr(bp, "bench_e2e", fake_e2e)
+    report = tmp_path / "h200.json"
+    argv = ["--e2e-only", "--e2e", "moe top-1 triton", "--json", str(report)]
+    bp.main([*argv, "--e2e-rounds", "7"])
+    bp.main(argv)
+    assert asked == [{"rounds": 7}, {}]
+    assert "--e2e " in _refused(bp, capsys, "--e2e-rounds", "4")
+    assert "--e2e-rounds" in _refused(bp, capsys, "--check-only", "--e2e-rounds", "4")
+    assert "--e2e-rounds" in _refused(bp, capsys, "--layer-only", "--e2e-rounds", "4", "--json", str(report))
+    assert "--e2e-rounds" in _refused(bp, capsys, *argv, "--e2e-rounds", "0")
+    assert len(asked) == 2
