@@ -297,7 +297,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--e2e-rounds",
         type=positive_int,
         default=None,
-        help="e2e: interleaved rounds of 20 steps each (default 3)",
+        metavar="N",
+        help="with --e2e: interleaved rounds of 20 steps per model (default 3)",
     )
     ap.add_argument(
         "--skip-uncompiled",
