@@ -617,6 +617,18 @@ def add_compile_option(ap: ArgumentParser, help_text: str) -> None:
     )
 
 
+def add_rounds_option(ap: ArgumentParser) -> None:
+    """``--e2e-rounds N`` (``bench_e2e``'s ``rounds``; unset: None, its default 3, so that a caller can tell it was
+    given)."""
+    ap.add_argument(
+        "--e2e-rounds",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with e2e rows: interleaved rounds of 20 steps per model (default 3)",
+    )
+
+
 def add_models_option(ap: ArgumentParser, flag: str, nargs: str, help_text: str) -> None:
     """``flag MODEL ...``: e2e variants by name (``e2e_names``)."""
     ap.add_argument(flag, nargs=nargs, default=None, choices=e2e_names(), metavar="MODEL", help=help_text)
@@ -703,12 +715,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="e2e: the model around the MoE layers (E2E_MODELS: 'scaling' is configs/scaling.yaml's; default gpt2)",
     )
-    ap.add_argument(
-        "--e2e-rounds",
-        type=positive_int,
-        default=None,
-        help="e2e: interleaved rounds of 20 steps per variant (default 3)",
-    )
+    add_rounds_option(ap)
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     args = parse_args(ap, argv)
     if args.json is not None:

@@ -74,6 +74,7 @@ from bench_moe import (
     Measured,
     add_compile_option,
     add_models_option,
+    add_rounds_option,
     bench_e2e,
     check_json_path,
     compile_modes,
@@ -293,13 +294,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--check-only", action="store_true", help="only the correctness check")
     add_models_option(ap, "--e2e", "*", "also bench_moe's e2e tokens/s")
     add_compile_option(ap, "e2e compiled too, with each MODE (bare: default)")
-    ap.add_argument(
-        "--e2e-rounds",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="with --e2e: interleaved rounds of 20 steps per model (default 3)",
-    )
+    add_rounds_option(ap)
     ap.add_argument(
         "--skip-uncompiled",
         action="store_true",
