@@ -31,6 +31,7 @@ from transformers.utils.generic import can_return_tuple
 
 from moe_emergence.config import BACKENDS, MoEConfig
 from moe_emergence.layer import MoEWrapper
+from moe_emergence.lm_head import align_lm_head
 from moe_emergence.losses import LossCoefs, moe_objective
 from moe_emergence.model_card import write_model_card
 from moe_emergence.routing import RouterOutput
@@ -193,6 +194,7 @@ class GPT2MoEForCausalLM(GPT2LMHeadModel):
                 if moe.shared_expert_gate == "learned":
                     layer.reset_shared_gate()
             self.transformer.h[i].mlp = layer
+        align_lm_head(self)  # GPT-2's odd vocabulary: aligned GEMMs for the head (lm_head.py)
         self.post_init()
         # post_init unions the children's lists (GPT2Model's names GPT2Block, which this model no longer has);
         # accelerate's FSDP wraps every class named here and refuses a name it cannot find

@@ -382,6 +382,7 @@ def gpt2_small(moe: dict | None, graphs: str | None = None, kind: str = "gpt2"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
+    from moe_emergence.lm_head import align_lm_head
 
     kw = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, **E2E_MODELS[kind])
     torch.manual_seed(0)
@@ -390,6 +391,7 @@ def gpt2_small(moe: dict | None, graphs: str | None = None, kind: str = "gpt2"):
         dense.loss_type = (
             "ForCausalLM"  # as the trainer does: else transformers' warning breaks the compiled graph
         )
+        align_lm_head(dense)  # as the trainer's dense model and GPT2MoEForCausalLM have it (lm_head.py)
         return dense.cuda()
     model = GPT2MoEForCausalLM(GPT2MoEConfig(**kw, moe=moe))
     with torch.no_grad():  # the stacked expert weights are not initialised by from-config construction

@@ -121,6 +121,7 @@ def test_shipped_configs_build(name):
 def test_dropout_overrides_a_loaded_checkpoint_or_keeps_it(tmp_path, dropout, expected):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from moe_emergence.lm_head import AlignedLMHead
     from moe_emergence.training.model_setup import build_model
 
     GPT2LMHeadModel(
@@ -135,6 +136,7 @@ def test_dropout_overrides_a_loaded_checkpoint_or_keeps_it(tmp_path, dropout, ex
         ],
     )
     model = build_model(cfg, tokenizer=[0] * 64)
+    assert isinstance(model.lm_head, AlignedLMHead) and model.lm_head.weight is model.transformer.wte.weight
     ps = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     assert ps == {expected}
     assert model.config.resid_pdrop == model.config.attn_pdrop == model.config.embd_pdrop == expected

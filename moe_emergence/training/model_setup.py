@@ -19,6 +19,7 @@ from moe_emergence.errors import ConfigError, as_user_error
 from moe_emergence.experts import backend_name
 from moe_emergence.kernels import BACKENDS, unsupported_reason
 from moe_emergence.layer import whole_layer_graph_unsupported
+from moe_emergence.lm_head import align_lm_head
 from moe_emergence.modeling import GPT2MoEForCausalLM
 from moe_emergence.training.config import ModelConfig, RunConfig
 from moe_emergence.upcycle import load_dense_gpt2, upcycle
@@ -264,6 +265,7 @@ def build_model(cfg: RunConfig, tokenizer) -> GPT2LMHeadModel:
     # transformers finds no loss type in the class name GPT2LMHeadModel and warns at every loss call: logged once,
     # but under torch.compile each call is a graph break. It is a causal LM (GPT2MoEForCausalLM's name says so).
     model.loss_type = "ForCausalLM"
+    align_lm_head(model)  # as GPT2MoEForCausalLM's: the dense phase trains on the same aligned head GEMMs
     if m.moe is not None and m.upcycle_at_step == 0:
         model = upcycle(model, m.moe)
     return model

@@ -1,0 +1,87 @@
+"""GPT-2's LM head with its GEMMs on a vocabulary padded to a multiple of 64.
+
+GPT-2's vocabulary has V = 50257 tokens, an odd number: the logits ``[T, V]`` then have a row stride that no
+16-byte vector load can follow, and cuBLAS runs its slow align-1 kernels for the head's three GEMMs (forward,
+and the input and weight gradients). Uncompiled, bf16, on an H200 at B=8, S=512 that is 7.86 ms of a 22.97 ms
+training step of GPT-2 small (docs/benchmarks.md, 2026-12-04). ``AlignedLMHead`` multiplies by the weight
+zero-padded to U rows (U = V rounded up to ``pad_to``) and returns the first V columns of the product, copied
+to a contiguous ``[..., V]`` tensor: the same logits and gradients as ``nn.Linear`` (the padded columns are
+dropped, so their gradient is zero and the weight's gradient is that of its V real rows), through aligned
+kernels. On the CPU (where the padding measured slower: 2 cores, 1024 x 768 x 50257 in float32, 426 against
+270 ms) and under ``torch.compile`` (Inductor pads such GEMMs itself) it is a plain ``nn.Linear``.
+
+The module is an ``nn.Linear`` (same parameters, state-dict keys and initialisation), so transformers ties its
+weight to the input embeddings as it ties GPT-2's; ``align_lm_head`` swaps it into a model. Shapes:
+docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD_TO = (
+    64  # the vocabulary padding of nanoGPT (50304 = 786 * 64) and of Megatron's make-vocab-size-divisible
+)
+
+
+def padded_linear(
+    x_BSD: torch.Tensor, w_VD: torch.Tensor, b_V: torch.Tensor | None, pad_to: int
+) -> torch.Tensor:
+    """``F.linear(x_BSD, w_VD, b_V)`` ``[..., V]`` (contiguous) computed as ``F.linear`` on ``w_VD`` and ``b_V``
+    zero-padded to U rows, the smallest multiple of ``pad_to`` >= V, and the first V output columns kept. Under
+    autocast the weight is cast before it is padded (autocast would cast the padded copy)."""
+    V = w_VD.shape[0]
+    pad = -V % pad_to
+    device = w_VD.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        w_VD, b_V = w_VD.to(dtype), None if b_V is None else b_V.to(dtype)
+    w_UD = F.pad(w_VD, (0, 0, 0, pad))
+    b_U = None if b_V is None else F.pad(b_V, (0, pad))
+    return F.linear(x_BSD, w_UD, b_U)[..., :V].contiguous()
+
+
+class AlignedLMHead(nn.Linear):
+    """``nn.Linear(D, V)`` whose forward multiplies by its weight zero-padded to ``U = ceil(V / pad_to) * pad_to``
+    rows and keeps the first V output columns (module docstring). ``pad_to``: a positive int; with V already a
+    multiple of it the forward is ``nn.Linear``'s. Raises ``ValueError`` for ``pad_to < 1``."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, pad_to: int = PAD_TO, **kw
+    ) -> None:
+        if pad_to < 1:
+            raise ValueError(f"pad_to must be a positive int, got {pad_to}")
+        super().__init__(in_features, out_features, bias=bias, **kw)
+        self.pad_to = pad_to
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """``x_BSD`` ``[..., D]`` -> logits ``[..., V]``, ``x @ weight.T (+ bias)``: ``padded_linear`` on a CUDA
+        device when V is not a multiple of ``pad_to``, else (the CPU, where the padding measured slower, and
+        under ``torch.compile``) ``nn.Linear``'s."""
+        if self.out_features % self.pad_to == 0 or not self.weight.is_cuda or torch.compiler.is_compiling():
+            return super().forward(x_BSD)
+        return padded_linear(x_BSD, self.weight, self.bias, self.pad_to)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pad_to={self.pad_to}"
+
+
+def align_lm_head(model: nn.Module, pad_to: int = PAD_TO) -> None:
+    """Replace ``model.lm_head`` (an ``nn.Linear``) by an ``AlignedLMHead`` holding the same parameter objects
+    (a weight tied to the input embeddings stays tied). A no-op when it already is one. Raises ``TypeError`` for
+    a head that is not exactly an ``nn.Linear``."""
+    head = model.lm_head
+    if isinstance(head, AlignedLMHead):
+        return
+    if type(head) is not nn.Linear:
+        raise TypeError(f"align_lm_head: model.lm_head is a {type(head).__name__}, not an nn.Linear")
+    aligned = AlignedLMHead(
+        head.in_features, head.out_features, bias=head.bias is not None, pad_to=pad_to, device="meta"
+    )
+    aligned.weight = head.weight
+    if head.bias is not None:
+        aligned.bias = head.bias
+    aligned.train(head.training)
+    model.lm_head = aligned
