@@ -4,9 +4,10 @@ only where it is meant to run, and the weight tying and checkpoints of GPT-2 kep
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt2_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
 from moe_emergence.lm_head import AlignedLMHead, align_lm_head, padded_linear
@@ -69,15 +70,49 @@ def test_padded_linear_under_autocast_casts_then_pads():
     assert ops.names.index("_to_copy.default") < ops.names.index("constant_pad_nd.default")
 
 
-def test_the_head_pads_only_on_cuda_and_not_under_compile():
-    head = AlignedLMHead(16, 101, bias=False)
+def test_padded_linear_leaves_float64_alone_under_autocast_and_checks_pad_to():
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(101, 8, dtype=torch.float64)
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):  # autocast never casts float64; neither does the padding
+        y = padded_linear(x, w, None, 64)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-12, atol=1e-12)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"pad_to must be a positive int, got {bad!r}"):
+            padded_linear(x, w, None, bad)
+
+
+def test_the_head_pads_only_on_its_devices():
     x = torch.randn(3, 16)
+    head = AlignedLMHead(
+        16, 101
+    )  # pads on CUDA only: on the CPU nn.Linear's forward (the padding measured slower)
     with OpNames() as ops:
         y = head(x)
-    assert (
-        "constant_pad_nd.default" not in ops.names
-    )  # the CPU: nn.Linear's forward (the padding measured slower)
-    torch.testing.assert_close(y, F.linear(x, head.weight))
+    assert not head.pads() and "constant_pad_nd.default" not in ops.names
+    torch.testing.assert_close(y, F.linear(x, head.weight, head.bias))
+    head.pad_on = ("cpu",)
+    with OpNames() as ops:
+        y = head(x)
+    assert head.pads() and ops.names.count("constant_pad_nd.default") == 2  # weight and bias
+    torch.testing.assert_close(y, F.linear(x, head.weight, head.bias))
+    assert not AlignedLMHead(16, 128, pad_on=("cpu",)).pads()  # V a multiple of pad_to: nothing to pad
+
+
+def test_the_head_does_not_pad_under_compile():
+    head = AlignedLMHead(16, 101, pad_on=("cpu",))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(3, 16)
+    y = torch.compile(head, backend=backend, fullgraph=True)(x)
+    targets = {getattr(n.target, "__name__", str(n.target)) for g in graphs for n in g.graph.nodes}
+    assert graphs and "linear" in targets and "pad" not in targets, targets
+    torch.testing.assert_close(y, F.linear(x, head.weight, head.bias))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -98,8 +133,8 @@ def test_the_head_pads_on_cuda_values_and_gradients_as_linear():
 
 
 def test_align_lm_head_keeps_the_tie_and_the_checkpoint(tmp_path):
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=101, n_positions=32)).eval()
-    keys, ids = set(model.state_dict()), torch.randint(0, 101, (2, 9))
+    model = GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    keys, ids = set(model.state_dict()), torch.randint(0, 97, (2, 9))
     logits = model(input_ids=ids).logits
     align_lm_head(model)
     head = model.lm_head
@@ -114,9 +149,35 @@ def test_align_lm_head_keeps_the_tie_and_the_checkpoint(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, logits)
 
 
+def test_align_lm_head_keeps_bias_mode_and_initialisation(monkeypatch):
+    model = GPT2LMHeadModel(tiny_gpt2_config())
+    head = nn.Linear(24, 97)
+    head._is_hf_initialized = True
+    model.lm_head = head
+    model.eval()
+    align_lm_head(model)
+    assert (
+        model.lm_head.bias is head.bias and model.lm_head.weight is head.weight and not model.lm_head.training
+    )
+    assert model.lm_head._is_hf_initialized
+    # the MoE model swaps its head in before its second post_init: that must draw no new weights
+    import moe_emergence.modeling as modeling
+
+    cfg = GPT2MoEConfig(**tiny_gpt2_config().to_dict(), moe=dict(num_experts=4, top_k=1, layers=[1]))
+    built = []
+    for align in (modeling.align_lm_head, lambda model: None):
+        monkeypatch.setattr(modeling, "align_lm_head", align)
+        torch.manual_seed(0)
+        built.append((GPT2MoEForCausalLM(cfg).state_dict(), torch.get_rng_state()))
+    (aligned, rng_aligned), (plain, rng_plain) = built
+    assert aligned.keys() == plain.keys() and torch.equal(rng_aligned, rng_plain)
+    for k in aligned:
+        assert torch.equal(aligned[k], plain[k]), k
+
+
 def test_align_lm_head_refuses_other_heads_and_pad_to():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=101, n_positions=32))
-    model.lm_head = nn.Sequential(nn.Linear(16, 101))
+    model = GPT2LMHeadModel(tiny_gpt2_config())
+    model.lm_head = nn.Sequential(nn.Linear(24, 97))
     with pytest.raises(TypeError, match="Sequential, not an nn.Linear"):
         align_lm_head(model)
     with pytest.raises(ValueError, match="pad_to must be a positive int, got 0"):
@@ -124,14 +185,7 @@ def test_align_lm_head_refuses_other_heads_and_pad_to():
 
 
 def test_the_moe_model_has_the_aligned_head_tied_after_loading(tmp_path):
-    cfg = GPT2MoEConfig(
-        n_layer=2,
-        n_embd=16,
-        n_head=2,
-        vocab_size=101,
-        n_positions=32,
-        moe=dict(num_experts=4, top_k=1, layers=[1]),
-    )
+    cfg = GPT2MoEConfig(**tiny_gpt2_config().to_dict(), moe=dict(num_experts=4, top_k=1, layers=[1]))
     model = GPT2MoEForCausalLM(cfg)
     assert isinstance(model.lm_head, AlignedLMHead) and model.lm_head.weight is model.transformer.wte.weight
     model.save_pretrained(tmp_path)
