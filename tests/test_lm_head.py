@@ -194,3 +194,21 @@ def test_the_moe_model_has_the_aligned_head_tied_after_loading(tmp_path):
         isinstance(loaded.lm_head, AlignedLMHead) and loaded.lm_head.weight is loaded.transformer.wte.weight
     )
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_generate_on_cuda_with_the_padded_head_matches_nn_linear():
+    cfg = GPT2MoEConfig(**tiny_gpt2_config().to_dict(), moe=dict(num_experts=4, top_k=2, layers=[1]))
+    torch.manual_seed(0)
+    model = GPT2MoEForCausalLM(cfg).cuda().eval()
+    prompt = torch.randint(1, 97, (3, 5), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert model.lm_head.pads()
+    with torch.no_grad():
+        logits = model(input_ids=prompt).logits
+        tokens = model.generate(prompt, **kw)
+        plain = nn.Linear(24, 97, bias=False, device="cuda")
+        plain.weight = model.lm_head.weight
+        model.lm_head = plain
+        torch.testing.assert_close(model(input_ids=prompt).logits, logits)
+        assert torch.equal(model.generate(prompt, **kw), tokens)
