@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD_TO = (
-    64  # the vocabulary padding of nanoGPT (50304 = 786 * 64) and of Megatron's make-vocab-size-divisible
-)
+# the vocabulary padding of nanoGPT (50304 = 786 * 64) and of Megatron's make-vocab-size-divisible
+PAD_TO = 64
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (never float64)
 
 

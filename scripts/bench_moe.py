@@ -388,10 +388,10 @@ def gpt2_small(moe: dict | None, graphs: str | None = None, kind: str = "gpt2"):
     torch.manual_seed(0)
     if moe is None:
         dense = GPT2LMHeadModel(GPT2Config(**kw))
-        dense.loss_type = (
-            "ForCausalLM"  # as the trainer does: else transformers' warning breaks the compiled graph
-        )
-        align_lm_head(dense)  # as the trainer's dense model and GPT2MoEForCausalLM have it (lm_head.py)
+        # as model_setup.build_model does (not imported here: it needs datasets): the loss type (else transformers'
+        # warning breaks the compiled graph) and the aligned LM head GPT2MoEForCausalLM has
+        dense.loss_type = "ForCausalLM"
+        align_lm_head(dense)
         return dense.cuda()
     model = GPT2MoEForCausalLM(GPT2MoEConfig(**kw, moe=moe))
     with torch.no_grad():  # the stacked expert weights are not initialised by from-config construction

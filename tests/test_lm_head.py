@@ -72,9 +72,8 @@ def test_padded_linear_under_autocast_casts_then_pads():
 
 def test_padded_linear_leaves_float64_alone_under_autocast_and_checks_pad_to():
     x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(101, 8, dtype=torch.float64)
-    with torch.autocast(
-        "cpu", dtype=torch.bfloat16
-    ):  # autocast never casts float64; neither does the padding
+    # autocast never casts float64; neither does the padding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         y = padded_linear(x, w, None, 64)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-12, atol=1e-12)
@@ -85,9 +84,8 @@ def test_padded_linear_leaves_float64_alone_under_autocast_and_checks_pad_to():
 
 def test_the_head_pads_only_on_its_devices():
     x = torch.randn(3, 16)
-    head = AlignedLMHead(
-        16, 101
-    )  # pads on CUDA only: on the CPU nn.Linear's forward (the padding measured slower)
+    # pads on CUDA only: on the CPU nn.Linear's forward (the padding measured slower)
+    head = AlignedLMHead(16, 101)
     with OpNames() as ops:
         y = head(x)
     assert not head.pads() and "constant_pad_nd.default" not in ops.names
