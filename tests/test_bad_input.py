@@ -116,6 +116,16 @@ CASES = [
         r"train\.cuda_graphs='layers' cannot run here: the run is on the cpu; use 'auto' or 'none'",
     ),
     Case(
+        "cuda-graphs-model-cpu",
+        ("train.cuda_graphs=model",),
+        r"train\.cuda_graphs='model' cannot run here: the run is on the cpu; use 'auto' or 'none'",
+    ),
+    Case(
+        "cuda-graphs-model-compile",
+        ("train.cuda_graphs=model", "train.compile=true"),
+        r"train\.cuda_graphs='model' is invalid: 'auto' or 'none' with train\.compile=true",
+    ),
+    Case(
         "cuda-graphs-compile",
         ("train.cuda_graphs=layers", "train.compile=true"),
         r"train\.cuda_graphs='layers' is invalid: 'auto' or 'none' with train\.compile=true",
@@ -129,7 +139,7 @@ CASES = [
         "cuda-graphs-value",
         ("train.cuda_graphs=on",),
         r"train\.cuda_graphs: yes/on/true \(YAML reads them as True\) is not allowed; choose one of 'auto', "
-        r"'layers', 'experts', 'none'",
+        r"'model', 'layers', 'experts', 'none'",
     ),
     # ---------------------------------------------------------------- positions, layers, upcycle step
     Case(

@@ -180,7 +180,8 @@ def test_two_forwards_before_one_backward_are_refused():
 @pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
 def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
     """The tiny run on the GPU (dense steps, upcycle, MoE steps with gradient accumulation, router noise and
-    dropout): every logged loss and the final weights equal with train.cuda_graphs=layers, experts and none."""
+    dropout): every logged loss and the final weights equal with train.cuda_graphs=model, layers, experts and
+    none."""
     from moe_emergence.telemetry import read_metrics
     from moe_emergence.training.trainer import train
 
@@ -192,9 +193,10 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
         "model.dropout=0.1",
     )
     runs = {}
-    for g in ("layers", "experts", "none"):
+    for g in ("model", "layers", "experts", "none"):
         runs[g] = train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}"))
         said = {
+            "model": "train.cuda_graphs=model: on: the whole MoE model's forward and backward run from CUDA graphs",
             "layers": "train.cuda_graphs=layers: on: each MoE layer runs whole from CUDA graphs, router and experts",
             "experts": "train.cuda_graphs=experts: on: each MoE layer's experts run from CUDA graphs",
             "none": "train.cuda_graphs=none: off: train.cuda_graphs=none",
@@ -202,12 +204,12 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
         assert said in capsys.readouterr().out
     b = train_records(read_metrics(runs["none"].run_dir / "metrics.jsonl"))
     sb = final_state(runs["none"].run_dir)
-    for g in ("layers", "experts"):
+    for g, captures in (("model", 1.0), ("layers", 2.0), ("experts", 2.0)):  # one model, or 2 layers
         a = train_records(read_metrics(runs[g].run_dir / "metrics.jsonl"))
         assert a.keys() == b.keys() and len(a) == 6
         assert [a[s].get("perf/cuda_graph_captures") for s in a] == [None, None] + [
-            2.0
-        ] * 4  # dense, then 2 layers
+            captures
+        ] * 4  # dense, MoE
         for step in a:
             assert a[step].keys() - {"perf/cuda_graph_captures"} == b[step].keys()
             for key in a[step]:
@@ -255,7 +257,7 @@ def test_auto_resolves_off_with_the_reason_and_experts_is_refused_with_it(monkey
         assert what is None and said.startswith(why), (why, said)
         if cfg.train.compile:
             continue  # layers or experts with compile is refused by the config itself (test_bad_input)
-        for setting in ("layers", "experts"):
+        for setting in ("model", "layers", "experts"):
             cfg.train.cuda_graphs = setting
             with pytest.raises(ConfigError, match=f"train.cuda_graphs='{setting}' cannot run here: {why}"):
                 cuda_graphs_on(cfg, BASE, device, fsdp, processes)
@@ -270,6 +272,10 @@ def test_auto_resolves_off_with_the_reason_and_experts_is_refused_with_it(monkey
     for setting in ("layers", "experts"):
         triton.train.cuda_graphs = setting
         assert cuda_graphs_on(triton, BASE, cuda, False, 2) == (setting, None)
+    # the whole model is refused there: DDP communicates inside its forward and backward
+    triton.train.cuda_graphs = "model"
+    with pytest.raises(ConfigError, match=r"train.cuda_graphs='model' cannot run here: 2 processes \(DDP"):
+        cuda_graphs_on(triton, BASE, cuda, False, 2)
 
 
 def test_auto_takes_graphs_where_they_run(monkeypatch):
@@ -281,7 +287,12 @@ def test_auto_takes_graphs_where_they_run(monkeypatch):
         ("model.moe.backend=triton", "train.mixed_precision=no"),
         ("model.moe.backend=grouped_mm", "train.mixed_precision=bf16"),
     ):
-        for setting, what in (("auto", "layers"), ("layers", "layers"), ("experts", "experts")):
+        for setting, what in (
+            ("auto", "model"),
+            ("model", "model"),
+            ("layers", "layers"),
+            ("experts", "experts"),
+        ):
             cfg = _cfg(*overrides, f"train.cuda_graphs={setting}")
             assert cuda_graphs_on(cfg, BASE, cuda, False) == (what, None), (overrides, setting)
     # a routing variant the whole-layer graph does not take: auto graphs the experts and says why; layers refuses
@@ -296,14 +307,20 @@ def test_auto_takes_graphs_where_they_run(monkeypatch):
     for override, why in variants.items():
         what, said = cuda_graphs_on(_cfg("model.moe.backend=triton", override), BASE, cuda, False)
         assert what == "experts" and said.startswith(why), (override, said)
-        with pytest.raises(
-            ConfigError, match=f"train.cuda_graphs='layers' cannot run here: {re.escape(why)}"
-        ):
-            cuda_graphs_on(
-                _cfg("model.moe.backend=triton", override, "train.cuda_graphs=layers"), BASE, cuda, False
-            )
-    # the selection bias is read in place: the whole layer takes it
+        for setting in ("model", "layers"):
+            with pytest.raises(
+                ConfigError, match=f"train.cuda_graphs='{setting}' cannot run here: {re.escape(why)}"
+            ):
+                cuda_graphs_on(
+                    _cfg("model.moe.backend=triton", override, f"train.cuda_graphs={setting}"),
+                    BASE,
+                    cuda,
+                    False,
+                )
+    # the selection bias is read in place: the whole model and the whole layer take it
     biased = _cfg("model.moe.backend=triton", "model.moe.bias_update_rate=0.001")
+    assert cuda_graphs_on(biased, BASE, cuda, False) == ("model", None)
+    biased.train.cuda_graphs = "layers"
     assert cuda_graphs_on(biased, BASE, cuda, False) == ("layers", None)
 
 

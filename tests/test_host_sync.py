@@ -36,9 +36,12 @@ def _syncs(fn) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("backend,grad_accum", [("grouped_mm", 1), ("triton", 2)])
-def test_a_step_that_does_not_log_syncs_the_host_once(tmp_path, backend, grad_accum):
-    """(Not the eager backend: it reads its per-expert row counts on the host, a sync per layer.)"""
+@pytest.mark.parametrize(
+    "backend,grad_accum,graphs", [("grouped_mm", 1, "auto"), ("triton", 2, "auto"), ("triton", 2, "layers")]
+)
+def test_a_step_that_does_not_log_syncs_the_host_once(tmp_path, backend, grad_accum, graphs):
+    """(Not the eager backend: it reads its per-expert row counts on the host, a sync per layer.) ``auto``:
+    the whole model from CUDA graphs; ``layers``: each MoE layer."""
     from tqdm import tqdm
 
     from moe_emergence.training.config import config_from_dict
@@ -48,8 +51,9 @@ def test_a_step_that_does_not_log_syncs_the_host_once(tmp_path, backend, grad_ac
     overrides = [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "log.run_name=sync"]
     overrides += ["train.steps=20", f"train.grad_accum={grad_accum}", "model.upcycle_at_step=0"]
     overrides += ["log.every=10", "log.router_every=10", "eval.every=0", "checkpoint.every=0"]
-    overrides += [f"model.moe.backend={backend}"]
+    overrides += [f"model.moe.backend={backend}", f"train.cuda_graphs={graphs}"]
     trainer = Trainer(config_from_dict(TINY, overrides))
+    assert (trainer.cuda_graphs == "model") == (graphs == "auto")
     try:
         loop = RunLoop(trainer, signals=None)
         bar = tqdm(disable=True)

@@ -8,8 +8,8 @@ the H200, against ~0.6 ms on the device at T = 8192; docs/benchmarks.md). The sy
 routing and a backend that never waits on the device: ``triton``, ``grouped_mm``) can be captured as one CUDA
 graph forward and one backward, and replayed: one launch each, the same kernels, bitwise the same results.
 
-Two owners of such graphs, one mechanism (``_capture`` / ``_Replay``, for any ``fn(*inputs, *params) ->
-outputs``):
+Three owners of such graphs, one mechanism (``Graphs``: ``_capture`` / ``_Replay``, for any
+``fn(*inputs, *params) -> outputs``):
 
 - ``LayerGraph`` (``MoEWrapper.cuda_graph``): the whole token-choice layer, router (noise included), experts,
   shared expert and dropout; outputs y and every ``RouterOutput`` field. Random draws (router noise, dropout)
@@ -18,8 +18,10 @@ outputs``):
   ``torch.random.fork_rng`` and leave the generator as they found it).
 - ``ExpertsGraph`` (``ExpertBank.cuda_graph``): the experts call ``fn(x_TD, w1, b1, w2, b2, indices_TK,
   weights_TK, activation)`` alone, for the routing variants a whole-layer graph does not take.
+- ``training.model_graph.ModelGraph``: a whole causal LM's training forward (its loss and the MoE layers'
+  ``RouterOutput`` fields) and backward, for the trainer (a model is code for one device; the trainer owns it).
 
-The trainer sets one or the other (``train.cuda_graphs``). How they behave:
+The trainer sets one of them (``train.cuda_graphs``). How they behave:
 
 - Replayed only where a backward follows: training mode with autograd on. Eval, ``no_grad`` and generation call
   the layer directly.
@@ -241,8 +243,11 @@ class _Replay(torch.autograd.Function):
         return (None, *(None if g is None else next(out) for g in graphs.grads))
 
 
-class _Graphs:
-    """The captured signatures of one layer, least recently used first."""
+class Graphs:
+    """The captured signatures of one caller (a layer, its experts, a whole model), least recently used first;
+    at most ``max_signatures`` kept."""
+
+    max_signatures = MAX_SIGNATURES
 
     def __init__(self) -> None:
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
@@ -282,20 +287,20 @@ class _Graphs:
             finally:
                 self.capturing = False
             self.captures += 1
-            if len(self._captured) > MAX_SIGNATURES:
+            if len(self._captured) > self.max_signatures:
                 self._captured.popitem(last=False)  # a pending backward keeps its graphs alive through ctx
         self._captured.move_to_end(sig)
         return _Replay.apply(graphs, *inputs, *params)
 
 
-class LayerGraph(_Graphs):
+class LayerGraph(Graphs):
     """CUDA graphs of one MoE layer's whole forward (module docstring); ``MoEWrapper.forward`` calls it in
     training with autograd on. CUDA tensors only (``ValueError`` otherwise)."""
 
-    __call__ = _Graphs.replay
+    __call__ = Graphs.replay
 
 
-class ExpertsGraph(_Graphs):
+class ExpertsGraph(Graphs):
     """CUDA graphs of one ``ExpertBank``'s experts call (module docstring); ``ExpertBank.forward`` calls it in
     training with autograd on. CUDA tensors only (``ValueError`` otherwise)."""
 

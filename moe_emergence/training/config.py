@@ -176,14 +176,17 @@ class TrainConfig:
         is captured whole; +0.1-0.2x tokens/s on the H100, docs/benchmarks.md); ``max-autotune`` (CUDA
         graphs and GEMM autotuning; long compiles) or ``max-autotune-no-cudagraphs``. Other backends take
         only ``default``.
-    cuda_graphs: replay each MoE layer (forward and backward) from CUDA graphs when the model is not compiled
-        (``kernels/cuda_graph.py``: the same kernels and results, without their launch cost). ``layers``: the
-        whole layer (router, experts, shared expert, dropout), for token-choice routing without capacity,
-        random routing or expert dropout (``layer.whole_layer_graph_unsupported``); ``experts``: the experts
-        call alone, for any routing. Both are refused where they cannot run (the CPU, ``train.compile``,
-        FSDP, a backend that waits on the device, and for ``layers`` a routing variant it does not take:
-        ``model_setup.cuda_graphs_on``); ``auto`` (the default) takes ``layers`` where it can, else
-        ``experts``, on one process, and says so at start on a GPU; ``none`` never.
+    cuda_graphs: replay the MoE model's training forward and backward, or parts of them, from CUDA graphs when
+        the model is not compiled (``kernels/cuda_graph.py``: the same kernels and results, without their
+        launch cost). ``model``: the whole model, embeddings to loss (``training/model_graph.py``), on one
+        process, for micro-batches without padding (others run directly); ``layers``: each MoE layer whole
+        (router, experts, shared expert, dropout); both for token-choice routing without capacity, random
+        routing or expert dropout (``layer.whole_layer_graph_unsupported``); ``experts``: each layer's experts
+        call alone, for any routing. Each is refused where it cannot run (the CPU, ``train.compile``, FSDP, a
+        backend that waits on the device, a routing variant it does not take, and for ``model`` several
+        processes: ``model_setup.cuda_graphs_on``); ``auto`` (the default) takes ``model`` where it can, else
+        ``experts``, on one process, and says so at start on a GPU; ``none`` never. The dense phase before
+        the upcycle runs without graphs.
     """
 
     steps: int = 100
@@ -197,7 +200,7 @@ class TrainConfig:
     compile: bool = False
     compile_backend: CompileBackend = "inductor"
     compile_mode: CompileMode = "default"
-    cuda_graphs: Literal["auto", "layers", "experts", "none"] = "auto"
+    cuda_graphs: Literal["auto", "model", "layers", "experts", "none"] = "auto"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.compile, bool), "train.compile", self.compile, "true or false")
@@ -220,13 +223,13 @@ class TrainConfig:
             f"'default' with train.compile_backend={self.compile_backend!r} (modes are inductor's)",
         )
         _check(
-            self.cuda_graphs in ("auto", "layers", "experts", "none"),
+            self.cuda_graphs in ("auto", "model", "layers", "experts", "none"),
             "train.cuda_graphs",
             self.cuda_graphs,
-            "auto, layers, experts or none",
+            "auto, model, layers, experts or none",
         )
         _check(
-            not (self.compile and self.cuda_graphs in ("layers", "experts")),
+            not (self.compile and self.cuda_graphs in ("model", "layers", "experts")),
             "train.cuda_graphs",
             self.cuda_graphs,
             "'auto' or 'none' with train.compile=true (the compiler captures its own graphs: compile_mode="

@@ -167,15 +167,16 @@ def _check_moe_fits(cfg: RunConfig, n_layer: int, d_model: int, d_ff: int, block
 def cuda_graphs_on(
     cfg: RunConfig, base: BaseInfo, device: torch.device, fsdp: bool, processes: int = 1
 ) -> tuple[str | None, str | None]:
-    """``train.cuda_graphs`` resolved: (what runs from CUDA graphs, ``"layers"``, ``"experts"`` or None; why not
-    the whole layers, or None). Graphs (``kernels/cuda_graph.py``) need a GPU, an uncompiled model not sharded
-    by FSDP (its unsharded parameters move between steps) and a backend that never waits on the device:
-    ``triton``, or ``grouped_mm`` in bf16 on compute capability 9.x or 10.x (Hopper, datacenter Blackwell;
-    elsewhere ``torch._grouped_mm`` reads its group offsets on the host), never ``eager``. Whole layers also
-    need token-choice routing without capacity, random routing or expert dropout
-    (``layer.whole_layer_graph_unsupported``). ``auto`` takes the most of that which holds when the run has one
-    process (several, under DDP: not verified yet); ``layers`` or ``experts`` where they cannot run is a
-    ``ConfigError`` naming the cause."""
+    """``train.cuda_graphs`` resolved: (what runs from CUDA graphs, ``"model"``, ``"layers"``, ``"experts"`` or
+    None; why not the whole model or layers, or None). Graphs (``kernels/cuda_graph.py``) need a GPU, an
+    uncompiled model not sharded by FSDP (its unsharded parameters move between steps) and a backend that never
+    waits on the device: ``triton``, or ``grouped_mm`` in bf16 on compute capability 9.x or 10.x (Hopper,
+    datacenter Blackwell; elsewhere ``torch._grouped_mm`` reads its group offsets on the host), never ``eager``.
+    The whole model or whole layers also need token-choice routing without capacity, random routing or expert
+    dropout (``layer.whole_layer_graph_unsupported``), and the whole model one process (DDP's forward
+    broadcasts buffers and its backward all-reduces: not inside a graph). ``auto`` takes the most of that which
+    holds when the run has one process (several, under DDP: not verified yet); ``model``, ``layers`` or
+    ``experts`` where they cannot run is a ``ConfigError`` naming the cause."""
     setting, moe, t = cfg.train.cuda_graphs, cfg.model.moe, cfg.train
     if setting == "none":
         return None, "train.cuda_graphs=none"
@@ -202,13 +203,20 @@ def cuda_graphs_on(
             f"{processes} processes: CUDA-graphed MoE layers are not verified under DDP yet "
             "(train.cuda_graphs=layers or experts)",
         )
+    elif setting == "model" and processes > 1:
+        raise ConfigError(
+            f"train.cuda_graphs='model' cannot run here: {processes} processes (DDP's forward and backward "
+            "communicate, which a CUDA graph of the whole model cannot hold); use 'layers', 'experts' or 'none'"
+        )
     else:
         why = whole_layer_graph_unsupported(moe)
-        if setting == "layers" and why is not None:
+        if setting in ("model", "layers") and why is not None:
             raise ConfigError(
-                f"train.cuda_graphs='layers' cannot run here: {why}; use 'auto', 'experts' or 'none'"
+                f"train.cuda_graphs={setting!r} cannot run here: {why}; use 'auto', 'experts' or 'none'"
             )
-        return ("experts" if setting == "experts" or why is not None else "layers"), why
+        if setting == "experts" or why is not None:
+            return "experts", why
+        return ("model" if setting == "auto" else setting), None
     if setting != "auto":
         raise ConfigError(f"train.cuda_graphs={setting!r} cannot run here: {why}; use 'auto' or 'none'")
     return None, why
@@ -216,6 +224,8 @@ def cuda_graphs_on(
 
 def said_cuda_graphs(what: str | None, why: str | None) -> str:
     """The run's first line on a GPU, after ``train.cuda_graphs=<setting>: ``: what ``cuda_graphs_on`` chose."""
+    if what == "model":
+        return "on: the whole MoE model's forward and backward run from CUDA graphs (micro-batches with padding directly)"
     if what == "layers":
         return "on: each MoE layer runs whole from CUDA graphs, router and experts together"
     if what == "experts":
@@ -227,20 +237,25 @@ def said_cuda_graphs(what: str | None, why: str | None) -> str:
 
 def graph_layers(model: torch.nn.Module, what: str) -> None:
     """Give every MoE layer its own CUDA graphs (``train.cuda_graphs``): ``what`` = ``"layers"``, a
-    ``LayerGraph`` of the whole layer, or ``"experts"``, an ``ExpertsGraph`` of its ``ExpertBank``."""
+    ``LayerGraph`` of the whole layer, or ``"experts"``, an ``ExpertsGraph`` of its ``ExpertBank``; ``"model"``:
+    none (the trainer's ``ModelGraph`` captures the layers with the rest of the model)."""
     from moe_emergence.kernels.cuda_graph import ExpertsGraph, LayerGraph
 
     for layer in model.moe_layers().values():
         if what == "layers":
             layer.cuda_graph, layer.experts.cuda_graph = LayerGraph(), None
-        else:
+        elif what == "experts":
             layer.cuda_graph, layer.experts.cuda_graph = None, ExpertsGraph()
+        else:
+            layer.cuda_graph = layer.experts.cuda_graph = None
 
 
-def graph_captures(model: torch.nn.Module) -> int:
-    """CUDA-graph signatures captured so far by the model's MoE layers (``graph_layers``), dropped ones included."""
+def graph_captures(model: torch.nn.Module, model_graph=None) -> int:
+    """CUDA-graph signatures captured so far by the model's MoE layers (``graph_layers``) or by ``model_graph``
+    (a ``ModelGraph``), dropped ones included."""
     graphs = [(layer.cuda_graph, layer.experts.cuda_graph) for layer in model.moe_layers().values()]
-    return sum(g.captures for pair in graphs for g in pair if g is not None)
+    layers = sum(g.captures for pair in graphs for g in pair if g is not None)
+    return layers + (model_graph.captures if model_graph is not None else 0)
 
 
 def model_dims(model) -> dict[str, int | None]:

@@ -32,6 +32,7 @@ from moe_emergence.training.config import RunConfig
 from moe_emergence.training.evalset import eval_blocks, shard_batches
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.loop import RunLoop, Stop, TrainResult
+from moe_emergence.training.model_graph import ModelGraph
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
 from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, params_and_buffers
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
@@ -173,12 +174,15 @@ class Trainer:
         if getattr(self, "model", None) is not None:
             known_bad = self.verified.known_bad
             self.model = self.optimizer = self.verified = None  # the old snapshot too
+            self.model_graph = None  # the old model's graphs and their memory
             acc.free_memory()
         model.train()
         if self.cfg.train.compile:
             model_setup.compile_in_place(model, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
-        if self.cuda_graphs and model_setup.is_moe(model):
+        graphed = self.cuda_graphs is not None and model_setup.is_moe(model)
+        if graphed:
             model_setup.graph_layers(model, self.cuda_graphs)
+        self.model_graph = ModelGraph() if graphed and self.cuda_graphs == "model" else None
         optimizer = build_optimizer(model, self.cfg.optim)
         self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
@@ -230,12 +234,15 @@ class Trainer:
             batch = batch_to_device(batch, device)
             with acc.accumulate(self.model):
                 torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: a new CUDA-graph step
-                out = self.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"] if padded else None,
-                    labels=batch["labels"],
-                    **kw,
-                )
+                if self.model_graph is not None and not padded:  # the whole forward and backward from graphs
+                    out = self.model_graph(self.model, batch["input_ids"], batch["labels"], moe.layers, **kw)
+                else:
+                    out = self.model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"] if padded else None,
+                        labels=batch["labels"],
+                        **kw,
+                    )
                 loss = micro_batch_loss(
                     out, batch, n_step, scale, moe, sums, routing, padded, counts=counts_all[m + 1]
                 )

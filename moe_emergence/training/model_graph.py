@@ -1,0 +1,92 @@
+"""A causal LM's whole training forward and backward replayed from CUDA graphs (``train.cuda_graphs=model``).
+
+Shapes (legend: docs/architecture.md): B rows, S positions, E experts, K experts per token, T = B * S tokens.
+
+Uncompiled, a GPT-2-small training step is bound by the host: Python and dispatch take longer to issue its
+kernels than the GPU takes to run them, even with each MoE layer replayed from its own graphs (on the H200,
+~38 ms of host time a step for ~18 ms of device time: docs/benchmarks.md). ``ModelGraph`` captures the whole
+model, from token ids and labels to the loss and every MoE layer's ``RouterOutput`` fields, as one CUDA graph
+forward and one backward, with the mechanism and rules of the layers' graphs (``kernels.cuda_graph.Graphs``):
+the same kernels and results; random draws (dropout, router noise) graph-safe; parameters and buffers read
+in place; inputs copied in, outputs and gradients copied out; one backward per forward; a new capture for new
+shapes, a moved parameter or a changed training flag.
+
+What it needs (``model_setup.cuda_graphs_on`` resolves ``train.cuda_graphs``): a GPU, an uncompiled model on
+one process, not sharded, whose MoE layers never wait on the device (the conditions of ``layers``); and a
+micro-batch without padding (with an attention mask transformers reads the mask on the host: the trainer runs
+such a micro-batch directly). The graphed output has the loss and ``router_outputs`` only (``logits`` None:
+the training step does not read them; evaluation and generation run the model directly).
+
+A plain ``GPT2LMHeadModel`` in training (no mask, no KV cache) is graphed but not computed alike: transformers
+(5.x, ``masking_utils.find_packed_sequence_indices``) searches its position ids for packed sequences with a
+check read on the host, skipped while a stream captures, so the captured forward attends through another path
+than the eager one (the same values up to rounding; other dropout masks). ``GPT2MoEForCausalLM`` avoids the
+search (``modeling._KeepNothingCache``): its graphs compute bit for bit what it computes directly. The trainer
+graphs MoE models only.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from moe_emergence.kernels.cuda_graph import Graphs
+from moe_emergence.layer import GRAPHED_ROUTER_FIELDS
+from moe_emergence.modeling import MoECausalLMOutput
+from moe_emergence.routing import RouterOutput
+
+
+class ModelGraph(Graphs):
+    """CUDA graphs of one model's training forward and backward (module docstring). Each signature keeps a
+    whole forward's activations in its own memory pool: at most two are kept (the training shape and a last,
+    shorter batch)."""
+
+    max_signatures = 2
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        moe_layers: list[int],
+        **options: bool | int | float | None,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """``model(input_ids=..., labels=..., **options)`` in training, replayed: ``input_ids`` and ``labels``
+        ``[B, S]`` int64 CUDA tensors (labels -100 where not predicted); ``options``: plain values (e.g. the
+        trainer's ``output_router_logits=False``: the loss is then the LM loss, the objective computed by the
+        caller), part of the signature. ``moe_layers``: the MoE blocks whose ``RouterOutput`` the output carries
+        (``[]`` for a dense model). Returns an ``MoECausalLMOutput`` (``loss`` and ``router_outputs``) or, dense,
+        a ``CausalLMOutputWithCrossAttentions`` with the loss; ``logits`` None. ``ValueError`` for tensors off a
+        CUDA device; ``RuntimeError`` outside training mode or with autograd off (a graph holds activations for
+        a backward)."""
+        if not (model.training and torch.is_grad_enabled()):
+            raise RuntimeError("ModelGraph: a training forward (model.train(), autograd on) holds the graphs")
+        names, params = zip(*model.named_parameters(), strict=True)
+        layers = tuple(moe_layers)
+
+        def forward(ids: torch.Tensor, lab: torch.Tensor, *p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = torch.func.functional_call(
+                model, dict(zip(names, p, strict=True)), (), {"input_ids": ids, "labels": lab, **options}
+            )
+            routers = [out.router_outputs[i] for i in layers]
+            return (out.loss, *(getattr(r, f) for r in routers for f in GRAPHED_ROUTER_FIELDS))
+
+        # what the model computes beyond its arguments: the options, its modules' training flags, and its buffers
+        # (router step, selection bias), read in place at their address: one replaced by another tensor is a new
+        # capture
+        key = (
+            id(model),
+            layers,
+            tuple(sorted(options.items())),
+            tuple(m.training for m in model.modules()),
+            tuple((b.data_ptr(), b.shape, b.dtype) for b in model.buffers()),
+        )
+        loss, *fields = self.replay(key, forward, (input_ids, labels), params)
+        if not layers:
+            return CausalLMOutputWithCrossAttentions(loss=loss)
+        n = len(GRAPHED_ROUTER_FIELDS)
+        routers = {
+            i: RouterOutput(**dict(zip(GRAPHED_ROUTER_FIELDS, fields[j * n : (j + 1) * n], strict=True)))
+            for j, i in enumerate(layers)
+        }
+        return MoECausalLMOutput(loss=loss, router_outputs=routers)
