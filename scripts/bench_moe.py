@@ -8,10 +8,11 @@ memory of forward+backward (peak allocated minus allocated before the forward); 
 E in {4, 8, 16}, T in {4096, 8192, 16384}, balanced and Zipf(1.0)-skewed routing.
 End to end: training tokens/s of a GPT-2-small-shaped model (random init) with MoE in blocks 8-11
 (E=8) vs the same dense model, bf16 autocast, fused AdamW, same batch and sequence length, every variant built
-first and measured in interleaved rounds; "graphed" variants run each MoE layer whole from CUDA graphs (router
-and experts: ``train.cuda_graphs=layers``, what ``auto`` takes), "experts-graphed" ones only its experts
-(``train.cuda_graphs=experts``); with ``--compile`` also every model compiled (dense and MoE alike), against the
-compiled dense model. In the layer rows, which time the experts function alone, "graphed" is that function from
+first and measured in interleaved rounds; "graphed" variants run the whole model's forward and backward from
+CUDA graphs (``train.cuda_graphs=model``, what ``auto`` takes; "dense graphed" is the dense model run alike, for
+scale: the ratios stay against the plain dense model), "layers-graphed" ones each MoE layer whole
+(``train.cuda_graphs=layers``), "experts-graphed" ones only its experts (``train.cuda_graphs=experts``); with
+``--compile`` also every model compiled (dense and MoE alike), against the compiled dense model. In the layer rows, which time the experts function alone, "graphed" is that function from
 its CUDA graphs (``ExpertsGraph``).
 Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile check (graph breaks).
 
@@ -376,9 +377,24 @@ E2E_MODELS = {
 }
 
 
+class WholeModelGraph(torch.nn.Module):
+    """``model`` trained as ``train.cuda_graphs=model`` trains it: each training forward and its backward replayed
+    from a ``ModelGraph`` (the model's own objective inside the graph); ``config`` is the model's."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from moe_emergence.training.model_graph import ModelGraph
+
+        super().__init__()
+        self.model, self.graph, self.config = model, ModelGraph(), model.config
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        return self.graph(self.model, input_ids, labels, list(getattr(self.config, "moe_layers", [])))
+
+
 def gpt2_small(moe: dict | None, graphs: str | None = None, kind: str = "gpt2"):
-    """GPT-2-small-shaped model (random init, ``E2E_MODELS[kind]``) on the GPU; ``graphs``: ``"layers"``, each
-    MoE layer runs from CUDA graphs, or ``"experts"``, its experts do, as the trainer's ``train.cuda_graphs``."""
+    """GPT-2-small-shaped model (random init, ``E2E_MODELS[kind]``) on the GPU; ``graphs``: ``"model"``, its
+    forward and backward run from CUDA graphs (``WholeModelGraph``), ``"layers"``, each MoE layer does, or
+    ``"experts"``, their experts do, as the trainer's ``train.cuda_graphs``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from moe_emergence import GPT2MoEConfig, GPT2MoEForCausalLM
@@ -392,12 +408,14 @@ def gpt2_small(moe: dict | None, graphs: str | None = None, kind: str = "gpt2"):
         # warning breaks the compiled graph) and the aligned LM head GPT2MoEForCausalLM has
         dense.loss_type = "ForCausalLM"
         align_lm_head(dense)
-        return dense.cuda()
+        return WholeModelGraph(dense.cuda()) if graphs == "model" else dense.cuda()
     model = GPT2MoEForCausalLM(GPT2MoEConfig(**kw, moe=moe))
     with torch.no_grad():  # the stacked expert weights are not initialised by from-config construction
         for layer in model.moe_layers().values():
             for p in layer.experts.parameters():
                 p.normal_(std=0.02)
+    if graphs == "model":
+        return WholeModelGraph(model.cuda())
     if graphs is not None:
         from moe_emergence.training.model_setup import graph_layers
 
@@ -422,16 +440,17 @@ def train_step(model, opt, ids) -> None:
 
 def e2e_variants(only: list[str] | None) -> list[tuple[str, dict | None]]:
     """(name, MoE part) of every end-to-end variant, dense first; ``only``: dense and these."""
-    variants = [("dense", None)]
+    variants = [("dense", None), ("dense graphed", None)]
     for K in (1, 2):
         for backend in ("triton", "grouped_mm", "eager"):
             if K == 2 and backend == "eager":
                 continue
             variants.append((f"moe top-{K} {backend}", e2e_moe(K, backend)))
-            # graphed: whole layers (train.cuda_graphs=auto); experts-graphed: experts only
+            # graphed: the whole model (train.cuda_graphs=auto); layers-graphed: whole layers; experts-graphed:
+            # experts only
             if backend != "eager":
-                variants.append((f"moe top-{K} {backend} graphed", e2e_moe(K, backend)))
-                variants.append((f"moe top-{K} {backend} experts-graphed", e2e_moe(K, backend)))
+                for graphs in ("graphed", "layers-graphed", "experts-graphed"):
+                    variants.append((f"moe top-{K} {backend} {graphs}", e2e_moe(K, backend)))
     if only:
         unknown = sorted(set(only) - {n for n, _ in variants})
         if unknown:
@@ -441,8 +460,12 @@ def e2e_variants(only: list[str] | None) -> list[tuple[str, dict | None]]:
 
 
 def e2e_graphs(name: str) -> str | None:
-    """What of an end-to-end variant runs from CUDA graphs (``model_setup.graph_layers``), by its name's suffix."""
-    for suffix, graphs in ((" experts-graphed", "experts"), (" graphed", "layers")):
+    """What of an end-to-end variant runs from CUDA graphs (``train.cuda_graphs``), by its name's suffix."""
+    for suffix, graphs in (
+        (" experts-graphed", "experts"),
+        (" layers-graphed", "layers"),
+        (" graphed", "model"),
+    ):
         if name.endswith(suffix):
             return graphs
     return None

@@ -43,7 +43,8 @@ process: each of the ``--repeat`` rounds times ``--steps`` trainer steps and ``-
 alternating. A bare step is ``scripts/bench_moe.py``'s training step on the trainer's own model, optimizer
 (the torch AdamW inside accelerate's wrapper) and one fixed batch of its training data: forward with labels
 under the run's autocast, backward, ``optimizer.step()``, ``zero_grad`` (no guard, clip, snapshot or
-telemetry). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows`` (with ``--repeat`` > 1, as
+telemetry); forward and backward from a CUDA graph of the whole model where the trainer has one
+(``train.cuda_graphs=model``, as bench_moe's "graphed" models). The record adds ``bare_wall_ms`` (median), ``bare_wall_ms_windows`` (with ``--repeat`` > 1, as
 ``wall_ms_windows``), ``tokens_per_s`` and ``bare_tokens_per_s`` (this process's tokens, from the medians),
 ``vs_bare_rounds``: each round's trainer tokens/s over its bare tokens/s (the two windows of a round run back to
 back, so the host's drift, 40% and more between windows of one process on the H200 machines, largely cancels), and
@@ -117,15 +118,21 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _bare_step(trainer, batch: dict[str, torch.Tensor]) -> None:
-    """One step of the benchmark's loop (``bench_moe.train_step``) on the trainer's model and torch optimizer."""
+def _bare_step(trainer, batch: dict[str, torch.Tensor], graph=None) -> None:
+    """One step of the benchmark's loop (``bench_moe.train_step``) on the trainer's model and torch optimizer;
+    with ``graph`` (a ``ModelGraph`` of its own, where the trainer has one: ``train.cuda_graphs=model``) its
+    forward and backward replayed from it, as bench_moe's "graphed" models run."""
     from moe_emergence.training.rollback import inner_optimizer
 
     device = trainer.accelerator.device  # the precision accelerate resolved (train.mixed_precision=auto too)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision)
     torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = trainer.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        if graph is None:
+            loss = trainer.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        else:
+            layers = trainer.unwrapped.config.moe_layers if trainer.moe else []
+            loss = graph(trainer.model, batch["input_ids"], batch["labels"], layers).loss
     loss.backward()
     opt = inner_optimizer(trainer.optimizer)
     opt.step()
@@ -175,8 +182,13 @@ def _measure(
             k: v.to(trainer.accelerator.device)
             for k, v in trainer.collate(rows_of(trainer.train_rows, rows)).items()
         }
-        _bare_step(trainer, batch)  # its own warm-up
-        bare_step = functools.partial(_bare_step, trainer, batch)
+        graph = None
+        if trainer.model_graph is not None:
+            from moe_emergence.training.model_graph import ModelGraph
+
+            graph = ModelGraph()
+        _bare_step(trainer, batch, graph)  # its own warm-up (and capture)
+        bare_step = functools.partial(_bare_step, trainer, batch, graph)
     with contextlib.ExitStack() as patches:  # the wrappers go again at the end (a later run in this process)
         snapshot = patches.enter_context(_time_snapshot()) if args.time_snapshot else None
         if not args.no_profiler:
@@ -251,6 +263,8 @@ def _annotated_phases(trainer, scope):
         (trainer_module, "params_and_buffers", "walk"),
         (trainer_module, "step_flags", "guard_vector"),
     )
+    if trainer.model_graph is not None:  # train.cuda_graphs=model: the forward is the graph's replay
+        calls += ((trainer, "model_graph", "forward"),)
     with contextlib.ExitStack() as patches:
         for obj, attr, name in calls:
             patches.enter_context(_patched(obj, attr, wrapped(name, getattr(obj, attr))))

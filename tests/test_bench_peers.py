@@ -890,3 +890,27 @@ def test_e2e_rounds_reach_bench_e2e_and_need_e2e(bp, tmp_path, monkeypatch, caps
     assert "--e2e-rounds" in _refused(bp, capsys, "--layer-only", "--e2e-rounds", "4", "--json", str(report))
     assert "--e2e-rounds" in _refused(bp, capsys, *argv, "--e2e-rounds", "0")
     assert len(asked) == 2
+
+
+def test_e2e_variant_names_say_what_runs_from_graphs(bp):
+    """ "graphed" is what ``train.cuda_graphs=auto`` takes (the whole model), the dense model too; "layers-graphed"
+    and "experts-graphed" the per-layer extents; no suffix, none."""
+    moe = sys.modules["bench_moe"]
+    names = dict(moe.e2e_variants(None))
+    assert {
+        "dense",
+        "dense graphed",
+        "moe top-1 triton graphed",
+        "moe top-2 grouped_mm layers-graphed",
+    } <= set(names)
+    assert names["dense graphed"] is None and names["moe top-2 triton graphed"]["top_k"] == 2
+    for name, graphs in {
+        "dense": None,
+        "dense graphed": "model",
+        "moe top-1 triton": None,
+        "moe top-1 triton graphed": "model",
+        "moe top-2 grouped_mm layers-graphed": "layers",
+        "moe top-1 triton experts-graphed": "experts",
+    }.items():
+        assert moe.e2e_graphs(name) == graphs, name
+    assert "dense" not in moe.e2e_names() and "dense graphed" in moe.e2e_names()
