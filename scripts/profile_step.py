@@ -23,8 +23,7 @@ synchronised before and after, so these runs' walls are not comparable with plai
 ``--steps`` steps N times in a row in the same process: ``wall_ms`` is their median, ``wall_ms_windows`` each.
 
 Under the profiler the record also holds ``host_<phase>_ms``: the host (CPU) time per step spent inside each
-phase of ``Trainer.train_step`` (``rows``: reading the step's rows, done one step ahead, before the previous
-step's host sync: ``sampler.StepBatches``; ``collate``, ``to_device``: the batch's
+phase of ``Trainer.train_step`` (``rows``: reading the step's rows, ``collate``, ``to_device``: the batch's
 copies, ``forward``, ``loss``, ``backward``, ``walk``: listing the parameters, ``clip_grad_norm``, ``nonfinite``,
 ``guard_vector``, ``reduce_sum``, ``snapshot``, ``optimizer``, ``zero_grad``; this script wraps those calls in
 ``torch.profiler.record_function``, the trainer is unchanged; times are inclusive and may nest, e.g.
@@ -237,7 +236,6 @@ def _annotated_phases(trainer, scope):
     """Inside the block the calls a step makes (see the module docstring) run in ``scope(phase)`` (the
     profiler's ``record_function("step:<phase>")`` or ``_timed``), on the trainer's current model and optimizer
     (after the upcycle) and in the trainer module."""
-    from moe_emergence.training import sampler as sampler_module
     from moe_emergence.training import trainer as trainer_module
 
     def wrapped(name, fn):
@@ -259,8 +257,8 @@ def _annotated_phases(trainer, scope):
         (trainer.optimizer, "zero_grad", "zero_grad"),
         (trainer_module, "micro_batch_loss", "loss"),
         (trainer_module, "any_nonfinite", "nonfinite"),
-        (sampler_module, "rows_of", "rows"),  # the step's rows, read one step ahead (StepBatches)
-        (trainer.batches, "collate", "collate"),
+        (trainer_module, "rows_of", "rows"),
+        (trainer, "collate", "collate"),
         (trainer_module, "batch_to_device", "to_device"),
         (trainer_module, "params_and_buffers", "walk"),
         (trainer_module, "step_flags", "guard_vector"),

@@ -5,21 +5,15 @@ Epoch e visits the rows in the order ``randperm(num_rows, seed + e)``; every opt
 skipped). Row r of the step's slice goes to micro-batch ``r // (batch_size * num_processes)`` and
 process ``(r // batch_size) % num_processes``, so the same step sees the same rows whether it runs as
 1 x 2B, 2 micro-batches x B or 2 processes x B. The position (epoch, offset) is the whole state.
-``StepBatches`` reads and collates each step's rows, one step ahead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-from moe_emergence.data import rows_of
 
 
 class BlockSampler:
-    """``next_step() -> [micro-batch row indices for this process] * grad_accum`` (``peek_step``: the same without
-    moving); checkpointable."""
+    """``next_step() -> [micro-batch row indices for this process] * grad_accum``; checkpointable."""
 
     def __init__(
         self,
@@ -59,14 +53,6 @@ class BlockSampler:
             micro.append(rows[start : start + B])
         return micro
 
-    def peek_step(self) -> list[list[int]]:
-        """What ``next_step`` will return, without moving to it (``StepBatches.read_ahead``)."""
-        epoch, offset = self.epoch, self.offset
-        try:
-            return self.next_step()
-        finally:
-            self.epoch, self.offset = epoch, offset
-
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset, "num_rows": self.num_rows, "seed": self.seed}
 
@@ -77,30 +63,3 @@ class BlockSampler:
                 f"{self.num_rows}: the data config or data changed since the checkpoint"
             )
         self.epoch, self.offset, self.seed = state["epoch"], state["offset"], state["seed"]
-
-
-class StepBatches:
-    """Each optimizer step's collated CPU micro-batches: ``sampler``'s rows read from ``table`` (``data.rows_of``)
-    and collated (``collate``), one step read ahead on request.
-
-    ``read_ahead()`` reads the next step's rows without moving the sampler (``peek_step``): the trainer calls it
-    while the device still runs a step, before the step's host sync, so that the reading (~1.3 ms a step on the
-    H200 host at the GPT-2-small shape, B = 8 x 512) is not done after the sync, while the device waits for the
-    next forward. ``next()`` moves the sampler and returns the batches read ahead when they are that step's rows
-    (a sampler moved since, e.g. by a resume, is read anew)."""
-
-    def __init__(self, sampler: BlockSampler, table, collate: Callable[[dict], dict]) -> None:
-        self.sampler, self.table, self.collate = sampler, table, collate
-        self._ahead: tuple[list[list[int]], list[dict]] | None = None  # (rows, their batches)
-
-    def _read(self, rows: list[list[int]]) -> list[dict]:
-        return [self.collate(rows_of(self.table, r)) for r in rows]
-
-    def next(self) -> list[dict]:
-        rows = self.sampler.next_step()
-        ahead, self._ahead = self._ahead, None
-        return ahead[1] if ahead is not None and ahead[0] == rows else self._read(rows)
-
-    def read_ahead(self) -> None:
-        rows = self.sampler.peek_step()
-        self._ahead = (rows, self._read(rows))

@@ -36,7 +36,7 @@ from moe_emergence.training.model_graph import ModelGraph
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
 from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, params_and_buffers
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
-from moe_emergence.training.sampler import BlockSampler, StepBatches
+from moe_emergence.training.sampler import BlockSampler
 from moe_emergence.training.signals import StopSignals
 from moe_emergence.training.steps import (
     MoEStep,
@@ -118,7 +118,6 @@ class Trainer:
             self.sampler = BlockSampler(
                 len(corpus.train), t.batch_size, t.grad_accum, acc.num_processes, acc.process_index, t.seed
             )
-        self.batches = StepBatches(self.sampler, self.train_rows, self.collate)
         if resume_meta is not None:
             if resume_meta["phase"] == "moe" and not model_setup.is_moe(model):
                 model = model_setup.to_moe(model, cfg)
@@ -221,7 +220,7 @@ class Trainer:
         host sync."""
         acc, device = self.accelerator, self.accelerator.device
         scale = self.cfg.train.grad_accum * acc.num_processes
-        batches = self.batches.next()
+        batches = [self.collate(rows_of(self.train_rows, rows)) for rows in self.sampler.next_step()]
         per_batch = [shifted_token_counts(b) for b in batches]  # on the CPU copies
         # one copy to the device: the step's counts, then each micro-batch's
         counts_all = to_device(torch.stack([sum(per_batch), *per_batch]), device)
@@ -282,8 +281,6 @@ class Trainer:
         signalled = signals is not None and signals.received is not None
         params_bad = any_nonfinite(params)
         flags = step_flags(sums.totals, grad_norm, signalled, params_bad, sums.bad_L2)
-        if self.state.step + 1 < cfg.train.steps:  # while the device finishes this step, not after the sync
-            self.batches.read_ahead()
         check = StepCheck.decode(self.reduce_sum(flags).tolist(), moe.layers if moe else [])  # host sync
         guard.judge(check, self.state, cfg.guard)
         lrs = set_lr(self.optimizer, self._lr_mult(self.state.step))
