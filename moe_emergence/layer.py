@@ -141,6 +141,12 @@ class MoEWrapper(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.cuda_graph: LayerGraph | None = None
 
+    def extra_repr(self) -> str:
+        """The layer's own settings (its router's, experts' and dropout's are theirs): the shared expert's mix."""
+        if self.shared_gate_kind is None:
+            return "shared_expert=None"
+        return f"shared_expert_gate={self.shared_gate_kind}, shared_expert_weight={self.shared_expert_weight}"
+
     @torch.no_grad()
     def reset_shared_gate(self) -> None:
         """Learned gate init: ``w_g = 0``, ``b_g = logit(shared_expert_weight)``."""
@@ -198,15 +204,11 @@ class MoEWrapper(nn.Module):
             return (y, *(getattr(routing, f) for f in GRAPHED_ROUTER_FIELDS))
 
         # what the layer computes beyond its arguments: a change makes a new capture (buffers are read in place
-        # at their address: one replaced by another tensor is a new capture, never a read of freed memory)
+        # at their address: one replaced by another tensor is a new capture, never a read of freed memory); each
+        # module's settings (router, experts, dropout, the shared expert's mix) are in its extra_repr
         key = (
             tuple((b.data_ptr(), b.shape, b.dtype) for b in self.buffers()),
-            self.router.extra_repr(),
-            self.experts.extra_repr(),
-            self.dropout.p,
-            self.shared_gate_kind,
-            getattr(self, "shared_expert_weight", None),
-            tuple(m.training for m in self.modules()),
+            tuple((m.training, m.extra_repr()) for m in self.modules()),
         )
         y_TD, *fields = graph(key, layer, (x_TD,), params)
         return y_TD, RouterOutput(**dict(zip(GRAPHED_ROUTER_FIELDS, fields, strict=True)))

@@ -67,14 +67,17 @@ def _micro_batch(model, graph: ModelGraph | None, ids, labels, seed: int, layers
     return [out.loss.detach(), *fields]
 
 
-def _train(model, graph: ModelGraph | None, layers: list[int], steps: int = 2, accum: int = 2):
-    """``steps`` optimizer-like steps of ``accum`` micro-batches each (in-place SGD, the router step advanced):
-    every micro-batch's outputs, then the final gradients and weights."""
+def _train(model, graph: ModelGraph | None, layers: list[int], steps: int = 2, graphed=(True, True)):
+    """``steps`` optimizer-like steps of ``len(graphed)`` micro-batches each (in-place SGD, the router step
+    advanced), micro-batch m from ``graph`` where ``graphed[m]`` (else directly, as the trainer runs a padded
+    one): every micro-batch's outputs, then the final gradients and weights."""
     seen = []
     for step in range(steps):
-        for m in range(accum):
+        for m, use_graph in enumerate(graphed):
             ids, labels = _batch(10 * step + m, "cuda")
-            seen.append(_micro_batch(model, graph, ids, labels, 100 * step + m, layers))
+            seen.append(
+                _micro_batch(model, graph if use_graph else None, ids, labels, 100 * step + m, layers)
+            )
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         with torch.no_grad():
             for p in model.parameters():
@@ -85,6 +88,19 @@ def _train(model, graph: ModelGraph | None, layers: list[int], steps: int = 2, a
     return seen, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _assert_same_training(
+    graphed, direct, graph: ModelGraph, layers: list[int], pattern=(True, True)
+) -> None:
+    got, got_grads, got_weights = _train(graphed, graph, layers, graphed=pattern)
+    want, want_grads, want_weights = _train(direct, None, layers, graphed=pattern)
+    for k, (a_all, b_all) in enumerate(zip(got, want, strict=True)):
+        for name, a, b in zip(("loss", *GRAPHED_ROUTER_FIELDS * len(layers)), a_all, b_all, strict=True):
+            assert torch.equal(a, b), (k, name)
+    for n in want_grads:
+        assert torch.equal(got_grads[n], want_grads[n]), n
+        assert torch.equal(got_weights[n], want_weights[n]), n
+
+
 @needs_cuda
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_model_graphed_equals_direct(top_k):
@@ -92,19 +108,35 @@ def test_moe_model_graphed_equals_direct(top_k):
     graphed = copy.deepcopy(direct)
     graph = ModelGraph()
     layers = [0, 2]
-    got, got_grads, got_weights = _train(graphed, graph, layers)
-    want, want_grads, want_weights = _train(direct, None, layers)
-    for k, (a_all, b_all) in enumerate(zip(got, want, strict=True)):
-        for name, a, b in zip(("loss", *GRAPHED_ROUTER_FIELDS * len(layers)), a_all, b_all, strict=True):
-            assert torch.equal(a, b), (k, name)
-    for n in want_grads:
-        assert torch.equal(got_grads[n], want_grads[n]), n
-        assert torch.equal(got_weights[n], want_weights[n]), n
+    _assert_same_training(graphed, direct, graph, layers)
     assert graph.captures == 1 and len(graph) == 1  # one signature: the micro-batches share their shapes
     # replays draw new dropout and noise: two micro-batches of the same tokens differ
     ids, labels = _batch(0, "cuda")
     a, b = (_micro_batch(graphed, graph, ids, labels, seed, layers)[0] for seed in (1, 2))
     assert not torch.equal(a, b)
+    # a module's setting changed in place is a new signature, never a replay of the old one
+    graphed.transformer.drop.p = 0.0
+    _micro_batch(graphed, graph, ids, labels, 3, layers)
+    assert graph.captures == 2
+
+
+@needs_cuda
+def test_graphed_and_direct_micro_batches_accumulate_alike():
+    """A step whose micro-batches run partly from the graphs and partly directly (the trainer's padded ones)."""
+    direct = _moe_model(2, "cuda")
+    _assert_same_training(copy.deepcopy(direct), direct, ModelGraph(), [0, 2], pattern=(True, False, True))
+
+
+@needs_cuda
+def test_an_autocast_inside_the_forward_under_one_around_it_records_its_casts():
+    """accelerate's prepared forward autocasts with the weight cache on; called inside the caller's autocast
+    region (profile_step's bare loop), the warm-ups' casts would outlive them: the capture must cast again, so
+    that each replay casts the weights as they are (after the in-place updates) and reads no freed copy."""
+    direct = _moe_model(1, "cuda")
+    graphed = copy.deepcopy(direct)
+    for model in (direct, graphed):  # the inner region, as accelerate's prepare wraps the forward
+        model.forward = torch.autocast("cuda", dtype=torch.bfloat16)(model.forward)
+    _assert_same_training(graphed, direct, ModelGraph(), [0, 2])
 
 
 @needs_cuda

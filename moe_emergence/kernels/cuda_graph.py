@@ -77,6 +77,7 @@ class _Captured:
     grads: tuple[Tensor | None, ...]  # d each input, then d each parameter; None = no gradient
     generation: int = 0  # forwards replayed so far; a backward belongs to the latest
     zeroed: set[int] = field(default_factory=set)  # grad_outputs slots that hold zeros now
+    owner: tuple[str, str] = ("MoE layer", "layer")  # what the graphs are of, for errors: its name, its noun
 
 
 def _signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple:
@@ -107,7 +108,10 @@ def _capture(
     (``autograd.grad`` of its differentiable outputs with respect to every input and parameter that requires a
     gradient) into two graphs sharing one private memory pool, on the inputs' device: the forward under the
     caller's autocast state with its weight cache off (a cached cast would be captured stale), the backward with
-    autocast off."""
+    autocast off. The autocast cache is also cleared before each warm-up and the capture, and after: an
+    autocast region inside ``fn`` with the cache on (accelerate's prepared forward) within one around the call
+    (the caller's) keeps its casts until the outer region ends, so the capture would reuse a warm-up's cast,
+    record no cast kernel and replay that freed copy of the weights."""
     statics = tuple(_static_copy(t) for t in inputs)
     # the parameters' memory under new leaves: no AccumulateGrad node of a parameter (DDP keeps those, made on
     # the default stream) takes part in the capture; in-place updates of the parameters are what the replays read
@@ -128,6 +132,7 @@ def _capture(
     no_autocast = torch.autocast(device.type, enabled=False)
 
     def run() -> tuple[Tensor, ...]:
+        torch.clear_autocast_cache()  # no cast made before this run is reused in it (docstring)
         with autocast:
             return tuple(fn(*statics, *aliases))
 
@@ -161,6 +166,7 @@ def _capture(
                 )
             )
     grads = tuple(next(computed) if t.requires_grad else None for t in slots)
+    torch.clear_autocast_cache()  # the capture's casts live in the graphs' pool: not for the caller's later ops
     # The captured autograd graph is freed here; the memory of its saved activations stays reserved in the pool,
     # which nothing else allocates from, so the replays find them where the capture put them. The backward's own
     # buffers may reuse that memory (it was free once the backward had read it): one backward per forward.
@@ -221,7 +227,7 @@ class _Replay(torch.autograd.Function):
         changed = [p for p, version, ptr in ctx.params if p._version != version or p.data_ptr() != ptr]
         if changed:
             raise RuntimeError(
-                f"CUDA-graphed MoE layer: a parameter changed in place or moved between this forward and its "
+                f"CUDA-graphed {graphs.owner[0]}: a parameter changed in place or moved between this forward and its "
                 f"backward ({len(changed)} of {len(ctx.params)}, shapes {[tuple(p.shape) for p in changed]}); "
                 "the backward would read other weights than the forward used"
             )
@@ -229,12 +235,12 @@ class _Replay(torch.autograd.Function):
             why = (
                 "this forward's backward ran already"
                 if ctx.done
-                else "another forward of this layer ran since"
+                else f"another forward of this {graphs.owner[1]} ran since"
             )
             raise RuntimeError(
-                f"CUDA-graphed MoE layer: {why}, and the activations this backward needs were overwritten (the "
-                "graphs hold one forward's, for one backward: run each backward once, before the layer's next "
-                "forward, or train with train.cuda_graphs=none)"
+                f"CUDA-graphed {graphs.owner[0]}: {why}, and the activations this backward needs were overwritten "
+                f"(the graphs hold one forward's, for one backward: run each backward once, before the "
+                f"{graphs.owner[1]}'s next forward, or train with train.cuda_graphs=none)"
             )
         ctx.done = True
         _fill_grad_outputs(graphs, grad_outputs)
@@ -245,9 +251,12 @@ class _Replay(torch.autograd.Function):
 
 class Graphs:
     """The captured signatures of one caller (a layer, its experts, a whole model), least recently used first;
-    at most ``max_signatures`` kept."""
+    at most ``max_signatures`` kept. ``owner``: what the graphs are of, in errors (a name, a noun); ``direct``: how
+    to run it without graphs, in the error for tensors off a GPU."""
 
     max_signatures = MAX_SIGNATURES
+    owner = ("MoE layer", "layer")
+    direct = "set the layer's cuda_graph to None to run it directly"
 
     def __init__(self) -> None:
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
@@ -275,8 +284,7 @@ class Graphs:
         is a new capture. ``ValueError`` for inputs not on a CUDA device."""
         if inputs[0].device.type != "cuda":
             raise ValueError(
-                f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} (set the layer's cuda_graph "
-                "to None to run it directly)"
+                f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} ({self.direct})"
             )
         sig = _signature(key, params, inputs)
         graphs = self._captured.get(sig)
@@ -284,6 +292,7 @@ class Graphs:
             self.capturing = True
             try:
                 graphs = self._captured[sig] = _capture(fn, inputs, params)
+                graphs.owner = self.owner
             finally:
                 self.capturing = False
             self.captures += 1

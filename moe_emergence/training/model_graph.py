@@ -9,7 +9,8 @@ model, from token ids and labels to the loss and every MoE layer's ``RouterOutpu
 forward and one backward, with the mechanism and rules of the layers' graphs (``kernels.cuda_graph.Graphs``):
 the same kernels and results; random draws (dropout, router noise) graph-safe; parameters and buffers read
 in place; inputs copied in, outputs and gradients copied out; one backward per forward; a new capture for new
-shapes, a moved parameter or a changed training flag.
+shapes, a moved parameter, a changed training flag or module setting (a dropout's p, a router's noise: each
+module's ``extra_repr``) or attention implementation.
 
 What it needs (``model_setup.cuda_graphs_on`` resolves ``train.cuda_graphs``): a GPU, an uncompiled model on
 one process, not sharded, whose MoE layers never wait on the device (the conditions of ``layers``); and a
@@ -42,6 +43,8 @@ class ModelGraph(Graphs):
     shorter batch)."""
 
     max_signatures = 2
+    owner = ("model", "model")
+    direct = "call the model itself, or train with train.cuda_graphs=none"
 
     def __call__(
         self,
@@ -71,14 +74,20 @@ class ModelGraph(Graphs):
             routers = [out.router_outputs[i] for i in layers]
             return (out.loss, *(getattr(r, f) for r in routers for f in GRAPHED_ROUTER_FIELDS))
 
-        # what the model computes beyond its arguments: the options, its modules' training flags, and its buffers
-        # (router step, selection bias), read in place at their address: one replaced by another tensor is a new
-        # capture
+        # what the model computes beyond its arguments: the options; each module's training flag and settings
+        # (its extra_repr: dropout p, router noise, experts' backend, ...); the config's attention implementation
+        # and defaults the options may leave to it; the buffers (router step, selection bias), read in place at
+        # their address: one replaced by another tensor is a new capture
+        config = model.config
         key = (
             id(model),
             layers,
             tuple(sorted(options.items())),
-            tuple(m.training for m in model.modules()),
+            tuple((m.training, m.extra_repr()) for m in model.modules()),
+            tuple(
+                getattr(config, k, None)
+                for k in ("_attn_implementation", "output_router_logits", "use_cache")
+            ),
             tuple((b.data_ptr(), b.shape, b.dtype) for b in model.buffers()),
         )
         loss, *fields = self.replay(key, forward, (input_ids, labels), params)
