@@ -20,7 +20,7 @@ docs/architecture.md): T tokens, D = 768, F = 3072, E = 8 experts, K in {1, 2}; 
                its weights and probabilities
   wrapper, wrapper experts-graphed, wrapper graphed
                the whole ``MoEWrapper`` (triton experts): plain, with its experts from CUDA graphs, and the whole
-               layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` takes the latter)
+               layer from CUDA graphs (``train.cuda_graphs``: ``experts``, ``layers``; ``auto`` graphs the whole model)
 Then the triton experts with their launches through cached compiled kernels (``kernels.triton_launch``) against
 ``kernel[grid]``, alternating in ``--rounds`` rounds in this process (each side first in every other round).
 JSON: ``{gpu, torch, triton, tokens, top_k, reps, rounds, date, cached_launcher, rows}`` (``date``: UTC, when
