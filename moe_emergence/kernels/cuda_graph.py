@@ -149,6 +149,7 @@ def _capture(
                     torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
         del outs
+        torch.clear_autocast_cache()  # the warm-ups' casts, freed before the capture rather than inside it
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         # one capture stream for both (they share a pool); thread_local: other threads' CUDA calls (NCCL's
         # watchdog) are no error during the capture
