@@ -12,8 +12,8 @@ first and measured in interleaved rounds; "graphed" variants run the whole model
 CUDA graphs (``train.cuda_graphs=model``, what ``auto`` takes; "dense graphed" is the dense model run alike, for
 scale: the ratios stay against the plain dense model), "layers-graphed" ones each MoE layer whole
 (``train.cuda_graphs=layers``), "experts-graphed" ones only its experts (``train.cuda_graphs=experts``); with
-``--compile`` also every model compiled (dense and MoE alike), against the compiled dense model. In the layer rows, which time the experts function alone, "graphed" is that function from
-its CUDA graphs (``ExpertsGraph``).
+``--compile`` also every model compiled (dense and MoE alike), against the compiled dense model. In the layer
+rows, which time the experts function alone, "graphed" is that function from its CUDA graphs (``ExpertsGraph``).
 Also: torch.profiler summaries of the E=8, T=8192 layers, and a torch.compile check (graph breaks).
 
     python scripts/bench_moe.py [--quick] [--skip-layer] [--skip-e2e] [--compile [MODE ...]] [--skip-compile]
