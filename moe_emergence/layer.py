@@ -32,6 +32,16 @@ GRAPHED_ROUTER_FIELDS = (
 )
 
 
+def graphed_fields(routing: RouterOutput) -> tuple[torch.Tensor, ...]:
+    """``routing``'s fields a CUDA graph returns (``GRAPHED_ROUTER_FIELDS``), in that order."""
+    return tuple(getattr(routing, f) for f in GRAPHED_ROUTER_FIELDS)
+
+
+def from_graphed_fields(fields) -> RouterOutput:
+    """The ``RouterOutput`` of ``fields`` as ``graphed_fields`` lists them (the variant fields None)."""
+    return RouterOutput(**dict(zip(GRAPHED_ROUTER_FIELDS, fields, strict=True)))
+
+
 def whole_layer_graph_unsupported(routing) -> str | None:
     """Why a whole-layer CUDA graph (``kernels.cuda_graph.LayerGraph``) cannot take a layer routed like
     ``routing`` (an ``MoEConfig`` or a ``Router``: the same field names), or None where it can. It takes
@@ -201,7 +211,7 @@ class MoEWrapper(nn.Module):
 
         def layer(x: torch.Tensor, *p: torch.Tensor) -> tuple[torch.Tensor, ...]:
             y, routing = torch.func.functional_call(self, dict(zip(names, p, strict=True)), (x,))
-            return (y, *(getattr(routing, f) for f in GRAPHED_ROUTER_FIELDS))
+            return (y, *graphed_fields(routing))
 
         # what the layer computes beyond its arguments: a change makes a new capture (buffers are read in place
         # at their address: one replaced by another tensor is a new capture, never a read of freed memory); each
@@ -211,7 +221,7 @@ class MoEWrapper(nn.Module):
             tuple((m.training, m.extra_repr()) for m in self.modules()),
         )
         y_TD, *fields = graph(key, layer, (x_TD,), params)
-        return y_TD, RouterOutput(**dict(zip(GRAPHED_ROUTER_FIELDS, fields, strict=True)))
+        return y_TD, from_graphed_fields(fields)
 
     def _expert_choice_dispatch(
         self, x_TD: torch.Tensor, tokens_EC: torch.Tensor, weights_EC: torch.Tensor

@@ -21,9 +21,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 V = 97  # not a multiple of 64: the aligned LM head pads on the GPU
 
 
-def _moe_model(top_k: int, device: str) -> GPT2MoEForCausalLM:
+def _moe_model(top_k: int, device: str, backend: str = "triton") -> GPT2MoEForCausalLM:
     moe = dict(
-        num_experts=5, top_k=top_k, layers=[0, 2], noise_std=0.5, noise_anneal_steps=9, backend="triton"
+        num_experts=5, top_k=top_k, layers=[0, 2], noise_std=0.5, noise_anneal_steps=9, backend=backend
     )
     cfg = GPT2MoEConfig(
         **tiny_gpt2_config(n_embd=32, n_inner=72, resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1).to_dict(),
@@ -177,3 +177,19 @@ def test_refuses_eval_mode_no_grad_and_cpu_tensors():
     with pytest.raises(RuntimeError, match="a training forward"):
         graph(model, ids, labels, [0, 2])
     assert graph.captures == 0
+
+
+def test_outputs_are_packed_and_unpacked_in_order_on_the_cpu(monkeypatch):
+    """What the graphs would replay, run directly (``Graphs.replay`` calling the captured function itself): the
+    loss and every layer's ``RouterOutput`` fields come back in their places, as the model returns them."""
+    model = _moe_model(2, "cpu", backend="eager")
+    monkeypatch.setattr(ModelGraph, "replay", lambda self, key, fn, inputs, params: fn(*inputs, *params))
+    ids, labels = _batch(0, "cpu")
+    torch.manual_seed(1)
+    got = ModelGraph()(model, ids, labels, [0, 2], output_router_logits=False)
+    torch.manual_seed(1)
+    want = model(input_ids=ids, labels=labels, output_router_logits=False)
+    assert torch.equal(got.loss, want.loss)
+    for i in (0, 2):
+        for f in GRAPHED_ROUTER_FIELDS:
+            assert torch.equal(getattr(got.router_outputs[i], f), getattr(want.router_outputs[i], f)), (i, f)

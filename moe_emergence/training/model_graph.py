@@ -32,9 +32,8 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from moe_emergence.kernels.cuda_graph import Graphs
-from moe_emergence.layer import GRAPHED_ROUTER_FIELDS
+from moe_emergence.layer import GRAPHED_ROUTER_FIELDS, from_graphed_fields, graphed_fields
 from moe_emergence.modeling import MoECausalLMOutput
-from moe_emergence.routing import RouterOutput
 
 
 class ModelGraph(Graphs):
@@ -71,8 +70,7 @@ class ModelGraph(Graphs):
             out = torch.func.functional_call(
                 model, dict(zip(names, p, strict=True)), (), {"input_ids": ids, "labels": lab, **options}
             )
-            routers = [out.router_outputs[i] for i in layers]
-            return (out.loss, *(getattr(r, f) for r in routers for f in GRAPHED_ROUTER_FIELDS))
+            return (out.loss, *(t for i in layers for t in graphed_fields(out.router_outputs[i])))
 
         # what the model computes beyond its arguments: the options; each module's training flag and settings
         # (its extra_repr: dropout p, router noise, experts' backend, ...); the config's attention implementation
@@ -94,8 +92,5 @@ class ModelGraph(Graphs):
         if not layers:
             return CausalLMOutputWithCrossAttentions(loss=loss)
         n = len(GRAPHED_ROUTER_FIELDS)
-        routers = {
-            i: RouterOutput(**dict(zip(GRAPHED_ROUTER_FIELDS, fields[j * n : (j + 1) * n], strict=True)))
-            for j, i in enumerate(layers)
-        }
+        routers = {i: from_graphed_fields(fields[j * n : (j + 1) * n]) for j, i in enumerate(layers)}
         return MoECausalLMOutput(loss=loss, router_outputs=routers)

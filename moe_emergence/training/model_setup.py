@@ -225,7 +225,10 @@ def cuda_graphs_on(
 def said_cuda_graphs(what: str | None, why: str | None) -> str:
     """The run's first line on a GPU, after ``train.cuda_graphs=<setting>: ``: what ``cuda_graphs_on`` chose."""
     if what == "model":
-        return "on: the whole MoE model's forward and backward run from CUDA graphs (micro-batches with padding directly)"
+        return (
+            "on: the whole MoE model's forward and backward run from CUDA graphs "
+            "(micro-batches with padding directly)"
+        )
     if what == "layers":
         return "on: each MoE layer runs whole from CUDA graphs, router and experts together"
     if what == "experts":
