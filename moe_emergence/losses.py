@@ -209,18 +209,26 @@ def routed_tokens_per_expert(
 
 @dataclass(frozen=True)
 class LossCoefs:
-    """Coefficients of the router losses in the objective (plain floats; ``schedules.loss_coefs_at``
-    gives the ones in force at an optimizer step)."""
+    """Coefficients of the router losses in the objective (``MoEConfig.loss_coefs`` gives the ones in force at
+    an optimizer step). Plain floats; ``lb_coef`` and ``z_coef`` may be 0-d float32 tensors holding such values
+    (the trainer's, read on the device: a CUDA graph of the step takes a schedule's new values as inputs)."""
 
-    lb_coef: float
-    z_coef: float
+    lb_coef: float | torch.Tensor
+    z_coef: float | torch.Tensor
     entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        """Raises ``ValueError`` unless lb_coef and z_coef are finite numbers >= 0 and entropy_coef is finite
-        (as ``MoEConfig`` requires)."""
+        """Raises ``ValueError`` unless lb_coef and z_coef are finite numbers >= 0 (or 0-d float32 tensors: their
+        values are not read, no host sync) and entropy_coef is a finite number (as ``MoEConfig`` requires)."""
         for name in ("lb_coef", "z_coef", "entropy_coef"):
             v = getattr(self, name)
+            if name != "entropy_coef" and isinstance(v, torch.Tensor):
+                if v.shape != () or v.dtype != torch.float32:
+                    raise ValueError(
+                        f"LossCoefs.{name} is a tensor of shape {tuple(v.shape)} and {v.dtype}: a 0-d float32 "
+                        "tensor or a finite number >= 0"
+                    )
+                continue
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or (name != "entropy_coef" and v < 0):
                 allowed = "a finite number" if name == "entropy_coef" else "a finite number >= 0"

@@ -51,6 +51,11 @@ back, so the host's drift, 40% and more between windows of one process on the H2
 ``vs_bare``: their median (bench_moe's end-to-end rows take the same median of interleaved rounds). The bare
 steps train the model too.
 
+On a GPU the record also holds ``peak_allocated_gib`` (``torch.cuda.max_memory_allocated``: the process's peak
+since its start, warm-up, CUDA-graph captures and bare steps included) and ``reserved_gib`` (what the caching
+allocator holds at the end, graph pools included); ``timed_cuda_graph_captures``: captures during the timed
+steps (a new batch shape or setting; their time is in the walls).
+
 OUT.json gets ``{"rank": r, "world": P, ...}`` lines, one per process. Needs a GPU, except with
 ``--no-profiler`` (walls; ``--time-snapshot``, ``--bare`` and ``--host-phases`` too), which also runs on the CPU.
 """
@@ -120,10 +125,15 @@ def _sync() -> None:
 
 def _bare_step(trainer, batch: dict[str, torch.Tensor], graph=None) -> None:
     """One step of the benchmark's loop (``bench_moe.train_step``) on the trainer's model and torch optimizer;
-    with ``graph`` (a ``ModelGraph`` of its own, where the trainer has one: ``train.cuda_graphs=model``) its
-    forward and backward replayed from it, as bench_moe's "graphed" models run."""
+    with ``graph`` (a ``ModelGraph`` of its own, where the trainer has a step graph: ``train.cuda_graphs=model``)
+    its forward and backward replayed from it, as bench_moe's "graphed" models run. The trainer's ``.grad``
+    tensors (zeros between its steps) are set aside meanwhile and put back: its step graph adds into them."""
     from moe_emergence.training.rollback import inner_optimizer
 
+    params = list(trainer.model.parameters())
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
     device = trainer.accelerator.device  # the precision accelerate resolved (train.mixed_precision=auto too)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision)
     torch.compiler.cudagraph_mark_step_begin()
@@ -137,6 +147,8 @@ def _bare_step(trainer, batch: dict[str, torch.Tensor], graph=None) -> None:
     opt = inner_optimizer(trainer.optimizer)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    for p, g in zip(params, kept, strict=True):
+        p.grad = g
 
 
 def _timed_windows(steps: int, repeat: int, trainer_step, bare_step) -> tuple[list[float], list[float]]:
@@ -164,6 +176,7 @@ def _measure(
     ``host``. ``refreeze``: ``loop.long_lived_frozen``'s, called after the warm-up (and its upcycle), as the
     loop does after an upcycle."""
     from moe_emergence.data import rows_of
+    from moe_emergence.training import model_setup
 
     for _ in range(args.warmup):
         trainer.upcycle_if_due()
@@ -183,12 +196,13 @@ def _measure(
             for k, v in trainer.collate(rows_of(trainer.train_rows, rows)).items()
         }
         graph = None
-        if trainer.model_graph is not None:
+        if trainer.step_graph is not None:
             from moe_emergence.training.model_graph import ModelGraph
 
             graph = ModelGraph()
         _bare_step(trainer, batch, graph)  # its own warm-up (and capture)
         bare_step = functools.partial(_bare_step, trainer, batch, graph)
+    captures = model_setup.graph_captures(trainer.unwrapped, trainer.step_graph) if trainer.moe else 0
     with contextlib.ExitStack() as patches:  # the wrappers go again at the end (a later run in this process)
         snapshot = patches.enter_context(_time_snapshot()) if args.time_snapshot else None
         if not args.no_profiler:
@@ -203,6 +217,12 @@ def _measure(
             contextlib.nullcontext() if args.no_profiler else torch.profiler.profile(activities=acts) as prof
         ):
             walls, bare = _timed_windows(args.steps, args.repeat, lambda: trainer.train_step(None), bare_step)
+    if (
+        trainer.moe
+    ):  # a capture among the timed steps (a new batch shape, a changed setting) is in their walls
+        host["cuda_graph_captures"] = (
+            model_setup.graph_captures(trainer.unwrapped, trainer.step_graph) - captures
+        )
     return walls, bare, prof, snapshot
 
 
@@ -263,8 +283,8 @@ def _annotated_phases(trainer, scope):
         (trainer_module, "params_and_buffers", "walk"),
         (trainer_module, "step_flags", "guard_vector"),
     )
-    if trainer.model_graph is not None:  # train.cuda_graphs=model: the forward is the graph's replay
-        calls += ((trainer, "model_graph", "forward"),)
+    if trainer.step_graph is not None:  # train.cuda_graphs=model: forward, loss and backward in one replay
+        calls += ((trainer, "step_graph", "graph"),)
     with contextlib.ExitStack() as patches:
         for obj, attr, name in calls:
             patches.enter_context(_patched(obj, attr, wrapped(name, getattr(obj, attr))))
@@ -394,6 +414,7 @@ def _main(argv: list[str] | None) -> int:
     if args.trace and prof is not None:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(args.trace) / f"rank{trainer.accelerator.process_index}.json"))
+    timed_captures = host.pop("cuda_graph_captures", None)
     per_step |= {f"host_{k}": v * 1000.0 / (args.steps * args.repeat) for k, v in host.items()}
     if snapshot is not None:
         per_step |= {k: v / max(snapshot["calls"], 1) for k, v in snapshot.items() if k != "calls"}
@@ -406,7 +427,11 @@ def _main(argv: list[str] | None) -> int:
         "wall_ms": statistics.median(walls),
         **({"wall_ms_windows": walls} if args.repeat > 1 else {}),
         **{f"{k}_ms": v for k, v in sorted(per_step.items())},
+        **({} if timed_captures is None else {"timed_cuda_graph_captures": int(timed_captures)}),
     }
+    if torch.cuda.is_available():  # the process's peak since its start (warm-up, captures and bare steps too)
+        record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record["reserved_gib"] = torch.cuda.memory_reserved() / 2**30
     if prof is not None:
         record["exposed_ms"] = record["wall_ms"] - record.get("compute_ms", 0.0)
     if bare:

@@ -196,7 +196,8 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
     for g in ("model", "layers", "experts", "none"):
         runs[g] = train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}"))
         said = {
-            "model": "train.cuda_graphs=model: on: the whole MoE model's forward and backward run from CUDA graphs",
+            "model": "train.cuda_graphs=model: on: each micro-batch's whole step, forward, objective and backward, runs "
+            "from one CUDA graph",
             "layers": "train.cuda_graphs=layers: on: each MoE layer runs whole from CUDA graphs, router and experts",
             "experts": "train.cuda_graphs=experts: on: each MoE layer's experts run from CUDA graphs",
             "none": "train.cuda_graphs=none: off: train.cuda_graphs=none",

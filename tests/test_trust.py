@@ -1100,7 +1100,7 @@ def _rejected_step_then_a_good_one(acc) -> None:
     model = acc.prepare(torch.nn.Linear(4, 2))
     opt = acc.prepare(ShardLocalAdamW(model.parameters(), lr=0.1, fused=True))
     trainer = SimpleNamespace(
-        accelerator=acc, optimizer=opt, verified=VerifiedState(model, opt, 1, lambda x: x)
+        accelerator=acc, optimizer=opt, verified=VerifiedState(model, opt, 1, lambda x: x), step_graph=None
     )
 
     def step(check: StepCheck) -> None:

@@ -19,9 +19,12 @@ Three owners of such graphs, one mechanism (``Graphs``: ``_capture`` / ``_Replay
 - ``ExpertsGraph`` (``ExpertBank.cuda_graph``): the experts call ``fn(x_TD, w1, b1, w2, b2, indices_TK,
   weights_TK, activation)`` alone, for the routing variants a whole-layer graph does not take.
 - ``training.model_graph.ModelGraph``: a whole causal LM's training forward (its loss and the MoE layers'
-  ``RouterOutput`` fields) and backward, for the trainer (a model is code for one device; the trainer owns it).
+  ``RouterOutput`` fields) and backward (the benchmarks' graphed loops; a model is code for one device, so
+  graphs of a whole model live with the training code).
 
-The trainer sets one of them (``train.cuda_graphs``). How they behave:
+The trainer sets one of the layers' (``train.cuda_graphs``), or, for ``model``, captures each micro-batch's whole
+step, objective and gradient accumulation included, as one graph (``training.step_graph.StepGraph``: its own
+rules, on ``signature`` and ``WARMUP_CALLS`` from here). How these behave:
 
 - Replayed only where a backward follows: training mode with autograd on. Eval, ``no_grad`` and generation call
   the layer directly.
@@ -80,7 +83,10 @@ class _Captured:
     owner: tuple[str, str] = ("MoE layer", "layer")  # what the graphs are of, for errors: its name, its noun
 
 
-def _signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple:
+def signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple:
+    """What a capture depends on beyond ``key``: the device, the inputs' shapes, dtypes and ``requires_grad``, the
+    parameters' storage (pointer, shape, dtype, ``requires_grad``), the autocast state and the float32 matmul
+    precision (module docstring)."""
     device_type = inputs[0].device.type
     autocast = torch.is_autocast_enabled(device_type)
     return (
@@ -287,7 +293,7 @@ class Graphs:
             raise ValueError(
                 f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} ({self.direct})"
             )
-        sig = _signature(key, params, inputs)
+        sig = signature(key, params, inputs)
         graphs = self._captured.get(sig)
         if graphs is None:
             self.capturing = True

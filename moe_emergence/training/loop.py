@@ -190,7 +190,7 @@ class RunLoop:
         record[keys.TOKENS_PER_SEC] = tps
         # graphed layers: captures that grow mid-run mean changing batch shapes (each capture stalls the step)
         if t.cuda_graphs and out.moe is not None:
-            record[keys.CUDA_GRAPH_CAPTURES] = float(model_setup.graph_captures(t.unwrapped, t.model_graph))
+            record[keys.CUDA_GRAPH_CAPTURES] = float(model_setup.graph_captures(t.unwrapped, t.step_graph))
         return record
 
     def _flush_tokens(self) -> None:

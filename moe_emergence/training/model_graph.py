@@ -1,4 +1,4 @@
-"""A causal LM's whole training forward and backward replayed from CUDA graphs (``train.cuda_graphs=model``).
+"""A causal LM's whole training forward and backward replayed from CUDA graphs (the benchmarks' graphed loops).
 
 Shapes (legend: docs/architecture.md): B rows, S positions, E experts, K experts per token, T = B * S tokens.
 
@@ -12,18 +12,18 @@ in place; inputs copied in, outputs and gradients copied out; one backward per f
 shapes, a moved parameter, a changed training flag or module setting (a dropout's p, a router's noise: each
 module's ``extra_repr``) or attention implementation.
 
-What it needs (``model_setup.cuda_graphs_on`` resolves ``train.cuda_graphs``): a GPU, an uncompiled model on
-one process, not sharded, whose MoE layers never wait on the device (the conditions of ``layers``); and a
-micro-batch without padding (with an attention mask transformers reads the mask on the host: the trainer runs
-such a micro-batch directly). The graphed output has the loss and ``router_outputs`` only (``logits`` None:
+What it needs: a GPU, an uncompiled model, not sharded, whose MoE layers never wait on the device (the
+conditions of ``train.cuda_graphs=layers``), and a batch without padding (with an attention mask transformers
+reads the mask on the host). The trainer's ``train.cuda_graphs=model`` goes further: ``step_graph.StepGraph``
+captures the objective and the gradient accumulation with the model; ``ModelGraph`` is what the benchmarks'
+graphed loops (``scripts/bench_moe.py``, ``scripts/profile_step.py --bare``) replay. The graphed output has the loss and ``router_outputs`` only (``logits`` None:
 the training step does not read them; evaluation and generation run the model directly).
 
 A plain ``GPT2LMHeadModel`` in training (no mask, no KV cache) is graphed but not computed alike: transformers
 (5.x, ``masking_utils.find_packed_sequence_indices``) searches its position ids for packed sequences with a
 check read on the host, skipped while a stream captures, so the captured forward attends through another path
 than the eager one (the same values up to rounding; other dropout masks). ``GPT2MoEForCausalLM`` avoids the
-search (``modeling._KeepNothingCache``): its graphs compute bit for bit what it computes directly. The trainer
-graphs MoE models only.
+search (``modeling._KeepNothingCache``): its graphs compute bit for bit what it computes directly.
 """
 
 from __future__ import annotations
@@ -34,6 +34,22 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from moe_emergence.kernels.cuda_graph import Graphs
 from moe_emergence.layer import GRAPHED_ROUTER_FIELDS, from_graphed_fields, graphed_fields
 from moe_emergence.modeling import MoECausalLMOutput
+
+
+def model_key(model: torch.nn.Module) -> tuple:
+    """What a captured training step of ``model`` computes beyond its arguments and parameters: the model itself;
+    each module's training flag and settings (its ``extra_repr``: dropout p, router noise, experts' backend, ...);
+    the config's attention implementation and the defaults a call may leave to it; the buffers (router step,
+    selection bias), read in place at their address: one replaced by another tensor is a new capture."""
+    config = model.config
+    return (
+        id(model),
+        tuple((m.training, m.extra_repr()) for m in model.modules()),
+        tuple(
+            getattr(config, k, None) for k in ("_attn_implementation", "output_router_logits", "use_cache")
+        ),
+        tuple((b.data_ptr(), b.shape, b.dtype) for b in model.buffers()),
+    )
 
 
 class ModelGraph(Graphs):
@@ -72,22 +88,7 @@ class ModelGraph(Graphs):
             )
             return (out.loss, *(t for i in layers for t in graphed_fields(out.router_outputs[i])))
 
-        # what the model computes beyond its arguments: the options; each module's training flag and settings
-        # (its extra_repr: dropout p, router noise, experts' backend, ...); the config's attention implementation
-        # and defaults the options may leave to it; the buffers (router step, selection bias), read in place at
-        # their address: one replaced by another tensor is a new capture
-        config = model.config
-        key = (
-            id(model),
-            layers,
-            tuple(sorted(options.items())),
-            tuple((m.training, m.extra_repr()) for m in model.modules()),
-            tuple(
-                getattr(config, k, None)
-                for k in ("_attn_implementation", "output_router_logits", "use_cache")
-            ),
-            tuple((b.data_ptr(), b.shape, b.dtype) for b in model.buffers()),
-        )
+        key = (*model_key(model), layers, tuple(sorted(options.items())))
         loss, *fields = self.replay(key, forward, (input_ids, labels), params)
         if not layers:
             return CausalLMOutputWithCrossAttentions(loss=loss)

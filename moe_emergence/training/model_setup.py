@@ -226,7 +226,7 @@ def said_cuda_graphs(what: str | None, why: str | None) -> str:
     """The run's first line on a GPU, after ``train.cuda_graphs=<setting>: ``: what ``cuda_graphs_on`` chose."""
     if what == "model":
         return (
-            "on: the whole MoE model's forward and backward run from CUDA graphs "
+            "on: each micro-batch's whole step, forward, objective and backward, runs from one CUDA graph "
             "(micro-batches with padding directly)"
         )
     if what == "layers":
@@ -241,7 +241,7 @@ def said_cuda_graphs(what: str | None, why: str | None) -> str:
 def graph_layers(model: torch.nn.Module, what: str) -> None:
     """Give every MoE layer its own CUDA graphs (``train.cuda_graphs``): ``what`` = ``"layers"``, a
     ``LayerGraph`` of the whole layer, or ``"experts"``, an ``ExpertsGraph`` of its ``ExpertBank``; ``"model"``:
-    none (the trainer's ``ModelGraph`` captures the layers with the rest of the model)."""
+    none (the trainer's ``StepGraph`` captures the layers with the rest of the micro-batch's step)."""
     from moe_emergence.kernels.cuda_graph import ExpertsGraph, LayerGraph
 
     for layer in model.moe_layers().values():
@@ -253,12 +253,12 @@ def graph_layers(model: torch.nn.Module, what: str) -> None:
             layer.cuda_graph = layer.experts.cuda_graph = None
 
 
-def graph_captures(model: torch.nn.Module, model_graph=None) -> int:
-    """CUDA-graph signatures captured so far by the model's MoE layers (``graph_layers``) or by ``model_graph``
-    (a ``ModelGraph``), dropped ones included."""
+def graph_captures(model: torch.nn.Module, step_graph=None) -> int:
+    """CUDA-graph signatures captured so far by the model's MoE layers (``graph_layers``) or by ``step_graph``
+    (the trainer's ``StepGraph``), dropped ones included."""
     graphs = [(layer.cuda_graph, layer.experts.cuda_graph) for layer in model.moe_layers().values()]
     layers = sum(g.captures for pair in graphs for g in pair if g is not None)
-    return layers + (model_graph.captures if model_graph is not None else 0)
+    return layers + (step_graph.captures if step_graph is not None else 0)
 
 
 def model_dims(model) -> dict[str, int | None]:

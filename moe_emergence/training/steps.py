@@ -17,8 +17,8 @@ micro-batch's objective is scaled by ``grad_accum * num_processes`` before its b
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,11 @@ class MoEStep:
     collect_tokens_per_expert: bool
     selection_bias: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def with_coefs(self, coefs: torch.Tensor) -> MoEStep:
+        """This step with ``lb_coef`` and ``z_coef`` read from ``coefs``, float32 ``[2]`` on the device (the
+        same values: the objective then takes them as tensors, as the step's CUDA graph does)."""
+        return replace(self, coefs=LossCoefs(coefs[0], coefs[1], self.coefs.entropy_coef))
+
 
 @dataclass
 class StepResult:
@@ -105,13 +110,36 @@ class StepSums:
     gradient is taken: each micro-batch's ``moe_objective(...).loss`` with its shares, summed);
     bad_L2: per MoE layer, router logits non-finite / a router loss non-finite; variants: telemetry of the
     routing variants (``variant_metrics``), already divided by the micro-batch count; tokens_per_expert:
-    ``{block: [E]}`` routed tokens per expert (aux-loss-free balancing)."""
+    ``{block: [E]}`` float32 routed tokens per expert of ``tokens_per_expert_layers`` (aux-loss-free
+    balancing). Every tensor but the variants' is updated in place (a CUDA graph of the step adds into them)."""
 
-    def __init__(self, num_layers: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        device: torch.device,
+        tokens_per_expert_layers: Sequence[int] = (),
+        num_experts: int = 0,
+    ) -> None:
         self.totals = torch.zeros(5, dtype=torch.float64, device=device)
         self.bad_L2 = torch.zeros(num_layers, 2, dtype=torch.bool, device=device)
         self.variants: dict[str, torch.Tensor] = {}
-        self.tokens_per_expert: dict[int, torch.Tensor] = {}
+        self.tokens_per_expert = {
+            i: torch.zeros(num_experts, dtype=torch.float32, device=device) for i in tokens_per_expert_layers
+        }
+
+    @classmethod
+    def of(cls, moe: MoEStep | None, device: torch.device) -> StepSums:
+        """Zeroed sums for a step of ``moe`` (None: a dense model)."""
+        if moe is None:
+            return cls(0, device)
+        collected = moe.layers if moe.collect_tokens_per_expert else ()
+        return cls(len(moe.layers), device, collected, moe.num_experts)
+
+    def zero_(self) -> StepSums:
+        """Ready for a new step, in place (the tensors keep their addresses); the variants dropped."""
+        torch._foreach_zero_([self.totals, self.bad_L2, *self.tokens_per_expert.values()])
+        self.variants = {}
+        return self
 
 
 def nonfinite_flags(routers: list[RouterOutput], lb_L: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
@@ -175,15 +203,27 @@ def micro_batch_loss(
     sums.totals += torch.stack(terms).detach().double()
     sums.bad_L2 |= nonfinite_flags(routers, obj.lb_loss_L, obj.z_loss_L)
     if routing is not None:
-        routing.add(outs, mask_T, batch["domain_ids"])
-        for k, v in variant_metrics(outs, mask_T, moe.selection_bias).items():
-            sums.variants[k] = sums.variants.get(k, 0.0) + v.detach() / scale
+        add_routing(outs, mask_T, batch["domain_ids"], moe, sums, routing, scale)
     if moe.collect_tokens_per_expert:
         for i, r in outs.items():
-            sums.tokens_per_expert[i] = sums.tokens_per_expert.get(i, 0.0) + routed_tokens_per_expert(
-                r, moe.num_experts, mask_T
-            )
+            sums.tokens_per_expert[i] += routed_tokens_per_expert(r, moe.num_experts, mask_T)
     return obj.loss * scale
+
+
+def add_routing(
+    outs: dict[int, RouterOutput],
+    mask_T: torch.Tensor,
+    domain_ids: torch.Tensor,
+    moe: MoEStep,
+    sums: StepSums,
+    routing: LayerRoutingStats,
+    scale: float,
+) -> None:
+    """A micro-batch's routing telemetry: its ``{block: RouterOutput}`` added to ``routing`` (``mask_T`` ``[T]``,
+    ``domain_ids`` ``[B, S]``) and its variant metrics, divided by ``scale``, to ``sums.variants``."""
+    routing.add(outs, mask_T, domain_ids)
+    for k, v in variant_metrics(outs, mask_T, moe.selection_bias).items():
+        sums.variants[k] = sums.variants.get(k, 0.0) + v.detach() / scale
 
 
 @torch.no_grad()

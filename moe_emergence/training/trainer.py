@@ -32,16 +32,17 @@ from moe_emergence.training.config import RunConfig
 from moe_emergence.training.evalset import eval_blocks, shard_batches
 from moe_emergence.training.guard import StepCheck
 from moe_emergence.training.loop import RunLoop, Stop, TrainResult
-from moe_emergence.training.model_graph import ModelGraph
 from moe_emergence.training.optim import build_optimizer, lr_multiplier, reset_base_lrs, set_lr
 from moe_emergence.training.rollback import VerifiedState, any_nonfinite, first_nonfinite, params_and_buffers
 from moe_emergence.training.rundir import RunFolder, check_model_dims, resolve_resume
 from moe_emergence.training.sampler import BlockSampler
 from moe_emergence.training.signals import StopSignals
+from moe_emergence.training.step_graph import StepGraph
 from moe_emergence.training.steps import (
     MoEStep,
     StepResult,
     StepSums,
+    add_routing,
     batch_to_device,
     clip_grad_norm_,
     evaluate,
@@ -174,7 +175,7 @@ class Trainer:
         if getattr(self, "model", None) is not None:
             known_bad = self.verified.known_bad
             self.model = self.optimizer = self.verified = None  # the old snapshot too
-            self.model_graph = None  # the old model's graphs and their memory
+            self.step_graph = self.sums = None  # the old model's graph, its memory and the sums it adds into
             acc.free_memory()
         model.train()
         if self.cfg.train.compile:
@@ -182,7 +183,8 @@ class Trainer:
         graphed = self.cuda_graphs is not None and model_setup.is_moe(model)
         if graphed:
             model_setup.graph_layers(model, self.cuda_graphs)
-        self.model_graph = ModelGraph() if graphed and self.cuda_graphs == "model" else None
+        self.step_graph = StepGraph() if graphed and self.cuda_graphs == "model" else None
+        self.sums = None  # with a step graph: the one StepSums its captures add into, zeroed each step
         optimizer = build_optimizer(model, self.cfg.optim)
         self.model, self.optimizer = self._wrap(model, optimizer)
         self.unwrapped = acc.unwrap_model(self.model)
@@ -222,32 +224,58 @@ class Trainer:
         scale = self.cfg.train.grad_accum * acc.num_processes
         batches = [self.collate(rows_of(self.train_rows, rows)) for rows in self.sampler.next_step()]
         per_batch = [shifted_token_counts(b) for b in batches]  # on the CPU copies
-        # one copy to the device: the step's counts, then each micro-batch's
-        counts_all = to_device(torch.stack([sum(per_batch), *per_batch]), device)
+        step_moe = self._moe_step() if self.moe else None  # its loss coefficients as floats, for the record
+        coefs = [step_moe.coefs.lb_coef, step_moe.coefs.z_coef] if step_moe else [0.0, 0.0]
+        # one copy to the device: the step's token counts, each micro-batch's, the loss coefficients in force
+        counts_all = to_device(
+            torch.stack([sum(per_batch), *per_batch, torch.tensor(coefs).double()]), device
+        )
         counts = self.reduce_sum(counts_all[0])
         n_step = counts.clamp_min(1)
-        moe = self._moe_step() if self.moe else None
-        sums = StepSums(len(moe.layers) if moe else 0, device)
-        kw = {"output_router_logits": False} if moe else {}  # the objective is computed below, once
+        coefs_t = counts_all[-1].float()  # read on the device, by both paths of _micro_batch alike
+        moe = step_moe.with_coefs(coefs_t) if step_moe else None
+        sums = self._step_sums(moe, device)
         for m, batch in enumerate(batches):
             padded = has_padding(batch)  # read on the CPU copy
             batch = batch_to_device(batch, device)
             with acc.accumulate(self.model):
                 torch.compiler.cudagraph_mark_step_begin()  # compile_mode=reduce-overhead: a new CUDA-graph step
-                if self.model_graph is not None and not padded:  # the whole forward and backward from graphs
-                    out = self.model_graph(self.model, batch["input_ids"], batch["labels"], moe.layers, **kw)
-                else:
-                    out = self.model(
-                        input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"] if padded else None,
-                        labels=batch["labels"],
-                        **kw,
-                    )
-                loss = micro_batch_loss(
-                    out, batch, n_step, scale, moe, sums, routing, padded, counts=counts_all[m + 1]
+                shares = (n_step, counts_all[m + 1], coefs_t, scale)
+                self._micro_batch(batch, padded, shares, moe, sums, routing)
+        return self._finish_step(step_moe, sums, counts[1], signals)
+
+    def _micro_batch(
+        self, batch: dict, padded: bool, shares: tuple, moe: MoEStep | None, sums: StepSums, routing
+    ):
+        """One micro-batch's forward, objective (``micro_batch_loss``) and backward: replayed from the step graph
+        where there is one and the batch has no padding, else run directly. ``shares``: the step's token counts,
+        this micro-batch's, the loss coefficients ``[2]`` and the micro-batch scale."""
+        n_step, counts, coefs_t, scale = shares
+        if self.step_graph is not None and not padded:
+            outs = self.step_graph(
+                self.model, self.accelerator, batch, n_step, counts, coefs_t, moe, sums, scale
+            )
+            if routing is not None:
+                add_routing(
+                    outs, batch["attention_mask"].reshape(-1), batch["domain_ids"], moe, sums, routing, scale
                 )
-                acc.backward(loss)
-        return self._finish_step(moe, sums, counts[1], signals)
+            return
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"] if padded else None,
+            labels=batch["labels"],
+            **({"output_router_logits": False} if moe else {}),  # the objective is computed once, below
+        )
+        loss = micro_batch_loss(out, batch, n_step, scale, moe, sums, routing, padded, counts=counts)
+        self.accelerator.backward(loss)
+
+    def _step_sums(self, moe: MoEStep | None, device: torch.device) -> StepSums:
+        """Zeroed sums for this step: new ones, or, with a step graph, the one set its captures add into."""
+        if self.step_graph is None:
+            return StepSums.of(moe, device)
+        if self.sums is None:
+            self.sums = StepSums.of(moe, device)
+        return self.sums.zero_()
 
     def _moe_step(self) -> MoEStep:
         """This step's ``MoEStep``: router step and loss coefficients from the steps since the upcycle."""
@@ -294,7 +322,8 @@ class Trainer:
         guard.update(self.state, check, self.state.step, cfg.guard, verified)
         self.state.last_applied = check.good
         variants = {k: self.reduce_sum(v) for k, v in sums.variants.items()}
-        return StepResult(sums.totals, tokens, grad_norm, lrs, variants, check, moe)
+        totals = sums.totals.clone() if sums is self.sums else sums.totals  # the next step zeroes self.sums
+        return StepResult(totals, tokens, grad_norm, lrs, variants, check, moe)
 
     def _apply_or_roll_back(self, check: StepCheck, tensors: list[torch.Tensor]) -> None:
         """A good step: snapshot the state its loss verified (when due), then take the optimizer step. A bad
@@ -314,7 +343,8 @@ class Trainer:
             elif scaler is not None:
                 scaler.update()
             self.verified.roll_back()
-        self.optimizer.zero_grad(set_to_none=True)
+        # a step graph adds into the .grad tensors it was captured with: zeroed in place, kept at their address
+        self.optimizer.zero_grad(set_to_none=self.step_graph is None)
 
     def _lr_mult(self, step: int) -> float:
         o = self.cfg.optim

@@ -1,0 +1,227 @@
+"""One micro-batch's whole training step replayed from one CUDA graph (``train.cuda_graphs=model``).
+
+Shapes (legend: docs/architecture.md): B rows, S positions, T = B * S tokens, E experts, L MoE layers.
+
+Uncompiled, the trainer's step is bound by the host, even with the model's forward and its backward each
+replayed from a graph (``model_graph.ModelGraph``): the objective's small ops, autograd's walk through the
+graphed function, a copy of every gradient out of the graph and one AccumulateGrad per parameter cost more
+host time than the GPU takes to run the step (H200: docs/benchmarks.md). ``StepGraph`` captures all of one
+micro-batch's work as one graph: the forward, the objective (``steps.micro_batch_loss``: the loss with its
+shares of the step, the step's sums and flags) and the backward, whose gradients accumulate in place into
+each parameter's ``.grad``. A replay copies the micro-batch's token ids, labels, mask and counts, the step's
+token counts and its loss coefficients into the graph's input buffers and launches the graph once.
+
+A replay leaves what the direct micro-batch leaves (bit for bit: tests/test_step_graph.py): the parameters'
+``.grad`` plus this micro-batch's gradients, the ``StepSums`` tensors plus its terms and flags (and its
+tokens per expert); it returns each MoE layer's ``RouterOutput`` for routing telemetry, in the graph's own
+memory: read it before the next replay.
+
+Rules:
+
+- Gradients: every parameter that requires one keeps a ``.grad`` tensor at one address (the trainer zeroes
+  them in place, ``zero_grad(set_to_none=False)``); a missing one is made, zeros, before the key is taken. The
+  capture checks that the loss reaches every such parameter: a ``RuntimeError`` names those it does not (their
+  zero gradient would let AdamW decay parameters the direct step leaves alone).
+- A new capture for a new signature: shapes and dtypes of the inputs; the storage of the parameters, their
+  gradients and the sums; the model's settings and buffers (``model_graph.model_key``); the objective's
+  settings (the micro-batch scale, the gradient accumulation steps, the entropy coefficient, global counts,
+  tokens per expert); autocast and the float32 matmul precision. The coefficients a schedule changes every
+  step (``lb_coef``, ``z_coef``) are inputs, not part of it. At most ``max_signatures`` are kept, each with
+  the memory of one micro-batch's forward and backward (its own pool).
+- The capture follows two warm-up calls on a side stream (Triton autotuning and lazy initialisation stay out
+  of the graph) that leave nothing behind: their random draws under ``fork_rng``, their gradients in fresh
+  tensors dropped afterwards, the sums put back. Random draws (dropout, router noise) are graph-safe: each
+  replay advances the default CUDA generator as the direct step would.
+- What it needs (``model_setup.cuda_graphs_on``): a GPU, one process, an uncompiled MoE model, not sharded,
+  whose MoE layers never wait on the device, and a micro-batch without padding (transformers reads an
+  attention mask on the host: the trainer runs such a micro-batch directly, into the same gradients and sums).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moe_emergence.kernels.cuda_graph import WARMUP_CALLS, signature
+from moe_emergence.layer import GRAPHED_ROUTER_FIELDS, from_graphed_fields, graphed_fields
+from moe_emergence.routing import RouterOutput
+from moe_emergence.training.model_graph import model_key
+from moe_emergence.training.steps import MoEStep, StepSums, micro_batch_loss
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class _Captured:
+    """One signature's graph and the static tensors it reads (inputs) and writes (outputs)."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+
+def _warm_up(run: Callable[[], object], params: Sequence[Tensor], state: Sequence[Tensor]) -> list[int]:
+    """``run()`` ``WARMUP_CALLS`` times on a side stream, leaving no trace: random draws under ``fork_rng``,
+    gradients into fresh tensors (each ``.grad`` put back after), ``state`` (tensors ``run`` adds into) restored.
+    Returns the indices of the ``params`` that require a gradient and got none."""
+    grads = [p.grad for p in params]
+    saved = [t.clone() for t in state]
+    for p in params:
+        p.grad = None
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side), torch.random.fork_rng(devices=[current.device]):
+        for _ in range(WARMUP_CALLS):
+            run()
+    current.wait_stream(side)
+    unreached = [i for i, p in enumerate(params) if p.requires_grad and p.grad is None]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    if state:
+        torch._foreach_copy_(list(state), saved)
+    return unreached
+
+
+def _capture(
+    fn: Callable[..., tuple[Tensor, ...]],
+    inputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+    names: Sequence[str],
+    state: Sequence[Tensor],
+) -> _Captured:
+    """Warm up ``fn(*inputs)`` (``_warm_up``), then capture it into one graph with a private memory pool. The
+    autocast cache is cleared before each call and after the capture: a cast made outside the capture would be
+    replayed as freed memory (``kernels.cuda_graph._capture``)."""
+    statics = tuple(t.detach().clone() for t in inputs)
+
+    def run() -> tuple[Tensor, ...]:
+        torch.clear_autocast_cache()
+        return fn(*statics)
+
+    with torch.cuda.device(statics[0].device):
+        unreached = _warm_up(run, params, state)
+        if unreached:
+            raise RuntimeError(
+                "CUDA-graphed training step: the loss does not reach "
+                f"{', '.join(names[i] for i in unreached[:5])}{' ...' if len(unreached) > 5 else ''} "
+                f"({len(unreached)} parameters requiring a gradient); a graph would give them zero gradients "
+                "that the optimizer acts on: freeze them (requires_grad=False) or train with "
+                "train.cuda_graphs=layers"
+            )
+        torch.clear_autocast_cache()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads' CUDA calls (NCCL's watchdog) are no error during the capture
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            outputs = tuple(t.detach() for t in run())
+    torch.clear_autocast_cache()
+    return _Captured(graph, statics, outputs)
+
+
+class StepGraph:
+    """The captured signatures of one model's training micro-step (module docstring), least recently used
+    first; at most ``max_signatures`` kept (the training shape and a last, shorter batch)."""
+
+    max_signatures = 2
+
+    def __init__(self) -> None:
+        self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.captures = 0  # signatures captured so far, dropped ones included (each costs time and memory)
+
+    def __len__(self) -> int:
+        """Signatures captured and kept."""
+        return len(self._captured)
+
+    def __reduce__(self):
+        """A copy starts without captures (they read and write the original's memory)."""
+        return (type(self), ())
+
+    def replay(
+        self,
+        key: Hashable,
+        fn: Callable[..., tuple[Tensor, ...]],
+        inputs: Sequence[Tensor],
+        named_params: Sequence[tuple[str, Tensor]],
+        state: Sequence[Tensor],
+    ) -> tuple[Tensor, ...]:
+        """Run ``fn(*inputs)`` for its effects on the parameters' ``.grad`` and on ``state`` (tensors it adds
+        into in place), replayed from the graph of this call's signature (captured now if new). Returns
+        ``fn``'s outputs, static: valid until the next replay. ``ValueError`` for inputs off a CUDA device;
+        ``RuntimeError`` where the loss does not reach a parameter that requires a gradient."""
+        if inputs[0].device.type != "cuda":
+            raise ValueError(
+                f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} "
+                "(train with train.cuda_graphs=none)"
+            )
+        names, params = zip(*named_params, strict=True)
+        for p in params:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sig = (
+            signature(key, params, inputs),
+            tuple(p.grad.data_ptr() if p.grad is not None else 0 for p in params),
+            tuple(t.data_ptr() for t in state),
+        )
+        captured = self._captured.get(sig)
+        if captured is None:
+            captured = self._captured[sig] = _capture(fn, inputs, params, names, state)
+            self.captures += 1
+            if len(self._captured) > self.max_signatures:
+                self._captured.popitem(last=False)
+        self._captured.move_to_end(sig)
+        torch._foreach_copy_(list(captured.inputs), list(inputs))  # one launch per dtype
+        captured.graph.replay()
+        return captured.outputs
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        accelerator,
+        batch: dict[str, Tensor],
+        n_step: Tensor,
+        counts: Tensor,
+        coefs: Tensor,
+        moe: MoEStep,
+        sums: StepSums,
+        scale: float,
+    ) -> dict[int, RouterOutput]:
+        """The trainer's micro-batch, replayed: ``model(input_ids, labels)`` (the prepared model, in training),
+        ``steps.micro_batch_loss`` with its arguments (``padded`` False) and ``accelerator.backward`` of the
+        loss. ``batch``: ``input_ids``, ``labels``, ``attention_mask`` ``[B, S]`` on the GPU, no padding;
+        ``n_step``, ``counts``: float64 ``[2]`` token counts of the step and of this micro-batch; ``coefs``:
+        float32 ``[2]``, ``lb_coef`` and ``z_coef`` in force. Returns ``{block: RouterOutput}`` (static)."""
+        layers = tuple(moe.layers)
+        entropy_coef = moe.coefs.entropy_coef
+
+        def step(ids: Tensor, labels: Tensor, mask: Tensor, c: Tensor, n: Tensor, k: Tensor):
+            out = model(input_ids=ids, labels=labels, output_router_logits=False)
+            graphed = moe.with_coefs(k)
+            b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            loss = micro_batch_loss(out, b, n, scale, graphed, sums, padded=False, counts=c)
+            accelerator.backward(loss)
+            return tuple(t.detach() for i in layers for t in graphed_fields(out.router_outputs[i]))
+
+        scaler = accelerator.scaler
+        if (
+            scaler is not None and scaler._scale is None
+        ):  # made once, before the key: the graph reads it in place
+            scaler.scale(torch.zeros((), device=n_step.device))
+        objective = (
+            layers,
+            scale,
+            accelerator.gradient_accumulation_steps,
+            None if scaler is None else scaler._scale.data_ptr(),
+            moe.num_experts,
+            entropy_coef,
+            moe.global_counts is not None,
+            moe.collect_tokens_per_expert,
+        )
+        key = (*model_key(accelerator.unwrap_model(model)), objective)
+        inputs = (batch["input_ids"], batch["labels"], batch["attention_mask"], counts, n_step, coefs)
+        state = (sums.totals, sums.bad_L2, *sums.tokens_per_expert.values())
+        fields = self.replay(key, step, inputs, list(model.named_parameters()), state)
+        n = len(GRAPHED_ROUTER_FIELDS)
+        return {i: from_graphed_fields(fields[j * n : (j + 1) * n]) for j, i in enumerate(layers)}

@@ -1,0 +1,171 @@
+"""One micro-batch's whole training step from one CUDA graph (``training.step_graph.StepGraph``,
+``train.cuda_graphs=model``): the trainer's results bit for bit those of the direct step, on a GPU; the
+mechanism's rules (gradients in place, warm-ups leave no trace, unreached parameters refused) and its
+refusals anywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_training_run import TINY, data_cache, final_state, make_cfg, train_records  # noqa: F401 (fixture)
+
+from moe_emergence.losses import LossCoefs
+from moe_emergence.training.step_graph import StepGraph
+from moe_emergence.training.steps import MoEStep, StepSums
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_trainer_step_graph_equals_direct_with_schedules_and_balancing(tmp_path, backend):
+    """The tiny run (gradient accumulation, bf16, top-2, dropout, router noise, routing telemetry every step) with
+    the coefficients on schedules that change every step and aux-loss-free balancing (tokens per expert summed in
+    the graph, the selection bias updated after each step): every logged value of train/ and router/ and the
+    final weights equal with train.cuda_graphs=model and none; one capture for the whole run (the coefficients
+    are the graph's inputs, not part of its signature)."""
+    from moe_emergence.telemetry import read_metrics
+    from moe_emergence.training.trainer import train
+
+    ov = (
+        f"model.moe.backend={backend}",
+        "train.grad_accum=2",
+        "train.mixed_precision=bf16",
+        "model.moe.top_k=2",
+        "model.dropout=0.1",
+        "model.moe.lb_schedule={kind: linear_warmup, warmup_steps: 4}",
+        "model.moe.z_schedule={kind: cosine, total_steps: 4}",
+        "model.moe.bias_update_rate=0.01",
+    )
+    runs = {g: train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}")) for g in ("model", "none")}
+    graphed = read_metrics(runs["model"].run_dir / "metrics.jsonl")
+    direct = read_metrics(runs["none"].run_dir / "metrics.jsonl")
+    a, b = train_records(graphed), train_records(direct)
+    assert a.keys() == b.keys() and len(a) == 6
+    assert [a[s].get("perf/cuda_graph_captures") for s in a] == [None, None, 1.0, 1.0, 1.0, 1.0]
+    assert len({a[s]["train/lb_coef"] for s in a if s > 2}) == 4  # a new coefficient every MoE step
+    routed = 0
+    for ra, rb in zip(graphed, direct, strict=True):
+        assert ra["step"] == rb["step"]
+        for key in rb:
+            if key.startswith(("train/", "router/")):
+                assert ra[key] == rb[key], (ra["step"], key)
+                routed += key.startswith("router/")
+    assert routed > 0
+    sa, sb = final_state(runs["model"].run_dir), final_state(runs["none"].run_dir)
+    assert any("selection_bias" in k for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, unused: bool = False) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 1)
+        self.unused = torch.nn.Parameter(torch.zeros(3)) if unused else None
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(self.a(x).relu(), 0.25)).sum()
+
+
+def _step_fn(net: torch.nn.Module, total: torch.Tensor):
+    def step(x: torch.Tensor) -> tuple[torch.Tensor]:
+        loss = net(x)
+        total.add_(loss.detach())
+        loss.backward()
+        return (loss.detach() * 2,)
+
+    return step
+
+
+@needs_cuda
+def test_replay_accumulates_in_place_and_warm_ups_leave_no_trace():
+    """Three micro-batches graphed: the gradients, the in-place sum and the returned output equal the direct
+    calls' from the same generator state (dropout), in the same .grad tensors; the capture's warm-ups changed
+    neither the gradients nor the sum; a new shape is a new capture; grads set to None make a new one too."""
+    torch.manual_seed(0)
+    ref = _Net().cuda()
+    net = _Net().cuda()
+    net.load_state_dict(ref.state_dict())
+    xs = [torch.randn(5, 8, device="cuda") for _ in range(3)]
+    total_g, total_d = torch.zeros((), device="cuda"), torch.zeros((), device="cuda")
+    graph = StepGraph()
+    torch.cuda.manual_seed(7)
+    out_g = []
+    for x in xs:
+        (y,) = graph.replay("k", _step_fn(net, total_g), (x,), list(net.named_parameters()), (total_g,))
+        out_g.append(y.clone())
+    torch.cuda.manual_seed(7)
+    out_d = [_step_fn(ref, total_d)(x)[0] for x in xs]
+    assert graph.captures == 1 and len(graph) == 1
+    assert all(torch.equal(g, d) for g, d in zip(out_g, out_d, strict=True))
+    assert torch.equal(total_g, total_d)
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    grad = net.a.weight.grad
+    graph.replay("k", _step_fn(net, total_g), (xs[0][:3],), list(net.named_parameters()), (total_g,))
+    assert graph.captures == 2 and net.a.weight.grad is grad  # a new shape: captured, the same .grad tensor
+    net.zero_grad(set_to_none=True)
+    graph.replay("k", _step_fn(net, total_g), (xs[0],), list(net.named_parameters()), (total_g,))
+    assert graph.captures == 3 and len(graph) == StepGraph.max_signatures
+
+
+@needs_cuda
+def test_a_parameter_the_loss_does_not_reach_is_refused_by_name():
+    net = _Net(unused=True).cuda()
+    total = torch.zeros((), device="cuda")
+    x = torch.randn(5, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"does not reach unused .*train\.cuda_graphs=layers"):
+        StepGraph().replay("k", _step_fn(net, total), (x,), list(net.named_parameters()), (total,))
+    assert net.unused.grad is not None and not net.unused.grad.any()  # made before the key, never written
+    assert not total.any()  # the warm-ups' sums put back
+
+
+# ------------------------------------------------------------------ any machine
+
+
+def test_cpu_tensors_are_refused():
+    net = _Net()
+    with pytest.raises(ValueError, match=r"CUDA graphs need CUDA tensors.*train\.cuda_graphs=none"):
+        StepGraph().replay("k", _step_fn(net, torch.zeros(())), (torch.zeros(2, 8),), [], ())
+
+
+def test_sums_zero_in_place_and_collect_tokens_per_expert():
+    step = MoEStep([1, 3], 4, LossCoefs(0.01, 0.001), None, collect_tokens_per_expert=True)
+    sums = StepSums.of(step, torch.device("cpu"))
+    assert sorted(sums.tokens_per_expert) == [1, 3] and sums.tokens_per_expert[1].shape == (4,)
+    held = [sums.totals, sums.bad_L2, *sums.tokens_per_expert.values()]
+    for t in held:
+        t.fill_(1)
+    sums.variants["x"] = torch.ones(())
+    assert sums.zero_() is sums and sums.variants == {}
+    now = [sums.totals, sums.bad_L2, *sums.tokens_per_expert.values()]
+    assert all(t is u for t, u in zip(held, now, strict=True))
+    assert not any(t.any() for t in held)
+    assert StepSums.of(None, torch.device("cpu")).bad_L2.shape == (0, 2)
+
+
+def test_loss_coefs_take_0d_float32_tensors_with_the_floats_values():
+    """The objective reads tensor coefficients as it reads the floats they hold (the trainer's step graph takes
+    them as inputs); other tensors are refused."""
+    from moe_emergence.losses import moe_objective
+    from moe_emergence.routing import RouterOutput
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    probs = logits.softmax(-1)
+    topv, topi = probs.topk(2, dim=-1)
+    r = RouterOutput(
+        topk_weights=topv, topk_indices=topi, router_probs=probs, router_probs_clean=probs,
+        router_logits=logits, entropy=-(probs * probs.log()).sum(-1),
+    )  # fmt: skip
+    lm = torch.tensor(2.5)
+    floats = moe_objective(lm, [r], None, 4, LossCoefs(0.01, 0.001))
+    tensors = moe_objective(lm, [r], None, 4, LossCoefs(torch.tensor(0.01), torch.tensor(0.001)))
+    assert torch.equal(floats.loss, tensors.loss)
+    step = MoEStep([0], 4, LossCoefs(0.01, 0.001, 0.5), None, False).with_coefs(torch.tensor([0.01, 0.001]))
+    assert isinstance(step.coefs.lb_coef, torch.Tensor) and step.coefs.entropy_coef == 0.5
+    for bad in (torch.tensor([0.01]), torch.tensor(0.01, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="LossCoefs.lb_coef is a tensor"):
+            LossCoefs(bad, 0.001)
