@@ -176,6 +176,17 @@ def test_two_forwards_before_one_backward_are_refused():
         y1.sum().backward()
 
 
+def graphed_run_overrides(backend: str) -> tuple[str, ...]:
+    """The tiny run as the graphed-trainer tests run it: gradient accumulation, bf16, top-2, dropout."""
+    return (
+        f"model.moe.backend={backend}",
+        "train.grad_accum=2",
+        "train.mixed_precision=bf16",
+        "model.moe.top_k=2",
+        "model.dropout=0.1",
+    )
+
+
 @needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
 def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
@@ -185,13 +196,7 @@ def test_trainer_with_cuda_graphs_matches_without(tmp_path, capsys, backend):
     from moe_emergence.telemetry import read_metrics
     from moe_emergence.training.trainer import train
 
-    ov = (
-        f"model.moe.backend={backend}",
-        "train.grad_accum=2",
-        "train.mixed_precision=bf16",
-        "model.moe.top_k=2",
-        "model.dropout=0.1",
-    )
+    ov = graphed_run_overrides(backend)
     runs = {}
     for g in ("model", "layers", "experts", "none"):
         runs[g] = train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}"))

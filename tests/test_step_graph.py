@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cuda_graph import graphed_run_overrides
 from test_training_run import TINY, data_cache, final_state, make_cfg, train_records  # noqa: F401 (fixture)
 
 from moe_emergence.losses import LossCoefs
@@ -29,11 +30,7 @@ def test_trainer_step_graph_equals_direct_with_schedules_and_balancing(tmp_path,
     from moe_emergence.training.trainer import train
 
     ov = (
-        f"model.moe.backend={backend}",
-        "train.grad_accum=2",
-        "train.mixed_precision=bf16",
-        "model.moe.top_k=2",
-        "model.dropout=0.1",
+        *graphed_run_overrides(backend),
         "model.moe.lb_schedule={kind: linear_warmup, warmup_steps: 4}",
         "model.moe.z_schedule={kind: cosine, total_steps: 4}",
         "model.moe.bias_update_rate=0.01",

@@ -256,19 +256,16 @@ class _Replay(torch.autograd.Function):
         return (None, *(None if g is None else next(out) for g in graphs.grads))
 
 
-class Graphs:
-    """The captured signatures of one caller (a layer, its experts, a whole model), least recently used first;
-    at most ``max_signatures`` kept. ``owner``: what the graphs are of, in errors (a name, a noun); ``direct``: how
-    to run it without graphs, in the error for tensors off a GPU."""
+class Signatures:
+    """Captures of one caller by call signature, least recently used first; at most ``max_signatures`` kept (the
+    oldest dropped). ``captures`` counts signatures captured so far, dropped ones included (each costs time and
+    memory)."""
 
     max_signatures = MAX_SIGNATURES
-    owner = ("MoE layer", "layer")
-    direct = "set the layer's cuda_graph to None to run it directly"
 
     def __init__(self) -> None:
-        self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
-        self.captures = 0  # signatures captured so far, dropped ones included (each costs time and memory)
-        self.capturing = False  # True while warm-up and capture call the layer's own function
+        self._captured: OrderedDict[Hashable, object] = OrderedDict()
+        self.captures = 0
 
     def __len__(self) -> int:
         """Signatures captured and kept."""
@@ -276,8 +273,32 @@ class Graphs:
 
     def __reduce__(self):
         """A copy (``copy.deepcopy`` or pickling of the model) starts without captures: they read and write the
-        original's parameter storage, and CUDA graphs cannot be copied."""
+        original's memory, and CUDA graphs cannot be copied."""
         return (type(self), ())
+
+    def _captured_for(self, sig: Hashable, capture: Callable[[], object]):
+        """The capture of ``sig``, made now with ``capture()`` if new, and marked most recently used."""
+        captured = self._captured.get(sig)
+        if captured is None:
+            captured = self._captured[sig] = capture()
+            self.captures += 1
+            if len(self._captured) > self.max_signatures:
+                self._captured.popitem(last=False)  # a pending backward keeps its graphs alive through ctx
+        self._captured.move_to_end(sig)
+        return captured
+
+
+class Graphs(Signatures):
+    """The captured forward and backward graphs of one caller (a layer, its experts, a whole model), by
+    signature (``Signatures``). ``owner``: what the graphs are of, in errors (a name, a noun); ``direct``: how to
+    run it without graphs, in the error for tensors off a GPU."""
+
+    owner = ("MoE layer", "layer")
+    direct = "set the layer's cuda_graph to None to run it directly"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capturing = False  # True while warm-up and capture call the layer's own function
 
     def replay(
         self,
@@ -293,19 +314,17 @@ class Graphs:
             raise ValueError(
                 f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} ({self.direct})"
             )
-        sig = signature(key, params, inputs)
-        graphs = self._captured.get(sig)
-        if graphs is None:
+
+        def capture() -> _Captured:
             self.capturing = True
             try:
-                graphs = self._captured[sig] = _capture(fn, inputs, params)
-                graphs.owner = self.owner
+                graphs = _capture(fn, inputs, params)
             finally:
                 self.capturing = False
-            self.captures += 1
-            if len(self._captured) > self.max_signatures:
-                self._captured.popitem(last=False)  # a pending backward keeps its graphs alive through ctx
-        self._captured.move_to_end(sig)
+            graphs.owner = self.owner
+            return graphs
+
+        graphs = self._captured_for(signature(key, params, inputs), capture)
         return _Replay.apply(graphs, *inputs, *params)
 
 

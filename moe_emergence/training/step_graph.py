@@ -39,13 +39,12 @@ Rules:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from moe_emergence.kernels.cuda_graph import WARMUP_CALLS, signature
+from moe_emergence.kernels.cuda_graph import WARMUP_CALLS, Signatures, signature
 from moe_emergence.layer import GRAPHED_ROUTER_FIELDS, from_graphed_fields, graphed_fields
 from moe_emergence.routing import RouterOutput
 from moe_emergence.training.model_graph import model_key
@@ -121,23 +120,11 @@ def _capture(
     return _Captured(graph, statics, outputs)
 
 
-class StepGraph:
+class StepGraph(Signatures):
     """The captured signatures of one model's training micro-step (module docstring), least recently used
     first; at most ``max_signatures`` kept (the training shape and a last, shorter batch)."""
 
     max_signatures = 2
-
-    def __init__(self) -> None:
-        self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
-        self.captures = 0  # signatures captured so far, dropped ones included (each costs time and memory)
-
-    def __len__(self) -> int:
-        """Signatures captured and kept."""
-        return len(self._captured)
-
-    def __reduce__(self):
-        """A copy starts without captures (they read and write the original's memory)."""
-        return (type(self), ())
 
     def replay(
         self,
@@ -165,13 +152,7 @@ class StepGraph:
             tuple(p.grad.data_ptr() if p.grad is not None else 0 for p in params),
             tuple(t.data_ptr() for t in state),
         )
-        captured = self._captured.get(sig)
-        if captured is None:
-            captured = self._captured[sig] = _capture(fn, inputs, params, names, state)
-            self.captures += 1
-            if len(self._captured) > self.max_signatures:
-                self._captured.popitem(last=False)
-        self._captured.move_to_end(sig)
+        captured = self._captured_for(sig, lambda: _capture(fn, inputs, params, names, state))
         torch._foreach_copy_(list(captured.inputs), list(inputs))  # one launch per dtype
         captured.graph.replay()
         return captured.outputs
