@@ -277,13 +277,15 @@ class Signatures:
         return (type(self), ())
 
     def _captured_for(self, sig: Hashable, capture: Callable[[], object]):
-        """The capture of ``sig``, made now with ``capture()`` if new, and marked most recently used."""
+        """The capture of ``sig``, made now with ``capture()`` if new, and marked most recently used. A full cache
+        drops its oldest capture before the new one is made (its memory pool released first, not held beside the
+        new one's; a pending backward of a layer's graphs keeps them alive through its ctx)."""
         captured = self._captured.get(sig)
         if captured is None:
+            if len(self._captured) >= self.max_signatures:
+                self._captured.popitem(last=False)
             captured = self._captured[sig] = capture()
             self.captures += 1
-            if len(self._captured) > self.max_signatures:
-                self._captured.popitem(last=False)  # a pending backward keeps its graphs alive through ctx
         self._captured.move_to_end(sig)
         return captured
 

@@ -16,8 +16,9 @@ What it needs: a GPU, an uncompiled model, not sharded, whose MoE layers never w
 conditions of ``train.cuda_graphs=layers``), and a batch without padding (with an attention mask transformers
 reads the mask on the host). The trainer's ``train.cuda_graphs=model`` goes further: ``step_graph.StepGraph``
 captures the objective and the gradient accumulation with the model; ``ModelGraph`` is what the benchmarks'
-graphed loops (``scripts/bench_moe.py``, ``scripts/profile_step.py --bare``) replay. The graphed output has the loss and ``router_outputs`` only (``logits`` None:
-the training step does not read them; evaluation and generation run the model directly).
+graphed loops (``scripts/bench_moe.py``, ``scripts/profile_step.py --bare``) replay. The graphed output has the
+loss and ``router_outputs`` only (``logits`` None: a training step does not read them; evaluation and
+generation run the model directly).
 
 A plain ``GPT2LMHeadModel`` in training (no mask, no KV cache) is graphed but not computed alike: transformers
 (5.x, ``masking_utils.find_packed_sequence_indices``) searches its position ids for packed sequences with a

@@ -9,7 +9,8 @@ host time than the GPU takes to run the step (H200: docs/benchmarks.md). ``StepG
 micro-batch's work as one graph: the forward, the objective (``steps.micro_batch_loss``: the loss with its
 shares of the step, the step's sums and flags) and the backward, whose gradients accumulate in place into
 each parameter's ``.grad``. A replay copies the micro-batch's token ids, labels, mask and counts, the step's
-token counts and its loss coefficients into the graph's input buffers and launches the graph once.
+token counts and its loss coefficients into the graph's input buffers (one launch per dtype) and launches the
+graph once.
 
 A replay leaves what the direct micro-batch leaves (bit for bit: tests/test_step_graph.py): the parameters'
 ``.grad`` plus this micro-batch's gradients, the ``StepSums`` tensors plus its terms and flags (and its
@@ -21,11 +22,13 @@ Rules:
 - Gradients: every parameter that requires one keeps a ``.grad`` tensor at one address (the trainer zeroes
   them in place, ``zero_grad(set_to_none=False)``); a missing one is made, zeros, before the key is taken. The
   capture checks that the loss reaches every such parameter: a ``RuntimeError`` names those it does not (their
-  zero gradient would let AdamW decay parameters the direct step leaves alone).
+  zero gradient would let AdamW decay parameters the direct step leaves alone); in the trainer, at its first MoE
+  step, after the dense phase.
 - A new capture for a new signature: shapes and dtypes of the inputs; the storage of the parameters, their
   gradients and the sums; the model's settings and buffers (``model_graph.model_key``); the objective's
-  settings (the micro-batch scale, the gradient accumulation steps, the entropy coefficient, global counts,
-  tokens per expert); autocast and the float32 matmul precision. The coefficients a schedule changes every
+  settings (the MoE layers, the expert count, the micro-batch scale, the gradient accumulation steps, the
+  entropy coefficient, global counts, tokens per expert, fp16's loss-scale tensor); autocast and the float32
+  matmul precision. The coefficients a schedule changes every
   step (``lb_coef``, ``z_coef``) are inputs, not part of it. At most ``max_signatures`` are kept, each with
   the memory of one micro-batch's forward and backward (its own pool).
 - The capture follows two warm-up calls on a side stream (Triton autotuning and lazy initialisation stay out
@@ -65,7 +68,8 @@ class _Captured:
 def _warm_up(run: Callable[[], object], params: Sequence[Tensor], state: Sequence[Tensor]) -> list[int]:
     """``run()`` ``WARMUP_CALLS`` times on a side stream, leaving no trace: random draws under ``fork_rng``,
     gradients into fresh tensors (each ``.grad`` put back after), ``state`` (tensors ``run`` adds into) restored.
-    Returns the indices of the ``params`` that require a gradient and got none."""
+    Returns the indices of the ``params`` that require a gradient and got none. A warm-up that raises (out of
+    memory, a kernel that fails to compile) also leaves the gradients and ``state`` as it found them."""
     grads = [p.grad for p in params]
     saved = [t.clone() for t in state]
     for p in params:
@@ -73,15 +77,17 @@ def _warm_up(run: Callable[[], object], params: Sequence[Tensor], state: Sequenc
     current = torch.cuda.current_stream()
     side = torch.cuda.Stream()
     side.wait_stream(current)
-    with torch.cuda.stream(side), torch.random.fork_rng(devices=[current.device]):
-        for _ in range(WARMUP_CALLS):
-            run()
-    current.wait_stream(side)
-    unreached = [i for i, p in enumerate(params) if p.requires_grad and p.grad is None]
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
-    if state:
-        torch._foreach_copy_(list(state), saved)
+    try:
+        with torch.cuda.stream(side), torch.random.fork_rng(devices=[current.device]):
+            for _ in range(WARMUP_CALLS):
+                run()
+        unreached = [i for i, p in enumerate(params) if p.requires_grad and p.grad is None]
+    finally:
+        current.wait_stream(side)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        if state:
+            torch._foreach_copy_(list(state), saved)
     return unreached
 
 
@@ -186,15 +192,19 @@ class StepGraph(Signatures):
             return tuple(t.detach() for i in layers for t in graphed_fields(out.router_outputs[i]))
 
         scaler = accelerator.scaler
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None  # a disabled GradScaler scales nothing
         if (
             scaler is not None and scaler._scale is None
-        ):  # made once, before the key: the graph reads it in place
+        ):  # made once, before the key: read in place by the graph
             scaler.scale(torch.zeros((), device=n_step.device))
         objective = (
             layers,
             scale,
             accelerator.gradient_accumulation_steps,
-            None if scaler is None else scaler._scale.data_ptr(),
+            None
+            if scaler is None
+            else scaler._scale.data_ptr(),  # fp16's loss scale (GradScaler's private _scale)
             moe.num_experts,
             entropy_coef,
             moe.global_counts is not None,

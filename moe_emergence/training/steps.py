@@ -206,7 +206,11 @@ def micro_batch_loss(
         add_routing(outs, mask_T, batch["domain_ids"], moe, sums, routing, scale)
     if moe.collect_tokens_per_expert:
         for i, r in outs.items():
-            sums.tokens_per_expert[i] += routed_tokens_per_expert(r, moe.num_experts, mask_T)
+            counted = routed_tokens_per_expert(r, moe.num_experts, mask_T)
+            if i in sums.tokens_per_expert:  # StepSums.of made it: added in place (a step graph adds into it)
+                sums.tokens_per_expert[i] += counted
+            else:  # sums made without the layer's buffer (a caller's StepSums(L, device))
+                sums.tokens_per_expert[i] = counted
     return obj.loss * scale
 
 
