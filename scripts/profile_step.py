@@ -24,8 +24,10 @@ synchronised before and after, so these runs' walls are not comparable with plai
 
 Under the profiler the record also holds ``host_<phase>_ms``: the host (CPU) time per step spent inside each
 phase of ``Trainer.train_step`` (``rows``: reading the step's rows, ``collate``, ``to_device``: the batch's
-copies, ``forward``, ``loss``, ``backward``, ``walk``: listing the parameters, ``clip_grad_norm``, ``nonfinite``,
-``guard_vector``, ``reduce_sum``, ``snapshot``, ``optimizer``, ``zero_grad``; this script wraps those calls in
+copies, ``forward``, ``loss``, ``backward`` (of micro-batches run directly), ``graph``: the step graph's replay of a
+micro-batch's forward, loss and backward (``train.cuda_graphs=model``), ``walk``: listing the parameters,
+``clip_grad_norm``, ``nonfinite``, ``guard_vector``, ``reduce_sum``, ``snapshot``, ``optimizer``, ``zero_grad``;
+this script wraps those calls in
 ``torch.profiler.record_function``, the trainer is unchanged; times are inclusive and may nest, e.g.
 ``reduce_sum`` also runs inside ``clip_grad_norm``, so do not add them up) and in FSDP2's own ranges (``FSDP::...``);
 ``--top N`` prints each process's N operators with the most host (self CPU) time.
