@@ -32,19 +32,27 @@ def fresh_accelerate_state():
 @needs_cuda
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize(
-    ("backend", "precision"), [("triton", "bf16"), ("grouped_mm", "bf16"), ("triton", "fp16")]
+    ("backend", "precision", "data"),
+    [
+        ("triton", "bf16", "data.cross_documents=true"),
+        ("grouped_mm", "bf16", "data.cross_documents=true"),
+        ("triton", "fp16", "data.cross_documents=true"),
+        ("triton", "bf16", "data.cross_documents=false"),  # every document's last block padded
+    ],
 )
 def test_trainer_step_graph_equals_direct_with_schedules_and_balancing(
-    tmp_path, monkeypatch, backend, precision
+    tmp_path, monkeypatch, backend, precision, data
 ):
     """The tiny run (gradient accumulation, top-2, dropout, router noise, routing telemetry every step; bf16, or
-    fp16 with its GradScaler) with the coefficients on schedules that change every step, an entropy term,
-    aux-loss-free balancing (tokens per expert summed in the graph, the selection bias updated after each step)
-    and a rolled-back step (step 4 judged a spike: the snapshot restored in place, the next steps replayed on
-    it): every logged value of train/ and router/ and the final weights equal with train.cuda_graphs=model and
-    none; one capture for the whole run (the coefficients are the graph's inputs, not part of its signature)."""
+    fp16 with its GradScaler; micro-batches with and without padding) with the coefficients on schedules that
+    change every step, an entropy term, aux-loss-free balancing (tokens per expert summed in the graph, the
+    selection bias updated after each step) and a rolled-back step (step 4 judged a spike: the snapshot restored
+    in place, the next steps replayed on it): every logged value of train/ and router/ and the final weights
+    equal with train.cuda_graphs=model and none; one capture for the run per kind of micro-batch met, padded or
+    not (the coefficients are the graph's inputs, not part of its signature)."""
     from moe_emergence.telemetry import read_metrics
     from moe_emergence.training import guard
+    from moe_emergence.training import trainer as trainer_module
     from moe_emergence.training.trainer import train
 
     judge = guard.judge
@@ -55,6 +63,11 @@ def test_trainer_step_graph_equals_direct_with_schedules_and_balancing(
             check.spike = "forced by the test"
 
     monkeypatch.setattr(guard, "judge", spike_at_step_4)
+    padding_seen = []  # per micro-batch, in order
+    has_padding = trainer_module.has_padding
+    monkeypatch.setattr(
+        trainer_module, "has_padding", lambda b: padding_seen.append(has_padding(b)) or padding_seen[-1]
+    )
     ov = (
         *graphed_run_overrides(backend),
         f"train.mixed_precision={precision}",
@@ -62,13 +75,20 @@ def test_trainer_step_graph_equals_direct_with_schedules_and_balancing(
         "model.moe.z_schedule={kind: cosine, total_steps: 4}",
         "model.moe.entropy_coef=0.01",
         "model.moe.bias_update_rate=0.01",
+        data,
     )
     runs = {g: train(make_cfg(tmp_path, g, *ov, f"train.cuda_graphs={g}")) for g in ("model", "none")}
+    moe_batches = padding_seen[
+        4:12
+    ]  # the graphed run's MoE steps 3-6, 2 micro-batches each (dense: steps 1-2)
+    if data.endswith("false"):
+        assert any(moe_batches)  # padded micro-batches were replayed from the graph
     graphed = read_metrics(runs["model"].run_dir / "metrics.jsonl")
     direct = read_metrics(runs["none"].run_dir / "metrics.jsonl")
     a, b = train_records(graphed), train_records(direct)
     assert a.keys() == b.keys() and len(a) == 6
-    assert [a[s].get("perf/cuda_graph_captures") for s in a] == [None, None, 1.0, 1.0, 1.0, 1.0]
+    captures = [a[s].get("perf/cuda_graph_captures") for s in a]
+    assert captures[:2] == [None, None] and captures[-1] == len(set(moe_batches))
     assert len({a[s]["train/lb_coef"] for s in a if s > 2}) == 4  # a new coefficient every MoE step
     assert [a[s]["train/skipped_steps"] for s in a] == [0, 0, 0, 0, 1, 1]  # step 4 (the 5th) rolled back
     routed = 0

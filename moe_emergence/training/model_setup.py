@@ -225,10 +225,7 @@ def cuda_graphs_on(
 def said_cuda_graphs(what: str | None, why: str | None) -> str:
     """The run's first line on a GPU, after ``train.cuda_graphs=<setting>: ``: what ``cuda_graphs_on`` chose."""
     if what == "model":
-        return (
-            "on: each micro-batch's whole step, forward, objective and backward, runs from one CUDA graph "
-            "(micro-batches with padding directly)"
-        )
+        return "on: each micro-batch's whole step, forward, objective and backward, runs from one CUDA graph"
     if what == "layers":
         return "on: each MoE layer runs whole from CUDA graphs, router and experts together"
     if what == "experts":

@@ -29,15 +29,21 @@ Rules:
   settings (the MoE layers, the expert count, the micro-batch scale, the gradient accumulation steps, the
   entropy coefficient, global counts, tokens per expert, fp16's loss-scale tensor); autocast and the float32
   matmul precision. The coefficients a schedule changes every
-  step (``lb_coef``, ``z_coef``) are inputs, not part of it. At most ``max_signatures`` are kept, each with
-  the memory of one micro-batch's forward and backward (its own pool).
+  step (``lb_coef``, ``z_coef``) are inputs, not part of it; a micro-batch with padding is its own signature
+  (the model is given the attention mask). At most ``max_signatures`` are kept (the training shape with and
+  without padding, a last, shorter batch), all in one private memory pool: they never run at once, so the
+  memory of one micro-batch's forward and backward serves them all (a replay may overwrite another signature's
+  returned router outputs: each is read before the next replay).
 - The capture follows two warm-up calls on a side stream (Triton autotuning and lazy initialisation stay out
   of the graph) that leave nothing behind: their random draws under ``fork_rng``, their gradients in fresh
   tensors dropped afterwards, the sums put back. Random draws (dropout, router noise) are graph-safe: each
   replay advances the default CUDA generator as the direct step would.
+- Padding: with an attention mask, transformers decides on the host whether the mask may be skipped
+  (``masking_utils._ignore_causal_mask_sdpa``, a read of the mask: a host sync) unless a stream is capturing;
+  for a micro-batch with padding that decision is "keep it" either way, so the graph builds and applies the
+  same mask as the direct step, bit for bit (tests/test_step_graph.py, ``data.cross_documents: false``).
 - What it needs (``model_setup.cuda_graphs_on``): a GPU, one process, an uncompiled MoE model, not sharded,
-  whose MoE layers never wait on the device, and a micro-batch without padding (transformers reads an
-  attention mask on the host: the trainer runs such a micro-batch directly, into the same gradients and sums).
+  whose MoE layers never wait on the device.
 """
 
 from __future__ import annotations
@@ -97,8 +103,10 @@ def _capture(
     params: Sequence[Tensor],
     names: Sequence[str],
     state: Sequence[Tensor],
+    pool: tuple | None,
 ) -> _Captured:
-    """Warm up ``fn(*inputs)`` (``_warm_up``), then capture it into one graph with a private memory pool. The
+    """Warm up ``fn(*inputs)`` (``_warm_up``), then capture it into one graph, in the private memory pool ``pool``
+    (``torch.cuda.graph_pool_handle``; None: a pool of its own). The
     autocast cache is cleared before each call and after the capture: a cast made outside the capture would be
     replayed as freed memory (``kernels.cuda_graph._capture``)."""
     statics = tuple(t.detach().clone() for t in inputs)
@@ -120,7 +128,9 @@ def _capture(
         torch.clear_autocast_cache()
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads' CUDA calls (NCCL's watchdog) are no error during the capture
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+        with torch.cuda.graph(
+            graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"
+        ):
             outputs = tuple(t.detach() for t in run())
     torch.clear_autocast_cache()
     return _Captured(graph, statics, outputs)
@@ -130,7 +140,13 @@ class StepGraph(Signatures):
     """The captured signatures of one model's training micro-step (module docstring), least recently used
     first; at most ``max_signatures`` kept (the training shape and a last, shorter batch)."""
 
-    max_signatures = 2
+    max_signatures = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool = (
+            torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+        )  # shared (docstring)
 
     def replay(
         self,
@@ -158,7 +174,7 @@ class StepGraph(Signatures):
             tuple(p.grad.data_ptr() if p.grad is not None else 0 for p in params),
             tuple(t.data_ptr() for t in state),
         )
-        captured = self._captured_for(sig, lambda: _capture(fn, inputs, params, names, state))
+        captured = self._captured_for(sig, lambda: _capture(fn, inputs, params, names, state, self._pool))
         torch._foreach_copy_(list(captured.inputs), list(inputs))  # one launch per dtype
         captured.graph.replay()
         return captured.outputs
@@ -174,20 +190,23 @@ class StepGraph(Signatures):
         moe: MoEStep,
         sums: StepSums,
         scale: float,
+        padded: bool,
     ) -> dict[int, RouterOutput]:
-        """The trainer's micro-batch, replayed: ``model(input_ids, labels)`` (the prepared model, in training),
-        ``steps.micro_batch_loss`` with its arguments (``padded`` False) and ``accelerator.backward`` of the
-        loss. ``batch``: ``input_ids``, ``labels``, ``attention_mask`` ``[B, S]`` on the GPU, no padding;
+        """The trainer's micro-batch, replayed: ``model(input_ids, labels, attention_mask if padded)`` (the
+        prepared model, in training), ``steps.micro_batch_loss`` with its arguments and ``accelerator.backward``
+        of the loss. ``batch``: ``input_ids``, ``labels``, ``attention_mask`` ``[B, S]`` on the GPU; ``padded``:
+        does the mask hold a 0 (read on the CPU copy, ``steps.has_padding``);
         ``n_step``, ``counts``: float64 ``[2]`` token counts of the step and of this micro-batch; ``coefs``:
         float32 ``[2]``, ``lb_coef`` and ``z_coef`` in force. Returns ``{block: RouterOutput}`` (static)."""
         layers = tuple(moe.layers)
         entropy_coef = moe.coefs.entropy_coef
 
         def step(ids: Tensor, labels: Tensor, mask: Tensor, c: Tensor, n: Tensor, k: Tensor):
-            out = model(input_ids=ids, labels=labels, output_router_logits=False)
+            mask_kw = {"attention_mask": mask} if padded else {}
+            out = model(input_ids=ids, labels=labels, output_router_logits=False, **mask_kw)
             graphed = moe.with_coefs(k)
             b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-            loss = micro_batch_loss(out, b, n, scale, graphed, sums, padded=False, counts=c)
+            loss = micro_batch_loss(out, b, n, scale, graphed, sums, padded=padded, counts=c)
             accelerator.backward(loss)
             return tuple(t.detach() for i in layers for t in graphed_fields(out.router_outputs[i]))
 
@@ -209,6 +228,7 @@ class StepGraph(Signatures):
             entropy_coef,
             moe.global_counts is not None,
             moe.collect_tokens_per_expert,
+            padded,
         )
         key = (*model_key(accelerator.unwrap_model(model)), objective)
         inputs = (batch["input_ids"], batch["labels"], batch["attention_mask"], counts, n_step, coefs)

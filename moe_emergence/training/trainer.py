@@ -248,12 +248,13 @@ class Trainer:
         self, batch: dict, padded: bool, shares: tuple, moe: MoEStep | None, sums: StepSums, routing
     ):
         """One micro-batch's forward, objective (``micro_batch_loss``) and backward: replayed from the step graph
-        where there is one and the batch has no padding, else run directly. ``shares``: the step's token counts,
-        this micro-batch's, the loss coefficients ``[2]`` and the micro-batch scale."""
+        where there is one, else run directly. ``padded``: the batch's mask holds a 0 (read on its CPU copy);
+        ``shares``: the step's token counts, this micro-batch's, the loss coefficients ``[2]`` and the micro-batch
+        scale."""
         n_step, counts, coefs_t, scale = shares
-        if self.step_graph is not None and not padded:
+        if self.step_graph is not None:
             outs = self.step_graph(
-                self.model, self.accelerator, batch, n_step, counts, coefs_t, moe, sums, scale
+                self.model, self.accelerator, batch, n_step, counts, coefs_t, moe, sums, scale, padded
             )
             if routing is not None:
                 add_routing(
