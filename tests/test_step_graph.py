@@ -130,7 +130,7 @@ def test_replay_accumulates_in_place_and_warm_ups_leave_no_trace():
     """Micro-batches graphed (three of one shape, then one of another: a second capture, made with gradients and
     sum already accumulated): the gradients, the in-place sum and the returned outputs equal the direct calls'
     from the same generator state (dropout), in the same .grad tensors throughout, so neither capture's warm-ups
-    changed what they found; gradients set to None make a new capture, the oldest dropped."""
+    changed what they found; gradients set to None make a new capture (three kept)."""
     torch.manual_seed(0)
     ref = _Net().cuda()
     net = _Net().cuda()

@@ -278,8 +278,8 @@ class Signatures:
 
     def _captured_for(self, sig: Hashable, capture: Callable[[], object]):
         """The capture of ``sig``, made now with ``capture()`` if new, and marked most recently used. A full cache
-        drops its oldest capture before the new one is made (its memory pool released first, not held beside the
-        new one's; a pending backward of a layer's graphs keeps them alive through its ctx)."""
+        drops its oldest capture before the new one is made (a pool of its own is released first, not held beside
+        the new one's; a pending backward of a layer's graphs keeps them alive through its ctx)."""
         captured = self._captured.get(sig)
         if captured is None:
             if len(self._captured) >= self.max_signatures:

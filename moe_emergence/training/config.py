@@ -179,8 +179,8 @@ class TrainConfig:
     cuda_graphs: replay the MoE model's training forward and backward, or parts of them, from CUDA graphs when
         the model is not compiled (``kernels/cuda_graph.py``: the same kernels and results, without their
         launch cost). ``model``: each micro-batch's whole step, forward, objective and backward into the
-        parameters' ``.grad``, as one graph (``training/step_graph.py``), on one process, for micro-batches
-        without padding (others run directly); ``layers``: each MoE layer whole (router, experts, shared
+        parameters' ``.grad``, as one graph (``training/step_graph.py``), on one process (micro-batches with
+        padding as a signature of their own); ``layers``: each MoE layer whole (router, experts, shared
         expert, dropout); both for token-choice routing without capacity, random
         routing or expert dropout (``layer.whole_layer_graph_unsupported``); ``experts``: each layer's experts
         call alone, for any routing. Each is refused where it cannot run (the CPU, ``train.compile``, FSDP, a

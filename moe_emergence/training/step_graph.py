@@ -30,10 +30,14 @@ Rules:
   entropy coefficient, global counts, tokens per expert, fp16's loss-scale tensor); autocast and the float32
   matmul precision. The coefficients a schedule changes every
   step (``lb_coef``, ``z_coef``) are inputs, not part of it; a micro-batch with padding is its own signature
-  (the model is given the attention mask). At most ``max_signatures`` are kept (the training shape with and
-  without padding, a last, shorter batch), all in one private memory pool: they never run at once, so the
-  memory of one micro-batch's forward and backward serves them all (a replay may overwrite another signature's
-  returned router outputs: each is read before the next replay).
+  (the model is given the attention mask). At most ``max_signatures`` are kept (the trainer's batches are full:
+  its training shape with and without padding; a caller's shorter batch makes more), all captured into one
+  private memory pool handle. Each capture runs on a new stream, and the caching allocator reuses a freed block
+  only for the stream that allocated it, so in practice the signatures do not share memory: each adds a
+  micro-batch's forward and backward (a fresh review's reading of the allocator, not measured), and a dropped
+  signature's memory stays reserved in the pool while another lives. Capturing all of them on one stream would
+  let them share it (they never run at once; a replay may then overwrite another signature's returned router
+  outputs, which the trainer reads before the next replay): not done, as it has not run on a GPU.
 - The capture follows two warm-up calls on a side stream (Triton autotuning and lazy initialisation stay out
   of the graph) that leave nothing behind: their random draws under ``fork_rng``, their gradients in fresh
   tensors dropped afterwards, the sums put back. Random draws (dropout, router noise) are graph-safe: each
@@ -138,7 +142,7 @@ def _capture(
 
 class StepGraph(Signatures):
     """The captured signatures of one model's training micro-step (module docstring), least recently used
-    first; at most ``max_signatures`` kept (the training shape and a last, shorter batch)."""
+    first; at most ``max_signatures`` kept (the training shape with and without padding, and one more)."""
 
     max_signatures = 3
 
@@ -195,7 +199,8 @@ class StepGraph(Signatures):
         """The trainer's micro-batch, replayed: ``model(input_ids, labels, attention_mask if padded)`` (the
         prepared model, in training), ``steps.micro_batch_loss`` with its arguments and ``accelerator.backward``
         of the loss. ``batch``: ``input_ids``, ``labels``, ``attention_mask`` ``[B, S]`` on the GPU; ``padded``:
-        does the mask hold a 0 (read on the CPU copy, ``steps.has_padding``);
+        does the mask hold a 0 (read on the CPU copy, ``steps.has_padding``; part of the signature, never checked
+        here: a graph captured with False ignores the mask, so a wrong False gives wrong results);
         ``n_step``, ``counts``: float64 ``[2]`` token counts of the step and of this micro-batch; ``coefs``:
         float32 ``[2]``, ``lb_coef`` and ``z_coef`` in force. Returns ``{block: RouterOutput}`` (static)."""
         layers = tuple(moe.layers)
