@@ -9,8 +9,9 @@ E in {4, 8, 16}, T in {4096, 8192, 16384}, balanced and Zipf(1.0)-skewed routing
 End to end: training tokens/s of a GPT-2-small-shaped model (random init) with MoE in blocks 8-11
 (E=8) vs the same dense model, bf16 autocast, fused AdamW, same batch and sequence length, every variant built
 first and measured in interleaved rounds; "graphed" variants run the whole model's forward and backward from
-CUDA graphs (``train.cuda_graphs=model``, what ``auto`` takes; "dense graphed" is the dense model run alike, for
-scale: the ratios stay against the plain dense model), "layers-graphed" ones each MoE layer whole
+CUDA graphs (``training.model_graph.ModelGraph``; the trainer's ``train.cuda_graphs=model``, what ``auto``
+takes, also graphs the objective and the gradient accumulation; "dense graphed" is the dense model run alike,
+for scale: the ratios stay against the plain dense model), "layers-graphed" ones each MoE layer whole
 (``train.cuda_graphs=layers``), "experts-graphed" ones only its experts (``train.cuda_graphs=experts``); with
 ``--compile`` also every model compiled (dense and MoE alike), against the compiled dense model. In the layer
 rows, which time the experts function alone, "graphed" is that function from its CUDA graphs (``ExpertsGraph``).
@@ -378,8 +379,9 @@ E2E_MODELS = {
 
 
 class WholeModelGraph(torch.nn.Module):
-    """``model`` trained as ``train.cuda_graphs=model`` trains it: each training forward and its backward replayed
-    from a ``ModelGraph`` (the model's own objective inside the graph); ``config`` is the model's."""
+    """``model`` with each training forward and its backward replayed from a ``ModelGraph`` (the model's own
+    loss inside the graph; the trainer's ``train.cuda_graphs=model`` also graphs its objective and the gradient
+    accumulation, ``training.step_graph``); ``config`` is the model's."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         from moe_emergence.training.model_graph import ModelGraph

@@ -45,8 +45,8 @@ process: each of the ``--repeat`` rounds times ``--steps`` trainer steps and ``-
 alternating. A bare step is ``scripts/bench_moe.py``'s training step on the trainer's own model, optimizer
 (the torch AdamW inside accelerate's wrapper) and one fixed batch of its training data: forward with labels
 under the run's autocast, backward, ``optimizer.step()``, ``zero_grad`` (no guard, clip, snapshot or
-telemetry); forward and backward from a CUDA graph of the whole model where the trainer has one
-(``train.cuda_graphs=model``, as bench_moe's "graphed" models). The record adds ``bare_wall_ms`` (median),
+telemetry); forward and backward from a CUDA graph of the whole model (a ``ModelGraph``) where the trainer
+has a step graph (``train.cuda_graphs=model``), as bench_moe's "graphed" models. The record adds ``bare_wall_ms`` (median),
 ``bare_wall_ms_windows`` (with ``--repeat`` > 1, as ``wall_ms_windows``), ``tokens_per_s`` and
 ``bare_tokens_per_s`` (this process's tokens, from the medians), ``vs_bare_rounds``: each round's trainer tokens/s over its bare tokens/s (the two windows of a round run back to
 back, so the host's drift, 40% and more between windows of one process on the H200 machines, largely cancels), and
