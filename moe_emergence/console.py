@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from moe_emergence.errors import ConfigError
@@ -82,18 +84,34 @@ def check_output_file(path: str | Path, label: str, kind: str, replaced: bool = 
         raise ConfigError(f"{label} {path}: not writable ({e.strerror or e})") from None
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
 class Stops:
     """Ctrl-C and SIGTERM as ``KeyboardInterrupt(signum)`` in the main thread (see ``stops_as_interrupt``), so
     that ``finally`` clauses run (a script removing what it wrote), except inside ``held()`` blocks: a stop that
     comes during one is raised at its end. Python runs a signal's handler between two bytecodes, possibly
     long after the signal came; the handler looks at ``held`` when it runs, so no clean-up or rename inside a
     held block is cut in two. One stop is raised at most: a later Ctrl-C or SIGTERM does nothing (the first
-    is already unwinding the script, through its clean-up)."""
+    is already unwinding the script, through its clean-up).
+
+    Python swallows an exception raised inside a finaliser (``__del__``, a weakref callback, a garbage
+    collector callback: it prints ``Exception ignored in ...`` and goes on), and the handler may run in one;
+    without more, a SIGTERM would be lost and the script end with status 0. ``unraisable`` (the
+    ``sys.unraisablehook`` while the block runs) sees such a stop and sends the same signal again
+    ``RESEND_S`` later from a timer thread (sent from inside the hook, the handler would run in the hook
+    itself and be swallowed again), so it is raised outside the finaliser; one still pending when the block
+    ends is raised there."""
+
+    RESEND_S = 0.01
 
     def __init__(self) -> None:
         self._held = 0
         self._pending: int | None = None
         self._raised = False
+        self._lock = threading.Lock()
+        self._resend: int | None = None  # a swallowed stop's signal, until it is sent again
+        self._closed = False
 
     def handle(self, signum: int, frame) -> None:
         if self._raised:
@@ -106,6 +124,35 @@ class Stops:
     def _raise(self, signum: int) -> None:
         self._raised = True
         raise KeyboardInterrupt(signum)
+
+    def unraisable(self, unraisable, previous) -> None:
+        """``sys.unraisablehook``: our stop, swallowed in a finaliser, is sent again; anything else goes to
+        ``previous``, the hook found."""
+        exc = unraisable.exc_value
+        if self._raised and isinstance(exc, KeyboardInterrupt) and exc.args and exc.args[0] in _STOPS:
+            with self._lock:
+                self._raised = False
+                self._resend = exc.args[0]
+            timer = threading.Timer(self.RESEND_S, self._send_again)
+            timer.daemon = True
+            timer.start()
+            return
+        previous(unraisable)
+
+    def _send_again(self) -> None:
+        with self._lock:  # not after close: the handler put back then would get it
+            if self._resend is not None and not self._closed:
+                os.kill(os.getpid(), self._resend)
+                self._resend = None
+
+    def close(self) -> None:
+        """The block ends: from here a stop is noted, not raised (``held``), and a swallowed stop not yet sent
+        again becomes pending; ``stops_as_interrupt`` raises it once its handlers are back."""
+        self._held += 1
+        with self._lock:
+            self._closed = True
+            if self._resend is not None:
+                self._pending = self._pending or self._resend
 
     @contextlib.contextmanager
     def held(self):
@@ -121,14 +168,21 @@ class Stops:
 @contextlib.contextmanager
 def stops_as_interrupt():
     """Inside the block Ctrl-C and SIGTERM raise ``KeyboardInterrupt(signum)`` (``Stops``, yielded); the
-    previous handlers are put back after. Main thread."""
+    previous handlers (and ``sys.unraisablehook``) are put back after. A stop that comes while they are put
+    back is raised after, when the block ended without an exception. Main thread."""
     stops = Stops()
-    previous = {s: signal.signal(s, stops.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(stops.unraisable, previous=hook)
+    previous = {s: signal.signal(s, stops.handle) for s in _STOPS}
     try:
         yield stops
     finally:
+        stops.close()
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler)  # runs a signal already received first: noted by stops.handle
+        sys.unraisablehook = hook
+    if stops._pending is not None and not stops._raised:
+        stops._raise(stops._pending)
 
 
 def stopped_by(script: str, interrupt: KeyboardInterrupt, what: str) -> int:
