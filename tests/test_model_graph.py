@@ -193,3 +193,63 @@ def test_outputs_are_packed_and_unpacked_in_order_on_the_cpu(monkeypatch):
     for i in (0, 2):
         for f in GRAPHED_ROUTER_FIELDS:
             assert torch.equal(getattr(got.router_outputs[i], f), getattr(want.router_outputs[i], f)), (i, f)
+
+
+def test_the_capture_key_sees_every_setting_a_graph_fixes():
+    """``model_key`` and ``kernels.cuda_graph.signature``, the key of a model's (and a step's) capture, built from
+    one ``rollback.module_walk`` (the same modules, parameters and buffers, in order, as ``modules()``,
+    ``parameters()``, ``buffers()``): equal for a model left alone (the router step advanced in place too), and
+    different after each change a captured graph would not follow: a training flag, a module setting (dropout's
+    p, a router's noise), a buffer or a parameter replaced, a parameter frozen or cast, an input's shape."""
+    from moe_emergence.kernels.cuda_graph import signature
+    from moe_emergence.training.model_graph import model_key
+    from moe_emergence.training.rollback import module_walk
+
+    model = _moe_model(1, "cpu", backend="eager")
+    modules, params, buffers = module_walk(model)
+    for walked, listed in (
+        (modules, model.modules()),
+        (params, model.parameters()),
+        (buffers, model.buffers()),
+    ):
+        listed = list(listed)
+        assert len(walked) == len(listed) and all(a is b for a, b in zip(walked, listed, strict=True))
+    ids = torch.zeros(2, 8, dtype=torch.long)
+
+    def key(inputs=(ids, ids)):
+        walk = module_walk(model)
+        return signature(model_key(model, walk), walk[1], inputs)
+
+    before = key()
+    router = model.moe_layers()[0].router
+    router.set_step(5)  # read in place by the graph: the same key
+    assert key() == before and model_key(model) == model_key(model, module_walk(model))
+    dropout = model.transformer.drop
+    changes = [
+        (lambda: model.transformer.h[1].eval(), lambda: model.transformer.h[1].train()),
+        (lambda: setattr(dropout, "p", 0.2), lambda: setattr(dropout, "p", 0.1)),
+        (lambda: setattr(router, "noise_std", 0.25), lambda: setattr(router, "noise_std", 0.5)),
+    ]
+    step = router.step
+    changes.append((lambda: setattr(router, "step", step.clone()), lambda: setattr(router, "step", step)))
+    weight = model.transformer.h[1].attn.c_attn.weight
+    replaced = torch.nn.Parameter(weight.detach().clone())
+    changes.append(
+        (
+            lambda: setattr(model.transformer.h[1].attn.c_attn, "weight", replaced),
+            lambda: setattr(model.transformer.h[1].attn.c_attn, "weight", weight),
+        )
+    )
+    changes.append((lambda: weight.requires_grad_(False), lambda: weight.requires_grad_(True)))
+
+    def cast_router():
+        router.weight.data = router.weight.data.double()
+
+    changes.append((cast_router, None))
+    for change, undo in changes:
+        change()
+        assert key() != before, change
+        if undo is not None:
+            undo()
+            assert key() == before, undo
+    assert key((ids[:1], ids[:1])) != key()

@@ -125,6 +125,11 @@ def _step_fn(net: torch.nn.Module, total: torch.Tensor):
     return step
 
 
+def _params_and_names(net: torch.nn.Module):
+    """``StepGraph.replay``'s ``params`` and ``names`` of ``net``."""
+    return list(net.parameters()), lambda: [n for n, _ in net.named_parameters()]
+
+
 @needs_cuda
 def test_replay_accumulates_in_place_and_warm_ups_leave_no_trace():
     """Micro-batches graphed (three of one shape, then one of another: a second capture, made with gradients and
@@ -141,7 +146,7 @@ def test_replay_accumulates_in_place_and_warm_ups_leave_no_trace():
     torch.cuda.manual_seed(7)
     out_g, grads = [], None
     for x in xs:
-        (y,) = graph.replay("k", _step_fn(net, total_g), (x,), list(net.named_parameters()), (total_g,))
+        (y,) = graph.replay("k", _step_fn(net, total_g), (x,), *_params_and_names(net), (total_g,))
         out_g.append(y.clone())
         grads = grads or [p.grad for p in net.parameters()]
         assert all(p.grad is g for p, g in zip(net.parameters(), grads, strict=True))
@@ -153,7 +158,7 @@ def test_replay_accumulates_in_place_and_warm_ups_leave_no_trace():
     for p, q in zip(net.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
     net.zero_grad(set_to_none=True)
-    graph.replay("k", _step_fn(net, total_g), (xs[0],), list(net.named_parameters()), (total_g,))
+    graph.replay("k", _step_fn(net, total_g), (xs[0],), *_params_and_names(net), (total_g,))
     assert graph.captures == 3 and len(graph) == StepGraph.max_signatures
 
 
@@ -163,7 +168,7 @@ def test_a_parameter_the_loss_does_not_reach_is_refused_by_name():
     total = torch.zeros((), device="cuda")
     x = torch.randn(5, 8, device="cuda")
     with pytest.raises(RuntimeError, match=r"does not reach unused .*train\.cuda_graphs=layers"):
-        StepGraph().replay("k", _step_fn(net, total), (x,), list(net.named_parameters()), (total,))
+        StepGraph().replay("k", _step_fn(net, total), (x,), *_params_and_names(net), (total,))
     assert net.unused.grad is not None and not net.unused.grad.any()  # made before the key, never written
     assert not total.any()  # the warm-ups' sums put back
 
@@ -172,9 +177,23 @@ def test_a_parameter_the_loss_does_not_reach_is_refused_by_name():
 
 
 def test_cpu_tensors_are_refused():
+    """Directly and through the trainer's call, whose key (``model_key`` over one ``module_walk``) is built first."""
+    from types import SimpleNamespace
+
+    from test_model_graph import _moe_model
+
     net = _Net()
     with pytest.raises(ValueError, match=r"CUDA graphs need CUDA tensors.*train\.cuda_graphs=none"):
-        StepGraph().replay("k", _step_fn(net, torch.zeros(())), (torch.zeros(2, 8),), [], ())
+        StepGraph().replay("k", _step_fn(net, torch.zeros(())), (torch.zeros(2, 8),), [], list, ())
+    model = _moe_model(1, "cpu", backend="eager")
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, scaler=None, gradient_accumulation_steps=1)
+    step = MoEStep([0, 2], 5, LossCoefs(0.01, 0.001), None, False)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    n = torch.ones(2, dtype=torch.float64)
+    sums = StepSums.of(step, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"CUDA graphs need CUDA tensors"):
+        StepGraph()(model, accelerator, batch, n, n, torch.zeros(2), step, sums, 1.0, False)
 
 
 def test_sums_zero_in_place_and_collect_tokens_per_expert():

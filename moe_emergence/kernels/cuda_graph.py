@@ -56,6 +56,7 @@ rules, on ``signature`` and ``WARMUP_CALLS`` from here). How these behave:
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -93,10 +94,17 @@ def signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor])
         key,
         inputs[0].device,
         tuple((t.shape, t.dtype, t.requires_grad) for t in inputs),
-        tuple((p.data_ptr(), p.shape, p.dtype, p.requires_grad) for p in params),
+        # four maps, not a tuple per parameter: a step graph builds this for every micro-batch (host time)
+        tuple(map(Tensor.data_ptr, params)),
+        tuple(map(Tensor.size, params)),
+        tuple(map(_DTYPE, params)),
+        tuple(map(_REQUIRES_GRAD, params)),
         torch.get_autocast_dtype(device_type) if autocast else None,
         torch.backends.cuda.matmul.fp32_precision,  # TF32 or not: the float32 kernels' precision is fixed at capture
     )
+
+
+_DTYPE, _REQUIRES_GRAD = operator.attrgetter("dtype"), operator.attrgetter("requires_grad")
 
 
 def _static_copy(t: Tensor) -> Tensor:

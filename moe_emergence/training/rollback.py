@@ -86,11 +86,20 @@ def _members(modules: list[torch.nn.Module], attr: str) -> list[torch.Tensor]:
     return out
 
 
-def params_and_buffers(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``list(model.parameters())`` and ``list(model.buffers())``, the same objects in the same order, listed
-    afresh at each call (a submodule swapped since the last call is seen) in one walk of the module tree."""
+def module_walk(
+    model: torch.nn.Module,
+) -> tuple[list[torch.nn.Module], list[torch.Tensor], list[torch.Tensor]]:
+    """``list(model.modules())``, ``list(model.parameters())`` and ``list(model.buffers())``: the same objects in
+    the same order, listed afresh at each call (a submodule swapped since the last call is seen) in one walk of
+    the module tree."""
     modules = _modules_in_order(model)
-    return _members(modules, "_parameters"), _members(modules, "_buffers")
+    return modules, _members(modules, "_parameters"), _members(modules, "_buffers")
+
+
+def params_and_buffers(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``module_walk``'s parameters and buffers."""
+    _, params, buffers = module_walk(model)
+    return params, buffers
 
 
 def module_tensors(model: torch.nn.Module, buffers: bool = True) -> list[torch.Tensor]:

@@ -61,6 +61,7 @@ from moe_emergence.kernels.cuda_graph import WARMUP_CALLS, Signatures, signature
 from moe_emergence.layer import GRAPHED_ROUTER_FIELDS, from_graphed_fields, graphed_fields
 from moe_emergence.routing import RouterOutput
 from moe_emergence.training.model_graph import model_key
+from moe_emergence.training.rollback import module_walk
 from moe_emergence.training.steps import MoEStep, StepSums, micro_batch_loss
 
 Tensor = torch.Tensor
@@ -105,7 +106,7 @@ def _capture(
     fn: Callable[..., tuple[Tensor, ...]],
     inputs: Sequence[Tensor],
     params: Sequence[Tensor],
-    names: Sequence[str],
+    names: Callable[[], Sequence[str]],
     state: Sequence[Tensor],
     pool: tuple | None,
 ) -> _Captured:
@@ -124,7 +125,7 @@ def _capture(
         if unreached:
             raise RuntimeError(
                 "CUDA-graphed training step: the loss does not reach "
-                f"{', '.join(names[i] for i in unreached[:5])}{' ...' if len(unreached) > 5 else ''} "
+                f"{', '.join(names()[i] for i in unreached[:5])}{' ...' if len(unreached) > 5 else ''} "
                 f"({len(unreached)} parameters requiring a gradient); a graph would give them zero gradients "
                 "that the optimizer acts on: freeze them (requires_grad=False) or train with "
                 "train.cuda_graphs=layers"
@@ -138,6 +139,27 @@ def _capture(
             outputs = tuple(t.detach() for t in run())
     torch.clear_autocast_cache()
     return _Captured(graph, statics, outputs)
+
+
+def _objective_key(accelerator, moe: MoEStep, scale: float, padded: bool, device: torch.device) -> tuple:
+    """The objective's settings a step graph fixes (module docstring), for its key. fp16's GradScaler gets its
+    loss-scale tensor here if it has none yet: the graph reads it in place, at the address in the key."""
+    scaler = accelerator.scaler
+    if scaler is not None and not scaler.is_enabled():
+        scaler = None  # a disabled GradScaler scales nothing
+    if scaler is not None and scaler._scale is None:
+        scaler.scale(torch.zeros((), device=device))
+    return (
+        tuple(moe.layers),
+        scale,
+        accelerator.gradient_accumulation_steps,
+        None if scaler is None else scaler._scale.data_ptr(),  # GradScaler's private _scale
+        moe.num_experts,
+        moe.coefs.entropy_coef,
+        moe.global_counts is not None,
+        moe.collect_tokens_per_expert,
+        padded,
+    )
 
 
 class StepGraph(Signatures):
@@ -157,26 +179,27 @@ class StepGraph(Signatures):
         key: Hashable,
         fn: Callable[..., tuple[Tensor, ...]],
         inputs: Sequence[Tensor],
-        named_params: Sequence[tuple[str, Tensor]],
+        params: Sequence[Tensor],
+        names: Callable[[], Sequence[str]],
         state: Sequence[Tensor],
     ) -> tuple[Tensor, ...]:
-        """Run ``fn(*inputs)`` for its effects on the parameters' ``.grad`` and on ``state`` (tensors it adds
-        into in place), replayed from the graph of this call's signature (captured now if new). Returns
-        ``fn``'s outputs, static: valid until the next replay. ``ValueError`` for inputs off a CUDA device;
-        ``RuntimeError`` where the loss does not reach a parameter that requires a gradient."""
+        """Run ``fn(*inputs)`` for its effects on the ``params``' ``.grad`` and on ``state`` (tensors it adds
+        into in place), replayed from the graph of this call's signature (captured now if new). ``names()``: the
+        parameters' names, in their order (asked for only when a capture fails). Returns ``fn``'s outputs,
+        static: valid until the next replay. ``ValueError`` for inputs off a CUDA device; ``RuntimeError`` where
+        the loss does not reach a parameter that requires a gradient."""
         if inputs[0].device.type != "cuda":
             raise ValueError(
                 f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} "
                 "(train with train.cuda_graphs=none)"
             )
-        names, params = zip(*named_params, strict=True)
         for p in params:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         sig = (
             signature(key, params, inputs),
             tuple(p.grad.data_ptr() if p.grad is not None else 0 for p in params),
-            tuple(t.data_ptr() for t in state),
+            tuple(map(Tensor.data_ptr, state)),
         )
         captured = self._captured_for(sig, lambda: _capture(fn, inputs, params, names, state, self._pool))
         torch._foreach_copy_(list(captured.inputs), list(inputs))  # one launch per dtype
@@ -204,7 +227,6 @@ class StepGraph(Signatures):
         ``n_step``, ``counts``: float64 ``[2]`` token counts of the step and of this micro-batch; ``coefs``:
         float32 ``[2]``, ``lb_coef`` and ``z_coef`` in force. Returns ``{block: RouterOutput}`` (static)."""
         layers = tuple(moe.layers)
-        entropy_coef = moe.coefs.entropy_coef
 
         def step(ids: Tensor, labels: Tensor, mask: Tensor, c: Tensor, n: Tensor, k: Tensor):
             mask_kw = {"attention_mask": mask} if padded else {}
@@ -215,29 +237,17 @@ class StepGraph(Signatures):
             accelerator.backward(loss)
             return tuple(t.detach() for i in layers for t in graphed_fields(out.router_outputs[i]))
 
-        scaler = accelerator.scaler
-        if scaler is not None and not scaler.is_enabled():
-            scaler = None  # a disabled GradScaler scales nothing
-        if (
-            scaler is not None and scaler._scale is None
-        ):  # made once, before the key: read in place by the graph
-            scaler.scale(torch.zeros((), device=n_step.device))
-        objective = (
-            layers,
-            scale,
-            accelerator.gradient_accumulation_steps,
-            None
-            if scaler is None
-            else scaler._scale.data_ptr(),  # fp16's loss scale (GradScaler's private _scale)
-            moe.num_experts,
-            entropy_coef,
-            moe.global_counts is not None,
-            moe.collect_tokens_per_expert,
-            padded,
-        )
-        key = (*model_key(accelerator.unwrap_model(model)), objective)
+        unwrapped = accelerator.unwrap_model(model)
+        # one walk for the key and the parameters (host time, every micro-batch)
+        walk = module_walk(unwrapped)
+        objective = _objective_key(accelerator, moe, scale, padded, n_step.device)
+        key = (*model_key(unwrapped, walk), objective)
         inputs = (batch["input_ids"], batch["labels"], batch["attention_mask"], counts, n_step, coefs)
         state = (sums.totals, sums.bad_L2, *sums.tokens_per_expert.values())
-        fields = self.replay(key, step, inputs, list(model.named_parameters()), state)
+
+        def names() -> list[str]:  # for a capture's error only
+            return [n for n, _ in unwrapped.named_parameters()]
+
+        fields = self.replay(key, step, inputs, walk[1], names, state)
         n = len(GRAPHED_ROUTER_FIELDS)
         return {i: from_graphed_fields(fields[j * n : (j + 1) * n]) for j, i in enumerate(layers)}
