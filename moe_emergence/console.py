@@ -127,17 +127,30 @@ class Stops:
 
     def unraisable(self, unraisable, previous) -> None:
         """``sys.unraisablehook``: our stop, swallowed in a finaliser, is sent again; anything else goes to
-        ``previous``, the hook found."""
-        exc = unraisable.exc_value
-        if self._raised and isinstance(exc, KeyboardInterrupt) and exc.args and exc.args[0] in _STOPS:
-            with self._lock:
+        ``previous``, the hook found. While it runs, a stop is noted, not raised (raised in a hook, Python would
+        swallow it too, this hook never seeing it): one noted outside any ``held`` block is sent again too."""
+        outer = self._held
+        self._held += 1
+        try:
+            exc = unraisable.exc_value
+            if self._raised and isinstance(exc, KeyboardInterrupt) and exc.args and exc.args[0] in _STOPS:
                 self._raised = False
-                self._resend = exc.args[0]
-            timer = threading.Timer(self.RESEND_S, self._send_again)
-            timer.daemon = True
-            timer.start()
-            return
-        previous(unraisable)
+                self._pending = self._pending or exc.args[0]
+            else:
+                previous(unraisable)
+            if not outer and self._pending is not None and not self._raised:
+                self._send_later()
+        finally:
+            self._held -= 1
+
+    def _send_later(self) -> None:
+        """The pending stop's signal, sent again ``RESEND_S`` from now by a timer thread (sent from here, the
+        handler would run at once, in the hook)."""
+        with self._lock:
+            self._resend, self._pending = self._pending, None
+        timer = threading.Timer(self.RESEND_S, self._send_again)
+        timer.daemon = True
+        timer.start()
 
     def _send_again(self) -> None:
         with self._lock:  # not after close: the handler put back then would get it
@@ -146,9 +159,8 @@ class Stops:
                 self._resend = None
 
     def close(self) -> None:
-        """The block ends: from here a stop is noted, not raised (``held``), and a swallowed stop not yet sent
-        again becomes pending; ``stops_as_interrupt`` raises it once its handlers are back."""
-        self._held += 1
+        """The block ends (its caller has raised ``_held`` first, so that no stop is raised here): a swallowed
+        stop not yet sent again becomes pending; ``stops_as_interrupt`` raises it once its handlers are back."""
         with self._lock:
             self._closed = True
             if self._resend is not None:
@@ -172,11 +184,14 @@ def stops_as_interrupt():
     back is raised after, when the block ended without an exception. Main thread."""
     stops = Stops()
     hook = sys.unraisablehook
-    sys.unraisablehook = functools.partial(stops.unraisable, previous=hook)
-    previous = {s: signal.signal(s, stops.handle) for s in _STOPS}
+    previous = {}
     try:
+        sys.unraisablehook = functools.partial(stops.unraisable, previous=hook)
+        for s in _STOPS:  # ValueError off the main thread: nothing is left installed
+            previous[s] = signal.signal(s, stops.handle)
         yield stops
     finally:
+        stops._held += 1  # first, no call before it: from here a stop is noted, not raised
         stops.close()
         for s, handler in previous.items():
             signal.signal(s, handler)  # runs a signal already received first: noted by stops.handle

@@ -467,6 +467,67 @@ def test_a_stop_swallowed_in_a_finaliser_is_raised_after_it():
         gc.collect()
 
 
+def test_stops_are_not_lost_in_the_hook_at_the_block_end_or_off_the_main_thread(monkeypatch):
+    """Three narrow windows (found by a fresh review): a second stop whose handler runs while the unraisable hook
+    handles the first (raised there, Python would swallow both and ignore every later stop); a stop handled as
+    the block ends, before the handlers are put back (they must still be put back, and the stop raised); a call
+    off the main thread (refused, leaving no hook installed)."""
+    import sys
+    import threading
+    import time
+    import types
+
+    from moe_emergence import console
+
+    real_timer = threading.Timer
+
+    def timer_after_a_ctrl_c(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # its handler runs here, inside the hook
+        return real_timer(*args, **kwargs)
+
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+
+    hook = sys.unraisablehook
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as m:
+        m.setattr(
+            console, "threading", types.SimpleNamespace(Timer=timer_after_a_ctrl_c, Lock=threading.Lock)
+        )
+        with pytest.raises(KeyboardInterrupt) as e, console.stops_as_interrupt():
+            obj = Finalised()
+            del obj
+            time.sleep(5)
+        assert e.value.args == (signal.SIGTERM,)
+    with monkeypatch.context() as m:
+        close = console.Stops.close
+
+        def stop_then_close(self):
+            signal.raise_signal(signal.SIGTERM)  # stands for one handled at the block's end
+            close(self)
+
+        m.setattr(console.Stops, "close", stop_then_close)
+        with pytest.raises(KeyboardInterrupt) as e, console.stops_as_interrupt():
+            pass
+        assert e.value.args == (signal.SIGTERM,)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert sys.unraisablehook is hook
+    failed = []
+
+    def off_main():
+        try:
+            with console.stops_as_interrupt():
+                pass
+        except ValueError as err:
+            failed.append(err)
+
+    worker = threading.Thread(target=off_main)
+    worker.start()
+    worker.join()
+    assert len(failed) == 1 and sys.unraisablehook is hook
+
+
 def test_upcycle_script_stop_at_its_edges_keeps_out_whole_or_absent(
     tmp_path, dense_checkpoint, monkeypatch, capsys
 ):
