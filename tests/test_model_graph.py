@@ -200,7 +200,8 @@ def test_the_capture_key_sees_every_setting_a_graph_fixes():
     one ``rollback.module_walk`` (the same modules, parameters and buffers, in order, as ``modules()``,
     ``parameters()``, ``buffers()``): equal for a model left alone (the router step advanced in place too), and
     different after each change a captured graph would not follow: a training flag, a module setting (dropout's
-    p, a router's noise), a buffer or a parameter replaced, a parameter frozen or cast, an input's shape."""
+    p, a router's noise), a buffer or a parameter replaced, a parameter frozen, transposed in place or cast, a
+    module swapped for another class with the same settings, a hook added, an input's shape."""
     from moe_emergence.kernels.cuda_graph import signature
     from moe_emergence.training.model_graph import model_key
     from moe_emergence.training.rollback import module_walk
@@ -241,6 +242,25 @@ def test_the_capture_key_sees_every_setting_a_graph_fixes():
         )
     )
     changes.append((lambda: weight.requires_grad_(False), lambda: weight.requires_grad_(True)))
+    block = model.transformer.h[1]
+    gelu = block.mlp.act
+    changes.append(
+        (lambda: setattr(block.mlp, "act", torch.nn.Tanh()), lambda: setattr(block.mlp, "act", gelu))
+    )
+    handles = []
+    changes.append(
+        (
+            lambda: handles.append(block.register_forward_hook(lambda *a: None)),
+            lambda: handles.pop().remove(),
+        )
+    )
+    square = block.attn.c_proj.weight  # [D, D]: transposed, the same address, shape and dtype
+    data = square.data
+
+    def transpose():
+        square.data = data.t()
+
+    changes.append((transpose, lambda: setattr(square, "data", data)))
 
     def cast_router():
         router.weight.data = router.weight.data.double()

@@ -86,7 +86,7 @@ class _Captured:
 
 def signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple:
     """What a capture depends on beyond ``key``: the device, the inputs' shapes, dtypes and ``requires_grad``, the
-    parameters' storage (pointer, shape, dtype, ``requires_grad``), the autocast state and the float32 matmul
+    parameters' storage (``tensor_layout``) and ``requires_grad``, the autocast state and the float32 matmul
     precision (module docstring)."""
     device_type = inputs[0].device.type
     autocast = torch.is_autocast_enabled(device_type)
@@ -94,13 +94,21 @@ def signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor])
         key,
         inputs[0].device,
         tuple((t.shape, t.dtype, t.requires_grad) for t in inputs),
-        # four maps, not a tuple per parameter: a step graph builds this for every micro-batch (host time)
-        tuple(map(Tensor.data_ptr, params)),
-        tuple(map(Tensor.size, params)),
-        tuple(map(_DTYPE, params)),
+        tensor_layout(params),
         tuple(map(_REQUIRES_GRAD, params)),
         torch.get_autocast_dtype(device_type) if autocast else None,
         torch.backends.cuda.matmul.fp32_precision,  # TF32 or not: the float32 kernels' precision is fixed at capture
+    )
+
+
+def tensor_layout(tensors: Sequence[Tensor]) -> tuple:
+    """The storage of ``tensors`` as a graph reads it in place: addresses, shapes, strides, dtypes. A ``map`` per
+    attribute, not a tuple per tensor: a step graph builds this for every micro-batch (host time)."""
+    return (
+        tuple(map(Tensor.data_ptr, tensors)),
+        tuple(map(Tensor.size, tensors)),
+        tuple(map(Tensor.stride, tensors)),
+        tuple(map(_DTYPE, tensors)),
     )
 
 

@@ -34,7 +34,7 @@ import operator
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from moe_emergence.kernels.cuda_graph import Graphs
+from moe_emergence.kernels.cuda_graph import Graphs, tensor_layout
 from moe_emergence.layer import GRAPHED_ROUTER_FIELDS, from_graphed_fields, graphed_fields
 from moe_emergence.modeling import MoECausalLMOutput
 from moe_emergence.training.rollback import module_walk
@@ -42,27 +42,32 @@ from moe_emergence.training.rollback import module_walk
 
 def model_key(model: torch.nn.Module, walk: tuple[list, list, list] | None = None) -> tuple:
     """What a captured training step of ``model`` computes beyond its arguments and parameters: the model itself;
-    each module's training flag and settings (its ``extra_repr``: dropout p, router noise, experts' backend, ...);
-    the config's attention implementation and the defaults a call may leave to it; the buffers (router step,
-    selection bias), read in place at their address: one replaced by another tensor is a new capture. ``walk``:
-    ``rollback.module_walk(model)`` when the caller has it (taken here otherwise). Built with ``map`` over the
-    walk's lists (a step graph builds it for every micro-batch, on the host's critical path)."""
+    each module's class, training flag, settings (its ``extra_repr``: dropout p, router noise, experts' backend,
+    ...) and hooks (forward, forward-pre, backward: a graph replays none added after its capture, and runs
+    those removed since); the config's attention implementation and the defaults a call may leave to it; the
+    buffers (router step, selection bias), read in place at their address and layout: one replaced by another
+    tensor is a new capture. ``walk``: ``rollback.module_walk(model)`` when the caller has it (taken here
+    otherwise). Built with ``map`` over the walk's lists (a step graph builds it for every micro-batch, on the
+    host's critical path)."""
     modules, _, buffers = module_walk(model) if walk is None else walk
     config = model.config
     return (
         id(model),
+        tuple(map(type, modules)),
         tuple(map(_TRAINING, modules)),
         tuple([m.extra_repr() for m in modules]),
+        *(tuple(map(tuple, map(hooks, modules))) for hooks in _HOOKS),
         tuple(
             getattr(config, k, None) for k in ("_attn_implementation", "output_router_logits", "use_cache")
         ),
-        tuple(map(torch.Tensor.data_ptr, buffers)),
-        tuple(map(torch.Tensor.size, buffers)),
-        tuple(map(_DTYPE, buffers)),
+        tensor_layout(buffers),
     )
 
 
-_TRAINING, _DTYPE = operator.attrgetter("training"), operator.attrgetter("dtype")
+_TRAINING = operator.attrgetter("training")
+_HOOKS = tuple(
+    operator.attrgetter(f"_{kind}_hooks") for kind in ("forward_pre", "forward", "backward_pre", "backward")
+)
 
 
 class ModelGraph(Graphs):
