@@ -129,6 +129,9 @@ class Stops:
         """``sys.unraisablehook``: our stop, swallowed in a finaliser, is sent again; anything else goes to
         ``previous``, the hook found. While it runs, a stop is noted, not raised (raised in a hook, Python would
         swallow it too, this hook never seeing it): one noted outside any ``held`` block is sent again too."""
+        if threading.current_thread() is not threading.main_thread():
+            previous(unraisable)  # a finaliser on another thread: no handler runs there, none of our stops
+            return
         outer = self._held
         self._held += 1
         try:
@@ -181,14 +184,18 @@ class Stops:
 def stops_as_interrupt():
     """Inside the block Ctrl-C and SIGTERM raise ``KeyboardInterrupt(signum)`` (``Stops``, yielded); the
     previous handlers (and ``sys.unraisablehook``) are put back after. A stop that comes while they are put
-    back is raised after, when the block ended without an exception. Main thread."""
+    back is raised after, when the block ended without an exception. Main thread only (``ValueError``
+    elsewhere, before anything is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise ValueError("stops_as_interrupt: signal handlers can only be set in the main thread")
     stops = Stops()
     hook = sys.unraisablehook
     previous = {}
     try:
         sys.unraisablehook = functools.partial(stops.unraisable, previous=hook)
-        for s in _STOPS:  # ValueError off the main thread: nothing is left installed
-            previous[s] = signal.signal(s, stops.handle)
+        for s in _STOPS:
+            previous[s] = signal.getsignal(s)  # first: a stop raised once ours is in must find it recorded
+            signal.signal(s, stops.handle)
         yield stops
     finally:
         stops._held += 1  # first, no call before it: from here a stop is noted, not raised

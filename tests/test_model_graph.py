@@ -201,7 +201,8 @@ def test_the_capture_key_sees_every_setting_a_graph_fixes():
     ``parameters()``, ``buffers()``): equal for a model left alone (the router step advanced in place too), and
     different after each change a captured graph would not follow: a training flag, a module setting (dropout's
     p, a router's noise), a buffer or a parameter replaced, a parameter frozen, transposed in place or cast, a
-    module swapped for another class with the same settings, a hook added, an input's shape."""
+    module swapped for another class with the same settings, a module or gradient hook added, a forward set on an
+    instance, an input's shape."""
     from moe_emergence.kernels.cuda_graph import signature
     from moe_emergence.training.model_graph import model_key
     from moe_emergence.training.rollback import module_walk
@@ -252,6 +253,18 @@ def test_the_capture_key_sees_every_setting_a_graph_fixes():
         (
             lambda: handles.append(block.register_forward_hook(lambda *a: None)),
             lambda: handles.pop().remove(),
+        )
+    )
+    changes.append(
+        (
+            lambda: handles.append(weight.register_hook(lambda g: 2 * g)),
+            lambda: handles.pop().remove(),
+        )
+    )
+    changes.append(
+        (
+            lambda: setattr(block.mlp, "forward", lambda x: torch.zeros_like(x)),
+            lambda: delattr(block.mlp, "forward"),
         )
     )
     square = block.attn.c_proj.weight  # [D, D]: transposed, the same address, shape and dtype

@@ -468,14 +468,14 @@ def test_a_stop_swallowed_in_a_finaliser_is_raised_after_it():
 
 
 def test_stops_are_not_lost_in_the_hook_at_the_block_end_or_off_the_main_thread(monkeypatch):
-    """Three narrow windows (found by a fresh review): a second stop whose handler runs while the unraisable hook
+    """Narrow windows (found by fresh reviews): a second stop whose handler runs while the unraisable hook
     handles the first (raised there, Python would swallow both and ignore every later stop); a stop handled as
     the block ends, before the handlers are put back (they must still be put back, and the stop raised); a call
-    off the main thread (refused, leaving no hook installed)."""
+    off the main thread (refused, leaving no hook installed); a finaliser failing on another thread while a
+    held block ends with a stop pending (the hook there must not hold the main thread's stops)."""
     import sys
     import threading
     import time
-    import types
 
     from moe_emergence import console
 
@@ -492,9 +492,7 @@ def test_stops_are_not_lost_in_the_hook_at_the_block_end_or_off_the_main_thread(
     hook = sys.unraisablehook
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with monkeypatch.context() as m:
-        m.setattr(
-            console, "threading", types.SimpleNamespace(Timer=timer_after_a_ctrl_c, Lock=threading.Lock)
-        )
+        m.setattr(threading, "Timer", timer_after_a_ctrl_c)
         with pytest.raises(KeyboardInterrupt) as e, console.stops_as_interrupt():
             obj = Finalised()
             del obj
@@ -526,6 +524,26 @@ def test_stops_are_not_lost_in_the_hook_at_the_block_end_or_off_the_main_thread(
     worker.start()
     worker.join()
     assert len(failed) == 1 and sys.unraisablehook is hook
+    # a finaliser failing on another thread while the main thread leaves a held block with a stop pending
+    in_hook = threading.Event()
+
+    def slow_previous(unraisable):
+        in_hook.set()
+        time.sleep(0.3)
+
+    class Failing:
+        def __del__(self):
+            raise ValueError("a finaliser's error on a worker thread")
+
+    monkeypatch.setattr(sys, "unraisablehook", slow_previous)
+    with pytest.raises(KeyboardInterrupt) as e, console.stops_as_interrupt() as stops:
+        with stops.held():
+            threading.Thread(target=Failing).start()
+            in_hook.wait()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        time.sleep(5)  # not reached: raised at the held block's end
+    assert e.value.args == (signal.SIGTERM,)
 
 
 def test_upcycle_script_stop_at_its_edges_keeps_out_whole_or_absent(

@@ -86,7 +86,7 @@ class _Captured:
 
 def signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple:
     """What a capture depends on beyond ``key``: the device, the inputs' shapes, dtypes and ``requires_grad``, the
-    parameters' storage (``tensor_layout``) and ``requires_grad``, the autocast state and the float32 matmul
+    parameters' storage (``tensor_layout``), ``requires_grad`` and gradient hooks, the autocast state and the float32 matmul
     precision (module docstring)."""
     device_type = inputs[0].device.type
     autocast = torch.is_autocast_enabled(device_type)
@@ -96,6 +96,7 @@ def signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor])
         tuple((t.shape, t.dtype, t.requires_grad) for t in inputs),
         tensor_layout(params),
         tuple(map(_REQUIRES_GRAD, params)),
+        tuple(map(_tensor_hooks, params)),
         torch.get_autocast_dtype(device_type) if autocast else None,
         torch.backends.cuda.matmul.fp32_precision,  # TF32 or not: the float32 kernels' precision is fixed at capture
     )
@@ -113,6 +114,12 @@ def tensor_layout(tensors: Sequence[Tensor]) -> tuple:
 
 
 _DTYPE, _REQUIRES_GRAD = operator.attrgetter("dtype"), operator.attrgetter("requires_grad")
+
+
+def _tensor_hooks(t: Tensor) -> tuple:
+    """The ids of ``t``'s gradient hooks (``register_hook``, ``register_post_accumulate_grad_hook``): a graph runs
+    those its capture ran."""
+    return tuple(t._backward_hooks or ()), tuple(t._post_accumulate_grad_hooks or ())
 
 
 def _static_copy(t: Tensor) -> Tensor:
