@@ -86,8 +86,8 @@ class _Captured:
 
 def signature(key: Hashable, params: Sequence[Tensor], inputs: Sequence[Tensor]) -> tuple:
     """What a capture depends on beyond ``key``: the device, the inputs' shapes, dtypes and ``requires_grad``, the
-    parameters' storage (``tensor_layout``), ``requires_grad`` and gradient hooks, the autocast state and the float32 matmul
-    precision (module docstring)."""
+    parameters' storage (``tensor_layout``), ``requires_grad`` and gradient hooks, the autocast state and the
+    float32 matmul precision (module docstring)."""
     device_type = inputs[0].device.type
     autocast = torch.is_autocast_enabled(device_type)
     return (

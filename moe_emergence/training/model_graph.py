@@ -43,14 +43,14 @@ from moe_emergence.training.rollback import module_walk
 def model_key(model: torch.nn.Module, walk: tuple[list, list, list] | None = None) -> tuple:
     """What a captured training step of ``model`` computes beyond its arguments and parameters: the model itself;
     each module's class, training flag, settings (its ``extra_repr``: dropout p, router noise, experts' backend,
-    ...), hooks (forward, forward-pre, backward: a graph replays none added after its capture, and runs
-    those removed since) and a ``forward`` set on the instance; the config's attention implementation and the defaults a call may leave to it; the
-    buffers (router step, selection bias), read in place at their address and layout: one replaced by another
-    tensor is a new capture. ``walk``: ``rollback.module_walk(model)`` when the caller has it (taken here
-    otherwise). Built with ``map`` over the walk's lists (a step graph builds it for every micro-batch, on the
-    host's critical path). Not in it: attributes a module does not show in ``extra_repr``, other methods patched
-    on an instance, global module hooks and global switches (deterministic algorithms, the attention kernel's
-    backend): set them before the first capture."""
+    ...), hooks (forward, forward-pre, backward: a graph replays none added after its capture, and runs those
+    removed since) and a ``forward`` set on the instance; the config's attention implementation and the
+    defaults a call may leave to it; the buffers (router step, selection bias), read in place at their address
+    and layout: one replaced by another tensor is a new capture. ``walk``: ``rollback.module_walk(model)``
+    when the caller has it (taken here otherwise). Built with ``map`` over the walk's lists (a step graph
+    builds it for every micro-batch, on the host's critical path). Not in it: attributes a module does not
+    show in ``extra_repr``, other methods patched on an instance, global module hooks and global switches
+    (deterministic algorithms, the attention kernel's backend): set them before the first capture."""
     modules, _, buffers = module_walk(model) if walk is None else walk
     config = model.config
     return (
