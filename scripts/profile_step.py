@@ -172,9 +172,10 @@ def _timed_windows(steps: int, repeat: int, trainer_step, bare_step) -> tuple[li
 
 def _measure(
     trainer, args, refreeze, host: dict[str, float]
-) -> tuple[list[float], list[float], object, dict | None]:
+) -> tuple[list[float], list[float], object, dict | None, int | None]:
     """Warm up, then time (and profile) the steps: (trainer walls, bare walls, profiler or None, snapshot
-    times or None), walls in ms per step; with ``--host-phases`` the phases' host seconds are summed into
+    times or None, CUDA-graph captures during the timed steps or None for a dense model), walls in ms per
+    step; with ``--host-phases`` the phases' host seconds are summed into
     ``host``. ``refreeze``: ``loop.long_lived_frozen``'s, called after the warm-up (and its upcycle), as the
     loop does after an upcycle."""
     from moe_emergence.data import rows_of
@@ -204,7 +205,7 @@ def _measure(
             graph = ModelGraph()
         _bare_step(trainer, batch, graph)  # its own warm-up (and capture)
         bare_step = functools.partial(_bare_step, trainer, batch, graph)
-    captures = model_setup.graph_captures(trainer.unwrapped, trainer.step_graph) if trainer.moe else 0
+    captures = model_setup.graph_captures(trainer.unwrapped, trainer.step_graph) if trainer.moe else None
     with contextlib.ExitStack() as patches:  # the wrappers go again at the end (a later run in this process)
         snapshot = patches.enter_context(_time_snapshot()) if args.time_snapshot else None
         if not args.no_profiler:
@@ -220,12 +221,10 @@ def _measure(
         ):
             walls, bare = _timed_windows(args.steps, args.repeat, lambda: trainer.train_step(None), bare_step)
     if (
-        trainer.moe
-    ):  # a capture among the timed steps (a new batch shape, a changed setting) is in their walls
-        host["cuda_graph_captures"] = (
-            model_setup.graph_captures(trainer.unwrapped, trainer.step_graph) - captures
-        )
-    return walls, bare, prof, snapshot
+        captures is not None
+    ):  # a capture among the timed steps (a new batch shape, a setting) is in their walls
+        captures = model_setup.graph_captures(trainer.unwrapped, trainer.step_graph) - captures
+    return walls, bare, prof, snapshot, captures
 
 
 @contextlib.contextmanager
@@ -404,7 +403,7 @@ def _main(argv: list[str] | None) -> int:
         trainer = Trainer(cfg)
         try:
             with long_lived_frozen() as refreeze:  # as the training loop runs its steps
-                walls, bare, prof, snapshot = _measure(trainer, args, refreeze, host)
+                walls, bare, prof, snapshot, timed_captures = _measure(trainer, args, refreeze, host)
         finally:
             trainer.folder.abort()  # scratch: remove what this profile wrote (never anything else)
     per_step = {} if prof is None else {k: v / args.steps for k, v in _kernel_times(prof).items()}
@@ -416,7 +415,6 @@ def _main(argv: list[str] | None) -> int:
     if args.trace and prof is not None:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(args.trace) / f"rank{trainer.accelerator.process_index}.json"))
-    timed_captures = host.pop("cuda_graph_captures", None)
     per_step |= {f"host_{k}": v * 1000.0 / (args.steps * args.repeat) for k, v in host.items()}
     if snapshot is not None:
         per_step |= {k: v / max(snapshot["calls"], 1) for k, v in snapshot.items() if k != "calls"}
@@ -429,7 +427,7 @@ def _main(argv: list[str] | None) -> int:
         "wall_ms": statistics.median(walls),
         **({"wall_ms_windows": walls} if args.repeat > 1 else {}),
         **{f"{k}_ms": v for k, v in sorted(per_step.items())},
-        **({} if timed_captures is None else {"timed_cuda_graph_captures": int(timed_captures)}),
+        **({} if timed_captures is None else {"timed_cuda_graph_captures": timed_captures}),
     }
     if torch.cuda.is_available():  # the process's peak since its start (warm-up, captures and bare steps too)
         record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -282,9 +282,10 @@ class _Replay(torch.autograd.Function):
 class Signatures:
     """Captures of one caller by call signature, least recently used first; at most ``max_signatures`` kept (the
     oldest dropped). ``captures`` counts signatures captured so far, dropped ones included (each costs time and
-    memory)."""
+    memory). ``direct``: how to run without graphs, in the error for tensors off a GPU."""
 
     max_signatures = MAX_SIGNATURES
+    direct = "call it without CUDA graphs"
 
     def __init__(self) -> None:
         self._captured: OrderedDict[Hashable, object] = OrderedDict()
@@ -298,6 +299,13 @@ class Signatures:
         """A copy (``copy.deepcopy`` or pickling of the model) starts without captures: they read and write the
         original's memory, and CUDA graphs cannot be copied."""
         return (type(self), ())
+
+    def _require_cuda(self, inputs: Sequence[Tensor]) -> None:
+        """``ValueError`` (naming ``direct``, how to run without graphs) for inputs off a CUDA device."""
+        if inputs[0].device.type != "cuda":
+            raise ValueError(
+                f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} ({self.direct})"
+            )
 
     def _captured_for(self, sig: Hashable, capture: Callable[[], object]):
         """The capture of ``sig``, made now with ``capture()`` if new, and marked most recently used. A full cache
@@ -315,8 +323,7 @@ class Signatures:
 
 class Graphs(Signatures):
     """The captured forward and backward graphs of one caller (a layer, its experts, a whole model), by
-    signature (``Signatures``). ``owner``: what the graphs are of, in errors (a name, a noun); ``direct``: how to
-    run it without graphs, in the error for tensors off a GPU."""
+    signature (``Signatures``). ``owner``: what the graphs are of, in errors (a name, a noun)."""
 
     owner = ("MoE layer", "layer")
     direct = "set the layer's cuda_graph to None to run it directly"
@@ -335,10 +342,7 @@ class Graphs(Signatures):
         """``fn(*inputs, *params)`` -> its outputs, replayed from the graphs of this call's signature (captured
         now if new). ``key`` names what ``fn`` computes beyond its arguments (the layer's settings): a new key
         is a new capture. ``ValueError`` for inputs not on a CUDA device."""
-        if inputs[0].device.type != "cuda":
-            raise ValueError(
-                f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} ({self.direct})"
-            )
+        self._require_cuda(inputs)
 
         def capture() -> _Captured:
             self.capturing = True

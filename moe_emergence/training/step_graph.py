@@ -167,12 +167,12 @@ class StepGraph(Signatures):
     first; at most ``max_signatures`` kept (the training shape with and without padding, and one more)."""
 
     max_signatures = 3
+    direct = "train with train.cuda_graphs=none"
 
     def __init__(self) -> None:
         super().__init__()
-        self._pool = (
-            torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
-        )  # shared (docstring)
+        # one handle for all signatures (module docstring: shared in name, not yet in memory)
+        self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
 
     def replay(
         self,
@@ -188,11 +188,7 @@ class StepGraph(Signatures):
         parameters' names, in their order (asked for only when a capture fails). Returns ``fn``'s outputs,
         static: valid until the next replay. ``ValueError`` for inputs off a CUDA device; ``RuntimeError`` where
         the loss does not reach a parameter that requires a gradient."""
-        if inputs[0].device.type != "cuda":
-            raise ValueError(
-                f"CUDA graphs need CUDA tensors; the input is on {inputs[0].device} "
-                "(train with train.cuda_graphs=none)"
-            )
+        self._require_cuda(inputs)
         for p in params:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
